@@ -1,0 +1,8 @@
+"""pcb_fast: fast, faithful PCB-Merging (NeurIPS 2024) and its baselines."""
+
+__version__ = "0.1.0"
+
+from .api import merge, pcb_merge  # noqa: E402
+from .reference import pcb_reference  # noqa: E402
+
+__all__ = ["merge", "pcb_merge", "pcb_reference", "__version__"]

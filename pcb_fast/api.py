@@ -1,0 +1,97 @@
+"""Public API: ``pcb_merge`` for task-vector matrices, ``merge`` for state dicts."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from . import checks, engine, reference
+from .backends import resolve_backend
+from .methods import METHODS
+from .sources import DEFAULT_BLOCK_WIDTH, MatrixSource, StateDictSource, check_models_match, split_keys
+
+
+def pcb_merge(task_vectors, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant="official", lambdas=None,
+              backend="auto", block_width=DEFAULT_BLOCK_WIDTH) -> torch.Tensor:
+    """Merged task vector tau_m (float32, [D]) of PCB-Merging for a [n, D] tensor or n 1-D tensors.
+
+    ``variant="official"`` is the authors' code (DESIGN 2.2), ``"paper"`` the paper's equations.
+    ``lambdas`` weight the tasks inside the weighted mean (step 7). Global statistics over all D.
+    """
+    backend = resolve_backend(backend)
+    if backend == "reference":
+        return reference.pcb_reference(task_vectors, ratio=ratio, clamp_ratio=clamp_ratio, inter=inter,
+                                        variant=variant, lambdas=lambdas)
+    source = MatrixSource(task_vectors)
+    out = torch.empty(source.D)
+
+    def sink(segment, lo, hi, values):
+        out[segment.offset + lo : segment.offset + hi] = values
+
+    METHODS["pcb"][0](source, sink, ratio=ratio, clamp_ratio=clamp_ratio, inter=inter, variant=variant,
+                      lambdas=lambdas, block_width=block_width)
+    return out
+
+
+def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=None, scope="global",
+          exclude=(), backend="auto", block_width=DEFAULT_BLOCK_WIDTH, **method_params) -> dict:
+    """Merge fine-tuned state dicts ``models`` of ``base``: theta = theta_pre + lam * tau_m.
+
+    Floating keys not matching an ``exclude`` regex are merged; the rest are copied from ``base``.
+    Statistics are taken over all merged entries (``scope="global"``) or per tensor. The output has
+    the base's dtypes. ``method_params`` go to the method (for pcb: ratio, clamp_ratio, inter, variant).
+    """
+    if not isinstance(base, dict):
+        raise ValueError(f"base is a {type(base).__name__}, expected a state dict (dict of tensors)")
+    models = list(models)
+    checks.check_n_models(len(models))
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not valid; choose one of {', '.join(map(repr, METHODS))}")
+    merge_fn, accepted = METHODS[method]
+    unknown = sorted(set(method_params) - set(accepted))
+    if unknown:
+        raise ValueError(f"method {method!r} has no parameter {unknown[0]!r}; valid: {', '.join(accepted)}")
+    lam = checks.check_lam(lam)
+    checks.check_choice("scope", scope, checks.SCOPE_CHOICES)
+    if isinstance(exclude, str):
+        exclude = (exclude,)
+    names = [f"model {i}" for i in range(len(models))]
+    merged_keys, copied_keys = split_keys(base, exclude)
+    check_models_match(base, models, merged_keys, names)
+    for key in merged_keys:
+        checks.check_finite(f"base model, key {key!r}", base[key])
+    backend = resolve_backend(backend)
+
+    out = {key: base[key].clone() for key in copied_keys}
+    if not merged_keys:
+        return out
+    if backend == "reference":
+        _reference_merge(base, models, merged_keys, out, lam=lam, lambdas=lambdas, scope=scope, **method_params)
+        return {k: out[k] for k in base}
+    for key in merged_keys:
+        out[key] = torch.empty_like(base[key])
+    flat_out = {key: out[key].view(-1) for key in merged_keys}
+    flat_base = {key: base[key].reshape(-1) for key in merged_keys}
+
+    def sink(segment, lo, hi, tau_m):
+        theta = flat_base[segment.key][lo:hi].float() + lam * tau_m
+        flat_out[segment.key][lo:hi] = theta
+
+    source = StateDictSource(base, models, merged_keys, names)
+    engine.run(merge_fn, source, sink, scope=scope, lambdas=lambdas, block_width=block_width, **method_params)
+    return {k: out[k] for k in base}
+
+
+def _reference_merge(base, models, merged_keys, out, *, lam, lambdas, scope, **params):
+    """The reference path for state dicts: flatten, merge with full sorts, unflatten."""
+    groups = [merged_keys] if scope == "global" else [[k] for k in merged_keys]
+    for keys in groups:
+        tv = torch.stack([torch.cat([(m[k].float() - base[k].float()).reshape(-1) for k in keys]) for m in models])
+        tau_m = reference.pcb_reference(tv, lambdas=lambdas, **params)
+        offset = 0
+        for k in keys:
+            numel = base[k].numel()
+            theta = base[k].reshape(-1).float() + lam * tau_m[offset : offset + numel]
+            out[k] = theta.to(base[k].dtype).view(base[k].shape)
+            offset += numel

@@ -1,0 +1,87 @@
+"""Validation of merge parameters and inputs: one clear ValueError per bad value."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+INTER_CHOICES = ("sum", "normalized_sum", "pairwise")
+VARIANT_CHOICES = ("official", "paper")
+SCOPE_CHOICES = ("global", "tensor")
+
+
+def check_choice(name: str, value, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def check_ratio(ratio) -> float:
+    """Keep ratio r: 0 < r <= 1."""
+    r = _as_float("ratio", ratio)
+    if not (0.0 < r <= 1.0):
+        raise ValueError(f"ratio={ratio!r} is out of range; valid: 0 < ratio <= 1")
+    return r
+
+
+def check_clamp_ratio(clamp_ratio) -> float:
+    """Outlier ratio a: 0 <= a < 0.5."""
+    a = _as_float("clamp_ratio", clamp_ratio)
+    if not (0.0 <= a < 0.5):
+        raise ValueError(f"clamp_ratio={clamp_ratio!r} is out of range; valid: 0 <= clamp_ratio < 0.5")
+    return a
+
+
+def check_lam(lam) -> float:
+    value = _as_float("lam", lam)
+    if not math.isfinite(value):
+        raise ValueError(f"lam={lam!r} must be a finite number")
+    return value
+
+
+def check_lambdas(lambdas, n: int) -> list[float] | None:
+    """Per-task coefficients: None (all 1) or n finite numbers."""
+    if lambdas is None:
+        return None
+    if isinstance(lambdas, torch.Tensor):
+        lambdas = lambdas.detach().cpu().reshape(-1).tolist()
+    try:
+        values = [float(x) for x in lambdas]
+    except (TypeError, ValueError):
+        raise ValueError(f"lambdas={lambdas!r} must be a sequence of {n} numbers") from None
+    if len(values) != n:
+        raise ValueError(f"lambdas has {len(values)} values but there are {n} models; give one per model")
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"lambdas={values!r} must all be finite numbers")
+    return values
+
+
+def check_n_models(n: int) -> int:
+    if n < 1:
+        raise ValueError(f"n={n}: at least one fine-tuned model (task vector) is needed; valid: n >= 1")
+    return n
+
+
+def check_float_tensor(what: str, t) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{what} is a {type(t).__name__}, expected a torch.Tensor")
+    if not t.is_floating_point():
+        raise ValueError(f"{what} has dtype {t.dtype}; valid: a floating dtype (float32, float16, bfloat16, float64)")
+    return t
+
+
+def check_finite(what: str, t: torch.Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{what} contains NaN or Inf; every input value must be finite")
+
+
+def _as_float(name: str, value) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be a number")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r} must be a number") from None

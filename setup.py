@@ -1,0 +1,16 @@
+from setuptools import setup
+
+setup(
+    name="pcb_fast",
+    version="0.1.0",
+    description="Fast, faithful PCB-Merging (NeurIPS 2024) and model-merging baselines",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["pcb_fast", "pcb_fast.methods", "pcb_fast.kernels"],
+    package_dir={"pcb_fast": "pcb_fast", "pcb_fast.kernels": "kernels"},
+    # torch is not pinned here: install the build you need first (the README pins 2.13.0 on CPU).
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4"]},
+    entry_points={"console_scripts": ["pcb-fast=pcb_fast.cli:main"]},
+)
