@@ -15,6 +15,7 @@ scores, and the merge reads only collected entries, so the scores are computed t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -47,58 +48,111 @@ def raise_if_not_finite(source: TaskVectorSource, block, row_max: torch.Tensor) 
 
 @dataclass
 class Collected:
-    """The entries of one block whose score reached the floor: task-major, ``counts[i]`` per task."""
+    """The entries of one [n, m] block whose score reached the floor, in task-major order."""
 
     segment: Segment
     lo: int
     hi: int
-    counts: list
-    pos: torch.Tensor  # int32 position inside the block
+    n: int
+    flat: torch.Tensor  # int64 index task * m + position, ascending
     score: torch.Tensor  # float32
     tau: torch.Tensor  # float32 raw task-vector value
+
+    @property
+    def width(self) -> int:
+        return self.hi - self.lo
+
+    def task(self) -> torch.Tensor:
+        """Task index of every entry."""
+        return torch.div(self.flat, self.width, rounding_mode="floor")
+
+    def counts(self) -> list:
+        """Number of entries of each task."""
+        ends = torch.searchsorted(self.flat, torch.arange(1, self.n + 1) * self.width)
+        return torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
 
 
 def collect_block(block, scores: torch.Tensor, floor: torch.Tensor) -> Collected:
     """Keep the entries of a [n, m] block with ``scores >= floor`` (per task), with their tau."""
     n, m = scores.shape
-    mask = scores >= floor.unsqueeze(1)
-    flat = mask.view(-1).nonzero().squeeze(1)
+    flat = (scores >= floor.unsqueeze(1)).view(-1).nonzero().squeeze(1)
     task = torch.div(flat, m, rounding_mode="floor")
-    pos = flat - task * m
-    counts = mask.sum(1).tolist()
-    return Collected(block.segment, block.lo, block.hi, counts, pos.to(torch.int32), scores.view(-1)[flat], block.tv[task, pos])
+    tau = block.tv[task, flat - task * m]
+    return Collected(block.segment, block.lo, block.hi, n, flat, scores.view(-1)[flat], tau)
+
+
+def sum_kept(c: Collected, task: torch.Tensor, value: torch.Tensor, weight: torch.Tensor, kept=None):
+    """(num, den) of one block: the sums of ``value`` and ``weight`` of the collected entries (or
+    of those where ``kept``) per position, in task order (the reference's rounding, bit for bit).
+
+    ``task`` is the task of each summed entry.
+    """
+    flat = c.flat if kept is None else c.flat[kept]
+    pos = flat - task * c.width
+    counts = torch.bincount(task, minlength=c.n).tolist()
+    num, den = torch.zeros(c.width), torch.zeros(c.width)
+    for p, v, w in zip(pos.split(counts), value.split(counts), weight.split(counts)):
+        num.index_add_(0, p, v)  # positions are unique within a task: no ordering question inside
+        den.index_add_(0, p, w)
+    return num, den
+
+
+SAMPLE_STRIDE = 17  # one entry in 17 is sampled (prime: no alignment with power-of-two shapes)
+MIN_SAMPLE = 4096  # below this many sampled entries per task, level 1 of the radix select is cheap
+
+
+def sample_columns(block) -> torch.Tensor:
+    """A copy of the block's entries at global positions divisible by SAMPLE_STRIDE, [n, s]."""
+    first = (-block.start) % SAMPLE_STRIDE
+    return block.tv[:, first::SAMPLE_STRIDE].clone()
+
+
+def floor_from_sample(sample_scores: torch.Tensor, rank: int, D: int) -> torch.Tensor | None:
+    """A per-task score floor that, with overwhelming probability, lies at or below sort(score)[rank].
+
+    It is a guess from a 1/17 sample, six standard deviations on the safe side; callers check it.
+    """
+    n, s = sample_scores.shape
+    if s < MIN_SAMPLE:
+        return None
+    q = rank / D
+    k = math.floor(q * s - 6 * math.sqrt(s * q * (1 - q)) - 8)
+    if k < 0:
+        return torch.full((n,), float("-inf"))
+    return torch.kthvalue(sample_scores, k + 1, dim=1).values
 
 
 def select_threshold(
-    source: TaskVectorSource, score_blocks: Callable, rank: int
+    source: TaskVectorSource, score_blocks: Callable, rank: int, sample_scores: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, list[Collected]]:
     """Exact t_i = sort(score_i)[rank] and M_i = max(score_i) for every task, with the collected entries.
 
-    ``score_blocks()`` yields (block, scores [n, m]) and is called twice (level 1, then collect).
+    ``score_blocks()`` yields (block, scores [n, m]). The floor below which nothing is collected comes
+    from ``sample_scores`` (scores of a sample of the entries) when given, saving a pass; it is
+    verified after collecting, and if it was too high for some task, level 1 of the exact radix
+    select provides it instead (one more pass).
     """
     n, D = source.n, source.D
-    selector = RadixSelect(n, torch.full((n, 1), rank), D)
-    for _, scores in score_blocks():
-        selector.count_high(scores)
-    floor = bucket_floor(selector.find_buckets()[:, 0])
-    collected = [collect_block(block, scores, floor) for block, scores in score_blocks()]
-    per_task = [[] for _ in range(n)]
-    for c in collected:
-        for i, rows in task_slices(c):
-            per_task[i].append(c.score[rows])
+    floor = None if sample_scores is None else floor_from_sample(sample_scores, rank, D)
+    for attempt in range(2):
+        if floor is None:
+            selector = RadixSelect(n, torch.full((n, 1), rank), D)
+            for _, scores in score_blocks():
+                selector.count_high(scores)
+            floor = bucket_floor(selector.find_buckets()[:, 0])
+        collected = [collect_block(block, scores, floor) for block, scores in score_blocks()]
+        per_task = [[] for _ in range(n)]
+        for c in collected:
+            for i, part in enumerate(c.score.split(c.counts())):
+                per_task[i].append(part)
+        per_task = [torch.cat(parts) for parts in per_task]
+        if all(values.numel() >= D - rank for values in per_task):
+            break
+        floor = None  # the sampled floor was above the threshold: fall back to the exact bucket
     thresholds, maxima = [], []
-    for i in range(n):
-        values = torch.cat(per_task[i])
-        # Every entry below the floor is below every collected one, so rank shifts by their number.
+    for values in per_task:
+        # Every entry below the floor is below every collected one, so the rank shifts by their number.
         local = rank - (D - values.numel())
         thresholds.append(torch.kthvalue(values, local + 1).values)
         maxima.append(values.max())
     return torch.stack(thresholds), torch.stack(maxima), collected
-
-
-def task_slices(c: Collected):
-    """(task, slice) of each task's entries in a :class:`Collected` block."""
-    start = 0
-    for i, count in enumerate(c.counts):
-        yield i, slice(start, start + count)
-        start += count

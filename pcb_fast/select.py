@@ -94,3 +94,66 @@ class RadixSelect:
         low = torch.searchsorted(cumulative, self._local_ranks.unsqueeze(2), right=True).squeeze(2)
         keys = ((self.buckets - BUCKETS // 2) << 16) | low
         return keys_to_float(keys)
+
+
+class TailSelect:
+    """Exact ``sort(x_i)[low_rank]`` and ``sort(x_i)[D - 1 - high_rank]`` when both ranks lie near
+    the ends of the rows (the outlier clip of PCB): one pass, no histogram.
+
+    Each task keeps candidate sets of its ``low_rank + 1`` smallest and ``high_rank + 1`` largest
+    values seen so far; once a set is full, only values beyond its current bound can enter. A block
+    is first reduced to the min and max of each run of CHUNK entries, and only the runs that reach
+    past a bound are looked at, so after the first blocks a pass costs about one min/max reduction.
+    Bounds come from the last compaction and are never tighter than the true ones: exact results.
+    """
+
+    CHUNK = 256
+
+    def __init__(self, n: int, low_rank: int, high_rank: int):
+        self.n = n
+        self.k_low, self.k_high = low_rank + 1, high_rank + 1
+        self.low = [torch.empty(0)] * n
+        self.high = [torch.empty(0)] * n
+        self.low_bound = torch.full((n, 1), float("inf"))
+        self.high_bound = torch.full((n, 1), float("-inf"))
+
+    def update(self, block: torch.Tensor) -> None:
+        """Feed a float32 [n, m] block."""
+        n, m = block.shape
+        body = m - m % self.CHUNK
+        if body:
+            runs = block[:, :body].reshape(n, body // self.CHUNK, self.CHUNK)
+            run_min, run_max = torch.aminmax(runs, dim=2)
+            self._add_runs(runs, run_min < self.low_bound, largest=False)
+            self._add_runs(runs, run_max > self.high_bound, largest=True)
+        if body < m:
+            rest = block[:, body:].unsqueeze(1)
+            self._add_runs(rest, torch.ones(n, 1, dtype=torch.bool), largest=False)
+            self._add_runs(rest, torch.ones(n, 1, dtype=torch.bool), largest=True)
+
+    def _add_runs(self, runs: torch.Tensor, reaching: torch.Tensor, largest: bool) -> None:
+        where = reaching.nonzero()  # (task, run), task-major
+        if not where.numel():
+            return
+        task = where[:, 0]
+        data = runs[task, where[:, 1]]
+        bounds = self.high_bound if largest else self.low_bound
+        passing = data > bounds[task] if largest else data < bounds[task]
+        counts = torch.zeros(self.n, dtype=torch.int64).index_add_(0, task, passing.sum(1)).tolist()
+        parts = torch.masked_select(data, passing).split(counts)
+        sets, k = (self.high, self.k_high) if largest else (self.low, self.k_low)
+        for i, part in enumerate(parts):
+            if not counts[i]:
+                continue
+            sets[i] = torch.cat([sets[i], part])
+            if sets[i].numel() >= 2 * k or (sets[i].numel() >= k and bool(torch.isinf(bounds[i, 0]))):
+                sets[i] = torch.topk(sets[i], k, largest=largest, sorted=False).values
+                bounds[i, 0] = sets[i].min() if largest else sets[i].max()
+
+    def values(self) -> torch.Tensor:
+        """[n, 2]: the low and the high order statistic of every task."""
+        out = torch.empty(self.n, 2)
+        for i in range(self.n):
+            out[i, 0] = torch.topk(self.low[i], self.k_low, largest=False, sorted=False).values.max()
+            out[i, 1] = torch.topk(self.high[i], self.k_high, largest=True, sorted=False).values.min()
+        return out

@@ -18,7 +18,7 @@ import torch
 
 from . import checks
 
-DEFAULT_BLOCK_WIDTH = 1 << 16  # entries per task per block: a [8, 65536] fp32 block is 2 MiB
+DEFAULT_BLOCK_WIDTH = 1 << 17  # entries per task per block: an [8, 131072] fp32 block is 4 MiB (fastest here)
 
 
 @dataclass(frozen=True)

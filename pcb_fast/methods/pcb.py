@@ -5,11 +5,12 @@ Du et al., "Parameter Competition Balancing for Model Merging", NeurIPS 2024 (ar
 paper's equations (DESIGN.md 2.3); both with the defined edge cases of DESIGN.md 2.4.
 
 Passes of the official variant, each one read of the task vectors:
-  1. level-1 radix histogram of |tau| for the clip ranks lo, hi (and the NaN/Inf check);
-  2. level-2 histogram of |tau|: exact lo_i, hi_i;
-  3. scores P, level-1 histogram for the keep rank;
-  4. scores P again, collecting the entries at or above the threshold's bucket;
-then t_i, M_i from the collected scores and the merge of the collected entries, block by block.
+  1. |tau|: the exact clip bounds lo_i, hi_i (tail candidates for a small clip ratio, else level 1
+     of a radix select, whose level 2 adds a pass), the NaN/Inf check, a 1/17 column sample;
+  2. scores P, collecting every entry at or above a floor below the keep threshold; the floor
+     comes from the sample's scores (else level 1 of the radix select over P, one more pass);
+then the exact t_i, M_i from the collected scores, and the merge of the collected entries, block
+by block. P is computed per block and never stored for the whole model.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from __future__ import annotations
 import torch
 
 from .. import checks, torch_backend as tb
-from ..engine import raise_if_not_finite, select_threshold, task_slices
+from ..engine import raise_if_not_finite, sample_columns, select_threshold, sum_kept
 from ..reference import clip_indices, keep_index
-from ..select import RadixSelect
+from ..select import RadixSelect, TailSelect
 from ..sources import DEFAULT_BLOCK_WIDTH
 
 PARAMS = ("ratio", "clamp_ratio", "inter", "variant")
@@ -46,58 +47,72 @@ def merge_pcb(source, sink, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant
         _merge_paper(source, sink, params, block_width)
 
 
-def clip_bounds(source, clamp_ratio: float, block_width: int) -> tb.ClipStats:
-    """Exact lo_i = sort(|tau_i|)[int(D a)], hi_i = sort(|tau_i|)[int(D (1 - a) - 1)] (passes 1-2)."""
+def clip_bounds(source, clamp_ratio: float, block_width: int, samples: list) -> tb.ClipStats:
+    """Exact lo_i = sort(|tau_i|)[int(D a)], hi_i = sort(|tau_i|)[int(D (1 - a) - 1)].
+
+    For a small clip ratio both ranks lie in the tails: one pass of :class:`TailSelect`. Otherwise
+    two passes of radix select. The first pass also checks for NaN/Inf and appends a 1/17 sample
+    of the task-vector columns to ``samples``.
+    """
     n, D = source.n, source.D
+    i_lo, i_hi = clip_indices(D, clamp_ratio)
     ws = tb.Workspace(n, block_width, 1)
-    selector = RadixSelect(n, torch.tensor([clip_indices(D, clamp_ratio)] * n), D)
+    tails = max(i_lo + 1, D - i_hi) <= max(D // 64, 1)
+    selector = TailSelect(n, i_lo, D - 1 - i_hi) if tails else RadixSelect(n, torch.tensor([[i_lo, i_hi]] * n), D)
     for block in source.blocks(block_width):
         magnitude = torch.abs(block.tv, out=ws.get(block.tv.shape[1])[0])
         raise_if_not_finite(source, block, magnitude.amax(1))
-        selector.count_high(magnitude)
-    selector.find_buckets()
-    for block in source.blocks(block_width):
-        selector.count_low(torch.abs(block.tv, out=ws.get(block.tv.shape[1])[0]))
+        samples.append(sample_columns(block))
+        selector.update(magnitude) if tails else selector.count_high(magnitude)
+    if not tails:
+        selector.find_buckets()
+        for block in source.blocks(block_width):
+            selector.count_low(torch.abs(block.tv, out=ws.get(block.tv.shape[1])[0]))
     bounds = selector.values()
     return tb.ClipStats.from_bounds(bounds[:, 0], bounds[:, 1])
 
 
 def _merge_official(source, sink, params, block_width):
     n, D = source.n, source.D
-    clip = clip_bounds(source, params["clamp_ratio"], block_width)
-    ws = tb.Workspace(n, block_width, 4 if params["inter"] == "pairwise" else 3)
+    samples = []
+    clip = clip_bounds(source, params["clamp_ratio"], block_width, samples)
+    sample = torch.cat(samples, dim=1)
+    buffers = 4 if params["inter"] == "pairwise" else 3
+    sample_scores = tb.official_scores(sample, clip, params["inter"], tb.Workspace(n, sample.shape[1], buffers))
+    ws = tb.Workspace(n, block_width, buffers)
 
     def score_blocks():
         for block in source.blocks(block_width):
             yield block, tb.official_scores(block.tv, clip, params["inter"], ws)
 
-    t, peak, collected = select_threshold(source, score_blocks, keep_index(D, params["ratio"]))
-    lambdas = params["lambdas"]
+    t, peak, collected = select_threshold(source, score_blocks, keep_index(D, params["ratio"]), sample_scores)
+    lam = None if params["lambdas"] is None else torch.tensor(params["lambdas"], dtype=torch.float32)
+    # scale = (max(P, t) - t) / (M - t) (DESIGN 2.2 step 6); M == t means nothing is kept: scale 0.
+    span = peak - t
+    span = torch.where(span > 0, span, torch.full_like(span, float("inf")))
     for c in collected:
-        m = c.hi - c.lo
-        num, den = torch.zeros(m), torch.zeros(m)
-        for i, rows in task_slices(c):
-            score = c.score[rows]
-            kept = score > t[i]
-            pos = c.pos[rows][kept]
-            # scale = (P - t) / (M - t) on kept entries, 0 elsewhere (DESIGN 2.2 step 6)
-            scale = (score[kept] - t[i]) / (peak[i] - t[i])
-            value = tb.clipped_values(c.tau[rows][kept], clip.lo[i, 0], clip.hi[i, 0]) * scale
-            if lambdas is not None:
-                value = value * lambdas[i]
-            num.index_add_(0, pos, value)
-            den.index_add_(0, pos, scale)
+        task = c.task()
+        # Collected entries at or below t get scale 0 and add exact zeros: no need to filter them.
+        scale = torch.clamp_min_(c.score - t[task], 0).div_(span[task])
+        value = tb.clipped_values(c.tau, clip.lo[task, 0], clip.hi[task, 0]).mul_(scale)
+        if lam is not None:
+            value.mul_(lam[task])
+        num, den = sum_kept(c, task, value, scale)
         sink(c.segment, c.lo, c.hi, num / torch.clamp(den, min=1e-12))
 
 
-def pair_stats(source, block_width: int) -> tb.PairStats:
-    """Min/max of tau_i * tau_j for all pairs, then the softmax partition sums (two passes)."""
+def pair_stats(source, block_width: int, samples: list) -> tb.PairStats:
+    """Min/max of tau_i * tau_j for all pairs, then the softmax partition sums (two passes).
+
+    The first pass also checks for NaN/Inf and appends a 1/17 sample of the columns to ``samples``.
+    """
     n = source.n
     ws = tb.Workspace(n, block_width, 2)
     lo = torch.full((n, n), float("inf"))
     hi = torch.full((n, n), float("-inf"))
     for block in source.blocks(block_width):
         raise_if_not_finite(source, block, block.tv.abs().amax(1))
+        samples.append(sample_columns(block))
         products = ws.get(block.tv.shape[1])[0]
         for i in range(n):
             torch.mul(block.tv, block.tv[i], out=products)
@@ -120,25 +135,24 @@ def pair_stats(source, block_width: int) -> tb.PairStats:
 
 def _merge_paper(source, sink, params, block_width):
     n, D = source.n, source.D
-    stats = pair_stats(source, block_width)
+    samples = []
+    stats = pair_stats(source, block_width, samples)
+    sample = torch.cat(samples, dim=1)
+    sample_scores = tb.paper_scores(sample, stats, tb.Workspace(n, sample.shape[1], 2))
     ws = tb.Workspace(n, block_width, 2)
 
     def score_blocks():
         for block in source.blocks(block_width):
             yield block, tb.paper_scores(block.tv, stats, ws)
 
-    t, _, collected = select_threshold(source, score_blocks, keep_index(D, params["ratio"]))
-    lambdas = params["lambdas"]
+    t, _, collected = select_threshold(source, score_blocks, keep_index(D, params["ratio"]), sample_scores)
+    lam = None if params["lambdas"] is None else torch.tensor(params["lambdas"], dtype=torch.float32)
     for c in collected:
-        m = c.hi - c.lo
-        num, den = torch.zeros(m), torch.zeros(m)
-        for i, rows in task_slices(c):
-            beta = c.score[rows]
-            kept = beta >= t[i]
-            pos, beta = c.pos[rows][kept], beta[kept]
-            value = beta * c.tau[rows][kept]
-            if lambdas is not None:
-                value = value * lambdas[i]
-            num.index_add_(0, pos, value)
-            den.index_add_(0, pos, beta)
+        task = c.task()
+        kept = c.score >= t[task]
+        beta = c.score[kept]
+        value = beta * c.tau[kept]
+        if lam is not None:
+            value = value * lam[task[kept]]
+        num, den = sum_kept(c, task[kept], value, beta, kept)
         sink(c.segment, c.lo, c.hi, torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0))
