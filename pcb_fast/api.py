@@ -13,11 +13,12 @@ from .sources import DEFAULT_BLOCK_WIDTH, MatrixSource, StateDictSource, check_m
 
 
 def pcb_merge(task_vectors, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant="official", lambdas=None,
-              backend="auto", block_width=DEFAULT_BLOCK_WIDTH) -> torch.Tensor:
+              backend="auto", block_width=DEFAULT_BLOCK_WIDTH, report: dict | None = None) -> torch.Tensor:
     """Merged task vector tau_m (float32, [D]) of PCB-Merging for a [n, D] tensor or n 1-D tensors.
 
     ``variant="official"`` is the authors' code (DESIGN 2.2), ``"paper"`` the paper's equations.
     ``lambdas`` weight the tasks inside the weighted mean (step 7). Global statistics over all D.
+    If ``report`` is a dict, it receives "kept" (entries kept per task) and "entries" (D).
     """
     backend = resolve_backend(backend)
     if backend == "reference":
@@ -29,18 +30,23 @@ def pcb_merge(task_vectors, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant
     def sink(segment, lo, hi, values):
         out[segment.offset + lo : segment.offset + hi] = values
 
-    METHODS["pcb"][0](source, sink, ratio=ratio, clamp_ratio=clamp_ratio, inter=inter, variant=variant,
-                      lambdas=lambdas, block_width=block_width)
+    info = engine.run(METHODS["pcb"][0], source, sink, ratio=ratio, clamp_ratio=clamp_ratio, inter=inter,
+                      variant=variant, lambdas=lambdas, block_width=block_width)
+    if report is not None:
+        report.update(info)
     return out
 
 
 def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=None, scope="global",
-          exclude=(), backend="auto", block_width=DEFAULT_BLOCK_WIDTH, **method_params) -> dict:
+          exclude=(), backend="auto", block_width=DEFAULT_BLOCK_WIDTH, report: dict | None = None,
+          **method_params) -> dict:
     """Merge fine-tuned state dicts ``models`` of ``base``: theta = theta_pre + lam * tau_m.
 
     Floating keys not matching an ``exclude`` regex are merged; the rest are copied from ``base``.
     Statistics are taken over all merged entries (``scope="global"``) or per tensor. The output has
     the base's dtypes. ``method_params`` go to the method (for pcb: ratio, clamp_ratio, inter, variant).
+    If ``report`` is a dict, it receives "kept" (entries kept per task), "entries" (merged entries),
+    "merged_keys" and "copied_keys".
     """
     if not isinstance(base, dict):
         raise ValueError(f"base is a {type(base).__name__}, expected a state dict (dict of tensors)")
@@ -64,6 +70,8 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     backend = resolve_backend(backend)
 
     out = {key: base[key].clone() for key in copied_keys}
+    if report is not None:
+        report.update(merged_keys=merged_keys, copied_keys=copied_keys)
     if not merged_keys:
         return out
     if backend == "reference":
@@ -79,7 +87,9 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
         flat_out[segment.key][lo:hi] = theta
 
     source = StateDictSource(base, models, merged_keys, names)
-    engine.run(merge_fn, source, sink, scope=scope, lambdas=lambdas, block_width=block_width, **method_params)
+    info = engine.run(merge_fn, source, sink, scope=scope, lambdas=lambdas, block_width=block_width, **method_params)
+    if report is not None:
+        report.update(info)
     return {k: out[k] for k in base}
 
 

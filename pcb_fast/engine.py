@@ -28,14 +28,17 @@ from .sources import Segment, TaskVectorSource
 Sink = Callable[[Segment, int, int, torch.Tensor], None]
 
 
-def run(method: Callable, source: TaskVectorSource, sink: Sink, *, scope: str = "global", **params) -> None:
-    """Run ``method`` over ``source`` with statistics per model (global) or per tensor."""
+def run(method: Callable, source: TaskVectorSource, sink: Sink, *, scope: str = "global", **params) -> dict:
+    """Run ``method`` over ``source`` with statistics per model (global) or per tensor.
+
+    Returns {"kept": [n] number of entries each task contributed, "entries": merged entries}.
+    """
     checks.check_choice("scope", scope, checks.SCOPE_CHOICES)
-    if scope == "global":
-        method(source, sink, **params)
-    else:
-        for segment in source.segments:
-            method(source.restrict(segment), sink, **params)
+    parts = [source] if scope == "global" else [source.restrict(segment) for segment in source.segments]
+    kept = torch.zeros(source.n, dtype=torch.int64)
+    for part in parts:
+        kept += method(part, sink, **params)
+    return {"kept": kept.tolist(), "entries": source.D}
 
 
 def raise_if_not_finite(source: TaskVectorSource, block, row_max: torch.Tensor) -> None:
@@ -54,7 +57,7 @@ class Collected:
     lo: int
     hi: int
     n: int
-    flat: torch.Tensor  # int64 index task * m + position, ascending
+    flat: torch.Tensor  # int32 index task * m + position, ascending (a block holds < 2^31 entries)
     score: torch.Tensor  # float32
     tau: torch.Tensor  # float32 raw task-vector value
 
@@ -68,7 +71,7 @@ class Collected:
 
     def counts(self) -> list:
         """Number of entries of each task."""
-        ends = torch.searchsorted(self.flat, torch.arange(1, self.n + 1) * self.width)
+        ends = torch.searchsorted(self.flat, torch.arange(1, self.n + 1, dtype=torch.int32) * self.width)
         return torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
 
 
@@ -78,7 +81,7 @@ def collect_block(block, scores: torch.Tensor, floor: torch.Tensor) -> Collected
     flat = (scores >= floor.unsqueeze(1)).view(-1).nonzero().squeeze(1)
     task = torch.div(flat, m, rounding_mode="floor")
     tau = block.tv[task, flat - task * m]
-    return Collected(block.segment, block.lo, block.hi, n, flat, scores.view(-1)[flat], tau)
+    return Collected(block.segment, block.lo, block.hi, n, flat.to(torch.int32), scores.view(-1)[flat], tau)
 
 
 def sum_kept(c: Collected, task: torch.Tensor, value: torch.Tensor, weight: torch.Tensor, kept=None):
@@ -123,9 +126,11 @@ def floor_from_sample(sample_scores: torch.Tensor, rank: int, D: int) -> torch.T
 
 
 def select_threshold(
-    source: TaskVectorSource, score_blocks: Callable, rank: int, sample_scores: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, list[Collected]]:
-    """Exact t_i = sort(score_i)[rank] and M_i = max(score_i) for every task, with the collected entries.
+    source: TaskVectorSource, score_blocks: Callable, rank: int, sample_scores: torch.Tensor | None = None,
+    keep_ties: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, list[Collected], torch.Tensor]:
+    """Exact t_i = sort(score_i)[rank] and M_i = max(score_i) for every task, the collected entries,
+    and the number of kept entries per task (score > t, or score >= t with ``keep_ties``).
 
     ``score_blocks()`` yields (block, scores [n, m]). The floor below which nothing is collected comes
     from ``sample_scores`` (scores of a sample of the entries) when given, saving a pass; it is
@@ -149,10 +154,12 @@ def select_threshold(
         if all(values.numel() >= D - rank for values in per_task):
             break
         floor = None  # the sampled floor was above the threshold: fall back to the exact bucket
-    thresholds, maxima = [], []
+    thresholds, maxima, kept = [], [], []
     for values in per_task:
         # Every entry below the floor is below every collected one, so the rank shifts by their number.
         local = rank - (D - values.numel())
-        thresholds.append(torch.kthvalue(values, local + 1).values)
+        t = torch.kthvalue(values, local + 1).values
+        thresholds.append(t)
         maxima.append(values.max())
-    return torch.stack(thresholds), torch.stack(maxima), collected
+        kept.append(((values >= t) if keep_ties else (values > t)).sum())
+    return torch.stack(thresholds), torch.stack(maxima), collected, torch.stack(kept)

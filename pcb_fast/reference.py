@@ -116,12 +116,7 @@ def pcb_paper(task_vectors: torch.Tensor, *, ratio: float = 0.1, lambdas=None) -
     n, D = tv.shape
     ratio = checks.check_ratio(ratio)
     lambdas = checks.check_lambdas(lambdas, n)
-
-    intra = torch.softmax(n * minmax_normalize(tv * tv), dim=1)
-    inter = torch.softmax(minmax_normalize(tv * tv[0]), dim=1)
-    for j in range(1, n):
-        inter += torch.softmax(minmax_normalize(tv * tv[j]), dim=1)
-    beta = intra * inter
+    beta = paper_scores(tv)
     k = keep_index(D, ratio)
     t = torch.sort(beta, dim=1).values[:, k : k + 1]
     kept_beta = beta * (beta >= t)
@@ -131,6 +126,16 @@ def pcb_paper(task_vectors: torch.Tensor, *, ratio: float = 0.1, lambdas=None) -
     num = sum_over_tasks(weighted)
     den = sum_over_tasks(kept_beta)
     return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0)
+
+
+def paper_scores(tv: torch.Tensor) -> torch.Tensor:
+    """beta = Softmax_D(n Norm(tau_i^2)) * sum_j Softmax_D(Norm(tau_i tau_j)), [n, D] (DESIGN 2.3)."""
+    n = tv.shape[0]
+    intra = torch.softmax(n * minmax_normalize(tv * tv), dim=1)
+    inter = torch.softmax(minmax_normalize(tv * tv[0]), dim=1)
+    for j in range(1, n):
+        inter += torch.softmax(minmax_normalize(tv * tv[j]), dim=1)
+    return intra * inter
 
 
 def pcb_reference(task_vectors, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant="official", lambdas=None):

@@ -38,13 +38,15 @@ def check_params(n: int, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant="o
 
 
 def merge_pcb(source, sink, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant="official", lambdas=None,
-              block_width=DEFAULT_BLOCK_WIDTH) -> None:
-    """Merge the task vectors of ``source`` with PCB; ``sink`` receives the merged tau_m block by block."""
+              block_width=DEFAULT_BLOCK_WIDTH) -> torch.Tensor:
+    """Merge the task vectors of ``source`` with PCB; ``sink`` receives the merged tau_m block by block.
+
+    Returns the number of entries each task kept (scale > 0).
+    """
     params = check_params(source.n, ratio=ratio, clamp_ratio=clamp_ratio, inter=inter, variant=variant, lambdas=lambdas)
     if params["variant"] == "official":
-        _merge_official(source, sink, params, block_width)
-    else:
-        _merge_paper(source, sink, params, block_width)
+        return _merge_official(source, sink, params, block_width)
+    return _merge_paper(source, sink, params, block_width)
 
 
 def clip_bounds(source, clamp_ratio: float, block_width: int, samples: list) -> tb.ClipStats:
@@ -85,7 +87,7 @@ def _merge_official(source, sink, params, block_width):
         for block in source.blocks(block_width):
             yield block, tb.official_scores(block.tv, clip, params["inter"], ws)
 
-    t, peak, collected = select_threshold(source, score_blocks, keep_index(D, params["ratio"]), sample_scores)
+    t, peak, collected, kept = select_threshold(source, score_blocks, keep_index(D, params["ratio"]), sample_scores)
     lam = None if params["lambdas"] is None else torch.tensor(params["lambdas"], dtype=torch.float32)
     # scale = (max(P, t) - t) / (M - t) (DESIGN 2.2 step 6); M == t means nothing is kept: scale 0.
     span = peak - t
@@ -99,6 +101,7 @@ def _merge_official(source, sink, params, block_width):
             value.mul_(lam[task])
         num, den = sum_kept(c, task, value, scale)
         sink(c.segment, c.lo, c.hi, num / torch.clamp(den, min=1e-12))
+    return kept
 
 
 def pair_stats(source, block_width: int, samples: list) -> tb.PairStats:
@@ -145,7 +148,9 @@ def _merge_paper(source, sink, params, block_width):
         for block in source.blocks(block_width):
             yield block, tb.paper_scores(block.tv, stats, ws)
 
-    t, _, collected = select_threshold(source, score_blocks, keep_index(D, params["ratio"]), sample_scores)
+    t, _, collected, kept_counts = select_threshold(
+        source, score_blocks, keep_index(D, params["ratio"]), sample_scores, keep_ties=True
+    )
     lam = None if params["lambdas"] is None else torch.tensor(params["lambdas"], dtype=torch.float32)
     for c in collected:
         task = c.task()
@@ -156,3 +161,4 @@ def _merge_paper(source, sink, params, block_width):
             value = value * lam[task[kept]]
         num, den = sum_kept(c, task[kept], value, beta, kept)
         sink(c.segment, c.lo, c.hi, torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0))
+    return kept_counts

@@ -1,0 +1,14 @@
+import os
+
+# Triton kernels run only under the interpreter on a CPU, and the flag must be set before any
+# @triton.jit decorator runs, hence before the package is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.pop("PCB_FAST_BACKEND", None)  # tests pick backends explicitly
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(1234)

@@ -1,0 +1,64 @@
+"""Exact selection primitives against torch.sort."""
+
+import pytest
+import torch
+
+from pcb_fast.select import RadixSelect, TailSelect, bucket_floor, keys_to_float, order_keys
+
+
+def test_order_keys_preserve_float_order():
+    x = torch.tensor([float("-inf"), -3.5, -1e-30, -0.0, 0.0, 1e-45, 2.0, float("inf")])
+    keys = order_keys(x)
+    assert torch.equal(keys, torch.sort(keys).values)
+    assert (keys[1:] > keys[:-1]).all()  # strictly: -0.0 sorts just below +0.0
+    assert torch.equal(keys_to_float(keys).view(torch.int32), x.view(torch.int32))
+
+
+def test_bucket_floor_is_smallest_value_of_bucket():
+    x = torch.tensor([-2.0, -0.5, 0.0, 0.75, 3.0])
+    buckets = (order_keys(x) >> 16) + 32768
+    floor = bucket_floor(buckets)
+    assert (floor <= x).all()
+    assert torch.equal((order_keys(floor) >> 16) + 32768, buckets)
+
+
+def run_radix(x, ranks, width):
+    n, D = x.shape
+    sel = RadixSelect(n, ranks, D)
+    for lo in range(0, D, width):
+        sel.count_high(x[:, lo : lo + width])
+    sel.find_buckets()
+    for lo in range(0, D, width):
+        sel.count_low(x[:, lo : lo + width])
+    return sel.values()
+
+
+@pytest.mark.parametrize("width", [1, 13, 4096])
+def test_radix_select_equals_sort(width):
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(3, 3000, generator=g), torch.randint(-2, 3, (3, 1000), generator=g).float()], dim=1)
+    x[0, :50] = -0.0
+    ranks = torch.tensor([[0, 1, 2000, 3999], [5, 1000, 2500, 3000], [3998, 17, 2, 3333]])
+    got = run_radix(x, ranks, width)
+    expected = torch.gather(torch.sort(x, dim=1).values, 1, ranks)
+    assert torch.equal(got, expected)
+
+
+def test_radix_select_rejects_out_of_range_rank():
+    with pytest.raises(ValueError, match="out of range"):
+        RadixSelect(2, torch.tensor([[0], [10]]), 10)
+
+
+@pytest.mark.parametrize("order", ["random", "ascending", "descending"])
+def test_tail_select_equals_sort(order):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 20011, generator=g).abs()
+    x[1] = torch.randint(0, 5, (20011,), generator=g).float()  # heavy ties
+    if order != "random":
+        x = torch.sort(x, dim=1, descending=order == "descending").values
+    low, high = 37, 120
+    sel = TailSelect(4, low, high)
+    for lo in range(0, 20011, 1000):
+        sel.update(x[:, lo : lo + 1000])
+    s = torch.sort(x, dim=1).values
+    assert torch.equal(sel.values(), torch.stack([s[:, low], s[:, -1 - high]], dim=1))
