@@ -100,29 +100,45 @@ def sum_kept(c: Collected, task: torch.Tensor, value: torch.Tensor, weight: torc
     return num, den
 
 
-SAMPLE_STRIDE = 17  # one entry in 17 is sampled (prime: no alignment with power-of-two shapes)
 MIN_SAMPLE = 4096  # below this many sampled entries per task, level 1 of the radix select is cheap
 
 
-def sample_columns(block) -> torch.Tensor:
-    """A copy of the block's entries at global positions divisible by SAMPLE_STRIDE, [n, s]."""
-    first = (-block.start) % SAMPLE_STRIDE
-    return block.tv[:, first::SAMPLE_STRIDE].clone()
+class ColumnSample:
+    """A systematic sample of the task-vector columns, taken during a first pass over the blocks.
+
+    One column in ``stride`` (odd, at least 17, so that it does not align with power-of-two
+    shapes; larger for long rows, keeping about 2^18 columns): enough to place a quantile of the
+    scores within a fraction of a percent, at a small fraction of a pass.
+    """
+
+    def __init__(self, D: int):
+        self.stride = max(17, (D >> 18) | 1)
+        self.parts = []
+
+    def add(self, block) -> None:
+        first = (-block.start) % self.stride
+        self.parts.append(block.tv[:, first :: self.stride].clone())
+
+    def scores(self, score_fn: Callable) -> torch.Tensor:
+        """[n, s] scores of the sampled columns; ``score_fn`` maps a [n, m] block to its scores."""
+        return torch.cat([score_fn(part).clone() for part in self.parts], dim=1)
 
 
-def floor_from_sample(sample_scores: torch.Tensor, rank: int, D: int) -> torch.Tensor | None:
-    """A per-task score floor that, with overwhelming probability, lies at or below sort(score)[rank].
+def bounds_from_sample(sample_scores: torch.Tensor, rank: int, D: int):
+    """Per-task (floor, ceiling) that, with overwhelming probability, bracket sort(score)[rank].
 
-    It is a guess from a 1/17 sample, six standard deviations on the safe side; callers check it.
+    A guess from a sample, six standard deviations on each side; callers check it. None when the
+    sample is too small to say anything.
     """
     n, s = sample_scores.shape
     if s < MIN_SAMPLE:
         return None
     q = rank / D
-    k = math.floor(q * s - 6 * math.sqrt(s * q * (1 - q)) - 8)
-    if k < 0:
-        return torch.full((n,), float("-inf"))
-    return torch.kthvalue(sample_scores, k + 1, dim=1).values
+    margin = 6 * math.sqrt(s * q * (1 - q)) + 8
+    lo, hi = math.floor(q * s - margin), math.ceil(q * s + margin)
+    floor = torch.kthvalue(sample_scores, lo + 1, dim=1).values if lo >= 0 else torch.full((n,), float("-inf"))
+    ceiling = torch.kthvalue(sample_scores, hi + 1, dim=1).values if hi < s else torch.full((n,), float("inf"))
+    return floor, ceiling
 
 
 def select_threshold(
@@ -138,7 +154,8 @@ def select_threshold(
     select provides it instead (one more pass).
     """
     n, D = source.n, source.D
-    floor = None if sample_scores is None else floor_from_sample(sample_scores, rank, D)
+    guess = None if sample_scores is None else bounds_from_sample(sample_scores, rank, D)
+    floor, ceiling = guess if guess is not None else (None, torch.full((n,), float("inf")))
     for attempt in range(2):
         if floor is None:
             selector = RadixSelect(n, torch.full((n, 1), rank), D)
@@ -155,10 +172,12 @@ def select_threshold(
             break
         floor = None  # the sampled floor was above the threshold: fall back to the exact bucket
     thresholds, maxima, kept = [], [], []
-    for values in per_task:
+    for values, top in zip(per_task, ceiling):
         # Every entry below the floor is below every collected one, so the rank shifts by their number.
         local = rank - (D - values.numel())
-        t = torch.kthvalue(values, local + 1).values
+        # Most collected entries lie above the sampled ceiling: select among the rest when t is there.
+        below = values[values <= top]
+        t = torch.kthvalue(below if local < below.numel() else values, local + 1).values
         thresholds.append(t)
         maxima.append(values.max())
         kept.append(((values >= t) if keep_ties else (values > t)).sum())

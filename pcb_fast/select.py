@@ -107,13 +107,14 @@ class TailSelect:
     Bounds come from the last compaction and are never tighter than the true ones: exact results.
     """
 
-    CHUNK = 256
+    CHUNK = 64
 
     def __init__(self, n: int, low_rank: int, high_rank: int):
         self.n = n
         self.k_low, self.k_high = low_rank + 1, high_rank + 1
-        self.low = [torch.empty(0)] * n
-        self.high = [torch.empty(0)] * n
+        # candidates per task: a list of parts and their total size, compacted to k when it reaches 2k
+        self.low = [([], 0) for _ in range(n)]
+        self.high = [([], 0) for _ in range(n)]
         self.low_bound = torch.full((n, 1), float("inf"))
         self.high_bound = torch.full((n, 1), float("-inf"))
 
@@ -145,15 +146,23 @@ class TailSelect:
         for i, part in enumerate(parts):
             if not counts[i]:
                 continue
-            sets[i] = torch.cat([sets[i], part])
-            if sets[i].numel() >= 2 * k or (sets[i].numel() >= k and bool(torch.isinf(bounds[i, 0]))):
-                sets[i] = torch.topk(sets[i], k, largest=largest, sorted=False).values
-                bounds[i, 0] = sets[i].min() if largest else sets[i].max()
+            pending, size = sets[i]
+            pending.append(part)
+            size += counts[i]
+            if size >= 2 * k or (size >= k and bool(torch.isinf(bounds[i, 0]))):
+                kept = self._best(pending, k, largest)
+                bounds[i, 0] = kept.min() if largest else kept.max()
+                pending, size = [kept], k
+            sets[i] = (pending, size)
+
+    @staticmethod
+    def _best(parts, k, largest):
+        return torch.topk(torch.cat(parts), k, largest=largest, sorted=False).values
 
     def values(self) -> torch.Tensor:
         """[n, 2]: the low and the high order statistic of every task."""
         out = torch.empty(self.n, 2)
         for i in range(self.n):
-            out[i, 0] = torch.topk(self.low[i], self.k_low, largest=False, sorted=False).values.max()
-            out[i, 1] = torch.topk(self.high[i], self.k_high, largest=True, sorted=False).values.min()
+            out[i, 0] = self._best(self.low[i][0], self.k_low, largest=False).max()
+            out[i, 1] = self._best(self.high[i][0], self.k_high, largest=True).min()
         return out

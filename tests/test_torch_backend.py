@@ -65,11 +65,12 @@ def test_sampled_floor_that_misses_falls_back_to_exact_select(monkeypatch):
     tv = torch.randn(4, 200000, generator=g) * 1e-3
     calls = []
 
-    def wrong_floor(sample_scores, rank, D):
+    def wrong_bounds(sample_scores, rank, D):
         calls.append(rank)
-        return torch.full((sample_scores.shape[0],), float("inf"))
+        inf = torch.full((sample_scores.shape[0],), float("inf"))
+        return inf, inf
 
-    monkeypatch.setattr(engine, "floor_from_sample", wrong_floor)
+    monkeypatch.setattr(engine, "bounds_from_sample", wrong_bounds)
     assert torch.equal(pcb_merge(tv), pcb_official(tv))
     assert calls, "the sampled floor was not used"
 

@@ -6,7 +6,7 @@ paper's equations (DESIGN.md 2.3); both with the defined edge cases of DESIGN.md
 
 Passes of the official variant, each one read of the task vectors:
   1. |tau|: the exact clip bounds lo_i, hi_i (tail candidates for a small clip ratio, else level 1
-     of a radix select, whose level 2 adds a pass), the NaN/Inf check, a 1/17 column sample;
+     of a radix select, whose level 2 adds a pass), the NaN/Inf check, a sample of the columns;
   2. scores P, collecting every entry at or above a floor below the keep threshold; the floor
      comes from the sample's scores (else level 1 of the radix select over P, one more pass);
 then the exact t_i, M_i from the collected scores, and the merge of the collected entries, block
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .. import checks, torch_backend as tb
-from ..engine import raise_if_not_finite, sample_columns, select_threshold, sum_kept
+from ..engine import raise_if_not_finite, ColumnSample, select_threshold, sum_kept
 from ..reference import clip_indices, keep_index
 from ..select import RadixSelect, TailSelect
 from ..sources import DEFAULT_BLOCK_WIDTH
@@ -49,12 +49,11 @@ def merge_pcb(source, sink, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant
     return _merge_paper(source, sink, params, block_width)
 
 
-def clip_bounds(source, clamp_ratio: float, block_width: int, samples: list) -> tb.ClipStats:
+def clip_bounds(source, clamp_ratio: float, block_width: int, sample: ColumnSample) -> tb.ClipStats:
     """Exact lo_i = sort(|tau_i|)[int(D a)], hi_i = sort(|tau_i|)[int(D (1 - a) - 1)].
 
     For a small clip ratio both ranks lie in the tails: one pass of :class:`TailSelect`. Otherwise
-    two passes of radix select. The first pass also checks for NaN/Inf and appends a 1/17 sample
-    of the task-vector columns to ``samples``.
+    two passes of radix select. The first pass also checks for NaN/Inf and fills ``sample``.
     """
     n, D = source.n, source.D
     i_lo, i_hi = clip_indices(D, clamp_ratio)
@@ -64,7 +63,7 @@ def clip_bounds(source, clamp_ratio: float, block_width: int, samples: list) -> 
     for block in source.blocks(block_width):
         magnitude = torch.abs(block.tv, out=ws.get(block.tv.shape[1])[0])
         raise_if_not_finite(source, block, magnitude.amax(1))
-        samples.append(sample_columns(block))
+        sample.add(block)
         selector.update(magnitude) if tails else selector.count_high(magnitude)
     if not tails:
         selector.find_buckets()
@@ -76,12 +75,10 @@ def clip_bounds(source, clamp_ratio: float, block_width: int, samples: list) -> 
 
 def _merge_official(source, sink, params, block_width):
     n, D = source.n, source.D
-    samples = []
-    clip = clip_bounds(source, params["clamp_ratio"], block_width, samples)
-    sample = torch.cat(samples, dim=1)
-    buffers = 4 if params["inter"] == "pairwise" else 3
-    sample_scores = tb.official_scores(sample, clip, params["inter"], tb.Workspace(n, sample.shape[1], buffers))
-    ws = tb.Workspace(n, block_width, buffers)
+    sample = ColumnSample(D)
+    clip = clip_bounds(source, params["clamp_ratio"], block_width, sample)
+    ws = tb.Workspace(n, block_width, 4 if params["inter"] == "pairwise" else 3)
+    sample_scores = sample.scores(lambda tv: tb.official_scores(tv, clip, params["inter"], ws))
 
     def score_blocks():
         for block in source.blocks(block_width):
@@ -104,10 +101,10 @@ def _merge_official(source, sink, params, block_width):
     return kept
 
 
-def pair_stats(source, block_width: int, samples: list) -> tb.PairStats:
+def pair_stats(source, block_width: int, sample: ColumnSample) -> tb.PairStats:
     """Min/max of tau_i * tau_j for all pairs, then the softmax partition sums (two passes).
 
-    The first pass also checks for NaN/Inf and appends a 1/17 sample of the columns to ``samples``.
+    The first pass also checks for NaN/Inf and fills ``sample``.
     """
     n = source.n
     ws = tb.Workspace(n, block_width, 2)
@@ -115,7 +112,7 @@ def pair_stats(source, block_width: int, samples: list) -> tb.PairStats:
     hi = torch.full((n, n), float("-inf"))
     for block in source.blocks(block_width):
         raise_if_not_finite(source, block, block.tv.abs().amax(1))
-        samples.append(sample_columns(block))
+        sample.add(block)
         products = ws.get(block.tv.shape[1])[0]
         for i in range(n):
             torch.mul(block.tv, block.tv[i], out=products)
@@ -138,11 +135,10 @@ def pair_stats(source, block_width: int, samples: list) -> tb.PairStats:
 
 def _merge_paper(source, sink, params, block_width):
     n, D = source.n, source.D
-    samples = []
-    stats = pair_stats(source, block_width, samples)
-    sample = torch.cat(samples, dim=1)
-    sample_scores = tb.paper_scores(sample, stats, tb.Workspace(n, sample.shape[1], 2))
+    sample = ColumnSample(D)
+    stats = pair_stats(source, block_width, sample)
     ws = tb.Workspace(n, block_width, 2)
+    sample_scores = sample.scores(lambda tv: tb.paper_scores(tv, stats, ws))
 
     def score_blocks():
         for block in source.blocks(block_width):
