@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from . import checks
+from .numerics import warm_up_exp
 from .select import RadixSelect, bucket_floor
 from .sources import Segment, TaskVectorSource
 
@@ -34,6 +35,7 @@ def run(method: Callable, source: TaskVectorSource, sink: Sink, *, scope: str = 
     Returns {"kept": [n] number of entries each task contributed, "entries": merged entries}.
     """
     checks.check_choice("scope", scope, checks.SCOPE_CHOICES)
+    warm_up_exp()
     parts = [source] if scope == "global" else [source.restrict(segment) for segment in source.segments]
     kept = torch.zeros(source.n, dtype=torch.int64)
     for part in parts:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import checks
+from .numerics import warm_up_exp
 
 # exp(n * x) with x in [0, 1] overflows float32 for n > 88; up to this n it is computed exactly.
 EXACT_EXP_MAX_N = 80
@@ -68,6 +69,7 @@ def pcb_official(
     n, D = tv.shape
     ratio = checks.check_ratio(ratio)
     clamp_ratio = checks.check_clamp_ratio(clamp_ratio)
+    warm_up_exp()
     checks.check_choice("inter", inter, checks.INTER_CHOICES)
     lambdas = checks.check_lambdas(lambdas, n)
 
@@ -131,6 +133,7 @@ def pcb_paper(task_vectors: torch.Tensor, *, ratio: float = 0.1, lambdas=None) -
 def paper_scores(tv: torch.Tensor) -> torch.Tensor:
     """beta = Softmax_D(n Norm(tau_i^2)) * sum_j Softmax_D(Norm(tau_i tau_j)), [n, D] (DESIGN 2.3)."""
     n = tv.shape[0]
+    warm_up_exp()
     intra = torch.softmax(n * minmax_normalize(tv * tv), dim=1)
     inter = torch.softmax(minmax_normalize(tv * tv[0]), dim=1)
     for j in range(1, n):
