@@ -94,6 +94,8 @@ class MatrixSource(TaskVectorSource):
                 raise ValueError(f"task_vectors has shape {tuple(tv.shape)}; expected [n, D] or a list of n 1-D tensors")
             checks.check_n_models(tv.shape[0])
             rows = list(tv)
+        for i, row in enumerate(rows):
+            check_cpu(f"task vector {i}", row)
         D = rows[0].numel()
         if D < 1:
             raise ValueError(f"task vectors have D={D} entries; valid: D >= 1")
@@ -140,6 +142,12 @@ class StateDictSource(TaskVectorSource):
         return out
 
 
+def check_cpu(what: str, t: torch.Tensor) -> None:
+    """The torch backend runs on CPU tensors only in this version (CUDA comes with the Triton backend)."""
+    if t.device.type != "cpu":
+        raise ValueError(f"{what} is on {t.device}; this version merges CPU tensors only (move them with .cpu())")
+
+
 def split_keys(base: dict, exclude: Sequence[str]) -> tuple[list[str], list[str]]:
     """(merged, copied) keys of ``base``: floating tensors not matching any exclude regex are merged."""
     patterns = []
@@ -154,6 +162,7 @@ def split_keys(base: dict, exclude: Sequence[str]) -> tuple[list[str], list[str]
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"base model, key {key!r}: value is a {type(t).__name__}, expected a torch.Tensor")
         if t.is_floating_point() and t.numel() > 0 and not any(p.search(key) for p in patterns):
+            check_cpu(f"base model, key {key!r}", t)
             merged.append(key)
         else:
             copied.append(key)
@@ -177,3 +186,4 @@ def check_models_match(base: dict, models: Sequence[dict], merged_keys: Sequence
                 raise ValueError(f"{name}, key {key!r}: {what} where the base has a floating tensor")
             if tuple(t.shape) != tuple(base[key].shape):
                 raise ValueError(f"{name}, key {key!r}: shape {tuple(t.shape)} but the base has {tuple(base[key].shape)}")
+            check_cpu(f"{name}, key {key!r}", t)

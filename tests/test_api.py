@@ -156,6 +156,8 @@ def test_pcb_merge_bad_inputs():
         pcb_merge(torch.ones(2, 10, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"shape \(10,\); expected \[n, D\]"):
         pcb_merge(torch.ones(10))
+    with pytest.raises(ValueError, match="task vector 0 is on meta; this version merges CPU tensors only"):
+        pcb_merge(torch.zeros(2, 10, device="meta"))
     bad = torch.randn(3, 100)
     bad[2, 40] = float("nan")
     with pytest.raises(ValueError, match="task vector 2: contains NaN or Inf"):
