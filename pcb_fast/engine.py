@@ -6,11 +6,12 @@ A method is a function ``method(source, sink, **params)`` that makes passes over
 each segment alone (scope="tensor").
 
 Selecting the keep threshold t_i = sort(s_i)[k] of a score row and merging only the entries above
-it is common to PCB, TIES and others. The engine does it in two passes: level 1 of the radix select
-finds the 16-bit bucket holding rank k; the next pass collects every entry whose score is at or
-above that bucket's floor (the kept entries plus the bucket itself, about ratio of each row) with
-its position and task-vector value. The exact t_i is then an order statistic of the collected
-scores, and the merge reads only collected entries, so the scores are computed twice in all.
+it is common to PCB, TIES and others (:func:`select_threshold`). A floor at or below t_i comes from
+the scores of a column sample taken during an earlier pass (or, when the sample is too small or
+its floor turns out too high, from level 1 of the exact radix select: one more pass). One pass then
+collects every entry whose score reaches the floor (about ``ratio`` of each row) with its position
+and task-vector value. The count of entries below the floor turns rank k into a rank among the
+collected scores, so t_i is exact; the merge reads only the collected entries.
 """
 
 from __future__ import annotations
@@ -158,21 +159,15 @@ def select_threshold(
     n, D = source.n, source.D
     guess = None if sample_scores is None else bounds_from_sample(sample_scores, rank, D)
     floor, ceiling = guess if guess is not None else (None, torch.full((n,), float("inf")))
-    for attempt in range(2):
-        if floor is None:
-            selector = RadixSelect(n, torch.full((n, 1), rank), D)
-            for _, scores in score_blocks():
-                selector.count_high(scores)
-            floor = bucket_floor(selector.find_buckets()[:, 0])
-        collected = [collect_block(block, scores, floor) for block, scores in score_blocks()]
-        per_task = [[] for _ in range(n)]
-        for c in collected:
-            for i, part in enumerate(c.score.split(c.counts())):
-                per_task[i].append(part)
-        per_task = [torch.cat(parts) for parts in per_task]
-        if all(values.numel() >= D - rank for values in per_task):
-            break
-        floor = None  # the sampled floor was above the threshold: fall back to the exact bucket
+    if floor is not None:
+        collected, per_task = _collect(score_blocks, floor, n)
+        if any(values.numel() < D - rank for values in per_task):
+            floor = None  # the sampled floor was above the threshold for some task
+    if floor is None:
+        selector = RadixSelect(n, torch.full((n, 1), rank), D)
+        for _, scores in score_blocks():
+            selector.count_high(scores)
+        collected, per_task = _collect(score_blocks, bucket_floor(selector.find_buckets()[:, 0]), n)
     thresholds, maxima, kept = [], [], []
     for values, top in zip(per_task, ceiling):
         # Every entry below the floor is below every collected one, so the rank shifts by their number.
@@ -184,3 +179,13 @@ def select_threshold(
         maxima.append(values.max())
         kept.append(((values >= t) if keep_ties else (values > t)).sum())
     return torch.stack(thresholds), torch.stack(maxima), collected, torch.stack(kept)
+
+
+def _collect(score_blocks: Callable, floor: torch.Tensor, n: int):
+    """One pass: the collected blocks, and every task's collected scores in one tensor."""
+    collected = [collect_block(block, scores, floor) for block, scores in score_blocks()]
+    per_task = [[] for _ in range(n)]
+    for c in collected:
+        for i, part in enumerate(c.score.split(c.counts())):
+            per_task[i].append(part)
+    return collected, [torch.cat(parts) for parts in per_task]

@@ -62,9 +62,13 @@ class TaskVectorSource:
         view.D = segment.numel
         return view
 
+    def block_width(self, width: int) -> int:
+        """The widest block :meth:`blocks` yields for ``width`` (buffers need no more)."""
+        return min(width, max(s.numel for s in self.segments))
+
     def blocks(self, width: int = DEFAULT_BLOCK_WIDTH) -> Iterator[Block]:
         """Yield the aligned blocks of every segment, in order."""
-        buffer = torch.empty(self.n, min(width, max(s.numel for s in self.segments)))
+        buffer = torch.empty(self.n, self.block_width(width))
         for seg in self.segments:
             for lo in range(0, seg.numel, width):
                 hi = min(lo + width, seg.numel)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .. import checks, torch_backend as tb
-from ..engine import raise_if_not_finite, ColumnSample, select_threshold, sum_kept
+from ..engine import ColumnSample, raise_if_not_finite, select_threshold, sum_kept
 from ..reference import clip_indices, keep_index
 from ..select import RadixSelect, TailSelect
 from ..sources import DEFAULT_BLOCK_WIDTH
@@ -44,6 +44,7 @@ def merge_pcb(source, sink, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant
     Returns the number of entries each task kept (scale > 0).
     """
     params = check_params(source.n, ratio=ratio, clamp_ratio=clamp_ratio, inter=inter, variant=variant, lambdas=lambdas)
+    block_width = source.block_width(block_width)
     if params["variant"] == "official":
         return _merge_official(source, sink, params, block_width)
     return _merge_paper(source, sink, params, block_width)
