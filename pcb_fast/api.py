@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from . import checks, engine, reference
+from . import checks, engine, reference, reference_baselines
 from .backends import resolve_backend
 from .methods import METHODS
 from .sources import DEFAULT_BLOCK_WIDTH, MatrixSource, StateDictSource, check_models_match, split_keys
@@ -44,7 +44,9 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
 
     Floating keys not matching an ``exclude`` regex are merged; the rest are copied from ``base``.
     Statistics are taken over all merged entries (``scope="global"``) or per tensor. The output has
-    the base's dtypes. ``method_params`` go to the method (for pcb: ratio, clamp_ratio, inter, variant).
+    the base's dtypes. ``method_params`` go to the method: pcb (ratio, clamp_ratio, inter, variant),
+    average, task_arithmetic, ties (density, sign_ties, topk), dare (p, seed), dare_ties (p, seed,
+    sign_ties), breadcrumbs (gamma, beta).
     If ``report`` is a dict, it receives "kept" (entries kept per task), "entries" (merged entries),
     "merged_keys" and "copied_keys".
     """
@@ -75,7 +77,8 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     if not merged_keys:
         return out
     if backend == "reference":
-        _reference_merge(base, models, merged_keys, out, lam=lam, lambdas=lambdas, scope=scope, **method_params)
+        _reference_merge(base, models, merged_keys, out, method=method, lam=lam, lambdas=lambdas, scope=scope,
+                         **method_params)
         return {k: out[k] for k in base}
     for key in merged_keys:
         out[key] = torch.empty_like(base[key])
@@ -93,12 +96,16 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     return {k: out[k] for k in base}
 
 
-def _reference_merge(base, models, merged_keys, out, *, lam, lambdas, scope, **params):
-    """The reference path for state dicts: flatten, merge with full sorts, unflatten."""
+def _reference_merge(base, models, merged_keys, out, *, method, lam, lambdas, scope, **params):
+    """The reference path for state dicts: flatten, merge with the literal formulation, unflatten."""
     groups = [merged_keys] if scope == "global" else [[k] for k in merged_keys]
     for keys in groups:
         tv = torch.stack([torch.cat([(m[k].float() - base[k].float()).reshape(-1) for k in keys]) for m in models])
-        tau_m = reference.pcb_reference(tv, lambdas=lambdas, **params)
+        if method == "pcb":
+            tau_m = reference.pcb_reference(tv, lambdas=lambdas, **params)
+        else:
+            segments = [(k, tuple(base[k].shape)) for k in keys]
+            tau_m = reference_baselines.METHODS[method](tv, lambdas=lambdas, segments=segments, **params)
         offset = 0
         for k in keys:
             numel = base[k].numel()

@@ -160,14 +160,14 @@ def select_threshold(
     guess = None if sample_scores is None else bounds_from_sample(sample_scores, rank, D)
     floor, ceiling = guess if guess is not None else (None, torch.full((n,), float("inf")))
     if floor is not None:
-        collected, per_task = _collect(score_blocks, floor, n)
+        collected, per_task = collect(score_blocks, floor, n)
         if any(values.numel() < D - rank for values in per_task):
             floor = None  # the sampled floor was above the threshold for some task
     if floor is None:
         selector = RadixSelect(n, torch.full((n, 1), rank), D)
         for _, scores in score_blocks():
             selector.count_high(scores)
-        collected, per_task = _collect(score_blocks, bucket_floor(selector.find_buckets()[:, 0]), n)
+        collected, per_task = collect(score_blocks, bucket_floor(selector.find_buckets()[:, 0]), n)
     thresholds, maxima, kept = [], [], []
     for values, top in zip(per_task, ceiling):
         # Every entry below the floor is below every collected one, so the rank shifts by their number.
@@ -181,7 +181,7 @@ def select_threshold(
     return torch.stack(thresholds), torch.stack(maxima), collected, torch.stack(kept)
 
 
-def _collect(score_blocks: Callable, floor: torch.Tensor, n: int):
+def collect(score_blocks: Callable, floor: torch.Tensor, n: int):
     """One pass: the collected blocks, and every task's collected scores in one tensor."""
     collected = [collect_block(block, scores, floor) for block, scores in score_blocks()]
     per_task = [[] for _ in range(n)]

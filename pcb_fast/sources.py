@@ -45,6 +45,11 @@ class Block:
         return self.segment.offset + self.lo
 
 
+def row_length(shape) -> int:
+    """Entries per row (last dimension) of a tensor of this shape; a scalar is one row of one."""
+    return shape[-1] if len(shape) else 1
+
+
 class TaskVectorSource:
     """Base class: n task vectors split into segments; subclasses implement ``_read``."""
 
@@ -66,12 +71,19 @@ class TaskVectorSource:
         """The widest block :meth:`blocks` yields for ``width`` (buffers need no more)."""
         return min(width, max(s.numel for s in self.segments))
 
-    def blocks(self, width: int = DEFAULT_BLOCK_WIDTH) -> Iterator[Block]:
-        """Yield the aligned blocks of every segment, in order."""
-        buffer = torch.empty(self.n, self.block_width(width))
-        for seg in self.segments:
-            for lo in range(0, seg.numel, width):
-                hi = min(lo + width, seg.numel)
+    def blocks(self, width: int = DEFAULT_BLOCK_WIDTH, whole_rows: bool = False) -> Iterator[Block]:
+        """Yield the aligned blocks of every segment, in order.
+
+        With ``whole_rows``, blocks hold whole rows (last dimension) of each tensor: as many as fit in
+        ``width`` entries, or one row if a row is longer.
+        """
+        rows = [row_length(s.shape) for s in self.segments] if whole_rows else [1] * len(self.segments)
+        widest = max(max(width // r, 1) * r for r in rows) if whole_rows else width
+        buffer = torch.empty(self.n, min(widest, max(s.numel for s in self.segments)))
+        for seg, row in zip(self.segments, rows):
+            step = max(width // row, 1) * row
+            for lo in range(0, seg.numel, step):
+                hi = min(lo + step, seg.numel)
                 yield Block(seg, lo, hi, self._read(seg, lo, hi, buffer[:, : hi - lo]))
 
     def _read(self, seg: Segment, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,122 @@
+"""Methods that merge by one weighted sum per block: average, task arithmetic, DARE, Breadcrumbs.
+
+Each is one pass over the blocks: an optional per-entry mask (DARE's random drop, Breadcrumbs'
+magnitude band), then the sum over tasks in task order, the rounding of the literal formulations
+in pcb_fast.reference_baselines, bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import checks, rng
+from ..reference import sum_over_tasks
+from ..sources import DEFAULT_BLOCK_WIDTH, row_length
+
+
+def lambda_column(lambdas, n: int):
+    """[n, 1] float32 per-task weights, or None for all ones."""
+    lambdas = checks.check_lambdas(lambdas, n)
+    return None if lambdas is None else torch.tensor(lambdas, dtype=torch.float32).unsqueeze(1)
+
+
+def _weighted_sums(source, sink, lam, masked=None, divisor=None, whole_rows=False, block_width=DEFAULT_BLOCK_WIDTH):
+    """One pass: sink(sum_i lam_i * masked(block)_i [/ divisor]); returns entries kept per task."""
+    kept = torch.zeros(source.n, dtype=torch.int64)
+    for block in source.blocks(block_width, whole_rows=whole_rows):
+        tv = block.tv
+        if masked is not None:
+            tv, mask = masked(block)
+            kept += mask.sum(1)
+        else:
+            kept += tv.shape[1]
+        total = sum_over_tasks(tv if lam is None else tv * lam)
+        sink(block.segment, block.lo, block.hi, total if divisor is None else total / divisor)
+    return kept
+
+
+def merge_average(source, sink, *, lambdas=None, block_width=DEFAULT_BLOCK_WIDTH):
+    """Weighted mean of the models: theta_pre + sum_i w_i tau_i / sum_i w_i, weights ``lambdas``
+    (default 1; with ``lam=1``, the mean of the fine-tuned weights up to rounding)."""
+    lam = lambda_column(lambdas, source.n)
+    divisor = source.n if lam is None else float(lam.sum())
+    if divisor <= 0:
+        raise ValueError(f"lambdas={lambdas!r} sum to {divisor}; average weights must have a positive sum")
+    return _weighted_sums(source, sink, lam, divisor=divisor, block_width=block_width)
+
+
+def merge_task_arithmetic(source, sink, *, lambdas=None, block_width=DEFAULT_BLOCK_WIDTH):
+    """Task arithmetic (Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023):
+    theta_pre + lam * sum_i lambda_i tau_i."""
+    return _weighted_sums(source, sink, lambda_column(lambdas, source.n), block_width=block_width)
+
+
+def check_drop(p) -> float:
+    p = checks._as_float("p", p)
+    if not (0.0 <= p < 1.0):
+        raise ValueError(f"p={p!r} is out of range; valid: 0 <= p < 1 (the drop probability)")
+    return p
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed={seed!r} must be a non-negative integer")
+    return seed
+
+
+def dare_block(block, p: float, seed: int):
+    """(tau * keep / (1 - p), keep) for a block: DARE's drop from the counter-based generator."""
+    keep = torch.stack([rng.keep_mask(seed, i, block.segment.key, block.lo, block.hi, p)
+                        for i in range(block.tv.shape[0])])
+    return block.tv * keep / (1 - p), keep
+
+
+def merge_dare(source, sink, *, p=0.9, seed=0, lambdas=None, block_width=DEFAULT_BLOCK_WIDTH):
+    """DARE (Yu et al., "Language Models are Super Mario", ICML 2024): drop each entry of each task
+    vector with probability p, rescale the survivors by 1/(1-p), then task arithmetic. The drop of
+    entry j of key k in task i is a pure function of (seed, i, k, j): see pcb_fast.rng."""
+    p, seed = check_drop(p), check_seed(seed)
+    return _weighted_sums(source, sink, lambda_column(lambdas, source.n), masked=lambda b: dare_block(b, p, seed),
+                          block_width=block_width)
+
+
+def check_band(gamma, beta) -> tuple[float, float]:
+    gamma, beta = checks._as_float("gamma", gamma), checks._as_float("beta", beta)
+    if not (0.0 <= gamma < 1.0):
+        raise ValueError(f"gamma={gamma!r} is out of range; valid: 0 <= gamma < 1 (the top fraction dropped)")
+    if not (0.0 < beta <= 1.0) or gamma + beta > 1.0:
+        raise ValueError(f"beta={beta!r} is out of range; valid: 0 < beta <= 1 - gamma (the fraction kept below the top)")
+    return gamma, beta
+
+
+def band_mask(magnitude: torch.Tensor, drop: int, keep: int) -> torch.Tensor:
+    """Rows of ``magnitude`` [..., L]: True at the entries of descending rank in [drop, drop + keep),
+    ties ranked by position, found from two order statistics per row instead of a sort."""
+    L = magnitude.shape[-1]
+    if keep == 0:
+        return torch.zeros_like(magnitude, dtype=torch.bool)
+    top = magnitude.kthvalue(L - drop, dim=-1, keepdim=True).values  # value at descending rank drop
+    low = magnitude.kthvalue(L - drop - keep + 1, dim=-1, keepdim=True).values  # at rank drop+keep-1
+    inside = (magnitude < top) & (magnitude > low)
+    for value in (top, low):  # entries equal to a boundary: their exact rank decides
+        equal = magnitude == value
+        rank = (magnitude > value).sum(-1, keepdim=True) + equal.cumsum(-1) - 1
+        inside |= equal & (rank >= drop) & (rank < drop + keep)
+    return inside
+
+
+def breadcrumbs_block(block, gamma: float, beta: float):
+    """(tau * band, band) for a block of whole rows: Breadcrumbs' per-row magnitude band."""
+    n = block.tv.shape[0]
+    row = row_length(block.segment.shape)
+    magnitude = block.tv.abs().reshape(n, -1, row)
+    mask = band_mask(magnitude, int(gamma * row), int(beta * row)).reshape(n, -1)
+    return block.tv * mask, mask
+
+
+def merge_breadcrumbs(source, sink, *, gamma=0.01, beta=0.1, lambdas=None, block_width=DEFAULT_BLOCK_WIDTH):
+    """Model Breadcrumbs (Davari & Belilovsky, ECCV 2024): in every row (last dimension) of every
+    tensor, drop the int(gamma L) largest |tau| and keep the next int(beta L); then task arithmetic."""
+    gamma, beta = check_band(gamma, beta)
+    return _weighted_sums(source, sink, lambda_column(lambdas, source.n),
+                          masked=lambda b: breadcrumbs_block(b, gamma, beta), whole_rows=True, block_width=block_width)

@@ -1,0 +1,156 @@
+"""TIES-Merging and DARE-TIES on the streaming engine.
+
+Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023. As the
+authors' code: per task keep |tau_i| >= kthvalue(|tau_i|, D - int(D * density)) (global over the
+model by default), elect the sign of the sum of the trimmed vectors per position, give zero-sum
+positions the majority elected sign of the whole model, and average the entries that agree.
+mergekit's habits are options: ``scope="tensor"``, ``sign_ties="positive"`` (zero sum -> +1),
+``topk="exact"`` (exactly int(D * density) entries; ties at the threshold by position).
+
+Passes: |tau| with a column sample; the collection of the entries above the sampled floor (exact
+threshold as in PCB); then two sweeps over the collected entries, block by block: the elected
+signs and their whole-model sum, then the disjoint mean. DARE-TIES replaces the trim by DARE's
+random drop and makes two passes over the task vectors (signs, then the mean).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import checks
+from ..engine import ColumnSample, collect, raise_if_not_finite, select_threshold
+from ..reference_baselines import disjoint_mean, elected_signs, zero_sign_fill
+from ..sources import DEFAULT_BLOCK_WIDTH
+from .linear import check_drop, check_seed, dare_block, lambda_column
+
+SIGN_TIES = ("majority", "positive")
+TOPK = ("threshold", "exact")
+
+
+def check_density(density) -> float:
+    d = checks._as_float("density", density)
+    if not (0.0 < d <= 1.0):
+        raise ValueError(f"density={density!r} is out of range; valid: 0 < density <= 1 (the fraction kept)")
+    return d
+
+
+def _trimmed_blocks(source, density: float, topk: str, block_width: int):
+    """Yield (Collected block, bool mask of its kept entries) for the TIES trim of every task."""
+    n, D = source.n, source.D
+    keep = int(D * density)
+    ws = torch.empty(n * block_width)
+    sample = ColumnSample(D)
+
+    def magnitudes(tv):
+        return torch.abs(tv, out=ws[: tv.numel()].view(tv.shape))
+
+    def score_blocks(check=False):
+        for block in source.blocks(block_width):
+            magnitude = magnitudes(block.tv)
+            if check:
+                raise_if_not_finite(source, block, magnitude.amax(1))
+                sample.add(block)
+            yield block, magnitude
+
+    if keep >= D:  # keep everything: no threshold
+        for block, _ in score_blocks(check=True):
+            pass
+        for c in collect(score_blocks, torch.full((n,), float("-inf")), n)[0]:
+            yield c, torch.ones_like(c.score, dtype=torch.bool)
+        return
+    for _ in score_blocks(check=True):  # NaN/Inf check and column sample
+        pass
+    sample_scores = sample.scores(lambda tv: magnitudes(tv).clone())
+    # "threshold": t = sort(|tau|)[D - keep - 1], keep >= t; "exact": t = sort(|tau|)[D - keep], keep > t
+    # plus the first entries equal to t (by position) up to exactly `keep`.
+    rank = D - keep - 1 if topk == "threshold" else D - keep
+    if rank >= D:  # exact top-0: nothing kept
+        for c in collect(score_blocks, torch.full((n,), float("inf")), n)[0]:
+            yield c, torch.zeros_like(c.score, dtype=torch.bool)
+        return
+    t, _, collected, _ = select_threshold(source, score_blocks, rank, sample_scores, keep_ties=True)
+    if topk == "threshold":
+        for c in collected:
+            yield c, c.score >= t[c.task()]
+        return
+    above = torch.zeros(n, dtype=torch.int64)
+    for c in collected:
+        above += torch.bincount(c.task()[c.score > t[c.task()]], minlength=n)
+    budget = keep - above  # entries equal to t still to keep, per task, in position order
+    for c in collected:
+        task = c.task()
+        equal = c.score == t[task]
+        order = torch.zeros_like(task)
+        for i, rows in _task_ranges(task, n):
+            order[rows] = torch.cumsum(equal[rows].long(), 0)
+        kept = (c.score > t[task]) | (equal & (order <= budget[task]))
+        budget -= torch.bincount(task[equal & kept], minlength=n)
+        yield c, kept
+
+
+def _task_ranges(task: torch.Tensor, n: int):
+    counts = torch.bincount(task, minlength=n).tolist()
+    start = 0
+    for i, count in enumerate(counts):
+        yield i, slice(start, start + count)
+        start += count
+
+
+def _dense_block(c, kept: torch.Tensor) -> torch.Tensor:
+    """The trimmed [n, m] block: collected tau where kept, 0 elsewhere."""
+    dense = torch.zeros(c.n * c.width)
+    dense[c.flat[kept].long()] = c.tau[kept]
+    return dense.view(c.n, c.width)
+
+
+def merge_ties(source, sink, *, density=0.2, sign_ties="majority", topk="threshold", lambdas=None,
+               block_width=DEFAULT_BLOCK_WIDTH):
+    """TIES-Merging; ``sink`` receives tau_m block by block. Returns entries kept per task."""
+    density = check_density(density)
+    checks.check_choice("sign_ties", sign_ties, SIGN_TIES)
+    checks.check_choice("topk", topk, TOPK)
+    lam = lambda_column(lambdas, source.n)
+    block_width = source.block_width(block_width)
+    trimmed = [(c, kept) for c, kept in _trimmed_blocks(source, density, topk, block_width)]
+    kept_counts = torch.zeros(source.n, dtype=torch.int64)
+    for c, kept in trimmed:
+        kept_counts += torch.bincount(c.task()[kept], minlength=source.n)
+
+    def weighted_blocks(first_sweep: bool):
+        for c, kept in trimmed:
+            dense = _dense_block(c, kept)
+            yield c.segment, c.lo, c.hi, dense if lam is None else dense * lam
+
+    _elect_and_merge(weighted_blocks, sink, lam, sign_ties)
+    return kept_counts
+
+
+def merge_dare_ties(source, sink, *, p=0.9, seed=0, sign_ties="majority", lambdas=None,
+                    block_width=DEFAULT_BLOCK_WIDTH):
+    """DARE-TIES (Yu et al. 2024 with Yadav et al. 2023): DARE's random drop and rescale, then TIES'
+    sign election and disjoint mean (the drop replaces TIES' magnitude trim, as in mergekit)."""
+    p, seed = check_drop(p), check_seed(seed)
+    checks.check_choice("sign_ties", sign_ties, SIGN_TIES)
+    lam = lambda_column(lambdas, source.n)
+    kept_counts = torch.zeros(source.n, dtype=torch.int64)
+
+    def weighted_blocks(first_sweep: bool):
+        for block in source.blocks(block_width):
+            raise_if_not_finite(source, block, block.tv.abs().amax(1))
+            dropped, keep = dare_block(block, p, seed)
+            if first_sweep:
+                kept_counts.add_(keep.sum(1))
+            yield block.segment, block.lo, block.hi, dropped if lam is None else dropped * lam
+
+    _elect_and_merge(weighted_blocks, sink, lam, sign_ties)
+    return kept_counts
+
+
+def _elect_and_merge(weighted_blocks, sink, lam, sign_ties: str) -> None:
+    """Two sweeps: the whole-model sum of the elected signs, then the disjoint mean per block."""
+    sign_total = 0
+    for *_, weighted in weighted_blocks(True):
+        sign_total += int(elected_signs(weighted).sum())
+    fill = zero_sign_fill(sign_total, sign_ties)
+    for segment, lo, hi, weighted in weighted_blocks(False):
+        sink(segment, lo, hi, disjoint_mean(weighted, elected_signs(weighted), fill, lam))

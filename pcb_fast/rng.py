@@ -1,0 +1,58 @@
+"""A counter-based random generator for DARE's drop masks (DESIGN.md 5).
+
+The draw for entry ``index`` of ``key`` in task ``task`` is a pure function of
+(seed, task, key, index): a 32-bit integer hash, so masks never need to be stored and do not
+depend on block sizes, scope, backend or the number of processes. The hash is written with 64-bit
+integer ops whose products stay below 2^63 (32-bit values times 31-bit odd constants), so the
+same bits can be computed in torch, in Triton (uint32 wraparound) and in plain Python.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+_M1, _M2 = 0x21F0AAAD, 0x735A2D97  # odd multipliers below 2^31 of a two-round xorshift-multiply mix
+
+
+def mix32(x: int) -> int:
+    """The 32-bit mixing function on a Python int (for per-stream constants)."""
+    x &= _MASK32
+    x ^= x >> 16
+    x = (x * _M1) & _MASK32
+    x ^= x >> 15
+    x = (x * _M2) & _MASK32
+    return x ^ (x >> 15)
+
+
+def mix32_tensor(x: torch.Tensor) -> torch.Tensor:
+    """:func:`mix32` elementwise on an int64 tensor of values in [0, 2^32)."""
+    x = x ^ (x >> 16)
+    x = (x * _M1) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * _M2) & _MASK32
+    return x ^ (x >> 15)
+
+
+def stream_constant(seed: int, task: int, key: str) -> int:
+    """The 32-bit constant that names the stream of (seed, task, key)."""
+    h = mix32(seed & _MASK32)
+    h = mix32(h ^ ((seed >> 32) & _MASK32))
+    h = mix32(h ^ (task & _MASK32))
+    return mix32(h ^ zlib.crc32(key.encode("utf-8")))
+
+
+def uniform24(seed: int, task: int, key: str, lo: int, hi: int) -> torch.Tensor:
+    """int64 draws in [0, 2^24) for entries [lo, hi) of (seed, task, key)."""
+    h = stream_constant(seed, task, key)
+    index = torch.arange(lo, hi, dtype=torch.int64)
+    x = mix32_tensor((index & _MASK32) ^ h)
+    x = mix32_tensor(x ^ ((index >> 32) & _MASK32) ^ mix32(h))
+    return x >> 8
+
+
+def keep_mask(seed: int, task: int, key: str, lo: int, hi: int, p: float) -> torch.Tensor:
+    """Bool mask of the entries DARE keeps: each is dropped with probability p (to 2^-24)."""
+    return uniform24(seed, task, key, lo, hi) >= int(round(p * (1 << 24)))
