@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import checks, rng
+from ..engine import raise_if_not_finite
 from ..reference import sum_over_tasks
 from ..sources import DEFAULT_BLOCK_WIDTH, row_length
 
@@ -25,6 +26,7 @@ def _weighted_sums(source, sink, lam, masked=None, divisor=None, whole_rows=Fals
     kept = torch.zeros(source.n, dtype=torch.int64)
     for block in source.blocks(block_width, whole_rows=whole_rows):
         tv = block.tv
+        raise_if_not_finite(source, block, tv.abs().amax(1))
         if masked is not None:
             tv, mask = masked(block)
             kept += mask.sum(1)
