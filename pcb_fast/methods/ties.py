@@ -8,8 +8,8 @@ mergekit's habits are options: ``scope="tensor"``, ``sign_ties="positive"`` (zer
 ``topk="exact"`` (exactly int(D * density) entries; ties at the threshold by position).
 
 Passes: |tau| with a column sample; the collection of the entries above the sampled floor (exact
-threshold as in PCB); then two sweeps over the collected entries, block by block: the elected
-signs and their whole-model sum, then the disjoint mean. DARE-TIES replaces the trim by DARE's
+threshold as in PCB); then two sweeps over the kept entries, block by block: the elected signs and
+their whole-model sum, then the disjoint mean. DARE-TIES replaces the trim by DARE's
 random drop and makes two passes over the task vectors (signs, then the mean).
 """
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .. import checks
-from ..engine import ColumnSample, collect, raise_if_not_finite, select_threshold
+from ..engine import ColumnSample, collect, raise_if_not_finite, select_threshold, sum_kept
 from ..reference_baselines import disjoint_mean, elected_signs, zero_sign_fill
 from ..sources import DEFAULT_BLOCK_WIDTH
 from .linear import check_drop, check_seed, dare_block, lambda_column
@@ -96,32 +96,38 @@ def _task_ranges(task: torch.Tensor, n: int):
         start += count
 
 
-def _dense_block(c, kept: torch.Tensor) -> torch.Tensor:
-    """The trimmed [n, m] block: collected tau where kept, 0 elsewhere."""
-    dense = torch.zeros(c.n * c.width)
-    dense[c.flat[kept].long()] = c.tau[kept]
-    return dense.view(c.n, c.width)
-
-
 def merge_ties(source, sink, *, density=0.2, sign_ties="majority", topk="threshold", lambdas=None,
                block_width=DEFAULT_BLOCK_WIDTH):
-    """TIES-Merging; ``sink`` receives tau_m block by block. Returns entries kept per task."""
+    """TIES-Merging; ``sink`` receives tau_m block by block. Returns entries kept per task.
+
+    Both sweeps read only the kept entries and sum them per position in task order, the rounding
+    of the literal formulation (adding the zeros of the dropped entries changes nothing).
+    """
     density = check_density(density)
     checks.check_choice("sign_ties", sign_ties, SIGN_TIES)
     checks.check_choice("topk", topk, TOPK)
     lam = lambda_column(lambdas, source.n)
     block_width = source.block_width(block_width)
-    trimmed = [(c, kept) for c, kept in _trimmed_blocks(source, density, topk, block_width)]
     kept_counts = torch.zeros(source.n, dtype=torch.int64)
-    for c, kept in trimmed:
-        kept_counts += torch.bincount(c.task()[kept], minlength=source.n)
-
-    def weighted_blocks(first_sweep: bool):
-        for c, kept in trimmed:
-            dense = _dense_block(c, kept)
-            yield c.segment, c.lo, c.hi, dense if lam is None else dense * lam
-
-    _elect_and_merge(weighted_blocks, sink, lam, sign_ties)
+    trimmed, sign_total = [], 0
+    for c, kept in _trimmed_blocks(source, density, topk, block_width):
+        task = c.task()[kept]
+        value = c.tau[kept] if lam is None else c.tau[kept] * lam[task, 0]
+        kept_counts += torch.bincount(task, minlength=source.n)
+        sign = torch.sign(sum_kept(c, task, value, value, kept)[0])
+        sign_total += int(sign.sum())
+        trimmed.append((c, kept, task, value, sign))
+    fill = zero_sign_fill(sign_total, sign_ties)
+    for c, kept, task, value, sign in trimmed:
+        sign = torch.where(sign == 0, fill, sign)
+        pos = c.flat[kept] - task * c.width
+        agree = torch.where(sign[pos] > 0, value > 0, value < 0)
+        selected = kept.clone()
+        selected[kept] = agree
+        weight = torch.ones(int(agree.sum())) if lam is None else lam[task[agree], 0]
+        num, den = sum_kept(c, task[agree], value[agree], weight, selected)
+        den = torch.clamp(den, min=1) if lam is None else torch.where(den == 0, 1.0, den)
+        sink(c.segment, c.lo, c.hi, num / den)
     return kept_counts
 
 
@@ -147,7 +153,8 @@ def merge_dare_ties(source, sink, *, p=0.9, seed=0, sign_ties="majority", lambda
 
 
 def _elect_and_merge(weighted_blocks, sink, lam, sign_ties: str) -> None:
-    """Two sweeps: the whole-model sum of the elected signs, then the disjoint mean per block."""
+    """Two sweeps over dense [n, m] blocks: the whole-model sum of the elected signs, then the
+    disjoint mean per block (the literal formulation's functions, block by block)."""
     sign_total = 0
     for *_, weighted in weighted_blocks(True):
         sign_total += int(elected_signs(weighted).sum())

@@ -1,0 +1,75 @@
+"""Every method through the engine and through its literal formulation, side by side in one process.
+
+    python -m benchmarks.bench_methods   # about 3 minutes on a 2-core machine
+
+n=8 fine-tuned versions of one [4096, 4096] fp32 tensor (D = 2^24, task vectors of scale 1e-3),
+scope global, merged with pcb_fast.merge(backend="torch") and merge(backend="reference") (the
+literal formulations: the authors' sort/kthvalue-based code). Prints time, peak memory above the
+inputs, ratios and whether the results are identical; writes benchmarks/results/methods.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import pcb_fast
+from benchmarks.bench_cpu import machine, timed_runs
+
+RESULTS = Path(__file__).parent / "results"
+
+METHODS = [
+    ("pcb", dict(ratio=0.1)),
+    ("average", {}),
+    ("task_arithmetic", {}),
+    ("ties", dict(density=0.2)),
+    ("dare", dict(p=0.9, seed=0)),
+    ("dare_ties", dict(p=0.9, seed=0)),
+    ("breadcrumbs", dict(gamma=0.01, beta=0.1)),
+]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3, help="runs through the engine (default 3)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "methods.json")
+    args = parser.parse_args(argv)
+
+    info = machine()
+    print(f"Machine: {info['cpu']}, {info['cores']} cores ({info['threads']} torch threads), {info['memory_gib']} GiB; "
+          f"Python {info['python']}, torch {info['torch']}, pcb_fast {info['pcb_fast']} ({info['git']})\n")
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(4096, 4096, generator=g) * 0.02}
+    models = [{"w": base["w"] + torch.randn(4096, 4096, generator=g) * 1e-3} for _ in range(8)]
+    pcb_fast.merge({"w": base["w"][:64]}, [{"w": m["w"][:64]} for m in models])  # warm up
+
+    rows = []
+    print("n=8, [4096, 4096] fp32 (D=2^24, 0.54 GB of task vectors), scope global\n")
+    print("| method | engine | literal formulation | speedup | peak memory, engine / literal | identical |")
+    print("|---|---|---|---|---|---|")
+    for method, params in METHODS:
+        ours, ours_s, ours_mem = timed_runs(lambda: pcb_fast.merge(base, models, method=method, **params), args.repeats)
+        ref, ref_s, ref_mem = timed_runs(
+            lambda: pcb_fast.merge(base, models, method=method, backend="reference", **params), 1)
+        same = torch.equal(ours["w"], ref["w"])
+        row = {"method": method, "params": params, "engine_seconds": ours_s, "reference_seconds": ref_s,
+               "engine_peak_bytes": ours_mem, "reference_peak_bytes": ref_mem, "identical": same,
+               "speedup": statistics.median(ref_s) / statistics.median(ours_s)}
+        rows.append(row)
+        print(f"| {method} {', '.join(f'{k}={v}' for k, v in params.items())} | {statistics.median(ours_s):.2f} s "
+              f"(min {min(ours_s):.2f}, max {max(ours_s):.2f}) | {statistics.median(ref_s):.2f} s | "
+              f"**{row['speedup']:.1f}x** | {ours_mem / 2**30:.2f} / {ref_mem / 2**30:.2f} GiB | {'yes' if same else 'NO'} |",
+              flush=True)
+        del ours, ref
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": info, "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
