@@ -38,8 +38,9 @@ def _weighted_sums(source, sink, lam, masked=None, divisor=None, whole_rows=Fals
 
 
 def merge_average(source, sink, *, lambdas=None, block_width=DEFAULT_BLOCK_WIDTH):
-    """Weighted mean of the models: theta_pre + sum_i w_i tau_i / sum_i w_i, weights ``lambdas``
-    (default 1; with ``lam=1``, the mean of the fine-tuned weights up to rounding)."""
+    """Weighted mean of the models (Wortsman et al., "Model soups", ICML 2022, uniform soup):
+    theta_pre + sum_i w_i tau_i / sum_i w_i, weights ``lambdas`` (default 1; with ``lam=1``, the
+    mean of the fine-tuned weights up to rounding)."""
     lam = lambda_column(lambdas, source.n)
     divisor = source.n if lam is None else float(lam.sum())
     if divisor <= 0:
