@@ -52,22 +52,18 @@ def _trimmed_blocks(source, density: float, topk: str, block_width: int):
                 sample.add(block)
             yield block, magnitude
 
-    if keep >= D:  # keep everything: no threshold
-        for block, _ in score_blocks(check=True):
-            pass
-        for c in collect(score_blocks, torch.full((n,), float("-inf")), n)[0]:
-            yield c, torch.ones_like(c.score, dtype=torch.bool)
-        return
     for _ in score_blocks(check=True):  # NaN/Inf check and column sample
         pass
-    sample_scores = sample.scores(lambda tv: magnitudes(tv).clone())
     # "threshold": t = sort(|tau|)[D - keep - 1], keep >= t; "exact": t = sort(|tau|)[D - keep], keep > t
     # plus the first entries equal to t (by position) up to exactly `keep`.
     rank = D - keep - 1 if topk == "threshold" else D - keep
-    if rank >= D:  # exact top-0: nothing kept
-        for c in collect(score_blocks, torch.full((n,), float("inf")), n)[0]:
-            yield c, torch.zeros_like(c.score, dtype=torch.bool)
+    if rank < 0 or rank >= D:  # keep every entry, or none (exact top-0): no threshold to find
+        everything = rank < 0
+        floor = torch.full((n,), float("-inf") if everything else float("inf"))
+        for c in collect(score_blocks, floor, n)[0]:
+            yield c, torch.full_like(c.score, everything, dtype=torch.bool)
         return
+    sample_scores = sample.scores(lambda tv: magnitudes(tv).clone())
     t, _, collected, _ = select_threshold(source, score_blocks, rank, sample_scores, keep_ties=True)
     if topk == "threshold":
         for c in collected:
