@@ -107,21 +107,20 @@ def merge_ties(source, sink, *, density=0.2, sign_ties="majority", topk="thresho
     kept_counts = torch.zeros(source.n, dtype=torch.int64)
     trimmed, sign_total = [], 0
     for c, kept in _trimmed_blocks(source, density, topk, block_width):
-        task = c.task()[kept]
-        value = c.tau[kept] if lam is None else c.tau[kept] * lam[task, 0]
-        kept_counts += torch.bincount(task, minlength=source.n)
-        sign = torch.sign(sum_kept(c, task, value, value, kept)[0])
+        task = c.task()
+        # Collected entries that are not kept count as zeros, as in the literal tau * mask: adding
+        # them changes no sum and they never agree with a sign, so no compaction is needed.
+        value = c.tau * kept if lam is None else c.tau * kept * lam[task, 0]
+        kept_counts += torch.bincount(task[kept], minlength=source.n)
+        sign = torch.sign(sum_kept(c, task, value, value)[0])
         sign_total += int(sign.sum())
-        trimmed.append((c, kept, task, value, sign))
+        trimmed.append((c, task, value, sign))
     fill = zero_sign_fill(sign_total, sign_ties)
-    for c, kept, task, value, sign in trimmed:
+    for c, task, value, sign in trimmed:
         sign = torch.where(sign == 0, fill, sign)
-        pos = c.flat[kept] - task * c.width
-        agree = torch.where(sign[pos] > 0, value > 0, value < 0)
-        selected = kept.clone()
-        selected[kept] = agree
-        weight = torch.ones(int(agree.sum())) if lam is None else lam[task[agree], 0]
-        num, den = sum_kept(c, task[agree], value[agree], weight, selected)
+        agree = torch.where(sign[c.flat - task * c.width] > 0, value > 0, value < 0)
+        weight = agree.float() if lam is None else agree * lam[task, 0]
+        num, den = sum_kept(c, task, value * agree, weight)
         den = torch.clamp(den, min=1) if lam is None else torch.where(den == 0, 1.0, den)
         sink(c.segment, c.lo, c.hi, num / den)
     return kept_counts
