@@ -8,8 +8,8 @@ mergekit's habits are options: ``scope="tensor"``, ``sign_ties="positive"`` (zer
 ``topk="exact"`` (exactly int(D * density) entries; ties at the threshold by position).
 
 Passes: |tau| with a column sample; the collection of the entries above the sampled floor (exact
-threshold as in PCB); then two sweeps over the kept entries, block by block: the elected signs and
-their whole-model sum, then the disjoint mean. DARE-TIES replaces the trim by DARE's
+threshold as in PCB); then two sweeps over the collected entries, block by block: the elected
+signs and their whole-model sum, then the disjoint mean. DARE-TIES replaces the trim by DARE's
 random drop and makes two passes over the task vectors (signs, then the mean).
 """
 
@@ -96,8 +96,8 @@ def merge_ties(source, sink, *, density=0.2, sign_ties="majority", topk="thresho
                block_width=DEFAULT_BLOCK_WIDTH):
     """TIES-Merging; ``sink`` receives tau_m block by block. Returns entries kept per task.
 
-    Both sweeps read only the kept entries and sum them per position in task order, the rounding
-    of the literal formulation (adding the zeros of the dropped entries changes nothing).
+    Both sweeps read only the collected entries (the kept ones and a thin margin below the
+    threshold) and sum them per position in task order, the rounding of the literal formulation.
     """
     density = check_density(density)
     checks.check_choice("sign_ties", sign_ties, SIGN_TIES)
