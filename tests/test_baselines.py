@@ -158,3 +158,14 @@ def test_nan_names_model_and_key(method):
     tuned[2]["b"][7] = float("nan")
     with pytest.raises(ValueError, match="model 2, key 'b': contains NaN or Inf"):
         merge(base, tuned, method=method)
+
+
+@pytest.mark.parametrize("drop,keep", [(0, 1), (2, 3), (5, 10), (0, 32), (10, 22), (31, 1), (3, 0)])
+def test_band_mask_equals_stable_sort_ranks(drop, keep):
+    from pcb_fast.methods.linear import band_mask
+
+    g = torch.Generator().manual_seed(drop * 100 + keep)
+    rows = torch.cat([torch.rand(20, 32, generator=g), torch.randint(0, 4, (20, 32), generator=g).float()])
+    order = torch.sort(rows, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(32).expand_as(order))
+    assert torch.equal(band_mask(rows, drop, keep), (rank >= drop) & (rank < drop + keep))

@@ -98,13 +98,26 @@ def band_mask(magnitude: torch.Tensor, drop: int, keep: int) -> torch.Tensor:
     L = magnitude.shape[-1]
     if keep == 0:
         return torch.zeros_like(magnitude, dtype=torch.bool)
-    top = magnitude.kthvalue(L - drop, dim=-1, keepdim=True).values  # value at descending rank drop
-    low = magnitude.kthvalue(L - drop - keep + 1, dim=-1, keepdim=True).values  # at rank drop+keep-1
-    inside = (magnitude < top) & (magnitude > low)
-    for value in (top, low):  # entries equal to a boundary: their exact rank decides
-        equal = magnitude == value
-        rank = (magnitude > value).sum(-1, keepdim=True) + equal.cumsum(-1) - 1
-        inside |= equal & (rank >= drop) & (rank < drop + keep)
+    if drop + keep <= L // 2:  # a partial top-k is cheaper than two order statistics of the row
+        best = torch.topk(magnitude, drop + keep, dim=-1, sorted=False).values
+        top = best.kthvalue(keep, dim=-1, keepdim=True).values  # value at descending rank drop
+        low = best.amin(-1, keepdim=True)  # at descending rank drop + keep - 1
+    else:
+        top = magnitude.kthvalue(L - drop, dim=-1, keepdim=True).values
+        low = magnitude.kthvalue(L - drop - keep + 1, dim=-1, keepdim=True).values
+    at_top, at_low = magnitude == top, magnitude == low
+    inside = (magnitude <= top) & (magnitude >= low)
+    # A boundary value that occurs once in its row sits exactly at its rank (drop, drop + keep - 1):
+    # kept. Rows where a boundary value repeats need the rank of each copy, by position.
+    tied = (at_top.sum(-1, keepdim=True) > 1) | (at_low.sum(-1, keepdim=True) > 1)
+    if bool(tied.any()):
+        rows = tied.squeeze(-1)
+        sub, sub_inside = magnitude[rows], (magnitude[rows] < top[rows]) & (magnitude[rows] > low[rows])
+        for value in (top[rows], low[rows]):
+            equal = sub == value
+            rank = (sub > value).sum(-1, keepdim=True) + equal.cumsum(-1) - 1
+            sub_inside |= equal & (rank >= drop) & (rank < drop + keep)
+        inside[rows] = sub_inside
     return inside
 
 
