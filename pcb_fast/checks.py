@@ -20,7 +20,7 @@ def check_choice(name: str, value, choices: Sequence[str]) -> str:
 
 def check_ratio(ratio) -> float:
     """Keep ratio r: 0 < r <= 1."""
-    r = _as_float("ratio", ratio)
+    r = as_float("ratio", ratio)
     if not (0.0 < r <= 1.0):
         raise ValueError(f"ratio={ratio!r} is out of range; valid: 0 < ratio <= 1")
     return r
@@ -28,14 +28,14 @@ def check_ratio(ratio) -> float:
 
 def check_clamp_ratio(clamp_ratio) -> float:
     """Outlier ratio a: 0 <= a < 0.5."""
-    a = _as_float("clamp_ratio", clamp_ratio)
+    a = as_float("clamp_ratio", clamp_ratio)
     if not (0.0 <= a < 0.5):
         raise ValueError(f"clamp_ratio={clamp_ratio!r} is out of range; valid: 0 <= clamp_ratio < 0.5")
     return a
 
 
 def check_lam(lam) -> float:
-    value = _as_float("lam", lam)
+    value = as_float("lam", lam)
     if not math.isfinite(value):
         raise ValueError(f"lam={lam!r} must be a finite number")
     return value
@@ -78,7 +78,7 @@ def check_finite(what: str, t: torch.Tensor) -> None:
         raise ValueError(f"{what} contains NaN or Inf; every input value must be finite")
 
 
-def _as_float(name: str, value) -> float:
+def as_float(name: str, value) -> float:
     if isinstance(value, bool):
         raise ValueError(f"{name}={value!r} must be a number")
     try:

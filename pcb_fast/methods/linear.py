@@ -55,7 +55,7 @@ def merge_task_arithmetic(source, sink, *, lambdas=None, block_width=DEFAULT_BLO
 
 
 def check_drop(p) -> float:
-    p = checks._as_float("p", p)
+    p = checks.as_float("p", p)
     if not (0.0 <= p < 1.0):
         raise ValueError(f"p={p!r} is out of range; valid: 0 <= p < 1 (the drop probability)")
     return p
@@ -84,7 +84,7 @@ def merge_dare(source, sink, *, p=0.9, seed=0, lambdas=None, block_width=DEFAULT
 
 
 def check_band(gamma, beta) -> tuple[float, float]:
-    gamma, beta = checks._as_float("gamma", gamma), checks._as_float("beta", beta)
+    gamma, beta = checks.as_float("gamma", gamma), checks.as_float("beta", beta)
     if not (0.0 <= gamma < 1.0):
         raise ValueError(f"gamma={gamma!r} is out of range; valid: 0 <= gamma < 1 (the top fraction dropped)")
     if not (0.0 < beta <= 1.0) or gamma + beta > 1.0:

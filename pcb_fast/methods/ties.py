@@ -28,7 +28,7 @@ TOPK = ("threshold", "exact")
 
 
 def check_density(density) -> float:
-    d = checks._as_float("density", density)
+    d = checks.as_float("density", density)
     if not (0.0 < d <= 1.0):
         raise ValueError(f"density={density!r} is out of range; valid: 0 < density <= 1 (the fraction kept)")
     return d
