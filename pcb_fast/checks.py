@@ -73,6 +73,25 @@ def check_float_tensor(what: str, t) -> torch.Tensor:
     return t
 
 
+def task_vector_rows(task_vectors) -> list[torch.Tensor]:
+    """The n validated 1-D rows (views) of a [n, D] floating tensor or of a list of n tensors."""
+    if isinstance(task_vectors, (list, tuple)):
+        check_n_models(len(task_vectors))
+        rows = [check_float_tensor(f"task vector {i}", t).reshape(-1) for i, t in enumerate(task_vectors)]
+        sizes = [r.numel() for r in rows]
+        if len(set(sizes)) != 1:
+            raise ValueError(f"task vectors have different sizes {sizes}; all must have the same number of entries")
+    else:
+        tv = check_float_tensor("task_vectors", task_vectors)
+        if tv.dim() != 2:
+            raise ValueError(f"task_vectors has shape {tuple(tv.shape)}; expected [n, D] or a list of n 1-D tensors")
+        check_n_models(tv.shape[0])
+        rows = list(tv)
+    if rows[0].numel() < 1:
+        raise ValueError(f"task vectors have D={rows[0].numel()} entries; valid: D >= 1")
+    return rows
+
+
 def check_finite(what: str, t: torch.Tensor) -> None:
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{what} contains NaN or Inf; every input value must be finite")

@@ -151,22 +151,9 @@ def pcb_reference(task_vectors, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", var
 
 def _as_matrix(task_vectors) -> torch.Tensor:
     """A [n, D] float32 matrix from a [n, D] tensor or a list of n 1-D tensors (validated)."""
-    if isinstance(task_vectors, (list, tuple)):
-        checks.check_n_models(len(task_vectors))
-        rows = [checks.check_float_tensor(f"task vector {i}", t) for i, t in enumerate(task_vectors)]
-        sizes = {t.numel() for t in rows}
-        if len(sizes) != 1:
-            raise ValueError(f"task vectors have different sizes {[t.numel() for t in rows]}; all must have D entries")
-        tv = torch.stack([t.reshape(-1).float() for t in rows])
-    else:
-        tv = checks.check_float_tensor("task_vectors", task_vectors)
-        if tv.dim() != 2:
-            raise ValueError(f"task_vectors has shape {tuple(tv.shape)}; expected [n, D] or a list of n 1-D tensors")
-        tv = tv.float()
-    n, D = tv.shape
-    checks.check_n_models(n)
-    if D < 1:
-        raise ValueError(f"task vectors have D={D} entries; valid: D >= 1")
-    for i in range(n):
-        checks.check_finite(f"task vector {i}", tv[i])
-    return tv
+    rows = checks.task_vector_rows(task_vectors)
+    for i, row in enumerate(rows):
+        checks.check_finite(f"task vector {i}", row)
+    if isinstance(task_vectors, torch.Tensor):
+        return task_vectors.float()  # no copy for a float32 matrix
+    return torch.stack([row.float() for row in rows])

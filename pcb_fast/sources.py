@@ -98,23 +98,10 @@ class MatrixSource(TaskVectorSource):
     """Task vectors given as a [n, D] tensor or a list of n 1-D tensors (one segment)."""
 
     def __init__(self, task_vectors):
-        if isinstance(task_vectors, (list, tuple)):
-            checks.check_n_models(len(task_vectors))
-            rows = [checks.check_float_tensor(f"task vector {i}", t).reshape(-1) for i, t in enumerate(task_vectors)]
-            sizes = [r.numel() for r in rows]
-            if len(set(sizes)) != 1:
-                raise ValueError(f"task vectors have different sizes {sizes}; all must have the same number of entries")
-        else:
-            tv = checks.check_float_tensor("task_vectors", task_vectors)
-            if tv.dim() != 2:
-                raise ValueError(f"task_vectors has shape {tuple(tv.shape)}; expected [n, D] or a list of n 1-D tensors")
-            checks.check_n_models(tv.shape[0])
-            rows = list(tv)
+        rows = checks.task_vector_rows(task_vectors)
         for i, row in enumerate(rows):
             check_cpu(f"task vector {i}", row)
         D = rows[0].numel()
-        if D < 1:
-            raise ValueError(f"task vectors have D={D} entries; valid: D >= 1")
         self._rows = rows
         # A float32 [n, D] matrix with contiguous rows is read in place, without a copy per block.
         self._matrix = None
