@@ -8,10 +8,13 @@ order; only methods that need the key (DARE's generator) or the shape (Breadcrum
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import checks, rng
 from .reference import _as_matrix, sum_over_tasks
+from .sources import row_length
 
 
 def _lambda_column(lambdas, n):
@@ -89,7 +92,7 @@ def ties(task_vectors, *, density=0.2, sign_ties="majority", topk="threshold", l
 
 def dare_masked(tv: torch.Tensor, p: float, seed: int, segments) -> torch.Tensor:
     """DARE (Yu et al. 2024): drop each entry with probability p, rescale survivors by 1/(1-p)."""
-    keep = torch.cat([torch.stack([rng.keep_mask(seed, i, key, 0, _numel(shape), p) for i in range(tv.shape[0])], dim=0)
+    keep = torch.cat([torch.stack([rng.keep_mask(seed, i, key, 0, math.prod(shape), p) for i in range(tv.shape[0])], dim=0)
                       for key, shape in segments], dim=1)
     return tv * keep / (1 - p)
 
@@ -113,8 +116,8 @@ def breadcrumbs(task_vectors, *, gamma=0.01, beta=0.1, lambdas=None, segments=No
     tv = _as_matrix(task_vectors)
     masks, offset = [], 0
     for _, shape in segments:
-        numel = _numel(shape)
-        row = shape[-1] if len(shape) else 1
+        numel = math.prod(shape)
+        row = row_length(shape)
         block = tv[:, offset : offset + numel].reshape(tv.shape[0], -1, row)
         drop, keep = int(gamma * row), int(beta * row)
         order = torch.sort(block.abs(), dim=2, descending=True, stable=True).indices
@@ -122,13 +125,6 @@ def breadcrumbs(task_vectors, *, gamma=0.01, beta=0.1, lambdas=None, segments=No
         masks.append(((rank >= drop) & (rank < drop + keep)).reshape(tv.shape[0], numel))
         offset += numel
     return task_arithmetic(tv * torch.cat(masks, dim=1), lambdas=lambdas)
-
-
-def _numel(shape) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out
 
 
 METHODS = {

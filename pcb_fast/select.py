@@ -60,11 +60,7 @@ class RadixSelect:
     # ---- level 1
     def count_high(self, block: torch.Tensor) -> None:
         """Add the top-16-bit histogram of a float32 [n, m] block."""
-        self.count_high_keys(high_bucket(order_keys(block)))
-
-    def count_high_keys(self, buckets: torch.Tensor) -> None:
-        """Add already computed high buckets ([n, m] int32) to the level-1 histogram."""
-        flat = (buckets + self._row_offsets).reshape(-1)
+        flat = (high_bucket(order_keys(block)) + self._row_offsets).reshape(-1)
         self.high += torch.bincount(flat, minlength=self.n * BUCKETS).view(self.n, BUCKETS)
 
     def find_buckets(self) -> torch.Tensor:

@@ -35,10 +35,10 @@ class ClipStats:
 class Workspace:
     """Reusable float32 buffers, handed out as contiguous [n, m] views for a block of width m."""
 
-    def __init__(self, n: int, width: int, count: int, device=None):
+    def __init__(self, n: int, width: int, count: int):
         self.n = n
-        self._buffers = [torch.empty(n * width, device=device) for _ in range(count)]
-        self._row = torch.empty(width, device=device)
+        self._buffers = [torch.empty(n * width) for _ in range(count)]
+        self._row = torch.empty(width)
 
     def get(self, m: int) -> list[torch.Tensor]:
         return [b[: self.n * m].view(self.n, m) for b in self._buffers]

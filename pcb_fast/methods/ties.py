@@ -35,7 +35,7 @@ def check_density(density) -> float:
 
 
 def _trimmed_blocks(source, density: float, topk: str, block_width: int):
-    """Yield (Collected block, bool mask of its kept entries) for the TIES trim of every task."""
+    """Yield (Collected block, task of each entry, bool mask of the kept entries) for the TIES trim."""
     n, D = source.n, source.D
     keep = int(D * density)
     ws = torch.empty(n * block_width)
@@ -61,35 +61,28 @@ def _trimmed_blocks(source, density: float, topk: str, block_width: int):
         everything = rank < 0
         floor = torch.full((n,), float("-inf") if everything else float("inf"))
         for c in collect(score_blocks, floor, n)[0]:
-            yield c, torch.full_like(c.score, everything, dtype=torch.bool)
+            yield c, c.task(), torch.full_like(c.score, everything, dtype=torch.bool)
         return
     sample_scores = sample.scores(lambda tv: magnitudes(tv).clone())
     t, _, collected, _ = select_threshold(source, score_blocks, rank, sample_scores, keep_ties=True)
     if topk == "threshold":
         for c in collected:
-            yield c, c.score >= t[c.task()]
+            task = c.task()
+            yield c, task, c.score >= t[task]
         return
     above = torch.zeros(n, dtype=torch.int64)
     for c in collected:
-        above += torch.bincount(c.task()[c.score > t[c.task()]], minlength=n)
+        task = c.task()
+        above += torch.bincount(task[c.score > t[task]], minlength=n)
     budget = keep - above  # entries equal to t still to keep, per task, in position order
     for c in collected:
         task = c.task()
         equal = c.score == t[task]
-        order = torch.zeros_like(task)
-        for i, rows in _task_ranges(task, n):
-            order[rows] = torch.cumsum(equal[rows].long(), 0)
+        # 1-based count of the equal entries of each task so far in this block (entries are task-major)
+        order = torch.cat([torch.cumsum(part.long(), 0) for part in equal.split(c.counts())])
         kept = (c.score > t[task]) | (equal & (order <= budget[task]))
         budget -= torch.bincount(task[equal & kept], minlength=n)
-        yield c, kept
-
-
-def _task_ranges(task: torch.Tensor, n: int):
-    counts = torch.bincount(task, minlength=n).tolist()
-    start = 0
-    for i, count in enumerate(counts):
-        yield i, slice(start, start + count)
-        start += count
+        yield c, task, kept
 
 
 def merge_ties(source, sink, *, density=0.2, sign_ties="majority", topk="threshold", lambdas=None,
@@ -106,8 +99,7 @@ def merge_ties(source, sink, *, density=0.2, sign_ties="majority", topk="thresho
     block_width = source.block_width(block_width)
     kept_counts = torch.zeros(source.n, dtype=torch.int64)
     trimmed, sign_total = [], 0
-    for c, kept in _trimmed_blocks(source, density, topk, block_width):
-        task = c.task()
+    for c, task, kept in _trimmed_blocks(source, density, topk, block_width):
         # Collected entries that are not kept count as zeros, as in the literal tau * mask: adding
         # them changes no sum and they never agree with a sign, so no compaction is needed.
         value = c.tau * kept if lam is None else c.tau * kept * lam[task, 0]
@@ -137,9 +129,9 @@ def merge_dare_ties(source, sink, *, p=0.9, seed=0, sign_ties="majority", lambda
 
     def weighted_blocks(first_sweep: bool):
         for block in source.blocks(block_width):
-            raise_if_not_finite(source, block, block.tv.abs().amax(1))
             dropped, keep = dare_block(block, p, seed)
-            if first_sweep:
+            if first_sweep:  # the NaN/Inf check and the counts need one sweep only
+                raise_if_not_finite(source, block, block.tv.abs().amax(1))
                 kept_counts.add_(keep.sum(1))
             yield block.segment, block.lo, block.hi, dropped if lam is None else dropped * lam
 
