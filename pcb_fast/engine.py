@@ -87,19 +87,22 @@ def collect_block(block, scores: torch.Tensor, floor: torch.Tensor) -> Collected
     return Collected(block.segment, block.lo, block.hi, n, flat.to(torch.int32), scores.view(-1)[flat], tau)
 
 
-def sum_kept(c: Collected, task: torch.Tensor, value: torch.Tensor, weight: torch.Tensor, kept=None):
-    """(num, den) of one block: the sums of ``value`` and ``weight`` of the collected entries (or
-    of those where ``kept``) per position, in task order (the reference's rounding, bit for bit).
+def sum_kept(c: Collected, task: torch.Tensor, value: torch.Tensor, weight: torch.Tensor | None = None):
+    """(num, den) of one block: the sums of ``value`` and ``weight`` of the collected entries per
+    position, in task order (the reference's rounding, bit for bit). ``task``: each entry's task;
+    den is None without ``weight``.
 
-    ``task`` is the task of each summed entry.
+    Entries a method drops carry value and weight 0: adding them changes no sum.
     """
-    flat = c.flat if kept is None else c.flat[kept]
-    pos = flat - task * c.width
+    pos = c.flat - task * c.width
     counts = torch.bincount(task, minlength=c.n).tolist()
-    num, den = torch.zeros(c.width), torch.zeros(c.width)
-    for p, v, w in zip(pos.split(counts), value.split(counts), weight.split(counts)):
+    num = torch.zeros(c.width)
+    den = None if weight is None else torch.zeros(c.width)
+    for p, v in zip(pos.split(counts), value.split(counts)):
         num.index_add_(0, p, v)  # positions are unique within a task: no ordering question inside
-        den.index_add_(0, p, w)
+    if weight is not None:
+        for p, w in zip(pos.split(counts), weight.split(counts)):
+            den.index_add_(0, p, w)
     return num, den
 
 

@@ -22,6 +22,7 @@ from ..engine import ColumnSample, raise_if_not_finite, select_threshold, sum_ke
 from ..reference import clip_indices, keep_index
 from ..select import RadixSelect, TailSelect
 from ..sources import DEFAULT_BLOCK_WIDTH
+from .linear import lambda_column
 
 PARAMS = ("ratio", "clamp_ratio", "inter", "variant")
 
@@ -86,7 +87,7 @@ def _merge_official(source, sink, params, block_width):
             yield block, tb.official_scores(block.tv, clip, params["inter"], ws)
 
     t, peak, collected, kept = select_threshold(source, score_blocks, keep_index(D, params["ratio"]), sample_scores)
-    lam = None if params["lambdas"] is None else torch.tensor(params["lambdas"], dtype=torch.float32)
+    lam = lambda_column(params["lambdas"], n)
     # scale = (max(P, t) - t) / (M - t) (DESIGN 2.2 step 6); M == t means nothing is kept: scale 0.
     span = peak - t
     span = torch.where(span > 0, span, torch.full_like(span, float("inf")))
@@ -96,7 +97,7 @@ def _merge_official(source, sink, params, block_width):
         scale = torch.clamp_min_(c.score - t[task], 0).div_(span[task])
         value = tb.clipped_values(c.tau, clip.lo[task, 0], clip.hi[task, 0]).mul_(scale)
         if lam is not None:
-            value.mul_(lam[task])
+            value.mul_(lam[task, 0])
         num, den = sum_kept(c, task, value, scale)
         sink(c.segment, c.lo, c.hi, num / torch.clamp(den, min=1e-12))
     return kept
@@ -148,14 +149,14 @@ def _merge_paper(source, sink, params, block_width):
     t, _, collected, kept_counts = select_threshold(
         source, score_blocks, keep_index(D, params["ratio"]), sample_scores, keep_ties=True
     )
-    lam = None if params["lambdas"] is None else torch.tensor(params["lambdas"], dtype=torch.float32)
+    lam = lambda_column(params["lambdas"], n)
     for c in collected:
         task = c.task()
-        kept = c.score >= t[task]
-        beta = c.score[kept]
-        value = beta * c.tau[kept]
+        # beta * mask, as the reference: entries below t add exact zeros, so none is filtered out
+        kept_beta = c.score * (c.score >= t[task])
+        value = kept_beta * c.tau
         if lam is not None:
-            value = value * lam[task[kept]]
-        num, den = sum_kept(c, task[kept], value, beta, kept)
+            value = value * lam[task, 0]
+        num, den = sum_kept(c, task, value, kept_beta)
         sink(c.segment, c.lo, c.hi, torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0))
     return kept_counts

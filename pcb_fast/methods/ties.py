@@ -104,7 +104,7 @@ def merge_ties(source, sink, *, density=0.2, sign_ties="majority", topk="thresho
         # them changes no sum and they never agree with a sign, so no compaction is needed.
         value = c.tau * kept if lam is None else c.tau * kept * lam[task, 0]
         kept_counts += torch.bincount(task[kept], minlength=source.n)
-        sign = torch.sign(sum_kept(c, task, value, value)[0])
+        sign = torch.sign(sum_kept(c, task, value)[0])
         sign_total += int(sign.sum())
         trimmed.append((c, task, value, sign))
     fill = zero_sign_fill(sign_total, sign_ties)
