@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from . import checks, engine, reference, reference_baselines
+from . import checks, engine, reference, reference_baselines, triton_backend
 from .backends import resolve_backend
 from .methods import METHODS
 from .sources import DEFAULT_BLOCK_WIDTH, MatrixSource, StateDictSource, check_models_match, split_keys
@@ -18,9 +18,21 @@ def pcb_merge(task_vectors, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant
 
     ``variant="official"`` is the authors' code (DESIGN 2.2), ``"paper"`` the paper's equations.
     ``lambdas`` weight the tasks inside the weighted mean (step 7). Global statistics over all D.
+    Tensors on a CUDA device run on the triton backend (``backend="auto"``).
     If ``report`` is a dict, it receives "kept" (entries kept per task) and "entries" (D).
     """
-    backend = resolve_backend(backend)
+    rows = checks.task_vector_rows(task_vectors)
+    device = checks.common_device((f"task vector {i}", r) for i, r in enumerate(rows))
+    backend = resolve_backend(backend, device)
+    if backend == "triton":
+        if len({r.dtype for r in rows}) > 1:
+            rows = [r.float() for r in rows]
+        out = torch.empty(rows[0].numel(), device=device)
+        info = triton_backend.pcb_merge_matrix(rows, out, ratio=ratio, clamp_ratio=clamp_ratio, inter=inter,
+                                               variant=variant, lambdas=lambdas)
+        if report is not None:
+            report.update(info)
+        return out
     if backend == "reference":
         return reference.pcb_reference(task_vectors, ratio=ratio, clamp_ratio=clamp_ratio, inter=inter,
                                         variant=variant, lambdas=lambdas)
@@ -67,9 +79,16 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     names = [f"model {i}" for i in range(len(models))]
     merged_keys, copied_keys = split_keys(base, exclude)
     check_models_match(base, models, merged_keys, names)
+    device = checks.common_device(
+        [(f"base model, key {k!r}", base[k]) for k in merged_keys]
+        + [(f"{name}, key {k!r}", m[k]) for name, m in zip(names, models) for k in merged_keys]
+    )
     for key in merged_keys:
         checks.check_finite(f"base model, key {key!r}", base[key])
-    backend = resolve_backend(backend)
+    backend = resolve_backend(backend, device)
+    if backend == "triton" and method != "pcb":
+        raise ValueError(f"method {method!r} runs on backends 'torch' and 'reference' in this version; "
+                         "the triton backend runs 'pcb'")
 
     out = {key: base[key].clone() for key in copied_keys}
     if report is not None:
@@ -79,6 +98,14 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     if backend == "reference":
         _reference_merge(base, models, merged_keys, out, method=method, lam=lam, lambdas=lambdas, scope=scope,
                          **method_params)
+        return {k: out[k] for k in base}
+    if backend == "triton":
+        for key in merged_keys:
+            out[key] = torch.empty(base[key].shape, dtype=base[key].dtype, device=device)
+        info = triton_backend.merge_state_dicts(base, models, merged_keys, out, names, lam=lam, scope=scope,
+                                                lambdas=lambdas, **method_params)
+        if report is not None:
+            report.update(info)
         return {k: out[k] for k in base}
     for key in merged_keys:
         out[key] = torch.empty_like(base[key])

@@ -92,6 +92,17 @@ def task_vector_rows(task_vectors) -> list[torch.Tensor]:
     return rows
 
 
+def common_device(named) -> torch.device:
+    """The one device of the (what, tensor) pairs ``named``; an error names two that differ."""
+    first_what, device = None, None
+    for what, t in named:
+        if device is None:
+            first_what, device = what, t.device
+        elif t.device != device:
+            raise ValueError(f"{what} is on {t.device} but {first_what} is on {device}; all tensors must be on one device")
+    return device if device is not None else torch.device("cpu")
+
+
 def check_finite(what: str, t: torch.Tensor) -> None:
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{what} contains NaN or Inf; every input value must be finite")

@@ -138,11 +138,16 @@ def test_paper_variant_through_merge():
     (dict(lambdas=[1.0]), "lambdas has 1 values but there are 3 models"),
     (dict(lambdas=[1.0, float("nan"), 1.0]), "must all be finite"),
     (dict(backend="cuda"), "backend='cuda' is not valid"),
-    (dict(backend="triton"), "backend='triton' is not available"),
 ])
 def test_pcb_merge_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
         pcb_merge(torch.randn(3, 50), **kwargs)
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors, got tensors on cpu"):
+        pcb_merge(torch.randn(3, 50), backend="triton")
 
 
 def test_pcb_merge_bad_inputs():
@@ -156,8 +161,10 @@ def test_pcb_merge_bad_inputs():
         pcb_merge(torch.ones(2, 10, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"shape \(10,\); expected \[n, D\]"):
         pcb_merge(torch.ones(10))
-    with pytest.raises(ValueError, match="task vector 0 is on meta; this version merges CPU tensors only"):
+    with pytest.raises(ValueError, match="backend='torch' merges CPU tensors only, got tensors on meta"):
         pcb_merge(torch.zeros(2, 10, device="meta"))
+    with pytest.raises(ValueError, match="task vector 1 is on meta but task vector 0 is on cpu"):
+        pcb_merge([torch.zeros(10), torch.zeros(10, device="meta")])
     bad = torch.randn(3, 100)
     bad[2, 40] = float("nan")
     with pytest.raises(ValueError, match="task vector 2: contains NaN or Inf"):

@@ -1,0 +1,69 @@
+"""The final pass: recompute the score, scale, weighted mean, lam, base add, dtype cast (DESIGN.md 4).
+
+One program per [NT, BLOCK] tile writes BLOCK merged entries:
+- official (DESIGN 2.2 steps 6-8): scale_i = max(P_i - t_i, 0) / (M_i - t_i),
+  tau_m = sum_i lambda_i tau~_i scale_i / max(sum_i scale_i, 1e-12);
+- paper (DESIGN 2.3): b_i = beta_i [beta_i >= t_i], tau_m = sum_i lambda_i b_i tau_i / sum_i b_i (0 if 0);
+then out = base + lam * tau_m cast to the output's dtype (or tau_m alone when there is no base).
+The per-task lambda_i are read from device memory, so a coefficient search reruns this pass alone
+with new lambda_i on the cached statistics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .score import INTER_CODES, official_score, paper_score
+from .tiles import Rows, launch_config, load_tau
+
+VARIANT_CODES = {"official": 0, "paper": 1}
+
+
+@triton.jit
+def merge_kernel(x_ptr, offsets_ptr, base_ptr, out_ptr, n, m,
+                 s0_ptr, s1_ptr, s2_ptr, s3_ptr, s4_ptr, exp_shift,
+                 t_ptr, span_ptr, lambda_ptr, lam,
+                 HAS_BASE: tl.constexpr, WRITE_THETA: tl.constexpr, VARIANT: tl.constexpr, INTER: tl.constexpr,
+                 NT: tl.constexpr, BLOCK: tl.constexpr):
+    """s0..s4: official (clip lo, hi, span, -, -); paper (pair lo, span, peak, 1/Z_inter, 1/Z_intra)."""
+    tau, valid, rows, row_ok, cols, col_ok = load_tau(x_ptr, offsets_ptr, base_ptr, n, m, HAS_BASE, NT, BLOCK)
+    t = tl.load(t_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    weight = tl.load(lambda_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    if VARIANT == 0:
+        score, clipped = official_score(tau, rows, row_ok, n, s0_ptr, s1_ptr, s2_ptr, exp_shift, INTER, NT)
+        span = tl.load(span_ptr + rows, mask=row_ok, other=1.0)[:, None]
+        scale = tl.where(valid, tl.maximum(score - t, 0.0) / span, 0.0)  # span is inf when M == t
+        num = tl.sum(clipped * scale * weight, axis=0)
+        tau_m = num / tl.maximum(tl.sum(scale, axis=0), 1e-12)
+    else:
+        beta = paper_score(tau, valid, rows, row_ok, col_ok, n, s0_ptr, s1_ptr, s2_ptr, s3_ptr, s4_ptr, NT)
+        kept = tl.where(valid & (beta >= t), beta, 0.0)
+        num = tl.sum(kept * tau * weight, axis=0)
+        den = tl.sum(kept, axis=0)
+        tau_m = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
+    if WRITE_THETA:
+        base = tl.load(base_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        tau_m = base + lam * tau_m
+    tl.store(out_ptr + cols, tau_m.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+def merge_pass(rows: Rows, out: torch.Tensor, variant: str, stats: tuple, threshold: torch.Tensor,
+               span: torch.Tensor | None, lambdas: torch.Tensor, lam: float, inter: str = "sum",
+               exp_shift: float = 0.0) -> None:
+    """Write the merged entries of ``rows`` into ``out`` ([m], any float dtype).
+
+    With a base in ``rows``, out = base + lam * tau_m; without, out = tau_m. ``stats``: official
+    (lo, hi, span) [n]; paper (lo, span, peak, 1/Z_inter, 1/Z_intra). ``threshold`` t [n];
+    ``span`` M - t [n] (inf where 0; official only); ``lambdas`` [n] float32.
+    """
+    out_flat = out.view(-1)
+    if out_flat.numel() != rows.m:
+        raise ValueError(f"output has {out_flat.numel()} entries but the rows have {rows.m}")
+    grid, base, meta = launch_config(rows, out, threshold, lambdas, *stats)
+    padded = list(stats) + [threshold] * (5 - len(stats))  # unused pointer slots
+    merge_kernel[grid](rows.anchor, rows.offsets, base, out_flat, rows.n, rows.m, *padded, float(exp_shift),
+                       threshold, span if span is not None else threshold, lambdas, float(lam),
+                       WRITE_THETA=rows.base is not None, VARIANT=VARIANT_CODES[variant],
+                       INTER=INTER_CODES[inter], **meta)

@@ -1,0 +1,174 @@
+"""The triton backend: PCB's passes as Triton kernels on the task rows' device (DESIGN.md 3, 4).
+
+Official variant, five reads of the inputs per scope group and no task vector or score ever
+written: |tau| counts for the clip bounds (2 passes of radix select, with the NaN/Inf check), P
+counts for the keep threshold t_i and max M_i (2 passes), then the merge pass. The paper variant:
+pair min/max, softmax partition sums, beta counts (2 passes), merge. Statistics stay on the device;
+the host synchronises once per group to report bad values.
+
+Kernel arithmetic is fused and reordered (sums over tasks in a tree, exp/tanh of the device), so
+results agree with the reference within the tolerance of DESIGN.md 9, not bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import checks
+from .reference import EXACT_EXP_MAX_N, clip_indices, keep_index
+
+
+def available() -> tuple[bool, str]:
+    """(True, "") when the Triton kernels can run here, else (False, why)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return False, f"triton does not import ({e})"
+    return True, ""
+
+
+@dataclass
+class Part:
+    """One merged key (or the whole matrix): its task rows and where its merged values go."""
+
+    key: str
+    rows: object  # pcb_fast.kernels.tiles.Rows
+    out: torch.Tensor  # [numel]: theta (rows with a base) or tau_m (rows of task vectors)
+    names: list  # model names for error messages
+
+
+def _lambdas(lambdas, n: int, device) -> torch.Tensor:
+    values = [1.0] * n if lambdas is None else lambdas
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def _raise_if_bad(parts: list, bad: torch.Tensor) -> None:
+    """bad [len(parts), n] int32 flags from the first pass: name the first bad model and key."""
+    if bool(bad.any()):
+        g, task = (int(v) for v in bad.nonzero()[0])
+        part = parts[g]
+        where = part.names[task] if part.key is None else f"{part.names[task]}, key {part.key!r}"
+        raise ValueError(f"{where}: contains NaN or Inf; every input value must be finite")
+
+
+def _span(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    span = high - low
+    return torch.where(span > 0, span, torch.full_like(span, float("inf")))
+
+
+def merge_pcb(parts: list, n: int, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant="official",
+              lambdas=None, lam=1.0, scope="global") -> dict:
+    """Run PCB over ``parts`` and write every part's ``out``. Returns {"kept", "entries"}."""
+    from .kernels import select as ks  # imported here: triton is an optional dependency
+
+    params = dict(ratio=checks.check_ratio(ratio), clamp_ratio=checks.check_clamp_ratio(clamp_ratio),
+                  inter=checks.check_choice("inter", inter, checks.INTER_CHOICES),
+                  variant=checks.check_choice("variant", variant, checks.VARIANT_CHOICES),
+                  lambdas=checks.check_lambdas(lambdas, n))
+    checks.check_choice("scope", scope, checks.SCOPE_CHOICES)
+    device = parts[0].rows.device
+    weights = _lambdas(params["lambdas"], n, device)
+    groups = [parts] if scope == "global" else [[p] for p in parts]
+    kept = torch.zeros(n, dtype=torch.int64, device=device)
+    for group in groups:
+        run = _official if params["variant"] == "official" else _paper
+        kept += run(group, n, params, weights, lam, ks)
+    return {"kept": kept.tolist(), "entries": sum(p.rows.m for p in parts)}
+
+
+def _official(group, n, params, weights, lam, ks):
+    from .kernels import merge as km, score as kscore
+
+    device = group[0].rows.device
+    D = sum(p.rows.m for p in group)
+    i_lo, i_hi = clip_indices(D, params["clamp_ratio"])
+    clip_select = ks.DeviceSelect([[i_lo, i_hi]] * n, D, device)
+    bad = torch.zeros(len(group), n, dtype=torch.int32, device=device)
+    for g, part in enumerate(group):
+        kscore.magnitude_pass(part.rows, clip_select, bad[g])
+    _raise_if_bad(group, bad)
+    clip_select.next_level()
+    for part in group:
+        kscore.magnitude_pass(part.rows, clip_select, bad[0])
+    bounds = clip_select.values()
+    hi = bounds[:, 1].contiguous()
+    lo = torch.minimum(bounds[:, 0], hi)  # clamp with lo > hi clamps everything to hi
+    clip = (lo, hi, _span(hi, lo))
+    exp_shift = float(n) if n > EXACT_EXP_MAX_N else 0.0
+
+    score_select = ks.DeviceSelect([[keep_index(D, params["ratio"])]] * n, D, device)
+    peak = torch.full((n,), ks.INT32_MIN, dtype=torch.int32, device=device)
+    for level in (1, 2):
+        for part in group:
+            kscore.official_pass(part.rows, score_select, peak, clip, exp_shift, params["inter"])
+        if level == 1:
+            score_select.next_level()
+    t = score_select.values()[:, 0].contiguous()
+    span = _span(ks.keys_to_float(peak), t)  # M == t: nothing is kept
+    for part in group:
+        km.merge_pass(part.rows, part.out, "official", clip, t, span, weights, lam, params["inter"], exp_shift)
+    return score_select.count_above(inclusive=False)[:, 0]
+
+
+def _paper(group, n, params, weights, lam, ks):
+    from .kernels import merge as km, score as kscore
+
+    device = group[0].rows.device
+    D = sum(p.rows.m for p in group)
+    lo_key = torch.full((n, n), ks.INT32_MAX, dtype=torch.int32, device=device)
+    hi_key = torch.full((n, n), ks.INT32_MIN, dtype=torch.int32, device=device)
+    bad = torch.zeros(len(group), n, dtype=torch.int32, device=device)
+    for g, part in enumerate(group):
+        kscore.pair_minmax_pass(part.rows, lo_key, hi_key, bad[g])
+    _raise_if_bad(group, bad)
+    lo, hi = ks.keys_to_float(lo_key), ks.keys_to_float(hi_key)
+    span = hi - lo
+    peak = (span > 0).float()  # max of a normalised pair: 1, or 0 for a constant pair
+    pairs = (lo.contiguous(), _span(hi, lo).contiguous(), peak.contiguous())
+
+    total = sum(kscore.programs(p.rows) for p in group)
+    inter = torch.empty(total, n, n, device=device)
+    intra = torch.empty(total, n, device=device)
+    first = 0
+    for part in group:
+        first += kscore.partition_pass(part.rows, pairs, inter, intra, first)
+    # partials summed in float64, in one fixed order: the same sums from run to run
+    inv_z = ((1.0 / inter.double().sum(0)).float().contiguous(), (1.0 / intra.double().sum(0)).float().contiguous())
+
+    select = ks.DeviceSelect([[keep_index(D, params["ratio"])]] * n, D, device)
+    for level in (1, 2):
+        for part in group:
+            kscore.paper_pass(part.rows, select, pairs, inv_z)
+        if level == 1:
+            select.next_level()
+    t = select.values()[:, 0].contiguous()
+    for part in group:
+        km.merge_pass(part.rows, part.out, "paper", pairs + inv_z, t, None, weights, lam)
+    return select.count_above(inclusive=True)[:, 0]
+
+
+def pcb_merge_matrix(task_vectors, out: torch.Tensor, **params) -> dict:
+    """PCB of an [n, D] tensor (or n 1-D tensors) of task vectors into ``out`` [D] (tau_m)."""
+    from .kernels.tiles import Rows
+
+    rows_list = list(task_vectors)
+    rows = Rows.from_tensors(rows_list)
+    names = [f"task vector {i}" for i in range(rows.n)]
+    return merge_pcb([Part(None, rows, out, names)], rows.n, **params)
+
+
+def merge_state_dicts(base: dict, models: list, merged_keys: list, out: dict, names: list, *, lam: float,
+                      scope: str, lambdas=None, **params) -> dict:
+    """PCB of state dicts on one device: tau = theta_i - theta_pre formed in the kernels; writes
+    out[key] = theta_pre + lam * tau_m in the base's dtype for every merged key."""
+    from .kernels.tiles import Rows
+
+    parts = []
+    for key in merged_keys:
+        tensors = [m[key] for m in models]
+        if len({t.dtype for t in tensors}) > 1:  # kernels read one dtype per key
+            tensors = [t.float() for t in tensors]
+        parts.append(Part(key, Rows.from_tensors(tensors, base=base[key]), out[key], names))
+    return merge_pcb(parts, len(models), lam=lam, scope=scope, lambdas=lambdas, **params)
