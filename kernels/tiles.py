@@ -117,9 +117,10 @@ def tanh(x):
     a = tl.abs(x)
     e = tl.exp(-2.0 * a)
     big = (1.0 - e) / (1.0 + e)
-    a2 = a * a
+    s = tl.minimum(a, 0.25)  # the series is used below 1/4 only; clamping keeps it finite elsewhere
+    a2 = s * s
     # x - x^3/3 + 2x^5/15 - 17x^7/315 + 62x^9/2835 - 1382x^11/155925: error < 1e-9 relative below 1/4
-    small = a * (1.0 + a2 * (-0.3333333333333333 + a2 * (0.13333333333333333 + a2 * (
+    small = s * (1.0 + a2 * (-0.3333333333333333 + a2 * (0.13333333333333333 + a2 * (
         -0.05396825396825397 + a2 * (0.021869488536155203 + a2 * -0.008863235529902197)))))
     t = tl.where(a < 0.25, small, big)
     return tl.where(x < 0, -t, t)
