@@ -12,6 +12,8 @@ results agree with the reference within the tolerance of DESIGN.md 9, not bit fo
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +41,20 @@ class Part:
     names: list  # model names for error messages
 
 
+@contextmanager
+def _timed(profile: dict | None, name: str, device):
+    """Add the seconds of the enclosed pass to profile[name] (synchronising the device), if asked."""
+    if profile is None:
+        yield
+        return
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    yield
+    sync()
+    profile[name] = profile.get(name, 0.0) + time.perf_counter() - start
+
+
 def _lambdas(lambdas, n: int, device) -> torch.Tensor:
     values = [1.0] * n if lambdas is None else lambdas
     return torch.tensor(values, dtype=torch.float32, device=device)
@@ -59,8 +75,12 @@ def _span(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
 
 
 def merge_pcb(parts: list, n: int, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant="official",
-              lambdas=None, lam=1.0, scope="global") -> dict:
-    """Run PCB over ``parts`` and write every part's ``out``. Returns {"kept", "entries"}."""
+              lambdas=None, lam=1.0, scope="global", profile: dict | None = None) -> dict:
+    """Run PCB over ``parts`` and write every part's ``out``. Returns {"kept", "entries"}.
+
+    With a ``profile`` dict, the seconds of each pass are added to it by name (the device is
+    synchronised around every pass, which costs a little).
+    """
     from .kernels import select as ks  # imported here: triton is an optional dependency
 
     params = dict(ratio=checks.check_ratio(ratio), clamp_ratio=checks.check_clamp_ratio(clamp_ratio),
@@ -74,11 +94,11 @@ def merge_pcb(parts: list, n: int, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", 
     kept = torch.zeros(n, dtype=torch.int64, device=device)
     for group in groups:
         run = _official if params["variant"] == "official" else _paper
-        kept += run(group, n, params, weights, lam, ks)
+        kept += run(group, n, params, weights, lam, ks, lambda name: _timed(profile, name, device))
     return {"kept": kept.tolist(), "entries": sum(p.rows.m for p in parts)}
 
 
-def _official(group, n, params, weights, lam, ks):
+def _official(group, n, params, weights, lam, ks, timed):
     from .kernels import merge as km, score as kscore
 
     device = group[0].rows.device
@@ -86,13 +106,15 @@ def _official(group, n, params, weights, lam, ks):
     i_lo, i_hi = clip_indices(D, params["clamp_ratio"])
     clip_select = ks.DeviceSelect([[i_lo, i_hi]] * n, D, device)
     bad = torch.zeros(len(group), n, dtype=torch.int32, device=device)
-    for g, part in enumerate(group):
-        kscore.magnitude_pass(part.rows, clip_select, bad[g])
+    with timed("magnitude level 1"):
+        for g, part in enumerate(group):
+            kscore.magnitude_pass(part.rows, clip_select, bad[g])
+        clip_select.next_level()
     _raise_if_bad(group, bad)
-    clip_select.next_level()
-    for part in group:
-        kscore.magnitude_pass(part.rows, clip_select, bad[0])
-    bounds = clip_select.values()
+    with timed("magnitude level 2"):
+        for part in group:
+            kscore.magnitude_pass(part.rows, clip_select, bad[0])
+        bounds = clip_select.values()
     hi = bounds[:, 1].contiguous()
     lo = torch.minimum(bounds[:, 0], hi)  # clamp with lo > hi clamps everything to hi
     clip = (lo, hi, _span(hi, lo))
@@ -101,18 +123,20 @@ def _official(group, n, params, weights, lam, ks):
     score_select = ks.DeviceSelect([[keep_index(D, params["ratio"])]] * n, D, device)
     peak = torch.full((n,), ks.INT32_MIN, dtype=torch.int32, device=device)
     for level in (1, 2):
-        for part in group:
-            kscore.official_pass(part.rows, score_select, peak, clip, exp_shift, params["inter"])
-        if level == 1:
-            score_select.next_level()
+        with timed(f"score level {level}"):
+            for part in group:
+                kscore.official_pass(part.rows, score_select, peak, clip, exp_shift, params["inter"])
+            if level == 1:
+                score_select.next_level()
     t = score_select.values()[:, 0].contiguous()
     span = _span(ks.keys_to_float(peak), t)  # M == t: nothing is kept
-    for part in group:
-        km.merge_pass(part.rows, part.out, "official", clip, t, span, weights, lam, params["inter"], exp_shift)
+    with timed("merge"):
+        for part in group:
+            km.merge_pass(part.rows, part.out, "official", clip, t, span, weights, lam, params["inter"], exp_shift)
     return score_select.count_above(inclusive=False)[:, 0]
 
 
-def _paper(group, n, params, weights, lam, ks):
+def _paper(group, n, params, weights, lam, ks, timed):
     from .kernels import merge as km, score as kscore
 
     device = group[0].rows.device
@@ -120,8 +144,9 @@ def _paper(group, n, params, weights, lam, ks):
     lo_key = torch.full((n, n), ks.INT32_MAX, dtype=torch.int32, device=device)
     hi_key = torch.full((n, n), ks.INT32_MIN, dtype=torch.int32, device=device)
     bad = torch.zeros(len(group), n, dtype=torch.int32, device=device)
-    for g, part in enumerate(group):
-        kscore.pair_minmax_pass(part.rows, lo_key, hi_key, bad[g])
+    with timed("pair min/max"):
+        for g, part in enumerate(group):
+            kscore.pair_minmax_pass(part.rows, lo_key, hi_key, bad[g])
     _raise_if_bad(group, bad)
     lo, hi = ks.keys_to_float(lo_key), ks.keys_to_float(hi_key)
     span = hi - lo
@@ -132,20 +157,23 @@ def _paper(group, n, params, weights, lam, ks):
     inter = torch.empty(total, n, n, device=device)
     intra = torch.empty(total, n, device=device)
     first = 0
-    for part in group:
-        first += kscore.partition_pass(part.rows, pairs, inter, intra, first)
-    # partials summed in float64, in one fixed order: the same sums from run to run
-    inv_z = ((1.0 / inter.double().sum(0)).float().contiguous(), (1.0 / intra.double().sum(0)).float().contiguous())
+    with timed("partition sums"):
+        for part in group:
+            first += kscore.partition_pass(part.rows, pairs, inter, intra, first)
+        # partials summed in float64, in one fixed order: the same sums from run to run
+        inv_z = ((1.0 / inter.double().sum(0)).float().contiguous(), (1.0 / intra.double().sum(0)).float().contiguous())
 
     select = ks.DeviceSelect([[keep_index(D, params["ratio"])]] * n, D, device)
     for level in (1, 2):
-        for part in group:
-            kscore.paper_pass(part.rows, select, pairs, inv_z)
-        if level == 1:
-            select.next_level()
+        with timed(f"score level {level}"):
+            for part in group:
+                kscore.paper_pass(part.rows, select, pairs, inv_z)
+            if level == 1:
+                select.next_level()
     t = select.values()[:, 0].contiguous()
-    for part in group:
-        km.merge_pass(part.rows, part.out, "paper", pairs + inv_z, t, None, weights, lam)
+    with timed("merge"):
+        for part in group:
+            km.merge_pass(part.rows, part.out, "paper", pairs + inv_z, t, None, weights, lam)
     return select.count_above(inclusive=True)[:, 0]
 
 

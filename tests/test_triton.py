@@ -239,3 +239,11 @@ def test_baselines_are_not_on_triton_yet(gen):
     base, models = _models(gen)
     with pytest.raises(ValueError, match="method 'ties' runs on backends 'torch' and 'reference'"):
         merge(base, models, method="ties", backend="triton")
+
+
+def test_gpu_benchmark_runs_under_the_interpreter(capsys):
+    from benchmarks import bench_gpu
+
+    assert bench_gpu.main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "| 8 | 4,096 | float32 |" in out and "| 8 | 4,096 | bfloat16 |" in out
