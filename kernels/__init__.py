@@ -1,4 +1,10 @@
 """Triton kernels of pcb_fast, installed as ``pcb_fast.kernels`` (DESIGN.md 4).
 
-They import nothing of pcb_fast. None are built yet: the torch backend runs every pass today.
+- ``tiles``: the task rows on the device and the [tasks, BLOCK] tile every kernel loads;
+- ``select``: the two-level radix select (counts, bucket find on the device);
+- ``score``: |tau| and PCB scores fused with the select counts;
+- ``merge``: the final weighted merge, base add, lam and dtype cast.
+
+They import nothing of pcb_fast (only torch and triton). Importing them needs triton; on a CPU
+their kernels run only under TRITON_INTERPRET=1.
 """
