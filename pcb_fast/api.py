@@ -9,7 +9,8 @@ import torch
 from . import checks, engine, reference, reference_baselines, triton_backend
 from .backends import resolve_backend
 from .methods import METHODS
-from .sources import DEFAULT_BLOCK_WIDTH, MatrixSource, StateDictSource, check_models_match, split_keys
+from .checkpoints import StateDictCheckpoint, check_models_match, split_keys
+from .sources import DEFAULT_BLOCK_WIDTH, MatrixSource, StateDictSource
 
 
 def pcb_merge(task_vectors, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant="official", lambdas=None,
@@ -51,7 +52,7 @@ def pcb_merge(task_vectors, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant
 
 def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=None, scope="global",
           exclude=(), backend="auto", block_width=DEFAULT_BLOCK_WIDTH, report: dict | None = None,
-          **method_params) -> dict:
+          model_names=None, **method_params) -> dict:
     """Merge fine-tuned state dicts ``models`` of ``base``: theta = theta_pre + lam * tau_m.
 
     Floating keys not matching an ``exclude`` regex are merged; the rest are copied from ``base``.
@@ -60,7 +61,7 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     average, task_arithmetic, ties (density, sign_ties, topk), dare (p, seed), dare_ties (p, seed,
     sign_ties), breadcrumbs (gamma, beta).
     If ``report`` is a dict, it receives "kept" (entries kept per task), "entries" (merged entries),
-    "merged_keys" and "copied_keys".
+    "merged_keys" and "copied_keys". ``model_names`` name the models in error messages.
     """
     if not isinstance(base, dict):
         raise ValueError(f"base is a {type(base).__name__}, expected a state dict (dict of tensors)")
@@ -76,9 +77,10 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     checks.check_choice("scope", scope, checks.SCOPE_CHOICES)
     if isinstance(exclude, str):
         exclude = (exclude,)
-    names = [f"model {i}" for i in range(len(models))]
-    merged_keys, copied_keys = split_keys(base, exclude)
-    check_models_match(base, models, merged_keys, names)
+    names = list(model_names) if model_names is not None else [f"model {i}" for i in range(len(models))]
+    merged_keys, copied_keys = split_keys(StateDictCheckpoint(base, "base model"), exclude)
+    check_models_match(StateDictCheckpoint(base, "base model"),
+                       [StateDictCheckpoint(m, name) for m, name in zip(models, names)], merged_keys)
     device = checks.common_device(
         [(f"base model, key {k!r}", base[k]) for k in merged_keys]
         + [(f"{name}, key {k!r}", m[k]) for name, m in zip(names, models) for k in merged_keys]

@@ -37,7 +37,8 @@ def run(method: Callable, source: TaskVectorSource, sink: Sink, *, scope: str = 
     """
     checks.check_choice("scope", scope, checks.SCOPE_CHOICES)
     warm_up_exp()
-    parts = [source] if scope == "global" else [source.restrict(segment) for segment in source.segments]
+    # one restricted source at a time, so that what a part holds (a cache) is freed after it
+    parts = [source] if scope == "global" else (source.restrict(segment) for segment in source.segments)
     kept = torch.zeros(source.n, dtype=torch.int64)
     for part in parts:
         kept += method(part, sink, **params)

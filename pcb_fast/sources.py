@@ -10,7 +10,6 @@ The tensor handed out for a block may be a reused buffer: consumers copy what th
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -151,40 +150,89 @@ def check_cpu(what: str, t: torch.Tensor) -> None:
         raise ValueError(f"{what} is on {t.device}; this version merges CPU tensors only (move them with .cpu())")
 
 
-def split_keys(base: dict, exclude: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(merged, copied) keys of ``base``: floating tensors not matching any exclude regex are merged."""
-    patterns = []
-    for p in exclude:
+class CheckpointSource(TaskVectorSource):
+    """Task vectors of checkpoints (pcb_fast.checkpoints), read slice by slice: every pass reads the
+    files again (through the page cache), so memory stays at a few blocks whatever the model size.
+
+    ``progress``, if given, is called at the start of every pass with the bytes the pass reads and
+    returns an object with ``update(nbytes)`` and ``close()`` (a tqdm bar, for instance).
+    """
+
+    def __init__(self, base, models: Sequence, merged_keys: Sequence[str], progress=None):
+        self._base_ckpt, self._model_ckpts = base, list(models)
+        segments, offset = [], 0
+        for k in merged_keys:
+            shape = tuple(base.shape(k))
+            numel = 1
+            for s in shape:
+                numel *= s
+            segments.append(Segment(k, shape, numel, offset))
+            offset += numel
+        super().__init__(len(self._model_ckpts), segments, [m.name for m in self._model_ckpts])
+        self._progress = progress
+        self._buffers = {}
+
+    def _buffer(self, slot, dtype: torch.dtype, m: int) -> torch.Tensor:
+        """A reusable flat buffer per (slot, dtype), grown to the widest block."""
+        buffer = self._buffers.get((slot, dtype))
+        if buffer is None or buffer.numel() < m:
+            buffer = self._buffers[(slot, dtype)] = torch.empty(m, dtype=dtype)
+        return buffer[:m]
+
+    def bytes_per_pass(self) -> int:
+        ckpts = [self._base_ckpt] + self._model_ckpts
+        return sum(s.numel * c.dtype(s.key).itemsize for s in self.segments for c in ckpts)
+
+    def blocks(self, width: int = DEFAULT_BLOCK_WIDTH, whole_rows: bool = False) -> Iterator[Block]:
+        bar = self._progress(self.bytes_per_pass()) if self._progress else None
         try:
-            patterns.append(re.compile(p))
-        except re.error as e:
-            raise ValueError(f"exclude pattern {p!r} is not a valid regular expression: {e}") from None
-    merged, copied = [], []
-    for key in sorted(base):
-        t = base[key]
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"base model, key {key!r}: value is a {type(t).__name__}, expected a torch.Tensor")
-        if t.is_floating_point() and t.numel() > 0 and not any(p.search(key) for p in patterns):
-            merged.append(key)
-        else:
-            copied.append(key)
-    return merged, copied
+            for block in super().blocks(width, whole_rows):
+                yield block
+                if bar is not None:
+                    bar.update(sum(block.tv.shape[1] * c.dtype(block.segment.key).itemsize
+                                   for c in [self._base_ckpt] + self._model_ckpts))
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _read(self, seg, lo, hi, out):
+        base = self._base_ckpt.read_into(seg.key, lo, hi, self._buffer("base", self._base_ckpt.dtype(seg.key), hi - lo))
+        if not bool(torch.isfinite(base).all()):  # else every task vector would be blamed for it
+            raise ValueError(f"base model, key {seg.key!r}: contains NaN or Inf; every input value must be finite")
+        if base.dtype != torch.float32:
+            base = self._buffer("base32", torch.float32, hi - lo).copy_(base)
+        for i, model in enumerate(self._model_ckpts):
+            native = model.read_into(seg.key, lo, hi, self._buffer("model", model.dtype(seg.key), hi - lo))
+            out[i].copy_(native).sub_(base)
+        return out
 
 
-def check_models_match(base: dict, models: Sequence[dict], merged_keys: Sequence[str], names: Sequence[str]) -> None:
-    """Every merged key in every model with the base's shape, and no model key the base lacks."""
-    for name, model in zip(names, models):
-        if not isinstance(model, dict):
-            raise ValueError(f"{name} is a {type(model).__name__}, expected a state dict (dict of tensors)")
-        extra = sorted(set(model) - set(base))
-        if extra:
-            raise ValueError(f"{name} has key {extra[0]!r} that the base model lacks ({len(extra)} such keys)")
-        for key in merged_keys:
-            if key not in model:
-                raise ValueError(f"{name} lacks key {key!r} that the base model has")
-            t = model[key]
-            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                what = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"{name}, key {key!r}: {what} where the base has a floating tensor")
-            if tuple(t.shape) != tuple(base[key].shape):
-                raise ValueError(f"{name}, key {key!r}: shape {tuple(t.shape)} but the base has {tuple(base[key].shape)}")
+class CachedSource(TaskVectorSource):
+    """A source whose first complete pass keeps every task-vector block in one float32 [n, D]
+    tensor, so that later passes read memory instead of files (for inputs that fit the budget)."""
+
+    def __init__(self, inner: TaskVectorSource):
+        super().__init__(inner.n, inner.segments, inner.model_names)
+        self.inner = inner
+        self.cache = None  # allocated by the first pass
+        self.complete = False
+
+    def restrict(self, segment: Segment) -> "TaskVectorSource":
+        return CachedSource(self.inner.restrict(segment))
+
+    def where(self, task: int, seg: Segment) -> str:
+        return self.inner.where(task, seg)
+
+    def blocks(self, width: int = DEFAULT_BLOCK_WIDTH, whole_rows: bool = False) -> Iterator[Block]:
+        if self.complete:
+            yield from super().blocks(width, whole_rows)
+            return
+        if self.cache is None:
+            self.cache = torch.empty(self.n, self.D)
+        for block in self.inner.blocks(width, whole_rows):
+            self.cache[:, block.start : block.start + block.tv.shape[1]].copy_(block.tv)
+            yield block
+        self.complete = True
+
+    def _read(self, seg, lo, hi, out):
+        return self.cache[:, seg.offset + lo : seg.offset + hi]

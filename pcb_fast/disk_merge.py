@@ -1,0 +1,231 @@
+"""Merging checkpoints on disk into a Hugging Face folder, atomically (DESIGN.md 7).
+
+On the CPU with the torch backend the models are streamed: each pass reads every model slice by
+slice, and the merged blocks are written straight into planned safetensors shards, so memory
+holds a few blocks plus, when they fit ``max_memory``, the float32 task vectors (then later passes
+read RAM instead of the files). The reference and triton backends load the models whole (onto
+``device``). Output goes to a temporary folder next to ``out`` that is renamed at the very end: a
+failed or interrupted merge leaves nothing behind, and an existing ``out`` is replaced only with
+``overwrite``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__, checks, engine
+from .backends import resolve_backend
+from .checkpoints import SIDE_FILES, check_models_match, open_checkpoint, split_keys
+from .methods import METHODS
+from .safetensors_io import ShardedWriter
+from .sources import DEFAULT_BLOCK_WIDTH, CachedSource, CheckpointSource
+
+OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text, what: str) -> int:
+    """Bytes of a size such as 2GB, 512MiB, 1.5e9 or an int."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+        if not match or match.group(2).upper() not in _UNITS:
+            raise ValueError(f"{what}={text!r} is not a size; write it as a number of bytes or with a unit "
+                             "(e.g. 2GB, 512MiB)")
+        value, unit = float(match.group(1)), match.group(2).upper()
+    size = int(value * _UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"{what}={text!r} must be positive")
+    return size
+
+
+def check_method_params(method: str, n: int, lam, lambdas, scope: str, params: dict) -> None:
+    """Validate a method and its parameters without touching any file: the same checks a merge
+    makes, run on a two-entry model (so every message is the one a real merge would give)."""
+    from .api import merge
+
+    base = {"w": torch.zeros(2)}
+    merge(base, [{"w": torch.zeros(2)} for _ in range(n)], method=method, lam=lam, lambdas=lambdas, scope=scope,
+          backend="torch", **params)
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident memory so far (VmHWM), or 0 where /proc is absent."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _names(sources) -> list:
+    return [f"model {i} ({s})" if not isinstance(s, dict) else f"model {i}" for i, s in enumerate(sources)]
+
+
+def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None, scope="global", exclude=(),
+                      backend="auto", device="cpu", max_memory=None, shard_size="5GB", dtype=None,
+                      overwrite=False, progress=None, report: dict | None = None,
+                      block_width=DEFAULT_BLOCK_WIDTH, **method_params) -> Path:
+    """Merge checkpoints (paths or state dicts) of ``models`` fine-tuned from ``base`` into the folder
+    ``out``: sharded safetensors (``shard_size``) with an index, the base's dtypes (or ``dtype``),
+    the base folder's config/tokenizer files, and the merge parameters in the metadata.
+
+    ``max_memory`` (bytes or e.g. "2GB"; default: half the available memory) bounds the float32
+    task vectors held in RAM between passes; above it every pass re-reads the files. ``progress``:
+    a factory ``progress(total_bytes, description)`` of bars with update/close, called per pass.
+    ``report`` receives kept, entries, merged_keys, copied_keys, seconds and peak_rss_bytes.
+    Returns the output folder.
+    """
+    started = time.perf_counter()
+    models = list(models)
+    n = checks.check_n_models(len(models))
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not valid; choose one of {', '.join(map(repr, METHODS))}")
+    lam = checks.check_lam(lam)
+    if isinstance(exclude, str):
+        exclude = (exclude,)
+    check_method_params(method, n, lam, lambdas, scope, method_params)
+    shard_bytes = parse_size(shard_size, "shard_size")
+    budget = _available_memory() // 2 if max_memory is None else parse_size(max_memory, "max_memory")
+    if dtype is not None and dtype not in OUT_DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not valid; choose one of {', '.join(map(repr, OUT_DTYPES))}")
+    device = torch.device(device)
+    backend = resolve_backend(backend, device)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ValueError(f"output {out} already exists; choose another folder or allow overwrite (--overwrite)")
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        raise ValueError(f"output folder's parent {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"output folder's parent {parent} is not writable")
+
+    base_ck = open_checkpoint(base, "base model")
+    model_cks = []
+    try:
+        for source, name in zip(models, _names(models)):
+            model_cks.append(open_checkpoint(source, name))
+        merged, copied = split_keys(base_ck, exclude)
+        check_models_match(base_ck, model_cks, merged)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        try:
+            info = _write_merge(base_ck, model_cks, merged, copied, tmp, method=method, lam=lam, lambdas=lambdas,
+                                scope=scope, backend=backend, device=device, budget=budget, shard_bytes=shard_bytes,
+                                dtype=dtype, progress=progress, block_width=block_width, params=method_params)
+            _replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        for ck in [base_ck] + model_cks:
+            ck.close()
+    if report is not None:
+        report.update(info, merged_keys=merged, copied_keys=copied, seconds=time.perf_counter() - started,
+                      peak_rss_bytes=peak_rss_bytes())
+    return out
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished folder into place; an existing output is removed only after that."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.absolute().parent))
+        os.rename(out, old / out.name)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+def _write_merge(base_ck, model_cks, merged, copied, folder: Path, *, method, lam, lambdas, scope, backend, device,
+                 budget, shard_bytes, dtype, progress, block_width, params) -> dict:
+    def out_dtype(key):
+        own = base_ck.dtype(key)
+        return OUT_DTYPES[dtype] if dtype is not None and own.is_floating_point else own
+
+    metadata = {"format": "pt", "pcb_fast_version": __version__, "merge_method": method,
+                "merge_parameters": json.dumps(dict(params, lam=lam, lambdas=lambdas, scope=scope), sort_keys=True)}
+    keys = base_ck.keys()
+    writer = ShardedWriter(folder, [(k, out_dtype(k), tuple(base_ck.shape(k))) for k in keys], shard_bytes, metadata)
+    try:
+        for key in copied:
+            writer.write(key, 0, base_ck.read(key).reshape(-1).to(out_dtype(key)))
+        info = {"kept": [0] * len(model_cks), "entries": 0}
+        if merged:
+            run = _stream_merge if backend == "torch" else _in_memory_merge
+            info = run(base_ck, model_cks, merged, writer, out_dtype, method=method, lam=lam, lambdas=lambdas,
+                       scope=scope, backend=backend, device=device, budget=budget, progress=progress,
+                       block_width=block_width, params=params)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    if base_ck.folder is not None:
+        for name in SIDE_FILES:
+            if (base_ck.folder / name).is_file():
+                shutil.copy2(base_ck.folder / name, folder / name)
+    return info
+
+
+def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam, lambdas, scope, backend, device,
+                  budget, progress, block_width, params) -> dict:
+    pass_count = [0]
+
+    def bar(total):
+        pass_count[0] += 1
+        return progress(total, f"pass {pass_count[0]}") if progress else None
+
+    source = CheckpointSource(base_ck, model_cks, merged, progress=bar if progress else None)
+    if source.n * source.D * 4 <= budget:
+        source = CachedSource(source)
+    base_buffer = {}
+
+    def sink(segment, lo, hi, tau_m):
+        key = segment.key
+        buffer = base_buffer.get(base_ck.dtype(key))
+        if buffer is None or buffer.numel() < hi - lo:
+            buffer = base_buffer[base_ck.dtype(key)] = torch.empty(max(hi - lo, block_width), dtype=base_ck.dtype(key))
+        base = base_ck.read_into(key, lo, hi, buffer[: hi - lo])
+        theta = base.float() + lam * tau_m
+        writer.write(key, lo, theta.to(out_dtype(key)))
+
+    return engine.run(METHODS[method][0], source, sink, scope=scope, lambdas=lambdas, block_width=block_width,
+                      **params)
+
+
+def _in_memory_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam, lambdas, scope, backend, device,
+                     budget, progress, block_width, params) -> dict:
+    from .api import merge
+
+    base = {k: base_ck.read(k).to(device) for k in merged}
+    models = [{k: ck.read(k).to(device) for k in merged} for ck in model_cks]
+    names = [ck.name for ck in model_cks]
+    report = {}
+    result = merge(base, models, method=method, lam=lam, lambdas=lambdas, scope=scope, backend=backend,
+                   block_width=block_width, report=report, model_names=names, **params)
+    for key in merged:
+        writer.write(key, 0, result[key].reshape(-1).to(out_dtype(key)).cpu())
+    return {"kept": report.get("kept"), "entries": sum(t.numel() for t in base.values())}
