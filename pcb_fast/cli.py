@@ -1,12 +1,39 @@
-"""The ``pcb-fast`` command line."""
+"""The ``pcb-fast`` command line: ``demo`` and ``merge``.
+
+Exit codes: 0 success; 2 bad arguments, configuration or inputs (found before any heavy work);
+1 a merge that failed while running; 130/143 interrupted (SIGINT/SIGTERM). Errors are one line on
+stderr (a traceback only with --verbose), and a merge that does not finish leaves no output.
+"""
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from . import __version__
 from .checks import check_ratio
+
+# Method parameters as flags: (flag, keyword, type).
+METHOD_FLAGS = [
+    ("--ratio", "ratio", float, "pcb: keep ratio, 0 < r <= 1 (default 0.1)"),
+    ("--clamp-ratio", "clamp_ratio", float, "pcb: outlier clip ratio, 0 <= a < 0.5 (default 1e-4)"),
+    ("--inter", "inter", str, "pcb: sum, normalized_sum or pairwise (default sum)"),
+    ("--variant", "variant", str, "pcb: official or paper (default official)"),
+    ("--density", "density", float, "ties: kept fraction per task (default 0.2)"),
+    ("--sign-ties", "sign_ties", str, "ties, dare_ties: majority or positive"),
+    ("--topk", "topk", str, "ties: threshold or exact"),
+    ("--p", "p", float, "dare, dare_ties: drop probability (default 0.9)"),
+    ("--seed", "seed", int, "dare, dare_ties: seed of the drop mask (default 0)"),
+    ("--gamma", "gamma", float, "breadcrumbs: top fraction dropped per row (default 0.01)"),
+    ("--beta", "beta", float, "breadcrumbs: next fraction kept per row (default 0.1)"),
+]
+# Flags that describe a merge, which a --config file replaces.
+MERGE_FLAGS = ("base", "model", "method", "lam", "lambdas", "scope", "exclude", "dtype") + tuple(f[1] for f in METHOD_FLAGS)
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised by the SIGTERM handler, so that a merge cleans up as on Ctrl-C."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,7 +44,101 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--models", type=int, default=8, help="number of fine-tuned models (default 8)")
     demo.add_argument("--ratio", type=float, default=0.1, help="PCB keep ratio, 0 < r <= 1 (default 0.1)")
     demo.add_argument("--no-check", action="store_true", help="skip the comparison with the reference path")
+
+    merge = commands.add_parser("merge", help="merge checkpoints on disk into a Hugging Face folder",
+                                description="Merge fine-tuned checkpoints (safetensors files, Hugging Face folders, "
+                                            ".bin/.pt) of one base model into a sharded safetensors folder.")
+    merge.add_argument("--config", help="a YAML merge configuration (mergekit's format, a subset) instead of the "
+                                        "merge flags below")
+    merge.add_argument("--base", help="the base (pre-trained) model")
+    merge.add_argument("--model", action="append", help="a fine-tuned model (repeat for each)")
+    merge.add_argument("--method", help="pcb (default), average, task_arithmetic, ties, dare, dare_ties, breadcrumbs")
+    merge.add_argument("--lam", type=float, help="theta = theta_pre + lam * tau_m (default 1.0)")
+    merge.add_argument("--lambdas", help="per-model weights, comma-separated, one per --model")
+    merge.add_argument("--scope", help="global (default: statistics over the whole model) or tensor")
+    merge.add_argument("--exclude", action="append", help="regex of keys copied from the base (repeatable)")
+    for flag, dest, kind, text in METHOD_FLAGS:
+        merge.add_argument(flag, dest=dest, type=kind, help=text)
+    merge.add_argument("--dtype", help="output dtype of floating tensors: float32, float16, bfloat16 (default: "
+                                       "the base's)")
+    merge.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    merge.add_argument("--backend", default="auto", help="auto (default), torch, triton or reference")
+    merge.add_argument("--device", default="cpu", help="cpu (default, streamed from disk) or cuda (loaded whole)")
+    merge.add_argument("--max-memory", help="RAM for float32 task vectors kept between passes, e.g. 2GB "
+                                            "(default: half the available memory)")
+    merge.add_argument("--shard-size", default="5GB", help="largest output shard (default 5GB)")
+    merge.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    merge.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
     return parser
+
+
+def merge_arguments(args) -> dict:
+    """Keyword arguments of ``merge_checkpoints`` from the parsed flags (or the --config file)."""
+    given = [name for name in MERGE_FLAGS if getattr(args, name) is not None]
+    if args.config:
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} cannot be combined with --config; put it in the config")
+        from .config import load_config
+
+        kwargs = load_config(args.config)
+    else:
+        if not args.base:
+            raise ValueError("--base is required (or --config)")
+        if not args.model:
+            raise ValueError("at least one --model is required")
+        kwargs = dict(base=args.base, models=args.model)
+        if args.method is not None:
+            from .config import ALIASES
+
+            args.method = ALIASES.get(args.method, args.method)
+        for name in ("method", "lam", "scope", "exclude", "dtype") + tuple(f[1] for f in METHOD_FLAGS):
+            if getattr(args, name) is not None:
+                kwargs[name] = getattr(args, name)
+        if args.lambdas is not None:
+            try:
+                kwargs["lambdas"] = [float(x) for x in args.lambdas.split(",")]
+            except ValueError:
+                raise ValueError(f"--lambdas={args.lambdas!r} must be comma-separated numbers") from None
+    kwargs.update(out=args.out, overwrite=args.overwrite, backend=args.backend, device=args.device,
+                  max_memory=args.max_memory, shard_size=args.shard_size)
+    return kwargs
+
+
+def _progress_bars(total: int, description: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                leave=False, dynamic_ncols=True)
+
+
+def run_merge(args) -> int:
+    from .disk_merge import MergeFailed, merge_checkpoints
+
+    kwargs = merge_arguments(args)
+    report = {}
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        merge_checkpoints(**kwargs, progress=None if args.quiet else _progress_bars, report=report)
+    except MergeFailed as e:
+        if args.verbose:
+            raise
+        print(f"pcb-fast: merge failed: {e}; no output was written", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if not args.quiet:
+        kept = report.get("kept") or []
+        entries = report.get("entries") or 0
+        fractions = " ".join(f"{k / entries:.4f}" for k in kept) if entries and kept and None not in kept else "n/a"
+        print(f"pcb-fast: {kwargs.get('method', 'pcb')}: merged {len(report['merged_keys'])} keys, copied "
+              f"{len(report['copied_keys'])}; kept fraction per task {fractions}; {report['seconds']:.1f} s, "
+              f"peak memory {report['peak_rss_bytes'] / 2**30:.2f} GiB; wrote {kwargs['out']}", file=sys.stderr)
+    return 0
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
 
 
 def main(argv=None) -> int:
@@ -30,9 +151,24 @@ def main(argv=None) -> int:
                 raise ValueError(f"--models={args.models}: at least one fine-tuned model is needed")
             check_ratio(args.ratio)
             return demo_main(n=args.models, ratio=args.ratio, check=not args.no_check)
+        if args.command == "merge":
+            return run_merge(args)
     except ValueError as e:
+        if getattr(args, "verbose", False):
+            raise
         print(f"pcb-fast: error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("pcb-fast: terminated (SIGTERM); no output was written", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print("pcb-fast: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if getattr(args, "verbose", False):
+            raise
+        print(f"pcb-fast: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

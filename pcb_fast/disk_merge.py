@@ -33,6 +33,11 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
+class MergeFailed(ValueError):
+    """A merge that passed every check on its inputs but failed while running (a NaN found in a pass,
+    a file that ends early, a full disk): nothing was written."""
+
+
 def parse_size(text, what: str) -> int:
     """Bytes of a size such as 2GB, 512MiB, 1.5e9 or an int."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
@@ -126,6 +131,9 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
                                 scope=scope, backend=backend, device=device, budget=budget, shard_bytes=shard_bytes,
                                 dtype=dtype, progress=progress, block_width=block_width, params=method_params)
             _replace(tmp, out)
+        except (ValueError, OSError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise MergeFailed(str(e)) from e
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

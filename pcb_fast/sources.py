@@ -57,6 +57,8 @@ class TaskVectorSource:
         self.segments = list(segments)
         self.D = sum(s.numel for s in self.segments)
         self.model_names = list(model_names)
+        # progress(total_bytes) -> a bar with update(nbytes) and close(), started by every pass
+        self.progress = None
 
     def restrict(self, segment: Segment) -> "TaskVectorSource":
         """The same source seen as a single segment (for scope="tensor")."""
@@ -76,14 +78,25 @@ class TaskVectorSource:
         With ``whole_rows``, blocks hold whole rows (last dimension) of each tensor: as many as fit in
         ``width`` entries, or one row if a row is longer.
         """
+        bar = self.progress(sum(s.numel * self.bytes_per_entry(s) for s in self.segments)) if self.progress else None
         rows = [row_length(s.shape) for s in self.segments] if whole_rows else [1] * len(self.segments)
         widest = max(max(width // r, 1) * r for r in rows) if whole_rows else width
         buffer = torch.empty(self.n, min(widest, max(s.numel for s in self.segments)))
-        for seg, row in zip(self.segments, rows):
-            step = max(width // row, 1) * row
-            for lo in range(0, seg.numel, step):
-                hi = min(lo + step, seg.numel)
-                yield Block(seg, lo, hi, self._read(seg, lo, hi, buffer[:, : hi - lo]))
+        try:
+            for seg, row in zip(self.segments, rows):
+                step = max(width // row, 1) * row
+                for lo in range(0, seg.numel, step):
+                    hi = min(lo + step, seg.numel)
+                    yield Block(seg, lo, hi, self._read(seg, lo, hi, buffer[:, : hi - lo]))
+                    if bar is not None:
+                        bar.update((hi - lo) * self.bytes_per_entry(seg))
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def bytes_per_entry(self, seg: Segment | None = None) -> int:
+        """Bytes a pass reads per entry of a task row (of ``seg``; the first segment's if None)."""
+        return 4 * self.n
 
     def _read(self, seg: Segment, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -169,7 +182,7 @@ class CheckpointSource(TaskVectorSource):
             segments.append(Segment(k, shape, numel, offset))
             offset += numel
         super().__init__(len(self._model_ckpts), segments, [m.name for m in self._model_ckpts])
-        self._progress = progress
+        self.progress = progress
         self._buffers = {}
 
     def _buffer(self, slot, dtype: torch.dtype, m: int) -> torch.Tensor:
@@ -179,21 +192,9 @@ class CheckpointSource(TaskVectorSource):
             buffer = self._buffers[(slot, dtype)] = torch.empty(m, dtype=dtype)
         return buffer[:m]
 
-    def bytes_per_pass(self) -> int:
-        ckpts = [self._base_ckpt] + self._model_ckpts
-        return sum(s.numel * c.dtype(s.key).itemsize for s in self.segments for c in ckpts)
-
-    def blocks(self, width: int = DEFAULT_BLOCK_WIDTH, whole_rows: bool = False) -> Iterator[Block]:
-        bar = self._progress(self.bytes_per_pass()) if self._progress else None
-        try:
-            for block in super().blocks(width, whole_rows):
-                yield block
-                if bar is not None:
-                    bar.update(sum(block.tv.shape[1] * c.dtype(block.segment.key).itemsize
-                                   for c in [self._base_ckpt] + self._model_ckpts))
-        finally:
-            if bar is not None:
-                bar.close()
+    def bytes_per_entry(self, seg: Segment | None = None) -> int:
+        key = (seg or self.segments[0]).key
+        return sum(c.dtype(key).itemsize for c in [self._base_ckpt] + self._model_ckpts)
 
     def _read(self, seg, lo, hi, out):
         base = self._base_ckpt.read_into(seg.key, lo, hi, self._buffer("base", self._base_ckpt.dtype(seg.key), hi - lo))
@@ -214,6 +215,7 @@ class CachedSource(TaskVectorSource):
     def __init__(self, inner: TaskVectorSource):
         super().__init__(inner.n, inner.segments, inner.model_names)
         self.inner = inner
+        self.progress = inner.progress
         self.cache = None  # allocated by the first pass
         self.complete = False
 
