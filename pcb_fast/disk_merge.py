@@ -103,11 +103,17 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
     if isinstance(exclude, str):
         exclude = (exclude,)
     check_method_params(method, n, lam, lambdas, scope, method_params)
+    lambdas = checks.check_lambdas(lambdas, n)  # floats, so the metadata is the same however they were given
     shard_bytes = parse_size(shard_size, "shard_size")
     budget = _available_memory() // 2 if max_memory is None else parse_size(max_memory, "max_memory")
     if dtype is not None and dtype not in OUT_DTYPES:
         raise ValueError(f"dtype={dtype!r} is not valid; choose one of {', '.join(map(repr, OUT_DTYPES))}")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device={device!r} is not a torch device; use cpu or cuda (or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}: no CUDA device is available here; use cpu")
     backend = resolve_backend(backend, device)
     out = Path(out)
     if out.exists() and not overwrite:
@@ -128,6 +134,7 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
         try:
             info = _write_merge(base_ck, model_cks, merged, copied, tmp, method=method, lam=lam, lambdas=lambdas,
+                                exclude=exclude,
                                 scope=scope, backend=backend, device=device, budget=budget, shard_bytes=shard_bytes,
                                 dtype=dtype, progress=progress, block_width=block_width, params=method_params)
             _replace(tmp, out)
@@ -168,14 +175,15 @@ def _replace(tmp: Path, out: Path) -> None:
         os.rename(tmp, out)
 
 
-def _write_merge(base_ck, model_cks, merged, copied, folder: Path, *, method, lam, lambdas, scope, backend, device,
+def _write_merge(base_ck, model_cks, merged, copied, folder: Path, *, method, lam, lambdas, exclude, scope, backend, device,
                  budget, shard_bytes, dtype, progress, block_width, params) -> dict:
     def out_dtype(key):
         own = base_ck.dtype(key)
         return OUT_DTYPES[dtype] if dtype is not None and own.is_floating_point else own
 
     metadata = {"format": "pt", "pcb_fast_version": __version__, "merge_method": method,
-                "merge_parameters": json.dumps(dict(params, lam=lam, lambdas=lambdas, scope=scope), sort_keys=True)}
+                "merge_parameters": json.dumps(dict(params, lam=lam, lambdas=lambdas, scope=scope, exclude=list(exclude)),
+                                               sort_keys=True)}
     keys = base_ck.keys()
     writer = ShardedWriter(folder, [(k, out_dtype(k), tuple(base_ck.shape(k))) for k in keys], shard_bytes, metadata)
     try:
