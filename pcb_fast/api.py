@@ -52,7 +52,7 @@ def pcb_merge(task_vectors, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant
 
 def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=None, scope="global",
           exclude=(), backend="auto", block_width=DEFAULT_BLOCK_WIDTH, report: dict | None = None,
-          model_names=None, **method_params) -> dict:
+          model_names=None, max_memory=None, **method_params) -> dict:
     """Merge fine-tuned state dicts ``models`` of ``base``: theta = theta_pre + lam * tau_m.
 
     Floating keys not matching an ``exclude`` regex are merged; the rest are copied from ``base``.
@@ -62,6 +62,9 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     sign_ties), breadcrumbs (gamma, beta).
     If ``report`` is a dict, it receives "kept" (entries kept per task), "entries" (merged entries),
     "merged_keys" and "copied_keys". ``model_names`` name the models in error messages.
+    ``max_memory`` (bytes, or e.g. "1GB"; default no limit) bounds the entries the engine collects
+    between passes; above it, thresholds come from radix-select passes and the merge recomputes
+    its scores in one more pass (the same result, bit for bit).
     """
     if not isinstance(base, dict):
         raise ValueError(f"base is a {type(base).__name__}, expected a state dict (dict of tensors)")
@@ -75,6 +78,7 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
         raise ValueError(f"method {method!r} has no parameter {unknown[0]!r}; valid: {', '.join(accepted)}")
     lam = checks.check_lam(lam)
     checks.check_choice("scope", scope, checks.SCOPE_CHOICES)
+    budget = None if max_memory is None else checks.parse_size(max_memory, "max_memory")
     if isinstance(exclude, str):
         exclude = (exclude,)
     names = list(model_names) if model_names is not None else [f"model {i}" for i in range(len(models))]
@@ -119,6 +123,7 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
         flat_out[segment.key][lo:hi] = theta
 
     source = StateDictSource(base, models, merged_keys, names)
+    source.memory_budget = budget
     info = engine.run(merge_fn, source, sink, scope=scope, lambdas=lambdas, block_width=block_width, **method_params)
     if report is not None:
         report.update(info)

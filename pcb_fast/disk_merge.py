@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from . import __version__, checks, engine
+from .checks import parse_size
 from .backends import resolve_backend
 from .checkpoints import SIDE_FILES, check_models_match, open_checkpoint, split_keys
 from .methods import METHODS
@@ -29,29 +30,11 @@ from .safetensors_io import ShardedWriter
 from .sources import DEFAULT_BLOCK_WIDTH, CachedSource, CheckpointSource
 
 OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 class MergeFailed(ValueError):
     """A merge that passed every check on its inputs but failed while running (a NaN found in a pass,
     a file that ends early, a full disk): nothing was written."""
-
-
-def parse_size(text, what: str) -> int:
-    """Bytes of a size such as 2GB, 512MiB, 1.5e9 or an int."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value, unit = float(text), ""
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
-        if not match or match.group(2).upper() not in _UNITS:
-            raise ValueError(f"{what}={text!r} is not a size; write it as a number of bytes or with a unit "
-                             "(e.g. 2GB, 512MiB)")
-        value, unit = float(match.group(1)), match.group(2).upper()
-    size = int(value * _UNITS[unit])
-    if size <= 0:
-        raise ValueError(f"{what}={text!r} must be positive")
-    return size
 
 
 def check_method_params(method: str, n: int, lam, lambdas, scope: str, params: dict) -> None:
@@ -88,8 +71,10 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
     ``out``: sharded safetensors (``shard_size``) with an index, the base's dtypes (or ``dtype``),
     the base folder's config/tokenizer files, and the merge parameters in the metadata.
 
-    ``max_memory`` (bytes or e.g. "2GB"; default: half the available memory) bounds the float32
-    task vectors held in RAM between passes; above it every pass re-reads the files. ``progress``:
+    ``max_memory`` (bytes or e.g. "2GB"; default: half the available memory) bounds what is held in
+    RAM between passes: the float32 task vectors when they fit (else every pass re-reads the
+    files), then the entries a method collects (else it selects by radix and merges in one more
+    pass). The result is the same bit for bit whatever the budget. ``progress``:
     a factory ``progress(total_bytes, description)`` of bars with update/close, called per pass.
     ``report`` receives kept, entries, merged_keys, copied_keys, seconds and peak_rss_bytes.
     Returns the output folder.
@@ -105,6 +90,8 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
     check_method_params(method, n, lam, lambdas, scope, method_params)
     lambdas = checks.check_lambdas(lambdas, n)  # floats, so the metadata is the same however they were given
     shard_bytes = parse_size(shard_size, "shard_size")
+    if shard_bytes == 0:
+        raise ValueError(f"shard_size={shard_size!r} must be positive")
     budget = _available_memory() // 2 if max_memory is None else parse_size(max_memory, "max_memory")
     if dtype is not None and dtype not in OUT_DTYPES:
         raise ValueError(f"dtype={dtype!r} is not valid; choose one of {', '.join(map(repr, OUT_DTYPES))}")
@@ -215,8 +202,11 @@ def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam,
         return progress(total, f"pass {pass_count[0]}") if progress else None
 
     source = CheckpointSource(base_ck, model_cks, merged, progress=bar if progress else None)
+    # The float32 task vectors first, if they fit; what is left bounds the entries collected between passes.
     if source.n * source.D * 4 <= budget:
         source = CachedSource(source)
+        budget -= source.n * source.D * 4
+    source.memory_budget = budget
     base_buffer = {}
 
     def sink(segment, lo, hi, tau_m):

@@ -107,6 +107,18 @@ def sum_kept(c: Collected, task: torch.Tensor, value: torch.Tensor, weight: torc
     return num, den
 
 
+def dense_sums(value: torch.Tensor, weight: torch.Tensor):
+    """(num, den): the sums over tasks of [n, m] ``value`` and ``weight``, in task order from +0 (the
+    rounding, and the sign of zero, of :func:`sum_kept` when every entry is collected)."""
+    num = torch.zeros(value.shape[1])
+    den = torch.zeros(value.shape[1])
+    for row in value:
+        num.add_(row)
+    for row in weight:
+        den.add_(row)
+    return num, den
+
+
 MIN_SAMPLE = 4096  # below this many sampled entries per task, level 1 of the radix select is cheap
 
 
@@ -159,8 +171,15 @@ def select_threshold(
     from ``sample_scores`` (scores of a sample of the entries) when given, saving a pass; it is
     verified after collecting, and if it was too high for some task, level 1 of the exact radix
     select provides it instead (one more pass).
+
+    When the collected entries would not fit ``source.memory_budget``, nothing is collected: t and M
+    come from the two passes of the radix select, and the collected list is None (the method then
+    recomputes its scores in a merge pass).
     """
     n, D = source.n, source.D
+    if not can_collect(source, rank):
+        t, peak, kept = threshold_by_radix(source, score_blocks, rank, keep_ties)
+        return t, peak, None, kept
     guess = None if sample_scores is None else bounds_from_sample(sample_scores, rank, D)
     floor, ceiling = guess if guess is not None else (None, torch.full((n,), float("inf")))
     if floor is not None:
@@ -183,6 +202,31 @@ def select_threshold(
         maxima.append(values.max())
         kept.append(((values >= t) if keep_ties else (values > t)).sum())
     return torch.stack(thresholds), torch.stack(maxima), collected, torch.stack(kept)
+
+
+COLLECTED_BYTES = 16  # per collected entry: int32 position, float32 score and tau, and a score copy
+
+
+def can_collect(source: TaskVectorSource, rank: int) -> bool:
+    """Whether the entries above rank ``rank`` of every task (with a margin) fit the source's budget."""
+    if source.memory_budget is None:
+        return True
+    entries = source.n * (source.D - rank) * 1.05 + source.n * 4096
+    return entries * COLLECTED_BYTES <= source.memory_budget
+
+
+def threshold_by_radix(source: TaskVectorSource, score_blocks: Callable, rank: int, keep_ties: bool):
+    """(t, M, kept) by two passes of the exact radix select: no memory beyond the histograms."""
+    n = source.n
+    selector = RadixSelect(n, torch.full((n, 1), rank), source.D)
+    peak = torch.full((n,), float("-inf"))
+    for _, scores in score_blocks():
+        selector.count_high(scores)
+        peak = torch.maximum(peak, scores.amax(1))
+    selector.find_buckets()
+    for _, scores in score_blocks():
+        selector.count_low(scores)
+    return selector.values()[:, 0], peak, selector.count_above(inclusive=keep_ties)[:, 0]
 
 
 def collect(score_blocks: Callable, floor: torch.Tensor, n: int):

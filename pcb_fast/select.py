@@ -50,6 +50,7 @@ class RadixSelect:
         self.ranks = torch.as_tensor(ranks, dtype=torch.int64).reshape(n, -1)
         self.R = self.ranks.shape[1]
         lengths = torch.as_tensor(lengths, dtype=torch.int64).expand(n)
+        self.lengths = lengths
         if bool((self.ranks < 0).any()) or bool((self.ranks >= lengths.unsqueeze(1)).any()):
             raise ValueError(f"ranks {self.ranks.tolist()} out of range for rows of length {lengths.tolist()}")
         self.high = torch.zeros(n, BUCKETS, dtype=torch.int64)
@@ -86,10 +87,20 @@ class RadixSelect:
 
     def values(self) -> torch.Tensor:
         """The selected order statistics, float32 [n, R]."""
-        cumulative = self.low.cumsum(2)
-        low = torch.searchsorted(cumulative, self._local_ranks.unsqueeze(2), right=True).squeeze(2)
-        keys = ((self.buckets - BUCKETS // 2) << 16) | low
+        keys = ((self.buckets - BUCKETS // 2) << 16) | self._low_index()
         return keys_to_float(keys)
+
+    def _low_index(self) -> torch.Tensor:
+        cumulative = self.low.cumsum(2)
+        return torch.searchsorted(cumulative, self._local_ranks.unsqueeze(2), right=True).squeeze(2)
+
+    def count_above(self, inclusive: bool) -> torch.Tensor:
+        """[n, R] int64: entries > each selected value, or >= it with ``inclusive``."""
+        low = self._low_index().unsqueeze(2)
+        smaller = (self.ranks - self._local_ranks) + torch.gather(self.low.cumsum(2), 2, low).squeeze(2)
+        if inclusive:  # the count above excludes the bin of the value itself
+            smaller -= torch.gather(self.low, 2, low).squeeze(2)
+        return self.lengths.unsqueeze(1) - smaller
 
 
 class TailSelect:

@@ -59,6 +59,9 @@ class TaskVectorSource:
         self.model_names = list(model_names)
         # progress(total_bytes) -> a bar with update(nbytes) and close(), started by every pass
         self.progress = None
+        # bytes the engine may hold for the entries it collects between passes (None: no limit);
+        # above it, methods find their thresholds by radix select and merge in one more pass
+        self.memory_budget = None
 
     def restrict(self, segment: Segment) -> "TaskVectorSource":
         """The same source seen as a single segment (for scope="tensor")."""
@@ -216,6 +219,7 @@ class CachedSource(TaskVectorSource):
         super().__init__(inner.n, inner.segments, inner.model_names)
         self.inner = inner
         self.progress = inner.progress
+        self.memory_budget = inner.memory_budget
         self.cache = None  # allocated by the first pass
         self.complete = False
 

@@ -126,6 +126,34 @@ def test_engine_equals_literal(method, params):
             assert torch.equal(got[k], expected[k]), (n, scope, quantized, lambdas, k)
 
 
+@pytest.mark.parametrize("method,params", [
+    ("pcb", dict(ratio=0.2)), ("pcb", dict(ratio=0.3, inter="pairwise", clamp_ratio=0.05)),
+    ("ties", dict(density=0.2)), ("ties", dict(density=0.3, topk="exact")), ("ties", dict(density=1.0)),
+])
+def test_engine_over_its_memory_budget_equals_literal(method, params):
+    """No room to collect entries: thresholds by radix select, one more pass to merge, same bits."""
+    shapes = {"a.weight": (37, 29), "a.bias": (37,), "b.weight": (5, 3, 7), "scale": ()}
+    for n, scope, quantized in itertools.product((1, 3), ("global", "tensor"), (False, True)):
+        base, tuned = models(n, shapes, seed=n * 10 + quantized, quantized=quantized)
+        lam = [0.5 + 0.25 * i for i in range(n)]
+        report, report_budget = {}, {}
+        got = merge(base, tuned, method=method, scope=scope, lambdas=lam, block_width=64, max_memory=0,
+                    report=report_budget, **params)
+        merge(base, tuned, method=method, scope=scope, lambdas=lam, block_width=64, report=report, **params)
+        expected = merge(base, tuned, method=method, scope=scope, lambdas=lam, backend="reference", **params)
+        for k in base:
+            assert torch.equal(got[k], expected[k]), (n, scope, quantized, k)
+        assert report_budget["kept"] == report["kept"]
+
+
+def test_pcb_paper_over_its_memory_budget_equals_collected_path():
+    base, tuned = models(3, {"w": (64, 50), "b": (50,)}, seed=4)
+    for scope in ("global", "tensor"):
+        a = merge(base, tuned, variant="paper", ratio=0.3, scope=scope, max_memory=0, block_width=256)
+        b = merge(base, tuned, variant="paper", ratio=0.3, scope=scope, block_width=256)
+        assert all(torch.equal(a[k], b[k]) for k in base)
+
+
 def test_report_counts_kept_entries_for_ties():
     base, tuned = models(3, {"w": (100, 100)}, seed=0)
     report = {}

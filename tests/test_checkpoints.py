@@ -123,10 +123,13 @@ def test_round_trip_equals_in_memory_merge(disk, method, params):
     assert leftovers(tmp) == []
 
 
-def test_streaming_under_a_small_budget_equals_cached(disk):
+@pytest.mark.parametrize("method,params", [("pcb", {}), ("pcb", dict(variant="paper", scope="tensor")),
+                                           ("ties", dict(topk="exact")), ("dare_ties", {})])
+def test_streaming_under_a_small_budget_equals_cached(disk, method, params):
     tmp, base, models, paths = disk
-    a = load_folder(merge_checkpoints(tmp / "base", paths, tmp / "a", max_memory="1KB", block_width=1000))
-    b = load_folder(merge_checkpoints(tmp / "base", paths, tmp / "b", max_memory="1GB", block_width=1000))
+    kwargs = dict(method=method, block_width=1000, **params)
+    a = load_folder(merge_checkpoints(tmp / "base", paths, tmp / "a", max_memory="1KB", **kwargs))
+    b = load_folder(merge_checkpoints(tmp / "base", paths, tmp / "b", max_memory="1GB", **kwargs))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

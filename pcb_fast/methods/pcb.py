@@ -10,7 +10,9 @@ Passes of the official variant, each one read of the task vectors:
   2. scores P, collecting every entry at or above a floor below the keep threshold; the floor
      comes from the sample's scores (else level 1 of the radix select over P, one more pass);
 then the exact t_i, M_i from the collected scores, and the merge of the collected entries, block
-by block. P is computed per block and never stored for the whole model.
+by block. P is computed per block and never stored for the whole model. When the collected entries
+would not fit the source's memory budget, t_i and M_i come from two radix-select passes over P and
+a last pass recomputes P to merge (same values, bit for bit).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .. import checks, torch_backend as tb
-from ..engine import ColumnSample, raise_if_not_finite, select_threshold, sum_kept
+from ..engine import ColumnSample, dense_sums, raise_if_not_finite, select_threshold, sum_kept
 from ..reference import clip_indices, keep_index
 from ..select import RadixSelect, TailSelect
 from ..sources import DEFAULT_BLOCK_WIDTH
@@ -91,6 +93,15 @@ def _merge_official(source, sink, params, block_width):
     # scale = (max(P, t) - t) / (M - t) (DESIGN 2.2 step 6); M == t means nothing is kept: scale 0.
     span = peak - t
     span = torch.where(span > 0, span, torch.full_like(span, float("inf")))
+    if collected is None:  # over the memory budget: recompute the scores in one more pass
+        for block, scores in score_blocks():
+            scale = scores.sub_(t.unsqueeze(1)).clamp_min_(0).div_(span.unsqueeze(1))
+            value = tb.clipped_values(block.tv, clip.lo, clip.hi).mul_(scale)
+            if lam is not None:
+                value.mul_(lam)
+            num, den = dense_sums(value, scale)
+            sink(block.segment, block.lo, block.hi, num / torch.clamp(den, min=1e-12))
+        return kept
     for c in collected:
         task = c.task()
         # Collected entries at or below t get scale 0 and add exact zeros: no need to filter them.
@@ -150,6 +161,15 @@ def _merge_paper(source, sink, params, block_width):
         source, score_blocks, keep_index(D, params["ratio"]), sample_scores, keep_ties=True
     )
     lam = lambda_column(params["lambdas"], n)
+    if collected is None:  # over the memory budget: recompute the scores in one more pass
+        for block, scores in score_blocks():
+            kept_beta = scores * (scores >= t.unsqueeze(1))
+            value = kept_beta * block.tv
+            if lam is not None:
+                value = value * lam
+            num, den = dense_sums(value, kept_beta)
+            sink(block.segment, block.lo, block.hi, torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0))
+        return kept_counts
     for c in collected:
         task = c.task()
         # beta * mask, as the reference: entries below t add exact zeros, so none is filtered out

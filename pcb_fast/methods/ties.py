@@ -9,8 +9,10 @@ mergekit's habits are options: ``scope="tensor"``, ``sign_ties="positive"`` (zer
 
 Passes: |tau| with a column sample; the collection of the entries above the sampled floor (exact
 threshold as in PCB); then two sweeps over the collected entries, block by block: the elected
-signs and their whole-model sum, then the disjoint mean. DARE-TIES replaces the trim by DARE's
-random drop and makes two passes over the task vectors (signs, then the mean).
+signs and their whole-model sum, then the disjoint mean. When the collected entries would not fit
+the source's memory budget, the threshold comes from two radix-select passes and the two sweeps
+read the task vectors again, as DARE-TIES does: it replaces the trim by DARE's random drop and makes
+two passes over the task vectors (signs, then the mean).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .. import checks
-from ..engine import ColumnSample, collect, raise_if_not_finite, select_threshold, sum_kept
+from ..engine import ColumnSample, raise_if_not_finite, select_threshold, sum_kept
 from ..reference_baselines import disjoint_mean, elected_signs, zero_sign_fill
 from ..sources import DEFAULT_BLOCK_WIDTH
 from .linear import check_drop, check_seed, dare_block, lambda_column
@@ -34,8 +36,12 @@ def check_density(density) -> float:
     return d
 
 
-def _trimmed_blocks(source, density: float, topk: str, block_width: int):
-    """Yield (Collected block, task of each entry, bool mask of the kept entries) for the TIES trim."""
+def _trim(source, density: float, topk: str, block_width: int):
+    """The TIES trim, after the passes that find the threshold. Returns (collected, dense):
+    ``collected`` yields (Collected block, task of each entry, kept mask of its entries); or, when
+    the collected entries would not fit the source's memory budget, it is None and ``dense()``
+    yields (block, kept mask [n, m]) on every sweep over the task vectors.
+    """
     n, D = source.n, source.D
     keep = int(D * density)
     ws = torch.empty(n * block_width)
@@ -59,30 +65,61 @@ def _trimmed_blocks(source, density: float, topk: str, block_width: int):
     rank = D - keep - 1 if topk == "threshold" else D - keep
     if rank < 0 or rank >= D:  # keep every entry, or none (exact top-0): no threshold to find
         everything = rank < 0
-        floor = torch.full((n,), float("-inf") if everything else float("inf"))
-        for c in collect(score_blocks, floor, n)[0]:
-            yield c, c.task(), torch.full_like(c.score, everything, dtype=torch.bool)
-        return
+
+        def dense_all():
+            for block in source.blocks(block_width):
+                yield block, torch.full(block.tv.shape, everything, dtype=torch.bool)
+
+        return None, dense_all
     sample_scores = sample.scores(lambda tv: magnitudes(tv).clone())
-    t, _, collected, _ = select_threshold(source, score_blocks, rank, sample_scores, keep_ties=True)
-    if topk == "threshold":
+    t, _, collected, at_or_above = select_threshold(source, score_blocks, rank, sample_scores, keep_ties=True)
+    column = t.unsqueeze(1)
+
+    if collected is None:
+
+        def dense():
+            budget = None if topk == "threshold" else keep - (at_or_above - _equal_counts(score_blocks, column))
+            for block, magnitude in score_blocks():
+                if budget is None:
+                    yield block, magnitude >= column
+                    continue
+                equal = magnitude == column
+                order = torch.cumsum(equal, dim=1)  # 1-based rank of each equal entry in the row so far
+                kept = (magnitude > column) | (equal & (order <= budget.unsqueeze(1)))
+                budget = budget - (equal & kept).sum(1)
+                yield block, kept
+
+        return None, dense
+
+    def collected_blocks():
+        if topk == "threshold":
+            for c in collected:
+                task = c.task()
+                yield c, task, c.score >= t[task]
+            return
+        above = torch.zeros(n, dtype=torch.int64)
         for c in collected:
             task = c.task()
-            yield c, task, c.score >= t[task]
-        return
-    above = torch.zeros(n, dtype=torch.int64)
-    for c in collected:
-        task = c.task()
-        above += torch.bincount(task[c.score > t[task]], minlength=n)
-    budget = keep - above  # entries equal to t still to keep, per task, in position order
-    for c in collected:
-        task = c.task()
-        equal = c.score == t[task]
-        # 1-based count of the equal entries of each task so far in this block (entries are task-major)
-        order = torch.cat([torch.cumsum(part.long(), 0) for part in equal.split(c.counts())])
-        kept = (c.score > t[task]) | (equal & (order <= budget[task]))
-        budget -= torch.bincount(task[equal & kept], minlength=n)
-        yield c, task, kept
+            above += torch.bincount(task[c.score > t[task]], minlength=n)
+        budget = keep - above  # entries equal to t still to keep, per task, in position order
+        for c in collected:
+            task = c.task()
+            equal = c.score == t[task]
+            # 1-based count of the equal entries of each task so far in this block (entries are task-major)
+            order = torch.cat([torch.cumsum(part.long(), 0) for part in equal.split(c.counts())])
+            kept = (c.score > t[task]) | (equal & (order <= budget[task]))
+            budget -= torch.bincount(task[equal & kept], minlength=n)
+            yield c, task, kept
+
+    return collected_blocks(), None
+
+
+def _equal_counts(score_blocks, column: torch.Tensor) -> torch.Tensor:
+    """Entries of each task equal to its threshold (one pass)."""
+    counts = torch.zeros(column.shape[0], dtype=torch.int64)
+    for _, magnitude in score_blocks():
+        counts += (magnitude == column).sum(1)
+    return counts
 
 
 def merge_ties(source, sink, *, density=0.2, sign_ties="majority", topk="threshold", lambdas=None,
@@ -91,6 +128,7 @@ def merge_ties(source, sink, *, density=0.2, sign_ties="majority", topk="thresho
 
     Both sweeps read only the collected entries (the kept ones and a thin margin below the
     threshold) and sum them per position in task order, the rounding of the literal formulation.
+    Over the memory budget, both sweeps read the task vectors again instead (dense blocks).
     """
     density = check_density(density)
     checks.check_choice("sign_ties", sign_ties, SIGN_TIES)
@@ -98,8 +136,20 @@ def merge_ties(source, sink, *, density=0.2, sign_ties="majority", topk="thresho
     lam = lambda_column(lambdas, source.n)
     block_width = source.block_width(block_width)
     kept_counts = torch.zeros(source.n, dtype=torch.int64)
+    collected, dense = _trim(source, density, topk, block_width)
+    if collected is None:
+
+        def weighted_blocks(first_sweep: bool):
+            for block, kept in dense():
+                if first_sweep:
+                    kept_counts.add_(kept.sum(1))
+                value = block.tv * kept
+                yield block.segment, block.lo, block.hi, value if lam is None else value * lam
+
+        _elect_and_merge(weighted_blocks, sink, lam, sign_ties)
+        return kept_counts
     trimmed, sign_total = [], 0
-    for c, task, kept in _trimmed_blocks(source, density, topk, block_width):
+    for c, task, kept in collected:
         # Collected entries that are not kept count as zeros, as in the literal tau * mask: adding
         # them changes no sum and they never agree with a sign, so no compaction is needed.
         value = c.tau * kept if lam is None else c.tau * kept * lam[task, 0]
