@@ -107,7 +107,7 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
         raise ValueError(f"output {out} already exists; choose another folder or allow overwrite (--overwrite)")
     parent = out.absolute().parent
     if not parent.is_dir():
-        raise ValueError(f"output folder's parent {parent} does not exist")
+        raise ValueError(f"output folder's parent {parent} is not an existing folder")
     if not os.access(parent, os.W_OK):
         raise ValueError(f"output folder's parent {parent} is not writable")
 
@@ -118,7 +118,10 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
             model_cks.append(open_checkpoint(source, name))
         merged, copied = split_keys(base_ck, exclude)
         check_models_match(base_ck, model_cks, merged)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        except OSError as e:
+            raise ValueError(f"output folder's parent {parent} is not writable ({e.strerror})") from None
         try:
             info = _write_merge(base_ck, model_cks, merged, copied, tmp, method=method, lam=lam, lambdas=lambdas,
                                 exclude=exclude,
