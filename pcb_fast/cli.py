@@ -1,4 +1,4 @@
-"""The ``pcb-fast`` command line: ``demo`` and ``merge``.
+"""The ``pcb-fast`` command line: ``demo``, ``merge`` and ``search``.
 
 Exit codes: 0 success; 2 bad arguments, configuration or inputs (found before any heavy work);
 1 a merge that failed while running; 130/143 interrupted (SIGINT/SIGTERM). Errors are one line on
@@ -30,6 +30,7 @@ METHOD_FLAGS = [
 ]
 # Flags that describe a merge, which a --config file replaces.
 MERGE_FLAGS = ("base", "model", "method", "lam", "lambdas", "scope", "exclude", "dtype") + tuple(f[1] for f in METHOD_FLAGS)
+# --seed is DARE's drop seed; the search's CMA-ES seed is stored as search_seed
 
 
 class Terminated(KeyboardInterrupt):
@@ -50,27 +51,52 @@ def build_parser() -> argparse.ArgumentParser:
                                             ".bin/.pt) of one base model into a sharded safetensors folder.")
     merge.add_argument("--config", help="a YAML merge configuration (mergekit's format, a subset) instead of the "
                                         "merge flags below")
-    merge.add_argument("--base", help="the base (pre-trained) model")
-    merge.add_argument("--model", action="append", help="a fine-tuned model (repeat for each)")
-    merge.add_argument("--method", help="pcb (default), average, task_arithmetic, ties, dare, dare_ties, breadcrumbs")
-    merge.add_argument("--lam", type=float, help="theta = theta_pre + lam * tau_m (default 1.0)")
+    _model_flags(merge)
     merge.add_argument("--lambdas", help="per-model weights, comma-separated, one per --model")
-    merge.add_argument("--scope", help="global (default: statistics over the whole model) or tensor")
-    merge.add_argument("--exclude", action="append", help="regex of keys copied from the base (repeatable)")
-    for flag, dest, kind, text in METHOD_FLAGS:
-        merge.add_argument(flag, dest=dest, type=kind, help=text)
     merge.add_argument("--dtype", help="output dtype of floating tensors: float32, float16, bfloat16 (default: "
                                        "the base's)")
-    merge.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    merge.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _output_flags(merge)
     merge.add_argument("--backend", default="auto", help="auto (default), torch, triton or reference")
     merge.add_argument("--device", default="cpu", help="cpu (default, streamed from disk) or cuda (loaded whole)")
     merge.add_argument("--max-memory", help="RAM for float32 task vectors kept between passes, e.g. 2GB "
                                             "(default: half the available memory)")
-    merge.add_argument("--shard-size", default="5GB", help="largest output shard (default 5GB)")
-    merge.add_argument("--quiet", action="store_true", help="no progress bars or summary")
-    merge.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
+
+    search = commands.add_parser("search", help="search per-model lambdas with CMA-ES on your evaluation",
+                                 description="Load the models, cache the merge's contributions once, and search one "
+                                             "coefficient per model with CMA-ES, maximising a Python function you "
+                                             "provide; write the best merged model and the history.")
+    _model_flags(search, dare_seed_flag="--dare-seed")  # --seed is the search's
+    search.add_argument("--eval", required=True, dest="evaluate",
+                        help="module:function or path/to/file.py:function; called with the merged state dict, "
+                             "returns a score (higher is better)")
+    search.add_argument("--budget", type=int, default=100, help="number of evaluations (default 100)")
+    search.add_argument("--bounds", default="0.8,1.3", help="low,high box bounds of every lambda (default 0.8,1.3)")
+    search.add_argument("--x0", type=float, default=1.0, help="starting lambda of every model (default 1.0)")
+    search.add_argument("--popsize", type=int, help="CMA-ES population size (default: cma's)")
+    search.add_argument("--sigma0", type=float, help="CMA-ES initial step (default: a quarter of the bounds)")
+    search.add_argument("--seed", dest="search_seed", type=int, default=0, help="CMA-ES seed (default 0)")
+    search.add_argument("--history", help="write every evaluation to this .json or .csv file")
+    _output_flags(search)
     return parser
+
+
+def _model_flags(parser, dare_seed_flag: str = "--seed") -> None:
+    parser.add_argument("--base", help="the base (pre-trained) model")
+    parser.add_argument("--model", action="append", help="a fine-tuned model (repeat for each)")
+    parser.add_argument("--method", help="pcb (default), average, task_arithmetic, ties, dare, dare_ties, breadcrumbs")
+    parser.add_argument("--lam", type=float, help="theta = theta_pre + lam * tau_m (default 1.0)")
+    parser.add_argument("--scope", help="global (default: statistics over the whole model) or tensor")
+    parser.add_argument("--exclude", action="append", help="regex of keys copied from the base (repeatable)")
+    for flag, dest, kind, text in METHOD_FLAGS:
+        parser.add_argument(dare_seed_flag if flag == "--seed" else flag, dest=dest, type=kind, help=text)
+
+
+def _output_flags(parser) -> None:
+    parser.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--shard-size", default="5GB", help="largest output shard (default 5GB)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    parser.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
 
 
 def merge_arguments(args) -> dict:
@@ -137,6 +163,81 @@ def run_merge(args) -> int:
     return 0
 
 
+def load_evaluate(spec: str):
+    """The function named by ``module:function`` or ``path/to/file.py:function``."""
+    import importlib
+    import importlib.util
+    from pathlib import Path
+
+    module_name, sep, function = spec.rpartition(":")
+    if not sep or not module_name or not function:
+        raise ValueError(f"--eval={spec!r} must be module:function or path/to/file.py:function")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise ValueError(f"--eval={spec!r}: no such file {path}")
+            loaded = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(loaded)
+            loaded.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ValueError:
+        raise
+    except Exception as e:  # the user's module failed to import
+        raise ValueError(f"--eval={spec!r}: cannot import {module_name} ({type(e).__name__}: {e})") from None
+    fn = getattr(module, function, None)
+    if not callable(fn):
+        raise ValueError(f"--eval={spec!r}: {module_name} has no function {function!r}")
+    return fn
+
+
+def run_search(args) -> int:
+    from .checkpoints import open_checkpoint
+    from .disk_merge import check_method_params, check_output, save_model
+    from .search import EvaluateError, search_lambdas
+
+    if not args.base or not args.model:
+        raise ValueError("--base and at least one --model are required")
+    method = args.method or "pcb"
+    params = {name: getattr(args, name) for name in ("scope", "exclude") + tuple(f[1] for f in METHOD_FLAGS)
+              if getattr(args, name) is not None}
+    lam = 1.0 if args.lam is None else args.lam
+    check_method_params(method, len(args.model), lam, None, params.get("scope", "global"),
+                        {k: v for k, v in params.items() if k not in ("scope", "exclude")})
+    try:
+        bounds = tuple(float(x) for x in args.bounds.split(","))
+    except ValueError:
+        raise ValueError(f"--bounds={args.bounds!r} must be low,high") from None
+    if len(bounds) != 2:
+        raise ValueError(f"--bounds={args.bounds!r} must be low,high")
+    evaluate = load_evaluate(args.evaluate)
+    check_output(args.out, args.overwrite)
+    base_ck = open_checkpoint(args.base, "base model")
+    base = {k: base_ck.read(k) for k in base_ck.keys()}
+    models = []
+    for i, path in enumerate(args.model):
+        ck = open_checkpoint(path, f"model {i} ({path})")
+        models.append({k: ck.read(k) for k in ck.keys()})
+    try:
+        result = search_lambdas(base, models, evaluate, bounds=bounds, x0=args.x0, budget=args.budget,
+                                popsize=args.popsize, sigma0=args.sigma0, seed=args.search_seed, lam=lam,
+                                method=method, history_path=args.history, progress=not args.quiet, **params)
+    except EvaluateError as e:
+        if args.verbose:
+            raise
+        print(f"pcb-fast: search failed: {e}; no output was written", file=sys.stderr)
+        return 1
+    meta = {"merge_method": method, "search": "cma-es", "lambdas": ",".join(f"{x:.6g}" for x in result.lambdas),
+            "lam": str(lam), "score": str(result.score)}
+    save_model(result.model, args.out, base_folder=base_ck.folder, shard_size=args.shard_size,
+               overwrite=args.overwrite, metadata=meta)
+    if not args.quiet:
+        print(f"pcb-fast: best score {result.score:.6g} after {len(result.history)} evaluations, lambdas "
+              f"{' '.join(f'{x:.4f}' for x in result.lambdas)}; wrote {args.out}", file=sys.stderr)
+    return 0
+
+
 def _on_sigterm(signum, frame):
     raise Terminated()
 
@@ -153,6 +254,8 @@ def main(argv=None) -> int:
             return demo_main(n=args.models, ratio=args.ratio, check=not args.no_check)
         if args.command == "merge":
             return run_merge(args)
+        if args.command == "search":
+            return run_search(args)
     except ValueError as e:
         if getattr(args, "verbose", False):
             raise

@@ -17,6 +17,7 @@ import re
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -102,14 +103,7 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r}: no CUDA device is available here; use cpu")
     backend = resolve_backend(backend, device)
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise ValueError(f"output {out} already exists; choose another folder or allow overwrite (--overwrite)")
-    parent = out.absolute().parent
-    if not parent.is_dir():
-        raise ValueError(f"output folder's parent {parent} is not an existing folder")
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"output folder's parent {parent} is not writable")
+    out = check_output(out, overwrite)
 
     base_ck = open_checkpoint(base, "base model")
     model_cks = []
@@ -118,22 +112,11 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
             model_cks.append(open_checkpoint(source, name))
         merged, copied = split_keys(base_ck, exclude)
         check_models_match(base_ck, model_cks, merged)
-        try:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-        except OSError as e:
-            raise ValueError(f"output folder's parent {parent} is not writable ({e.strerror})") from None
-        try:
+        with atomic_folder(out) as tmp:
             info = _write_merge(base_ck, model_cks, merged, copied, tmp, method=method, lam=lam, lambdas=lambdas,
-                                exclude=exclude,
-                                scope=scope, backend=backend, device=device, budget=budget, shard_bytes=shard_bytes,
-                                dtype=dtype, progress=progress, block_width=block_width, params=method_params)
-            _replace(tmp, out)
-        except (ValueError, OSError) as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise MergeFailed(str(e)) from e
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+                                exclude=exclude, scope=scope, backend=backend, device=device, budget=budget,
+                                shard_bytes=shard_bytes, dtype=dtype, progress=progress, block_width=block_width,
+                                params=method_params)
     finally:
         for ck in [base_ck] + model_cks:
             ck.close()
@@ -141,6 +124,66 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
         report.update(info, merged_keys=merged, copied_keys=copied, seconds=time.perf_counter() - started,
                       peak_rss_bytes=peak_rss_bytes())
     return out
+
+
+def check_output(out, overwrite: bool) -> Path:
+    """The output folder, if it may be written: absent (or ``overwrite``), in a writable folder."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ValueError(f"output {out} already exists; choose another folder or allow overwrite (--overwrite)")
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        raise ValueError(f"output folder's parent {parent} is not an existing folder")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"output folder's parent {parent} is not writable")
+    return out
+
+
+@contextmanager
+def atomic_folder(out: Path):
+    """Yield a temporary folder next to ``out`` that replaces ``out`` when the block succeeds and is
+    removed when it fails (errors while writing become :class:`MergeFailed`)."""
+    parent = out.absolute().parent
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    except OSError as e:
+        raise ValueError(f"output folder's parent {parent} is not writable ({e.strerror})") from None
+    try:
+        yield tmp
+        _replace(tmp, out)
+    except (ValueError, OSError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MergeFailed(str(e)) from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_model(state: dict, out, *, base_folder=None, shard_size="5GB", overwrite=False, metadata=None) -> Path:
+    """Write a state dict as a Hugging Face folder (sharded safetensors, index, the base folder's
+    side files), atomically as :func:`merge_checkpoints` does."""
+    out = check_output(out, overwrite)
+    shard_bytes = parse_size(shard_size, "shard_size")
+    keys = sorted(state)
+    with atomic_folder(out) as tmp:
+        meta = {"format": "pt", "pcb_fast_version": __version__, **(metadata or {})}
+        writer = ShardedWriter(tmp, [(k, state[k].dtype, tuple(state[k].shape)) for k in keys], shard_bytes, meta)
+        try:
+            for k in keys:
+                writer.write(k, 0, state[k].detach().cpu().reshape(-1))
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        _copy_side_files(base_folder, tmp)
+    return out
+
+
+def _copy_side_files(folder, to: Path) -> None:
+    if folder is not None:
+        for name in SIDE_FILES:
+            if (Path(folder) / name).is_file():
+                shutil.copy2(Path(folder) / name, to / name)
 
 
 def _available_memory() -> int:
@@ -189,10 +232,7 @@ def _write_merge(base_ck, model_cks, merged, copied, folder: Path, *, method, la
     except BaseException:
         writer.abort()
         raise
-    if base_ck.folder is not None:
-        for name in SIDE_FILES:
-            if (base_ck.folder / name).is_file():
-                shutil.copy2(base_ck.folder / name, folder / name)
+    _copy_side_files(base_ck.folder, folder)
     return info
 
 

@@ -41,16 +41,39 @@ def check_params(n: int, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant="o
 
 
 def merge_pcb(source, sink, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant="official", lambdas=None,
-              block_width=DEFAULT_BLOCK_WIDTH) -> torch.Tensor:
+              block_width=DEFAULT_BLOCK_WIDTH, record=None, reuse: dict | None = None) -> torch.Tensor:
     """Merge the task vectors of ``source`` with PCB; ``sink`` receives the merged tau_m block by block.
 
     Returns the number of entries each task kept (scale > 0).
+
+    For the coefficient search (pcb_fast.search): ``record(segment, lo, hi, task, pos, value, den)``
+    receives, per block, every entry with a positive weight (its task, position in the block and
+    weighted value before lambda_i) and the block's divisor, so that tau_m = sum_i lambda_i value_i
+    / den can be recomputed for new lambda_i with the same rounding. ``reuse`` is a dict that keeps
+    the statistics that do not depend on ``ratio`` (clip bounds or pair statistics, and the column
+    sample) between calls on the same source.
     """
     params = check_params(source.n, ratio=ratio, clamp_ratio=clamp_ratio, inter=inter, variant=variant, lambdas=lambdas)
     block_width = source.block_width(block_width)
     if params["variant"] == "official":
-        return _merge_official(source, sink, params, block_width)
-    return _merge_paper(source, sink, params, block_width)
+        return _merge_official(source, sink, params, block_width, record, reuse)
+    return _merge_paper(source, sink, params, block_width, record, reuse)
+
+
+def _reused(reuse: dict | None, key: tuple, compute):
+    """compute() once per key when a ``reuse`` dict is given."""
+    if reuse is None:
+        return compute()
+    if key not in reuse:
+        reuse[key] = compute()
+    return reuse[key]
+
+
+def _record_block(record, segment, lo, hi, task, pos, weight, value, den) -> None:
+    """Pass the entries with a positive weight to ``record``."""
+    if record is not None:
+        keep = weight > 0
+        record(segment, lo, hi, task[keep], pos[keep], value[keep], den)
 
 
 def clip_bounds(source, clamp_ratio: float, block_width: int, sample: ColumnSample) -> tb.ClipStats:
@@ -77,10 +100,14 @@ def clip_bounds(source, clamp_ratio: float, block_width: int, sample: ColumnSamp
     return tb.ClipStats.from_bounds(bounds[:, 0], bounds[:, 1])
 
 
-def _merge_official(source, sink, params, block_width):
+def _merge_official(source, sink, params, block_width, record=None, reuse=None):
     n, D = source.n, source.D
-    sample = ColumnSample(D)
-    clip = clip_bounds(source, params["clamp_ratio"], block_width, sample)
+
+    def statistics():
+        sample = ColumnSample(D)
+        return clip_bounds(source, params["clamp_ratio"], block_width, sample), sample
+
+    clip, sample = _reused(reuse, ("clip", params["clamp_ratio"], block_width), statistics)
     ws = tb.Workspace(n, block_width, 4 if params["inter"] == "pairwise" else 3)
     sample_scores = sample.scores(lambda tv: tb.official_scores(tv, clip, params["inter"], ws))
 
@@ -97,6 +124,11 @@ def _merge_official(source, sink, params, block_width):
         for block, scores in score_blocks():
             scale = scores.sub_(t.unsqueeze(1)).clamp_min_(0).div_(span.unsqueeze(1))
             value = tb.clipped_values(block.tv, clip.lo, clip.hi).mul_(scale)
+            if record is not None:
+                task, pos = _dense_index(value.shape)
+                _, den = dense_sums(value, scale)
+                _record_block(record, block.segment, block.lo, block.hi, task, pos, scale.reshape(-1),
+                              value.reshape(-1), torch.clamp(den, min=1e-12))
             if lam is not None:
                 value.mul_(lam)
             num, den = dense_sums(value, scale)
@@ -107,6 +139,10 @@ def _merge_official(source, sink, params, block_width):
         # Collected entries at or below t get scale 0 and add exact zeros: no need to filter them.
         scale = torch.clamp_min_(c.score - t[task], 0).div_(span[task])
         value = tb.clipped_values(c.tau, clip.lo[task, 0], clip.hi[task, 0]).mul_(scale)
+        if record is not None:
+            den = sum_kept(c, task, scale)[0]
+            _record_block(record, c.segment, c.lo, c.hi, task, c.flat - task * c.width, scale, value,
+                          torch.clamp(den, min=1e-12))
         if lam is not None:
             value.mul_(lam[task, 0])
         num, den = sum_kept(c, task, value, scale)
@@ -146,10 +182,14 @@ def pair_stats(source, block_width: int, sample: ColumnSample) -> tb.PairStats:
     return stats
 
 
-def _merge_paper(source, sink, params, block_width):
+def _merge_paper(source, sink, params, block_width, record=None, reuse=None):
     n, D = source.n, source.D
-    sample = ColumnSample(D)
-    stats = pair_stats(source, block_width, sample)
+
+    def statistics():
+        sample = ColumnSample(D)
+        return pair_stats(source, block_width, sample), sample
+
+    stats, sample = _reused(reuse, ("pairs", block_width), statistics)
     ws = tb.Workspace(n, block_width, 2)
     sample_scores = sample.scores(lambda tv: tb.paper_scores(tv, stats, ws))
 
@@ -165,6 +205,11 @@ def _merge_paper(source, sink, params, block_width):
         for block, scores in score_blocks():
             kept_beta = scores * (scores >= t.unsqueeze(1))
             value = kept_beta * block.tv
+            if record is not None:
+                task, pos = _dense_index(value.shape)
+                den = dense_sums(value, kept_beta)[1]
+                _record_block(record, block.segment, block.lo, block.hi, task, pos, kept_beta.reshape(-1),
+                              value.reshape(-1), torch.where(den > 0, den, float("inf")))
             if lam is not None:
                 value = value * lam
             num, den = dense_sums(value, kept_beta)
@@ -175,8 +220,18 @@ def _merge_paper(source, sink, params, block_width):
         # beta * mask, as the reference: entries below t add exact zeros, so none is filtered out
         kept_beta = c.score * (c.score >= t[task])
         value = kept_beta * c.tau
+        if record is not None:
+            den = sum_kept(c, task, kept_beta)[0]
+            _record_block(record, c.segment, c.lo, c.hi, task, c.flat - task * c.width, kept_beta, value,
+                          torch.where(den > 0, den, float("inf")))
         if lam is not None:
             value = value * lam[task, 0]
         num, den = sum_kept(c, task, value, kept_beta)
         sink(c.segment, c.lo, c.hi, torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0))
     return kept_counts
+
+
+def _dense_index(shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """(task, position) of every entry of an [n, m] block, in task-major order."""
+    n, m = shape
+    return torch.arange(n).repeat_interleave(m), torch.arange(m).repeat(n)
