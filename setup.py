@@ -10,7 +10,7 @@ setup(
     packages=["pcb_fast", "pcb_fast.methods", "pcb_fast.kernels"],
     package_dir={"pcb_fast": "pcb_fast", "pcb_fast.kernels": "kernels"},
     # torch is not pinned here: install the build you need first (the README pins 2.13.0 on CPU).
-    install_requires=["torch>=2.4", "numpy", "tqdm", "pyyaml"],
+    install_requires=["torch>=2.4", "numpy", "tqdm", "pyyaml", "cma"],
     # Triton runs the GPU kernels (and, under TRITON_INTERPRET=1, their tests on a CPU).
     extras_require={
         "gpu": ["triton>=3.6; platform_system == 'Linux'"],

@@ -136,8 +136,10 @@ class ContributionCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the cache (contributions, divisors, float32 base copies, output)."""
-        total = sum(t.numel() * t.element_size() for t in self._base32.values())
+        """Bytes the cache holds besides the output state dict: contributions, divisors, a float32
+        copy of the base where it has another dtype, and the tau_m workspace."""
+        total = sum(t.numel() * t.element_size() for k, t in self._base32.items()
+                    if t.data_ptr() != self.out[k].data_ptr() and t.dtype != self.out[k].dtype)  # float32 copies only
         total += sum(t.numel() * t.element_size() for t in self._tau.values())
         if self.method == "pcb":
             total += sum(t.numel() * 4 for t in self._den.values())
@@ -183,12 +185,18 @@ class ContributionCache:
         lam = None if lambdas is None else torch.tensor(lambdas, dtype=torch.float32).unsqueeze(1)
         groups = [self.merged] if self.scope == "global" else [[k] for k in self.merged]
         sign_ties = self.params.get("sign_ties", "majority")
-        for keys in groups:
-            weighted = {k: self._vectors[k] if lam is None else self._vectors[k] * lam for k in keys}
-            total = sum(int(elected_signs(weighted[k]).sum()) for k in keys)
-            fill = zero_sign_fill(total, sign_ties)
+        def chunks(keys):  # column blocks that stay in cache, as the merge's own sweeps
             for k in keys:
-                self._tau[k].copy_(disjoint_mean(weighted[k], elected_signs(weighted[k]), fill, lam))
+                for a in range(0, self._vectors[k].shape[1], DEFAULT_BLOCK_WIDTH):
+                    block = self._vectors[k][:, a : a + DEFAULT_BLOCK_WIDTH]
+                    yield k, a, block if lam is None else block * lam
+
+        for keys in groups:
+            total = sum(int(elected_signs(weighted).sum()) for _, _, weighted in chunks(keys))
+            fill = zero_sign_fill(total, sign_ties)
+            for k, a, weighted in chunks(keys):
+                mean = disjoint_mean(weighted, elected_signs(weighted), fill, lam)
+                self._tau[k][a : a + mean.numel()] = mean
 
 
 # ---- CMA-ES
