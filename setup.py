@@ -14,7 +14,10 @@ setup(
     # Triton runs the GPU kernels (and, under TRITON_INTERPRET=1, their tests on a CPU).
     extras_require={
         "gpu": ["triton>=3.6; platform_system == 'Linux'"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "safetensors>=0.4", "triton>=3.6; platform_system == 'Linux'"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "safetensors>=0.4", "scikit-learn",
+                 "triton>=3.6; platform_system == 'Linux'"],
+        # the merge-quality benchmark (real data from scikit-learn, a bar chart) and the benchmark plots
+        "bench": ["scikit-learn", "matplotlib", "safetensors>=0.4", "pytest-benchmark>=4"],
     },
     entry_points={"console_scripts": ["pcb-fast=pcb_fast.cli:main"]},
 )
