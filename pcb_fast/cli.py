@@ -8,6 +8,7 @@ stderr (a traceback only with --verbose), and a merge that does not finish leave
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
@@ -60,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--device", default="cpu", help="cpu (default, streamed from disk) or cuda (loaded whole)")
     merge.add_argument("--max-memory", help="RAM for float32 task vectors kept between passes, e.g. 2GB "
                                             "(default: half the available memory)")
+    merge.add_argument("--distributed", action="store_true",
+                       help="run as one rank of a torchrun launch (gloo on CPU): ranks split the output shards")
 
     search = commands.add_parser("search", help="search per-model lambdas with CMA-ES on your evaluation",
                                  description="Load the models, cache the merge's contributions once, and search one "
@@ -127,7 +130,7 @@ def merge_arguments(args) -> dict:
             except ValueError:
                 raise ValueError(f"--lambdas={args.lambdas!r} must be comma-separated numbers") from None
     kwargs.update(out=args.out, overwrite=args.overwrite, backend=args.backend, device=args.device,
-                  max_memory=args.max_memory, shard_size=args.shard_size)
+                  max_memory=args.max_memory, shard_size=args.shard_size, distributed=args.distributed)
     return kwargs
 
 
@@ -153,7 +156,7 @@ def run_merge(args) -> int:
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if not args.quiet:
+    if not args.quiet and int(os.environ.get("RANK", "0") if args.distributed else 0) == 0:
         kept = report.get("kept") or []
         entries = report.get("entries") or 0
         fractions = " ".join(f"{k / entries:.4f}" for k in kept) if entries and kept and None not in kept else "n/a"

@@ -12,6 +12,7 @@ failed or interrupted merge leaves nothing behind, and an existing ``out`` is re
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -27,7 +28,8 @@ from .checks import parse_size
 from .backends import resolve_backend
 from .checkpoints import SIDE_FILES, check_models_match, open_checkpoint, split_keys
 from .methods import METHODS
-from .safetensors_io import ShardedWriter
+from .distributed import assign_shards
+from .safetensors_io import ShardedWriter, shard_plan
 from .sources import DEFAULT_BLOCK_WIDTH, CachedSource, CheckpointSource
 
 OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -66,7 +68,7 @@ def _names(sources) -> list:
 
 def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None, scope="global", exclude=(),
                       backend="auto", device="cpu", max_memory=None, shard_size="5GB", dtype=None,
-                      overwrite=False, progress=None, report: dict | None = None,
+                      overwrite=False, progress=None, report: dict | None = None, distributed: bool = False,
                       block_width=DEFAULT_BLOCK_WIDTH, **method_params) -> Path:
     """Merge checkpoints (paths or state dicts) of ``models`` fine-tuned from ``base`` into the folder
     ``out``: sharded safetensors (``shard_size``) with an index, the base's dtypes (or ``dtype``),
@@ -78,6 +80,8 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
     pass). The result is the same bit for bit whatever the budget. ``progress``:
     a factory ``progress(total_bytes, description)`` of bars with update/close, called per pass.
     ``report`` receives kept, entries, merged_keys, copied_keys, seconds and peak_rss_bytes.
+    ``distributed``: this process is one rank of a torchrun launch (pcb_fast.distributed); every
+    rank calls this with the same arguments, and the output equals the single-process one.
     Returns the output folder.
     """
     started = time.perf_counter()
@@ -106,20 +110,31 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
     out = check_output(out, overwrite)
 
     base_ck = open_checkpoint(base, "base model")
-    model_cks = []
+    model_cks, comm = [], None
     try:
         for source, name in zip(models, _names(models)):
             model_cks.append(open_checkpoint(source, name))
         merged, copied = split_keys(base_ck, exclude)
         check_models_match(base_ck, model_cks, merged)
-        with atomic_folder(out) as tmp:
+        if distributed:  # every rank has made the same checks; now they meet
+            from .distributed import init_from_env
+
+            if backend != "torch" or device.type != "cpu":
+                raise ValueError("distributed merges run the torch backend on CPU (gloo) in this version; "
+                                 "use --device cpu")
+            comm = init_from_env(device)
+            if comm.rank != 0:
+                progress = None
+        with atomic_folder(out, comm) as tmp:
             info = _write_merge(base_ck, model_cks, merged, copied, tmp, method=method, lam=lam, lambdas=lambdas,
                                 exclude=exclude, scope=scope, backend=backend, device=device, budget=budget,
                                 shard_bytes=shard_bytes, dtype=dtype, progress=progress, block_width=block_width,
-                                params=method_params)
+                                params=method_params, comm=comm)
     finally:
         for ck in [base_ck] + model_cks:
             ck.close()
+        if comm is not None:
+            comm.close()
     if report is not None:
         report.update(info, merged_keys=merged, copied_keys=copied, seconds=time.perf_counter() - started,
                       peak_rss_bytes=peak_rss_bytes())
@@ -140,22 +155,37 @@ def check_output(out, overwrite: bool) -> Path:
 
 
 @contextmanager
-def atomic_folder(out: Path):
+def atomic_folder(out: Path, comm=None):
     """Yield a temporary folder next to ``out`` that replaces ``out`` when the block succeeds and is
-    removed when it fails (errors while writing become :class:`MergeFailed`)."""
+    removed when it fails (errors while writing become :class:`MergeFailed`). Distributed (``comm``):
+    rank 0 creates, renames and removes it, after every rank has agreed that none failed."""
     parent = out.absolute().parent
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    except OSError as e:
-        raise ValueError(f"output folder's parent {parent} is not writable ({e.strerror})") from None
+    leader = comm is None or comm.rank == 0
+    tmp, error = None, None
+    if leader:
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        except OSError as e:
+            error = f"output folder's parent {parent} is not writable ({e.strerror})"
+    if comm is not None:
+        tmp, error = comm.broadcast((tmp, error))
+    if error is not None:
+        raise ValueError(error)
     try:
         yield tmp
-        _replace(tmp, out)
-    except (ValueError, OSError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise MergeFailed(str(e)) from e
+        if comm is not None:
+            comm.barrier()  # every rank's shards are written, and no rank failed
+        if leader:
+            _replace(tmp, out)
+        if comm is not None:
+            comm.barrier()
+    except (ValueError, OSError, RuntimeError) as e:  # RuntimeError: a collective broken by a dead rank
+        if leader:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise MergeFailed(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if leader:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -209,7 +239,7 @@ def _replace(tmp: Path, out: Path) -> None:
 
 
 def _write_merge(base_ck, model_cks, merged, copied, folder: Path, *, method, lam, lambdas, exclude, scope, backend, device,
-                 budget, shard_bytes, dtype, progress, block_width, params) -> dict:
+                 budget, shard_bytes, dtype, progress, block_width, params, comm=None) -> dict:
     def out_dtype(key):
         own = base_ck.dtype(key)
         return OUT_DTYPES[dtype] if dtype is not None and own.is_floating_point else own
@@ -217,36 +247,48 @@ def _write_merge(base_ck, model_cks, merged, copied, folder: Path, *, method, la
     metadata = {"format": "pt", "pcb_fast_version": __version__, "merge_method": method,
                 "merge_parameters": json.dumps(dict(params, lam=lam, lambdas=lambdas, scope=scope, exclude=list(exclude)),
                                                sort_keys=True)}
-    keys = base_ck.keys()
-    writer = ShardedWriter(folder, [(k, out_dtype(k), tuple(base_ck.shape(k))) for k in keys], shard_bytes, metadata)
+    entries = [(k, out_dtype(k), tuple(base_ck.shape(k))) for k in base_ck.keys()]
+    only, local = None, None
+    if comm is not None:  # this rank's whole shards, contiguous in key order
+        shards = shard_plan(entries, shard_bytes)
+        only = set(assign_shards([sum(t.itemsize * math.prod(s) for _, t, s in sh) for sh in shards],
+                                 comm.world)[comm.rank])
+        local = {key for i in only for key, _, _ in shards[i]}
+    writer = ShardedWriter(folder, entries, shard_bytes, metadata, only=only, index=comm is None or comm.rank == 0)
     try:
         for key in copied:
-            writer.write(key, 0, base_ck.read(key).reshape(-1).to(out_dtype(key)))
+            if local is None or key in local:
+                writer.write(key, 0, base_ck.read(key).reshape(-1).to(out_dtype(key)))
         info = {"kept": [0] * len(model_cks), "entries": 0}
         if merged:
             run = _stream_merge if backend == "torch" else _in_memory_merge
             info = run(base_ck, model_cks, merged, writer, out_dtype, method=method, lam=lam, lambdas=lambdas,
                        scope=scope, backend=backend, device=device, budget=budget, progress=progress,
-                       block_width=block_width, params=params)
+                       block_width=block_width, params=params, comm=comm, local=local)
         writer.close()
     except BaseException:
         writer.abort()
         raise
-    _copy_side_files(base_ck.folder, folder)
+    if comm is None or comm.rank == 0:
+        _copy_side_files(base_ck.folder, folder)
     return info
 
 
 def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam, lambdas, scope, backend, device,
-                  budget, progress, block_width, params) -> dict:
+                  budget, progress, block_width, params, comm=None, local=None) -> dict:
     pass_count = [0]
 
     def bar(total):
         pass_count[0] += 1
         return progress(total, f"pass {pass_count[0]}") if progress else None
 
-    source = CheckpointSource(base_ck, model_cks, merged, progress=bar if progress else None)
-    # The float32 task vectors first, if they fit; what is left bounds the entries collected between passes.
-    if source.n * source.D * 4 <= budget:
+    keys = merged if local is None else [k for k in merged if k in local]
+    source = CheckpointSource(base_ck, model_cks, keys, progress=bar if progress else None)
+    if comm is not None:  # this rank's keys, with the statistics of the whole model
+        source.comm = comm
+        source.D = sum(math.prod(base_ck.shape(k)) for k in merged)
+    elif source.n * source.D * 4 <= budget:
+        # The float32 task vectors first, if they fit; what is left bounds the entries collected between passes.
         source = CachedSource(source)
         budget -= source.n * source.D * 4
     source.memory_budget = budget
@@ -257,16 +299,21 @@ def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam,
         buffer = base_buffer.get(base_ck.dtype(key))
         if buffer is None or buffer.numel() < hi - lo:
             buffer = base_buffer[base_ck.dtype(key)] = torch.empty(max(hi - lo, block_width), dtype=base_ck.dtype(key))
-        base = base_ck.read_into(key, lo, hi, buffer[: hi - lo])
-        theta = base.float() + lam * tau_m
-        writer.write(key, lo, theta.to(out_dtype(key)))
+        try:
+            base = base_ck.read_into(key, lo, hi, buffer[: hi - lo])
+            theta = base.float() + lam * tau_m
+            writer.write(key, lo, theta.to(out_dtype(key)))
+        except (ValueError, OSError) as e:
+            if comm is None:
+                raise
+            comm.fail(str(e))  # raised on every rank at the next collective
 
     return engine.run(METHODS[method][0], source, sink, scope=scope, lambdas=lambdas, block_width=block_width,
                       **params)
 
 
 def _in_memory_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam, lambdas, scope, backend, device,
-                     budget, progress, block_width, params) -> dict:
+                     budget, progress, block_width, params, comm=None, local=None) -> dict:
     from .api import merge
 
     base = {k: base_ck.read(k).to(device) for k in merged}

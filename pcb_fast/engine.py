@@ -42,6 +42,8 @@ def run(method: Callable, source: TaskVectorSource, sink: Sink, *, scope: str = 
     kept = torch.zeros(source.n, dtype=torch.int64)
     for part in parts:
         kept += method(part, sink, **params)
+    if source.comm is not None:
+        source.comm.sum_(kept)  # also where every rank agrees that no rank failed
     return {"kept": kept.tolist(), "entries": source.D}
 
 
@@ -50,7 +52,10 @@ def raise_if_not_finite(source: TaskVectorSource, block, row_max: torch.Tensor) 
     bad = ~torch.isfinite(row_max)
     if bool(bad.any()):
         task = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{source.where(task, block.segment)}: contains NaN or Inf; every input value must be finite")
+        message = f"{source.where(task, block.segment)}: contains NaN or Inf; every input value must be finite"
+        if source.comm is None:
+            raise ValueError(message)
+        source.comm.fail(message)  # raised on every rank at the next collective
 
 
 @dataclass
@@ -130,9 +135,10 @@ class ColumnSample:
     scores within a fraction of a percent, at a small fraction of a pass.
     """
 
-    def __init__(self, D: int):
+    def __init__(self, D: int, n: int = 0):
         self.stride = max(17, (D >> 18) | 1)
         self.parts = []
+        self.n = n
 
     def add(self, block) -> None:
         first = (-block.start) % self.stride
@@ -140,6 +146,8 @@ class ColumnSample:
 
     def scores(self, score_fn: Callable) -> torch.Tensor:
         """[n, s] scores of the sampled columns; ``score_fn`` maps a [n, m] block to its scores."""
+        if not self.parts:  # a rank of a distributed merge may hold no key
+            return torch.zeros(self.n, 0)
         return torch.cat([score_fn(part).clone() for part in self.parts], dim=1)
 
 
@@ -209,6 +217,8 @@ COLLECTED_BYTES = 16  # per collected entry: int32 position, float32 score and t
 
 def can_collect(source: TaskVectorSource, rank: int) -> bool:
     """Whether the entries above rank ``rank`` of every task (with a margin) fit the source's budget."""
+    if source.comm is not None:
+        return False  # distributed: thresholds from histograms summed over ranks
     if source.memory_budget is None:
         return True
     entries = source.n * (source.D - rank) * 1.05 + source.n * 4096
@@ -218,11 +228,13 @@ def can_collect(source: TaskVectorSource, rank: int) -> bool:
 def threshold_by_radix(source: TaskVectorSource, score_blocks: Callable, rank: int, keep_ties: bool):
     """(t, M, kept) by two passes of the exact radix select: no memory beyond the histograms."""
     n = source.n
-    selector = RadixSelect(n, torch.full((n, 1), rank), source.D)
+    selector = RadixSelect(n, torch.full((n, 1), rank), source.D, comm=source.comm)
     peak = torch.full((n,), float("-inf"))
     for _, scores in score_blocks():
         selector.count_high(scores)
         peak = torch.maximum(peak, scores.amax(1))
+    if source.comm is not None:
+        source.comm.max_(peak)
     selector.find_buckets()
     for _, scores in score_blocks():
         selector.count_low(scores)

@@ -161,7 +161,9 @@ class ShardedWriter:
     model.safetensors.index.json.
     """
 
-    def __init__(self, folder, entries: list, shard_size: int, metadata: dict):
+    def __init__(self, folder, entries: list, shard_size: int, metadata: dict, only=None, index: bool = True):
+        """``only``: the indices of the shards this writer creates (a distributed merge splits the
+        shards of one plan between ranks); ``index``: whether it writes the index."""
         self.folder = Path(folder)
         shards = shard_plan(list(entries), shard_size)
         count = len(shards)
@@ -177,6 +179,8 @@ class ShardedWriter:
                 offset += nbytes
                 weight_map[key] = name
             total += offset
+            if only is not None and i not in only:
+                continue
             header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
@@ -187,7 +191,7 @@ class ShardedWriter:
             for key, dtype, shape in shard:
                 begin = header[key]["data_offsets"][0]
                 self.places[key] = (fd, 8 + len(raw) + begin, dtype)
-        if count > 1:
+        if count > 1 and index:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 

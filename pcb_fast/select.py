@@ -45,7 +45,7 @@ class RadixSelect:
     Blocks are float32 [n, m]; counts are integers, so the result never depends on block order.
     """
 
-    def __init__(self, n: int, ranks: torch.Tensor, lengths: int | torch.Tensor):
+    def __init__(self, n: int, ranks: torch.Tensor, lengths: int | torch.Tensor, comm=None):
         self.n = n
         self.ranks = torch.as_tensor(ranks, dtype=torch.int64).reshape(n, -1)
         self.R = self.ranks.shape[1]
@@ -55,6 +55,8 @@ class RadixSelect:
             raise ValueError(f"ranks {self.ranks.tolist()} out of range for rows of length {lengths.tolist()}")
         self.high = torch.zeros(n, BUCKETS, dtype=torch.int64)
         self.low = None
+        self.comm = comm  # pcb_fast.distributed.Comm: histograms are summed over ranks before use
+        self._low_reduced = False
         self.buckets = None
         self._row_offsets = (torch.arange(n, dtype=torch.int32) * BUCKETS).unsqueeze(1)
 
@@ -66,6 +68,8 @@ class RadixSelect:
 
     def find_buckets(self) -> torch.Tensor:
         """Bucket of each rank ([n, R] int64) and the count below it; starts level 2."""
+        if self.comm is not None:
+            self.comm.sum_(self.high)
         cumulative = self.high.cumsum(1)
         self.buckets = torch.searchsorted(cumulative, self.ranks, right=True)
         below = torch.gather(cumulative, 1, self.buckets) - torch.gather(self.high, 1, self.buckets)
@@ -91,6 +95,9 @@ class RadixSelect:
         return keys_to_float(keys)
 
     def _low_index(self) -> torch.Tensor:
+        if self.comm is not None and not self._low_reduced:
+            self.comm.sum_(self.low)
+            self._low_reduced = True
         cumulative = self.low.cumsum(2)
         return torch.searchsorted(cumulative, self._local_ranks.unsqueeze(2), right=True).squeeze(2)
 

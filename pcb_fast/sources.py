@@ -62,6 +62,9 @@ class TaskVectorSource:
         # bytes the engine may hold for the entries it collects between passes (None: no limit);
         # above it, methods find their thresholds by radix select and merge in one more pass
         self.memory_budget = None
+        # pcb_fast.distributed.Comm when this source is one rank's share of a distributed merge (D is
+        # then the global number of entries, segments the local keys)
+        self.comm = None
 
     def restrict(self, segment: Segment) -> "TaskVectorSource":
         """The same source seen as a single segment (for scope="tensor")."""
@@ -69,11 +72,12 @@ class TaskVectorSource:
         view.__dict__.update(self.__dict__)
         view.segments = [Segment(segment.key, segment.shape, segment.numel, 0)]
         view.D = segment.numel
+        view.comm = None  # one tensor's statistics live on the rank that holds it
         return view
 
     def block_width(self, width: int) -> int:
         """The widest block :meth:`blocks` yields for ``width`` (buffers need no more)."""
-        return min(width, max(s.numel for s in self.segments))
+        return min(width, max((s.numel for s in self.segments), default=1))
 
     def blocks(self, width: int = DEFAULT_BLOCK_WIDTH, whole_rows: bool = False) -> Iterator[Block]:
         """Yield the aligned blocks of every segment, in order.
@@ -84,7 +88,7 @@ class TaskVectorSource:
         bar = self.progress(sum(s.numel * self.bytes_per_entry(s) for s in self.segments)) if self.progress else None
         rows = [row_length(s.shape) for s in self.segments] if whole_rows else [1] * len(self.segments)
         widest = max(max(width // r, 1) * r for r in rows) if whole_rows else width
-        buffer = torch.empty(self.n, min(widest, max(s.numel for s in self.segments)))
+        buffer = torch.empty(self.n, min(widest, max((s.numel for s in self.segments), default=1)))
         try:
             for seg, row in zip(self.segments, rows):
                 step = max(width // row, 1) * row
@@ -200,14 +204,21 @@ class CheckpointSource(TaskVectorSource):
         return sum(c.dtype(key).itemsize for c in [self._base_ckpt] + self._model_ckpts)
 
     def _read(self, seg, lo, hi, out):
-        base = self._base_ckpt.read_into(seg.key, lo, hi, self._buffer("base", self._base_ckpt.dtype(seg.key), hi - lo))
-        if not bool(torch.isfinite(base).all()):  # else every task vector would be blamed for it
-            raise ValueError(f"base model, key {seg.key!r}: contains NaN or Inf; every input value must be finite")
-        if base.dtype != torch.float32:
-            base = self._buffer("base32", torch.float32, hi - lo).copy_(base)
-        for i, model in enumerate(self._model_ckpts):
-            native = model.read_into(seg.key, lo, hi, self._buffer("model", model.dtype(seg.key), hi - lo))
-            out[i].copy_(native).sub_(base)
+        try:
+            base = self._base_ckpt.read_into(seg.key, lo, hi,
+                                             self._buffer("base", self._base_ckpt.dtype(seg.key), hi - lo))
+            if not bool(torch.isfinite(base).all()):  # else every task vector would be blamed for it
+                raise ValueError(f"base model, key {seg.key!r}: contains NaN or Inf; every input value must be finite")
+            if base.dtype != torch.float32:
+                base = self._buffer("base32", torch.float32, hi - lo).copy_(base)
+            for i, model in enumerate(self._model_ckpts):
+                native = model.read_into(seg.key, lo, hi, self._buffer("model", model.dtype(seg.key), hi - lo))
+                out[i].copy_(native).sub_(base)
+        except (ValueError, OSError) as e:
+            if self.comm is None:
+                raise
+            self.comm.fail(str(e))  # raised on every rank at the next collective
+            out.zero_()
         return out
 
 
@@ -220,6 +231,7 @@ class CachedSource(TaskVectorSource):
         self.inner = inner
         self.progress = inner.progress
         self.memory_budget = inner.memory_budget
+        self.comm = inner.comm
         self.cache = None  # allocated by the first pass
         self.complete = False
 

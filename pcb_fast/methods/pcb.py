@@ -85,8 +85,10 @@ def clip_bounds(source, clamp_ratio: float, block_width: int, sample: ColumnSamp
     n, D = source.n, source.D
     i_lo, i_hi = clip_indices(D, clamp_ratio)
     ws = tb.Workspace(n, block_width, 1)
-    tails = max(i_lo + 1, D - i_hi) <= max(D // 64, 1)
-    selector = TailSelect(n, i_lo, D - 1 - i_hi) if tails else RadixSelect(n, torch.tensor([[i_lo, i_hi]] * n), D)
+    # tail candidates are local; a distributed merge sums histograms over ranks instead
+    tails = max(i_lo + 1, D - i_hi) <= max(D // 64, 1) and source.comm is None
+    selector = (TailSelect(n, i_lo, D - 1 - i_hi) if tails
+                else RadixSelect(n, torch.tensor([[i_lo, i_hi]] * n), D, comm=source.comm))
     for block in source.blocks(block_width):
         magnitude = torch.abs(block.tv, out=ws.get(block.tv.shape[1])[0])
         raise_if_not_finite(source, block, magnitude.amax(1))
@@ -104,7 +106,7 @@ def _merge_official(source, sink, params, block_width, record=None, reuse=None):
     n, D = source.n, source.D
 
     def statistics():
-        sample = ColumnSample(D)
+        sample = ColumnSample(D, n)
         return clip_bounds(source, params["clamp_ratio"], block_width, sample), sample
 
     clip, sample = _reused(reuse, ("clip", params["clamp_ratio"], block_width), statistics)
@@ -167,18 +169,29 @@ def pair_stats(source, block_width: int, sample: ColumnSample) -> tb.PairStats:
             torch.mul(block.tv, block.tv[i], out=products)
             lo[i] = torch.minimum(lo[i], products.amin(1))
             hi[i] = torch.maximum(hi[i], products.amax(1))
+    if source.comm is not None:
+        source.comm.min_(lo)
+        source.comm.max_(hi)
     stats = tb.PairStats.from_min_max(lo, hi)
-    z_inter = torch.zeros(n, n, dtype=torch.float64)
-    z_intra = torch.zeros(n, dtype=torch.float64)
+    # per-block partial sums [blocks, n, n + 1] (inter, then intra), added in block order below
+    partials = []
     for block in source.blocks(block_width):
         m = block.tv.shape[1]
         terms = ws.get(m)[0]
+        partial = torch.empty(n, n + 1, dtype=torch.float64)
         for i in range(n):
             normalized = tb.pair_normalized(block.tv, i, stats, terms)
-            z_intra[i] += tb.intra_numerator(normalized[i], n, float(stats.peak[i, i]), ws.row(m)).sum(dtype=torch.float64)
-            z_inter[i] += terms.sub_(stats.peak[i].unsqueeze(1)).exp_().sum(1, dtype=torch.float64)
-    stats.inv_z_inter = (1.0 / z_inter).float()
-    stats.inv_z_intra = (1.0 / z_intra).float()
+            partial[i, n] = tb.intra_numerator(normalized[i], n, float(stats.peak[i, i]), ws.row(m)).sum(dtype=torch.float64)
+            partial[i, :n] = terms.sub_(stats.peak[i].unsqueeze(1)).exp_().sum(1, dtype=torch.float64)
+        partials.append(partial)
+    partials = torch.stack(partials) if partials else torch.zeros(0, n, n + 1, dtype=torch.float64)
+    if source.comm is not None:  # every rank adds every block's partials in the same (global) order
+        partials = source.comm.gather_in_order(partials)
+    z = torch.zeros(n, n + 1, dtype=torch.float64)
+    for partial in partials:
+        z += partial
+    stats.inv_z_inter = (1.0 / z[:, :n]).float()
+    stats.inv_z_intra = (1.0 / z[:, n]).float()
     return stats
 
 
@@ -186,7 +199,7 @@ def _merge_paper(source, sink, params, block_width, record=None, reuse=None):
     n, D = source.n, source.D
 
     def statistics():
-        sample = ColumnSample(D)
+        sample = ColumnSample(D, n)
         return pair_stats(source, block_width, sample), sample
 
     stats, sample = _reused(reuse, ("pairs", block_width), statistics)

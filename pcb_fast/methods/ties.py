@@ -45,7 +45,7 @@ def _trim(source, density: float, topk: str, block_width: int):
     n, D = source.n, source.D
     keep = int(D * density)
     ws = torch.empty(n * block_width)
-    sample = ColumnSample(D)
+    sample = ColumnSample(D, n)
 
     def magnitudes(tv):
         return torch.abs(tv, out=ws[: tv.numel()].view(tv.shape))
@@ -78,7 +78,15 @@ def _trim(source, density: float, topk: str, block_width: int):
     if collected is None:
 
         def dense():
-            budget = None if topk == "threshold" else keep - (at_or_above - _equal_counts(score_blocks, column))
+            budget = None
+            if topk == "exact":  # ties at t are kept by position: after those of the ranks before this one
+                equal = _equal_counts(score_blocks, column)
+                if source.comm is not None:
+                    before = source.comm.before_me(equal.clone())
+                    equal = source.comm.sum_(equal.clone())
+                    budget = keep - (at_or_above - equal) - before
+                else:
+                    budget = keep - (at_or_above - equal)
             for block, magnitude in score_blocks():
                 if budget is None:
                     yield block, magnitude >= column
@@ -146,7 +154,7 @@ def merge_ties(source, sink, *, density=0.2, sign_ties="majority", topk="thresho
                 value = block.tv * kept
                 yield block.segment, block.lo, block.hi, value if lam is None else value * lam
 
-        _elect_and_merge(weighted_blocks, sink, lam, sign_ties)
+        _elect_and_merge(weighted_blocks, sink, lam, sign_ties, source.comm)
         return kept_counts
     trimmed, sign_total = [], 0
     for c, task, kept in collected:
@@ -185,16 +193,18 @@ def merge_dare_ties(source, sink, *, p=0.9, seed=0, sign_ties="majority", lambda
                 kept_counts.add_(keep.sum(1))
             yield block.segment, block.lo, block.hi, dropped if lam is None else dropped * lam
 
-    _elect_and_merge(weighted_blocks, sink, lam, sign_ties)
+    _elect_and_merge(weighted_blocks, sink, lam, sign_ties, source.comm)
     return kept_counts
 
 
-def _elect_and_merge(weighted_blocks, sink, lam, sign_ties: str) -> None:
+def _elect_and_merge(weighted_blocks, sink, lam, sign_ties: str, comm=None) -> None:
     """Two sweeps over dense [n, m] blocks: the whole-model sum of the elected signs, then the
     disjoint mean per block (the literal formulation's functions, block by block)."""
-    sign_total = 0
+    sign_total = torch.zeros((), dtype=torch.int64)
     for *_, weighted in weighted_blocks(True):
-        sign_total += int(elected_signs(weighted).sum())
-    fill = zero_sign_fill(sign_total, sign_ties)
+        sign_total += elected_signs(weighted).sum().long()
+    if comm is not None:
+        comm.sum_(sign_total)
+    fill = zero_sign_fill(int(sign_total), sign_ties)
     for segment, lo, hi, weighted in weighted_blocks(False):
         sink(segment, lo, hi, disjoint_mean(weighted, elected_signs(weighted), fill, lam))
