@@ -50,16 +50,26 @@ def check_method_params(method: str, n: int, lam, lambdas, scope: str, params: d
           backend="torch", **params)
 
 
-def peak_rss_bytes() -> int:
-    """The process's peak resident memory so far (VmHWM), or 0 where /proc is absent."""
+def _proc_bytes(path: str, field: str, default: int) -> int:
+    """A "Field: N kB" line of a /proc file in bytes, or ``default`` where /proc is absent."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return default
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident memory so far (VmHWM), or 0 where /proc is absent."""
+    return _proc_bytes("/proc/self/status", "VmHWM", 0)
+
+
+def available_memory() -> int:
+    """Memory available to new allocations (MemAvailable), or 8 GiB where /proc is absent."""
+    return _proc_bytes("/proc/meminfo", "MemAvailable", 8 << 30)
 
 
 def _names(sources) -> list:
@@ -97,7 +107,7 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
     shard_bytes = parse_size(shard_size, "shard_size")
     if shard_bytes == 0:
         raise ValueError(f"shard_size={shard_size!r} must be positive")
-    budget = _available_memory() // 2 if max_memory is None else parse_size(max_memory, "max_memory")
+    budget = available_memory() // 2 if max_memory is None else parse_size(max_memory, "max_memory")
     if dtype is not None and dtype not in OUT_DTYPES:
         raise ValueError(f"dtype={dtype!r} is not valid; choose one of {', '.join(map(repr, OUT_DTYPES))}")
     try:
@@ -214,17 +224,6 @@ def _copy_side_files(folder, to: Path) -> None:
         for name in SIDE_FILES:
             if (Path(folder) / name).is_file():
                 shutil.copy2(Path(folder) / name, to / name)
-
-
-def _available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
 
 
 def _replace(tmp: Path, out: Path) -> None:
