@@ -8,8 +8,9 @@ PCB official (global, ratio 0.1, clamp 1e-4, inter "sum"): seconds of each pass 
 backend (device synchronised around each), GB/s of its reads, the time of one read of the inputs
 (torch.sum over them, the practical floor of a pass) and the ratio to it; end-to-end median over
 repeats; the reference path (the authors' sort-based formulation) on the same GPU where it fits in
-memory, its ratio, and the agreement of the two results. The torch backend is CPU-only in this
-version and is not run here. Prints a markdown table; writes benchmarks/results/gpu.json.
+memory, its ratio, and the agreement of the two results; then each baseline method on the triton
+backend at D=2^24 against the torch backend on the CPU (the torch backend is CPU-only in this
+version). Prints markdown tables; writes benchmarks/results/gpu.json.
 """
 
 from __future__ import annotations
@@ -95,6 +96,27 @@ def case(n: int, D: int, dtype, device, repeats: int, with_reference: bool) -> d
     return result
 
 
+BASELINES = [("average", {}), ("task_arithmetic", {}), ("ties", dict(density=0.2)), ("dare", dict(p=0.9)),
+             ("dare_ties", dict(p=0.9))]
+
+
+def baselines(n: int, D: int, device, repeats: int) -> list:
+    """Each baseline on the triton backend against the torch backend on the CPU (same inputs)."""
+    gen = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(D, generator=gen) * 0.02}
+    models = [{"w": base["w"] + 1e-3 * torch.randn(D, generator=gen)} for _ in range(n)]
+    on_device = ({"w": base["w"].to(device)}, [{"w": m["w"].to(device)} for m in models])
+    rows = []
+    for method, params in BASELINES:
+        pcb_fast.merge(*on_device, method=method, backend="triton", **params)  # compile
+        gpu = seconds_of(lambda: pcb_fast.merge(*on_device, method=method, backend="triton", **params), device,
+                         repeats)
+        cpu = seconds_of(lambda: pcb_fast.merge(base, models, method=method, backend="torch", **params),
+                         torch.device("cpu"), 1)
+        rows.append({"method": method, "triton_seconds": statistics.median(gpu), "torch_cpu_seconds": cpu[0]})
+    return rows
+
+
 def table(results: list) -> str:
     lines = ["| n | D | dtype | one read (GB/s) | " + " | ".join(PASSES) + " | end to end | x (passes x one read) "
              "| reference | speedup | mask diff |",
@@ -129,6 +151,7 @@ def main(argv=None) -> int:
         sizes = [1 << 24] + ([] if args.skip_vit else [VIT_B32_D])
         dtypes = [torch.float32, torch.bfloat16]
     results = [case(8, D, dtype, device, repeats, with_reference=True) for D in sizes for dtype in dtypes]
+    others = baselines(8, sizes[0], device, repeats)
     import triton
 
     machine = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",
@@ -136,9 +159,14 @@ def main(argv=None) -> int:
     print(f"PCB official, global, ratio 0.1, clamp 1e-4, n=8 on {machine['device']} "
           f"(torch {machine['torch']}, triton {machine['triton']})\n")
     print(table(results))
+    print(f"\nBaselines, n=8, D={sizes[0]:,} fp32: triton backend against the torch backend on this machine's CPU\n")
+    print("| method | triton | torch (CPU) | ratio |\n|---|---|---|---|")
+    for r in others:
+        print(f"| {r['method']} | {r['triton_seconds'] * 1e3:.2f} ms | {r['torch_cpu_seconds'] * 1e3:.1f} ms | "
+              f"{r['torch_cpu_seconds'] / r['triton_seconds']:.1f}x |")
     if not args.smoke:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"machine": machine, "results": results}, indent=2))
+        args.out.write_text(json.dumps({"machine": machine, "results": results, "baselines": others}, indent=2))
         print(f"\nwrote {args.out}")
     return 0
 

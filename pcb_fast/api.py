@@ -92,9 +92,9 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     for key in merged_keys:
         checks.check_finite(f"base model, key {key!r}", base[key])
     backend = resolve_backend(backend, device)
-    if backend == "triton" and method != "pcb":
-        raise ValueError(f"method {method!r} runs on backends 'torch' and 'reference' in this version; "
-                         "the triton backend runs 'pcb'")
+    if backend == "triton" and method not in ("pcb",) + triton_backend.BASELINES:
+        raise ValueError(f"method {method!r} runs on backends 'torch' and 'reference' in this version; the triton "
+                         f"backend runs 'pcb', {', '.join(map(repr, triton_backend.BASELINES))}")
 
     out = {key: base[key].clone() for key in copied_keys}
     if report is not None:
@@ -109,7 +109,7 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
         for key in merged_keys:
             out[key] = torch.empty(base[key].shape, dtype=base[key].dtype, device=device)
         info = triton_backend.merge_state_dicts(base, models, merged_keys, out, names, lam=lam, scope=scope,
-                                                lambdas=lambdas, **method_params)
+                                                lambdas=lambdas, method=method, **method_params)
         if report is not None:
             report.update(info)
         return {k: out[k] for k in base}

@@ -188,8 +188,8 @@ def pcb_merge_matrix(task_vectors, out: torch.Tensor, **params) -> dict:
 
 
 def merge_state_dicts(base: dict, models: list, merged_keys: list, out: dict, names: list, *, lam: float,
-                      scope: str, lambdas=None, **params) -> dict:
-    """PCB of state dicts on one device: tau = theta_i - theta_pre formed in the kernels; writes
+                      scope: str, lambdas=None, method: str = "pcb", **params) -> dict:
+    """A merge of state dicts on one device: tau = theta_i - theta_pre formed in the kernels; writes
     out[key] = theta_pre + lam * tau_m in the base's dtype for every merged key."""
     from .kernels.tiles import Rows
 
@@ -199,4 +199,87 @@ def merge_state_dicts(base: dict, models: list, merged_keys: list, out: dict, na
         if len({t.dtype for t in tensors}) > 1:  # kernels read one dtype per key
             tensors = [t.float() for t in tensors]
         parts.append(Part(key, Rows.from_tensors(tensors, base=base[key]), out[key], names))
+    if method != "pcb":
+        return merge_baseline(parts, len(models), method, lam=lam, scope=scope, lambdas=lambdas, **params)
     return merge_pcb(parts, len(models), lam=lam, scope=scope, lambdas=lambdas, **params)
+
+
+BASELINES = ("average", "task_arithmetic", "ties", "dare", "dare_ties")
+
+
+def _dare_streams(seed: int, n: int, key: str, device) -> torch.Tensor:
+    """[2n] int64: DARE's stream constant of (seed, task, key) for every task, then its mix32."""
+    from . import rng
+
+    streams = [rng.stream_constant(seed, i, key) for i in range(n)]
+    return torch.tensor(streams + [rng.mix32(h) for h in streams], dtype=torch.int64, device=device)
+
+
+def merge_baseline(parts: list, n: int, method: str, *, lambdas=None, lam=1.0, scope="global", **params) -> dict:
+    """Average, task arithmetic, DARE, TIES (authors' threshold trim) and DARE-TIES on the kernels;
+    writes every part's ``out``. Returns {"kept", "entries"}."""
+    from .kernels import linear as kl, score as kscore, select as ks, ties as kt
+    from .methods.linear import check_drop, check_seed
+    from .methods.ties import SIGN_TIES, TOPK, check_density
+
+    if method not in BASELINES:
+        raise ValueError(f"method {method!r} runs on backends 'torch' and 'reference' in this version; the triton "
+                         f"backend runs 'pcb', {', '.join(map(repr, BASELINES))}")
+    checks.check_choice("scope", scope, checks.SCOPE_CHOICES)
+    lambdas = checks.check_lambdas(lambdas, n)
+    device = parts[0].rows.device
+    weights = _lambdas(lambdas, n, device)
+    kept = torch.zeros(n, dtype=torch.int64, device=device)
+    bad = torch.zeros(len(parts), n, dtype=torch.int32, device=device)
+    dare = None
+    if method in ("dare", "dare_ties"):
+        p, seed = check_drop(params.pop("p", 0.9)), check_seed(params.pop("seed", 0))
+        dare = lambda part: (_dare_streams(seed, n, part.key or "task_vector", device), p)  # noqa: E731
+    sign_ties = checks.check_choice("sign_ties", params.pop("sign_ties", "majority"), SIGN_TIES)
+    if method == "ties":
+        density = check_density(params.pop("density", 0.2))
+        topk = checks.check_choice("topk", params.pop("topk", "threshold"), TOPK)
+        if topk == "exact":
+            raise ValueError("ties with topk='exact' (ties at the threshold kept by position) runs on the torch "
+                             "backend; the triton backend keeps every entry at the threshold (topk='threshold')")
+    if params:
+        raise ValueError(f"method {method!r} has no parameter {sorted(params)[0]!r}")
+    if method in ("average", "task_arithmetic", "dare"):
+        divisor = 1.0
+        if method == "average":
+            divisor = float(n) if lambdas is None else float(sum(lambdas))
+            if divisor <= 0:
+                raise ValueError(f"lambdas={lambdas!r} sum to {divisor}; average weights must have a positive sum")
+        for g, part in enumerate(parts):
+            kl.linear_pass(part.rows, part.out, weights, divisor, lam, bad[g], kept,
+                           dare(part) if dare is not None else None)
+        _raise_if_bad(parts, bad)
+        if dare is None:
+            kept += sum(p.rows.m for p in parts)
+        return {"kept": kept.tolist(), "entries": sum(p.rows.m for p in parts)}
+
+    groups = [list(enumerate(parts))] if scope == "global" else [[(g, p)] for g, p in enumerate(parts)]
+    for group in groups:
+        threshold = None
+        if method == "ties":
+            D = sum(p.rows.m for _, p in group)
+            rank = D - int(D * density) - 1
+            threshold = torch.zeros(n, device=device)  # rank < 0: keep everything (|tau| >= 0)
+            if rank >= 0:
+                select = ks.DeviceSelect([[rank]] * n, D, device)
+                for level in (1, 2):
+                    for g, part in group:
+                        kscore.magnitude_pass(part.rows, select, bad[g])
+                    if level == 1:
+                        _raise_if_bad(parts, bad)
+                        select.next_level()
+                threshold = select.values()[:, 0].contiguous()
+        total = torch.zeros(1, dtype=torch.int64, device=device)
+        for g, part in group:
+            kt.sign_pass(part.rows, weights, total, kept, bad[g], threshold, dare(part) if dare is not None else None)
+        _raise_if_bad(parts, bad)
+        fill = torch.sign(total.float()) if sign_ties == "majority" else torch.ones(1, device=device)
+        for _, part in group:
+            kt.ties_merge_pass(part.rows, part.out, weights, fill, lam, threshold,
+                               dare(part) if dare is not None else None)
+    return {"kept": kept.tolist(), "entries": sum(p.rows.m for p in parts)}

@@ -235,10 +235,35 @@ def test_nan_in_a_model_names_model_and_key(gen):
             merge(base, models, backend="triton", variant=variant)
 
 
-def test_baselines_are_not_on_triton_yet(gen):
+@pytest.mark.parametrize("method,params", [
+    ("average", {}), ("task_arithmetic", {}), ("dare", dict(p=0.5, seed=3)), ("ties", dict(density=0.3)),
+    ("ties", dict(density=0.2, sign_ties="positive", scope="tensor")), ("ties", dict(density=1.0)),
+    ("dare_ties", dict(p=0.7, seed=1)),
+])
+def test_baselines_match_the_torch_backend(gen, method, params):
     base, models = _models(gen)
-    with pytest.raises(ValueError, match="method 'ties' runs on backends 'torch' and 'reference'"):
-        merge(base, models, method="ties", backend="triton")
+    for lambdas in (None, [0.5, 1.0, 1.5]):
+        report_triton, report_torch = {}, {}
+        got = merge(base, models, method=method, backend="triton", lambdas=lambdas, lam=0.8, report=report_triton,
+                    **params)
+        expected = merge(base, models, method=method, backend="torch", lambdas=lambdas, lam=0.8, report=report_torch,
+                         **params)
+        for key in ("enc.weight", "enc.bias", "head.weight"):
+            compare(got[key] - base[key], expected[key] - base[key], f"{method} {params} {key}")
+        # DARE's drop is the same counter-based draw on both backends: the same entries are kept
+        assert report_triton["kept"] == report_torch["kept"]
+
+
+def test_baselines_on_triton_refuse_what_they_do_not_run(gen):
+    base, models = _models(gen)
+    with pytest.raises(ValueError, match="method 'breadcrumbs' runs on backends 'torch' and 'reference'"):
+        merge(base, models, method="breadcrumbs", backend="triton")
+    with pytest.raises(ValueError, match="topk='exact'.*runs on the torch backend"):
+        merge(base, models, method="ties", topk="exact", backend="triton")
+    models[1]["enc.bias"][0] = float("inf")
+    for method in ("task_arithmetic", "ties", "dare_ties"):
+        with pytest.raises(ValueError, match="model 1, key 'enc.bias': contains NaN or Inf"):
+            merge(base, models, method=method, backend="triton")
 
 
 def test_gpu_benchmark_runs_under_the_interpreter(capsys):
@@ -247,3 +272,4 @@ def test_gpu_benchmark_runs_under_the_interpreter(capsys):
     assert bench_gpu.main(["--smoke"]) == 0
     out = capsys.readouterr().out
     assert "| 8 | 4,096 | float32 |" in out and "| 8 | 4,096 | bfloat16 |" in out
+    assert "| dare_ties |" in out
