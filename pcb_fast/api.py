@@ -66,10 +66,6 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     between passes; above it, thresholds come from radix-select passes and the merge recomputes
     its scores in one more pass (the same result, bit for bit).
     """
-    if not isinstance(base, dict):
-        raise ValueError(f"base is a {type(base).__name__}, expected a state dict (dict of tensors)")
-    models = list(models)
-    checks.check_n_models(len(models))
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not valid; choose one of {', '.join(map(repr, METHODS))}")
     merge_fn, accepted = METHODS[method]
@@ -79,18 +75,7 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     lam = checks.check_lam(lam)
     checks.check_choice("scope", scope, checks.SCOPE_CHOICES)
     budget = None if max_memory is None else checks.parse_size(max_memory, "max_memory")
-    if isinstance(exclude, str):
-        exclude = (exclude,)
-    names = list(model_names) if model_names is not None else [f"model {i}" for i in range(len(models))]
-    merged_keys, copied_keys = split_keys(StateDictCheckpoint(base, "base model"), exclude)
-    check_models_match(StateDictCheckpoint(base, "base model"),
-                       [StateDictCheckpoint(m, name) for m, name in zip(models, names)], merged_keys)
-    device = checks.common_device(
-        [(f"base model, key {k!r}", base[k]) for k in merged_keys]
-        + [(f"{name}, key {k!r}", m[k]) for name, m in zip(names, models) for k in merged_keys]
-    )
-    for key in merged_keys:
-        checks.check_finite(f"base model, key {key!r}", base[key])
+    models, names, merged_keys, copied_keys, device = check_state_dicts(base, models, exclude, model_names)
     backend = resolve_backend(backend, device)
     if backend == "triton" and method not in ("pcb",) + triton_backend.BASELINES:
         raise ValueError(f"method {method!r} runs on backends 'torch' and 'reference' in this version; the triton "
@@ -128,6 +113,30 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     if report is not None:
         report.update(info)
     return {k: out[k] for k in base}
+
+
+def check_state_dicts(base: dict, models, exclude=(), model_names=None):
+    """Validate a base and its fine-tuned state dicts before any heavy work (DESIGN 2.1).
+
+    Returns (models as a list, model names, merged keys, copied keys, the tensors' device).
+    """
+    if not isinstance(base, dict):
+        raise ValueError(f"base is a {type(base).__name__}, expected a state dict (dict of tensors)")
+    models = list(models)
+    checks.check_n_models(len(models))
+    if isinstance(exclude, str):
+        exclude = (exclude,)
+    names = list(model_names) if model_names is not None else [f"model {i}" for i in range(len(models))]
+    base_checkpoint = StateDictCheckpoint(base, "base model")
+    merged_keys, copied_keys = split_keys(base_checkpoint, exclude)
+    check_models_match(base_checkpoint, [StateDictCheckpoint(m, name) for m, name in zip(models, names)], merged_keys)
+    device = checks.common_device(
+        [(f"base model, key {k!r}", base[k]) for k in merged_keys]
+        + [(f"{name}, key {k!r}", m[k]) for name, m in zip(names, models) for k in merged_keys]
+    )
+    for key in merged_keys:
+        checks.check_finite(f"base model, key {key!r}", base[key])
+    return models, names, merged_keys, copied_keys, device
 
 
 def _reference_merge(base, models, merged_keys, out, *, method, lam, lambdas, scope, **params):

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import checks, engine
-from .checkpoints import StateDictCheckpoint, check_models_match, split_keys
+from .api import check_state_dicts
 from .methods import METHODS
 from .methods.linear import dare_block, check_drop, check_seed
 from .methods.ties import SIGN_TIES, TOPK, _trim, check_density
@@ -53,16 +53,10 @@ class ContributionCache:
         if unknown:
             raise ValueError(f"method {method!r} has no parameter {unknown[0]!r}; valid: {', '.join(METHODS[method][1])}")
         checks.check_choice("scope", scope, checks.SCOPE_CHOICES)
-        models = list(models)
-        self.n = checks.check_n_models(len(models))
-        names = [f"model {i}" for i in range(self.n)]
-        base_ck = StateDictCheckpoint(base, "base model")
-        if isinstance(exclude, str):
-            exclude = (exclude,)
-        self.merged, self.copied = split_keys(base_ck, exclude)
-        check_models_match(base_ck, [StateDictCheckpoint(m, name) for m, name in zip(models, names)], self.merged)
-        for key in self.merged:
-            checks.check_finite(f"base model, key {key!r}", base[key])
+        models, names, self.merged, self.copied, device = check_state_dicts(base, models, exclude)
+        if device.type != "cpu":
+            raise ValueError(f"the contribution cache holds CPU tensors; the models are on {device}")
+        self.n = len(models)
         self.method, self.scope, self.params = method, scope, params
         self.out = {k: base[k].clone() for k in base}
         self._flat_out = {k: self.out[k].view(-1) for k in self.merged}
