@@ -5,8 +5,9 @@ Two passes after the trim threshold is known (the |tau| radix select of select.p
   majority sign, for positions whose sum is zero), an integer atomic;
 - ``ties_merge_kernel`` recomputes the trimmed weighted vectors and their elected signs, keeps the
   entries that agree, and writes base + lam * (sum of the agreeing values / sum of their weights).
-The trim keeps |tau_i| >= t_i (the authors' kthvalue threshold); DARE-TIES replaces it by DARE's
-counter-based drop and rescale.
+The trim keeps |tau_i| >= t_i (the authors' kthvalue threshold), or exactly k entries (mergekit's
+top-k: ties at the threshold kept in position order, from per-tile counts of equal entries and
+their prefix sums); DARE-TIES replaces it by DARE's counter-based drop and rescale.
 """
 
 from __future__ import annotations
@@ -20,33 +21,60 @@ from .tiles import Rows, launch_config, load_tau, sign
 
 
 @triton.jit
-def weighted_tile(x_ptr, offsets_ptr, base_ptr, n, m, t_ptr, weight_ptr, streams_ptr, threshold, keep_scale,
-                  HAS_BASE: tl.constexpr, DARE: tl.constexpr, NT: tl.constexpr, BLOCK: tl.constexpr):
-    """(weighted tau, valid, rows, row_ok, cols, col_ok, weight) of a tile after the trim or drop."""
-    tau, valid, rows, row_ok, cols, col_ok = load_tau(x_ptr, offsets_ptr, base_ptr, n, m, HAS_BASE, NT, BLOCK)
+def trim_mask(tau, valid, rows, row_ok, cols, n, t_ptr, streams_ptr, threshold, ties_ptr, budget_ptr, tile,
+              DARE: tl.constexpr, EXACT: tl.constexpr):
+    """[NT, BLOCK] bool: the entries the trim keeps. Authors' TIES: |tau| >= t. Exact top-k: |tau| > t,
+    plus the entries equal to t in position order while the task's budget lasts (``ties_ptr``: the
+    equal entries of every earlier tile, per task). DARE: its counter-based draw."""
     if DARE:
-        kept = dare_keep(cols, rows, row_ok, streams_ptr, n, threshold)
-        tau = tau * kept.to(tl.float32) / keep_scale
-    else:
-        t = tl.load(t_ptr + rows, mask=row_ok, other=0.0)[:, None]
-        tau = tau * (tl.abs(tau) >= t).to(tl.float32)
+        return valid & dare_keep(cols, rows, row_ok, streams_ptr, n, threshold)
+    t = tl.load(t_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    magnitude = tl.abs(tau)
+    if EXACT:
+        equal = valid & (magnitude == t)
+        before = tl.load(ties_ptr + tile * n + rows, mask=row_ok, other=0)[:, None]
+        order = before + tl.cumsum(equal.to(tl.int64), axis=1)  # 1-based rank of each equal entry
+        budget = tl.load(budget_ptr + rows, mask=row_ok, other=0)[:, None]
+        return valid & ((magnitude > t) | (equal & (order <= budget)))
+    return valid & (magnitude >= t)
+
+
+@triton.jit
+def equal_count_kernel(x_ptr, offsets_ptr, base_ptr, n, m, t_ptr, counts_ptr, first_tile, HAS_BASE: tl.constexpr,
+                       NT: tl.constexpr, BLOCK: tl.constexpr):
+    """counts[first_tile + program, i]: entries of task i in this tile with |tau| == t_i."""
+    tau, valid, rows, row_ok, cols, col_ok = load_tau(x_ptr, offsets_ptr, base_ptr, n, m, HAS_BASE, NT, BLOCK)
+    t = tl.load(t_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    equal = valid & (tl.abs(tau) == t)
+    tile = first_tile + tl.program_id(0).to(tl.int64)
+    tl.store(counts_ptr + tile * n + rows, tl.sum(equal.to(tl.int64), axis=1), mask=row_ok)
+
+
+@triton.jit
+def weighted_tile(x_ptr, offsets_ptr, base_ptr, n, m, t_ptr, weight_ptr, streams_ptr, threshold, keep_scale,
+                  ties_ptr, budget_ptr, first_tile, HAS_BASE: tl.constexpr, DARE: tl.constexpr, EXACT: tl.constexpr,
+                  NT: tl.constexpr, BLOCK: tl.constexpr):
+    """(weighted tau, kept, valid, rows, row_ok, cols, col_ok, weight) of a tile after the trim or drop."""
+    tau, valid, rows, row_ok, cols, col_ok = load_tau(x_ptr, offsets_ptr, base_ptr, n, m, HAS_BASE, NT, BLOCK)
+    tile = first_tile + tl.program_id(0).to(tl.int64)
+    kept = trim_mask(tau, valid, rows, row_ok, cols, n, t_ptr, streams_ptr, threshold, ties_ptr, budget_ptr, tile,
+                     DARE, EXACT)
+    tau = tau * kept.to(tl.float32)
+    if DARE:
+        tau = tau / keep_scale
     weight = tl.load(weight_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    return tl.where(valid, tau * weight, 0.0), valid, rows, row_ok, cols, col_ok, weight
+    return tl.where(valid, tau * weight, 0.0), kept, valid, rows, row_ok, cols, col_ok, weight
 
 
 @triton.jit
 def sign_kernel(x_ptr, offsets_ptr, base_ptr, n, m, t_ptr, weight_ptr, streams_ptr, threshold, keep_scale,
-                total_ptr, kept_ptr, bad_ptr, HAS_BASE: tl.constexpr, DARE: tl.constexpr, NT: tl.constexpr,
-                BLOCK: tl.constexpr):
+                ties_ptr, budget_ptr, first_tile, total_ptr, kept_ptr, bad_ptr, HAS_BASE: tl.constexpr,
+                DARE: tl.constexpr, EXACT: tl.constexpr, NT: tl.constexpr, BLOCK: tl.constexpr):
     tau, valid, rows, row_ok, cols, col_ok = load_tau(x_ptr, offsets_ptr, base_ptr, n, m, HAS_BASE, NT, BLOCK)
     flag_bad(tau, valid, rows, row_ok, bad_ptr)
-    weighted, valid, rows, row_ok, cols, col_ok, weight = weighted_tile(
-        x_ptr, offsets_ptr, base_ptr, n, m, t_ptr, weight_ptr, streams_ptr, threshold, keep_scale, HAS_BASE, DARE,
-        NT, BLOCK)
-    if DARE:
-        kept = valid & dare_keep(cols, rows, row_ok, streams_ptr, n, threshold)
-    else:
-        kept = valid & (tl.abs(tau) >= tl.load(t_ptr + rows, mask=row_ok, other=0.0)[:, None])
+    weighted, kept, valid, rows, row_ok, cols, col_ok, weight = weighted_tile(
+        x_ptr, offsets_ptr, base_ptr, n, m, t_ptr, weight_ptr, streams_ptr, threshold, keep_scale, ties_ptr,
+        budget_ptr, first_tile, HAS_BASE, DARE, EXACT, NT, BLOCK)
     tl.atomic_add(kept_ptr + rows, tl.sum(kept.to(tl.int64), axis=1), mask=row_ok, sem="relaxed")
     elected = sign(tl.sum(weighted, axis=0))
     tl.atomic_add(total_ptr, tl.sum(tl.where(col_ok, elected, 0.0), axis=0).to(tl.int64), sem="relaxed")
@@ -54,11 +82,12 @@ def sign_kernel(x_ptr, offsets_ptr, base_ptr, n, m, t_ptr, weight_ptr, streams_p
 
 @triton.jit
 def ties_merge_kernel(x_ptr, offsets_ptr, base_ptr, out_ptr, n, m, t_ptr, weight_ptr, streams_ptr, threshold,
-                      keep_scale, fill_ptr, lam, HAS_BASE: tl.constexpr, WRITE_THETA: tl.constexpr,
-                      DARE: tl.constexpr, NT: tl.constexpr, BLOCK: tl.constexpr):
-    weighted, valid, rows, row_ok, cols, col_ok, weight = weighted_tile(
-        x_ptr, offsets_ptr, base_ptr, n, m, t_ptr, weight_ptr, streams_ptr, threshold, keep_scale, HAS_BASE, DARE,
-        NT, BLOCK)
+                      keep_scale, ties_ptr, budget_ptr, first_tile, fill_ptr, lam, HAS_BASE: tl.constexpr,
+                      WRITE_THETA: tl.constexpr, DARE: tl.constexpr, EXACT: tl.constexpr, NT: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    weighted, kept, valid, rows, row_ok, cols, col_ok, weight = weighted_tile(
+        x_ptr, offsets_ptr, base_ptr, n, m, t_ptr, weight_ptr, streams_ptr, threshold, keep_scale, ties_ptr,
+        budget_ptr, first_tile, HAS_BASE, DARE, EXACT, NT, BLOCK)
     elected = sign(tl.sum(weighted, axis=0))
     elected = tl.where(elected == 0, tl.load(fill_ptr), elected)[None, :]
     agree = valid & tl.where(elected > 0, weighted > 0, weighted < 0)
@@ -70,31 +99,48 @@ def ties_merge_kernel(x_ptr, offsets_ptr, base_ptr, out_ptr, n, m, t_ptr, weight
     tl.store(out_ptr + cols, tau_m.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
-def _mask_args(rows: Rows, threshold: torch.Tensor | None, dare: tuple | None):
-    """(t, streams, threshold int, keep scale) for the kernels: a trim threshold or DARE's drop."""
-    if dare is not None:
-        streams, p = dare
-        return streams, streams, int(round(p * (1 << 24))), float(1 - p)
-    return threshold, threshold, 0, 1.0
+class Trim:
+    """How a pass trims the task vectors: by a threshold t [n] (the authors' |tau| >= t), by an
+    exact top-k (``exact``: equal-entry counts before each tile [tiles, n] and budgets [n], tiles
+    numbered from ``first_tile`` for each part), or by DARE's drop (``dare`` = (streams, p))."""
+
+    def __init__(self, threshold=None, dare=None, exact=None):
+        self.threshold, self.dare, self.exact = threshold, dare, exact
+
+    def args(self, first_tile: int) -> tuple:
+        if self.dare is not None:
+            streams, p = self.dare
+            return streams, streams, int(round(p * (1 << 24))), float(1 - p), streams, streams, 0
+        ties, budget = self.exact if self.exact is not None else (self.threshold, self.threshold)
+        return self.threshold, self.threshold, 0, 1.0, ties, budget, first_tile
+
+    def meta(self) -> dict:
+        return dict(DARE=self.dare is not None, EXACT=self.exact is not None)
+
+
+def equal_counts(rows: Rows, threshold: torch.Tensor, counts: torch.Tensor, first_tile: int) -> int:
+    """Write the entries equal to t of each tile of ``rows`` into counts[first_tile:]; returns the tiles."""
+    grid, base, meta = launch_config(rows, threshold, counts)
+    equal_count_kernel[grid](rows.anchor, rows.offsets, base, rows.n, rows.m, threshold, counts, first_tile, **meta)
+    return grid[0]
 
 
 def sign_pass(rows: Rows, weights: torch.Tensor, total: torch.Tensor, kept: torch.Tensor, bad: torch.Tensor,
-              threshold: torch.Tensor | None = None, dare: tuple | None = None) -> None:
+              trim: Trim, first_tile: int = 0) -> None:
     """Add the elected signs of ``rows`` to ``total`` (int64 [1]), the kept entries per task to
-    ``kept`` (int64 [n]) and NaN/Inf flags to ``bad``. Trim by ``threshold`` [n] or by ``dare``
-    = (streams, p) (see linear.linear_pass)."""
+    ``kept`` (int64 [n]) and NaN/Inf flags to ``bad``."""
     grid, base, meta = launch_config(rows, weights, total, kept, bad)
-    t, streams, limit, scale = _mask_args(rows, threshold, dare)
-    sign_kernel[grid](rows.anchor, rows.offsets, base, rows.n, rows.m, t, weights, streams, limit, scale, total, kept,
-                      bad, DARE=dare is not None, **meta)
+    t, *rest = trim.args(first_tile)
+    sign_kernel[grid](rows.anchor, rows.offsets, base, rows.n, rows.m, t, weights, *rest, total, kept, bad,
+                      **trim.meta(), **meta)
 
 
 def ties_merge_pass(rows: Rows, out: torch.Tensor, weights: torch.Tensor, fill: torch.Tensor, lam: float,
-                    threshold: torch.Tensor | None = None, dare: tuple | None = None) -> None:
+                    trim: Trim, first_tile: int = 0) -> None:
     """Write the disjoint mean (base + lam * it, with a base) of ``rows`` into ``out``; ``fill``
     (float32 [1]) is the sign given to positions whose elected sign is zero."""
     out_flat = out.view(-1)
     grid, base, meta = launch_config(rows, out, weights, fill)
-    t, streams, limit, scale = _mask_args(rows, threshold, dare)
-    ties_merge_kernel[grid](rows.anchor, rows.offsets, base, out_flat, rows.n, rows.m, t, weights, streams, limit,
-                            scale, fill, float(lam), WRITE_THETA=rows.base is not None, DARE=dare is not None, **meta)
+    t, *rest = trim.args(first_tile)
+    ties_merge_kernel[grid](rows.anchor, rows.offsets, base, out_flat, rows.n, rows.m, t, weights, *rest, fill,
+                            float(lam), WRITE_THETA=rows.base is not None, **trim.meta(), **meta)

@@ -218,7 +218,7 @@ def _dare_streams(seed: int, n: int, key: str, device) -> torch.Tensor:
 def merge_baseline(parts: list, n: int, method: str, *, lambdas=None, lam=1.0, scope="global", **params) -> dict:
     """Average, task arithmetic, DARE, TIES (authors' threshold trim) and DARE-TIES on the kernels;
     writes every part's ``out``. Returns {"kept", "entries"}."""
-    from .kernels import linear as kl, score as kscore, select as ks, ties as kt
+    from .kernels import linear as kl, ties as kt
     from .methods.linear import check_drop, check_seed
     from .methods.ties import SIGN_TIES, TOPK, check_density
 
@@ -239,9 +239,6 @@ def merge_baseline(parts: list, n: int, method: str, *, lambdas=None, lam=1.0, s
     if method == "ties":
         density = check_density(params.pop("density", 0.2))
         topk = checks.check_choice("topk", params.pop("topk", "threshold"), TOPK)
-        if topk == "exact":
-            raise ValueError("ties with topk='exact' (ties at the threshold kept by position) runs on the torch "
-                             "backend; the triton backend keeps every entry at the threshold (topk='threshold')")
     if params:
         raise ValueError(f"method {method!r} has no parameter {sorted(params)[0]!r}")
     if method in ("average", "task_arithmetic", "dare"):
@@ -260,26 +257,49 @@ def merge_baseline(parts: list, n: int, method: str, *, lambdas=None, lam=1.0, s
 
     groups = [list(enumerate(parts))] if scope == "global" else [[(g, p)] for g, p in enumerate(parts)]
     for group in groups:
-        threshold = None
+        trim, first = kt.Trim(dare=None), {}
         if method == "ties":
-            D = sum(p.rows.m for _, p in group)
-            rank = D - int(D * density) - 1
-            threshold = torch.zeros(n, device=device)  # rank < 0: keep everything (|tau| >= 0)
-            if rank >= 0:
-                select = ks.DeviceSelect([[rank]] * n, D, device)
-                for level in (1, 2):
-                    for g, part in group:
-                        kscore.magnitude_pass(part.rows, select, bad[g])
-                    if level == 1:
-                        _raise_if_bad(parts, bad)
-                        select.next_level()
-                threshold = select.values()[:, 0].contiguous()
+            trim = _ties_trim(group, n, density, topk, bad, parts, first)
         total = torch.zeros(1, dtype=torch.int64, device=device)
         for g, part in group:
-            kt.sign_pass(part.rows, weights, total, kept, bad[g], threshold, dare(part) if dare is not None else None)
+            part_trim = kt.Trim(dare=dare(part)) if dare is not None else trim
+            kt.sign_pass(part.rows, weights, total, kept, bad[g], part_trim, first.get(g, 0))
         _raise_if_bad(parts, bad)
         fill = torch.sign(total.float()) if sign_ties == "majority" else torch.ones(1, device=device)
-        for _, part in group:
-            kt.ties_merge_pass(part.rows, part.out, weights, fill, lam, threshold,
-                               dare(part) if dare is not None else None)
+        for g, part in group:
+            part_trim = kt.Trim(dare=dare(part)) if dare is not None else trim
+            kt.ties_merge_pass(part.rows, part.out, weights, fill, lam, part_trim, first.get(g, 0))
     return {"kept": kept.tolist(), "entries": sum(p.rows.m for p in parts)}
+
+
+def _ties_trim(group, n, density, topk, bad, parts, first):
+    """The TIES trim of a scope group: t_i from the device radix select of |tau_i| (rank D - k - 1,
+    keep >= t, as the authors; or rank D - k, keep > t plus the first equal entries, exactly k).
+    For the exact top-k, ``first`` receives each part's first tile number."""
+    from .kernels import score as kscore, select as ks, ties as kt
+
+    device = group[0][1].rows.device
+    D = sum(p.rows.m for _, p in group)
+    keep = int(D * density)
+    rank = D - keep - 1 if topk == "threshold" else D - keep
+    if rank < 0 or rank >= D:  # keep everything (|tau| >= 0), or nothing (|tau| >= inf)
+        return kt.Trim(threshold=torch.full((n,), 0.0 if rank < 0 else float("inf"), device=device))
+    select = ks.DeviceSelect([[rank]] * n, D, device)
+    for level in (1, 2):
+        for g, part in group:
+            kscore.magnitude_pass(part.rows, select, bad[g])
+        if level == 1:
+            _raise_if_bad(parts, bad)
+            select.next_level()
+    threshold = select.values()[:, 0].contiguous()
+    if topk == "threshold":
+        return kt.Trim(threshold=threshold)
+    tiles = sum(kscore.programs(p.rows) for _, p in group)
+    counts = torch.zeros(tiles + 1, n, dtype=torch.int64, device=device)
+    start = 0
+    for g, part in group:
+        first[g] = start
+        start += kt.equal_counts(part.rows, threshold, counts[1:], start)
+    before = counts.cumsum(0)[:-1].contiguous()  # equal entries in all earlier tiles, in position order
+    budget = (keep - select.count_above(inclusive=False)[:, 0]).contiguous()
+    return kt.Trim(threshold=threshold, exact=(before, budget))

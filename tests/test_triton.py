@@ -238,7 +238,8 @@ def test_nan_in_a_model_names_model_and_key(gen):
 @pytest.mark.parametrize("method,params", [
     ("average", {}), ("task_arithmetic", {}), ("dare", dict(p=0.5, seed=3)), ("ties", dict(density=0.3)),
     ("ties", dict(density=0.2, sign_ties="positive", scope="tensor")), ("ties", dict(density=1.0)),
-    ("dare_ties", dict(p=0.7, seed=1)),
+    ("dare_ties", dict(p=0.7, seed=1)), ("ties", dict(density=0.3, topk="exact")),
+    ("ties", dict(density=0.25, topk="exact", sign_ties="positive", scope="tensor")),
 ])
 def test_baselines_match_the_torch_backend(gen, method, params):
     base, models = _models(gen)
@@ -254,12 +255,25 @@ def test_baselines_match_the_torch_backend(gen, method, params):
         assert report_triton["kept"] == report_torch["kept"]
 
 
+def test_exact_top_k_keeps_ties_by_position_across_tiles_and_keys(gen):
+    """Quantized values: many magnitudes equal the threshold, spread over tiles and keys."""
+    base = {"a": torch.zeros(3000), "b": torch.zeros(50, 41)}
+    models = [{k: torch.randint(-3, 4, v.shape, generator=gen).float() * 0.5 for k, v in base.items()} for _ in range(3)]
+    for scope in ("global", "tensor"):
+        report_triton, report_torch = {}, {}
+        got = merge(base, models, method="ties", density=0.3, topk="exact", scope=scope, backend="triton",
+                    report=report_triton)
+        expected = merge(base, models, method="ties", density=0.3, topk="exact", scope=scope, backend="torch",
+                         report=report_torch)
+        assert report_triton["kept"] == report_torch["kept"]
+        for key in base:
+            assert torch.equal(got[key], expected[key]), (scope, key)
+
+
 def test_baselines_on_triton_refuse_what_they_do_not_run(gen):
     base, models = _models(gen)
     with pytest.raises(ValueError, match="method 'breadcrumbs' runs on backends 'torch' and 'reference'"):
         merge(base, models, method="breadcrumbs", backend="triton")
-    with pytest.raises(ValueError, match="topk='exact'.*runs on the torch backend"):
-        merge(base, models, method="ties", topk="exact", backend="triton")
     models[1]["enc.bias"][0] = float("inf")
     for method in ("task_arithmetic", "ties", "dare_ties"):
         with pytest.raises(ValueError, match="model 1, key 'enc.bias': contains NaN or Inf"):
