@@ -97,7 +97,7 @@ def case(n: int, D: int, dtype, device, repeats: int, with_reference: bool) -> d
 
 
 BASELINES = [("average", {}), ("task_arithmetic", {}), ("ties", dict(density=0.2)), ("dare", dict(p=0.9)),
-             ("dare_ties", dict(p=0.9))]
+             ("dare_ties", dict(p=0.9)), ("breadcrumbs", {})]
 
 
 def baselines(n: int, D: int, device, repeats: int) -> list:

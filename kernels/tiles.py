@@ -62,6 +62,12 @@ class Rows:
     def device(self) -> torch.device:
         return self.anchor.device
 
+    def dense(self) -> torch.Tensor:
+        """The float32 [n, m] task vectors (rows minus the base), materialised: for the few steps
+        that run as torch operations on the device."""
+        rows = torch.stack([t.float() for t in self.keep_alive])
+        return rows - self.base.float() if self.base is not None else rows
+
 
 def tile_shape(n: int) -> tuple[int, int]:
     """(NT, BLOCK): tasks padded to a power of two, and entries per task in a tile of ~8K values."""

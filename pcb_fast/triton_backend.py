@@ -204,7 +204,7 @@ def merge_state_dicts(base: dict, models: list, merged_keys: list, out: dict, na
     return merge_pcb(parts, len(models), lam=lam, scope=scope, lambdas=lambdas, **params)
 
 
-BASELINES = ("average", "task_arithmetic", "ties", "dare", "dare_ties")
+BASELINES = ("average", "task_arithmetic", "ties", "dare", "dare_ties", "breadcrumbs")
 
 
 def _dare_streams(seed: int, n: int, key: str, device) -> torch.Tensor:
@@ -216,8 +216,9 @@ def _dare_streams(seed: int, n: int, key: str, device) -> torch.Tensor:
 
 
 def merge_baseline(parts: list, n: int, method: str, *, lambdas=None, lam=1.0, scope="global", **params) -> dict:
-    """Average, task arithmetic, DARE, TIES (authors' threshold trim) and DARE-TIES on the kernels;
-    writes every part's ``out``. Returns {"kept", "entries"}."""
+    """Average, task arithmetic, DARE, TIES (threshold or exact top-k) and DARE-TIES on the kernels,
+    Breadcrumbs with torch operations on the device; writes every part's ``out``. Returns
+    {"kept", "entries"}."""
     from .kernels import linear as kl, ties as kt
     from .methods.linear import check_drop, check_seed
     from .methods.ties import SIGN_TIES, TOPK, check_density
@@ -229,6 +230,8 @@ def merge_baseline(parts: list, n: int, method: str, *, lambdas=None, lam=1.0, s
     lambdas = checks.check_lambdas(lambdas, n)
     device = parts[0].rows.device
     weights = _lambdas(lambdas, n, device)
+    if method == "breadcrumbs":
+        return _breadcrumbs(parts, n, weights, lam, **params)
     kept = torch.zeros(n, dtype=torch.int64, device=device)
     bad = torch.zeros(len(parts), n, dtype=torch.int32, device=device)
     dare = None
@@ -303,3 +306,29 @@ def _ties_trim(group, n, density, topk, bad, parts, first):
     before = counts.cumsum(0)[:-1].contiguous()  # equal entries in all earlier tiles, in position order
     budget = (keep - select.count_above(inclusive=False)[:, 0]).contiguous()
     return kt.Trim(threshold=threshold, exact=(before, budget))
+
+
+def _breadcrumbs(parts: list, n: int, weights: torch.Tensor, lam: float, gamma=0.01, beta=0.1) -> dict:
+    """Breadcrumbs key by key with torch operations on the device: its per-row band of ranks (two
+    order statistics per row, ties by position) is pcb_fast.methods.linear.band_mask, then the sum
+    over tasks in task order, as the torch backend computes it."""
+    from .methods.linear import band_mask, check_band
+    from .sources import row_length
+
+    gamma, beta = check_band(gamma, beta)
+    kept = torch.zeros(n, dtype=torch.int64, device=weights.device)
+    for part in parts:
+        tv = part.rows.dense()
+        bad = ~torch.isfinite(tv).all(1)
+        if bool(bad.any()):
+            _raise_if_bad([part], bad.view(1, -1))
+        row = row_length(tuple(part.out.shape))
+        mask = band_mask(tv.abs().reshape(n, -1, row), int(gamma * row), int(beta * row)).reshape(n, -1)
+        kept += mask.sum(1)
+        weighted = tv * mask * weights.unsqueeze(1)
+        total = weighted[0].clone()
+        for other in weighted[1:]:
+            total += other
+        theta = part.rows.base.float() + lam * total if part.rows.base is not None else total
+        part.out.view(-1).copy_(theta)
+    return {"kept": kept.tolist(), "entries": sum(p.rows.m for p in parts)}
