@@ -57,9 +57,9 @@ def find_kernel(hist_ptr, rank_ptr, index_ptr, below_ptr, R: tl.constexpr, PER_R
     q = tl.program_id(0).to(tl.int64)
     row = q if PER_ROW else q // R
     rank = tl.load(rank_ptr + q)
-    index = tl.zeros([], dtype=tl.int64)
-    below = tl.zeros([], dtype=tl.int64)
-    total = tl.zeros([], dtype=tl.int64)
+    index = rank * 0  # int64 scalars carried through the loop
+    below = rank * 0
+    total = rank * 0
     for start in range(0, 65536, CHUNK):
         counts = tl.load(hist_ptr + row * 65536 + start + tl.arange(0, CHUNK))
         cumulative = tl.cumsum(counts, axis=0) + total
