@@ -26,17 +26,21 @@ def trim_mask(tau, valid, rows, row_ok, cols, n, t_ptr, streams_ptr, threshold, 
     """[NT, BLOCK] bool: the entries the trim keeps. Authors' TIES: |tau| >= t. Exact top-k: |tau| > t,
     plus the entries equal to t in position order while the task's budget lasts (``ties_ptr``: the
     equal entries of every earlier tile, per task). DARE: its counter-based draw."""
+    # one return at the end: a return inside a constexpr branch leaves the code after it compiled
     if DARE:
-        return valid & dare_keep(cols, rows, row_ok, streams_ptr, n, threshold)
-    t = tl.load(t_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    magnitude = tl.abs(tau)
-    if EXACT:
+        kept = valid & dare_keep(cols, rows, row_ok, streams_ptr, n, threshold)
+    elif EXACT:
+        t = tl.load(t_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        magnitude = tl.abs(tau)
         equal = valid & (magnitude == t)
         before = tl.load(ties_ptr + tile * n + rows, mask=row_ok, other=0)[:, None]
         order = before + tl.cumsum(equal.to(tl.int64), axis=1)  # 1-based rank of each equal entry
         budget = tl.load(budget_ptr + rows, mask=row_ok, other=0)[:, None]
-        return valid & ((magnitude > t) | (equal & (order <= budget)))
-    return valid & (magnitude >= t)
+        kept = valid & ((magnitude > t) | (equal & (order <= budget)))
+    else:
+        t = tl.load(t_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        kept = valid & (tl.abs(tau) >= t)
+    return kept
 
 
 @triton.jit
