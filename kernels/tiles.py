@@ -27,7 +27,7 @@ class Rows:
     n: int
     m: int
     base: torch.Tensor | None = None  # [m]: rows hold fine-tuned weights, tau = row - base
-    keep_alive: list = field(default_factory=list)
+    tensors: list = field(default_factory=list)  # the row tensors (held, so the offsets stay valid)
 
     @classmethod
     def from_tensors(cls, tensors, base: torch.Tensor | None = None) -> "Rows":
@@ -65,7 +65,7 @@ class Rows:
     def dense(self) -> torch.Tensor:
         """The float32 [n, m] task vectors (rows minus the base), materialised: for the few steps
         that run as torch operations on the device."""
-        rows = torch.stack([t.float() for t in self.keep_alive])
+        rows = torch.stack([t.float() for t in self.tensors])
         return rows - self.base.float() if self.base is not None else rows
 
 

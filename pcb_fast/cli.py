@@ -146,7 +146,6 @@ def run_merge(args) -> int:
 
     kwargs = merge_arguments(args)
     report = {}
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         merge_checkpoints(**kwargs, progress=None if args.quiet else _progress_bars, report=report)
     except MergeFailed as e:
@@ -154,8 +153,6 @@ def run_merge(args) -> int:
             raise
         print(f"pcb-fast: merge failed: {e}; no output was written", file=sys.stderr)
         return 1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     if not args.quiet and int(os.environ.get("RANK", "0") if args.distributed else 0) == 0:
         kept = report.get("kept") or []
         entries = report.get("entries") or 0
@@ -255,10 +252,11 @@ def main(argv=None) -> int:
                 raise ValueError(f"--models={args.models}: at least one fine-tuned model is needed")
             check_ratio(args.ratio)
             return demo_main(n=args.models, ratio=args.ratio, check=not args.no_check)
-        if args.command == "merge":
-            return run_merge(args)
-        if args.command == "search":
-            return run_search(args)
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)  # clean up as on Ctrl-C
+        try:
+            return run_merge(args) if args.command == "merge" else run_search(args)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     except ValueError as e:
         if getattr(args, "verbose", False):
             raise
