@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .select import INT32_MAX, INT32_MIN, DeviceSelect, order_key, radix_count
+from .select import KEY_MAX, KEY_MIN, DeviceSelect, order_key, radix_count
 from .tiles import Rows, launch_config, load_tau, row_of, sign, tanh, tile_shape
 
 INTER_CODES = {"sum": 0, "normalized_sum": 1, "pairwise": 2}
@@ -67,7 +67,7 @@ def official_kernel(x_ptr, offsets_ptr, base_ptr, n, m, lo_ptr, hi_ptr, span_ptr
     key = order_key(score)
     radix_count(key, valid, rows, row_ok, hist_ptr, bucket_ptr, LEVEL, R)
     if LEVEL == 1:
-        tl.atomic_max(peak_ptr + rows, tl.max(tl.where(valid, key, INT32_MIN), axis=1), mask=row_ok, sem="relaxed")
+        tl.atomic_max(peak_ptr + rows, tl.max(tl.where(valid, key, KEY_MIN), axis=1), mask=row_ok, sem="relaxed")
 
 
 @triton.jit
@@ -89,8 +89,8 @@ def pair_minmax_kernel(x_ptr, offsets_ptr, base_ptr, n, m, min_ptr, max_ptr, bad
     for i in tl.static_range(NT):
         if i < n:
             key = order_key(tau * row_of(tau, rows, i)[None, :])
-            low = tl.min(tl.where(valid, key, INT32_MAX), axis=1)
-            high = tl.max(tl.where(valid, key, INT32_MIN), axis=1)
+            low = tl.min(tl.where(valid, key, KEY_MAX), axis=1)
+            high = tl.max(tl.where(valid, key, KEY_MIN), axis=1)
             tl.atomic_min(min_ptr + i * n + rows, low, mask=row_ok, sem="relaxed")
             tl.atomic_max(max_ptr + i * n + rows, high, mask=row_ok, sem="relaxed")
 

@@ -20,6 +20,9 @@ import triton.language as tl
 BUCKETS = 1 << 16
 INT32_MIN = -(1 << 31)
 INT32_MAX = (1 << 31) - 1
+# the same bounds for use inside kernels (compiled kernels read only constexpr globals)
+KEY_MIN = tl.constexpr(INT32_MIN)
+KEY_MAX = tl.constexpr(INT32_MAX)
 
 
 @triton.jit
