@@ -284,7 +284,7 @@ def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam,
     keys = merged if local is None else [k for k in merged if k in local]
     source = CheckpointSource(base_ck, model_cks, keys, progress=bar if progress else None)
     if comm is not None:  # this rank's keys, with the statistics of the whole model
-        source.comm = comm
+        source.comm = source.errors = comm
         source.D = sum(math.prod(base_ck.shape(k)) for k in merged)
     elif source.n * source.D * 4 <= budget:
         # The float32 task vectors first, if they fit; what is left bounds the entries collected between passes.

@@ -53,9 +53,9 @@ def raise_if_not_finite(source: TaskVectorSource, block, row_max: torch.Tensor) 
     if bool(bad.any()):
         task = int(bad.nonzero()[0, 0])
         message = f"{source.where(task, block.segment)}: contains NaN or Inf; every input value must be finite"
-        if source.comm is None:
+        if source.errors is None:
             raise ValueError(message)
-        source.comm.fail(message)  # raised on every rank at the next collective
+        source.errors.fail(message)  # raised on every rank at the next collective
 
 
 @dataclass

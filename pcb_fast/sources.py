@@ -63,8 +63,10 @@ class TaskVectorSource:
         # above it, methods find their thresholds by radix select and merge in one more pass
         self.memory_budget = None
         # pcb_fast.distributed.Comm when this source is one rank's share of a distributed merge (D is
-        # then the global number of entries, segments the local keys)
+        # then the global number of entries, segments the local keys); ``errors`` is where bad data is
+        # reported instead of raised, so that every rank fails together (kept by scope="tensor" views)
         self.comm = None
+        self.errors = None
 
     def restrict(self, segment: Segment) -> "TaskVectorSource":
         """The same source seen as a single segment (for scope="tensor")."""
@@ -215,9 +217,9 @@ class CheckpointSource(TaskVectorSource):
                 native = model.read_into(seg.key, lo, hi, self._buffer("model", model.dtype(seg.key), hi - lo))
                 out[i].copy_(native).sub_(base)
         except (ValueError, OSError) as e:
-            if self.comm is None:
+            if self.errors is None:
                 raise
-            self.comm.fail(str(e))  # raised on every rank at the next collective
+            self.errors.fail(str(e))  # raised on every rank at the next collective
             out.zero_()
         return out
 
@@ -232,6 +234,7 @@ class CachedSource(TaskVectorSource):
         self.progress = inner.progress
         self.memory_budget = inner.memory_budget
         self.comm = inner.comm
+        self.errors = inner.errors
         self.cache = None  # allocated by the first pass
         self.complete = False
 
