@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import Rows, launch_config, load_tau
+from .tiles import Rows, flag_bad, launch_config, load_tau
 
 @triton.jit
 def mix32(x):
@@ -33,14 +33,6 @@ def dare_keep(cols, rows, row_ok, streams_ptr, n, threshold):
     x = mix32((index & 0xFFFFFFFF) ^ h)
     x = mix32(x ^ ((index >> 32) & 0xFFFFFFFF) ^ mh)
     return (x >> 8) >= threshold
-
-
-@triton.jit
-def flag_bad(tau, valid, rows, row_ok, bad_ptr):
-    """bad[i] = 1 if task i has a NaN or Inf in the tile."""
-    magnitude = tl.abs(tau)
-    bad = valid & ((magnitude != magnitude) | (magnitude == float("inf")))
-    tl.atomic_max(bad_ptr + rows, tl.max(bad.to(tl.int32), axis=1), mask=row_ok, sem="relaxed")
 
 
 @triton.jit

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .select import KEY_MAX, KEY_MIN, DeviceSelect, order_key, radix_count
-from .tiles import Rows, launch_config, load_tau, row_of, sign, tanh, tile_shape
+from .tiles import Rows, flag_bad, launch_config, load_tau, row_of, sign, tanh, tile_shape
 
 INTER_CODES = {"sum": 0, "normalized_sum": 1, "pairwise": 2}
 
@@ -28,11 +28,9 @@ def magnitude_kernel(x_ptr, offsets_ptr, base_ptr, n, m, hist_ptr, bucket_ptr, b
                      HAS_BASE: tl.constexpr, LEVEL: tl.constexpr, R: tl.constexpr, NT: tl.constexpr,
                      BLOCK: tl.constexpr):
     tau, valid, rows, row_ok, cols, col_ok = load_tau(x_ptr, offsets_ptr, base_ptr, n, m, HAS_BASE, NT, BLOCK)
-    magnitude = tl.abs(tau)
-    radix_count(order_key(magnitude), valid, rows, row_ok, hist_ptr, bucket_ptr, LEVEL, R)
+    radix_count(order_key(tl.abs(tau)), valid, rows, row_ok, hist_ptr, bucket_ptr, LEVEL, R)
     if LEVEL == 1:
-        bad = valid & ((magnitude != magnitude) | (magnitude == float("inf")))
-        tl.atomic_max(bad_ptr + rows, tl.max(bad.to(tl.int32), axis=1), mask=row_ok, sem="relaxed")
+        flag_bad(tau, valid, rows, row_ok, bad_ptr)
 
 
 @triton.jit
@@ -83,9 +81,7 @@ def pair_normalized(tau, rows, row_ok, n, i, lo_ptr, span_ptr):
 def pair_minmax_kernel(x_ptr, offsets_ptr, base_ptr, n, m, min_ptr, max_ptr, bad_ptr,
                        HAS_BASE: tl.constexpr, NT: tl.constexpr, BLOCK: tl.constexpr):
     tau, valid, rows, row_ok, cols, col_ok = load_tau(x_ptr, offsets_ptr, base_ptr, n, m, HAS_BASE, NT, BLOCK)
-    magnitude = tl.abs(tau)
-    bad = valid & ((magnitude != magnitude) | (magnitude == float("inf")))
-    tl.atomic_max(bad_ptr + rows, tl.max(bad.to(tl.int32), axis=1), mask=row_ok, sem="relaxed")
+    flag_bad(tau, valid, rows, row_ok, bad_ptr)
     for i in tl.static_range(NT):
         if i < n:
             key = order_key(tau * row_of(tau, rows, i)[None, :])

@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear import dare_keep, flag_bad
-from .tiles import Rows, launch_config, load_tau, sign
+from .linear import dare_keep
+from .tiles import Rows, flag_bad, launch_config, load_tau, sign
 
 
 @triton.jit

@@ -106,6 +106,14 @@ def load_tau(x_ptr, offsets_ptr, base_ptr, n, m, HAS_BASE: tl.constexpr, NT: tl.
 
 
 @triton.jit
+def flag_bad(tau, valid, rows, row_ok, bad_ptr):
+    """bad[i] = 1 if task i has a NaN or Inf in the tile."""
+    magnitude = tl.abs(tau)
+    bad = valid & ((magnitude != magnitude) | (magnitude == float("inf")))
+    tl.atomic_max(bad_ptr + rows, tl.max(bad.to(tl.int32), axis=1), mask=row_ok, sem="relaxed")
+
+
+@triton.jit
 def row_of(tile, rows, i):
     """Row ``i`` of a [NT, BLOCK] tile as a [BLOCK] vector (a masked sum: exact, one term)."""
     return tl.sum(tl.where(rows[:, None] == i, tile, 0.0), axis=0)

@@ -9,6 +9,7 @@ the same questions: its keys, each key's dtype and shape, and the values of a fl
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Sequence
@@ -44,10 +45,11 @@ class Checkpoint:
         """Entries [lo, hi) of the flattened tensor into ``out`` (contiguous, of the key's dtype)."""
         raise NotImplementedError
 
+    def numel(self, key: str) -> int:
+        return math.prod(self.shape(key))
+
     def read(self, key: str) -> torch.Tensor:
-        numel = 1
-        for s in self.shape(key):
-            numel *= s
+        numel = self.numel(key)
         return self.read_into(key, 0, numel, torch.empty(numel, dtype=self.dtype(key))).view(self.shape(key))
 
     def is_floating(self, key: str) -> bool:
@@ -188,10 +190,7 @@ def split_keys(base: Checkpoint, exclude: Sequence[str]) -> tuple[list[str], lis
             raise ValueError(f"exclude pattern {p!r} is not a valid regular expression: {e}") from None
     merged, copied = [], []
     for key in base.keys():
-        numel = 1
-        for s in base.shape(key):
-            numel *= s
-        if base.is_floating(key) and numel > 0 and not any(p.search(key) for p in patterns):
+        if base.is_floating(key) and base.numel(key) > 0 and not any(p.search(key) for p in patterns):
             merged.append(key)
         else:
             copied.append(key)

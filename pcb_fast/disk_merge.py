@@ -12,9 +12,7 @@ failed or interrupted merge leaves nothing behind, and an existing ``out`` is re
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -29,7 +27,7 @@ from .backends import resolve_backend
 from .checkpoints import SIDE_FILES, check_models_match, open_checkpoint, split_keys
 from .methods import METHODS
 from .distributed import assign_shards
-from .safetensors_io import ShardedWriter, shard_plan
+from .safetensors_io import ShardedWriter, nbytes, shard_plan
 from .sources import DEFAULT_BLOCK_WIDTH, CachedSource, CheckpointSource
 
 OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -250,8 +248,7 @@ def _write_merge(base_ck, model_cks, merged, copied, folder: Path, *, method, la
     only, local = None, None
     if comm is not None:  # this rank's whole shards, contiguous in key order
         shards = shard_plan(entries, shard_bytes)
-        only = set(assign_shards([sum(t.itemsize * math.prod(s) for _, t, s in sh) for sh in shards],
-                                 comm.world)[comm.rank])
+        only = set(assign_shards([sum(nbytes(t, s) for _, t, s in sh) for sh in shards], comm.world)[comm.rank])
         local = {key for i in only for key, _, _ in shards[i]}
     writer = ShardedWriter(folder, entries, shard_bytes, metadata, only=only, index=comm is None or comm.rank == 0)
     try:
@@ -285,7 +282,7 @@ def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam,
     source = CheckpointSource(base_ck, model_cks, keys, progress=bar if progress else None)
     if comm is not None:  # this rank's keys, with the statistics of the whole model
         source.comm = source.errors = comm
-        source.D = sum(math.prod(base_ck.shape(k)) for k in merged)
+        source.D = sum(base_ck.numel(k) for k in merged)
     elif source.n * source.D * 4 <= budget:
         # The float32 task vectors first, if they fit; what is left bounds the entries collected between passes.
         source = CachedSource(source)

@@ -14,6 +14,7 @@ they belong as they come, and a model is never held whole in memory.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -43,10 +44,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 def _bytes_view(t: torch.Tensor) -> memoryview:
@@ -135,22 +133,20 @@ def shard_plan(entries: list, shard_size: int) -> list:
     (a tensor larger than that gets a shard of its own)."""
     shards, current, used = [], [], 0
     for entry in entries:
-        nbytes = _nbytes(entry[1], entry[2])
-        if current and used + nbytes > shard_size:
+        size = nbytes(entry[1], entry[2])
+        if current and used + size > shard_size:
             shards.append(current)
             current, used = [], 0
         current.append(entry)
-        used += nbytes
+        used += size
     if current:
         shards.append(current)
     return shards
 
 
-def _nbytes(dtype: torch.dtype, shape) -> int:
-    n = dtype.itemsize
-    for s in shape:
-        n *= s
-    return n
+def nbytes(dtype: torch.dtype, shape) -> int:
+    """Bytes of a tensor of this dtype and shape."""
+    return dtype.itemsize * math.prod(shape)
 
 
 class ShardedWriter:
@@ -174,9 +170,9 @@ class ShardedWriter:
             name = "model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
             header, offset = {}, 0
             for key, dtype, shape in shard:
-                nbytes = _nbytes(dtype, shape)
-                header[key] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-                offset += nbytes
+                size = nbytes(dtype, shape)
+                header[key] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+                offset += size
                 weight_map[key] = name
             total += offset
             if only is not None and i not in only:

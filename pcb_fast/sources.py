@@ -184,12 +184,8 @@ class CheckpointSource(TaskVectorSource):
         self._base_ckpt, self._model_ckpts = base, list(models)
         segments, offset = [], 0
         for k in merged_keys:
-            shape = tuple(base.shape(k))
-            numel = 1
-            for s in shape:
-                numel *= s
-            segments.append(Segment(k, shape, numel, offset))
-            offset += numel
+            segments.append(Segment(k, tuple(base.shape(k)), base.numel(k), offset))
+            offset += base.numel(k)
         super().__init__(len(self._model_ckpts), segments, [m.name for m in self._model_ckpts])
         self.progress = progress
         self._buffers = {}

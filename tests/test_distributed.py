@@ -13,7 +13,6 @@ import torch
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from pcb_fast.disk_merge import merge_checkpoints  # noqa: E402
 from pcb_fast.distributed import assign_shards  # noqa: E402
 
 

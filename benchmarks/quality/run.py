@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 import pcb_fast
 
 from . import models as M
