@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from . import checks, engine, reference, reference_baselines, triton_backend
+from . import checks, engine, fused_cpu, reference, reference_baselines, triton_backend
 from .backends import resolve_backend
 from .methods import METHODS
 from .checkpoints import StateDictCheckpoint, check_models_match, split_keys
@@ -52,7 +52,7 @@ def pcb_merge(task_vectors, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant
 
 def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=None, scope="global",
           exclude=(), backend="auto", block_width=DEFAULT_BLOCK_WIDTH, report: dict | None = None,
-          model_names=None, max_memory=None, **method_params) -> dict:
+          model_names=None, max_memory=None, fused="auto", **method_params) -> dict:
     """Merge fine-tuned state dicts ``models`` of ``base``: theta = theta_pre + lam * tau_m.
 
     Floating keys not matching an ``exclude`` regex are merged; the rest are copied from ``base``.
@@ -65,6 +65,9 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     ``max_memory`` (bytes, or e.g. "1GB"; default no limit) bounds the entries the engine collects
     between passes; above it, thresholds come from radix-select passes and the merge recomputes
     its scores in one more pass (the same result, bit for bit).
+    ``fused`` ("auto", "on", "off"): on the torch backend, run TIES, DARE and DARE-TIES through
+    loops compiled by torch.compile (pcb_fast.fused_cpu; the same values; "auto": for merges of at
+    least 2^28 task-vector entries, where compiling pays for itself).
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not valid; choose one of {', '.join(map(repr, METHODS))}")
@@ -75,6 +78,7 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     lam = checks.check_lam(lam)
     checks.check_choice("scope", scope, checks.SCOPE_CHOICES)
     budget = None if max_memory is None else checks.parse_size(max_memory, "max_memory")
+    checks.check_choice("fused", fused, fused_cpu.MODES)
     models, names, merged_keys, copied_keys, device = check_state_dicts(base, models, exclude, model_names)
     backend = resolve_backend(backend, device)
     if backend == "triton" and method not in ("pcb",) + triton_backend.BASELINES:
@@ -109,6 +113,7 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
 
     source = StateDictSource(base, models, merged_keys, names)
     source.memory_budget = budget
+    source.fused = fused_cpu.resolve(fused, source.n * source.D)
     info = engine.run(merge_fn, source, sink, scope=scope, lambdas=lambdas, block_width=block_width, **method_params)
     if report is not None:
         report.update(info)

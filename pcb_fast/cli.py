@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--device", default="cpu", help="cpu (default, streamed from disk) or cuda (loaded whole)")
     merge.add_argument("--max-memory", help="RAM for float32 task vectors kept between passes, e.g. 2GB "
                                             "(default: half the available memory)")
+    merge.add_argument("--fused", default="auto", choices=("auto", "on", "off"),
+                       help="compiled CPU loops for ties, dare, dare_ties (torch.compile; default auto: for merges "
+                            "of at least 2^28 task-vector entries)")
     merge.add_argument("--distributed", action="store_true",
                        help="run as one rank of a torchrun launch (gloo on CPU): ranks split the output shards")
 
@@ -130,7 +133,7 @@ def merge_arguments(args) -> dict:
             except ValueError:
                 raise ValueError(f"--lambdas={args.lambdas!r} must be comma-separated numbers") from None
     kwargs.update(out=args.out, overwrite=args.overwrite, backend=args.backend, device=args.device,
-                  max_memory=args.max_memory, shard_size=args.shard_size, distributed=args.distributed)
+                  max_memory=args.max_memory, shard_size=args.shard_size, distributed=args.distributed, fused=args.fused)
     return kwargs
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, checks, engine
+from . import __version__, checks, engine, fused_cpu
 from .checks import parse_size
 from .backends import resolve_backend
 from .checkpoints import SIDE_FILES, check_models_match, open_checkpoint, split_keys
@@ -77,7 +77,7 @@ def _names(sources) -> list:
 def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None, scope="global", exclude=(),
                       backend="auto", device="cpu", max_memory=None, shard_size="5GB", dtype=None,
                       overwrite=False, progress=None, report: dict | None = None, distributed: bool = False,
-                      block_width=DEFAULT_BLOCK_WIDTH, **method_params) -> Path:
+                      fused="auto", block_width=DEFAULT_BLOCK_WIDTH, **method_params) -> Path:
     """Merge checkpoints (paths or state dicts) of ``models`` fine-tuned from ``base`` into the folder
     ``out``: sharded safetensors (``shard_size``) with an index, the base's dtypes (or ``dtype``),
     the base folder's config/tokenizer files, and the merge parameters in the metadata.
@@ -90,6 +90,7 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
     ``report`` receives kept, entries, merged_keys, copied_keys, seconds and peak_rss_bytes.
     ``distributed``: this process is one rank of a torchrun launch (pcb_fast.distributed); every
     rank calls this with the same arguments, and the output equals the single-process one.
+    ``fused``: "auto", "on" or "off", as for :func:`pcb_fast.merge` (single-process merges only).
     Returns the output folder.
     """
     started = time.perf_counter()
@@ -106,6 +107,7 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
     if shard_bytes == 0:
         raise ValueError(f"shard_size={shard_size!r} must be positive")
     budget = available_memory() // 2 if max_memory is None else parse_size(max_memory, "max_memory")
+    checks.check_choice("fused", fused, fused_cpu.MODES)
     if dtype is not None and dtype not in OUT_DTYPES:
         raise ValueError(f"dtype={dtype!r} is not valid; choose one of {', '.join(map(repr, OUT_DTYPES))}")
     try:
@@ -137,7 +139,7 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
             info = _write_merge(base_ck, model_cks, merged, copied, tmp, method=method, lam=lam, lambdas=lambdas,
                                 exclude=exclude, scope=scope, backend=backend, device=device, budget=budget,
                                 shard_bytes=shard_bytes, dtype=dtype, progress=progress, block_width=block_width,
-                                params=method_params, comm=comm)
+                                params=method_params, comm=comm, fused=fused)
     finally:
         for ck in [base_ck] + model_cks:
             ck.close()
@@ -236,7 +238,7 @@ def _replace(tmp: Path, out: Path) -> None:
 
 
 def _write_merge(base_ck, model_cks, merged, copied, folder: Path, *, method, lam, lambdas, exclude, scope, backend, device,
-                 budget, shard_bytes, dtype, progress, block_width, params, comm=None) -> dict:
+                 budget, shard_bytes, dtype, progress, block_width, params, comm=None, fused="auto") -> dict:
     def out_dtype(key):
         own = base_ck.dtype(key)
         return OUT_DTYPES[dtype] if dtype is not None and own.is_floating_point else own
@@ -260,7 +262,7 @@ def _write_merge(base_ck, model_cks, merged, copied, folder: Path, *, method, la
             run = _stream_merge if backend == "torch" else _in_memory_merge
             info = run(base_ck, model_cks, merged, writer, out_dtype, method=method, lam=lam, lambdas=lambdas,
                        scope=scope, backend=backend, device=device, budget=budget, progress=progress,
-                       block_width=block_width, params=params, comm=comm, local=local)
+                       block_width=block_width, params=params, comm=comm, local=local, fused=fused)
         writer.close()
     except BaseException:
         writer.abort()
@@ -271,7 +273,7 @@ def _write_merge(base_ck, model_cks, merged, copied, folder: Path, *, method, la
 
 
 def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam, lambdas, scope, backend, device,
-                  budget, progress, block_width, params, comm=None, local=None) -> dict:
+                  budget, progress, block_width, params, comm=None, local=None, fused="auto") -> dict:
     pass_count = [0]
 
     def bar(total):
@@ -288,6 +290,7 @@ def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam,
         source = CachedSource(source)
         budget -= source.n * source.D * 4
     source.memory_budget = budget
+    source.fused = comm is None and fused_cpu.resolve(fused, source.n * source.D)
     base_buffer = {}
 
     def sink(segment, lo, hi, tau_m):
@@ -309,7 +312,7 @@ def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam,
 
 
 def _in_memory_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam, lambdas, scope, backend, device,
-                     budget, progress, block_width, params, comm=None, local=None) -> dict:
+                     budget, progress, block_width, params, comm=None, local=None, fused="auto") -> dict:
     from .api import merge
 
     base = {k: base_ck.read(k).to(device) for k in merged}

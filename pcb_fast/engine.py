@@ -144,6 +144,15 @@ class ColumnSample:
         first = (-block.start) % self.stride
         self.parts.append(block.tv[:, first :: self.stride].clone())
 
+    def take_without_pass(self, source) -> bool:
+        """Take the same sample straight from a source that holds its task vectors in memory (no
+        pass over the blocks); False when the source needs a pass."""
+        columns = source.strided_columns(self.stride)
+        if columns is None:
+            return False
+        self.parts = columns
+        return True
+
     def scores(self, score_fn: Callable) -> torch.Tensor:
         """[n, s] scores of the sampled columns; ``score_fn`` maps a [n, m] block to its scores."""
         if not self.parts:  # a rank of a distributed merge may hold no key
@@ -210,6 +219,45 @@ def select_threshold(
         maxima.append(values.max())
         kept.append(((values >= t) if keep_ties else (values > t)).sum())
     return torch.stack(thresholds), torch.stack(maxima), collected, torch.stack(kept)
+
+
+def select_in_bracket(n: int, D: int, rank: int, sample_scores: torch.Tensor | None, bracket_pass: Callable):
+    """Exact t_i = sort(score_i)[rank] per task from one pass that counts around a sampled bracket.
+
+    ``bracket_pass(floor, ceiling)`` ([n] each) makes a pass and returns, per task, the numbers of
+    scores > ceiling, == ceiling and == floor ([n] int64 each), and the list of the n tensors of
+    scores strictly inside (floor, ceiling). In ascending order a row is: below the floor, at the
+    floor, inside, at the ceiling, above; so t is found among the few inside values, and ties at
+    the bounds (quantized or sparse task vectors) cost counts only. Where the sampled bracket
+    misses t (improbable: six standard deviations), that bound is opened and the pass repeated.
+    Returns (t, greater, at_least): [n] thresholds and the counts of scores > t and >= t.
+    """
+    guess = None if sample_scores is None else bounds_from_sample(sample_scores, rank, D)
+    floor, ceiling = guess if guess is not None else (torch.full((n,), float("-inf")), torch.full((n,), float("inf")))
+    floor, ceiling = floor.clone(), ceiling.clone()
+    while True:
+        above, at_ceiling, at_floor, inside = bracket_pass(floor, ceiling)
+        t, greater, at_least, missed = torch.zeros(n), torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64), False
+        for i in range(n):
+            at_f = int(at_floor[i]) if floor[i] < ceiling[i] else 0  # one group when the bounds are equal
+            at_c, top, values = int(at_ceiling[i]), int(above[i]), inside[i]
+            below = D - top - at_c - at_f - values.numel()
+            r = rank - below  # rank of t among the entries from the floor up
+            if r < 0:
+                floor[i], missed = float("-inf"), True
+            elif r < at_f:
+                t[i], greater[i], at_least[i] = floor[i], D - below - at_f, D - below
+            elif r < at_f + values.numel():
+                v = torch.kthvalue(values, r - at_f + 1).values
+                t[i] = v
+                greater[i] = top + at_c + int((values > v).sum())
+                at_least[i] = top + at_c + int((values >= v).sum())
+            elif r < at_f + values.numel() + at_c:
+                t[i], greater[i], at_least[i] = ceiling[i], top, top + at_c
+            else:
+                ceiling[i], missed = float("inf"), True
+        if not missed:
+            return t, greater, at_least
 
 
 COLLECTED_BYTES = 16  # per collected entry: int32 position, float32 score and tau, and a score copy

@@ -13,34 +13,34 @@ import zlib
 
 import torch
 
-_MASK32 = 0xFFFFFFFF
-_M1, _M2 = 0x21F0AAAD, 0x735A2D97  # odd multipliers below 2^31 of a two-round xorshift-multiply mix
+MASK32 = 0xFFFFFFFF
+M1, M2 = 0x21F0AAAD, 0x735A2D97  # odd multipliers below 2^31 of a two-round xorshift-multiply mix
 
 
 def mix32(x: int) -> int:
     """The 32-bit mixing function on a Python int (for per-stream constants)."""
-    x &= _MASK32
+    x &= MASK32
     x ^= x >> 16
-    x = (x * _M1) & _MASK32
+    x = (x * M1) & MASK32
     x ^= x >> 15
-    x = (x * _M2) & _MASK32
+    x = (x * M2) & MASK32
     return x ^ (x >> 15)
 
 
 def mix32_tensor(x: torch.Tensor) -> torch.Tensor:
     """:func:`mix32` elementwise on an int64 tensor of values in [0, 2^32)."""
     x = x ^ (x >> 16)
-    x = (x * _M1) & _MASK32
+    x = (x * M1) & MASK32
     x = x ^ (x >> 15)
-    x = (x * _M2) & _MASK32
+    x = (x * M2) & MASK32
     return x ^ (x >> 15)
 
 
 def stream_constant(seed: int, task: int, key: str) -> int:
     """The 32-bit constant that names the stream of (seed, task, key)."""
-    h = mix32(seed & _MASK32)
-    h = mix32(h ^ ((seed >> 32) & _MASK32))
-    h = mix32(h ^ (task & _MASK32))
+    h = mix32(seed & MASK32)
+    h = mix32(h ^ ((seed >> 32) & MASK32))
+    h = mix32(h ^ (task & MASK32))
     return mix32(h ^ zlib.crc32(key.encode("utf-8")))
 
 
@@ -48,11 +48,16 @@ def uniform24(seed: int, task: int, key: str, lo: int, hi: int) -> torch.Tensor:
     """int64 draws in [0, 2^24) for entries [lo, hi) of (seed, task, key)."""
     h = stream_constant(seed, task, key)
     index = torch.arange(lo, hi, dtype=torch.int64)
-    x = mix32_tensor((index & _MASK32) ^ h)
-    x = mix32_tensor(x ^ ((index >> 32) & _MASK32) ^ mix32(h))
+    x = mix32_tensor((index & MASK32) ^ h)
+    x = mix32_tensor(x ^ ((index >> 32) & MASK32) ^ mix32(h))
     return x >> 8
+
+
+def keep_threshold(p: float) -> int:
+    """DARE keeps an entry when its 24-bit draw is at least this."""
+    return int(round(p * (1 << 24)))
 
 
 def keep_mask(seed: int, task: int, key: str, lo: int, hi: int, p: float) -> torch.Tensor:
     """Bool mask of the entries DARE keeps: each is dropped with probability p (to 2^-24)."""
-    return uniform24(seed, task, key, lo, hi) >= int(round(p * (1 << 24)))
+    return uniform24(seed, task, key, lo, hi) >= keep_threshold(p)

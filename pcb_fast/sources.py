@@ -67,6 +67,8 @@ class TaskVectorSource:
         # reported instead of raised, so that every rank fails together (kept by scope="tensor" views)
         self.comm = None
         self.errors = None
+        # run the per-block work of the methods that have them through pcb_fast.fused's compiled loops
+        self.fused = False
 
     def restrict(self, segment: Segment) -> "TaskVectorSource":
         """The same source seen as a single segment (for scope="tensor")."""
@@ -107,6 +109,12 @@ class TaskVectorSource:
         """Bytes a pass reads per entry of a task row (of ``seg``; the first segment's if None)."""
         return 4 * self.n
 
+    def strided_columns(self, stride: int) -> list | None:
+        """The float32 [n, k] task-vector columns at row offsets divisible by ``stride``, one tensor
+        per segment, when the source can read them without a pass over everything (in memory);
+        else None."""
+        return None
+
     def _read(self, seg: Segment, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -133,6 +141,9 @@ class MatrixSource(TaskVectorSource):
     def where(self, task: int, seg: Segment) -> str:
         return self.model_names[task]
 
+    def strided_columns(self, stride: int) -> list:
+        return [torch.stack([row[::stride].float() for row in self._rows])]
+
     def _read(self, seg, lo, hi, out):
         if self._matrix is not None:
             return self._matrix[:, lo:hi]
@@ -154,6 +165,14 @@ class StateDictSource(TaskVectorSource):
         names = model_names or [f"model {i}" for i in range(len(models))]
         super().__init__(len(models), segments, names)
         self._base_buffer = None
+
+    def strided_columns(self, stride: int) -> list:
+        columns = []
+        for seg in self.segments:
+            first = (-seg.offset) % stride
+            base = self._base[seg.key][first::stride].float()
+            columns.append(torch.stack([model[seg.key][first::stride].float() - base for model in self._models]))
+        return columns
 
     def _read(self, seg, lo, hi, out):
         base = self._base[seg.key][lo:hi]
@@ -235,7 +254,12 @@ class CachedSource(TaskVectorSource):
         self.complete = False
 
     def restrict(self, segment: Segment) -> "TaskVectorSource":
-        return CachedSource(self.inner.restrict(segment))
+        view = CachedSource(self.inner.restrict(segment))
+        view.memory_budget, view.fused = self.memory_budget, self.fused
+        return view
+
+    def strided_columns(self, stride: int) -> list | None:
+        return [self.cache[:, ::stride].clone()] if self.complete else None
 
     def where(self, task: int, seg: Segment) -> str:
         return self.inner.where(task, seg)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import checks, rng
+from .. import checks, fused_cpu, rng
 from ..engine import raise_if_not_finite
 from ..reference import sum_over_tasks
 from ..sources import DEFAULT_BLOCK_WIDTH, row_length
@@ -74,11 +74,31 @@ def dare_block(block, p: float, seed: int):
     return block.tv * keep / (1 - p), keep
 
 
+def dare_drop_args(block, p: float, seed: int) -> tuple:
+    """The drop's arguments of pcb_fast.fused_cpu for a block, all tensors (so that no value is
+    compiled in): [n, 1] stream constants of (seed, task, key) and their mix32, the block's first
+    index, the keep threshold and 1 - p (float32, the divisor of the eager drop)."""
+    streams = [rng.stream_constant(seed, i, block.segment.key) for i in range(block.tv.shape[0])]
+    return (torch.tensor(streams, dtype=torch.int64).unsqueeze(1),
+            torch.tensor([rng.mix32(h) for h in streams], dtype=torch.int64).unsqueeze(1),
+            torch.tensor(block.lo), torch.tensor(rng.keep_threshold(p)), torch.tensor(1 - p, dtype=torch.float32))
+
+
 def merge_dare(source, sink, *, p=0.9, seed=0, lambdas=None, block_width=DEFAULT_BLOCK_WIDTH):
     """DARE (Yu et al., "Language Models are Super Mario", ICML 2024): drop each entry of each task
     vector with probability p, rescale the survivors by 1/(1-p), then task arithmetic. The drop of
     entry j of key k in task i is a pure function of (seed, i, k, j): see pcb_fast.rng."""
     p, seed = check_drop(p), check_seed(seed)
+    if fused_cpu.applies(source):  # the drop, the sum and the NaN check in one compiled loop per block
+        lam = lambda_column(lambdas, source.n)
+        lam = torch.ones(source.n, 1) if lam is None else lam
+        kept = torch.zeros(source.n, dtype=torch.int64)
+        for block in source.blocks(block_width):
+            total, keep, row_max = fused_cpu.dare_sum(block.tv, *dare_drop_args(block, p, seed), lam)
+            raise_if_not_finite(source, block, row_max)
+            kept += keep
+            sink(block.segment, block.lo, block.hi, total)
+        return kept
     return _weighted_sums(source, sink, lambda_column(lambdas, source.n), masked=lambda b: dare_block(b, p, seed),
                           block_width=block_width)
 
@@ -92,19 +112,23 @@ def check_band(gamma, beta) -> tuple[float, float]:
     return gamma, beta
 
 
+def band_bounds(magnitude: torch.Tensor, drop: int, keep: int):
+    """Per row of ``magnitude`` [..., L], the values at descending ranks drop and drop + keep - 1
+    (keep >= 1), from two order statistics instead of a sort."""
+    L = magnitude.shape[-1]
+    if drop + keep <= L // 2:  # a partial top-k is cheaper than two order statistics of the row
+        best = torch.topk(magnitude, drop + keep, dim=-1, sorted=False).values
+        return best.kthvalue(keep, dim=-1, keepdim=True).values, best.amin(-1, keepdim=True)
+    return (magnitude.kthvalue(L - drop, dim=-1, keepdim=True).values,
+            magnitude.kthvalue(L - drop - keep + 1, dim=-1, keepdim=True).values)
+
+
 def band_mask(magnitude: torch.Tensor, drop: int, keep: int) -> torch.Tensor:
     """Rows of ``magnitude`` [..., L]: True at the entries of descending rank in [drop, drop + keep),
     ties ranked by position, found from two order statistics per row instead of a sort."""
-    L = magnitude.shape[-1]
     if keep == 0:
         return torch.zeros_like(magnitude, dtype=torch.bool)
-    if drop + keep <= L // 2:  # a partial top-k is cheaper than two order statistics of the row
-        best = torch.topk(magnitude, drop + keep, dim=-1, sorted=False).values
-        top = best.kthvalue(keep, dim=-1, keepdim=True).values  # value at descending rank drop
-        low = best.amin(-1, keepdim=True)  # at descending rank drop + keep - 1
-    else:
-        top = magnitude.kthvalue(L - drop, dim=-1, keepdim=True).values
-        low = magnitude.kthvalue(L - drop - keep + 1, dim=-1, keepdim=True).values
+    top, low = band_bounds(magnitude, drop, keep)
     at_top, at_low = magnitude == top, magnitude == low
     inside = (magnitude <= top) & (magnitude >= low)
     # A boundary value that occurs once in its row sits exactly at its rank (drop, drop + keep - 1):
@@ -134,5 +158,36 @@ def merge_breadcrumbs(source, sink, *, gamma=0.01, beta=0.1, lambdas=None, block
     """Model Breadcrumbs (Davari & Belilovsky, ECCV 2024): in every row (last dimension) of every
     tensor, drop the int(gamma L) largest |tau| and keep the next int(beta L); then task arithmetic."""
     gamma, beta = check_band(gamma, beta)
+    if fused_cpu.applies(source):
+        return _merge_breadcrumbs_fused(source, sink, gamma, beta, lambda_column(lambdas, source.n), block_width)
     return _weighted_sums(source, sink, lambda_column(lambdas, source.n),
                           masked=lambda b: breadcrumbs_block(b, gamma, beta), whole_rows=True, block_width=block_width)
+
+
+def _merge_breadcrumbs_fused(source, sink, gamma, beta, lam, block_width):
+    """Breadcrumbs with the band's bounds from a partial top-k per row (eager) and the band, the
+    sum over tasks and the NaN check in one compiled loop per block; rows where a bound repeats
+    (ties ranked by position) are redone with the eager band_mask."""
+    n = source.n
+    lam = torch.ones(n, 1) if lam is None else lam
+    kept = torch.zeros(n, dtype=torch.int64)
+    for block in source.blocks(block_width, whole_rows=True):
+        row = row_length(block.segment.shape)
+        drop, keep = int(gamma * row), int(beta * row)
+        if keep == 0:
+            raise_if_not_finite(source, block, block.tv.abs().amax(1))
+            sink(block.segment, block.lo, block.hi, torch.zeros(block.tv.shape[1]))
+            continue
+        tv = block.tv.reshape(n, -1, row)
+        top, low = band_bounds(tv.abs(), drop, keep)
+        total, tied, row_max = fused_cpu.band_block(tv, top, low, lam)
+        raise_if_not_finite(source, block, row_max.amax(1))
+        kept += keep * tv.shape[1]  # exactly `keep` per row where the bounds are single
+        redo = tied.any(0).nonzero().flatten()
+        if redo.numel():
+            sub = tv[:, redo]
+            mask = band_mask(sub.abs(), drop, keep)
+            kept += mask.sum((1, 2)) - keep * redo.numel()
+            total.view(-1, row)[redo] = sum_over_tasks((sub * mask).reshape(n, -1) * lam).view(-1, row)
+        sink(block.segment, block.lo, block.hi, total)
+    return kept

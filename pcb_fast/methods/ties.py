@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import torch
 
-from .. import checks
-from ..engine import ColumnSample, raise_if_not_finite, select_threshold, sum_kept
+from .. import checks, fused_cpu
+from ..engine import ColumnSample, raise_if_not_finite, select_in_bracket, select_threshold, sum_kept
 from ..reference_baselines import disjoint_mean, elected_signs, zero_sign_fill
 from ..sources import DEFAULT_BLOCK_WIDTH
-from .linear import check_drop, check_seed, dare_block, lambda_column
+from .linear import check_drop, check_seed, dare_block, dare_drop_args, lambda_column
 
 SIGN_TIES = ("majority", "positive")
 TOPK = ("threshold", "exact")
@@ -143,6 +143,8 @@ def merge_ties(source, sink, *, density=0.2, sign_ties="majority", topk="thresho
     checks.check_choice("topk", topk, TOPK)
     lam = lambda_column(lambdas, source.n)
     block_width = source.block_width(block_width)
+    if fused_cpu.applies(source):
+        return _merge_ties_fused(source, sink, density, sign_ties, topk, lam, block_width)
     kept_counts = torch.zeros(source.n, dtype=torch.int64)
     collected, dense = _trim(source, density, topk, block_width)
     if collected is None:
@@ -176,6 +178,95 @@ def merge_ties(source, sink, *, density=0.2, sign_ties="majority", topk="thresho
     return kept_counts
 
 
+ALL_TIES = 1 << 62  # a cut past every position: every entry equal to the threshold is kept
+
+
+def _merge_ties_fused(source, sink, density, sign_ties, topk, lam, block_width):
+    """TIES with compiled block loops (pcb_fast.fused_cpu): the column sample (read in place from
+    in-memory sources, else one pass); one pass counting |tau| around the sampled bracket, with the
+    NaN check (the exact threshold comes from the few entries inside the bracket); for
+    topk="exact" a pass counting the entries at the threshold; then one sweep that trims, elects
+    and merges. Nothing is collected: memory stays at a few blocks."""
+    n, D = source.n, source.D
+    keep = int(D * density)
+    lam = torch.ones(n, 1) if lam is None else lam
+    rank = D - keep - 1 if topk == "threshold" else D - keep
+    if rank < 0 or rank >= D:  # every entry kept (t below them all), or none (exact top-0)
+        for block in source.blocks(block_width):
+            raise_if_not_finite(source, block, block.tv.abs().amax(1))
+        t = torch.full((n, 1), float("-inf") if rank < 0 else float("inf"))
+        greater = kept = torch.full((n,), D if rank < 0 else 0)
+    else:
+        sample = ColumnSample(D, n)
+        if not sample.take_without_pass(source):
+            for block in source.blocks(block_width):
+                sample.add(block)
+
+        def bracket_pass(floor, ceiling):
+            counts = torch.zeros(3, n, dtype=torch.int64)
+            inside = [[] for _ in range(n)]
+            for block in source.blocks(block_width):
+                row_max, *block_counts, mask = fused_cpu.bracket(block.tv, floor.unsqueeze(1), ceiling.unsqueeze(1))
+                raise_if_not_finite(source, block, row_max)
+                counts += torch.stack(block_counts)
+                flat = mask.view(-1).nonzero().squeeze(1)
+                task = torch.div(flat, mask.shape[1], rounding_mode="floor")
+                values = block.tv[task, flat - task * mask.shape[1]].abs()
+                for i, part in enumerate(values.split(torch.bincount(task, minlength=n).tolist())):
+                    inside[i].append(part)
+            return counts[0], counts[1], counts[2], [torch.cat(parts) for parts in inside]
+
+        t, greater, at_least = select_in_bracket(n, D, rank, sample.scores(torch.abs), bracket_pass)
+        t = t.unsqueeze(1)
+        kept = at_least if topk == "threshold" else torch.full((n,), keep)
+    cuts = None if topk == "threshold" else _exact_cuts(source, t, keep - greater, block_width)
+    every = torch.full((n, 1), ALL_TIES)
+
+    def merge_block(number, block, fill):
+        return fused_cpu.ties_block(block.tv, t, every if cuts is None else cuts[number], lam, fill)
+
+    sweep_with_fill(source, sink, merge_block, sign_ties, block_width)
+    return kept
+
+
+def sweep_with_fill(source, sink, merge_block, sign_ties: str, block_width: int) -> None:
+    """One sweep of TIES' election and disjoint mean. ``merge_block(number, block, fill)`` returns
+    (values, sum of the elected signs, undecided positions) for a zero-sum sign ``fill``: blocks
+    without undecided positions (zero sum, some entry non-zero: exact cancellations, rare outside
+    quantized weights) are final at once; the others are merged again once the whole model's
+    sign sum gives the fill."""
+    sign_total, deferred = 0, set()
+    for number, block in enumerate(source.blocks(block_width)):
+        values, signs, undecided = merge_block(number, block, torch.ones(()))[:3]
+        sign_total += int(signs)
+        if int(undecided):
+            deferred.add(number)
+        else:
+            sink(block.segment, block.lo, block.hi, values)
+    if deferred:
+        fill = zero_sign_fill(sign_total, sign_ties)
+        for number, block in enumerate(source.blocks(block_width)):
+            if number in deferred:
+                sink(block.segment, block.lo, block.hi, merge_block(number, block, fill)[0])
+
+
+def _exact_cuts(source, t, budget, block_width) -> list:
+    """topk="exact": per block, the [n, 1] position below which the entries equal to t are kept, so
+    that each task keeps ``budget`` of them, the first by position (one pass of counts; the row
+    where a task's budget runs out is searched eagerly, once per task)."""
+    budget = budget.clone()
+    cuts = []
+    for block in source.blocks(block_width):
+        equal = fused_cpu.equal_counts(block.tv, t)
+        cut = torch.where(budget >= equal, ALL_TIES, 0).unsqueeze(1)
+        for i in ((budget > 0) & (budget < equal)).nonzero().flatten().tolist():
+            positions = (block.tv[i].abs() == t[i]).nonzero().flatten()
+            cut[i, 0] = int(positions[int(budget[i]) - 1]) + 1
+        budget -= torch.minimum(budget, equal)
+        cuts.append(cut)
+    return cuts
+
+
 def merge_dare_ties(source, sink, *, p=0.9, seed=0, sign_ties="majority", lambdas=None,
                     block_width=DEFAULT_BLOCK_WIDTH):
     """DARE-TIES (Yu et al. 2024 with Yadav et al. 2023): DARE's random drop and rescale, then TIES'
@@ -183,6 +274,8 @@ def merge_dare_ties(source, sink, *, p=0.9, seed=0, sign_ties="majority", lambda
     p, seed = check_drop(p), check_seed(seed)
     checks.check_choice("sign_ties", sign_ties, SIGN_TIES)
     lam = lambda_column(lambdas, source.n)
+    if fused_cpu.applies(source):
+        return _merge_dare_ties_fused(source, sink, p, seed, sign_ties, lam, block_width)
     kept_counts = torch.zeros(source.n, dtype=torch.int64)
 
     def weighted_blocks(first_sweep: bool):
@@ -194,6 +287,26 @@ def merge_dare_ties(source, sink, *, p=0.9, seed=0, sign_ties="majority", lambda
             yield block.segment, block.lo, block.hi, dropped if lam is None else dropped * lam
 
     _elect_and_merge(weighted_blocks, sink, lam, sign_ties, source.comm)
+    return kept_counts
+
+
+def _merge_dare_ties_fused(source, sink, p, seed, sign_ties, lam, block_width):
+    """DARE-TIES with compiled block loops: the drop, the election, the mean and the NaN check in
+    one sweep (blocks with undecided positions merged again, see :func:`sweep_with_fill`)."""
+    n = source.n
+    lam = torch.ones(n, 1) if lam is None else lam
+    kept_counts, counted = torch.zeros(n, dtype=torch.int64), set()
+
+    def merge_block(number, block, fill):
+        values, signs, undecided, kept, row_max = fused_cpu.dare_ties_block(block.tv, *dare_drop_args(block, p, seed),
+                                                                             lam, fill)
+        if number not in counted:  # a block merged again is counted once
+            counted.add(number)
+            raise_if_not_finite(source, block, row_max)
+            kept_counts.add_(kept)
+        return values, signs, undecided
+
+    sweep_with_fill(source, sink, merge_block, sign_ties, block_width)
     return kept_counts
 
 

@@ -1,0 +1,184 @@
+"""Fused CPU loops: the per-block functions of TIES, DARE and DARE-TIES compiled by torch.compile.
+
+Eager torch runs one memory sweep per op; on the CPU a TIES block needs a dozen ops, so the eager
+engine spends its time re-reading blocks (DESIGN.md 3). Each function here is written once in
+plain torch ops, shape-independent (no data-dependent shapes), and runs either compiled by
+inductor into one vectorised OpenMP loop per reduction, or eagerly (the tests compare the two).
+The sums over tasks run in task order (``x[0] + x[1] + ...``), the rounding of the eager engine
+and of the literal formulations; inductor keeps IEEE semantics on the CPU (no reassociation,
+no contraction), so the results are expected bit for bit equal, and the tests check it.
+
+Modes (``fused=`` of merge, merge_checkpoints and the CLI): "on", "off", or "auto" (the default):
+on where compiling pays for itself, i.e. at least :data:`AUTO_MIN_ENTRIES` task-vector entries and
+a working compiler. Compiling takes a few seconds once per process (inductor caches the generated
+code on disk, so later processes mostly skip it).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+
+from . import checks, rng
+
+MODES = ("auto", "on", "off")
+# n * D from which "auto" fuses: about 2^28 entries (1 GiB of fp32 task vectors) take the eager
+# engine several seconds, more than a first compile costs here.
+AUTO_MIN_ENTRIES = 1 << 28
+
+
+class FusedUnavailable(ValueError):
+    """torch.compile cannot build CPU code here (no C++ compiler, unsupported platform, ...)."""
+
+
+@functools.lru_cache(maxsize=None)
+def _probe() -> str | None:
+    """None when a tiny function compiles and runs correctly, else the reason it does not."""
+    try:
+        compiled = torch.compile(lambda x: (x * 2).sum(0), dynamic=True)
+        x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+        if not torch.equal(compiled(x), (x * 2).sum(0)):
+            return "a compiled test function gave a wrong result"
+    except Exception as e:  # a missing compiler surfaces as any of several inductor errors
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    return None
+
+
+def resolve(mode: str, entries: int) -> bool:
+    """Whether a merge of ``entries`` task-vector entries (n * D) runs the fused loops."""
+    checks.check_choice("fused", mode, MODES)
+    if mode == "off" or (mode == "auto" and entries < AUTO_MIN_ENTRIES):
+        return False
+    problem = _probe()
+    if problem is None:
+        return True
+    if mode == "on":
+        raise FusedUnavailable(f"fused='on' but torch.compile cannot build CPU code here ({problem}); "
+                               f"use fused='off' or 'auto'")
+    warnings.warn(f"pcb_fast: fused CPU loops unavailable ({problem}); using the eager engine", stacklevel=2)
+    return False
+
+
+def applies(source) -> bool:
+    """Whether a merge over ``source`` runs the fused loops (chosen, and a single process)."""
+    return source.fused and source.comm is None
+
+
+class Fusable:
+    """A block function that runs compiled (call) or eagerly (``.eager``), compiled on first use."""
+
+    def __init__(self, fn):
+        self.eager = fn
+        self._compiled = None
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args):
+        if self._compiled is None:
+            self._compiled = torch.compile(self.eager, dynamic=True)
+        return self._compiled(*args)
+
+
+def _sum_rows(x: torch.Tensor) -> torch.Tensor:
+    """The sum over tasks; compiled, one sequential loop over the tasks per position (the rounding of
+    reference.sum_over_tasks; tested), without specialising the code to the number of tasks."""
+    return x.sum(0)
+
+
+def _row_max_abs(tv: torch.Tensor) -> torch.Tensor:
+    return tv.abs().amax(1)  # NaN propagates: the callers' finiteness check
+
+
+@Fusable
+def bracket(tv, floor, ceiling):
+    """Where |tau| of each task falls around a bracket [floor, ceiling] ([n, 1] each): (max |tau|,
+    count > ceiling, count == ceiling, count == floor, int32 mask of floor < |tau| < ceiling)."""
+    a = tv.abs()
+    above = (a > ceiling).sum(1)
+    at_ceiling = (a == ceiling).sum(1)
+    at_floor = (a == floor).sum(1)
+    inside = ((a > floor) & (a < ceiling)).to(torch.int32)
+    return _row_max_abs(tv), above, at_ceiling, at_floor, inside
+
+
+@Fusable
+def equal_counts(tv, t):
+    """[n] entries of each task with |tau| == t."""
+    return (tv.abs() == t).sum(1)
+
+
+def _trimmed(tv, t, cut, lam):
+    """TIES trim of a block: tau * kept * lam, keeping |tau| > t, and |tau| == t at positions < cut
+    (per task, [n, 1])."""
+    a = tv.abs()
+    position = torch.arange(tv.shape[1], device=tv.device)
+    return tv * ((a > t) | ((a == t) & (position < cut))) * lam
+
+
+def _dropped(tv, stream, stream_high, lo, threshold, scale, lam):
+    """DARE's drop of a block (pcb_fast.rng, bit for bit): (tau * keep / (1 - p) * lam, keep).
+    ``stream``/``stream_high`` [n, 1] int64 are each task's stream constant and its mix."""
+    index = lo + torch.arange(tv.shape[1], device=tv.device, dtype=torch.int64)
+    x = _mix32((index & rng.MASK32) ^ stream)
+    x = _mix32(x ^ ((index >> 32) & rng.MASK32) ^ stream_high)
+    keep = (x >> 8) >= threshold
+    return tv * keep / scale * lam, keep
+
+
+def _mix32(x):
+    x = x ^ (x >> 16)
+    x = (x * rng.M1) & rng.MASK32
+    x = x ^ (x >> 15)
+    x = (x * rng.M2) & rng.MASK32
+    return x ^ (x >> 15)
+
+
+def _elect_and_mean(weighted, lam, fill):
+    """TIES' sign election and disjoint mean of a block, before the whole-model zero-sum sign is
+    known: (merged values with zero-sum positions given ``fill``, sum of the elected signs,
+    number of "undecided" positions, whose value depends on that fill: zero sum, some entry
+    non-zero). A block without undecided positions is final whatever the fill.
+
+    The mean is reference_baselines.disjoint_mean with lambdas (which equals the unweighted form
+    when lam is all ones)."""
+    total = _sum_rows(weighted)
+    sign = torch.sign(total)
+    undecided = ((total == 0) & (weighted.abs().amax(0) > 0)).sum()
+    positive = torch.where(sign == 0, fill, sign) > 0
+    # Written without an [n, m] "agree" mask: inductor would store it as bytes, slowly, between loops.
+    num = _sum_rows(torch.where(positive, torch.where(weighted > 0, weighted, 0.0), torch.where(weighted < 0, weighted, 0.0)))
+    den = _sum_rows(torch.where(positive, torch.where(weighted > 0, lam, 0.0), torch.where(weighted < 0, lam, 0.0)))
+    return num / torch.where(den == 0, 1.0, den), sign.sum(dtype=torch.int64), undecided
+
+
+@Fusable
+def ties_block(tv, t, cut, lam, fill):
+    """TIES on a block: see :func:`_elect_and_mean`."""
+    return _elect_and_mean(_trimmed(tv, t, cut, lam), lam, fill)
+
+
+@Fusable
+def dare_ties_block(tv, stream, stream_high, lo, threshold, scale, lam, fill):
+    """DARE-TIES on a block: :func:`_elect_and_mean`, kept entries and max |tau| per task."""
+    weighted, keep = _dropped(tv, stream, stream_high, lo, threshold, scale, lam)
+    return *_elect_and_mean(weighted, lam, fill), keep.sum(1), _row_max_abs(tv)
+
+
+@Fusable
+def dare_sum(tv, stream, stream_high, lo, threshold, scale, lam):
+    """DARE then task arithmetic on a block: (sum over tasks, kept per task, max |tau| per task)."""
+    weighted, keep = _dropped(tv, stream, stream_high, lo, threshold, scale, lam)
+    return _sum_rows(weighted), keep.sum(1), _row_max_abs(tv)
+
+
+@Fusable
+def band_block(tv, top, low, lam):
+    """Breadcrumbs on a block of whole rows, tv [n, rows, L], given each row's band bounds [n, rows, 1]
+    (values at descending ranks drop and drop + keep - 1): (sum over tasks of lam * tau in the
+    band, [n, rows] int32 flags of the rows where a bound repeats, [n, rows] max |tau|). Exact for
+    rows where no bound repeats; the caller redoes the others."""
+    a = tv.abs()
+    weighted = torch.where((a <= top) & (a >= low), tv, 0.0).reshape(tv.shape[0], -1) * lam
+    tied = (((a == top).sum(-1) > 1) | ((a == low).sum(-1) > 1)).to(torch.int32)
+    return _sum_rows(weighted), tied, a.amax(-1)

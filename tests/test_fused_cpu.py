@@ -1,0 +1,195 @@
+"""The fused CPU loops (pcb_fast.fused_cpu, torch.compile) against the eager engine and the reference.
+
+Fused and eager merges must give equal values (torch.equal: the sign of a zero may differ, since
+compiled code adds from +0) and equal kept counts. Compiling takes a few seconds per function
+once per process, so the cases share few shapes of arguments.
+"""
+
+import pytest
+import torch
+
+import pcb_fast
+import pcb_fast.reference_baselines
+from pcb_fast import engine, fused_cpu
+from pcb_fast.methods.ties import merge_dare_ties, merge_ties
+from pcb_fast.methods.linear import merge_breadcrumbs, merge_dare
+from pcb_fast.sources import MatrixSource
+
+
+def run(method, tv, fused, block_width=4096, **params):
+    source = MatrixSource(tv)
+    source.fused = fused
+    out = torch.full((source.D,), float("nan"))
+
+    def sink(segment, lo, hi, values):
+        assert torch.isnan(out[segment.offset + lo : segment.offset + hi]).all(), "a block was written twice"
+        out[segment.offset + lo : segment.offset + hi] = values
+
+    info = engine.run(method, source, sink, block_width=block_width, **params)
+    assert not torch.isnan(out).any(), "a block was never written"
+    return out, info["kept"]
+
+
+def assert_same(method, tv, **params):
+    eager, kept_eager = run(method, tv, False, **params)
+    fused, kept_fused = run(method, tv, True, **params)
+    assert torch.equal(eager, fused), f"{(eager != fused).sum()} entries differ"
+    assert kept_eager == kept_fused
+    return fused
+
+
+def task_vectors(n, D, kind, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tv = torch.randn(n, D, generator=g)
+    if kind == "quantized":  # many ties at any threshold, exact cancellations between tasks
+        tv = torch.round(tv * 4) / 4
+    elif kind == "sparse":  # half the entries exactly zero
+        tv[:, ::2] = 0
+    return tv
+
+
+@pytest.mark.parametrize("kind", ["normal", "quantized", "sparse"])
+@pytest.mark.parametrize("params", [dict(density=0.2), dict(density=0.2, topk="exact"),
+                                    dict(density=0.7, lambdas=[0.5, 1.5, 2.0]),
+                                    dict(density=0.5, topk="exact", sign_ties="positive")])
+def test_ties_fused_equals_eager(kind, params):
+    tv = task_vectors(3, 100_003, kind)
+    fused = assert_same(merge_ties, tv, **params)
+    reference = pcb_fast.reference_baselines.ties(tv, **params)
+    assert torch.equal(fused, reference)
+
+
+@pytest.mark.parametrize("params", [dict(density=1.0), dict(density=1e-9, topk="exact"), dict(density=1e-9)])
+def test_ties_fused_keeps_all_or_nothing(params):
+    tv = task_vectors(2, 70_000, "normal")
+    assert torch.equal(assert_same(merge_ties, tv, **params), pcb_fast.reference_baselines.ties(tv, **params))
+
+
+def test_ties_fused_many_tasks_sum_in_task_order():
+    # 32 tasks with widely different scales: any other order of the sums over tasks rounds differently
+    tv = task_vectors(32, 80_000, "normal") * torch.logspace(-3, 3, 32).unsqueeze(1)
+    assert torch.equal(assert_same(merge_ties, tv, density=0.3),
+                       pcb_fast.reference_baselines.ties(tv, density=0.3))
+
+
+def test_ties_fused_majority_fill_negative_with_cancellations():
+    # Positions where +x and -x cancel are "undecided": their value depends on the whole model's
+    # majority sign, known only after the sweep (here negative), so their blocks are merged again.
+    D = 20_000
+    tv = torch.zeros(2, D)
+    tv[0] = -torch.rand(D) - 0.5
+    tv[1] = -torch.rand(D) - 0.5
+    tv[0, ::7], tv[1, ::7] = 1.0, -1.0
+    tv[1, 3::7] = torch.rand(len(range(3, D, 7))) + 0.5  # still a majority of negative elected signs
+    fused = assert_same(merge_ties, tv, density=1.0, block_width=1000)
+    assert torch.equal(fused, pcb_fast.reference_baselines.ties(tv, density=1.0))
+    assert (fused[::7] == -1.0).all()  # filled with the negative majority: the mean of the -1 entries
+
+
+@pytest.mark.parametrize("params", [dict(p=0.9), dict(p=0.3, seed=5, lambdas=[0.5, -1.0, 2.0]), dict(p=0.0)])
+def test_dare_and_dare_ties_fused_equal_eager(params):
+    tv = task_vectors(3, 50_001, "quantized")
+    assert_same(merge_dare, tv, **params)
+    assert_same(merge_dare_ties, tv, **params)
+
+
+def test_dare_ties_fused_matches_reference():
+    tv = task_vectors(4, 30_000, "normal")
+    segments = [("task_vector", (30_000,))]
+    assert torch.equal(run(merge_dare_ties, tv, True, p=0.5, seed=3)[0],
+                       pcb_fast.reference_baselines.dare_ties(tv, p=0.5, seed=3, segments=segments))
+
+
+def test_breadcrumbs_fused_equals_eager_with_tied_rows():
+    g = torch.Generator().manual_seed(3)
+    base = {"w": torch.randn(300, 257, generator=g), "b": torch.randn(257, generator=g),
+            "q": torch.randn(64, 64, generator=g)}
+    models = []
+    for _ in range(4):
+        model = {k: v + torch.randn(v.shape, generator=g) * 0.1 for k, v in base.items()}
+        model["q"] = base["q"] + torch.round(torch.randn(64, 64, generator=g) * 3) / 8  # rows with tied bounds
+        models.append(model)
+    for params in (dict(gamma=0.01, beta=0.1), dict(gamma=0.2, beta=0.5, lambdas=[1, 2, 0.5, -1]),
+                   dict(gamma=0.0, beta=1.0), dict(gamma=0.001, beta=0.001), dict(gamma=0.05, beta=0.3, scope="tensor")):
+        eager_report, fused_report = {}, {}
+        eager = pcb_fast.merge(base, models, method="breadcrumbs", fused="off", report=eager_report, **params)
+        fused = pcb_fast.merge(base, models, method="breadcrumbs", fused="on", report=fused_report, **params)
+        assert all(torch.equal(eager[k], fused[k]) for k in base), params
+        assert eager_report["kept"] == fused_report["kept"], params
+
+
+def test_state_dicts_scope_tensor_and_bf16():
+    g = torch.Generator().manual_seed(1)
+    base = {"a": torch.randn(70, 300, generator=g).bfloat16(), "b": torch.randn(5000, generator=g)}
+    models = [{k: (v.float() + torch.randn(v.shape, generator=g) * 0.01).to(v.dtype) for k, v in base.items()}
+              for _ in range(3)]
+    for method, params in (("ties", dict(density=0.3)), ("dare_ties", dict(p=0.5)), ("dare", dict(p=0.5))):
+        for scope in ("global", "tensor"):
+            eager = pcb_fast.merge(base, models, method=method, scope=scope, fused="off", **params)
+            fused = pcb_fast.merge(base, models, method=method, scope=scope, fused="on", **params)
+            assert all(torch.equal(eager[k], fused[k]) for k in base), (method, scope)
+
+
+def test_nan_is_named():
+    tv = task_vectors(3, 20_000, "normal")
+    tv[1, 12_345] = float("nan")
+    for method, params in ((merge_ties, dict(density=0.2)), (merge_dare, dict(p=0.5)), (merge_dare_ties, dict(p=0.5))):
+        with pytest.raises(ValueError, match="task vector 1.*NaN or Inf"):
+            run(method, tv, True, **params)
+
+
+def test_select_in_bracket_hand_checked():
+    # scores of one task: 0..9 plus duplicates of 4 and 7; ascending: 0 1 2 3 4 4 4 5 6 7 7 8 9
+    scores = torch.tensor([[0, 1, 2, 3, 4, 4, 4, 5, 6, 7, 7, 8, 9]], dtype=torch.float32)
+    D = scores.shape[1]
+
+    def bracket_pass(floor, ceiling):
+        s = scores
+        inside = [row[(row > f) & (row < c)] for row, f, c in zip(s, floor, ceiling)]
+        return (s > ceiling[:, None]).sum(1), (s == ceiling[:, None]).sum(1), (s == floor[:, None]).sum(1), inside
+
+    for rank in range(D):
+        expected = scores[0].sort().values[rank]
+        for sample in (None, torch.tensor([[4.0] * 5000]), torch.tensor([[7.0] * 5000]),
+                       torch.linspace(0, 9, 9000).unsqueeze(0), torch.linspace(4, 5, 9000).unsqueeze(0)):
+            t, greater, at_least = engine.select_in_bracket(1, D, rank, sample, bracket_pass)
+            assert t[0] == expected, (rank, sample)
+            assert greater[0] == (scores > expected).sum() and at_least[0] == (scores >= expected).sum()
+
+
+def test_modes():
+    assert fused_cpu.resolve("off", 1 << 40) is False
+    assert fused_cpu.resolve("auto", fused_cpu.AUTO_MIN_ENTRIES - 1) is False
+    assert fused_cpu.resolve("on", 10) is True  # a C++ compiler is present on the CI machine
+    with pytest.raises(ValueError, match="fused='yes' is not valid; choose one of 'auto', 'on', 'off'"):
+        pcb_fast.merge({"w": torch.zeros(3)}, [{"w": torch.ones(3)}], fused="yes")
+
+
+def test_unavailable_compiler(monkeypatch):
+    monkeypatch.setattr(fused_cpu, "_probe", lambda: "CalledProcessError: g++ not found")
+    with pytest.raises(fused_cpu.FusedUnavailable, match="fused='on' but torch.compile cannot build CPU code here"):
+        fused_cpu.resolve("on", 10)
+    with pytest.warns(UserWarning, match="fused CPU loops unavailable"):
+        assert fused_cpu.resolve("auto", 1 << 40) is False
+
+
+def test_disk_merge_fused_equals_eager(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(2)
+    base = {"w": torch.randn(256, 300, generator=g), "b": torch.randn(300, generator=g)}
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"m{i}.safetensors"
+        save_file({k: v + torch.randn(v.shape, generator=g) * 0.01 for k, v in base.items()}, str(path))
+        paths.append(str(path))
+    save_file(base, str(tmp_path / "base.safetensors"))
+    results = {}
+    for fused, budget in (("off", None), ("on", None), ("on", "1KB")):  # 1KB: no cache, the sample takes a pass
+        out = tmp_path / f"out-{fused}-{budget}"
+        pcb_fast.merge_checkpoints(str(tmp_path / "base.safetensors"), paths, out, method="ties", density=0.3,
+                                   fused=fused, max_memory=budget)
+        results[(fused, budget)] = load_file(str(next(out.glob("*.safetensors"))))
+    first = results[("off", None)]
+    for other in results.values():
+        assert all(torch.equal(first[k], other[k]) for k in first)
