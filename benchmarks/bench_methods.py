@@ -3,9 +3,10 @@
     python -m benchmarks.bench_methods   # about 3 minutes on a 2-core machine
 
 n=8 fine-tuned versions of one [4096, 4096] fp32 tensor (D = 2^24, task vectors of scale 1e-3),
-scope global, merged with pcb_fast.merge(backend="torch") and merge(backend="reference") (the
-literal formulations: the authors' sort/kthvalue-based code). Prints time, peak memory above the
-inputs, ratios and whether the results are identical; writes benchmarks/results/methods.json.
+scope global, merged with pcb_fast.merge(backend="torch"), eager and with the compiled loops of
+pcb_fast.fused_cpu where a method has them, and with merge(backend="reference") (the literal
+formulations: the authors' sort/kthvalue-based code). Prints time, peak memory above the inputs,
+ratios and whether the results are equal; writes benchmarks/results/methods.json.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ METHODS = [
     ("dare_ties", dict(p=0.9, seed=0)),
     ("breadcrumbs", dict(gamma=0.01, beta=0.1)),
 ]
+FUSED = ("ties", "dare", "dare_ties", "breadcrumbs")  # the methods with compiled loops (pcb_fast.fused_cpu)
 
 
 def main(argv=None):
@@ -49,23 +51,43 @@ def main(argv=None):
     pcb_fast.merge({"w": base["w"][:64]}, [{"w": m["w"][:64]} for m in models])  # warm up
 
     rows = []
-    print("n=8, [4096, 4096] fp32 (D=2^24, 0.54 GB of task vectors), scope global\n")
-    print("| method | engine | literal formulation | speedup | peak memory, engine / literal | identical |")
-    print("|---|---|---|---|---|---|")
+    print("n=8, [4096, 4096] fp32 (D=2^24, 0.54 GB of task vectors), scope global. Engine: median of "
+          f"{args.repeats} runs, eager (fused='off') and, for the methods that have them, the compiled loops of "
+          "pcb_fast.fused_cpu (fused='on'; its one-time compile is the first call, not in the median). "
+          "Literal: one run.\n")
+    print("| method | engine, eager | engine, fused (first call) | literal formulation | speedup eager / fused "
+          "| peak memory eager / fused / literal | identical |")
+    print("|---|---|---|---|---|---|---|")
     for method, params in METHODS:
-        ours, ours_s, ours_mem = timed_runs(lambda: pcb_fast.merge(base, models, method=method, **params), args.repeats)
+        eager, eager_s, eager_mem = timed_runs(lambda: pcb_fast.merge(base, models, method=method, fused="off", **params),
+                                               args.repeats)
+        fused_s, fused_mem, first, fused_same = None, None, None, True
+        if method in FUSED:
+            started = time.perf_counter()
+            pcb_fast.merge(base, models, method=method, fused="on", **params)
+            first = time.perf_counter() - started
+            fused, fused_s, fused_mem = timed_runs(
+                lambda: pcb_fast.merge(base, models, method=method, fused="on", **params), args.repeats)
+            fused_same = torch.equal(fused["w"], eager["w"])
+            del fused
         ref, ref_s, ref_mem = timed_runs(
             lambda: pcb_fast.merge(base, models, method=method, backend="reference", **params), 1)
-        same = torch.equal(ours["w"], ref["w"])
-        row = {"method": method, "params": params, "engine_seconds": ours_s, "reference_seconds": ref_s,
-               "engine_peak_bytes": ours_mem, "reference_peak_bytes": ref_mem, "identical": same,
-               "speedup": statistics.median(ref_s) / statistics.median(ours_s)}
+        same = torch.equal(eager["w"], ref["w"]) and fused_same
+        literal = statistics.median(ref_s)
+        row = {"method": method, "params": params, "engine_seconds": eager_s, "fused_seconds": fused_s,
+               "fused_first_call_seconds": first, "reference_seconds": ref_s, "engine_peak_bytes": eager_mem,
+               "fused_peak_bytes": fused_mem, "reference_peak_bytes": ref_mem, "identical": same,
+               "speedup": literal / statistics.median(eager_s),
+               "fused_speedup": None if fused_s is None else literal / statistics.median(fused_s)}
         rows.append(row)
-        print(f"| {method} {', '.join(f'{k}={v}' for k, v in params.items())} | {statistics.median(ours_s):.2f} s "
-              f"(min {min(ours_s):.2f}, max {max(ours_s):.2f}) | {statistics.median(ref_s):.2f} s | "
-              f"**{row['speedup']:.1f}x** | {ours_mem / 2**30:.2f} / {ref_mem / 2**30:.2f} GiB | {'yes' if same else 'NO'} |",
-              flush=True)
-        del ours, ref
+        fused_cell = "-" if fused_s is None else f"{statistics.median(fused_s):.2f} s ({first:.1f} s)"
+        fused_ratio = "-" if fused_s is None else f"**{row['fused_speedup']:.1f}x**"
+        fused_memory = "-" if fused_mem is None else f"{fused_mem / 2**30:.2f}"
+        print(f"| {method} {', '.join(f'{k}={v}' for k, v in params.items())} | {statistics.median(eager_s):.2f} s "
+              f"(min {min(eager_s):.2f}, max {max(eager_s):.2f}) | {fused_cell} | {literal:.2f} s | "
+              f"{row['speedup']:.1f}x / {fused_ratio} | {eager_mem / 2**30:.2f} / {fused_memory} / "
+              f"{ref_mem / 2**30:.2f} GiB | {'yes' if same else 'NO'} |", flush=True)
+        del eager, ref
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": info, "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2) + "\n")
     print(f"\nwrote {args.out}")

@@ -67,7 +67,7 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     its scores in one more pass (the same result, bit for bit).
     ``fused`` ("auto", "on", "off"): on the torch backend, run TIES, DARE and DARE-TIES through
     loops compiled by torch.compile (pcb_fast.fused_cpu; the same values; "auto": for merges of at
-    least 2^28 task-vector entries, where compiling pays for itself).
+    least 2^29 task-vector entries, where compiling pays for itself).
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not valid; choose one of {', '.join(map(repr, METHODS))}")

@@ -1,17 +1,21 @@
-"""Fused CPU loops: the per-block functions of TIES, DARE and DARE-TIES compiled by torch.compile.
+"""Fused CPU loops: the per-block work of TIES, DARE, DARE-TIES and Breadcrumbs, compiled by
+torch.compile (inductor) into vectorised OpenMP loops.
 
-Eager torch runs one memory sweep per op; on the CPU a TIES block needs a dozen ops, so the eager
-engine spends its time re-reading blocks (DESIGN.md 3). Each function here is written once in
-plain torch ops, shape-independent (no data-dependent shapes), and runs either compiled by
-inductor into one vectorised OpenMP loop per reduction, or eagerly (the tests compare the two).
-The sums over tasks run in task order (``x[0] + x[1] + ...``), the rounding of the eager engine
-and of the literal formulations; inductor keeps IEEE semantics on the CPU (no reassociation,
-no contraction), so the results are expected bit for bit equal, and the tests check it.
+Eager torch makes one memory sweep per op; a TIES block needs a dozen ops, so the eager engine
+spends its time re-reading blocks (DESIGN.md 3). Each function here is plain torch ops without
+data-dependent shapes, compiled once per process with dynamic shapes (no recompiling per block
+width, number of tasks or parameter value: every varying value is a tensor argument). Written so
+that inductor keeps no [n, m] boolean temporaries (it stores them byte by byte, slowly).
+
+The values equal the eager engine's and the literal formulations' (torch.equal: same float32
+operations per entry; the sums over tasks are one sequential loop over the tasks; inductor keeps
+IEEE semantics on the CPU: no reassociation, no contraction); only the sign of a zero may differ
+(compiled sums start from +0). tests/test_fused_cpu.py checks both.
 
 Modes (``fused=`` of merge, merge_checkpoints and the CLI): "on", "off", or "auto" (the default):
-on where compiling pays for itself, i.e. at least :data:`AUTO_MIN_ENTRIES` task-vector entries and
-a working compiler. Compiling takes a few seconds once per process (inductor caches the generated
-code on disk, so later processes mostly skip it).
+on from :data:`AUTO_MIN_ENTRIES` task-vector entries, where compiling pays for itself, when a
+tiny function compiles here (a C++ compiler is needed); "auto" falls back to the eager engine with
+a warning otherwise, "on" raises :class:`FusedUnavailable`.
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ import torch
 from . import checks, rng
 
 MODES = ("auto", "on", "off")
-# n * D from which "auto" fuses: about 2^28 entries (1 GiB of fp32 task vectors) take the eager
-# engine several seconds, more than a first compile costs here.
-AUTO_MIN_ENTRIES = 1 << 28
+# n * D from which "auto" fuses: 2^29 entries (2 GiB of fp32 task vectors) take the eager TIES
+# about 5 s here and the fused one under 2 s, plus a first compile of 4-10 s per process (less
+# with inductor's on-disk cache): below this, compiling does not pay for itself.
+AUTO_MIN_ENTRIES = 1 << 29
 
 
 class FusedUnavailable(ValueError):
@@ -67,7 +72,7 @@ def applies(source) -> bool:
 
 
 class Fusable:
-    """A block function that runs compiled (call) or eagerly (``.eager``), compiled on first use."""
+    """A block function compiled on its first call (``.eager`` is the plain function)."""
 
     def __init__(self, fn):
         self.eager = fn
