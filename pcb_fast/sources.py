@@ -67,7 +67,7 @@ class TaskVectorSource:
         # reported instead of raised, so that every rank fails together (kept by scope="tensor" views)
         self.comm = None
         self.errors = None
-        # run the per-block work of the methods that have them through pcb_fast.fused's compiled loops
+        # run the per-block work of the methods that have them through pcb_fast.fused_cpu's compiled loops
         self.fused = False
 
     def restrict(self, segment: Segment) -> "TaskVectorSource":

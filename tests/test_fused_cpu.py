@@ -12,7 +12,7 @@ import pcb_fast
 import pcb_fast.reference_baselines
 from pcb_fast import engine, fused_cpu
 from pcb_fast.methods.ties import merge_dare_ties, merge_ties
-from pcb_fast.methods.linear import merge_breadcrumbs, merge_dare
+from pcb_fast.methods.linear import merge_dare
 from pcb_fast.sources import MatrixSource
 
 

@@ -13,6 +13,11 @@ signs and their whole-model sum, then the disjoint mean. When the collected entr
 the source's memory budget, the threshold comes from two radix-select passes and the two sweeps
 read the task vectors again, as DARE-TIES does: it replaces the trim by DARE's random drop and makes
 two passes over the task vectors (signs, then the mean).
+
+With fused CPU loops (``source.fused``, pcb_fast.fused_cpu) both take another route that collects
+nothing: the threshold from counts around a sampled bracket, then a single sweep that trims (or
+drops), elects and merges each block, redoing only blocks whose value depends on the whole
+model's majority sign.
 """
 
 from __future__ import annotations
@@ -237,7 +242,7 @@ def sweep_with_fill(source, sink, merge_block, sign_ties: str, block_width: int)
     sign sum gives the fill."""
     sign_total, deferred = 0, set()
     for number, block in enumerate(source.blocks(block_width)):
-        values, signs, undecided = merge_block(number, block, torch.ones(()))[:3]
+        values, signs, undecided = merge_block(number, block, torch.ones(()))
         sign_total += int(signs)
         if int(undecided):
             deferred.add(number)
