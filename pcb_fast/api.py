@@ -65,7 +65,7 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     ``max_memory`` (bytes, or e.g. "1GB"; default no limit) bounds the entries the engine collects
     between passes; above it, thresholds come from radix-select passes and the merge recomputes
     its scores in one more pass (the same result, bit for bit).
-    ``fused`` ("auto", "on", "off"): on the torch backend, run TIES, DARE and DARE-TIES through
+    ``fused`` ("auto", "on", "off"): on the torch backend, run TIES, DARE, DARE-TIES and Breadcrumbs through
     loops compiled by torch.compile (pcb_fast.fused_cpu; the same values; "auto": for merges of at
     least 2^29 task-vector entries, where compiling pays for itself).
     """

@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--max-memory", help="RAM for float32 task vectors kept between passes, e.g. 2GB "
                                             "(default: half the available memory)")
     merge.add_argument("--fused", default="auto", choices=("auto", "on", "off"),
-                       help="compiled CPU loops for ties, dare, dare_ties (torch.compile; default auto: for merges "
-                            "of at least 2^29 task-vector entries)")
+                       help="compiled CPU loops for ties, dare, dare_ties, breadcrumbs (torch.compile; default "
+                            "auto: for merges of at least 2^29 task-vector entries)")
     merge.add_argument("--distributed", action="store_true",
                        help="run as one rank of a torchrun launch (gloo on CPU): ranks split the output shards")
 

@@ -233,8 +233,8 @@ def select_in_bracket(n: int, D: int, rank: int, sample_scores: torch.Tensor | N
     Returns (t, greater, at_least): [n] thresholds and the counts of scores > t and >= t.
     """
     guess = None if sample_scores is None else bounds_from_sample(sample_scores, rank, D)
+    # fresh tensors either way (kthvalue results or full): opened in place below when they miss
     floor, ceiling = guess if guess is not None else (torch.full((n,), float("-inf")), torch.full((n,), float("inf")))
-    floor, ceiling = floor.clone(), ceiling.clone()
     while True:
         above, at_ceiling, at_floor, inside = bracket_pass(floor, ceiling)
         t, greater, at_least, missed = torch.zeros(n), torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64), False

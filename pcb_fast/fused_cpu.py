@@ -66,6 +66,12 @@ def resolve(mode: str, entries: int) -> bool:
     return False
 
 
+def weights(lam, n: int) -> torch.Tensor:
+    """The [n, 1] per-task weights the loops multiply by: ``lam``, or ones for None (x * 1.0 == x,
+    so the values are those of the eager path, which skips the product)."""
+    return torch.ones(n, 1) if lam is None else lam
+
+
 def applies(source) -> bool:
     """Whether a merge over ``source`` runs the fused loops (chosen, and a single process)."""
     return source.fused and source.comm is None

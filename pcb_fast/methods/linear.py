@@ -90,8 +90,7 @@ def merge_dare(source, sink, *, p=0.9, seed=0, lambdas=None, block_width=DEFAULT
     entry j of key k in task i is a pure function of (seed, i, k, j): see pcb_fast.rng."""
     p, seed = check_drop(p), check_seed(seed)
     if fused_cpu.applies(source):  # the drop, the sum and the NaN check in one compiled loop per block
-        lam = lambda_column(lambdas, source.n)
-        lam = torch.ones(source.n, 1) if lam is None else lam
+        lam = fused_cpu.weights(lambda_column(lambdas, source.n), source.n)
         kept = torch.zeros(source.n, dtype=torch.int64)
         for block in source.blocks(block_width):
             total, keep, row_max = fused_cpu.dare_sum(block.tv, *dare_drop_args(block, p, seed), lam)
@@ -169,7 +168,7 @@ def _merge_breadcrumbs_fused(source, sink, gamma, beta, lam, block_width):
     sum over tasks and the NaN check in one compiled loop per block; rows where a bound repeats
     (ties ranked by position) are redone with the eager band_mask."""
     n = source.n
-    lam = torch.ones(n, 1) if lam is None else lam
+    lam = fused_cpu.weights(lam, n)
     kept = torch.zeros(n, dtype=torch.int64)
     for block in source.blocks(block_width, whole_rows=True):
         row = row_length(block.segment.shape)

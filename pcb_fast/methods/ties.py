@@ -194,7 +194,7 @@ def _merge_ties_fused(source, sink, density, sign_ties, topk, lam, block_width):
     and merges. Nothing is collected: memory stays at a few blocks."""
     n, D = source.n, source.D
     keep = int(D * density)
-    lam = torch.ones(n, 1) if lam is None else lam
+    lam = fused_cpu.weights(lam, n)
     rank = D - keep - 1 if topk == "threshold" else D - keep
     if rank < 0 or rank >= D:  # every entry kept (t below them all), or none (exact top-0)
         for block in source.blocks(block_width):
@@ -299,7 +299,7 @@ def _merge_dare_ties_fused(source, sink, p, seed, sign_ties, lam, block_width):
     """DARE-TIES with compiled block loops: the drop, the election, the mean and the NaN check in
     one sweep (blocks with undecided positions merged again, see :func:`sweep_with_fill`)."""
     n = source.n
-    lam = torch.ones(n, 1) if lam is None else lam
+    lam = fused_cpu.weights(lam, n)
     kept_counts, counted = torch.zeros(n, dtype=torch.int64), set()
 
     def merge_block(number, block, fill):
