@@ -9,6 +9,8 @@ setup(
     python_requires=">=3.10",
     packages=["pcb_fast", "pcb_fast.methods", "pcb_fast.kernels"],
     package_dir={"pcb_fast": "pcb_fast", "pcb_fast.kernels": "kernels"},
+    # the C source of pcb_fast.native, compiled on first use
+    package_data={"pcb_fast": ["row_select.c"]},
     # torch is not pinned here: install the build you need first (the README pins 2.13.0 on CPU).
     install_requires=["torch>=2.4", "numpy", "tqdm", "pyyaml", "cma"],
     # Triton runs the GPU kernels (and, under TRITON_INTERPRET=1, their tests on a CPU).

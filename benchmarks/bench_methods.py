@@ -40,6 +40,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3, help="runs through the engine (default 3)")
     parser.add_argument("--out", type=Path, default=RESULTS / "methods.json")
+    parser.add_argument("--methods", nargs="+", choices=[m for m, _ in METHODS], default=[m for m, _ in METHODS],
+                        help="a subset to run (default: all)")
     args = parser.parse_args(argv)
 
     info = machine()
@@ -58,7 +60,7 @@ def main(argv=None):
     print("| method | engine, eager | engine, fused (first call) | literal formulation | speedup eager / fused "
           "| peak memory eager / fused / literal | identical |")
     print("|---|---|---|---|---|---|---|")
-    for method, params in METHODS:
+    for method, params in (m for m in METHODS if m[0] in args.methods):
         eager, eager_s, eager_mem = timed_runs(lambda: pcb_fast.merge(base, models, method=method, fused="off", **params),
                                                args.repeats)
         fused_s, fused_mem, first, fused_same = None, None, None, True

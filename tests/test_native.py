@@ -1,0 +1,136 @@
+"""The C row select of pcb_fast.native against a sort, on rows made to reach every branch of the
+radix select: ties, zeros of both signs, subnormals, infinities, NaN, values that differ only in
+their last bits, rows of one to tens of thousands of entries, rows split over threads.
+
+The CI machine has a C compiler, so the kernel must build here (as the fused loops must compile).
+"""
+
+import pytest
+import torch
+
+import pcb_fast
+from pcb_fast import native
+
+
+def sorted_ranks(x, rank_a, rank_b):
+    """The literal answer: |x| sorted descending per row."""
+    values = x.abs().sort(dim=-1, descending=True).values
+    return values[..., rank_a : rank_a + 1], values[..., rank_b : rank_b + 1]
+
+
+def assert_bitwise(actual, expected):
+    # bit patterns, not values: +0 and -0 compare equal, NaN does not
+    assert torch.equal(actual.view(torch.int32), expected.view(torch.int32))
+
+
+def rows(kind, shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    if kind == "quantized":  # long runs of equal magnitudes, each bound tied
+        return torch.round(x * 2) / 2
+    if kind == "signed_zeros":
+        x = torch.where(x > 0.5, x, torch.where(x > 0, 0.0, -0.0))
+        return x
+    if kind == "last_bits":  # one top bucket and one middle bucket: only the last 9 bits differ
+        return (1 + torch.randint(0, 512, shape, generator=g) * 2.0**-23) * torch.sign(x)
+    if kind == "subnormal":
+        return torch.randint(-300, 300, shape, generator=g) * 2.0**-149
+    if kind == "extremes":
+        x[..., ::7] = float("inf")
+        x[..., 3::11] = -float("inf")
+        x[..., 1::13] = 3.4e38
+        return x
+    return x
+
+
+def test_builds_here():
+    assert native.problem() is None
+
+
+@pytest.mark.parametrize("kind", ["normal", "quantized", "signed_zeros", "last_bits", "subnormal", "extremes"])
+@pytest.mark.parametrize("length", [1, 2, 3, 64, 4099])
+def test_every_rank_pair_matches_a_sort(kind, length):
+    x = rows(kind, (3, 5, length), seed=length)
+    for rank_a, rank_b in {(0, 0), (0, length - 1), (length // 3, length // 2), (length - 1, length - 1),
+                           (length // 100, length // 9)}:
+        a, b = native.row_order_statistics(x, rank_a, rank_b)
+        expected_a, expected_b = sorted_ranks(x, rank_a, rank_b)
+        assert a.shape == (3, 5, 1)
+        assert_bitwise(a, expected_a)
+        assert_bitwise(b, expected_b)
+
+
+def test_long_rows_and_rows_split_over_threads():
+    x = rows("normal", (3, 70_001), seed=1)
+    for rank_a, rank_b in ((0, 70_000), (700, 7700)):
+        a, b = native.row_order_statistics(x, rank_a, rank_b)
+        expected_a, expected_b = sorted_ranks(x, rank_a, rank_b)
+        assert_bitwise(a, expected_a)
+        assert_bitwise(b, expected_b)
+    many = rows("quantized", (2000, 33), seed=2)  # enough rows for every thread
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = native.row_order_statistics(many, 3, 20)
+    finally:
+        torch.set_num_threads(threads)
+    split = native.row_order_statistics(many, 3, 20)
+    expected = sorted_ranks(many, 3, 20)
+    for one, other, exact in zip(single, split, expected):
+        assert_bitwise(one, exact)
+        assert_bitwise(other, exact)
+
+
+def test_rows_read_in_place_from_a_wider_matrix():
+    wide = rows("normal", (4, 10 * 128), seed=3)
+    block = wide[:, 256:768].reshape(4, 4, 128)  # rows contiguous within a task, not across tasks
+    assert not block.is_contiguous()
+    for got, expected in zip(native.row_order_statistics(block, 2, 40), sorted_ranks(block.contiguous(), 2, 40)):
+        assert_bitwise(got, expected)
+
+
+def test_nan_ranks_first():
+    x = torch.tensor([[1.0, float("nan"), -3.0, 2.0]])
+    a, b = native.row_order_statistics(x, 0, 1)
+    assert torch.isnan(a).all() and b.item() == 3.0
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="rank 5 is outside a row of 5 entries"):
+        native.row_order_statistics(torch.zeros(2, 5), 0, 5)
+    with pytest.raises(ValueError, match="needs rows of float32 on the CPU, got torch.float64"):
+        native.row_order_statistics(torch.zeros(2, 5, dtype=torch.float64), 0, 1)
+    empty_a, empty_b = native.row_order_statistics(torch.zeros(0, 5), 0, 1)
+    assert empty_a.shape == empty_b.shape == (0, 1)
+
+
+def test_builds_into_the_cache_dir_and_reports_a_failed_build(monkeypatch, tmp_path):
+    monkeypatch.setenv("PCB_FAST_CACHE", str(tmp_path / "cache"))
+    native._library.cache_clear()
+    try:
+        assert native.problem() is None
+        assert len(list((tmp_path / "cache").glob("row_select-*.so"))) == 1
+        native._library.cache_clear()
+        broken = tmp_path / "row_select.c"
+        broken.write_text("int row_order_statistics(void) { return }\n")
+        monkeypatch.setattr(native, "SOURCE", broken)
+        assert "could not build row_select.c" in native.problem()
+        native._library.cache_clear()
+        monkeypatch.setattr(native, "_compiler", lambda: None)
+        assert native.problem() == "no C compiler found ($CC, cc, gcc, clang)"
+        with pytest.raises(RuntimeError, match="native kernel unavailable: no C compiler"):
+            native.row_order_statistics(torch.zeros(2, 5), 0, 1)
+    finally:
+        native._library.cache_clear()
+
+
+def test_breadcrumbs_without_the_kernel_warns_and_agrees(monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    base = {"w": torch.randn(40, 300, generator=g)}
+    models = [{"w": base["w"] + torch.round(torch.randn(40, 300, generator=g) * 4) / 16} for _ in range(3)]
+    with_kernel = pcb_fast.merge(base, models, method="breadcrumbs", fused="on", gamma=0.02, beta=0.2)
+    monkeypatch.setattr(native, "_library", lambda: "no C compiler found ($CC, cc, gcc, clang)")
+    with pytest.warns(UserWarning, match="native row select unavailable .no C compiler"):
+        without = pcb_fast.merge(base, models, method="breadcrumbs", fused="on", gamma=0.02, beta=0.2)
+    eager = pcb_fast.merge(base, models, method="breadcrumbs", fused="off", gamma=0.02, beta=0.2)
+    assert torch.equal(with_kernel["w"], without["w"]) and torch.equal(with_kernel["w"], eager["w"])
