@@ -48,7 +48,7 @@ def test_builds_here():
 
 
 @pytest.mark.parametrize("kind", ["normal", "quantized", "signed_zeros", "last_bits", "subnormal", "extremes"])
-@pytest.mark.parametrize("length", [1, 2, 3, 64, 4099])
+@pytest.mark.parametrize("length", [1, 2, 3, 20, 32, 33, 64, 4099])
 def test_every_rank_pair_matches_a_sort(kind, length):
     x = rows(kind, (3, 5, length), seed=length)
     for rank_a, rank_b in {(0, 0), (0, length - 1), (length // 3, length // 2), (length - 1, length - 1),
