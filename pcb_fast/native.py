@@ -4,7 +4,7 @@ Breadcrumbs places its band by two order statistics of every row; torch has no p
 cheaper than a partial top-k over (value, index) pairs, which cost it most of its time. The kernel
 is compiled on first use with the system C compiler ($CC, else cc, gcc or clang), cached on disk
 (``$PCB_FAST_CACHE`` or ~/.cache/pcb_fast, keyed by source, compiler, flags and CPU) and called
-through ctypes, one call per thread on a share of the rows (ctypes lets go of the GIL).
+through ctypes; it splits the rows over OpenMP threads, in torch's own OpenMP team.
 :func:`problem` says why it is unavailable; callers then use the torch formulation.
 """
 

@@ -123,7 +123,7 @@ static int select_rows(const uint32_t *bits, int64_t first, int64_t last, int64_
     /* Two interleaved histograms: consecutive entries often share a bucket, and one counter
        would serialise their increments. */
     uint32_t hist[2][MAX_BINS], merged[MAX_BINS];
-    /* about two entries per bucket of the top digit: the histogram costs no more than the row */
+    /* at least four entries per bucket of the top digit: the histogram costs less than the row */
     int width = 1;
     while (width < MAX_DIGIT && ((int64_t)4 << width) <= length)
         width++;
@@ -132,10 +132,14 @@ static int select_rows(const uint32_t *bits, int64_t first, int64_t last, int64_
     for (int64_t q = first; q < last; q++) {
         const uint32_t *x = bits + (q / rows_per_group) * group_stride + (q % rows_per_group) * length;
         if (length <= SHORT_ROW) {
+            /* the larger rank first: the smaller one is then among the keys before it */
+            const int64_t low = rank_a < rank_b ? rank_a : rank_b, high = rank_a < rank_b ? rank_b : rank_a;
             for (int64_t i = 0; i < length; i++)
                 keys_a[i] = x[i] & ABS_BITS;
-            out_b[q] = from_bits(quickselect(keys_a, length, rank_b));
-            out_a[q] = from_bits(rank_a < rank_b ? quickselect(keys_a, rank_b, rank_a) : keys_a[rank_b]);
+            const float at_high = from_bits(quickselect(keys_a, length, high));
+            const float at_low = low < high ? from_bits(quickselect(keys_a, high, low)) : at_high;
+            out_a[q] = rank_a == low ? at_low : at_high;
+            out_b[q] = rank_b == high ? at_high : at_low;
             continue;
         }
         memset(hist[0], 0, top_bins * sizeof(uint32_t));

@@ -81,6 +81,15 @@ def test_long_rows_and_rows_split_over_threads():
         assert_bitwise(other, exact)
 
 
+@pytest.mark.parametrize("length", [20, 300])
+def test_ranks_in_either_order(length):
+    x = rows("quantized", (6, length), seed=4)
+    a, b = native.row_order_statistics(x, length - 2, 3)
+    expected_b, expected_a = sorted_ranks(x, 3, length - 2)
+    assert_bitwise(a, expected_a)
+    assert_bitwise(b, expected_b)
+
+
 def test_rows_read_in_place_from_a_wider_matrix():
     wide = rows("normal", (4, 10 * 128), seed=3)
     block = wide[:, 256:768].reshape(4, 4, 128)  # rows contiguous within a task, not across tasks
