@@ -184,12 +184,13 @@ def test_disk_merge_fused_equals_eager(tmp_path):
         save_file({k: v + torch.randn(v.shape, generator=g) * 0.01 for k, v in base.items()}, str(path))
         paths.append(str(path))
     save_file(base, str(tmp_path / "base.safetensors"))
-    results = {}
-    for fused, budget in (("off", None), ("on", None), ("on", "1KB")):  # 1KB: no cache, the sample takes a pass
-        out = tmp_path / f"out-{fused}-{budget}"
-        pcb_fast.merge_checkpoints(str(tmp_path / "base.safetensors"), paths, out, method="ties", density=0.3,
-                                   fused=fused, max_memory=budget)
-        results[(fused, budget)] = load_file(str(next(out.glob("*.safetensors"))))
-    first = results[("off", None)]
-    for other in results.values():
-        assert all(torch.equal(first[k], other[k]) for k in first)
+    for method, params in (("ties", dict(density=0.3)), ("breadcrumbs", dict(gamma=0.02, beta=0.2))):
+        results = {}
+        for fused, budget in (("off", None), ("on", None), ("on", "1KB")):  # 1KB: no cache, the sample takes a pass
+            out = tmp_path / f"out-{method}-{fused}-{budget}"
+            pcb_fast.merge_checkpoints(str(tmp_path / "base.safetensors"), paths, out, method=method, fused=fused,
+                                       max_memory=budget, **params)
+            results[(fused, budget)] = load_file(str(next(out.glob("*.safetensors"))))
+        first = results[("off", None)]
+        for other in results.values():
+            assert all(torch.equal(first[k], other[k]) for k in first), method
