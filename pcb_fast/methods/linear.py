@@ -168,9 +168,10 @@ def merge_breadcrumbs(source, sink, *, gamma=0.01, beta=0.1, lambdas=None, block
 def _fused_band_bounds(tv: torch.Tensor, drop: int, keep: int):
     """band_bounds of |tv| by the C row select of pcb_fast.native (same values, no |tv| stored, about
     8x faster), or by torch where that kernel cannot be built here."""
-    if native.problem() is None:
+    problem = native.problem()
+    if problem is None:
         return native.row_order_statistics(tv, drop, drop + keep - 1)
-    warnings.warn(f"pcb_fast: native row select unavailable ({native.problem()}); Breadcrumbs places "
+    warnings.warn(f"pcb_fast: native row select unavailable ({problem}); Breadcrumbs places "
                   f"its band with torch.topk (same values, slower)", stacklevel=3)
     return band_bounds(tv.abs(), drop, keep)
 
