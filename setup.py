@@ -7,10 +7,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["pcb_fast", "pcb_fast.methods", "pcb_fast.kernels"],
+    license="Apache-2.0",
+    packages=["pcb_fast", "pcb_fast.core", "pcb_fast.methods", "pcb_fast.cpu", "pcb_fast.gpu", "pcb_fast.io",
+              "pcb_fast.reference", "pcb_fast.kernels"],
     package_dir={"pcb_fast": "pcb_fast", "pcb_fast.kernels": "kernels"},
-    # the C source of pcb_fast.native, compiled on first use
-    package_data={"pcb_fast": ["row_select.c"]},
+    # the C source of pcb_fast.cpu.native, compiled on first use
+    package_data={"pcb_fast.cpu": ["row_select.c"]},
     # torch is not pinned here: install the build you need first (the README pins 2.13.0 on CPU).
     install_requires=["torch>=2.4", "numpy", "tqdm", "pyyaml", "cma"],
     # Triton runs the GPU kernels (and, under TRITON_INTERPRET=1, their tests on a CPU).

@@ -29,7 +29,7 @@ if "--smoke" in sys.argv:
 import torch  # noqa: E402
 
 import pcb_fast  # noqa: E402
-from pcb_fast import triton_backend  # noqa: E402
+from pcb_fast.gpu import backend as triton_backend  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 VIT_B32_D = 113_448_705

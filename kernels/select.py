@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .keys import keys_to_float
+
 BUCKETS = 1 << 16
 INT32_MIN = -(1 << 31)
 INT32_MAX = (1 << 31) - 1
@@ -74,12 +76,6 @@ def find_kernel(hist_ptr, rank_ptr, index_ptr, below_ptr, R: tl.constexpr, PER_R
         total += tl.sum(counts, axis=0)
     tl.store(index_ptr + q, index)
     tl.store(below_ptr + q, below)
-
-
-def keys_to_float(keys: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`order_key` for int32/int64 key tensors (torch, on any device)."""
-    keys = keys.to(torch.int32)
-    return (keys ^ ((keys >> 31) & 0x7FFFFFFF)).view(torch.float32)
 
 
 class DeviceSelect:

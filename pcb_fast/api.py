@@ -6,11 +6,16 @@ from typing import Sequence
 
 import torch
 
-from . import checks, engine, fused_cpu, reference, reference_baselines, triton_backend
-from .backends import resolve_backend
+from . import reference
+from .core import checks, engine
+from .core.backends import resolve_backend
+from .core.numerics import warm_up_exp
+from .core.sources import DEFAULT_BLOCK_WIDTH, MatrixSource, StateDictSource
+from .cpu import fused as fused_cpu
+from .gpu import backend as triton_backend
+from .io.checkpoints import StateDictCheckpoint, check_models_match, split_keys
 from .methods import METHODS
-from .checkpoints import StateDictCheckpoint, check_models_match, split_keys
-from .sources import DEFAULT_BLOCK_WIDTH, MatrixSource, StateDictSource
+from .methods.pcb import check_params as check_pcb_params
 
 
 def pcb_merge(task_vectors, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant="official", lambdas=None,
@@ -35,8 +40,8 @@ def pcb_merge(task_vectors, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant
             report.update(info)
         return out
     if backend == "reference":
-        return reference.pcb_reference(task_vectors, ratio=ratio, clamp_ratio=clamp_ratio, inter=inter,
-                                        variant=variant, lambdas=lambdas)
+        return pcb_reference(task_vectors, ratio=ratio, clamp_ratio=clamp_ratio, inter=inter, variant=variant,
+                             lambdas=lambdas)
     source = MatrixSource(task_vectors)
     out = torch.empty(source.D)
 
@@ -48,6 +53,29 @@ def pcb_merge(task_vectors, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant
     if report is not None:
         report.update(info)
     return out
+
+
+def pcb_reference(task_vectors, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant="official",
+                  lambdas=None) -> torch.Tensor:
+    """PCB-Merging by the literal, sort-based oracle (pcb_fast.reference): the authors' code for
+    ``variant="official"``, the paper's equations for ``"paper"``. Same arguments and checks as
+    :func:`pcb_merge`; slow and memory-hungry by design (the yardstick of tests and benchmarks)."""
+    rows = checks.task_vector_rows(task_vectors)
+    params = check_pcb_params(len(rows), ratio=ratio, clamp_ratio=clamp_ratio, inter=inter, variant=variant,
+                              lambdas=lambdas)
+    for i, row in enumerate(rows):
+        checks.check_finite(f"task vector {i}", row)
+    tv = task_vectors.float() if isinstance(task_vectors, torch.Tensor) else torch.stack([r.float() for r in rows])
+    return _reference_pcb(tv, params)
+
+
+def _reference_pcb(tv: torch.Tensor, params: dict) -> torch.Tensor:
+    """The PCB oracle on a validated float32 [n, D] matrix."""
+    warm_up_exp()  # the oracle computes exp as the engine does: after the warm-up (core/numerics.py)
+    if params["variant"] == "paper":
+        return reference.pcb_paper(tv, ratio=params["ratio"], lambdas=params["lambdas"])
+    return reference.pcb_official(tv, ratio=params["ratio"], clamp_ratio=params["clamp_ratio"], inter=params["inter"],
+                                  lambdas=params["lambdas"])
 
 
 def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=None, scope="global",
@@ -91,6 +119,7 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     if not merged_keys:
         return out
     if backend == "reference":
+        check_method_params(method, len(models), lam, lambdas, scope, method_params)
         _reference_merge(base, models, merged_keys, out, method=method, lam=lam, lambdas=lambdas, scope=scope,
                          **method_params)
         return {k: out[k] for k in base}
@@ -144,16 +173,25 @@ def check_state_dicts(base: dict, models, exclude=(), model_names=None):
     return models, names, merged_keys, copied_keys, device
 
 
+def check_method_params(method: str, n: int, lam, lambdas, scope: str, params: dict) -> None:
+    """Validate a method and its parameters without touching real data: the same checks a merge
+    makes, run by the engine on a two-entry model (so every message is the one a real merge gives)."""
+    base = {"w": torch.zeros(2)}
+    merge(base, [{"w": torch.zeros(2)} for _ in range(n)], method=method, lam=lam, lambdas=lambdas, scope=scope,
+          backend="torch", **params)
+
+
 def _reference_merge(base, models, merged_keys, out, *, method, lam, lambdas, scope, **params):
     """The reference path for state dicts: flatten, merge with the literal formulation, unflatten."""
+    lambdas = checks.check_lambdas(lambdas, len(models))
     groups = [merged_keys] if scope == "global" else [[k] for k in merged_keys]
     for keys in groups:
         tv = torch.stack([torch.cat([(m[k].float() - base[k].float()).reshape(-1) for k in keys]) for m in models])
         if method == "pcb":
-            tau_m = reference.pcb_reference(tv, lambdas=lambdas, **params)
+            tau_m = _reference_pcb(tv, check_pcb_params(len(models), lambdas=lambdas, **params))
         else:
             segments = [(k, tuple(base[k].shape)) for k in keys]
-            tau_m = reference_baselines.METHODS[method](tv, lambdas=lambdas, segments=segments, **params)
+            tau_m = reference.BASELINES[method](tv, lambdas=lambdas, segments=segments, **params)
         offset = 0
         for k in keys:
             numel = base[k].numel()

@@ -13,7 +13,7 @@ import signal
 import sys
 
 from . import __version__
-from .checks import check_ratio
+from .core.checks import check_ratio
 
 # Method parameters as flags: (flag, keyword, type).
 METHOD_FLAGS = [
@@ -111,7 +111,7 @@ def merge_arguments(args) -> dict:
     if args.config:
         if given:
             raise ValueError(f"--{given[0].replace('_', '-')} cannot be combined with --config; put it in the config")
-        from .config import load_config
+        from .io.config import load_config
 
         kwargs = load_config(args.config)
     else:
@@ -121,7 +121,7 @@ def merge_arguments(args) -> dict:
             raise ValueError("at least one --model is required")
         kwargs = dict(base=args.base, models=args.model)
         if args.method is not None:
-            from .config import ALIASES
+            from .io.config import ALIASES
 
             args.method = ALIASES.get(args.method, args.method)
         for name in ("method", "lam", "scope", "exclude", "dtype") + tuple(f[1] for f in METHOD_FLAGS):
@@ -145,7 +145,7 @@ def _progress_bars(total: int, description: str):
 
 
 def run_merge(args) -> int:
-    from .disk_merge import MergeFailed, merge_checkpoints
+    from .io.disk_merge import MergeFailed, merge_checkpoints
 
     kwargs = merge_arguments(args)
     report = {}
@@ -196,8 +196,9 @@ def load_evaluate(spec: str):
 
 
 def run_search(args) -> int:
-    from .checkpoints import open_checkpoint
-    from .disk_merge import check_method_params, check_output, save_model
+    from .io.checkpoints import open_checkpoint
+    from .api import check_method_params
+    from .io.disk_merge import check_output, save_model
     from .search import EvaluateError, search_lambdas
 
     if not args.base or not args.model:

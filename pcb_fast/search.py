@@ -24,13 +24,13 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import checks, engine
 from .api import check_state_dicts
+from .core import checks, engine
+from .core.formulas import disjoint_mean, elected_signs, zero_sign_fill
+from .core.sources import DEFAULT_BLOCK_WIDTH, StateDictSource
 from .methods import METHODS
 from .methods.linear import dare_block, check_drop, check_seed
 from .methods.ties import SIGN_TIES, TOPK, _trim, check_density
-from .reference_baselines import disjoint_mean, elected_signs, zero_sign_fill
-from .sources import DEFAULT_BLOCK_WIDTH, StateDictSource
 
 SEARCHABLE = ("pcb", "task_arithmetic", "dare", "ties")
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pcb_fast import merge
-from pcb_fast import reference_baselines as ref
-from pcb_fast.rng import keep_mask
+from pcb_fast.reference import baselines as ref
+from pcb_fast.core.rng import keep_mask
 
 SEG = [("w", (3,))]
 

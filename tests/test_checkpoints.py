@@ -19,9 +19,9 @@ save_file, load_file = safetensors_torch.save_file, safetensors_torch.load_file
 
 from pcb_fast import merge  # noqa: E402
 from pcb_fast.cli import main as cli  # noqa: E402
-from pcb_fast.config import parse_config  # noqa: E402
-from pcb_fast.disk_merge import merge_checkpoints, parse_size  # noqa: E402
-from pcb_fast.safetensors_io import SafetensorsReader, ShardedWriter  # noqa: E402
+from pcb_fast.io.config import parse_config  # noqa: E402
+from pcb_fast.io.disk_merge import merge_checkpoints, parse_size  # noqa: E402
+from pcb_fast.io.safetensors import SafetensorsReader, ShardedWriter  # noqa: E402
 
 
 def make_models(n=3, seed=0, dtype=torch.float32):

@@ -13,7 +13,7 @@ import torch
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from pcb_fast.distributed import assign_shards  # noqa: E402
+from pcb_fast.io.distributed import assign_shards  # noqa: E402
 
 
 def _free_port() -> int:

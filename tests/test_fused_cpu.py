@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import pcb_fast
-import pcb_fast.reference_baselines
-from pcb_fast import engine, fused_cpu
+import pcb_fast.reference.baselines
+from pcb_fast.core import engine
+from pcb_fast.cpu import fused as fused_cpu
 from pcb_fast.methods.ties import merge_dare_ties, merge_ties
 from pcb_fast.methods.linear import merge_dare
-from pcb_fast.sources import MatrixSource
+from pcb_fast.core.sources import MatrixSource
 
 
 def run(method, tv, fused, block_width=4096, **params):
@@ -55,21 +56,21 @@ def task_vectors(n, D, kind, seed=0):
 def test_ties_fused_equals_eager(kind, params):
     tv = task_vectors(3, 100_003, kind)
     fused = assert_same(merge_ties, tv, **params)
-    reference = pcb_fast.reference_baselines.ties(tv, **params)
+    reference = pcb_fast.reference.baselines.ties(tv, **params)
     assert torch.equal(fused, reference)
 
 
 @pytest.mark.parametrize("params", [dict(density=1.0), dict(density=1e-9, topk="exact"), dict(density=1e-9)])
 def test_ties_fused_keeps_all_or_nothing(params):
     tv = task_vectors(2, 70_000, "normal")
-    assert torch.equal(assert_same(merge_ties, tv, **params), pcb_fast.reference_baselines.ties(tv, **params))
+    assert torch.equal(assert_same(merge_ties, tv, **params), pcb_fast.reference.baselines.ties(tv, **params))
 
 
 def test_ties_fused_many_tasks_sum_in_task_order():
     # 32 tasks with widely different scales: any other order of the sums over tasks rounds differently
     tv = task_vectors(32, 80_000, "normal") * torch.logspace(-3, 3, 32).unsqueeze(1)
     assert torch.equal(assert_same(merge_ties, tv, density=0.3),
-                       pcb_fast.reference_baselines.ties(tv, density=0.3))
+                       pcb_fast.reference.baselines.ties(tv, density=0.3))
 
 
 def test_ties_fused_majority_fill_negative_with_cancellations():
@@ -82,7 +83,7 @@ def test_ties_fused_majority_fill_negative_with_cancellations():
     tv[0, ::7], tv[1, ::7] = 1.0, -1.0
     tv[1, 3::7] = torch.rand(len(range(3, D, 7))) + 0.5  # still a majority of negative elected signs
     fused = assert_same(merge_ties, tv, density=1.0, block_width=1000)
-    assert torch.equal(fused, pcb_fast.reference_baselines.ties(tv, density=1.0))
+    assert torch.equal(fused, pcb_fast.reference.baselines.ties(tv, density=1.0))
     assert (fused[::7] == -1.0).all()  # filled with the negative majority: the mean of the -1 entries
 
 
@@ -97,7 +98,7 @@ def test_dare_ties_fused_matches_reference():
     tv = task_vectors(4, 30_000, "normal")
     segments = [("task_vector", (30_000,))]
     assert torch.equal(run(merge_dare_ties, tv, True, p=0.5, seed=3)[0],
-                       pcb_fast.reference_baselines.dare_ties(tv, p=0.5, seed=3, segments=segments))
+                       pcb_fast.reference.baselines.dare_ties(tv, p=0.5, seed=3, segments=segments))
 
 
 def test_breadcrumbs_fused_equals_eager_with_tied_rows():

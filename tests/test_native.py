@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pcb_fast
-from pcb_fast import native
+from pcb_fast.cpu import native
 
 
 def sorted_ranks(x, rank_a, rank_b):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pcb_fast.select import RadixSelect, TailSelect, bucket_floor, keys_to_float, order_keys
+from pcb_fast.core.select import RadixSelect, TailSelect, bucket_floor, keys_to_float, order_keys
 
 
 def test_order_keys_preserve_float_order():

@@ -5,9 +5,10 @@ import itertools
 import pytest
 import torch
 
-import pcb_fast.engine as engine
+import pcb_fast.core.engine as engine
 from pcb_fast import pcb_merge
-from pcb_fast.reference import keep_index, paper_scores, pcb_official, pcb_paper
+from pcb_fast.core.formulas import keep_index
+from pcb_fast.reference import paper_scores, pcb_official, pcb_paper
 
 GRID = list(itertools.product((1, 2, 3, 8), (1, 2, 17, 9999, 10000, 100003)))
 

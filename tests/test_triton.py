@@ -16,11 +16,12 @@ triton = pytest.importorskip("triton")
 
 import triton.language as tl  # noqa: E402
 
-from pcb_fast import merge, pcb_merge, reference, torch_backend as tb  # noqa: E402
+from pcb_fast import merge, pcb_merge, pcb_reference  # noqa: E402
+from pcb_fast.cpu import pcb_blocks as tb  # noqa: E402
 from pcb_fast.kernels import score as kscore  # noqa: E402
 from pcb_fast.kernels.select import DeviceSelect  # noqa: E402
 from pcb_fast.kernels.tiles import Rows, tanh, tile_shape  # noqa: E402
-from pcb_fast.select import RadixSelect  # noqa: E402
+from pcb_fast.core.select import RadixSelect  # noqa: E402
 
 RTOL = 2e-5  # merged values: |got - ref| <= RTOL * max|ref| (about 150 ulps of the largest value)
 MAX_MASK_DISAGREEMENTS = 2
@@ -146,7 +147,7 @@ def test_official_matches_reference(gen, n, D, inter, ratio, clamp):
     tv = torch.randn(n, D, generator=gen) * 0.01
     report = {}
     got = pcb_merge(tv, ratio=ratio, clamp_ratio=clamp, inter=inter, backend="triton", report=report)
-    ref = reference.pcb_reference(tv, ratio=ratio, clamp_ratio=clamp, inter=inter)
+    ref = pcb_reference(tv, ratio=ratio, clamp_ratio=clamp, inter=inter)
     compare(got, ref, f"official n={n} D={D} {inter}")
     torch_report = {}
     pcb_merge(tv, ratio=ratio, clamp_ratio=clamp, inter=inter, backend="torch", report=torch_report)
@@ -157,7 +158,7 @@ def test_official_matches_reference(gen, n, D, inter, ratio, clamp):
 def test_paper_matches_reference(gen, n, D, ratio):
     tv = torch.randn(n, D, generator=gen) * 0.01
     got = pcb_merge(tv, ratio=ratio, variant="paper", backend="triton")
-    ref = reference.pcb_reference(tv, ratio=ratio, variant="paper")
+    ref = pcb_reference(tv, ratio=ratio, variant="paper")
     compare(got, ref, f"paper n={n} D={D}")
 
 
@@ -165,7 +166,7 @@ def test_paper_matches_reference(gen, n, D, ratio):
 def test_32_tasks(gen, inter, variant):
     tv = torch.randn(32, 600, generator=gen) * 0.01
     got = pcb_merge(tv, ratio=0.2, clamp_ratio=0.01, inter=inter, variant=variant, backend="triton")
-    ref = reference.pcb_reference(tv, ratio=0.2, clamp_ratio=0.01, inter=inter, variant=variant)
+    ref = pcb_reference(tv, ratio=0.2, clamp_ratio=0.01, inter=inter, variant=variant)
     compare(got, ref, f"n=32 {variant} {inter}")
 
 
@@ -177,9 +178,9 @@ def test_edge_cases_match_reference(gen):
     tv[2, :200] = 0.25  # heavy ties
     for variant in ("official", "paper"):
         compare(pcb_merge(tv, variant=variant, ratio=0.3, backend="triton"),
-                reference.pcb_reference(tv, variant=variant, ratio=0.3), f"edge {variant}")
+                pcb_reference(tv, variant=variant, ratio=0.3), f"edge {variant}")
     lambdas = [0.5, 1.0, 1.7]
-    compare(pcb_merge(tv, lambdas=lambdas, backend="triton"), reference.pcb_reference(tv, lambdas=lambdas), "lambdas")
+    compare(pcb_merge(tv, lambdas=lambdas, backend="triton"), pcb_reference(tv, lambdas=lambdas), "lambdas")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -187,7 +188,7 @@ def test_half_precision_inputs(gen, dtype):
     tv = (torch.randn(3, 1200, generator=gen) * 0.01).to(dtype)
     got = pcb_merge(tv, ratio=0.2, clamp_ratio=0.01, backend="triton")
     assert got.dtype == torch.float32
-    compare(got, reference.pcb_reference(tv.float(), ratio=0.2, clamp_ratio=0.01), f"{dtype} inputs")
+    compare(got, pcb_reference(tv.float(), ratio=0.2, clamp_ratio=0.01), f"{dtype} inputs")
 
 
 def test_results_are_identical_run_to_run(gen):

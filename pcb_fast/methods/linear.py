@@ -11,16 +11,11 @@ import warnings
 
 import torch
 
-from .. import checks, fused_cpu, native, rng
-from ..engine import raise_if_not_finite
-from ..reference import sum_over_tasks
-from ..sources import DEFAULT_BLOCK_WIDTH, row_length
-
-
-def lambda_column(lambdas, n: int):
-    """[n, 1] float32 per-task weights, or None for all ones."""
-    lambdas = checks.check_lambdas(lambdas, n)
-    return None if lambdas is None else torch.tensor(lambdas, dtype=torch.float32).unsqueeze(1)
+from ..core import checks, rng
+from ..core.engine import raise_if_not_finite
+from ..core.formulas import lambda_column, sum_over_tasks
+from ..core.sources import DEFAULT_BLOCK_WIDTH, row_length
+from ..cpu import fused as fused_cpu, native
 
 
 def _weighted_sums(source, sink, lam, masked=None, divisor=None, whole_rows=False, block_width=DEFAULT_BLOCK_WIDTH):

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import torch
 
-from .. import checks, torch_backend as tb
-from ..engine import ColumnSample, dense_sums, raise_if_not_finite, select_threshold, sum_kept
-from ..reference import clip_indices, keep_index
-from ..select import RadixSelect, TailSelect
-from ..sources import DEFAULT_BLOCK_WIDTH
-from .linear import lambda_column
+from ..core import checks
+from ..core.engine import ColumnSample, dense_sums, raise_if_not_finite, select_threshold, sum_kept
+from ..core.formulas import clip_indices, keep_index, lambda_column, span_or_inf
+from ..core.select import RadixSelect, TailSelect
+from ..core.sources import DEFAULT_BLOCK_WIDTH
+from ..cpu import pcb_blocks as tb
 
 PARAMS = ("ratio", "clamp_ratio", "inter", "variant")
 
@@ -120,8 +120,7 @@ def _merge_official(source, sink, params, block_width, record=None, reuse=None):
     t, peak, collected, kept = select_threshold(source, score_blocks, keep_index(D, params["ratio"]), sample_scores)
     lam = lambda_column(params["lambdas"], n)
     # scale = (max(P, t) - t) / (M - t) (DESIGN 2.2 step 6); M == t means nothing is kept: scale 0.
-    span = peak - t
-    span = torch.where(span > 0, span, torch.full_like(span, float("inf")))
+    span = span_or_inf(peak - t)
     if collected is None:  # over the memory budget: recompute the scores in one more pass
         for block, scores in score_blocks():
             scale = scores.sub_(t.unsqueeze(1)).clamp_min_(0).div_(span.unsqueeze(1))

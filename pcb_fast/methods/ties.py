@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import torch
 
-from .. import checks, fused_cpu
-from ..engine import ColumnSample, raise_if_not_finite, select_in_bracket, select_threshold, sum_kept
-from ..reference_baselines import disjoint_mean, elected_signs, zero_sign_fill
-from ..sources import DEFAULT_BLOCK_WIDTH
-from .linear import check_drop, check_seed, dare_block, dare_drop_args, lambda_column
+from ..core import checks
+from ..core.engine import ColumnSample, raise_if_not_finite, select_in_bracket, select_threshold, sum_kept
+from ..core.formulas import disjoint_mean, elected_signs, lambda_column, zero_sign_fill
+from ..core.sources import DEFAULT_BLOCK_WIDTH
+from ..cpu import fused as fused_cpu
+from .linear import check_drop, check_seed, dare_block, dare_drop_args
 
 SIGN_TIES = ("majority", "positive")
 TOPK = ("threshold", "exact")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .methods import METHODS
+from ..methods import METHODS
 
 ALIASES = {"linear": "average", "dare_linear": "dare"}
 TOP_LEVEL = ("merge_method", "base_model", "models", "parameters", "dtype")

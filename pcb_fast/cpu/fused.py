@@ -25,7 +25,7 @@ import warnings
 
 import torch
 
-from . import checks, rng
+from ..core import checks, rng
 
 MODES = ("auto", "on", "off")
 # n * D from which "auto" fuses: 2^29 entries (2 GiB of fp32 task vectors) take the eager TIES

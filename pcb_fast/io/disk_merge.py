@@ -21,14 +21,16 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, checks, engine, fused_cpu
-from .checks import parse_size
-from .backends import resolve_backend
+from .. import __version__
+from ..core import checks, engine
+from ..core.backends import resolve_backend
+from ..core.checks import parse_size
+from ..core.sources import DEFAULT_BLOCK_WIDTH, CachedSource, CheckpointSource
+from ..cpu import fused as fused_cpu
+from ..methods import METHODS
 from .checkpoints import SIDE_FILES, check_models_match, open_checkpoint, split_keys
-from .methods import METHODS
 from .distributed import assign_shards
-from .safetensors_io import ShardedWriter, nbytes, shard_plan
-from .sources import DEFAULT_BLOCK_WIDTH, CachedSource, CheckpointSource
+from .safetensors import ShardedWriter, nbytes, shard_plan
 
 OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -36,16 +38,6 @@ OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": to
 class MergeFailed(ValueError):
     """A merge that passed every check on its inputs but failed while running (a NaN found in a pass,
     a file that ends early, a full disk): nothing was written."""
-
-
-def check_method_params(method: str, n: int, lam, lambdas, scope: str, params: dict) -> None:
-    """Validate a method and its parameters without touching any file: the same checks a merge
-    makes, run on a two-entry model (so every message is the one a real merge would give)."""
-    from .api import merge
-
-    base = {"w": torch.zeros(2)}
-    merge(base, [{"w": torch.zeros(2)} for _ in range(n)], method=method, lam=lam, lambdas=lambdas, scope=scope,
-          backend="torch", **params)
 
 
 def _proc_bytes(path: str, field: str, default: int) -> int:
@@ -93,6 +85,8 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
     ``fused``: "auto", "on" or "off", as for :func:`pcb_fast.merge` (single-process merges only).
     Returns the output folder.
     """
+    from ..api import check_method_params  # the api merges in memory; it sits above io
+
     started = time.perf_counter()
     models = list(models)
     n = checks.check_n_models(len(models))
@@ -313,7 +307,7 @@ def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam,
 
 def _in_memory_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam, lambdas, scope, backend, device,
                      budget, progress, block_width, params, comm=None, local=None, fused="auto") -> dict:
-    from .api import merge
+    from ..api import merge
 
     base = {k: base_ck.read(k).to(device) for k in merged}
     models = [{k: ck.read(k).to(device) for k in merged} for ck in model_cks]

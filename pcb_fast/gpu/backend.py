@@ -18,17 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import checks
-from .reference import EXACT_EXP_MAX_N, clip_indices, keep_index
-
-
-def available() -> tuple[bool, str]:
-    """(True, "") when the Triton kernels can run here, else (False, why)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:
-        return False, f"triton does not import ({e})"
-    return True, ""
+from ..core import checks
+from ..core.formulas import EXACT_EXP_MAX_N, clip_indices, keep_index, lambda_column, span_or_inf
 
 
 @dataclass
@@ -55,11 +46,6 @@ def _timed(profile: dict | None, name: str, device):
     profile[name] = profile.get(name, 0.0) + time.perf_counter() - start
 
 
-def _lambdas(lambdas, n: int, device) -> torch.Tensor:
-    values = [1.0] * n if lambdas is None else lambdas
-    return torch.tensor(values, dtype=torch.float32, device=device)
-
-
 def _raise_if_bad(parts: list, bad: torch.Tensor) -> None:
     """bad [len(parts), n] int32 flags from the first pass: name the first bad model and key."""
     if bool(bad.any()):
@@ -69,11 +55,6 @@ def _raise_if_bad(parts: list, bad: torch.Tensor) -> None:
         raise ValueError(f"{where}: contains NaN or Inf; every input value must be finite")
 
 
-def _span(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-    span = high - low
-    return torch.where(span > 0, span, torch.full_like(span, float("inf")))
-
-
 def merge_pcb(parts: list, n: int, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant="official",
               lambdas=None, lam=1.0, scope="global", profile: dict | None = None) -> dict:
     """Run PCB over ``parts`` and write every part's ``out``. Returns {"kept", "entries"}.
@@ -81,15 +62,14 @@ def merge_pcb(parts: list, n: int, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", 
     With a ``profile`` dict, the seconds of each pass are added to it by name (the device is
     synchronised around every pass, which costs a little).
     """
-    from .kernels import select as ks  # imported here: triton is an optional dependency
+    from ..kernels import select as ks  # imported here: triton is an optional dependency
 
-    params = dict(ratio=checks.check_ratio(ratio), clamp_ratio=checks.check_clamp_ratio(clamp_ratio),
-                  inter=checks.check_choice("inter", inter, checks.INTER_CHOICES),
-                  variant=checks.check_choice("variant", variant, checks.VARIANT_CHOICES),
-                  lambdas=checks.check_lambdas(lambdas, n))
+    from ..methods.pcb import check_params
+
+    params = check_params(n, ratio=ratio, clamp_ratio=clamp_ratio, inter=inter, variant=variant, lambdas=lambdas)
     checks.check_choice("scope", scope, checks.SCOPE_CHOICES)
     device = parts[0].rows.device
-    weights = _lambdas(params["lambdas"], n, device)
+    weights = lambda_column(params["lambdas"], n, device, ones=True).view(-1)
     groups = [parts] if scope == "global" else [[p] for p in parts]
     kept = torch.zeros(n, dtype=torch.int64, device=device)
     for group in groups:
@@ -99,7 +79,7 @@ def merge_pcb(parts: list, n: int, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", 
 
 
 def _official(group, n, params, weights, lam, ks, timed):
-    from .kernels import merge as km, score as kscore
+    from ..kernels import merge as km, score as kscore
 
     device = group[0].rows.device
     D = sum(p.rows.m for p in group)
@@ -117,7 +97,7 @@ def _official(group, n, params, weights, lam, ks, timed):
         bounds = clip_select.values()
     hi = bounds[:, 1].contiguous()
     lo = torch.minimum(bounds[:, 0], hi)  # clamp with lo > hi clamps everything to hi
-    clip = (lo, hi, _span(hi, lo))
+    clip = (lo, hi, span_or_inf(hi - lo))
     exp_shift = float(n) if n > EXACT_EXP_MAX_N else 0.0
 
     score_select = ks.DeviceSelect([[keep_index(D, params["ratio"])]] * n, D, device)
@@ -129,7 +109,7 @@ def _official(group, n, params, weights, lam, ks, timed):
             if level == 1:
                 score_select.next_level()
     t = score_select.values()[:, 0].contiguous()
-    span = _span(ks.keys_to_float(peak), t)  # M == t: nothing is kept
+    span = span_or_inf(ks.keys_to_float(peak) - t)  # M == t: nothing is kept
     with timed("merge"):
         for part in group:
             km.merge_pass(part.rows, part.out, "official", clip, t, span, weights, lam, params["inter"], exp_shift)
@@ -137,7 +117,7 @@ def _official(group, n, params, weights, lam, ks, timed):
 
 
 def _paper(group, n, params, weights, lam, ks, timed):
-    from .kernels import merge as km, score as kscore
+    from ..kernels import merge as km, score as kscore
 
     device = group[0].rows.device
     D = sum(p.rows.m for p in group)
@@ -151,7 +131,7 @@ def _paper(group, n, params, weights, lam, ks, timed):
     lo, hi = ks.keys_to_float(lo_key), ks.keys_to_float(hi_key)
     span = hi - lo
     peak = (span > 0).float()  # max of a normalised pair: 1, or 0 for a constant pair
-    pairs = (lo.contiguous(), _span(hi, lo).contiguous(), peak.contiguous())
+    pairs = (lo.contiguous(), span_or_inf(hi - lo).contiguous(), peak.contiguous())
 
     total = sum(kscore.programs(p.rows) for p in group)
     inter = torch.empty(total, n, n, device=device)
@@ -179,7 +159,7 @@ def _paper(group, n, params, weights, lam, ks, timed):
 
 def pcb_merge_matrix(task_vectors, out: torch.Tensor, **params) -> dict:
     """PCB of an [n, D] tensor (or n 1-D tensors) of task vectors into ``out`` [D] (tau_m)."""
-    from .kernels.tiles import Rows
+    from ..kernels.tiles import Rows
 
     rows_list = list(task_vectors)
     rows = Rows.from_tensors(rows_list)
@@ -191,7 +171,7 @@ def merge_state_dicts(base: dict, models: list, merged_keys: list, out: dict, na
                       scope: str, lambdas=None, method: str = "pcb", **params) -> dict:
     """A merge of state dicts on one device: tau = theta_i - theta_pre formed in the kernels; writes
     out[key] = theta_pre + lam * tau_m in the base's dtype for every merged key."""
-    from .kernels.tiles import Rows
+    from ..kernels.tiles import Rows
 
     parts = []
     for key in merged_keys:
@@ -209,7 +189,7 @@ BASELINES = ("average", "task_arithmetic", "ties", "dare", "dare_ties", "breadcr
 
 def _dare_streams(seed: int, n: int, key: str, device) -> torch.Tensor:
     """[2n] int64: DARE's stream constant of (seed, task, key) for every task, then its mix32."""
-    from . import rng
+    from ..core import rng
 
     streams = [rng.stream_constant(seed, i, key) for i in range(n)]
     return torch.tensor(streams + [rng.mix32(h) for h in streams], dtype=torch.int64, device=device)
@@ -219,9 +199,9 @@ def merge_baseline(parts: list, n: int, method: str, *, lambdas=None, lam=1.0, s
     """Average, task arithmetic, DARE, TIES (threshold or exact top-k) and DARE-TIES on the kernels,
     Breadcrumbs with torch operations on the device; writes every part's ``out``. Returns
     {"kept", "entries"}."""
-    from .kernels import linear as kl, ties as kt
-    from .methods.linear import check_drop, check_seed
-    from .methods.ties import SIGN_TIES, TOPK, check_density
+    from ..kernels import linear as kl, ties as kt
+    from ..methods.linear import check_drop, check_seed
+    from ..methods.ties import SIGN_TIES, TOPK, check_density
 
     if method not in BASELINES:
         raise ValueError(f"method {method!r} runs on backends 'torch' and 'reference' in this version; the triton "
@@ -229,7 +209,7 @@ def merge_baseline(parts: list, n: int, method: str, *, lambdas=None, lam=1.0, s
     checks.check_choice("scope", scope, checks.SCOPE_CHOICES)
     lambdas = checks.check_lambdas(lambdas, n)
     device = parts[0].rows.device
-    weights = _lambdas(lambdas, n, device)
+    weights = lambda_column(lambdas, n, device, ones=True).view(-1)
     if method == "breadcrumbs":
         return _breadcrumbs(parts, n, weights, lam, **params)
     kept = torch.zeros(n, dtype=torch.int64, device=device)
@@ -279,7 +259,7 @@ def _ties_trim(group, n, density, topk, bad, parts, first):
     """The TIES trim of a scope group: t_i from the device radix select of |tau_i| (rank D - k - 1,
     keep >= t, as the authors; or rank D - k, keep > t plus the first equal entries, exactly k).
     For the exact top-k, ``first`` receives each part's first tile number."""
-    from .kernels import score as kscore, select as ks, ties as kt
+    from ..kernels import score as kscore, select as ks, ties as kt
 
     device = group[0][1].rows.device
     D = sum(p.rows.m for _, p in group)
@@ -312,8 +292,8 @@ def _breadcrumbs(parts: list, n: int, weights: torch.Tensor, lam: float, gamma=0
     """Breadcrumbs key by key with torch operations on the device: its per-row band of ranks (two
     order statistics per row, ties by position) is pcb_fast.methods.linear.band_mask, then the sum
     over tasks in task order, as the torch backend computes it."""
-    from .methods.linear import band_mask, check_band
-    from .sources import row_length
+    from ..methods.linear import band_mask, check_band
+    from ..core.sources import row_length
 
     gamma, beta = check_band(gamma, beta)
     kept = torch.zeros(n, dtype=torch.int64, device=weights.device)

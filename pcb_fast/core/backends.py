@@ -20,6 +20,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def triton_problem() -> str | None:
+    """None when the Triton kernels can run here, else why not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton does not import ({e})"
+    return None
+
+
 def resolve_backend(backend: str | None, device: torch.device | str = "cpu") -> str:
     """The backend that will run for tensors on ``device``."""
     device = torch.device(device)
@@ -30,10 +39,8 @@ def resolve_backend(backend: str | None, device: torch.device | str = "cpu") -> 
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "torch"
     if backend == "triton":
-        from .triton_backend import available
-
-        ok, why = available()
-        if not ok:
+        why = triton_problem()
+        if why is not None:
             raise ValueError(f"backend='triton' cannot run here: {why}; use backend='torch' with CPU tensors")
         if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
             raise ValueError(f"backend='triton' needs CUDA tensors, got tensors on {device} "

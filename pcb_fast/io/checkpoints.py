@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from .safetensors_io import FormatError, SafetensorsReader
+from .safetensors import FormatError, SafetensorsReader
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 # files of a Hugging Face folder that describe the model rather than hold its weights

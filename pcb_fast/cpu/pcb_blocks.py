@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .reference import EXACT_EXP_MAX_N
+from ..core.formulas import EXACT_EXP_MAX_N, span_or_inf
 
 
 @dataclass
@@ -27,9 +27,7 @@ class ClipStats:
     def from_bounds(cls, lo: torch.Tensor, hi: torch.Tensor) -> "ClipStats":
         lo = torch.minimum(lo, hi).reshape(-1, 1).float()
         hi = hi.reshape(-1, 1).float()
-        span = hi - lo
-        span = torch.where(span > 0, span, torch.full_like(span, float("inf")))
-        return cls(lo, hi, span)
+        return cls(lo, hi, span_or_inf(hi - lo))
 
 
 class Workspace:
@@ -107,8 +105,7 @@ class PairStats:
     def from_min_max(cls, lo: torch.Tensor, hi: torch.Tensor) -> "PairStats":
         span = hi - lo
         peak = (span > 0).float()
-        span = torch.where(span > 0, span, torch.full_like(span, float("inf")))
-        return cls(lo, span, peak)
+        return cls(lo, span_or_inf(span), peak)
 
 
 def pair_normalized(tv: torch.Tensor, i: int, stats: PairStats, out: torch.Tensor) -> torch.Tensor:

@@ -11,20 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.keys import keys_to_float, order_keys
+
 BUCKETS = 1 << 16
 _LOW_MASK = BUCKETS - 1
-
-
-def order_keys(x: torch.Tensor) -> torch.Tensor:
-    """int32 keys of float32 ``x`` with key order == float order (-0.0 sorts just below +0.0)."""
-    bits = x.contiguous().view(torch.int32)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
-
-
-def keys_to_float(keys: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`order_keys` (the map is an involution on int32)."""
-    keys = keys.to(torch.int32)
-    return (keys ^ ((keys >> 31) & 0x7FFFFFFF)).view(torch.float32)
 
 
 def high_bucket(keys: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,161 @@
+"""Oracles of the baseline methods: literal formulations on a whole [n, D] task-vector matrix.
+
+The oracles of the tests and the "authors' formulation" side of the benchmarks: full sorts and
+kthvalue over whole rows, dense [n, D] temporaries, written to be obviously right, and sharing no
+code with the engine (docs/design.md 5, 9). Sums over tasks run in task order, as in
+pcb_fast.reference.pcb. ``segments`` lists (key, shape) of the row's pieces in order; only the
+methods that need the key (DARE's generator) or the shape (Breadcrumbs' rows) use it. Arguments are
+checked by the public entry points before they get here.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import numpy as np
+import torch
+
+
+def _task_order_sum(x: torch.Tensor) -> torch.Tensor:
+    """x[0] + x[1] + ... + x[n-1], added left to right."""
+    total = x[0].clone()
+    for i in range(1, x.shape[0]):
+        total = total + x[i]
+    return total
+
+
+def _weights(lambdas, n: int):
+    """The per-task coefficients as an [n, 1] column, or None."""
+    return None if lambdas is None else torch.tensor([float(v) for v in lambdas], dtype=torch.float32).view(n, 1)
+
+
+def average(tv, *, lambdas=None, segments=None) -> torch.Tensor:
+    """Weighted mean of the task vectors, weights ``lambdas`` (default 1) normalised to sum 1."""
+    lam = _weights(lambdas, tv.shape[0])
+    if lam is None:
+        return _task_order_sum(tv) / tv.shape[0]
+    return _task_order_sum(tv * lam) / float(lam.sum())
+
+
+def task_arithmetic(tv, *, lambdas=None, segments=None) -> torch.Tensor:
+    """Ilharco et al. 2023: sum_i lambda_i tau_i (``lam`` is applied by the caller)."""
+    lam = _weights(lambdas, tv.shape[0])
+    return _task_order_sum(tv if lam is None else tv * lam)
+
+
+def magnitude_mask(tv: torch.Tensor, density: float, topk: str = "threshold") -> torch.Tensor:
+    """TIES trim. "threshold" (authors' code): |tau| >= kthvalue(|tau|, D - int(D * density)), ties
+    kept; "exact" (mergekit): exactly int(D * density) entries, ties at the threshold by position."""
+    n, D = tv.shape
+    keep = int(D * density)
+    magnitude = tv.abs()
+    if topk == "threshold":
+        if keep >= D:
+            return torch.ones_like(tv, dtype=torch.bool)
+        kth = magnitude.kthvalue(D - keep, dim=1, keepdim=True).values
+        return magnitude >= kth
+    order = torch.sort(magnitude, dim=1, descending=True, stable=True).indices[:, :keep]
+    return torch.zeros_like(tv, dtype=torch.bool).scatter_(1, order, True)
+
+
+def elect_and_merge(trimmed: torch.Tensor, lam, sign_ties: str) -> torch.Tensor:
+    """TIES' sign election and disjoint mean (authors' resolve_sign and disjoint_merge).
+
+    The elected sign of a position is the sign of the sum of the (weighted) trimmed values; where
+    that sum is 0, the authors give the majority sign of the whole model (the sign of the sum of
+    the elected signs), mergekit +1 (``sign_ties="positive"``). The mean runs over the entries that
+    agree with it; with ``lam`` it divides by the sum of the agreeing weights (mergekit's form).
+    """
+    weighted = trimmed if lam is None else trimmed * lam
+    sign = torch.sign(_task_order_sum(weighted))
+    majority = torch.sign(sign.sum()) if sign_ties == "majority" else torch.tensor(1.0)
+    sign = torch.where(sign == 0, majority, sign)
+    agree = torch.where(sign > 0, weighted > 0, weighted < 0)
+    total = _task_order_sum(weighted * agree)
+    if lam is None:
+        return total / torch.clamp(_task_order_sum(agree.float()), min=1)
+    weight = _task_order_sum(agree.float() * lam)
+    return total / torch.where(weight == 0, 1.0, weight)
+
+
+def ties(tv, *, density=0.2, sign_ties="majority", topk="threshold", lambdas=None, segments=None):
+    """Yadav et al. 2023 (TIES-Merging): trim, elect sign, disjoint mean."""
+    return elect_and_merge(tv * magnitude_mask(tv, density, topk), _weights(lambdas, tv.shape[0]), sign_ties)
+
+
+# ---- DARE's drops: the counter-based hash of docs/design.md 5, written here in numpy's uint32
+# arithmetic (wrapping multiplies), independently of the engine's int64 form in pcb_fast.core.rng.
+
+_M1, _M2 = np.uint32(0x21F0AAAD), np.uint32(0x735A2D97)
+
+
+def _mix(x):
+    """Two rounds of xorshift-multiply on uint32 (arrays or numpy scalars)."""
+    with np.errstate(over="ignore"):
+        x = x ^ (x >> np.uint32(16))
+        x = x * _M1
+        x = x ^ (x >> np.uint32(15))
+        x = x * _M2
+        return x ^ (x >> np.uint32(15))
+
+
+def dare_keep(seed: int, task: int, key: str, numel: int, p: float) -> torch.Tensor:
+    """Bool mask over entries 0..numel-1 of ``key`` in task ``task``: True where DARE keeps it.
+
+    Entry j's 24-bit draw is the top 24 bits of mix(mix(j_lo ^ h) ^ j_hi ^ mix(h)), with h the
+    stream constant of (seed, task, key); it is kept when the draw is at least round(p * 2^24)."""
+    u32 = np.uint32
+    h = _mix(u32(seed & 0xFFFFFFFF))
+    h = _mix(h ^ u32((seed >> 32) & 0xFFFFFFFF))
+    h = _mix(h ^ u32(task & 0xFFFFFFFF))
+    h = _mix(h ^ u32(zlib.crc32(key.encode("utf-8"))))
+    index = np.arange(numel, dtype=np.uint64)
+    x = _mix((index & np.uint64(0xFFFFFFFF)).astype(np.uint32) ^ h)
+    x = _mix(x ^ (index >> np.uint64(32)).astype(np.uint32) ^ _mix(h))
+    draw = x >> u32(8)
+    return torch.from_numpy(draw >= round(p * (1 << 24)))
+
+
+def dare_masked(tv: torch.Tensor, p: float, seed: int, segments) -> torch.Tensor:
+    """DARE (Yu et al. 2024): drop each entry with probability p, rescale survivors by 1/(1-p)."""
+    keep = torch.cat([torch.stack([dare_keep(seed, i, key, math.prod(shape), p) for i in range(tv.shape[0])])
+                      for key, shape in segments], dim=1)
+    return tv * keep / (1 - p)
+
+
+def dare(tv, *, p=0.9, seed=0, lambdas=None, segments=None):
+    """DARE then task arithmetic."""
+    return task_arithmetic(dare_masked(tv, p, seed, segments), lambdas=lambdas)
+
+
+def dare_ties(tv, *, p=0.9, seed=0, sign_ties="majority", lambdas=None, segments=None):
+    """DARE then TIES sign election and disjoint mean (DARE's drop replaces the magnitude trim)."""
+    return elect_and_merge(dare_masked(tv, p, seed, segments), _weights(lambdas, tv.shape[0]), sign_ties)
+
+
+def breadcrumbs(tv, *, gamma=0.01, beta=0.1, lambdas=None, segments=None):
+    """Davari & Belilovsky 2024 (Model Breadcrumbs): in every row (last dim) of every tensor, drop
+    the int(gamma L) largest |tau| and keep the next int(beta L) (ties by position); then task
+    arithmetic. A scalar is one row of one entry."""
+    masks, offset = [], 0
+    for _, shape in segments:
+        numel = math.prod(shape)
+        row = shape[-1] if len(shape) else 1
+        block = tv[:, offset : offset + numel].reshape(tv.shape[0], -1, row)
+        drop, keep = int(gamma * row), int(beta * row)
+        order = torch.sort(block.abs(), dim=2, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(2, order, torch.arange(row).expand_as(order))
+        masks.append(((rank >= drop) & (rank < drop + keep)).reshape(tv.shape[0], numel))
+        offset += numel
+    return task_arithmetic(tv * torch.cat(masks, dim=1), lambdas=lambdas)
+
+
+METHODS = {
+    "average": average,
+    "task_arithmetic": task_arithmetic,
+    "ties": ties,
+    "dare": dare,
+    "dare_ties": dare_ties,
+    "breadcrumbs": breadcrumbs,
+}
