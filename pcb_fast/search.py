@@ -30,7 +30,7 @@ from .core.formulas import disjoint_mean, elected_signs, zero_sign_fill
 from .core.sources import DEFAULT_BLOCK_WIDTH, StateDictSource
 from .methods import METHODS
 from .methods.linear import dare_block, check_drop, check_seed
-from .methods.ties import SIGN_TIES, TOPK, _trim, check_density
+from .methods.ties import SIGN_TIES, TOPK, Trim, check_density
 
 SEARCHABLE = ("pcb", "task_arithmetic", "dare", "ties")
 
@@ -106,8 +106,8 @@ class ContributionCache:
             for part in parts:
                 part.memory_budget = 0  # the dense trim: (block, kept mask) for every block
                 width = part.block_width(block_width)
-                _, dense = _trim(part, density, self.params.get("topk", "threshold"), width)
-                for block, mask in dense():
+                trim = Trim(part, density, self.params.get("topk", "threshold"), width)
+                for block, mask in trim.dense_blocks():
                     self._vectors[block.segment.key][:, block.lo : block.hi] = block.tv * mask
                     kept += mask.sum(1)
         else:

@@ -52,6 +52,26 @@ def test_apply_equals_a_fresh_merge_bit_for_bit(method, params):
             assert got[k].view(-1).view(torch.uint8).tolist() == expected[k].view(-1).view(torch.uint8).tolist(), (k, trial)
 
 
+@pytest.mark.parametrize("variant", ["official", "paper"])
+def test_cache_built_over_the_memory_budget_applies_like_a_merge(monkeypatch, variant):
+    # Nothing collected: the scores are recomputed in a merge pass, whose entries are recorded.
+    import pcb_fast.search as search
+
+    class OverBudget(search.StateDictSource):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.memory_budget = 0
+
+    monkeypatch.setattr(search, "StateDictSource", OverBudget)
+    base, models = make_models()
+    cache = ContributionCache(base, models, method="pcb", ratio=0.2, variant=variant, block_width=512)
+    lambdas = [0.9, 1.2, 1.0, 0.8]
+    got = cache.apply(lambdas, 0.7)
+    expected = merge(base, models, method="pcb", ratio=0.2, variant=variant, lambdas=lambdas, lam=0.7)
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
+
+
 def test_pcb_cache_is_sparse():
     base, models = make_models()
     cache = ContributionCache(base, models, ratio=0.1)

@@ -112,16 +112,65 @@ def sum_kept(c: Collected, task: torch.Tensor, value: torch.Tensor, weight: torc
     return num, den
 
 
-def dense_sums(value: torch.Tensor, weight: torch.Tensor):
+def dense_sums(value: torch.Tensor, weight: torch.Tensor | None = None):
     """(num, den): the sums over tasks of [n, m] ``value`` and ``weight``, in task order from +0 (the
-    rounding, and the sign of zero, of :func:`sum_kept` when every entry is collected)."""
+    rounding, and the sign of zero, of :func:`sum_kept` when every entry is collected); den is None
+    without ``weight``."""
     num = torch.zeros(value.shape[1])
-    den = torch.zeros(value.shape[1])
     for row in value:
         num.add_(row)
+    if weight is None:
+        return num, None
+    den = torch.zeros(value.shape[1])
     for row in weight:
         den.add_(row)
     return num, den
+
+
+@dataclass
+class Entries:
+    """The entries one merge step of a block works on, with the same operations whether they are a
+    whole [n, m] block (``collected`` None: the merge recomputed the scores) or the entries collected
+    from it (1-D, task-major), so that a method writes its merge once for both."""
+
+    segment: Segment
+    lo: int
+    hi: int
+    score: torch.Tensor  # [n, m], or [E] collected
+    tau: torch.Tensor  # raw task-vector values, same shape as score
+    collected: Collected | None = None
+
+    def per_task(self, values: torch.Tensor) -> torch.Tensor:
+        """A per-task quantity ([n] or [n, 1]) broadcast to the entries."""
+        values = values.reshape(-1)
+        return values.unsqueeze(1) if self.collected is None else values[self._task]
+
+    def sums(self, value: torch.Tensor, weight: torch.Tensor | None = None):
+        """(num, den) per position of the block, in task order (:func:`dense_sums`, :func:`sum_kept`)."""
+        if self.collected is None:
+            return dense_sums(value, weight)
+        return sum_kept(self.collected, self._task, value, weight)
+
+    def index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(task, position in the block) of every entry, flat and task-major."""
+        if self.collected is None:
+            n, m = self.score.shape
+            return torch.arange(n).repeat_interleave(m), torch.arange(m).repeat(n)
+        return self._task, self.collected.flat - self._task * self.collected.width
+
+    def __post_init__(self):
+        self._task = None if self.collected is None else self.collected.task()
+
+
+def entries(score_blocks: Callable, collected: list[Collected] | None):
+    """The :class:`Entries` of every block: the collected ones, or, where nothing was collected (over
+    the memory budget), every entry of the blocks that ``score_blocks()`` yields in one more pass."""
+    if collected is None:
+        for block, scores in score_blocks():
+            yield Entries(block.segment, block.lo, block.hi, scores, block.tv)
+    else:
+        for c in collected:
+            yield Entries(c.segment, c.lo, c.hi, c.score, c.tau, c)
 
 
 MIN_SAMPLE = 4096  # below this many sampled entries per task, level 1 of the radix select is cheap

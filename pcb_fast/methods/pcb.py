@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..core import checks
-from ..core.engine import ColumnSample, dense_sums, raise_if_not_finite, select_threshold, sum_kept
+from ..core.engine import ColumnSample, entries, raise_if_not_finite, select_threshold
 from ..core.formulas import clip_indices, keep_index, lambda_column, span_or_inf
 from ..core.select import RadixSelect, TailSelect
 from ..core.sources import DEFAULT_BLOCK_WIDTH
@@ -69,11 +69,11 @@ def _reused(reuse: dict | None, key: tuple, compute):
     return reuse[key]
 
 
-def _record_block(record, segment, lo, hi, task, pos, weight, value, den) -> None:
-    """Pass the entries with a positive weight to ``record``."""
-    if record is not None:
-        keep = weight > 0
-        record(segment, lo, hi, task[keep], pos[keep], value[keep], den)
+def _record(record, e, weight, value, den) -> None:
+    """Pass the entries of ``e`` with a positive weight to ``record``."""
+    task, pos = e.index()
+    keep = weight.reshape(-1) > 0
+    record(e.segment, e.lo, e.hi, task[keep], pos[keep], value.reshape(-1)[keep], den)
 
 
 def clip_bounds(source, clamp_ratio: float, block_width: int, sample: ColumnSample) -> tb.ClipStats:
@@ -121,33 +121,17 @@ def _merge_official(source, sink, params, block_width, record=None, reuse=None):
     lam = lambda_column(params["lambdas"], n)
     # scale = (max(P, t) - t) / (M - t) (DESIGN 2.2 step 6); M == t means nothing is kept: scale 0.
     span = span_or_inf(peak - t)
-    if collected is None:  # over the memory budget: recompute the scores in one more pass
-        for block, scores in score_blocks():
-            scale = scores.sub_(t.unsqueeze(1)).clamp_min_(0).div_(span.unsqueeze(1))
-            value = tb.clipped_values(block.tv, clip.lo, clip.hi).mul_(scale)
-            if record is not None:
-                task, pos = _dense_index(value.shape)
-                _, den = dense_sums(value, scale)
-                _record_block(record, block.segment, block.lo, block.hi, task, pos, scale.reshape(-1),
-                              value.reshape(-1), torch.clamp(den, min=1e-12))
-            if lam is not None:
-                value.mul_(lam)
-            num, den = dense_sums(value, scale)
-            sink(block.segment, block.lo, block.hi, num / torch.clamp(den, min=1e-12))
-        return kept
-    for c in collected:
-        task = c.task()
-        # Collected entries at or below t get scale 0 and add exact zeros: no need to filter them.
-        scale = torch.clamp_min_(c.score - t[task], 0).div_(span[task])
-        value = tb.clipped_values(c.tau, clip.lo[task, 0], clip.hi[task, 0]).mul_(scale)
+    # Collected entries at or below t get scale 0 and add exact zeros: no need to filter them. Over
+    # the memory budget nothing was collected: the scores are recomputed in one more pass.
+    for e in entries(score_blocks, collected):
+        scale = torch.clamp_min_(e.score - e.per_task(t), 0).div_(e.per_task(span))
+        value = tb.clipped_values(e.tau, e.per_task(clip.lo), e.per_task(clip.hi)).mul_(scale)
         if record is not None:
-            den = sum_kept(c, task, scale)[0]
-            _record_block(record, c.segment, c.lo, c.hi, task, c.flat - task * c.width, scale, value,
-                          torch.clamp(den, min=1e-12))
+            _record(record, e, scale, value, torch.clamp(e.sums(scale)[0], min=1e-12))
         if lam is not None:
-            value.mul_(lam[task, 0])
-        num, den = sum_kept(c, task, value, scale)
-        sink(c.segment, c.lo, c.hi, num / torch.clamp(den, min=1e-12))
+            value.mul_(e.per_task(lam))
+        num, den = e.sums(value, scale)
+        sink(e.segment, e.lo, e.hi, num / torch.clamp(den, min=1e-12))
     return kept
 
 
@@ -213,37 +197,15 @@ def _merge_paper(source, sink, params, block_width, record=None, reuse=None):
         source, score_blocks, keep_index(D, params["ratio"]), sample_scores, keep_ties=True
     )
     lam = lambda_column(params["lambdas"], n)
-    if collected is None:  # over the memory budget: recompute the scores in one more pass
-        for block, scores in score_blocks():
-            kept_beta = scores * (scores >= t.unsqueeze(1))
-            value = kept_beta * block.tv
-            if record is not None:
-                task, pos = _dense_index(value.shape)
-                den = dense_sums(value, kept_beta)[1]
-                _record_block(record, block.segment, block.lo, block.hi, task, pos, kept_beta.reshape(-1),
-                              value.reshape(-1), torch.where(den > 0, den, float("inf")))
-            if lam is not None:
-                value = value * lam
-            num, den = dense_sums(value, kept_beta)
-            sink(block.segment, block.lo, block.hi, torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0))
-        return kept_counts
-    for c in collected:
-        task = c.task()
-        # beta * mask, as the reference: entries below t add exact zeros, so none is filtered out
-        kept_beta = c.score * (c.score >= t[task])
-        value = kept_beta * c.tau
+    # beta * mask, as the reference: entries below t add exact zeros, so none is filtered out
+    for e in entries(score_blocks, collected):
+        kept_beta = e.score * (e.score >= e.per_task(t))
+        value = kept_beta * e.tau
         if record is not None:
-            den = sum_kept(c, task, kept_beta)[0]
-            _record_block(record, c.segment, c.lo, c.hi, task, c.flat - task * c.width, kept_beta, value,
-                          torch.where(den > 0, den, float("inf")))
+            den = e.sums(kept_beta)[0]
+            _record(record, e, kept_beta, value, torch.where(den > 0, den, float("inf")))
         if lam is not None:
-            value = value * lam[task, 0]
-        num, den = sum_kept(c, task, value, kept_beta)
-        sink(c.segment, c.lo, c.hi, torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0))
+            value = value * e.per_task(lam)
+        num, den = e.sums(value, kept_beta)
+        sink(e.segment, e.lo, e.hi, torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0))
     return kept_counts
-
-
-def _dense_index(shape) -> tuple[torch.Tensor, torch.Tensor]:
-    """(task, position) of every entry of an [n, m] block, in task-major order."""
-    n, m = shape
-    return torch.arange(n).repeat_interleave(m), torch.arange(m).repeat(n)

@@ -42,81 +42,87 @@ def check_density(density) -> float:
     return d
 
 
-def _trim(source, density: float, topk: str, block_width: int):
-    """The TIES trim, after the passes that find the threshold. Returns (collected, dense):
-    ``collected`` yields (Collected block, task of each entry, kept mask of its entries); or, when
-    the collected entries would not fit the source's memory budget, it is None and ``dense()``
-    yields (block, kept mask [n, m]) on every sweep over the task vectors.
+class Trim:
+    """The TIES trim of a source: construction runs the passes that find each task's threshold (the
+    NaN/Inf check and column sample, then :func:`select_threshold`); then either
+    :meth:`collected_blocks` yields (Collected block, task of each entry, kept mask of its entries),
+    or, when the collected entries would not fit the source's memory budget (:attr:`dense`),
+    :meth:`dense_blocks` yields (block, kept mask [n, m]) on every sweep over the task vectors.
     """
-    n, D = source.n, source.D
-    keep = int(D * density)
-    ws = torch.empty(n * block_width)
-    sample = ColumnSample(D, n)
 
-    def magnitudes(tv):
-        return torch.abs(tv, out=ws[: tv.numel()].view(tv.shape))
+    def __init__(self, source, density: float, topk: str, block_width: int):
+        self.source, self.topk, self.block_width = source, topk, block_width
+        n, D = source.n, source.D
+        self.keep = int(D * density)
+        self._buffer = torch.empty(n * block_width)
+        sample = ColumnSample(D, n)
+        for block in source.blocks(block_width):  # NaN/Inf check and column sample
+            raise_if_not_finite(source, block, self._magnitude(block.tv).amax(1))
+            sample.add(block)
+        # "threshold": t = sort(|tau|)[D - keep - 1], keep >= t; "exact": t = sort(|tau|)[D - keep], keep > t
+        # plus the first entries equal to t (by position) up to exactly `keep`.
+        rank = D - self.keep - 1 if topk == "threshold" else D - self.keep
+        self.collected = None
+        # every entry kept (True), none (False: exact top-0), or a threshold to find (None)
+        self.everything = rank < 0 if (rank < 0 or rank >= D) else None
+        if self.everything is None:
+            sample_scores = sample.scores(lambda tv: self._magnitude(tv).clone())
+            self.t, _, self.collected, self.at_or_above = select_threshold(
+                source, self._magnitude_blocks, rank, sample_scores, keep_ties=True)
 
-    def score_blocks(check=False):
-        for block in source.blocks(block_width):
-            magnitude = magnitudes(block.tv)
-            if check:
-                raise_if_not_finite(source, block, magnitude.amax(1))
-                sample.add(block)
-            yield block, magnitude
+    @property
+    def dense(self) -> bool:
+        """True when the sweeps read the task vectors again (nothing was collected)."""
+        return self.collected is None
 
-    for _ in score_blocks(check=True):  # NaN/Inf check and column sample
-        pass
-    # "threshold": t = sort(|tau|)[D - keep - 1], keep >= t; "exact": t = sort(|tau|)[D - keep], keep > t
-    # plus the first entries equal to t (by position) up to exactly `keep`.
-    rank = D - keep - 1 if topk == "threshold" else D - keep
-    if rank < 0 or rank >= D:  # keep every entry, or none (exact top-0): no threshold to find
-        everything = rank < 0
+    def _magnitude(self, tv: torch.Tensor) -> torch.Tensor:
+        return torch.abs(tv, out=self._buffer[: tv.numel()].view(tv.shape))
 
-        def dense_all():
-            for block in source.blocks(block_width):
-                yield block, torch.full(block.tv.shape, everything, dtype=torch.bool)
+    def _magnitude_blocks(self):
+        for block in self.source.blocks(self.block_width):
+            yield block, self._magnitude(block.tv)
 
-        return None, dense_all
-    sample_scores = sample.scores(lambda tv: magnitudes(tv).clone())
-    t, _, collected, at_or_above = select_threshold(source, score_blocks, rank, sample_scores, keep_ties=True)
-    column = t.unsqueeze(1)
+    def dense_blocks(self):
+        """(block, kept mask [n, m]) for every block of the source (one pass)."""
+        if self.everything is not None:
+            for block in self.source.blocks(self.block_width):
+                yield block, torch.full(block.tv.shape, self.everything, dtype=torch.bool)
+            return
+        column = self.t.unsqueeze(1)
+        budget = None
+        if self.topk == "exact":  # ties at t are kept by position: after those of the ranks before this one
+            equal = _equal_counts(self._magnitude_blocks, column)
+            comm = self.source.comm
+            if comm is not None:
+                before = comm.before_me(equal.clone())
+                equal = comm.sum_(equal.clone())
+                budget = self.keep - (self.at_or_above - equal) - before
+            else:
+                budget = self.keep - (self.at_or_above - equal)
+        for block, magnitude in self._magnitude_blocks():
+            if budget is None:
+                yield block, magnitude >= column
+                continue
+            equal = magnitude == column
+            order = torch.cumsum(equal, dim=1)  # 1-based rank of each equal entry in the row so far
+            kept = (magnitude > column) | (equal & (order <= budget.unsqueeze(1)))
+            budget = budget - (equal & kept).sum(1)
+            yield block, kept
 
-    if collected is None:
-
-        def dense():
-            budget = None
-            if topk == "exact":  # ties at t are kept by position: after those of the ranks before this one
-                equal = _equal_counts(score_blocks, column)
-                if source.comm is not None:
-                    before = source.comm.before_me(equal.clone())
-                    equal = source.comm.sum_(equal.clone())
-                    budget = keep - (at_or_above - equal) - before
-                else:
-                    budget = keep - (at_or_above - equal)
-            for block, magnitude in score_blocks():
-                if budget is None:
-                    yield block, magnitude >= column
-                    continue
-                equal = magnitude == column
-                order = torch.cumsum(equal, dim=1)  # 1-based rank of each equal entry in the row so far
-                kept = (magnitude > column) | (equal & (order <= budget.unsqueeze(1)))
-                budget = budget - (equal & kept).sum(1)
-                yield block, kept
-
-        return None, dense
-
-    def collected_blocks():
-        if topk == "threshold":
-            for c in collected:
+    def collected_blocks(self):
+        """(Collected block, task of each entry, kept mask of its entries) for every collected block."""
+        t, n = self.t, self.source.n
+        if self.topk == "threshold":
+            for c in self.collected:
                 task = c.task()
                 yield c, task, c.score >= t[task]
             return
         above = torch.zeros(n, dtype=torch.int64)
-        for c in collected:
+        for c in self.collected:
             task = c.task()
             above += torch.bincount(task[c.score > t[task]], minlength=n)
-        budget = keep - above  # entries equal to t still to keep, per task, in position order
-        for c in collected:
+        budget = self.keep - above  # entries equal to t still to keep, per task, in position order
+        for c in self.collected:
             task = c.task()
             equal = c.score == t[task]
             # 1-based count of the equal entries of each task so far in this block (entries are task-major)
@@ -124,8 +130,6 @@ def _trim(source, density: float, topk: str, block_width: int):
             kept = (c.score > t[task]) | (equal & (order <= budget[task]))
             budget -= torch.bincount(task[equal & kept], minlength=n)
             yield c, task, kept
-
-    return collected_blocks(), None
 
 
 def _equal_counts(score_blocks, column: torch.Tensor) -> torch.Tensor:
@@ -152,11 +156,11 @@ def merge_ties(source, sink, *, density=0.2, sign_ties="majority", topk="thresho
     if fused_cpu.applies(source):
         return _merge_ties_fused(source, sink, density, sign_ties, topk, lam, block_width)
     kept_counts = torch.zeros(source.n, dtype=torch.int64)
-    collected, dense = _trim(source, density, topk, block_width)
-    if collected is None:
+    trim = Trim(source, density, topk, block_width)
+    if trim.dense:
 
         def weighted_blocks(first_sweep: bool):
-            for block, kept in dense():
+            for block, kept in trim.dense_blocks():
                 if first_sweep:
                     kept_counts.add_(kept.sum(1))
                 value = block.tv * kept
@@ -165,7 +169,7 @@ def merge_ties(source, sink, *, density=0.2, sign_ties="majority", topk="thresho
         _elect_and_merge(weighted_blocks, sink, lam, sign_ties, source.comm)
         return kept_counts
     trimmed, sign_total = [], 0
-    for c, task, kept in collected:
+    for c, task, kept in trim.collected_blocks():
         # Collected entries that are not kept count as zeros, as in the literal tau * mask: adding
         # them changes no sum and they never agree with a sign, so no compaction is needed.
         value = c.tau * kept if lam is None else c.tau * kept * lam[task, 0]
