@@ -23,7 +23,7 @@ VARIANT_CODES = {"official": 0, "paper": 1}
 
 @triton.jit
 def merge_kernel(x_ptr, offsets_ptr, base_ptr, out_ptr, n, m,
-                 s0_ptr, s1_ptr, s2_ptr, s3_ptr, s4_ptr, exp_shift,
+                 s0_ptr, s1_ptr, s2_ptr, s3_ptr, s4_ptr,
                  t_ptr, span_ptr, lambda_ptr, lam,
                  HAS_BASE: tl.constexpr, WRITE_THETA: tl.constexpr, VARIANT: tl.constexpr, INTER: tl.constexpr,
                  NT: tl.constexpr, BLOCK: tl.constexpr):
@@ -32,7 +32,7 @@ def merge_kernel(x_ptr, offsets_ptr, base_ptr, out_ptr, n, m,
     t = tl.load(t_ptr + rows, mask=row_ok, other=0.0)[:, None]
     weight = tl.load(lambda_ptr + rows, mask=row_ok, other=0.0)[:, None]
     if VARIANT == 0:
-        score, clipped = official_score(tau, rows, row_ok, n, s0_ptr, s1_ptr, s2_ptr, exp_shift, INTER, NT)
+        score, clipped = official_score(tau, rows, row_ok, n, s0_ptr, s1_ptr, s2_ptr, INTER, NT)
         span = tl.load(span_ptr + rows, mask=row_ok, other=1.0)[:, None]
         scale = tl.where(valid, tl.maximum(score - t, 0.0) / span, 0.0)  # span is inf when M == t
         num = tl.sum(clipped * scale * weight, axis=0)
@@ -50,8 +50,7 @@ def merge_kernel(x_ptr, offsets_ptr, base_ptr, out_ptr, n, m,
 
 
 def merge_pass(rows: Rows, out: torch.Tensor, variant: str, stats: tuple, threshold: torch.Tensor,
-               span: torch.Tensor | None, lambdas: torch.Tensor, lam: float, inter: str = "sum",
-               exp_shift: float = 0.0) -> None:
+               span: torch.Tensor | None, lambdas: torch.Tensor, lam: float, inter: str = "sum") -> None:
     """Write the merged entries of ``rows`` into ``out`` ([m], any float dtype).
 
     With a base in ``rows``, out = base + lam * tau_m; without, out = tau_m. ``stats``: official
@@ -63,7 +62,7 @@ def merge_pass(rows: Rows, out: torch.Tensor, variant: str, stats: tuple, thresh
         raise ValueError(f"output has {out_flat.numel()} entries but the rows have {rows.m}")
     grid, base, meta = launch_config(rows, out, threshold, lambdas, *stats)
     padded = list(stats) + [threshold] * (5 - len(stats))  # unused pointer slots
-    merge_kernel[grid](rows.anchor, rows.offsets, base, out_flat, rows.n, rows.m, *padded, float(exp_shift),
+    merge_kernel[grid](rows.anchor, rows.offsets, base, out_flat, rows.n, rows.m, *padded,
                        threshold, span if span is not None else threshold, lambdas, float(lam),
                        WRITE_THETA=rows.base is not None, VARIANT=VARIANT_CODES[variant],
                        INTER=INTER_CODES[inter], **meta)

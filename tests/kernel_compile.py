@@ -52,17 +52,17 @@ for NT, dtype, has_base, level in CASES:
         if NT == 64 and inter == 2:
             continue
         check(f"official NT={NT} inter={inter} L{level}", kscore.official_kernel,
-              dict(tile_sig(dtype, dtype), lo_ptr="*fp32", hi_ptr="*fp32", span_ptr="*fp32", exp_shift="fp32", hist_ptr="*i64", bucket_ptr="*i64", peak_ptr="*i32"),
+              dict(tile_sig(dtype, dtype), lo_ptr="*fp32", hi_ptr="*fp32", span_ptr="*fp32", hist_ptr="*i64", bucket_ptr="*i64", peak_ptr="*i32"),
               dict(common, INTER=inter, LEVEL=level, R=1))
         check(f"merge official NT={NT} inter={inter}", km.merge_kernel,
-              dict(tile_sig(dtype, dtype), out_ptr="*bf16", s0_ptr="*fp32", s1_ptr="*fp32", s2_ptr="*fp32", s3_ptr="*fp32", s4_ptr="*fp32", exp_shift="fp32", t_ptr="*fp32", span_ptr="*fp32", lambda_ptr="*fp32", lam="fp32"),
+              dict(tile_sig(dtype, dtype), out_ptr="*bf16", s0_ptr="*fp32", s1_ptr="*fp32", s2_ptr="*fp32", s3_ptr="*fp32", s4_ptr="*fp32", t_ptr="*fp32", span_ptr="*fp32", lambda_ptr="*fp32", lam="fp32"),
               dict(common, WRITE_THETA=has_base, VARIANT=0, INTER=inter))
     if NT <= 8:  # the paper variant's n^2 loops
         check(f"pair_minmax NT={NT}", kscore.pair_minmax_kernel, dict(tile_sig(dtype, dtype), min_ptr="*i32", max_ptr="*i32", bad_ptr="*i32"), common)
         check(f"partition NT={NT}", kscore.partition_kernel, dict(tile_sig(dtype, dtype), lo_ptr="*fp32", span_ptr="*fp32", peak_ptr="*fp32", inter_ptr="*fp32", intra_ptr="*fp32", first_program="i32"), common)
         check(f"paper NT={NT} L{level}", kscore.paper_kernel, dict(tile_sig(dtype, dtype), lo_ptr="*fp32", span_ptr="*fp32", peak_ptr="*fp32", inv_inter_ptr="*fp32", inv_intra_ptr="*fp32", hist_ptr="*i64", bucket_ptr="*i64"), dict(common, LEVEL=level, R=1))
         check(f"merge paper NT={NT}", km.merge_kernel,
-              dict(tile_sig(dtype, dtype), out_ptr="*fp32", s0_ptr="*fp32", s1_ptr="*fp32", s2_ptr="*fp32", s3_ptr="*fp32", s4_ptr="*fp32", exp_shift="fp32", t_ptr="*fp32", span_ptr="*fp32", lambda_ptr="*fp32", lam="fp32"),
+              dict(tile_sig(dtype, dtype), out_ptr="*fp32", s0_ptr="*fp32", s1_ptr="*fp32", s2_ptr="*fp32", s3_ptr="*fp32", s4_ptr="*fp32", t_ptr="*fp32", span_ptr="*fp32", lambda_ptr="*fp32", lam="fp32"),
               dict(common, WRITE_THETA=has_base, VARIANT=1, INTER=0))
     for dare in (False, True):
         check(f"linear NT={NT} dare={dare}", kl.linear_kernel,

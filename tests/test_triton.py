@@ -113,7 +113,7 @@ def test_official_score_kernel_matches_torch_scores(gen, inter):
     stats = (clip.lo.view(-1).contiguous(), clip.hi.view(-1).contiguous(), clip.span.view(-1).contiguous())
     rows = Rows.from_matrix(tv)
     for level in (1, 2):
-        kscore.official_pass(rows, select, peak, stats, 0.0, inter)
+        kscore.official_pass(rows, select, peak, stats, inter)
         if level == 1:
             select.next_level()
     want = torch.sort(expected, dim=1).values.gather(1, ranks)

@@ -4,7 +4,7 @@ The draw for entry ``index`` of ``key`` in task ``task`` is a pure function of
 (seed, task, key, index): a 32-bit integer hash, so masks never need to be stored and do not
 depend on block sizes, scope, backend or the number of processes. The hash is written with 64-bit
 integer ops whose products stay below 2^63 (32-bit values times 31-bit odd constants), so the
-same bits can be computed in torch, in Triton (uint32 wraparound) and in plain Python.
+same bits come out of torch, Triton (the same int64 operations, kernels/linear.py) and plain Python.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core import checks
-from ..core.formulas import EXACT_EXP_MAX_N, clip_indices, keep_index, lambda_column, span_or_inf
+from ..core.formulas import clip_indices, keep_index, lambda_column, span_or_inf
 
 
 @dataclass
@@ -98,21 +98,20 @@ def _official(group, n, params, weights, lam, ks, timed):
     hi = bounds[:, 1].contiguous()
     lo = torch.minimum(bounds[:, 0], hi)  # clamp with lo > hi clamps everything to hi
     clip = (lo, hi, span_or_inf(hi - lo))
-    exp_shift = float(n) if n > EXACT_EXP_MAX_N else 0.0
 
     score_select = ks.DeviceSelect([[keep_index(D, params["ratio"])]] * n, D, device)
     peak = torch.full((n,), ks.INT32_MIN, dtype=torch.int32, device=device)
     for level in (1, 2):
         with timed(f"score level {level}"):
             for part in group:
-                kscore.official_pass(part.rows, score_select, peak, clip, exp_shift, params["inter"])
+                kscore.official_pass(part.rows, score_select, peak, clip, params["inter"])
             if level == 1:
                 score_select.next_level()
     t = score_select.values()[:, 0].contiguous()
     span = span_or_inf(ks.keys_to_float(peak) - t)  # M == t: nothing is kept
     with timed("merge"):
         for part in group:
-            km.merge_pass(part.rows, part.out, "official", clip, t, span, weights, lam, params["inter"], exp_shift)
+            km.merge_pass(part.rows, part.out, "official", clip, t, span, weights, lam, params["inter"])
     return score_select.count_above(inclusive=False)[:, 0]
 
 
