@@ -118,7 +118,7 @@ def main(argv=None):
         return
 
     info = machine()
-    print(f"Machine: {info['cpu']}, {info['cores']} cores ({info['threads']} torch threads), {info['memory_gib']} GiB; "
+    print(f"Machine: {info['cpu']}, {info['cores']} cores ({info['threads']} torch thread{'s' if info['threads'] != 1 else ''}), {info['memory_gib']} GiB; "
           f"Python {info['python']}, torch {info['torch']}, pcb_fast {info['pcb_fast']} ({info['git']})\n")
     result = {"machine": info, "date": time.strftime("%Y-%m-%d")}
 

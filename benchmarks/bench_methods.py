@@ -45,7 +45,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     info = machine()
-    print(f"Machine: {info['cpu']}, {info['cores']} cores ({info['threads']} torch threads), {info['memory_gib']} GiB; "
+    print(f"Machine: {info['cpu']}, {info['cores']} cores ({info['threads']} torch thread{'s' if info['threads'] != 1 else ''}), {info['memory_gib']} GiB; "
           f"Python {info['python']}, torch {info['torch']}, pcb_fast {info['pcb_fast']} ({info['git']})\n")
     g = torch.Generator().manual_seed(0)
     base = {"w": torch.randn(4096, 4096, generator=g) * 0.02}

@@ -55,7 +55,7 @@ def main() -> int:
         del cache, applied, merged
     info = machine()
     print(f"n={n}, D=2^24 fp32 ({task_vector_bytes / 2**30:.2f} GiB of task vectors), scope global, on "
-          f"{info['cpu']} ({info['cores']} cores, {info['threads']} threads), torch {info['torch']}\n")
+          f"{info['cpu']} ({info['cores']} cores, {info['threads']} thread{'s' if info['threads'] != 1 else ''}), torch {info['torch']}\n")
     print("| method | full merge | cache build (once) | one apply | merge / apply | cache memory / task vectors "
           "| apply == merge |")
     print("|---|---|---|---|---|---|---|")

@@ -212,7 +212,7 @@ def main(argv=None) -> int:
         by_n.append(one_size(n, n_at, args.repeats, with_baselines=True, peers=None))
         print(f"n={n}: " + ", ".join(f"{p} {v['seconds']['median']:.3g} s" for p, v in by_n[-1]["paths"].items()),
               flush=True)
-    where = f"{info['cpu']} ({info['cores']} cores, {info['threads']} threads), torch {info['torch']}"
+    where = f"{info['cpu']} ({info['cores']} cores, {info['threads']} thread{'s' if info['threads'] != 1 else ''}), torch {info['torch']}"
     text = (f"Machine: {where}{', GPU ' + info['gpu'] if 'gpu' in info else ''}; git {info['git']}.\n\n"
             f"Time (median of {args.repeats}) and peak memory above the inputs, n=8, fp32:\n\n"
             + markdown(by_D, "D") + f"\n\nThe same at D=2^{n_at.bit_length() - 1}, by number of tasks:\n\n"

@@ -31,7 +31,7 @@ METHOD_FLAGS = [
 ]
 # Flags that describe a merge, which a --config file replaces.
 MERGE_FLAGS = ("base", "model", "method", "lam", "lambdas", "scope", "exclude", "dtype") + tuple(f[1] for f in METHOD_FLAGS)
-# --seed is DARE's drop seed; the search's CMA-ES seed is stored as search_seed
+# --seed is DARE's drop seed in merge and search alike; the search's CMA-ES seed is --search-seed
 
 
 class Terminated(KeyboardInterrupt):
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Load the models, cache the merge's contributions once, and search one "
                                              "coefficient per model with CMA-ES, maximising a Python function you "
                                              "provide; write the best merged model and the history.")
-    _model_flags(search, dare_seed_flag="--dare-seed")  # --seed is the search's
+    _model_flags(search, methods="pcb (default), task_arithmetic, dare, ties")
     search.add_argument("--eval", required=True, dest="evaluate",
                         help="module:function or path/to/file.py:function; called with the merged state dict, "
                              "returns a score (higher is better)")
@@ -80,21 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--x0", type=float, default=1.0, help="starting lambda of every model (default 1.0)")
     search.add_argument("--popsize", type=int, help="CMA-ES population size (default: cma's)")
     search.add_argument("--sigma0", type=float, help="CMA-ES initial step (default: a quarter of the bounds)")
-    search.add_argument("--seed", dest="search_seed", type=int, default=0, help="CMA-ES seed (default 0)")
+    search.add_argument("--search-seed", dest="search_seed", type=int, default=0, help="CMA-ES seed (default 0)")
     search.add_argument("--history", help="write every evaluation to this .json or .csv file")
     _output_flags(search)
     return parser
 
 
-def _model_flags(parser, dare_seed_flag: str = "--seed") -> None:
+def _model_flags(parser, methods: str = "pcb (default), average, task_arithmetic, ties, dare, dare_ties, breadcrumbs") -> None:
     parser.add_argument("--base", help="the base (pre-trained) model")
     parser.add_argument("--model", action="append", help="a fine-tuned model (repeat for each)")
-    parser.add_argument("--method", help="pcb (default), average, task_arithmetic, ties, dare, dare_ties, breadcrumbs")
+    parser.add_argument("--method", help=methods)
     parser.add_argument("--lam", type=float, help="theta = theta_pre + lam * tau_m (default 1.0)")
     parser.add_argument("--scope", help="global (default: statistics over the whole model) or tensor")
     parser.add_argument("--exclude", action="append", help="regex of keys copied from the base (repeatable)")
     for flag, dest, kind, text in METHOD_FLAGS:
-        parser.add_argument(dare_seed_flag if flag == "--seed" else flag, dest=dest, type=kind, help=text)
+        parser.add_argument(flag, dest=dest, type=kind, help=text)
 
 
 def _output_flags(parser) -> None:

@@ -43,6 +43,11 @@ def synthetic_models(n: int = 8, seed: int = 0, dtype=torch.float32) -> tuple[di
     return base, models
 
 
+def _count(number: int, noun: str) -> str:
+    """'1 thread', '2 threads'."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def main(n: int = 8, ratio: float = 0.1, check: bool = True) -> int:
     """Merge n synthetic fine-tunes with PCB, print what was merged, the time and kept fractions."""
     base, models = synthetic_models(n)
@@ -56,7 +61,7 @@ def main(n: int = 8, ratio: float = 0.1, check: bool = True) -> int:
     entries = report["entries"]
     print(f"merged {len(report['merged_keys'])} tensors ({entries / 1e6:.2f}M entries per model), "
           f"copied {len(report['copied_keys'])} ({', '.join(report['copied_keys'])}) in {seconds:.2f} s "
-          f"[torch backend, {torch.get_num_threads()} threads]")
+          f"[torch backend, {_count(torch.get_num_threads(), 'thread')}; timings vary with other work on the machine]")
     print("kept fraction per task: " + " ".join(f"{k / entries:.4f}" for k in report["kept"]))
     if check:
         t0 = time.perf_counter()

@@ -198,3 +198,31 @@ def test_merge_bad_inputs():
         merge(base, models, exclude=["("])
     with pytest.raises(ValueError, match="at least one fine-tuned model"):
         merge(base, [])
+
+
+def test_an_exclude_pattern_that_matches_nothing_warns():
+    base = {"w": torch.zeros(4), "b": torch.zeros(2)}
+    models = [{"w": torch.ones(4), "b": torch.ones(2)}]
+    with pytest.warns(UserWarning, match="exclude pattern .* matches no key of the base model; it excludes nothing"):
+        merged = merge(base, models, method="task_arithmetic", exclude=[r"\.b$"])
+    assert torch.equal(merged["b"], torch.ones(2))  # merged, as the pattern excluded nothing
+    merged = merge(base, models, method="task_arithmetic", exclude=[r"^b$"])  # the Quickstart's pattern
+    assert torch.equal(merged["b"], torch.zeros(2))
+
+
+def test_quickstart_runs():
+    """The README's Quickstart block, run as written."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Quickstart"):]
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. an exclude pattern that matches nothing
+        namespace = {}
+        exec(compile(code, "README Quickstart", "exec"), namespace)
+    assert torch.equal(namespace["merged"]["b"], namespace["base"]["b"])
+    assert namespace["tau_m"].shape == (100_000,)

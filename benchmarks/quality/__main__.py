@@ -50,7 +50,7 @@ def markdown(tasks: list, rows: list) -> str:
     for r in rows:
         chosen = ", ".join(f"{k}={v}" for k, v in r["chosen"].items() if k != "lambdas")
         name = r["row"] + (f" ({chosen})" if chosen else "")
-        spread = statistics.pstdev(r["averages"]) if seeds > 1 else 0.0
+        spread = statistics.stdev(r["averages"]) if seeds > 1 else 0.0
         cells = [f"{100 * a:.1f}" for a in r["tasks"]] + [f"**{100 * r['averages'][0]:.1f}**",
                                                             f"{100 * r['normalized'][0]:.1f}",
                                                             f"{100 * mean(r['averages']):.1f} ± {100 * spread:.1f}"]
@@ -66,7 +66,7 @@ def chart(rows: list, path: Path) -> None:
 
     names = [r["row"] for r in rows]
     values = [100 * mean(r["averages"]) for r in rows]
-    errors = [100 * statistics.pstdev(r["averages"]) for r in rows]
+    errors = [100 * statistics.stdev(r["averages"]) for r in rows]
     colors = ["#999999", "#555555"] + ["#6c8ebf"] * 4 + ["#d6792b"] * (len(rows) - 6)
     fig, ax = plt.subplots(figsize=(10, 4.5))
     ax.bar(range(len(rows)), values, yerr=errors, color=colors, capsize=3)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -194,6 +195,10 @@ def split_keys(base: Checkpoint, exclude: Sequence[str]) -> tuple[list[str], lis
             merged.append(key)
         else:
             copied.append(key)
+    for pattern in patterns:  # a typo in a pattern would otherwise merge what the user meant to keep
+        if not any(pattern.search(key) for key in base.keys()):
+            warnings.warn(f"pcb_fast: exclude pattern {pattern.pattern!r} matches no key of the base model; "
+                          "it excludes nothing", stacklevel=3)
     return merged, copied
 
 
