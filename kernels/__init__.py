@@ -1,4 +1,4 @@
-"""Triton kernels of pcb_fast, installed as ``pcb_fast.kernels`` (DESIGN.md 4).
+"""Triton kernels of pcb_fast, installed as ``pcb_fast.kernels`` (docs/design.md 4).
 
 - ``tiles``: the task rows on the device and the [tasks, BLOCK] tile every kernel loads;
 - ``select``: the two-level radix select (counts, bucket find on the device);

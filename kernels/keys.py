@@ -1,4 +1,4 @@
-"""The order-preserving map between float32 values and int32 keys, in plain torch (docs/design.md 3).
+"""The order-preserving map between float32 values and int32 keys, in plain torch (docs/design.md 3.3).
 
 A float32 maps to an int32 key that orders like the float: negatives get every bit but the sign
 flipped. The map is an involution on int32, so the same function turns keys back into floats.

@@ -1,4 +1,4 @@
-"""Weighted sums of task vectors in one pass: average, task arithmetic, DARE (DESIGN.md 5).
+"""Weighted sums of task vectors in one pass: average, task arithmetic, DARE (docs/design.md 5.1, 5.2, 5.4).
 
 ``linear_kernel`` writes base + lam * sum_i w_i m_i(tau_i) / divisor for a tile, where m_i is the
 identity or DARE's drop-and-rescale. DARE's draw for entry j of task i is the counter-based hash

@@ -1,9 +1,9 @@
-"""The final pass: recompute the score, scale, weighted mean, lam, base add, dtype cast (DESIGN.md 4).
+"""The final pass: recompute the score, scale, weighted mean, lam, base add, dtype cast (docs/design.md 4).
 
 One program per [NT, BLOCK] tile writes BLOCK merged entries:
-- official (DESIGN 2.2 steps 6-8): scale_i = max(P_i - t_i, 0) / (M_i - t_i),
+- official (docs/design.md 2.2 steps 6-8): scale_i = max(P_i - t_i, 0) / (M_i - t_i),
   tau_m = sum_i lambda_i tau~_i scale_i / max(sum_i scale_i, 1e-12);
-- paper (DESIGN 2.3): b_i = beta_i [beta_i >= t_i], tau_m = sum_i lambda_i b_i tau_i / sum_i b_i (0 if 0);
+- paper (docs/design.md 2.3): b_i = beta_i [beta_i >= t_i], tau_m = sum_i lambda_i b_i tau_i / sum_i b_i (0 if 0);
 then out = base + lam * tau_m cast to the output's dtype (or tau_m alone when there is no base).
 The per-task lambda_i are read from device memory, so a coefficient search reruns this pass alone
 with new lambda_i on the cached statistics.

@@ -1,4 +1,4 @@
-"""PCB scores fused with the radix-select counts: scores never reach memory (DESIGN.md 2.2, 2.3, 4).
+"""PCB scores fused with the radix-select counts: scores never reach memory (docs/design.md 2.2, 2.3, 4).
 
 Each program loads an [NT, BLOCK] tile of task vectors (or of fine-tuned weights, minus the base,
 in registers) and
@@ -35,7 +35,7 @@ def magnitude_kernel(x_ptr, offsets_ptr, base_ptr, n, m, hist_ptr, bucket_ptr, b
 
 @triton.jit
 def official_score(tau, rows, row_ok, n, lo_ptr, hi_ptr, span_ptr, INTER: tl.constexpr, NT: tl.constexpr):
-    """P of a tile (DESIGN 2.2 steps 1-5); also returns the clipped tau~ = sign(tau) clip(|tau|)."""
+    """P of a tile (docs/design.md 2.2 steps 1-5); also returns the clipped tau~ = sign(tau) clip(|tau|)."""
     lo = tl.load(lo_ptr + rows, mask=row_ok, other=0.0)[:, None]
     hi = tl.load(hi_ptr + rows, mask=row_ok, other=0.0)[:, None]
     span = tl.load(span_ptr + rows, mask=row_ok, other=1.0)[:, None]
@@ -111,7 +111,7 @@ def partition_kernel(x_ptr, offsets_ptr, base_ptr, n, m, lo_ptr, span_ptr, peak_
 @triton.jit
 def paper_score(tau, valid, rows, row_ok, col_ok, n, lo_ptr, span_ptr, peak_ptr, inv_inter_ptr, inv_intra_ptr,
                 NT: tl.constexpr):
-    """beta_i = Softmax(n Norm(tau_i^2)) * sum_j Softmax(Norm(tau_i tau_j)) of a tile (DESIGN 2.3)."""
+    """beta_i = Softmax(n Norm(tau_i^2)) * sum_j Softmax(Norm(tau_i tau_j)) of a tile (docs/design.md 2.3)."""
     beta = tl.zeros_like(tau)
     for i in tl.static_range(NT):
         if i < n:

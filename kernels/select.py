@@ -1,4 +1,4 @@
-"""Exact order statistics on the device: two-level 16-bit radix select (DESIGN.md 3, 4).
+"""Exact order statistics on the device: two-level 16-bit radix select (docs/design.md 3.3, 4).
 
 A float32 maps to an int32 key with the float's order (negatives get every bit but the sign
 flipped). Level 1 counts the top 16 bits of the keys of every task row into [n, 65536] int64

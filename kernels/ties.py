@@ -1,4 +1,4 @@
-"""TIES and DARE-TIES on the device: trim (or drop), sign election, disjoint mean (DESIGN.md 5).
+"""TIES and DARE-TIES on the device: trim (or drop), sign election, disjoint mean (docs/design.md 5.3, 5.5).
 
 Two passes after the trim threshold is known (the |tau| radix select of select.py):
 - ``sign_kernel`` sums the elected signs of its tile into one int64 counter (the whole model's

@@ -22,7 +22,7 @@ def pcb_merge(task_vectors, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant
               backend="auto", block_width=DEFAULT_BLOCK_WIDTH, report: dict | None = None) -> torch.Tensor:
     """Merged task vector tau_m (float32, [D]) of PCB-Merging for a [n, D] tensor or n 1-D tensors.
 
-    ``variant="official"`` is the authors' code (DESIGN 2.2), ``"paper"`` the paper's equations.
+    ``variant="official"`` is the authors' code (docs/design.md 2.2), ``"paper"`` the paper's equations.
     ``lambdas`` weight the tasks inside the weighted mean (step 7). Global statistics over all D.
     Tensors on a CUDA device run on the triton backend (``backend="auto"``).
     If ``report`` is a dict, it receives "kept" (entries kept per task) and "entries" (D).
@@ -150,7 +150,7 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
 
 
 def check_state_dicts(base: dict, models, exclude=(), model_names=None):
-    """Validate a base and its fine-tuned state dicts before any heavy work (DESIGN 2.1).
+    """Validate a base and its fine-tuned state dicts before any heavy work (docs/design.md 2.1).
 
     Returns (models as a list, model names, merged keys, copied keys, the tensors' device).
     """

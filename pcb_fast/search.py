@@ -1,4 +1,4 @@
-"""Coefficient search: cached contributions, CMA-ES over per-task lambda_i, grid search (DESIGN.md 6).
+"""Coefficient search: cached contributions, CMA-ES over per-task lambda_i, grid search (docs/design.md 6).
 
 The expensive part of a merge (statistics, thresholds, scales) is computed once into a
 :class:`ContributionCache`; each candidate lambda then costs one ``apply``, which writes

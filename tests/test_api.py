@@ -1,4 +1,4 @@
-"""merge() on state dicts: keys, dtypes, scope, exclude, properties of DESIGN 9, and bad inputs."""
+"""merge() on state dicts: keys, dtypes, scope, exclude, properties of docs/design.md 9, and bad inputs."""
 
 import random
 

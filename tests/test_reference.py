@@ -1,4 +1,4 @@
-"""The reference path against hand-computed cases of DESIGN.md 2.2-2.4 and an independent scalar oracle."""
+"""The reference path against hand-computed cases of docs/design.md 2.2-2.4 and an independent scalar oracle."""
 
 import math
 
@@ -97,7 +97,7 @@ def test_paper_two_tasks():
 # ---- an independent scalar oracle (plain Python floats, sorted lists) on random small inputs
 
 def scalar_pcb(rows, ratio, a, inter):
-    """DESIGN 2.2 in float64 scalars, written independently of the torch code."""
+    """docs/design.md 2.2 in float64 scalars, written independently of the torch code."""
     n, D = len(rows), len(rows[0])
     sign = lambda x: (x > 0) - (x < 0)
     clipped, normalized = [], []

@@ -1,7 +1,7 @@
 """The triton backend under TRITON_INTERPRET=1: each kernel against its torch counterpart, the whole
 backend against the reference path.
 
-Tolerance (DESIGN 9): the kernels fuse and reorder float32 arithmetic (sums over tasks in a tree,
+Tolerance (docs/design.md 9): the kernels fuse and reorder float32 arithmetic (sums over tasks in a tree,
 their own exp and tanh), so merged values agree with the reference to a few float32 ulps of the
 largest merged value, and the keep masks agree except at entries whose score lies within a few
 ulps of the threshold t_i; the number of such disagreements is printed and bounded.

@@ -1,6 +1,6 @@
 """The merge-quality benchmark: train, merge with every method, tune on validation, report on test.
 
-Rows (DESIGN 2, 5, 6): pre-trained, individual fine-tuned, average, task arithmetic, TIES,
+Rows (docs/design.md 2, 5, 6): pre-trained, individual fine-tuned, average, task arithmetic, TIES,
 DARE-TIES, PCB official with each inter term, PCB paper variant, and PCB with per-task lambda_i
 from CMA-ES. Every hyperparameter (lam, ratio, density, p, lambda_i) is chosen on the validation
 split by grid search or CMA-ES; the test split is used only for the reported numbers.

@@ -1,4 +1,4 @@
-"""Backend choice (DESIGN.md 3): "auto", "torch", "reference", "triton".
+"""Backend choice (docs/design.md 3.5): "auto", "torch", "reference", "triton".
 
 "auto" runs the Triton kernels on CUDA tensors when triton imports, and the torch backend on CPU
 tensors. The PCB_FAST_BACKEND environment variable overrides "auto". Asking for "triton" where it

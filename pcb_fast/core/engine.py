@@ -1,4 +1,4 @@
-"""The engine: scope handling and the passes shared by selection-based methods (DESIGN.md 3).
+"""The engine: scope handling and the passes shared by selection-based methods (docs/design.md 3.2, 3.3).
 
 A method is a function ``method(source, sink, **params)`` that makes passes over
 ``source.blocks()`` and calls ``sink(segment, lo, hi, merged_task_vector_block)`` once per block.

@@ -1,4 +1,4 @@
-"""A counter-based random generator for DARE's drop masks (DESIGN.md 5).
+"""A counter-based random generator for DARE's drop masks (docs/design.md 5.4).
 
 The draw for entry ``index`` of ``key`` in task ``task`` is a pure function of
 (seed, task, key, index): a 32-bit integer hash, so masks never need to be stored and do not

@@ -1,4 +1,4 @@
-"""Exact order statistics of streamed rows by two-level 16-bit radix select (DESIGN.md 3).
+"""Exact order statistics of streamed rows by two-level 16-bit radix select (docs/design.md 3.3).
 
 A float32 maps to an int32 key that orders like the float (negatives get all bits but the sign
 flipped). Level 1 histograms the top 16 bits of every key of each task row; the bucket holding rank

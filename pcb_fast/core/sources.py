@@ -1,4 +1,4 @@
-"""Sources of aligned task-vector blocks (DESIGN.md 3).
+"""Sources of aligned task-vector blocks (docs/design.md 3.1).
 
 A source presents n task vectors as one row per task, made of segments (one per merged key, in
 sorted key order). It yields blocks: the slice [lo:hi) of one segment for all n tasks, as a float32

@@ -2,7 +2,7 @@
 torch.compile (inductor) into vectorised OpenMP loops.
 
 Eager torch makes one memory sweep per op; a TIES block needs a dozen ops, so the eager engine
-spends its time re-reading blocks (DESIGN.md 3). Each function here is plain torch ops without
+spends its time re-reading blocks (docs/design.md 3.5). Each function here is plain torch ops without
 data-dependent shapes, compiled once per process with dynamic shapes (no recompiling per block
 width, number of tasks or parameter value: every varying value is a tensor argument). Written so
 that inductor keeps no [n, m] boolean temporaries (it stores them byte by byte, slowly).

@@ -17,7 +17,7 @@ from ..core.formulas import EXACT_EXP_MAX_N, span_or_inf
 
 @dataclass
 class ClipStats:
-    """Per-task clip bounds of |tau| (DESIGN 2.2 step 1), as [n, 1] float32 columns."""
+    """Per-task clip bounds of |tau| (docs/design.md 2.2 step 1), as [n, 1] float32 columns."""
 
     lo: torch.Tensor  # min(lo, hi): torch.clamp with lo > hi clamps everything to hi
     hi: torch.Tensor
@@ -65,13 +65,13 @@ def clipped_values(tau: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tor
 
 
 def official_scores(tv: torch.Tensor, clip: ClipStats, inter: str, ws: Workspace) -> torch.Tensor:
-    """P = exp(n N^2) * inter for a [n, m] block (DESIGN 2.2 steps 2-5); returns a workspace view."""
+    """P = exp(n N^2) * inter for a [n, m] block (docs/design.md 2.2 steps 2-5); returns a workspace view."""
     n, m = tv.shape
     score, work, extra = ws.get(m)[:3]
     normalized = normalized_magnitude(tv, clip, score)
     if inter != "sum":
         signed = torch.sign(tv, out=extra).mul_(normalized)  # N-hat = sign(tau) * N
-    # intra = exp(n * N^2), shifted by -n for large n (DESIGN 2.4)
+    # intra = exp(n * N^2), shifted by -n for large n (docs/design.md 2.4)
     intra = normalized.mul_(normalized).mul_(n)
     if n > EXACT_EXP_MAX_N:
         intra.sub_(n)
@@ -93,7 +93,7 @@ def official_scores(tv: torch.Tensor, clip: ClipStats, inter: str, ws: Workspace
 @dataclass
 class PairStats:
     """Paper-variant statistics: per pair (i, j), min and span of tau_i * tau_j, the max of its
-    normalised value (1, or 0 for a constant pair), and the softmax partition sums (DESIGN 2.3)."""
+    normalised value (1, or 0 for a constant pair), and the softmax partition sums (docs/design.md 2.3)."""
 
     lo: torch.Tensor  # [n, n]
     span: torch.Tensor  # [n, n], 0 replaced by inf so a constant pair normalises to 0
@@ -120,7 +120,7 @@ def intra_numerator(normalized_ii: torch.Tensor, n: int, peak_ii: float, out: to
 
 
 def paper_scores(tv: torch.Tensor, stats: PairStats, ws: Workspace) -> torch.Tensor:
-    """beta_i = Softmax(n Norm(tau_i^2)) * sum_j Softmax(Norm(tau_i tau_j)) for a block (DESIGN 2.3)."""
+    """beta_i = Softmax(n Norm(tau_i^2)) * sum_j Softmax(Norm(tau_i tau_j)) for a block (docs/design.md 2.3)."""
     n, m = tv.shape
     beta, terms = ws.get(m)[:2]
     intra = ws.row(m)

@@ -1,4 +1,4 @@
-"""The triton backend: PCB's passes as Triton kernels on the task rows' device (DESIGN.md 3, 4).
+"""The triton backend: PCB's passes as Triton kernels on the task rows' device (docs/design.md 3.5, 4).
 
 Official variant, five reads of the inputs per scope group and no task vector or score ever
 written: |tau| counts for the clip bounds (2 passes of radix select, with the NaN/Inf check), P
@@ -7,7 +7,7 @@ pair min/max, softmax partition sums, beta counts (2 passes), merge. Statistics 
 the host synchronises once per group to report bad values.
 
 Kernel arithmetic is fused and reordered (sums over tasks in a tree, exp/tanh of the device), so
-results agree with the reference within the tolerance of DESIGN.md 9, not bit for bit.
+results agree with the reference within the tolerance of docs/design.md 9, not bit for bit.
 """
 
 from __future__ import annotations

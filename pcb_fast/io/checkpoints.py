@@ -1,4 +1,4 @@
-"""Models on disk or in memory, read lazily one tensor slice at a time (DESIGN.md 7).
+"""Models on disk or in memory, read lazily one tensor slice at a time (docs/design.md 7.1).
 
 ``open_checkpoint`` accepts a .safetensors file, a Hugging Face folder (sharded with
 model.safetensors.index.json, or a single model.safetensors), a .bin/.pt/.pth file or folder

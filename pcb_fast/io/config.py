@@ -1,4 +1,4 @@
-"""Merge configurations in a subset of mergekit's YAML format (DESIGN.md 7).
+"""Merge configurations in a subset of mergekit's YAML format (docs/design.md 7.3).
 
     merge_method: ties            # pcb, average (alias linear), task_arithmetic, ties, dare
                                   # (alias dare_linear), dare_ties, breadcrumbs

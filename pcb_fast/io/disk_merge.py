@@ -1,4 +1,4 @@
-"""Merging checkpoints on disk into a Hugging Face folder, atomically (DESIGN.md 7).
+"""Merging checkpoints on disk into a Hugging Face folder, atomically (docs/design.md 7.2).
 
 On the CPU with the torch backend the models are streamed: each pass reads every model slice by
 slice, and the merged blocks are written straight into planned safetensors shards, so memory

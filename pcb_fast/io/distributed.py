@@ -1,4 +1,4 @@
-"""Merges across processes with torch.distributed (DESIGN.md 8): the same bytes as one process.
+"""Merges across processes with torch.distributed (docs/design.md 8): the same bytes as one process.
 
 Every rank reads the headers of every model and plans the output shards the same way; whole shards
 (contiguous in key order) are assigned to ranks, balanced by bytes, and each rank merges and

@@ -1,4 +1,4 @@
-"""Reading and writing safetensors files in slices, with bounded memory (DESIGN.md 7).
+"""Reading and writing safetensors files in slices, with bounded memory (docs/design.md 7.1, 7.2).
 
 The format (huggingface/safetensors): an 8-byte little-endian header length N, N bytes of JSON
 ({key: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}), then the

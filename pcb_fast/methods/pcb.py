@@ -1,8 +1,8 @@
 """PCB-Merging on the streaming engine.
 
 Du et al., "Parameter Competition Balancing for Model Merging", NeurIPS 2024 (arXiv 2410.02396).
-``variant="official"`` reproduces the authors' code (DESIGN.md 2.2), ``variant="paper"`` the
-paper's equations (DESIGN.md 2.3); both with the defined edge cases of DESIGN.md 2.4.
+``variant="official"`` reproduces the authors' code (docs/design.md 2.2), ``variant="paper"`` the
+paper's equations (docs/design.md 2.3); both with the defined edge cases of docs/design.md 2.4.
 
 Passes of the official variant, each one read of the task vectors:
   1. |tau|: the exact clip bounds lo_i, hi_i (tail candidates for a small clip ratio, else level 1
@@ -119,7 +119,7 @@ def _merge_official(source, sink, params, block_width, record=None, reuse=None):
 
     t, peak, collected, kept = select_threshold(source, score_blocks, keep_index(D, params["ratio"]), sample_scores)
     lam = lambda_column(params["lambdas"], n)
-    # scale = (max(P, t) - t) / (M - t) (DESIGN 2.2 step 6); M == t means nothing is kept: scale 0.
+    # scale = (max(P, t) - t) / (M - t) (docs/design.md 2.2 step 6); M == t means nothing is kept: scale 0.
     span = span_or_inf(peak - t)
     # Collected entries at or below t get scale 0 and add exact zeros: no need to filter them. Over
     # the memory budget nothing was collected: the scores are recomputed in one more pass.

@@ -84,7 +84,7 @@ def ties(tv, *, density=0.2, sign_ties="majority", topk="threshold", lambdas=Non
     return elect_and_merge(tv * magnitude_mask(tv, density, topk), _weights(lambdas, tv.shape[0]), sign_ties)
 
 
-# ---- DARE's drops: the counter-based hash of docs/design.md 5, written here in numpy's uint32
+# ---- DARE's drops: the counter-based hash of docs/design.md 5.4, written here in numpy's uint32
 # arithmetic (wrapping multiplies), independently of the engine's int64 form in pcb_fast.core.rng.
 
 _M1, _M2 = np.uint32(0x21F0AAAD), np.uint32(0x735A2D97)
