@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -14,6 +15,7 @@ from .core.sources import DEFAULT_BLOCK_WIDTH, MatrixSource, StateDictSource
 from .cpu import fused as fused_cpu
 from .gpu import backend as triton_backend
 from .io.checkpoints import StateDictCheckpoint, check_models_match, split_keys
+from .io.tied import check_tied, same_as_base, tied_groups
 from .methods import METHODS
 from .methods.pcb import check_params as check_pcb_params
 
@@ -99,7 +101,7 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not valid; choose one of {', '.join(map(repr, METHODS))}")
-    merge_fn, accepted = METHODS[method]
+    accepted = METHODS[method][1]
     unknown = sorted(set(method_params) - set(accepted))
     if unknown:
         raise ValueError(f"method {method!r} has no parameter {unknown[0]!r}; valid: {', '.join(accepted)}")
@@ -112,25 +114,59 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     if backend == "triton" and method not in ("pcb",) + triton_backend.BASELINES:
         raise ValueError(f"method {method!r} runs on backends 'torch' and 'reference' in this version; the triton "
                          f"backend runs 'pcb', {', '.join(map(repr, triton_backend.BASELINES))}")
+    # tied parameters are merged once, under their first name (io/tied.py)
+    aliases = check_tied(base, models, names, merged_keys)
+    merged_keys = [k for k in merged_keys if k not in aliases]
+    lambdas = checks.check_lambdas(lambdas, len(models))
+    models, names, lambdas, dropped = _without_base_copies(base, models, names, lambdas, merged_keys, method)
 
-    out = {key: base[key].clone() for key in copied_keys}
+    out = {}
+    for keys in [[k] for k in copied_keys] + tied_groups({k: base[k] for k in copied_keys}):
+        clone = base[keys[0]].clone()  # tied copied keys stay one tensor
+        out.update({k: clone for k in keys})
     if report is not None:
-        report.update(merged_keys=merged_keys, copied_keys=copied_keys)
-    if not merged_keys:
-        return out
+        report.update(merged_keys=merged_keys, copied_keys=copied_keys, aliases=aliases, dropped_models=dropped)
+    if merged_keys:
+        info = _merge_keys(base, models, names, merged_keys, out, device, method=method, backend=backend, lam=lam,
+                           lambdas=lambdas, scope=scope, block_width=block_width, budget=budget, fused=fused,
+                           **method_params)
+        if report is not None:
+            report.update(info)
+    for alias, key in aliases.items():
+        out[alias] = out[key]
+    return {k: out[k] for k in base}
+
+
+def _without_base_copies(base, models, names, lambdas, merged_keys, method):
+    """The task list without the models that equal the base (mergekit's habit when the base is listed
+    among the models: a zero task vector would otherwise count as a task in every statistic). The
+    average keeps them: there the base is one of the models averaged. Returns (models, names,
+    lambdas, names of the dropped models)."""
+    if method == "average":
+        return models, names, lambdas, []
+    copies = [i for i, m in enumerate(models) if same_as_base(base, m, merged_keys)]
+    if not copies or len(copies) == len(models):  # nothing to drop, or nothing would be left to merge
+        return models, names, lambdas, []
+    warnings.warn(f"pcb_fast: {', '.join(names[i] for i in copies)} equal{'s' if len(copies) == 1 else ''} the base "
+                  f"model: left out of the merge (a zero task vector is no task)", stacklevel=3)
+    keep = [i for i in range(len(models)) if i not in copies]
+    return ([models[i] for i in keep], [names[i] for i in keep],
+            None if lambdas is None else [lambdas[i] for i in keep], [names[i] for i in copies])
+
+
+def _merge_keys(base, models, names, merged_keys, out, device, *, method, backend, lam, lambdas, scope, block_width,
+                budget, fused, **method_params) -> dict:
+    """Merge ``merged_keys`` into ``out`` on ``backend``; returns what the backend reports."""
     if backend == "reference":
         check_method_params(method, len(models), lam, lambdas, scope, method_params)
         _reference_merge(base, models, merged_keys, out, method=method, lam=lam, lambdas=lambdas, scope=scope,
                          **method_params)
-        return {k: out[k] for k in base}
+        return {}
     if backend == "triton":
         for key in merged_keys:
             out[key] = torch.empty(base[key].shape, dtype=base[key].dtype, device=device)
-        info = triton_backend.merge_state_dicts(base, models, merged_keys, out, names, lam=lam, scope=scope,
+        return triton_backend.merge_state_dicts(base, models, merged_keys, out, names, lam=lam, scope=scope,
                                                 lambdas=lambdas, method=method, **method_params)
-        if report is not None:
-            report.update(info)
-        return {k: out[k] for k in base}
     for key in merged_keys:
         out[key] = torch.empty_like(base[key])
     flat_out = {key: out[key].view(-1) for key in merged_keys}
@@ -143,10 +179,8 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     source = StateDictSource(base, models, merged_keys, names)
     source.memory_budget = budget
     source.fused = fused_cpu.resolve(fused, source.n * source.D)
-    info = engine.run(merge_fn, source, sink, scope=scope, lambdas=lambdas, block_width=block_width, **method_params)
-    if report is not None:
-        report.update(info)
-    return {k: out[k] for k in base}
+    return engine.run(METHODS[method][0], source, sink, scope=scope, lambdas=lambdas, block_width=block_width,
+                      **method_params)
 
 
 def check_state_dicts(base: dict, models, exclude=(), model_names=None):

@@ -28,6 +28,7 @@ from .api import check_state_dicts
 from .core import checks, engine
 from .core.formulas import disjoint_mean, elected_signs, zero_sign_fill
 from .core.sources import DEFAULT_BLOCK_WIDTH, StateDictSource
+from .io.tied import check_tied, tied_groups
 from .methods import METHODS
 from .methods.linear import dare_block, check_drop, check_seed
 from .methods.ties import SIGN_TIES, TOPK, Trim, check_density
@@ -58,7 +59,13 @@ class ContributionCache:
             raise ValueError(f"the contribution cache holds CPU tensors; the models are on {device}")
         self.n = len(models)
         self.method, self.scope, self.params = method, scope, params
-        self.out = {k: base[k].clone() for k in base}
+        aliases = check_tied(base, models, names, self.merged)  # tied parameters: merged once (io/tied.py)
+        self.merged = [k for k in self.merged if k not in aliases]
+        self.out = {k: base[k].clone() for k in base if k not in aliases}
+        for keys in tied_groups({k: base[k] for k in self.copied}):
+            self.out.update({k: self.out[keys[0]] for k in keys[1:]})
+        self.out.update({alias: self.out[key] for alias, key in aliases.items()})
+        self.out = {k: self.out[k] for k in base}
         self._flat_out = {k: self.out[k].view(-1) for k in self.merged}
         self._base32 = {k: base[k].reshape(-1).float() for k in self.merged}
         self._tau = {k: torch.empty(base[k].numel()) for k in self.merged}

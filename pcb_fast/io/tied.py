@@ -1,0 +1,70 @@
+"""Tied parameters and copies of the base in in-memory state dicts (docs/design.md 2.1).
+
+``model.state_dict()`` of a model with tied weights (an LM head tied to the input embedding) holds
+two keys that view one storage; a file written by transformers or safetensors holds that parameter
+once. Merging the two keys as two tensors would count the parameter twice in global statistics and
+could merge its two names differently (DARE's drop depends on the key). So keys whose tensors are
+the same view of one storage in the base are one parameter: merged once, under the first key in
+sorted order, and every alias in the output is that merged tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _view_id(t: torch.Tensor):
+    """What makes two tensors the same view of one storage (None for tensors without data)."""
+    if t.device.type == "meta" or t.numel() == 0:
+        return None
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def tied_groups(state: dict) -> list[list[str]]:
+    """Groups (sorted, of two or more keys) of ``state``'s keys whose tensors are one view of one storage."""
+    groups = {}
+    for key in sorted(state):
+        t = state[key]
+        view = _view_id(t) if isinstance(t, torch.Tensor) else None
+        if view is not None:
+            groups.setdefault(view, []).append(key)
+    return [keys for keys in groups.values() if len(keys) > 1]
+
+
+def check_tied(base: dict, models, names, merged_keys) -> dict:
+    """{alias: key merged in its place} for the tied parameters of ``base``.
+
+    Raises ValueError when ``exclude`` split a tied group between merged and copied keys, or when a
+    model holds different values under the names of one tied parameter of the base.
+    """
+    merged = set(merged_keys)
+    aliases = {}
+    for keys in tied_groups(base):
+        inside = [k for k in keys if k in merged]
+        if not inside:
+            continue
+        if len(inside) != len(keys):
+            copied = [k for k in keys if k not in merged]
+            raise ValueError(f"keys {inside[0]!r} and {copied[0]!r} are one tied parameter of the base model, but only "
+                             f"{inside[0]!r} is merged (exclude matches {copied[0]!r}); exclude all its names or none")
+        first = keys[0]
+        for model, name in zip(models, names):
+            for key in keys[1:]:
+                a, b = model[first], model[key]
+                if a is not b and (a.dtype != b.dtype or not torch.equal(a, b)):
+                    raise ValueError(f"{name}: keys {first!r} and {key!r} are one tied parameter of the base model "
+                                     f"but hold different values in this model; tie them (or untie them in the base)")
+            aliases.update({key: first for key in keys[1:]})
+    return aliases
+
+
+def same_as_base(base: dict, model: dict, keys) -> bool:
+    """True when ``model`` holds the base's values under every key of ``keys`` (a copy of the base)."""
+    for key in keys:
+        b, m = base[key], model[key]
+        view = _view_id(b)
+        if m is b or (view is not None and _view_id(m) == view):
+            continue  # the base's own tensor
+        if m.dtype != b.dtype or not torch.equal(m, b):
+            return False
+    return True
