@@ -4,6 +4,23 @@ The format (huggingface/safetensors): an 8-byte little-endian header length N, N
 ({key: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}), then the
 data, each tensor's bytes contiguous in row-major order at [8 + N + begin, 8 + N + end).
 
+A header is accepted exactly when the reference implementation (the ``safetensors`` library)
+accepts it: at most 100,000,000 bytes of UTF-8 JSON (no NaN/Infinity, numbers within float64
+range, JSON nested at most 127 deep, no lone UTF-16 surrogate escapes); an object whose
+``__metadata__`` is null or maps strings to strings, and whose other entries are objects with a
+known ``dtype``, a ``shape`` of integers in [0, 2^64) and ``data_offsets`` [begin, end]; the
+tensors, ordered by offsets, tile the data section exactly (no gap, no overlap, nothing after the
+last), each spanning product(shape) x item size bytes. Where pcb_fast is stricter it says so:
+a key that appears twice is refused (the library keeps the last), as are the library's
+alternative encodings of an entry (a ``[dtype, shape, offsets]`` array, a dtype written
+``{"F32": null}``) and the sub-byte dtypes (F4, F6_*), which pcb_fast does not read.
+tests/test_header_fuzz.py checks this against the library on thousands of mutated headers.
+
+Files are opened only if they are regular files (stat before open, ``O_NONBLOCK`` on the open and
+fstat after it, so a named pipe or a device swapped in meanwhile cannot block or be read): see
+:func:`open_regular`. Every problem is a :class:`FormatError` or a :class:`NotAFileError`, both
+``ValueError``.
+
 Reads use positioned reads (``os.preadv``) into caller buffers rather than a memory map, so the
 pages of an input file count in the page cache, not in the process's resident memory: a merge of
 checkpoints larger than RAM keeps a bounded RSS. Writes go to a planned layout (every tensor's
@@ -16,23 +33,272 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+# Every dtype of the format: name -> (torch dtype's attribute name, item size in bytes). The
+# sub-byte ones (F4, F6_E2M3, F6_E3M2) are known to the format but not read by pcb_fast.
+FORMAT_DTYPES = {
+    "BOOL": ("bool", 1), "U8": ("uint8", 1), "I8": ("int8", 1), "F8_E5M2": ("float8_e5m2", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E8M0": ("float8_e8m0fnu", 1), "F8_E4M3FNUZ": ("float8_e4m3fnuz", 1),
+    "F8_E5M2FNUZ": ("float8_e5m2fnuz", 1), "I16": ("int16", 2), "U16": ("uint16", 2), "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2), "I32": ("int32", 4), "U32": ("uint32", 4), "F32": ("float32", 4),
+    "C64": ("complex64", 8), "F64": ("float64", 8), "I64": ("int64", 8), "U64": ("uint64", 8),
+    "F4": (None, None), "F6_E2M3": (None, None), "F6_E3M2": (None, None),
 }
+DTYPES = {name: getattr(torch, attr) for name, (attr, _) in FORMAT_DTYPES.items()
+          if attr is not None and hasattr(torch, attr)}
 NAMES = {v: k for k, v in DTYPES.items()}
-MAX_HEADER = 100 << 20  # the reference implementation refuses larger headers too
+MAX_HEADER = 100_000_000  # bytes; the reference implementation refuses larger headers
+MAX_DEPTH = 127  # JSON nesting; serde_json (the reference's parser) refuses deeper documents
+_U64 = 1 << 64
+_FIELDS = ("dtype", "shape", "data_offsets")
 
 
 class FormatError(ValueError):
     """A file that is not a valid safetensors file (truncated, corrupt, unsupported dtype)."""
+
+
+class NotAFileError(ValueError):
+    """A path that cannot be read as a regular file: missing, unreadable, or a folder, named pipe,
+    device or socket."""
+
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def not_regular(path, mode: int) -> NotAFileError:
+    kind = next((text for test, text in _KINDS if test(mode)), "not a regular file")
+    return NotAFileError(f"{path} is {kind}, not a regular file")
+
+
+def open_regular(path) -> int:
+    """A read-only descriptor of ``path`` if it is a regular file (symbolic links followed).
+
+    The path is checked before it is opened (opening a device can have effects), opened with
+    ``O_NONBLOCK`` (a named pipe swapped in meanwhile cannot block the open) and checked again
+    on the descriptor. Anything else is a :class:`NotAFileError` naming the path."""
+    try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise not_regular(path, mode)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise NotAFileError(f"cannot open {path} ({e.strerror or e})") from None
+    except ValueError as e:  # a NUL byte in the path
+        if isinstance(e, NotAFileError):
+            raise
+        raise NotAFileError(f"cannot open {path!r} ({e})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise not_regular(path, mode)
+    return fd
+
+
+def read_regular(path, limit: int) -> bytes:
+    """The bytes of the regular file ``path`` (see :func:`open_regular`), at most ``limit``."""
+    fd = open_regular(path)
+    try:
+        if os.fstat(fd).st_size > limit:
+            raise NotAFileError(f"{path} is larger than {limit} bytes")
+        chunks, total = [], 0
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return b"".join(chunks)
+            total += len(chunk)
+            if total > limit:
+                raise NotAFileError(f"{path} is larger than {limit} bytes")
+            chunks.append(chunk)
+    except OSError as e:
+        raise NotAFileError(f"cannot read {path} ({e.strerror or e})") from None
+    finally:
+        os.close(fd)
+
+
+def show(key, limit: int = 80) -> str:
+    """``repr(key)``, cut to about ``limit`` characters (a message stays one short line)."""
+    text = repr(key)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+# ---- the header
+
+
+class _Object(dict):
+    """A JSON object, with the keys that appeared more than once (the last value kept)."""
+
+    duplicates = ()
+
+
+def _object(pairs):
+    obj = _Object(pairs)
+    if len(obj) != len(pairs):
+        seen, obj.duplicates = set(), set()
+        for key, _ in pairs:
+            if key in seen:
+                obj.duplicates.add(key)
+            seen.add(key)
+    return obj
+
+
+class _Refused(Exception):
+    pass
+
+
+def _constant(name):
+    raise _Refused(f"{name} is not valid JSON")
+
+
+def _float(text):
+    value = float(text)
+    if math.isinf(value):
+        raise _Refused("a number out of range")
+    return value
+
+
+def _int(text):
+    if text == "-0":
+        return -0.0  # serde_json reads -0 as a float: not an integer where one is needed
+    value = int(text)
+    if not -(1 << 63) <= value < _U64:  # serde_json reads it as a float64: it must fit one
+        try:
+            float(value)
+        except OverflowError:
+            raise _Refused("a number out of range") from None
+    return value
+
+
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def deeper_than(text: str, limit: int) -> bool:
+    """Whether the JSON ``text`` nests more than ``limit`` arrays/objects (brackets in strings
+    do not count); vectorised, so a 100 MB header of brackets costs a fraction of a second."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text)).encode()
+    depth = 0
+    for start in range(0, len(brackets), 1 << 22):
+        chunk = np.frombuffer(brackets, np.uint8, min(1 << 22, len(brackets) - start), start)
+        levels = np.cumsum(np.where((chunk == 0x5B) | (chunk == 0x7B), 1, -1), dtype=np.int64) + depth
+        if levels.max() > limit:
+            return True
+        depth = int(levels[-1])
+    return False
+
+
+def _has_lone_surrogate(value) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def _is_u64(value) -> bool:
+    return type(value) is int and 0 <= value < _U64
+
+
+def parse_header(raw: bytes, data_size: int) -> tuple[dict, dict]:
+    """(tensors, metadata) of a safetensors header ``raw`` (the N bytes after the length) followed
+    by ``data_size`` bytes of data: tensors maps each key to (dtype, shape, begin, end) with the
+    offsets relative to the data section. A header the format does not allow is a FormatError
+    whose message names the key and what is wrong (never the file's bytes)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FormatError("corrupt safetensors header (not valid UTF-8)") from None
+    if deeper_than(text, MAX_DEPTH):
+        raise FormatError(f"corrupt safetensors header (JSON nested deeper than {MAX_DEPTH} levels)")
+    try:
+        header = json.loads(text, object_pairs_hook=_object, parse_constant=_constant, parse_float=_float,
+                            parse_int=_int)
+    except json.JSONDecodeError as e:
+        raise FormatError(f"corrupt safetensors header ({e.msg} at byte {e.pos})") from None
+    except _Refused as e:
+        raise FormatError(f"corrupt safetensors header ({e})") from None
+    except RecursionError:
+        raise FormatError("corrupt safetensors header (JSON nested too deeply)") from None
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise FormatError(f"corrupt safetensors header ({str(e).splitlines()[0][:100]})") from None
+    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(header):
+        raise FormatError("corrupt safetensors header (a lone UTF-16 surrogate in a \\u escape)")
+    if not isinstance(header, dict):
+        raise FormatError("corrupt safetensors header (not a JSON object)")
+    if header.duplicates:
+        raise FormatError(f"corrupt safetensors header (key {show(min(header.duplicates))} appears twice)")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    elif not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise FormatError("corrupt safetensors header (__metadata__ must map strings to strings)")
+    metadata = dict(metadata)
+    tensors = {}
+    for key, entry in header.items():
+        where = f"key {show(key)}"
+        if not isinstance(entry, dict):
+            raise FormatError(f"{where} has a malformed header entry (expected an object with dtype, shape and "
+                              "data_offsets)")
+        missing = [f for f in _FIELDS if f not in entry]
+        if missing:
+            raise FormatError(f"{where} has a malformed header entry (no {missing[0]})")
+        twice = sorted(set(_FIELDS) & set(entry.duplicates))
+        if twice:
+            raise FormatError(f"{where} has a malformed header entry ({twice[0]} appears twice)")
+        name, shape, offsets = (entry[f] for f in _FIELDS)
+        if not isinstance(name, str) or name not in FORMAT_DTYPES:
+            raise FormatError(f"{where} has unknown dtype {show(name, 40)}; valid: {', '.join(FORMAT_DTYPES)}")
+        if name not in DTYPES:
+            raise FormatError(f"{where} has dtype {name}, which pcb_fast does not read")
+        if not isinstance(shape, list) or not all(_is_u64(s) for s in shape):
+            raise FormatError(f"{where} has a malformed shape (expected a list of non-negative integers)")
+        if any(s >= 1 << 63 for s in shape):  # the library reads the header, then torch cannot make the tensor
+            raise FormatError(f"{where} has a dimension of 2^63 or more, beyond what torch represents (corrupt file)")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_u64(v) for v in offsets):
+            raise FormatError(f"{where} has malformed data_offsets (expected [begin, end], non-negative integers)")
+        tensors[key] = (DTYPES[name], tuple(shape), offsets[0], offsets[1])
+    # As the reference: the tensors in the order of their offsets tile [0, data_size) exactly.
+    start = 0
+    for key, (dtype, shape, begin, end) in sorted(tensors.items(), key=lambda item: item[1][2:]):
+        where = f"key {show(key)}"
+        if begin != start or end < begin:
+            raise FormatError(f"{where}: its data_offsets overlap another tensor's, leave a gap or end before they "
+                              "begin (corrupt file)")
+        numel = 1
+        for size in shape:
+            numel *= size
+            if numel >= _U64:
+                raise FormatError(f"{where}: its shape holds more than 2^64 entries (corrupt file)")
+        if numel * dtype.itemsize >= _U64:
+            raise FormatError(f"{where}: its shape holds more than 2^64 bytes (corrupt file)")
+        if end - begin != numel * dtype.itemsize:
+            raise FormatError(f"{where} lies outside the file or has the wrong size ({numel * dtype.itemsize} bytes "
+                              f"for its shape and dtype, {end - begin} between its data_offsets; corrupt file)")
+        if end > data_size:
+            raise FormatError(f"{where} lies outside the file or has the wrong size (truncated or corrupt file)")
+        start = end
+    if start != data_size:
+        raise FormatError(f"{data_size - start} bytes after the last tensor that no tensor covers (corrupt file)")
+    return tensors, metadata
 
 
 @dataclass(frozen=True)
@@ -56,48 +322,42 @@ class SafetensorsReader:
 
     def __init__(self, path):
         self.path = Path(path)
+        self._fd = None
         try:
-            self._fd = os.open(self.path, os.O_RDONLY)
+            self._fd = open_regular(self.path)
+            self._read_header()
+        except NotAFileError as e:
+            self.close()
+            raise FormatError(str(e)) from None
+        except FormatError as e:
+            self.close()
+            raise FormatError(f"{self.path}: {e}") from None
         except OSError as e:
-            raise FormatError(f"{self.path}: cannot open ({e.strerror})") from None
+            self.close()
+            raise FormatError(f"{self.path}: cannot read ({e.strerror or e})") from None
+
+    def _read_header(self) -> None:
         size = os.fstat(self._fd).st_size
         head = os.pread(self._fd, 8, 0)
         if len(head) < 8:
-            self.close()
-            raise FormatError(f"{self.path}: not a safetensors file (only {size} bytes)")
+            raise FormatError(f"not a safetensors file (only {size} bytes)")
         (length,) = struct.unpack("<Q", head)
-        if length > min(MAX_HEADER, size - 8):
-            self.close()
-            raise FormatError(f"{self.path}: not a safetensors file or truncated (header of {length} bytes in a "
+        if length > MAX_HEADER:
+            raise FormatError(f"not a safetensors file (its header length exceeds the format's {MAX_HEADER}-byte "
+                              "limit)")
+        if 8 + length > size:
+            raise FormatError(f"not a safetensors file or truncated (its header length goes past the end of the "
                               f"{size}-byte file)")
-        try:
-            header = json.loads(os.pread(self._fd, length, 8))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            self.close()
-            raise FormatError(f"{self.path}: corrupt safetensors header ({e})") from None
-        if not isinstance(header, dict):
-            self.close()
-            raise FormatError(f"{self.path}: corrupt safetensors header (not a JSON object)")
-        self.metadata = header.pop("__metadata__", None) or {}
+        raw = b""
+        while len(raw) < length:  # a positioned read may return fewer bytes than asked
+            chunk = os.pread(self._fd, length - len(raw), 8 + len(raw))
+            if not chunk:
+                raise FormatError("truncated while its header was read")
+            raw += chunk
+        tensors, self.metadata = parse_header(raw, size - 8 - length)
         start = 8 + length
-        self.tensors = {}
-        for key, entry in header.items():
-            try:
-                dtype = DTYPES[entry["dtype"]]
-                shape = tuple(int(s) for s in entry["shape"])
-                begin, end = (int(v) for v in entry["data_offsets"])
-            except KeyError as e:
-                self.close()
-                raise FormatError(f"{self.path}: key {key!r} has unsupported or missing {e}") from None
-            except (TypeError, ValueError):
-                self.close()
-                raise FormatError(f"{self.path}: key {key!r} has a malformed header entry") from None
-            info = TensorInfo(dtype, shape, start + begin, end - begin)
-            if info.nbytes != info.numel * dtype.itemsize or begin < 0 or start + end > size:
-                self.close()
-                raise FormatError(f"{self.path}: key {key!r} lies outside the file or has the wrong size "
-                                  "(truncated or corrupt file)")
-            self.tensors[key] = info
+        self.tensors = {key: TensorInfo(dtype, shape, start + begin, end - begin)
+                        for key, (dtype, shape, begin, end) in tensors.items()}
 
     def read_into(self, key: str, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
         """Entries [lo, hi) of the flattened tensor ``key`` into ``out`` (contiguous, its dtype)."""
