@@ -20,6 +20,7 @@ from .methods import METHODS
 from .methods.pcb import check_params as check_pcb_params
 
 
+@torch.no_grad()  # inputs that require grad are read as data
 def pcb_merge(task_vectors, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant="official", lambdas=None,
               backend="auto", block_width=DEFAULT_BLOCK_WIDTH, report: dict | None = None) -> torch.Tensor:
     """Merged task vector tau_m (float32, [D]) of PCB-Merging for a [n, D] tensor or n 1-D tensors.
@@ -57,6 +58,7 @@ def pcb_merge(task_vectors, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant
     return out
 
 
+@torch.no_grad()
 def pcb_reference(task_vectors, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant="official",
                   lambdas=None) -> torch.Tensor:
     """PCB-Merging by the literal, sort-based oracle (pcb_fast.reference): the authors' code for
@@ -80,6 +82,7 @@ def _reference_pcb(tv: torch.Tensor, params: dict) -> torch.Tensor:
                                   lambdas=params["lambdas"])
 
 
+@torch.no_grad()
 def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=None, scope="global",
           exclude=(), backend="auto", block_width=DEFAULT_BLOCK_WIDTH, report: dict | None = None,
           model_names=None, max_memory=None, fused="auto", **method_params) -> dict:
@@ -167,8 +170,8 @@ def _merge_keys(base, models, names, merged_keys, out, device, *, method, backen
             out[key] = torch.empty(base[key].shape, dtype=base[key].dtype, device=device)
         return triton_backend.merge_state_dicts(base, models, merged_keys, out, names, lam=lam, scope=scope,
                                                 lambdas=lambdas, method=method, **method_params)
-    for key in merged_keys:
-        out[key] = torch.empty_like(base[key])
+    for key in merged_keys:  # contiguous whatever the base's layout: written flat, in the base's index order
+        out[key] = torch.empty_like(base[key], memory_format=torch.contiguous_format)
     flat_out = {key: out[key].view(-1) for key in merged_keys}
     flat_base = {key: base[key].reshape(-1) for key in merged_keys}
 

@@ -45,6 +45,7 @@ class ContributionCache:
     that the statistics independent of ratio are computed once.
     """
 
+    @torch.no_grad()  # inputs that require grad are read as data
     def __init__(self, base: dict, models: Sequence[dict], *, method: str = "pcb", scope: str = "global",
                  exclude=(), block_width: int = DEFAULT_BLOCK_WIDTH, reuse: dict | None = None, **params):
         if method not in SEARCHABLE:
@@ -151,6 +152,7 @@ class ContributionCache:
 
     # ---- applying
 
+    @torch.no_grad()
     def apply(self, lambdas=None, lam: float = 1.0) -> dict:
         """theta_pre + lam * tau_m for these per-task coefficients, written into :attr:`out`."""
         lambdas = checks.check_lambdas(lambdas, self.n)

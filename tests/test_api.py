@@ -226,3 +226,30 @@ def test_quickstart_runs():
         exec(compile(code, "README Quickstart", "exec"), namespace)
     assert torch.equal(namespace["merged"]["b"], namespace["base"]["b"])
     assert namespace["tau_m"].shape == (100_000,)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_non_contiguous_state_dicts_merge_as_their_contiguous_copies(backend):
+    g = torch.Generator().manual_seed(3)
+    base = {"w": torch.randn(8, 6, generator=g).t(),  # a transposed view
+            "conv": torch.randn(4, 3, 5, 5, generator=g).to(memory_format=torch.channels_last)}
+    models = [{k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
+    for method, params in [("pcb", {}), ("ties", {}), ("dare", dict(p=0.5))]:
+        got = merge(base, models, method=method, backend=backend, **params)
+        expected = merge({k: v.contiguous() for k, v in base.items()},
+                         [{k: v.contiguous() for k, v in m.items()} for m in models], method=method, backend=backend,
+                         **params)
+        for k in base:
+            assert torch.equal(got[k], expected[k]), (method, k)
+
+
+def test_tensors_that_require_grad_are_read_as_data():
+    base = {"w": torch.randn(8, 6, requires_grad=True)}
+    models = [{"w": (base["w"] + 0.01 * torch.randn(8, 6)).detach().requires_grad_()} for _ in range(2)]
+    plain = [{"w": m["w"].detach()} for m in models]
+    for method in ("pcb", "ties", "task_arithmetic", "breadcrumbs"):
+        got = merge(base, models, method=method)
+        assert not got["w"].requires_grad
+        assert torch.equal(got["w"], merge({"w": base["w"].detach()}, plain, method=method)["w"])
+    tv = torch.randn(3, 50, requires_grad=True)
+    assert torch.equal(pcb_merge(tv), pcb_merge(tv.detach()))
