@@ -1,8 +1,10 @@
 """The ``pcb-fast`` command line: ``demo``, ``merge`` and ``search``.
 
-Exit codes: 0 success; 2 bad arguments, configuration or inputs (found before any heavy work);
-1 a merge that failed while running; 130/143 interrupted (SIGINT/SIGTERM). Errors are one line on
-stderr (a traceback only with --verbose), and a merge that does not finish leaves no output.
+Exit codes: 0 success; 2 bad arguments, configuration or inputs (found before any heavy work), an
+--out that is, holds or lies inside an input, or an output folder that another process created
+while the merge ran; 1 a merge that failed while running; 130/143/129 interrupted (SIGINT/SIGTERM/
+SIGHUP). Errors are one line on stderr (a traceback only with --verbose), and a merge that does not
+finish leaves no output.
 """
 
 from __future__ import annotations
@@ -35,7 +37,15 @@ MERGE_FLAGS = ("base", "model", "method", "lam", "lambdas", "scope", "exclude", 
 
 
 class Terminated(KeyboardInterrupt):
-    """Raised by the SIGTERM handler, so that a merge cleans up as on Ctrl-C."""
+    """Raised by the SIGTERM and SIGHUP handlers, so that a merge cleans up as on Ctrl-C."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(signum)
+        self.signum = signum
+
+
+# Signals that end a merge cleanly: exit 128 + the signal's number.
+TERMINATING = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,8 +155,10 @@ def _progress_bars(total: int, description: str):
 
 
 def run_merge(args) -> int:
-    from .io.disk_merge import MergeFailed, merge_checkpoints
+    from .io.disk_merge import MergeFailed, check_not_an_input, merge_checkpoints
 
+    if args.config:  # the config file is an input too (the models are checked by merge_checkpoints)
+        check_not_an_input(args.out, [("the config file", args.config)])
     kwargs = merge_arguments(args)
     report = {}
     try:
@@ -195,10 +207,16 @@ def load_evaluate(spec: str):
     return fn
 
 
+def _eval_file(evaluate):
+    """The Python file that defines the --eval function, if any."""
+    code = getattr(evaluate, "__code__", None)
+    return getattr(code, "co_filename", None) if code is not None else None
+
+
 def run_search(args) -> int:
     from .io.checkpoints import open_checkpoint
     from .api import check_method_params
-    from .io.disk_merge import check_output, save_model
+    from .io.disk_merge import check_not_an_input, check_output, checkpoint_files, save_model
     from .search import EvaluateError, search_lambdas
 
     if not args.base or not args.model:
@@ -215,14 +233,21 @@ def run_search(args) -> int:
         raise ValueError(f"--bounds={args.bounds!r} must be low,high") from None
     if len(bounds) != 2:
         raise ValueError(f"--bounds={args.bounds!r} must be low,high")
+    inputs = [("the base model", args.base)] + [(f"model {i}", path) for i, path in enumerate(args.model)]
+    check_output(args.out, args.overwrite, inputs)
     evaluate = load_evaluate(args.evaluate)
-    check_output(args.out, args.overwrite)
+    if _eval_file(evaluate) and os.path.isfile(_eval_file(evaluate)):
+        inputs.append(("the --eval file", _eval_file(evaluate)))
+    check_not_an_input(args.out, inputs)
     base_ck = open_checkpoint(args.base, "base model")
+    inputs += checkpoint_files(base_ck, "the base model")
     base = {k: base_ck.read(k) for k in base_ck.keys()}
     models = []
     for i, path in enumerate(args.model):
         ck = open_checkpoint(path, f"model {i} ({path})")
+        inputs += checkpoint_files(ck, f"model {i}")
         models.append({k: ck.read(k) for k in ck.keys()})
+    check_not_an_input(args.out, inputs)
     try:
         result = search_lambdas(base, models, evaluate, bounds=bounds, x0=args.x0, budget=args.budget,
                                 popsize=args.popsize, sigma0=args.sigma0, seed=args.search_seed, lam=lam,
@@ -235,15 +260,22 @@ def run_search(args) -> int:
     meta = {"merge_method": method, "search": "cma-es", "lambdas": ",".join(f"{x:.6g}" for x in result.lambdas),
             "lam": str(lam), "score": str(result.score)}
     save_model(result.model, args.out, base_folder=base_ck.folder, shard_size=args.shard_size,
-               overwrite=args.overwrite, metadata=meta)
+               overwrite=args.overwrite, metadata=meta, inputs=inputs)
     if not args.quiet:
         print(f"pcb-fast: best score {result.score:.6g} after {len(result.history)} evaluations, lambdas "
               f"{' '.join(f'{x:.4f}' for x in result.lambdas)}; wrote {args.out}", file=sys.stderr)
     return 0
 
 
-def _on_sigterm(signum, frame):
-    raise Terminated()
+def _on_signal(signum, frame):
+    raise Terminated(signum)
+
+
+def _stopped(e: KeyboardInterrupt) -> str:
+    """What is left after a merge stopped by a signal: nothing, or (a signal held back while the
+    output was published) the complete output."""
+    written = getattr(e, "output_written", None)
+    return f"the complete output was already written to {written}" if written else "no output was written"
 
 
 def main(argv=None) -> int:
@@ -256,21 +288,24 @@ def main(argv=None) -> int:
                 raise ValueError(f"--models={args.models}: at least one fine-tuned model is needed")
             check_ratio(args.ratio)
             return demo_main(n=args.models, ratio=args.ratio, check=not args.no_check)
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)  # clean up as on Ctrl-C
+        # clean up as on Ctrl-C; a signal already ignored (nohup) stays ignored
+        previous = {signum: signal.signal(signum, _on_signal) for signum in TERMINATING
+                    if signal.getsignal(signum) is not signal.SIG_IGN}
         try:
             return run_merge(args) if args.command == "merge" else run_search(args)
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
     except ValueError as e:
         if getattr(args, "verbose", False):
             raise
         print(f"pcb-fast: error: {e}", file=sys.stderr)
         return 2
-    except Terminated:
-        print("pcb-fast: terminated (SIGTERM); no output was written", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        print("pcb-fast: interrupted; no output was written", file=sys.stderr)
+    except Terminated as e:
+        print(f"pcb-fast: terminated ({signal.Signals(e.signum).name}); {_stopped(e)}", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt as e:
+        print(f"pcb-fast: interrupted; {_stopped(e)}", file=sys.stderr)
         return 130
     except OSError as e:
         if getattr(args, "verbose", False):
