@@ -10,6 +10,7 @@ import torch
 from . import reference
 from .core import checks, engine
 from .core.backends import resolve_backend
+from .core.formulas import merged_weights
 from .core.numerics import warm_up_exp
 from .core.sources import DEFAULT_BLOCK_WIDTH, MatrixSource, StateDictSource
 from .cpu import fused as fused_cpu
@@ -176,8 +177,7 @@ def _merge_keys(base, models, names, merged_keys, out, device, *, method, backen
     flat_base = {key: base[key].reshape(-1) for key in merged_keys}
 
     def sink(segment, lo, hi, tau_m):
-        theta = flat_base[segment.key][lo:hi].float() + lam * tau_m
-        flat_out[segment.key][lo:hi] = theta
+        flat_out[segment.key][lo:hi] = merged_weights(flat_base[segment.key][lo:hi], lam, tau_m)
 
     source = StateDictSource(base, models, merged_keys, names)
     source.memory_budget = budget
@@ -232,6 +232,6 @@ def _reference_merge(base, models, merged_keys, out, *, method, lam, lambdas, sc
         offset = 0
         for k in keys:
             numel = base[k].numel()
-            theta = base[k].reshape(-1).float() + lam * tau_m[offset : offset + numel]
+            theta = merged_weights(base[k].reshape(-1), lam, tau_m[offset : offset + numel])
             out[k] = theta.to(base[k].dtype).view(base[k].shape)
             offset += numel

@@ -68,7 +68,9 @@ class ContributionCache:
         self.out.update({alias: self.out[key] for alias, key in aliases.items()})
         self.out = {k: self.out[k] for k in base}
         self._flat_out = {k: self.out[k].view(-1) for k in self.merged}
-        self._base32 = {k: base[k].reshape(-1).float() for k in self.merged}
+        # the base as merged_weights adds it: float32, or float64 for a float64 base
+        self._base_wide = {k: base[k].reshape(-1).to(torch.promote_types(base[k].dtype, torch.float32))
+                           for k in self.merged}
         self._tau = {k: torch.empty(base[k].numel()) for k in self.merged}
         self.source = StateDictSource(base, models, self.merged, names)
         self.reuse = {} if reuse is None else reuse
@@ -81,7 +83,7 @@ class ContributionCache:
 
     def _build_sparse(self, block_width):
         parts = {k: ([[] for _ in range(self.n)], [[] for _ in range(self.n)]) for k in self.merged}
-        self._den = {k: torch.empty(self.base32_numel(k)) for k in self.merged}
+        self._den = {k: torch.empty(self.base_numel(k)) for k in self.merged}
 
         def record(segment, lo, hi, task, pos, value, den):
             positions, values = parts[segment.key]
@@ -104,7 +106,7 @@ class ContributionCache:
     def _build_dense(self, block_width):
         """[n, numel] float32 per key: the task vectors as the method weights them by lambda_i."""
         src = self.source
-        self._vectors = {k: torch.empty(self.n, self.base32_numel(k)) for k in self.merged}
+        self._vectors = {k: torch.empty(self.n, self.base_numel(k)) for k in self.merged}
         kept = torch.zeros(self.n, dtype=torch.int64)
         if self.method == "ties":
             density = check_density(self.params.get("density", 0.2))
@@ -131,16 +133,16 @@ class ContributionCache:
                     kept += block.tv.shape[1]
                 self._vectors[block.segment.key][:, block.lo : block.hi] = values
         self.kept = kept.tolist()
-        self._scratch = torch.empty(max(self.base32_numel(k) for k in self.merged)) if self.merged else None
+        self._scratch = torch.empty(max(self.base_numel(k) for k in self.merged)) if self.merged else None
 
-    def base32_numel(self, key: str) -> int:
-        return self._base32[key].numel()
+    def base_numel(self, key: str) -> int:
+        return self._base_wide[key].numel()
 
     @property
     def nbytes(self) -> int:
         """Bytes the cache holds besides the output state dict: contributions, divisors, a float32
         copy of the base where it has another dtype, and the tau_m workspace."""
-        total = sum(t.numel() * t.element_size() for k, t in self._base32.items()
+        total = sum(t.numel() * t.element_size() for k, t in self._base_wide.items()
                     if t.data_ptr() != self.out[k].data_ptr() and t.dtype != self.out[k].dtype)  # float32 copies only
         total += sum(t.numel() * t.element_size() for t in self._tau.values())
         if self.method == "pcb":
@@ -181,7 +183,11 @@ class ContributionCache:
                     scratch = self._scratch[: tau.numel()]
                     for row, weight in zip(vectors[1:], lambdas[1:]):
                         tau.add_(torch.mul(row, weight, out=scratch))
-            self._flat_out[key].copy_(tau.mul_(lam).add_(self._base32[key]))
+            base = self._base_wide[key]
+            if base.dtype == torch.float32:
+                self._flat_out[key].copy_(tau.mul_(lam).add_(base))
+            else:  # float64: the sum is taken in float64, as core.formulas.merged_weights does
+                torch.add(base, tau.mul_(lam), out=self._flat_out[key])
         return self.out
 
     def _apply_ties(self, lambdas):

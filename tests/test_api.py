@@ -253,3 +253,32 @@ def test_tensors_that_require_grad_are_read_as_data():
         assert torch.equal(got["w"], merge({"w": base["w"].detach()}, plain, method=method)["w"])
     tv = torch.randn(3, 50, requires_grad=True)
     assert torch.equal(pcb_merge(tv), pcb_merge(tv.detach()))
+
+
+def test_a_float64_base_keeps_its_values_where_nothing_changes():
+    # theta = theta_pre + lam * tau_m is taken in float64 for a float64 base: unchanged entries are
+    # the base's own values, not their float32 roundings
+    g = torch.Generator().manual_seed(5)
+    base = {"w": torch.randn(40, 30, generator=g, dtype=torch.float64) + 1 / 3}
+    assert not torch.equal(base["w"].float().double(), base["w"])  # float32 would change them
+    same = merge(base, [dict(base), {"w": base["w"].clone()}], method="task_arithmetic")
+    assert same["w"].dtype == torch.float64 and torch.equal(same["w"], base["w"])
+    tuned = [{"w": base["w"] + 0.01 * torch.randn(40, 30, generator=g, dtype=torch.float64)} for _ in range(3)]
+    for method in ("pcb", "ties"):
+        got = merge(base, tuned, method=method)
+        untouched = got["w"] == base["w"]
+        assert untouched.any()  # entries nobody kept are the base's, exactly
+        assert torch.equal(got["w"], merge(base, tuned, method=method, backend="reference")["w"])
+
+
+def test_search_apply_equals_merge_for_a_float64_base():
+    pytest.importorskip("cma")
+    from pcb_fast.search import ContributionCache
+
+    g = torch.Generator().manual_seed(6)
+    base = {"w": torch.randn(40, 30, generator=g, dtype=torch.float64)}
+    tuned = [{"w": base["w"] + 0.01 * torch.randn(40, 30, generator=g, dtype=torch.float64)} for _ in range(3)]
+    for method in ("pcb", "task_arithmetic"):
+        cache = ContributionCache(base, tuned, method=method)
+        got = cache.apply([0.9, 1.2, 1.0], 0.7)
+        assert torch.equal(got["w"], merge(base, tuned, method=method, lambdas=[0.9, 1.2, 1.0], lam=0.7)["w"])

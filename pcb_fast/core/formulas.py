@@ -33,6 +33,12 @@ def span_or_inf(span: torch.Tensor) -> torch.Tensor:
     return torch.where(span > 0, span, torch.full_like(span, float("inf")))
 
 
+def merged_weights(base: torch.Tensor, lam: float, tau_m: torch.Tensor) -> torch.Tensor:
+    """theta = theta_pre + lam * tau_m, in float32 (bf16/fp16/fp32 bases) or in float64 for a float64
+    base, whose values are then never rounded to float32 (tau_m itself is float32)."""
+    return base.to(torch.promote_types(base.dtype, torch.float32)) + lam * tau_m
+
+
 def lambda_column(lambdas, n: int, device=None, ones: bool = False):
     """[n, 1] float32 per-task weights (validated); for ``lambdas=None``, None (the eager paths skip
     the product) or, with ``ones``, a column of ones (for kernels that always multiply)."""
