@@ -125,14 +125,21 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 def parse_size(text, what: str) -> int:
     """Bytes of a size such as 2GB, 512MiB, 1.5e9 or an int."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value, unit = float(text), ""
+        try:
+            value, unit = float(text), ""
+        except OverflowError:  # an int beyond float range
+            value, unit = math.inf, ""
     else:
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
         if not match or match.group(2).upper() not in _UNITS:
             raise ValueError(f"{what}={text!r} is not a size; write it as a number of bytes or with a unit "
                              "(e.g. 2GB, 512MiB)")
         value, unit = float(match.group(1)), match.group(2).upper()
-    size = int(value * _UNITS[unit])
+    value *= _UNITS[unit]
+    if not math.isfinite(value):
+        raise ValueError(f"{what}={text!r} is not a finite size; write it as a number of bytes or with a unit "
+                         "(e.g. 2GB, 512MiB)")
+    size = int(value)
     if size < 0:
         raise ValueError(f"{what}={text!r} must not be negative")
     return size

@@ -21,9 +21,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..methods import METHODS
+from .safetensors import NotAFileError, read_regular
 
 ALIASES = {"linear": "average", "dare_linear": "dare"}
 TOP_LEVEL = ("merge_method", "base_model", "models", "parameters", "dtype")
+MAX_CONFIG = 16 << 20  # bytes of a configuration file
 GENERAL_PARAMETERS = ("lam", "scope", "exclude")
 
 
@@ -33,11 +35,17 @@ def load_config(path) -> dict:
 
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise ValueError(f"config {path}: cannot read ({e.strerror})") from None
+        text = read_regular(path, MAX_CONFIG).decode("utf-8")
+    except NotAFileError as e:
+        raise ValueError(f"config: {e}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"config {path}: not UTF-8 text") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ValueError(f"config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise ValueError(f"config {path}: not a merge configuration (nested too deeply)") from None
     return parse_config(raw, str(path))
 
 
@@ -45,14 +53,14 @@ def parse_config(raw, where: str = "config") -> dict:
     """Validate a configuration mapping (see the module docstring) into merge keyword arguments."""
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: expected a mapping with {', '.join(TOP_LEVEL)}")
-    unknown = sorted(set(raw) - set(TOP_LEVEL))
+    unknown = sorted(set(raw) - set(TOP_LEVEL), key=str)
     if unknown:
         raise ValueError(f"{where}: unknown entry {unknown[0]!r}; valid: {', '.join(TOP_LEVEL)}")
     method = raw.get("merge_method")
     if method is None:
         raise ValueError(f"{where}: merge_method is missing; choose one of {', '.join(METHODS)}")
-    method = ALIASES.get(method, method)
-    if method not in METHODS:
+    method = ALIASES.get(method, method) if isinstance(method, str) else method
+    if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"{where}: merge_method={raw['merge_method']!r} is not valid; choose one of "
                          f"{', '.join(list(METHODS) + list(ALIASES))}")
     base = raw.get("base_model")
@@ -67,7 +75,7 @@ def parse_config(raw, where: str = "config") -> dict:
             entry = {"model": entry}
         if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
             raise ValueError(f"{where}: models[{i}] must be a mapping with a 'model' path")
-        extra = sorted(set(entry) - {"model", "parameters"})
+        extra = sorted(set(entry) - {"model", "parameters"}, key=str)
         if extra:
             raise ValueError(f"{where}: models[{i}].{extra[0]} is not supported; valid: model, parameters")
         params = entry.get("parameters") or {}
@@ -87,9 +95,16 @@ def parse_config(raw, where: str = "config") -> dict:
         if name not in accepted and name not in GENERAL_PARAMETERS:
             raise ValueError(f"{where}: parameters.{name} is not a parameter of {method}; valid: "
                              f"{', '.join(list(accepted) + list(GENERAL_PARAMETERS))}")
+    exclude = params.get("exclude")
+    if exclude is not None and not isinstance(exclude, str) and not (
+            isinstance(exclude, list) and all(isinstance(p, str) for p in exclude)):
+        raise ValueError(f"{where}: parameters.exclude={exclude!r} must be a regular expression or a list of them")
     kwargs = dict(params, base=base, models=models, method=method)
     if any(w != 1.0 for w in lambdas):
         kwargs["lambdas"] = lambdas
-    if raw.get("dtype") is not None:
-        kwargs["dtype"] = raw["dtype"]
+    dtype = raw.get("dtype")
+    if dtype is not None:
+        if not isinstance(dtype, str):
+            raise ValueError(f"{where}: dtype={dtype!r} is not valid; choose one of 'float32', 'float16', 'bfloat16'")
+        kwargs["dtype"] = dtype
     return kwargs
