@@ -4,20 +4,32 @@
 model.safetensors.index.json, or a single model.safetensors), a .bin/.pt/.pth file or folder
 (through ``torch.load(weights_only=True)`` only), or an in-memory state dict. Every kind answers
 the same questions: its keys, each key's dtype and shape, and the values of a flat slice.
+
+Only regular files are opened (a named pipe, device or socket is refused, see
+``safetensors.open_regular``); the shards an index lists must be plain file names in the model
+folder, checked before any is opened; every problem is one ``ValueError`` naming the input and
+the path.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import stat
 import warnings
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from .safetensors import FormatError, SafetensorsReader
+from .safetensors import (MAX_DEPTH, MAX_HEADER, NAMES, FormatError, NotAFileError, SafetensorsReader, deeper_than,
+                          not_regular, open_regular, read_regular, show)
+
+INDEX = "model.safetensors.index.json"
+# floating dtypes that a merge reads (as float32) and writes back; float8 tensors are refused
+MERGED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 # files of a Hugging Face folder that describe the model rather than hold its weights
@@ -61,15 +73,28 @@ class Checkpoint:
 
 
 class StateDictCheckpoint(Checkpoint):
-    """An in-memory state dict (CPU tensors)."""
+    """An in-memory state dict (CPU tensors).
 
-    def __init__(self, state: dict, name: str):
+    ``written``: its tensors will be written to safetensors (a file loaded with torch.load, or a
+    state dict given to ``merge_checkpoints``), so every key must be a string other than
+    ``__metadata__`` and every tensor dense, of a dtype the format has."""
+
+    def __init__(self, state: dict, name: str, written: bool = False):
         super().__init__(name)
         if not isinstance(state, dict):
             raise ValueError(f"{name} is a {type(state).__name__}, expected a state dict (dict of tensors)")
         for key, t in state.items():
+            if written and not isinstance(key, str):
+                raise ValueError(f"{name}: key {show(key)} is a {type(key).__name__}; keys must be strings")
+            if written and key == "__metadata__":
+                raise ValueError(f"{name}: key '__metadata__' is reserved by the safetensors format; rename it")
             if not isinstance(t, torch.Tensor):
-                raise ValueError(f"{name}, key {key!r}: value is a {type(t).__name__}, expected a torch.Tensor")
+                raise ValueError(f"{name}, key {show(key)}: value is a {type(t).__name__}, expected a torch.Tensor")
+            if written and t.layout != torch.strided:
+                raise ValueError(f"{name}, key {show(key)}: a {t.layout} tensor; only dense tensors are supported")
+            if written and t.dtype not in NAMES:
+                raise ValueError(f"{name}, key {show(key)}: dtype {t.dtype} has no safetensors equivalent; supported: "
+                                 f"{', '.join(str(d).replace('torch.', '') for d in NAMES)}")
         self.state = state
 
     def keys(self):
@@ -97,7 +122,7 @@ class SafetensorsCheckpoint(Checkpoint):
                 self.readers.append(reader)
                 for key in reader.tensors:
                     if key in self.where:
-                        raise FormatError(f"{name}: key {key!r} is in both {self.where[key].path.name} and {path.name}")
+                        raise FormatError(f"key {show(key)} is in both {self.where[key].path.name} and {path.name}")
                     self.where[key] = reader
         except FormatError as e:
             self.close()
@@ -125,60 +150,133 @@ class SafetensorsCheckpoint(Checkpoint):
 
 def _torch_load(path: Path, name: str) -> dict:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        fd = open_regular(path)
+    except NotAFileError as e:
+        raise ValueError(f"{name}: {e}") from None
+    try:
+        # torch opens the file itself: through /proc/self/fd it opens the file checked above,
+        # whatever the path names by then
+        proc = f"/proc/self/fd/{fd}"
+        state = torch.load(proc if os.path.exists(proc) else path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # pickle errors, non-tensor objects refused by weights_only, zip errors
         raise ValueError(f"{name}: cannot load {path.name} with torch.load(weights_only=True): "
-                         f"{str(e).splitlines()[0]}") from None
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    finally:
+        os.close(fd)
     if not isinstance(state, dict):
         raise ValueError(f"{name}: {path.name} holds a {type(state).__name__}, expected a state dict")
     return state
 
 
+def _state_dict(path: Path, name: str, folder: Path | None = None) -> StateDictCheckpoint:
+    checkpoint = StateDictCheckpoint(_torch_load(path, name), name, written=True)
+    checkpoint.folder = folder
+    return checkpoint
+
+
+def _inside(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
+def _hub_blob(target: str, folder: str) -> bool:
+    """Whether ``target`` is a blob of the Hugging Face cache repository whose snapshot holds
+    ``folder`` (the cache links models--org--name/snapshots/<rev>/<file> to ../../blobs/<hash>)."""
+    for snapshot in [Path(folder), *Path(folder).parents]:
+        if snapshot.parent.name == "snapshots":
+            return Path(target).parent == snapshot.parent.parent / "blobs"
+    return False
+
+
+def _check_shard_names(folder: Path, files: list, name: str) -> None:
+    """Every shard name of the index is a plain file name in ``folder`` whose real path (links
+    followed) stays inside it (or in the Hugging Face cache's blobs of the same repository)."""
+    real_folder = os.path.realpath(folder)
+    for file in files:
+        if (file in ("", ".", "..") or "/" in file or "\\" in file or "\0" in file or os.path.isabs(file)
+                or os.sep in file):
+            raise ValueError(f"{name}: {INDEX} lists shard {show(file)}, which is not a plain file name in the model "
+                             "folder (no folders, '..' or absolute paths)")
+        target = os.path.realpath(folder / file)
+        if not _inside(target, real_folder) and not _hub_blob(target, real_folder):
+            raise ValueError(f"{name}: shard {show(file)} listed in {INDEX} links to a file outside the model folder")
+
+
+def _read_index(path: Path, name: str) -> tuple[list, dict]:
+    """The shard file names of the index in ``path``, checked (none opened yet), and its weight_map."""
+    index = path / INDEX
+    try:
+        raw = read_regular(index, MAX_HEADER)
+    except NotAFileError as e:
+        raise ValueError(f"{name}: {e}") from None
+    try:
+        text = raw.decode("utf-8")
+        data = None if deeper_than(text, MAX_DEPTH) else json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError):
+        data = None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{name}: {INDEX} is not a valid index (no weight_map)")
+    for key, file in weight_map.items():
+        if not isinstance(file, str):
+            raise ValueError(f"{name}: {INDEX} maps key {show(key)} to a {type(file).__name__}, expected the file name "
+                             "of a shard")
+    files = sorted(set(weight_map.values()))
+    _check_shard_names(path, files, name)
+    return files, weight_map
+
+
+def _open_folder(path: Path, name: str) -> Checkpoint:
+    try:
+        names = {entry.name for entry in os.scandir(path)}
+    except OSError as e:
+        raise ValueError(f"{name}: cannot read the folder {path} ({e.strerror or e})") from None
+    if INDEX in names:
+        files, weight_map = _read_index(path, name)
+        missing = [f for f in files if f not in names]
+        if missing:
+            raise ValueError(f"{name}: shard {show(missing[0])} listed in {INDEX} is missing")
+        checkpoint = SafetensorsCheckpoint([path / f for f in files], name, path)
+        unlisted = sorted(set(checkpoint.where) - set(weight_map))
+        if unlisted:
+            checkpoint.close()
+            raise ValueError(f"{name}: key {show(unlisted[0])} is in a shard but not in {INDEX}")
+        return checkpoint
+    if "model.safetensors" in names:
+        return SafetensorsCheckpoint([path / "model.safetensors"], name, path)
+    shards = sorted(n for n in names if n.endswith(".safetensors") and not n.startswith("."))
+    if shards:
+        return SafetensorsCheckpoint([path / n for n in shards], name, path)
+    for candidate in ("pytorch_model.bin", "model.pt"):
+        if candidate in names:
+            return _state_dict(path / candidate, name, path)
+    raise ValueError(f"{name}: no weights found in the folder (expected model.safetensors, "
+                     f"{INDEX} with its shards, or pytorch_model.bin)")
+
+
 def open_checkpoint(source, name: str | None = None) -> Checkpoint:
     """A :class:`Checkpoint` for a path (file or folder) or an in-memory state dict."""
     if isinstance(source, dict):
-        return StateDictCheckpoint(source, name or "model")
+        return StateDictCheckpoint(source, name or "model", written=True)
     path = Path(source)
     name = name or str(path)
-    if not path.exists():
-        raise ValueError(f"{name}: no such file or folder")
-    if path.is_dir():
-        index = path / "model.safetensors.index.json"
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-                files = sorted(set(weight_map.values()))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-                raise ValueError(f"{name}: {index.name} is not a valid index (no weight_map)") from None
-            missing = [f for f in files if not (path / f).is_file()]
-            if missing:
-                raise ValueError(f"{name}: shard {missing[0]!r} listed in {index.name} is missing")
-            checkpoint = SafetensorsCheckpoint([path / f for f in files], name, path)
-            unlisted = sorted(set(checkpoint.where) - set(weight_map))
-            if unlisted:
-                checkpoint.close()
-                raise ValueError(f"{name}: key {unlisted[0]!r} is in a shard but not in {index.name}")
-            return checkpoint
-        single = path / "model.safetensors"
-        if single.is_file():
-            return SafetensorsCheckpoint([single], name, path)
-        shards = sorted(path.glob("*.safetensors"))
-        if shards:
-            return SafetensorsCheckpoint(shards, name, path)
-        for candidate in ("pytorch_model.bin", "model.pt"):
-            if (path / candidate).is_file():
-                checkpoint = StateDictCheckpoint(_torch_load(path / candidate, name), name)
-                checkpoint.folder = path
-                return checkpoint
-        raise ValueError(f"{name}: no weights found in the folder (expected model.safetensors, "
-                         "model.safetensors.index.json with its shards, or pytorch_model.bin)")
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise ValueError(f"{name}: no such file or folder") from None
+    except OSError as e:
+        raise ValueError(f"{name}: cannot access {path} ({e.strerror or e})") from None
+    except ValueError:  # a NUL byte
+        raise ValueError(f"{name}: not a valid path (it holds a NUL byte)") from None
+    if stat.S_ISDIR(mode):
+        return _open_folder(path, name)
     if path.suffix == ".safetensors":
         return SafetensorsCheckpoint([path], name)
     if path.suffix in TORCH_SUFFIXES:
-        return StateDictCheckpoint(_torch_load(path, name), name)
+        return _state_dict(path, name)
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{name}: {not_regular(path, mode)}")
     raise ValueError(f"{name}: unsupported checkpoint format {path.suffix or path.name!r}; valid: a .safetensors "
                      "file, a Hugging Face folder, or a .bin/.pt/.pth file")
-
 
 
 def split_keys(base: Checkpoint, exclude: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -203,7 +301,10 @@ def split_keys(base: Checkpoint, exclude: Sequence[str]) -> tuple[list[str], lis
 
 
 def check_models_match(base: Checkpoint, models: Sequence[Checkpoint], merged_keys: Sequence[str]) -> None:
-    """Every merged key in every model with the base's shape, and no model key the base lacks."""
+    """Every merged key in every model with the base's shape, and no model key the base lacks;
+    every merged tensor of a dtype a merge reads and writes back (float8 ones are refused)."""
+    for key in merged_keys:
+        _check_merged_dtype(base.name, key, base.dtype(key))
     base_keys = set(base.keys())
     for model in models:
         keys = set(model.keys())
@@ -215,6 +316,14 @@ def check_models_match(base: Checkpoint, models: Sequence[Checkpoint], merged_ke
                 raise ValueError(f"{model.name} lacks key {key!r} that the base model has")
             if not model.is_floating(key):
                 raise ValueError(f"{model.name}, key {key!r}: {model.dtype(key)} where the base has a floating tensor")
+            _check_merged_dtype(model.name, key, model.dtype(key))
             if tuple(model.shape(key)) != tuple(base.shape(key)):
                 raise ValueError(f"{model.name}, key {key!r}: shape {tuple(model.shape(key))} but the base has "
                                  f"{tuple(base.shape(key))}")
+
+
+def _check_merged_dtype(name: str, key: str, dtype: torch.dtype) -> None:
+    if dtype not in MERGED_DTYPES:
+        raise ValueError(f"{name}, key {show(key)}: {dtype} tensors are not merged (valid: "
+                         f"{', '.join(str(d).replace('torch.', '') for d in MERGED_DTYPES)}); exclude the key to copy "
+                         "it from the base")
