@@ -155,7 +155,8 @@ def _progress_bars(total: int, description: str):
 
 
 def run_merge(args) -> int:
-    from .io.disk_merge import MergeFailed, check_not_an_input, merge_checkpoints
+    from .io.disk_merge import merge_checkpoints
+    from .io.output import MergeFailed, check_not_an_input
 
     if args.config:  # the config file is an input too (the models are checked by merge_checkpoints)
         check_not_an_input(args.out, [("the config file", args.config)])
@@ -216,7 +217,8 @@ def _eval_file(evaluate):
 def run_search(args) -> int:
     from .io.checkpoints import open_checkpoint
     from .api import check_method_params
-    from .io.disk_merge import check_not_an_input, check_output, checkpoint_files, save_model
+    from .io.disk_merge import save_model
+    from .io.output import check_not_an_input, check_output, checkpoint_files
     from .search import EvaluateError, search_lambdas
 
     if not args.base or not args.model:

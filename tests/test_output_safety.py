@@ -22,8 +22,9 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 save_file, load_file = safetensors_torch.save_file, safetensors_torch.load_file
 
 from pcb_fast.cli import main as cli  # noqa: E402
-from pcb_fast.io import disk_merge  # noqa: E402
-from pcb_fast.io.disk_merge import MergeFailed, OutputExists, merge_checkpoints  # noqa: E402
+from pcb_fast.io import output  # noqa: E402
+from pcb_fast.io.disk_merge import merge_checkpoints  # noqa: E402
+from pcb_fast.io.output import MergeFailed, OutputExists  # noqa: E402
 
 
 def write_models(folder: Path, n: int = 2, entries: int = 64) -> tuple[Path, list]:
@@ -154,7 +155,10 @@ def stopped_while_writing(proc: subprocess.Popen, out: Path) -> str:
     before = set(hidden(out.parent))
     deadline = time.time() + 60
     while proc.poll() is None and time.time() < deadline:
-        new = [name for name in set(hidden(out.parent)) - before if name.startswith(f".{out.name}.tmp-")]
+        # a folder counts once its owner record is written (a kill between the two leaves a folder that no
+        # later run may judge, so it is kept: the safe side)
+        new = [name for name in set(hidden(out.parent)) - before
+               if name.startswith(f".{out.name}.tmp-") and (out.parent / name / "owner.json").is_file()]
         if new:
             proc.send_signal(signal.SIGSTOP)
             assert not out.exists(), "the merge published before it could be stopped"
@@ -203,7 +207,7 @@ def previous_output(tmp_path: Path) -> Path:
 def test_overwrite_swaps_atomically_and_a_held_signal_comes_after(tmp_path, monkeypatch):
     base, models = write_models(tmp_path / "in")
     out = previous_output(tmp_path)
-    real = disk_merge._renameat2
+    real = output._renameat2
 
     def signalled(src, dst, flags):  # a SIGTERM right at the final rename is held until it is done
         os.kill(os.getpid(), signal.SIGTERM)
@@ -215,7 +219,7 @@ def test_overwrite_swaps_atomically_and_a_held_signal_comes_after(tmp_path, monk
     def stop(signum, frame):
         raise Stop()
 
-    monkeypatch.setattr(disk_merge, "_renameat2", signalled)
+    monkeypatch.setattr(output, "_renameat2", signalled)
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         with pytest.raises(Stop) as caught:
@@ -230,7 +234,7 @@ def test_overwrite_swaps_atomically_and_a_held_signal_comes_after(tmp_path, monk
 def test_overwrite_without_renameat2_restores_or_replaces(tmp_path, monkeypatch, when):
     base, models = write_models(tmp_path / "in")
     out = previous_output(tmp_path)
-    monkeypatch.setattr(disk_merge, "_renameat2", lambda src, dst, flags: False)  # NFS and the like
+    monkeypatch.setattr(output, "_renameat2", lambda src, dst, flags: False)  # NFS and the like
     real = os.rename
     calls = []
 
@@ -248,7 +252,7 @@ def test_overwrite_without_renameat2_restores_or_replaces(tmp_path, monkeypatch,
     def stop(signum, frame):
         raise Stop()
 
-    monkeypatch.setattr(disk_merge.os, "rename", rename)
+    monkeypatch.setattr(output.os, "rename", rename)
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         if when == "OSError":
@@ -270,13 +274,13 @@ def test_overwrite_without_renameat2_restores_or_replaces(tmp_path, monkeypatch,
 def test_without_overwrite_even_an_empty_folder_that_appears_is_kept(tmp_path, monkeypatch, renameat2):
     base, models = write_models(tmp_path / "in")
     out = tmp_path / "out"
-    real = disk_merge._renameat2
+    real = output._renameat2
 
     def appears(src, dst, flags):
         out.mkdir()  # created by someone else just before we publish
         return real(src, dst, flags) if renameat2 else False
 
-    monkeypatch.setattr(disk_merge, "_renameat2", appears)
+    monkeypatch.setattr(output, "_renameat2", appears)
     with pytest.raises(OutputExists, match=f"output {out} appeared while this merge ran"):
         merge_checkpoints(base, models, out)
     assert out.is_dir() and list(out.iterdir()) == [] and hidden(tmp_path) == []
@@ -333,7 +337,7 @@ def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(tmp_path):
 
 def test_only_temporary_folders_of_ended_processes_are_removed(tmp_path):
     out = tmp_path / "out"
-    me = disk_merge._owner_record()
+    me = output._owner_record()
     dead = int(Path("/proc/sys/kernel/pid_max").read_text())  # pids are below pid_max: never alive
 
     def folder(name, record):
@@ -359,7 +363,7 @@ def test_only_temporary_folders_of_ended_processes_are_removed(tmp_path):
     }
     (tmp_path / f".out.tmp-{dead}-kkkkkkkk").symlink_to(tmp_path / sorted(kept)[0])  # a link is never followed
     kept.add(f".out.tmp-{dead}-kkkkkkkk")
-    assert sorted(disk_merge.remove_stale_temporaries(out)) == sorted(removed)
+    assert sorted(output.remove_stale_temporaries(out)) == sorted(removed)
     assert set(hidden(tmp_path)) == kept
 
 
