@@ -177,7 +177,10 @@ def _merge_keys(base, models, names, merged_keys, out, device, *, method, backen
     flat_base = {key: base[key].reshape(-1) for key in merged_keys}
 
     def sink(segment, lo, hi, tau_m):
-        flat_out[segment.key][lo:hi] = merged_weights(flat_base[segment.key][lo:hi], lam, tau_m)
+        theta = merged_weights(flat_base[segment.key][lo:hi], lam, tau_m)
+        values = flat_out[segment.key][lo:hi]
+        values.copy_(theta)
+        checks.check_merged(segment.key, theta, values)
 
     source = StateDictSource(base, models, merged_keys, names)
     source.memory_budget = budget
@@ -234,4 +237,5 @@ def _reference_merge(base, models, merged_keys, out, *, method, lam, lambdas, sc
             numel = base[k].numel()
             theta = merged_weights(base[k].reshape(-1), lam, tau_m[offset : offset + numel])
             out[k] = theta.to(base[k].dtype).view(base[k].shape)
+            checks.check_merged(k, theta, out[k])
             offset += numel

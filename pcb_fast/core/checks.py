@@ -11,6 +11,7 @@ import torch
 INTER_CHOICES = ("sum", "normalized_sum", "pairwise")
 VARIANT_CHOICES = ("official", "paper")
 SCOPE_CHOICES = ("global", "tensor")
+FLOAT32_MAX = torch.finfo(torch.float32).max  # the merge computes in float32
 
 
 def check_choice(name: str, value, choices: Sequence[str]) -> str:
@@ -39,6 +40,8 @@ def check_lam(lam) -> float:
     value = as_float("lam", lam)
     if not math.isfinite(value):
         raise ValueError(f"lam={lam!r} must be a finite number")
+    if abs(value) > FLOAT32_MAX:
+        raise ValueError(f"lam={lam!r} is beyond the float32 range the merge computes in (|lam| <= {FLOAT32_MAX:.3g})")
     return value
 
 
@@ -57,6 +60,10 @@ def check_lambdas(lambdas, n: int) -> list[float] | None:
     bad = [v for v in values if not math.isfinite(v)]
     if bad:
         raise ValueError(f"lambdas={values!r} must all be finite numbers")
+    bad = [v for v in values if abs(v) > FLOAT32_MAX]
+    if bad:
+        raise ValueError(f"lambdas: {bad[0]!r} is beyond the float32 range the merge computes in "
+                         f"(|lambda| <= {FLOAT32_MAX:.3g})")
     return values
 
 
@@ -104,9 +111,36 @@ def common_device(named) -> torch.device:
     return device if device is not None else torch.device("cpu")
 
 
-def check_finite(what: str, t: torch.Tensor) -> None:
+def non_finite_reason(t: torch.Tensor) -> str | None:
+    """None when every value of ``t`` is finite in float32, else what is wrong with it (float64
+    values beyond the float32 range are finite, but not for a merge computed in float32)."""
     if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{what} contains NaN or Inf; every input value must be finite")
+        return "contains NaN or Inf; every input value must be finite"
+    if t.dtype == torch.float64 and t.numel():
+        largest = float(t.abs().max())
+        if largest > FLOAT32_MAX:
+            return (f"holds values beyond the float32 range the merge computes in (|value| up to {largest:.3g}); "
+                    "every input value must fit float32")
+    return None
+
+
+def check_finite(what: str, t: torch.Tensor) -> None:
+    reason = non_finite_reason(t)
+    if reason is not None:
+        raise ValueError(f"{what} {reason}")
+
+
+def check_merged(key: str, theta: torch.Tensor, out: torch.Tensor) -> None:
+    """Merged values ``out`` (``theta`` before the cast to the output dtype) must be finite: finite
+    inputs can still overflow (a large lam, values near the float32 limit, a float16 output)."""
+    if bool(torch.isfinite(out).all()):
+        return
+    if not bool(torch.isfinite(theta).all()):
+        raise ValueError(f"key {key!r}: the merged values overflow {theta.dtype} (theta_pre + lam * tau_m beyond "
+                         f"{torch.finfo(theta.dtype).max:.3g}) although every input is finite; lower lam or lambdas")
+    largest = float(theta.abs().max())
+    raise ValueError(f"key {key!r}: merged values up to {largest:.3g} exceed the range of {out.dtype} "
+                     f"(largest {torch.finfo(out.dtype).max:.3g}); choose a wider output dtype")
 
 
 def as_float(name: str, value) -> float:

@@ -122,6 +122,17 @@ class TaskVectorSource:
         """Human-readable location for error messages."""
         return f"{self.model_names[task]}, key {seg.key!r}"
 
+    def why_not_finite(self, task: int, block: Block) -> str:
+        """What is wrong with task ``task``'s inputs where its task-vector block is not finite."""
+        return "contains NaN or Inf; every input value must be finite"
+
+    @staticmethod
+    def _diagnose(model: torch.Tensor, base: torch.Tensor) -> str:
+        """Why theta_i - theta_pre is not finite in float32 for these slices of finite-checked inputs."""
+        return checks.non_finite_reason(model) or checks.non_finite_reason(base) or (
+            "its difference from the base model overflows float32 (values near the float32 limit); "
+            "every task vector must fit float32")
+
 
 class MatrixSource(TaskVectorSource):
     """Task vectors given as a [n, D] tensor or a list of n 1-D tensors (one segment)."""
@@ -174,6 +185,10 @@ class StateDictSource(TaskVectorSource):
             columns.append(torch.stack([model[seg.key][first::stride].float() - base for model in self._models]))
         return columns
 
+    def why_not_finite(self, task: int, block: Block) -> str:
+        key, lo, hi = block.segment.key, block.lo, block.hi
+        return self._diagnose(self._models[task][key][lo:hi], self._base[key][lo:hi])
+
     def _read(self, seg, lo, hi, out):
         base = self._base[seg.key][lo:hi]
         if base.dtype != torch.float32:
@@ -220,12 +235,19 @@ class CheckpointSource(TaskVectorSource):
         key = (seg or self.segments[0]).key
         return sum(c.dtype(key).itemsize for c in [self._base_ckpt] + self._model_ckpts)
 
+    def why_not_finite(self, task: int, block: Block) -> str:
+        key, lo, hi = block.segment.key, block.lo, block.hi
+        model, base = self._model_ckpts[task], self._base_ckpt
+        return self._diagnose(model.read_into(key, lo, hi, torch.empty(hi - lo, dtype=model.dtype(key))),
+                              base.read_into(key, lo, hi, torch.empty(hi - lo, dtype=base.dtype(key))))
+
     def _read(self, seg, lo, hi, out):
         try:
             base = self._base_ckpt.read_into(seg.key, lo, hi,
                                              self._buffer("base", self._base_ckpt.dtype(seg.key), hi - lo))
-            if not bool(torch.isfinite(base).all()):  # else every task vector would be blamed for it
-                raise ValueError(f"base model, key {seg.key!r}: contains NaN or Inf; every input value must be finite")
+            reason = checks.non_finite_reason(base)
+            if reason is not None:  # else every task vector would be blamed for it
+                raise ValueError(f"base model, key {seg.key!r}: {reason}")
             if base.dtype != torch.float32:
                 base = self._buffer("base32", torch.float32, hi - lo).copy_(base)
             for i, model in enumerate(self._model_ckpts):
@@ -263,6 +285,9 @@ class CachedSource(TaskVectorSource):
 
     def where(self, task: int, seg: Segment) -> str:
         return self.inner.where(task, seg)
+
+    def why_not_finite(self, task: int, block: Block) -> str:
+        return self.inner.why_not_finite(task, block)
 
     def blocks(self, width: int = DEFAULT_BLOCK_WIDTH, whole_rows: bool = False) -> Iterator[Block]:
         if self.complete:

@@ -25,6 +25,7 @@ from .. import __version__
 from ..core import checks, engine
 from ..core.backends import resolve_backend
 from ..core.checks import parse_size
+from ..core.formulas import merged_weights
 from ..core.sources import DEFAULT_BLOCK_WIDTH, CachedSource, CheckpointSource
 from ..cpu import fused as fused_cpu
 from ..methods import METHODS
@@ -129,7 +130,7 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
             if backend != "torch" or device.type != "cpu":
                 raise ValueError("distributed merges run the torch backend on CPU (gloo) in this version; "
                                  "use --device cpu")
-            comm = init_from_env(device)
+            comm = init_from_env()
             if comm.rank != 0:
                 progress = None
         with atomic_folder(out, comm, overwrite=overwrite) as tmp:
@@ -208,11 +209,14 @@ def _write_merge(base_ck, model_cks, merged, copied, folder: Path, *, method, la
             if local is None or key in local:
                 writer.write(key, 0, base_ck.read(key).reshape(-1).to(out_dtype(key)))
         info = {"kept": [0] * len(model_cks), "entries": 0}
-        if merged:
-            run = _stream_merge if backend == "torch" else _in_memory_merge
-            info = run(base_ck, model_cks, merged, writer, out_dtype, method=method, lam=lam, lambdas=lambdas,
-                       scope=scope, backend=backend, device=device, budget=budget, progress=progress,
-                       block_width=block_width, params=params, comm=comm, local=local, fused=fused)
+        if merged and backend == "torch":
+            info = _stream_merge(base_ck, model_cks, merged, writer, out_dtype, method=method, lam=lam,
+                                 lambdas=lambdas, scope=scope, budget=budget, progress=progress,
+                                 block_width=block_width, params=params, comm=comm, local=local, fused=fused)
+        elif merged:
+            info = _in_memory_merge(base_ck, model_cks, merged, writer, out_dtype, method=method, lam=lam,
+                                    lambdas=lambdas, scope=scope, backend=backend, device=device,
+                                    block_width=block_width, params=params)
         writer.close()
     except BaseException:
         writer.abort()
@@ -222,8 +226,9 @@ def _write_merge(base_ck, model_cks, merged, copied, folder: Path, *, method, la
     return info
 
 
-def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam, lambdas, scope, backend, device,
-                  budget, progress, block_width, params, comm=None, local=None, fused="auto") -> dict:
+def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam, lambdas, scope, budget, progress,
+                  block_width, params, comm=None, local=None, fused="auto") -> dict:
+    """The torch backend on CPU: models streamed slice by slice, merged blocks written as they come."""
     pass_count = [0]
 
     def bar(total):
@@ -250,8 +255,10 @@ def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam,
             buffer = base_buffer[base_ck.dtype(key)] = torch.empty(max(hi - lo, block_width), dtype=base_ck.dtype(key))
         try:
             base = base_ck.read_into(key, lo, hi, buffer[: hi - lo])
-            theta = base.float() + lam * tau_m
-            writer.write(key, lo, theta.to(out_dtype(key)))
+            theta = merged_weights(base, lam, tau_m)
+            values = theta.to(out_dtype(key))
+            checks.check_merged(key, theta, values)
+            writer.write(key, lo, values)
         except (ValueError, OSError) as e:
             if comm is None:
                 raise
@@ -262,7 +269,8 @@ def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam,
 
 
 def _in_memory_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam, lambdas, scope, backend, device,
-                     budget, progress, block_width, params, comm=None, local=None, fused="auto") -> dict:
+                     block_width, params) -> dict:
+    """The reference and triton backends: models loaded whole onto ``device``, merged by pcb_fast.merge."""
     from ..api import merge
 
     base = {k: base_ck.read(k).to(device) for k in merged}
@@ -272,5 +280,7 @@ def _in_memory_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, l
     result = merge(base, models, method=method, lam=lam, lambdas=lambdas, scope=scope, backend=backend,
                    block_width=block_width, report=report, model_names=names, **params)
     for key in merged:
-        writer.write(key, 0, result[key].reshape(-1).to(out_dtype(key)).cpu())
+        values = result[key].reshape(-1).to(out_dtype(key))
+        checks.check_merged(key, result[key], values)
+        writer.write(key, 0, values.cpu())
     return {"kept": report.get("kept"), "entries": sum(t.numel() for t in base.values())}

@@ -106,8 +106,9 @@ def assign_shards(shard_bytes: list, world: int) -> list:
     return ranges
 
 
-def init_from_env(device: torch.device) -> Comm:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)."""
+def init_from_env() -> Comm:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), over gloo:
+    distributed merges run the torch backend on CPUs in this version."""
     import torch.distributed as dist
 
     missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
@@ -116,8 +117,7 @@ def init_from_env(device: torch.device) -> Comm:
                          "launch with: torchrun --nproc-per-node N -m pcb_fast merge ... --distributed")
     comm_owner = not dist.is_initialized()
     if comm_owner:
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(minutes=30))
+        dist.init_process_group("gloo", timeout=timedelta(minutes=30))
     comm = Comm()
     comm.owns_group = comm_owner
     return comm

@@ -1,0 +1,75 @@
+"""Finite inputs whose merge is not finite, and inputs beyond float32: one-line errors, no output
+(issue 16 item 7): a large lam, float16 outputs above 65504, float64 values beyond float32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("safetensors")
+from safetensors.torch import save_file  # noqa: E402
+
+from pcb_fast import merge  # noqa: E402
+from pcb_fast.cli import main as cli  # noqa: E402
+
+
+def models_of(base: torch.Tensor, *deltas: float) -> tuple[dict, list]:
+    return {"w": base}, [{"w": base + d} for d in deltas]
+
+
+def test_a_large_lam_that_overflows_is_refused():
+    base, models = models_of(torch.full((8,), 1.0), 10.0, 10.0)
+    with pytest.raises(ValueError, match="key 'w': the merged values overflow torch.float32 .* although every input "
+                                         "is finite; lower lam or lambdas"):
+        merge(base, models, method="task_arithmetic", lam=3e37)
+    with pytest.raises(ValueError, match=r"lam=1e\+300 is beyond the float32 range"):
+        merge(base, models, method="task_arithmetic", lam=1e300)
+    with pytest.raises(ValueError, match=r"lambdas: 1e\+300 is beyond the float32 range"):
+        merge(base, models, method="task_arithmetic", lambdas=[1.0, 1e300])
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_a_float16_output_beyond_65504_is_refused(backend):
+    base, models = models_of(torch.full((8,), 60000.0, dtype=torch.float16), 5000.0, 5000.0)
+    with pytest.raises(ValueError, match=r"key 'w': merged values up to 7e\+04 exceed the range of torch.float16 "
+                                         r"\(largest 6.55e\+04\); choose a wider output dtype"):
+        merge(base, models, method="task_arithmetic", backend=backend)
+
+
+def test_float64_inputs_beyond_float32_say_so():
+    base = {"w": torch.zeros(8, dtype=torch.float64)}
+    big = {"w": torch.full((8,), 1e300, dtype=torch.float64)}
+    with pytest.raises(ValueError, match=r"model 1, key 'w': holds values beyond the float32 range the merge "
+                                         r"computes in \(\|value\| up to 1e\+300\); every input value must fit float32"):
+        merge(base, [{"w": torch.ones(8, dtype=torch.float64)}, big], method="task_arithmetic")
+    with pytest.raises(ValueError, match=r"base model, key 'w' holds values beyond the float32 range"):
+        merge(big, [base], method="task_arithmetic")
+    # finite float32 values whose difference overflows
+    edge = {"w": torch.full((8,), 3e38)}
+    with pytest.raises(ValueError, match="model 0, key 'w': its difference from the base model overflows float32"):
+        merge(edge, [{"w": torch.full((8,), -3e38)}], method="task_arithmetic")
+
+
+def write(folder, tensors):
+    folder.mkdir()
+    save_file(tensors, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_cli_refuses_non_finite_merges_and_writes_nothing(tmp_path, capsys):
+    base = write(tmp_path / "base", {"w": torch.full((16,), 1.0)})
+    models = [write(tmp_path / f"m{i}", {"w": torch.full((16,), 11.0)}) for i in range(2)]
+    args = ["merge", "--base", str(base), "--model", str(models[0]), "--model", str(models[1]),
+            "--method", "task_arithmetic", "--quiet"]
+    assert cli(args + ["--lam", "3e37", "--out", str(tmp_path / "a")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "key 'w': the merged values overflow torch.float32" in err
+    assert cli(args + ["--lam", "5000", "--dtype", "float16", "--out", str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "exceed the range of torch.float16" in err
+    big = write(tmp_path / "big", {"w": torch.full((16,), 1e300, dtype=torch.float64)})
+    base64 = write(tmp_path / "base64", {"w": torch.zeros(16, dtype=torch.float64)})
+    assert cli(["merge", "--base", str(base64), "--model", str(big), "--quiet", "--out", str(tmp_path / "c")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds values beyond the float32 range the merge computes in" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "base64", "big", "m0", "m1"]
