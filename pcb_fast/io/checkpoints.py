@@ -187,6 +187,31 @@ def _hub_blob(target: str, folder: str) -> bool:
     return False
 
 
+def side_files(folder, name: str) -> list[Path]:
+    """The side files (config, tokenizer, ...) of a model folder that a merge copies to its output:
+    regular files whose real path stays inside the folder (or in the Hugging Face cache's blobs of
+    the same repository); a side file that links elsewhere, or is not a regular file, is an error."""
+    if folder is None:
+        return []
+    folder, found = Path(folder), []
+    real_folder = os.path.realpath(folder)
+    for file in SIDE_FILES:
+        path = folder / file
+        if not os.path.lexists(path):
+            continue
+        target = os.path.realpath(path)
+        if not _inside(target, real_folder) and not _hub_blob(target, real_folder):
+            raise ValueError(f"{name}: {file} links to a file outside the model folder; copy it into the folder")
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as e:
+            raise ValueError(f"{name}: cannot read {path} ({e.strerror or e})") from None
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"{name}: {not_regular(path, mode)}")
+        found.append(path)
+    return found
+
+
 def _check_shard_names(folder: Path, files: list, name: str) -> None:
     """Every shard name of the index is a plain file name in ``folder`` whose real path (links
     followed) stays inside it (or in the Hugging Face cache's blobs of the same repository)."""

@@ -29,10 +29,10 @@ from ..core.formulas import merged_weights
 from ..core.sources import DEFAULT_BLOCK_WIDTH, CachedSource, CheckpointSource
 from ..cpu import fused as fused_cpu
 from ..methods import METHODS
-from .checkpoints import SIDE_FILES, check_models_match, open_checkpoint, split_keys
+from .checkpoints import check_models_match, open_checkpoint, side_files, split_keys
 from .distributed import assign_shards
 from .output import atomic_folder, check_not_an_input, check_output, checkpoint_files
-from .safetensors import ShardedWriter, nbytes, shard_plan
+from .safetensors import ShardedWriter, nbytes, read_regular, shard_plan
 
 OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -181,11 +181,34 @@ def save_model(state: dict, out, *, base_folder=None, shard_size="5GB", overwrit
     return out
 
 
-def _copy_side_files(folder, to: Path) -> None:
-    if folder is not None:
-        for name in SIDE_FILES:
-            if (Path(folder) / name).is_file():
-                shutil.copy2(Path(folder) / name, to / name)
+def _copy_side_files(folder, to: Path, dtype: str | None = None, name: str = "base model") -> None:
+    """Copy the base folder's config and tokenizer files (checked by checkpoints.side_files); with an
+    output ``dtype``, config.json says it (its "torch_dtype" and/or "dtype", whichever it has), so
+    that transformers loads the merge in that dtype."""
+    for path in side_files(folder, name):
+        data = read_regular(path, SIDE_FILE_LIMIT)
+        if path.name == "config.json" and dtype is not None:
+            data = _config_with_dtype(data, dtype, name)
+        (to / path.name).write_bytes(data)
+        shutil.copystat(path, to / path.name)
+
+
+SIDE_FILE_LIMIT = 1 << 31  # tokenizer files reach tens of MB; nothing legitimate is near this
+
+
+def _config_with_dtype(data: bytes, dtype: str, name: str) -> bytes:
+    try:
+        config = json.loads(data)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ValueError(f"{name}: config.json is not valid JSON; it cannot say the output dtype {dtype}") from None
+    if not isinstance(config, dict):
+        return data
+    fields = [f for f in ("torch_dtype", "dtype") if f in config]
+    if not fields:
+        return data
+    for field in fields:
+        config[field] = dtype
+    return (json.dumps(config, indent=2, sort_keys=False) + "\n").encode()
 
 
 def _write_merge(base_ck, model_cks, merged, copied, folder: Path, *, method, lam, lambdas, exclude, scope, backend, device,
@@ -222,7 +245,7 @@ def _write_merge(base_ck, model_cks, merged, copied, folder: Path, *, method, la
         writer.abort()
         raise
     if comm is None or comm.rank == 0:
-        _copy_side_files(base_ck.folder, folder)
+        _copy_side_files(base_ck.folder, folder, dtype, base_ck.name)
     return info
 
 

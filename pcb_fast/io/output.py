@@ -33,7 +33,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-from .checkpoints import SIDE_FILES
+from .checkpoints import side_files
 
 
 class MergeFailed(ValueError):
@@ -96,9 +96,7 @@ def checkpoint_files(ck, label: str) -> list:
     """(label, path) of the files an opened checkpoint reads besides its own path: its safetensors
     shards and the side files copied from its folder."""
     files = [(f"a shard of {label}", r.path) for r in getattr(ck, "readers", ()) if getattr(r, "path", None)]
-    if ck.folder is not None:
-        files += [(f"a file of {label}", Path(ck.folder) / name) for name in SIDE_FILES
-                  if (Path(ck.folder) / name).is_file()]
+    files += [(f"a file of {label}", path) for path in side_files(ck.folder, ck.name)]
     return files
 
 
