@@ -13,6 +13,7 @@ import argparse
 import os
 import signal
 import sys
+import warnings
 
 from . import __version__
 from .core.checks import check_ratio
@@ -280,8 +281,20 @@ def _stopped(e: KeyboardInterrupt) -> str:
     return f"the complete output was already written to {written}" if written else "no output was written"
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line on stderr, as the CLI's errors are (no file, line or source)."""
+    text = str(message).removeprefix("pcb_fast: ")
+    print(f"pcb-fast: warning: {text}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():  # restored on return: an application calling main() keeps its own
+        warnings.showwarning = _show_warning
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         if args.command == "demo":
             from .demo import main as demo_main

@@ -54,3 +54,21 @@ def test_a_side_file_linking_outside_the_model_folder_is_refused(tmp_path, capsy
     assert err == ("pcb-fast: error: base model: config.json links to a file outside the model folder; "
                    "copy it into the folder\n")
     assert not out.exists()
+
+
+def test_the_base_listed_among_the_models_is_left_out(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    base = model_folder(tmp_path / "base")
+    models = [model_folder(tmp_path / f"m{i}", seed=i + 1) for i in range(2)]
+    listed = tmp_path / "listed"
+    assert cli(["merge", "--base", str(base), "--model", str(models[0]), "--model", str(tmp_path / "." / "base"),
+                "--model", str(models[1]), "--lambdas", "1.0,7.0,0.5", "--ratio", "0.3", "--out", str(listed)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"pcb-fast: warning: model 1 ({tmp_path / '.' / 'base'}) is the base model: left out of the task list " \
+                     "(a zero task vector is no task)"
+    assert len(err[-1].split("kept fraction per task")[1].split(";")[0].split()) == 2  # two tasks
+    plain = tmp_path / "plain"
+    assert cli(["merge", "--base", str(base), "--model", str(models[0]), "--model", str(models[1]),
+                "--lambdas", "1.0,0.5", "--ratio", "0.3", "--quiet", "--out", str(plain)]) == 0
+    assert torch.equal(load_file(str(listed / "model.safetensors"))["w"], load_file(str(plain / "model.safetensors"))["w"])

@@ -15,8 +15,10 @@ pcb_fast/io/output.py.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -61,6 +63,24 @@ def available_memory() -> int:
 
 def _names(sources) -> list:
     return [f"model {i} ({s})" if not isinstance(s, dict) else f"model {i}" for i, s in enumerate(sources)]
+
+
+def _without_the_base(base, models, names, lambdas, method):
+    """The task list without the models whose path is the base's (real paths compared): mergekit
+    configs often list the base among the models, where it would count as a task with a zero task
+    vector. Their weights are ignored, as mergekit does; the average keeps them (there the base is one
+    of the models averaged). Returns (models, names, lambdas, names of the dropped models)."""
+    if method == "average" or isinstance(base, dict):
+        return models, names, lambdas, []
+    real = os.path.realpath(base)
+    copies = [i for i, m in enumerate(models) if not isinstance(m, dict) and os.path.realpath(m) == real]
+    if not copies or len(copies) == len(models):
+        return models, names, lambdas, []
+    warnings.warn(f"pcb_fast: {', '.join(names[i] for i in copies)} {'is' if len(copies) == 1 else 'are'} the base "
+                  "model: left out of the task list (a zero task vector is no task)", stacklevel=3)
+    keep = [i for i in range(len(models)) if i not in copies]
+    return ([models[i] for i in keep], [names[i] for i in keep],
+            None if lambdas is None else [lambdas[i] for i in keep], [names[i] for i in copies])
 
 
 def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None, scope="global", exclude=(),
@@ -112,13 +132,15 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
     out = check_output(out, overwrite, [(label, s) for label, s in zip(labels, [base] + models)
                                          if not isinstance(s, dict)])
 
+    names = _names(models)
+    models, names, lambdas, dropped = _without_the_base(base, models, names, lambdas, method)
     base_ck = open_checkpoint(base, "base model")
     model_cks, comm = [], None
     try:
-        for source, name in zip(models, _names(models)):
+        for source, name in zip(models, names):
             model_cks.append(open_checkpoint(source, name))
         # the files actually read (shards, symlinks followed), which overwrite must not delete either
-        check_not_an_input(out, [f for label, ck in zip(labels, [base_ck] + model_cks)
+        check_not_an_input(out, [f for label, ck in zip(["the base model"] + names, [base_ck] + model_cks)
                                  for f in checkpoint_files(ck, label)])
         merged, copied = split_keys(base_ck, exclude)
         if not merged:
@@ -145,7 +167,7 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
             comm.close()
     if report is not None:
         report.update(info, merged_keys=merged, copied_keys=copied, seconds=time.perf_counter() - started,
-                      peak_rss_bytes=peak_rss_bytes())
+                      peak_rss_bytes=peak_rss_bytes(), dropped_models=dropped)
     return out
 
 
