@@ -13,6 +13,7 @@ from .core.backends import resolve_backend
 from .core.formulas import merged_weights
 from .core.numerics import warm_up_exp
 from .core.sources import DEFAULT_BLOCK_WIDTH, MatrixSource, StateDictSource
+from .core.threads import CpuThreads, check_threads
 from .cpu import fused as fused_cpu
 from .gpu import backend as triton_backend
 from .io.checkpoints import StateDictCheckpoint, check_models_match, split_keys
@@ -23,14 +24,18 @@ from .methods.pcb import check_params as check_pcb_params
 
 @torch.no_grad()  # inputs that require grad are read as data
 def pcb_merge(task_vectors, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant="official", lambdas=None,
-              backend="auto", block_width=DEFAULT_BLOCK_WIDTH, report: dict | None = None) -> torch.Tensor:
+              backend="auto", block_width=DEFAULT_BLOCK_WIDTH, report: dict | None = None,
+              threads="auto") -> torch.Tensor:
     """Merged task vector tau_m (float32, [D]) of PCB-Merging for a [n, D] tensor or n 1-D tensors.
 
     ``variant="official"`` is the authors' code (docs/design.md 2.2), ``"paper"`` the paper's equations.
     ``lambdas`` weight the tasks inside the weighted mean (step 7). Global statistics over all D.
     Tensors on a CUDA device run on the triton backend (``backend="auto"``).
     If ``report`` is a dict, it receives "kept" (entries kept per task) and "entries" (D).
+    ``threads``: CPU threads of the torch backend, "auto" (the cores other processes leave free, looked
+    at again during the merge) or a number; torch's own setting is restored afterwards.
     """
+    check_threads(threads)
     rows = checks.task_vector_rows(task_vectors)
     device = checks.common_device((f"task vector {i}", r) for i, r in enumerate(rows))
     backend = resolve_backend(backend, device)
@@ -52,8 +57,9 @@ def pcb_merge(task_vectors, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant
     def sink(segment, lo, hi, values):
         out[segment.offset + lo : segment.offset + hi] = values
 
-    info = engine.run(METHODS["pcb"][0], source, sink, ratio=ratio, clamp_ratio=clamp_ratio, inter=inter,
-                      variant=variant, lambdas=lambdas, block_width=block_width)
+    with CpuThreads(threads) as source.threads:
+        info = engine.run(METHODS["pcb"][0], source, sink, ratio=ratio, clamp_ratio=clamp_ratio, inter=inter,
+                          variant=variant, lambdas=lambdas, block_width=block_width)
     if report is not None:
         report.update(info)
     return out
@@ -86,7 +92,7 @@ def _reference_pcb(tv: torch.Tensor, params: dict) -> torch.Tensor:
 @torch.no_grad()
 def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=None, scope="global",
           exclude=(), backend="auto", block_width=DEFAULT_BLOCK_WIDTH, report: dict | None = None,
-          model_names=None, max_memory=None, fused="auto", **method_params) -> dict:
+          model_names=None, max_memory=None, fused="auto", threads="auto", **method_params) -> dict:
     """Merge fine-tuned state dicts ``models`` of ``base``: theta = theta_pre + lam * tau_m.
 
     Floating keys not matching an ``exclude`` regex are merged; the rest are copied from ``base``.
@@ -99,6 +105,8 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     ``max_memory`` (bytes, or e.g. "1GB"; default no limit) bounds the entries the engine collects
     between passes; above it, thresholds come from radix-select passes and the merge recomputes
     its scores in one more pass (the same result, bit for bit).
+    ``threads``: CPU threads of the torch backend, "auto" (the cores other processes leave free, looked
+    at again during the merge) or a number; torch's own setting is restored afterwards.
     ``fused`` ("auto", "on", "off"): on the torch backend, run TIES, DARE, DARE-TIES and Breadcrumbs through
     loops compiled by torch.compile (pcb_fast.fused_cpu; the same values; "auto": for merges of at
     least 2^29 task-vector entries, where compiling pays for itself).
@@ -113,6 +121,7 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     checks.check_choice("scope", scope, checks.SCOPE_CHOICES)
     budget = None if max_memory is None else checks.parse_size(max_memory, "max_memory")
     checks.check_choice("fused", fused, fused_cpu.MODES)
+    check_threads(threads)
     models, names, merged_keys, copied_keys, device = check_state_dicts(base, models, exclude, model_names)
     backend = resolve_backend(backend, device)
     if backend == "triton" and method not in ("pcb",) + triton_backend.BASELINES:
@@ -133,7 +142,7 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     if merged_keys:
         info = _merge_keys(base, models, names, merged_keys, out, device, method=method, backend=backend, lam=lam,
                            lambdas=lambdas, scope=scope, block_width=block_width, budget=budget, fused=fused,
-                           **method_params)
+                           threads=threads, **method_params)
         if report is not None:
             report.update(info)
     for alias, key in aliases.items():
@@ -159,7 +168,7 @@ def _without_base_copies(base, models, names, lambdas, merged_keys, method):
 
 
 def _merge_keys(base, models, names, merged_keys, out, device, *, method, backend, lam, lambdas, scope, block_width,
-                budget, fused, **method_params) -> dict:
+                budget, fused, threads="auto", **method_params) -> dict:
     """Merge ``merged_keys`` into ``out`` on ``backend``; returns what the backend reports."""
     if backend == "reference":
         check_method_params(method, len(models), lam, lambdas, scope, method_params)
@@ -185,8 +194,9 @@ def _merge_keys(base, models, names, merged_keys, out, device, *, method, backen
     source = StateDictSource(base, models, merged_keys, names)
     source.memory_budget = budget
     source.fused = fused_cpu.resolve(fused, source.n * source.D)
-    return engine.run(METHODS[method][0], source, sink, scope=scope, lambdas=lambdas, block_width=block_width,
-                      **method_params)
+    with CpuThreads(threads) as source.threads:
+        return engine.run(METHODS[method][0], source, sink, scope=scope, lambdas=lambdas, block_width=block_width,
+                          **method_params)
 
 
 def check_state_dicts(base: dict, models, exclude=(), model_names=None):

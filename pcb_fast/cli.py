@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--device", default="cpu", help="cpu (default, streamed from disk) or cuda (loaded whole)")
     merge.add_argument("--max-memory", help="RAM for float32 task vectors kept between passes, e.g. 2GB "
                                             "(default: half the available memory)")
+    merge.add_argument("--threads", default="auto", type=_threads,
+                       help="CPU threads: auto (default: the cores other processes leave free, looked at again "
+                            "during the merge) or a number")
     merge.add_argument("--fused", default="auto", choices=("auto", "on", "off"),
                        help="compiled CPU loops for ties, dare, dare_ties, breadcrumbs (torch.compile; default "
                             "auto: for merges of at least 2^29 task-vector entries)")
@@ -106,6 +109,19 @@ def _model_flags(parser, methods: str = "pcb (default), average, task_arithmetic
     parser.add_argument("--exclude", action="append", help="regex of keys copied from the base (repeatable)")
     for flag, dest, kind, text in METHOD_FLAGS:
         parser.add_argument(flag, dest=dest, type=kind, help=text)
+
+
+def _threads(text: str):
+    """--threads: "auto" or a positive integer."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 'auto' or a positive number of threads")
+    return value
 
 
 def _output_flags(parser) -> None:
@@ -144,7 +160,8 @@ def merge_arguments(args) -> dict:
             except ValueError:
                 raise ValueError(f"--lambdas={args.lambdas!r} must be comma-separated numbers") from None
     kwargs.update(out=args.out, overwrite=args.overwrite, backend=args.backend, device=args.device,
-                  max_memory=args.max_memory, shard_size=args.shard_size, distributed=args.distributed, fused=args.fused)
+                  max_memory=args.max_memory, shard_size=args.shard_size, distributed=args.distributed, fused=args.fused,
+                  threads=args.threads)
     return kwargs
 
 

@@ -69,6 +69,8 @@ class TaskVectorSource:
         self.errors = None
         # run the per-block work of the methods that have them through pcb_fast.fused_cpu's compiled loops
         self.fused = False
+        # core.threads.CpuThreads of the merge: looks at the machine between blocks (None: leave torch's setting)
+        self.threads = None
 
     def restrict(self, segment: Segment) -> "TaskVectorSource":
         """The same source seen as a single segment (for scope="tensor")."""
@@ -98,6 +100,8 @@ class TaskVectorSource:
                 step = max(width // row, 1) * row
                 for lo in range(0, seg.numel, step):
                     hi = min(lo + step, seg.numel)
+                    if self.threads is not None:
+                        self.threads.adapt()
                     yield Block(seg, lo, hi, self._read(seg, lo, hi, buffer[:, : hi - lo]))
                     if bar is not None:
                         bar.update((hi - lo) * self.bytes_per_entry(seg))
@@ -277,7 +281,7 @@ class CachedSource(TaskVectorSource):
 
     def restrict(self, segment: Segment) -> "TaskVectorSource":
         view = CachedSource(self.inner.restrict(segment))
-        view.memory_budget, view.fused = self.memory_budget, self.fused
+        view.memory_budget, view.fused, view.threads = self.memory_budget, self.fused, self.threads
         return view
 
     def strided_columns(self, stride: int) -> list | None:
@@ -295,6 +299,7 @@ class CachedSource(TaskVectorSource):
             return
         if self.cache is None:
             self.cache = torch.empty(self.n, self.D)
+        self.inner.threads = self.threads
         for block in self.inner.blocks(width, whole_rows):
             self.cache[:, block.start : block.start + block.tv.shape[1]].copy_(block.tv)
             yield block

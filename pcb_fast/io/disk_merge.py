@@ -29,6 +29,7 @@ from ..core.backends import resolve_backend
 from ..core.checks import parse_size
 from ..core.formulas import merged_weights
 from ..core.sources import DEFAULT_BLOCK_WIDTH, CachedSource, CheckpointSource
+from ..core.threads import CpuThreads, check_threads
 from ..cpu import fused as fused_cpu
 from ..methods import METHODS
 from .checkpoints import check_models_match, open_checkpoint, side_files, split_keys
@@ -86,7 +87,7 @@ def _without_the_base(base, models, names, lambdas, method):
 def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None, scope="global", exclude=(),
                       backend="auto", device="cpu", max_memory=None, shard_size="5GB", dtype=None,
                       overwrite=False, progress=None, report: dict | None = None, distributed: bool = False,
-                      fused="auto", block_width=DEFAULT_BLOCK_WIDTH, **method_params) -> Path:
+                      fused="auto", block_width=DEFAULT_BLOCK_WIDTH, threads="auto", **method_params) -> Path:
     """Merge checkpoints (paths or state dicts) of ``models`` fine-tuned from ``base`` into the folder
     ``out``: sharded safetensors (``shard_size``) with an index, the base's dtypes (or ``dtype``),
     the base folder's config/tokenizer files, and the merge parameters in the metadata.
@@ -100,6 +101,7 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
     ``distributed``: this process is one rank of a torchrun launch (pcb_fast.distributed); every
     rank calls this with the same arguments, and the output equals the single-process one.
     ``fused``: "auto", "on" or "off", as for :func:`pcb_fast.merge` (single-process merges only).
+    ``threads``: "auto" or a number, as for :func:`pcb_fast.merge`.
     Returns the output folder.
     """
     from ..api import check_method_params  # the api merges in memory; it sits above io
@@ -119,6 +121,7 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
         raise ValueError(f"shard_size={shard_size!r} must be positive")
     budget = available_memory() // 2 if max_memory is None else parse_size(max_memory, "max_memory")
     checks.check_choice("fused", fused, fused_cpu.MODES)
+    check_threads(threads)
     if dtype is not None and dtype not in OUT_DTYPES:
         raise ValueError(f"dtype={dtype!r} is not valid; choose one of {', '.join(map(repr, OUT_DTYPES))}")
     try:
@@ -159,7 +162,7 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
             info = _write_merge(base_ck, model_cks, merged, copied, tmp, method=method, lam=lam, lambdas=lambdas,
                                 exclude=exclude, scope=scope, backend=backend, device=device, budget=budget,
                                 shard_bytes=shard_bytes, dtype=dtype, progress=progress, block_width=block_width,
-                                params=method_params, comm=comm, fused=fused)
+                                params=method_params, comm=comm, fused=fused, threads=threads)
     finally:
         for ck in [base_ck] + model_cks:
             ck.close()
@@ -234,7 +237,8 @@ def _config_with_dtype(data: bytes, dtype: str, name: str) -> bytes:
 
 
 def _write_merge(base_ck, model_cks, merged, copied, folder: Path, *, method, lam, lambdas, exclude, scope, backend, device,
-                 budget, shard_bytes, dtype, progress, block_width, params, comm=None, fused="auto") -> dict:
+                 budget, shard_bytes, dtype, progress, block_width, params, comm=None, fused="auto",
+                 threads="auto") -> dict:
     def out_dtype(key):
         own = base_ck.dtype(key)
         return OUT_DTYPES[dtype] if dtype is not None and own.is_floating_point else own
@@ -257,7 +261,8 @@ def _write_merge(base_ck, model_cks, merged, copied, folder: Path, *, method, la
         if merged and backend == "torch":
             info = _stream_merge(base_ck, model_cks, merged, writer, out_dtype, method=method, lam=lam,
                                  lambdas=lambdas, scope=scope, budget=budget, progress=progress,
-                                 block_width=block_width, params=params, comm=comm, local=local, fused=fused)
+                                 block_width=block_width, params=params, comm=comm, local=local, fused=fused,
+                                 threads=threads)
         elif merged:
             info = _in_memory_merge(base_ck, model_cks, merged, writer, out_dtype, method=method, lam=lam,
                                     lambdas=lambdas, scope=scope, backend=backend, device=device,
@@ -272,7 +277,7 @@ def _write_merge(base_ck, model_cks, merged, copied, folder: Path, *, method, la
 
 
 def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam, lambdas, scope, budget, progress,
-                  block_width, params, comm=None, local=None, fused="auto") -> dict:
+                  block_width, params, comm=None, local=None, fused="auto", threads="auto") -> dict:
     """The torch backend on CPU: models streamed slice by slice, merged blocks written as they come."""
     pass_count = [0]
 
@@ -309,8 +314,9 @@ def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam,
                 raise
             comm.fail(str(e))  # raised on every rank at the next collective
 
-    return engine.run(METHODS[method][0], source, sink, scope=scope, lambdas=lambdas, block_width=block_width,
-                      **params)
+    with CpuThreads(threads) as source.threads:
+        return engine.run(METHODS[method][0], source, sink, scope=scope, lambdas=lambdas, block_width=block_width,
+                          **params)
 
 
 def _in_memory_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam, lambdas, scope, backend, device,

@@ -1,0 +1,82 @@
+"""The CPU engine's thread count (core/threads.py): results do not depend on it, "auto" leaves the
+cores other processes use, and torch's own setting is restored after every merge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pcb_fast import merge, pcb_merge
+from pcb_fast.cli import main as cli
+from pcb_fast.core import threads as th
+
+
+def models(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = {"a": torch.randn(300, 200, generator=g), "b": torch.randn(1000, generator=g).bfloat16()}
+    tuned = [{k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in base.items()}
+             for _ in range(n)]
+    return base, tuned
+
+
+@pytest.mark.parametrize("method,params", [
+    ("pcb", {}), ("pcb", dict(inter="pairwise", clamp_ratio=0.01)), ("pcb", dict(variant="paper")),
+    ("pcb", dict(scope="tensor", max_memory=0)), ("ties", dict(density=0.3)), ("dare_ties", dict(p=0.5)),
+    ("breadcrumbs", {}), ("average", {}),
+])
+def test_one_thread_equals_two_byte_for_byte(method, params):
+    base, tuned = models()
+    one = merge(base, tuned, method=method, threads=1, block_width=4096, fused="off", **params)
+    two = merge(base, tuned, method=method, threads=2, block_width=4096, fused="off", **params)
+    for k in base:
+        assert one[k].view(torch.uint8).tolist() == two[k].view(torch.uint8).tolist(), k
+
+
+def test_torch_setting_is_restored_even_when_the_merge_fails():
+    before = torch.get_num_threads()
+    base, tuned = models()
+    merge(base, tuned, threads=1)
+    assert torch.get_num_threads() == before
+    tuned[1]["a"][3, 4] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        merge(base, tuned, threads=1)
+    assert torch.get_num_threads() == before
+    pcb_merge(torch.randn(3, 5000), threads=1)
+    assert torch.get_num_threads() == before
+
+
+def test_auto_uses_the_cores_other_processes_leave(monkeypatch):
+    monkeypatch.setattr(th, "usable_cores", lambda: 4)
+    busy = iter([3, 3, 3] + [0, 0, 0] * 100)
+    monkeypatch.setattr(th, "runnable_elsewhere", lambda: next(busy))
+    seen = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda k: (seen.append(k), real(min(k, 2))))
+    monkeypatch.setattr(th, "ADAPT_SECONDS", 0.0)  # look at every block
+    policy = th.CpuThreads("auto")
+    with policy:
+        policy.adapt()
+    assert policy.history == [1, 4]  # three others runnable: one core left; then all four
+    assert seen[0] == 1 and 4 in seen
+    # without /proc, auto takes every usable core
+    monkeypatch.setattr(th, "runnable_elsewhere", lambda: None)
+    assert th.CpuThreads("auto").choose() == 4
+    assert th.CpuThreads(3).choose() == 3
+
+
+def test_the_other_processes_are_counted_without_this_one():
+    others = th.runnable_elsewhere()
+    assert others is None or others >= 0
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "two", True])
+def test_bad_thread_counts(bad):
+    with pytest.raises(ValueError, match="threads=.* is not valid; use 'auto' or a positive number of threads"):
+        merge(*models(), threads=bad)
+
+
+def test_cli_threads_flag(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli(["merge", "--base", "b", "--model", "m", "--out", str(tmp_path / "o"), "--threads", "0"])
+    assert e.value.code == 2
+    assert "--threads: '0' is not 'auto' or a positive number of threads" in capsys.readouterr().err
