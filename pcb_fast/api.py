@@ -18,7 +18,7 @@ from .cpu import fused as fused_cpu
 from .gpu import backend as triton_backend
 from .io.checkpoints import StateDictCheckpoint, check_models_match, split_keys
 from .io.tied import check_tied, same_as_base, tied_groups
-from .methods import METHODS
+from .methods import ENGINE_ONLY, METHODS, engine_only_option
 from .methods.pcb import check_params as check_pcb_params
 
 
@@ -98,8 +98,11 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     Floating keys not matching an ``exclude`` regex are merged; the rest are copied from ``base``.
     Statistics are taken over all merged entries (``scope="global"``) or per tensor. The output has
     the base's dtypes. ``method_params`` go to the method: pcb (ratio, clamp_ratio, inter, variant),
-    average, task_arithmetic, ties (density, sign_ties, topk), dare (p, seed), dare_ties (p, seed,
-    sign_ties), breadcrumbs (gamma, beta).
+    average, task_arithmetic (normalize), ties (density, sign_ties, topk, normalize, min_keep), dare (p,
+    seed, rescale, normalize), dare_ties (p, seed, sign_ties, rescale, normalize), breadcrumbs (gamma,
+    beta, band, normalize), breadcrumbs_ties (gamma, beta, band, sign_ties, normalize); density, p,
+    gamma and beta may be lists with one value per model. ``segment_params`` (scope "tensor"): a
+    function of a key giving that tensor's parameters (see pcb_fast.core.engine.run).
     If ``report`` is a dict, it receives "kept" (entries kept per task), "entries" (merged entries),
     "merged_keys" and "copied_keys". ``model_names`` name the models in error messages.
     ``max_memory`` (bytes, or e.g. "1GB"; default no limit) bounds the entries the engine collects
@@ -114,7 +117,7 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not valid; choose one of {', '.join(map(repr, METHODS))}")
     accepted = METHODS[method][1]
-    unknown = sorted(set(method_params) - set(accepted))
+    unknown = sorted(set(method_params) - set(accepted) - {"segment_params"})
     if unknown:
         raise ValueError(f"method {method!r} has no parameter {unknown[0]!r}; valid: {', '.join(accepted)}")
     lam = checks.check_lam(lam)
@@ -127,11 +130,17 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     if backend == "triton" and method not in ("pcb",) + triton_backend.BASELINES:
         raise ValueError(f"method {method!r} runs on backends 'torch' and 'reference' in this version; the triton "
                          f"backend runs 'pcb', {', '.join(map(repr, triton_backend.BASELINES))}")
+    if backend == "triton":
+        option = ("parameters that vary by tensor" if "segment_params" in method_params
+                  else engine_only_option(method, method_params))
+        if option is not None:
+            raise ValueError(f"{option} runs on backends 'torch' and 'reference' in this version, not on 'triton'")
     # tied parameters are merged once, under their first name (io/tied.py)
     aliases = check_tied(base, models, names, merged_keys)
     merged_keys = [k for k in merged_keys if k not in aliases]
     lambdas = checks.check_lambdas(lambdas, len(models))
-    models, names, lambdas, dropped = _without_base_copies(base, models, names, lambdas, merged_keys, method)
+    models, names, lambdas, dropped, method_params = _without_base_copies(base, models, names, lambdas, merged_keys,
+                                                                          method, method_params)
 
     out = {}
     for keys in [[k] for k in copied_keys] + tied_groups({k: base[k] for k in copied_keys}):
@@ -150,21 +159,30 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     return {k: out[k] for k in base}
 
 
-def _without_base_copies(base, models, names, lambdas, merged_keys, method):
+def _without_base_copies(base, models, names, lambdas, merged_keys, method, params=None):
     """The task list without the models that equal the base (mergekit's habit when the base is listed
     among the models: a zero task vector would otherwise count as a task in every statistic). The
     average keeps them: there the base is one of the models averaged. Returns (models, names,
-    lambdas, names of the dropped models)."""
+    lambdas, names of the dropped models, method parameters with their per-task values
+    (lists, and the ``take`` of segment_params) restricted to the models kept)."""
+    params = {} if params is None else params
     if method == "average":
-        return models, names, lambdas, []
+        return models, names, lambdas, [], params
     copies = [i for i, m in enumerate(models) if same_as_base(base, m, merged_keys)]
     if not copies or len(copies) == len(models):  # nothing to drop, or nothing would be left to merge
-        return models, names, lambdas, []
+        return models, names, lambdas, [], params
     warnings.warn(f"pcb_fast: {', '.join(names[i] for i in copies)} equal{'s' if len(copies) == 1 else ''} the base "
                   f"model: left out of the merge (a zero task vector is no task)", stacklevel=3)
     keep = [i for i in range(len(models)) if i not in copies]
+
+    def kept(value):
+        if isinstance(value, (list, tuple)) and len(value) == len(models):
+            return [value[i] for i in keep]
+        return value.take(keep) if hasattr(value, "take") else value
+
     return ([models[i] for i in keep], [names[i] for i in keep],
-            None if lambdas is None else [lambdas[i] for i in keep], [names[i] for i in copies])
+            None if lambdas is None else [lambdas[i] for i in keep], [names[i] for i in copies],
+            {name: kept(value) for name, value in params.items()})
 
 
 def _merge_keys(base, models, names, merged_keys, out, device, *, method, backend, lam, lambdas, scope, block_width,
@@ -178,6 +196,8 @@ def _merge_keys(base, models, names, merged_keys, out, device, *, method, backen
     if backend == "triton":
         for key in merged_keys:
             out[key] = torch.empty(base[key].shape, dtype=base[key].dtype, device=device)
+        # mergekit's options reach here only at their defaults (merge checks): the kernels' own behaviour
+        method_params = {k: v for k, v in method_params.items() if k not in ENGINE_ONLY}
         return triton_backend.merge_state_dicts(base, models, merged_keys, out, names, lam=lam, scope=scope,
                                                 lambdas=lambdas, method=method, **method_params)
     for key in merged_keys:  # contiguous whatever the base's layout: written flat, in the base's index order
@@ -231,17 +251,24 @@ def check_method_params(method: str, n: int, lam, lambdas, scope: str, params: d
           backend="torch", **params)
 
 
-def _reference_merge(base, models, merged_keys, out, *, method, lam, lambdas, scope, **params):
-    """The reference path for state dicts: flatten, merge with the literal formulation, unflatten."""
+def _reference_merge(base, models, merged_keys, out, *, method, lam, lambdas, scope, segment_params=None, **params):
+    """The reference path for state dicts: flatten, merge with the literal formulation, unflatten.
+    ``segment_params`` (scope "tensor"): each key's own parameters, lambdas and lam (engine.run)."""
     lambdas = checks.check_lambdas(lambdas, len(models))
     groups = [merged_keys] if scope == "global" else [[k] for k in merged_keys]
     for keys in groups:
+        own, own_lambdas, scale = params, lambdas, None
+        if segment_params is not None:
+            own = dict(params, **segment_params(keys[0]))
+            own_lambdas, scale = own.pop("lambdas", lambdas), own.pop("lam", None)
         tv = torch.stack([torch.cat([(m[k].float() - base[k].float()).reshape(-1) for k in keys]) for m in models])
         if method == "pcb":
-            tau_m = _reference_pcb(tv, check_pcb_params(len(models), lambdas=lambdas, **params))
+            tau_m = _reference_pcb(tv, check_pcb_params(len(models), lambdas=own_lambdas, **own))
         else:
             segments = [(k, tuple(base[k].shape)) for k in keys]
-            tau_m = reference.BASELINES[method](tv, lambdas=lambdas, segments=segments, **params)
+            tau_m = reference.BASELINES[method](tv, lambdas=own_lambdas, segments=segments, **own)
+        if scale is not None:
+            tau_m = float(scale) * tau_m
         offset = 0
         for k in keys:
             numel = base[k].numel()

@@ -29,7 +29,7 @@ from .core import checks, engine
 from .core.formulas import disjoint_mean, elected_signs, zero_sign_fill
 from .core.sources import DEFAULT_BLOCK_WIDTH, StateDictSource
 from .io.tied import check_tied, tied_groups
-from .methods import METHODS
+from .methods import ENGINE_ONLY, METHODS, engine_only_option
 from .methods.linear import dare_block, check_drop, check_seed
 from .methods.ties import SIGN_TIES, TOPK, Trim, check_density
 
@@ -54,6 +54,11 @@ class ContributionCache:
         unknown = sorted(set(params) - set(METHODS[method][1]))
         if unknown:
             raise ValueError(f"method {method!r} has no parameter {unknown[0]!r}; valid: {', '.join(METHODS[method][1])}")
+        option = engine_only_option(method, params)
+        if option is not None:
+            raise ValueError(f"{option} is not supported by the coefficient search, which runs the methods' "
+                             f"default options; merge with it instead")
+        params = {k: v for k, v in params.items() if k not in ENGINE_ONLY}
         checks.check_choice("scope", scope, checks.SCOPE_CHOICES)
         models, names, self.merged, self.copied, device = check_state_dicts(base, models, exclude)
         if device.type != "cpu":

@@ -30,21 +30,50 @@ from .sources import Segment, TaskVectorSource
 Sink = Callable[[Segment, int, int, torch.Tensor], None]
 
 
-def run(method: Callable, source: TaskVectorSource, sink: Sink, *, scope: str = "global", **params) -> dict:
+def run(method: Callable, source: TaskVectorSource, sink: Sink, *, scope: str = "global",
+        segment_params: Callable | None = None, **params) -> dict:
     """Run ``method`` over ``source`` with statistics per model (global) or per tensor.
+
+    ``segment_params`` (scope="tensor" only): a function of a segment's key giving the parameters
+    that vary by tensor (mergekit's filters and gradients); they update ``params`` for that
+    segment. Besides the method's own parameters it may give "lambdas" and "lam": the merged block
+    is then multiplied by that tensor's lam before the sink, so a sink that adds theta_pre +
+    1.0 * block writes exactly theta_pre + lam * tau_m.
 
     Returns {"kept": [n] number of entries each task contributed, "entries": merged entries}.
     """
     checks.check_choice("scope", scope, checks.SCOPE_CHOICES)
+    if segment_params is not None and scope != "tensor":
+        raise ValueError(f"parameters that vary by tensor ({segment_params}) need scope='tensor', "
+                         f"but scope={scope!r}")
     warm_up_exp()
     # one restricted source at a time, so that what a part holds (a cache) is freed after it
     parts = [source] if scope == "global" else (source.restrict(segment) for segment in source.segments)
     kept = torch.zeros(source.n, dtype=torch.int64)
     for part in parts:
-        kept += method(part, sink, **params)
+        if segment_params is None:
+            kept += method(part, sink, **params)
+            continue
+        own = dict(params, **segment_params(part.segments[0].key))
+        lam = own.pop("lam", None)
+        kept += method(part, sink if lam is None else _scaled_sink(sink, checks.check_lam(lam)), **own)
     if source.comm is not None:
         source.comm.sum_(kept)  # also where every rank agrees that no rank failed
     return {"kept": kept.tolist(), "entries": source.D}
+
+
+def _scaled_sink(sink: Sink, lam: float) -> Sink:
+    """``sink`` receiving lam * tau_m (a tensor's own lam, see :func:`run`)."""
+
+    def scaled(segment, lo, hi, tau_m):
+        sink(segment, lo, hi, lam * tau_m)
+
+    return scaled
+
+
+def task_ranks(rank, n: int) -> torch.Tensor:
+    """[n] int64 ranks, one per task, from one rank for all or a sequence of n."""
+    return torch.as_tensor(rank, dtype=torch.int64).expand(n).clone()
 
 
 def raise_if_not_finite(source: TaskVectorSource, block, row_max: torch.Tensor) -> None:
@@ -209,8 +238,9 @@ class ColumnSample:
         return torch.cat([score_fn(part).clone() for part in self.parts], dim=1)
 
 
-def bounds_from_sample(sample_scores: torch.Tensor, rank: int, D: int):
-    """Per-task (floor, ceiling) that, with overwhelming probability, bracket sort(score)[rank].
+def bounds_from_sample(sample_scores: torch.Tensor, rank, D: int):
+    """Per-task (floor, ceiling) that, with overwhelming probability, bracket sort(score_i)[rank_i]
+    (``rank``: one for all tasks, or [n]).
 
     A guess from a sample, six standard deviations on each side; callers check it. None when the
     sample is too small to say anything.
@@ -218,6 +248,15 @@ def bounds_from_sample(sample_scores: torch.Tensor, rank: int, D: int):
     n, s = sample_scores.shape
     if s < MIN_SAMPLE:
         return None
+    ranks = task_ranks(rank, n).tolist()
+    if len(set(ranks)) == 1:
+        return _sample_bounds(sample_scores, ranks[0], D)
+    bounds = [_sample_bounds(sample_scores[i : i + 1], r, D) for i, r in enumerate(ranks)]
+    return torch.cat([f for f, _ in bounds]), torch.cat([c for _, c in bounds])
+
+
+def _sample_bounds(sample_scores: torch.Tensor, rank: int, D: int):
+    n, s = sample_scores.shape
     q = rank / D
     margin = 6 * math.sqrt(s * q * (1 - q)) + 8
     lo, hi = math.floor(q * s - margin), math.ceil(q * s + margin)
@@ -227,11 +266,12 @@ def bounds_from_sample(sample_scores: torch.Tensor, rank: int, D: int):
 
 
 def select_threshold(
-    source: TaskVectorSource, score_blocks: Callable, rank: int, sample_scores: torch.Tensor | None = None,
+    source: TaskVectorSource, score_blocks: Callable, rank, sample_scores: torch.Tensor | None = None,
     keep_ties: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, list[Collected], torch.Tensor]:
-    """Exact t_i = sort(score_i)[rank] and M_i = max(score_i) for every task, the collected entries,
-    and the number of kept entries per task (score > t, or score >= t with ``keep_ties``).
+    """Exact t_i = sort(score_i)[rank_i] and M_i = max(score_i) for every task, the collected entries,
+    and the number of kept entries per task (score > t, or score >= t with ``keep_ties``). ``rank``:
+    one rank for every task, or [n] (per-task keep counts, e.g. TIES with a density per model).
 
     ``score_blocks()`` yields (block, scores [n, m]). The floor below which nothing is collected comes
     from ``sample_scores`` (scores of a sample of the entries) when given, saving a pass; it is
@@ -243,22 +283,23 @@ def select_threshold(
     recomputes its scores in a merge pass).
     """
     n, D = source.n, source.D
-    if not can_collect(source, rank):
-        t, peak, kept = threshold_by_radix(source, score_blocks, rank, keep_ties)
+    ranks = task_ranks(rank, n)
+    if not can_collect(source, ranks):
+        t, peak, kept = threshold_by_radix(source, score_blocks, ranks, keep_ties)
         return t, peak, None, kept
-    guess = None if sample_scores is None else bounds_from_sample(sample_scores, rank, D)
+    guess = None if sample_scores is None else bounds_from_sample(sample_scores, ranks, D)
     floor, ceiling = guess if guess is not None else (None, torch.full((n,), float("inf")))
     if floor is not None:
         collected, per_task = collect(score_blocks, floor, n)
-        if any(values.numel() < D - rank for values in per_task):
+        if any(values.numel() < D - int(r) for values, r in zip(per_task, ranks)):
             floor = None  # the sampled floor was above the threshold for some task
     if floor is None:
-        selector = RadixSelect(n, torch.full((n, 1), rank), D)
+        selector = RadixSelect(n, ranks.unsqueeze(1), D)
         for _, scores in score_blocks():
             selector.count_high(scores)
         collected, per_task = collect(score_blocks, bucket_floor(selector.find_buckets()[:, 0]), n)
     thresholds, maxima, kept = [], [], []
-    for values, top in zip(per_task, ceiling):
+    for values, top, rank in zip(per_task, ceiling, ranks.tolist()):
         # Every entry below the floor is below every collected one, so the rank shifts by their number.
         local = rank - (D - values.numel())
         # Most collected entries lie above the sampled ceiling: select among the rest when t is there.
@@ -270,8 +311,9 @@ def select_threshold(
     return torch.stack(thresholds), torch.stack(maxima), collected, torch.stack(kept)
 
 
-def select_in_bracket(n: int, D: int, rank: int, sample_scores: torch.Tensor | None, bracket_pass: Callable):
-    """Exact t_i = sort(score_i)[rank] per task from one pass that counts around a sampled bracket.
+def select_in_bracket(n: int, D: int, rank, sample_scores: torch.Tensor | None, bracket_pass: Callable):
+    """Exact t_i = sort(score_i)[rank_i] per task (``rank``: one for all, or [n]) from one pass that
+    counts around a sampled bracket.
 
     ``bracket_pass(floor, ceiling)`` ([n] each) makes a pass and returns, per task, the numbers of
     scores > ceiling, == ceiling and == floor ([n] int64 each), and the list of the n tensors of
@@ -281,7 +323,8 @@ def select_in_bracket(n: int, D: int, rank: int, sample_scores: torch.Tensor | N
     misses t (improbable: six standard deviations), that bound is opened and the pass repeated.
     Returns (t, greater, at_least): [n] thresholds and the counts of scores > t and >= t.
     """
-    guess = None if sample_scores is None else bounds_from_sample(sample_scores, rank, D)
+    ranks = task_ranks(rank, n).tolist()
+    guess = None if sample_scores is None else bounds_from_sample(sample_scores, ranks, D)
     # fresh tensors either way (kthvalue results or full): opened in place below when they miss
     floor, ceiling = guess if guess is not None else (torch.full((n,), float("-inf")), torch.full((n,), float("inf")))
     while True:
@@ -291,7 +334,7 @@ def select_in_bracket(n: int, D: int, rank: int, sample_scores: torch.Tensor | N
             at_f = int(at_floor[i]) if floor[i] < ceiling[i] else 0  # one group when the bounds are equal
             at_c, top, values = int(at_ceiling[i]), int(above[i]), inside[i]
             below = D - top - at_c - at_f - values.numel()
-            r = rank - below  # rank of t among the entries from the floor up
+            r = ranks[i] - below  # rank of t among the entries from the floor up
             if r < 0:
                 floor[i], missed = float("-inf"), True
             elif r < at_f:
@@ -312,20 +355,21 @@ def select_in_bracket(n: int, D: int, rank: int, sample_scores: torch.Tensor | N
 COLLECTED_BYTES = 16  # per collected entry: int32 position, float32 score and tau, and a score copy
 
 
-def can_collect(source: TaskVectorSource, rank: int) -> bool:
-    """Whether the entries above rank ``rank`` of every task (with a margin) fit the source's budget."""
+def can_collect(source: TaskVectorSource, rank) -> bool:
+    """Whether the entries above rank ``rank`` (one, or [n]) of every task (with a margin) fit the
+    source's budget."""
     if source.comm is not None:
         return False  # distributed: thresholds from histograms summed over ranks
     if source.memory_budget is None:
         return True
-    entries = source.n * (source.D - rank) * 1.05 + source.n * 4096
+    entries = int((source.D - task_ranks(rank, source.n)).sum()) * 1.05 + source.n * 4096
     return entries * COLLECTED_BYTES <= source.memory_budget
 
 
-def threshold_by_radix(source: TaskVectorSource, score_blocks: Callable, rank: int, keep_ties: bool):
+def threshold_by_radix(source: TaskVectorSource, score_blocks: Callable, rank, keep_ties: bool):
     """(t, M, kept) by two passes of the exact radix select: no memory beyond the histograms."""
     n = source.n
-    selector = RadixSelect(n, torch.full((n, 1), rank), source.D, comm=source.comm)
+    selector = RadixSelect(n, task_ranks(rank, n).unsqueeze(1), source.D, comm=source.comm)
     peak = torch.full((n,), float("-inf"))
     for _, scores in score_blocks():
         selector.count_high(scores)

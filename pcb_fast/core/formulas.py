@@ -69,12 +69,16 @@ def zero_sign_fill(sign_total, sign_ties: str) -> torch.Tensor:
     return torch.ones(())
 
 
-def disjoint_mean(weighted: torch.Tensor, sign: torch.Tensor, fill: torch.Tensor, lam) -> torch.Tensor:
+def disjoint_mean(weighted: torch.Tensor, sign: torch.Tensor, fill: torch.Tensor, lam,
+                  normalize: bool = True) -> torch.Tensor:
     """Mean of the entries agreeing with the elected sign (authors' disjoint_merge; with ``lam``,
-    mergekit's weighted form: divide by the sum of the agreeing weights)."""
+    mergekit's weighted form: divide by the sum of the agreeing weights); without ``normalize``
+    (mergekit's option), their sum."""
     sign = torch.where(sign == 0, fill, sign)
     agree = torch.where(sign > 0, weighted > 0, weighted < 0)
     selected = weighted * agree
+    if not normalize:
+        return sum_over_tasks(selected)
     if lam is None:
         return sum_over_tasks(selected) / torch.clamp(sum_over_tasks(agree.float()), min=1)
     weight = sum_over_tasks(agree.float() * lam)

@@ -145,14 +145,14 @@ def _mix32(x):
     return x ^ (x >> 15)
 
 
-def _elect_and_mean(weighted, lam, fill):
+def _elect_and_mean(weighted, lam, fill, divide):
     """TIES' sign election and disjoint mean of a block, before the whole-model zero-sum sign is
     known: (merged values with zero-sum positions given ``fill``, sum of the elected signs,
     number of "undecided" positions, whose value depends on that fill: zero sum, some entry
     non-zero). A block without undecided positions is final whatever the fill.
 
     The mean is reference_baselines.disjoint_mean with lambdas (which equals the unweighted form
-    when lam is all ones)."""
+    when lam is all ones); ``divide`` 0 (a 0-dim tensor) gives the sum instead (normalize=False)."""
     total = _sum_rows(weighted)
     sign = torch.sign(total)
     undecided = ((total == 0) & (weighted.abs().amax(0) > 0)).sum()
@@ -160,20 +160,20 @@ def _elect_and_mean(weighted, lam, fill):
     # Written without an [n, m] "agree" mask: inductor would store it as bytes, slowly, between loops.
     num = _sum_rows(torch.where(positive, torch.where(weighted > 0, weighted, 0.0), torch.where(weighted < 0, weighted, 0.0)))
     den = _sum_rows(torch.where(positive, torch.where(weighted > 0, lam, 0.0), torch.where(weighted < 0, lam, 0.0)))
-    return num / torch.where(den == 0, 1.0, den), sign.sum(dtype=torch.int64), undecided
+    return num / torch.where((den == 0) | (divide == 0), 1.0, den), sign.sum(dtype=torch.int64), undecided
 
 
 @Fusable
-def ties_block(tv, t, cut, lam, fill):
+def ties_block(tv, t, cut, lam, fill, divide):
     """TIES on a block: see :func:`_elect_and_mean`."""
-    return _elect_and_mean(_trimmed(tv, t, cut, lam), lam, fill)
+    return _elect_and_mean(_trimmed(tv, t, cut, lam), lam, fill, divide)
 
 
 @Fusable
-def dare_ties_block(tv, stream, stream_high, lo, threshold, scale, lam, fill):
+def dare_ties_block(tv, stream, stream_high, lo, threshold, scale, lam, fill, divide):
     """DARE-TIES on a block: :func:`_elect_and_mean`, kept entries and max |tau| per task."""
     weighted, keep = _dropped(tv, stream, stream_high, lo, threshold, scale, lam)
-    return *_elect_and_mean(weighted, lam, fill), keep.sum(1), _row_max_abs(tv)
+    return *_elect_and_mean(weighted, lam, fill, divide), keep.sum(1), _row_max_abs(tv)
 
 
 @Fusable

@@ -18,6 +18,22 @@ from ..core.sources import DEFAULT_BLOCK_WIDTH, row_length
 from ..cpu import fused as fused_cpu, native
 
 
+def check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be true or false")
+    return value
+
+
+def normalizing_divisor(lam, n: int, normalize: bool):
+    """mergekit's ``normalize: true`` for task arithmetic, DARE and Breadcrumbs: divide the weighted
+    sum by the sum of the weights (n without ``lambdas``), or by 1 where that sum is within 1e-8
+    of 0; None without ``normalize``."""
+    if not check_flag("normalize", normalize):
+        return None
+    total = float(n) if lam is None else float(lam.sum())
+    return 1.0 if abs(total) < 1e-8 else total
+
+
 def _weighted_sums(source, sink, lam, masked=None, divisor=None, whole_rows=False, block_width=DEFAULT_BLOCK_WIDTH):
     """One pass: sink(sum_i lam_i * masked(block)_i [/ divisor]); returns entries kept per task."""
     kept = torch.zeros(source.n, dtype=torch.int64)
@@ -45,10 +61,12 @@ def merge_average(source, sink, *, lambdas=None, block_width=DEFAULT_BLOCK_WIDTH
     return _weighted_sums(source, sink, lam, divisor=divisor, block_width=block_width)
 
 
-def merge_task_arithmetic(source, sink, *, lambdas=None, block_width=DEFAULT_BLOCK_WIDTH):
+def merge_task_arithmetic(source, sink, *, normalize=False, lambdas=None, block_width=DEFAULT_BLOCK_WIDTH):
     """Task arithmetic (Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023):
-    theta_pre + lam * sum_i lambda_i tau_i."""
-    return _weighted_sums(source, sink, lambda_column(lambdas, source.n), block_width=block_width)
+    theta_pre + lam * sum_i lambda_i tau_i (``normalize``: divided by sum_i lambda_i, mergekit's option)."""
+    lam = lambda_column(lambdas, source.n)
+    return _weighted_sums(source, sink, lam, divisor=normalizing_divisor(lam, source.n, normalize),
+                          block_width=block_width)
 
 
 def check_drop(p) -> float:
@@ -58,17 +76,85 @@ def check_drop(p) -> float:
     return p
 
 
+def check_drops(p, n: int):
+    """One drop probability for every task (a float), or one per task (a list of n floats)."""
+    if isinstance(p, (list, tuple)):
+        if len(p) != n:
+            raise ValueError(f"p has {len(p)} values but there are {n} models; give one per model")
+        return [check_drop(x) for x in p]
+    return check_drop(p)
+
+
+RESCALE = ("inverse", "l1", "none")
+L1_EPS = 1e-7  # mergekit's: below it, a norm is treated as zero and the kept entries are not rescaled
+
+
+def l1_factors(source, keep_mask, block_width: int) -> torch.Tensor:
+    """[n, 1] float32 factors of ``rescale="l1"`` (mergekit's ``rescale: true``): per task,
+    sum |tau_i| / sum |tau_i * keep_i| over the source (a tensor, or the whole model in global
+    scope), 1 where either sum is below 1e-7. One pass, with the NaN/Inf check; ``keep_mask(block)``
+    gives the block's [n, m] kept mask. A tensor that fits one block is summed by torch.sum in
+    float32 (the bits of mergekit's ``tensor.abs().sum()``); the block sums of a larger tensor, and
+    the tensors of a whole model, are added in float64."""
+    n = source.n
+    sums = {}  # segment key -> float64 [2, n]: sum |tau|, sum |tau * keep|
+    for block in source.blocks(block_width):
+        raise_if_not_finite(source, block, block.tv.abs().amax(1))
+        masked = block.tv * keep_mask(block)
+        total = sums.setdefault(block.segment.key, torch.zeros(2, n, dtype=torch.float64))
+        for i in range(n):  # row by row: the reduction mergekit makes over one tensor
+            total[0, i] += float(block.tv[i].abs().sum())
+            total[1, i] += float(masked[i].abs().sum())
+    # each tensor's sums rounded to float32 (a no-op for a tensor of one block), then added
+    before, after = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    for total in sums.values():
+        before += total[0].float().double()
+        after += total[1].float().double()
+    before, after = before.float(), after.float()
+    factors = torch.where((before < L1_EPS) | (after < L1_EPS), torch.ones(n), before / after)
+    return factors.unsqueeze(1)
+
+
 def check_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed={seed!r} must be a non-negative integer")
     return seed
 
 
-def dare_block(block, p: float, seed: int):
-    """(tau * keep / (1 - p), keep) for a block: DARE's drop from the counter-based generator."""
-    keep = torch.stack([rng.keep_mask(seed, i, block.segment.key, block.lo, block.hi, p)
+def dare_keep(block, p, seed: int) -> torch.Tensor:
+    """[n, m] DARE keep mask of a block (``p``: one drop probability, or one per task)."""
+    ps = p if isinstance(p, list) else [p] * block.tv.shape[0]
+    return torch.stack([rng.keep_mask(seed, i, block.segment.key, block.lo, block.hi, ps[i])
                         for i in range(block.tv.shape[0])])
+
+
+def dare_block(block, p, seed: int, rescale: str = "inverse", factors: torch.Tensor | None = None):
+    """(dropped block, keep) for a block: DARE's drop from the counter-based generator, the survivors
+    rescaled by 1/(1 - p) (``rescale="inverse"``, the paper's), by the [n, 1] ``factors`` of
+    :func:`l1_factors` ("l1", mergekit's), or not at all ("none")."""
+    keep = dare_keep(block, p, seed)
+    if rescale == "none":
+        return block.tv * keep, keep
+    if rescale == "l1":
+        return block.tv * keep * factors, keep
+    if isinstance(p, list):  # 1 - p_i rounded to float32, as the scalar divisor is
+        return block.tv * keep / torch.tensor([1 - x for x in p], dtype=torch.float32).unsqueeze(1), keep
     return block.tv * keep / (1 - p), keep
+
+
+def dare_options(source, p, seed, rescale, block_width):
+    """Validated (p, seed, rescale, l1 factors or None) of DARE and DARE-TIES."""
+    p, seed = check_drops(p, source.n), check_seed(seed)
+    checks.check_choice("rescale", rescale, RESCALE)
+    factors = None
+    if rescale == "l1":
+        factors = l1_factors(source, lambda block: dare_keep(block, p, seed), source.block_width(block_width))
+    return p, seed, rescale, factors
+
+
+def fusable_drop(p, rescale: str) -> bool:
+    """Whether the compiled DARE loops (one drop probability, the 1/(1 - p) rescale) apply."""
+    return not isinstance(p, list) and rescale == "inverse"
 
 
 def dare_drop_args(block, p: float, seed: int) -> tuple:
@@ -81,12 +167,21 @@ def dare_drop_args(block, p: float, seed: int) -> tuple:
             torch.tensor(block.lo), torch.tensor(rng.keep_threshold(p)), torch.tensor(1 - p, dtype=torch.float32))
 
 
-def merge_dare(source, sink, *, p=0.9, seed=0, lambdas=None, block_width=DEFAULT_BLOCK_WIDTH):
+def merge_dare(source, sink, *, p=0.9, seed=0, rescale="inverse", normalize=False, lambdas=None,
+               block_width=DEFAULT_BLOCK_WIDTH):
     """DARE (Yu et al., "Language Models are Super Mario", ICML 2024): drop each entry of each task
     vector with probability p, rescale the survivors by 1/(1-p), then task arithmetic. The drop of
-    entry j of key k in task i is a pure function of (seed, i, k, j): see pcb_fast.rng."""
-    p, seed = check_drop(p), check_seed(seed)
-    if fused_cpu.applies(source):  # the drop, the sum and the NaN check in one compiled loop per block
+    entry j of key k in task i is a pure function of (seed, i, k, j): see pcb_fast.rng.
+
+    mergekit's options: ``p`` per task (a list: mergekit's per-model density is 1 - p),
+    ``rescale="l1"`` (the survivors of each task rescaled so that their L1 norm is the task
+    vector's, per tensor in scope "tensor"; mergekit's ``rescale: true``) or ``"none"``, and
+    ``normalize`` (divide by the sum of the weights)."""
+    lam = lambda_column(lambdas, source.n)
+    divisor = normalizing_divisor(lam, source.n, normalize)
+    p, seed, rescale, factors = dare_options(source, p, seed, rescale, block_width)
+    if fused_cpu.applies(source) and fusable_drop(p, rescale) and divisor is None:
+        # the drop, the sum and the NaN check in one compiled loop per block
         lam = fused_cpu.weights(lambda_column(lambdas, source.n), source.n)
         kept = torch.zeros(source.n, dtype=torch.int64)
         for block in source.blocks(block_width):
@@ -95,17 +190,40 @@ def merge_dare(source, sink, *, p=0.9, seed=0, lambdas=None, block_width=DEFAULT
             kept += keep
             sink(block.segment, block.lo, block.hi, total)
         return kept
-    return _weighted_sums(source, sink, lambda_column(lambdas, source.n), masked=lambda b: dare_block(b, p, seed),
-                          block_width=block_width)
+    return _weighted_sums(source, sink, lam, masked=lambda b: dare_block(b, p, seed, rescale, factors),
+                          divisor=divisor, block_width=block_width)
 
 
-def check_band(gamma, beta) -> tuple[float, float]:
+def check_band(gamma, beta, band: str = "row") -> tuple[float, float]:
     gamma, beta = checks.as_float("gamma", gamma), checks.as_float("beta", beta)
     if not (0.0 <= gamma < 1.0):
         raise ValueError(f"gamma={gamma!r} is out of range; valid: 0 <= gamma < 1 (the top fraction dropped)")
-    if not (0.0 < beta <= 1.0) or gamma + beta > 1.0:
+    if band == "tensor":  # mergekit's band: the drop shrinks when gamma + beta > 1
+        if not (0.0 < beta <= 1.0):
+            raise ValueError(f"beta={beta!r} is out of range; valid: 0 < beta <= 1 (the fraction kept)")
+    elif not (0.0 < beta <= 1.0) or gamma + beta > 1.0:
         raise ValueError(f"beta={beta!r} is out of range; valid: 0 < beta <= 1 - gamma (the fraction kept below the top)")
     return gamma, beta
+
+
+BANDS = ("row", "tensor")
+
+
+def check_bands(gamma, beta, band: str, n: int):
+    """(gamma, beta): floats, or with ``band="tensor"`` lists of one per task (per-model density)."""
+    checks.check_choice("band", band, BANDS)
+    lists = isinstance(gamma, (list, tuple)) or isinstance(beta, (list, tuple))
+    if not lists:
+        return check_band(gamma, beta, band)
+    if band != "tensor":
+        raise ValueError("gamma and beta per model need band='tensor' (mergekit's band over each tensor)")
+    for name, value in (("gamma", gamma), ("beta", beta)):
+        if isinstance(value, (list, tuple)) and len(value) != n:
+            raise ValueError(f"{name} has {len(value)} values but there are {n} models; give one per model")
+    gammas = list(gamma) if isinstance(gamma, (list, tuple)) else [gamma] * n
+    betas = list(beta) if isinstance(beta, (list, tuple)) else [beta] * n
+    pairs = [check_band(g, b, band) for g, b in zip(gammas, betas)]
+    return [g for g, _ in pairs], [b for _, b in pairs]
 
 
 def band_bounds(magnitude: torch.Tensor, drop: int, keep: int):
@@ -150,14 +268,53 @@ def breadcrumbs_block(block, gamma: float, beta: float):
     return block.tv * mask, mask
 
 
-def merge_breadcrumbs(source, sink, *, gamma=0.01, beta=0.1, lambdas=None, block_width=DEFAULT_BLOCK_WIDTH):
+def tensor_band_block(block, gamma, beta):
+    """(tau * band, band) for a block holding whole tensors' task vectors ([n, numel], one segment):
+    mergekit's Breadcrumbs band over each tensor. Per task (``gamma``, ``beta``: floats or lists of
+    n), with N = numel, keep = int(beta N) and drop = min(int(gamma N), N - keep): the entries of
+    descending rank [drop, drop + keep) of |tau|, ties ranked as mergekit's stable ascending sort
+    ranks them (of equal magnitudes, the later position counts as the larger)."""
+    n, N = block.tv.shape
+    gammas = gamma if isinstance(gamma, list) else [gamma] * n
+    betas = beta if isinstance(beta, list) else [beta] * n
+    magnitude = block.tv.abs()
+    mask = torch.empty(n, N, dtype=torch.bool)
+    for i in range(n):
+        keep = int(betas[i] * N)
+        drop = min(int(gammas[i] * N), N - keep)
+        # band_mask ranks ties by position, the first as the larger: on the reversed row, the last
+        mask[i] = band_mask(magnitude[i : i + 1].flip(-1), drop, keep).flip(-1)[0]
+    return block.tv * mask, mask
+
+
+def breadcrumbs_blocks(source, gamma, beta, band: str, block_width: int):
+    """(block, masked block, mask) of every block: whole rows (band "row") or whole tensors ("tensor")."""
+    if band == "tensor":
+        for block in source.blocks(max(s.numel for s in source.segments)):
+            yield block, *tensor_band_block(block, gamma, beta)
+    else:
+        for block in source.blocks(block_width, whole_rows=True):
+            yield block, *breadcrumbs_block(block, gamma, beta)
+
+
+def merge_breadcrumbs(source, sink, *, gamma=0.01, beta=0.1, band="row", normalize=False, lambdas=None,
+                      block_width=DEFAULT_BLOCK_WIDTH):
     """Model Breadcrumbs (Davari & Belilovsky, ECCV 2024): in every row (last dimension) of every
-    tensor, drop the int(gamma L) largest |tau| and keep the next int(beta L); then task arithmetic."""
-    gamma, beta = check_band(gamma, beta)
-    if fused_cpu.applies(source):
-        return _merge_breadcrumbs_fused(source, sink, gamma, beta, lambda_column(lambdas, source.n), block_width)
-    return _weighted_sums(source, sink, lambda_column(lambdas, source.n),
-                          masked=lambda b: breadcrumbs_block(b, gamma, beta), whole_rows=True, block_width=block_width)
+    tensor, drop the int(gamma L) largest |tau| and keep the next int(beta L); then task arithmetic.
+
+    ``band="tensor"`` is mergekit's: the band is taken over each whole tensor (N entries; gamma
+    and beta may then be lists, one per task), the drop shrinking so that int(beta N) entries are
+    kept; the tensor is read whole. ``normalize``: divide by the sum of the weights (mergekit)."""
+    gamma, beta = check_bands(gamma, beta, band, source.n)
+    lam = lambda_column(lambdas, source.n)
+    divisor = normalizing_divisor(lam, source.n, normalize)
+    if band == "tensor":
+        return _weighted_sums(source, sink, lam, masked=lambda b: tensor_band_block(b, gamma, beta), divisor=divisor,
+                              block_width=max(s.numel for s in source.segments))
+    if fused_cpu.applies(source) and divisor is None:
+        return _merge_breadcrumbs_fused(source, sink, gamma, beta, fused_cpu.weights(lam, source.n), block_width)
+    return _weighted_sums(source, sink, lam, masked=lambda b: breadcrumbs_block(b, gamma, beta), divisor=divisor,
+                          whole_rows=True, block_width=block_width)
 
 
 def _fused_band_bounds(tv: torch.Tensor, drop: int, keep: int):
@@ -176,7 +333,6 @@ def _merge_breadcrumbs_fused(source, sink, gamma, beta, lam, block_width):
     tasks and the NaN check in one compiled loop per block; rows where a bound repeats (ties ranked
     by position) are redone with the eager band_mask."""
     n = source.n
-    lam = fused_cpu.weights(lam, n)
     kept = torch.zeros(n, dtype=torch.int64)
     for block in source.blocks(block_width, whole_rows=True):
         row = row_length(block.segment.shape)

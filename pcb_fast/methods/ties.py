@@ -29,7 +29,7 @@ from ..core.engine import ColumnSample, raise_if_not_finite, select_in_bracket, 
 from ..core.formulas import disjoint_mean, elected_signs, lambda_column, zero_sign_fill
 from ..core.sources import DEFAULT_BLOCK_WIDTH
 from ..cpu import fused as fused_cpu
-from .linear import check_drop, check_seed, dare_block, dare_drop_args
+from .linear import breadcrumbs_blocks, check_bands, check_flag, dare_block, dare_drop_args, dare_options, fusable_drop
 
 SIGN_TIES = ("majority", "positive")
 TOPK = ("threshold", "exact")
@@ -42,6 +42,27 @@ def check_density(density) -> float:
     return d
 
 
+def check_densities(density, n: int):
+    """One density for every task (a float), or one per task (a list of n floats: per-model density)."""
+    if isinstance(density, (list, tuple)):
+        if len(density) != n:
+            raise ValueError(f"density has {len(density)} values but there are {n} models; give one per model")
+        return [check_density(d) for d in density]
+    return check_density(density)
+
+
+def check_min_keep(min_keep) -> int:
+    if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 0:
+        raise ValueError(f"min_keep={min_keep!r} must be a non-negative integer (mergekit keeps at least 1)")
+    return min_keep
+
+
+def keep_counts(D: int, density, min_keep: int, n: int) -> torch.Tensor:
+    """[n] int64 entries each task keeps: int(D * density_i), at least ``min_keep`` (at most D)."""
+    densities = density if isinstance(density, list) else [density] * n
+    return torch.tensor([min(D, max(min_keep, int(D * d))) for d in densities], dtype=torch.int64)
+
+
 class Trim:
     """The TIES trim of a source: construction runs the passes that find each task's threshold (the
     NaN/Inf check and column sample, then :func:`select_threshold`); then either
@@ -50,10 +71,11 @@ class Trim:
     :meth:`dense_blocks` yields (block, kept mask [n, m]) on every sweep over the task vectors.
     """
 
-    def __init__(self, source, density: float, topk: str, block_width: int):
+    def __init__(self, source, density, topk: str, block_width: int, min_keep: int = 0):
         self.source, self.topk, self.block_width = source, topk, block_width
         n, D = source.n, source.D
-        self.keep = int(D * density)
+        # [n] entries kept per task: int(D * density_i) (a density per task, or one for all)
+        self.keep = keep_counts(D, density, min_keep, n)
         self._buffer = torch.empty(n * block_width)
         sample = ColumnSample(D, n)
         for block in source.blocks(block_width):  # NaN/Inf check and column sample
@@ -61,14 +83,17 @@ class Trim:
             sample.add(block)
         # "threshold": t = sort(|tau|)[D - keep - 1], keep >= t; "exact": t = sort(|tau|)[D - keep], keep > t
         # plus the first entries equal to t (by position) up to exactly `keep`.
-        rank = D - self.keep - 1 if topk == "threshold" else D - self.keep
+        ranks = D - self.keep - 1 if topk == "threshold" else D - self.keep
         self.collected = None
         # every entry kept (True), none (False: exact top-0), or a threshold to find (None)
-        self.everything = rank < 0 if (rank < 0 or rank >= D) else None
+        self.everything = True if bool((ranks < 0).all()) else False if bool((ranks >= D).all()) else None
         if self.everything is None:
+            # A task keeping everything (rank -1: t = min, all >= t) or, exactly, nothing (rank D:
+            # t = max, no entry above it and no tie budget) among others: clamping gives the same.
+            ranks = ranks.clamp(0, D - 1)
             sample_scores = sample.scores(lambda tv: self._magnitude(tv).clone())
             self.t, _, self.collected, self.at_or_above = select_threshold(
-                source, self._magnitude_blocks, rank, sample_scores, keep_ties=True)
+                source, self._magnitude_blocks, ranks, sample_scores, keep_ties=True)
 
     @property
     def dense(self) -> bool:
@@ -140,23 +165,28 @@ def _equal_counts(score_blocks, column: torch.Tensor) -> torch.Tensor:
     return counts
 
 
-def merge_ties(source, sink, *, density=0.2, sign_ties="majority", topk="threshold", lambdas=None,
-               block_width=DEFAULT_BLOCK_WIDTH):
+def merge_ties(source, sink, *, density=0.2, sign_ties="majority", topk="threshold", normalize=True, min_keep=0,
+               lambdas=None, block_width=DEFAULT_BLOCK_WIDTH):
     """TIES-Merging; ``sink`` receives tau_m block by block. Returns entries kept per task.
+
+    ``density``: one for all tasks or a list with one per task (each task keeps its own count).
+    ``normalize=False`` (mergekit's option): the sum of the agreeing entries instead of their mean.
+    ``min_keep``: every task keeps at least this many entries (mergekit: 1).
 
     Both sweeps read only the collected entries (the kept ones and a thin margin below the
     threshold) and sum them per position in task order, the rounding of the literal formulation.
     Over the memory budget, both sweeps read the task vectors again instead (dense blocks).
     """
-    density = check_density(density)
+    density = check_densities(density, source.n)
     checks.check_choice("sign_ties", sign_ties, SIGN_TIES)
     checks.check_choice("topk", topk, TOPK)
+    normalize, min_keep = check_flag("normalize", normalize), check_min_keep(min_keep)
     lam = lambda_column(lambdas, source.n)
     block_width = source.block_width(block_width)
     if fused_cpu.applies(source):
-        return _merge_ties_fused(source, sink, density, sign_ties, topk, lam, block_width)
+        return _merge_ties_fused(source, sink, density, sign_ties, topk, lam, block_width, normalize, min_keep)
     kept_counts = torch.zeros(source.n, dtype=torch.int64)
-    trim = Trim(source, density, topk, block_width)
+    trim = Trim(source, density, topk, block_width, min_keep)
     if trim.dense:
 
         def weighted_blocks(first_sweep: bool):
@@ -166,7 +196,7 @@ def merge_ties(source, sink, *, density=0.2, sign_ties="majority", topk="thresho
                 value = block.tv * kept
                 yield block.segment, block.lo, block.hi, value if lam is None else value * lam
 
-        _elect_and_merge(weighted_blocks, sink, lam, sign_ties, source.comm)
+        _elect_and_merge(weighted_blocks, sink, lam, sign_ties, source.comm, normalize)
         return kept_counts
     trimmed, sign_total = [], 0
     for c, task, kept in trim.collected_blocks():
@@ -181,6 +211,9 @@ def merge_ties(source, sink, *, density=0.2, sign_ties="majority", topk="thresho
     for c, task, value, sign in trimmed:
         sign = torch.where(sign == 0, fill, sign)
         agree = torch.where(sign[c.flat - task * c.width] > 0, value > 0, value < 0)
+        if not normalize:  # mergekit's normalize: false: the sum of the agreeing entries
+            sink(c.segment, c.lo, c.hi, sum_kept(c, task, value * agree)[0])
+            continue
         weight = agree.float() if lam is None else agree * lam[task, 0]
         num, den = sum_kept(c, task, value * agree, weight)
         den = torch.clamp(den, min=1) if lam is None else torch.where(den == 0, 1.0, den)
@@ -191,22 +224,25 @@ def merge_ties(source, sink, *, density=0.2, sign_ties="majority", topk="thresho
 ALL_TIES = 1 << 62  # a cut past every position: every entry equal to the threshold is kept
 
 
-def _merge_ties_fused(source, sink, density, sign_ties, topk, lam, block_width):
+def _merge_ties_fused(source, sink, density, sign_ties, topk, lam, block_width, normalize=True, min_keep=0):
     """TIES with compiled block loops (pcb_fast.fused_cpu): the column sample (read in place from
     in-memory sources, else one pass); one pass counting |tau| around the sampled bracket, with the
     NaN check (the exact threshold comes from the few entries inside the bracket); for
     topk="exact" a pass counting the entries at the threshold; then one sweep that trims, elects
     and merges. Nothing is collected: memory stays at a few blocks."""
     n, D = source.n, source.D
-    keep = int(D * density)
+    keep = keep_counts(D, density, min_keep, n)
     lam = fused_cpu.weights(lam, n)
-    rank = D - keep - 1 if topk == "threshold" else D - keep
-    if rank < 0 or rank >= D:  # every entry kept (t below them all), or none (exact top-0)
+    ranks = D - keep - 1 if topk == "threshold" else D - keep
+    edge = bool((ranks < 0).all()) or bool((ranks >= D).all())
+    if edge:  # every entry kept (t below them all), or none (exact top-0)
+        everything = bool((ranks < 0).all())
         for block in source.blocks(block_width):
             raise_if_not_finite(source, block, block.tv.abs().amax(1))
-        t = torch.full((n, 1), float("-inf") if rank < 0 else float("inf"))
-        greater = kept = torch.full((n,), D if rank < 0 else 0)
+        t = torch.full((n, 1), float("-inf") if everything else float("inf"))
+        greater = kept = torch.full((n,), D if everything else 0)
     else:
+        rank = ranks.clamp(0, D - 1)  # a task keeping all or (exactly) none among others: see Trim
         sample = ColumnSample(D, n)
         if not sample.take_without_pass(source):
             for block in source.blocks(block_width):
@@ -228,12 +264,14 @@ def _merge_ties_fused(source, sink, density, sign_ties, topk, lam, block_width):
 
         t, greater, at_least = select_in_bracket(n, D, rank, sample.scores(torch.abs), bracket_pass)
         t = t.unsqueeze(1)
-        kept = at_least if topk == "threshold" else torch.full((n,), keep)
+        kept = at_least if topk == "threshold" else keep.clone()
     cuts = None if topk == "threshold" else _exact_cuts(source, t, keep - greater, block_width)
     every = torch.full((n, 1), ALL_TIES)
 
+    divide = torch.tensor(1.0 if normalize else 0.0)
+
     def merge_block(number, block, fill):
-        return fused_cpu.ties_block(block.tv, t, every if cuts is None else cuts[number], lam, fill)
+        return fused_cpu.ties_block(block.tv, t, every if cuts is None else cuts[number], lam, fill, divide)
 
     sweep_with_fill(source, sink, merge_block, sign_ties, block_width)
     return kept
@@ -277,39 +315,68 @@ def _exact_cuts(source, t, budget, block_width) -> list:
     return cuts
 
 
-def merge_dare_ties(source, sink, *, p=0.9, seed=0, sign_ties="majority", lambdas=None,
-                    block_width=DEFAULT_BLOCK_WIDTH):
+def merge_dare_ties(source, sink, *, p=0.9, seed=0, sign_ties="majority", rescale="inverse", normalize=True,
+                    lambdas=None, block_width=DEFAULT_BLOCK_WIDTH):
     """DARE-TIES (Yu et al. 2024 with Yadav et al. 2023): DARE's random drop and rescale, then TIES'
-    sign election and disjoint mean (the drop replaces TIES' magnitude trim, as in mergekit)."""
-    p, seed = check_drop(p), check_seed(seed)
+    sign election and disjoint mean (the drop replaces TIES' magnitude trim, as in mergekit).
+
+    mergekit's options: ``p`` per task, ``rescale`` ("l1" or "none", see
+    :func:`pcb_fast.methods.linear.merge_dare`), ``normalize=False`` (the sum of the agreeing entries,
+    mergekit's default for dare_ties, instead of their mean)."""
     checks.check_choice("sign_ties", sign_ties, SIGN_TIES)
+    normalize = check_flag("normalize", normalize)
     lam = lambda_column(lambdas, source.n)
-    if fused_cpu.applies(source):
-        return _merge_dare_ties_fused(source, sink, p, seed, sign_ties, lam, block_width)
+    p, seed, rescale, factors = dare_options(source, p, seed, rescale, block_width)
+    if fused_cpu.applies(source) and fusable_drop(p, rescale):
+        return _merge_dare_ties_fused(source, sink, p, seed, sign_ties, lam, block_width, normalize)
     kept_counts = torch.zeros(source.n, dtype=torch.int64)
 
     def weighted_blocks(first_sweep: bool):
         for block in source.blocks(block_width):
-            dropped, keep = dare_block(block, p, seed)
+            dropped, keep = dare_block(block, p, seed, rescale, factors)
             if first_sweep:  # the NaN/Inf check and the counts need one sweep only
                 raise_if_not_finite(source, block, block.tv.abs().amax(1))
                 kept_counts.add_(keep.sum(1))
             yield block.segment, block.lo, block.hi, dropped if lam is None else dropped * lam
 
-    _elect_and_merge(weighted_blocks, sink, lam, sign_ties, source.comm)
+    _elect_and_merge(weighted_blocks, sink, lam, sign_ties, source.comm, normalize)
     return kept_counts
 
 
-def _merge_dare_ties_fused(source, sink, p, seed, sign_ties, lam, block_width):
+def merge_breadcrumbs_ties(source, sink, *, gamma=0.01, beta=0.1, band="row", sign_ties="majority", normalize=True,
+                           lambdas=None, block_width=DEFAULT_BLOCK_WIDTH):
+    """Breadcrumbs-TIES (mergekit's breadcrumbs_ties): Model Breadcrumbs' magnitude band
+    (:func:`pcb_fast.methods.linear.merge_breadcrumbs`, per row or, ``band="tensor"``, per tensor)
+    replaces TIES' trim, then TIES' sign election and disjoint mean (``normalize=False``: the sum
+    of the agreeing entries, mergekit's default for this method)."""
+    gamma, beta = check_bands(gamma, beta, band, source.n)
+    checks.check_choice("sign_ties", sign_ties, SIGN_TIES)
+    normalize = check_flag("normalize", normalize)
+    lam = lambda_column(lambdas, source.n)
+    kept_counts = torch.zeros(source.n, dtype=torch.int64)
+
+    def weighted_blocks(first_sweep: bool):
+        for block, masked, mask in breadcrumbs_blocks(source, gamma, beta, band, block_width):
+            if first_sweep:
+                raise_if_not_finite(source, block, block.tv.abs().amax(1))
+                kept_counts.add_(mask.sum(1))
+            yield block.segment, block.lo, block.hi, masked if lam is None else masked * lam
+
+    _elect_and_merge(weighted_blocks, sink, lam, sign_ties, source.comm, normalize)
+    return kept_counts
+
+
+def _merge_dare_ties_fused(source, sink, p, seed, sign_ties, lam, block_width, normalize=True):
     """DARE-TIES with compiled block loops: the drop, the election, the mean and the NaN check in
     one sweep (blocks with undecided positions merged again, see :func:`sweep_with_fill`)."""
     n = source.n
     lam = fused_cpu.weights(lam, n)
     kept_counts, counted = torch.zeros(n, dtype=torch.int64), set()
+    divide = torch.tensor(1.0 if normalize else 0.0)
 
     def merge_block(number, block, fill):
         values, signs, undecided, kept, row_max = fused_cpu.dare_ties_block(block.tv, *dare_drop_args(block, p, seed),
-                                                                             lam, fill)
+                                                                             lam, fill, divide)
         if number not in counted:  # a block merged again is counted once
             counted.add(number)
             raise_if_not_finite(source, block, row_max)
@@ -320,9 +387,10 @@ def _merge_dare_ties_fused(source, sink, p, seed, sign_ties, lam, block_width):
     return kept_counts
 
 
-def _elect_and_merge(weighted_blocks, sink, lam, sign_ties: str, comm=None) -> None:
+def _elect_and_merge(weighted_blocks, sink, lam, sign_ties: str, comm=None, normalize: bool = True) -> None:
     """Two sweeps over dense [n, m] blocks: the whole-model sum of the elected signs, then the
-    disjoint mean per block (the literal formulation's functions, block by block)."""
+    disjoint mean (or, without ``normalize``, sum) per block (the literal formulation's functions,
+    block by block)."""
     sign_total = torch.zeros((), dtype=torch.int64)
     for *_, weighted in weighted_blocks(True):
         sign_total += elected_signs(weighted).sum().long()
@@ -330,4 +398,4 @@ def _elect_and_merge(weighted_blocks, sink, lam, sign_ties: str, comm=None) -> N
         comm.sum_(sign_total)
     fill = zero_sign_fill(int(sign_total), sign_ties)
     for segment, lo, hi, weighted in weighted_blocks(False):
-        sink(segment, lo, hi, disjoint_mean(weighted, elected_signs(weighted), fill, lam))
+        sink(segment, lo, hi, disjoint_mean(weighted, elected_signs(weighted), fill, lam, normalize))
