@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--config", help="a YAML merge configuration (mergekit's format, a subset) instead of the "
                                         "merge flags below")
     _model_flags(merge)
+    merge.add_argument("--adapter", action="append",
+                       help="a PEFT LoRA adapter folder of --base (adapter_config.json, adapter_model.safetensors), "
+                            "merged as a model without materialising its delta (repeat for each; instead of --model)")
     merge.add_argument("--lambdas", help="per-model weights, comma-separated, one per --model")
     merge.add_argument("--dtype", help="output dtype of floating tensors: float32, float16, bfloat16 (default: "
                                        "the base's)")
@@ -135,6 +138,10 @@ def _output_flags(parser) -> None:
 def merge_arguments(args) -> dict:
     """Keyword arguments of ``merge_checkpoints`` from the parsed flags (or the --config file)."""
     given = [name for name in MERGE_FLAGS if getattr(args, name) is not None]
+    if args.adapter and args.config:
+        raise ValueError("--adapter cannot be combined with --config (a config lists models); give --base and --adapter")
+    if args.adapter and args.model:
+        raise ValueError("--model and --adapter cannot be combined; merge fine-tuned models or LoRA adapters")
     if args.config:
         if given:
             raise ValueError(f"--{given[0].replace('_', '-')} cannot be combined with --config; put it in the config")
@@ -144,9 +151,9 @@ def merge_arguments(args) -> dict:
     else:
         if not args.base:
             raise ValueError("--base is required (or --config)")
-        if not args.model:
+        if not args.model and not args.adapter:
             raise ValueError("at least one --model is required")
-        kwargs = dict(base=args.base, models=args.model)
+        kwargs = dict(base=args.base, adapters=args.adapter) if args.adapter else dict(base=args.base, models=args.model)
         if args.method is not None:
             from .io.config import ALIASES
 
@@ -179,9 +186,15 @@ def run_merge(args) -> int:
     if args.config:  # the config file is an input too (the models are checked by merge_checkpoints)
         check_not_an_input(args.out, [("the config file", args.config)])
     kwargs = merge_arguments(args)
+    merger = merge_checkpoints
+    if "adapters" in kwargs:  # LoRA adapters, merged without materialising their deltas (io/lora.py)
+        from .io.lora import merge_adapters as merger
+
+        if kwargs.pop("distributed"):
+            raise ValueError("--distributed does not merge --adapter folders in this version")
     report = {}
     try:
-        merge_checkpoints(**kwargs, progress=None if args.quiet else _progress_bars, report=report)
+        merger(**kwargs, progress=None if args.quiet else _progress_bars, report=report)
     except MergeFailed as e:
         if args.verbose:
             raise

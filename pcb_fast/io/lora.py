@@ -1,0 +1,626 @@
+"""LoRA adapters as models, merged without materialising their deltas.
+
+A PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``, or
+``adapter_model.bin``) fine-tunes a base model by low-rank factors: for a module ``m`` whose
+weight W is [out, in], ``base_model.model.m.lora_A.weight`` is A [r, in] and ``...lora_B.weight``
+is B [out, r], and the fine-tuned weight is W + scale * B @ A with scale = lora_alpha / r
+(``use_rslora``: lora_alpha / sqrt(r)). Its task vector is therefore tau = scale * B @ A, and
+:class:`LoraSource` forms it block by block from the factors inside the engine (docs/design.md
+3.1): merging n adapters holds the factors and a few blocks, never n dense deltas. A key of the
+base model that an adapter does not touch has tau = 0 for that task, so global statistics run over
+every merged entry of the model, zeros included, exactly as if the fine-tuned models had been
+materialised.
+
+PEFT's conventions, as PEFT 0.21 writes and merges adapters (``LoraLayer.update_layer``,
+``get_delta_weight``, ``get_peft_model_state_dict``):
+
+- keys ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight`` (Linear; Conv1d/2d/3d with a
+  1x1 ``lora_B``, the delta reshaped to the kernel), ``<module>.lora_embedding_A`` [r, num] /
+  ``lora_embedding_B`` [dim, r] (Embedding: tau = (B @ A)^T * scale), ``lora_B.bias``
+  (``lora_bias``: the bias moves by scale * lora_B.bias);
+- ``fan_in_fan_out`` (GPT-2's Conv1D, weights stored [in, out]): tau = (B @ A)^T * scale;
+- per-module ``rank_pattern`` / ``alpha_pattern`` (a pattern p matches module m when m is p or ends
+  in ".p", as PEFT's ``get_pattern_key``); the rank is the factors' (checked against the config);
+- full tensors saved beside the factors (``modules_to_save``, ``bias="all"``/``"lora_only"``, saved
+  embedding layers, ``<module>.base_layer.<name>`` for a wrapped layer): tau = saved - base;
+- refused with a one-line error: DoRA and the other variants whose merge is not scale * B @ A
+  (Arrow, BD-LoRA, aLoRA, MonteCLoRA, MiCA, KaSA, QALoRA), initialisations that change the base
+  weights and are saved unconverted (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ), ``layer_replication``,
+  ``trainable_token_indices``, ``target_parameters``, other PEFT types.
+
+tau is computed in float32 (factors of any floating dtype are upcast, as PEFT does on CPU, but its
+delta is not rounded back to the adapter's dtype) as ``(L[rows] @ R) * scale``, by a one-thread
+matmul over fixed groups of whole rows whose size depends only on the tensor's shape: BLAS sums
+the r products in an order that depends on the matrix shapes and on the thread count, so this is
+what makes the values the same in every pass, for every block width, memory budget and torch
+thread setting. They equal PEFT's ``(B @ A) * scale`` up to the float32 summation order of the r
+products (exactly, when those sums are exact).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..core import checks, engine
+from ..core.formulas import merged_weights
+from ..core.sources import DEFAULT_BLOCK_WIDTH, Block, Segment, TaskVectorSource
+from ..core.threads import CpuThreads, check_threads
+from ..cpu import fused as fused_cpu
+from ..methods import METHODS
+from .checkpoints import MERGED_DTYPES, open_checkpoint, split_keys
+from .safetensors import NotAFileError, read_regular, show
+from .tied import tied_groups
+
+CONFIG = "adapter_config.json"
+WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+PREFIX = "base_model.model."
+# entries of one group of whole rows of a product (one row when a row is longer): 256 KiB of float32
+GROUP_ENTRIES = 1 << 16
+CONFIG_LIMIT = 1 << 24
+
+# LoraConfig fields whose adapters do not merge as W + scale * B @ A
+VARIANTS = {"use_dora": "DoRA", "arrow_config": "Arrow", "use_bdlora": "BD-LoRA", "alora_invocation_tokens":
+            "aLoRA (activated LoRA)", "monteclora_config": "MonteCLoRA", "kasa_config": "KaSA", "use_qalora": "QALoRA",
+            "layer_replication": "layer_replication", "trainable_token_indices": "trainable_token_indices",
+            "target_parameters": "target_parameters (LoRA on nn.Parameter)"}
+# initialisations that change the base weights: an adapter saved without conversion is relative to them
+MUTATING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq", "mica")
+
+
+@dataclass
+class Product:
+    """tau = (L @ R) * scale, viewed flat as the target tensor (row-major [rows, cols])."""
+
+    L: torch.Tensor  # float32 [rows, r], contiguous
+    R: torch.Tensor  # float32 [r, cols], contiguous
+    scale: float
+    where: str  # the adapter's keys, for messages
+
+    @property
+    def group_rows(self) -> int:
+        return max(1, GROUP_ENTRIES // self.R.shape[1])
+
+
+@dataclass
+class Full:
+    """tau = value - base, the value saved whole in the adapter file under ``key``."""
+
+    key: str
+
+
+@dataclass
+class Adapter:
+    name: str
+    path: Path
+    checkpoint: object  # the adapter file (io.checkpoints.Checkpoint), for Full tensors
+    deltas: dict  # base key -> Product | Full
+    config: dict
+
+
+# ---- reading an adapter folder
+
+
+def _read_config(folder: Path, name: str) -> dict:
+    path = folder / CONFIG
+    if not os.path.lexists(path):
+        raise ValueError(f"{name}: no {CONFIG} in {folder}; a PEFT adapter folder holds {CONFIG} and "
+                         f"{WEIGHTS[0]}")
+    try:
+        raw = read_regular(path, CONFIG_LIMIT)
+    except NotAFileError as e:
+        raise ValueError(f"{name}: {e}") from None
+    except OSError as e:
+        raise ValueError(f"{name}: cannot read {path} ({e.strerror or e})") from None
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ValueError(f"{name}: {CONFIG} is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{name}: {CONFIG} holds a {type(config).__name__}, expected a JSON object")
+    return config
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_config(config: dict, name: str) -> None:
+    """What this reader supports of a LoraConfig (one line naming the entry otherwise)."""
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise ValueError(f"{name}: {CONFIG} has peft_type={peft_type!r}; only LoRA adapters (peft_type 'LORA') are "
+                         "supported")
+    r = config.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ValueError(f"{name}: {CONFIG} has r={r!r}; expected a positive integer rank")
+    if not _number(config.get("lora_alpha")):
+        raise ValueError(f"{name}: {CONFIG} has lora_alpha={config.get('lora_alpha')!r}; expected a finite number")
+    for field in ("use_rslora", "fan_in_fan_out", "lora_bias"):
+        if not isinstance(config.get(field, False), bool):
+            raise ValueError(f"{name}: {CONFIG} has {field}={config.get(field)!r}; expected true or false")
+    for field, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
+        patterns = config.get(field) or {}
+        if not isinstance(patterns, dict) or not all(
+                isinstance(k, str) and isinstance(v, kind) and not isinstance(v, bool) and _number(v) and v > 0
+                for k, v in patterns.items()):
+            raise ValueError(f"{name}: {CONFIG} has {field}={patterns!r}; expected an object of module patterns to "
+                             "positive numbers")
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"{name}: {CONFIG}: {field} pattern {pattern!r} is not a regular expression: {e}") \
+                    from None
+    for field, what in VARIANTS.items():
+        if config.get(field):
+            raise ValueError(f"{name}: {what} adapters are not supported ({field} is set in {CONFIG}): their merge "
+                             "is not W + scale * B @ A")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(MUTATING_INITS):
+        raise ValueError(f"{name}: init_lora_weights={init!r} changes the base weights, so this adapter is relative "
+                         "to a modified base; save it converted (PEFT's path_initial_model_for_weight_conversion)")
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's get_pattern_key: the first pattern p with re.match(rf"(.*\\.)?({p})$", module)."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def _scale(config: dict, module: str, r: int) -> float:
+    alpha = _pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"])
+    return alpha / math.sqrt(r) if config.get("use_rslora", False) else alpha / r
+
+
+_FACTOR = re.compile(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B)")
+
+
+def open_adapter(path, name: str, base_ck, merged_keys, aliases=None) -> Adapter:
+    """Read and check a PEFT LoRA adapter folder against the base model (keys, shapes, ranks): the
+    factors are loaded (float32), full tensors are read slice by slice during the passes."""
+    folder = Path(path)
+    try:
+        mode = os.stat(folder).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise ValueError(f"{name}: no such folder") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{name}: cannot access {folder} ({getattr(e, 'strerror', None) or e})") from None
+    if not stat.S_ISDIR(mode):
+        raise ValueError(f"{name}: {folder} is not a folder; a PEFT adapter is a folder holding {CONFIG} and "
+                         f"{WEIGHTS[0]}")
+    config = _read_config(folder, name)
+    check_config(config, name)
+    weights = next((folder / w for w in WEIGHTS if os.path.lexists(folder / w)), None)
+    if weights is None:
+        raise ValueError(f"{name}: no {WEIGHTS[0]} (or {WEIGHTS[1]}) in {folder}")
+    checkpoint = open_checkpoint(weights, name)
+    try:
+        deltas = _deltas(checkpoint, config, name, base_ck, set(merged_keys), aliases or {})
+    except BaseException:
+        checkpoint.close()
+        raise
+    return Adapter(name, folder, checkpoint, deltas, config)
+
+
+def _deltas(ck, config, name, base_ck, merged: set, aliases: dict) -> dict:
+    factors, full = {}, {}
+    for key in ck.keys():
+        if not key.startswith(PREFIX):
+            raise ValueError(f"{name}: key {show(key)} does not start with {PREFIX!r}; not the adapter of a PEFT model")
+        rest = key[len(PREFIX):]
+        match = _FACTOR.fullmatch(rest)
+        if match:
+            factors.setdefault(match.group(1), {})[match.group(2)] = key
+        elif "lora_magnitude_vector" in rest:
+            raise ValueError(f"{name}: key {show(key)} is a DoRA magnitude; DoRA adapters are not supported")
+        elif any(part.startswith("lora_") for part in rest.split(".")):
+            raise ValueError(f"{name}: key {show(key)} is not a LoRA factor this reader knows (lora_A.weight, "
+                             "lora_B.weight, lora_B.bias, lora_embedding_A, lora_embedding_B)")
+        else:  # saved whole: modules_to_save, trained biases, embedding layers (of a wrapped layer: base_layer)
+            full.setdefault(re.sub(r"\.base_layer(?=\.[^.]+$)", "", rest), key)
+
+    deltas, origin = {}, {}
+
+    def add(target: str, delta, what: str):
+        target = aliases.get(target, target)  # a tied name of the base is its first name
+        if target in deltas:
+            raise ValueError(f"{name}: {what} and {origin[target]} both change the base model's key {show(target)}")
+        _check_target(base_ck, target, name, what)
+        deltas[target], origin[target] = delta, what
+        if target not in merged:
+            deltas.pop(target)  # an excluded key: copied from the base, whatever the adapter says
+
+    r_default = config["r"]
+    for module, parts in sorted(factors.items()):
+        embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
+        a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
+        if embedding and ("lora_A.weight" in parts or "lora_B.weight" in parts):
+            raise ValueError(f"{name}: module {show(module)} has both lora_A/lora_B and lora_embedding_A/B factors")
+        for part in (a_name, b_name):
+            if part not in parts:
+                other = b_name if part == a_name else a_name
+                raise ValueError(f"{name}: {show(parts[other])} has no matching {part} "
+                                 f"({PREFIX}{module}.{part} is missing)")
+        A, B = _factor(ck, parts[a_name], name), _factor(ck, parts[b_name], name)
+        what = f"{PREFIX}{module}.{a_name.split('.')[0]}/{b_name.split('.')[0]}"
+        r = A.shape[0]
+        if A.dim() < 2 or B.dim() < 2 or B.shape[1] != r:
+            raise ValueError(f"{name}: rank mismatch at {show(what)}: {a_name} has shape {tuple(A.shape)} and {b_name} "
+                             f"{tuple(B.shape)}; expected [r, ...] and [..., r] of the same r")
+        expected_r = _pattern_value(config.get("rank_pattern"), module, r_default)
+        if r != expected_r:
+            raise ValueError(f"{name}: rank mismatch at {show(what)}: the factors have rank {r} but {CONFIG} says "
+                             f"r={expected_r}" + (" (rank_pattern)" if expected_r != r_default else ""))
+        target = f"{module}.weight"
+        shape = tuple(base_ck.shape(aliases.get(target, target))) if _has(base_ck, aliases.get(target, target)) else None
+        scale = _scale(config, module, r)
+        if embedding:  # lora_embedding_A [r, num], lora_embedding_B [dim, r]: (B @ A)^T = A^T @ B^T
+            if A.dim() != 2 or B.dim() != 2:
+                raise ValueError(f"{name}: {show(what)}: embedding factors must be 2-D, not {tuple(A.shape)} and "
+                                 f"{tuple(B.shape)}")
+            L, R, expected = A.t(), B.t(), (A.shape[1], B.shape[0])
+        elif A.dim() == 2 and B.dim() == 2:
+            if config.get("fan_in_fan_out", False):  # the weight is stored [in, out]: (B @ A)^T
+                L, R, expected = A.t(), B.t(), (A.shape[1], B.shape[0])
+            else:
+                L, R, expected = B, A, (B.shape[0], A.shape[1])
+        elif A.dim() in (3, 4, 5) and B.dim() == A.dim() and all(k == 1 for k in B.shape[2:]):
+            if config.get("fan_in_fan_out", False):
+                raise ValueError(f"{name}: {show(what)}: fan_in_fan_out does not apply to convolutions")
+            # Conv: W [out, in, *k] flat is [out, in * prod(k)]; lora_B is a 1x1 convolution [out, r, 1, ...]
+            L, R, expected = B.reshape(B.shape[0], r), A.reshape(r, -1), (B.shape[0],) + tuple(A.shape[1:])
+        else:
+            raise ValueError(f"{name}: {show(what)}: factors of shapes {tuple(A.shape)} and {tuple(B.shape)} are not "
+                             "a LoRA of a Linear, Embedding or (ungrouped) convolution layer")
+        if shape is not None and shape != tuple(expected):
+            hint = " (check fan_in_fan_out)" if shape == tuple(reversed(expected)) else ""
+            raise ValueError(f"{name}: {show(what)} gives a delta of shape {tuple(expected)} but the base model's "
+                             f"{show(target)} has shape {shape}{hint}")
+        add(target, Product(L.contiguous(), R.contiguous(), scale, what), what)
+        if "lora_B.bias" in parts:
+            if embedding:
+                raise ValueError(f"{name}: {show(parts['lora_B.bias'])}: an embedding LoRA has no bias")
+            bias = _factor(ck, parts["lora_B.bias"], name)
+            bias_target = f"{module}.bias"
+            if bias.dim() != 1:
+                raise ValueError(f"{name}: {show(parts['lora_B.bias'])} has shape {tuple(bias.shape)}; expected 1-D")
+            if _has(base_ck, aliases.get(bias_target, bias_target)) and \
+                    tuple(base_ck.shape(aliases.get(bias_target, bias_target))) != tuple(bias.shape):
+                raise ValueError(f"{name}: {show(parts['lora_B.bias'])} has shape {tuple(bias.shape)} but the base "
+                                 f"model's {show(bias_target)} has shape "
+                                 f"{tuple(base_ck.shape(aliases.get(bias_target, bias_target)))}")
+            # PEFT: bias += lora_B.bias * scale (a product by a [1, 1] one, exact)
+            add(bias_target, Product(bias.reshape(-1, 1).contiguous(), torch.ones(1, 1), scale, parts["lora_B.bias"]),
+                parts["lora_B.bias"])
+        elif "lora_B.bias" not in parts and config.get("lora_bias", False):
+            raise ValueError(f"{name}: {CONFIG} has lora_bias=true but {show(what)} has no lora_B.bias")
+    for target, key in sorted(full.items()):
+        base_key = aliases.get(target, target)
+        _check_target(base_ck, base_key, name, key)
+        if tuple(ck.shape(key)) != tuple(base_ck.shape(base_key)):
+            raise ValueError(f"{name}: {show(key)} has shape {tuple(ck.shape(key))} but the base model's "
+                             f"{show(base_key)} has shape {tuple(base_ck.shape(base_key))}")
+        if not ck.is_floating(key) or ck.dtype(key) not in MERGED_DTYPES:
+            raise ValueError(f"{name}, key {show(key)}: {ck.dtype(key)} tensors are not merged")
+        add(target, Full(key), key)
+    return deltas
+
+
+def _has(base_ck, key: str) -> bool:
+    keys = getattr(base_ck, "_key_set", None)
+    if keys is None:
+        keys = base_ck._key_set = frozenset(base_ck.keys())
+    return key in keys
+
+
+def _check_target(base_ck, target: str, name: str, what: str) -> None:
+    if not _has(base_ck, target):
+        raise ValueError(f"{name}: {show(what)} changes {show(target)}, a key the base model lacks")
+    if not base_ck.is_floating(target):
+        raise ValueError(f"{name}: {show(what)} changes {show(target)}, which is a {base_ck.dtype(target)} tensor of "
+                         "the base model (only floating tensors are merged)")
+
+
+def _factor(ck, key: str, name: str) -> torch.Tensor:
+    if ck.dtype(key) not in MERGED_DTYPES:
+        raise ValueError(f"{name}, key {show(key)}: {ck.dtype(key)} factors are not supported (valid: "
+                         f"{', '.join(str(d).replace('torch.', '') for d in MERGED_DTYPES)})")
+    value = ck.read(key)
+    reason = checks.non_finite_reason(value)
+    if reason is not None:
+        raise ValueError(f"{name}, key {show(key)}: {reason}")
+    return value.float()
+
+
+# ---- the source
+
+
+class LoraSource(TaskVectorSource):
+    """Task vectors of LoRA adapters, formed per block from their factors (zero where an adapter does
+    not touch a key); full tensors saved in an adapter are read slice by slice minus the base's."""
+
+    def __init__(self, base_ck, adapters, merged_keys):
+        self._base_ck, self.adapters = base_ck, list(adapters)
+        segments, offset = [], 0
+        for k in merged_keys:
+            segments.append(Segment(k, tuple(base_ck.shape(k)), base_ck.numel(k), offset))
+            offset += base_ck.numel(k)
+        super().__init__(len(self.adapters), segments, [a.name for a in self.adapters])
+        self._groups = [None] * self.n  # per task: (key, group index, flat values) of the last group formed
+        self._buffers = {}
+        # one buffer per task for the widest group, allocated once: the matmul's output never moves
+        widest = max((p.group_rows * p.R.shape[1] for a in self.adapters for p in a.deltas.values()
+                      if isinstance(p, Product)), default=1)
+        for task in range(self.n):
+            self._buffer(("group", task), widest)
+        self.products = 0  # groups formed (for tests: the source reads blocks only)
+        self.largest_product = 0  # entries of the largest group formed
+
+    def _buffer(self, slot, m: int, dtype=torch.float32) -> torch.Tensor:
+        buffer = self._buffers.get((slot, dtype))
+        if buffer is None or buffer.numel() < m:
+            buffer = self._buffers[(slot, dtype)] = torch.empty(m, dtype=dtype)
+        return buffer[:m]
+
+    def _group(self, task: int, key: str, product: Product, g: int) -> torch.Tensor:
+        cached = self._groups[task]
+        if cached is not None and cached[0] == key and cached[1] == g:
+            return cached[2]
+        rows, cols = product.L.shape[0], product.R.shape[1]
+        lo = g * product.group_rows
+        hi = min(lo + product.group_rows, rows)
+        values = self._buffer(("group", task), (hi - lo) * cols)
+        torch.matmul(product.L[lo:hi], product.R, out=values.view(hi - lo, cols))
+        values.mul_(product.scale)  # PEFT's (B @ A) * scale
+        self.products += 1
+        self.largest_product = max(self.largest_product, values.numel())
+        self._groups[task] = (key, g, values)
+        return values
+
+    def _fill(self, task: int, key: str, product: Product, lo: int, hi: int, out: torch.Tensor) -> None:
+        size = product.group_rows * product.R.shape[1]
+        pos = lo
+        while pos < hi:
+            g = pos // size
+            values = self._group(task, key, product, g)
+            end = min(hi, g * size + values.numel())
+            out[pos - lo: end - lo].copy_(values[pos - g * size: end - g * size])
+            pos = end
+
+    def _read(self, seg, lo, hi, out):
+        threads = torch.get_num_threads()
+        if threads != 1:
+            torch.set_num_threads(1)  # the products' rounding must not depend on the thread count
+        try:
+            return self._read_deltas(seg, lo, hi, out)
+        finally:
+            if threads != 1:
+                torch.set_num_threads(threads)
+
+    def _read_deltas(self, seg, lo, hi, out):
+        base = None
+        for i, adapter in enumerate(self.adapters):
+            delta = adapter.deltas.get(seg.key)
+            if delta is None:
+                out[i].zero_()
+            elif isinstance(delta, Product):
+                self._fill(i, seg.key, delta, lo, hi, out[i])
+            else:
+                if base is None:
+                    ck = self._base_ck
+                    base = ck.read_into(seg.key, lo, hi, self._buffer("base", hi - lo, ck.dtype(seg.key)))
+                    reason = checks.non_finite_reason(base)
+                    if reason is not None:
+                        raise ValueError(f"base model, key {seg.key!r}: {reason}")
+                    if base.dtype != torch.float32:
+                        base = self._buffer("base32", hi - lo).copy_(base)
+                saved = adapter.checkpoint
+                native = saved.read_into(delta.key, lo, hi, self._buffer("full", hi - lo, saved.dtype(delta.key)))
+                out[i].copy_(native).sub_(base)
+        return out
+
+    def why_not_finite(self, task: int, block: Block) -> str:
+        delta = self.adapters[task].deltas.get(block.segment.key)
+        if isinstance(delta, Product):
+            return (f"its LoRA delta scale * B @ A ({delta.where}, scale {delta.scale:g}) overflows float32; every "
+                    "task vector must fit float32")
+        key, lo, hi = block.segment.key, block.lo, block.hi
+        saved, base = self.adapters[task].checkpoint, self._base_ck
+        return self._diagnose(saved.read_into(delta.key, lo, hi, torch.empty(hi - lo, dtype=saved.dtype(delta.key))),
+                              base.read_into(key, lo, hi, torch.empty(hi - lo, dtype=base.dtype(key))))
+
+
+# ---- the merge
+
+
+def merge_adapters(base, adapters, out=None, *, method="pcb", lam=1.0, lambdas=None, scope="global", exclude=(),
+                   max_memory=None, dtype=None, shard_size="5GB", overwrite=False, progress=None,
+                   report: dict | None = None, fused="auto", block_width=DEFAULT_BLOCK_WIDTH, threads="auto",
+                   backend="auto", device="cpu", **method_params):
+    """Merge PEFT LoRA adapter folders ``adapters`` of ``base`` (a path, as for merge_checkpoints, or a
+    state dict) without materialising their deltas: each adapter is one task, tau_i = scale * B @ A
+    on the keys it adapts and 0 elsewhere; theta = theta_pre + lam * tau_m for every merged key.
+
+    With ``out``, writes a Hugging Face folder as :func:`pcb_fast.merge_checkpoints` does (sharded
+    safetensors, the base folder's side files; atomically) and returns its path; without, returns the
+    merged state dict. The other parameters are merge_checkpoints' (``max_memory`` bounds the entries
+    collected between passes; the task vectors are never cached; ``threads`` as for
+    :func:`pcb_fast.merge`). Runs the torch backend on CPU.
+    """
+    from ..api import check_method_params  # the api sits above io
+    from .disk_merge import OUT_DTYPES, _copy_side_files, available_memory, peak_rss_bytes
+
+    started = time.perf_counter()
+    if isinstance(adapters, (str, os.PathLike)):
+        adapters = [adapters]
+    adapters = list(adapters)
+    n = checks.check_n_models(len(adapters))
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not valid; choose one of {', '.join(map(repr, METHODS))}")
+    lam = checks.check_lam(lam)
+    if isinstance(exclude, str):
+        exclude = (exclude,)
+    check_method_params(method, n, lam, lambdas, scope, method_params)
+    lambdas = checks.check_lambdas(lambdas, n)
+    if backend not in ("auto", "torch") or str(device) != "cpu":
+        raise ValueError(f"LoRA adapters merge on the torch backend on CPU in this version (backend={backend!r}, "
+                         f"device={str(device)!r}); use backend 'torch' or 'auto' and device 'cpu'")
+    budget = available_memory() // 2 if max_memory is None else checks.parse_size(max_memory, "max_memory")
+    checks.check_choice("fused", fused, fused_cpu.MODES)
+    check_threads(threads)
+    if dtype is not None and dtype not in OUT_DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not valid; choose one of {', '.join(map(repr, OUT_DTYPES))}")
+    names = [f"adapter {i} ({a})" for i, a in enumerate(adapters)]
+    if out is not None:
+        from .output import check_output
+
+        inputs = [] if isinstance(base, dict) else [("the base model", base)]
+        out = check_output(out, overwrite, inputs + [(f"adapter {i}", a) for i, a in enumerate(adapters)])
+        shard_bytes = checks.parse_size(shard_size, "shard_size")
+        if shard_bytes == 0:
+            raise ValueError(f"shard_size={shard_size!r} must be positive")
+    base_ck = open_checkpoint(base, "base model")
+    opened = []
+    try:
+        merged, copied = split_keys(base_ck, exclude)
+        if not merged:
+            raise ValueError(f"{base_ck.name} has no floating-point tensor to merge (or every one is excluded)")
+        # tied parameters of an in-memory base are one parameter: merged once, under their first name
+        groups = tied_groups(base) if isinstance(base, dict) else []
+        aliases = {}
+        for keys in groups:
+            inside = [k for k in keys if k in merged]
+            if inside and len(inside) != len(keys):
+                raise ValueError(f"keys {inside[0]!r} and {[k for k in keys if k not in inside][0]!r} are one tied "
+                                 "parameter of the base model, but only one is excluded; exclude all its names or none")
+            aliases.update({k: keys[0] for k in keys[1:]})
+        merged = [k for k in merged if k not in aliases]
+        for source, name in zip(adapters, names):
+            opened.append(open_adapter(source, name, base_ck, merged, aliases))
+        for key in merged:
+            if isinstance(base, dict):
+                checks.check_finite(f"base model, key {key!r}", base[key])
+
+        def out_dtype(key):
+            own = base_ck.dtype(key)
+            return OUT_DTYPES[dtype] if dtype is not None and own.is_floating_point else own
+
+        source = LoraSource(base_ck, opened, merged)
+        source.memory_budget = budget
+        source.fused = fused_cpu.resolve(fused, source.n * source.D)
+        if progress is not None:
+            count = [0]
+
+            def bar(total):
+                count[0] += 1
+                return progress(total, f"pass {count[0]}")
+
+            source.progress = bar
+        run = dict(method=method, scope=scope, lambdas=lambdas, block_width=block_width, params=method_params, lam=lam,
+                   threads=threads)
+        if out is None:
+            info, result = _merge_in_memory(base_ck, source, merged, copied, aliases, out_dtype, run)
+        else:
+            from .output import atomic_folder, check_not_an_input, checkpoint_files
+            from .safetensors import ShardedWriter
+
+            files = [f for label, ck in [("the base model", base_ck)] + [(a.name, a.checkpoint) for a in opened]
+                     for f in checkpoint_files(ck, label)]
+            check_not_an_input(out, files)
+            metadata = {"format": "pt", "pcb_fast_version": __version__, "merge_method": method,
+                        "merge_parameters": json.dumps(dict(method_params, lam=lam, lambdas=lambdas, scope=scope,
+                                                            exclude=list(exclude), adapters=[str(a) for a in adapters]),
+                                                       sort_keys=True)}
+            with atomic_folder(out, overwrite=overwrite) as tmp:
+                writer = ShardedWriter(tmp, [(k, out_dtype(k), tuple(base_ck.shape(k))) for k in base_ck.keys()],
+                                       shard_bytes, metadata)
+                try:
+                    info = _merge_to_writer(base_ck, source, copied, aliases, out_dtype, writer, run)
+                    writer.close()
+                except BaseException:
+                    writer.abort()
+                    raise
+                _copy_side_files(base_ck.folder, tmp, dtype, base_ck.name)
+            result = out
+    finally:
+        for ck in [base_ck] + [a.checkpoint for a in opened]:
+            ck.close()
+    if report is not None:
+        report.update(info, merged_keys=merged, copied_keys=copied, aliases=aliases,
+                      adapted_keys={a.name: sorted(a.deltas) for a in opened},
+                      seconds=time.perf_counter() - started, peak_rss_bytes=peak_rss_bytes())
+    return result
+
+
+def _run(source, sink, run) -> dict:
+    with CpuThreads(run["threads"]) as source.threads:
+        return engine.run(METHODS[run["method"]][0], source, sink, scope=run["scope"], lambdas=run["lambdas"],
+                          block_width=run["block_width"], **run["params"])
+
+
+def _base_slice(base_ck, key, lo, hi, buffers):
+    dt = base_ck.dtype(key)
+    buffer = buffers.get(dt)
+    if buffer is None or buffer.numel() < hi - lo:
+        buffer = buffers[dt] = torch.empty(max(hi - lo, DEFAULT_BLOCK_WIDTH), dtype=dt)
+    values = base_ck.read_into(key, lo, hi, buffer[: hi - lo])
+    reason = checks.non_finite_reason(values)
+    if reason is not None:
+        raise ValueError(f"base model, key {key!r}: {reason}")
+    return values
+
+
+def _merge_in_memory(base_ck, source, merged, copied, aliases, out_dtype, run):
+    result = {}
+    for key in copied:
+        result[key] = base_ck.read(key).to(out_dtype(key))  # a fresh tensor (read copies)
+    for keys in tied_groups({k: base_ck.state[k] for k in copied} if hasattr(base_ck, "state") else {}):
+        result.update({k: result[keys[0]] for k in keys})  # tied copied keys stay one tensor
+    flat = {}
+    for key in merged:
+        result[key] = torch.empty(tuple(base_ck.shape(key)), dtype=out_dtype(key))
+        flat[key] = result[key].view(-1)
+    buffers = {}
+
+    def sink(segment, lo, hi, tau_m):
+        theta = merged_weights(_base_slice(base_ck, segment.key, lo, hi, buffers), run["lam"], tau_m)
+        values = flat[segment.key][lo:hi]
+        values.copy_(theta)
+        checks.check_merged(segment.key, theta, values)
+
+    info = _run(source, sink, run)
+    for alias, key in aliases.items():
+        result[alias] = result[key]
+    return info, {k: result[k] for k in base_ck.keys()}
+
+
+def _merge_to_writer(base_ck, source, copied, aliases, out_dtype, writer, run) -> dict:
+    names = {}
+    for alias, key in aliases.items():
+        names.setdefault(key, []).append(alias)
+    for key in copied:
+        writer.write(key, 0, base_ck.read(key).reshape(-1).to(out_dtype(key)))
+    buffers = {}
+
+    def sink(segment, lo, hi, tau_m):
+        key = segment.key
+        theta = merged_weights(_base_slice(base_ck, key, lo, hi, buffers), run["lam"], tau_m)
+        values = theta.to(out_dtype(key))
+        checks.check_merged(key, theta, values)
+        for name in [key] + names.get(key, []):
+            writer.write(name, lo, values)
+
+    return _run(source, sink, run)
+
