@@ -227,7 +227,11 @@ def test_overwrite_swaps_atomically_and_a_held_signal_comes_after(tmp_path, monk
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert caught.value.output_written == out
-    assert sorted(tree(out)) == ["model.safetensors"] and hidden(tmp_path) == []
+    assert sorted(tree(out)) == MERGED and hidden(tmp_path) == []
+
+
+# a merge's output folder: the weights and what made them (pcb_fast/io/card.py)
+MERGED = ["README.md", "mergekit_config.yml", "model.safetensors"]
 
 
 @pytest.mark.parametrize("when", ["no failure", "OSError", "signal"])
@@ -266,7 +270,7 @@ def test_overwrite_without_renameat2_restores_or_replaces(tmp_path, monkeypatch,
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert calls[0] == ("out", "out") and calls[1] == ("output", "out")  # aside to .out.old-*/out, then ours
-    expected = ["previous.txt"] if when == "OSError" else ["model.safetensors"]
+    expected = ["previous.txt"] if when == "OSError" else MERGED
     assert sorted(tree(out)) == expected and hidden(tmp_path) == []
 
 

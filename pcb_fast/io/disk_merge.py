@@ -32,6 +32,7 @@ from ..core.sources import DEFAULT_BLOCK_WIDTH, CachedSource, CheckpointSource
 from ..core.threads import CpuThreads, check_threads
 from ..cpu import fused as fused_cpu
 from ..methods import METHODS
+from .card import write_card
 from .checkpoints import check_models_match, open_checkpoint, side_files, split_keys
 from .distributed import assign_shards
 from .output import atomic_folder, check_not_an_input, check_output, checkpoint_files
@@ -87,7 +88,8 @@ def _without_the_base(base, models, names, lambdas, method):
 def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None, scope="global", exclude=(),
                       backend="auto", device="cpu", max_memory=None, shard_size="5GB", dtype=None,
                       overwrite=False, progress=None, report: dict | None = None, distributed: bool = False,
-                      fused="auto", block_width=DEFAULT_BLOCK_WIDTH, threads="auto", **method_params) -> Path:
+                      fused="auto", block_width=DEFAULT_BLOCK_WIDTH, threads="auto", card: dict | None = None,
+                      **method_params) -> Path:
     """Merge checkpoints (paths or state dicts) of ``models`` fine-tuned from ``base`` into the folder
     ``out``: sharded safetensors (``shard_size``) with an index, the base's dtypes (or ``dtype``),
     the base folder's config/tokenizer files, and the merge parameters in the metadata.
@@ -102,6 +104,8 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
     rank calls this with the same arguments, and the output equals the single-process one.
     ``fused``: "auto", "on" or "off", as for :func:`pcb_fast.merge` (single-process merges only).
     ``threads``: "auto" or a number, as for :func:`pcb_fast.merge`.
+    ``card``: what a YAML config recorded for the output's mergekit_config.yml and README.md
+    (pcb_fast/io/card.py; without it they describe the arguments).
     Returns the output folder.
     """
     from ..api import check_method_params  # the api merges in memory; it sits above io
@@ -163,6 +167,9 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
                                 exclude=exclude, scope=scope, backend=backend, device=device, budget=budget,
                                 shard_bytes=shard_bytes, dtype=dtype, progress=progress, block_width=block_width,
                                 params=method_params, comm=comm, fused=fused, threads=threads)
+            if comm is None or comm.rank == 0:  # what made it: mergekit_config.yml, README.md (io/card.py)
+                write_card(tmp, out.name, base=base, models=models, method=method, lam=lam, lambdas=lambdas,
+                           scope=scope, exclude=exclude, dtype=dtype, params=method_params, card=card)
     finally:
         for ck in [base_ck] + model_cks:
             ck.close()

@@ -1,0 +1,192 @@
+"""What an output folder records about the merge that made it, as mergekit's output folders do:
+
+- ``mergekit_config.yml``: the configuration as run, in mergekit's YAML format, every default the
+  merge used written out (a YAML config as the user wrote it plus those defaults, or the
+  equivalent of the flags), so that ``pcb-fast merge --config <out>/mergekit_config.yml`` runs
+  the same merge again;
+- ``README.md``: a short model card (Hugging Face front matter, the method with its paper, the
+  base, the models, the parameters, the pcb_fast version, the configuration);
+- with ``chat_template`` in the config: the template in ``tokenizer_config.json`` (and in
+  ``chat_template.jinja`` / ``chat_template.json`` where the base folder has them, so that every
+  loader reads the same template), as mergekit sets it on the tokenizer it saves.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import warnings
+from collections import Counter
+from pathlib import Path
+
+from .. import __version__
+from ..methods import METHODS
+
+METHOD_NAMES = {
+    "pcb": ("PCB-Merging", "https://arxiv.org/abs/2410.02396"),
+    "average": ("Linear (model soup)", "https://arxiv.org/abs/2203.05482"),
+    "linear": ("Linear (model soup)", "https://arxiv.org/abs/2203.05482"),
+    "task_arithmetic": ("Task Arithmetic", "https://arxiv.org/abs/2212.04089"),
+    "ties": ("TIES", "https://arxiv.org/abs/2306.01708"),
+    "dare": ("DARE", "https://arxiv.org/abs/2311.03099"),
+    "dare_linear": ("Linear DARE", "https://arxiv.org/abs/2311.03099"),
+    "dare_ties": ("DARE TIES", "https://arxiv.org/abs/2311.03099"),
+    "breadcrumbs": ("Model Breadcrumbs", "https://arxiv.org/abs/2312.06795"),
+    "breadcrumbs_ties": ("Model Breadcrumbs with TIES", "https://arxiv.org/abs/2312.06795"),
+}
+TOKENIZER_FILES = ("tokenizer_config.json", "chat_template.jinja", "chat_template.json")
+# The ChatML template (one of the names mergekit's chat_template accepts)
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n'}}{% endfor %}\n{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+          "{% endif %}")
+
+CARD = """---
+{front}---
+# {name}
+
+This is a merge of pre-trained models created with [pcb_fast](https://github.com/duguodong7/pcb-merging) {version}.
+
+## Merge Details
+### Merge Method
+
+This model was merged using the {method} merge method using {base} as a base.
+
+Parameters: {parameters}.
+
+### Models Merged
+
+The following models were included in the merge:
+{models}
+
+### Configuration
+
+The following YAML configuration was used to produce this model (`mergekit_config.yml`; run it
+again with `pcb-fast merge --config mergekit_config.yml --out <folder>`):
+
+```yaml
+{config}```
+"""
+
+
+def _name(source) -> str:
+    return "(an in-memory state dict)" if isinstance(source, dict) else str(source)
+
+
+def flags_config(*, base, models, method, lam, lambdas, scope, exclude, dtype, params) -> dict:
+    """The configuration, in the YAML format, of a merge given as arguments (flags or the API)."""
+    entries = []
+    for i, model in enumerate(models):
+        entry = {"model": _name(model)}
+        if lambdas is not None:
+            entry["parameters"] = {"weight": float(lambdas[i])}
+        entries.append(entry)
+    # every parameter, defaults included: in the YAML, mergekit's method names default to mergekit's rules
+    defaults = inspect.signature(METHODS[method][0]).parameters
+    parameters = {name: defaults[name].default for name in METHODS[method][1]}
+    parameters.update((k, v) for k, v in sorted(params.items()) if k != "segment_params")
+    parameters.update(lam=float(lam), scope=scope)
+    if exclude:
+        parameters["exclude"] = list(exclude)
+    config = {"merge_method": method, "base_model": _name(base), "models": entries, "parameters": parameters}
+    if dtype is not None:
+        config["dtype"] = dtype
+    return config
+
+
+def _hub_id(path: str) -> bool:
+    """A Hugging Face repository id rather than a local path (the card's front matter lists those)."""
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", path)) and not os.path.exists(path)
+
+
+def _yaml(config: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(config, sort_keys=False, default_flow_style=None, allow_unicode=True)
+
+
+def card_text(config: dict, name: str) -> str:
+    """The README.md model card of a merge made by ``config``."""
+    method = config["merge_method"]
+    pretty, url = METHOD_NAMES.get(method, (method, None))
+    models = [m["model"] if isinstance(m, dict) else str(m) for m in config.get("models", [])]
+    hub = [p for p in [config.get("base_model")] + models if isinstance(p, str) and _hub_id(p)]
+    front = _yaml({"base_model": hub, "library_name": "transformers", "tags": ["merge", "pcb-fast"]})
+    parameters = ", ".join(f"{k}: {json.dumps(v)}" for k, v in (config.get("parameters") or {}).items()) or "defaults"
+    return CARD.format(front=front, name=name, version=__version__, method=f"[{pretty}]({url})" if url else pretty,
+                       base=config.get("base_model"), parameters=parameters,
+                       models="\n".join(f"* {m}" for m in models), config=_yaml(config))
+
+
+def write_card(folder, name: str, *, base, models, method, lam, lambdas, scope, exclude, dtype, params,
+               card=None) -> None:
+    """Write mergekit_config.yml and README.md into the output ``folder`` (and the chat template,
+    when ``card`` asks for one); ``name``: the model's name (the output folder's). ``card``: what the
+    YAML config parser recorded ("config": the resolved configuration, "chat_template"), or None
+    for a merge given as arguments."""
+    folder = Path(folder)
+    card = card or {}
+    config = card.get("config") or flags_config(base=base, models=models, method=method, lam=lam, lambdas=lambdas,
+                                                scope=scope, exclude=exclude, dtype=dtype, params=params)
+    header = (f"# The configuration of this merge as pcb_fast {__version__} ran it, every default written out;\n"
+              f"# run it again with: pcb-fast merge --config mergekit_config.yml --out <folder>\n")
+    (folder / "mergekit_config.yml").write_text(header + _yaml(config), encoding="utf-8")
+    (folder / "README.md").write_text(card_text(config, name), encoding="utf-8")
+    template = card.get("chat_template")
+    if template is not None:
+        set_chat_template(folder, template, [base] + list(models))
+
+
+def _template_of(folder) -> str | None:
+    """The chat template a model folder's tokenizer files hold, if any."""
+    if isinstance(folder, dict) or not os.path.isdir(folder):
+        return None
+    folder = Path(folder)
+    try:
+        if (folder / "chat_template.jinja").is_file():
+            return (folder / "chat_template.jinja").read_text(encoding="utf-8").strip() or None
+        for name in ("tokenizer_config.json", "chat_template.json"):
+            if (folder / name).is_file():
+                template = json.loads((folder / name).read_text(encoding="utf-8")).get("chat_template")
+                if isinstance(template, dict):
+                    template = template.get("default")
+                if isinstance(template, str) and template.strip():
+                    return template.strip()
+    except (OSError, ValueError, AttributeError):
+        return None
+    return None
+
+
+def chat_template_text(template: str, inputs) -> str | None:
+    """The template's text: "chatml", "auto" (the template most of the inputs have, as mergekit
+    picks it; None if none has one) or the Jinja text itself."""
+    if template == "chatml":
+        return CHATML
+    if template == "auto":
+        found = [t for t in (_template_of(source) for source in inputs) if t]
+        return Counter(found).most_common(1)[0][0] if found else None
+    return template
+
+
+def set_chat_template(folder: Path, template: str, inputs) -> None:
+    """Put the chat template into the output's tokenizer files (tokenizer_config.json, and the
+    chat_template.jinja / .json files the base folder had)."""
+    text = chat_template_text(template, inputs)
+    if text is None:
+        warnings.warn("pcb_fast: chat_template: auto, but no input model has a chat template; none was set",
+                      stacklevel=3)
+        return
+    config = folder / "tokenizer_config.json"
+    if not config.is_file():
+        warnings.warn("pcb_fast: chat_template: the base model has no tokenizer_config.json, so the merge has no "
+                      "tokenizer to hold it; the chat template was not saved", stacklevel=3)
+        return
+    data = json.loads(config.read_text(encoding="utf-8"))
+    data["chat_template"] = text
+    config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if (folder / "chat_template.jinja").is_file():
+        (folder / "chat_template.jinja").write_text(text, encoding="utf-8")
+    if (folder / "chat_template.json").is_file():
+        (folder / "chat_template.json").write_text(json.dumps({"chat_template": text}, indent=2) + "\n",
+                                                   encoding="utf-8")

@@ -1,0 +1,598 @@
+"""mergekit's YAML merge configurations, as users write them, with mergekit 0.1.5's meaning.
+
+What it accepts, and how each entry maps onto the engine (the README's "Merge configurations"
+section lists every key):
+
+- ``merge_method``: mergekit's names give mergekit's semantics (per-tensor statistics, its
+  defaults): ``linear`` (-> average), ``task_arithmetic``, ``ties``, ``dare_ties``, ``dare_linear``
+  (-> dare), ``breadcrumbs``, ``breadcrumbs_ties``. pcb_fast's own names ``pcb``, ``average`` and
+  ``dare`` keep the authors' semantics and pcb_fast's defaults. Any engine parameter written in
+  ``parameters`` overrides a default (``scope: global, sign_ties: majority, topk: threshold,
+  min_keep: 0`` give the authors' TIES under the name ``ties``).
+- ``parameters`` (shared) and ``models[i].parameters`` (per model: ``weight``, ``density``,
+  ``gamma``, and pcb_fast's ``p`` and ``beta``), each value a number, a gradient (a list of numbers
+  interpolated over the layers) or filters (``[{filter: self_attn, value: 0.5}, {value: 1}]``: the
+  first whose filter is a substring of the tensor's name, or has none, wins), resolved exactly as
+  mergekit's ``evaluate_setting``; a model's own setting first, then the shared one, then the
+  default.
+- A parameter that varies by tensor needs scope "tensor" (the default of mergekit's names); the
+  merge then passes a :class:`SegmentParams` to the engine (pcb_fast.core.engine.run).
+
+Everything is checked before any model file is opened; each problem is one ValueError naming the
+entry, and what mergekit has but pcb_fast does not (slices, passthrough, other methods, LoRA
+references, other tokenizer sources) is a one-line "not supported: ..." naming the feature.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+
+from ..methods import METHODS
+
+# mergekit's name -> pcb_fast's method
+MERGEKIT_METHODS = {"linear": "average", "task_arithmetic": "task_arithmetic", "ties": "ties",
+                    "dare_ties": "dare_ties", "dare_linear": "dare", "breadcrumbs": "breadcrumbs",
+                    "breadcrumbs_ties": "breadcrumbs_ties"}
+# pcb_fast's own names, with the authors' semantics and pcb_fast's defaults
+OWN_METHODS = ("pcb", "average", "dare")
+# mergekit's methods that pcb_fast does not have, each with what it is
+NOT_SUPPORTED_METHODS = {
+    "passthrough": "copies tensors or layer ranges unchanged; pcb-fast merges whole models",
+    "slerp": "spherical interpolation of two models", "nuslerp": "spherical interpolation",
+    "multislerp": "spherical interpolation of several models", "karcher": "Karcher mean",
+    "model_stock": "Model Stock", "sce": "SCE", "arcee_fusion": "Arcee Fusion", "nearswap": "NearSwap",
+    "ram": "RAM", "ramplus_tl": "RAM+", "della": "DELLA's magnitude-ranked random drop",
+    "della_linear": "DELLA's magnitude-ranked random drop",
+}
+TOP_LEVEL = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
+             "chat_template")
+NOT_SUPPORTED_ENTRIES = {
+    "slices": "layer ranges of several models; pcb-fast merges whole models (use models:)",
+    "modules": "per-module merges; pcb-fast merges whole models (use models:)",
+    "tokenizer": "building a merged tokenizer; pcb-fast copies the base model's tokenizer",
+}
+GENERAL_PARAMETERS = ("lam", "scope", "exclude")
+# mergekit's defaults for its names (pcb_fast's parameter names and values)
+MERGEKIT_DEFAULTS = {
+    "average": {"scope": "tensor"},
+    "task_arithmetic": {"scope": "tensor", "normalize": False},
+    "ties": {"scope": "tensor", "density": 1.0, "sign_ties": "positive", "topk": "exact", "min_keep": 1,
+             "normalize": True},
+    "dare_ties": {"scope": "tensor", "density": 1.0, "sign_ties": "positive", "rescale": "l1", "normalize": False},
+    "dare": {"scope": "tensor", "density": 1.0, "rescale": "l1", "normalize": False},
+    "breadcrumbs": {"scope": "tensor", "density": 1.0, "gamma": 0.01, "band": "tensor", "normalize": False},
+    "breadcrumbs_ties": {"scope": "tensor", "density": 1.0, "gamma": 0.01, "band": "tensor",
+                         "sign_ties": "positive", "normalize": False},
+}
+PER_MODEL = ("weight", "density", "gamma", "p", "beta")
+KINDS = {"weight": "number", "lam": "number", "density": "number", "gamma": "number", "beta": "number", "p": "number",
+         "ratio": "number", "clamp_ratio": "number", "normalize": "bool", "int8_mask": "bool", "seed": "int",
+         "min_keep": "int", "rescale": "rescale"}
+MIN_NUM_LAYERS_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def parse(raw, where: str = "config") -> dict:
+    """Validate a configuration mapping into keyword arguments of ``merge_checkpoints`` (plus
+    ``card``: what the output folder records, see pcb_fast.io.card)."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a mapping with {', '.join(TOP_LEVEL)}")
+    for key in sorted(raw, key=str):
+        if key in NOT_SUPPORTED_ENTRIES:
+            raise ValueError(f"{where}: not supported: {key} ({NOT_SUPPORTED_ENTRIES[key]})")
+    unknown = sorted(set(raw) - set(TOP_LEVEL), key=str)
+    if unknown:
+        raise ValueError(f"{where}: unknown entry {unknown[0]!r}; valid: {', '.join(TOP_LEVEL)}")
+    name, method = _method(raw, where)
+    mergekit = name in MERGEKIT_METHODS
+    base = raw.get("base_model")
+    entries = raw.get("models")
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{where}: models must be a list of at least one entry with a 'model' path")
+    models = [_model_entry(entry, i, where) for i, entry in enumerate(entries)]
+    shared = raw.get("parameters") or {}
+    if not isinstance(shared, dict):
+        raise ValueError(f"{where}: parameters must be a mapping")
+    if base is None and method == "average":
+        base = models[0][0]  # mergekit's linear needs no base: every model is averaged, the first is the origin
+    elif base is not None and method == "average" and mergekit and not any(_same(p, base) for p, _ in models):
+        # mergekit adds the base to linear's inputs, with the shared weight
+        if "weight" not in shared:
+            raise ValueError(f"{where}: linear averages the base model too (as mergekit does); give it a weight "
+                             f"(parameters.weight) or list it under models")
+        models.append((base, {}))
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"{where}: base_model must be the path of the base model")
+    _check_reference(base, "base_model", where)
+    if method != "average":  # a model that is the base is no task (mergekit's habit); its weight is ignored
+        copies = [i for i, (path, _) in enumerate(models) if _same(path, base)]
+        if copies and len(copies) < len(models):
+            warnings.warn(f"pcb_fast: config: {', '.join(f'models[{i}]' for i in copies)} "
+                          f"{'is' if len(copies) == 1 else 'are'} the base model: left out of the task list "
+                          f"(its parameters ignored, as mergekit does)", stacklevel=3)
+            models = [m for i, m in enumerate(models) if i not in copies]
+    names = _parameter_names(method, mergekit)
+    _check_names(shared, models, method, name, names, where)
+    settings = Settings(method, mergekit, shared, [params for _, params in models], where)
+    scope = settings.constant("scope")
+    if scope not in ("global", "tensor"):
+        raise ValueError(f"{where}: parameters.scope={scope!r} is not valid; choose one of 'global', 'tensor'")
+    exclude = shared.get("exclude")
+    if exclude is not None and not isinstance(exclude, str) and not (
+            isinstance(exclude, list) and all(isinstance(p, str) for p in exclude)):
+        raise ValueError(f"{where}: parameters.exclude={exclude!r} must be a regular expression or a list of them")
+    varying = settings.varying()
+    if varying and scope == "global":
+        raise ValueError(f"{where}: {varying[0]} varies by tensor ({settings.how(varying[0])}), which needs scope: "
+                         f"tensor, but parameters.scope is global")
+    settings.validate(len(models), "tensor" if varying else scope, base)
+    kwargs = dict(base=base, models=[p for p, _ in models], method=method, scope="tensor" if varying else scope)
+    if exclude is not None:
+        kwargs["exclude"] = exclude
+    if varying:
+        kwargs.update(settings.fixed())
+        kwargs["segment_params"] = SegmentParams(settings, settings.layers(base))
+    else:
+        kwargs.update(_without_defaults(method, settings.resolve("", 0.0)))
+    kwargs.update(_output_entries(raw, base, where))
+    kwargs["card"] = {"config": _resolved_config(raw, name, base, models, shared, settings), "source": where,
+                      "chat_template": raw.get("chat_template")}
+    return kwargs
+
+
+def _without_defaults(method: str, params: dict) -> dict:
+    """``params`` less those equal to the method's defaults, so that a config saying what flags say
+    gives the same output bytes (the metadata lists the parameters given)."""
+    defaults = inspect.signature(METHODS[method][0]).parameters
+    return {k: v for k, v in params.items()
+            if not (k in defaults and not isinstance(v, list) and type(v) is type(defaults[k].default)
+                    and v == defaults[k].default)}
+
+
+def _method(raw, where):
+    name = raw.get("merge_method")
+    if name is None:
+        raise ValueError(f"{where}: merge_method is missing; choose one of {', '.join(_method_names())}")
+    if isinstance(name, str) and name in NOT_SUPPORTED_METHODS:
+        raise ValueError(f"{where}: not supported: merge_method {name} ({NOT_SUPPORTED_METHODS[name]})")
+    if not isinstance(name, str) or (name not in MERGEKIT_METHODS and name not in OWN_METHODS):
+        raise ValueError(f"{where}: merge_method={name!r} is not valid; choose one of {', '.join(_method_names())}")
+    return name, MERGEKIT_METHODS.get(name, name)
+
+
+def _method_names():
+    return list(OWN_METHODS) + [m for m in MERGEKIT_METHODS if m not in OWN_METHODS]
+
+
+def _model_entry(entry, i, where):
+    if isinstance(entry, str):
+        entry = {"model": entry}
+    if not isinstance(entry, dict) or not isinstance(entry.get("model"), str) or not entry["model"]:
+        raise ValueError(f"{where}: models[{i}] must be a mapping with a 'model' path")
+    extra = sorted(set(entry) - {"model", "parameters"}, key=str)
+    if extra:
+        raise ValueError(f"{where}: models[{i}].{extra[0]} is not supported; valid: model, parameters")
+    params = entry.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"{where}: models[{i}].parameters must be a mapping")
+    _check_reference(entry["model"], f"models[{i}].model", where)
+    return entry["model"], params
+
+
+def _check_reference(path: str, entry: str, where: str) -> None:
+    """mergekit's model+lora syntax is not a path pcb-fast reads."""
+    if "+" in path and not os.path.exists(path):
+        raise ValueError(f"{where}: not supported: {entry} {path!r} is a model with a LoRA adapter (mergekit's "
+                         "model+lora syntax); merge the adapter into the model first")
+
+
+def _same(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _parameter_names(method: str, mergekit: bool) -> dict:
+    """Parameter name in the YAML -> (pcb_fast's name, per model allowed)."""
+    names = {"weight": "lambdas", "lam": "lam", "lambda": "lam"}
+    names.update({p: p for p in METHODS[method][1]})
+    names.update({"scope": "scope", "exclude": "exclude"})
+    if method in ("dare", "dare_ties"):
+        names["density"] = "density"  # 1 - p
+    if method in ("breadcrumbs", "breadcrumbs_ties"):
+        names["density"] = "density"  # beta
+    if mergekit:
+        names["int8_mask"] = "int8_mask"
+        names["rescale"] = "rescale"
+        names["normalize"] = "normalize"
+    return names
+
+
+def _check_names(shared, models, method, name, names, where):
+    if "lam" in shared and "lambda" in shared:
+        raise ValueError(f"{where}: parameters.lam and parameters.lambda are the same parameter; give one")
+    for label, params in [("parameters", shared)] + [(f"models[{i}].parameters", p) for i, (_, p) in enumerate(models)]:
+        for key in params:
+            if key not in names:
+                if key == "epsilon":
+                    raise ValueError(f"{where}: {label}.epsilon is not a parameter of {name} (only DELLA has it, "
+                                     "which pcb-fast does not support)")
+                valid = [k for k in names if k != "exclude" or label == "parameters"]
+                raise ValueError(f"{where}: {label}.{key} is not a parameter of {name}; valid: {', '.join(valid)}")
+            if label != "parameters" and key not in PER_MODEL:
+                raise ValueError(f"{where}: {label}.{key} is not supported per model (it is shared by every model); "
+                                 f"set it under the top-level parameters; per model: "
+                                 f"{', '.join(k for k in PER_MODEL if k in names)}")
+        for a, b in (("density", "p"), ("density", "beta")):
+            if a in names and a in params and b in params:
+                raise ValueError(f"{where}: {label}.{a} and {label}.{b} say the same thing for {name}; give one")
+    if name == "linear" and shared.get("normalize", True) is not True:
+        raise ValueError(f"{where}: not supported: linear with normalize: false (a weighted sum of the models that "
+                         "is not an average)")
+    if method in ("ties", "breadcrumbs", "breadcrumbs_ties") and shared.get("rescale", False) is not False:
+        raise ValueError(f"{where}: not supported: rescale: true with {name} (mergekit's L1 rescale of trimmed task "
+                         "vectors; pcb-fast rescales DARE's drop only)")
+
+
+class Settings:
+    """The parameters of a configuration, as written, resolved per tensor and per model."""
+
+    def __init__(self, method, mergekit, shared, per_model, where):
+        self.method, self.mergekit, self.where = method, mergekit, where
+        self.shared = {("lam" if k == "lambda" else k): v for k, v in shared.items() if k != "exclude"}
+        self.labels = {("lam" if k == "lambda" else k): k for k in shared}  # as written
+        self.per_model = per_model
+        self.defaults = dict(MERGEKIT_DEFAULTS.get(method, {"scope": "tensor"}) if mergekit else {"scope": "global"})
+        written = set(self.shared) | {k for p in per_model for k in p}
+        if written & {"p", "beta"}:  # pcb_fast's own names instead of mergekit's density
+            self.defaults.pop("density", None)
+        for label, setting in self._all():
+            _check_setting(setting, label, where)
+
+    def _all(self):
+        yield from ((f"parameters.{self.labels[k]}", v) for k, v in self.shared.items())
+        for i, params in enumerate(self.per_model):
+            yield from ((f"models[{i}].parameters.{k}", v) for k, v in params.items())
+
+    def constant(self, name):
+        setting = self.shared.get(name, self.defaults.get(name))
+        if isinstance(setting, (list, dict)):
+            raise ValueError(f"{self.where}: parameters.{name} cannot vary by tensor; give one value")
+        return setting
+
+    def varying(self) -> list:
+        """Labels of the settings that vary by tensor (gradients and filters)."""
+        return [label for label, setting in self._all() if _varies(setting)]
+
+    def how(self, label) -> str:
+        for name, setting in self._all():
+            if name == label:
+                return "a gradient" if isinstance(setting, list) and all(not isinstance(v, dict) for v in setting) \
+                    else "a filter"
+        return "a filter"
+
+    def names(self) -> list:
+        names = set(self.shared) | set(self.defaults) | {k for p in self.per_model for k in p}
+        return sorted(names - {"scope"})
+
+    def fixed(self) -> dict:
+        """The parameters of a merge whose others vary by tensor: lam is 1 (each tensor's scales its block)."""
+        return {"lam": 1.0}
+
+    def resolve(self, key: str, t: float) -> dict:
+        """pcb_fast's merge parameters for the tensor ``key`` at layer position ``t``."""
+        return self._engine(self._values(key, t), len(self.per_model))
+
+    def _values(self, key: str, t: float) -> dict:
+        """The parameters' values for a tensor, under their YAML names (per-model ones as lists)."""
+        n = len(self.per_model)
+        values = {}
+        for name in self.names():
+            kind = KINDS.get(name, "str")
+            if name in PER_MODEL:
+                per_task = []
+                for params in self.per_model[:n]:
+                    value = _evaluate(params.get(name), key, t, kind)
+                    if value is None:
+                        value = _evaluate(self.shared.get(name), key, t, kind)
+                    per_task.append(self.defaults.get(name) if value is None else value)
+                values[name] = per_task
+            else:
+                value = _evaluate(self.shared.get(name), key, t, kind)
+                values[name] = self.defaults.get(name) if value is None else value
+        return values
+
+    def _engine(self, values: dict, n: int) -> dict:
+        """YAML values -> pcb_fast's parameters (mergekit's names mapped, per-task lists collapsed)."""
+        out = {}
+        weights = values.pop("weight", None)
+        if weights is not None and any(w is not None and w != 1.0 for w in weights):
+            out["lambdas"] = [1.0 if w is None else float(w) for w in weights]
+        values.pop("int8_mask", None)  # mergekit's memory saving for its masks: no effect on values
+        if "lam" in values:
+            out["lam"] = float(values.pop("lam"))
+        if "rescale" in values and values["rescale"] is not None:
+            values["rescale"] = {True: "l1", False: "none"}.get(values["rescale"], values["rescale"])
+        density = values.pop("density", None)
+        if density is not None and not all(d is None for d in density):
+            density = [float(d) for d in density]
+            if self.method == "ties":
+                values["density"] = [min(d, 1.0) for d in density]  # mergekit: density >= 1 keeps everything
+            elif self.method in ("dare", "dare_ties"):
+                values["p"] = [max(0.0, 1.0 - d) for d in density]  # mergekit's keep fraction
+            else:  # breadcrumbs: keep int(density N); density >= 1 keeps everything (gamma ignored)
+                gammas = values.get("gamma") or [self.defaults.get("gamma", 0.01)] * n
+                values["beta"] = [min(d, 1.0) for d in density]
+                values["gamma"] = [0.0 if d >= 1.0 else g for d, g in zip(density, gammas)]
+        for name, value in values.items():
+            if value is None or (isinstance(value, list) and all(v is None for v in value)):
+                continue
+            if isinstance(value, list):
+                value = [v for v in value]
+                value = value[0] if all(v == value[0] for v in value) else value
+            out[name] = value
+        return out
+
+    def validate(self, n: int, scope: str, base: str) -> None:
+        """Every value a setting can take, checked as a merge checks it, before any file is opened."""
+        from ..api import check_method_params  # the api merges in memory; it sits above io
+
+        for label, setting in self._all():  # types first
+            name = "lam" if label.rsplit(".", 1)[1] == "lambda" else label.rsplit(".", 1)[1]
+            for value in _candidates(setting):
+                _convert(value, KINDS.get(name, "str"), f"{self.where}: {label}")
+        context = self._values("", 0.0)  # the other parameters at their defaults (or constant values)
+        for label, setting in self._all():
+            name = label.rsplit(".", 1)[1]
+            name = "lam" if name == "lambda" else name
+            kind = KINDS.get(name, "str")
+            for value in _candidates(setting):
+                converted = _convert(value, kind, f"{self.where}: {label}")
+                if name == "weight":
+                    _finite(converted, f"{self.where}: {label}")
+                    continue
+                if name == "density" and self.method != "ties":
+                    if not converted > 0:
+                        raise ValueError(f"{self.where}: {label}={value!r} is out of range; valid: 0 < density "
+                                         "(the fraction kept)")
+                    continue
+                if name in ("int8_mask", "scope"):
+                    continue
+                values = {k: (list(v) if isinstance(v, list) else v) for k, v in context.items()}
+                values[name] = [converted] * n if name in PER_MODEL else converted
+                params = self._engine(values, n)
+                lam, lambdas = params.pop("lam", 1.0), params.pop("lambdas", None)
+                try:
+                    check_method_params(self.method, n, lam, lambdas, scope, params)
+                except ValueError as e:
+                    raise ValueError(f"{self.where}: {label}: {e}") from None
+
+    def layers(self, base: str):
+        """Number of layers (for gradients): the base folder's config.json; None without gradients."""
+        gradients = [label for label, s in self._all() if _has_gradient(s)]
+        if not gradients:
+            return None
+        config = Path(base) / "config.json"
+        try:
+            data = json.loads(config.read_text()) if config.is_file() else {}
+        except (OSError, ValueError):
+            data = {}
+        for key in MIN_NUM_LAYERS_KEYS:
+            if isinstance(data.get(key), int) and not isinstance(data.get(key), bool) and data[key] > 0:
+                return data[key]
+        raise ValueError(f"{self.where}: {gradients[0]} is a gradient, which needs the number of layers: the base "
+                         f"model's config.json ({config}) has no {MIN_NUM_LAYERS_KEYS[0]}")
+
+    def take(self, keep):
+        view = object.__new__(Settings)
+        view.__dict__.update(self.__dict__)
+        view.per_model = [self.per_model[i] for i in keep]
+        return view
+
+
+class SegmentParams(dict):
+    """Parameters that vary by tensor (mergekit's filters and gradients), for engine.run's
+    ``segment_params``: called with a tensor's name, it gives that tensor's parameters. The dict
+    holds the settings as written (for the output's metadata)."""
+
+    def __init__(self, settings: Settings, num_layers: int | None):
+        super().__init__({label: setting for label, setting in settings._all()})
+        self.settings, self.num_layers = settings, num_layers
+
+    def __call__(self, key: str) -> dict:
+        return self.settings.resolve(key, layer_position(key, self.num_layers))
+
+    def take(self, keep) -> "SegmentParams":
+        """The same parameters for the models ``keep`` (indices) alone."""
+        return SegmentParams(self.settings.take(keep), self.num_layers)
+
+    def __str__(self) -> str:
+        return ", ".join(label for label in self if _varies(self[label])) or "none"
+
+    __repr__ = __str__
+
+
+def layer_position(key: str, num_layers: int | None) -> float:
+    """mergekit's t of a tensor: i / (layers - 1) for a tensor of layer i (the first integer in
+    its dotted name; 1 with a single layer), 0 for the others (embeddings, final norm, head)."""
+    if not num_layers:
+        return 0.0
+    for part in key.split("."):
+        if part.isdigit():
+            return int(part) / (num_layers - 1) if num_layers > 1 else 1.0
+    return 0.0
+
+
+def _varies(setting) -> bool:
+    if isinstance(setting, dict):
+        setting = [setting]
+    if not isinstance(setting, list):
+        return False
+    if all(not isinstance(v, dict) for v in setting):
+        return True  # a gradient
+    return any(c.get("filter") not in (None, "*") or _varies(c.get("value")) for c in setting)
+
+
+def _has_gradient(setting) -> bool:
+    if isinstance(setting, dict):
+        setting = [setting]
+    if not isinstance(setting, list):
+        return False
+    if all(not isinstance(v, dict) for v in setting):
+        return True
+    return any(_has_gradient(c.get("value")) for c in setting)
+
+
+def _check_setting(setting, label, where) -> None:
+    """A setting is a scalar, a non-empty list of scalars (a gradient), or filters: a {filter,
+    value} mapping or a list of them (mergekit's ConditionalParameter)."""
+    scalar = (bool, int, float, str)
+    if isinstance(setting, scalar) or setting is None:
+        return
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, list) and setting and all(isinstance(v, scalar) for v in setting):
+        return
+    if isinstance(setting, list) and setting and all(isinstance(c, dict) for c in setting):
+        for c in setting:
+            extra = set(c) - {"filter", "value"}
+            if extra or "value" not in c or not (c.get("filter") is None or isinstance(c["filter"], str)):
+                break
+            value = c["value"]
+            if not (isinstance(value, scalar) or (isinstance(value, list) and value
+                                                   and all(isinstance(v, scalar) for v in value))):
+                break
+        else:
+            return
+    raise ValueError(f"{where}: {label}={setting!r} must be a value, a list of numbers (a gradient over the layers) "
+                     "or filters (a list of {filter: <part of a tensor name>, value: <value>}, the last without "
+                     "filter)")
+
+
+def _evaluate(setting, key: str, t: float, kind: str):
+    """mergekit's evaluate_setting: a scalar, a gradient at t (numbers interpolated, others picked),
+    or the first filter whose text is in the tensor's name (or that has none); None if none does."""
+    if setting is None:
+        return None
+    if isinstance(setting, dict):
+        setting = [setting]
+    if not isinstance(setting, list):
+        return _convert(setting, kind)
+    if not setting:
+        return None
+    if all(not isinstance(v, dict) for v in setting):
+        values = [_convert(v, kind) for v in setting]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            return values[int(t * (len(values) - 1))]
+        scaled = t * (len(setting) - 1)
+        i0 = int(scaled)
+        i1 = min(len(setting) - 1, i0 + 1)
+        frac = scaled - i0
+        return _convert((1 - frac) * values[i0] + frac * values[i1], kind)
+    for cond in setting:
+        text = cond.get("filter")
+        if text is None or text == "*" or (key and text in key):
+            return _evaluate(cond["value"], key, t, kind)
+    return None
+
+
+def _convert(value, kind: str, label: str | None = None):
+    """A value of the parameter's type (mergekit validates with pydantic: numbers from numeric
+    strings too); ``label`` names the entry in errors."""
+    def bad(what):
+        return ValueError(f"{label}={value!r} must be {what}")
+
+    if kind == "number":
+        if isinstance(value, bool):
+            if label:
+                raise bad("a number")
+            return value
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            if label:
+                raise bad("a number") from None
+            raise
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            if label:
+                raise bad("an integer")
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            if label:
+                raise bad("true or false")
+        return value
+    if kind == "rescale":
+        if not isinstance(value, (bool, str)) and label:
+            raise bad("true, false or one of 'inverse', 'l1', 'none'")
+        return value
+    if not isinstance(value, str) and label:
+        raise bad("a string")
+    return value
+
+
+def _finite(value, label):
+    if not math.isfinite(value):
+        raise ValueError(f"{label}={value!r} must be a finite number")
+
+
+def _candidates(setting):
+    """Every scalar a setting names (the values of its filters, the points of its gradients)."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, list):
+        for v in setting:
+            yield from _candidates(v["value"] if isinstance(v, dict) else v)
+    elif setting is not None:
+        yield setting
+
+
+CHAT_TEMPLATE_NAMES = ("chatml", "auto")
+MERGEKIT_TEMPLATE_NAMES = ("alpaca", "exaone", "llama3", "mistral")
+
+
+def _output_entries(raw, base, where) -> dict:
+    out = {}
+    for key in ("dtype", "out_dtype"):
+        value = raw.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{where}: {key}={value!r} is not valid; choose one of 'float32', 'float16', 'bfloat16'")
+    # mergekit: dtype is the compute dtype and the output's unless out_dtype; pcb_fast computes in float32
+    if raw.get("out_dtype") is not None or raw.get("dtype") is not None:
+        out["dtype"] = raw.get("out_dtype") or raw.get("dtype")
+    source = raw.get("tokenizer_source")
+    if source is not None and source != "base" and not (isinstance(source, str) and _same(source, base)):
+        raise ValueError(f"{where}: not supported: tokenizer_source: {source} (pcb-fast copies the base model's "
+                         "tokenizer: use tokenizer_source: base)")
+    template = raw.get("chat_template")
+    if template is not None:
+        if not isinstance(template, str):
+            raise ValueError(f"{where}: chat_template must be a template name or the template's Jinja text")
+        if template in MERGEKIT_TEMPLATE_NAMES:
+            raise ValueError(f"{where}: not supported: chat_template: {template} (a template mergekit ships; "
+                             f"pcb-fast knows {', '.join(CHAT_TEMPLATE_NAMES)}: give the template's Jinja text)")
+        if template not in CHAT_TEMPLATE_NAMES and (len(template) < 20 or "{" not in template):
+            raise ValueError(f"{where}: chat_template={template!r} is neither a template name "
+                             f"({', '.join(CHAT_TEMPLATE_NAMES)}) nor a Jinja template")
+    return out
+
+
+def _resolved_config(raw, name, base, models, shared, settings) -> dict:
+    """The configuration as run: as written, with every default the merge used made explicit (so
+    that running it again, with pcb-fast, gives the same merge)."""
+    config = {"merge_method": name, "base_model": base,
+              "models": [{"model": path, **({"parameters": params} if params else {})} for path, params in models]}
+    parameters = dict(shared)
+    for key, value in settings.defaults.items():  # (a model without its own value takes the shared one)
+        if key not in shared and not (key == "lam" and "lambda" in shared):
+            parameters[key] = value
+    config["parameters"] = parameters
+    for key in ("dtype", "out_dtype", "tokenizer_source", "chat_template"):
+        if raw.get(key) is not None:
+            config[key] = raw[key]
+    return config
