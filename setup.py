@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     license="Apache-2.0",
     packages=["pcb_fast", "pcb_fast.core", "pcb_fast.methods", "pcb_fast.cpu", "pcb_fast.gpu", "pcb_fast.io",
-              "pcb_fast.reference", "pcb_fast.kernels"],
+              "pcb_fast.reference", "pcb_fast.kernels", "pcb_fast.integrations"],
     package_dir={"pcb_fast": "pcb_fast", "pcb_fast.kernels": "kernels"},
     # the C source of pcb_fast.cpu.native, compiled on first use
     package_data={"pcb_fast.cpu": ["row_select.c"]},
@@ -22,6 +22,9 @@ setup(
                  "triton>=3.6; platform_system == 'Linux'"],
         # the merge-quality benchmark (real data from scikit-learn, a bar chart) and the benchmark plots
         "bench": ["scikit-learn", "matplotlib", "safetensors>=0.4", "pytest-benchmark>=4"],
+        # pcb_fast.integrations.fusion_bench as FusionBench method configs (heavy: lightning, transformers,
+        # hydra; not installed by CI, whose tests of the integration run on a minimal model pool)
+        "fusionbench": ["fusion-bench>=0.2.33"],
     },
     entry_points={"console_scripts": ["pcb-fast=pcb_fast.cli:main"]},
 )
