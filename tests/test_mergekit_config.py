@@ -256,6 +256,7 @@ def test_chat_template_goes_into_the_tokenizer_config(llama):
         assert cli(["merge", "--config", str(write(tmp / "c.yaml", raw)), "--out", str(out), "--quiet"]) == 0
         tokenizer = json.loads((out / "tokenizer_config.json").read_text())
         assert tokenizer == {"model_max_length": 8, "chat_template": expected}
+        assert (out / "chat_template.jinja").read_text() == expected  # where transformers 5 (and mergekit) put it
         assert json.loads((tmp / "base" / "tokenizer_config.json").read_text()) == {"model_max_length": 8}
     # auto: the template most inputs have (mergekit's plurality)
     for i, path in enumerate(paths):

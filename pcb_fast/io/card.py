@@ -6,9 +6,10 @@
   the same merge again;
 - ``README.md``: a short model card (Hugging Face front matter, the method with its paper, the
   base, the models, the parameters, the pcb_fast version, the configuration);
-- with ``chat_template`` in the config: the template in ``tokenizer_config.json`` (and in
-  ``chat_template.jinja`` / ``chat_template.json`` where the base folder has them, so that every
-  loader reads the same template), as mergekit sets it on the tokenizer it saves.
+- with ``chat_template`` in the config: the template in ``tokenizer_config.json`` and in
+  ``chat_template.jinja`` (where transformers 5, and so mergekit, saves it; and in
+  ``chat_template.json`` where the base folder has one), so that every loader reads the same
+  template.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ TOKENIZER_FILES = ("tokenizer_config.json", "chat_template.jinja", "chat_templat
 # The ChatML template (one of the names mergekit's chat_template accepts)
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
           "'<|im_end|>' + '\\n'}}{% endfor %}\n{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
-          "{% endif %}")
+          "{% endif %}\n")
 
 CARD = """---
 {front}---
@@ -170,8 +171,8 @@ def chat_template_text(template: str, inputs) -> str | None:
 
 
 def set_chat_template(folder: Path, template: str, inputs) -> None:
-    """Put the chat template into the output's tokenizer files (tokenizer_config.json, and the
-    chat_template.jinja / .json files the base folder had)."""
+    """Put the chat template into the output's tokenizer files (tokenizer_config.json,
+    chat_template.jinja, and the chat_template.json the base folder had)."""
     text = chat_template_text(template, inputs)
     if text is None:
         warnings.warn("pcb_fast: chat_template: auto, but no input model has a chat template; none was set",
@@ -185,8 +186,8 @@ def set_chat_template(folder: Path, template: str, inputs) -> None:
     data = json.loads(config.read_text(encoding="utf-8"))
     data["chat_template"] = text
     config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    if (folder / "chat_template.jinja").is_file():
-        (folder / "chat_template.jinja").write_text(text, encoding="utf-8")
+    # where transformers 5 saves it (and mergekit with it); loaders prefer this file to the field above
+    (folder / "chat_template.jinja").write_text(text, encoding="utf-8")
     if (folder / "chat_template.json").is_file():
         (folder / "chat_template.json").write_text(json.dumps({"chat_template": text}, indent=2) + "\n",
                                                    encoding="utf-8")
