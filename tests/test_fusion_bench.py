@@ -82,7 +82,8 @@ def assert_equal(module, expected: dict):
      dict(density=0.2, lam=0.5)),
     (lambda: fb.TiesMergingAlgorithm(scaling_factor=0.5, threshold=0.3), "ties",  # merge_func "sum", a fraction
      dict(density=0.3, lam=0.5, normalize=False)),
-    (lambda: fb.DareTaskArithmetic(scaling_factor=0.4, sparsity_ratio=0.5, seed=3), "dare", dict(p=0.5, seed=3, lam=0.4)),
+    (lambda: fb.DareTaskArithmetic(scaling_factor=0.4, sparsity_ratio=0.5, seed=3), "dare",
+     dict(p=0.5, seed=3, lam=0.4)),
     (lambda: fb.DareTaskArithmetic(scaling_factor=0.4, sparsity_ratio=0.5, rescale=False), "dare",
      dict(p=0.5, lam=0.4, rescale="none")),
     (lambda: fb.PcbFastAlgorithm(method="dare_ties", scaling_factor=1.1, params={"p": 0.5, "seed": 1}), "dare_ties",

@@ -212,7 +212,8 @@ def test_methods_equal_the_dense_deltas(tmp_path, method, params):
     expected = dense_merge(base, deltas, method=method, **params)
     assert_same(got, expected)
     if "exclude" in params:  # an adapted key that is excluded is the base's
-        assert torch.equal(got["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+        key = "model.layers.0.self_attn.q_proj.weight"
+        assert torch.equal(got[key], base[key])
 
 
 def test_output_folder_and_dtype(tmp_path):
@@ -252,9 +253,11 @@ def test_state_dict_base_with_tied_parameters(tmp_path):
     models = []
     for d in (d0, d1):
         t = base["lm_head.weight"] + d
-        models.append({"lm_head.weight": t, "model.embed_tokens.weight": t, "model.norm.weight": base["model.norm.weight"]})
+        models.append({"lm_head.weight": t, "model.embed_tokens.weight": t,
+                       "model.norm.weight": base["model.norm.weight"]})
     assert_same({k: got[k] for k in ("lm_head.weight", "model.norm.weight")},
-                {k: v for k, v in merge(base, models, method="pcb", ratio=0.3).items() if k != "model.embed_tokens.weight"})
+                {k: v for k, v in merge(base, models, method="pcb", ratio=0.3).items()
+                 if k != "model.embed_tokens.weight"})
     both = save_adapter(tmp_path / "both", {f"{P}lm_head.lora_A.weight": A, f"{P}lm_head.lora_B.weight": B,
                                             f"{P}model.embed_tokens.lora_embedding_A": A1,
                                             f"{P}model.embed_tokens.lora_embedding_B": B1}, {"r": 2, "lora_alpha": 4})
@@ -287,7 +290,8 @@ def test_random_factors_within_rounding_and_independent_of_blocks_and_threads(tm
     first = merge_adapters(path, folders, method="pcb", ratio=0.1)
     threads = torch.get_num_threads()
     for width, budget, count in [(1000, None, 1), (1 << 17, "1KB", 2), (33333, None, 2)]:
-        got = merge_adapters(path, folders, method="pcb", ratio=0.1, block_width=width, max_memory=budget, threads=count)
+        got = merge_adapters(path, folders, method="pcb", ratio=0.1, block_width=width, max_memory=budget,
+                             threads=count)
         assert_same(got, first)
     assert torch.get_num_threads() == threads
 
@@ -341,7 +345,8 @@ def test_memory_is_the_blocks_not_the_dense_deltas(tmp_path):
     assert proc.returncode == 0, proc.stderr
     extra = int(proc.stdout.split()[-1])
     dense = 8 * 16 * 512 * 512 * 4
-    assert extra < dense / 4, f"peak memory grew by {extra / 2**20:.0f} MiB; the dense deltas are {dense / 2**20:.0f} MiB"
+    assert extra < dense / 4, (f"peak memory grew by {extra / 2**20:.0f} MiB; "
+                               f"the dense deltas are {dense / 2**20:.0f} MiB")
 
 
 @pytest.mark.filterwarnings("ignore:Adapter .default.")  # PEFT flags the 1-D lora_B.bias it saved itself
@@ -382,7 +387,8 @@ def test_peft_conventions(tmp_path):
         peft_model = peft.get_peft_model(model, peft.LoraConfig(**config))
         with torch.no_grad():
             for name, p in peft_model.named_parameters():
-                if "lora_" in name or "modules_to_save" in name or (config.get("bias") == "all" and name.endswith("bias")):
+                trained_bias = config.get("bias") == "all" and name.endswith("bias")
+                if "lora_" in name or "modules_to_save" in name or trained_bias:
                     p.copy_(torch.randint(-3, 4, p.shape, generator=gen).float() / 8)
         folder = tmp_path / f"peft{i}"
         peft_model.save_pretrained(folder)
@@ -467,6 +473,13 @@ def test_bad_adapters_are_one_line_value_errors(tmp_path):
         merge_adapters(base_path, folders, method="pcb", density=0.2)
     with pytest.raises(ValueError, match="at least one"):
         merge_adapters(base_path, [])
+    base = load_file(base_path)
+    base["model.layers.0.self_attn.q_proj.weight"][1, 2] = float("nan")  # a key the adapters change
+    save_file(base, tmp_path / "nan.safetensors")
+    with pytest.raises(ValueError, match="base model, key 'model.layers.0.self_attn.q_proj.weight': contains NaN"):
+        merge_adapters(str(tmp_path / "nan.safetensors"), folders, method="task_arithmetic")
+    with pytest.raises(ValueError, match="base model, key 'model.layers.0.self_attn.q_proj.weight' contains NaN"):
+        merge_adapters(base, folders)  # a state dict: checked before any pass
 
 
 def test_cli(tmp_path, capsys):

@@ -48,7 +48,8 @@ def family(n=3, seed=0):
     base = TinyTransformer()
     with torch.no_grad():
         for t in list(base.parameters()) + [base.bn.running_mean, base.bn.running_var, base.rope, base.cache]:
-            t.copy_(torch.randn(t.shape, generator=g).abs() if t is base.bn.running_var else torch.randn(t.shape, generator=g))
+            value = torch.randn(t.shape, generator=g)
+            t.copy_(value.abs() if t is base.bn.running_var else value)
         base.bn.num_batches_tracked.fill_(7)
     models = []
     for _ in range(n):
@@ -219,7 +220,8 @@ def test_modules_whose_state_dicts_rename_keys_or_hold_extra_state():
                     p.add_(0.1 * torch.randn(p.shape, generator=g))
             models.append(m)
         tensors = lambda s: {k: v for k, v in s.items() if isinstance(v, torch.Tensor)}  # noqa: E731
-        expected = merge(tensors(base.state_dict()), [tensors(m.state_dict()) for m in models], method="task_arithmetic")
+        expected = merge(tensors(base.state_dict()), [tensors(m.state_dict()) for m in models],
+                         method="task_arithmetic")
         merged = merge_modules(base, models, method="task_arithmetic")
         got = tensors(merged.state_dict())
         assert got.keys() == expected.keys()

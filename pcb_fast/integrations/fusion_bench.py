@@ -206,7 +206,8 @@ class TiesMergingAlgorithm(_Algorithm):
     def run(self, modelpool) -> nn.Module:
         if self.merge_func not in ("sum", "mean"):
             raise ValueError(f"merge_func={self.merge_func!r} is not supported; choose 'sum' or 'mean'")
-        return merge_pool(modelpool, "ties", scaling_factor=self.scaling_factor, remove_keys=list(self.remove_keys or ()),
+        return merge_pool(modelpool, "ties", scaling_factor=self.scaling_factor,
+                          remove_keys=list(self.remove_keys or ()),
                           density=_share(self.threshold, "threshold"), normalize=self.merge_func == "mean")
 
 
@@ -227,7 +228,8 @@ class DareTaskArithmetic(_Algorithm):
         if self.only_on_linear_weights:
             raise ValueError("only_on_linear_weights=True is not supported (one drop rule for every merged key); "
                              "set it to false, or list the other keys in remove_keys")
-        return merge_pool(modelpool, "dare", scaling_factor=self.scaling_factor, remove_keys=list(self.remove_keys or ()),
+        return merge_pool(modelpool, "dare", scaling_factor=self.scaling_factor,
+                          remove_keys=list(self.remove_keys or ()),
                           p=self.sparsity_ratio, seed=self.seed, rescale="inverse" if self.rescale else "none")
 
 

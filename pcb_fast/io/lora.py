@@ -264,7 +264,8 @@ def _deltas(ck, config, name, base_ck, merged: set, aliases: dict) -> dict:
             raise ValueError(f"{name}: rank mismatch at {show(what)}: the factors have rank {r} but {CONFIG} says "
                              f"r={expected_r}" + (" (rank_pattern)" if expected_r != r_default else ""))
         target = f"{module}.weight"
-        shape = tuple(base_ck.shape(aliases.get(target, target))) if _has(base_ck, aliases.get(target, target)) else None
+        own = aliases.get(target, target)
+        shape = tuple(base_ck.shape(own)) if _has(base_ck, own) else None
         scale = _scale(config, module, r)
         if embedding:  # lora_embedding_A [r, num], lora_embedding_B [dim, r]: (B @ A)^T = A^T @ B^T
             if A.dim() != 2 or B.dim() != 2:
