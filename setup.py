@@ -20,6 +20,8 @@ setup(
         "gpu": ["triton>=3.6; platform_system == 'Linux'"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "safetensors>=0.4", "scikit-learn",
                  "triton>=3.6; platform_system == 'Linux'"],
+        # peers run side by side in tests/test_peers.py (mergekit 0.1.5's YAML semantics); install after torch
+        "peers": ["mergekit==0.1.5"],
         # the merge-quality benchmark (real data from scikit-learn, a bar chart) and the benchmark plots
         "bench": ["scikit-learn", "matplotlib", "safetensors>=0.4", "pytest-benchmark>=4"],
         # pcb_fast.integrations.fusion_bench as FusionBench method configs (heavy: lightning, transformers,
