@@ -57,7 +57,12 @@ def models(tmp_path_factory):
 
 def _same_folder(a, b) -> bool:
     names = sorted(p.name for p in a.iterdir())
-    return names == sorted(p.name for p in b.iterdir()) and all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
+
+    def content(folder, name):  # the model card is titled with the output folder's name (pcb_fast/io/card.py)
+        data = (folder / name).read_bytes()
+        return data.replace(f"# {folder.name}\n".encode(), b"# <name>\n") if name == "README.md" else data
+
+    return names == sorted(p.name for p in b.iterdir()) and all(content(a, n) == content(b, n) for n in names)
 
 
 @pytest.mark.parametrize("world,method_args", [

@@ -200,3 +200,19 @@ def test_fused_loops_take_the_options(method, params):
     name = "ties" if method is merge_ties else "dare_ties"
     segments = [("task_vector", (tv.shape[1],))]
     assert torch.equal(outs[1][0], literal.METHODS[name](tv, segments=segments, **params))
+
+
+def test_triton_refuses_engine_only_options_and_takes_their_defaults():
+    pytest.importorskip("triton")  # under TRITON_INTERPRET=1 on a CPU (tests/conftest.py)
+    base, tuned = models(2, seed=7, shapes={"w": (16, 8)})
+    for method, params, option in [("ties", dict(normalize=False), "normalize=False"),
+                                   ("ties", dict(density=[0.2, 0.4]), "density per model"),
+                                   ("dare", dict(rescale="l1"), "rescale='l1'"),
+                                   ("breadcrumbs", dict(band="tensor"), "band='tensor'"),
+                                   ("ties", dict(segment_params=lambda key: {}), "parameters that vary by tensor")]:
+        with pytest.raises(ValueError, match=f"{option.replace('(', '.').replace(')', '.')} runs on backends 'torch' "
+                                             "and 'reference' in this version, not on 'triton'"):
+            merge(base, tuned, method=method, backend="triton", scope="tensor", **params)
+    got = merge(base, tuned, method="ties", density=0.3, normalize=True, min_keep=0, backend="triton")
+    expected = merge(base, tuned, method="ties", density=0.3)
+    torch.testing.assert_close(got["w"], expected["w"], rtol=0, atol=2e-5)
