@@ -136,6 +136,9 @@ def test_mergekit_names_map_onto_the_engine(llama):
     assert parsed("dare_ties", density=0.3, rescale="inverse", normalize=True) == dict(
         base=base, models=paths, method="dare_ties", scope="tensor", p=1 - 0.3, sign_ties="positive")
     assert parsed("dare", p=0.8) == dict(base=base, models=paths, method="dare", scope="global", p=0.8)
+    # a model without its own value nor a shared one takes the method's default
+    own = parse_config(config(base, paths, method="dare", per_model=[{"p": 0.5}, None, None]))
+    assert own["p"] == [0.5, 0.9, 0.9]
     assert parsed("breadcrumbs", density=0.4, gamma=0.05)["beta"] == 0.4
     # mergekit: density >= 1 keeps everything (gamma ignored)
     assert {k: v for k, v in parsed("breadcrumbs").items() if k in ("beta", "gamma")} == dict(beta=1.0, gamma=0.0)

@@ -326,11 +326,12 @@ class Settings:
                 gammas = values.get("gamma") or [self.defaults.get("gamma", 0.01)] * n
                 values["beta"] = [min(d, 1.0) for d in density]
                 values["gamma"] = [0.0 if d >= 1.0 else g for d, g in zip(density, gammas)]
+        defaults = inspect.signature(METHODS[self.method][0]).parameters
         for name, value in values.items():
             if value is None or (isinstance(value, list) and all(v is None for v in value)):
                 continue
-            if isinstance(value, list):
-                value = [v for v in value]
+            if isinstance(value, list):  # a model without its own value, nor a shared one: the method's default
+                value = [defaults[name].default if v is None and name in defaults else v for v in value]
                 value = value[0] if all(v == value[0] for v in value) else value
             out[name] = value
         return out
