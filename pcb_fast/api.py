@@ -174,15 +174,20 @@ def _without_base_copies(base, models, names, lambdas, merged_keys, method, para
     warnings.warn(f"pcb_fast: {', '.join(names[i] for i in copies)} equal{'s' if len(copies) == 1 else ''} the base "
                   f"model: left out of the merge (a zero task vector is no task)", stacklevel=3)
     keep = [i for i in range(len(models)) if i not in copies]
+    return ([models[i] for i in keep], [names[i] for i in keep],
+            None if lambdas is None else [lambdas[i] for i in keep], [names[i] for i in copies],
+            keep_tasks(params, keep, len(models)))
 
+
+def keep_tasks(params: dict, keep: list, n: int) -> dict:
+    """Method parameters restricted to the tasks ``keep`` of ``n``: per-task values (lists of n, and
+    the ``take`` of segment_params) keep those entries; shared values stay as they are."""
     def kept(value):
-        if isinstance(value, (list, tuple)) and len(value) == len(models):
+        if isinstance(value, (list, tuple)) and len(value) == n:
             return [value[i] for i in keep]
         return value.take(keep) if hasattr(value, "take") else value
 
-    return ([models[i] for i in keep], [names[i] for i in keep],
-            None if lambdas is None else [lambdas[i] for i in keep], [names[i] for i in copies],
-            {name: kept(value) for name, value in params.items()})
+    return {name: kept(value) for name, value in params.items()}
 
 
 def _merge_keys(base, models, names, merged_keys, out, device, *, method, backend, lam, lambdas, scope, block_width,

@@ -72,3 +72,17 @@ def test_the_base_listed_among_the_models_is_left_out(tmp_path, capsys):
     assert cli(["merge", "--base", str(base), "--model", str(models[0]), "--model", str(models[1]),
                 "--lambdas", "1.0,0.5", "--ratio", "0.3", "--quiet", "--out", str(plain)]) == 0
     assert torch.equal(load_file(str(listed / "model.safetensors"))["w"], load_file(str(plain / "model.safetensors"))["w"])
+
+
+def test_per_model_parameters_follow_the_models_when_the_base_is_left_out(tmp_path):
+    from pcb_fast.io.disk_merge import merge_checkpoints
+    from safetensors.torch import load_file
+
+    base = model_folder(tmp_path / "base")
+    models = [model_folder(tmp_path / f"m{i}", seed=i + 1) for i in range(2)]
+    with pytest.warns(UserWarning, match="is the base model: left out of the task list"):
+        merge_checkpoints(base, [models[0], base, models[1]], tmp_path / "listed", method="ties", scope="tensor",
+                          density=[0.3, 0.9, 0.6])
+    merge_checkpoints(base, models, tmp_path / "plain", method="ties", scope="tensor", density=[0.3, 0.6])
+    assert torch.equal(load_file(str(tmp_path / "listed" / "model.safetensors"))["w"],
+                       load_file(str(tmp_path / "plain" / "model.safetensors"))["w"])

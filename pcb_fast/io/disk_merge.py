@@ -67,22 +67,26 @@ def _names(sources) -> list:
     return [f"model {i} ({s})" if not isinstance(s, dict) else f"model {i}" for i, s in enumerate(sources)]
 
 
-def _without_the_base(base, models, names, lambdas, method):
+def _without_the_base(base, models, names, lambdas, method, params):
     """The task list without the models whose path is the base's (real paths compared): mergekit
     configs often list the base among the models, where it would count as a task with a zero task
     vector. Their weights are ignored, as mergekit does; the average keeps them (there the base is one
-    of the models averaged). Returns (models, names, lambdas, names of the dropped models)."""
+    of the models averaged). Returns (models, names, lambdas, names of the dropped models, method
+    parameters with their per-task values restricted to the models kept)."""
+    from ..api import keep_tasks
+
     if method == "average" or isinstance(base, dict):
-        return models, names, lambdas, []
+        return models, names, lambdas, [], params
     real = os.path.realpath(base)
     copies = [i for i, m in enumerate(models) if not isinstance(m, dict) and os.path.realpath(m) == real]
     if not copies or len(copies) == len(models):
-        return models, names, lambdas, []
+        return models, names, lambdas, [], params
     warnings.warn(f"pcb_fast: {', '.join(names[i] for i in copies)} {'is' if len(copies) == 1 else 'are'} the base "
                   "model: left out of the task list (a zero task vector is no task)", stacklevel=3)
     keep = [i for i in range(len(models)) if i not in copies]
     return ([models[i] for i in keep], [names[i] for i in keep],
-            None if lambdas is None else [lambdas[i] for i in keep], [names[i] for i in copies])
+            None if lambdas is None else [lambdas[i] for i in keep], [names[i] for i in copies],
+            keep_tasks(params, keep, len(models)))
 
 
 def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None, scope="global", exclude=(),
@@ -140,7 +144,8 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
                                          if not isinstance(s, dict)])
 
     names = _names(models)
-    models, names, lambdas, dropped = _without_the_base(base, models, names, lambdas, method)
+    models, names, lambdas, dropped, method_params = _without_the_base(base, models, names, lambdas, method,
+                                                                        method_params)
     base_ck = open_checkpoint(base, "base model")
     model_cks, comm = [], None
     try:
