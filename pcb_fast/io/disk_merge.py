@@ -89,6 +89,27 @@ def _without_the_base(base, models, names, lambdas, method, params):
             keep_tasks(params, keep, len(models)))
 
 
+def check_merge_options(method, n, lam, lambdas, scope, exclude, method_params, max_memory, fused, threads, dtype):
+    """The checks every merge of files makes before opening any: the method and its parameters (as
+    a real merge checks them), lam, lambdas, the budget, fused, threads and the output dtype.
+    Returns (lam, lambdas as floats, exclude as a tuple, the memory budget in bytes)."""
+    from ..api import check_method_params  # the api merges in memory; it sits above io
+
+    checks.check_n_models(n)
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not valid; choose one of {', '.join(map(repr, METHODS))}")
+    lam = checks.check_lam(lam)
+    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    check_method_params(method, n, lam, lambdas, scope, method_params)
+    lambdas = checks.check_lambdas(lambdas, n)  # floats, so the metadata is the same however they were given
+    budget = available_memory() // 2 if max_memory is None else parse_size(max_memory, "max_memory")
+    checks.check_choice("fused", fused, fused_cpu.MODES)
+    check_threads(threads)
+    if dtype is not None and dtype not in OUT_DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not valid; choose one of {', '.join(map(repr, OUT_DTYPES))}")
+    return lam, lambdas, exclude, budget
+
+
 def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None, scope="global", exclude=(),
                       backend="auto", device="cpu", max_memory=None, shard_size="5GB", dtype=None,
                       overwrite=False, progress=None, report: dict | None = None, distributed: bool = False,
@@ -112,26 +133,14 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
     (pcb_fast/io/card.py; without it they describe the arguments).
     Returns the output folder.
     """
-    from ..api import check_method_params  # the api merges in memory; it sits above io
-
     started = time.perf_counter()
     models = list(models)
-    n = checks.check_n_models(len(models))
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not valid; choose one of {', '.join(map(repr, METHODS))}")
-    lam = checks.check_lam(lam)
-    if isinstance(exclude, str):
-        exclude = (exclude,)
-    check_method_params(method, n, lam, lambdas, scope, method_params)
-    lambdas = checks.check_lambdas(lambdas, n)  # floats, so the metadata is the same however they were given
+    lam, lambdas, exclude, budget = check_merge_options(method, len(models), lam, lambdas, scope, exclude,
+                                                        method_params, max_memory, fused, threads, dtype)
+    n = len(models)
     shard_bytes = parse_size(shard_size, "shard_size")
     if shard_bytes == 0:
         raise ValueError(f"shard_size={shard_size!r} must be positive")
-    budget = available_memory() // 2 if max_memory is None else parse_size(max_memory, "max_memory")
-    checks.check_choice("fused", fused, fused_cpu.MODES)
-    check_threads(threads)
-    if dtype is not None and dtype not in OUT_DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not valid; choose one of {', '.join(map(repr, OUT_DTYPES))}")
     try:
         device = torch.device(device)
     except RuntimeError:

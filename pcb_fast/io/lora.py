@@ -54,12 +54,12 @@ from .. import __version__
 from ..core import checks, engine
 from ..core.formulas import merged_weights
 from ..core.sources import DEFAULT_BLOCK_WIDTH, Block, Segment, TaskVectorSource
-from ..core.threads import CpuThreads, check_threads
+from ..core.threads import CpuThreads
 from ..cpu import fused as fused_cpu
 from ..methods import METHODS
 from .checkpoints import MERGED_DTYPES, open_checkpoint, split_keys
 from .safetensors import NotAFileError, read_regular, show
-from .tied import tied_groups
+from .tied import merged_aliases, tied_groups
 
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -460,29 +460,17 @@ def merge_adapters(base, adapters, out=None, *, method="pcb", lam=1.0, lambdas=N
     collected between passes; the task vectors are never cached; ``threads`` as for
     :func:`pcb_fast.merge`). Runs the torch backend on CPU.
     """
-    from ..api import check_method_params  # the api sits above io
-    from .disk_merge import OUT_DTYPES, _copy_side_files, available_memory, peak_rss_bytes
+    from .disk_merge import OUT_DTYPES, _copy_side_files, check_merge_options, peak_rss_bytes
 
     started = time.perf_counter()
     if isinstance(adapters, (str, os.PathLike)):
         adapters = [adapters]
     adapters = list(adapters)
-    n = checks.check_n_models(len(adapters))
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not valid; choose one of {', '.join(map(repr, METHODS))}")
-    lam = checks.check_lam(lam)
-    if isinstance(exclude, str):
-        exclude = (exclude,)
-    check_method_params(method, n, lam, lambdas, scope, method_params)
-    lambdas = checks.check_lambdas(lambdas, n)
+    lam, lambdas, exclude, budget = check_merge_options(method, len(adapters), lam, lambdas, scope, exclude,
+                                                        method_params, max_memory, fused, threads, dtype)
     if backend not in ("auto", "torch") or str(device) != "cpu":
         raise ValueError(f"LoRA adapters merge on the torch backend on CPU in this version (backend={backend!r}, "
                          f"device={str(device)!r}); use backend 'torch' or 'auto' and device 'cpu'")
-    budget = available_memory() // 2 if max_memory is None else checks.parse_size(max_memory, "max_memory")
-    checks.check_choice("fused", fused, fused_cpu.MODES)
-    check_threads(threads)
-    if dtype is not None and dtype not in OUT_DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not valid; choose one of {', '.join(map(repr, OUT_DTYPES))}")
     names = [f"adapter {i} ({a})" for i, a in enumerate(adapters)]
     if out is not None:
         from .output import check_output
@@ -499,14 +487,7 @@ def merge_adapters(base, adapters, out=None, *, method="pcb", lam=1.0, lambdas=N
         if not merged:
             raise ValueError(f"{base_ck.name} has no floating-point tensor to merge (or every one is excluded)")
         # tied parameters of an in-memory base are one parameter: merged once, under their first name
-        groups = tied_groups(base) if isinstance(base, dict) else []
-        aliases = {}
-        for keys in groups:
-            inside = [k for k in keys if k in merged]
-            if inside and len(inside) != len(keys):
-                raise ValueError(f"keys {inside[0]!r} and {[k for k in keys if k not in inside][0]!r} are one tied "
-                                 "parameter of the base model, but only one is excluded; exclude all its names or none")
-            aliases.update({k: keys[0] for k in keys[1:]})
+        aliases = merged_aliases(base, merged) if isinstance(base, dict) else {}
         merged = [k for k in merged if k not in aliases]
         for source, name in zip(adapters, names):
             opened.append(open_adapter(source, name, base_ck, merged, aliases))

@@ -31,11 +31,10 @@ def tied_groups(state: dict) -> list[list[str]]:
     return [keys for keys in groups.values() if len(keys) > 1]
 
 
-def check_tied(base: dict, models, names, merged_keys) -> dict:
-    """{alias: key merged in its place} for the tied parameters of ``base``.
+def merged_aliases(base: dict, merged_keys) -> dict:
+    """{alias: key merged in its place} for the tied parameters of ``base`` among ``merged_keys``.
 
-    Raises ValueError when ``exclude`` split a tied group between merged and copied keys, or when a
-    model holds different values under the names of one tied parameter of the base.
+    Raises ValueError when ``exclude`` split a tied group between merged and copied keys.
     """
     merged = set(merged_keys)
     aliases = {}
@@ -47,14 +46,20 @@ def check_tied(base: dict, models, names, merged_keys) -> dict:
             copied = [k for k in keys if k not in merged]
             raise ValueError(f"keys {inside[0]!r} and {copied[0]!r} are one tied parameter of the base model, but only "
                              f"{inside[0]!r} is merged (exclude matches {copied[0]!r}); exclude all its names or none")
-        first = keys[0]
-        for model, name in zip(models, names):
-            for key in keys[1:]:
-                a, b = model[first], model[key]
-                if a is not b and (a.dtype != b.dtype or not torch.equal(a, b)):
-                    raise ValueError(f"{name}: keys {first!r} and {key!r} are one tied parameter of the base model "
-                                     f"but hold different values in this model; tie them (or untie them in the base)")
-            aliases.update({key: first for key in keys[1:]})
+        aliases.update({key: keys[0] for key in keys[1:]})
+    return aliases
+
+
+def check_tied(base: dict, models, names, merged_keys) -> dict:
+    """:func:`merged_aliases`, after checking that no model holds different values under the names of
+    one tied parameter of the base (ValueError naming the model and the keys)."""
+    aliases = merged_aliases(base, merged_keys)
+    for model, name in zip(models, names):
+        for key, first in aliases.items():
+            a, b = model[first], model[key]
+            if a is not b and (a.dtype != b.dtype or not torch.equal(a, b)):
+                raise ValueError(f"{name}: keys {first!r} and {key!r} are one tied parameter of the base model "
+                                 f"but hold different values in this model; tie them (or untie them in the base)")
     return aliases
 
 
