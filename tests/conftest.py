@@ -21,3 +21,18 @@ def _accurate_exp():
     from pcb_fast.core.numerics import warm_up_exp
 
     warm_up_exp()
+
+
+# Lines a test wants in CI's log even when it passes (pytest -q captures print): the header fuzzer's counts.
+_SUMMARY_LINES = []
+
+
+@pytest.fixture
+def summary_line():
+    """Call with a string: it is printed at the end of the run, after the test results."""
+    return _SUMMARY_LINES.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in _SUMMARY_LINES:
+        terminalreporter.write_line(line)

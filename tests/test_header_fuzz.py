@@ -316,7 +316,7 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
             and torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)))
 
 
-def test_reader_accepts_exactly_what_the_library_accepts(tmp_path):
+def test_reader_accepts_exactly_what_the_library_accepts(tmp_path, summary_line):
     header, data = original()
     r = random.Random(SEED)
     path = tmp_path / "fuzz.safetensors"
@@ -347,7 +347,7 @@ def test_reader_accepts_exactly_what_the_library_accepts(tmp_path):
     summary = (f"header fuzz (seed {SEED}): {len(seen)} distinct headers of {CASES}: {accepted} accepted by both with "
                f"identical tensors, {refused} refused by both, {sum(documented.values())} documented differences "
                f"(library accepts, pcb_fast refuses: {documented}), {len(failures)} disagreements")
-    print(summary)
+    summary_line(summary)
     assert not failures, summary + "\n" + "\n".join(map(repr, failures[:10]))
     assert accepted > CASES // 20 and refused > CASES // 3, summary  # both sides are exercised
 
