@@ -2,7 +2,7 @@
 
 ``linear_kernel`` writes base + lam * sum_i w_i m_i(tau_i) / divisor for a tile, where m_i is the
 identity or DARE's drop-and-rescale. DARE's draw for entry j of task i is the counter-based hash
-of pcb_fast.rng (two rounds of a 32-bit xorshift-multiply mix on int64 values below 2^32, whose
+of pcb_fast.core.rng (two rounds of a 32-bit xorshift-multiply mix on int64 values below 2^32, whose
 products stay below 2^63), so the kernel keeps exactly the entries the CPU path keeps.
 """
 
@@ -16,7 +16,7 @@ from .tiles import Rows, flag_bad, launch_config, load_tau
 
 @triton.jit
 def mix32(x):
-    """pcb_fast.rng.mix32 on int64 values in [0, 2^32)."""
+    """pcb_fast.core.rng.mix32 on int64 values in [0, 2^32)."""
     x = x ^ (x >> 16)
     x = (x * 0x21F0AAAD) & 0xFFFFFFFF
     x = x ^ (x >> 15)
@@ -26,7 +26,7 @@ def mix32(x):
 
 @triton.jit
 def dare_keep(cols, rows, row_ok, streams_ptr, n, threshold):
-    """[NT, BLOCK] bool: DARE keeps entry ``cols`` of each task (pcb_fast.rng.keep_mask)."""
+    """[NT, BLOCK] bool: DARE keeps entry ``cols`` of each task (pcb_fast.core.rng.keep_mask)."""
     h = tl.load(streams_ptr + rows, mask=row_ok, other=0)[:, None]  # stream constant of (seed, task, key)
     mh = tl.load(streams_ptr + n + rows, mask=row_ok, other=0)[:, None]  # mix32 of it
     index = cols[None, :].to(tl.int64)
@@ -58,7 +58,7 @@ def linear_pass(rows: Rows, out: torch.Tensor, weights: torch.Tensor, divisor: f
 
     ``dare`` = (streams, p): drop each entry with probability p and rescale the kept ones by
     1 / (1 - p); streams is an int64 [2n] tensor, the stream constant of (seed, task, key) of every
-    task, then the mix32 of each (pcb_fast.rng). ``bad`` [n] int32 receives NaN/Inf flags, ``kept``
+    task, then the mix32 of each (pcb_fast.core.rng). ``bad`` [n] int32 receives NaN/Inf flags, ``kept``
     [n] int64 the entries DARE keeps.
     """
     out_flat = out.view(-1)

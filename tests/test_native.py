@@ -1,4 +1,4 @@
-"""The C row select of pcb_fast.native against a sort, on rows made to reach every branch of the
+"""The C row select of pcb_fast.cpu.native against a sort, on rows made to reach every branch of the
 radix select: ties, zeros of both signs, subnormals, infinities, NaN, values that differ only in
 their last bits, rows of one to tens of thousands of entries, rows split over threads.
 

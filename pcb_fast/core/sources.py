@@ -62,12 +62,12 @@ class TaskVectorSource:
         # bytes the engine may hold for the entries it collects between passes (None: no limit);
         # above it, methods find their thresholds by radix select and merge in one more pass
         self.memory_budget = None
-        # pcb_fast.distributed.Comm when this source is one rank's share of a distributed merge (D is
+        # pcb_fast.io.distributed.Comm when this source is one rank's share of a distributed merge (D is
         # then the global number of entries, segments the local keys); ``errors`` is where bad data is
         # reported instead of raised, so that every rank fails together (kept by scope="tensor" views)
         self.comm = None
         self.errors = None
-        # run the per-block work of the methods that have them through pcb_fast.fused_cpu's compiled loops
+        # run the per-block work of the methods that have them through pcb_fast.cpu.fused's compiled loops
         self.fused = False
         # core.threads.CpuThreads of the merge: looks at the machine between blocks (None: leave torch's setting)
         self.threads = None
@@ -211,7 +211,7 @@ def check_cpu(what: str, t: torch.Tensor) -> None:
 
 
 class CheckpointSource(TaskVectorSource):
-    """Task vectors of checkpoints (pcb_fast.checkpoints), read slice by slice: every pass reads the
+    """Task vectors of checkpoints (pcb_fast.io.checkpoints), read slice by slice: every pass reads the
     files again (through the page cache), so memory stays at a few blocks whatever the model size.
 
     ``progress``, if given, is called at the start of every pass with the bytes the pass reads and

@@ -125,7 +125,7 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
     pass). The result is the same bit for bit whatever the budget. ``progress``:
     a factory ``progress(total_bytes, description)`` of bars with update/close, called per pass.
     ``report`` receives kept, entries, merged_keys, copied_keys, seconds and peak_rss_bytes.
-    ``distributed``: this process is one rank of a torchrun launch (pcb_fast.distributed); every
+    ``distributed``: this process is one rank of a torchrun launch (pcb_fast.io.distributed); every
     rank calls this with the same arguments, and the output equals the single-process one.
     ``fused``: "auto", "on" or "off", as for :func:`pcb_fast.merge` (single-process merges only).
     ``threads``: "auto" or a number, as for :func:`pcb_fast.merge`.

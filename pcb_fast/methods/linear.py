@@ -2,7 +2,7 @@
 
 Each is one pass over the blocks: an optional per-entry mask (DARE's random drop, Breadcrumbs'
 magnitude band), then the sum over tasks in task order, the rounding of the literal formulations
-in pcb_fast.reference_baselines, bit for bit.
+in pcb_fast.reference.baselines, bit for bit.
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def fusable_drop(p, rescale: str) -> bool:
 
 
 def dare_drop_args(block, p: float, seed: int) -> tuple:
-    """The drop's arguments of pcb_fast.fused_cpu for a block, all tensors (so that no value is
+    """The drop's arguments of pcb_fast.cpu.fused for a block, all tensors (so that no value is
     compiled in): [n, 1] stream constants of (seed, task, key) and their mix32, the block's first
     index, the keep threshold and 1 - p (float32, the divisor of the eager drop)."""
     streams = [rng.stream_constant(seed, i, block.segment.key) for i in range(block.tv.shape[0])]
@@ -171,7 +171,7 @@ def merge_dare(source, sink, *, p=0.9, seed=0, rescale="inverse", normalize=Fals
                block_width=DEFAULT_BLOCK_WIDTH):
     """DARE (Yu et al., "Language Models are Super Mario", ICML 2024): drop each entry of each task
     vector with probability p, rescale the survivors by 1/(1-p), then task arithmetic. The drop of
-    entry j of key k in task i is a pure function of (seed, i, k, j): see pcb_fast.rng.
+    entry j of key k in task i is a pure function of (seed, i, k, j): see pcb_fast.core.rng.
 
     mergekit's options: ``p`` per task (a list: mergekit's per-model density is 1 - p),
     ``rescale="l1"`` (the survivors of each task rescaled so that their L1 norm is the task
@@ -318,7 +318,7 @@ def merge_breadcrumbs(source, sink, *, gamma=0.01, beta=0.1, band="row", normali
 
 
 def _fused_band_bounds(tv: torch.Tensor, drop: int, keep: int):
-    """band_bounds of |tv| by the C row select of pcb_fast.native (same values, no |tv| stored, about
+    """band_bounds of |tv| by the C row select of pcb_fast.cpu.native (same values, no |tv| stored, about
     8x faster), or by torch where that kernel cannot be built here."""
     problem = native.problem()
     if problem is None:

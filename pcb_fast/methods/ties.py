@@ -14,7 +14,7 @@ the source's memory budget, the threshold comes from two radix-select passes and
 read the task vectors again, as DARE-TIES does: it replaces the trim by DARE's random drop and makes
 two passes over the task vectors (signs, then the mean).
 
-With fused CPU loops (``source.fused``, pcb_fast.fused_cpu) both take another route that collects
+With fused CPU loops (``source.fused``, pcb_fast.cpu.fused) both take another route that collects
 nothing: the threshold from counts around a sampled bracket, then a single sweep that trims (or
 drops), elects and merges each block, redoing only blocks whose value depends on the whole
 model's majority sign.
@@ -225,7 +225,7 @@ ALL_TIES = 1 << 62  # a cut past every position: every entry equal to the thresh
 
 
 def _merge_ties_fused(source, sink, density, sign_ties, topk, lam, block_width, normalize=True, min_keep=0):
-    """TIES with compiled block loops (pcb_fast.fused_cpu): the column sample (read in place from
+    """TIES with compiled block loops (pcb_fast.cpu.fused): the column sample (read in place from
     in-memory sources, else one pass); one pass counting |tau| around the sampled bracket, with the
     NaN check (the exact threshold comes from the few entries inside the bracket); for
     topk="exact" a pass counting the entries at the threshold; then one sweep that trims, elects
