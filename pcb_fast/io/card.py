@@ -47,7 +47,7 @@ CARD = """---
 {front}---
 # {name}
 
-This is a merge of pre-trained models created with [pcb_fast](https://github.com/duguodong7/pcb-merging) {version}.
+This is a merge of pre-trained models created with pcb_fast {version}.
 
 ## Merge Details
 ### Merge Method
