@@ -111,8 +111,10 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     ``threads``: CPU threads of the torch backend, "auto" (the cores other processes leave free, looked
     at again during the merge) or a number; torch's own setting is restored afterwards.
     ``fused`` ("auto", "on", "off"): on the torch backend, run TIES, DARE, DARE-TIES and Breadcrumbs through
-    loops compiled by torch.compile (pcb_fast.cpu.fused; the same values; "auto": for merges of at
-    least 2^29 task-vector entries, where compiling pays for itself).
+    loops compiled by torch.compile (pcb_fast.cpu.fused; the same values), and PCB's official variant
+    (values within 2e-5 of max|tau_m| of the bit-exact eager path: inductor's exp and tanh round
+    differently; docs/design.md 9); "auto": for merges of at least 2^29 task-vector entries, where
+    compiling pays for itself.
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not valid; choose one of {', '.join(map(repr, METHODS))}")

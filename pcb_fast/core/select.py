@@ -45,7 +45,7 @@ class RadixSelect:
             raise ValueError(f"ranks {self.ranks.tolist()} out of range for rows of length {lengths.tolist()}")
         self.high = torch.zeros(n, BUCKETS, dtype=torch.int64)
         self.low = None
-        self.comm = comm  # pcb_fast.distributed.Comm: histograms are summed over ranks before use
+        self.comm = comm  # pcb_fast.io.distributed.Comm: histograms are summed over ranks before use
         self._low_reduced = False
         self.buckets = None
         self._row_offsets = (torch.arange(n, dtype=torch.int32) * BUCKETS).unsqueeze(1)
@@ -122,26 +122,30 @@ class TailSelect:
         self.low_bound = torch.full((n, 1), float("inf"))
         self.high_bound = torch.full((n, 1), float("-inf"))
 
-    def update(self, block: torch.Tensor) -> None:
-        """Feed a float32 [n, m] block."""
+    def update(self, block: torch.Tensor, extremes=None, absolute: bool = False) -> None:
+        """Feed a float32 [n, m] block. ``extremes``: the [n, m // CHUNK] (min, max) of its runs when
+        the caller has them (a compiled loop); with ``absolute``, the values fed are |block| (the
+        runs' extremes are those of |block|) without |block| being formed."""
         n, m = block.shape
         body = m - m % self.CHUNK
         if body:
             runs = block[:, :body].reshape(n, body // self.CHUNK, self.CHUNK)
-            run_min, run_max = torch.aminmax(runs, dim=2)
-            self._add_runs(runs, run_min < self.low_bound, largest=False)
-            self._add_runs(runs, run_max > self.high_bound, largest=True)
+            run_min, run_max = torch.aminmax(runs, dim=2) if extremes is None else extremes
+            self._add_runs(runs, run_min < self.low_bound, largest=False, absolute=absolute)
+            self._add_runs(runs, run_max > self.high_bound, largest=True, absolute=absolute)
         if body < m:
             rest = block[:, body:].unsqueeze(1)
-            self._add_runs(rest, torch.ones(n, 1, dtype=torch.bool), largest=False)
-            self._add_runs(rest, torch.ones(n, 1, dtype=torch.bool), largest=True)
+            self._add_runs(rest, torch.ones(n, 1, dtype=torch.bool), largest=False, absolute=absolute)
+            self._add_runs(rest, torch.ones(n, 1, dtype=torch.bool), largest=True, absolute=absolute)
 
-    def _add_runs(self, runs: torch.Tensor, reaching: torch.Tensor, largest: bool) -> None:
+    def _add_runs(self, runs: torch.Tensor, reaching: torch.Tensor, largest: bool, absolute: bool = False) -> None:
         where = reaching.nonzero()  # (task, run), task-major
         if not where.numel():
             return
         task = where[:, 0]
         data = runs[task, where[:, 1]]
+        if absolute:
+            data = data.abs()
         bounds = self.high_bound if largest else self.low_bound
         passing = data > bounds[task] if largest else data < bounds[task]
         counts = torch.zeros(self.n, dtype=torch.int64).index_add_(0, task, passing.sum(1)).tolist()

@@ -1,5 +1,5 @@
-"""Fused CPU loops: the per-block work of TIES, DARE, DARE-TIES and Breadcrumbs, compiled by
-torch.compile (inductor) into vectorised OpenMP loops.
+"""Fused CPU loops: the per-block work of TIES, DARE, DARE-TIES, Breadcrumbs and PCB (official
+variant), compiled by torch.compile (inductor) into vectorised OpenMP loops.
 
 Eager torch makes one memory sweep per op; a TIES block needs a dozen ops, so the eager engine
 spends its time re-reading blocks (docs/design.md 3.5). Each function here is plain torch ops without
@@ -11,6 +11,13 @@ The values equal the eager engine's and the literal formulations' (torch.equal: 
 operations per entry; the sums over tasks are one sequential loop over the tasks; inductor keeps
 IEEE semantics on the CPU: no reassociation, no contraction); only the sign of a zero may differ
 (compiled sums start from +0). tests/test_fused_cpu.py checks both.
+
+PCB's loops are the exception: its scores need exp and tanh, which eager torch takes from MKL and
+inductor from Sleef (exp, within 1 ulp) or from :func:`_tanh` here (within 1.5 ulp), so the scores
+differ from the eager ones by a few ulps and the fused PCB is held to the tolerance of the triton
+backend (docs/design.md 9: values within 2e-5 of max|tau_m|, keep masks equal except where a score
+lies within a few ulps of its threshold; the same result on every run and thread count).
+tests/test_fused_pcb.py checks it.
 
 Modes (``fused=`` of merge, merge_checkpoints and the CLI): "on", "off", or "auto" (the default):
 on from :data:`AUTO_MIN_ENTRIES` task-vector entries, where compiling pays for itself, when a
@@ -32,6 +39,9 @@ MODES = ("auto", "on", "off")
 # about 5 s here and the fused one under 2 s, plus a first compile of 4-10 s per process (less
 # with inductor's on-disk cache): below this, compiling does not pay for itself.
 AUTO_MIN_ENTRIES = 1 << 29
+
+
+RECOMPILE_LIMIT = 256  # compiled variants per function (thread counts times shape specialisations)
 
 
 class FusedUnavailable(ValueError):
@@ -88,7 +98,11 @@ class Fusable:
     def __call__(self, *args):
         if self._compiled is None:
             self._compiled = torch.compile(self.eager, dynamic=True)
-        return self._compiled(*args)
+        # Each thread count is its own compiled variant (a guard of torch.compile), so are n == 1 and
+        # m == 1: past torch's default limit of 8 variants it would silently run the function
+        # uncompiled (other values for PCB). Raised for the call only, restored after.
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            return self._compiled(*args)
 
 
 def _sum_rows(x: torch.Tensor) -> torch.Tensor:
@@ -193,3 +207,103 @@ def band_block(tv, top, low, lam):
     weighted = torch.where((a <= top) & (a >= low), tv, 0.0).reshape(tv.shape[0], -1) * lam
     tied = (((a == top).sum(-1) > 1) | ((a == low).sum(-1) > 1)).to(torch.int32)
     return _sum_rows(weighted), tied, a.amax(-1)
+
+
+@Fusable
+def magnitude_runs(runs):
+    """Min and max of |tau| over each run of a block's entries, ``runs`` [n, r, c] (the runs of
+    core.select.TailSelect, a view of the block), for PCB's clip pass: two [n, r] tensors."""
+    a = runs.abs()
+    return a.amin(2), a.amax(2)
+
+
+def _tanh(x):
+    """tanh in float32 within 1.5 ulp (Cephes' tanhf: an odd polynomial below |x| = 0.625, 1 - 2 /
+    (exp(2|x|) + 1) above; +-0 stay +-0, large |x| give +-1), twice as fast as the vectorised
+    tanh inductor calls (Sleef's, within 1 ulp), which dominated PCB's compiled loops. Neither
+    rounds like eager torch.tanh (MKL), so the fused PCB path is held to a tolerance anyway."""
+    a = x.abs()
+    z = a * a
+    small = ((((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z + 1.33314422036e-1) * z
+             - 3.33332819422e-1) * z * a + a
+    r = torch.where(a < 0.625, small, 1 - 2 / (torch.exp(2 * a) + 1))
+    return torch.where(x < 0, -r, r)
+
+
+def _official_scores(tv, lo, hi, span, shift, inter: str):
+    """PCB's official scores P of a block (docs/design.md 2.2 steps 2-5), with the float32 operations
+    of pcb_fast.cpu.pcb_blocks.official_scores in the same order: N = (clip(|tau|) - lo) / span,
+    intra = exp(N * N * n - shift) (``shift`` 0-dim: 0, or n beyond EXACT_EXP_MAX_N; x - 0 == x), the
+    inter term summed over tasks in task order."""
+    normalized = (torch.clamp(tv.abs(), lo, hi) - lo) / span
+    intra = torch.exp(normalized * normalized * tv.shape[0] - shift)
+    if inter == "sum":
+        inter_term = _tanh(tv * _sum_rows(tv))
+    else:
+        signed = torch.sign(tv) * normalized
+        if inter == "normalized_sum":
+            inter_term = _tanh(tv * _sum_rows(signed))
+        else:  # pairwise: sum over j of tanh(N-hat_i * N-hat_j), one sequential loop over j
+            inter_term = _tanh(signed.unsqueeze(1) * signed.unsqueeze(0)).sum(1)
+    return intra * inter_term
+
+
+def _count(mask):
+    """Per-task counts of a block's [n, m] mask in int32 (a block row holds < 2^31 entries): a third
+    faster than int64 counts in inductor's vectorised loops."""
+    return mask.to(torch.int32).sum(1, dtype=torch.int32)
+
+
+def _pcb_bracket(tv, lo, hi, span, shift, floor, ceiling, inter: str):
+    p = _official_scores(tv, lo, hi, span, shift, inter)
+    inside = ((p > floor) & (p < ceiling)).to(torch.int32)
+    return p.amax(1), _count(p > ceiling), _count(p == ceiling), _count(p == floor), inside, p
+
+
+def _pcb_block(tv, lo, hi, span, shift, t, keep_span, lam, inter: str):
+    p = _official_scores(tv, lo, hi, span, shift, inter)
+    scale = torch.clamp_min(p - t, 0) / keep_span
+    value = torch.sign(tv) * torch.clamp(tv.abs(), lo, hi) * scale * lam
+    return _sum_rows(value) / torch.clamp_min(_sum_rows(scale), 1e-12)
+
+
+# One compiled function per inter term, each its own code object: torch.compile keeps its compiled
+# variants (and counts them against its recompile limit) per code object.
+@Fusable
+def pcb_bracket_sum(tv, lo, hi, span, shift, floor, ceiling):
+    """PCB's scores P of a block (``lo``, ``hi``, ``span``: the clip statistics, [n, 1]; ``shift``:
+    0-dim) counted around a bracket [floor, ceiling] ([n, 1] each): (max P, int32 counts of P >
+    ceiling, == ceiling and == floor, int32 mask of floor < P < ceiling, P)."""
+    return _pcb_bracket(tv, lo, hi, span, shift, floor, ceiling, "sum")
+
+
+@Fusable
+def pcb_bracket_normalized_sum(tv, lo, hi, span, shift, floor, ceiling):
+    return _pcb_bracket(tv, lo, hi, span, shift, floor, ceiling, "normalized_sum")
+
+
+@Fusable
+def pcb_bracket_pairwise(tv, lo, hi, span, shift, floor, ceiling):
+    return _pcb_bracket(tv, lo, hi, span, shift, floor, ceiling, "pairwise")
+
+
+@Fusable
+def pcb_block_sum(tv, lo, hi, span, shift, t, keep_span, lam):
+    """PCB's merge of a block given t_i and span_i = M_i - t_i (inf where 0), [n, 1] each: tau_m =
+    sum_i (sign(tau) clip(|tau|) * scale_i) * lam_i / max(sum_i scale_i, 1e-12), scale_i =
+    max(P_i - t_i, 0) / span_i (docs/design.md 2.2 steps 6-7, the eager path's operations)."""
+    return _pcb_block(tv, lo, hi, span, shift, t, keep_span, lam, "sum")
+
+
+@Fusable
+def pcb_block_normalized_sum(tv, lo, hi, span, shift, t, keep_span, lam):
+    return _pcb_block(tv, lo, hi, span, shift, t, keep_span, lam, "normalized_sum")
+
+
+@Fusable
+def pcb_block_pairwise(tv, lo, hi, span, shift, t, keep_span, lam):
+    return _pcb_block(tv, lo, hi, span, shift, t, keep_span, lam, "pairwise")
+
+
+PCB_BRACKET = {"sum": pcb_bracket_sum, "normalized_sum": pcb_bracket_normalized_sum, "pairwise": pcb_bracket_pairwise}
+PCB_BLOCK = {"sum": pcb_block_sum, "normalized_sum": pcb_block_normalized_sum, "pairwise": pcb_block_pairwise}

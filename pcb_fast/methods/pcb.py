@@ -20,10 +20,11 @@ from __future__ import annotations
 import torch
 
 from ..core import checks
-from ..core.engine import ColumnSample, entries, raise_if_not_finite, select_threshold
-from ..core.formulas import clip_indices, keep_index, lambda_column, span_or_inf
+from ..core.engine import ColumnSample, entries, raise_if_not_finite, select_in_bracket, select_threshold
+from ..core.formulas import EXACT_EXP_MAX_N, clip_indices, keep_index, lambda_column, span_or_inf
 from ..core.select import RadixSelect, TailSelect
 from ..core.sources import DEFAULT_BLOCK_WIDTH
+from ..cpu import fused as fused_cpu
 from ..cpu import pcb_blocks as tb
 
 PARAMS = ("ratio", "clamp_ratio", "inter", "variant")
@@ -56,6 +57,8 @@ def merge_pcb(source, sink, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant
     params = check_params(source.n, ratio=ratio, clamp_ratio=clamp_ratio, inter=inter, variant=variant, lambdas=lambdas)
     block_width = source.block_width(block_width)
     if params["variant"] == "official":
+        if fused_cpu.applies(source) and record is None:
+            return _merge_official_fused(source, sink, params, block_width, reuse)
         return _merge_official(source, sink, params, block_width, record, reuse)
     return _merge_paper(source, sink, params, block_width, record, reuse)
 
@@ -89,7 +92,16 @@ def clip_bounds(source, clamp_ratio: float, block_width: int, sample: ColumnSamp
     tails = max(i_lo + 1, D - i_hi) <= max(D // 64, 1) and source.comm is None
     selector = (TailSelect(n, i_lo, D - 1 - i_hi) if tails
                 else RadixSelect(n, torch.tensor([[i_lo, i_hi]] * n), D, comm=source.comm))
+    compiled = tails and fused_cpu.applies(source)  # |tau|'s extremes per run in one compiled loop
     for block in source.blocks(block_width):
+        if compiled:
+            raise_if_not_finite(source, block, block.tv.abs().amax(1))
+            sample.add(block)
+            n, m = block.tv.shape
+            body = m - m % TailSelect.CHUNK
+            runs = block.tv[:, :body].view(n, body // TailSelect.CHUNK, TailSelect.CHUNK)
+            selector.update(block.tv, fused_cpu.magnitude_runs(runs) if body else None, absolute=True)
+            continue
         magnitude = torch.abs(block.tv, out=ws.get(block.tv.shape[1])[0])
         raise_if_not_finite(source, block, magnitude.amax(1))
         sample.add(block)
@@ -133,6 +145,56 @@ def _merge_official(source, sink, params, block_width, record=None, reuse=None):
         num, den = e.sums(value, scale)
         sink(e.segment, e.lo, e.hi, num / torch.clamp(den, min=1e-12))
     return kept
+
+
+def _merge_official_fused(source, sink, params, block_width, reuse=None):
+    """The official variant with compiled block loops (pcb_fast.fused_cpu): the clip pass as
+    :func:`_merge_official` (with the NaN check and the column sample); one pass that computes the
+    scores P of each block and counts them around the bracket that the sample's scores give (the
+    exact t_i from the few inside it, :func:`select_in_bracket`; M_i from the same pass); then one
+    sweep that computes P again and merges each block. Nothing is collected: memory stays at a few
+    blocks."""
+    n, D = source.n, source.D
+
+    def statistics():
+        sample = ColumnSample(D, n)
+        return clip_bounds(source, params["clamp_ratio"], block_width, sample), sample
+
+    clip, sample = _reused(reuse, ("clip", params["clamp_ratio"], block_width), statistics)
+    inter = params["inter"]
+    ws = tb.Workspace(n, block_width, 4 if inter == "pairwise" else 3)
+    sample_scores = sample.scores(lambda tv: tb.official_scores(tv, clip, inter, ws))
+    # exp(n N^2 - shift): shift 0 up to EXACT_EXP_MAX_N tasks (x - 0 == x), n beyond (docs/design.md 2.4)
+    shift = torch.tensor(float(n) if n > EXACT_EXP_MAX_N else 0.0)
+    stats = (clip.lo, clip.hi, clip.span, shift)
+    peak = torch.full((n,), float("-inf"))
+
+    def bracket_pass(floor, ceiling):
+        nonlocal peak
+        peak = torch.full((n,), float("-inf"))
+        counts = torch.zeros(3, n, dtype=torch.int64)
+        inside = [[] for _ in range(n)]
+        for block in source.blocks(block_width):
+            row_max, *block_counts, mask, scores = fused_cpu.PCB_BRACKET[inter](
+                block.tv, *stats, floor.unsqueeze(1), ceiling.unsqueeze(1))
+            peak = torch.maximum(peak, row_max)
+            counts += torch.stack(block_counts)
+            flat = mask.view(-1).nonzero().squeeze(1)
+            values = scores.view(-1)[flat]
+            task = torch.div(flat, mask.shape[1], rounding_mode="floor")
+            for i, part in enumerate(values.split(torch.bincount(task, minlength=n).tolist())):
+                inside[i].append(part)
+        return counts[0], counts[1], counts[2], [torch.cat(parts) for parts in inside]
+
+    t, greater, _ = select_in_bracket(n, D, keep_index(D, params["ratio"]), sample_scores, bracket_pass)
+    t = t.unsqueeze(1)
+    # scale = (max(P, t) - t) / (M - t) (docs/design.md 2.2 step 6); M == t: nothing kept, scale 0
+    keep_span = span_or_inf(peak.unsqueeze(1) - t)
+    lam = fused_cpu.weights(lambda_column(params["lambdas"], n), n)
+    merge_block = fused_cpu.PCB_BLOCK[inter]
+    for block in source.blocks(block_width):
+        sink(block.segment, block.lo, block.hi, merge_block(block.tv, *stats, t, keep_span, lam))
+    return greater
 
 
 def pair_stats(source, block_width: int, sample: ColumnSample) -> tb.PairStats:
