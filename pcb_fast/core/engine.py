@@ -249,10 +249,15 @@ def bounds_from_sample(sample_scores: torch.Tensor, rank, D: int):
     if s < MIN_SAMPLE:
         return None
     ranks = task_ranks(rank, n).tolist()
-    if len(set(ranks)) == 1:
+    groups = {}  # the rows of each distinct rank: one kthvalue per rank, not per row
+    for i, r in enumerate(ranks):
+        groups.setdefault(r, []).append(i)
+    if len(groups) == 1:
         return _sample_bounds(sample_scores, ranks[0], D)
-    bounds = [_sample_bounds(sample_scores[i : i + 1], r, D) for i, r in enumerate(ranks)]
-    return torch.cat([f for f, _ in bounds]), torch.cat([c for _, c in bounds])
+    floor, ceiling = torch.empty(n), torch.empty(n)
+    for r, rows in groups.items():
+        floor[rows], ceiling[rows] = _sample_bounds(sample_scores[rows], r, D)
+    return floor, ceiling
 
 
 def _sample_bounds(sample_scores: torch.Tensor, rank: int, D: int):

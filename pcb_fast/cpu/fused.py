@@ -217,6 +217,35 @@ def magnitude_runs(runs):
     return a.amin(2), a.amax(2)
 
 
+def marked(mask: torch.Tensor) -> torch.Tensor:
+    """Ascending flat indices of the non-zero entries of a contiguous int32 mask (the few entries
+    inside a bracket): torch.nonzero over the mask read as int64 words, half as many entries to
+    scan (twice as fast), then the two halves of each marked word."""
+    flat = mask.view(-1)
+    if flat.numel() % 2:
+        return flat.nonzero().squeeze(1)
+    words = flat.view(torch.int64).nonzero().squeeze(1) * 2
+    candidates = torch.stack([words, words + 1], 1).view(-1)
+    return candidates[flat[candidates] != 0]
+
+
+@Fusable
+def clip_bracket(tv, floor, ceiling):
+    """|tau| of a block counted around two brackets per task at once, PCB's clip ranks lo (rows 0..n-1
+    of ``floor``/``ceiling``, [2n, 1]) and hi (rows n..2n-1): (max |tau| per task, NaN propagating:
+    the finiteness check; [2n] int32 counts of |tau| > ceiling, == ceiling and == floor; an int32
+    mask [n, m], bit 0 set where |tau| lies strictly inside the lo bracket, bit 1 inside the hi one)."""
+    n = tv.shape[0]
+    a = tv.abs()
+    lo_floor, hi_floor, lo_ceiling, hi_ceiling = floor[:n], floor[n:], ceiling[:n], ceiling[n:]
+    above = torch.cat([_count(a > lo_ceiling), _count(a > hi_ceiling)])
+    at_ceiling = torch.cat([_count(a == lo_ceiling), _count(a == hi_ceiling)])
+    at_floor = torch.cat([_count(a == lo_floor), _count(a == hi_floor)])
+    inside = (((a > lo_floor) & (a < lo_ceiling)).to(torch.int32)
+              + ((a > hi_floor) & (a < hi_ceiling)).to(torch.int32) * 2)
+    return _row_max_abs(tv), above, at_ceiling, at_floor, inside
+
+
 def _tanh(x):
     """tanh in float32 within 1.5 ulp (Cephes' tanhf: an odd polynomial below |x| = 0.625, 1 - 2 /
     (exp(2|x|) + 1) above; +-0 stay +-0, large |x| give +-1), twice as fast as the vectorised

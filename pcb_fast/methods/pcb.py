@@ -147,6 +147,43 @@ def _merge_official(source, sink, params, block_width, record=None, reuse=None):
     return kept
 
 
+def fused_clip_bounds(source, clamp_ratio: float, block_width: int) -> tuple[tb.ClipStats, ColumnSample] | None:
+    """The exact clip bounds of :func:`clip_bounds` from one compiled pass that counts |tau| around
+    the brackets that a column sample gives for both ranks (:func:`select_in_bracket` over 2n rows:
+    the lo rank of every task, then the hi rank), with the NaN/Inf check; the sample is read in
+    place. None where the sample would need a pass of its own (sources on disk): the caller takes
+    :func:`clip_bounds`, whose pass takes the sample too."""
+    n, D = source.n, source.D
+    sample = ColumnSample(D, n)
+    if not sample.take_without_pass(source):
+        return None
+    i_lo, i_hi = clip_indices(D, clamp_ratio)
+    magnitudes = sample.scores(torch.abs)
+    ranks = torch.tensor([i_lo] * n + [i_hi] * n)
+
+    def bracket_pass(floor, ceiling):
+        counts = torch.zeros(3, 2 * n, dtype=torch.int64)
+        inside = [[] for _ in range(2 * n)]
+        for block in source.blocks(block_width):
+            row_max, *block_counts, mask = fused_cpu.clip_bracket(block.tv, floor.unsqueeze(1), ceiling.unsqueeze(1))
+            raise_if_not_finite(source, block, row_max)
+            counts += torch.stack(block_counts)
+            flat = fused_cpu.marked(mask)
+            m = mask.shape[1]
+            task = torch.div(flat, m, rounding_mode="floor")
+            values = block.tv[task, flat - task * m].abs()
+            code = mask.view(-1)[flat]
+            for bit, offset in ((1, 0), (2, n)):
+                has = (code & bit) > 0
+                parts = values[has].split(torch.bincount(task[has], minlength=n).tolist())
+                for i, part in enumerate(parts):
+                    inside[offset + i].append(part)
+        return counts[0], counts[1], counts[2], [torch.cat(parts) for parts in inside]
+
+    bounds, _, _ = select_in_bracket(2 * n, D, ranks, torch.cat([magnitudes, magnitudes]), bracket_pass)
+    return tb.ClipStats.from_bounds(bounds[:n], bounds[n:]), sample
+
+
 def _merge_official_fused(source, sink, params, block_width, reuse=None):
     """The official variant with compiled block loops (pcb_fast.fused_cpu): the clip pass as
     :func:`_merge_official` (with the NaN check and the column sample); one pass that computes the
@@ -157,13 +194,19 @@ def _merge_official_fused(source, sink, params, block_width, reuse=None):
     n, D = source.n, source.D
 
     def statistics():
+        found = fused_clip_bounds(source, params["clamp_ratio"], block_width)
+        if found is not None:
+            return found
         sample = ColumnSample(D, n)
         return clip_bounds(source, params["clamp_ratio"], block_width, sample), sample
 
     clip, sample = _reused(reuse, ("clip", params["clamp_ratio"], block_width), statistics)
     inter = params["inter"]
     ws = tb.Workspace(n, block_width, 4 if inter == "pairwise" else 3)
-    sample_scores = sample.scores(lambda tv: tb.official_scores(tv, clip, inter, ws))
+    # a sample read in place is one part per tensor, which may be wider than the workspace
+    sample_scores = sample.scores(lambda tv: torch.cat([tb.official_scores(tv[:, i : i + block_width], clip, inter,
+                                                                           ws).clone()
+                                                        for i in range(0, tv.shape[1], block_width)], 1))
     # exp(n N^2 - shift): shift 0 up to EXACT_EXP_MAX_N tasks (x - 0 == x), n beyond (docs/design.md 2.4)
     shift = torch.tensor(float(n) if n > EXACT_EXP_MAX_N else 0.0)
     stats = (clip.lo, clip.hi, clip.span, shift)
@@ -179,7 +222,7 @@ def _merge_official_fused(source, sink, params, block_width, reuse=None):
                 block.tv, *stats, floor.unsqueeze(1), ceiling.unsqueeze(1))
             peak = torch.maximum(peak, row_max)
             counts += torch.stack(block_counts)
-            flat = mask.view(-1).nonzero().squeeze(1)
+            flat = fused_cpu.marked(mask)
             values = scores.view(-1)[flat]
             task = torch.div(flat, mask.shape[1], rounding_mode="floor")
             for i, part in enumerate(values.split(torch.bincount(task, minlength=n).tolist())):
