@@ -207,3 +207,11 @@ def test_nan_is_named():
     tv[1, 12_345] = float("nan")
     with pytest.raises(ValueError, match="task vector 1.*NaN or Inf"):
         run(tv, True)
+
+
+def test_auto_rule_for_pcb():
+    # PCB's compile pays for itself from 2^31 entries (cpu.fused.AUTO_MIN_ENTRIES_BY_METHOD); the others from 2^29
+    assert fused_cpu.resolve("auto", 1 << 30, "pcb") is False
+    assert fused_cpu.resolve("auto", 1 << 31, "pcb") is True  # a C++ compiler is present on the CI machine
+    assert fused_cpu.resolve("auto", 1 << 30, "ties") is True
+    assert fused_cpu.resolve("on", 10, "pcb") is True
