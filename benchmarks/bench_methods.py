@@ -4,9 +4,10 @@
 
 n=8 fine-tuned versions of one [4096, 4096] fp32 tensor (D = 2^24, task vectors of scale 1e-3),
 scope global, merged with pcb_fast.merge(backend="torch"), eager and with the compiled loops of
-pcb_fast.fused_cpu where a method has them, and with merge(backend="reference") (the literal
+pcb_fast.cpu.fused where a method has them, and with merge(backend="reference") (the literal
 formulations: the authors' sort/kthvalue-based code). Prints time, peak memory above the inputs,
-ratios and whether the results are equal; writes benchmarks/results/methods.json.
+ratios and whether the results are equal (the fused PCB: within the tolerance of docs/design.md 9,
+2e-5 of max|tau_m|, of the eager engine, itself bit-exact); writes benchmarks/results/methods.json.
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ METHODS = [
     ("dare_ties", dict(p=0.9, seed=0)),
     ("breadcrumbs", dict(gamma=0.01, beta=0.1)),
 ]
-FUSED = ("ties", "dare", "dare_ties", "breadcrumbs")  # the methods with compiled loops (pcb_fast.fused_cpu)
+FUSED = ("pcb", "ties", "dare", "dare_ties", "breadcrumbs")  # the methods with compiled loops (pcb_fast.fused_cpu)
+# fused loops held to a tolerance (docs/design.md 9: within 2e-5 of max|tau_m|) instead of equal values
+TOLERANT = ("pcb",)
+RTOL = 2e-5
 
 
 def main(argv=None):
@@ -63,14 +67,18 @@ def main(argv=None):
     for method, params in (m for m in METHODS if m[0] in args.methods):
         eager, eager_s, eager_mem = timed_runs(lambda: pcb_fast.merge(base, models, method=method, fused="off", **params),
                                                args.repeats)
-        fused_s, fused_mem, first, fused_same = None, None, None, True
+        fused_s, fused_mem, first, fused_same, gap = None, None, None, True, None
         if method in FUSED:
             started = time.perf_counter()
             pcb_fast.merge(base, models, method=method, fused="on", **params)
             first = time.perf_counter() - started
             fused, fused_s, fused_mem = timed_runs(
                 lambda: pcb_fast.merge(base, models, method=method, fused="on", **params), args.repeats)
-            fused_same = torch.equal(fused["w"], eager["w"])
+            if method in TOLERANT:  # against the eager engine, itself bit-exact with the literal formulation
+                gap = float((fused["w"] - eager["w"]).abs().max()) / (float((eager["w"] - base["w"]).abs().max()) or 1.0)
+                fused_same = gap <= RTOL
+            else:
+                fused_same = torch.equal(fused["w"], eager["w"])
             del fused
         ref, ref_s, ref_mem = timed_runs(
             lambda: pcb_fast.merge(base, models, method=method, backend="reference", **params), 1)
@@ -80,7 +88,9 @@ def main(argv=None):
                "fused_first_call_seconds": first, "reference_seconds": ref_s, "engine_peak_bytes": eager_mem,
                "fused_peak_bytes": fused_mem, "reference_peak_bytes": ref_mem, "identical": same,
                "speedup": literal / statistics.median(eager_s),
-               "fused_speedup": None if fused_s is None else literal / statistics.median(fused_s)}
+               "fused_speedup": None if fused_s is None else literal / statistics.median(fused_s),
+               # fused loops held to a tolerance: max |fused - eager| / max |theta - theta_pre| (eager)
+               "fused_relative_gap": gap}
         rows.append(row)
         fused_cell = "-" if fused_s is None else f"{statistics.median(fused_s):.2f} s ({first:.1f} s)"
         fused_ratio = "-" if fused_s is None else f"**{row['fused_speedup']:.1f}x**"
@@ -88,7 +98,8 @@ def main(argv=None):
         print(f"| {method} {', '.join(f'{k}={v}' for k, v in params.items())} | {statistics.median(eager_s):.2f} s "
               f"(min {min(eager_s):.2f}, max {max(eager_s):.2f}) | {fused_cell} | {literal:.2f} s | "
               f"{row['speedup']:.1f}x / {fused_ratio} | {eager_mem / 2**30:.2f} / {fused_memory} / "
-              f"{ref_mem / 2**30:.2f} GiB | {'yes' if same else 'NO'} |", flush=True)
+              f"{ref_mem / 2**30:.2f} GiB | {'yes' if same else 'NO'}"
+              f"{'' if gap is None else f' (fused: within {gap:.1e} of max|tau_m|)'} |", flush=True)
         del eager, ref
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": info, "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2) + "\n")
