@@ -215,3 +215,12 @@ def test_auto_rule_for_pcb():
     assert fused_cpu.resolve("auto", 1 << 31, "pcb") is True  # a C++ compiler is present on the CI machine
     assert fused_cpu.resolve("auto", 1 << 30, "ties") is True
     assert fused_cpu.resolve("on", 10, "pcb") is True
+
+
+def test_sample_order_statistic_equals_kthvalue():
+    # the bracket guesses near either end of a row (PCB's clip ranks) take a partial top-k: same values
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(5, 10_000, generator=g)
+    x[:, ::3] = 0.5  # ties
+    for k in (1, 2, 100, 156, 157, 5000, 9844, 9845, 9999, 10_000):
+        assert torch.equal(engine._order_statistic(x, k), torch.kthvalue(x, k, dim=1).values), k

@@ -265,9 +265,20 @@ def _sample_bounds(sample_scores: torch.Tensor, rank: int, D: int):
     q = rank / D
     margin = 6 * math.sqrt(s * q * (1 - q)) + 8
     lo, hi = math.floor(q * s - margin), math.ceil(q * s + margin)
-    floor = torch.kthvalue(sample_scores, lo + 1, dim=1).values if lo >= 0 else torch.full((n,), float("-inf"))
-    ceiling = torch.kthvalue(sample_scores, hi + 1, dim=1).values if hi < s else torch.full((n,), float("inf"))
+    floor = _order_statistic(sample_scores, lo + 1) if lo >= 0 else torch.full((n,), float("-inf"))
+    ceiling = _order_statistic(sample_scores, hi + 1) if hi < s else torch.full((n,), float("inf"))
     return floor, ceiling
+
+
+def _order_statistic(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest value (1-based) of every row: kthvalue, or near either end of the row (PCB's
+    clip ranks) a partial top-k, four times faster; the same values."""
+    s = x.shape[1]
+    if k <= s // 64:
+        return torch.topk(x, k, dim=1, largest=False).values[:, -1]
+    if s - k + 1 <= s // 64:  # the (s - k + 1)-th largest
+        return torch.topk(x, s - k + 1, dim=1).values[:, -1]
+    return torch.kthvalue(x, k, dim=1).values
 
 
 def select_threshold(
