@@ -223,9 +223,9 @@ def magnitude_runs(runs):
 
 
 def marked(mask: torch.Tensor) -> torch.Tensor:
-    """Ascending flat indices of the non-zero entries of a contiguous int32 mask (the few entries
-    inside a bracket): torch.nonzero over the mask read as int64 words, half as many entries to
-    scan (twice as fast), then the two halves of each marked word."""
+    """Ascending flat indices of the non-zero entries of a contiguous int32 mask (the few columns
+    with entries inside a bracket): torch.nonzero over the mask read as int64 words, half as many
+    entries to scan (twice as fast), then the two halves of each marked word."""
     flat = mask.view(-1)
     if flat.numel() % 2:
         return flat.nonzero().squeeze(1)
@@ -239,16 +239,16 @@ def clip_bracket(tv, floor, ceiling):
     """|tau| of a block counted around two brackets per task at once, PCB's clip ranks lo (rows 0..n-1
     of ``floor``/``ceiling``, [2n, 1]) and hi (rows n..2n-1): (max |tau| per task, NaN propagating:
     the finiteness check; [2n] int32 counts of |tau| > ceiling, == ceiling and == floor; an int32
-    mask [n, m], bit 0 set where |tau| lies strictly inside the lo bracket, bit 1 inside the hi one)."""
+    flag per column [m], non-zero where some task's |tau| lies strictly inside its lo or hi bracket:
+    the caller looks at those few columns again)."""
     n = tv.shape[0]
     a = tv.abs()
     lo_floor, hi_floor, lo_ceiling, hi_ceiling = floor[:n], floor[n:], ceiling[:n], ceiling[n:]
     above = torch.cat([_count(a > lo_ceiling), _count(a > hi_ceiling)])
     at_ceiling = torch.cat([_count(a == lo_ceiling), _count(a == hi_ceiling)])
     at_floor = torch.cat([_count(a == lo_floor), _count(a == hi_floor)])
-    inside = (((a > lo_floor) & (a < lo_ceiling)).to(torch.int32)
-              + ((a > hi_floor) & (a < hi_ceiling)).to(torch.int32) * 2)
-    return _row_max_abs(tv), above, at_ceiling, at_floor, inside
+    inside = (((a > lo_floor) & (a < lo_ceiling)) | ((a > hi_floor) & (a < hi_ceiling))).to(torch.int32)
+    return _row_max_abs(tv), above, at_ceiling, at_floor, inside.amax(0)
 
 
 def _tanh(x):
@@ -291,7 +291,7 @@ def _count(mask):
 def _pcb_bracket(tv, lo, hi, span, shift, floor, ceiling, inter: str):
     p = _official_scores(tv, lo, hi, span, shift, inter)
     inside = ((p > floor) & (p < ceiling)).to(torch.int32)
-    return p.amax(1), _count(p > ceiling), _count(p == ceiling), _count(p == floor), inside, p
+    return p.amax(1), _count(p > ceiling), _count(p == ceiling), _count(p == floor), inside.amax(0), p
 
 
 def _pcb_block(tv, lo, hi, span, shift, t, keep_span, lam, inter: str):
@@ -307,7 +307,9 @@ def _pcb_block(tv, lo, hi, span, shift, t, keep_span, lam, inter: str):
 def pcb_bracket_sum(tv, lo, hi, span, shift, floor, ceiling):
     """PCB's scores P of a block (``lo``, ``hi``, ``span``: the clip statistics, [n, 1]; ``shift``:
     0-dim) counted around a bracket [floor, ceiling] ([n, 1] each): (max P, int32 counts of P >
-    ceiling, == ceiling and == floor, int32 mask of floor < P < ceiling, P)."""
+    ceiling, == ceiling and == floor, an int32 flag per column [m], non-zero where some task's P lies
+    strictly inside its bracket, P). A flag per column rather than per entry: an eighth of the
+    mask to write and scan at n = 8, and the caller compares the P of the few flagged columns."""
     return _pcb_bracket(tv, lo, hi, span, shift, floor, ceiling, "sum")
 
 

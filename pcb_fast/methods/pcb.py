@@ -147,6 +147,14 @@ def _merge_official(source, sink, params, block_width, record=None, reuse=None):
     return kept
 
 
+def _append_inside(inside: list, offset: int, values: torch.Tensor, floor, ceiling) -> None:
+    """Append to ``inside[offset + i]`` the values of row i of ``values`` ([n, k]: the flagged columns
+    of a block) strictly inside (floor_i, ceiling_i) ([n, 1] each)."""
+    keep = (values > floor) & (values < ceiling)
+    for i, part in enumerate(values[keep].split(keep.sum(1).tolist())):
+        inside[offset + i].append(part)
+
+
 def fused_clip_bounds(source, clamp_ratio: float, block_width: int) -> tuple[tb.ClipStats, ColumnSample] | None:
     """The exact clip bounds of :func:`clip_bounds` from one compiled pass that counts |tau| around
     the brackets that a column sample gives for both ranks (:func:`select_in_bracket` over 2n rows:
@@ -164,20 +172,14 @@ def fused_clip_bounds(source, clamp_ratio: float, block_width: int) -> tuple[tb.
     def bracket_pass(floor, ceiling):
         counts = torch.zeros(3, 2 * n, dtype=torch.int64)
         inside = [[] for _ in range(2 * n)]
+        floor, ceiling = floor.unsqueeze(1), ceiling.unsqueeze(1)
         for block in source.blocks(block_width):
-            row_max, *block_counts, mask = fused_cpu.clip_bracket(block.tv, floor.unsqueeze(1), ceiling.unsqueeze(1))
+            row_max, *block_counts, flagged = fused_cpu.clip_bracket(block.tv, floor, ceiling)
             raise_if_not_finite(source, block, row_max)
             counts += torch.stack(block_counts)
-            flat = fused_cpu.marked(mask)
-            m = mask.shape[1]
-            task = torch.div(flat, m, rounding_mode="floor")
-            values = block.tv[task, flat - task * m].abs()
-            code = mask.view(-1)[flat]
-            for bit, offset in ((1, 0), (2, n)):
-                has = (code & bit) > 0
-                parts = values[has].split(torch.bincount(task[has], minlength=n).tolist())
-                for i, part in enumerate(parts):
-                    inside[offset + i].append(part)
+            values = block.tv[:, fused_cpu.marked(flagged)].abs()  # [n, few columns]
+            for rows, offset in ((slice(0, n), 0), (slice(n, 2 * n), n)):  # the lo rank's bracket, then hi's
+                _append_inside(inside, offset, values, floor[rows], ceiling[rows])
         return counts[0], counts[1], counts[2], [torch.cat(parts) for parts in inside]
 
     bounds, _, _ = select_in_bracket(2 * n, D, ranks, torch.cat([magnitudes, magnitudes]), bracket_pass)
@@ -217,16 +219,12 @@ def _merge_official_fused(source, sink, params, block_width, reuse=None):
         peak = torch.full((n,), float("-inf"))
         counts = torch.zeros(3, n, dtype=torch.int64)
         inside = [[] for _ in range(n)]
+        floor, ceiling = floor.unsqueeze(1), ceiling.unsqueeze(1)
         for block in source.blocks(block_width):
-            row_max, *block_counts, mask, scores = fused_cpu.PCB_BRACKET[inter](
-                block.tv, *stats, floor.unsqueeze(1), ceiling.unsqueeze(1))
+            row_max, *block_counts, flagged, scores = fused_cpu.PCB_BRACKET[inter](block.tv, *stats, floor, ceiling)
             peak = torch.maximum(peak, row_max)
             counts += torch.stack(block_counts)
-            flat = fused_cpu.marked(mask)
-            values = scores.view(-1)[flat]
-            task = torch.div(flat, mask.shape[1], rounding_mode="floor")
-            for i, part in enumerate(values.split(torch.bincount(task, minlength=n).tolist())):
-                inside[i].append(part)
+            _append_inside(inside, 0, scores[:, fused_cpu.marked(flagged)], floor, ceiling)
         return counts[0], counts[1], counts[2], [torch.cat(parts) for parts in inside]
 
     t, greater, _ = select_in_bracket(n, D, keep_index(D, params["ratio"]), sample_scores, bracket_pass)
