@@ -80,3 +80,24 @@ def test_cli_threads_flag(tmp_path, capsys):
         cli(["merge", "--base", "b", "--model", "m", "--out", str(tmp_path / "o"), "--threads", "0"])
     assert e.value.code == 2
     assert "--threads: '0' is not 'auto' or a positive number of threads" in capsys.readouterr().err
+
+
+def test_a_fused_merge_keeps_the_thread_count_it_started_with(monkeypatch):
+    # its compiled loops are specialised to the thread count: changing it mid-merge would recompile them
+    monkeypatch.setattr(th, "ADAPT_SECONDS", 0.0)
+    looks = iter(range(1000))
+    monkeypatch.setattr(th, "runnable_elsewhere", lambda: next(looks) % 2)  # the machine changes all the time
+    chosen = []
+    real = th.CpuThreads.adapt
+
+    def adapt(self, force=False):
+        real(self, force)
+        chosen.append(torch.get_num_threads())
+
+    monkeypatch.setattr(th.CpuThreads, "adapt", adapt)
+    base, tuned = models()
+    merge(base, tuned, method="ties", fused="on", block_width=4096)
+    assert len(chosen) == 1  # chosen once, at the start
+    chosen.clear()
+    merge(base, tuned, method="ties", fused="off", block_width=4096)
+    assert len(chosen) > 10  # the eager engine looks again between blocks

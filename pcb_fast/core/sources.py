@@ -100,7 +100,9 @@ class TaskVectorSource:
                 step = max(width // row, 1) * row
                 for lo in range(0, seg.numel, step):
                     hi = min(lo + step, seg.numel)
-                    if self.threads is not None:
+                    # compiled loops are specialised to the thread count: a fused merge keeps the one chosen at
+                    # its start (a change would recompile them, ~2 s, in the middle of the merge)
+                    if self.threads is not None and not self.fused:
                         self.threads.adapt()
                     yield Block(seg, lo, hi, self._read(seg, lo, hi, buffer[:, : hi - lo]))
                     if bar is not None:
