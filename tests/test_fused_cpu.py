@@ -14,21 +14,12 @@ from pcb_fast.core import engine
 from pcb_fast.cpu import fused as fused_cpu
 from pcb_fast.methods.ties import merge_dare_ties, merge_ties
 from pcb_fast.methods.linear import merge_dare
-from pcb_fast.core.sources import MatrixSource
+
+from pcb_test_helpers import run_method
 
 
 def run(method, tv, fused, block_width=4096, **params):
-    source = MatrixSource(tv)
-    source.fused = fused
-    out = torch.full((source.D,), float("nan"))
-
-    def sink(segment, lo, hi, values):
-        assert torch.isnan(out[segment.offset + lo : segment.offset + hi]).all(), "a block was written twice"
-        out[segment.offset + lo : segment.offset + hi] = values
-
-    info = engine.run(method, source, sink, block_width=block_width, **params)
-    assert not torch.isnan(out).any(), "a block was never written"
-    return out, info["kept"]
+    return run_method(method, tv, fused, block_width=block_width, **params)
 
 
 def assert_same(method, tv, **params):

@@ -24,24 +24,16 @@ from pcb_fast.cpu import pcb_blocks as tb
 from pcb_fast.methods import pcb
 from pcb_fast.methods.pcb import merge_pcb
 
+from pcb_test_helpers import run_method
+
 RTOL = 2e-5  # merged values: |fused - reference| <= RTOL * max|reference|
 SCORE_ULPS = 6  # fused scores against eager ones (exp: 1.5 ulp apart, tanh: 2, their product)
 MASK_ULPS = 16  # keep-mask disagreements only where |P - t| is within this many ulps of t
 
 
 def run(tv, fused, block_width=4096, budget=None, **params):
-    source = MatrixSource(tv)
-    source.fused = fused
-    source.memory_budget = budget
-    out = torch.full((source.D,), float("nan"))
-
-    def sink(segment, lo, hi, values):
-        assert torch.isnan(out[segment.offset + lo : segment.offset + hi]).all(), "a block was written twice"
-        out[segment.offset + lo : segment.offset + hi] = values
-
-    info = engine.run(merge_pcb, source, sink, block_width=block_width, **params)
-    assert not torch.isnan(out).any(), "a block was never written"
-    return out, torch.tensor(info["kept"])
+    out, kept = run_method(merge_pcb, tv, fused, block_width=block_width, budget=budget, **params)
+    return out, torch.tensor(kept)
 
 
 def ulp(x: torch.Tensor) -> torch.Tensor:
