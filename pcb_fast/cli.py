@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--sigma0", type=float, help="CMA-ES initial step (default: a quarter of the bounds)")
     search.add_argument("--search-seed", dest="search_seed", type=int, default=0, help="CMA-ES seed (default 0)")
     search.add_argument("--history", help="write every evaluation to this .json or .csv file")
+    search.add_argument("--threads", default="auto", type=_threads,
+                        help="CPU threads: auto (default: the cores other processes leave free) or a number")
     _output_flags(search)
     return parser
 
@@ -285,7 +287,8 @@ def run_search(args) -> int:
     try:
         result = search_lambdas(base, models, evaluate, bounds=bounds, x0=args.x0, budget=args.budget,
                                 popsize=args.popsize, sigma0=args.sigma0, seed=args.search_seed, lam=lam,
-                                method=method, history_path=args.history, progress=not args.quiet, **params)
+                                method=method, history_path=args.history, progress=not args.quiet,
+                                threads=args.threads, **params)
     except EvaluateError as e:
         if args.verbose:
             raise

@@ -28,6 +28,7 @@ from .api import check_state_dicts
 from .core import checks, engine
 from .core.formulas import disjoint_mean, elected_signs, zero_sign_fill
 from .core.sources import DEFAULT_BLOCK_WIDTH, StateDictSource
+from .core.threads import CpuThreads, check_threads
 from .io.tied import check_tied, tied_groups
 from .methods import ENGINE_ONLY, METHODS, engine_only_option
 from .methods.linear import dare_block, check_drop, check_seed
@@ -47,7 +48,8 @@ class ContributionCache:
 
     @torch.no_grad()  # inputs that require grad are read as data
     def __init__(self, base: dict, models: Sequence[dict], *, method: str = "pcb", scope: str = "global",
-                 exclude=(), block_width: int = DEFAULT_BLOCK_WIDTH, reuse: dict | None = None, **params):
+                 exclude=(), block_width: int = DEFAULT_BLOCK_WIDTH, reuse: dict | None = None, threads="auto",
+                 **params):
         if method not in SEARCHABLE:
             raise ValueError(f"method={method!r} has no per-task coefficients to search; choose one of "
                              f"{', '.join(map(repr, SEARCHABLE))}")
@@ -60,6 +62,7 @@ class ContributionCache:
                              f"default options; merge with it instead")
         params = {k: v for k, v in params.items() if k not in ENGINE_ONLY}
         checks.check_choice("scope", scope, checks.SCOPE_CHOICES)
+        self.threads = check_threads(threads)
         models, names, self.merged, self.copied, device = check_state_dicts(base, models, exclude)
         if device.type != "cpu":
             raise ValueError(f"the contribution cache holds CPU tensors; the models are on {device}")
@@ -79,10 +82,12 @@ class ContributionCache:
         self._tau = {k: torch.empty(base[k].numel()) for k in self.merged}
         self.source = StateDictSource(base, models, self.merged, names)
         self.reuse = {} if reuse is None else reuse
-        if method == "pcb":
-            self._build_sparse(block_width)
-        else:
-            self._build_dense(block_width)
+        with CpuThreads(threads) as self.source.threads:  # as a merge does (core/threads.py)
+            if method == "pcb":
+                self._build_sparse(block_width)
+            else:
+                self._build_dense(block_width)
+        self.source.threads = None
 
     # ---- building
 
@@ -164,6 +169,10 @@ class ContributionCache:
         """theta_pre + lam * tau_m for these per-task coefficients, written into :attr:`out`."""
         lambdas = checks.check_lambdas(lambdas, self.n)
         lam = checks.check_lam(lam)
+        with CpuThreads(self.threads):  # the count chosen once per apply (a few large ops)
+            return self._apply(lambdas, lam)
+
+    def _apply(self, lambdas, lam) -> dict:
         if self.method == "ties":
             self._apply_ties(lambdas)
         for key in self.merged:

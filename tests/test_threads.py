@@ -101,3 +101,20 @@ def test_a_fused_merge_keeps_the_thread_count_it_started_with(monkeypatch):
     chosen.clear()
     merge(base, tuned, method="ties", fused="off", block_width=4096)
     assert len(chosen) > 10  # the eager engine looks again between blocks
+
+
+def test_the_contribution_cache_takes_threads_and_restores_them():
+    pytest.importorskip("cma")
+    from pcb_fast.search import ContributionCache
+
+    before = torch.get_num_threads()
+    base, tuned = models()
+    one = ContributionCache(base, tuned, method="pcb", threads=1, block_width=4096)
+    two = ContributionCache(base, tuned, method="pcb", threads=2, block_width=4096)
+    assert torch.get_num_threads() == before
+    lambdas = [0.9, 1.1, 1.0, 1.2]
+    a = {k: v.clone() for k, v in one.apply(lambdas, 0.8).items()}
+    b = two.apply(lambdas, 0.8)
+    assert all(torch.equal(a[k], b[k]) for k in base) and torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads=0 is not valid"):
+        ContributionCache(base, tuned, method="pcb", threads=0)
