@@ -67,6 +67,15 @@ def check_lambdas(lambdas, n: int) -> list[float] | None:
     return values
 
 
+def check_per_task(name: str, value, n: int, check):
+    """One value for every task, or a list of n (one per model), each validated by ``check``."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} values but there are {n} models; give one per model")
+        return [check(v) for v in value]
+    return check(value)
+
+
 def check_n_models(n: int) -> int:
     if n < 1:
         raise ValueError(f"n={n}: at least one fine-tuned model (task vector) is needed; valid: n >= 1")

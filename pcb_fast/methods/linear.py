@@ -78,11 +78,7 @@ def check_drop(p) -> float:
 
 def check_drops(p, n: int):
     """One drop probability for every task (a float), or one per task (a list of n floats)."""
-    if isinstance(p, (list, tuple)):
-        if len(p) != n:
-            raise ValueError(f"p has {len(p)} values but there are {n} models; give one per model")
-        return [check_drop(x) for x in p]
-    return check_drop(p)
+    return checks.check_per_task("p", p, n, check_drop)
 
 
 RESCALE = ("inverse", "l1", "none")
@@ -217,11 +213,11 @@ def check_bands(gamma, beta, band: str, n: int):
         return check_band(gamma, beta, band)
     if band != "tensor":
         raise ValueError("gamma and beta per model need band='tensor' (mergekit's band over each tensor)")
-    for name, value in (("gamma", gamma), ("beta", beta)):
-        if isinstance(value, (list, tuple)) and len(value) != n:
-            raise ValueError(f"{name} has {len(value)} values but there are {n} models; give one per model")
-    gammas = list(gamma) if isinstance(gamma, (list, tuple)) else [gamma] * n
-    betas = list(beta) if isinstance(beta, (list, tuple)) else [beta] * n
+    # the lengths first; each (gamma, beta) pair is then checked together
+    gammas, betas = (checks.check_per_task(name, value, n, lambda v: v) for name, value in (("gamma", gamma),
+                                                                                           ("beta", beta)))
+    gammas = gammas if isinstance(gammas, list) else [gammas] * n
+    betas = betas if isinstance(betas, list) else [betas] * n
     pairs = [check_band(g, b, band) for g, b in zip(gammas, betas)]
     return [g for g, _ in pairs], [b for _, b in pairs]
 

@@ -44,11 +44,7 @@ def check_density(density) -> float:
 
 def check_densities(density, n: int):
     """One density for every task (a float), or one per task (a list of n floats: per-model density)."""
-    if isinstance(density, (list, tuple)):
-        if len(density) != n:
-            raise ValueError(f"density has {len(density)} values but there are {n} models; give one per model")
-        return [check_density(d) for d in density]
-    return check_density(density)
+    return checks.check_per_task("density", density, n, check_density)
 
 
 def check_min_keep(min_keep) -> int:
