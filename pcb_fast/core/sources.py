@@ -10,6 +10,7 @@ The tensor handed out for a block may be a reused buffer: consumers copy what th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -42,6 +43,17 @@ class Block:
     @property
     def start(self) -> int:
         return self.segment.offset + self.lo
+
+
+def segments_of(keys: Sequence[str], shape_of) -> list[Segment]:
+    """The segments of ``keys``, laid end to end in that order; ``shape_of(key)`` gives a key's shape."""
+    segments, offset = [], 0
+    for key in keys:
+        shape = tuple(shape_of(key))
+        numel = math.prod(shape)
+        segments.append(Segment(key, shape, numel, offset))
+        offset += numel
+    return segments
 
 
 def row_length(shape) -> int:
@@ -175,10 +187,7 @@ class StateDictSource(TaskVectorSource):
     def __init__(self, base: dict, models: Sequence[dict], merged_keys: Sequence[str], model_names=None):
         self._base = {k: base[k].reshape(-1) for k in merged_keys}
         self._models = [{k: m[k].reshape(-1) for k in merged_keys} for m in models]
-        segments, offset = [], 0
-        for k in merged_keys:
-            segments.append(Segment(k, tuple(base[k].shape), base[k].numel(), offset))
-            offset += base[k].numel()
+        segments = segments_of(merged_keys, lambda k: base[k].shape)
         names = model_names or [f"model {i}" for i in range(len(models))]
         super().__init__(len(models), segments, names)
         self._base_buffer = None
@@ -222,10 +231,7 @@ class CheckpointSource(TaskVectorSource):
 
     def __init__(self, base, models: Sequence, merged_keys: Sequence[str], progress=None):
         self._base_ckpt, self._model_ckpts = base, list(models)
-        segments, offset = [], 0
-        for k in merged_keys:
-            segments.append(Segment(k, tuple(base.shape(k)), base.numel(k), offset))
-            offset += base.numel(k)
+        segments = segments_of(merged_keys, base.shape)
         super().__init__(len(self._model_ckpts), segments, [m.name for m in self._model_ckpts])
         self.progress = progress
         self._buffers = {}

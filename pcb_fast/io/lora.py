@@ -53,7 +53,7 @@ import torch
 from .. import __version__
 from ..core import checks, engine
 from ..core.formulas import merged_weights
-from ..core.sources import DEFAULT_BLOCK_WIDTH, Block, Segment, TaskVectorSource
+from ..core.sources import DEFAULT_BLOCK_WIDTH, Block, TaskVectorSource, segments_of
 from ..core.threads import CpuThreads
 from ..cpu import fused as fused_cpu
 from ..methods import METHODS
@@ -354,11 +354,7 @@ class LoraSource(TaskVectorSource):
 
     def __init__(self, base_ck, adapters, merged_keys):
         self._base_ck, self.adapters = base_ck, list(adapters)
-        segments, offset = [], 0
-        for k in merged_keys:
-            segments.append(Segment(k, tuple(base_ck.shape(k)), base_ck.numel(k), offset))
-            offset += base_ck.numel(k)
-        super().__init__(len(self.adapters), segments, [a.name for a in self.adapters])
+        super().__init__(len(self.adapters), segments_of(merged_keys, base_ck.shape), [a.name for a in self.adapters])
         self._groups = [None] * self.n  # per task: (key, group index, flat values) of the last group formed
         self._buffers = {}
         # one buffer per task for the widest group, allocated once: the matmul's output never moves
