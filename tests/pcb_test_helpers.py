@@ -23,3 +23,18 @@ def run_method(method, tv, fused, block_width=4096, budget=None, **params):
     info = engine.run(method, source, sink, block_width=block_width, **params)
     assert not torch.isnan(out).any(), "a block was never written"
     return out, info["kept"]
+
+
+def write_fine_tunes(folder, g: torch.Generator, n: int = 3):
+    """A small base (a [256, 300] weight and a bias) and ``n`` fine-tunes of it as safetensors files in
+    ``folder``; returns (base state dict, base path, model paths)."""
+    from safetensors.torch import save_file
+
+    base = {"w": torch.randn(256, 300, generator=g), "b": torch.randn(300, generator=g)}
+    paths = []
+    for i in range(n):
+        path = folder / f"m{i}.safetensors"
+        save_file({k: v + torch.randn(v.shape, generator=g) * 0.01 for k, v in base.items()}, str(path))
+        paths.append(str(path))
+    save_file(base, str(folder / "base.safetensors"))
+    return base, str(folder / "base.safetensors"), paths

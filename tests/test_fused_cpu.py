@@ -15,7 +15,7 @@ from pcb_fast.cpu import fused as fused_cpu
 from pcb_fast.methods.ties import merge_dare_ties, merge_ties
 from pcb_fast.methods.linear import merge_dare
 
-from pcb_test_helpers import run_method
+from pcb_test_helpers import run_method, write_fine_tunes
 
 
 def run(method, tv, fused, block_width=4096, **params):
@@ -166,21 +166,15 @@ def test_unavailable_compiler(monkeypatch):
 
 
 def test_disk_merge_fused_equals_eager(tmp_path):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     g = torch.Generator().manual_seed(2)
-    base = {"w": torch.randn(256, 300, generator=g), "b": torch.randn(300, generator=g)}
-    paths = []
-    for i in range(3):
-        path = tmp_path / f"m{i}.safetensors"
-        save_file({k: v + torch.randn(v.shape, generator=g) * 0.01 for k, v in base.items()}, str(path))
-        paths.append(str(path))
-    save_file(base, str(tmp_path / "base.safetensors"))
+    base, base_path, paths = write_fine_tunes(tmp_path, g)
     for method, params in (("ties", dict(density=0.3)), ("breadcrumbs", dict(gamma=0.02, beta=0.2))):
         results = {}
         for fused, budget in (("off", None), ("on", None), ("on", "1KB")):  # 1KB: no cache, the sample takes a pass
             out = tmp_path / f"out-{method}-{fused}-{budget}"
-            pcb_fast.merge_checkpoints(str(tmp_path / "base.safetensors"), paths, out, method=method, fused=fused,
+            pcb_fast.merge_checkpoints(base_path, paths, out, method=method, fused=fused,
                                        max_memory=budget, **params)
             results[(fused, budget)] = load_file(str(next(out.glob("*.safetensors"))))
         first = results[("off", None)]

@@ -24,7 +24,7 @@ from pcb_fast.cpu import pcb_blocks as tb
 from pcb_fast.methods import pcb
 from pcb_fast.methods.pcb import merge_pcb
 
-from pcb_test_helpers import run_method
+from pcb_test_helpers import run_method, write_fine_tunes
 
 RTOL = 2e-5  # merged values: |fused - reference| <= RTOL * max|reference|
 SCORE_ULPS = 6  # fused scores against eager ones (exp: 1.5 ulp apart, tanh: 2, their product)
@@ -158,7 +158,7 @@ def test_state_dicts_bf16_scope(scope):
 
 
 def test_memory_budget_and_files(tmp_path):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     g = torch.Generator().manual_seed(5)
     tv = torch.randn(3, 50_000, generator=g) * 1e-2
@@ -167,17 +167,11 @@ def test_memory_budget_and_files(tmp_path):
     assert torch.equal(free, budgeted)
     assert torch.equal(run(tv, False, budget=1024)[0], reference.pcb_official(tv))
 
-    base = {"w": torch.randn(256, 300, generator=g), "b": torch.randn(300, generator=g)}
-    paths = []
-    for i in range(3):
-        path = tmp_path / f"m{i}.safetensors"
-        save_file({k: v + torch.randn(v.shape, generator=g) * 0.01 for k, v in base.items()}, str(path))
-        paths.append(str(path))
-    save_file(base, str(tmp_path / "base.safetensors"))
+    base, base_path, paths = write_fine_tunes(tmp_path, g)
     results = {}
     for fused, budget in (("off", None), ("on", None), ("on", "1KB")):  # 1KB: no cache, re-read per pass
         out = tmp_path / f"out-{fused}-{budget}"
-        pcb_fast.merge_checkpoints(str(tmp_path / "base.safetensors"), paths, out, method="pcb", fused=fused,
+        pcb_fast.merge_checkpoints(base_path, paths, out, method="pcb", fused=fused,
                                    max_memory=budget)
         results[(fused, budget)] = load_file(str(next(out.glob("*.safetensors"))))
     eager, fused, fused_budget = results[("off", None)], results[("on", None)], results[("on", "1KB")]
