@@ -165,6 +165,17 @@ def test_unavailable_compiler(monkeypatch):
         assert fused_cpu.resolve("auto", 1 << 40) is False
 
 
+def test_methods_without_compiled_loops_never_probe(monkeypatch):
+    """task arithmetic has no fused loops: a large merge must not pay the compiler probe (seconds)."""
+    def probe():
+        raise AssertionError("probed")
+
+    monkeypatch.setattr(fused_cpu, "_probe", probe)
+    for method in ("task_arithmetic", "average", "linear"):
+        assert fused_cpu.resolve("auto", 1 << 40, method) is False
+        assert fused_cpu.resolve("on", 1 << 40, method) is False
+
+
 def test_disk_merge_fused_equals_eager(tmp_path):
     from safetensors.torch import load_file
 

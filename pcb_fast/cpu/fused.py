@@ -44,6 +44,8 @@ AUTO_MIN_ENTRIES = 1 << 29
 # cold): "auto" fuses PCB from 2^31 entries (8 GiB of fp32 task vectors), below that its bit-exact
 # eager path stays the default.
 AUTO_MIN_ENTRIES_BY_METHOD = {"pcb": 1 << 31}
+# the methods with compiled loops; for the others "auto" and "on" change nothing (and compile nothing)
+FUSED_METHODS = ("ties", "dare", "dare_ties", "breadcrumbs", "pcb")
 
 
 RECOMPILE_LIMIT = 256  # compiled variants per function (thread counts times shape specialisations)
@@ -69,6 +71,8 @@ def _probe() -> str | None:
 def resolve(mode: str, entries: int, method: str | None = None) -> bool:
     """Whether a merge of ``entries`` task-vector entries (n * D) by ``method`` runs the fused loops."""
     checks.check_choice("fused", mode, MODES)
+    if method is not None and method not in FUSED_METHODS:
+        return False  # nothing to compile: not even the probe (seconds of inductor start-up per process)
     if mode == "off" or (mode == "auto" and entries < AUTO_MIN_ENTRIES_BY_METHOD.get(method, AUTO_MIN_ENTRIES)):
         return False
     problem = _probe()
