@@ -1,0 +1,319 @@
+"""Compile every Triton kernel of pcb_fast for an H100/H200 (sm_90) on a machine without a GPU, and
+report what the hardware will see (docs/design.md 4).
+
+    python -m benchmarks.kernel_report            # every kernel and variant; writes benchmarks/results/kernels.json
+    python -m benchmarks.kernel_report --fast     # the subset CI compiles (every kernel, 8 and 64 tasks)
+    options: --out PATH, --jobs N (compiles side by side, default 2), --check (exit 1 on a spill or a failure)
+
+Run without TRITON_INTERPRET (the interpreter replaces @triton.jit). Triton lowers each kernel through
+TTIR, TTGIR, LLVM IR and PTX to a cubin with its bundled ptxas, so errors the interpreter cannot see
+show up here. Per kernel and variant it reads:
+- ``registers``, ``spill_bytes`` (spill stores + spill loads): ``ptxas -v`` rerun on Triton's PTX
+  with Triton's own flags; ``shared_bytes``: the compiled kernel's metadata;
+- ``atomics_per_element``: global atomics a program issues per task entry it reads, from the
+  TTIR: each ``tt.atomic_rmw`` counts the elements of its tensor (1 for a scalar), times ``tasks``
+  for each ``scf.for`` around it (every loop of these kernels runs over the tasks), divided by
+  tasks x BLOCK; masks are ignored (an upper bound: masked-off lanes count);
+- ``load_vector_bits``: the width of the global loads that move the most bits in the PTX (a tile
+  loaded as ``ld.global.v4.b32`` is 128, as scalar ``ld.global.b32`` 32);
+- ``compile_s``: seconds of ``triton.compile`` into an empty cache (ptxas included).
+Then the passes of each merge and their modelled bytes against one read of the inputs
+(``merges``). The JSON: {"kernels": [{"kernel", "variant", "tasks", "registers", "spill_bytes",
+"shared_bytes", "atomics_per_element", "load_vector_bits", "compile_s"}, ...], "merges":
+{"pcb_official": {"reads", "bytes_over_one_read", "bytes"}, "pcb_paper": ..., "ties": ...}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+VIT_B32_D = 113_448_705
+SIZES = (1 << 24, VIT_B32_D)
+TASKS = 8  # tasks of the modelled merges
+
+
+@dataclass
+class Case:
+    """One compile: ``module.kernel`` with argument types ``sig`` and constexprs ``consts``."""
+
+    kernel: str  # the name in the report
+    variant: str
+    tasks: int
+    module: str  # pcb_fast.kernels.<module>
+    fn: str
+    sig: dict
+    consts: dict
+    entries: int = 0  # task entries one program reads (tasks x BLOCK); 0: not a per-entry kernel
+    aligned: list = field(default_factory=list)  # arguments specialised as multiples of 16 (as a launch sees them)
+
+    @property
+    def label(self) -> str:
+        return f"{self.kernel} [{self.variant}] tasks={self.tasks}"
+
+
+# ---- the cases
+
+
+def _tile(dtype: str) -> dict:
+    return {"x_ptr": dtype, "offsets_ptr": "*i64", "base_ptr": dtype, "n": "i32", "m": "i32"}
+
+
+def _block(nt: int) -> int:
+    return max(64, min(2048, 8192 // nt))
+
+
+def cases(full: bool) -> list:
+    """Every kernel and variant: at 8 and 64 tasks (``full``: also 16 and 32 tasks, fp32 inputs)."""
+    out = [Case("find", "level select", 0, "select", "find_kernel",
+                {"hist_ptr": "*i64", "rank_ptr": "*i64", "index_ptr": "*i64", "below_ptr": "*i64"},
+                {"R": 2, "PER_ROW": True, "CHUNK": 4096})]
+    grid = [(8, "*bf16"), (64, "*fp16")] + ([(16, "*fp32"), (32, "*fp32")] if full else [])
+    for nt, dtype in grid:
+        block = _block(nt)
+        common = dict(HAS_BASE=True, NT=nt, BLOCK=block)
+        tile = _tile(dtype)
+        entries = nt * block
+
+        def add(kernel, variant, module, fn, sig, consts, per_entry=True):
+            aligned = [a for a, t in sig.items() if t.startswith("*")] + ["m"]
+            out.append(Case(kernel, variant, nt, module, fn, dict(tile, **sig), dict(common, **consts),
+                            entries if per_entry else 0, aligned))
+
+        for level in (1, 2):
+            add("magnitude", f"level {level}", "score", "magnitude_kernel",
+                dict(hist_ptr="*i64", bucket_ptr="*i64", bad_ptr="*i32"), dict(LEVEL=level, R=2))
+        for inter, name in enumerate(("sum", "normalized_sum", "pairwise")):
+            for level in (1, 2):
+                add("official", f"{name} level {level}", "score", "official_kernel",
+                    dict(lo_ptr="*fp32", hi_ptr="*fp32", span_ptr="*fp32", hist_ptr="*i64", bucket_ptr="*i64",
+                         peak_ptr="*i32"), dict(INTER=inter, LEVEL=level, R=1))
+            add("merge", f"official {name}", "merge", "merge_kernel",
+                dict(out_ptr="*bf16", s0_ptr="*fp32", s1_ptr="*fp32", s2_ptr="*fp32", s3_ptr="*fp32", s4_ptr="*fp32",
+                     t_ptr="*fp32", span_ptr="*fp32", lambda_ptr="*fp32", lam="fp32"),
+                dict(WRITE_THETA=True, VARIANT=0, INTER=inter))
+        add("pair_minmax", "paper", "score", "pair_minmax_kernel",
+            dict(min_ptr="*i32", max_ptr="*i32", bad_ptr="*i32"), {})
+        add("partition", "paper", "score", "partition_kernel",
+            dict(lo_ptr="*fp32", span_ptr="*fp32", peak_ptr="*fp32", inter_ptr="*fp32", intra_ptr="*fp32",
+                 first_program="i32"), {})
+        for level in (1, 2):
+            add("paper", f"level {level}", "score", "paper_kernel",
+                dict(lo_ptr="*fp32", span_ptr="*fp32", peak_ptr="*fp32", inv_inter_ptr="*fp32", inv_intra_ptr="*fp32",
+                     hist_ptr="*i64", bucket_ptr="*i64"), dict(LEVEL=level, R=1))
+        add("merge", "paper", "merge", "merge_kernel",
+            dict(out_ptr="*bf16", s0_ptr="*fp32", s1_ptr="*fp32", s2_ptr="*fp32", s3_ptr="*fp32", s4_ptr="*fp32",
+                 t_ptr="*fp32", span_ptr="*fp32", lambda_ptr="*fp32", lam="fp32"),
+            dict(WRITE_THETA=True, VARIANT=1, INTER=0))
+        for dare in (False, True):
+            add("linear", "dare" if dare else "weighted sum", "linear", "linear_kernel",
+                dict(out_ptr="*bf16", weight_ptr="*fp32", divisor="fp32", lam="fp32", streams_ptr="*i64",
+                     threshold="i32", keep_scale="fp32", bad_ptr="*i32", kept_ptr="*i64"),
+                dict(WRITE_THETA=True, DARE=dare))
+        trim = dict(t_ptr="*fp32", weight_ptr="*fp32", streams_ptr="*i64", threshold="i32", keep_scale="fp32",
+                    ties_ptr="*i64", budget_ptr="*i64", first_tile="i32")
+        for dare, exact, name in [(False, False, "threshold"), (False, True, "exact top-k"), (True, False, "dare")]:
+            add("sign", name, "ties", "sign_kernel", dict(trim, total_ptr="*i64", kept_ptr="*i64", bad_ptr="*i32"),
+                dict(DARE=dare, EXACT=exact))
+            add("ties_merge", name, "ties", "ties_merge_kernel", dict(trim, out_ptr="*bf16", fill_ptr="*fp32", lam="fp32"),
+                dict(WRITE_THETA=True, DARE=dare, EXACT=exact))
+        add("equal_count", "exact top-k", "ties", "equal_count_kernel",
+            dict(t_ptr="*fp32", counts_ptr="*i64", first_tile="i32"), {})
+    return out
+
+
+# ---- compiling and reading the results
+
+
+TARGET_ARCH = 90
+
+
+def _ptxas_path() -> str:
+    """The ptxas Triton itself runs for sm_90 (its bundled one; the API moved between versions)."""
+    from triton.backends.nvidia import compiler
+
+    try:
+        return compiler.get_ptxas(TARGET_ARCH).path
+    except TypeError:  # triton 3.6: no arch argument
+        return compiler.get_ptxas().path
+
+
+def ptxas_usage(ptx: str) -> dict:
+    """registers and spill bytes of the (single) kernel in ``ptx``, from ``ptxas -v`` with Triton's flags."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        cmd = [_ptxas_path(), "-lineinfo", "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", str(src),
+               "-o", str(src.with_suffix(".o"))]
+        log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    registers = re.search(r"Used (\d+) registers", log)
+    stores = re.search(r"(\d+) bytes spill stores", log)
+    loads = re.search(r"(\d+) bytes spill loads", log)
+    if registers is None or stores is None or loads is None:
+        raise RuntimeError(f"unexpected ptxas -v output:\n{log}")
+    return {"registers": int(registers.group(1)), "spill_bytes": int(stores.group(1)) + int(loads.group(1))}
+
+
+_SHAPE = re.compile(r"->\s*tensor<([0-9x]+)x[a-z0-9]+>")
+
+
+def atomics_per_element(ttir: str, tasks: int, entries: int) -> float:
+    """Global atomics per task entry (see the module docstring) from the TTIR of one kernel."""
+    if not entries:
+        return 0.0
+    total, loops = 0, []  # loops: indentation of each open scf.for
+    for line in ttir.splitlines():
+        indent = len(line) - len(line.lstrip())
+        if loops and indent == loops[-1] and line.strip().startswith("}"):
+            loops.pop()
+        if "scf.for" in line and line.rstrip().endswith("{"):
+            loops.append(indent)
+        if "tt.atomic_rmw" in line or "tt.atomic_cas" in line:
+            shape = _SHAPE.search(line)
+            elements = 1
+            if shape:
+                for d in shape.group(1).split("x"):
+                    elements *= int(d)
+            total += elements * tasks ** len(loops)
+    return total / entries
+
+
+_LOAD = re.compile(r"ld\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b")
+
+
+def load_vector_bits(ptx: str) -> int:
+    """Width in bits of the global loads of 8- to 32-bit elements (the task rows, the base) that move
+    the most data; 64-bit loads (offsets, histograms, counters) are left out. 0 if there are none."""
+    moved = {}
+    for match in _LOAD.finditer(ptx):
+        if int(match.group(2)) > 32:
+            continue
+        width = int(match.group(1) or 1) * int(match.group(2))
+        moved[width] = moved.get(width, 0) + width
+    return max(moved, key=lambda w: (moved[w], w)) if moved else 0
+
+
+def compile_case(case: Case) -> dict:
+    """Compile one case for sm_90 and read its figures; {"error": ...} if it does not compile."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(importlib.import_module(f"pcb_fast.kernels.{case.module}"), case.fn)
+    names = fn.arg_names
+    signature = {a: ("constexpr" if a in case.consts else case.sig[a]) for a in names}
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in case.aligned if a in names}
+    row = {"kernel": case.kernel, "variant": case.variant, "tasks": case.tasks}
+    try:
+        start = time.perf_counter()
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=case.consts, attrs=attrs),
+                                  target=GPUTarget("cuda", TARGET_ARCH, 32))
+        seconds = time.perf_counter() - start
+        row.update(ptxas_usage(compiled.asm["ptx"]))
+    except Exception as e:  # noqa: BLE001 - reported, and --check fails on it
+        return dict(row, error=f"{type(e).__name__}: {str(e)[:1500]}")
+    row["shared_bytes"] = int(compiled.metadata.shared)
+    row["atomics_per_element"] = round(atomics_per_element(compiled.asm["ttir"], case.tasks, case.entries), 4)
+    row["load_vector_bits"] = load_vector_bits(compiled.asm["ptx"])
+    row["compile_s"] = round(seconds, 2)
+    return row
+
+
+def _worker_init(cache: str) -> None:
+    # this process is ours (a pool worker): an empty cache makes compile_s a real compile
+    os.environ["TRITON_CACHE_DIR"] = cache
+    os.environ.pop("TRITON_INTERPRET", None)
+
+
+# ---- the modelled merges
+
+
+def merges(n: int = TASKS) -> dict:
+    """Passes over the inputs per merge, and modelled bytes (fp32 inputs, no base) over one read.
+
+    Bytes: every pass reads the n task rows once (4 n D), the merge writes D float32 values, and each
+    radix-select level zeroes and reads its [n, 65536] int64 histograms (the find kernel)."""
+    hist = 2 * n * 65536 * 8
+    plans = {  # (reads of the inputs, radix-select levels, TIES' exact-top-k extras apart)
+        "pcb_official": (5, 4),  # |tau| levels 1, 2; P levels 1, 2; merge
+        "pcb_paper": (5, 2),  # pair min/max; partition sums; beta levels 1, 2; merge
+        "ties": (4, 2),  # |tau| levels 1, 2; signs; merge
+    }
+    out = {}
+    for name, (reads, levels) in plans.items():
+        sizes = {str(D): reads * 4 * n * D + 4 * D + levels * hist for D in SIZES}
+        out[name] = {"reads": reads,
+                     "bytes_over_one_read": round(max(b / (4 * n * int(D)) for D, b in sizes.items()), 3),
+                     "bytes": sizes}
+    return out
+
+
+# ---- main
+
+
+def run(full: bool, jobs: int, echo=print) -> list:
+    todo = cases(full)
+    with tempfile.TemporaryDirectory() as cache, \
+            ProcessPoolExecutor(max_workers=jobs, initializer=_worker_init, initargs=(cache,)) as pool:
+        rows = []
+        for case, row in zip(todo, pool.map(compile_case, todo)):
+            rows.append(row)
+            if "error" in row:
+                echo(f"FAIL {case.label}: {row['error']}")
+            else:
+                echo(f"ok   {case.label}: {row['registers']} registers, {row['spill_bytes']} B spilled, "
+                     f"{row['shared_bytes']} B shared, {row['atomics_per_element']} atomics/entry, "
+                     f"{row['load_vector_bits']}-bit loads, {row['compile_s']} s")
+    return rows
+
+
+def table(rows: list) -> str:
+    lines = ["| kernel | variant | tasks | registers | spill bytes | shared bytes | atomics / entry | load bits | compile s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['kernel']} | {r['variant']} | {r['tasks']} | failed | | | | | |")
+        else:
+            lines.append(f"| {r['kernel']} | {r['variant']} | {r['tasks']} | {r['registers']} | {r['spill_bytes']} | "
+                         f"{r['shared_bytes']} | {r['atomics_per_element']} | {r['load_vector_bits']} | {r['compile_s']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fast", action="store_true", help="the CI subset: every kernel and variant at 8 and 64 tasks")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/kernels.json, not with --fast)")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--check", action="store_true", help="exit 1 if a kernel fails to compile or spills")
+    args = parser.parse_args(argv)
+    rows = run(full=not args.fast, jobs=args.jobs)
+    report = {"kernels": [{k: r.get(k) for k in ("kernel", "variant", "tasks", "registers", "spill_bytes",
+                                                   "shared_bytes", "atomics_per_element", "load_vector_bits",
+                                                   "compile_s")} for r in rows],
+              "merges": merges()}
+    out = args.out if args.out is not None else (None if args.fast else RESULTS / "kernels.json")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {out}")
+    print(table(rows))
+    failed = [r for r in rows if "error" in r]
+    spilled = [r for r in rows if r.get("spill_bytes")]
+    print(f"{len(rows)} kernels compiled, {len(failed)} failed, {len(spilled)} spill")
+    return 1 if args.check and (failed or spilled) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
