@@ -2,7 +2,7 @@
 report what the hardware will see (docs/design.md 4).
 
     python -m benchmarks.kernel_report            # every kernel and variant; writes benchmarks/results/kernels.json
-    python -m benchmarks.kernel_report --fast     # the subset CI compiles (every kernel, 8 and 64 tasks)
+    python -m benchmarks.kernel_report --fast     # the subset CI compiles (every kernel and variant, bf16 rows)
     options: --out PATH, --jobs N (compiles side by side, default 2), --check (exit 1 on a spill or a failure)
 
 Run without TRITON_INTERPRET (the interpreter replaces @triton.jit). Triton lowers each kernel through
@@ -56,6 +56,7 @@ class Case:
     consts: dict
     entries: int = 0  # task entries one program reads (tasks x BLOCK); 0: not a per-entry kernel
     aligned: list = field(default_factory=list)  # arguments specialised as multiples of 16 (as a launch sees them)
+    options: dict = field(default_factory=dict)  # compile options (as the launcher passes them)
 
     @property
     def label(self) -> str:
@@ -69,41 +70,43 @@ def _tile(dtype: str) -> dict:
     return {"x_ptr": dtype, "offsets_ptr": "*i64", "base_ptr": dtype, "n": "i32", "m": "i32"}
 
 
-def _block(nt: int) -> int:
-    return max(64, min(2048, 8192 // nt))
-
-
 def cases(full: bool) -> list:
-    """Every kernel and variant: at 8 and 64 tasks (``full``: also 16 and 32 tasks, fp32 inputs)."""
-    out = [Case("find", "level select", 0, "select", "find_kernel",
-                {"hist_ptr": "*i64", "rank_ptr": "*i64", "index_ptr": "*i64", "below_ptr": "*i64"},
-                {"R": 2, "PER_ROW": True, "CHUNK": 4096})]
-    grid = [(8, "*bf16"), (64, "*fp16")] + ([(16, "*fp32"), (32, "*fp32")] if full else [])
-    for nt, dtype in grid:
-        block = _block(nt)
-        common = dict(HAS_BASE=True, NT=nt, BLOCK=block)
-        tile = _tile(dtype)
-        entries = nt * block
+    """Every kernel and variant. The kernels loop over the tasks, so their code does not depend on the
+    number of tasks: one compile serves 1 to 64, reported as 64 (the per-program atomics are counted
+    for 64 tasks). Fast: bf16 fine-tuned rows with a base (a model merge); ``full``: also float32 task
+    vectors without a base (``pcb_merge`` on a matrix) and fp16 rows with a base."""
+    from pcb_fast.kernels.tiles import BLOCK
 
-        def add(kernel, variant, module, fn, sig, consts, per_entry=True):
+    tasks = 64
+    out = [Case("find", "bucket search", 0, "select", "find_kernel",
+                {"hist_ptr": "*i64", "rank_ptr": "*i64", "index_ptr": "*i64", "below_ptr": "*i64"},
+                {"R": 2, "PER_ROW": True, "CHUNK": 1024})]
+    inputs = [("*bf16", True)] + ([("*fp32", False), ("*fp16", True)] if full else [])
+    for dtype, has_base in inputs:
+        common = dict(HAS_BASE=has_base, ALIGN=16 // {"*bf16": 2, "*fp16": 2, "*fp32": 4}[dtype], BLOCK=BLOCK)
+        tile = _tile(dtype)
+        suffix = f", {dtype[1:]}" + (" + base" if has_base else "")
+
+        def add(kernel, variant, module, fn, sig, consts, options=None):
+            sig = dict(tile, **sig)
             aligned = [a for a, t in sig.items() if t.startswith("*")] + ["m"]
-            out.append(Case(kernel, variant, nt, module, fn, dict(tile, **sig), dict(common, **consts),
-                            entries if per_entry else 0, aligned))
+            out.append(Case(kernel, variant + suffix, tasks, module, fn, sig, dict(common, **consts),
+                            tasks * BLOCK, aligned, options or {}))
 
         for level in (1, 2):
             add("magnitude", f"level {level}", "score", "magnitude_kernel",
                 dict(hist_ptr="*i64", bucket_ptr="*i64", bad_ptr="*i32"), dict(LEVEL=level, R=2))
+        merge_sig = dict(out_ptr=dtype if has_base else "*fp32", s0_ptr="*fp32", s1_ptr="*fp32", s2_ptr="*fp32",
+                         s3_ptr="*fp32", s4_ptr="*fp32", t_ptr="*fp32", span_ptr="*fp32", lambda_ptr="*fp32",
+                         lam="fp32")
         for inter, name in enumerate(("sum", "normalized_sum", "pairwise")):
             for level in (1, 2):
                 add("official", f"{name} level {level}", "score", "official_kernel",
                     dict(lo_ptr="*fp32", hi_ptr="*fp32", span_ptr="*fp32", hist_ptr="*i64", bucket_ptr="*i64",
                          peak_ptr="*i32"), dict(INTER=inter, LEVEL=level, R=1))
-            add("merge", f"official {name}", "merge", "merge_kernel",
-                dict(out_ptr="*bf16", s0_ptr="*fp32", s1_ptr="*fp32", s2_ptr="*fp32", s3_ptr="*fp32", s4_ptr="*fp32",
-                     t_ptr="*fp32", span_ptr="*fp32", lambda_ptr="*fp32", lam="fp32"),
-                dict(WRITE_THETA=True, VARIANT=0, INTER=inter))
-        add("pair_minmax", "paper", "score", "pair_minmax_kernel",
-            dict(min_ptr="*i32", max_ptr="*i32", bad_ptr="*i32"), {})
+            add("merge", f"official {name}", "merge", "merge_kernel", merge_sig, dict(VARIANT=0, INTER=inter))
+        add("pair_minmax", "paper", "score", "pair_minmax_kernel", dict(min_ptr="*i32", max_ptr="*i32", bad_ptr="*i32"),
+            {})
         add("partition", "paper", "score", "partition_kernel",
             dict(lo_ptr="*fp32", span_ptr="*fp32", peak_ptr="*fp32", inter_ptr="*fp32", intra_ptr="*fp32",
                  first_program="i32"), {})
@@ -111,22 +114,19 @@ def cases(full: bool) -> list:
             add("paper", f"level {level}", "score", "paper_kernel",
                 dict(lo_ptr="*fp32", span_ptr="*fp32", peak_ptr="*fp32", inv_inter_ptr="*fp32", inv_intra_ptr="*fp32",
                      hist_ptr="*i64", bucket_ptr="*i64"), dict(LEVEL=level, R=1))
-        add("merge", "paper", "merge", "merge_kernel",
-            dict(out_ptr="*bf16", s0_ptr="*fp32", s1_ptr="*fp32", s2_ptr="*fp32", s3_ptr="*fp32", s4_ptr="*fp32",
-                 t_ptr="*fp32", span_ptr="*fp32", lambda_ptr="*fp32", lam="fp32"),
-            dict(WRITE_THETA=True, VARIANT=1, INTER=0))
+        add("merge", "paper", "merge", "merge_kernel", merge_sig, dict(VARIANT=1, INTER=0))
         for dare in (False, True):
             add("linear", "dare" if dare else "weighted sum", "linear", "linear_kernel",
-                dict(out_ptr="*bf16", weight_ptr="*fp32", divisor="fp32", lam="fp32", streams_ptr="*i64",
-                     threshold="i32", keep_scale="fp32", bad_ptr="*i32", kept_ptr="*i64"),
-                dict(WRITE_THETA=True, DARE=dare))
+                dict(out_ptr="*fp32", weight_ptr="*fp32", divisor="fp32", lam="fp32", streams_ptr="*i64",
+                     threshold="i32", keep_scale="fp32", bad_ptr="*i32", kept_ptr="*i64"), dict(DARE=dare))
         trim = dict(t_ptr="*fp32", weight_ptr="*fp32", streams_ptr="*i64", threshold="i32", keep_scale="fp32",
                     ties_ptr="*i64", budget_ptr="*i64", first_tile="i32")
+        no_fma = {"enable_fp_fusion": False}  # as ties.py launches them
         for dare, exact, name in [(False, False, "threshold"), (False, True, "exact top-k"), (True, False, "dare")]:
             add("sign", name, "ties", "sign_kernel", dict(trim, total_ptr="*i64", kept_ptr="*i64", bad_ptr="*i32"),
-                dict(DARE=dare, EXACT=exact))
-            add("ties_merge", name, "ties", "ties_merge_kernel", dict(trim, out_ptr="*bf16", fill_ptr="*fp32", lam="fp32"),
-                dict(WRITE_THETA=True, DARE=dare, EXACT=exact))
+                dict(DARE=dare, EXACT=exact), no_fma)
+            add("ties_merge", name, "ties", "ties_merge_kernel",
+                dict(trim, out_ptr="*fp32", fill_ptr="*fp32", lam="fp32"), dict(DARE=dare, EXACT=exact), no_fma)
         add("equal_count", "exact top-k", "ties", "equal_count_kernel",
             dict(t_ptr="*fp32", counts_ptr="*i64", first_tile="i32"), {})
     return out
@@ -219,7 +219,7 @@ def compile_case(case: Case) -> dict:
     try:
         start = time.perf_counter()
         compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=case.consts, attrs=attrs),
-                                  target=GPUTarget("cuda", TARGET_ARCH, 32))
+                                  target=GPUTarget("cuda", TARGET_ARCH, 32), options=case.options or None)
         seconds = time.perf_counter() - start
         row.update(ptxas_usage(compiled.asm["ptx"]))
     except Exception as e:  # noqa: BLE001 - reported, and --check fails on it
@@ -293,7 +293,7 @@ def table(rows: list) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fast", action="store_true", help="the CI subset: every kernel and variant at 8 and 64 tasks")
+    parser.add_argument("--fast", action="store_true", help="the CI subset: every kernel and variant, bf16 rows with a base")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/kernels.json, not with --fast)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--check", action="store_true", help="exit 1 if a kernel fails to compile or spills")

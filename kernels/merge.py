@@ -1,22 +1,22 @@
 """The final pass: recompute the score, scale, weighted mean, lam, base add, dtype cast (docs/design.md 4).
 
-One program per [NT, BLOCK] tile writes BLOCK merged entries:
+One program per BLOCK columns loops over the tasks and writes BLOCK merged entries:
 - official (docs/design.md 2.2 steps 6-8): scale_i = max(P_i - t_i, 0) / (M_i - t_i),
   tau_m = sum_i lambda_i tau~_i scale_i / max(sum_i scale_i, 1e-12);
 - paper (docs/design.md 2.3): b_i = beta_i [beta_i >= t_i], tau_m = sum_i lambda_i b_i tau_i / sum_i b_i (0 if 0);
-then out = base + lam * tau_m cast to the output's dtype (or tau_m alone when there is no base).
-The per-task lambda_i are read from device memory, so a coefficient search reruns this pass alone
-with new lambda_i on the cached statistics.
+sums in task order; then out = base + lam * tau_m cast to the output's dtype (or tau_m alone when
+there is no base), with the base read once. The per-task lambda_i are read from device memory, so a
+coefficient search reruns this pass alone with new lambda_i on the cached statistics.
 """
 
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
+import triton
 
-from .score import INTER_CODES, official_score, paper_score
-from .tiles import Rows, launch_config, load_tau
+from .score import INTER_CODES, column_term, official_score, paper_score
+from .tiles import Rows, columns, launch_config, load_base, load_row
 
 VARIANT_CODES = {"official": 0, "paper": 1}
 
@@ -25,26 +25,36 @@ VARIANT_CODES = {"official": 0, "paper": 1}
 def merge_kernel(x_ptr, offsets_ptr, base_ptr, out_ptr, n, m,
                  s0_ptr, s1_ptr, s2_ptr, s3_ptr, s4_ptr,
                  t_ptr, span_ptr, lambda_ptr, lam,
-                 HAS_BASE: tl.constexpr, WRITE_THETA: tl.constexpr, VARIANT: tl.constexpr, INTER: tl.constexpr,
-                 NT: tl.constexpr, BLOCK: tl.constexpr):
+                 HAS_BASE: tl.constexpr, VARIANT: tl.constexpr, INTER: tl.constexpr, ALIGN: tl.constexpr,
+                 BLOCK: tl.constexpr):
     """s0..s4: official (clip lo, hi, span, -, -); paper (pair lo, span, peak, 1/Z_inter, 1/Z_intra)."""
-    tau, valid, rows, row_ok, cols, col_ok = load_tau(x_ptr, offsets_ptr, base_ptr, n, m, HAS_BASE, NT, BLOCK)
-    t = tl.load(t_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    weight = tl.load(lambda_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    cols, col_ok = columns(m, BLOCK)
+    base = load_base(base_ptr, cols, col_ok, HAS_BASE, BLOCK)
+    num = tl.zeros([BLOCK], dtype=tl.float32)
+    den = tl.zeros([BLOCK], dtype=tl.float32)
     if VARIANT == 0:
-        score, clipped = official_score(tau, rows, row_ok, n, s0_ptr, s1_ptr, s2_ptr, INTER, NT)
-        span = tl.load(span_ptr + rows, mask=row_ok, other=1.0)[:, None]
-        scale = tl.where(valid, tl.maximum(score - t, 0.0) / span, 0.0)  # span is inf when M == t
-        num = tl.sum(clipped * scale * weight, axis=0)
-        tau_m = num / tl.maximum(tl.sum(scale, axis=0), 1e-12)
+        column = column_term(x_ptr, offsets_ptr, base, cols, col_ok, n, s0_ptr, s1_ptr, s2_ptr, HAS_BASE, INTER,
+                             ALIGN, BLOCK)
+        for i in range(n):
+            tau = load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE, ALIGN)
+            score, clipped = official_score(tau, i, column, x_ptr, offsets_ptr, base, cols, col_ok, n, s0_ptr,
+                                            s1_ptr, s2_ptr, HAS_BASE, INTER, ALIGN)
+            t = tl.load(t_ptr + i)
+            span = tl.load(span_ptr + i)  # inf when M == t
+            scale = tl.where(col_ok, tl.maximum(score - t, 0.0) / span, 0.0)
+            num += clipped * scale * tl.load(lambda_ptr + i)
+            den += scale
+        tau_m = num / tl.maximum(den, 1e-12)
     else:
-        beta = paper_score(tau, valid, rows, row_ok, col_ok, n, s0_ptr, s1_ptr, s2_ptr, s3_ptr, s4_ptr, NT)
-        kept = tl.where(valid & (beta >= t), beta, 0.0)
-        num = tl.sum(kept * tau * weight, axis=0)
-        den = tl.sum(kept, axis=0)
+        for i in range(n):
+            tau = load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE, ALIGN)
+            beta = paper_score(tau, i, x_ptr, offsets_ptr, base, cols, col_ok, n, s0_ptr, s1_ptr, s2_ptr, s3_ptr,
+                               s4_ptr, HAS_BASE, ALIGN)
+            kept = tl.where(col_ok & (beta >= tl.load(t_ptr + i)), beta, 0.0)
+            num += kept * tau * tl.load(lambda_ptr + i)
+            den += kept
         tau_m = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
-    if WRITE_THETA:
-        base = tl.load(base_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if HAS_BASE:
         tau_m = base + lam * tau_m
     tl.store(out_ptr + cols, tau_m.to(out_ptr.dtype.element_ty), mask=col_ok)
 
@@ -64,5 +74,5 @@ def merge_pass(rows: Rows, out: torch.Tensor, variant: str, stats: tuple, thresh
     padded = list(stats) + [threshold] * (5 - len(stats))  # unused pointer slots
     merge_kernel[grid](rows.anchor, rows.offsets, base, out_flat, rows.n, rows.m, *padded,
                        threshold, span if span is not None else threshold, lambdas, float(lam),
-                       WRITE_THETA=rows.base is not None, VARIANT=VARIANT_CODES[variant],
+                       VARIANT=VARIANT_CODES[variant],
                        INTER=INTER_CODES[inter], **meta)

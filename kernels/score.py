@@ -1,14 +1,17 @@
 """PCB scores fused with the radix-select counts: scores never reach memory (docs/design.md 2.2, 2.3, 4).
 
-Each program loads an [NT, BLOCK] tile of task vectors (or of fine-tuned weights, minus the base,
-in registers) and
+Each program owns BLOCK columns and loops over the tasks, reading each row of task vectors (or of
+fine-tuned weights, minus the base, in registers); a score that depends on other tasks reads their
+rows again from the cache, so registers do not grow with the number of tasks:
 - ``magnitude_kernel``: counts |tau| for the clip bounds, and flags NaN/Inf per task;
-- ``official_kernel``: computes the official score P = exp(n N^2) * inter (inter "sum",
-  "normalized_sum" or "pairwise", all n^2 pairs in registers), counts it and tracks max(P);
+- ``official_kernel``: computes the official score P = exp(n N^2) * inter (inter "sum" or
+  "normalized_sum" from one column sum over the tasks; "pairwise" from an inner loop over the tasks),
+  counts it and tracks max(P);
 - ``pair_minmax_kernel`` / ``partition_kernel`` / ``paper_kernel``: the paper variant's per-pair
   min/max, softmax partition sums (per-program partials, summed in a fixed order by the caller),
   and beta, counted like P.
-Min/max are integer atomics on order keys: every result is the same from run to run.
+Sums over tasks run in task order. Min/max are integer atomics on order keys: every result is the
+same from run to run.
 """
 
 from __future__ import annotations
@@ -18,39 +21,67 @@ import triton
 import triton.language as tl
 
 from .select import KEY_MAX, KEY_MIN, DeviceSelect, order_key, radix_count
-from .tiles import Rows, flag_bad, launch_config, load_tau, row_of, sign, tanh, tile_shape
+from .tiles import Rows, columns, flag_bad, launch_config, load_base, load_row, programs, sign, tanh  # noqa: F401 (programs: for the backend)
 
 INTER_CODES = {"sum": 0, "normalized_sum": 1, "pairwise": 2}
 
 
 @triton.jit
 def magnitude_kernel(x_ptr, offsets_ptr, base_ptr, n, m, hist_ptr, bucket_ptr, bad_ptr,
-                     HAS_BASE: tl.constexpr, LEVEL: tl.constexpr, R: tl.constexpr, NT: tl.constexpr,
+                     HAS_BASE: tl.constexpr, LEVEL: tl.constexpr, R: tl.constexpr, ALIGN: tl.constexpr,
                      BLOCK: tl.constexpr):
-    tau, valid, rows, row_ok, cols, col_ok = load_tau(x_ptr, offsets_ptr, base_ptr, n, m, HAS_BASE, NT, BLOCK)
-    radix_count(order_key(tl.abs(tau)), valid, rows, row_ok, hist_ptr, bucket_ptr, LEVEL, R)
-    if LEVEL == 1:
-        flag_bad(tau, valid, rows, row_ok, bad_ptr)
+    cols, col_ok = columns(m, BLOCK)
+    base = load_base(base_ptr, cols, col_ok, HAS_BASE, BLOCK)
+    for i in range(n):
+        tau = load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE, ALIGN)
+        radix_count(order_key(tl.abs(tau)), col_ok, i, hist_ptr, bucket_ptr, LEVEL, R)
+        if LEVEL == 1:
+            flag_bad(tau, col_ok, i, bad_ptr)
 
 
 @triton.jit
-def official_score(tau, rows, row_ok, n, lo_ptr, hi_ptr, span_ptr, INTER: tl.constexpr, NT: tl.constexpr):
-    """P of a tile (docs/design.md 2.2 steps 1-5); also returns the clipped tau~ = sign(tau) clip(|tau|)."""
-    lo = tl.load(lo_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    hi = tl.load(hi_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    span = tl.load(span_ptr + rows, mask=row_ok, other=1.0)[:, None]
+def clip_row(tau, i, lo_ptr, hi_ptr, span_ptr):
+    """(tau~ magnitude clip(|tau_i|), its normalisation (clip - lo) / span) of task i."""
+    lo = tl.load(lo_ptr + i)
+    hi = tl.load(hi_ptr + i)
+    span = tl.load(span_ptr + i)
     clipped = tl.minimum(tl.maximum(tl.abs(tau), lo), hi)
-    normalized = (clipped - lo) / span  # span is inf for a constant row: normalises to 0
+    return clipped, (clipped - lo) / span  # span is inf for a constant row: normalises to 0
+
+
+@triton.jit
+def column_term(x_ptr, offsets_ptr, base, cols, col_ok, n, lo_ptr, hi_ptr, span_ptr, HAS_BASE: tl.constexpr,
+                INTER: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+    """The column sum the inter term needs, in task order: sum_j tau_j ("sum"), sum_j sign(tau_j) N_j
+    ("normalized_sum"); zeros for "pairwise" (its inner loop reads the rows itself)."""
+    column = tl.zeros([BLOCK], dtype=tl.float32)
+    if INTER != 2:
+        for j in range(n):
+            tau = load_row(x_ptr, offsets_ptr, base, j, cols, col_ok, HAS_BASE, ALIGN)
+            if INTER == 0:
+                column += tau
+            else:
+                _, normalized = clip_row(tau, j, lo_ptr, hi_ptr, span_ptr)
+                column += sign(tau) * normalized
+    return column
+
+
+@triton.jit
+def official_score(tau, i, column, x_ptr, offsets_ptr, base, cols, col_ok, n, lo_ptr, hi_ptr, span_ptr,
+                   HAS_BASE: tl.constexpr, INTER: tl.constexpr, ALIGN: tl.constexpr):
+    """P_i over this program's columns (docs/design.md 2.2 steps 1-5); also returns the clipped
+    tau~_i = sign(tau_i) clip(|tau_i|)."""
+    clipped, normalized = clip_row(tau, i, lo_ptr, hi_ptr, span_ptr)
     intra = tl.exp(normalized * normalized * n)  # n <= MAX_TASKS (64): exp(n) fits in float32
-    signed = sign(tau) * normalized
-    if INTER == 0:
-        inter = tanh(tau * tl.sum(tau, axis=0)[None, :])
-    elif INTER == 1:
-        inter = tanh(tau * tl.sum(signed, axis=0)[None, :])
-    else:
+    if INTER == 2:
+        signed = sign(tau) * normalized
         inter = tl.zeros_like(tau)
-        for j in tl.static_range(NT):  # padded rows are zero and add tanh(0) = 0
-            inter += tanh(signed * row_of(signed, rows, j)[None, :])
+        for j in range(n):
+            other = load_row(x_ptr, offsets_ptr, base, j, cols, col_ok, HAS_BASE, ALIGN)
+            _, normalized_j = clip_row(other, j, lo_ptr, hi_ptr, span_ptr)
+            inter += tanh(signed * (sign(other) * normalized_j))
+    else:
+        inter = tanh(tau * column)
     return intra * inter, sign(tau) * clipped
 
 
@@ -58,90 +89,107 @@ def official_score(tau, rows, row_ok, n, lo_ptr, hi_ptr, span_ptr, INTER: tl.con
 def official_kernel(x_ptr, offsets_ptr, base_ptr, n, m, lo_ptr, hi_ptr, span_ptr,
                     hist_ptr, bucket_ptr, peak_ptr,
                     HAS_BASE: tl.constexpr, INTER: tl.constexpr, LEVEL: tl.constexpr, R: tl.constexpr,
-                    NT: tl.constexpr, BLOCK: tl.constexpr):
-    tau, valid, rows, row_ok, cols, col_ok = load_tau(x_ptr, offsets_ptr, base_ptr, n, m, HAS_BASE, NT, BLOCK)
-    score, _ = official_score(tau, rows, row_ok, n, lo_ptr, hi_ptr, span_ptr, INTER, NT)
-    key = order_key(score)
-    radix_count(key, valid, rows, row_ok, hist_ptr, bucket_ptr, LEVEL, R)
-    if LEVEL == 1:
-        tl.atomic_max(peak_ptr + rows, tl.max(tl.where(valid, key, KEY_MIN), axis=1), mask=row_ok, sem="relaxed")
+                    ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+    cols, col_ok = columns(m, BLOCK)
+    base = load_base(base_ptr, cols, col_ok, HAS_BASE, BLOCK)
+    column = column_term(x_ptr, offsets_ptr, base, cols, col_ok, n, lo_ptr, hi_ptr, span_ptr, HAS_BASE, INTER,
+                         ALIGN, BLOCK)
+    for i in range(n):
+        tau = load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE, ALIGN)
+        score, _ = official_score(tau, i, column, x_ptr, offsets_ptr, base, cols, col_ok, n, lo_ptr, hi_ptr,
+                                  span_ptr, HAS_BASE, INTER, ALIGN)
+        key = order_key(score)
+        radix_count(key, col_ok, i, hist_ptr, bucket_ptr, LEVEL, R)
+        if LEVEL == 1:
+            tl.atomic_max(peak_ptr + i, tl.max(tl.where(col_ok, key, KEY_MIN), axis=0), sem="relaxed")
 
 
 @triton.jit
-def pair_normalized(tau, rows, row_ok, n, i, lo_ptr, span_ptr):
-    """Row j: Norm(tau_i * tau_j) over the tile, with the pair's global min and span."""
-    products = tau * row_of(tau, rows, i)[None, :]
-    lo = tl.load(lo_ptr + i * n + rows, mask=row_ok, other=0.0)[:, None]
-    span = tl.load(span_ptr + i * n + rows, mask=row_ok, other=1.0)[:, None]
-    return (products - lo) / span
+def pair_normalized(tau_i, tau_j, i, j, n, lo_ptr, span_ptr):
+    """Norm(tau_j * tau_i) over this program's columns, with the pair's global min and span."""
+    lo = tl.load(lo_ptr + i * n + j)
+    span = tl.load(span_ptr + i * n + j)
+    return (tau_j * tau_i - lo) / span
 
 
 @triton.jit
 def pair_minmax_kernel(x_ptr, offsets_ptr, base_ptr, n, m, min_ptr, max_ptr, bad_ptr,
-                       HAS_BASE: tl.constexpr, NT: tl.constexpr, BLOCK: tl.constexpr):
-    tau, valid, rows, row_ok, cols, col_ok = load_tau(x_ptr, offsets_ptr, base_ptr, n, m, HAS_BASE, NT, BLOCK)
-    flag_bad(tau, valid, rows, row_ok, bad_ptr)
-    for i in tl.static_range(NT):
-        if i < n:
-            key = order_key(tau * row_of(tau, rows, i)[None, :])
-            low = tl.min(tl.where(valid, key, KEY_MAX), axis=1)
-            high = tl.max(tl.where(valid, key, KEY_MIN), axis=1)
-            tl.atomic_min(min_ptr + i * n + rows, low, mask=row_ok, sem="relaxed")
-            tl.atomic_max(max_ptr + i * n + rows, high, mask=row_ok, sem="relaxed")
+                       HAS_BASE: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+    cols, col_ok = columns(m, BLOCK)
+    base = load_base(base_ptr, cols, col_ok, HAS_BASE, BLOCK)
+    for i in range(n):
+        tau_i = load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE, ALIGN)
+        flag_bad(tau_i, col_ok, i, bad_ptr)
+        for j in range(i, n):  # products commute exactly: pair (i, j) also gives (j, i)
+            tau_j = load_row(x_ptr, offsets_ptr, base, j, cols, col_ok, HAS_BASE, ALIGN)
+            key = order_key(tau_j * tau_i)
+            low = tl.min(tl.where(col_ok, key, KEY_MAX), axis=0)
+            high = tl.max(tl.where(col_ok, key, KEY_MIN), axis=0)
+            tl.atomic_min(min_ptr + i * n + j, low, sem="relaxed")
+            tl.atomic_max(max_ptr + i * n + j, high, sem="relaxed")
+            if j != i:
+                tl.atomic_min(min_ptr + j * n + i, low, sem="relaxed")
+                tl.atomic_max(max_ptr + j * n + i, high, sem="relaxed")
+
+
+@triton.jit
+def intra_term(tau_i, i, n, lo_ptr, span_ptr, peak_ptr):
+    """exp(n Norm(tau_i^2) - n peak_ii), the unnormalised intra softmax of task i."""
+    peak_ii = tl.load(peak_ptr + i * n + i)
+    return tl.exp(pair_normalized(tau_i, tau_i, i, i, n, lo_ptr, span_ptr) * n - n * peak_ii)
 
 
 @triton.jit
 def partition_kernel(x_ptr, offsets_ptr, base_ptr, n, m, lo_ptr, span_ptr, peak_ptr, inter_ptr, intra_ptr,
-                     first_program, HAS_BASE: tl.constexpr, NT: tl.constexpr, BLOCK: tl.constexpr):
+                     first_program, HAS_BASE: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
     """This program's partial softmax sums: inter[i, j] = sum exp(N_ij - peak_ij), intra[i] = sum
     exp(n N_ii - n peak_ii), stored at row ``first_program + program id`` of the partial buffers."""
-    tau, valid, rows, row_ok, cols, col_ok = load_tau(x_ptr, offsets_ptr, base_ptr, n, m, HAS_BASE, NT, BLOCK)
+    cols, col_ok = columns(m, BLOCK)
+    base = load_base(base_ptr, cols, col_ok, HAS_BASE, BLOCK)
     slot = first_program + tl.program_id(0).to(tl.int64)
-    for i in tl.static_range(NT):
-        if i < n:
-            normalized = pair_normalized(tau, rows, row_ok, n, i, lo_ptr, span_ptr)
-            peak = tl.load(peak_ptr + i * n + rows, mask=row_ok, other=0.0)[:, None]
-            terms = tl.where(valid, tl.exp(normalized - peak), 0.0)
-            tl.store(inter_ptr + (slot * n + i) * n + rows, tl.sum(terms, axis=1), mask=row_ok)
-            peak_ii = tl.load(peak_ptr + i * n + i)
-            intra = tl.exp(row_of(normalized, rows, i) * n - n * peak_ii)
-            tl.store(intra_ptr + slot * n + i, tl.sum(tl.where(col_ok, intra, 0.0), axis=0))
+    for i in range(n):
+        tau_i = load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE, ALIGN)
+        for j in range(n):
+            tau_j = load_row(x_ptr, offsets_ptr, base, j, cols, col_ok, HAS_BASE, ALIGN)
+            normalized = pair_normalized(tau_i, tau_j, i, j, n, lo_ptr, span_ptr)
+            peak = tl.load(peak_ptr + i * n + j)
+            terms = tl.where(col_ok, tl.exp(normalized - peak), 0.0)
+            tl.store(inter_ptr + (slot * n + i) * n + j, tl.sum(terms, axis=0))
+        intra = intra_term(tau_i, i, n, lo_ptr, span_ptr, peak_ptr)
+        tl.store(intra_ptr + slot * n + i, tl.sum(tl.where(col_ok, intra, 0.0), axis=0))
 
 
 @triton.jit
-def paper_score(tau, valid, rows, row_ok, col_ok, n, lo_ptr, span_ptr, peak_ptr, inv_inter_ptr, inv_intra_ptr,
-                NT: tl.constexpr):
-    """beta_i = Softmax(n Norm(tau_i^2)) * sum_j Softmax(Norm(tau_i tau_j)) of a tile (docs/design.md 2.3)."""
-    beta = tl.zeros_like(tau)
-    for i in tl.static_range(NT):
-        if i < n:
-            normalized = pair_normalized(tau, rows, row_ok, n, i, lo_ptr, span_ptr)
-            peak = tl.load(peak_ptr + i * n + rows, mask=row_ok, other=0.0)[:, None]
-            inv_inter = tl.load(inv_inter_ptr + i * n + rows, mask=row_ok, other=0.0)[:, None]
-            inter = tl.sum(tl.where(valid, tl.exp(normalized - peak) * inv_inter, 0.0), axis=0)
-            peak_ii = tl.load(peak_ptr + i * n + i)
-            intra = tl.exp(row_of(normalized, rows, i) * n - n * peak_ii) * tl.load(inv_intra_ptr + i)
-            beta = tl.where(rows[:, None] == i, (intra * inter)[None, :], beta)
-    return beta
+def paper_score(tau_i, i, x_ptr, offsets_ptr, base, cols, col_ok, n, lo_ptr, span_ptr, peak_ptr, inv_inter_ptr,
+                inv_intra_ptr, HAS_BASE: tl.constexpr, ALIGN: tl.constexpr):
+    """beta_i = Softmax(n Norm(tau_i^2)) * sum_j Softmax(Norm(tau_i tau_j)) over this program's
+    columns (docs/design.md 2.3); the sum over j in task order."""
+    inter = tl.zeros_like(tau_i)
+    for j in range(n):
+        tau_j = load_row(x_ptr, offsets_ptr, base, j, cols, col_ok, HAS_BASE, ALIGN)
+        normalized = pair_normalized(tau_i, tau_j, i, j, n, lo_ptr, span_ptr)
+        peak = tl.load(peak_ptr + i * n + j)
+        inv_inter = tl.load(inv_inter_ptr + i * n + j)
+        inter += tl.where(col_ok, tl.exp(normalized - peak) * inv_inter, 0.0)
+    intra = intra_term(tau_i, i, n, lo_ptr, span_ptr, peak_ptr) * tl.load(inv_intra_ptr + i)
+    return intra * inter
 
 
 @triton.jit
 def paper_kernel(x_ptr, offsets_ptr, base_ptr, n, m, lo_ptr, span_ptr, peak_ptr, inv_inter_ptr, inv_intra_ptr,
                  hist_ptr, bucket_ptr,
-                 HAS_BASE: tl.constexpr, LEVEL: tl.constexpr, R: tl.constexpr, NT: tl.constexpr,
+                 HAS_BASE: tl.constexpr, LEVEL: tl.constexpr, R: tl.constexpr, ALIGN: tl.constexpr,
                  BLOCK: tl.constexpr):
-    tau, valid, rows, row_ok, cols, col_ok = load_tau(x_ptr, offsets_ptr, base_ptr, n, m, HAS_BASE, NT, BLOCK)
-    beta = paper_score(tau, valid, rows, row_ok, col_ok, n, lo_ptr, span_ptr, peak_ptr, inv_inter_ptr,
-                       inv_intra_ptr, NT)
-    radix_count(order_key(beta), valid, rows, row_ok, hist_ptr, bucket_ptr, LEVEL, R)
+    cols, col_ok = columns(m, BLOCK)
+    base = load_base(base_ptr, cols, col_ok, HAS_BASE, BLOCK)
+    for i in range(n):
+        tau_i = load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE, ALIGN)
+        beta = paper_score(tau_i, i, x_ptr, offsets_ptr, base, cols, col_ok, n, lo_ptr, span_ptr, peak_ptr,
+                           inv_inter_ptr, inv_intra_ptr, HAS_BASE, ALIGN)
+        radix_count(order_key(beta), col_ok, i, hist_ptr, bucket_ptr, LEVEL, R)
 
 
 # ---- launchers
-
-
-def programs(rows: Rows) -> int:
-    """Number of programs (tiles) a pass over ``rows`` launches."""
-    return triton.cdiv(rows.m, tile_shape(rows.n)[1])
 
 
 def magnitude_pass(rows: Rows, select: DeviceSelect, bad: torch.Tensor) -> None:

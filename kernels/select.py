@@ -20,6 +20,7 @@ import triton.language as tl
 from .keys import keys_to_float
 
 BUCKETS = 1 << 16
+FIND_CHUNK = 1024  # histogram bins per step of the bucket search: 8 int64 per thread, no spill
 INT32_MIN = -(1 << 31)
 INT32_MAX = (1 << 31) - 1
 # the same bounds for use inside kernels (compiled kernels read only constexpr globals)
@@ -35,22 +36,23 @@ def order_key(x):
 
 
 @triton.jit
-def radix_count(key, valid, rows, row_ok, hist_ptr, bucket_ptr, LEVEL: tl.constexpr, R: tl.constexpr):
-    """Count the keys of a [NT, BLOCK] tile (entries where ``valid``) into the level's histograms.
+def radix_count(key, ok, i, hist_ptr, bucket_ptr, LEVEL: tl.constexpr, R: tl.constexpr):
+    """Count the keys of task ``i`` over this program's columns (entries where ``ok``) into the level's
+    histograms.
 
     Level 1: hist [n, 65536] by the top 16 bits. Level 2: hist [n, R, 65536] by the low 16 bits,
     only keys whose top bits equal the bucket chosen for rank r (bucket_ptr: [n, R] int64).
     """
     high = (key >> 16) + 32768
+    row = i  # i < 64 and R <= 2: row offsets stay far inside int32
     if LEVEL == 1:
-        tl.atomic_add(hist_ptr + rows[:, None].to(tl.int64) * 65536 + high, 1, mask=valid, sem="relaxed")
+        tl.atomic_add(hist_ptr + row * 65536 + high, 1, mask=ok, sem="relaxed")
     else:
         low = key & 0xFFFF
         for r in tl.static_range(R):
-            bucket = tl.load(bucket_ptr + rows * R + r, mask=row_ok, other=-1)
-            inside = valid & (high.to(tl.int64) == bucket[:, None])
-            slot = (rows[:, None].to(tl.int64) * R + r) * 65536 + low
-            tl.atomic_add(hist_ptr + slot, 1, mask=inside, sem="relaxed")
+            bucket = tl.load(bucket_ptr + row * R + r)
+            inside = ok & (high.to(tl.int64) == bucket)
+            tl.atomic_add(hist_ptr + (row * R + r) * 65536 + low, 1, mask=inside, sem="relaxed")
 
 
 @triton.jit
@@ -105,7 +107,7 @@ class DeviceSelect:
         index = torch.empty(self.n * self.R, dtype=torch.int64, device=self.device)
         below = torch.empty_like(index)
         find_kernel[(self.n * self.R,)](hist, ranks.contiguous(), index, below, R=self.R, PER_ROW=per_row,
-                                        CHUNK=4096)
+                                        CHUNK=FIND_CHUNK)
         return index.view(self.n, self.R), below.view(self.n, self.R)
 
     def next_level(self) -> None:

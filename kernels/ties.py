@@ -7,7 +7,10 @@ Two passes after the trim threshold is known (the |tau| radix select of select.p
   entries that agree, and writes base + lam * (sum of the agreeing values / sum of their weights).
 The trim keeps |tau_i| >= t_i (the authors' kthvalue threshold), or exactly k entries (mergekit's
 top-k: ties at the threshold kept in position order, from per-tile counts of equal entries and
-their prefix sums); DARE-TIES replaces it by DARE's counter-based drop and rescale.
+their prefix sums); DARE-TIES replaces it by DARE's counter-based drop and rescale. Each program
+loops over the tasks; the weighted vectors are summed in task order with the CPU path's float32
+operations and no fused multiply-add, so the elected signs equal the CPU's exactly (exact
+cancellations, common with quantized deltas, included).
 """
 
 from __future__ import annotations
@@ -17,90 +20,120 @@ import triton
 import triton.language as tl
 
 from .linear import dare_keep
-from .tiles import Rows, flag_bad, launch_config, load_tau, sign
+from .tiles import Rows, columns, flag_bad, launch_config, load_base, load_row, sign
 
 
 @triton.jit
-def trim_mask(tau, valid, rows, row_ok, cols, n, t_ptr, streams_ptr, threshold, ties_ptr, budget_ptr, tile,
+def trim_mask(tau, col_ok, cols, i, n, t_ptr, streams_ptr, threshold, ties_ptr, budget_ptr, tile,
               DARE: tl.constexpr, EXACT: tl.constexpr):
-    """[NT, BLOCK] bool: the entries the trim keeps. Authors' TIES: |tau| >= t. Exact top-k: |tau| > t,
-    plus the entries equal to t in position order while the task's budget lasts (``ties_ptr``: the
-    equal entries of every earlier tile, per task). DARE: its counter-based draw."""
+    """[BLOCK] bool: the entries of task i the trim keeps. Authors' TIES: |tau| >= t. Exact top-k:
+    |tau| > t, plus the entries equal to t in position order while the task's budget lasts
+    (``ties_ptr``: the equal entries of every earlier tile, per task). DARE: its counter-based draw."""
     # one return at the end: a return inside a constexpr branch leaves the code after it compiled
     if DARE:
-        kept = valid & dare_keep(cols, rows, row_ok, streams_ptr, n, threshold)
+        kept = col_ok & dare_keep(cols, i, streams_ptr, n, threshold)
     elif EXACT:
-        t = tl.load(t_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        t = tl.load(t_ptr + i)
         magnitude = tl.abs(tau)
-        equal = valid & (magnitude == t)
-        before = tl.load(ties_ptr + tile * n + rows, mask=row_ok, other=0)[:, None]
-        order = before + tl.cumsum(equal.to(tl.int64), axis=1)  # 1-based rank of each equal entry
-        budget = tl.load(budget_ptr + rows, mask=row_ok, other=0)[:, None]
-        kept = valid & ((magnitude > t) | (equal & (order <= budget)))
+        equal = col_ok & (magnitude == t)
+        before = tl.load(ties_ptr + tile * n + i)
+        order = before + tl.cumsum(equal.to(tl.int64), axis=0)  # 1-based rank of each equal entry
+        budget = tl.load(budget_ptr + i)
+        kept = col_ok & ((magnitude > t) | (equal & (order <= budget)))
     else:
-        t = tl.load(t_ptr + rows, mask=row_ok, other=0.0)[:, None]
-        kept = valid & (tl.abs(tau) >= t)
+        kept = col_ok & (tl.abs(tau) >= tl.load(t_ptr + i))
     return kept
 
 
 @triton.jit
 def equal_count_kernel(x_ptr, offsets_ptr, base_ptr, n, m, t_ptr, counts_ptr, first_tile, HAS_BASE: tl.constexpr,
-                       NT: tl.constexpr, BLOCK: tl.constexpr):
+                       ALIGN: tl.constexpr, BLOCK: tl.constexpr):
     """counts[first_tile + program, i]: entries of task i in this tile with |tau| == t_i."""
-    tau, valid, rows, row_ok, cols, col_ok = load_tau(x_ptr, offsets_ptr, base_ptr, n, m, HAS_BASE, NT, BLOCK)
-    t = tl.load(t_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    equal = valid & (tl.abs(tau) == t)
+    cols, col_ok = columns(m, BLOCK)
+    base = load_base(base_ptr, cols, col_ok, HAS_BASE, BLOCK)
     tile = first_tile + tl.program_id(0).to(tl.int64)
-    tl.store(counts_ptr + tile * n + rows, tl.sum(equal.to(tl.int64), axis=1), mask=row_ok)
+    for i in range(n):
+        tau = load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE, ALIGN)
+        equal = col_ok & (tl.abs(tau) == tl.load(t_ptr + i))
+        tl.store(counts_ptr + tile * n + i, tl.sum(equal.to(tl.int64), axis=0))
 
 
 @triton.jit
-def weighted_tile(x_ptr, offsets_ptr, base_ptr, n, m, t_ptr, weight_ptr, streams_ptr, threshold, keep_scale,
-                  ties_ptr, budget_ptr, first_tile, HAS_BASE: tl.constexpr, DARE: tl.constexpr, EXACT: tl.constexpr,
-                  NT: tl.constexpr, BLOCK: tl.constexpr):
-    """(weighted tau, kept, valid, rows, row_ok, cols, col_ok, weight) of a tile after the trim or drop."""
-    tau, valid, rows, row_ok, cols, col_ok = load_tau(x_ptr, offsets_ptr, base_ptr, n, m, HAS_BASE, NT, BLOCK)
-    tile = first_tile + tl.program_id(0).to(tl.int64)
-    kept = trim_mask(tau, valid, rows, row_ok, cols, n, t_ptr, streams_ptr, threshold, ties_ptr, budget_ptr, tile,
-                     DARE, EXACT)
+def weighted_row(tau, col_ok, cols, i, n, t_ptr, weight_ptr, streams_ptr, threshold, keep_scale, ties_ptr,
+                 budget_ptr, tile, DARE: tl.constexpr, EXACT: tl.constexpr):
+    """(w_i = lambda_i (tau_i m_i), kept m_i, lambda_i) of task i after the trim or drop, with the CPU
+    path's float32 operations in its order (the kernels run without fused multiply-adds)."""
+    kept = trim_mask(tau, col_ok, cols, i, n, t_ptr, streams_ptr, threshold, ties_ptr, budget_ptr, tile, DARE,
+                     EXACT)
     tau = tau * kept.to(tl.float32)
     if DARE:
         tau = tau / keep_scale
-    weight = tl.load(weight_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    return tl.where(valid, tau * weight, 0.0), kept, valid, rows, row_ok, cols, col_ok, weight
+    weight = tl.load(weight_ptr + i)
+    return tl.where(col_ok, tau * weight, 0.0), kept, weight
+
+
+@triton.jit
+def elected_sum(x_ptr, offsets_ptr, base, cols, col_ok, n, t_ptr, weight_ptr, streams_ptr, threshold, keep_scale,
+                ties_ptr, budget_ptr, tile, kept_ptr, bad_ptr, COUNT: tl.constexpr, HAS_BASE: tl.constexpr,
+                DARE: tl.constexpr, EXACT: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+    """sum_i w_i in task order (the CPU's order, so the elected signs are the CPU's); with COUNT,
+    also the kept entries per task and the NaN/Inf flags."""
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(n):
+        tau = load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE, ALIGN)
+        weighted, kept, _ = weighted_row(tau, col_ok, cols, i, n, t_ptr, weight_ptr, streams_ptr, threshold,
+                                         keep_scale, ties_ptr, budget_ptr, tile, DARE, EXACT)
+        if COUNT:
+            flag_bad(tau, col_ok, i, bad_ptr)
+            tl.atomic_add(kept_ptr + i, tl.sum(kept.to(tl.int64), axis=0), sem="relaxed")
+        total += weighted
+    return total
 
 
 @triton.jit
 def sign_kernel(x_ptr, offsets_ptr, base_ptr, n, m, t_ptr, weight_ptr, streams_ptr, threshold, keep_scale,
                 ties_ptr, budget_ptr, first_tile, total_ptr, kept_ptr, bad_ptr, HAS_BASE: tl.constexpr,
-                DARE: tl.constexpr, EXACT: tl.constexpr, NT: tl.constexpr, BLOCK: tl.constexpr):
-    tau, valid, rows, row_ok, cols, col_ok = load_tau(x_ptr, offsets_ptr, base_ptr, n, m, HAS_BASE, NT, BLOCK)
-    flag_bad(tau, valid, rows, row_ok, bad_ptr)
-    weighted, kept, valid, rows, row_ok, cols, col_ok, weight = weighted_tile(
-        x_ptr, offsets_ptr, base_ptr, n, m, t_ptr, weight_ptr, streams_ptr, threshold, keep_scale, ties_ptr,
-        budget_ptr, first_tile, HAS_BASE, DARE, EXACT, NT, BLOCK)
-    tl.atomic_add(kept_ptr + rows, tl.sum(kept.to(tl.int64), axis=1), mask=row_ok, sem="relaxed")
-    elected = sign(tl.sum(weighted, axis=0))
+                DARE: tl.constexpr, EXACT: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+    cols, col_ok = columns(m, BLOCK)
+    base = load_base(base_ptr, cols, col_ok, HAS_BASE, BLOCK)
+    tile = first_tile + tl.program_id(0).to(tl.int64)
+    total = elected_sum(x_ptr, offsets_ptr, base, cols, col_ok, n, t_ptr, weight_ptr, streams_ptr, threshold,
+                        keep_scale, ties_ptr, budget_ptr, tile, kept_ptr, bad_ptr, True, HAS_BASE, DARE, EXACT,
+                        ALIGN, BLOCK)
+    elected = sign(total)
     tl.atomic_add(total_ptr, tl.sum(tl.where(col_ok, elected, 0.0), axis=0).to(tl.int64), sem="relaxed")
 
 
 @triton.jit
 def ties_merge_kernel(x_ptr, offsets_ptr, base_ptr, out_ptr, n, m, t_ptr, weight_ptr, streams_ptr, threshold,
                       keep_scale, ties_ptr, budget_ptr, first_tile, fill_ptr, lam, HAS_BASE: tl.constexpr,
-                      WRITE_THETA: tl.constexpr, DARE: tl.constexpr, EXACT: tl.constexpr, NT: tl.constexpr,
-                      BLOCK: tl.constexpr):
-    weighted, kept, valid, rows, row_ok, cols, col_ok, weight = weighted_tile(
-        x_ptr, offsets_ptr, base_ptr, n, m, t_ptr, weight_ptr, streams_ptr, threshold, keep_scale, ties_ptr,
-        budget_ptr, first_tile, HAS_BASE, DARE, EXACT, NT, BLOCK)
-    elected = sign(tl.sum(weighted, axis=0))
-    elected = tl.where(elected == 0, tl.load(fill_ptr), elected)[None, :]
-    agree = valid & tl.where(elected > 0, weighted > 0, weighted < 0)
-    num = tl.sum(tl.where(agree, weighted, 0.0), axis=0)
-    den = tl.sum(tl.where(agree, weight, 0.0), axis=0)
+                      DARE: tl.constexpr, EXACT: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+    cols, col_ok = columns(m, BLOCK)
+    base = load_base(base_ptr, cols, col_ok, HAS_BASE, BLOCK)
+    tile = first_tile + tl.program_id(0).to(tl.int64)
+    total = elected_sum(x_ptr, offsets_ptr, base, cols, col_ok, n, t_ptr, weight_ptr, streams_ptr, threshold,
+                        keep_scale, ties_ptr, budget_ptr, tile, fill_ptr, fill_ptr, False, HAS_BASE, DARE, EXACT,
+                        ALIGN, BLOCK)
+    elected = sign(total)
+    elected = tl.where(elected == 0, tl.load(fill_ptr), elected)
+    num = tl.zeros([BLOCK], dtype=tl.float32)
+    den = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(n):
+        tau = load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE, ALIGN)
+        weighted, kept, weight = weighted_row(tau, col_ok, cols, i, n, t_ptr, weight_ptr, streams_ptr, threshold,
+                                              keep_scale, ties_ptr, budget_ptr, tile, DARE, EXACT)
+        agree = col_ok & tl.where(elected > 0, weighted > 0, weighted < 0)
+        num += tl.where(agree, weighted, 0.0)
+        den += tl.where(agree, weight, 0.0)
     tau_m = num / tl.where(den == 0, 1.0, den)
-    if WRITE_THETA:
-        tau_m = tl.load(base_ptr + cols, mask=col_ok, other=0.0).to(tl.float32) + lam * tau_m
+    if HAS_BASE:
+        tau_m = base + lam * tau_m
     tl.store(out_ptr + cols, tau_m.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+# The elected signs must be the CPU's exactly: no fused multiply-add may merge w_i's rounding into the
+# sum (a launch option of the compiler; the interpreter never fuses).
+NO_FMA = dict(enable_fp_fusion=False)
 
 
 class Trim:
@@ -136,7 +169,7 @@ def sign_pass(rows: Rows, weights: torch.Tensor, total: torch.Tensor, kept: torc
     grid, base, meta = launch_config(rows, weights, total, kept, bad)
     t, *rest = trim.args(first_tile)
     sign_kernel[grid](rows.anchor, rows.offsets, base, rows.n, rows.m, t, weights, *rest, total, kept, bad,
-                      **trim.meta(), **meta)
+                      **trim.meta(), **meta, **NO_FMA)
 
 
 def ties_merge_pass(rows: Rows, out: torch.Tensor, weights: torch.Tensor, fill: torch.Tensor, lam: float,
@@ -147,4 +180,4 @@ def ties_merge_pass(rows: Rows, out: torch.Tensor, weights: torch.Tensor, fill: 
     grid, base, meta = launch_config(rows, out, weights, fill)
     t, *rest = trim.args(first_tile)
     ties_merge_kernel[grid](rows.anchor, rows.offsets, base, out_flat, rows.n, rows.m, t, weights, *rest, fill,
-                            float(lam), WRITE_THETA=rows.base is not None, **trim.meta(), **meta)
+                            float(lam), **trim.meta(), **meta, **NO_FMA)

@@ -1,9 +1,15 @@
-"""Task rows on the device and the [tasks, BLOCK] tile every kernel of pcb_fast loads.
+"""Task rows on the device and the loop over them that every kernel of pcb_fast runs.
 
 ``Rows`` describes n rows of m entries of one dtype without copying them: an anchor tensor (a
-typed pointer) and, per task, the element offset of its row from the anchor. The rows may be the
-rows of an [n, D] matrix or n separate tensors (one merged key of n fine-tuned models). With a
-base row, kernels form tau_i = theta_i - theta_pre in registers, so task vectors are never written.
+typed pointer) and, per task, the offset of its row from the anchor. The rows may be the rows of an
+[n, D] matrix or n separate tensors (one merged key of n fine-tuned models). With a base row,
+kernels form tau_i = theta_i - theta_pre in registers, so task vectors are never written.
+
+Each program owns BLOCK columns and loops over the tasks (a loop, not an unrolled tile), so its
+registers do not grow with the number of tasks; the base is read once per program and kept in
+registers. Row starts are stored in units of ``align`` elements (the largest power of two up to 16
+bytes that divides every offset), so the compiler knows their alignment and loads rows with
+128-bit vector loads.
 """
 
 from __future__ import annotations
@@ -20,14 +26,15 @@ MAX_TASKS = 64
 
 @dataclass
 class Rows:
-    """n rows of m entries: row i starts ``offsets[i]`` elements after ``anchor``'s first one."""
+    """n rows of m entries: row i starts ``offsets[i] * align`` elements after ``anchor``'s first one."""
 
     anchor: torch.Tensor
-    offsets: torch.Tensor  # int64 [n], on the rows' device
+    offsets: torch.Tensor  # int64 [n], on the rows' device, in units of ``align`` elements
     n: int
     m: int
     base: torch.Tensor | None = None  # [m]: rows hold fine-tuned weights, tau = row - base
     tensors: list = field(default_factory=list)  # the row tensors (held, so the offsets stay valid)
+    align: int = 1  # elements: a power of two dividing every row's offset (at most 16 bytes)
 
     @classmethod
     def from_tensors(cls, tensors, base: torch.Tensor | None = None) -> "Rows":
@@ -50,8 +57,11 @@ class Rows:
             base = base.contiguous().reshape(-1)
             if base.numel() != first.numel() or base.device != first.device or base.dtype not in FLOAT_DTYPES:
                 raise ValueError(f"base is {base.dtype} [{base.numel()}] on {base.device}; rows are [{first.numel()}] on {first.device}")
-        offsets = torch.tensor(offsets, dtype=torch.int64).to(first.device)
-        return cls(first, offsets, len(tensors), first.numel(), base, tensors)
+        align = max(1, 16 // size)
+        while align > 1 and any(o % align for o in offsets):
+            align //= 2
+        offsets = torch.tensor([o // align for o in offsets], dtype=torch.int64).to(first.device)
+        return cls(first, offsets, len(tensors), first.numel(), base, tensors, align)
 
     @classmethod
     def from_matrix(cls, matrix: torch.Tensor) -> "Rows":
@@ -69,10 +79,12 @@ class Rows:
         return rows - self.base.float() if self.base is not None else rows
 
 
-def tile_shape(n: int) -> tuple[int, int]:
-    """(NT, BLOCK): tasks padded to a power of two, and entries per task in a tile of ~8K values."""
-    nt = triton.next_power_of_2(n)
-    return nt, max(64, min(2048, 8192 // nt))
+BLOCK = 1024  # columns per program: 8 per thread at 4 warps (two 128-bit loads of float32)
+
+
+def programs(rows: Rows) -> int:
+    """Number of programs (tiles of BLOCK columns) a pass over ``rows`` launches."""
+    return triton.cdiv(rows.m, BLOCK)
 
 
 def launch_config(rows: Rows, *tensors):
@@ -81,42 +93,43 @@ def launch_config(rows: Rows, *tensors):
     for t in tensors:
         if t.device != rows.device:
             raise ValueError(f"a kernel argument is on {t.device} but the rows are on {rows.device}")
-    nt, block = tile_shape(rows.n)
     base = rows.base if rows.base is not None else rows.anchor
-    return (triton.cdiv(rows.m, block),), base, dict(HAS_BASE=rows.base is not None, NT=nt, BLOCK=block)
+    return (programs(rows),), base, dict(HAS_BASE=rows.base is not None, ALIGN=rows.align, BLOCK=BLOCK)
 
 
 @triton.jit
-def load_tau(x_ptr, offsets_ptr, base_ptr, n, m, HAS_BASE: tl.constexpr, NT: tl.constexpr, BLOCK: tl.constexpr):
-    """The float32 [NT, BLOCK] tile of task vectors of this program, zero outside the rows.
-
-    Returns (tau, valid, rows, row_ok, cols, col_ok); offsets are 64-bit.
-    """
-    rows = tl.arange(0, NT)
-    row_ok = rows < n
+def columns(m, BLOCK: tl.constexpr):
+    """(cols, col_ok): this program's BLOCK column indices (int64) and which are inside the rows."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    col_ok = cols < m
-    starts = tl.load(offsets_ptr + rows, mask=row_ok, other=0)
-    valid = row_ok[:, None] & col_ok[None, :]
-    tau = tl.load(x_ptr + starts[:, None] + cols[None, :], mask=valid, other=0.0).to(tl.float32)
+    return cols, cols < m
+
+
+@triton.jit
+def load_base(base_ptr, cols, col_ok, HAS_BASE: tl.constexpr, BLOCK: tl.constexpr):
+    """The base's float32 [BLOCK] (zeros without a base), read once per program."""
     if HAS_BASE:
         base = tl.load(base_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        tau = tl.where(valid, tau - base[None, :], 0.0)
-    return tau, valid, rows, row_ok, cols, col_ok
+    else:
+        base = tl.zeros([BLOCK], dtype=tl.float32)
+    return base
 
 
 @triton.jit
-def flag_bad(tau, valid, rows, row_ok, bad_ptr):
-    """bad[i] = 1 if task i has a NaN or Inf in the tile."""
+def load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE: tl.constexpr, ALIGN: tl.constexpr):
+    """tau_i over this program's columns, float32 [BLOCK], zero outside the rows."""
+    start = tl.load(offsets_ptr + i) * ALIGN  # a multiple of ALIGN: the loads vectorise
+    x = tl.load(x_ptr + start + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if HAS_BASE:
+        x = tl.where(col_ok, x - base, 0.0)
+    return x
+
+
+@triton.jit
+def flag_bad(tau, col_ok, i, bad_ptr):
+    """bad[i] = 1 if task i has a NaN or Inf in this program's columns."""
     magnitude = tl.abs(tau)
-    bad = valid & ((magnitude != magnitude) | (magnitude == float("inf")))
-    tl.atomic_max(bad_ptr + rows, tl.max(bad.to(tl.int32), axis=1), mask=row_ok, sem="relaxed")
-
-
-@triton.jit
-def row_of(tile, rows, i):
-    """Row ``i`` of a [NT, BLOCK] tile as a [BLOCK] vector (a masked sum: exact, one term)."""
-    return tl.sum(tl.where(rows[:, None] == i, tile, 0.0), axis=0)
+    bad = col_ok & ((magnitude != magnitude) | (magnitude == float("inf")))
+    tl.atomic_max(bad_ptr + i, tl.max(bad.to(tl.int32), axis=0), sem="relaxed")
 
 
 @triton.jit

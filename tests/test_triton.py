@@ -20,7 +20,7 @@ from pcb_fast import merge, pcb_merge, pcb_reference  # noqa: E402
 from pcb_fast.cpu import pcb_blocks as tb  # noqa: E402
 from pcb_fast.kernels import score as kscore  # noqa: E402
 from pcb_fast.kernels.select import DeviceSelect  # noqa: E402
-from pcb_fast.kernels.tiles import Rows, tanh, tile_shape  # noqa: E402
+from pcb_fast.kernels.tiles import Rows, tanh  # noqa: E402
 from pcb_fast.core.select import RadixSelect  # noqa: E402
 
 RTOL = 2e-5  # merged values: |got - ref| <= RTOL * max|ref| (about 150 ulps of the largest value)
@@ -128,7 +128,23 @@ def test_rows_refuse_mismatched_inputs():
         Rows.from_tensors([torch.zeros(4), torch.zeros(5)])
     with pytest.raises(ValueError, match="kernels take"):
         Rows.from_tensors([torch.zeros(4, dtype=torch.int32)])
-    assert tile_shape(3) == (4, 2048) and tile_shape(32) == (32, 256)
+
+
+
+def test_rows_record_the_alignment_of_their_starts():
+    """Row starts are stored in units of the largest power of two (at most 16 bytes) dividing them all:
+    the kernels multiply back, so rows at any offset load the right entries (and aligned ones vectorise)."""
+    x = torch.arange(3 * 24, dtype=torch.float32).view(3, 24)
+    rows = Rows.from_matrix(x)
+    assert rows.align == 4 and rows.offsets.tolist() == [0, 6, 12]
+    odd = Rows.from_matrix(torch.zeros(3, 7, dtype=torch.bfloat16))
+    assert odd.align == 1 and odd.offsets.tolist() == [0, 7, 14]
+    assert Rows.from_matrix(torch.zeros(2, 12, dtype=torch.bfloat16)).align == 4
+    # misaligned rows (views starting at odd offsets) give the same merge as aligned copies
+    wide = torch.randn(4, 1001, generator=torch.Generator().manual_seed(5)) * 0.01
+    view = wide[:, 1:]
+    assert Rows.from_tensors(list(view)).align == 1
+    assert torch.equal(pcb_merge(view, backend="triton"), pcb_merge(view.contiguous().clone(), backend="triton"))
 
 
 # ---- the whole backend against the reference

@@ -6,8 +6,9 @@ counts for the keep threshold t_i and max M_i (2 passes), then the merge pass. T
 pair min/max, softmax partition sums, beta counts (2 passes), merge. Statistics stay on the device;
 the host synchronises once per group to report bad values.
 
-Kernel arithmetic is fused and reordered (sums over tasks in a tree, exp/tanh of the device), so
-results agree with the reference within the tolerance of docs/design.md 9, not bit for bit.
+Kernels sum over tasks in task order, but fuse multiply-adds and use the device's exp and tanh, so
+PCB's results agree with the reference within the tolerance of docs/design.md 9, not bit for bit;
+TIES' sign election runs without fused multiply-adds and equals the CPU's.
 """
 
 from __future__ import annotations
