@@ -81,7 +81,8 @@ def raise_if_not_finite(source: TaskVectorSource, block, row_max: torch.Tensor) 
     bad = ~torch.isfinite(row_max)
     if bool(bad.any()):
         task = int(bad.nonzero()[0, 0])
-        message = f"{source.where(task, block.segment)}: {source.why_not_finite(task, block)}"
+        message = (source.base_problem(block)
+                   or f"{source.where(task, block.segment)}: {source.why_not_finite(task, block)}")
         if source.errors is None:
             raise ValueError(message)
         source.errors.fail(message)  # raised on every rank at the next collective

@@ -10,6 +10,7 @@ The tensor handed out for a block may be a reused buffer: consumers copy what th
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -97,21 +98,27 @@ class TaskVectorSource:
         """The widest block :meth:`blocks` yields for ``width`` (buffers need no more)."""
         return min(width, max((s.numel for s in self.segments), default=1))
 
-    def blocks(self, width: int = DEFAULT_BLOCK_WIDTH, whole_rows: bool = False) -> Iterator[Block]:
-        """Yield the aligned blocks of every segment, in order.
+    def plan(self, width: int = DEFAULT_BLOCK_WIDTH, whole_rows: bool = False) -> list[tuple[Segment, int, int]]:
+        """The (segment, lo, hi) of every block :meth:`blocks` yields, in order.
 
         With ``whole_rows``, blocks hold whole rows (last dimension) of each tensor: as many as fit in
         ``width`` entries, or one row if a row is longer.
         """
+        ranges = []
+        for seg in self.segments:
+            row = row_length(seg.shape) if whole_rows else 1
+            step = max(width // row, 1) * row
+            ranges += [(seg, lo, min(lo + step, seg.numel)) for lo in range(0, seg.numel, step)]
+        return ranges
+
+    def blocks(self, width: int = DEFAULT_BLOCK_WIDTH, whole_rows: bool = False) -> Iterator[Block]:
+        """Yield the aligned blocks of every segment, in order (see :meth:`plan`)."""
+        ranges = self.plan(width, whole_rows)
         bar = self.progress(sum(s.numel * self.bytes_per_entry(s) for s in self.segments)) if self.progress else None
-        rows = [row_length(s.shape) for s in self.segments] if whole_rows else [1] * len(self.segments)
-        widest = max(max(width // r, 1) * r for r in rows) if whole_rows else width
-        buffer = torch.empty(self.n, min(widest, max((s.numel for s in self.segments), default=1)))
+        buffer = torch.empty(self.n, max((hi - lo for _, lo, hi in ranges), default=1))
         try:
-            for seg, row in zip(self.segments, rows):
-                step = max(width // row, 1) * row
-                for lo in range(0, seg.numel, step):
-                    hi = min(lo + step, seg.numel)
+            with self._reading(ranges):
+                for seg, lo, hi in ranges:
                     # compiled loops are specialised to the thread count: a fused merge keeps the one chosen at
                     # its start (a change would recompile them, ~2 s, in the middle of the merge)
                     if self.threads is not None and not self.fused:
@@ -122,6 +129,16 @@ class TaskVectorSource:
         finally:
             if bar is not None:
                 bar.close()
+
+    def _reading(self, ranges: list):
+        """A context for one pass over ``ranges``: where a source reads ahead (files on disk)."""
+        return contextlib.nullcontext()
+
+    def base_problem(self, block: Block) -> str | None:
+        """What is wrong with the base's values under a block whose task vectors are not finite
+        (then every task would be blamed for it), or None; sources that check their base up front
+        have nothing to say here."""
+        return None
 
     def bytes_per_entry(self, seg: Segment | None = None) -> int:
         """Bytes a pass reads per entry of a task row (of ``seg``; the first segment's if None)."""
@@ -221,13 +238,21 @@ def check_cpu(what: str, t: torch.Tensor) -> None:
         raise ValueError(f"{what} is on {t.device}; this version merges CPU tensors only (move them with .cpu())")
 
 
+# input dtypes whose values float32 holds exactly: their task vectors are formed in one op
+EXACT_IN_FLOAT32 = (torch.float32, torch.bfloat16, torch.float16)
+
+
 class CheckpointSource(TaskVectorSource):
     """Task vectors of checkpoints (pcb_fast.io.checkpoints), read slice by slice: every pass reads the
     files again (through the page cache), so memory stays at a few blocks whatever the model size.
+    A pass reads ahead of the engine in a background thread (:class:`pcb_fast.core.prefetch.Prefetcher`).
 
     ``progress``, if given, is called at the start of every pass with the bytes the pass reads and
     returns an object with ``update(nbytes)`` and ``close()`` (a tqdm bar, for instance).
     """
+
+    # blocks of raw inputs read ahead of the engine (each (n + 1) slices of one block)
+    READ_AHEAD = 4
 
     def __init__(self, base, models: Sequence, merged_keys: Sequence[str], progress=None):
         self._base_ckpt, self._model_ckpts = base, list(models)
@@ -235,6 +260,8 @@ class CheckpointSource(TaskVectorSource):
         super().__init__(len(self._model_ckpts), segments, [m.name for m in self._model_ckpts])
         self.progress = progress
         self._buffers = {}
+        self._prefetcher = None
+        self._last_base = None  # (key, lo, hi, float32 values) of the block read last, for base_block
 
     def _buffer(self, slot, dtype: torch.dtype, m: int) -> torch.Tensor:
         """A reusable flat buffer per (slot, dtype), grown to the widest block."""
@@ -253,24 +280,68 @@ class CheckpointSource(TaskVectorSource):
         return self._diagnose(model.read_into(key, lo, hi, torch.empty(hi - lo, dtype=model.dtype(key))),
                               base.read_into(key, lo, hi, torch.empty(hi - lo, dtype=base.dtype(key))))
 
-    def _read(self, seg, lo, hi, out):
+    def base_problem(self, block: Block) -> str | None:
+        # checked only where a block is not finite: a bad base value makes every task's entry there bad
+        key, lo, hi = block.segment.key, block.lo, block.hi
+        reason = checks.non_finite_reason(self._base_ckpt.read_into(key, lo, hi, torch.empty(
+            hi - lo, dtype=self._base_ckpt.dtype(key))))
+        return None if reason is None else f"base model, key {key!r}: {reason}"
+
+    def base_block(self, key: str, lo: int, hi: int) -> torch.Tensor | None:
+        """The base's entries [lo, hi) of ``key`` in float32 when the block read last is this one and
+        float32 holds them exactly (a sink then need not read them again), else None. Valid until
+        the next block is read."""
+        last = self._last_base
+        return last[3] if last is not None and last[:3] == (key, lo, hi) else None
+
+    @contextlib.contextmanager
+    def _reading(self, ranges):
+        if self._prefetcher is not None or len(ranges) < 2:  # a pass inside a pass reads for itself
+            yield
+            return
+        from .prefetch import Prefetcher
+
+        self._prefetcher = Prefetcher([self._base_ckpt] + self._model_ckpts,
+                                      [(seg.key, lo, hi) for seg, lo, hi in ranges], depth=self.READ_AHEAD)
         try:
-            base = self._base_ckpt.read_into(seg.key, lo, hi,
-                                             self._buffer("base", self._base_ckpt.dtype(seg.key), hi - lo))
-            reason = checks.non_finite_reason(base)
-            if reason is not None:  # else every task vector would be blamed for it
-                raise ValueError(f"base model, key {seg.key!r}: {reason}")
-            if base.dtype != torch.float32:
-                base = self._buffer("base32", torch.float32, hi - lo).copy_(base)
-            for i, model in enumerate(self._model_ckpts):
-                native = model.read_into(seg.key, lo, hi, self._buffer("model", model.dtype(seg.key), hi - lo))
-                out[i].copy_(native).sub_(base)
+            yield
+        finally:
+            prefetcher, self._prefetcher = self._prefetcher, None
+            prefetcher.close()
+
+    def _read(self, seg, lo, hi, out):
+        taken = None
+        try:
+            if self._prefetcher is not None:
+                taken = self._prefetcher.take(seg.key, lo, hi)
+            if taken is not None:
+                natives = taken[1]
+            else:
+                natives = [ck.read_into(seg.key, lo, hi, self._buffer(("input", j), ck.dtype(seg.key), hi - lo))
+                           for j, ck in enumerate([self._base_ckpt] + self._model_ckpts)]
+            self._subtract(seg.key, lo, hi, natives, out)
         except (ValueError, OSError) as e:
             if self.errors is None:
                 raise
             self.errors.fail(str(e))  # raised on every rank at the next collective
             out.zero_()
+        finally:
+            if taken is not None:
+                self._prefetcher.release(taken[0])
         return out
+
+    def _subtract(self, key, lo, hi, natives, out) -> None:
+        """out[i] = float32(model_i) - float32(base) from the raw slices [base, model_0, ...]. A base
+        value that is not finite makes the whole column non-finite; the engine's check then names
+        the base (:meth:`base_problem`)."""
+        native_base, models = natives[0], natives[1:]
+        base = self._buffer("base32", torch.float32, hi - lo).copy_(native_base)
+        self._last_base = (key, lo, hi, base) if native_base.dtype in EXACT_IN_FLOAT32 else None
+        for i, native in enumerate(models):
+            if native.dtype in EXACT_IN_FLOAT32:
+                torch.sub(native, base, out=out[i])  # converted exactly on the fly: the same bits as copy then sub
+            else:  # float64: rounded to float32 first, as the whole engine does
+                out[i].copy_(native).sub_(base)
 
 
 class CachedSource(TaskVectorSource):
@@ -300,6 +371,9 @@ class CachedSource(TaskVectorSource):
 
     def why_not_finite(self, task: int, block: Block) -> str:
         return self.inner.why_not_finite(task, block)
+
+    def base_problem(self, block: Block) -> str | None:
+        return self.inner.base_problem(block)
 
     def blocks(self, width: int = DEFAULT_BLOCK_WIDTH, whole_rows: bool = False) -> Iterator[Block]:
         if self.complete:

@@ -58,6 +58,10 @@ class Checkpoint:
         """Entries [lo, hi) of the flattened tensor into ``out`` (contiguous, of the key's dtype)."""
         raise NotImplementedError
 
+    def advise(self, key: str, lo: int, hi: int) -> None:
+        """A hint that entries [lo, hi) of ``key`` will be read soon (files: the kernel may start
+        reading them); nothing to do in memory."""
+
     def numel(self, key: str) -> int:
         return math.prod(self.shape(key))
 
@@ -136,6 +140,9 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def shape(self, key):
         return self.where[key].tensors[key].shape
+
+    def advise(self, key, lo, hi):
+        self.where[key].advise(key, lo, hi)
 
     def read_into(self, key, lo, hi, out):
         try:

@@ -31,7 +31,7 @@ from ..core.formulas import merged_weights
 from ..core.sources import DEFAULT_BLOCK_WIDTH, CachedSource, CheckpointSource
 from ..core.threads import CpuThreads, check_threads
 from ..cpu import fused as fused_cpu
-from ..methods import METHODS
+from ..methods import METHODS, single_pass
 from .card import write_card
 from .checkpoints import check_models_match, open_checkpoint, side_files, split_keys
 from .distributed import assign_shards
@@ -307,11 +307,11 @@ def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam,
         return progress(total, f"pass {pass_count[0]}") if progress else None
 
     keys = merged if local is None else [k for k in merged if k in local]
-    source = CheckpointSource(base_ck, model_cks, keys, progress=bar if progress else None)
+    source = reader = CheckpointSource(base_ck, model_cks, keys, progress=bar if progress else None)
     if comm is not None:  # this rank's keys, with the statistics of the whole model
         source.comm = source.errors = comm
         source.D = sum(base_ck.numel(k) for k in merged)
-    elif source.n * source.D * 4 <= budget:
+    elif source.n * source.D * 4 <= budget and not single_pass(method, params):
         # The float32 task vectors first, if they fit; what is left bounds the entries collected between passes.
         source = CachedSource(source)
         budget -= source.n * source.D * 4
@@ -321,11 +321,14 @@ def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam,
 
     def sink(segment, lo, hi, tau_m):
         key = segment.key
-        buffer = base_buffer.get(base_ck.dtype(key))
-        if buffer is None or buffer.numel() < hi - lo:
-            buffer = base_buffer[base_ck.dtype(key)] = torch.empty(max(hi - lo, block_width), dtype=base_ck.dtype(key))
         try:
-            base = base_ck.read_into(key, lo, hi, buffer[: hi - lo])
+            base = reader.base_block(key, lo, hi)  # the block the source has just read: no second read
+            if base is None:
+                buffer = base_buffer.get(base_ck.dtype(key))
+                if buffer is None or buffer.numel() < hi - lo:
+                    buffer = base_buffer[base_ck.dtype(key)] = torch.empty(max(hi - lo, block_width),
+                                                                           dtype=base_ck.dtype(key))
+                base = base_ck.read_into(key, lo, hi, buffer[: hi - lo])
             theta = merged_weights(base, lam, tau_m)
             values = theta.to(out_dtype(key))
             checks.check_merged(key, theta, values)

@@ -374,6 +374,18 @@ class SafetensorsReader:
             done += got
         return out
 
+    def advise(self, key: str, lo: int, hi: int) -> None:
+        """Ask the kernel to start reading entries [lo, hi) of ``key`` (posix_fadvise WILLNEED): a
+        later read_into of them then finds them in the page cache. Only a hint: errors are ignored."""
+        info = self.tensors[key]
+        if self._fd is None or not hasattr(os, "posix_fadvise"):
+            return
+        try:
+            os.posix_fadvise(self._fd, info.offset + lo * info.dtype.itemsize, (hi - lo) * info.dtype.itemsize,
+                             os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+
     def read(self, key: str) -> torch.Tensor:
         """The whole tensor ``key`` (a new tensor)."""
         info = self.tensors[key]

@@ -24,6 +24,15 @@ METHODS = {
 ENGINE_ONLY = ("normalize", "min_keep", "rescale", "band")
 
 
+def single_pass(method: str, params: dict) -> bool:
+    """Whether ``method`` with ``params`` reads its inputs once (nothing is gained by keeping the task
+    vectors in memory for a later pass): the weighted sums, DARE without mergekit's L1 rescale, and
+    Model Breadcrumbs."""
+    if method in ("average", "task_arithmetic", "breadcrumbs"):
+        return True
+    return method == "dare" and params.get("rescale", "inverse") != "l1"
+
+
 def engine_only_option(method: str, params: dict) -> str | None:
     """The first parameter in ``params`` that only the torch engine and the reference implement: one
     of ENGINE_ONLY away from the method's default, a value per task (a list), or a method only

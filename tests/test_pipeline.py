@@ -1,0 +1,147 @@
+"""The disk pipeline (docs/design.md 3.7): reads ahead of the engine in order, falls back to reading
+in place when asked for something else, hands the reader's errors to the engine, stops cleanly
+when a pass is abandoned, and leaves every merged byte as it was."""
+
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import pcb_fast
+from pcb_fast.core.prefetch import Prefetcher
+from pcb_fast.io.checkpoints import StateDictCheckpoint, open_checkpoint
+
+
+class CountingCheckpoint(StateDictCheckpoint):
+    """A state dict that records its reads and hints (and can fail on one key)."""
+
+    def __init__(self, state, name, fail_key=None):
+        super().__init__(state, name)
+        self.reads, self.hints, self.fail_key = [], [], fail_key
+
+    def read_into(self, key, lo, hi, out):
+        if key == self.fail_key:
+            raise ValueError(f"{self.name}: key {key!r} ends early (truncated file)")
+        self.reads.append((key, lo, hi, threading.current_thread().name))
+        return super().read_into(key, lo, hi, out)
+
+    def advise(self, key, lo, hi):
+        self.hints.append((key, lo, hi))
+
+
+def test_prefetcher_hands_out_ranges_in_order_with_their_values():
+    cks = [CountingCheckpoint({"a": torch.arange(10.0), "b": torch.arange(6, dtype=torch.bfloat16)}, f"m{i}")
+           for i in range(3)]
+    ranges = [("a", 0, 4), ("a", 4, 8), ("a", 8, 10), ("b", 0, 6)]
+    reader = Prefetcher(cks, ranges, depth=2, advise_ahead=2)
+    try:
+        for key, lo, hi in ranges:
+            slot, views = reader.take(key, lo, hi)
+            assert [v.dtype for v in views] == [cks[0].dtype(key)] * 3
+            for view, ck in zip(views, cks):
+                assert torch.equal(view, ck.state[key][lo:hi])
+            reader.release(slot)
+        assert reader.take("a", 0, 4) is None  # every range was read: nothing more ahead
+    finally:
+        reader.close()
+    assert all(name == "pcb_fast-reader" for ck in cks for *_, name in ck.reads)
+    assert cks[0].hints == ranges  # every range announced before it is read
+
+
+def test_prefetcher_out_of_order_request_reads_in_place():
+    ck = CountingCheckpoint({"a": torch.arange(10.0)}, "m")
+    reader = Prefetcher([ck], [("a", 0, 5), ("a", 5, 10)], depth=1)
+    try:
+        assert reader.take("a", 5, 10) is None  # not the next range: the caller reads it itself
+        slot, (view,) = reader.take("a", 0, 5)  # the next one is still there
+        assert torch.equal(view, torch.arange(5.0))
+        reader.release(slot)
+    finally:
+        reader.close()
+
+
+def test_prefetcher_raises_the_readers_error_in_the_engines_thread():
+    ck = CountingCheckpoint({"a": torch.arange(4.0), "b": torch.arange(4.0)}, "model 1", fail_key="b")
+    reader = Prefetcher([ck], [("a", 0, 4), ("b", 0, 4)])
+    try:
+        slot, _ = reader.take("a", 0, 4)
+        reader.release(slot)
+        with pytest.raises(ValueError, match="model 1: key 'b' ends early"):
+            reader.take("b", 0, 4)
+    finally:
+        reader.close()
+
+
+def test_prefetcher_close_stops_a_reader_blocked_on_its_slots():
+    ck = CountingCheckpoint({"a": torch.arange(100.0)}, "m")
+    reader = Prefetcher([ck], [("a", i, i + 1) for i in range(100)], depth=2)
+    reader.take("a", 0, 1)  # one slot held, never released: the reader waits for one
+    reader.close()
+    assert not reader._thread.is_alive()
+    assert len(ck.reads) <= 3
+
+
+def _folders(tmp_path, n=3, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(1)
+    base = {"a.weight": torch.randn(300, 70, generator=g).to(dtype), "b.bias": torch.randn(257, generator=g).to(dtype),
+            "c.weight": torch.randn(64, 64, generator=g).to(dtype)}
+    paths = []
+    for i, state in enumerate([base] + [{k: (v.float() + 0.1 * torch.randn(v.shape, generator=g)).to(dtype)
+                                         for k, v in base.items()} for _ in range(n)]):
+        path = tmp_path / f"m{i}.safetensors"
+        save_file(state, str(path))
+        paths.append(path)
+    return paths[0], paths[1:]
+
+
+@pytest.mark.parametrize("method,params", [("task_arithmetic", {}), ("ties", {"density": 0.3}),
+                                           ("pcb", {"ratio": 0.2}), ("dare_ties", {"p": 0.5})])
+def test_read_ahead_changes_no_byte(tmp_path, monkeypatch, method, params):
+    """The same merged bytes with the reader thread as with every read made in place (small blocks,
+    so that a pass has many ranges read ahead; a small budget, so that passes re-read the files)."""
+    from pcb_fast.core.sources import CheckpointSource
+
+    base, models = _folders(tmp_path)
+    outputs = []
+    for ahead in (True, False):
+        if not ahead:
+            monkeypatch.setattr(CheckpointSource, "_reading", lambda self, ranges: __import__("contextlib").nullcontext())
+        out = tmp_path / f"out_{ahead}"
+        pcb_fast.merge_checkpoints(base, models, out, method=method, block_width=1000, max_memory="20KB", **params)
+        outputs.append(load_file(str(out / "model.safetensors")))
+    assert outputs[0].keys() == outputs[1].keys()
+    for key in outputs[0]:
+        assert torch.equal(outputs[0][key], outputs[1][key]), key
+
+
+def test_a_failing_read_ahead_leaves_no_output_and_no_thread(tmp_path, monkeypatch):
+    from pcb_fast.io import safetensors as st
+
+    base, models = _folders(tmp_path)
+    real = st.SafetensorsReader.read_into
+
+    def failing(self, key, lo, hi, out):
+        if self.path.name == models[1].name and key == "c.weight":
+            raise st.FormatError(f"{self.path}: key {key!r} ends early (truncated file)")
+        return real(self, key, lo, hi, out)
+
+    monkeypatch.setattr(st.SafetensorsReader, "read_into", failing)
+    before = threading.active_count()
+    with pytest.raises(ValueError, match=r"model 1 .*key 'c.weight' ends early"):
+        pcb_fast.merge_checkpoints(base, models, tmp_path / "out", method="task_arithmetic", block_width=1000)
+    assert not (tmp_path / "out").exists()
+    assert threading.active_count() == before
+
+
+def test_base_block_is_the_base_just_read(tmp_path):
+    from pcb_fast.core.sources import CheckpointSource
+
+    base, models = _folders(tmp_path)
+    base_ck, model_cks = open_checkpoint(base, "base"), [open_checkpoint(m, f"model {i}") for i, m in enumerate(models)]
+    source = CheckpointSource(base_ck, model_cks, ["a.weight", "b.bias"])
+    for block in source.blocks(5000):
+        expected = base_ck.read("a.weight" if block.segment.key == "a.weight" else "b.bias").reshape(-1)
+        got = source.base_block(block.segment.key, block.lo, block.hi)
+        assert got.dtype == torch.float32 and torch.equal(got, expected[block.lo:block.hi].float())
+        assert source.base_block(block.segment.key, block.lo + 1, block.hi) is None
