@@ -145,3 +145,24 @@ def test_base_block_is_the_base_just_read(tmp_path):
         got = source.base_block(block.segment.key, block.lo, block.hi)
         assert got.dtype == torch.float32 and torch.equal(got, expected[block.lo:block.hi].float())
         assert source.base_block(block.segment.key, block.lo + 1, block.hi) is None
+
+
+def test_write_behind_writes_in_order_and_raises_its_error(tmp_path):
+    from pcb_fast.io.safetensors import ShardedWriter
+    from pcb_fast.io.write_behind import WriteBehind
+
+    entries = [("a", torch.float32, (1000,)), ("b", torch.bfloat16, (10,))]
+    writer = WriteBehind(ShardedWriter(tmp_path, entries, 1 << 30, {"format": "pt"}), max_pending=1000, sync_every=2000)
+    for lo in range(0, 1000, 100):
+        writer.write("a", lo, torch.arange(lo, lo + 100, dtype=torch.float32))
+    writer.write("b", 0, torch.ones(10, dtype=torch.bfloat16))
+    writer.close()
+    out = load_file(str(tmp_path / "model.safetensors"))
+    assert torch.equal(out["a"], torch.arange(1000, dtype=torch.float32)) and torch.equal(out["b"], torch.ones(10, dtype=torch.bfloat16))
+
+    (tmp_path / "x").mkdir()
+    failing = WriteBehind(ShardedWriter(tmp_path / "x", entries, 1 << 30, {}))
+    failing.write("b", 0, torch.ones(10))  # float32 values for a bfloat16 tensor: the writer refuses them
+    with pytest.raises(ValueError, match="write 'b': values are torch.float32, the file holds torch.bfloat16"):
+        failing.close()
+    failing.abort()

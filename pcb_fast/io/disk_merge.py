@@ -35,6 +35,7 @@ from ..methods import METHODS, single_pass
 from .card import write_card
 from .checkpoints import check_models_match, open_checkpoint, side_files, split_keys
 from .distributed import assign_shards
+from .write_behind import WriteBehind
 from .output import atomic_folder, check_not_an_input, check_output, checkpoint_files
 from .safetensors import ShardedWriter, nbytes, read_regular, shard_plan
 
@@ -273,7 +274,9 @@ def _write_merge(base_ck, model_cks, merged, copied, folder: Path, *, method, la
         shards = shard_plan(entries, shard_bytes)
         only = set(assign_shards([sum(nbytes(t, s) for _, t, s in sh) for sh in shards], comm.world)[comm.rank])
         local = {key for i in only for key, _, _ in shards[i]}
-    writer = ShardedWriter(folder, entries, shard_bytes, metadata, only=only, index=comm is None or comm.rank == 0)
+    # written behind the engine by a thread (io/write_behind.py): every value handed over is a new tensor
+    writer = WriteBehind(ShardedWriter(folder, entries, shard_bytes, metadata, only=only,
+                                       index=comm is None or comm.rank == 0))
     try:
         for key in copied:
             if local is None or key in local:
