@@ -1,10 +1,14 @@
 """The triton backend under TRITON_INTERPRET=1: each kernel against its torch counterpart, the whole
 backend against the reference path.
 
-Tolerance (docs/design.md 9): the kernels fuse and reorder float32 arithmetic (sums over tasks in a tree,
-their own exp and tanh), so merged values agree with the reference to a few float32 ulps of the
-largest merged value, and the keep masks agree except at entries whose score lies within a few
-ulps of the threshold t_i; the number of such disagreements is printed and bounded.
+Tolerance (docs/design.md 9), per entry: the kernels sum over tasks in task order but use the
+device's exp and tanh and fused multiply-adds, so PCB's scores differ from the reference's by a few
+float32 ulps. A merged entry may then differ from the reference by more than 2e-5 of max|tau_m|, or
+be kept on one side only, only where some task's reference score lies within SCORE_RTOL (relative)
+of that task's threshold t_i; there is no cap on how many such entries there are. Everywhere else
+values agree within 2e-5 of max|tau_m| and keep masks agree exactly. The baselines have exact
+thresholds (|tau| order statistics, DARE's hash, TIES' election in task order), so no entry may
+disagree at all.
 """
 
 from __future__ import annotations
@@ -24,20 +28,49 @@ from pcb_fast.kernels.tiles import Rows, tanh  # noqa: E402
 from pcb_fast.core.select import RadixSelect  # noqa: E402
 
 RTOL = 2e-5  # merged values: |got - ref| <= RTOL * max|ref| (about 150 ulps of the largest value)
-MAX_MASK_DISAGREEMENTS = 2
+# an entry's score within this relative distance of t_i may fall on either side of it: scores differ
+# by a few ulps (~1e-7 each), t_i is an order statistic of such scores, so 1e-5 is ~80 ulps of room
+SCORE_RTOL = 1e-5
 
 
-def compare(got: torch.Tensor, ref: torch.Tensor, label: str) -> int:
-    """Assert the tolerance rule; return the number of keep-mask disagreements."""
-    disagree = int(((got != 0) != (ref != 0)).sum())
+def near_threshold(scores: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """[D] bool: positions where some task's score lies within SCORE_RTOL of its threshold."""
+    t = t.reshape(-1, 1)
+    return ((scores - t).abs() <= SCORE_RTOL * t.abs()).any(0)
+
+
+def compare(got: torch.Tensor, ref: torch.Tensor, label: str, near: torch.Tensor | None = None) -> int:
+    """Assert the per-entry tolerance rule (module docstring); ``near`` [D] marks the entries whose
+    keep decision may go either way (None: none may). Returns the entries that differ beyond RTOL or
+    in their keep mask, all of them near a threshold."""
+    got, ref = got.reshape(-1), ref.reshape(-1)
+    near = torch.zeros_like(ref, dtype=torch.bool) if near is None else near.reshape(-1)
     scale = float(ref.abs().max()) or 1.0
-    close = (got - ref).abs() <= RTOL * scale
-    bad = int((~close).sum())
-    print(f"{label}: max |diff| / max|ref| = {float((got - ref).abs().max()) / scale:.2e}, "
-          f"mask disagreements {disagree}, values out of tolerance {bad}")
-    assert disagree <= MAX_MASK_DISAGREEMENTS, label
-    assert bad <= disagree, label  # only entries kept on one side only may differ by more
-    return disagree
+    differ = ((got != 0) != (ref != 0)) | ((got - ref).abs() > RTOL * scale)
+    unexplained = differ & ~near
+    print(f"{label}: max |diff| / max|ref| = {float((got - ref).abs().max()) / scale:.2e}, entries differing "
+          f"{int(differ.sum())} (all within {SCORE_RTOL} of a threshold: {not bool(unexplained.any())}), "
+          f"entries near a threshold {int(near.sum())}")
+    assert not bool(unexplained.any()), f"{label}: entries {unexplained.nonzero().view(-1)[:10].tolist()} differ"
+    return int(differ.sum())
+
+
+def official_near(tv: torch.Tensor, ratio: float, clamp: float, inter: str) -> torch.Tensor:
+    """near_threshold of the reference's official scores P (clip bounds and t_i as the reference's)."""
+    n, D = tv.shape
+    ordered = torch.sort(tv.abs(), dim=1).values
+    clip = tb.ClipStats.from_bounds(ordered[:, int(D * clamp)], ordered[:, int(D * (1 - clamp) - 1)])
+    scores = tb.official_scores(tv, clip, inter, tb.Workspace(n, D, 4)).clone()
+    t = torch.sort(scores, dim=1).values[:, min(int(D * (1 - ratio)), D - 1)]
+    return near_threshold(scores, t)
+
+
+def paper_near(tv: torch.Tensor, ratio: float) -> torch.Tensor:
+    from pcb_fast.reference.pcb import paper_scores
+
+    D = tv.shape[1]
+    scores = paper_scores(tv)
+    return near_threshold(scores, torch.sort(scores, dim=1).values[:, min(int(D * (1 - ratio)), D - 1)])
 
 
 # ---- kernels against their torch counterparts
@@ -141,7 +174,7 @@ def test_rows_record_the_alignment_of_their_starts():
     assert odd.align == 1 and odd.offsets.tolist() == [0, 7, 14]
     assert Rows.from_matrix(torch.zeros(2, 12, dtype=torch.bfloat16)).align == 4
     # misaligned rows (views starting at odd offsets) give the same merge as aligned copies
-    wide = torch.randn(4, 1001, generator=torch.Generator().manual_seed(5)) * 0.01
+    wide = torch.randn(3, 301, generator=torch.Generator().manual_seed(5)) * 0.01
     view = wide[:, 1:]
     assert Rows.from_tensors(list(view)).align == 1
     assert torch.equal(pcb_merge(view, backend="triton"), pcb_merge(view.contiguous().clone(), backend="triton"))
@@ -164,10 +197,12 @@ def test_official_matches_reference(gen, n, D, inter, ratio, clamp):
     report = {}
     got = pcb_merge(tv, ratio=ratio, clamp_ratio=clamp, inter=inter, backend="triton", report=report)
     ref = pcb_reference(tv, ratio=ratio, clamp_ratio=clamp, inter=inter)
-    compare(got, ref, f"official n={n} D={D} {inter}")
+    near = official_near(tv, ratio, clamp, inter)
+    compare(got, ref, f"official n={n} D={D} {inter}", near)
     torch_report = {}
     pcb_merge(tv, ratio=ratio, clamp_ratio=clamp, inter=inter, backend="torch", report=torch_report)
-    assert all(abs(a - b) <= MAX_MASK_DISAGREEMENTS for a, b in zip(report["kept"], torch_report["kept"]))
+    # kept counts may differ only by entries near the threshold
+    assert all(abs(a - b) <= int(near.sum()) for a, b in zip(report["kept"], torch_report["kept"]))
 
 
 @pytest.mark.parametrize("n,D,ratio", [(1, 300, 0.2), (3, 2500, 0.2), (4, 2049, 0.1)])
@@ -175,7 +210,7 @@ def test_paper_matches_reference(gen, n, D, ratio):
     tv = torch.randn(n, D, generator=gen) * 0.01
     got = pcb_merge(tv, ratio=ratio, variant="paper", backend="triton")
     ref = pcb_reference(tv, ratio=ratio, variant="paper")
-    compare(got, ref, f"paper n={n} D={D}")
+    compare(got, ref, f"paper n={n} D={D}", paper_near(tv, ratio))
 
 
 @pytest.mark.parametrize("inter,variant", [("pairwise", "official"), ("sum", "paper")])
@@ -183,7 +218,8 @@ def test_32_tasks(gen, inter, variant):
     tv = torch.randn(32, 600, generator=gen) * 0.01
     got = pcb_merge(tv, ratio=0.2, clamp_ratio=0.01, inter=inter, variant=variant, backend="triton")
     ref = pcb_reference(tv, ratio=0.2, clamp_ratio=0.01, inter=inter, variant=variant)
-    compare(got, ref, f"n=32 {variant} {inter}")
+    near = official_near(tv, 0.2, 0.01, inter) if variant == "official" else paper_near(tv, 0.2)
+    compare(got, ref, f"n=32 {variant} {inter}", near)
 
 
 def test_edge_cases_match_reference(gen):
@@ -193,10 +229,12 @@ def test_edge_cases_match_reference(gen):
     tv[1] = 0.0  # one all-zero task
     tv[2, :200] = 0.25  # heavy ties
     for variant in ("official", "paper"):
+        near = official_near(tv, 0.3, 1e-4, "sum") if variant == "official" else paper_near(tv, 0.3)
         compare(pcb_merge(tv, variant=variant, ratio=0.3, backend="triton"),
-                pcb_reference(tv, variant=variant, ratio=0.3), f"edge {variant}")
+                pcb_reference(tv, variant=variant, ratio=0.3), f"edge {variant}", near)
     lambdas = [0.5, 1.0, 1.7]
-    compare(pcb_merge(tv, lambdas=lambdas, backend="triton"), pcb_reference(tv, lambdas=lambdas), "lambdas")
+    compare(pcb_merge(tv, lambdas=lambdas, backend="triton"), pcb_reference(tv, lambdas=lambdas), "lambdas",
+            official_near(tv, 0.1, 1e-4, "sum"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -204,7 +242,8 @@ def test_half_precision_inputs(gen, dtype):
     tv = (torch.randn(3, 1200, generator=gen) * 0.01).to(dtype)
     got = pcb_merge(tv, ratio=0.2, clamp_ratio=0.01, backend="triton")
     assert got.dtype == torch.float32
-    compare(got, pcb_reference(tv.float(), ratio=0.2, clamp_ratio=0.01), f"{dtype} inputs")
+    compare(got, pcb_reference(tv.float(), ratio=0.2, clamp_ratio=0.01), f"{dtype} inputs",
+            official_near(tv.float(), 0.2, 0.01, "sum"))
 
 
 def test_results_are_identical_run_to_run(gen):
@@ -229,8 +268,16 @@ def test_state_dicts_match_reference(gen, scope, variant):
     ref = merge(base, models, backend="reference", exclude=["head"], **kwargs)
     assert list(got) == list(ref)
     assert torch.equal(got["head.weight"], base["head.weight"]) and torch.equal(got["steps"], base["steps"])
-    for key in ("enc.weight", "enc.bias"):
-        compare(got[key] - base[key], ref[key] - base[key], f"{scope} {variant} {key}")
+    keys = ("enc.weight", "enc.bias")
+    taus = {k: torch.stack([(m[k] - base[k]).reshape(-1) for m in models]) for k in keys}
+    near = {}
+    for group in ([keys] if scope == "global" else [(k,) for k in keys]):
+        tv = torch.cat([taus[k] for k in group], dim=1)
+        flags = official_near(tv, 0.3, 0.01, "sum") if variant == "official" else paper_near(tv, 0.3)
+        for k, part in zip(group, flags.split([taus[k].shape[1] for k in group])):
+            near[k] = part
+    for key in keys:
+        compare(got[key] - base[key], ref[key] - base[key], f"{scope} {variant} {key}", near[key])
 
 
 def test_bf16_state_dicts_keep_their_dtype(gen):
@@ -286,6 +333,27 @@ def test_exact_top_k_keeps_ties_by_position_across_tiles_and_keys(gen):
         assert report_triton["kept"] == report_torch["kept"]
         for key in base:
             assert torch.equal(got[key], expected[key]), (scope, key)
+
+
+def test_ties_elects_the_cpu_signs_where_sums_cancel(gen):
+    """Quantized deltas whose sums cancel exactly, and tiny values a sum in another order would keep or
+    lose (2^-30 + 1 - 1 is 0 left to right, 2^-30 right to left): TIES and DARE-TIES on the device
+    equal the torch backend bit for bit, because the election sums in task order without fused
+    multiply-adds (docs/design.md 9)."""
+    n, D = 5, 3000
+    steps = torch.randint(-2, 3, (n, D), generator=gen).float() * 0.5
+    tiny = torch.randint(-1, 2, (n, D), generator=gen).float() * 2.0**-30
+    tv = torch.where(torch.rand(n, D, generator=gen) < 0.3, tiny, steps)
+    forward = torch.sign(sum(tv[i] for i in range(n)))
+    backward = torch.sign(sum(tv[i] for i in reversed(range(n))))
+    assert int((forward != backward).sum()) > 20  # the data tells the two orders apart
+    base = {"w": torch.zeros(D)}
+    models = [{"w": row.clone()} for row in tv]
+    for method, params in [("ties", dict(density=1.0)), ("ties", dict(density=0.6, lambdas=[0.5, 1.0, 1.5, 2.0, 0.25])),
+                           ("dare_ties", dict(p=0.5, seed=2))]:
+        got = merge(base, models, method=method, backend="triton", **params)["w"]
+        expected = merge(base, models, method=method, backend="torch", **params)["w"]
+        assert torch.equal(got, expected), (method, params, int((got != expected).sum()))
 
 
 def test_baselines_on_triton_name_the_model_and_key_of_a_bad_value(gen):
