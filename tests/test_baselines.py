@@ -146,6 +146,37 @@ def test_engine_over_its_memory_budget_equals_literal(method, params):
         assert report_budget["kept"] == report["kept"]
 
 
+@pytest.mark.parametrize("method,params,reads", [
+    ("pcb", dict(ratio=0.1), 3), ("pcb", dict(ratio=0.2, inter="pairwise", clamp_ratio=0.05), 4),
+    ("ties", dict(density=0.2), 4), ("ties", dict(density=0.3, topk="exact"), 5),
+])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_engine_over_its_budget_brackets_the_threshold_in_one_pass(monkeypatch, method, params, reads, quantized):
+    """Too little room to collect the kept entries, enough for the ~1% inside the sampled bracket:
+    the threshold comes from one counting pass (not the radix select's two), the same bits as the
+    literal formulation. Official PCB reads its inputs 3 times in all (a clip ratio past the tails
+    costs a radix pass); eager TIES 4 (its sign election sums the whole model before it merges; the
+    exact top-k adds its tie-counting pass)."""
+    from pcb_fast.core import engine
+    from pcb_fast.core.sources import StateDictSource
+
+    passes = []
+    real_blocks = StateDictSource.blocks
+
+    def counted(self, *args, **kwargs):
+        passes.append(1)
+        return real_blocks(self, *args, **kwargs)
+
+    monkeypatch.setattr(StateDictSource, "blocks", counted)
+    monkeypatch.setattr(engine, "threshold_by_radix", None)  # must not be needed here
+    base, tuned = models(3, {"w": (400, 250), "b": (250,)}, seed=7, quantized=quantized)
+    got = merge(base, tuned, method=method, max_memory="200KB", block_width=4096, **params)
+    assert len(passes) == reads
+    expected = merge(base, tuned, method=method, backend="reference", **params)
+    for k in base:
+        assert torch.equal(got[k], expected[k]), k
+
+
 def test_pcb_paper_over_its_memory_budget_equals_collected_path():
     base, tuned = models(3, {"w": (64, 50), "b": (50,)}, seed=4)
     for scope in ("global", "tensor"):

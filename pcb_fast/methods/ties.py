@@ -81,6 +81,7 @@ class Trim:
         # plus the first entries equal to t (by position) up to exactly `keep`.
         ranks = D - self.keep - 1 if topk == "threshold" else D - self.keep
         self.collected = None
+        self._tie_budget = None  # topk="exact" over the budget: entries equal to t each task still keeps
         # every entry kept (True), none (False: exact top-0), or a threshold to find (None)
         self.everything = True if bool((ranks < 0).all()) else False if bool((ranks >= D).all()) else None
         if self.everything is None:
@@ -112,14 +113,16 @@ class Trim:
         column = self.t.unsqueeze(1)
         budget = None
         if self.topk == "exact":  # ties at t are kept by position: after those of the ranks before this one
-            equal = _equal_counts(self._magnitude_blocks, column)
-            comm = self.source.comm
-            if comm is not None:
-                before = comm.before_me(equal.clone())
-                equal = comm.sum_(equal.clone())
-                budget = self.keep - (self.at_or_above - equal) - before
-            else:
-                budget = self.keep - (self.at_or_above - equal)
+            if self._tie_budget is None:  # counted once, for every sweep
+                equal = _equal_counts(self._magnitude_blocks, column)
+                comm = self.source.comm
+                if comm is not None:
+                    before = comm.before_me(equal.clone())
+                    equal = comm.sum_(equal.clone())
+                    self._tie_budget = self.keep - (self.at_or_above - equal) - before
+                else:
+                    self._tie_budget = self.keep - (self.at_or_above - equal)
+            budget = self._tie_budget.clone()
         for block, magnitude in self._magnitude_blocks():
             if budget is None:
                 yield block, magnitude >= column
