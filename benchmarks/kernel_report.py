@@ -140,12 +140,15 @@ TARGET_ARCH = 90
 
 def _ptxas_path() -> str:
     """The ptxas Triton itself runs for sm_90 (its bundled one; the API moved between versions)."""
+    from triton import knobs
     from triton.backends.nvidia import compiler
 
     try:
         return compiler.get_ptxas(TARGET_ARCH).path
-    except TypeError:  # triton 3.6: no arch argument
+    except TypeError:  # no arch argument in some versions
         return compiler.get_ptxas().path
+    except AttributeError:
+        return knobs.nvidia.ptxas.path
 
 
 def ptxas_usage(ptx: str) -> dict:

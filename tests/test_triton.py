@@ -26,51 +26,19 @@ from pcb_fast.kernels import score as kscore  # noqa: E402
 from pcb_fast.kernels.select import DeviceSelect  # noqa: E402
 from pcb_fast.kernels.tiles import Rows, tanh  # noqa: E402
 from pcb_fast.core.select import RadixSelect  # noqa: E402
+from benchmarks.gpu_check import SCORE_RTOL, disagreements, official_near, paper_near  # noqa: E402, F401
 
-RTOL = 2e-5  # merged values: |got - ref| <= RTOL * max|ref| (about 150 ulps of the largest value)
-# an entry's score within this relative distance of t_i may fall on either side of it: scores differ
-# by a few ulps (~1e-7 each), t_i is an order statistic of such scores, so 1e-5 is ~80 ulps of room
-SCORE_RTOL = 1e-5
-
-
-def near_threshold(scores: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """[D] bool: positions where some task's score lies within SCORE_RTOL of its threshold."""
-    t = t.reshape(-1, 1)
-    return ((scores - t).abs() <= SCORE_RTOL * t.abs()).any(0)
 
 
 def compare(got: torch.Tensor, ref: torch.Tensor, label: str, near: torch.Tensor | None = None) -> int:
-    """Assert the per-entry tolerance rule (module docstring); ``near`` [D] marks the entries whose
-    keep decision may go either way (None: none may). Returns the entries that differ beyond RTOL or
-    in their keep mask, all of them near a threshold."""
-    got, ref = got.reshape(-1), ref.reshape(-1)
-    near = torch.zeros_like(ref, dtype=torch.bool) if near is None else near.reshape(-1)
-    scale = float(ref.abs().max()) or 1.0
-    differ = ((got != 0) != (ref != 0)) | ((got - ref).abs() > RTOL * scale)
-    unexplained = differ & ~near
-    print(f"{label}: max |diff| / max|ref| = {float((got - ref).abs().max()) / scale:.2e}, entries differing "
-          f"{int(differ.sum())} (all within {SCORE_RTOL} of a threshold: {not bool(unexplained.any())}), "
-          f"entries near a threshold {int(near.sum())}")
-    assert not bool(unexplained.any()), f"{label}: entries {unexplained.nonzero().view(-1)[:10].tolist()} differ"
-    return int(differ.sum())
-
-
-def official_near(tv: torch.Tensor, ratio: float, clamp: float, inter: str) -> torch.Tensor:
-    """near_threshold of the reference's official scores P (clip bounds and t_i as the reference's)."""
-    n, D = tv.shape
-    ordered = torch.sort(tv.abs(), dim=1).values
-    clip = tb.ClipStats.from_bounds(ordered[:, int(D * clamp)], ordered[:, int(D * (1 - clamp) - 1)])
-    scores = tb.official_scores(tv, clip, inter, tb.Workspace(n, D, 4)).clone()
-    t = torch.sort(scores, dim=1).values[:, min(int(D * (1 - ratio)), D - 1)]
-    return near_threshold(scores, t)
-
-
-def paper_near(tv: torch.Tensor, ratio: float) -> torch.Tensor:
-    from pcb_fast.reference.pcb import paper_scores
-
-    D = tv.shape[1]
-    scores = paper_scores(tv)
-    return near_threshold(scores, torch.sort(scores, dim=1).values[:, min(int(D * (1 - ratio)), D - 1)])
+    """Assert the per-entry tolerance rule (module docstring; benchmarks/gpu_check.py holds it, so the
+    GPU check applies the same); ``near`` [D] marks the entries whose keep decision may go either way
+    (None: none may). Returns the entries that differ, all of them near a threshold."""
+    result = disagreements(got, ref, near)
+    print(f"{label}: max |diff| / max|ref| = {result['max_rel_diff']:.2e}, entries differing {result['differing']}, "
+          f"near a threshold {result['near']}, differing elsewhere {result['unexplained']}")
+    assert result["unexplained"] == 0, f"{label}: entries {result['first_unexplained']} differ"
+    return result["differing"]
 
 
 # ---- kernels against their torch counterparts
