@@ -294,6 +294,25 @@ def table(rows: list) -> str:
     return "\n".join(lines)
 
 
+def summary(rows: list) -> str:
+    """One row per kernel over its variants and input dtypes (the README's table)."""
+    lines = ["| kernel | variants | registers | spill bytes | global atomics / entry | load width (bits) | compile s (max) |",
+             "|---|---|---|---|---|---|---|"]
+    for kernel in dict.fromkeys(r["kernel"] for r in rows):
+        group = [r for r in rows if r["kernel"] == kernel and "error" not in r]
+        if not group:
+            lines.append(f"| {kernel} | failed to compile | | | | | |")
+            continue
+        regs = sorted({r["registers"] for r in group})
+        atomics = sorted({r["atomics_per_element"] for r in group})
+        bits = sorted({r["load_vector_bits"] for r in group})
+        span = lambda v: f"{v[0]}" if len(v) == 1 else f"{v[0]}-{v[-1]}"  # noqa: E731
+        lines.append(f"| {kernel} | {len(group)} | {span(regs)} | {sum(r['spill_bytes'] for r in group)} | "
+                     f"{span(atomics)} | {span(bits) if kernel != 'find' else 'n/a (int64 counts only)'} | "
+                     f"{max(r['compile_s'] for r in group)} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fast", action="store_true", help="the CI subset: every kernel and variant, bf16 rows with a base")
@@ -312,6 +331,8 @@ def main(argv=None) -> int:
         out.write_text(json.dumps(report, indent=1) + "\n")
         print(f"wrote {out}")
     print(table(rows))
+    print()
+    print(summary(rows))
     failed = [r for r in rows if "error" in r]
     spilled = [r for r in rows if r.get("spill_bytes")]
     print(f"{len(rows)} kernels compiled, {len(failed)} failed, {len(spilled)} spill")
