@@ -18,6 +18,7 @@ from typing import Iterator, Sequence
 import torch
 
 from . import checks
+from .memory import HeapTrimmer
 
 DEFAULT_BLOCK_WIDTH = 1 << 17  # entries per task per block: an [8, 131072] fp32 block is 4 MiB (fastest here)
 
@@ -116,9 +117,11 @@ class TaskVectorSource:
         ranges = self.plan(width, whole_rows)
         bar = self.progress(sum(s.numel * self.bytes_per_entry(s) for s in self.segments)) if self.progress else None
         buffer = torch.empty(self.n, max((hi - lo for _, lo, hi in ranges), default=1))
+        heap = HeapTrimmer()
         try:
             with self._reading(ranges):
                 for seg, lo, hi in ranges:
+                    heap.maybe()  # the blocks' temporaries must not pile up in malloc's arenas
                     # compiled loops are specialised to the thread count: a fused merge keeps the one chosen at
                     # its start (a change would recompile them, ~2 s, in the middle of the merge)
                     if self.threads is not None and not self.fused:
