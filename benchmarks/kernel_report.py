@@ -93,27 +93,29 @@ def cases(full: bool) -> list:
             out.append(Case(kernel, variant + suffix, tasks, module, fn, sig, dict(common, **consts),
                             tasks * BLOCK, aligned, options or {}))
 
-        for level in (1, 2):
-            add("magnitude", f"level {level}", "score", "magnitude_kernel",
-                dict(hist_ptr="*i64", bucket_ptr="*i64", bad_ptr="*i32"), dict(LEVEL=level, R=2))
+        count = dict(hist_ptr="*i64", bucket_ptr="*i64", bounds_ptr="*fp32", tally_ptr="*i64", kept_ptr="*fp32",
+                     cap="i32")
+        levels = [(0, "bracket"), (1, "radix level 1"), (2, "radix level 2")]
+        for level, name in levels:
+            add("magnitude", name, "score", "magnitude_kernel", dict(count, bad_ptr="*i32"), dict(LEVEL=level, R=2))
         merge_sig = dict(out_ptr=dtype if has_base else "*fp32", s0_ptr="*fp32", s1_ptr="*fp32", s2_ptr="*fp32",
                          s3_ptr="*fp32", s4_ptr="*fp32", t_ptr="*fp32", span_ptr="*fp32", lambda_ptr="*fp32",
                          lam="fp32")
         for inter, name in enumerate(("sum", "normalized_sum", "pairwise")):
-            for level in (1, 2):
-                add("official", f"{name} level {level}", "score", "official_kernel",
-                    dict(lo_ptr="*fp32", hi_ptr="*fp32", span_ptr="*fp32", hist_ptr="*i64", bucket_ptr="*i64",
-                         peak_ptr="*i32"), dict(INTER=inter, LEVEL=level, R=1))
+            for level, select in levels:
+                add("official", f"{name} {select}", "score", "official_kernel",
+                    dict(lo_ptr="*fp32", hi_ptr="*fp32", span_ptr="*fp32", **count, peak_ptr="*i32"),
+                    dict(INTER=inter, LEVEL=level, R=1))
             add("merge", f"official {name}", "merge", "merge_kernel", merge_sig, dict(VARIANT=0, INTER=inter))
         add("pair_minmax", "paper", "score", "pair_minmax_kernel", dict(min_ptr="*i32", max_ptr="*i32", bad_ptr="*i32"),
             {})
         add("partition", "paper", "score", "partition_kernel",
             dict(lo_ptr="*fp32", span_ptr="*fp32", peak_ptr="*fp32", inter_ptr="*fp32", intra_ptr="*fp32",
                  first_program="i32"), {})
-        for level in (1, 2):
-            add("paper", f"level {level}", "score", "paper_kernel",
+        for level, select in levels:
+            add("paper", select, "score", "paper_kernel",
                 dict(lo_ptr="*fp32", span_ptr="*fp32", peak_ptr="*fp32", inv_inter_ptr="*fp32", inv_intra_ptr="*fp32",
-                     hist_ptr="*i64", bucket_ptr="*i64"), dict(LEVEL=level, R=1))
+                     **count), dict(LEVEL=level, R=1))
         add("merge", "paper", "merge", "merge_kernel", merge_sig, dict(VARIANT=1, INTER=0))
         for dare in (False, True):
             add("linear", "dare" if dare else "weighted sum", "linear", "linear_kernel",
@@ -244,19 +246,31 @@ def _worker_init(cache: str) -> None:
 
 
 def merges(n: int = TASKS) -> dict:
-    """Passes over the inputs per merge, and modelled bytes (fp32 inputs, no base) over one read.
+    """Passes over the inputs per merge when every sampled bracket holds (a miss adds the radix
+    select's two), and modelled bytes (fp32 inputs, no base) over one read of the inputs.
 
-    Bytes: every pass reads the n task rows once (4 n D), the merge writes D float32 values, and each
-    radix-select level zeroes and reads its [n, 65536] int64 histograms (the find kernel)."""
-    hist = 2 * n * 65536 * 8
-    plans = {  # (reads of the inputs, radix-select levels, TIES' exact-top-k extras apart)
-        "pcb_official": (5, 4),  # |tau| levels 1, 2; P levels 1, 2; merge
-        "pcb_paper": (5, 2),  # pair min/max; partition sums; beta levels 1, 2; merge
-        "ties": (4, 2),  # |tau| levels 1, 2; signs; merge
+    Bytes: every pass reads the n task rows once (4 n D); the merge writes D float32 values; the
+    column sample reads one column in sample_stride(D) (a 32-byte sector for each value it takes);
+    each bracket pass copies and sorts the entries inside its brackets (about twice its buffer,
+    read and written, per rank). Rereads of other tasks' rows inside a program (the inter term) hit
+    the cache and are not counted."""
+    from pcb_fast.kernels.select import sample_stride
+
+    plans = {  # (reads of the inputs, ranks counted in bracket passes)
+        "pcb_official": (3, 3),  # |tau| around the two clip ranks; P around t; merge
+        "pcb_paper": (4, 1),  # pair min/max; partition sums; beta around t; merge
+        "ties": (3, 1),  # |tau| around the trim's rank; signs; merge (the exact top-k adds a pass of tie counts)
     }
     out = {}
-    for name, (reads, levels) in plans.items():
-        sizes = {str(D): reads * 4 * n * D + 4 * D + levels * hist for D in SIZES}
+    for name, (reads, ranks) in plans.items():
+        sizes = {}
+        for D in SIZES:
+            stride = sample_stride(D)
+            s = D // stride
+            window = 2 * (6 * (s * 0.25) ** 0.5 + 8)  # the widest bracket (q = 1/2), in sample ranks
+            inside = n * ranks * window * stride  # entries copied, all tasks and ranks
+            sample = 32 * n * s
+            sizes[str(D)] = int(reads * 4 * n * D + 4 * D + sample + 4 * 4 * inside)
         out[name] = {"reads": reads,
                      "bytes_over_one_read": round(max(b / (4 * n * int(D)) for D, b in sizes.items()), 3),
                      "bytes": sizes}
@@ -298,8 +312,9 @@ def summary(rows: list) -> str:
     """One row per kernel over its variants and input dtypes (the README's table)."""
     lines = ["| kernel | variants | registers | spill bytes | global atomics / entry | load width (bits) | compile s (max) |",
              "|---|---|---|---|---|---|---|"]
-    for kernel in dict.fromkeys(r["kernel"] for r in rows):
-        group = [r for r in rows if r["kernel"] == kernel and "error" not in r]
+    name = lambda r: r["kernel"] + (" (radix fallback)" if "radix" in r["variant"] else "")  # noqa: E731
+    for kernel in dict.fromkeys(name(r) for r in rows):
+        group = [r for r in rows if name(r) == kernel and "error" not in r]
         if not group:
             lines.append(f"| {kernel} | failed to compile | | | | | |")
             continue

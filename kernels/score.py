@@ -20,22 +20,23 @@ import torch
 import triton
 import triton.language as tl
 
-from .select import KEY_MAX, KEY_MIN, DeviceSelect, order_key, radix_count
+from .select import KEY_MAX, KEY_MIN, order_key, count_values
 from .tiles import Rows, columns, flag_bad, launch_config, load_base, load_row, programs, sign, tanh  # noqa: F401 (programs: for the backend)
 
 INTER_CODES = {"sum": 0, "normalized_sum": 1, "pairwise": 2}
 
 
 @triton.jit
-def magnitude_kernel(x_ptr, offsets_ptr, base_ptr, n, m, hist_ptr, bucket_ptr, bad_ptr,
-                     HAS_BASE: tl.constexpr, LEVEL: tl.constexpr, R: tl.constexpr, ALIGN: tl.constexpr,
+def magnitude_kernel(x_ptr, offsets_ptr, base_ptr, n, m, hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap,
+                     bad_ptr, HAS_BASE: tl.constexpr, LEVEL: tl.constexpr, R: tl.constexpr, ALIGN: tl.constexpr,
                      BLOCK: tl.constexpr):
+    """|tau| counted for a select (LEVEL 0: a bracket; 1, 2: radix levels); NaN/Inf flags in the first pass."""
     cols, col_ok = columns(m, BLOCK)
     base = load_base(base_ptr, cols, col_ok, HAS_BASE, BLOCK)
     for i in range(n):
         tau = load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE, ALIGN)
-        radix_count(order_key(tl.abs(tau)), col_ok, i, hist_ptr, bucket_ptr, LEVEL, R)
-        if LEVEL == 1:
+        count_values(tl.abs(tau), col_ok, i, hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap, LEVEL, R)
+        if LEVEL <= 1:
             flag_bad(tau, col_ok, i, bad_ptr)
 
 
@@ -87,7 +88,7 @@ def official_score(tau, i, column, x_ptr, offsets_ptr, base, cols, col_ok, n, lo
 
 @triton.jit
 def official_kernel(x_ptr, offsets_ptr, base_ptr, n, m, lo_ptr, hi_ptr, span_ptr,
-                    hist_ptr, bucket_ptr, peak_ptr,
+                    hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap, peak_ptr,
                     HAS_BASE: tl.constexpr, INTER: tl.constexpr, LEVEL: tl.constexpr, R: tl.constexpr,
                     ALIGN: tl.constexpr, BLOCK: tl.constexpr):
     cols, col_ok = columns(m, BLOCK)
@@ -98,9 +99,9 @@ def official_kernel(x_ptr, offsets_ptr, base_ptr, n, m, lo_ptr, hi_ptr, span_ptr
         tau = load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE, ALIGN)
         score, _ = official_score(tau, i, column, x_ptr, offsets_ptr, base, cols, col_ok, n, lo_ptr, hi_ptr,
                                   span_ptr, HAS_BASE, INTER, ALIGN)
-        key = order_key(score)
-        radix_count(key, col_ok, i, hist_ptr, bucket_ptr, LEVEL, R)
-        if LEVEL == 1:
+        count_values(score, col_ok, i, hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap, LEVEL, R)
+        if LEVEL <= 1:
+            key = order_key(score)
             tl.atomic_max(peak_ptr + i, tl.max(tl.where(col_ok, key, KEY_MIN), axis=0), sem="relaxed")
 
 
@@ -177,7 +178,7 @@ def paper_score(tau_i, i, x_ptr, offsets_ptr, base, cols, col_ok, n, lo_ptr, spa
 
 @triton.jit
 def paper_kernel(x_ptr, offsets_ptr, base_ptr, n, m, lo_ptr, span_ptr, peak_ptr, inv_inter_ptr, inv_intra_ptr,
-                 hist_ptr, bucket_ptr,
+                 hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap,
                  HAS_BASE: tl.constexpr, LEVEL: tl.constexpr, R: tl.constexpr, ALIGN: tl.constexpr,
                  BLOCK: tl.constexpr):
     cols, col_ok = columns(m, BLOCK)
@@ -186,30 +187,30 @@ def paper_kernel(x_ptr, offsets_ptr, base_ptr, n, m, lo_ptr, span_ptr, peak_ptr,
         tau_i = load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE, ALIGN)
         beta = paper_score(tau_i, i, x_ptr, offsets_ptr, base, cols, col_ok, n, lo_ptr, span_ptr, peak_ptr,
                            inv_inter_ptr, inv_intra_ptr, HAS_BASE, ALIGN)
-        radix_count(order_key(beta), col_ok, i, hist_ptr, bucket_ptr, LEVEL, R)
+        count_values(beta, col_ok, i, hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap, LEVEL, R)
 
 
 # ---- launchers
+# ``select`` is a select.DeviceSelect (radix levels) or a select.DeviceBracket (one pass around a bracket)
 
 
-def magnitude_pass(rows: Rows, select: DeviceSelect, bad: torch.Tensor) -> None:
-    """Count |tau| of ``rows`` into ``select``; at level 1, set bad[i] = 1 if task i has NaN/Inf."""
-    grid, base, meta = launch_config(rows, select.hist, bad)
-    hist, buckets, level, r = select.kernel_args()
-    magnitude_kernel[grid](rows.anchor, rows.offsets, base, rows.n, rows.m, hist, buckets, bad,
-                           LEVEL=level, R=r, **meta)
+def magnitude_pass(rows: Rows, select, bad: torch.Tensor) -> None:
+    """Count |tau| of ``rows`` into ``select``; in the first pass, set bad[i] = 1 if task i has NaN/Inf."""
+    args = select.kernel_args()
+    grid, base, meta = launch_config(rows, args["kept_ptr"], args["hist_ptr"], bad)
+    magnitude_kernel[grid](rows.anchor, rows.offsets, base, rows.n, rows.m, bad_ptr=bad, **args, **meta)
 
 
-def official_pass(rows: Rows, select: DeviceSelect, peak: torch.Tensor, clip: tuple, inter: str) -> None:
-    """Count P of ``rows`` into ``select``; at level 1 also peak[i] = max(key of P_i) (int32 keys).
+def official_pass(rows: Rows, select, peak: torch.Tensor, clip: tuple, inter: str) -> None:
+    """Count P of ``rows`` into ``select``; in the first pass also peak[i] = max(key of P_i) (int32 keys).
 
     ``clip`` = (lo, hi, span) float32 [n] tensors (span: hi - lo, inf where 0).
     """
     lo, hi, span = clip
-    grid, base, meta = launch_config(rows, select.hist, peak, lo, hi, span)
-    hist, buckets, level, r = select.kernel_args()
-    official_kernel[grid](rows.anchor, rows.offsets, base, rows.n, rows.m, lo, hi, span,
-                          hist, buckets, peak, INTER=INTER_CODES[inter], LEVEL=level, R=r, **meta)
+    args = select.kernel_args()
+    grid, base, meta = launch_config(rows, args["kept_ptr"], args["hist_ptr"], peak, lo, hi, span)
+    official_kernel[grid](rows.anchor, rows.offsets, base, rows.n, rows.m, lo, hi, span, peak_ptr=peak,
+                          INTER=INTER_CODES[inter], **args, **meta)
 
 
 def pair_minmax_pass(rows: Rows, lo_key: torch.Tensor, hi_key: torch.Tensor, bad: torch.Tensor) -> None:
@@ -230,11 +231,11 @@ def partition_pass(rows: Rows, pairs: tuple, inter: torch.Tensor, intra: torch.T
     return grid[0]
 
 
-def paper_pass(rows: Rows, select: DeviceSelect, pairs: tuple, inv_z: tuple) -> None:
+def paper_pass(rows: Rows, select, pairs: tuple, inv_z: tuple) -> None:
     """Count beta of ``rows`` into ``select``. ``inv_z`` = (1/Z_inter [n, n], 1/Z_intra [n])."""
     lo, span, peak = pairs
     inv_inter, inv_intra = inv_z
-    grid, base, meta = launch_config(rows, select.hist, lo, span, peak, inv_inter, inv_intra)
-    hist, buckets, level, r = select.kernel_args()
+    args = select.kernel_args()
+    grid, base, meta = launch_config(rows, args["kept_ptr"], args["hist_ptr"], lo, span, peak, inv_inter, inv_intra)
     paper_kernel[grid](rows.anchor, rows.offsets, base, rows.n, rows.m, lo, span, peak, inv_inter, inv_intra,
-                       hist, buckets, LEVEL=level, R=r, **meta)
+                       **args, **meta)

@@ -1,4 +1,13 @@
-"""Exact order statistics on the device: two-level 16-bit radix select (docs/design.md 3.3, 4).
+"""Exact order statistics on the device: a sampled bracket counted in one pass, and the two-level
+16-bit radix select as the exact fallback (docs/design.md 3.3, 4).
+
+``DeviceBracket``: a column sample of the values gives, per task and rank, a bracket [floor,
+ceiling] that holds the rank with overwhelming probability (six standard deviations of the
+sample's rank error on each side). One pass counts the values below the floor and copies those
+inside the bracket (about 1% of them at a sample of 2^18 columns) to a buffer, reserving room with
+one atomic per program, task and rank: no per-entry atomics. A sort of the copied values gives the
+exact order statistic. If a bracket missed (the counts say so; or heavy ties overflow the buffer),
+the caller falls back to the radix select below.
 
 A float32 maps to an int32 key with the float's order (negatives get every bit but the sign
 flipped). Level 1 counts the top 16 bits of the keys of every task row into [n, 65536] int64
@@ -7,11 +16,14 @@ Level 2 counts the low 16 bits of the keys inside the chosen buckets, which pins
 ``sort(x_i)[rank]`` with no sort and no host round trip. Counts are integer atomics, so the result
 does not depend on the order in which programs run. Several ranks per task share the same passes.
 
-Kernels that produce the values (|tau|, PCB scores) call :func:`radix_count` on their tile; the
-values are never written to memory.
+Kernels that produce the values (|tau|, PCB scores) call :func:`count_values` on their tile, which
+dispatches to :func:`bracket_tally` (LEVEL 0) or :func:`radix_count` (LEVELs 1 and 2); the values
+are never written to memory, except the few inside a bracket.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -53,6 +65,35 @@ def radix_count(key, ok, i, hist_ptr, bucket_ptr, LEVEL: tl.constexpr, R: tl.con
             bucket = tl.load(bucket_ptr + row * R + r)
             inside = ok & (high.to(tl.int64) == bucket)
             tl.atomic_add(hist_ptr + (row * R + r) * 65536 + low, 1, mask=inside, sem="relaxed")
+
+
+@triton.jit
+def bracket_tally(value, ok, i, bounds_ptr, tally_ptr, kept_ptr, cap, R: tl.constexpr):
+    """For each rank r of task i: count this program's values below the floor (tally[i, r, 0]) and copy
+    those inside [floor, ceiling] (bounds[i, r, :]) to kept[i, r, :cap], their room reserved with one
+    atomic on tally[i, r, 1] (which ends as the number inside, even past ``cap``)."""
+    for r in tl.static_range(R):
+        slot = i * R + r
+        floor = tl.load(bounds_ptr + 2 * slot)
+        ceiling = tl.load(bounds_ptr + 2 * slot + 1)
+        below = ok & (value < floor)
+        inside = ok & (value >= floor) & (value <= ceiling)
+        tl.atomic_add(tally_ptr + 2 * slot, tl.sum(below.to(tl.int64), axis=0), sem="relaxed")
+        flags = inside.to(tl.int64)
+        start = tl.atomic_add(tally_ptr + 2 * slot + 1, tl.sum(flags, axis=0), sem="relaxed")
+        position = start + tl.cumsum(flags, axis=0) - 1
+        tl.store(kept_ptr + slot * cap + position, value, mask=inside & (position < cap))
+
+
+@triton.jit
+def count_values(value, ok, i, hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap, LEVEL: tl.constexpr,
+                 R: tl.constexpr):
+    """Count task i's float32 values (where ``ok``) for the select in use: a bracket (LEVEL 0) or a
+    radix-select level (1, 2)."""
+    if LEVEL == 0:
+        bracket_tally(value, ok, i, bounds_ptr, tally_ptr, kept_ptr, cap, R)
+    else:
+        radix_count(order_key(value), ok, i, hist_ptr, bucket_ptr, LEVEL, R)
 
 
 @triton.jit
@@ -99,9 +140,10 @@ class DeviceSelect:
         self.hist = torch.zeros(self.n, BUCKETS, dtype=torch.int64, device=device)
         self.buckets = torch.zeros(self.n, self.R, dtype=torch.int64, device=device)  # unused at level 1
 
-    def kernel_args(self) -> tuple:
-        """(hist, buckets, LEVEL, R) for :func:`radix_count`."""
-        return self.hist, self.buckets, self.level, self.R
+    def kernel_args(self) -> dict:
+        """The keyword arguments of a counting kernel (:func:`count_values`) at the current level."""
+        return dict(_unused_bracket_args(self.device), hist_ptr=self.hist, bucket_ptr=self.buckets, LEVEL=self.level,
+                    R=self.R)
 
     def _find(self, hist: torch.Tensor, ranks: torch.Tensor, per_row: bool):
         index = torch.empty(self.n * self.R, dtype=torch.int64, device=self.device)
@@ -139,3 +181,79 @@ class DeviceSelect:
             smaller = smaller + torch.gather(self.hist.view(self.n * self.R, BUCKETS), 1,
                                              low.view(-1, 1)).view(self.n, self.R)
         return self.length - smaller
+
+
+def _unused_bracket_args(device) -> dict:
+    return dict(bounds_ptr=torch.zeros(2, device=device), tally_ptr=torch.zeros(2, dtype=torch.int64, device=device),
+                kept_ptr=torch.zeros(1, device=device), cap=1)
+
+
+SAMPLE_ALL = 1 << 16  # groups of at most this many entries per task are sampled whole (the bracket is exact)
+
+
+def sample_stride(D: int) -> int:
+    """One column in ``stride`` of a group of D entries per task goes into the sample: all of them up
+    to SAMPLE_ALL, else an odd stride (never aligned with power-of-two shapes) giving ~2^18 columns."""
+    return 1 if D <= SAMPLE_ALL else max(17, (D >> 18) | 1)
+
+
+class DeviceBracket:
+    """Exact ``sort(x_i)[ranks[r]]`` for n streamed rows, from one counting pass around a bracket
+    taken from a column sample ([n, s] float32, the values of every s-th column).
+
+    Usage: every pass over the rows calls a counting kernel with :meth:`kernel_args` (LEVEL 0);
+    then :meth:`resolve` says whether every bracket held (one host synchronisation); if so,
+    :meth:`values` and :meth:`count_above` answer as :class:`DeviceSelect`'s do (float order); if
+    not, select with :class:`DeviceSelect` instead.
+    """
+
+    def __init__(self, ranks, length: int, sample: torch.Tensor):
+        device = sample.device
+        self.n, s = sample.shape
+        self.R = len(ranks)
+        if any(r < 0 or r >= length for r in ranks):
+            raise ValueError(f"ranks {list(ranks)} out of range for rows of length {length}")
+        self.length, self.device = length, device
+        self.ranks = torch.tensor(list(ranks), dtype=torch.int64, device=device).expand(self.n, self.R)
+        ordered = torch.sort(sample.float(), dim=1).values
+        bounds, widest = [], 1
+        for rank in ranks:
+            q = rank / length
+            margin = 6 * math.sqrt(s * q * (1 - q)) + 8
+            lo, hi = math.floor(q * s - margin), math.ceil(q * s + margin)
+            inf = torch.full((self.n,), math.inf, device=device)
+            bounds.append(torch.stack([ordered[:, lo] if lo >= 0 else -inf, ordered[:, hi] if hi < s else inf], 1))
+            widest = max(widest, min(hi, s - 1) - max(lo, 0) + 1)
+        self.bounds = torch.stack(bounds, 1).contiguous()  # [n, R, 2]
+        # room for twice the entries the widest bracket should hold, and never more than the row
+        self.cap = min(length, 2 * math.ceil(widest * length / max(s, 1)) + 4096)
+        self.tally = torch.zeros(self.n, self.R, 2, dtype=torch.int64, device=device)
+        self.kept = torch.empty(self.n, self.R, self.cap, device=device)
+
+    def kernel_args(self) -> dict:
+        """The keyword arguments of a counting kernel (:func:`count_values`)."""
+        return dict(hist_ptr=self.tally, bucket_ptr=self.tally, bounds_ptr=self.bounds, tally_ptr=self.tally,
+                    kept_ptr=self.kept, cap=self.cap, LEVEL=0, R=self.R)
+
+    def resolve(self) -> bool:
+        """After the pass: whether every rank lay in its bracket (with every entry inside copied); if so,
+        sorts the copied entries and finds the statistics."""
+        below, inside = self.tally[..., 0], self.tally[..., 1]
+        held = (below <= self.ranks) & (self.ranks < below + inside) & (inside <= self.cap)
+        if not bool(held.all()):
+            return False
+        self.valid = torch.arange(self.cap, device=self.device) < inside.unsqueeze(2)
+        self.sorted = torch.sort(torch.where(self.valid, self.kept, math.inf), dim=2).values
+        self.below = below
+        self._values = self.sorted.gather(2, (self.ranks - below).unsqueeze(2)).squeeze(2)
+        return True
+
+    def values(self) -> torch.Tensor:
+        """The selected order statistics, float32 [n, R] on the device."""
+        return self._values
+
+    def count_above(self, inclusive: bool) -> torch.Tensor:
+        """[n, R] int64: entries > each statistic, or >= it with ``inclusive`` (float comparisons)."""
+        value = self._values.unsqueeze(2)
+        not_above = (self.sorted < value) if inclusive else (self.sorted <= value)
+        return self.length - self.below - (not_above & self.valid).sum(2)

@@ -23,7 +23,7 @@ import triton.language as tl  # noqa: E402
 from pcb_fast import merge, pcb_merge, pcb_reference  # noqa: E402
 from pcb_fast.cpu import pcb_blocks as tb  # noqa: E402
 from pcb_fast.kernels import score as kscore  # noqa: E402
-from pcb_fast.kernels.select import DeviceSelect  # noqa: E402
+from pcb_fast.kernels.select import DeviceBracket, DeviceSelect  # noqa: E402
 from pcb_fast.kernels.tiles import Rows, tanh  # noqa: E402
 from pcb_fast.core.select import RadixSelect  # noqa: E402
 from benchmarks.gpu_check import SCORE_RTOL, disagreements, official_near, paper_near  # noqa: E402, F401
@@ -91,6 +91,59 @@ def test_device_select_equals_sort_and_torch_radix(gen, n, m, parts):
     assert torch.equal(select.count_above(inclusive=False), above)
     assert torch.equal(select.count_above(inclusive=True), at_or_above)
     assert not bool(bad.any())
+
+
+@pytest.mark.parametrize("n,m,parts,stride", [(1, 1, 1, 1), (3, 1000, 1, 1), (2, 4097, 3, 1), (2, 5000, 2, 5)])
+def test_device_bracket_equals_sort(gen, n, m, parts, stride):
+    """One counting pass around brackets from a column sample (the whole row, or every 5th column)
+    gives sort(x)[rank] and the counts above it exactly, ties and -0.0 included."""
+    x = torch.randn(n, m, generator=gen)
+    x[:, ::7] = 0.5
+    x[:, 1::11] = -0.0
+    ranks = [0, m // 3, m // 2, m - 1]
+    magnitude = x.abs()
+    bracket = DeviceBracket(ranks, m, magnitude[:, ::stride])
+    cuts = [m * p // parts for p in range(parts + 1)]
+    bad = torch.zeros(n, dtype=torch.int32)
+    for a, b in zip(cuts, cuts[1:]):
+        if b > a:
+            kscore.magnitude_pass(Rows.from_tensors(list(x[:, a:b].contiguous())), bracket, bad)
+    assert bracket.resolve()
+    index = torch.tensor([ranks] * n)
+    expected = torch.sort(magnitude, dim=1).values.gather(1, index)
+    assert torch.equal(bracket.values(), expected)
+    above = (magnitude.unsqueeze(1) > expected.unsqueeze(2)).sum(2)
+    at_or_above = (magnitude.unsqueeze(1) >= expected.unsqueeze(2)).sum(2)
+    assert torch.equal(bracket.count_above(inclusive=False), above)
+    assert torch.equal(bracket.count_above(inclusive=True), at_or_above)
+
+
+def test_device_bracket_reports_a_miss():
+    x = torch.rand(2, 3000)
+    sample = torch.full((2, 300), 5.0)  # a sample that says nothing true: every value lies below its bracket
+    bracket = DeviceBracket([1500], 3000, sample)
+    kscore.magnitude_pass(Rows.from_matrix(x), bracket, torch.zeros(2, dtype=torch.int32))
+    assert not bracket.resolve()
+
+
+def test_backend_falls_back_to_the_radix_select_where_a_bracket_misses(gen):
+    """D > 2^16: the sample takes one column in 17. Columns 0, 17, 34, ... ten times larger than the rest
+    mislead every bracket, so the passes counted around them miss and the radix select runs (seen in the
+    profile); heavy ties (quantized values) overflow the bracket's buffer, with the same outcome. The
+    results still obey the tolerance contract, and TIES equals the torch backend."""
+    from pcb_fast.gpu import backend as triton_backend
+
+    n, D = 2, 65536 + 4096
+    tv = torch.randn(n, D, generator=gen) * 0.01
+    tv[:, ::17] *= 10
+    out, profile = torch.empty(D), {}
+    triton_backend.pcb_merge_matrix(list(tv), out, ratio=0.1, clamp_ratio=0.01, profile=profile)
+    assert "magnitude radix level 2" in profile and "score radix level 2" in profile, sorted(profile)
+    compare(out, pcb_reference(tv, ratio=0.1, clamp_ratio=0.01), "misled brackets", official_near(tv, 0.1, 0.01, "sum"))
+    quantized = {"w": torch.zeros(D)}, [{"w": torch.randint(-2, 3, (D,), generator=gen).float() * 0.25} for _ in range(n)]
+    for topk in ("threshold", "exact"):
+        got = merge(*quantized, method="ties", density=0.3, topk=topk, backend="triton")["w"]
+        assert torch.equal(got, merge(*quantized, method="ties", density=0.3, topk=topk, backend="torch")["w"]), topk
 
 
 def test_magnitude_kernel_flags_nan_and_inf_per_task():

@@ -1,10 +1,14 @@
 """The triton backend: PCB's passes as Triton kernels on the task rows' device (docs/design.md 3.5, 4).
 
-Official variant, five reads of the inputs per scope group and no task vector or score ever
-written: |tau| counts for the clip bounds (2 passes of radix select, with the NaN/Inf check), P
-counts for the keep threshold t_i and max M_i (2 passes), then the merge pass. The paper variant:
-pair min/max, softmax partition sums, beta counts (2 passes), merge. Statistics stay on the device;
-the host synchronises once per group to report bad values.
+Official variant, three reads of the inputs per scope group and no task vector or score ever
+written: |tau| counted around the clip bounds' sampled brackets (with the NaN/Inf check), P counted
+around the keep threshold's bracket (and its max M_i), then the merge pass. The paper variant, four:
+pair min/max, softmax partition sums, beta around its bracket, merge. TIES (threshold trim), three:
+|tau| around the trim's bracket, signs, merge. The brackets come from a column sample of the task
+vectors (gathered by torch: a small fraction of a read); a bracket the counts show missed (or heavy
+ties that overflow its buffer) costs the two passes of the exact radix select instead. Statistics
+stay on the device; the host synchronises after the first pass to report bad values and after each
+bracket pass to check it.
 
 Kernels sum over tasks in task order, but fuse multiply-adds and use the device's exp and tanh, so
 PCB's results agree with the reference within the tolerance of docs/design.md 9, not bit for bit;
@@ -79,41 +83,116 @@ def merge_pcb(parts: list, n: int, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", 
     return {"kept": kept.tolist(), "entries": sum(p.rows.m for p in parts)}
 
 
+def _sample(group, stride: int) -> torch.Tensor:
+    """[n, s] float32 task-vector columns of the scope group at the positions (counted across its parts)
+    that are multiples of ``stride``: the column sample the brackets come from (docs/design.md 3.3)."""
+    taken, offset = [], 0
+    for part in group:
+        rows = part.rows
+        first = (-offset) % stride
+        offset += rows.m
+        if first >= rows.m:
+            continue
+        index = torch.arange(first, rows.m, stride, device=rows.device)
+        columns = torch.stack([t[index].float() for t in rows.tensors])
+        if rows.base is not None:
+            columns -= rows.base[index].float()
+        taken.append(columns)
+    return torch.cat(taken, 1)
+
+
+def _select(group, ranks, D: int, sample: torch.Tensor, count, timed, name: str):
+    """Exact order statistics ``ranks`` of every task over the group: one pass around the sampled
+    brackets, or, where a bracket missed, the two passes of the radix select. ``count(part, select)``
+    runs the counting pass of one part. Returns a DeviceBracket or DeviceSelect (values, count_above)."""
+    from ..kernels import select as ks
+
+    bracket = ks.DeviceBracket(ranks, D, sample)
+    with timed(name):
+        for part in group:
+            count(part, bracket)
+    if after := getattr(count, "after_first", None):
+        after()  # the NaN/Inf report: before any bracket is trusted
+    if bracket.resolve():
+        return bracket
+    select = ks.DeviceSelect([list(ranks)] * len(sample), D, sample.device)
+    for level in (1, 2):
+        with timed(f"{name} radix level {level}"):
+            for part in group:
+                count(part, select)
+        if level == 1:
+            select.next_level()
+    return select
+
+
+class _Counter:
+    """A counting pass as ``_select`` calls it, with a hook run after the first pass."""
+
+    def __init__(self, fn, after_first=None):
+        self.fn, self.after_first = fn, after_first
+
+    def __call__(self, part, select):
+        self.fn(part, select)
+
+
+def _official_sample_scores(sample: torch.Tensor, clip: tuple, inter: str, n: int) -> torch.Tensor:
+    """P of the sampled columns, with torch's exp and tanh: close to the kernels' scores, which is all
+    a bracket needs (its counts are exact whatever the guess)."""
+    lo, hi, span = (c.view(-1, 1) for c in clip)
+    normalized = (torch.minimum(torch.maximum(sample.abs(), lo), hi) - lo) / span
+    intra = torch.exp(normalized * normalized * n)
+    if inter == "sum":
+        term = torch.tanh(sample * sample.sum(0))
+    elif inter == "normalized_sum":
+        term = torch.tanh(sample * (torch.sign(sample) * normalized).sum(0))
+    else:
+        signed = torch.sign(sample) * normalized
+        term = torch.zeros_like(sample)
+        for j in range(n):
+            term += torch.tanh(signed * signed[j])
+    return intra * term
+
+
 def _official(group, n, params, weights, lam, ks, timed):
     from ..kernels import merge as km, score as kscore
 
     device = group[0].rows.device
     D = sum(p.rows.m for p in group)
+    sample = _sample(group, ks.sample_stride(D))
     i_lo, i_hi = clip_indices(D, params["clamp_ratio"])
-    clip_select = ks.DeviceSelect([[i_lo, i_hi]] * n, D, device)
     bad = torch.zeros(len(group), n, dtype=torch.int32, device=device)
-    with timed("magnitude level 1"):
-        for g, part in enumerate(group):
-            kscore.magnitude_pass(part.rows, clip_select, bad[g])
-        clip_select.next_level()
-    _raise_if_bad(group, bad)
-    with timed("magnitude level 2"):
-        for part in group:
-            kscore.magnitude_pass(part.rows, clip_select, bad[0])
-        bounds = clip_select.values()
+    index = {id(part): g for g, part in enumerate(group)}
+    magnitude = _Counter(lambda part, sel: kscore.magnitude_pass(part.rows, sel, bad[index[id(part)]]),
+                         after_first=lambda: _raise_if_bad(group, bad))
+    bounds = _select(group, [i_lo, i_hi], D, sample.abs(), magnitude, timed, "magnitude").values()
     hi = bounds[:, 1].contiguous()
-    lo = torch.minimum(bounds[:, 0], hi)  # clamp with lo > hi clamps everything to hi
+    lo = torch.minimum(bounds[:, 0], hi).contiguous()  # clamp with lo > hi clamps everything to hi
     clip = (lo, hi, span_or_inf(hi - lo))
 
-    score_select = ks.DeviceSelect([[keep_index(D, params["ratio"])]] * n, D, device)
     peak = torch.full((n,), ks.INT32_MIN, dtype=torch.int32, device=device)
-    for level in (1, 2):
-        with timed(f"score level {level}"):
-            for part in group:
-                kscore.official_pass(part.rows, score_select, peak, clip, params["inter"])
-            if level == 1:
-                score_select.next_level()
-    t = score_select.values()[:, 0].contiguous()
+    score = _Counter(lambda part, sel: kscore.official_pass(part.rows, sel, peak, clip, params["inter"]))
+    sample_scores = _official_sample_scores(sample, clip, params["inter"], n)
+    del sample
+    select = _select(group, [keep_index(D, params["ratio"])], D, sample_scores, score, timed, "score")
+    t = select.values()[:, 0].contiguous()
     span = span_or_inf(ks.keys_to_float(peak) - t)  # M == t: nothing is kept
     with timed("merge"):
         for part in group:
             km.merge_pass(part.rows, part.out, "official", clip, t, span, weights, lam, params["inter"])
-    return score_select.count_above(inclusive=False)[:, 0]
+    return select.count_above(inclusive=False)[:, 0]
+
+
+def _paper_sample_scores(sample: torch.Tensor, pairs: tuple, inv_z: tuple, n: int) -> torch.Tensor:
+    """beta of the sampled columns (as the kernels compute it, with torch's exp), for the bracket."""
+    lo, span, peak = pairs
+    inv_inter, inv_intra = inv_z
+    beta = torch.empty_like(sample)
+    for i in range(n):
+        normalized = (sample * sample[i] - lo[i].view(-1, 1)) / span[i].view(-1, 1)  # row j: Norm(tau_j tau_i)
+        inter = (torch.exp(normalized - peak[i].view(-1, 1)) * inv_inter[i].view(-1, 1)).sum(0)
+        intra = torch.exp(normalized[i] * n - n * peak[i, i]) * inv_intra[i]
+        beta[i] = intra * inter
+    return beta
 
 
 def _paper(group, n, params, weights, lam, ks, timed):
@@ -143,13 +222,9 @@ def _paper(group, n, params, weights, lam, ks, timed):
         # partials summed in float64, in one fixed order: the same sums from run to run
         inv_z = ((1.0 / inter.double().sum(0)).float().contiguous(), (1.0 / intra.double().sum(0)).float().contiguous())
 
-    select = ks.DeviceSelect([[keep_index(D, params["ratio"])]] * n, D, device)
-    for level in (1, 2):
-        with timed(f"score level {level}"):
-            for part in group:
-                kscore.paper_pass(part.rows, select, pairs, inv_z)
-            if level == 1:
-                select.next_level()
+    sample_scores = _paper_sample_scores(_sample(group, ks.sample_stride(D)), pairs, inv_z, n)
+    beta = _Counter(lambda part, sel: kscore.paper_pass(part.rows, sel, pairs, inv_z))
+    select = _select(group, [keep_index(D, params["ratio"])], D, sample_scores, beta, timed, "score")
     t = select.values()[:, 0].contiguous()
     with timed("merge"):
         for part in group:
@@ -256,24 +331,24 @@ def merge_baseline(parts: list, n: int, method: str, *, lambdas=None, lam=1.0, s
 
 
 def _ties_trim(group, n, density, topk, bad, parts, first):
-    """The TIES trim of a scope group: t_i from the device radix select of |tau_i| (rank D - k - 1,
-    keep >= t, as the authors; or rank D - k, keep > t plus the first equal entries, exactly k).
-    For the exact top-k, ``first`` receives each part's first tile number."""
+    """The TIES trim of a scope group: t_i, the order statistic of |tau_i| at rank D - k - 1 (keep >= t,
+    as the authors) or D - k (keep > t plus the first equal entries, exactly k), from one pass around
+    a sampled bracket (or the radix select's two where it missed). For the exact top-k, ``first``
+    receives each part's first tile number."""
     from ..kernels import score as kscore, select as ks, ties as kt
 
     device = group[0][1].rows.device
     D = sum(p.rows.m for _, p in group)
     keep = int(D * density)
     rank = D - keep - 1 if topk == "threshold" else D - keep
-    if rank < 0 or rank >= D:  # keep everything (|tau| >= 0), or nothing (|tau| >= inf)
+    if rank < 0 or rank >= D:  # keep everything (|tau| >= 0), or nothing (|tau| >= inf); the sign pass checks NaN/Inf
         return kt.Trim(threshold=torch.full((n,), 0.0 if rank < 0 else float("inf"), device=device))
-    select = ks.DeviceSelect([[rank]] * n, D, device)
-    for level in (1, 2):
-        for g, part in group:
-            kscore.magnitude_pass(part.rows, select, bad[g])
-        if level == 1:
-            _raise_if_bad(parts, bad)
-            select.next_level()
+    index = {id(part): g for g, part in group}
+    magnitude = _Counter(lambda part, sel: kscore.magnitude_pass(part.rows, sel, bad[index[id(part)]]),
+                         after_first=lambda: _raise_if_bad(parts, bad))
+    members = [part for _, part in group]
+    select = _select(members, [rank], D, _sample(members, ks.sample_stride(D)).abs(), magnitude, lambda name: _no_timer(),
+                     "magnitude")
     threshold = select.values()[:, 0].contiguous()
     if topk == "threshold":
         return kt.Trim(threshold=threshold)
@@ -286,6 +361,11 @@ def _ties_trim(group, n, density, topk, bad, parts, first):
     before = counts.cumsum(0)[:-1].contiguous()  # equal entries in all earlier tiles, in position order
     budget = (keep - select.count_above(inclusive=False)[:, 0]).contiguous()
     return kt.Trim(threshold=threshold, exact=(before, budget))
+
+
+@contextmanager
+def _no_timer():
+    yield
 
 
 def _breadcrumbs(parts: list, n: int, weights: torch.Tensor, lam: float, gamma=0.01, beta=0.1) -> dict:
