@@ -82,7 +82,8 @@ def bracket_tally(value, ok, i, bounds_ptr, tally_ptr, kept_ptr, cap, R: tl.cons
         flags = inside.to(tl.int64)
         start = tl.atomic_add(tally_ptr + 2 * slot + 1, tl.sum(flags, axis=0), sem="relaxed")
         position = start + tl.cumsum(flags, axis=0) - 1
-        tl.store(kept_ptr + slot * cap + position, value, mask=inside & (position < cap))
+        row = tl.cast(slot, tl.int64) * cap  # 64-bit: n R cap can pass 2^31 for large rows
+        tl.store(kept_ptr + row + position, value, mask=inside & (position < cap))
 
 
 @triton.jit
