@@ -166,3 +166,53 @@ def test_write_behind_writes_in_order_and_raises_its_error(tmp_path):
     with pytest.raises(ValueError, match="write 'b': values are torch.float32, the file holds torch.bfloat16"):
         failing.close()
     failing.abort()
+
+
+MEMORY_CHILD = r"""
+import sys
+import torch
+from pcb_fast.io.disk_merge import merge_checkpoints
+from pcb_fast.core.memory import release_free_memory
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+folder, method = sys.argv[1], sys.argv[2]
+models = [f"{folder}/m{i}.safetensors" for i in range(3)]
+# warm up what every merge loads once (imports, thread pools), so that only the merge's own memory is measured
+merge_checkpoints(f"{folder}/base.safetensors", models, f"{folder}/warm", method=method, max_memory="16MB",
+                  overwrite=True)
+release_free_memory()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets VmHWM to the current RSS
+before = status("VmRSS")
+merge_checkpoints(f"{folder}/base.safetensors", models, f"{folder}/out", method=method, max_memory="16MB",
+                  overwrite=True)
+print(status("VmHWM") - before)
+"""
+
+
+@pytest.mark.parametrize("method", ["pcb", "ties", "task_arithmetic"])
+def test_max_memory_bounds_the_process(tmp_path, method):
+    """A merge from files under --max-memory 16MB of 3 models of 2^22 float32 entries (48 MiB of task
+    vectors: nothing cached, nothing collected) grows the process by at most the budget plus the
+    pipeline's own 128 MiB (blocks, read-ahead slots, write-behind queue, temporaries; 20-90 MiB
+    measured), the constant the README states."""
+    import subprocess
+    import sys
+
+    import os
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux's /proc/self/clear_refs")
+    g = torch.Generator().manual_seed(0)
+    base = {"a": torch.randn(2048, 1024, generator=g), "b": torch.randn(1024, 2048, generator=g)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    for i in range(3):
+        save_file({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()},
+                  str(tmp_path / f"m{i}.safetensors"))
+    proc = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(tmp_path), method], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    grown = int(proc.stdout.split()[-1])
+    assert grown <= (16 << 20) + (128 << 20), f"{method}: the merge grew the process by {grown / 2**20:.1f} MiB"

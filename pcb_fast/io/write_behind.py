@@ -23,7 +23,7 @@ class WriteBehind:
     """Wraps a :class:`pcb_fast.io.safetensors.ShardedWriter`: the same ``write``, ``close`` and
     ``abort``, with the writes made by a background thread in the order they were given."""
 
-    def __init__(self, writer, max_pending: int = 64 << 20, sync_every: int = 256 << 20):
+    def __init__(self, writer, max_pending: int = 16 << 20, sync_every: int = 256 << 20):
         self.writer = writer
         self._queue: queue.Queue = queue.Queue()
         self._room = threading.Condition()
