@@ -118,9 +118,9 @@ def collect_block(block, scores: torch.Tensor, floor: torch.Tensor) -> Collected
     """Keep the entries of a [n, m] block with ``scores >= floor`` (per task), with their tau."""
     n, m = scores.shape
     flat = (scores >= floor.unsqueeze(1)).view(-1).nonzero().squeeze(1)
-    task = torch.div(flat, m, rounding_mode="floor")
-    tau = block.tv[task, flat - task * m]
-    return Collected(block.segment, block.lo, block.hi, n, flat.to(torch.int32), scores.view(-1)[flat], tau)
+    # take() indexes the row-major (task-major) order of a view too: no [task, position] pairs needed
+    return Collected(block.segment, block.lo, block.hi, n, flat.to(torch.int32), torch.take(scores, flat),
+                     torch.take(block.tv, flat))
 
 
 def sum_kept(c: Collected, task: torch.Tensor, value: torch.Tensor, weight: torch.Tensor | None = None):

@@ -37,14 +37,17 @@ def release_free_memory() -> None:
 
 
 class HeapTrimmer:
-    """:func:`release_free_memory`, at most every ``interval`` seconds."""
+    """:func:`release_free_memory`, at most every ``interval`` seconds, and no sooner after a trim
+    than ``1 / share`` times what it took (the pages a trim returns are faulted in again by the next
+    blocks: at most ``share`` of the time goes to that)."""
 
-    def __init__(self, interval: float = 0.05):
-        self.interval = interval
-        self._last = time.monotonic()
+    def __init__(self, interval: float = 0.05, share: float = 0.05):
+        self.interval, self.share = interval, share
+        self._next = time.monotonic() + interval
 
     def maybe(self) -> None:
         now = time.monotonic()
-        if now - self._last >= self.interval:
+        if now >= self._next:
             release_free_memory()
-            self._last = time.monotonic()
+            done = time.monotonic()
+            self._next = done + max(self.interval, (done - now) / self.share)
