@@ -9,6 +9,9 @@ backend, with their ratios, and a check that the two results are identical bit f
 Part 2: the authors' ViT-B/32 size (n=8, D=113,448,705) through the torch backend alone: time and
 the process's peak RSS against the size of the inputs (in a fresh process, so that nothing left
 over from part 1 counts).
+Part 3: the first merge of a fresh process against its second (warm) one, n=8, D=2^24 from state
+dicts (`pcb_fast.merge`), eager (fused="off") and fused (fused="on": the compiled loops, loaded from
+inductor's on-disk cache after the first run on a machine), next to part 1's reference.
 Prints markdown tables and writes benchmarks/results/cpu.json.
 """
 
@@ -97,6 +100,20 @@ def part_vit(repeats: int) -> dict:
             "process_peak_rss_bytes": hwm, "peak_over_inputs": hwm / input_bytes}
 
 
+def part_first_call(fused: str) -> dict:
+    """In this (fresh) process: seconds of the first PCB merge and of the second, n=8, D=2^24."""
+    n, D = 8, 1 << 24
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(D, generator=g)}
+    models = [{"w": base["w"] + torch.randn(D, generator=g) * 1e-3} for _ in range(n)]
+    seconds = []
+    for _ in range(2):
+        start = time.perf_counter()
+        pcb_fast.merge(base, models, method="pcb", fused=fused)
+        seconds.append(time.perf_counter() - start)
+    return {"fused": fused, "first_seconds": seconds[0], "warm_seconds": seconds[1]}
+
+
 def gib(b):
     return f"{b / 2**30:.2f} GiB"
 
@@ -112,9 +129,13 @@ def main(argv=None):
     parser.add_argument("--skip-vit", action="store_true", help="skip the ViT-B/32-size run (needs ~8 GB)")
     parser.add_argument("--out", type=Path, default=RESULTS / "cpu.json")
     parser.add_argument("--vit-only", type=Path, help=argparse.SUPPRESS)  # internal: run part 2, write JSON here
+    parser.add_argument("--first-call", nargs=2, help=argparse.SUPPRESS)  # internal: part 3 (fused mode, JSON path)
     args = parser.parse_args(argv)
     if args.vit_only:
         args.vit_only.write_text(json.dumps(part_vit(max(1, args.repeats - 1))))
+        return
+    if args.first_call:
+        Path(args.first_call[1]).write_text(json.dumps(part_first_call(args.first_call[0])))
         return
 
     info = machine()
@@ -145,6 +166,24 @@ def main(argv=None):
         print(f"| pcb_fast torch backend | {secs(v['torch']['seconds'])} | {gib(v['process_peak_rss_bytes'])} "
               f"| {v['peak_over_inputs']:.2f}x |")
         print()
+
+    reference = r["reference"]["seconds"]["median"]
+    rows = []
+    for fused in ("off", "on"):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "first.json"
+            subprocess.run([sys.executable, "-m", "benchmarks.bench_cpu", "--first-call", fused, str(path)], check=True,
+                           cwd=Path(__file__).parent.parent)
+            rows.append(json.loads(path.read_text()))
+    result["first_call"] = rows
+    print("PCB official, n=8, D=2^24 from state dicts (pcb_fast.merge), the first merge of a fresh process\n")
+    print("| path | first call | second call | first / second | reference / first call |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        label = "eager (fused='off', bit-exact)" if row["fused"] == "off" else "fused (fused='on', compiled loops)"
+        print(f"| {label} | {row['first_seconds']:.2f} s | {row['warm_seconds']:.2f} s | "
+              f"{row['first_seconds'] / row['warm_seconds']:.2f} | **{reference / row['first_seconds']:.1f}x** |")
+    print()
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
