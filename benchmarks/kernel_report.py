@@ -67,31 +67,37 @@ class Case:
 
 
 def _tile(dtype: str) -> dict:
-    return {"x_ptr": dtype, "offsets_ptr": "*i64", "base_ptr": dtype, "n": "i32", "m": "i32"}
+    return {"x_ptr": dtype, "base_ptr": dtype, "table_ptr": "*i64", "programs_ptr": "*i64", "n": "i32"}
 
 
 def cases(full: bool) -> list:
     """Every kernel and variant. The kernels loop over the tasks, so their code does not depend on the
     number of tasks: one compile serves 1 to 64, reported as 64 (the per-program atomics are counted
-    for 64 tasks). Fast: bf16 fine-tuned rows with a base (a model merge); ``full``: also float32 task
-    vectors without a base (``pcb_merge`` on a matrix) and fp16 rows with a base."""
+    for 64 tasks). Each kernel is compiled for full tiles (the bulk: no mask) and for the parts' last,
+    partial tiles. Fast: bf16 fine-tuned rows with a base (a model merge); ``full``: also float32
+    task vectors without a base (``pcb_merge`` on a matrix) and fp16 rows with a base."""
     from pcb_fast.kernels.tiles import BLOCK
 
     tasks = 64
     out = [Case("find", "bucket search", 0, "select", "find_kernel",
                 {"hist_ptr": "*i64", "rank_ptr": "*i64", "index_ptr": "*i64", "below_ptr": "*i64"},
                 {"R": 2, "PER_ROW": True, "CHUNK": 1024})]
-    inputs = [("*bf16", True)] + ([("*fp32", False), ("*fp16", True)] if full else [])
-    for dtype, has_base in inputs:
-        common = dict(HAS_BASE=has_base, ALIGN=16 // {"*bf16": 2, "*fp16": 2, "*fp32": 4}[dtype], BLOCK=BLOCK)
+    inputs = [("*bf16", True, full_tiles) for full_tiles in (True, False)]
+    inputs += [(d, b, f) for d, b in (("*fp32", False), ("*fp16", True)) for f in (True, False)] if full else []
+    for dtype, has_base, full_tiles in inputs:
+        align = 16 // {"*bf16": 2, "*fp16": 2, "*fp32": 4}[dtype]
+        common = dict(HAS_BASE=has_base, ALIGN=align, BASE_ALIGN=align, FULL=full_tiles, BLOCK=BLOCK)
         tile = _tile(dtype)
-        suffix = f", {dtype[1:]}" + (" + base" if has_base else "")
+        suffix = f", {dtype[1:]}" + (" + base" if has_base else "") + ("" if full_tiles else ", last tiles")
 
         def add(kernel, variant, module, fn, sig, consts, options=None):
+            if "out_ptr" in sig:
+                consts = dict(consts, OUT_ALIGN=16 // (4 if sig["out_ptr"] == "*fp32" else 2))
             sig = dict(tile, **sig)
             aligned = [a for a, t in sig.items() if t.startswith("*")] + ["m"]
+            options = dict(options or {}, num_warps=4 if full_tiles else 8)  # as tiles.Segments.launch
             out.append(Case(kernel, variant + suffix, tasks, module, fn, sig, dict(common, **consts),
-                            tasks * BLOCK, aligned, options or {}))
+                            tasks * BLOCK, aligned, options))
 
         count = dict(hist_ptr="*i64", bucket_ptr="*i64", bounds_ptr="*fp32", tally_ptr="*i64", kept_ptr="*fp32",
                      cap="i32")
@@ -110,8 +116,7 @@ def cases(full: bool) -> list:
         add("pair_minmax", "paper", "score", "pair_minmax_kernel", dict(min_ptr="*i32", max_ptr="*i32", bad_ptr="*i32"),
             {})
         add("partition", "paper", "score", "partition_kernel",
-            dict(lo_ptr="*fp32", span_ptr="*fp32", peak_ptr="*fp32", inter_ptr="*fp32", intra_ptr="*fp32",
-                 first_program="i32"), {})
+            dict(lo_ptr="*fp32", span_ptr="*fp32", peak_ptr="*fp32", inter_ptr="*fp32", intra_ptr="*fp32"), {})
         for level, select in levels:
             add("paper", select, "score", "paper_kernel",
                 dict(lo_ptr="*fp32", span_ptr="*fp32", peak_ptr="*fp32", inv_inter_ptr="*fp32", inv_intra_ptr="*fp32",
@@ -122,7 +127,7 @@ def cases(full: bool) -> list:
                 dict(out_ptr="*fp32", weight_ptr="*fp32", divisor="fp32", lam="fp32", streams_ptr="*i64",
                      threshold="i32", keep_scale="fp32", bad_ptr="*i32", kept_ptr="*i64"), dict(DARE=dare))
         trim = dict(t_ptr="*fp32", weight_ptr="*fp32", streams_ptr="*i64", threshold="i32", keep_scale="fp32",
-                    ties_ptr="*i64", budget_ptr="*i64", first_tile="i32")
+                    ties_ptr="*i64", budget_ptr="*i64")
         no_fma = {"enable_fp_fusion": False}  # as ties.py launches them
         for dare, exact, name in [(False, False, "threshold"), (False, True, "exact top-k"), (True, False, "dare")]:
             add("sign", name, "ties", "sign_kernel", dict(trim, total_ptr="*i64", kept_ptr="*i64", bad_ptr="*i32"),
@@ -130,7 +135,7 @@ def cases(full: bool) -> list:
             add("ties_merge", name, "ties", "ties_merge_kernel",
                 dict(trim, out_ptr="*fp32", fill_ptr="*fp32", lam="fp32"), dict(DARE=dare, EXACT=exact), no_fma)
         add("equal_count", "exact top-k", "ties", "equal_count_kernel",
-            dict(t_ptr="*fp32", counts_ptr="*i64", first_tile="i32"), {})
+            dict(t_ptr="*fp32", counts_ptr="*i64"), {})
     return out
 
 
@@ -310,7 +315,8 @@ def table(rows: list) -> str:
 
 def summary(rows: list) -> str:
     """One row per kernel over its variants and input dtypes (the README's table)."""
-    lines = ["| kernel | variants | registers | spill bytes | global atomics / entry | load width (bits) | compile s (max) |",
+    lines = ["| kernel | variants | registers | spill bytes | global atomics / entry | load width, full tiles (bits) "
+             "| compile s (max) |",
              "|---|---|---|---|---|---|---|"]
     name = lambda r: r["kernel"] + (" (radix fallback)" if "radix" in r["variant"] else "")  # noqa: E731
     for kernel in dict.fromkeys(name(r) for r in rows):
@@ -320,7 +326,7 @@ def summary(rows: list) -> str:
             continue
         regs = sorted({r["registers"] for r in group})
         atomics = sorted({r["atomics_per_element"] for r in group})
-        bits = sorted({r["load_vector_bits"] for r in group})
+        bits = sorted({r["load_vector_bits"] for r in group if "last tiles" not in r["variant"]})
         span = lambda v: f"{v[0]}" if len(v) == 1 else f"{v[0]}-{v[-1]}"  # noqa: E731
         lines.append(f"| {kernel} | {len(group)} | {span(regs)} | {sum(r['spill_bytes'] for r in group)} | "
                      f"{span(atomics)} | {span(bits) if kernel != 'find' else 'n/a (int64 counts only)'} | "

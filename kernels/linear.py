@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import Rows, columns, flag_bad, launch_config, load_base, load_row
+from .tiles import as_segments, flag_bad, load_base, load_row, locate, store_out
 
 
 @triton.jit
@@ -37,38 +37,40 @@ def dare_keep(cols, i, streams_ptr, n, threshold):
 
 
 @triton.jit
-def linear_kernel(x_ptr, offsets_ptr, base_ptr, out_ptr, n, m, weight_ptr, divisor, lam, streams_ptr, threshold,
-                  keep_scale, bad_ptr, kept_ptr, HAS_BASE: tl.constexpr, DARE: tl.constexpr, ALIGN: tl.constexpr,
+def linear_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, out_ptr, weight_ptr, divisor, lam, streams_ptr,
+                  threshold, keep_scale, bad_ptr, kept_ptr, HAS_BASE: tl.constexpr, DARE: tl.constexpr,
+                  ALIGN: tl.constexpr, BASE_ALIGN: tl.constexpr, OUT_ALIGN: tl.constexpr, FULL: tl.constexpr,
                   BLOCK: tl.constexpr):
-    cols, col_ok = columns(m, BLOCK)
-    base = load_base(base_ptr, cols, col_ok, HAS_BASE, BLOCK)
+    """streams_ptr: [parts, 2n] DARE stream constants (and their mix32) of each part's key."""
+    cols, col_ok, offsets_ptr, base_off, out_off, tile, part = locate(table_ptr, programs_ptr, n, FULL, BLOCK)
+    base = load_base(base_ptr, base_off, cols, col_ok, HAS_BASE, BASE_ALIGN, BLOCK)
     total = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(n):
         tau = load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE, ALIGN)
-        flag_bad(tau, col_ok, i, bad_ptr)
+        flag_bad(tau, col_ok, i, bad_ptr + part * n)
         if DARE:
-            kept = col_ok & dare_keep(cols, i, streams_ptr, n, threshold)
+            kept = col_ok & dare_keep(cols, i, streams_ptr + part * 2 * n, n, threshold)
             tl.atomic_add(kept_ptr + i, tl.sum(kept.to(tl.int64), axis=0), sem="relaxed")
             tau = tau * kept.to(tl.float32) / keep_scale
         total += tl.where(col_ok, tau * tl.load(weight_ptr + i), 0.0)
     tau_m = total / divisor
     if HAS_BASE:
         tau_m = base + lam * tau_m
-    tl.store(out_ptr + cols, tau_m.to(out_ptr.dtype.element_ty), mask=col_ok)
+    store_out(out_ptr, out_off, cols, col_ok, tau_m, OUT_ALIGN)
 
 
-def linear_pass(rows: Rows, out: torch.Tensor, weights: torch.Tensor, divisor: float, lam: float, bad: torch.Tensor,
-                kept: torch.Tensor, dare: tuple | None = None) -> None:
-    """Write base + lam * sum_i w_i m_i / divisor (or the sum alone without a base) into ``out``.
+def linear_pass(rows, out: torch.Tensor | None, weights: torch.Tensor, divisor: float, lam: float,
+                bad: torch.Tensor, kept: torch.Tensor, dare: tuple | None = None) -> None:
+    """Write base + lam * sum_i w_i m_i / divisor (or the sum alone without a base) into the outputs of
+    ``rows`` (a tiles.Segments with its outputs, or one tiles.Rows and ``out``).
 
     ``dare`` = (streams, p): drop each entry with probability p and rescale the kept ones by
-    1 / (1 - p); streams is an int64 [2n] tensor, the stream constant of (seed, task, key) of every
-    task, then the mix32 of each (pcb_fast.core.rng). ``bad`` [n] int32 receives NaN/Inf flags, ``kept``
-    [n] int64 the entries DARE keeps.
+    1 / (1 - p); streams is an int64 [parts, 2n] tensor (or [2n] for one part), the stream constant
+    of (seed, task, key) of every task, then the mix32 of each (pcb_fast.core.rng). ``bad`` [parts, n]
+    int32 receives NaN/Inf flags, ``kept`` [n] int64 the entries DARE keeps.
     """
-    out_flat = out.view(-1)
-    grid, base, meta = launch_config(rows, out, weights, bad, kept)
+    seg = as_segments(rows, out)
     streams, p = dare if dare is not None else (weights, 0.0)
-    linear_kernel[grid](rows.anchor, rows.offsets, base, out_flat, rows.n, rows.m, weights, float(divisor),
-                        float(lam), streams, int(round(p * (1 << 24))), float(1 - p), bad, kept,
-                        DARE=dare is not None, **meta)
+    seg.check(seg.out_anchor, weights, bad, kept, streams)
+    seg.launch(linear_kernel, seg.out_anchor, weights, float(divisor), float(lam), streams,
+               int(round(p * (1 << 24))), float(1 - p), bad, kept, DARE=dare is not None, OUT_ALIGN=seg.out_align)

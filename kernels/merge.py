@@ -16,20 +16,20 @@ import triton.language as tl
 import triton
 
 from .score import INTER_CODES, column_term, official_score, paper_score
-from .tiles import Rows, columns, launch_config, load_base, load_row
+from .tiles import as_segments, load_base, load_row, locate, store_out
 
 VARIANT_CODES = {"official": 0, "paper": 1}
 
 
 @triton.jit
-def merge_kernel(x_ptr, offsets_ptr, base_ptr, out_ptr, n, m,
+def merge_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, out_ptr,
                  s0_ptr, s1_ptr, s2_ptr, s3_ptr, s4_ptr,
                  t_ptr, span_ptr, lambda_ptr, lam,
                  HAS_BASE: tl.constexpr, VARIANT: tl.constexpr, INTER: tl.constexpr, ALIGN: tl.constexpr,
-                 BLOCK: tl.constexpr):
+                 BASE_ALIGN: tl.constexpr, OUT_ALIGN: tl.constexpr, FULL: tl.constexpr, BLOCK: tl.constexpr):
     """s0..s4: official (clip lo, hi, span, -, -); paper (pair lo, span, peak, 1/Z_inter, 1/Z_intra)."""
-    cols, col_ok = columns(m, BLOCK)
-    base = load_base(base_ptr, cols, col_ok, HAS_BASE, BLOCK)
+    cols, col_ok, offsets_ptr, base_off, out_off, tile, part = locate(table_ptr, programs_ptr, n, FULL, BLOCK)
+    base = load_base(base_ptr, base_off, cols, col_ok, HAS_BASE, BASE_ALIGN, BLOCK)
     num = tl.zeros([BLOCK], dtype=tl.float32)
     den = tl.zeros([BLOCK], dtype=tl.float32)
     if VARIANT == 0:
@@ -56,23 +56,20 @@ def merge_kernel(x_ptr, offsets_ptr, base_ptr, out_ptr, n, m,
         tau_m = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
     if HAS_BASE:
         tau_m = base + lam * tau_m
-    tl.store(out_ptr + cols, tau_m.to(out_ptr.dtype.element_ty), mask=col_ok)
+    store_out(out_ptr, out_off, cols, col_ok, tau_m, OUT_ALIGN)
 
 
-def merge_pass(rows: Rows, out: torch.Tensor, variant: str, stats: tuple, threshold: torch.Tensor,
+def merge_pass(rows, out: torch.Tensor | None, variant: str, stats: tuple, threshold: torch.Tensor,
                span: torch.Tensor | None, lambdas: torch.Tensor, lam: float, inter: str = "sum") -> None:
-    """Write the merged entries of ``rows`` into ``out`` ([m], any float dtype).
+    """Write the merged entries of ``rows`` (a tiles.Segments with its outputs, or one tiles.Rows and
+    ``out`` [m], any float dtype).
 
     With a base in ``rows``, out = base + lam * tau_m; without, out = tau_m. ``stats``: official
     (lo, hi, span) [n]; paper (lo, span, peak, 1/Z_inter, 1/Z_intra). ``threshold`` t [n];
     ``span`` M - t [n] (inf where 0; official only); ``lambdas`` [n] float32.
     """
-    out_flat = out.view(-1)
-    if out_flat.numel() != rows.m:
-        raise ValueError(f"output has {out_flat.numel()} entries but the rows have {rows.m}")
-    grid, base, meta = launch_config(rows, out, threshold, lambdas, *stats)
+    seg = as_segments(rows, out)
+    seg.check(seg.out_anchor, threshold, lambdas, *stats)
     padded = list(stats) + [threshold] * (5 - len(stats))  # unused pointer slots
-    merge_kernel[grid](rows.anchor, rows.offsets, base, out_flat, rows.n, rows.m, *padded,
-                       threshold, span if span is not None else threshold, lambdas, float(lam),
-                       VARIANT=VARIANT_CODES[variant],
-                       INTER=INTER_CODES[inter], **meta)
+    seg.launch(merge_kernel, seg.out_anchor, *padded, threshold, span if span is not None else threshold, lambdas,
+               float(lam), VARIANT=VARIANT_CODES[variant], INTER=INTER_CODES[inter], OUT_ALIGN=seg.out_align)

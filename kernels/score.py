@@ -21,23 +21,23 @@ import triton
 import triton.language as tl
 
 from .select import KEY_MAX, KEY_MIN, order_key, count_values
-from .tiles import Rows, columns, flag_bad, launch_config, load_base, load_row, programs, sign, tanh  # noqa: F401 (programs: for the backend)
+from .tiles import as_segments, flag_bad, load_base, load_row, locate, sign, tanh
 
 INTER_CODES = {"sum": 0, "normalized_sum": 1, "pairwise": 2}
 
 
 @triton.jit
-def magnitude_kernel(x_ptr, offsets_ptr, base_ptr, n, m, hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap,
+def magnitude_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap,
                      bad_ptr, HAS_BASE: tl.constexpr, LEVEL: tl.constexpr, R: tl.constexpr, ALIGN: tl.constexpr,
-                     BLOCK: tl.constexpr):
+                     BASE_ALIGN: tl.constexpr, FULL: tl.constexpr, BLOCK: tl.constexpr):
     """|tau| counted for a select (LEVEL 0: a bracket; 1, 2: radix levels); NaN/Inf flags in the first pass."""
-    cols, col_ok = columns(m, BLOCK)
-    base = load_base(base_ptr, cols, col_ok, HAS_BASE, BLOCK)
+    cols, col_ok, offsets_ptr, base_off, out_off, tile, part = locate(table_ptr, programs_ptr, n, FULL, BLOCK)
+    base = load_base(base_ptr, base_off, cols, col_ok, HAS_BASE, BASE_ALIGN, BLOCK)
     for i in range(n):
         tau = load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE, ALIGN)
         count_values(tl.abs(tau), col_ok, i, hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap, LEVEL, R)
         if LEVEL <= 1:
-            flag_bad(tau, col_ok, i, bad_ptr)
+            flag_bad(tau, col_ok, i, bad_ptr + part * n)
 
 
 @triton.jit
@@ -87,12 +87,13 @@ def official_score(tau, i, column, x_ptr, offsets_ptr, base, cols, col_ok, n, lo
 
 
 @triton.jit
-def official_kernel(x_ptr, offsets_ptr, base_ptr, n, m, lo_ptr, hi_ptr, span_ptr,
+def official_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, lo_ptr, hi_ptr, span_ptr,
                     hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap, peak_ptr,
                     HAS_BASE: tl.constexpr, INTER: tl.constexpr, LEVEL: tl.constexpr, R: tl.constexpr,
-                    ALIGN: tl.constexpr, BLOCK: tl.constexpr):
-    cols, col_ok = columns(m, BLOCK)
-    base = load_base(base_ptr, cols, col_ok, HAS_BASE, BLOCK)
+                    ALIGN: tl.constexpr, BASE_ALIGN: tl.constexpr,
+                       FULL: tl.constexpr, BLOCK: tl.constexpr):
+    cols, col_ok, offsets_ptr, base_off, out_off, tile, part = locate(table_ptr, programs_ptr, n, FULL, BLOCK)
+    base = load_base(base_ptr, base_off, cols, col_ok, HAS_BASE, BASE_ALIGN, BLOCK)
     column = column_term(x_ptr, offsets_ptr, base, cols, col_ok, n, lo_ptr, hi_ptr, span_ptr, HAS_BASE, INTER,
                          ALIGN, BLOCK)
     for i in range(n):
@@ -114,13 +115,14 @@ def pair_normalized(tau_i, tau_j, i, j, n, lo_ptr, span_ptr):
 
 
 @triton.jit
-def pair_minmax_kernel(x_ptr, offsets_ptr, base_ptr, n, m, min_ptr, max_ptr, bad_ptr,
-                       HAS_BASE: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
-    cols, col_ok = columns(m, BLOCK)
-    base = load_base(base_ptr, cols, col_ok, HAS_BASE, BLOCK)
+def pair_minmax_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, min_ptr, max_ptr, bad_ptr,
+                       HAS_BASE: tl.constexpr, ALIGN: tl.constexpr, BASE_ALIGN: tl.constexpr,
+                       FULL: tl.constexpr, BLOCK: tl.constexpr):
+    cols, col_ok, offsets_ptr, base_off, out_off, tile, part = locate(table_ptr, programs_ptr, n, FULL, BLOCK)
+    base = load_base(base_ptr, base_off, cols, col_ok, HAS_BASE, BASE_ALIGN, BLOCK)
     for i in range(n):
         tau_i = load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE, ALIGN)
-        flag_bad(tau_i, col_ok, i, bad_ptr)
+        flag_bad(tau_i, col_ok, i, bad_ptr + part * n)
         for j in range(i, n):  # products commute exactly: pair (i, j) also gives (j, i)
             tau_j = load_row(x_ptr, offsets_ptr, base, j, cols, col_ok, HAS_BASE, ALIGN)
             key = order_key(tau_j * tau_i)
@@ -141,13 +143,14 @@ def intra_term(tau_i, i, n, lo_ptr, span_ptr, peak_ptr):
 
 
 @triton.jit
-def partition_kernel(x_ptr, offsets_ptr, base_ptr, n, m, lo_ptr, span_ptr, peak_ptr, inter_ptr, intra_ptr,
-                     first_program, HAS_BASE: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+def partition_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, lo_ptr, span_ptr, peak_ptr, inter_ptr, intra_ptr,
+                     HAS_BASE: tl.constexpr, ALIGN: tl.constexpr, BASE_ALIGN: tl.constexpr, FULL: tl.constexpr,
+                     BLOCK: tl.constexpr):
     """This program's partial softmax sums: inter[i, j] = sum exp(N_ij - peak_ij), intra[i] = sum
-    exp(n N_ii - n peak_ii), stored at row ``first_program + program id`` of the partial buffers."""
-    cols, col_ok = columns(m, BLOCK)
-    base = load_base(base_ptr, cols, col_ok, HAS_BASE, BLOCK)
-    slot = first_program + tl.program_id(0).to(tl.int64)
+    exp(n N_ii - n peak_ii), stored at row ``tile`` (this program's tile number) of the partial buffers."""
+    cols, col_ok, offsets_ptr, base_off, out_off, tile, part = locate(table_ptr, programs_ptr, n, FULL, BLOCK)
+    base = load_base(base_ptr, base_off, cols, col_ok, HAS_BASE, BASE_ALIGN, BLOCK)
+    slot = tile
     for i in range(n):
         tau_i = load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE, ALIGN)
         for j in range(n):
@@ -177,12 +180,12 @@ def paper_score(tau_i, i, x_ptr, offsets_ptr, base, cols, col_ok, n, lo_ptr, spa
 
 
 @triton.jit
-def paper_kernel(x_ptr, offsets_ptr, base_ptr, n, m, lo_ptr, span_ptr, peak_ptr, inv_inter_ptr, inv_intra_ptr,
+def paper_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, lo_ptr, span_ptr, peak_ptr, inv_inter_ptr, inv_intra_ptr,
                  hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap,
                  HAS_BASE: tl.constexpr, LEVEL: tl.constexpr, R: tl.constexpr, ALIGN: tl.constexpr,
-                 BLOCK: tl.constexpr):
-    cols, col_ok = columns(m, BLOCK)
-    base = load_base(base_ptr, cols, col_ok, HAS_BASE, BLOCK)
+                 BASE_ALIGN: tl.constexpr, FULL: tl.constexpr, BLOCK: tl.constexpr):
+    cols, col_ok, offsets_ptr, base_off, out_off, tile, part = locate(table_ptr, programs_ptr, n, FULL, BLOCK)
+    base = load_base(base_ptr, base_off, cols, col_ok, HAS_BASE, BASE_ALIGN, BLOCK)
     for i in range(n):
         tau_i = load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE, ALIGN)
         beta = paper_score(tau_i, i, x_ptr, offsets_ptr, base, cols, col_ok, n, lo_ptr, span_ptr, peak_ptr,
@@ -191,51 +194,54 @@ def paper_kernel(x_ptr, offsets_ptr, base_ptr, n, m, lo_ptr, span_ptr, peak_ptr,
 
 
 # ---- launchers
-# ``select`` is a select.DeviceSelect (radix levels) or a select.DeviceBracket (one pass around a bracket)
+# ``rows``: a tiles.Segments (every part of a scope group), or one tiles.Rows. ``select``: a
+# select.DeviceSelect (radix levels) or a select.DeviceBracket (one pass around a bracket).
 
 
-def magnitude_pass(rows: Rows, select, bad: torch.Tensor) -> None:
-    """Count |tau| of ``rows`` into ``select``; in the first pass, set bad[i] = 1 if task i has NaN/Inf."""
+def magnitude_pass(rows, select, bad: torch.Tensor) -> None:
+    """Count |tau| into ``select``; in the first pass, set bad[part, i] = 1 if task i of a part has
+    NaN/Inf (``bad``: [parts, n], or [n] for one part)."""
+    seg = as_segments(rows)
     args = select.kernel_args()
-    grid, base, meta = launch_config(rows, args["kept_ptr"], args["hist_ptr"], bad)
-    magnitude_kernel[grid](rows.anchor, rows.offsets, base, rows.n, rows.m, bad_ptr=bad, **args, **meta)
+    seg.check(args["kept_ptr"], args["hist_ptr"], bad)
+    seg.launch(magnitude_kernel, bad_ptr=bad, **args)
 
 
-def official_pass(rows: Rows, select, peak: torch.Tensor, clip: tuple, inter: str) -> None:
-    """Count P of ``rows`` into ``select``; in the first pass also peak[i] = max(key of P_i) (int32 keys).
+def official_pass(rows, select, peak: torch.Tensor, clip: tuple, inter: str) -> None:
+    """Count P into ``select``; in the first pass also peak[i] = max(key of P_i) (int32 keys).
 
     ``clip`` = (lo, hi, span) float32 [n] tensors (span: hi - lo, inf where 0).
     """
+    seg = as_segments(rows)
     lo, hi, span = clip
     args = select.kernel_args()
-    grid, base, meta = launch_config(rows, args["kept_ptr"], args["hist_ptr"], peak, lo, hi, span)
-    official_kernel[grid](rows.anchor, rows.offsets, base, rows.n, rows.m, lo, hi, span, peak_ptr=peak,
-                          INTER=INTER_CODES[inter], **args, **meta)
+    seg.check(args["kept_ptr"], args["hist_ptr"], peak, lo, hi, span)
+    seg.launch(official_kernel, lo, hi, span, peak_ptr=peak, INTER=INTER_CODES[inter], **args)
 
 
-def pair_minmax_pass(rows: Rows, lo_key: torch.Tensor, hi_key: torch.Tensor, bad: torch.Tensor) -> None:
-    """Fold min/max keys of tau_i * tau_j ([n, n] int32) and the NaN/Inf flags of ``rows``."""
-    grid, base, meta = launch_config(rows, lo_key, hi_key, bad)
-    pair_minmax_kernel[grid](rows.anchor, rows.offsets, base, rows.n, rows.m, lo_key, hi_key, bad, **meta)
+def pair_minmax_pass(rows, lo_key: torch.Tensor, hi_key: torch.Tensor, bad: torch.Tensor) -> None:
+    """Fold min/max keys of tau_i * tau_j ([n, n] int32) and the NaN/Inf flags ([parts, n])."""
+    seg = as_segments(rows)
+    seg.check(lo_key, hi_key, bad)
+    seg.launch(pair_minmax_kernel, lo_key, hi_key, bad)
 
 
-def partition_pass(rows: Rows, pairs: tuple, inter: torch.Tensor, intra: torch.Tensor, first_program: int) -> int:
-    """Write the partial softmax sums of ``rows`` into inter[first_program:], intra[first_program:]
-    ([P, n, n] and [P, n] float32). ``pairs`` = (lo, span, peak) [n, n]. Returns the programs used."""
+def partition_pass(rows, pairs: tuple, inter: torch.Tensor, intra: torch.Tensor) -> None:
+    """Write the partial softmax sums of every tile into inter[tile], intra[tile] ([tiles, n, n] and
+    [tiles, n] float32, tiles numbered across the scope group). ``pairs`` = (lo, span, peak) [n, n]."""
+    seg = as_segments(rows)
     lo, span, peak = pairs
-    grid, base, meta = launch_config(rows, inter, intra, lo, span, peak)
-    if first_program + grid[0] > inter.shape[0]:
+    seg.check(inter, intra, lo, span, peak)
+    if seg.first_tile + seg.tiles > inter.shape[0]:
         raise ValueError("partial buffers too small for this pass")
-    partition_kernel[grid](rows.anchor, rows.offsets, base, rows.n, rows.m, lo, span, peak, inter, intra,
-                           first_program, **meta)
-    return grid[0]
+    seg.launch(partition_kernel, lo, span, peak, inter, intra)
 
 
-def paper_pass(rows: Rows, select, pairs: tuple, inv_z: tuple) -> None:
-    """Count beta of ``rows`` into ``select``. ``inv_z`` = (1/Z_inter [n, n], 1/Z_intra [n])."""
+def paper_pass(rows, select, pairs: tuple, inv_z: tuple) -> None:
+    """Count beta into ``select``. ``inv_z`` = (1/Z_inter [n, n], 1/Z_intra [n])."""
+    seg = as_segments(rows)
     lo, span, peak = pairs
     inv_inter, inv_intra = inv_z
     args = select.kernel_args()
-    grid, base, meta = launch_config(rows, args["kept_ptr"], args["hist_ptr"], lo, span, peak, inv_inter, inv_intra)
-    paper_kernel[grid](rows.anchor, rows.offsets, base, rows.n, rows.m, lo, span, peak, inv_inter, inv_intra,
-                       **args, **meta)
+    seg.check(args["kept_ptr"], args["hist_ptr"], lo, span, peak, inv_inter, inv_intra)
+    seg.launch(paper_kernel, lo, span, peak, inv_inter, inv_intra, **args)

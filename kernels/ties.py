@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .linear import dare_keep
-from .tiles import Rows, columns, flag_bad, launch_config, load_base, load_row, sign
+from .tiles import as_segments, flag_bad, load_base, load_row, locate, sign, store_out
 
 
 @triton.jit
@@ -46,12 +46,11 @@ def trim_mask(tau, col_ok, cols, i, n, t_ptr, streams_ptr, threshold, ties_ptr, 
 
 
 @triton.jit
-def equal_count_kernel(x_ptr, offsets_ptr, base_ptr, n, m, t_ptr, counts_ptr, first_tile, HAS_BASE: tl.constexpr,
-                       ALIGN: tl.constexpr, BLOCK: tl.constexpr):
-    """counts[first_tile + program, i]: entries of task i in this tile with |tau| == t_i."""
-    cols, col_ok = columns(m, BLOCK)
-    base = load_base(base_ptr, cols, col_ok, HAS_BASE, BLOCK)
-    tile = first_tile + tl.program_id(0).to(tl.int64)
+def equal_count_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, t_ptr, counts_ptr, HAS_BASE: tl.constexpr,
+                       ALIGN: tl.constexpr, BASE_ALIGN: tl.constexpr, FULL: tl.constexpr, BLOCK: tl.constexpr):
+    """counts[tile, i]: entries of task i in this tile with |tau| == t_i."""
+    cols, col_ok, offsets_ptr, base_off, out_off, tile, part = locate(table_ptr, programs_ptr, n, FULL, BLOCK)
+    base = load_base(base_ptr, base_off, cols, col_ok, HAS_BASE, BASE_ALIGN, BLOCK)
     for i in range(n):
         tau = load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE, ALIGN)
         equal = col_ok & (tl.abs(tau) == tl.load(t_ptr + i))
@@ -91,26 +90,28 @@ def elected_sum(x_ptr, offsets_ptr, base, cols, col_ok, n, t_ptr, weight_ptr, st
 
 
 @triton.jit
-def sign_kernel(x_ptr, offsets_ptr, base_ptr, n, m, t_ptr, weight_ptr, streams_ptr, threshold, keep_scale,
-                ties_ptr, budget_ptr, first_tile, total_ptr, kept_ptr, bad_ptr, HAS_BASE: tl.constexpr,
-                DARE: tl.constexpr, EXACT: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
-    cols, col_ok = columns(m, BLOCK)
-    base = load_base(base_ptr, cols, col_ok, HAS_BASE, BLOCK)
-    tile = first_tile + tl.program_id(0).to(tl.int64)
+def sign_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, t_ptr, weight_ptr, streams_ptr, threshold, keep_scale,
+                ties_ptr, budget_ptr, total_ptr, kept_ptr, bad_ptr, HAS_BASE: tl.constexpr, DARE: tl.constexpr,
+                EXACT: tl.constexpr, ALIGN: tl.constexpr, BASE_ALIGN: tl.constexpr, FULL: tl.constexpr,
+                BLOCK: tl.constexpr):
+    cols, col_ok, offsets_ptr, base_off, out_off, tile, part = locate(table_ptr, programs_ptr, n, FULL, BLOCK)
+    base = load_base(base_ptr, base_off, cols, col_ok, HAS_BASE, BASE_ALIGN, BLOCK)
+    streams_ptr += part * 2 * n  # this part's key: [parts, 2n] stream constants
     total = elected_sum(x_ptr, offsets_ptr, base, cols, col_ok, n, t_ptr, weight_ptr, streams_ptr, threshold,
-                        keep_scale, ties_ptr, budget_ptr, tile, kept_ptr, bad_ptr, True, HAS_BASE, DARE, EXACT,
+                        keep_scale, ties_ptr, budget_ptr, tile, kept_ptr, bad_ptr + part * n, True, HAS_BASE, DARE, EXACT,
                         ALIGN, BLOCK)
     elected = sign(total)
     tl.atomic_add(total_ptr, tl.sum(tl.where(col_ok, elected, 0.0), axis=0).to(tl.int64), sem="relaxed")
 
 
 @triton.jit
-def ties_merge_kernel(x_ptr, offsets_ptr, base_ptr, out_ptr, n, m, t_ptr, weight_ptr, streams_ptr, threshold,
-                      keep_scale, ties_ptr, budget_ptr, first_tile, fill_ptr, lam, HAS_BASE: tl.constexpr,
-                      DARE: tl.constexpr, EXACT: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
-    cols, col_ok = columns(m, BLOCK)
-    base = load_base(base_ptr, cols, col_ok, HAS_BASE, BLOCK)
-    tile = first_tile + tl.program_id(0).to(tl.int64)
+def ties_merge_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, out_ptr, t_ptr, weight_ptr, streams_ptr,
+                      threshold, keep_scale, ties_ptr, budget_ptr, fill_ptr, lam, HAS_BASE: tl.constexpr,
+                      DARE: tl.constexpr, EXACT: tl.constexpr, ALIGN: tl.constexpr, BASE_ALIGN: tl.constexpr,
+                      OUT_ALIGN: tl.constexpr, FULL: tl.constexpr, BLOCK: tl.constexpr):
+    cols, col_ok, offsets_ptr, base_off, out_off, tile, part = locate(table_ptr, programs_ptr, n, FULL, BLOCK)
+    base = load_base(base_ptr, base_off, cols, col_ok, HAS_BASE, BASE_ALIGN, BLOCK)
+    streams_ptr += part * 2 * n  # this part's key: [parts, 2n] stream constants
     total = elected_sum(x_ptr, offsets_ptr, base, cols, col_ok, n, t_ptr, weight_ptr, streams_ptr, threshold,
                         keep_scale, ties_ptr, budget_ptr, tile, fill_ptr, fill_ptr, False, HAS_BASE, DARE, EXACT,
                         ALIGN, BLOCK)
@@ -128,7 +129,7 @@ def ties_merge_kernel(x_ptr, offsets_ptr, base_ptr, out_ptr, n, m, t_ptr, weight
     tau_m = num / tl.where(den == 0, 1.0, den)
     if HAS_BASE:
         tau_m = base + lam * tau_m
-    tl.store(out_ptr + cols, tau_m.to(out_ptr.dtype.element_ty), mask=col_ok)
+    store_out(out_ptr, out_off, cols, col_ok, tau_m, OUT_ALIGN)
 
 
 # The elected signs must be the CPU's exactly: no fused multiply-add may merge w_i's rounding into the
@@ -139,45 +140,47 @@ NO_FMA = dict(enable_fp_fusion=False)
 class Trim:
     """How a pass trims the task vectors: by a threshold t [n] (the authors' |tau| >= t), by an
     exact top-k (``exact``: equal-entry counts before each tile [tiles, n] and budgets [n], tiles
-    numbered from ``first_tile`` for each part), or by DARE's drop (``dare`` = (streams, p))."""
+    numbered in position order across the scope group), or by DARE's drop (``dare`` = (streams
+    [parts, 2n], p))."""
 
     def __init__(self, threshold=None, dare=None, exact=None):
         self.threshold, self.dare, self.exact = threshold, dare, exact
 
-    def args(self, first_tile: int) -> tuple:
+    def args(self) -> tuple:
         if self.dare is not None:
             streams, p = self.dare
-            return streams, streams, int(round(p * (1 << 24))), float(1 - p), streams, streams, 0
+            return streams, streams, int(round(p * (1 << 24))), float(1 - p), streams, streams
         ties, budget = self.exact if self.exact is not None else (self.threshold, self.threshold)
-        return self.threshold, self.threshold, 0, 1.0, ties, budget, first_tile
+        return self.threshold, self.threshold, 0, 1.0, ties, budget
 
     def meta(self) -> dict:
         return dict(DARE=self.dare is not None, EXACT=self.exact is not None)
 
 
-def equal_counts(rows: Rows, threshold: torch.Tensor, counts: torch.Tensor, first_tile: int) -> int:
-    """Write the entries equal to t of each tile of ``rows`` into counts[first_tile:]; returns the tiles."""
-    grid, base, meta = launch_config(rows, threshold, counts)
-    equal_count_kernel[grid](rows.anchor, rows.offsets, base, rows.n, rows.m, threshold, counts, first_tile, **meta)
-    return grid[0]
+def equal_counts(rows, threshold: torch.Tensor, counts: torch.Tensor) -> None:
+    """Write the entries equal to t of each tile into counts[tile] ([tiles, n] int64)."""
+    seg = as_segments(rows)
+    seg.check(threshold, counts)
+    seg.launch(equal_count_kernel, threshold, counts)
 
 
-def sign_pass(rows: Rows, weights: torch.Tensor, total: torch.Tensor, kept: torch.Tensor, bad: torch.Tensor,
-              trim: Trim, first_tile: int = 0) -> None:
+def sign_pass(rows, weights: torch.Tensor, total: torch.Tensor, kept: torch.Tensor, bad: torch.Tensor,
+              trim: Trim) -> None:
     """Add the elected signs of ``rows`` to ``total`` (int64 [1]), the kept entries per task to
-    ``kept`` (int64 [n]) and NaN/Inf flags to ``bad``."""
-    grid, base, meta = launch_config(rows, weights, total, kept, bad)
-    t, *rest = trim.args(first_tile)
-    sign_kernel[grid](rows.anchor, rows.offsets, base, rows.n, rows.m, t, weights, *rest, total, kept, bad,
-                      **trim.meta(), **meta, **NO_FMA)
+    ``kept`` (int64 [n]) and NaN/Inf flags to ``bad`` ([parts, n])."""
+    seg = as_segments(rows)
+    t, *rest = trim.args()
+    seg.check(weights, total, kept, bad, t)
+    seg.launch(sign_kernel, t, weights, *rest, total, kept, bad, **trim.meta(), **NO_FMA)
 
 
-def ties_merge_pass(rows: Rows, out: torch.Tensor, weights: torch.Tensor, fill: torch.Tensor, lam: float,
-                    trim: Trim, first_tile: int = 0) -> None:
-    """Write the disjoint mean (base + lam * it, with a base) of ``rows`` into ``out``; ``fill``
-    (float32 [1]) is the sign given to positions whose elected sign is zero."""
-    out_flat = out.view(-1)
-    grid, base, meta = launch_config(rows, out, weights, fill)
-    t, *rest = trim.args(first_tile)
-    ties_merge_kernel[grid](rows.anchor, rows.offsets, base, out_flat, rows.n, rows.m, t, weights, *rest, fill,
-                            float(lam), **trim.meta(), **meta, **NO_FMA)
+def ties_merge_pass(rows, out: torch.Tensor | None, weights: torch.Tensor, fill: torch.Tensor, lam: float,
+                    trim: Trim) -> None:
+    """Write the disjoint mean (base + lam * it, with a base) into the outputs of ``rows`` (a
+    tiles.Segments with its outputs, or one tiles.Rows and ``out``); ``fill`` (float32 [1]) is the
+    sign given to positions whose elected sign is zero."""
+    seg = as_segments(rows, out)
+    t, *rest = trim.args()
+    seg.check(seg.out_anchor, weights, fill, t)
+    seg.launch(ties_merge_kernel, seg.out_anchor, t, weights, *rest, fill, float(lam), OUT_ALIGN=seg.out_align,
+               **trim.meta(), **NO_FMA)

@@ -5,9 +5,10 @@ typed pointer) and, per task, the offset of its row from the anchor. The rows ma
 [n, D] matrix or n separate tensors (one merged key of n fine-tuned models). With a base row,
 kernels form tau_i = theta_i - theta_pre in registers, so task vectors are never written.
 
-Each program owns BLOCK columns and loops over the tasks (a loop, not an unrolled tile), so its
-registers do not grow with the number of tasks; the base is read once per program and kept in
-registers. Row starts are stored in units of ``align`` elements (the largest power of two up to 16
+Each program owns BLOCK columns of one part and loops over the tasks (a loop, not an unrolled tile),
+so its registers do not grow with the number of tasks; the base is read once per program and kept
+in registers. ``Segments`` puts every part (merged key) of a scope group into one launch per pass
+(two: full tiles, and the parts' partial last tiles) through a table on the device. Row starts are stored in units of ``align`` elements (the largest power of two up to 16
 bytes that divides every offset), so the compiler knows their alignment and loads rows with
 128-bit vector loads.
 """
@@ -80,6 +81,7 @@ class Rows:
 
 
 BLOCK = 1024  # columns per program: 8 per thread at 4 warps (two 128-bit loads of float32)
+TABLE = 5  # columns of a segment table entry before the n row offsets
 
 
 def programs(rows: Rows) -> int:
@@ -87,28 +89,134 @@ def programs(rows: Rows) -> int:
     return triton.cdiv(rows.m, BLOCK)
 
 
-def launch_config(rows: Rows, *tensors):
-    """(grid, base pointer, meta-parameters) of a one-tile-per-program pass over ``rows``;
-    checks that every tensor argument is on the rows' device."""
-    for t in tensors:
-        if t.device != rows.device:
-            raise ValueError(f"a kernel argument is on {t.device} but the rows are on {rows.device}")
-    base = rows.base if rows.base is not None else rows.anchor
-    return (programs(rows),), base, dict(HAS_BASE=rows.base is not None, ALIGN=rows.align, BLOCK=BLOCK)
+def _alignment(offsets, size: int) -> int:
+    """The largest power of two up to 16 bytes (in elements of ``size`` bytes) dividing every offset."""
+    align = max(1, 16 // size)
+    while align > 1 and any(o % align for o in offsets):
+        align //= 2
+    return align
+
+
+class Segments:
+    """Parts (merged keys) of one scope group as one launch per pass: every row, base and output is
+    addressed from one anchor tensor each (element offsets), and a table on the device gives each
+    part's first tile, length, base and output offsets, index in the group and row offsets. Programs
+    are listed as (part, tile in part): one launch for the full tiles (no mask: vector loads even
+    where a length is not a multiple of 16) and one for the parts' last, partial tiles. Tiles are
+    numbered in position order from ``first_tile`` (TIES' exact top-k and the partition partials rely
+    on it). Parts must share the rows', base's and output's dtypes and device (see :func:`segment`)."""
+
+    def __init__(self, parts: list, outs: list | None = None, indices: list | None = None, first_tile: int = 0):
+        first = parts[0]
+        self.parts, self.outs, self.n = parts, outs, first.n
+        self.anchor = first.anchor
+        self.has_base = first.base is not None
+        self.base_anchor = first.base if self.has_base else first.anchor
+        self.out_anchor = outs[0].view(-1) if outs is not None else self.anchor
+        size = self.anchor.element_size()
+        rows = [[(t.data_ptr() - self.anchor.data_ptr()) // size for t in p.tensors] for p in parts]
+        bases = [((p.base.data_ptr() - self.base_anchor.data_ptr()) // self.base_anchor.element_size())
+                 if self.has_base else 0 for p in parts]
+        out_list = [o.view(-1) for o in outs] if outs is not None else []
+        for p, o in zip(parts, out_list):
+            if o.numel() != p.m:
+                raise ValueError(f"output has {o.numel()} entries but the rows have {p.m}")
+        out_offsets = [(o.data_ptr() - self.out_anchor.data_ptr()) // self.out_anchor.element_size() for o in out_list]
+        out_offsets += [0] * (len(parts) - len(out_offsets))
+        self.align = _alignment([o for r in rows for o in r], size)
+        self.base_align = _alignment(bases, self.base_anchor.element_size())
+        self.out_align = _alignment(out_offsets, self.out_anchor.element_size())
+        indices = indices if indices is not None else list(range(len(parts)))
+        table, full, tail, tile = [], [], [], first_tile
+        for k, p in enumerate(parts):
+            tiles = programs(p)
+            table.append([tile, p.m, bases[k] // self.base_align, out_offsets[k] // self.out_align, indices[k]]
+                         + [o // self.align for o in rows[k]])
+            full += [(k, t) for t in range(p.m // BLOCK)]
+            tail += [(k, tiles - 1)] if p.m % BLOCK else []
+            tile += tiles
+        self.first_tile, self.tiles = first_tile, tile - first_tile
+        device = self.anchor.device
+        self.table = torch.tensor(table, dtype=torch.int64).to(device)
+        self.launches = [(torch.tensor(sorted(lst), dtype=torch.int64).view(-1, 2).to(device), is_full)
+                         for lst, is_full in ((full, True), (tail, False)) if lst]
+
+    @property
+    def device(self) -> torch.device:
+        return self.anchor.device
+
+    def check(self, *tensors) -> None:
+        for t in tensors:
+            if t.device != self.device:
+                raise ValueError(f"a kernel argument is on {t.device} but the rows are on {self.device}")
+
+    def launch(self, kernel, *args, **kwargs) -> None:
+        """Run ``kernel(x, base, table, programs, n, *args)`` over every tile, with the tiling meta-parameters."""
+        meta = dict(HAS_BASE=self.has_base, ALIGN=self.align, BASE_ALIGN=self.base_align, BLOCK=BLOCK)
+        for listed, full in self.launches:
+            # last tiles load element by element (a mask at an unknown length): 8 warps halve each
+            # thread's entries, and with them the registers of the scalar addresses
+            kernel[(listed.shape[0],)](self.anchor, self.base_anchor, self.table, listed, self.n, *args, FULL=full,
+                                       num_warps=4 if full else 8, **meta, **kwargs)
+
+
+def segment(parts: list, outs: list | None = None, first_tile: int = 0) -> list:
+    """Segments covering ``parts`` (in order, tiles numbered in position order from ``first_tile``):
+    one per run of parts that share dtypes and whose tensors lie a whole number of elements apart
+    (always, for separate allocations; rows from odd views of one buffer may not)."""
+    out, start = [], 0
+    tile = first_tile
+
+    def key(k):
+        p = parts[k]
+        return (p.anchor.dtype, p.base.dtype if p.base is not None else None, outs[k].dtype if outs else None,
+                p.device)
+
+    def fits(k, anchor_k):
+        p, a = parts[k], parts[anchor_k]
+        pairs = [(t, a.anchor) for t in p.tensors] + ([(p.base, a.base)] if p.base is not None else [])
+        pairs += [(outs[k], outs[anchor_k])] if outs else []
+        return all((x.data_ptr() - y.data_ptr()) % x.element_size() == 0 for x, y in pairs)
+
+    for k in range(1, len(parts) + 1):
+        if k == len(parts) or key(k) != key(start) or not fits(k, start):
+            chunk = Segments(parts[start:k], outs[start:k] if outs else None, list(range(start, k)), tile)
+            tile += chunk.tiles
+            out.append(chunk)
+            start = k
+    return out
+
+
+def as_segments(rows, out: torch.Tensor | None = None) -> Segments:
+    """A single part (Rows) as Segments; Segments pass through."""
+    if isinstance(rows, Segments):
+        return rows
+    return Segments([rows], [out] if out is not None else None)
 
 
 @triton.jit
-def columns(m, BLOCK: tl.constexpr):
-    """(cols, col_ok): this program's BLOCK column indices (int64) and which are inside the rows."""
-    cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    return cols, cols < m
+def locate(table_ptr, programs_ptr, n, FULL: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's place: (cols, col_ok, offsets_ptr, base_off, out_off, tile, part) where cols are the
+    column indices inside its part (int64), offsets_ptr its part's row offsets, tile its global tile
+    number and part its index in the scope group."""
+    pid = tl.program_id(0)
+    part = tl.load(programs_ptr + 2 * pid)
+    local = tl.load(programs_ptr + 2 * pid + 1)
+    entry = table_ptr + part * (5 + n)
+    cols = local * BLOCK + tl.arange(0, BLOCK)
+    if FULL:
+        col_ok = tl.full([BLOCK], 1, tl.int1)  # a constant mask: the loads vectorise whatever the length
+    else:
+        col_ok = cols < tl.load(entry + 1)
+    return cols, col_ok, entry + 5, tl.load(entry + 2), tl.load(entry + 3), tl.load(entry) + local, tl.load(entry + 4)
 
 
 @triton.jit
-def load_base(base_ptr, cols, col_ok, HAS_BASE: tl.constexpr, BLOCK: tl.constexpr):
+def load_base(base_ptr, base_off, cols, col_ok, HAS_BASE: tl.constexpr, BASE_ALIGN: tl.constexpr,
+              BLOCK: tl.constexpr):
     """The base's float32 [BLOCK] (zeros without a base), read once per program."""
     if HAS_BASE:
-        base = tl.load(base_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        base = tl.load(base_ptr + base_off * BASE_ALIGN + cols, mask=col_ok, other=0.0).to(tl.float32)
     else:
         base = tl.zeros([BLOCK], dtype=tl.float32)
     return base
@@ -122,6 +230,12 @@ def load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE: tl.constexpr, 
     if HAS_BASE:
         x = tl.where(col_ok, x - base, 0.0)
     return x
+
+
+@triton.jit
+def store_out(out_ptr, out_off, cols, col_ok, value, OUT_ALIGN: tl.constexpr):
+    """Write ``value`` (cast to the output's dtype) at this program's columns of its part's output."""
+    tl.store(out_ptr + out_off * OUT_ALIGN + cols, value.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
 @triton.jit

@@ -40,8 +40,10 @@ def test_every_kernel_compiles_for_an_h100_without_spilling(tmp_path):
                        "sign", "ties_merge", "equal_count"}
     for r in rows:
         assert r["spill_bytes"] == 0 and 0 < r["registers"] <= 128, r
-    # task rows and the base load as 128-bit vectors (aligned row starts, docs/design.md 4)
-    assert all(r["load_vector_bits"] == 128 for r in rows if r["kernel"] != "find")
+    # task rows and the base load as 128-bit vectors in full tiles (aligned row starts, no mask at an
+    # unknown length; docs/design.md 4); the parts' last tiles load element by element
+    full_tiles = [r for r in rows if r["kernel"] != "find" and "last tiles" not in r["variant"]]
+    assert len(full_tiles) >= 26 and all(r["load_vector_bits"] == 128 for r in full_tiles)
     assert set(report["merges"]) == {"pcb_official", "pcb_paper", "ties"}
 
 

@@ -8,7 +8,8 @@ pair min/max, softmax partition sums, beta around its bracket, merge. TIES (thre
 vectors (gathered by torch: a small fraction of a read); a bracket the counts show missed (or heavy
 ties that overflow its buffer) costs the two passes of the exact radix select instead. Statistics
 stay on the device; the host synchronises after the first pass to report bad values and after each
-bracket pass to check it.
+bracket pass to check it. Every part (merged key) of a scope group goes into one launch per pass
+(kernels.tiles.Segments; per combination of dtypes, full tiles and last tiles apart).
 
 Kernels sum over tasks in task order, but fuse multiply-adds and use the device's exp and tanh, so
 PCB's results agree with the reference within the tolerance of docs/design.md 9, not bit for bit;
@@ -101,12 +102,21 @@ def _sample(group, stride: int) -> torch.Tensor:
     return torch.cat(taken, 1)
 
 
-def _select(group, ranks, D: int, sample: torch.Tensor, count, timed, name: str):
-    """Exact order statistics ``ranks`` of every task over the group: one pass around the sampled
-    brackets, or, where a bracket missed, the two passes of the radix select. ``count(part, select)``
-    runs the counting pass of one part. Returns a DeviceBracket or DeviceSelect (values, count_above)."""
+def _segments(group) -> list:
+    """The parts of a scope group as kernels.tiles.Segments: one launch per pass for all of them (per
+    combination of dtypes)."""
+    from ..kernels.tiles import segment
+
+    return segment([p.rows for p in group], [p.out for p in group])
+
+
+def _select(segments, ranks, D: int, sample: torch.Tensor, count, timed, name: str):
+    """Exact order statistics ``ranks`` of every task over a scope group: one pass around the sampled
+    brackets, or, where a bracket missed, the two passes of the radix select. ``count(segment, select)``
+    runs the counting pass over one Segments. Returns a DeviceBracket or DeviceSelect (values, count_above)."""
     from ..kernels import select as ks
 
+    group = segments
     bracket = ks.DeviceBracket(ranks, D, sample)
     with timed(name):
         for part in group:
@@ -126,7 +136,7 @@ def _select(group, ranks, D: int, sample: torch.Tensor, count, timed, name: str)
 
 
 class _Counter:
-    """A counting pass as ``_select`` calls it, with a hook run after the first pass."""
+    """A counting pass as ``_select`` calls it (per Segments), with a hook run after the first pass."""
 
     def __init__(self, fn, after_first=None):
         self.fn, self.after_first = fn, after_first
@@ -158,27 +168,27 @@ def _official(group, n, params, weights, lam, ks, timed):
 
     device = group[0].rows.device
     D = sum(p.rows.m for p in group)
+    segments = _segments(group)
     sample = _sample(group, ks.sample_stride(D))
     i_lo, i_hi = clip_indices(D, params["clamp_ratio"])
     bad = torch.zeros(len(group), n, dtype=torch.int32, device=device)
-    index = {id(part): g for g, part in enumerate(group)}
-    magnitude = _Counter(lambda part, sel: kscore.magnitude_pass(part.rows, sel, bad[index[id(part)]]),
+    magnitude = _Counter(lambda seg, sel: kscore.magnitude_pass(seg, sel, bad),
                          after_first=lambda: _raise_if_bad(group, bad))
-    bounds = _select(group, [i_lo, i_hi], D, sample.abs(), magnitude, timed, "magnitude").values()
+    bounds = _select(segments, [i_lo, i_hi], D, sample.abs(), magnitude, timed, "magnitude").values()
     hi = bounds[:, 1].contiguous()
     lo = torch.minimum(bounds[:, 0], hi).contiguous()  # clamp with lo > hi clamps everything to hi
     clip = (lo, hi, span_or_inf(hi - lo))
 
     peak = torch.full((n,), ks.INT32_MIN, dtype=torch.int32, device=device)
-    score = _Counter(lambda part, sel: kscore.official_pass(part.rows, sel, peak, clip, params["inter"]))
+    score = _Counter(lambda seg, sel: kscore.official_pass(seg, sel, peak, clip, params["inter"]))
     sample_scores = _official_sample_scores(sample, clip, params["inter"], n)
     del sample
-    select = _select(group, [keep_index(D, params["ratio"])], D, sample_scores, score, timed, "score")
+    select = _select(segments, [keep_index(D, params["ratio"])], D, sample_scores, score, timed, "score")
     t = select.values()[:, 0].contiguous()
     span = span_or_inf(ks.keys_to_float(peak) - t)  # M == t: nothing is kept
     with timed("merge"):
-        for part in group:
-            km.merge_pass(part.rows, part.out, "official", clip, t, span, weights, lam, params["inter"])
+        for seg in segments:
+            km.merge_pass(seg, None, "official", clip, t, span, weights, lam, params["inter"])
     return select.count_above(inclusive=False)[:, 0]
 
 
@@ -203,32 +213,32 @@ def _paper(group, n, params, weights, lam, ks, timed):
     lo_key = torch.full((n, n), ks.INT32_MAX, dtype=torch.int32, device=device)
     hi_key = torch.full((n, n), ks.INT32_MIN, dtype=torch.int32, device=device)
     bad = torch.zeros(len(group), n, dtype=torch.int32, device=device)
+    segments = _segments(group)
     with timed("pair min/max"):
-        for g, part in enumerate(group):
-            kscore.pair_minmax_pass(part.rows, lo_key, hi_key, bad[g])
+        for seg in segments:
+            kscore.pair_minmax_pass(seg, lo_key, hi_key, bad)
     _raise_if_bad(group, bad)
     lo, hi = ks.keys_to_float(lo_key), ks.keys_to_float(hi_key)
     span = hi - lo
     peak = (span > 0).float()  # max of a normalised pair: 1, or 0 for a constant pair
     pairs = (lo.contiguous(), span_or_inf(hi - lo).contiguous(), peak.contiguous())
 
-    total = sum(kscore.programs(p.rows) for p in group)
+    total = sum(seg.tiles for seg in segments)
     inter = torch.empty(total, n, n, device=device)
     intra = torch.empty(total, n, device=device)
-    first = 0
     with timed("partition sums"):
-        for part in group:
-            first += kscore.partition_pass(part.rows, pairs, inter, intra, first)
+        for seg in segments:
+            kscore.partition_pass(seg, pairs, inter, intra)
         # partials summed in float64, in one fixed order: the same sums from run to run
         inv_z = ((1.0 / inter.double().sum(0)).float().contiguous(), (1.0 / intra.double().sum(0)).float().contiguous())
 
     sample_scores = _paper_sample_scores(_sample(group, ks.sample_stride(D)), pairs, inv_z, n)
-    beta = _Counter(lambda part, sel: kscore.paper_pass(part.rows, sel, pairs, inv_z))
-    select = _select(group, [keep_index(D, params["ratio"])], D, sample_scores, beta, timed, "score")
+    beta = _Counter(lambda seg, sel: kscore.paper_pass(seg, sel, pairs, inv_z))
+    select = _select(segments, [keep_index(D, params["ratio"])], D, sample_scores, beta, timed, "score")
     t = select.values()[:, 0].contiguous()
     with timed("merge"):
-        for part in group:
-            km.merge_pass(part.rows, part.out, "paper", pairs + inv_z, t, None, weights, lam)
+        for seg in segments:
+            km.merge_pass(seg, None, "paper", pairs + inv_z, t, None, weights, lam)
     return select.count_above(inclusive=True)[:, 0]
 
 
@@ -292,7 +302,9 @@ def merge_baseline(parts: list, n: int, method: str, *, lambdas=None, lam=1.0, s
     dare = None
     if method in ("dare", "dare_ties"):
         p, seed = check_drop(params.pop("p", 0.9)), check_seed(params.pop("seed", 0))
-        dare = lambda part: (_dare_streams(seed, n, part.key or "task_vector", device), p)  # noqa: E731
+        # ([parts, 2n] stream constants of the parts' keys, p), for the parts of a group
+        dare = lambda group: (torch.stack([_dare_streams(seed, n, part.key or "task_vector", device)  # noqa: E731
+                                           for part in group]), p)
     sign_ties = checks.check_choice("sign_ties", params.pop("sign_ties", "majority"), SIGN_TIES)
     if method == "ties":
         density = check_density(params.pop("density", 0.2))
@@ -305,59 +317,56 @@ def merge_baseline(parts: list, n: int, method: str, *, lambdas=None, lam=1.0, s
             divisor = float(n) if lambdas is None else float(sum(lambdas))
             if divisor <= 0:
                 raise ValueError(f"lambdas={lambdas!r} sum to {divisor}; average weights must have a positive sum")
-        for g, part in enumerate(parts):
-            kl.linear_pass(part.rows, part.out, weights, divisor, lam, bad[g], kept,
-                           dare(part) if dare is not None else None)
+        drop = dare(parts) if dare is not None else None
+        for seg in _segments(parts):
+            kl.linear_pass(seg, None, weights, divisor, lam, bad, kept, drop)
         _raise_if_bad(parts, bad)
         if dare is None:
             kept += sum(p.rows.m for p in parts)
         return {"kept": kept.tolist(), "entries": sum(p.rows.m for p in parts)}
 
-    groups = [list(enumerate(parts))] if scope == "global" else [[(g, p)] for g, p in enumerate(parts)]
-    for group in groups:
-        trim, first = kt.Trim(dare=None), {}
+    spans = [(0, len(parts))] if scope == "global" else [(g, g + 1) for g in range(len(parts))]
+    for start, stop in spans:
+        group, group_bad = parts[start:stop], bad[start:stop]
+        segments = _segments(group)
+        trim = kt.Trim(threshold=None)
         if method == "ties":
-            trim = _ties_trim(group, n, density, topk, bad, parts, first)
+            trim = _ties_trim(group, segments, n, density, topk, group_bad)
+        if dare is not None:  # DARE-TIES: the stream constants of the group's parts, [parts, 2n]
+            trim = kt.Trim(dare=dare(group))
         total = torch.zeros(1, dtype=torch.int64, device=device)
-        for g, part in group:
-            part_trim = kt.Trim(dare=dare(part)) if dare is not None else trim
-            kt.sign_pass(part.rows, weights, total, kept, bad[g], part_trim, first.get(g, 0))
-        _raise_if_bad(parts, bad)
+        for seg in segments:
+            kt.sign_pass(seg, weights, total, kept, group_bad, trim)
+        _raise_if_bad(group, group_bad)
         fill = torch.sign(total.float()) if sign_ties == "majority" else torch.ones(1, device=device)
-        for g, part in group:
-            part_trim = kt.Trim(dare=dare(part)) if dare is not None else trim
-            kt.ties_merge_pass(part.rows, part.out, weights, fill, lam, part_trim, first.get(g, 0))
+        for seg in segments:
+            kt.ties_merge_pass(seg, None, weights, fill, lam, trim)
     return {"kept": kept.tolist(), "entries": sum(p.rows.m for p in parts)}
 
 
-def _ties_trim(group, n, density, topk, bad, parts, first):
+def _ties_trim(group, segments, n, density, topk, bad):
     """The TIES trim of a scope group: t_i, the order statistic of |tau_i| at rank D - k - 1 (keep >= t,
     as the authors) or D - k (keep > t plus the first equal entries, exactly k), from one pass around
-    a sampled bracket (or the radix select's two where it missed). For the exact top-k, ``first``
-    receives each part's first tile number."""
+    a sampled bracket (or the radix select's two where it missed). ``bad``: [len(group), n] flags."""
     from ..kernels import score as kscore, select as ks, ties as kt
 
-    device = group[0][1].rows.device
-    D = sum(p.rows.m for _, p in group)
+    device = group[0].rows.device
+    D = sum(p.rows.m for p in group)
     keep = int(D * density)
     rank = D - keep - 1 if topk == "threshold" else D - keep
     if rank < 0 or rank >= D:  # keep everything (|tau| >= 0), or nothing (|tau| >= inf); the sign pass checks NaN/Inf
         return kt.Trim(threshold=torch.full((n,), 0.0 if rank < 0 else float("inf"), device=device))
-    index = {id(part): g for g, part in group}
-    magnitude = _Counter(lambda part, sel: kscore.magnitude_pass(part.rows, sel, bad[index[id(part)]]),
-                         after_first=lambda: _raise_if_bad(parts, bad))
-    members = [part for _, part in group]
-    select = _select(members, [rank], D, _sample(members, ks.sample_stride(D)).abs(), magnitude, lambda name: _no_timer(),
-                     "magnitude")
+    magnitude = _Counter(lambda seg, sel: kscore.magnitude_pass(seg, sel, bad),
+                         after_first=lambda: _raise_if_bad(group, bad))
+    select = _select(segments, [rank], D, _sample(group, ks.sample_stride(D)).abs(), magnitude,
+                     lambda name: _no_timer(), "magnitude")
     threshold = select.values()[:, 0].contiguous()
     if topk == "threshold":
         return kt.Trim(threshold=threshold)
-    tiles = sum(kscore.programs(p.rows) for _, p in group)
+    tiles = sum(seg.tiles for seg in segments)
     counts = torch.zeros(tiles + 1, n, dtype=torch.int64, device=device)
-    start = 0
-    for g, part in group:
-        first[g] = start
-        start += kt.equal_counts(part.rows, threshold, counts[1:], start)
+    for seg in segments:
+        kt.equal_counts(seg, threshold, counts[1:])
     before = counts.cumsum(0)[:-1].contiguous()  # equal entries in all earlier tiles, in position order
     budget = (keep - select.count_above(inclusive=False)[:, 0]).contiguous()
     return kt.Trim(threshold=threshold, exact=(before, budget))
