@@ -100,10 +100,13 @@ def cases(full: bool) -> list:
                             tasks * BLOCK, aligned, options))
 
         count = dict(hist_ptr="*i64", bucket_ptr="*i64", bounds_ptr="*fp32", tally_ptr="*i64", kept_ptr="*fp32",
-                     cap="i32")
+                     cap="i32", tiles_ptr="*i32")
         levels = [(0, "bracket"), (1, "radix level 1"), (2, "radix level 2")]
         for level, name in levels:
-            add("magnitude", name, "score", "magnitude_kernel", dict(count, bad_ptr="*i32"), dict(LEVEL=level, R=2))
+            add("magnitude", name, "score", "magnitude_kernel", dict(count, bad_ptr="*i32"),
+                dict(LEVEL=level, R=2, TILES=False))
+        add("magnitude", "bracket recording tiles (TIES exact top-k)", "score", "magnitude_kernel",
+            dict(count, bad_ptr="*i32"), dict(LEVEL=0, R=1, TILES=True))
         merge_sig = dict(out_ptr=dtype if has_base else "*fp32", s0_ptr="*fp32", s1_ptr="*fp32", s2_ptr="*fp32",
                          s3_ptr="*fp32", s4_ptr="*fp32", t_ptr="*fp32", span_ptr="*fp32", lambda_ptr="*fp32",
                          lam="fp32")
@@ -111,7 +114,7 @@ def cases(full: bool) -> list:
             for level, select in levels:
                 add("official", f"{name} {select}", "score", "official_kernel",
                     dict(lo_ptr="*fp32", hi_ptr="*fp32", span_ptr="*fp32", **count, peak_ptr="*i32"),
-                    dict(INTER=inter, LEVEL=level, R=1))
+                    dict(INTER=inter, LEVEL=level, R=1, TILES=False))
             add("merge", f"official {name}", "merge", "merge_kernel", merge_sig, dict(VARIANT=0, INTER=inter))
         add("pair_minmax", "paper", "score", "pair_minmax_kernel", dict(min_ptr="*i32", max_ptr="*i32", bad_ptr="*i32"),
             {})
@@ -120,7 +123,7 @@ def cases(full: bool) -> list:
         for level, select in levels:
             add("paper", select, "score", "paper_kernel",
                 dict(lo_ptr="*fp32", span_ptr="*fp32", peak_ptr="*fp32", inv_inter_ptr="*fp32", inv_intra_ptr="*fp32",
-                     **count), dict(LEVEL=level, R=1))
+                     **count), dict(LEVEL=level, R=1, TILES=False))
         add("merge", "paper", "merge", "merge_kernel", merge_sig, dict(VARIANT=1, INTER=0))
         for dare in (False, True):
             add("linear", "dare" if dare else "weighted sum", "linear", "linear_kernel",
@@ -264,7 +267,7 @@ def merges(n: int = TASKS) -> dict:
     plans = {  # (reads of the inputs, ranks counted in bracket passes)
         "pcb_official": (3, 3),  # |tau| around the two clip ranks; P around t; merge
         "pcb_paper": (4, 1),  # pair min/max; partition sums; beta around t; merge
-        "ties": (3, 1),  # |tau| around the trim's rank; signs; merge (the exact top-k adds a pass of tie counts)
+        "ties": (3, 1),  # |tau| around the trim's rank (the exact top-k's ties counted from its copies); signs; merge
     }
     out = {}
     for name, (reads, ranks) in plans.items():

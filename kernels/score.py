@@ -28,14 +28,16 @@ INTER_CODES = {"sum": 0, "normalized_sum": 1, "pairwise": 2}
 
 @triton.jit
 def magnitude_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap,
-                     bad_ptr, HAS_BASE: tl.constexpr, LEVEL: tl.constexpr, R: tl.constexpr, ALIGN: tl.constexpr,
+                     tiles_ptr, bad_ptr, HAS_BASE: tl.constexpr, LEVEL: tl.constexpr, R: tl.constexpr,
+                     TILES: tl.constexpr, ALIGN: tl.constexpr,
                      BASE_ALIGN: tl.constexpr, FULL: tl.constexpr, BLOCK: tl.constexpr):
     """|tau| counted for a select (LEVEL 0: a bracket; 1, 2: radix levels); NaN/Inf flags in the first pass."""
     cols, col_ok, offsets_ptr, base_off, out_off, tile, part = locate(table_ptr, programs_ptr, n, FULL, BLOCK)
     base = load_base(base_ptr, base_off, cols, col_ok, HAS_BASE, BASE_ALIGN, BLOCK)
     for i in range(n):
         tau = load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE, ALIGN)
-        count_values(tl.abs(tau), col_ok, i, hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap, LEVEL, R)
+        count_values(tl.abs(tau), col_ok, i, tile, hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap,
+                     tiles_ptr, LEVEL, R, TILES)
         if LEVEL <= 1:
             flag_bad(tau, col_ok, i, bad_ptr + part * n)
 
@@ -88,8 +90,8 @@ def official_score(tau, i, column, x_ptr, offsets_ptr, base, cols, col_ok, n, lo
 
 @triton.jit
 def official_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, lo_ptr, hi_ptr, span_ptr,
-                    hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap, peak_ptr,
-                    HAS_BASE: tl.constexpr, INTER: tl.constexpr, LEVEL: tl.constexpr, R: tl.constexpr,
+                    hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap, tiles_ptr, peak_ptr,
+                    HAS_BASE: tl.constexpr, INTER: tl.constexpr, LEVEL: tl.constexpr, R: tl.constexpr, TILES: tl.constexpr,
                     ALIGN: tl.constexpr, BASE_ALIGN: tl.constexpr,
                        FULL: tl.constexpr, BLOCK: tl.constexpr):
     cols, col_ok, offsets_ptr, base_off, out_off, tile, part = locate(table_ptr, programs_ptr, n, FULL, BLOCK)
@@ -100,7 +102,8 @@ def official_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, lo_ptr, hi_ptr,
         tau = load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE, ALIGN)
         score, _ = official_score(tau, i, column, x_ptr, offsets_ptr, base, cols, col_ok, n, lo_ptr, hi_ptr,
                                   span_ptr, HAS_BASE, INTER, ALIGN)
-        count_values(score, col_ok, i, hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap, LEVEL, R)
+        count_values(score, col_ok, i, tile, hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap, tiles_ptr,
+                     LEVEL, R, TILES)
         if LEVEL <= 1:
             key = order_key(score)
             tl.atomic_max(peak_ptr + i, tl.max(tl.where(col_ok, key, KEY_MIN), axis=0), sem="relaxed")
@@ -181,8 +184,9 @@ def paper_score(tau_i, i, x_ptr, offsets_ptr, base, cols, col_ok, n, lo_ptr, spa
 
 @triton.jit
 def paper_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, lo_ptr, span_ptr, peak_ptr, inv_inter_ptr, inv_intra_ptr,
-                 hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap,
-                 HAS_BASE: tl.constexpr, LEVEL: tl.constexpr, R: tl.constexpr, ALIGN: tl.constexpr,
+                 hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap, tiles_ptr,
+                 HAS_BASE: tl.constexpr, LEVEL: tl.constexpr, R: tl.constexpr, TILES: tl.constexpr,
+                 ALIGN: tl.constexpr,
                  BASE_ALIGN: tl.constexpr, FULL: tl.constexpr, BLOCK: tl.constexpr):
     cols, col_ok, offsets_ptr, base_off, out_off, tile, part = locate(table_ptr, programs_ptr, n, FULL, BLOCK)
     base = load_base(base_ptr, base_off, cols, col_ok, HAS_BASE, BASE_ALIGN, BLOCK)
@@ -190,7 +194,8 @@ def paper_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, lo_ptr, span_ptr, 
         tau_i = load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE, ALIGN)
         beta = paper_score(tau_i, i, x_ptr, offsets_ptr, base, cols, col_ok, n, lo_ptr, span_ptr, peak_ptr,
                            inv_inter_ptr, inv_intra_ptr, HAS_BASE, ALIGN)
-        count_values(beta, col_ok, i, hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap, LEVEL, R)
+        count_values(beta, col_ok, i, tile, hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap, tiles_ptr,
+                     LEVEL, R, TILES)
 
 
 # ---- launchers

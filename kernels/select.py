@@ -68,10 +68,12 @@ def radix_count(key, ok, i, hist_ptr, bucket_ptr, LEVEL: tl.constexpr, R: tl.con
 
 
 @triton.jit
-def bracket_tally(value, ok, i, bounds_ptr, tally_ptr, kept_ptr, cap, R: tl.constexpr):
+def bracket_tally(value, ok, i, bounds_ptr, tally_ptr, kept_ptr, cap, tile, tiles_ptr, R: tl.constexpr,
+                  TILES: tl.constexpr):
     """For each rank r of task i: count this program's values below the floor (tally[i, r, 0]) and copy
     those inside [floor, ceiling] (bounds[i, r, :]) to kept[i, r, :cap], their room reserved with one
-    atomic on tally[i, r, 1] (which ends as the number inside, even past ``cap``)."""
+    atomic on tally[i, r, 1] (which ends as the number inside, even past ``cap``); with TILES, also
+    this program's tile number beside each (tiles[i, r, :cap], int32)."""
     for r in tl.static_range(R):
         slot = i * R + r
         floor = tl.load(bounds_ptr + 2 * slot)
@@ -83,16 +85,20 @@ def bracket_tally(value, ok, i, bounds_ptr, tally_ptr, kept_ptr, cap, R: tl.cons
         start = tl.atomic_add(tally_ptr + 2 * slot + 1, tl.sum(flags, axis=0), sem="relaxed")
         position = start + tl.cumsum(flags, axis=0) - 1
         row = tl.cast(slot, tl.int64) * cap  # 64-bit: n R cap can pass 2^31 for large rows
-        tl.store(kept_ptr + row + position, value, mask=inside & (position < cap))
+        room = inside & (position < cap)
+        tl.store(kept_ptr + row + position, value, mask=room)
+        if TILES:
+            tl.store(tiles_ptr + row + position, tl.zeros_like(position).to(tl.int32) + tile.to(tl.int32),
+                     mask=room)
 
 
 @triton.jit
-def count_values(value, ok, i, hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap, LEVEL: tl.constexpr,
-                 R: tl.constexpr):
+def count_values(value, ok, i, tile, hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap, tiles_ptr,
+                 LEVEL: tl.constexpr, R: tl.constexpr, TILES: tl.constexpr):
     """Count task i's float32 values (where ``ok``) for the select in use: a bracket (LEVEL 0) or a
-    radix-select level (1, 2)."""
+    radix-select level (1, 2). ``tile``: this program's tile number (recorded by a bracket with TILES)."""
     if LEVEL == 0:
-        bracket_tally(value, ok, i, bounds_ptr, tally_ptr, kept_ptr, cap, R)
+        bracket_tally(value, ok, i, bounds_ptr, tally_ptr, kept_ptr, cap, tile, tiles_ptr, R, TILES)
     else:
         radix_count(order_key(value), ok, i, hist_ptr, bucket_ptr, LEVEL, R)
 
@@ -186,7 +192,8 @@ class DeviceSelect:
 
 def _unused_bracket_args(device) -> dict:
     return dict(bounds_ptr=torch.zeros(2, device=device), tally_ptr=torch.zeros(2, dtype=torch.int64, device=device),
-                kept_ptr=torch.zeros(1, device=device), cap=1)
+                kept_ptr=torch.zeros(1, device=device), cap=1, tiles_ptr=torch.zeros(1, dtype=torch.int32, device=device),
+                TILES=False)
 
 
 SAMPLE_ALL = 1 << 16  # groups of at most this many entries per task are sampled whole (the bracket is exact)
@@ -208,7 +215,7 @@ class DeviceBracket:
     not, select with :class:`DeviceSelect` instead.
     """
 
-    def __init__(self, ranks, length: int, sample: torch.Tensor):
+    def __init__(self, ranks, length: int, sample: torch.Tensor, record_tiles: bool = False):
         device = sample.device
         self.n, s = sample.shape
         self.R = len(ranks)
@@ -230,11 +237,15 @@ class DeviceBracket:
         self.cap = min(length, 2 * math.ceil(widest * length / max(s, 1)) + 4096)
         self.tally = torch.zeros(self.n, self.R, 2, dtype=torch.int64, device=device)
         self.kept = torch.empty(self.n, self.R, self.cap, device=device)
+        # with record_tiles, the tile of each copied value (for per-tile counts of ties, TIES' exact top-k)
+        self.tiles = torch.empty(self.n, self.R, self.cap if record_tiles else 1, dtype=torch.int32, device=device)
+        self.record_tiles = record_tiles
 
     def kernel_args(self) -> dict:
         """The keyword arguments of a counting kernel (:func:`count_values`)."""
         return dict(hist_ptr=self.tally, bucket_ptr=self.tally, bounds_ptr=self.bounds, tally_ptr=self.tally,
-                    kept_ptr=self.kept, cap=self.cap, LEVEL=0, R=self.R)
+                    kept_ptr=self.kept, cap=self.cap, tiles_ptr=self.tiles, LEVEL=0, R=self.R,
+                    TILES=self.record_tiles)
 
     def resolve(self) -> bool:
         """After the pass: whether every rank lay in its bracket (with every entry inside copied); if so,
@@ -258,3 +269,13 @@ class DeviceBracket:
         value = self._values.unsqueeze(2)
         not_above = (self.sorted < value) if inclusive else (self.sorted <= value)
         return self.length - self.below - (not_above & self.valid).sum(2)
+
+    def equal_per_tile(self, tiles: int) -> torch.Tensor:
+        """[tiles, n] int64: the entries of each tile equal to each task's first statistic (needs
+        record_tiles; every such entry lies inside the bracket, so the copies hold them all)."""
+        if not self.record_tiles:
+            raise RuntimeError("equal_per_tile() needs a bracket built with record_tiles=True")
+        equal = self.valid[:, 0] & (self.kept[:, 0] == self._values[:, 0:1])  # [n, cap]
+        task = torch.arange(self.n, device=self.device).unsqueeze(1).expand_as(equal)
+        index = self.tiles[:, 0].long() * self.n + task
+        return torch.bincount(index[equal], minlength=tiles * self.n).view(tiles, self.n)

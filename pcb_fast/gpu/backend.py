@@ -3,8 +3,9 @@
 Official variant, three reads of the inputs per scope group and no task vector or score ever
 written: |tau| counted around the clip bounds' sampled brackets (with the NaN/Inf check), P counted
 around the keep threshold's bracket (and its max M_i), then the merge pass. The paper variant, four:
-pair min/max, softmax partition sums, beta around its bracket, merge. TIES (threshold trim), three:
-|tau| around the trim's bracket, signs, merge. The brackets come from a column sample of the task
+pair min/max, softmax partition sums, beta around its bracket, merge. TIES, three: |tau| around the
+trim's bracket (for the exact top-k, it also records the tile of each copied entry, from which the
+ties at t are counted per tile), signs, merge. The brackets come from a column sample of the task
 vectors (gathered by torch: a small fraction of a read); a bracket the counts show missed (or heavy
 ties that overflow its buffer) costs the two passes of the exact radix select instead. Statistics
 stay on the device; the host synchronises after the first pass to report bad values and after each
@@ -110,14 +111,14 @@ def _segments(group) -> list:
     return segment([p.rows for p in group], [p.out for p in group])
 
 
-def _select(segments, ranks, D: int, sample: torch.Tensor, count, timed, name: str):
+def _select(segments, ranks, D: int, sample: torch.Tensor, count, timed, name: str, record_tiles: bool = False):
     """Exact order statistics ``ranks`` of every task over a scope group: one pass around the sampled
     brackets, or, where a bracket missed, the two passes of the radix select. ``count(segment, select)``
     runs the counting pass over one Segments. Returns a DeviceBracket or DeviceSelect (values, count_above)."""
     from ..kernels import select as ks
 
     group = segments
-    bracket = ks.DeviceBracket(ranks, D, sample)
+    bracket = ks.DeviceBracket(ranks, D, sample, record_tiles)
     with timed(name):
         for part in group:
             count(part, bracket)
@@ -359,14 +360,17 @@ def _ties_trim(group, segments, n, density, topk, bad):
     magnitude = _Counter(lambda seg, sel: kscore.magnitude_pass(seg, sel, bad),
                          after_first=lambda: _raise_if_bad(group, bad))
     select = _select(segments, [rank], D, _sample(group, ks.sample_stride(D)).abs(), magnitude,
-                     lambda name: _no_timer(), "magnitude")
+                     lambda name: _no_timer(), "magnitude", record_tiles=topk == "exact")
     threshold = select.values()[:, 0].contiguous()
     if topk == "threshold":
         return kt.Trim(threshold=threshold)
     tiles = sum(seg.tiles for seg in segments)
     counts = torch.zeros(tiles + 1, n, dtype=torch.int64, device=device)
-    for seg in segments:
-        kt.equal_counts(seg, threshold, counts[1:])
+    if isinstance(select, ks.DeviceBracket):  # every entry equal to t was copied, with its tile
+        counts[1:] = select.equal_per_tile(tiles)
+    else:  # the radix select's fallback: one more pass counts them
+        for seg in segments:
+            kt.equal_counts(seg, threshold, counts[1:])
     before = counts.cumsum(0)[:-1].contiguous()  # equal entries in all earlier tiles, in position order
     budget = (keep - select.count_above(inclusive=False)[:, 0]).contiguous()
     return kt.Trim(threshold=threshold, exact=(before, budget))
