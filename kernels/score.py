@@ -37,7 +37,7 @@ def magnitude_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, hist_ptr, buck
     for i in range(n):
         tau = load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE, ALIGN)
         count_values(tl.abs(tau), col_ok, i, tile, hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap,
-                     tiles_ptr, LEVEL, R, TILES)
+                     tiles_ptr, LEVEL, R, TILES, BLOCK)
         if LEVEL <= 1:
             flag_bad(tau, col_ok, i, bad_ptr + part * n)
 
@@ -103,7 +103,7 @@ def official_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, lo_ptr, hi_ptr,
         score, _ = official_score(tau, i, column, x_ptr, offsets_ptr, base, cols, col_ok, n, lo_ptr, hi_ptr,
                                   span_ptr, HAS_BASE, INTER, ALIGN)
         count_values(score, col_ok, i, tile, hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap, tiles_ptr,
-                     LEVEL, R, TILES)
+                     LEVEL, R, TILES, BLOCK)
         if LEVEL <= 1:
             key = order_key(score)
             tl.atomic_max(peak_ptr + i, tl.max(tl.where(col_ok, key, KEY_MIN), axis=0), sem="relaxed")
@@ -195,7 +195,7 @@ def paper_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, lo_ptr, span_ptr, 
         beta = paper_score(tau_i, i, x_ptr, offsets_ptr, base, cols, col_ok, n, lo_ptr, span_ptr, peak_ptr,
                            inv_inter_ptr, inv_intra_ptr, HAS_BASE, ALIGN)
         count_values(beta, col_ok, i, tile, hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap, tiles_ptr,
-                     LEVEL, R, TILES)
+                     LEVEL, R, TILES, BLOCK)
 
 
 # ---- launchers

@@ -69,7 +69,7 @@ def radix_count(key, ok, i, hist_ptr, bucket_ptr, LEVEL: tl.constexpr, R: tl.con
 
 @triton.jit
 def bracket_tally(value, ok, i, bounds_ptr, tally_ptr, kept_ptr, cap, tile, tiles_ptr, R: tl.constexpr,
-                  TILES: tl.constexpr):
+                  TILES: tl.constexpr, BLOCK: tl.constexpr):
     """For each rank r of task i: count this program's values below the floor (tally[i, r, 0]) and copy
     those inside [floor, ceiling] (bounds[i, r, :]) to kept[i, r, :cap], their room reserved with one
     atomic on tally[i, r, 1] (which ends as the number inside, even past ``cap``); with TILES, also
@@ -80,25 +80,25 @@ def bracket_tally(value, ok, i, bounds_ptr, tally_ptr, kept_ptr, cap, tile, tile
         ceiling = tl.load(bounds_ptr + 2 * slot + 1)
         below = ok & (value < floor)
         inside = ok & (value >= floor) & (value <= ceiling)
-        tl.atomic_add(tally_ptr + 2 * slot, tl.sum(below.to(tl.int64), axis=0), sem="relaxed")
-        flags = inside.to(tl.int64)
-        start = tl.atomic_add(tally_ptr + 2 * slot + 1, tl.sum(flags, axis=0), sem="relaxed")
-        position = start + tl.cumsum(flags, axis=0) - 1
-        row = tl.cast(slot, tl.int64) * cap  # 64-bit: n R cap can pass 2^31 for large rows
-        room = inside & (position < cap)
-        tl.store(kept_ptr + row + position, value, mask=room)
+        tl.atomic_add(tally_ptr + 2 * slot, tl.sum(below.to(tl.int32), axis=0).to(tl.int64), sem="relaxed")
+        flags = inside.to(tl.int32)  # 32-bit in the program (BLOCK entries), 64-bit only in the scalars
+        start = tl.atomic_add(tally_ptr + 2 * slot + 1, tl.sum(flags, axis=0).to(tl.int64), sem="relaxed")
+        rank = tl.cumsum(flags, axis=0) - 1  # the entry's place among this program's copies
+        room = tl.minimum(tl.maximum(cap - start, 0), BLOCK).to(tl.int32)  # places left in the buffer
+        first = tl.cast(slot, tl.int64) * cap + start  # 64-bit: n R cap can pass 2^31 for large rows
+        copied = inside & (rank < room)
+        tl.store((kept_ptr + first) + rank, value, mask=copied)
         if TILES:
-            tl.store(tiles_ptr + row + position, tl.zeros_like(position).to(tl.int32) + tile.to(tl.int32),
-                     mask=room)
+            tl.store((tiles_ptr + first) + rank, (rank * 0 + tile).to(tl.int32), mask=copied)
 
 
 @triton.jit
 def count_values(value, ok, i, tile, hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap, tiles_ptr,
-                 LEVEL: tl.constexpr, R: tl.constexpr, TILES: tl.constexpr):
+                 LEVEL: tl.constexpr, R: tl.constexpr, TILES: tl.constexpr, BLOCK: tl.constexpr):
     """Count task i's float32 values (where ``ok``) for the select in use: a bracket (LEVEL 0) or a
     radix-select level (1, 2). ``tile``: this program's tile number (recorded by a bracket with TILES)."""
     if LEVEL == 0:
-        bracket_tally(value, ok, i, bounds_ptr, tally_ptr, kept_ptr, cap, tile, tiles_ptr, R, TILES)
+        bracket_tally(value, ok, i, bounds_ptr, tally_ptr, kept_ptr, cap, tile, tiles_ptr, R, TILES, BLOCK)
     else:
         radix_count(order_key(value), ok, i, hist_ptr, bucket_ptr, LEVEL, R)
 

@@ -36,10 +36,10 @@ def trim_mask(tau, col_ok, cols, i, n, t_ptr, streams_ptr, threshold, ties_ptr, 
         t = tl.load(t_ptr + i)
         magnitude = tl.abs(tau)
         equal = col_ok & (magnitude == t)
-        before = tl.load(ties_ptr + tile * n + i)
-        order = before + tl.cumsum(equal.to(tl.int64), axis=0)  # 1-based rank of each equal entry
-        budget = tl.load(budget_ptr + i)
-        kept = col_ok & ((magnitude > t) | (equal & (order <= budget)))
+        before = tl.load(ties_ptr + tile * n + i)  # equal entries of task i in earlier tiles
+        order = tl.cumsum(equal.to(tl.int32), axis=0)  # 1-based rank of each equal entry in this tile
+        left = tl.minimum(tl.maximum(tl.load(budget_ptr + i) - before, 0), 1 << 30).to(tl.int32)  # budget left
+        kept = col_ok & ((magnitude > t) | (equal & (order <= left)))
     else:
         kept = col_ok & (tl.abs(tau) >= tl.load(t_ptr + i))
     return kept
