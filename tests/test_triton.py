@@ -430,3 +430,24 @@ def test_gpu_benchmark_runs_under_the_interpreter(capsys):
     out = capsys.readouterr().out
     assert "| 8 | 4,096 | float32 |" in out and "| 8 | 4,096 | bfloat16 |" in out
     assert "| dare_ties |" in out
+
+
+def test_gpu_check_runs_under_the_interpreter(tmp_path, capsys):
+    """The GPU runbook's checks (benchmarks/gpu_check.py) at --quick sizes: the plumbing a GPU session
+    will rely on, kept working here."""
+    from benchmarks import gpu_check
+
+    out = tmp_path / "gpu_check.json"
+    assert gpu_check.main(["--quick", "--out", str(out)]) == 0
+    import json
+
+    report = json.loads(out.read_text())
+    assert report["machine"]["device"] == "cpu (Triton interpreter)"
+    assert len(report["checks"]) >= 20 and all(c["ok"] for c in report["checks"])
+    assert "FAIL" not in capsys.readouterr().out
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0  # the runbook parses
+
