@@ -12,6 +12,8 @@ changed for the duration of a merge only and restored afterwards, also when the 
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import time
 
@@ -110,3 +112,18 @@ class CpuThreads:
     def __exit__(self, *exc) -> None:
         if torch.get_num_threads() != self._saved:
             torch.set_num_threads(self._saved)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread for the enclosed ops, restored after: for reductions whose rounding would
+    otherwise depend on the thread count (torch splits a sum longer than its grain size, 32768, into
+    one part per thread)."""
+    threads = torch.get_num_threads()
+    if threads != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads != 1:
+            torch.set_num_threads(threads)

@@ -54,7 +54,7 @@ from .. import __version__
 from ..core import checks, engine
 from ..core.formulas import merged_weights
 from ..core.sources import DEFAULT_BLOCK_WIDTH, Block, TaskVectorSource, segments_of
-from ..core.threads import CpuThreads
+from ..core.threads import CpuThreads, one_thread
 from ..cpu import fused as fused_cpu
 from ..methods import METHODS
 from .checkpoints import MERGED_DTYPES, open_checkpoint, split_keys
@@ -397,14 +397,8 @@ class LoraSource(TaskVectorSource):
             pos = end
 
     def _read(self, seg, lo, hi, out):
-        threads = torch.get_num_threads()
-        if threads != 1:
-            torch.set_num_threads(1)  # the products' rounding must not depend on the thread count
-        try:
+        with one_thread():  # the products' rounding must not depend on the thread count
             return self._read_deltas(seg, lo, hi, out)
-        finally:
-            if threads != 1:
-                torch.set_num_threads(threads)
 
     def _read_deltas(self, seg, lo, hi, out):
         base = None

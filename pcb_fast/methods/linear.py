@@ -17,6 +17,7 @@ from ..core import checks, rng
 from ..core.engine import raise_if_not_finite
 from ..core.formulas import lambda_column, sum_over_tasks
 from ..core.sources import DEFAULT_BLOCK_WIDTH, row_length
+from ..core.threads import one_thread
 from ..cpu import fused as fused_cpu, native
 
 
@@ -96,7 +97,8 @@ def l1_factors(source, keep_mask, block_width: int) -> torch.Tensor:
     sum |tau_i| / sum |tau_i * keep_i| over the source (a tensor, or the whole model in global
     scope), 1 where either sum is below 1e-7. One pass, with the NaN/Inf check; ``keep_mask(block)``
     gives the block's [n, m] kept mask. A tensor that fits one block is summed by torch.sum in
-    float32 (the bits of mergekit's ``tensor.abs().sum()``); the block sums of a larger tensor, and
+    float32 on one thread (the bits of mergekit's ``tensor.abs().sum()`` on one thread, whatever
+    the merge's thread count); the block sums of a larger tensor, and
     the tensors of a whole model, are added in float64."""
     n = source.n
     sums = {}  # segment key -> float64 [2, n]: sum |tau|, sum |tau * keep|
@@ -104,9 +106,10 @@ def l1_factors(source, keep_mask, block_width: int) -> torch.Tensor:
         raise_if_not_finite(source, block, block.tv.abs().amax(1))
         masked = block.tv * keep_mask(block)
         total = sums.setdefault(block.segment.key, torch.zeros(2, n, dtype=torch.float64))
-        for i in range(n):  # row by row: the reduction mergekit makes over one tensor
-            total[0, i] += float(block.tv[i].abs().sum())
-            total[1, i] += float(masked[i].abs().sum())
+        with one_thread():  # else a row longer than torch's grain size is summed in one part per thread
+            for i in range(n):  # row by row: the reduction mergekit makes over one tensor
+                total[0, i] += float(block.tv[i].abs().sum())
+                total[1, i] += float(masked[i].abs().sum())
     # each tensor's sums rounded to float32 (a no-op for a tensor of one block), then added
     before, after = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     for total in sums.values():

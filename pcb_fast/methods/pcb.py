@@ -24,6 +24,7 @@ from ..core.engine import ColumnSample, entries, raise_if_not_finite, select_in_
 from ..core.formulas import EXACT_EXP_MAX_N, clip_indices, keep_index, lambda_column, span_or_inf
 from ..core.select import RadixSelect, TailSelect
 from ..core.sources import DEFAULT_BLOCK_WIDTH
+from ..core.threads import one_thread
 from ..cpu import fused as fused_cpu
 from ..cpu import pcb_blocks as tb
 
@@ -267,8 +268,11 @@ def pair_stats(source, block_width: int, sample: ColumnSample) -> tb.PairStats:
         partial = torch.empty(n, n + 1, dtype=torch.float64)
         for i in range(n):
             normalized = tb.pair_normalized(block.tv, i, stats, terms)
-            partial[i, n] = tb.intra_numerator(normalized[i], n, float(stats.peak[i, i]), ws.row(m)).sum(dtype=torch.float64)
-            partial[i, :n] = terms.sub_(stats.peak[i].unsqueeze(1)).exp_().sum(1, dtype=torch.float64)
+            numerator = tb.intra_numerator(normalized[i], n, float(stats.peak[i, i]), ws.row(m))
+            exps = terms.sub_(stats.peak[i].unsqueeze(1)).exp_()
+            with one_thread():  # sums longer than torch's grain size would round by thread count
+                partial[i, n] = numerator.sum(dtype=torch.float64)
+                partial[i, :n] = exps.sum(1, dtype=torch.float64)
         partials.append(partial)
     partials = torch.stack(partials) if partials else torch.zeros(0, n, n + 1, dtype=torch.float64)
     if source.comm is not None:  # every rank adds every block's partials in the same (global) order
