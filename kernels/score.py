@@ -36,7 +36,7 @@ def magnitude_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, hist_ptr, buck
     base = load_base(base_ptr, base_off, cols, col_ok, HAS_BASE, BASE_ALIGN, BLOCK)
     for i in range(n):
         tau = load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE, ALIGN)
-        count_values(tl.abs(tau), col_ok, i, tile, hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap,
+        count_values(tl.abs(tau), col_ok, i, n, tile, hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap,
                      tiles_ptr, LEVEL, R, TILES, BLOCK)
         if LEVEL <= 1:
             flag_bad(tau, col_ok, i, bad_ptr + part * n)
@@ -102,7 +102,7 @@ def official_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, lo_ptr, hi_ptr,
         tau = load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE, ALIGN)
         score, _ = official_score(tau, i, column, x_ptr, offsets_ptr, base, cols, col_ok, n, lo_ptr, hi_ptr,
                                   span_ptr, HAS_BASE, INTER, ALIGN)
-        count_values(score, col_ok, i, tile, hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap, tiles_ptr,
+        count_values(score, col_ok, i, n, tile, hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap, tiles_ptr,
                      LEVEL, R, TILES, BLOCK)
         if LEVEL <= 1:
             key = order_key(score)
@@ -194,7 +194,7 @@ def paper_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, lo_ptr, span_ptr, 
         tau_i = load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE, ALIGN)
         beta = paper_score(tau_i, i, x_ptr, offsets_ptr, base, cols, col_ok, n, lo_ptr, span_ptr, peak_ptr,
                            inv_inter_ptr, inv_intra_ptr, HAS_BASE, ALIGN)
-        count_values(beta, col_ok, i, tile, hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap, tiles_ptr,
+        count_values(beta, col_ok, i, n, tile, hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap, tiles_ptr,
                      LEVEL, R, TILES, BLOCK)
 
 

@@ -3,11 +3,12 @@
 
 ``DeviceBracket``: a column sample of the values gives, per task and rank, a bracket [floor,
 ceiling] that holds the rank with overwhelming probability (six standard deviations of the
-sample's rank error on each side). One pass counts the values below the floor and copies those
-inside the bracket (about 1% of them at a sample of 2^18 columns) to a buffer, reserving room with
-one atomic per program, task and rank: no per-entry atomics. A sort of the copied values gives the
-exact order statistic. If a bracket missed (the counts say so; or heavy ties overflow the buffer),
-the caller falls back to the radix select below.
+sample's rank error on each side). One pass counts the values below the floor, at the floor and at
+the ceiling, and copies those strictly inside (about 1% of them at a sample of 2^18 columns) to a
+buffer, reserving room with one atomic per program, task and rank: no per-entry atomics, and ties
+at a bound (exact zeros, quantized values) cost counts only. The counts and a sort of the copied
+values give the exact order statistic. If a bracket missed (the counts say so; or the buffer
+overflowed), the caller falls back to the radix select below.
 
 A float32 maps to an int32 key with the float's order (negatives get every bit but the sign
 flipped). Level 1 counts the top 16 bits of the keys of every task row into [n, 65536] int64
@@ -68,21 +69,29 @@ def radix_count(key, ok, i, hist_ptr, bucket_ptr, LEVEL: tl.constexpr, R: tl.con
 
 
 @triton.jit
-def bracket_tally(value, ok, i, bounds_ptr, tally_ptr, kept_ptr, cap, tile, tiles_ptr, R: tl.constexpr,
+def bracket_tally(value, ok, i, n, bounds_ptr, tally_ptr, kept_ptr, cap, tile, tiles_ptr, R: tl.constexpr,
                   TILES: tl.constexpr, BLOCK: tl.constexpr):
-    """For each rank r of task i: count this program's values below the floor (tally[i, r, 0]) and copy
-    those inside [floor, ceiling] (bounds[i, r, :]) to kept[i, r, :cap], their room reserved with one
-    atomic on tally[i, r, 1] (which ends as the number inside, even past ``cap``); with TILES, also
-    this program's tile number beside each (tiles[i, r, :cap], int32)."""
+    """For each rank r of task i (slot = i R + r), with floor f and ceiling c = bounds[slot]: count this
+    program's values below f, equal to f and equal to c (c != f) into tally[slot, 0, 2, 3], and copy
+    those strictly between them to kept[slot, :cap], their room reserved with one atomic on
+    tally[slot, 1] (which ends as their number, even past ``cap``). Ties at a bound cost counts only,
+    so heavy ties (exact zeros, quantized values) do not fill the buffer. With TILES, the tile number
+    of each copy goes to tiles[slot, :cap] and this program's counts at f and c to
+    tiles[n R cap + (tile n R + slot) 2 + 0, 1] (TIES' exact top-k counts its ties per tile)."""
     for r in tl.static_range(R):
         slot = i * R + r
         floor = tl.load(bounds_ptr + 2 * slot)
         ceiling = tl.load(bounds_ptr + 2 * slot + 1)
-        below = ok & (value < floor)
-        inside = ok & (value >= floor) & (value <= ceiling)
-        tl.atomic_add(tally_ptr + 2 * slot, tl.sum(below.to(tl.int32), axis=0).to(tl.int64), sem="relaxed")
+        at_floor = tl.sum((ok & (value == floor)).to(tl.int32), axis=0)
+        at_ceiling = tl.sum((ok & (value == ceiling)).to(tl.int32), axis=0)
+        at_ceiling = tl.where(ceiling != floor, at_ceiling, 0)  # one bound: its ties counted once
+        tl.atomic_add(tally_ptr + 4 * slot, tl.sum((ok & (value < floor)).to(tl.int32), axis=0).to(tl.int64),
+                      sem="relaxed")
+        tl.atomic_add(tally_ptr + 4 * slot + 2, at_floor.to(tl.int64), sem="relaxed")
+        tl.atomic_add(tally_ptr + 4 * slot + 3, at_ceiling.to(tl.int64), sem="relaxed")
+        inside = ok & (value > floor) & (value < ceiling)
         flags = inside.to(tl.int32)  # 32-bit in the program (BLOCK entries), 64-bit only in the scalars
-        start = tl.atomic_add(tally_ptr + 2 * slot + 1, tl.sum(flags, axis=0).to(tl.int64), sem="relaxed")
+        start = tl.atomic_add(tally_ptr + 4 * slot + 1, tl.sum(flags, axis=0).to(tl.int64), sem="relaxed")
         rank = tl.cumsum(flags, axis=0) - 1  # the entry's place among this program's copies
         room = tl.minimum(tl.maximum(cap - start, 0), BLOCK).to(tl.int32)  # places left in the buffer
         first = tl.cast(slot, tl.int64) * cap + start  # 64-bit: n R cap can pass 2^31 for large rows
@@ -90,15 +99,18 @@ def bracket_tally(value, ok, i, bounds_ptr, tally_ptr, kept_ptr, cap, tile, tile
         tl.store((kept_ptr + first) + rank, value, mask=copied)
         if TILES:
             tl.store((tiles_ptr + first) + rank, (rank * 0 + tile).to(tl.int32), mask=copied)
+            at = tiles_ptr + tl.cast(n * R, tl.int64) * cap + (tile * (n * R) + slot) * 2
+            tl.store(at, at_floor)
+            tl.store(at + 1, at_ceiling)
 
 
 @triton.jit
-def count_values(value, ok, i, tile, hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap, tiles_ptr,
+def count_values(value, ok, i, n, tile, hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap, tiles_ptr,
                  LEVEL: tl.constexpr, R: tl.constexpr, TILES: tl.constexpr, BLOCK: tl.constexpr):
     """Count task i's float32 values (where ``ok``) for the select in use: a bracket (LEVEL 0) or a
     radix-select level (1, 2). ``tile``: this program's tile number (recorded by a bracket with TILES)."""
     if LEVEL == 0:
-        bracket_tally(value, ok, i, bounds_ptr, tally_ptr, kept_ptr, cap, tile, tiles_ptr, R, TILES, BLOCK)
+        bracket_tally(value, ok, i, n, bounds_ptr, tally_ptr, kept_ptr, cap, tile, tiles_ptr, R, TILES, BLOCK)
     else:
         radix_count(order_key(value), ok, i, hist_ptr, bucket_ptr, LEVEL, R)
 
@@ -212,10 +224,11 @@ class DeviceBracket:
     Usage: every pass over the rows calls a counting kernel with :meth:`kernel_args` (LEVEL 0);
     then :meth:`resolve` says whether every bracket held (one host synchronisation); if so,
     :meth:`values` and :meth:`count_above` answer as :class:`DeviceSelect`'s do (float order); if
-    not, select with :class:`DeviceSelect` instead.
+    not, select with :class:`DeviceSelect` instead. With ``tiles`` (the number of tiles of the
+    pass), :meth:`equal_per_tile` also counts the entries equal to each statistic per tile.
     """
 
-    def __init__(self, ranks, length: int, sample: torch.Tensor, record_tiles: bool = False):
+    def __init__(self, ranks, length: int, sample: torch.Tensor, tiles: int = 0):
         device = sample.device
         self.n, s = sample.shape
         self.R = len(ranks)
@@ -235,29 +248,34 @@ class DeviceBracket:
         self.bounds = torch.stack(bounds, 1).contiguous()  # [n, R, 2]
         # room for twice the entries the widest bracket should hold, and never more than the row
         self.cap = min(length, 2 * math.ceil(widest * length / max(s, 1)) + 4096)
-        self.tally = torch.zeros(self.n, self.R, 2, dtype=torch.int64, device=device)
+        self.tally = torch.zeros(self.n, self.R, 4, dtype=torch.int64, device=device)  # below, inside, at f, at c
         self.kept = torch.empty(self.n, self.R, self.cap, device=device)
-        # with record_tiles, the tile of each copied value (for per-tile counts of ties, TIES' exact top-k)
-        self.tiles = torch.empty(self.n, self.R, self.cap if record_tiles else 1, dtype=torch.int32, device=device)
-        self.record_tiles = record_tiles
+        # with tiles: the tile of each copy, then the counts at each bound per tile [tiles, n, R, 2]
+        size = self.n * self.R * self.cap + tiles * self.n * self.R * 2 if tiles else 1
+        self.tiles = torch.zeros(size, dtype=torch.int32, device=device)
+        self.tile_count = tiles
 
     def kernel_args(self) -> dict:
         """The keyword arguments of a counting kernel (:func:`count_values`)."""
         return dict(hist_ptr=self.tally, bucket_ptr=self.tally, bounds_ptr=self.bounds, tally_ptr=self.tally,
                     kept_ptr=self.kept, cap=self.cap, tiles_ptr=self.tiles, LEVEL=0, R=self.R,
-                    TILES=self.record_tiles)
+                    TILES=self.tile_count > 0)
 
     def resolve(self) -> bool:
-        """After the pass: whether every rank lay in its bracket (with every entry inside copied); if so,
-        sorts the copied entries and finds the statistics."""
-        below, inside = self.tally[..., 0], self.tally[..., 1]
-        held = (below <= self.ranks) & (self.ranks < below + inside) & (inside <= self.cap)
+        """After the pass: whether every rank lay in its bracket (with every entry strictly inside copied);
+        if so, sorts the copied entries and finds the statistics."""
+        below, inside, at_floor, at_ceiling = self.tally.unbind(2)
+        held = (below <= self.ranks) & (self.ranks < below + at_floor + inside + at_ceiling) & (inside <= self.cap)
         if not bool(held.all()):
             return False
         self.valid = torch.arange(self.cap, device=self.device) < inside.unsqueeze(2)
         self.sorted = torch.sort(torch.where(self.valid, self.kept, math.inf), dim=2).values
-        self.below = below
-        self._values = self.sorted.gather(2, (self.ranks - below).unsqueeze(2)).squeeze(2)
+        self.below, self.inside, self.at_floor, self.at_ceiling = below, inside, at_floor, at_ceiling
+        place = self.ranks - below - at_floor  # the rank among the copies (negative: at the floor)
+        self.case = torch.where(place < 0, 0, torch.where(place < inside, 1, 2))  # at floor, inside, at ceiling
+        copied = self.sorted.gather(2, place.clamp(0, self.cap - 1).unsqueeze(2)).squeeze(2)
+        self._values = torch.where(self.case == 0, self.bounds[..., 0],
+                                   torch.where(self.case == 1, copied, self.bounds[..., 1]))
         return True
 
     def values(self) -> torch.Tensor:
@@ -267,15 +285,24 @@ class DeviceBracket:
     def count_above(self, inclusive: bool) -> torch.Tensor:
         """[n, R] int64: entries > each statistic, or >= it with ``inclusive`` (float comparisons)."""
         value = self._values.unsqueeze(2)
-        not_above = (self.sorted < value) if inclusive else (self.sorted <= value)
-        return self.length - self.below - (not_above & self.valid).sum(2)
+        copies = ((self.sorted < value) if inclusive else (self.sorted <= value)) & self.valid
+        below_t = self.below + torch.where(  # entries < t (inclusive) or <= t
+            self.case == 0, 0 if inclusive else self.at_floor,
+            torch.where(self.case == 1, self.at_floor + copies.sum(2),
+                        self.at_floor + self.inside + (0 if inclusive else self.at_ceiling)))
+        return self.length - below_t
 
     def equal_per_tile(self, tiles: int) -> torch.Tensor:
-        """[tiles, n] int64: the entries of each tile equal to each task's first statistic (needs
-        record_tiles; every such entry lies inside the bracket, so the copies hold them all)."""
-        if not self.record_tiles:
-            raise RuntimeError("equal_per_tile() needs a bracket built with record_tiles=True")
+        """[tiles, n] int64: the entries of each tile equal to each task's first statistic (needs the
+        bracket built with ``tiles``): counts at a bound, or the copies (which hold every entry
+        strictly inside the bracket) by their tile."""
+        if not self.tile_count:
+            raise RuntimeError("equal_per_tile() needs a bracket built with tiles=")
+        copies = self.n * self.R * self.cap
+        at = self.tiles[copies:].view(self.tile_count, self.n, self.R, 2)[:tiles, :, 0].long()  # [tiles, n, 2]
         equal = self.valid[:, 0] & (self.kept[:, 0] == self._values[:, 0:1])  # [n, cap]
         task = torch.arange(self.n, device=self.device).unsqueeze(1).expand_as(equal)
-        index = self.tiles[:, 0].long() * self.n + task
-        return torch.bincount(index[equal], minlength=tiles * self.n).view(tiles, self.n)
+        index = self.tiles[:copies].view(self.n, self.R, self.cap)[:, 0].long() * self.n + task
+        inside = torch.bincount(index[equal], minlength=tiles * self.n).view(tiles, self.n)
+        case = self.case[:, 0].unsqueeze(0)
+        return torch.where(case == 0, at[..., 0], torch.where(case == 1, inside, at[..., 1]))

@@ -118,6 +118,33 @@ def test_device_bracket_equals_sort(gen, n, m, parts, stride):
     assert torch.equal(bracket.count_above(inclusive=True), at_or_above)
 
 
+@pytest.mark.parametrize("stride", [1, 5])
+def test_device_bracket_counts_ties_at_its_bounds(gen, stride):
+    """Quantized values (heavy ties) put the bracket's bounds on tied values: the entries at a bound are
+    counted, not copied (the buffer stays small), and the statistics, the counts above them and the
+    ties per tile (TIES' exact top-k) are still exact."""
+    from pcb_fast.kernels.tiles import BLOCK
+
+    n, m = 2, 3 * BLOCK + 100
+    x = torch.randint(-3, 4, (n, m), generator=gen).float() * 0.5
+    x[1, ::3] = 0.0  # many exact zeros in one task (a frozen layer)
+    magnitude = x.abs()
+    ranks = [m // 4, m // 2, m - 10]
+    tiles = -(-m // BLOCK)
+    bracket = DeviceBracket(ranks, m, magnitude[:, ::stride], tiles=tiles)
+    kscore.magnitude_pass(Rows.from_matrix(x), bracket, torch.zeros(n, dtype=torch.int32))
+    assert bracket.resolve()
+    assert int(bracket.tally[..., 2].sum()) > m // 2  # ties at the bounds were counted
+    assert int(bracket.tally[..., 1].max()) < m // 4  # and few values copied
+    index = torch.tensor([ranks] * n)
+    expected = torch.sort(magnitude, dim=1).values.gather(1, index)
+    assert torch.equal(bracket.values(), expected)
+    assert torch.equal(bracket.count_above(inclusive=False), (magnitude.unsqueeze(1) > expected.unsqueeze(2)).sum(2))
+    assert torch.equal(bracket.count_above(inclusive=True), (magnitude.unsqueeze(1) >= expected.unsqueeze(2)).sum(2))
+    padded = torch.nn.functional.pad(magnitude == expected[:, :1], (0, tiles * BLOCK - m))
+    assert torch.equal(bracket.equal_per_tile(tiles), padded.view(n, tiles, BLOCK).sum(2).T)
+
+
 def test_device_bracket_reports_a_miss():
     x = torch.rand(2, 3000)
     sample = torch.full((2, 300), 5.0)  # a sample that says nothing true: every value lies below its bracket
@@ -129,8 +156,8 @@ def test_device_bracket_reports_a_miss():
 def test_backend_falls_back_to_the_radix_select_where_a_bracket_misses(gen):
     """D > 2^16: the sample takes one column in 17. Columns 0, 17, 34, ... ten times larger than the rest
     mislead every bracket, so the passes counted around them miss and the radix select runs (seen in the
-    profile); heavy ties (quantized values) overflow the bracket's buffer, with the same outcome. The
-    results still obey the tolerance contract, and TIES equals the torch backend."""
+    profile); the results still obey the tolerance contract. Quantized values (heavy ties, counted at
+    the bracket's bounds) give TIES the torch backend's results exactly."""
     from pcb_fast.gpu import backend as triton_backend
 
     n, D = 2, 65536 + 4096

@@ -4,10 +4,11 @@ Official variant, three reads of the inputs per scope group and no task vector o
 written: |tau| counted around the clip bounds' sampled brackets (with the NaN/Inf check), P counted
 around the keep threshold's bracket (and its max M_i), then the merge pass. The paper variant, four:
 pair min/max, softmax partition sums, beta around its bracket, merge. TIES, three: |tau| around the
-trim's bracket (for the exact top-k, it also records the tile of each copied entry, from which the
-ties at t are counted per tile), signs, merge. The brackets come from a column sample of the task
-vectors (gathered by torch: a small fraction of a read); a bracket the counts show missed (or heavy
-ties that overflow its buffer) costs the two passes of the exact radix select instead. Statistics
+trim's bracket (for the exact top-k, it also records the tile of each copy and each tile's counts at
+the bounds, from which the ties at t are counted per tile), signs, merge. The brackets come from a column sample of the task
+vectors (gathered by torch: a small fraction of a read); ties at a bracket's bounds cost counts only;
+a bracket the counts show missed (or whose buffer overflowed) costs the two passes of the exact
+radix select instead. Statistics
 stay on the device; the host synchronises after the first pass to report bad values and after each
 bracket pass to check it. Every part (merged key) of a scope group goes into one launch per pass
 (kernels.tiles.Segments; per combination of dtypes, full tiles and last tiles apart).
@@ -111,14 +112,14 @@ def _segments(group) -> list:
     return segment([p.rows for p in group], [p.out for p in group])
 
 
-def _select(segments, ranks, D: int, sample: torch.Tensor, count, timed, name: str, record_tiles: bool = False):
+def _select(segments, ranks, D: int, sample: torch.Tensor, count, timed, name: str, tiles: int = 0):
     """Exact order statistics ``ranks`` of every task over a scope group: one pass around the sampled
     brackets, or, where a bracket missed, the two passes of the radix select. ``count(segment, select)``
     runs the counting pass over one Segments. Returns a DeviceBracket or DeviceSelect (values, count_above)."""
     from ..kernels import select as ks
 
     group = segments
-    bracket = ks.DeviceBracket(ranks, D, sample, record_tiles)
+    bracket = ks.DeviceBracket(ranks, D, sample, tiles)
     with timed(name):
         for part in group:
             count(part, bracket)
@@ -359,14 +360,14 @@ def _ties_trim(group, segments, n, density, topk, bad):
         return kt.Trim(threshold=torch.full((n,), 0.0 if rank < 0 else float("inf"), device=device))
     magnitude = _Counter(lambda seg, sel: kscore.magnitude_pass(seg, sel, bad),
                          after_first=lambda: _raise_if_bad(group, bad))
+    tiles = sum(seg.tiles for seg in segments)
     select = _select(segments, [rank], D, _sample(group, ks.sample_stride(D)).abs(), magnitude,
-                     lambda name: _no_timer(), "magnitude", record_tiles=topk == "exact")
+                     lambda name: _no_timer(), "magnitude", tiles=tiles if topk == "exact" else 0)
     threshold = select.values()[:, 0].contiguous()
     if topk == "threshold":
         return kt.Trim(threshold=threshold)
-    tiles = sum(seg.tiles for seg in segments)
     counts = torch.zeros(tiles + 1, n, dtype=torch.int64, device=device)
-    if isinstance(select, ks.DeviceBracket):  # every entry equal to t was copied, with its tile
+    if isinstance(select, ks.DeviceBracket):  # ties at t: counted per tile at a bound, or copied with their tile
         counts[1:] = select.equal_per_tile(tiles)
     else:  # the radix select's fallback: one more pass counts them
         for seg in segments:
