@@ -112,39 +112,31 @@ def _segments(group) -> list:
     return segment([p.rows for p in group], [p.out for p in group])
 
 
-def _select(segments, ranks, D: int, sample: torch.Tensor, count, timed, name: str, tiles: int = 0):
+def _select(segments, ranks, D: int, sample: torch.Tensor, count, timed, name: str, tiles: int = 0,
+            after_first=None):
     """Exact order statistics ``ranks`` of every task over a scope group: one pass around the sampled
-    brackets, or, where a bracket missed, the two passes of the radix select. ``count(segment, select)``
-    runs the counting pass over one Segments. Returns a DeviceBracket or DeviceSelect (values, count_above)."""
+    brackets, or, where a bracket missed, the two passes of the radix select. ``count(seg, select)``
+    runs the counting pass over one Segments; ``after_first`` (the NaN/Inf report) runs after the
+    first pass, before any bracket is trusted. Returns a DeviceBracket or DeviceSelect (values,
+    count_above)."""
     from ..kernels import select as ks
 
-    group = segments
     bracket = ks.DeviceBracket(ranks, D, sample, tiles)
     with timed(name):
-        for part in group:
-            count(part, bracket)
-    if after := getattr(count, "after_first", None):
-        after()  # the NaN/Inf report: before any bracket is trusted
+        for seg in segments:
+            count(seg, bracket)
+    if after_first is not None:
+        after_first()
     if bracket.resolve():
         return bracket
     select = ks.DeviceSelect([list(ranks)] * len(sample), D, sample.device)
     for level in (1, 2):
         with timed(f"{name} radix level {level}"):
-            for part in group:
-                count(part, select)
+            for seg in segments:
+                count(seg, select)
         if level == 1:
             select.next_level()
     return select
-
-
-class _Counter:
-    """A counting pass as ``_select`` calls it (per Segments), with a hook run after the first pass."""
-
-    def __init__(self, fn, after_first=None):
-        self.fn, self.after_first = fn, after_first
-
-    def __call__(self, part, select):
-        self.fn(part, select)
 
 
 def _official_sample_scores(sample: torch.Tensor, clip: tuple, inter: str, n: int) -> torch.Tensor:
@@ -174,15 +166,14 @@ def _official(group, n, params, weights, lam, ks, timed):
     sample = _sample(group, ks.sample_stride(D))
     i_lo, i_hi = clip_indices(D, params["clamp_ratio"])
     bad = torch.zeros(len(group), n, dtype=torch.int32, device=device)
-    magnitude = _Counter(lambda seg, sel: kscore.magnitude_pass(seg, sel, bad),
-                         after_first=lambda: _raise_if_bad(group, bad))
-    bounds = _select(segments, [i_lo, i_hi], D, sample.abs(), magnitude, timed, "magnitude").values()
+    bounds = _select(segments, [i_lo, i_hi], D, sample.abs(), lambda seg, sel: kscore.magnitude_pass(seg, sel, bad),
+                     timed, "magnitude", after_first=lambda: _raise_if_bad(group, bad)).values()
     hi = bounds[:, 1].contiguous()
     lo = torch.minimum(bounds[:, 0], hi).contiguous()  # clamp with lo > hi clamps everything to hi
     clip = (lo, hi, span_or_inf(hi - lo))
 
     peak = torch.full((n,), ks.INT32_MIN, dtype=torch.int32, device=device)
-    score = _Counter(lambda seg, sel: kscore.official_pass(seg, sel, peak, clip, params["inter"]))
+    score = lambda seg, sel: kscore.official_pass(seg, sel, peak, clip, params["inter"])  # noqa: E731
     sample_scores = _official_sample_scores(sample, clip, params["inter"], n)
     del sample
     select = _select(segments, [keep_index(D, params["ratio"])], D, sample_scores, score, timed, "score")
@@ -235,7 +226,7 @@ def _paper(group, n, params, weights, lam, ks, timed):
         inv_z = ((1.0 / inter.double().sum(0)).float().contiguous(), (1.0 / intra.double().sum(0)).float().contiguous())
 
     sample_scores = _paper_sample_scores(_sample(group, ks.sample_stride(D)), pairs, inv_z, n)
-    beta = _Counter(lambda seg, sel: kscore.paper_pass(seg, sel, pairs, inv_z))
+    beta = lambda seg, sel: kscore.paper_pass(seg, sel, pairs, inv_z)  # noqa: E731
     select = _select(segments, [keep_index(D, params["ratio"])], D, sample_scores, beta, timed, "score")
     t = select.values()[:, 0].contiguous()
     with timed("merge"):
@@ -358,11 +349,10 @@ def _ties_trim(group, segments, n, density, topk, bad):
     rank = D - keep - 1 if topk == "threshold" else D - keep
     if rank < 0 or rank >= D:  # keep everything (|tau| >= 0), or nothing (|tau| >= inf); the sign pass checks NaN/Inf
         return kt.Trim(threshold=torch.full((n,), 0.0 if rank < 0 else float("inf"), device=device))
-    magnitude = _Counter(lambda seg, sel: kscore.magnitude_pass(seg, sel, bad),
-                         after_first=lambda: _raise_if_bad(group, bad))
     tiles = sum(seg.tiles for seg in segments)
-    select = _select(segments, [rank], D, _sample(group, ks.sample_stride(D)).abs(), magnitude,
-                     lambda name: _no_timer(), "magnitude", tiles=tiles if topk == "exact" else 0)
+    select = _select(segments, [rank], D, _sample(group, ks.sample_stride(D)).abs(),
+                     lambda seg, sel: kscore.magnitude_pass(seg, sel, bad), lambda name: _no_timer(), "magnitude",
+                     tiles=tiles if topk == "exact" else 0, after_first=lambda: _raise_if_bad(group, bad))
     threshold = select.values()[:, 0].contiguous()
     if topk == "threshold":
         return kt.Trim(threshold=threshold)
