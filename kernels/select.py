@@ -149,10 +149,11 @@ class DeviceSelect:
     """
 
     def __init__(self, ranks, lengths: int, device):
-        self.ranks = torch.as_tensor(ranks, dtype=torch.int64).to(device)
+        ranks = torch.as_tensor(ranks, dtype=torch.int64)  # checked on the host: no device synchronisation
+        if bool((ranks < 0).any()) or bool((ranks >= lengths).any()):
+            raise ValueError(f"ranks {ranks.tolist()} out of range for rows of length {lengths}")
+        self.ranks = ranks.to(device)
         self.n, self.R = self.ranks.shape
-        if bool((self.ranks < 0).any()) or bool((self.ranks >= lengths).any()):
-            raise ValueError(f"ranks {self.ranks.tolist()} out of range for rows of length {lengths}")
         self.length = lengths
         self.device = torch.device(device)
         self.level = 1

@@ -30,7 +30,7 @@ class Rows:
     """n rows of m entries: row i starts ``offsets[i] * align`` elements after ``anchor``'s first one."""
 
     anchor: torch.Tensor
-    offsets: torch.Tensor  # int64 [n], on the rows' device, in units of ``align`` elements
+    offsets: list  # n ints, in units of ``align`` elements (host side: Segments builds the device table)
     n: int
     m: int
     base: torch.Tensor | None = None  # [m]: rows hold fine-tuned weights, tau = row - base
@@ -61,8 +61,7 @@ class Rows:
         align = max(1, 16 // size)
         while align > 1 and any(o % align for o in offsets):
             align //= 2
-        offsets = torch.tensor([o // align for o in offsets], dtype=torch.int64).to(first.device)
-        return cls(first, offsets, len(tensors), first.numel(), base, tensors, align)
+        return cls(first, [o // align for o in offsets], len(tensors), first.numel(), base, tensors, align)
 
     @classmethod
     def from_matrix(cls, matrix: torch.Tensor) -> "Rows":
@@ -81,7 +80,6 @@ class Rows:
 
 
 BLOCK = 1024  # columns per program: 8 per thread at 4 warps (two 128-bit loads of float32)
-TABLE = 5  # columns of a segment table entry before the n row offsets
 
 
 def programs(rows: Rows) -> int:

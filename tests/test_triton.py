@@ -217,9 +217,9 @@ def test_rows_record_the_alignment_of_their_starts():
     the kernels multiply back, so rows at any offset load the right entries (and aligned ones vectorise)."""
     x = torch.arange(3 * 24, dtype=torch.float32).view(3, 24)
     rows = Rows.from_matrix(x)
-    assert rows.align == 4 and rows.offsets.tolist() == [0, 6, 12]
+    assert rows.align == 4 and rows.offsets == [0, 6, 12]
     odd = Rows.from_matrix(torch.zeros(3, 7, dtype=torch.bfloat16))
-    assert odd.align == 1 and odd.offsets.tolist() == [0, 7, 14]
+    assert odd.align == 1 and odd.offsets == [0, 7, 14]
     assert Rows.from_matrix(torch.zeros(2, 12, dtype=torch.bfloat16)).align == 4
     # misaligned rows (views starting at odd offsets) give the same merge as aligned copies
     wide = torch.randn(3, 301, generator=torch.Generator().manual_seed(5)) * 0.01

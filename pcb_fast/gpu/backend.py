@@ -265,12 +265,16 @@ def merge_state_dicts(base: dict, models: list, merged_keys: list, out: dict, na
 BASELINES = ("average", "task_arithmetic", "ties", "dare", "dare_ties", "breadcrumbs")
 
 
-def _dare_streams(seed: int, n: int, key: str, device) -> torch.Tensor:
-    """[2n] int64: DARE's stream constant of (seed, task, key) for every task, then its mix32."""
+def _dare_streams(seed: int, n: int, keys: list, device) -> torch.Tensor:
+    """[len(keys), 2n] int64: DARE's stream constant of (seed, task, key) for every task of every key,
+    then its mix32 (built on the host, one copy to the device)."""
     from ..core import rng
 
-    streams = [rng.stream_constant(seed, i, key) for i in range(n)]
-    return torch.tensor(streams + [rng.mix32(h) for h in streams], dtype=torch.int64, device=device)
+    table = []
+    for key in keys:
+        streams = [rng.stream_constant(seed, i, key) for i in range(n)]
+        table.append(streams + [rng.mix32(h) for h in streams])
+    return torch.tensor(table, dtype=torch.int64).to(device)
 
 
 def merge_baseline(parts: list, n: int, method: str, *, lambdas=None, lam=1.0, scope="global", **params) -> dict:
@@ -296,8 +300,7 @@ def merge_baseline(parts: list, n: int, method: str, *, lambdas=None, lam=1.0, s
     if method in ("dare", "dare_ties"):
         p, seed = check_drop(params.pop("p", 0.9)), check_seed(params.pop("seed", 0))
         # ([parts, 2n] stream constants of the parts' keys, p), for the parts of a group
-        dare = lambda group: (torch.stack([_dare_streams(seed, n, part.key or "task_vector", device)  # noqa: E731
-                                           for part in group]), p)
+        dare = lambda group: (_dare_streams(seed, n, [part.key or "task_vector" for part in group], device), p)  # noqa: E731
     sign_ties = checks.check_choice("sign_ties", params.pop("sign_ties", "majority"), SIGN_TIES)
     if method == "ties":
         density = check_density(params.pop("density", 0.2))
