@@ -228,3 +228,13 @@ def test_band_mask_equals_stable_sort_ranks(drop, keep):
     order = torch.sort(rows, dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(32).expand_as(order))
     assert torch.equal(band_mask(rows, drop, keep), (rank >= drop) & (rank < drop + keep))
+
+
+def test_keep_masks_of_all_tasks_equal_the_per_task_streams():
+    from pcb_fast.core import rng
+
+    for lo, hi in [(0, 1000), (123456, 130000), ((1 << 32) - 500, (1 << 32) + 500)]:
+        ps = [0.1, 0.5, 0.9]
+        together = rng.keep_masks(7, "layer.weight", lo, hi, ps)
+        for i, p in enumerate(ps):
+            assert torch.equal(together[i], rng.keep_mask(7, i, "layer.weight", lo, hi, p)), (lo, i)

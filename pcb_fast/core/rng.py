@@ -58,6 +58,29 @@ def keep_threshold(p: float) -> int:
     return int(round(p * (1 << 24)))
 
 
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """:func:`mix32_tensor` in place (the same int64 operations, no temporaries but the shifts)."""
+    x ^= x >> 16
+    x.mul_(M1).bitwise_and_(MASK32)
+    x ^= x >> 15
+    x.mul_(M2).bitwise_and_(MASK32)
+    x ^= x >> 15
+    return x
+
+
+def keep_masks(seed: int, key: str, lo: int, hi: int, ps) -> torch.Tensor:
+    """[n, hi - lo] bool: row i is ``keep_mask(seed, i, key, lo, hi, ps[i])``, the n streams hashed
+    together as one [n, m] int64 tensor (the same values, a few large ops instead of many small)."""
+    streams = [stream_constant(seed, i, key) for i in range(len(ps))]
+    index = torch.arange(lo, hi, dtype=torch.int64)
+    x = _mix32_((index & MASK32) ^ torch.tensor(streams, dtype=torch.int64).unsqueeze(1))
+    high = torch.tensor([mix32(h) for h in streams], dtype=torch.int64).unsqueeze(1)
+    x ^= high if hi <= (1 << 32) else ((index >> 32) & MASK32) ^ high
+    x = _mix32_(x)
+    x >>= 8
+    return x >= torch.tensor([keep_threshold(p) for p in ps], dtype=torch.int64).unsqueeze(1)
+
+
 def keep_mask(seed: int, task: int, key: str, lo: int, hi: int, p: float) -> torch.Tensor:
     """Bool mask of the entries DARE keeps: each is dropped with probability p (to 2^-24)."""
     return uniform24(seed, task, key, lo, hi) >= keep_threshold(p)

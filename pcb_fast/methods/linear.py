@@ -129,8 +129,7 @@ def check_seed(seed) -> int:
 def dare_keep(block, p, seed: int) -> torch.Tensor:
     """[n, m] DARE keep mask of a block (``p``: one drop probability, or one per task)."""
     ps = p if isinstance(p, list) else [p] * block.tv.shape[0]
-    return torch.stack([rng.keep_mask(seed, i, block.segment.key, block.lo, block.hi, ps[i])
-                        for i in range(block.tv.shape[0])])
+    return rng.keep_masks(seed, block.segment.key, block.lo, block.hi, ps)
 
 
 def dare_block(block, p, seed: int, rescale: str = "inverse", factors: torch.Tensor | None = None):
