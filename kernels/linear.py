@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import as_segments, flag_bad, load_base, load_row, locate, store_out
+from .tiles import as_segments, flag_bad, load_base, load_row, locate, store_out, theta
 
 
 @triton.jit
@@ -54,8 +54,7 @@ def linear_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, out_ptr, weight_p
             tau = tau * kept.to(tl.float32) / keep_scale
         total += tl.where(col_ok, tau * tl.load(weight_ptr + i), 0.0)
     tau_m = total / divisor
-    if HAS_BASE:
-        tau_m = base + lam * tau_m
+    tau_m = theta(tau_m, base, base_ptr, base_off, cols, col_ok, lam, out_ptr, HAS_BASE, BASE_ALIGN)
     store_out(out_ptr, out_off, cols, col_ok, tau_m, OUT_ALIGN)
 
 

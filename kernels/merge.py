@@ -16,7 +16,7 @@ import triton.language as tl
 import triton
 
 from .score import INTER_CODES, column_term, official_score, paper_score
-from .tiles import as_segments, load_base, load_row, locate, store_out
+from .tiles import as_segments, load_base, load_row, locate, store_out, theta
 
 VARIANT_CODES = {"official": 0, "paper": 1}
 
@@ -54,8 +54,7 @@ def merge_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, out_ptr,
             num += kept * tau * tl.load(lambda_ptr + i)
             den += kept
         tau_m = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
-    if HAS_BASE:
-        tau_m = base + lam * tau_m
+    tau_m = theta(tau_m, base, base_ptr, base_off, cols, col_ok, lam, out_ptr, HAS_BASE, BASE_ALIGN)
     store_out(out_ptr, out_off, cols, col_ok, tau_m, OUT_ALIGN)
 
 

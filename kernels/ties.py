@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .linear import dare_keep
-from .tiles import as_segments, flag_bad, load_base, load_row, locate, sign, store_out
+from .tiles import as_segments, flag_bad, load_base, load_row, locate, sign, store_out, theta
 
 
 @triton.jit
@@ -127,8 +127,7 @@ def ties_merge_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, out_ptr, t_pt
         num += tl.where(agree, weighted, 0.0)
         den += tl.where(agree, weight, 0.0)
     tau_m = num / tl.where(den == 0, 1.0, den)
-    if HAS_BASE:
-        tau_m = base + lam * tau_m
+    tau_m = theta(tau_m, base, base_ptr, base_off, cols, col_ok, lam, out_ptr, HAS_BASE, BASE_ALIGN)
     store_out(out_ptr, out_off, cols, col_ok, tau_m, OUT_ALIGN)
 
 

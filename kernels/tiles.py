@@ -231,6 +231,22 @@ def load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE: tl.constexpr, 
 
 
 @triton.jit
+def theta(tau_m, base, base_ptr, base_off, cols, col_ok, lam, out_ptr, HAS_BASE: tl.constexpr,
+          BASE_ALIGN: tl.constexpr):
+    """theta_pre + lam * tau_m (tau_m alone without a base), as the CPU path forms it: lam * tau_m in
+    float32, added to the base in float32, or, for a float64 output, to the base read again in float64
+    (pcb_fast.core.formulas.merged_weights: float64 base values are never rounded to float32)."""
+    if HAS_BASE:
+        scaled = lam * tau_m
+        if out_ptr.dtype.element_ty == tl.float64:
+            wide = tl.load(base_ptr + base_off * BASE_ALIGN + cols, mask=col_ok, other=0.0).to(tl.float64)
+            tau_m = wide + scaled.to(tl.float64)
+        else:
+            tau_m = base + scaled
+    return tau_m
+
+
+@triton.jit
 def store_out(out_ptr, out_off, cols, col_ok, value, OUT_ALIGN: tl.constexpr):
     """Write ``value`` (cast to the output's dtype) at this program's columns of its part's output."""
     tl.store(out_ptr + out_off * OUT_ALIGN + cols, value.to(out_ptr.dtype.element_ty), mask=col_ok)

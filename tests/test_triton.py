@@ -442,6 +442,23 @@ def test_segments_put_every_key_of_a_dtype_in_one_launch_per_pass(gen):
             assert not bool(off.any()), k
 
 
+def test_float64_bases_keep_their_precision(gen):
+    """theta = theta_pre + lam * tau_m with a float64 base is formed in float64, as the CPU path does
+    (docs/design.md 2.5): the kernels read the base again in float64 for a float64 output instead of
+    rounding theta to float32 (which moved values by ~1e-8 relative)."""
+    base = {"w": 1.0 + torch.randn(2500, generator=gen, dtype=torch.float64) * 1e-3}
+    models = [{"w": base["w"] + 1e-3 * torch.randn(2500, generator=gen, dtype=torch.float64)} for _ in range(3)]
+    for method in ("ties", "task_arithmetic", "dare_ties"):
+        got = merge(base, models, method=method, backend="triton", lam=0.7)["w"]
+        expected = merge(base, models, method=method, backend="torch", lam=0.7)["w"]
+        assert got.dtype == torch.float64 and torch.equal(got, expected), method
+    got = merge(base, models, backend="triton", ratio=0.3)["w"]
+    ref = merge(base, models, backend="reference", ratio=0.3)["w"]
+    tv = torch.stack([m["w"] - base["w"] for m in models]).float()
+    # PCB: the contract on theta - theta_pre (rounding theta to float32 alone would break it: ~6e-8 of ~1e-3)
+    compare(got - base["w"], ref - base["w"], "float64 base", official_near(tv, 0.3, 1e-4, "sum"))
+
+
 def test_baselines_on_triton_name_the_model_and_key_of_a_bad_value(gen):
     base, models = _models(gen)
     models[1]["enc.bias"][0] = float("inf")
