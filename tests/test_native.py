@@ -122,8 +122,8 @@ def test_builds_into_the_cache_dir_and_reports_a_failed_build(monkeypatch, tmp_p
         native._library.cache_clear()
         broken = tmp_path / "row_select.c"
         broken.write_text("int row_order_statistics(void) { return }\n")
-        monkeypatch.setattr(native, "SOURCE", broken)
-        assert "could not build row_select.c" in native.problem()
+        monkeypatch.setattr(native, "SOURCES", (broken, native.SOURCES[1]))
+        assert "could not build row_select.c, dare_hash.c" in native.problem()
         native._library.cache_clear()
         monkeypatch.setattr(native, "_compiler", lambda: None)
         assert native.problem() == "no C compiler found ($CC, cc, gcc, clang)"
@@ -143,3 +143,14 @@ def test_breadcrumbs_without_the_kernel_warns_and_agrees(monkeypatch):
         without = pcb_fast.merge(base, models, method="breadcrumbs", fused="on", gamma=0.02, beta=0.2)
     eager = pcb_fast.merge(base, models, method="breadcrumbs", fused="off", gamma=0.02, beta=0.2)
     assert torch.equal(with_kernel["w"], without["w"]) and torch.equal(with_kernel["w"], eager["w"])
+
+
+@pytest.mark.parametrize("lo,m", [(0, 1000), (5, 100_003), ((1 << 32) - 700, 1500)])
+def test_dare_keep_masks_equal_the_torch_hash(lo, m):
+    """The C hash (uint32 arithmetic) gives rng's int64 formulation bit for bit, past 2^32 too."""
+    from pcb_fast.core import rng
+
+    ps = [0.1, 0.5, 0.9, 0.0, 1.0]
+    streams = [rng.stream_constant(3, i, "a.weight") for i in range(len(ps))]
+    got = native.dare_keep_masks(lo, m, streams, [rng.mix32(h) for h in streams], [rng.keep_threshold(p) for p in ps])
+    assert torch.equal(got, rng.keep_masks(3, "a.weight", lo, lo + m, ps))

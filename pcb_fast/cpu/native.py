@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("row_select.c")
+# compiled together into one library: per-row order statistics (Breadcrumbs) and DARE's keep masks
+SOURCES = (Path(__file__).with_name("row_select.c"), Path(__file__).with_name("dare_hash.c"))
 # Tried in order: a compiler may refuse -march=native or lack OpenMP (the kernel then runs on one thread).
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
 MIN_ROWS_PER_THREAD = 16  # fewer rows per thread than this: fewer threads, waking one costs more
@@ -47,7 +48,7 @@ def _cache_dir() -> Path:
 
 def _build(compiler: str, flags: list[str]) -> Path:
     """The shared library for these flags, compiled unless cached; raises on a compiler error."""
-    source = SOURCE.read_bytes()
+    source = b"\0".join(path.read_bytes() for path in SOURCES)
     key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
                                      platform.machine().encode(), _cpu_name().encode()])).hexdigest()[:16]
     target = _cache_dir() / f"row_select-{key}.so"
@@ -57,7 +58,7 @@ def _build(compiler: str, flags: list[str]) -> Path:
         fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            subprocess.run([compiler, *flags, "-shared", "-fPIC", "-o", partial, str(SOURCE)],
+            subprocess.run([compiler, *flags, "-shared", "-fPIC", "-o", partial, *map(str, SOURCES)],
                            check=True, capture_output=True, text=True)
             os.replace(partial, target)
         finally:
@@ -82,10 +83,13 @@ def _library() -> ctypes.CDLL | str:
         except OSError as e:
             errors.append([str(e)])
     else:
-        return f"{compiler} could not build {SOURCE.name}: {errors[-1][0]}"
+        return f"{compiler} could not build {', '.join(path.name for path in SOURCES)}: {errors[-1][0]}"
     function = library.row_order_statistics
     function.restype = ctypes.c_int
     function.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
+    function = library.dare_keep_masks
+    function.restype = None
+    function.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4 + [ctypes.c_int]
     return library
 
 
@@ -126,3 +130,18 @@ def row_order_statistics(x: torch.Tensor, rank_a: int, rank_b: int) -> tuple[tor
     if status:
         raise MemoryError(f"row_order_statistics: no scratch memory for rows of {length} entries")
     return out_a.reshape(shape), out_b.reshape(shape)
+
+
+def dare_keep_masks(lo: int, m: int, streams: list, highs: list, thresholds: list) -> torch.Tensor:
+    """[n, m] bool DARE keep masks of entries [lo, lo + m) for n streams (pcb_fast.core.rng: each
+    task's stream constant, its mix32 and its keep threshold); the values of rng.keep_masks."""
+    library = _library()
+    if isinstance(library, str):
+        raise RuntimeError(f"pcb_fast native kernel unavailable: {library}")
+    n = len(streams)
+    out = torch.empty(n, m, dtype=torch.bool)
+    if out.numel():
+        arrays = [torch.tensor(values, dtype=torch.int64).to(torch.int32) for values in (streams, highs, thresholds)]
+        library.dare_keep_masks(lo, m, n, *(a.data_ptr() for a in arrays), out.data_ptr(),
+                                max(1, min(torch.get_num_threads(), n * m // 16384)))
+    return out

@@ -129,7 +129,11 @@ def check_seed(seed) -> int:
 def dare_keep(block, p, seed: int) -> torch.Tensor:
     """[n, m] DARE keep mask of a block (``p``: one drop probability, or one per task)."""
     ps = p if isinstance(p, list) else [p] * block.tv.shape[0]
-    return rng.keep_masks(seed, block.segment.key, block.lo, block.hi, ps)
+    if native.problem() is not None:  # no C compiler: the same values from torch's int64 ops
+        return rng.keep_masks(seed, block.segment.key, block.lo, block.hi, ps)
+    streams = [rng.stream_constant(seed, i, block.segment.key) for i in range(len(ps))]
+    return native.dare_keep_masks(block.lo, block.hi - block.lo, streams, [rng.mix32(h) for h in streams],
+                                  [rng.keep_threshold(x) for x in ps])
 
 
 def dare_block(block, p, seed: int, rescale: str = "inverse", factors: torch.Tensor | None = None):
