@@ -174,6 +174,10 @@ def test_methods_without_compiled_loops_never_probe(monkeypatch):
     for method in ("task_arithmetic", "average", "linear"):
         assert fused_cpu.resolve("auto", 1 << 40, method) is False
         assert fused_cpu.resolve("on", 1 << 40, method) is False
+    # options the loops do not cover take the eager path: no probe either
+    for method, params in [("dare_ties", {"rescale": "l1"}), ("dare", {"p": [0.5, 0.6]}), ("dare", {"normalize": True}),
+                           ("breadcrumbs", {"band": "tensor"}), ("pcb", {"variant": "paper"})]:
+        assert fused_cpu.resolve("auto", 1 << 40, method, params) is False, (method, params)
 
 
 def test_disk_merge_fused_equals_eager(tmp_path):

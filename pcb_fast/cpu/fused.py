@@ -68,10 +68,27 @@ def _probe() -> str | None:
     return None
 
 
-def resolve(mode: str, entries: int, method: str | None = None) -> bool:
-    """Whether a merge of ``entries`` task-vector entries (n * D) by ``method`` runs the fused loops."""
+def has_loops(method: str, params: dict) -> bool:
+    """Whether ``method`` with ``params`` has compiled loops (the methods take the eager path for
+    the options the loops do not cover: mergekit's L1 rescale, normalize, a per-tensor band, a
+    drop rate per model, PCB's paper variant)."""
+    if method not in FUSED_METHODS:
+        return False
+    if method in ("dare", "dare_ties") and (isinstance(params.get("p"), (list, tuple))
+                                             or params.get("rescale", "inverse") != "inverse"):
+        return False
+    if method in ("dare", "breadcrumbs") and params.get("normalize", False):
+        return False
+    if method == "breadcrumbs" and params.get("band", "row") != "row":
+        return False
+    return not (method == "pcb" and params.get("variant", "official") != "official")
+
+
+def resolve(mode: str, entries: int, method: str | None = None, params: dict | None = None) -> bool:
+    """Whether a merge of ``entries`` task-vector entries (n * D) by ``method`` with ``params`` runs
+    the fused loops."""
     checks.check_choice("fused", mode, MODES)
-    if method is not None and method not in FUSED_METHODS:
+    if method is not None and not has_loops(method, params or {}):
         return False  # nothing to compile: not even the probe (seconds of inductor start-up per process)
     if mode == "off" or (mode == "auto" and entries < AUTO_MIN_ENTRIES_BY_METHOD.get(method, AUTO_MIN_ENTRIES)):
         return False

@@ -319,7 +319,7 @@ def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam,
         source = CachedSource(source)
         budget -= source.n * source.D * 4
     source.memory_budget = budget
-    source.fused = comm is None and fused_cpu.resolve(fused, source.n * source.D, method)
+    source.fused = comm is None and fused_cpu.resolve(fused, source.n * source.D, method, params)
     base_buffer = {}
 
     def sink(segment, lo, hi, tau_m):
