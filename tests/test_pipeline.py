@@ -96,7 +96,8 @@ def _folders(tmp_path, n=3, dtype=torch.bfloat16):
 
 
 @pytest.mark.parametrize("method,params", [("task_arithmetic", {}), ("ties", {"density": 0.3}),
-                                           ("pcb", {"ratio": 0.2}), ("dare_ties", {"p": 0.5})])
+                                           ("pcb", {"ratio": 0.2}), ("dare_ties", {"p": 0.5}),
+                                           ("ties", {"density": 0.3, "scope": "tensor"})])
 def test_read_ahead_changes_no_byte(tmp_path, monkeypatch, method, params):
     """The same merged bytes with the reader thread as with every read made in place (small blocks,
     so that a pass has many ranges read ahead; a small budget, so that passes re-read the files)."""
@@ -216,3 +217,26 @@ def test_max_memory_bounds_the_process(tmp_path, method):
     assert proc.returncode == 0, proc.stderr
     grown = int(proc.stdout.split()[-1])
     assert grown <= (16 << 20) + (128 << 20), f"{method}: the merge grew the process by {grown / 2**20:.1f} MiB"
+
+
+def test_scope_tensor_caches_one_tensor_at_a_time(tmp_path):
+    """A budget that holds the largest tensor's task vectors but not the model's: scope="tensor"
+    keeps each tensor's in RAM for its passes (one read of the files); the output is the same."""
+    from pcb_fast.core import sources
+
+    base, models = _folders(tmp_path)
+    passes = []
+    real = sources.CheckpointSource.blocks
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(sources.CheckpointSource, "blocks", lambda self, *a, **k: passes.append(1) or real(self, *a, **k))
+    try:
+        # the largest tensor: 3 x 21000 float32 = 252 KB; the model's: 3 x 25353 x 4 = 304 KB
+        pcb_fast.merge_checkpoints(base, models, tmp_path / "small", method="ties", density=0.3, scope="tensor",
+                                   max_memory="280KB")
+    finally:
+        monkey.undo()
+    assert len(passes) == 3  # one file pass per tensor
+    pcb_fast.merge_checkpoints(base, models, tmp_path / "large", method="ties", density=0.3, scope="tensor",
+                               max_memory="1KB")
+    a, b = load_file(str(tmp_path / "small" / "model.safetensors")), load_file(str(tmp_path / "large" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

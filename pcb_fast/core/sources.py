@@ -264,7 +264,9 @@ class CheckpointSource(TaskVectorSource):
         self.progress = progress
         self._buffers = {}
         self._prefetcher = None
-        self._last_base = None  # (key, lo, hi, float32 values) of the block read last, for base_block
+        # (key, lo, hi, float32 values) of the block read last, for base_block; shared with the views
+        # of restrict() (scope="tensor"), which read for this source
+        self._last_base = [None]
 
     def _buffer(self, slot, dtype: torch.dtype, m: int) -> torch.Tensor:
         """A reusable flat buffer per (slot, dtype), grown to the widest block."""
@@ -294,7 +296,7 @@ class CheckpointSource(TaskVectorSource):
         """The base's entries [lo, hi) of ``key`` in float32 when the block read last is this one and
         float32 holds them exactly (a sink then need not read them again), else None. Valid until
         the next block is read."""
-        last = self._last_base
+        last = self._last_base[0]
         return last[3] if last is not None and last[:3] == (key, lo, hi) else None
 
     @contextlib.contextmanager
@@ -339,7 +341,7 @@ class CheckpointSource(TaskVectorSource):
         the base (:meth:`base_problem`)."""
         native_base, models = natives[0], natives[1:]
         base = self._buffer("base32", torch.float32, hi - lo).copy_(native_base)
-        self._last_base = (key, lo, hi, base) if native_base.dtype in EXACT_IN_FLOAT32 else None
+        self._last_base[0] = (key, lo, hi, base) if native_base.dtype in EXACT_IN_FLOAT32 else None
         for i, native in enumerate(models):
             if native.dtype in EXACT_IN_FLOAT32:
                 torch.sub(native, base, out=out[i])  # converted exactly on the fly: the same bits as copy then sub

@@ -314,10 +314,13 @@ def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam,
     if comm is not None:  # this rank's keys, with the statistics of the whole model
         source.comm = source.errors = comm
         source.D = sum(base_ck.numel(k) for k in merged)
-    elif source.n * source.D * 4 <= budget and not single_pass(method, params):
-        # The float32 task vectors first, if they fit; what is left bounds the entries collected between passes.
-        source = CachedSource(source)
-        budget -= source.n * source.D * 4
+    else:
+        # The float32 task vectors first, if they fit (with scope="tensor", one tensor's at a time); what
+        # is left bounds the entries collected between passes.
+        cached = source.n * 4 * (source.D if scope == "global" else max(s.numel for s in source.segments))
+        if cached <= budget and not single_pass(method, params):
+            source = CachedSource(source)
+            budget -= cached
     source.memory_budget = budget
     source.fused = comm is None and fused_cpu.resolve(fused, source.n * source.D, method, params)
     base_buffer = {}
