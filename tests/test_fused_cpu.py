@@ -78,6 +78,28 @@ def test_ties_fused_majority_fill_negative_with_cancellations():
     assert (fused[::7] == -1.0).all()  # filled with the negative majority: the mean of the -1 entries
 
 
+@pytest.mark.parametrize("sign_ties,wrong_guess,passes", [("positive", False, 2), ("majority", False, 2),
+                                                           ("majority", True, 3)])
+def test_ties_fused_reads_undecided_blocks_again_only_when_the_fill_guess_was_wrong(monkeypatch, sign_ties,
+                                                                                      wrong_guess, passes):
+    """Quantized task vectors cancel exactly in many blocks. The fill is guessed from the column
+    sample (+1 for mergekit's rule): the sweep sinks every block at once, and only a wrong guess
+    costs one more pass over the blocks with undecided positions, with the same result."""
+    from pcb_fast.core.sources import MatrixSource
+    from pcb_fast.methods import ties
+
+    tv = task_vectors(3, 100_003, "quantized", seed=3)
+    tv[:, 1::3] -= 0.25  # a clear negative majority of elected signs
+    if wrong_guess:
+        monkeypatch.setattr(ties, "guess_fill", lambda *args: torch.ones(()))
+    count = []
+    real = MatrixSource.blocks
+    monkeypatch.setattr(MatrixSource, "blocks", lambda self, *a, **k: count.append(1) or real(self, *a, **k))
+    fused, _ = run(merge_ties, tv, True, density=0.3, sign_ties=sign_ties)
+    assert len(count) == passes  # the sample is read in place: the bracket pass, the sweep (and the redo)
+    assert torch.equal(fused, pcb_fast.reference.baselines.ties(tv, density=0.3, sign_ties=sign_ties))
+
+
 @pytest.mark.parametrize("params", [dict(p=0.9), dict(p=0.3, seed=5, lambdas=[0.5, -1.0, 2.0]), dict(p=0.0)])
 def test_dare_and_dare_ties_fused_equal_eager(params):
     tv = task_vectors(3, 50_001, "quantized")

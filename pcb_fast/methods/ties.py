@@ -234,6 +234,7 @@ def _merge_ties_fused(source, sink, density, sign_ties, topk, lam, block_width, 
     lam = fused_cpu.weights(lam, n)
     ranks = D - keep - 1 if topk == "threshold" else D - keep
     edge = bool((ranks < 0).all()) or bool((ranks >= D).all())
+    guess = None
     if edge:  # every entry kept (t below them all), or none (exact top-0)
         everything = bool((ranks < 0).all())
         for block in source.blocks(block_width):
@@ -264,6 +265,7 @@ def _merge_ties_fused(source, sink, density, sign_ties, topk, lam, block_width, 
         t, greater, at_least = select_in_bracket(n, D, rank, sample.scores(torch.abs), bracket_pass)
         t = t.unsqueeze(1)
         kept = at_least if topk == "threshold" else keep.clone()
+        guess = guess_fill(torch.cat(sample.parts, dim=1) if sample.parts else torch.zeros(n, 0), t, lam, sign_ties)
     cuts = None if topk == "threshold" else _exact_cuts(source, t, keep - greater, block_width)
     every = torch.full((n, 1), ALL_TIES)
 
@@ -272,29 +274,43 @@ def _merge_ties_fused(source, sink, density, sign_ties, topk, lam, block_width, 
     def merge_block(number, block, fill):
         return fused_cpu.ties_block(block.tv, t, every if cuts is None else cuts[number], lam, fill, divide)
 
-    sweep_with_fill(source, sink, merge_block, sign_ties, block_width)
+    sweep_with_fill(source, sink, merge_block, sign_ties, block_width, guess)
     return kept
 
 
-def sweep_with_fill(source, sink, merge_block, sign_ties: str, block_width: int) -> None:
+def sweep_with_fill(source, sink, merge_block, sign_ties: str, block_width: int, guess=None) -> None:
     """One sweep of TIES' election and disjoint mean. ``merge_block(number, block, fill)`` returns
-    (values, sum of the elected signs, undecided positions) for a zero-sum sign ``fill``: blocks
-    without undecided positions (zero sum, some entry non-zero: exact cancellations, rare outside
-    quantized weights) are final at once; the others are merged again once the whole model's
-    sign sum gives the fill."""
-    sign_total, deferred = 0, set()
+    (values, sum of the elected signs, undecided positions) for a zero-sum sign ``fill``. The fill
+    is the whole model's majority sign (``sign_ties="majority"``), known only after the sweep, or +1
+    (mergekit). Every block is merged with ``guess`` (a [] tensor; +1 without one) and sunk at once;
+    only where the model's fill turns out otherwise are the blocks with undecided positions (zero
+    sum, some entry non-zero: exact cancellations, common with bf16 weights) read, merged and sunk
+    again, so a sink may receive such a block twice (the second values count). With +1 fills,
+    known in advance, there is never a second read."""
+    guess = torch.ones(()) if guess is None else guess
+    sign_total, undecided_blocks = 0, set()
     for number, block in enumerate(source.blocks(block_width)):
-        values, signs, undecided = merge_block(number, block, torch.ones(()))
+        values, signs, undecided = merge_block(number, block, guess)
         sign_total += int(signs)
         if int(undecided):
-            deferred.add(number)
-        else:
-            sink(block.segment, block.lo, block.hi, values)
-    if deferred:
-        fill = zero_sign_fill(sign_total, sign_ties)
+            undecided_blocks.add(number)
+        sink(block.segment, block.lo, block.hi, values)
+    fill = zero_sign_fill(sign_total, sign_ties)
+    if undecided_blocks and not torch.equal(fill, guess):
         for number, block in enumerate(source.blocks(block_width)):
-            if number in deferred:
+            if number in undecided_blocks:
                 sink(block.segment, block.lo, block.hi, merge_block(number, block, fill)[0])
+
+
+def guess_fill(columns: torch.Tensor, t: torch.Tensor, lam: torch.Tensor, sign_ties: str) -> torch.Tensor:
+    """The zero-sum fill TIES will most likely find, from a column sample [n, s] of the task vectors
+    and the thresholds t [n, 1]: the sign of the sample's elected signs summed (+1 for mergekit's
+    rule, or when the sample says nothing). A guess only: :func:`sweep_with_fill` checks it."""
+    if sign_ties != "majority" or columns.numel() == 0:
+        return torch.ones(())
+    weighted = columns * (columns.abs() >= t) * lam
+    total = torch.sign(weighted.sum(0)).sum()
+    return torch.sign(total) if bool(total != 0) else torch.ones(())
 
 
 def _exact_cuts(source, t, budget, block_width) -> list:
@@ -367,7 +383,8 @@ def merge_breadcrumbs_ties(source, sink, *, gamma=0.01, beta=0.1, band="row", si
 
 def _merge_dare_ties_fused(source, sink, p, seed, sign_ties, lam, block_width, normalize=True):
     """DARE-TIES with compiled block loops: the drop, the election, the mean and the NaN check in
-    one sweep (blocks with undecided positions merged again, see :func:`sweep_with_fill`)."""
+    one sweep (blocks with undecided positions merged again where the fill guessed was wrong, see
+    :func:`sweep_with_fill`)."""
     n = source.n
     lam = fused_cpu.weights(lam, n)
     kept_counts, counted = torch.zeros(n, dtype=torch.int64), set()
