@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.bench_disk import CHILD
+
 RESULTS = Path(__file__).parent / "results"
 
 # (hidden, layers, intermediate, vocab): ~953M and ~318M parameters
@@ -156,16 +158,8 @@ def measure_bound(files: list, out_bytes: int, scratch: Path) -> float:
     return seconds
 
 
-# The child reads its own peak RSS (VmHWM is per process image, reset by exec).
-PCB_CHILD = """
-import sys
-from pcb_fast.cli import main
-rc = main(sys.argv[1:])
-with open("/proc/self/status") as f:
-    peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-print(f"PEAK_RSS_BYTES={peak}")
-sys.exit(rc)
-"""
+# The children read their own peak RSS (VmHWM is per process image, reset by exec).
+PCB_CHILD = CHILD
 MERGEKIT_CHILD = """
 import sys
 from mergekit.scripts.run_yaml import main
