@@ -8,8 +8,8 @@ report what the hardware will see (docs/design.md 4).
 Run without TRITON_INTERPRET (the interpreter replaces @triton.jit). Triton lowers each kernel through
 TTIR, TTGIR, LLVM IR and PTX to a cubin with its bundled ptxas, so errors the interpreter cannot see
 show up here. Per kernel and variant it reads:
-- ``registers``, ``spill_bytes`` (spill stores + spill loads): ``ptxas -v`` rerun on Triton's PTX
-  with Triton's own flags; ``shared_bytes``: the compiled kernel's metadata;
+- ``registers``, ``spill_bytes`` (spill stores + spill loads): the ``ptxas -v`` log of Triton's own
+  ptxas run (its flags, whatever the Triton version); ``shared_bytes``: the compiled kernel's metadata;
 - ``atomics_per_element``: global atomics a program issues per task entry it reads, from the
   TTIR: each ``tt.atomic_rmw`` counts the elements of its tensor (1 for a scalar), times ``tasks``
   for each ``scf.for`` around it (every loop of these kernels runs over the tasks), divided by
@@ -26,6 +26,8 @@ Then the passes of each merge and their modelled bytes against one read of the i
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import re
@@ -75,27 +77,29 @@ def cases(full: bool) -> list:
     number of tasks: one compile serves 1 to 64, reported as 64 (the per-program atomics are counted
     for 64 tasks). Each kernel is compiled for full tiles (the bulk: no mask) and for the parts' last,
     partial tiles. Fast: bf16 fine-tuned rows with a base (a model merge); ``full``: also float32
-    task vectors without a base (``pcb_merge`` on a matrix) and fp16 rows with a base."""
-    from pcb_fast.kernels.tiles import BLOCK
+    task vectors without a base (``pcb_merge`` on a matrix), fp16 and fp64 rows with a base."""
+    from pcb_fast.kernels.score import MAGNITUDE_TAIL_WARPS
+    from pcb_fast.kernels.tiles import BLOCK, TAIL_WARPS, warps
 
     tasks = 64
     out = [Case("find", "bucket search", 0, "select", "find_kernel",
                 {"hist_ptr": "*i64", "rank_ptr": "*i64", "index_ptr": "*i64", "below_ptr": "*i64"},
                 {"R": 2, "PER_ROW": True, "CHUNK": 1024})]
     inputs = [("*bf16", True, full_tiles) for full_tiles in (True, False)]
-    inputs += [(d, b, f) for d, b in (("*fp32", False), ("*fp16", True)) for f in (True, False)] if full else []
+    inputs += [(d, b, f) for d, b in (("*fp32", False), ("*fp16", True), ("*fp64", True)) for f in (True, False)] if full else []
     for dtype, has_base, full_tiles in inputs:
-        align = 16 // {"*bf16": 2, "*fp16": 2, "*fp32": 4}[dtype]
+        align = 16 // {"*bf16": 2, "*fp16": 2, "*fp32": 4, "*fp64": 8}[dtype]
         common = dict(HAS_BASE=has_base, ALIGN=align, BASE_ALIGN=align, FULL=full_tiles, BLOCK=BLOCK)
         tile = _tile(dtype)
         suffix = f", {dtype[1:]}" + (" + base" if has_base else "") + ("" if full_tiles else ", last tiles")
 
         def add(kernel, variant, module, fn, sig, consts, options=None):
             if "out_ptr" in sig:
-                consts = dict(consts, OUT_ALIGN=16 // (4 if sig["out_ptr"] == "*fp32" else 2))
+                consts = dict(consts, OUT_ALIGN=16 // {"*fp32": 4, "*fp64": 8}.get(sig["out_ptr"], 2))
             sig = dict(tile, **sig)
             aligned = [a for a, t in sig.items() if t.startswith("*")] + ["m"]
-            options = dict(options or {}, num_warps=4 if full_tiles else 8)  # as tiles.Segments.launch
+            tail = MAGNITUDE_TAIL_WARPS if fn == "magnitude_kernel" else TAIL_WARPS
+            options = dict(options or {}, num_warps=warps(full_tiles, tail))  # as the launchers pass it
             out.append(Case(kernel, variant + suffix, tasks, module, fn, sig, dict(common, **consts),
                             tasks * BLOCK, aligned, options))
 
@@ -107,7 +111,8 @@ def cases(full: bool) -> list:
                 dict(LEVEL=level, R=2, TILES=False))
         add("magnitude", "bracket recording tiles (TIES exact top-k)", "score", "magnitude_kernel",
             dict(count, bad_ptr="*i32"), dict(LEVEL=0, R=1, TILES=True))
-        merge_sig = dict(out_ptr=dtype if has_base else "*fp32", s0_ptr="*fp32", s1_ptr="*fp32", s2_ptr="*fp32",
+        out_dtype = dtype if has_base else "*fp32"  # outputs in the base's dtype (theta), float32 without (tau_m)
+        merge_sig = dict(out_ptr=out_dtype, s0_ptr="*fp32", s1_ptr="*fp32", s2_ptr="*fp32",
                          s3_ptr="*fp32", s4_ptr="*fp32", t_ptr="*fp32", span_ptr="*fp32", lambda_ptr="*fp32",
                          lam="fp32")
         for inter, name in enumerate(("sum", "normalized_sum", "pairwise")):
@@ -127,7 +132,7 @@ def cases(full: bool) -> list:
         add("merge", "paper", "merge", "merge_kernel", merge_sig, dict(VARIANT=1, INTER=0))
         for dare in (False, True):
             add("linear", "dare" if dare else "weighted sum", "linear", "linear_kernel",
-                dict(out_ptr="*fp32", weight_ptr="*fp32", divisor="fp32", lam="fp32", streams_ptr="*i64",
+                dict(out_ptr=out_dtype, weight_ptr="*fp32", divisor="fp32", lam="fp32", streams_ptr="*i64",
                      threshold="i32", keep_scale="fp32", bad_ptr="*i32", kept_ptr="*i64"), dict(DARE=dare))
         trim = dict(t_ptr="*fp32", weight_ptr="*fp32", streams_ptr="*i64", threshold="i32", keep_scale="fp32",
                     ties_ptr="*i64", budget_ptr="*i64")
@@ -136,7 +141,7 @@ def cases(full: bool) -> list:
             add("sign", name, "ties", "sign_kernel", dict(trim, total_ptr="*i64", kept_ptr="*i64", bad_ptr="*i32"),
                 dict(DARE=dare, EXACT=exact), no_fma)
             add("ties_merge", name, "ties", "ties_merge_kernel",
-                dict(trim, out_ptr="*fp32", fill_ptr="*fp32", lam="fp32"), dict(DARE=dare, EXACT=exact), no_fma)
+                dict(trim, out_ptr=out_dtype, fill_ptr="*fp32", lam="fp32"), dict(DARE=dare, EXACT=exact), no_fma)
         add("equal_count", "exact top-k", "ties", "equal_count_kernel",
             dict(t_ptr="*fp32", counts_ptr="*i64"), {})
     return out
@@ -161,20 +166,29 @@ def _ptxas_path() -> str:
         return knobs.nvidia.ptxas.path
 
 
-def ptxas_usage(ptx: str) -> dict:
-    """registers and spill bytes of the (single) kernel in ``ptx``, from ``ptxas -v`` with Triton's flags."""
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "kernel.ptx"
-        src.write_text(ptx)
-        cmd = [_ptxas_path(), "-lineinfo", "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", str(src),
-               "-o", str(src.with_suffix(".o"))]
-        log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+def parse_ptxas(log: str) -> dict | None:
+    """registers and spill bytes (stores + loads) from a ``ptxas -v`` log; None if it has none."""
     registers = re.search(r"Used (\d+) registers", log)
     stores = re.search(r"(\d+) bytes spill stores", log)
     loads = re.search(r"(\d+) bytes spill loads", log)
     if registers is None or stores is None or loads is None:
-        raise RuntimeError(f"unexpected ptxas -v output:\n{log}")
+        return None
     return {"registers": int(registers.group(1)), "spill_bytes": int(stores.group(1)) + int(loads.group(1))}
+
+
+def ptxas_usage(ptx: str, fmad: bool = True) -> dict:
+    """registers and spill bytes of the (single) kernel in ``ptx``, from ``ptxas -v`` run again (when
+    Triton's own log is not at hand), with Triton 3.9's flags."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        cmd = [_ptxas_path(), "-lineinfo", *([] if fmad else ["--fmad=false"]), "-v", "--regAllocOptLevel=2",
+               "--gpu-name=sm_90a", str(src), "-o", str(src.with_suffix(".o"))]
+        log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    usage = parse_ptxas(log)
+    if usage is None:
+        raise RuntimeError(f"unexpected ptxas -v output:\n{log}")
+    return usage
 
 
 _SHAPE = re.compile(r"->\s*tensor<([0-9x]+)x[a-z0-9]+>")
@@ -204,12 +218,13 @@ def atomics_per_element(ttir: str, tasks: int, entries: int) -> float:
 _LOAD = re.compile(r"ld\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b")
 
 
-def load_vector_bits(ptx: str) -> int:
+def load_vector_bits(ptx: str, wide_rows: bool = False) -> int:
     """Width in bits of the global loads of 8- to 32-bit elements (the task rows, the base) that move
-    the most data; 64-bit loads (offsets, histograms, counters) are left out. 0 if there are none."""
+    the most data; 64-bit loads (offsets, histograms, counters) are left out, unless ``wide_rows``
+    (float64 rows). 0 if there are none."""
     moved = {}
     for match in _LOAD.finditer(ptx):
-        if int(match.group(2)) > 32:
+        if int(match.group(2)) > 32 and not wide_rows:
             continue
         width = int(match.group(1) or 1) * int(match.group(2))
         moved[width] = moved.get(width, 0) + width
@@ -230,23 +245,28 @@ def compile_case(case: Case) -> dict:
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in case.aligned if a in names}
     row = {"kernel": case.kernel, "variant": case.variant, "tasks": case.tasks}
     try:
+        log = io.StringIO()
         start = time.perf_counter()
-        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=case.consts, attrs=attrs),
-                                  target=GPUTarget("cuda", TARGET_ARCH, 32), options=case.options or None)
+        with contextlib.redirect_stdout(log):  # Triton prints its own ptxas -v log (TRITON_DUMP_PTXAS_LOG)
+            compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=case.consts, attrs=attrs),
+                                      target=GPUTarget("cuda", TARGET_ARCH, 32), options=case.options or None)
         seconds = time.perf_counter() - start
-        row.update(ptxas_usage(compiled.asm["ptx"]))
+        usage = parse_ptxas(log.getvalue())
+        row.update(usage or ptxas_usage(compiled.asm["ptx"], case.options.get("enable_fp_fusion", True)))
     except Exception as e:  # noqa: BLE001 - reported, and --check fails on it
         return dict(row, error=f"{type(e).__name__}: {str(e)[:1500]}")
     row["shared_bytes"] = int(compiled.metadata.shared)
     row["atomics_per_element"] = round(atomics_per_element(compiled.asm["ttir"], case.tasks, case.entries), 4)
-    row["load_vector_bits"] = load_vector_bits(compiled.asm["ptx"])
+    row["load_vector_bits"] = load_vector_bits(compiled.asm["ptx"], case.sig.get("x_ptr") == "*fp64")
     row["compile_s"] = round(seconds, 2)
     return row
 
 
 def _worker_init(cache: str) -> None:
-    # this process is ours (a pool worker): an empty cache makes compile_s a real compile
+    # this process is ours (a pool worker): an empty cache makes compile_s a real compile, and Triton
+    # prints the log of its own ptxas run (its flags, whatever its version)
     os.environ["TRITON_CACHE_DIR"] = cache
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     os.environ.pop("TRITON_INTERPRET", None)
 
 

@@ -24,6 +24,7 @@ from .select import KEY_MAX, KEY_MIN, order_key, count_values
 from .tiles import as_segments, flag_bad, load_base, load_row, locate, sign, tanh
 
 INTER_CODES = {"sum": 0, "normalized_sum": 1, "pairwise": 2}
+MAGNITUDE_TAIL_WARPS = 8  # tiles.warps: at 16 warps ptxas spilled 8 bytes in the two-rank bracket pass
 
 
 @triton.jit
@@ -209,7 +210,7 @@ def magnitude_pass(rows, select, bad: torch.Tensor) -> None:
     seg = as_segments(rows)
     args = select.kernel_args()
     seg.check(args["kept_ptr"], args["hist_ptr"], bad)
-    seg.launch(magnitude_kernel, bad_ptr=bad, **args)
+    seg.launch(magnitude_kernel, bad_ptr=bad, tail_warps=MAGNITUDE_TAIL_WARPS, **args)
 
 
 def official_pass(rows, select, peak: torch.Tensor, clip: tuple, inter: str) -> None:

@@ -80,6 +80,7 @@ class Rows:
 
 
 BLOCK = 1024  # columns per program: 8 per thread at 4 warps (two 128-bit loads of float32)
+TAIL_WARPS = 16  # warps of a last-tiles launch, unless the kernel's launcher says otherwise (see warps)
 
 
 def programs(rows: Rows) -> int:
@@ -148,14 +149,22 @@ class Segments:
             if t.device != self.device:
                 raise ValueError(f"a kernel argument is on {t.device} but the rows are on {self.device}")
 
-    def launch(self, kernel, *args, **kwargs) -> None:
+    def launch(self, kernel, *args, tail_warps: int = TAIL_WARPS, **kwargs) -> None:
         """Run ``kernel(x, base, table, programs, n, *args)`` over every tile, with the tiling meta-parameters."""
         meta = dict(HAS_BASE=self.has_base, ALIGN=self.align, BASE_ALIGN=self.base_align, BLOCK=BLOCK)
         for listed, full in self.launches:
-            # last tiles load element by element (a mask at an unknown length): 8 warps halve each
-            # thread's entries, and with them the registers of the scalar addresses
             kernel[(listed.shape[0],)](self.anchor, self.base_anchor, self.table, listed, self.n, *args, FULL=full,
-                                       num_warps=4 if full else 8, **meta, **kwargs)
+                                       num_warps=warps(full, tail_warps), **meta, **kwargs)
+
+
+def warps(full: bool, tail_warps: int = TAIL_WARPS) -> int:
+    """Warps per program. Full tiles: 4 (8 entries per thread, two 128-bit loads of float32). Last
+    tiles load element by element (a mask at an unknown length), with a 64-bit address per entry, so
+    they take more warps and fewer entries per thread: 16, or 8 for the |tau| counting pass. Chosen
+    from benchmarks/kernel_report.py on triton 3.6 and 3.9: ptxas aims at 64 registers per thread at
+    8 or more warps and spilled a few bytes in the merge passes at 8 (and at 4) and in the |tau|
+    bracket pass at 16."""
+    return 4 if full else tail_warps
 
 
 def segment(parts: list, outs: list | None = None, first_tile: int = 0) -> list:
