@@ -126,19 +126,24 @@ class Segments:
         self.base_align = _alignment(bases, self.base_anchor.element_size())
         self.out_align = _alignment(out_offsets, self.out_anchor.element_size())
         indices = indices if indices is not None else list(range(len(parts)))
-        table, full, tail, tile = [], [], [], first_tile
+        table, tail, tile = [], [], first_tile
         for k, p in enumerate(parts):
             tiles = programs(p)
             table.append([tile, p.m, bases[k] // self.base_align, out_offsets[k] // self.out_align, indices[k]]
                          + [o // self.align for o in rows[k]])
-            full += [(k, t) for t in range(p.m // BLOCK)]
             tail += [(k, tiles - 1)] if p.m % BLOCK else []
             tile += tiles
         self.first_tile, self.tiles = first_tile, tile - first_tile
         device = self.anchor.device
         self.table = torch.tensor(table, dtype=torch.int64).to(device)
-        self.launches = [(torch.tensor(sorted(lst), dtype=torch.int64).view(-1, 2).to(device), is_full)
-                         for lst, is_full in ((full, True), (tail, False)) if lst]
+        # (part, tile in part) of every full tile, in position order, built without a Python loop per
+        # tile (an LLM's part holds millions of tiles)
+        counts = torch.tensor([p.m // BLOCK for p in parts], dtype=torch.int64)
+        part = torch.repeat_interleave(torch.arange(len(parts)), counts)
+        starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        full = torch.stack([part, torch.arange(part.numel()) - starts], 1)
+        self.launches = [(listed.contiguous().to(device), is_full) for listed, is_full in
+                         ((full, True), (torch.tensor(tail, dtype=torch.int64).view(-1, 2), False)) if len(listed)]
 
     @property
     def device(self) -> torch.device:
