@@ -222,8 +222,10 @@ def _paper(group, n, params, weights, lam, ks, timed):
     with timed("partition sums"):
         for seg in segments:
             kscore.partition_pass(seg, pairs, inter, intra)
-        # partials summed in float64, in one fixed order: the same sums from run to run
-        inv_z = ((1.0 / inter.double().sum(0)).float().contiguous(), (1.0 / intra.double().sum(0)).float().contiguous())
+        # partials summed in float64 (accumulated, no float64 copy of the [tiles, n, n] partials), in one
+        # fixed order: the same sums from run to run
+        inv_z = ((1.0 / inter.sum(0, dtype=torch.float64)).float().contiguous(),
+                 (1.0 / intra.sum(0, dtype=torch.float64)).float().contiguous())
 
     sample_scores = _paper_sample_scores(_sample(group, ks.sample_stride(D)), pairs, inv_z, n)
     beta = lambda seg, sel: kscore.paper_pass(seg, sel, pairs, inv_z)  # noqa: E731
