@@ -378,26 +378,33 @@ def _no_timer():
 
 
 def _breadcrumbs(parts: list, n: int, weights: torch.Tensor, lam: float, gamma=0.01, beta=0.1) -> dict:
-    """Breadcrumbs key by key with torch operations on the device: its per-row band of ranks (two
-    order statistics per row, ties by position) is pcb_fast.methods.linear.band_mask, then the sum
-    over tasks in task order, as the torch backend computes it."""
+    """Breadcrumbs key by key and task by task with torch operations on the device: its per-row band
+    of ranks (two order statistics per row, ties by position) is pcb_fast.methods.linear.band_mask,
+    then the sum over tasks in task order, as the torch backend computes it. Temporaries are one
+    task's row of the key at a time ([m]), not [n, m]."""
     from ..methods.linear import band_mask, check_band
     from ..core.sources import row_length
 
     gamma, beta = check_band(gamma, beta)
     kept = torch.zeros(n, dtype=torch.int64, device=weights.device)
     for part in parts:
-        tv = part.rows.dense()
-        bad = ~torch.isfinite(tv).all(1)
-        if bool(bad.any()):
-            _raise_if_bad([part], bad.view(1, -1))
-        row = row_length(tuple(part.out.shape))
-        mask = band_mask(tv.abs().reshape(n, -1, row), int(gamma * row), int(beta * row)).reshape(n, -1)
-        kept += mask.sum(1)
-        weighted = tv * mask * weights.unsqueeze(1)
-        total = weighted[0].clone()
-        for other in weighted[1:]:
-            total += other
-        theta = part.rows.base.float() + lam * total if part.rows.base is not None else total
+        rows = part.rows
+        base = rows.base.float() if rows.base is not None else None
+        length = row_length(tuple(part.out.shape))
+        total = None
+        for i, row in enumerate(rows.tensors):
+            tau = row.float() - base if base is not None else row.float()
+            if not bool(torch.isfinite(tau).all()):
+                bad = torch.zeros(1, n, dtype=torch.int32, device=weights.device)
+                bad[0, i] = 1
+                _raise_if_bad([part], bad)
+            mask = band_mask(tau.abs().reshape(-1, length), int(gamma * length), int(beta * length)).reshape(-1)
+            kept[i] += mask.sum()
+            weighted = tau * mask * weights[i]
+            if total is None:
+                total = weighted
+            else:
+                total += weighted
+        theta = base + lam * total if base is not None else total
         part.out.view(-1).copy_(theta)
     return {"kept": kept.tolist(), "entries": sum(p.rows.m for p in parts)}
