@@ -72,12 +72,6 @@ class Rows:
     def device(self) -> torch.device:
         return self.anchor.device
 
-    def dense(self) -> torch.Tensor:
-        """The float32 [n, m] task vectors (rows minus the base), materialised: for the few steps
-        that run as torch operations on the device."""
-        rows = torch.stack([t.float() for t in self.tensors])
-        return rows - self.base.float() if self.base is not None else rows
-
 
 BLOCK = 1024  # columns per program: 8 per thread at 4 warps (two 128-bit loads of float32)
 TAIL_WARPS = 16  # warps of a last-tiles launch, unless the kernel's launcher says otherwise (see warps)
