@@ -18,6 +18,7 @@ benchmarks/results/llm.json (llm_small.json with --small).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -258,7 +259,7 @@ def main(argv=None) -> int:
     scratch = args.dir / f"runs-{size}"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
-    have_mergekit = not args.no_mergekit and shutil.which("mergekit-yaml") is not None
+    have_mergekit = not args.no_mergekit and importlib.util.find_spec("mergekit") is not None
     try:
         evict(files)
         bound = {"cold": measure_bound(files, out_bytes, scratch), "warm": measure_bound(files, out_bytes, scratch)}
