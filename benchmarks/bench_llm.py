@@ -187,7 +187,8 @@ def run_child(code: str, args: list) -> dict:
 
 def yaml_config(method: str, base: Path, models: list, **params) -> str:
     """mergekit's YAML for this merge (a weight on every model, as mergekit-yaml requires)."""
-    lines = [f"merge_method: {method}", f"base_model: {base}", "dtype: bfloat16", "models:"]
+    # computed in float32 by both tools (pcb_fast always does), written in bf16
+    lines = [f"merge_method: {method}", f"base_model: {base}", "dtype: float32", "out_dtype: bfloat16", "models:"]
     for m in models:
         lines += [f"  - model: {m}", "    parameters:", "      weight: 1.0"]
         lines += [f"      {k}: {v}" for k, v in params.items()]
@@ -317,6 +318,8 @@ def report(rows, bound, input_bytes, out_bytes, size, have_mergekit, out_json: P
             a = r["agreement"]
             agree = ("keys differ" if not a["same_keys"] else "identical" if a["entries_differing"] == 0 else
                      f"{a['fraction_differing']:.1e} of entries differ (max {a['max_abs_difference']:.1e})")
+            if r["merge"].startswith("dare"):
+                agree += "; random drops differ by design (mergekit's torch RNG, pcb_fast's counter hash)"
         print(f"| {r['merge']} | {ours} | {rss:.2f} GiB | {ratio:.1f}x | {theirs} | {their_rss} | {agree} |")
     if not have_mergekit:
         print("\n(mergekit not installed: its columns are empty)")
