@@ -240,3 +240,24 @@ def test_scope_tensor_caches_one_tensor_at_a_time(tmp_path):
                                max_memory="1KB")
     a, b = load_file(str(tmp_path / "small" / "model.safetensors")), load_file(str(tmp_path / "large" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("threads,expected", [(2, False), (1, True), ("auto", True)])
+def test_io_threads_stay_out_of_the_way_of_torch_pinned_to_every_core(tmp_path, monkeypatch, threads, expected):
+    """torch pinned to every usable core leaves no room for the reader and writer threads (waking
+    them would stall torch's parallel regions): the merge then reads and writes in place."""
+    from pcb_fast.core import prefetch, threads as th
+    from pcb_fast.io import write_behind
+
+    monkeypatch.setattr(th, "usable_cores", lambda: 2)
+    started = []
+    for module, name in ((prefetch, "Prefetcher"), (write_behind, "WriteBehind")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: started.append(_name) or _real(*a, **k))
+    from pcb_fast.io import disk_merge
+    monkeypatch.setattr(disk_merge, "WriteBehind", write_behind.WriteBehind)
+    base, models = _folders(tmp_path)
+    pcb_fast.merge_checkpoints(base, models, tmp_path / "out", method="ties", density=0.3, block_width=1000,
+                               max_memory="1KB", threads=threads)
+    assert ("Prefetcher" in started and "WriteBehind" in started) is expected
+    assert ("Prefetcher" in started or "WriteBehind" in started) is expected

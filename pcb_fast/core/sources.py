@@ -19,6 +19,7 @@ import torch
 
 from . import checks
 from .memory import HeapTrimmer
+from .threads import room_for_io
 
 DEFAULT_BLOCK_WIDTH = 1 << 17  # entries per task per block: an [8, 131072] fp32 block is 4 MiB (fastest here)
 
@@ -301,7 +302,8 @@ class CheckpointSource(TaskVectorSource):
 
     @contextlib.contextmanager
     def _reading(self, ranges):
-        if self._prefetcher is not None or len(ranges) < 2:  # a pass inside a pass reads for itself
+        if (self._prefetcher is not None or len(ranges) < 2  # a pass inside a pass reads for itself
+                or (self.threads is not None and not room_for_io(self.threads.threads))):
             yield
             return
         from .prefetch import Prefetcher

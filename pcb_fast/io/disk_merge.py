@@ -29,7 +29,7 @@ from ..core.backends import resolve_backend
 from ..core.checks import parse_size
 from ..core.formulas import merged_weights
 from ..core.sources import DEFAULT_BLOCK_WIDTH, CachedSource, CheckpointSource
-from ..core.threads import CpuThreads, check_threads
+from ..core.threads import CpuThreads, check_threads, room_for_io
 from ..cpu import fused as fused_cpu
 from ..methods import METHODS, single_pass
 from .card import write_card
@@ -274,9 +274,9 @@ def _write_merge(base_ck, model_cks, merged, copied, folder: Path, *, method, la
         shards = shard_plan(entries, shard_bytes)
         only = set(assign_shards([sum(nbytes(t, s) for _, t, s in sh) for sh in shards], comm.world)[comm.rank])
         local = {key for i in only for key, _, _ in shards[i]}
-    # written behind the engine by a thread (io/write_behind.py): every value handed over is a new tensor
-    writer = WriteBehind(ShardedWriter(folder, entries, shard_bytes, metadata, only=only,
-                                       index=comm is None or comm.rank == 0))
+    writer = ShardedWriter(folder, entries, shard_bytes, metadata, only=only, index=comm is None or comm.rank == 0)
+    if room_for_io(threads):  # written behind the engine by a thread (io/write_behind.py); values are new tensors
+        writer = WriteBehind(writer)
     try:
         for key in copied:
             if local is None or key in local:
