@@ -261,3 +261,4 @@ def test_io_threads_stay_out_of_the_way_of_torch_pinned_to_every_core(tmp_path, 
                                max_memory="1KB", threads=threads)
     assert ("Prefetcher" in started and "WriteBehind" in started) is expected
     assert ("Prefetcher" in started or "WriteBehind" in started) is expected
+

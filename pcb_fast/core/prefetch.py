@@ -97,7 +97,8 @@ class Prefetcher:
         self._free.put(slot)
 
     def close(self) -> None:
-        """Stop the reader (it finishes the slice it is reading) and wait for it."""
+        """Stop the reader (it finishes the slice it is reading) and wait for it; closing twice is
+        harmless."""
         self._stop.set()
         self._free.put(None)
         self._thread.join()

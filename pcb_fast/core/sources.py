@@ -265,6 +265,7 @@ class CheckpointSource(TaskVectorSource):
         self.progress = progress
         self._buffers = {}
         self._prefetcher = None
+        self._readers = []  # every Prefetcher running, shared with the views of restrict() (close_reads)
         # (key, lo, hi, float32 values) of the block read last, for base_block; shared with the views
         # of restrict() (scope="tensor"), which read for this source
         self._last_base = [None]
@@ -310,11 +311,21 @@ class CheckpointSource(TaskVectorSource):
 
         self._prefetcher = Prefetcher([self._base_ckpt] + self._model_ckpts,
                                       [(seg.key, lo, hi) for seg, lo, hi in ranges], depth=self.READ_AHEAD)
+        self._readers.append(self._prefetcher)
         try:
             yield
         finally:
             prefetcher, self._prefetcher = self._prefetcher, None
             prefetcher.close()
+            if prefetcher in self._readers:  # close_reads may have stopped it first
+                self._readers.remove(prefetcher)
+
+    def close_reads(self) -> None:
+        """Stop every reader thread still running. A pass abandoned by an exception stops its reader
+        when its generator is closed, which CPython may put off while the traceback lives; a reader
+        alive at interpreter exit would be killed inside torch and abort the process."""
+        while self._readers:
+            self._readers.pop().close()
 
     def _read(self, seg, lo, hi, out):
         taken = None

@@ -344,9 +344,12 @@ def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam,
                 raise
             comm.fail(str(e))  # raised on every rank at the next collective
 
-    with CpuThreads(threads) as source.threads:
-        return engine.run(METHODS[method][0], source, sink, scope=scope, lambdas=lambdas, block_width=block_width,
-                          **params)
+    try:
+        with CpuThreads(threads) as source.threads:
+            return engine.run(METHODS[method][0], source, sink, scope=scope, lambdas=lambdas,
+                              block_width=block_width, **params)
+    finally:
+        reader.close_reads()  # also when an exception (a signal, an error) left a pass suspended
 
 
 def _in_memory_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam, lambdas, scope, backend, device,
