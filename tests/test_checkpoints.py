@@ -312,12 +312,16 @@ def test_sigterm_during_a_merge_leaves_no_output(tmp_path):
     for i in range(8):
         save_file({"w": base["w"] + 0.01 * torch.randn(2048, 2048, generator=g)}, tmp_path / f"m{i}.safetensors")
         args += ["--model", str(tmp_path / f"m{i}.safetensors")]
-    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not leftovers(tmp_path) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)  # the temporary output folder appears once the checks have passed
-    assert proc.poll() is None, "the merge ended before it could be interrupted"
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143 and "terminated (SIGTERM); no output was written" in err
-    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    # Signals at a few moments of the first pass: its reader thread must be stopped before the process
+    # exits whatever it was doing (a reader alive at exit was killed inside torch: exit -6, 1 run in 3)
+    for delay in (0.0, 0.03, 0.06, 0.1):
+        proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 60
+        while not leftovers(tmp_path) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)  # the temporary output folder appears once the checks have passed
+        time.sleep(delay)
+        assert proc.poll() is None, "the merge ended before it could be interrupted"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 143 and "terminated (SIGTERM); no output was written" in err, (delay, err)
+        assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []

@@ -17,6 +17,8 @@ from typing import Sequence
 
 import torch
 
+from .threads import halt_at_exit
+
 _DONE = object()  # the reader has read every range
 
 
@@ -52,6 +54,7 @@ class Prefetcher:
         self._stop = threading.Event()
         self._head = None  # the next item of _ready, once looked at
         self._thread = threading.Thread(target=self._run, name="pcb_fast-reader", daemon=True)
+        halt_at_exit(self)
         self._thread.start()
 
     def _advise(self, index: int) -> None:
@@ -101,4 +104,7 @@ class Prefetcher:
         harmless."""
         self._stop.set()
         self._free.put(None)
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    halt = close  # at interpreter exit (core.threads.halt_at_exit)

@@ -12,10 +12,12 @@ changed for the duration of a merge only and restored afterwards, also when the 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 
 import os
 import time
+import weakref
 
 import torch
 
@@ -137,3 +139,24 @@ def one_thread():
     finally:
         if threads != 1:
             torch.set_num_threads(threads)
+
+
+_WORKERS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def halt_at_exit(worker) -> None:
+    """Have ``worker.halt()`` called at interpreter exit if it is still alive then. pcb_fast's I/O
+    threads (reader, writer) are daemons that call into torch; one still running when the
+    interpreter finalizes is killed inside torch's C++ and aborts the process ("terminate called
+    without an active exception"). A signal can land between a thread's start and the code that
+    would stop it, so this is the net under every path. atexit runs before daemon threads die."""
+    _WORKERS.add(worker)
+
+
+@atexit.register
+def _halt_workers() -> None:
+    for worker in list(_WORKERS):
+        try:
+            worker.halt()
+        except Exception:  # noqa: BLE001 (exiting: nothing left to report to)
+            pass

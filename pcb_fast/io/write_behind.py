@@ -16,6 +16,8 @@ import threading
 
 import torch
 
+from ..core.threads import halt_at_exit
+
 _STOP = object()
 
 
@@ -32,6 +34,7 @@ class WriteBehind:
         self._sync_every = sync_every
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="pcb_fast-writer", daemon=True)
+        halt_at_exit(self)
         self._thread.start()
 
     def _run(self) -> None:
@@ -81,8 +84,12 @@ class WriteBehind:
         self._raise_if_failed()
         self.writer.close()
 
+    def halt(self) -> None:
+        """Stop the thread without writing what is queued (at interpreter exit: core.threads.halt_at_exit)."""
+        self._error = self._error or RuntimeError("aborted")
+        self._stop()
+
     def abort(self) -> None:
         """Stop the thread (after the write in progress) and close the shards without flushing."""
-        self._error = self._error or RuntimeError("aborted")  # the queued writes are skipped
-        self._stop()
+        self.halt()  # the queued writes are skipped
         self.writer.abort()
