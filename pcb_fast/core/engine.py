@@ -396,10 +396,10 @@ def threshold_in_bracket(source: TaskVectorSource, score_blocks: Callable, rank,
     (a bracket the sample missed, opened on one side). Exact, like the radix select, in one pass
     instead of two."""
     n, D = source.n, source.D
-    if source.comm is not None or sample_scores is None or bounds_from_sample(sample_scores, rank, D) is None:
-        return None
+    if source.comm is not None or sample_scores is None or sample_scores.shape[1] < MIN_SAMPLE:
+        return None  # (bounds_from_sample would have no bracket to give)
     room = None if source.memory_budget is None else source.memory_budget // 4  # float32 values inside
-    peak = torch.full((n,), float("-inf"))
+    peak = None  # per task, from the last bracket pass
 
     def bracket_pass(floor, ceiling):
         nonlocal peak

@@ -5,8 +5,8 @@ freed chunks: the temporaries of thousands of blocks, allocated by torch's worke
 reader and writer threads, left a 3 GB merge of a 2 GB budget at 6-7 GB of RSS on this machine
 (1.2 GB with MALLOC_ARENA_MAX=1, a setting that belongs to the application). ``malloc_trim(0)``
 returns the free pages of every arena to the operating system without changing any setting;
-:class:`HeapTrimmer` calls it at most every ``interval`` seconds between blocks (a trim costs microseconds, a millisecond when it releases gigabytes). Elsewhere than
-glibc it does nothing.
+:class:`HeapTrimmer` calls it at most every ``interval`` seconds between blocks (a trim costs
+microseconds, a millisecond when it releases gigabytes). Elsewhere than glibc it does nothing.
 """
 
 from __future__ import annotations

@@ -27,13 +27,20 @@ def mix32(x: int) -> int:
     return x ^ (x >> 15)
 
 
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """:func:`mix32` elementwise, in place, on an int64 tensor of values in [0, 2^32) (products of
+    32-bit values by 31-bit constants stay below 2^63; only the shifts make temporaries)."""
+    x ^= x >> 16
+    x.mul_(M1).bitwise_and_(MASK32)
+    x ^= x >> 15
+    x.mul_(M2).bitwise_and_(MASK32)
+    x ^= x >> 15
+    return x
+
+
 def mix32_tensor(x: torch.Tensor) -> torch.Tensor:
     """:func:`mix32` elementwise on an int64 tensor of values in [0, 2^32)."""
-    x = x ^ (x >> 16)
-    x = (x * M1) & MASK32
-    x = x ^ (x >> 15)
-    x = (x * M2) & MASK32
-    return x ^ (x >> 15)
+    return _mix32_(x.clone())
 
 
 def stream_constant(seed: int, task: int, key: str) -> int:
@@ -56,16 +63,6 @@ def uniform24(seed: int, task: int, key: str, lo: int, hi: int) -> torch.Tensor:
 def keep_threshold(p: float) -> int:
     """DARE keeps an entry when its 24-bit draw is at least this."""
     return int(round(p * (1 << 24)))
-
-
-def _mix32_(x: torch.Tensor) -> torch.Tensor:
-    """:func:`mix32_tensor` in place (the same int64 operations, no temporaries but the shifts)."""
-    x ^= x >> 16
-    x.mul_(M1).bitwise_and_(MASK32)
-    x ^= x >> 15
-    x.mul_(M2).bitwise_and_(MASK32)
-    x ^= x >> 15
-    return x
 
 
 def keep_masks(seed: int, key: str, lo: int, hi: int, ps) -> torch.Tensor:

@@ -35,9 +35,9 @@ from ..methods import METHODS, single_pass
 from .card import write_card
 from .checkpoints import check_models_match, open_checkpoint, side_files, split_keys
 from .distributed import assign_shards
-from .write_behind import WriteBehind
 from .output import atomic_folder, check_not_an_input, check_output, checkpoint_files
 from .safetensors import ShardedWriter, nbytes, read_regular, shard_plan
+from .write_behind import WriteBehind
 
 OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -308,8 +308,7 @@ def guess_fill(columns: torch.Tensor, t: torch.Tensor, lam: torch.Tensor, sign_t
     rule, or when the sample says nothing). A guess only: :func:`sweep_with_fill` checks it."""
     if sign_ties != "majority" or columns.numel() == 0:
         return torch.ones(())
-    weighted = columns * (columns.abs() >= t) * lam
-    total = torch.sign(weighted.sum(0)).sum()
+    total = elected_signs(columns * (columns.abs() >= t) * lam).sum()
     return torch.sign(total) if bool(total != 0) else torch.ones(())
 
 
