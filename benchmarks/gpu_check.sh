@@ -11,6 +11,9 @@
 # 3. benchmarks.bench_gpu: n=8 at D=2^24 and at the ViT-B/32 size, fp32 and bf16, seconds and GB/s
 #    per pass, against one read of the inputs and the reference on the same GPU
 #    -> benchmarks/results/gpu.json, the GPU named
+# 4. only with more than one GPU: benchmarks.gpu_check_distributed: the triton backend under torchrun,
+#    NCCL, one GPU per rank (up to 4), byte for byte against one process, PCB/TIES/DARE-TIES
+#    -> benchmarks/results/gpu_check_distributed.json (budget this step on top of the 8 minutes)
 # Every step runs under its own time limit; a failed step does not stop the later ones; the exit
 # status is 1 if any step failed. Commit the three JSON files, then put gpu.json's table in the README.
 #
@@ -40,6 +43,13 @@ $PY -c "import torch, triton, pcb_fast; print('torch', torch.__version__, '| tri
 step 40 $PY -m benchmarks.kernel_report --fast --check --jobs 8 --out benchmarks/results/kernels_gpu_machine.json
 step 180 $PY -m benchmarks.gpu_check --out benchmarks/results/gpu_check.json
 step 200 $PY -m benchmarks.bench_gpu --repeats 3 --out benchmarks/results/gpu.json
+
+gpus=$($PY -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "${gpus:-0}" -gt 1 ]; then
+    step 300 $PY -m benchmarks.gpu_check_distributed --ranks 4 --out benchmarks/results/gpu_check_distributed.json
+else
+    echo "== one GPU: the multi-GPU check (benchmarks.gpu_check_distributed) does not run"
+fi
 
 echo "== done in $((SECONDS - start)) s; status $status"
 exit "$status"

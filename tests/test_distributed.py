@@ -113,3 +113,160 @@ def test_shards_are_split_by_bytes_in_order():
     assert assign_shards([4, 4], 3) == [range(0, 1), range(1, 1), range(1, 2)]  # one rank idle
     assert [list(r) for r in assign_shards([1], 2)] == [[0], []]
     assert sum(len(r) for r in assign_shards([3, 1, 4, 1, 5, 9, 2, 6], 3)) == 8
+
+
+# ---- the triton backend's distributed path (NCCL on GPUs; here gloo on CPU under TRITON_INTERPRET=1)
+
+needs_triton = pytest.mark.skipif(__import__("importlib").util.find_spec("triton") is None,
+                                  reason="triton is not installed")
+
+
+@needs_triton
+@pytest.mark.parametrize("world,method_args", [
+    (2, ["--ratio", "0.2"]),
+    (3, ["--variant", "paper", "--ratio", "0.3", "--shard-size", "50KB"]),  # 2 shards: one rank holds no key
+    (2, ["--method", "ties", "--density", "0.3", "--topk", "exact"]),
+    (3, ["--method", "ties", "--density", "0.2", "--shard-size", "50KB"]),
+    (2, ["--method", "dare_ties", "--p", "0.5", "--scope", "tensor"]),
+    (2, ["--inter", "pairwise", "--scope", "tensor"]),
+])
+def test_triton_ranks_give_the_bytes_of_one_triton_process(models, world, method_args):
+    """Each rank runs the kernels on its own keys (here under the interpreter, over gloo: the collectives
+    NCCL runs on GPUs); the radix histograms, extremes, partition partials, sign totals and tie counts
+    combined over ranks give the bytes of one process of the same backend (which takes the sampled
+    brackets instead: the same exact order statistics)."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    tmp, args = models
+    args = args + ["--backend", "triton", "--device", "cpu"]
+    name = "triton_" + "_".join(map(str, [world] + method_args)).replace("-", "")
+    single, many = tmp / f"single_{name}", tmp / f"many_{name}"
+    if "--shard-size" not in method_args:
+        method_args = method_args + ["--shard-size", "20KB"]
+    from pcb_fast.cli import main as cli
+
+    assert cli(["merge", *map(str, args), *method_args, "--out", str(single), "--quiet"]) == 0
+    results = launch(world, args + method_args + ["--out", many], timeout=300)
+    assert [rc for rc, _ in results] == [0] * world, results
+    assert _same_folder(single, many)
+
+
+@needs_triton
+def test_triton_failing_rank_fails_every_rank(models):
+    tmp, args = models
+    bad = safetensors_torch.load_file(tmp / "m1.safetensors")
+    bad["layer5.weight"][3, 3] = float("inf")  # the last key: in the last rank's shards
+    safetensors_torch.save_file(bad, tmp / "bad_triton.safetensors")
+    failing = [a if a != tmp / "m1.safetensors" else tmp / "bad_triton.safetensors" for a in args]
+    message = f"rank 1: model 1 ({tmp / 'bad_triton.safetensors'}), key 'layer5.weight': contains NaN or Inf"
+    for scope in ("global", "tensor"):
+        results = launch(2, failing + ["--backend", "triton", "--device", "cpu", "--out", tmp / "failed_triton",
+                                       "--shard-size", "20KB", "--scope", scope], timeout=300)
+        for rc, err in results:
+            # the interpreter computes in numpy, which warns about the rank's Inf ("invalid value encountered")
+            lines = [line for line in err.splitlines() if "warning: invalid value encountered" not in line]
+            assert rc == 1 and len(lines) == 1 and message in lines[0], (scope, err)
+        assert not (tmp / "failed_triton").exists()
+
+
+def test_layout_per_backend_and_device():
+    """gloo for the torch backend on CPUs (and the triton backend under the interpreter), NCCL with each
+    rank on cuda:LOCAL_RANK for the triton backend on GPUs; what cannot run is a one-line error."""
+    from pcb_fast.io.distributed import layout
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    env = {"RANK": "3", "LOCAL_RANK": "1"}
+    assert layout("torch", cpu, env) == ("gloo", cpu)
+    assert layout("triton", cpu, env) == ("gloo", cpu)
+    assert layout("triton", cuda, env, cuda_devices=2, nccl=True) == ("nccl", torch.device("cuda", 1))
+    assert layout("triton", torch.device("cuda", 0), env, cuda_devices=2, nccl=True) == ("nccl", torch.device("cuda", 0))
+    problems = [
+        (dict(backend="reference", device=cpu), "not backend='reference'"),
+        (dict(backend="torch", device=cuda, cuda_devices=2, nccl=True), "not backend='torch' on cuda"),
+        (dict(backend="triton", device=cuda, cuda_devices=2, nccl=False), "needs NCCL, which this torch build lacks"),
+        (dict(backend="triton", device=cuda, cuda_devices=0, nccl=True), "no CUDA device is visible"),
+        (dict(backend="triton", device=cuda, cuda_devices=1, nccl=True),
+         "rank 3 would run on cuda:1 but this node has 1 CUDA device(s); run at most 1 processes per node"),
+        (dict(backend="triton", device=cuda, env={"RANK": "0"}, cuda_devices=1, nccl=True),
+         "places each rank on cuda:LOCAL_RANK, but LOCAL_RANK is None"),
+    ]
+    for kwargs, expected in problems:
+        kwargs.setdefault("env", env)
+        with pytest.raises(ValueError) as info:
+            layout(**kwargs)
+        assert expected in str(info.value) and "\n" not in str(info.value), (kwargs, str(info.value))
+
+
+def test_distributed_cuda_without_cuda_is_a_one_line_error(models, capsys, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    tmp, args = models
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    from pcb_fast.cli import main as cli
+
+    assert cli(["merge", *map(str, args), "--out", str(tmp / "x"), "--backend", "triton", "--device", "cuda",
+                "--distributed", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA device is available here" in err and err.count("\n") == 1, err
+
+
+def _collectives(rank: int, world: int, port: int, queue) -> None:
+    """One rank of test_collectives_the_device_path_uses (spawned)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    import torch.distributed as dist
+
+    from pcb_fast.io.distributed import Comm
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        comm = Comm()
+        out = {}
+        out["sum"] = comm.sum_(torch.tensor([rank + 1, 10 * rank], dtype=torch.int64)).tolist()
+        out["max"] = comm.max_(torch.tensor([rank, -rank], dtype=torch.int32)).tolist()
+        out["min"] = comm.min_(torch.tensor([rank, -rank], dtype=torch.int32)).tolist()
+        # [k_r, 2] float64 partials, k_r = 0, 1, 2 ... (a rank may hold none)
+        mine = torch.arange(rank * 2, dtype=torch.float64).view(rank, 2) + 0.1 * rank
+        out["gather"] = comm.gather_in_order(mine).tolist()
+        out["before"] = comm.before_me(torch.tensor([rank + 1, 1], dtype=torch.int64)).tolist()
+        comm.barrier()
+        queue.put((rank, out))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_collectives_the_device_path_uses():
+    """Comm's tensor collectives (the ones the triton backend calls on GPU tensors under NCCL): exact
+    sums, extremes, variable-length gathers in rank order, exclusive prefixes."""
+    import torch.multiprocessing as mp
+
+    world, port = 3, _free_port()
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_collectives, args=(r, world, port, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    got = dict(queue.get(timeout=120) for _ in range(world))
+    for p in procs:
+        p.join(timeout=60)
+    gathered = (torch.arange(2, dtype=torch.float64) + 0.1).view(1, 2).tolist()  # rank 0 holds none
+    gathered += (torch.arange(4, dtype=torch.float64).view(2, 2) + 0.2).tolist()
+    for rank in range(world):
+        assert got[rank]["sum"] == [6, 30] and got[rank]["max"] == [2, 0] and got[rank]["min"] == [0, -2]
+        assert got[rank]["gather"] == gathered
+        assert got[rank]["before"] == [sum(r + 1 for r in range(rank)), rank]
+
+
+@needs_triton
+def test_multi_gpu_check_runs_under_the_interpreter(tmp_path, capsys):
+    """benchmarks/gpu_check_distributed.py (gpu_check.sh's multi-GPU step) at --quick sizes over gloo:
+    the plumbing a multi-GPU session will rely on (two of its cases, to keep the suite short)."""
+    from benchmarks import gpu_check_distributed
+
+    out = tmp_path / "dist.json"
+    assert gpu_check_distributed.main(["--quick", "--cases", "1,3", "--out", str(out)]) == 0, capsys.readouterr()
+    import json
+
+    report = json.loads(out.read_text())
+    assert len(report["checks"]) == 2 and all(c["ok"] and c["ranks"] == 2 for c in report["checks"])

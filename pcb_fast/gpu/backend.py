@@ -13,6 +13,14 @@ stay on the device; the host synchronises after the first pass to report bad val
 bracket pass to check it. Every part (merged key) of a scope group goes into one launch per pass
 (kernels.tiles.Segments; per combination of dtypes, full tiles and last tiles apart).
 
+Distributed (pcb_fast.io.distributed, NCCL with a GPU per rank): the parts are this rank's keys and a
+``Comm`` combines the statistics of the whole model (``entries`` per task) with exact collectives, as
+the torch backend's distributed path does: radix histograms summed over ranks (no sampled bracket,
+whose copies would have to travel), min/max of M_i and the paper's pairs, the paper's partition
+partials gathered in key order, TIES' sign total and its ties before each rank; a rank holding no key
+makes the same collectives. With ``scope="tensor"`` a key's statistics stay on its rank. Bad data is
+recorded (``comm.fail``) and raised on every rank at the next collective.
+
 Kernels sum over tasks in task order, but fuse multiply-adds and use the device's exp and tanh, so
 PCB's results agree with the reference within the tolerance of docs/design.md 9, not bit for bit;
 TIES' sign election runs without fused multiply-adds and equals the CPU's.
@@ -54,21 +62,52 @@ def _timed(profile: dict | None, name: str, device):
     profile[name] = profile.get(name, 0.0) + time.perf_counter() - start
 
 
-def _raise_if_bad(parts: list, bad: torch.Tensor) -> None:
-    """bad [len(parts), n] int32 flags from the first pass: name the first bad model and key."""
-    if bool(bad.any()):
+def _raise_if_bad(parts: list, bad: torch.Tensor, comm=None) -> None:
+    """bad [len(parts), n] int32 flags from the first pass: name the first bad model and key (raised,
+    or, in a distributed merge, recorded with ``comm.fail`` and raised by every rank at the next
+    collective)."""
+    if bad.numel() and bool(bad.any()):
         g, task = (int(v) for v in bad.nonzero()[0])
         part = parts[g]
         where = part.names[task] if part.key is None else f"{part.names[task]}, key {part.key!r}"
-        raise ValueError(f"{where}: contains NaN or Inf; every input value must be finite")
+        message = f"{where}: contains NaN or Inf; every input value must be finite"
+        if comm is None:
+            raise ValueError(message)
+        comm.fail(message)
+
+
+@dataclass
+class Scope:
+    """How the statistics of one scope group combine: ``entries`` per task (D, over every rank) and
+    the distributed ``comm`` (None in one process, and for a key's own statistics with scope "tensor");
+    ``errors``: the distributed merge's comm, which records bad data (None in one process)."""
+
+    entries: int
+    comm: object = None
+    errors: object = None
+
+
+def _groups(parts: list, scope: str, comm, entries: int | None) -> list:
+    """(scope group, Scope) pairs: the whole model, or each key alone (whose statistics never leave its
+    rank). ``entries``: the whole model's entries per task (every rank's keys), default the parts'."""
+    if scope == "global":
+        return [(parts, Scope(sum(p.rows.m for p in parts) if entries is None else entries, comm, comm))]
+    return [([p], Scope(p.rows.m, None, comm)) for p in parts]
+
+
+def _sum_kept(kept_local: torch.Tensor, comm) -> torch.Tensor:
+    """Kept counts of this rank's keys summed over the ranks (also where every rank agrees that none failed)."""
+    return kept_local if comm is None else comm.sum_(kept_local)
 
 
 def merge_pcb(parts: list, n: int, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant="official",
-              lambdas=None, lam=1.0, scope="global", profile: dict | None = None) -> dict:
+              lambdas=None, lam=1.0, scope="global", profile: dict | None = None, comm=None,
+              entries: int | None = None, device=None) -> dict:
     """Run PCB over ``parts`` and write every part's ``out``. Returns {"kept", "entries"}.
 
     With a ``profile`` dict, the seconds of each pass are added to it by name (the device is
-    synchronised around every pass, which costs a little).
+    synchronised around every pass, which costs a little). Distributed: ``comm``, the whole model's
+    ``entries`` per task and this rank's ``device`` (``parts`` may then be empty).
     """
     from ..kernels import select as ks  # imported here: triton is an optional dependency
 
@@ -76,14 +115,19 @@ def merge_pcb(parts: list, n: int, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", 
 
     params = check_params(n, ratio=ratio, clamp_ratio=clamp_ratio, inter=inter, variant=variant, lambdas=lambdas)
     checks.check_choice("scope", scope, checks.SCOPE_CHOICES)
-    device = parts[0].rows.device
+    device = parts[0].rows.device if device is None else torch.device(device)
     weights = lambda_column(params["lambdas"], n, device, ones=True).view(-1)
-    groups = [parts] if scope == "global" else [[p] for p in parts]
-    kept = torch.zeros(n, dtype=torch.int64, device=device)
-    for group in groups:
+    kept = torch.zeros(n, dtype=torch.int64, device=device)  # counted over the whole model
+    kept_local = torch.zeros(n, dtype=torch.int64, device=device)  # of this rank's keys alone
+    for group, where in _groups(parts, scope, comm, entries):
         run = _official if params["variant"] == "official" else _paper
-        kept += run(group, n, params, weights, lam, ks, lambda name: _timed(profile, name, device))
-    return {"kept": kept.tolist(), "entries": sum(p.rows.m for p in parts)}
+        counted = run(group, n, params, weights, lam, ks, lambda name: _timed(profile, name, device), where, device)
+        if where.comm is not None:
+            kept += counted
+        else:
+            kept_local += counted
+    kept += _sum_kept(kept_local, comm)
+    return {"kept": kept.tolist(), "entries": sum(p.rows.m for p in parts) if entries is None else entries}
 
 
 def _sample(group, stride: int) -> torch.Tensor:
@@ -112,28 +156,37 @@ def _segments(group) -> list:
     return segment([p.rows for p in group], [p.out for p in group])
 
 
-def _select(segments, ranks, D: int, sample: torch.Tensor, count, timed, name: str, tiles: int = 0,
-            after_first=None):
+def _select(segments, ranks, where: Scope, sample, count, timed, name: str, tiles: int = 0,
+            after_first=None, n: int = 0, device=None):
     """Exact order statistics ``ranks`` of every task over a scope group: one pass around the sampled
     brackets, or, where a bracket missed, the two passes of the radix select. ``count(seg, select)``
     runs the counting pass over one Segments; ``after_first`` (the NaN/Inf report) runs after the
-    first pass, before any bracket is trusted. Returns a DeviceBracket or DeviceSelect (values,
-    count_above)."""
+    first pass, before any bracket is trusted. ``sample``: the column sample ([n, s]), or a function
+    giving it. Distributed (``where.comm``): the radix select alone, its histograms summed over the
+    ranks (no sample). Returns a DeviceBracket or DeviceSelect (values, count_above)."""
     from ..kernels import select as ks
 
-    bracket = ks.DeviceBracket(ranks, D, sample, tiles)
-    with timed(name):
-        for seg in segments:
-            count(seg, bracket)
-    if after_first is not None:
-        after_first()
-    if bracket.resolve():
-        return bracket
-    select = ks.DeviceSelect([list(ranks)] * len(sample), D, sample.device)
+    D = where.entries
+    if where.comm is None:
+        sample = sample() if callable(sample) else sample
+        bracket = ks.DeviceBracket(ranks, D, sample, tiles)
+        with timed(name):
+            for seg in segments:
+                count(seg, bracket)
+        if after_first is not None:
+            after_first()
+        if bracket.resolve():
+            return bracket
+        n, device = sample.shape[0], sample.device
+    select = ks.DeviceSelect([list(ranks)] * n, D, device)
     for level in (1, 2):
-        with timed(f"{name} radix level {level}"):
+        with timed(f"{name} radix level {level}" if where.comm is None else f"{name} level {level}"):
             for seg in segments:
                 count(seg, select)
+        if where.comm is not None:
+            if level == 1 and after_first is not None:
+                after_first()  # recorded; raised by every rank at the sum below
+            where.comm.sum_(select.hist)
         if level == 1:
             select.next_level()
     return select
@@ -157,26 +210,29 @@ def _official_sample_scores(sample: torch.Tensor, clip: tuple, inter: str, n: in
     return intra * term
 
 
-def _official(group, n, params, weights, lam, ks, timed):
+def _official(group, n, params, weights, lam, ks, timed, where: Scope, device):
     from ..kernels import merge as km, score as kscore
 
-    device = group[0].rows.device
-    D = sum(p.rows.m for p in group)
+    D = where.entries
     segments = _segments(group)
-    sample = _sample(group, ks.sample_stride(D))
+    sample = _sample(group, ks.sample_stride(D)) if where.comm is None else None
     i_lo, i_hi = clip_indices(D, params["clamp_ratio"])
     bad = torch.zeros(len(group), n, dtype=torch.int32, device=device)
-    bounds = _select(segments, [i_lo, i_hi], D, sample.abs(), lambda seg, sel: kscore.magnitude_pass(seg, sel, bad),
-                     timed, "magnitude", after_first=lambda: _raise_if_bad(group, bad)).values()
+    bounds = _select(segments, [i_lo, i_hi], where, lambda: sample.abs(),
+                     lambda seg, sel: kscore.magnitude_pass(seg, sel, bad), timed, "magnitude",
+                     after_first=lambda: _raise_if_bad(group, bad, where.errors), n=n, device=device).values()
     hi = bounds[:, 1].contiguous()
     lo = torch.minimum(bounds[:, 0], hi).contiguous()  # clamp with lo > hi clamps everything to hi
     clip = (lo, hi, span_or_inf(hi - lo))
 
     peak = torch.full((n,), ks.INT32_MIN, dtype=torch.int32, device=device)
     score = lambda seg, sel: kscore.official_pass(seg, sel, peak, clip, params["inter"])  # noqa: E731
-    sample_scores = _official_sample_scores(sample, clip, params["inter"], n)
+    sample_scores = (lambda: _official_sample_scores(sample, clip, params["inter"], n))
+    select = _select(segments, [keep_index(D, params["ratio"])], where, sample_scores, score, timed, "score",
+                     n=n, device=device)
     del sample
-    select = _select(segments, [keep_index(D, params["ratio"])], D, sample_scores, score, timed, "score")
+    if where.comm is not None:
+        where.comm.max_(peak)  # M_i over every rank (order keys: exact)
     t = select.values()[:, 0].contiguous()
     span = span_or_inf(ks.keys_to_float(peak) - t)  # M == t: nothing is kept
     with timed("merge"):
@@ -198,11 +254,10 @@ def _paper_sample_scores(sample: torch.Tensor, pairs: tuple, inv_z: tuple, n: in
     return beta
 
 
-def _paper(group, n, params, weights, lam, ks, timed):
+def _paper(group, n, params, weights, lam, ks, timed, where: Scope, device):
     from ..kernels import merge as km, score as kscore
 
-    device = group[0].rows.device
-    D = sum(p.rows.m for p in group)
+    D = where.entries
     lo_key = torch.full((n, n), ks.INT32_MAX, dtype=torch.int32, device=device)
     hi_key = torch.full((n, n), ks.INT32_MIN, dtype=torch.int32, device=device)
     bad = torch.zeros(len(group), n, dtype=torch.int32, device=device)
@@ -210,7 +265,10 @@ def _paper(group, n, params, weights, lam, ks, timed):
     with timed("pair min/max"):
         for seg in segments:
             kscore.pair_minmax_pass(seg, lo_key, hi_key, bad)
-    _raise_if_bad(group, bad)
+    _raise_if_bad(group, bad, where.errors)
+    if where.comm is not None:  # the pairs' extremes over every rank (order keys: exact)
+        where.comm.min_(lo_key)
+        where.comm.max_(hi_key)
     lo, hi = ks.keys_to_float(lo_key), ks.keys_to_float(hi_key)
     span = hi - lo
     peak = (span > 0).float()  # max of a normalised pair: 1, or 0 for a constant pair
@@ -222,14 +280,17 @@ def _paper(group, n, params, weights, lam, ks, timed):
     with timed("partition sums"):
         for seg in segments:
             kscore.partition_pass(seg, pairs, inter, intra)
+        if where.comm is not None:  # every rank's partials, in key order: the tiles of one process
+            inter, intra = where.comm.gather_in_order(inter), where.comm.gather_in_order(intra)
         # partials summed in float64 (accumulated, no float64 copy of the [tiles, n, n] partials), in one
         # fixed order: the same sums from run to run
         inv_z = ((1.0 / inter.sum(0, dtype=torch.float64)).float().contiguous(),
                  (1.0 / intra.sum(0, dtype=torch.float64)).float().contiguous())
 
-    sample_scores = _paper_sample_scores(_sample(group, ks.sample_stride(D)), pairs, inv_z, n)
+    sample_scores = lambda: _paper_sample_scores(_sample(group, ks.sample_stride(D)), pairs, inv_z, n)  # noqa: E731
     beta = lambda seg, sel: kscore.paper_pass(seg, sel, pairs, inv_z)  # noqa: E731
-    select = _select(segments, [keep_index(D, params["ratio"])], D, sample_scores, beta, timed, "score")
+    select = _select(segments, [keep_index(D, params["ratio"])], where, sample_scores, beta, timed, "score",
+                     n=n, device=device)
     t = select.values()[:, 0].contiguous()
     with timed("merge"):
         for seg in segments:
@@ -248,9 +309,12 @@ def pcb_merge_matrix(task_vectors, out: torch.Tensor, **params) -> dict:
 
 
 def merge_state_dicts(base: dict, models: list, merged_keys: list, out: dict, names: list, *, lam: float,
-                      scope: str, lambdas=None, method: str = "pcb", **params) -> dict:
+                      scope: str, lambdas=None, method: str = "pcb", comm=None, entries: int | None = None,
+                      device=None, **params) -> dict:
     """A merge of state dicts on one device: tau = theta_i - theta_pre formed in the kernels; writes
-    out[key] = theta_pre + lam * tau_m in the base's dtype for every merged key."""
+    out[key] = theta_pre + lam * tau_m in the base's dtype for every merged key. Distributed
+    (pcb_fast.io.distributed.merge_on_device): ``merged_keys`` are this rank's (maybe none), ``comm``
+    combines the statistics of the whole model, ``entries`` per task, on this rank's ``device``."""
     from ..kernels.tiles import Rows
 
     parts = []
@@ -259,9 +323,10 @@ def merge_state_dicts(base: dict, models: list, merged_keys: list, out: dict, na
         if len({t.dtype for t in tensors}) > 1:  # kernels read one dtype per key
             tensors = [t.float() for t in tensors]
         parts.append(Part(key, Rows.from_tensors(tensors, base=base[key]), out[key], names))
+    where = dict(comm=comm, entries=entries, device=device)
     if method != "pcb":
-        return merge_baseline(parts, len(models), method, lam=lam, scope=scope, lambdas=lambdas, **params)
-    return merge_pcb(parts, len(models), lam=lam, scope=scope, lambdas=lambdas, **params)
+        return merge_baseline(parts, len(models), method, lam=lam, scope=scope, lambdas=lambdas, **where, **params)
+    return merge_pcb(parts, len(models), lam=lam, scope=scope, lambdas=lambdas, **where, **params)
 
 
 BASELINES = ("average", "task_arithmetic", "ties", "dare", "dare_ties", "breadcrumbs")
@@ -279,10 +344,11 @@ def _dare_streams(seed: int, n: int, keys: list, device) -> torch.Tensor:
     return torch.tensor(table, dtype=torch.int64).to(device)
 
 
-def merge_baseline(parts: list, n: int, method: str, *, lambdas=None, lam=1.0, scope="global", **params) -> dict:
+def merge_baseline(parts: list, n: int, method: str, *, lambdas=None, lam=1.0, scope="global", comm=None,
+                   entries: int | None = None, device=None, **params) -> dict:
     """Average, task arithmetic, DARE, TIES (threshold or exact top-k) and DARE-TIES on the kernels,
     Breadcrumbs with torch operations on the device; writes every part's ``out``. Returns
-    {"kept", "entries"}."""
+    {"kept", "entries"}. Distributed: ``comm``, ``entries`` and ``device`` as for :func:`merge_pcb`."""
     from ..kernels import linear as kl, ties as kt
     from ..methods.linear import check_drop, check_seed
     from ..methods.ties import SIGN_TIES, TOPK, check_density
@@ -292,11 +358,12 @@ def merge_baseline(parts: list, n: int, method: str, *, lambdas=None, lam=1.0, s
                          f"backend runs 'pcb', {', '.join(map(repr, BASELINES))}")
     checks.check_choice("scope", scope, checks.SCOPE_CHOICES)
     lambdas = checks.check_lambdas(lambdas, n)
-    device = parts[0].rows.device
+    device = parts[0].rows.device if device is None else torch.device(device)
     weights = lambda_column(lambdas, n, device, ones=True).view(-1)
+    total_entries = sum(p.rows.m for p in parts) if entries is None else entries
     if method == "breadcrumbs":
-        return _breadcrumbs(parts, n, weights, lam, **params)
-    kept = torch.zeros(n, dtype=torch.int64, device=device)
+        return _breadcrumbs(parts, n, weights, lam, comm=comm, entries=total_entries, **params)
+    kept = torch.zeros(n, dtype=torch.int64, device=device)  # of this rank's keys (summed over ranks at the end)
     bad = torch.zeros(len(parts), n, dtype=torch.int32, device=device)
     dare = None
     if method in ("dare", "dare_ties"):
@@ -315,49 +382,53 @@ def merge_baseline(parts: list, n: int, method: str, *, lambdas=None, lam=1.0, s
             divisor = float(n) if lambdas is None else float(sum(lambdas))
             if divisor <= 0:
                 raise ValueError(f"lambdas={lambdas!r} sum to {divisor}; average weights must have a positive sum")
-        drop = dare(parts) if dare is not None else None
+        drop = dare(parts) if dare is not None and parts else None
         for seg in _segments(parts):
             kl.linear_pass(seg, None, weights, divisor, lam, bad, kept, drop)
-        _raise_if_bad(parts, bad)
+        _raise_if_bad(parts, bad, comm)
         if dare is None:
             kept += sum(p.rows.m for p in parts)
-        return {"kept": kept.tolist(), "entries": sum(p.rows.m for p in parts)}
+        return {"kept": _sum_kept(kept, comm).tolist(), "entries": total_entries}
 
-    spans = [(0, len(parts))] if scope == "global" else [(g, g + 1) for g in range(len(parts))]
-    for start, stop in spans:
-        group, group_bad = parts[start:stop], bad[start:stop]
+    offset = 0  # the first row of ``bad`` of each group
+    for group, where in _groups(parts, scope, comm, entries):
+        group_bad = bad[offset:offset + len(group)]
+        offset += len(group)
         segments = _segments(group)
         trim = kt.Trim(threshold=None)
         if method == "ties":
-            trim = _ties_trim(group, segments, n, density, topk, group_bad)
+            trim = _ties_trim(group, segments, n, density, topk, group_bad, where, device)
         if dare is not None:  # DARE-TIES: the stream constants of the group's parts, [parts, 2n]
-            trim = kt.Trim(dare=dare(group))
+            trim = kt.Trim(dare=dare(group) if group else (torch.zeros(1, 2 * n, dtype=torch.int64, device=device), 0.0))
         total = torch.zeros(1, dtype=torch.int64, device=device)
         for seg in segments:
             kt.sign_pass(seg, weights, total, kept, group_bad, trim)
-        _raise_if_bad(group, group_bad)
+        _raise_if_bad(group, group_bad, comm)
+        if where.comm is not None:
+            where.comm.sum_(total)  # the whole model's sum of elected signs
         fill = torch.sign(total.float()) if sign_ties == "majority" else torch.ones(1, device=device)
         for seg in segments:
             kt.ties_merge_pass(seg, None, weights, fill, lam, trim)
-    return {"kept": kept.tolist(), "entries": sum(p.rows.m for p in parts)}
+    return {"kept": _sum_kept(kept, comm).tolist(), "entries": total_entries}
 
 
-def _ties_trim(group, segments, n, density, topk, bad):
+def _ties_trim(group, segments, n, density, topk, bad, where: Scope, device):
     """The TIES trim of a scope group: t_i, the order statistic of |tau_i| at rank D - k - 1 (keep >= t,
     as the authors) or D - k (keep > t plus the first equal entries, exactly k), from one pass around
-    a sampled bracket (or the radix select's two where it missed). ``bad``: [len(group), n] flags."""
+    a sampled bracket (or the radix select's two where it missed; distributed, the radix select with
+    histograms summed over ranks). ``bad``: [len(group), n] flags."""
     from ..kernels import score as kscore, select as ks, ties as kt
 
-    device = group[0].rows.device
-    D = sum(p.rows.m for p in group)
+    D = where.entries
     keep = int(D * density)
     rank = D - keep - 1 if topk == "threshold" else D - keep
     if rank < 0 or rank >= D:  # keep everything (|tau| >= 0), or nothing (|tau| >= inf); the sign pass checks NaN/Inf
         return kt.Trim(threshold=torch.full((n,), 0.0 if rank < 0 else float("inf"), device=device))
     tiles = sum(seg.tiles for seg in segments)
-    select = _select(segments, [rank], D, _sample(group, ks.sample_stride(D)).abs(),
+    select = _select(segments, [rank], where, lambda: _sample(group, ks.sample_stride(D)).abs(),
                      lambda seg, sel: kscore.magnitude_pass(seg, sel, bad), lambda name: _no_timer(), "magnitude",
-                     tiles=tiles if topk == "exact" else 0, after_first=lambda: _raise_if_bad(group, bad))
+                     tiles=tiles if topk == "exact" else 0, after_first=lambda: _raise_if_bad(group, bad, where.errors),
+                     n=n, device=device)
     threshold = select.values()[:, 0].contiguous()
     if topk == "threshold":
         return kt.Trim(threshold=threshold)
@@ -367,7 +438,10 @@ def _ties_trim(group, segments, n, density, topk, bad):
     else:  # the radix select's fallback: one more pass counts them
         for seg in segments:
             kt.equal_counts(seg, threshold, counts[1:])
-    before = counts.cumsum(0)[:-1].contiguous()  # equal entries in all earlier tiles, in position order
+    before = counts.cumsum(0)[:-1]  # equal entries in all earlier tiles, in position order
+    if where.comm is not None:  # and in the keys of the ranks before this one
+        before = before + where.comm.before_me(counts.sum(0)).unsqueeze(0)
+    before = before.contiguous()
     budget = (keep - select.count_above(inclusive=False)[:, 0]).contiguous()
     return kt.Trim(threshold=threshold, exact=(before, budget))
 
@@ -377,7 +451,8 @@ def _no_timer():
     yield
 
 
-def _breadcrumbs(parts: list, n: int, weights: torch.Tensor, lam: float, gamma=0.01, beta=0.1) -> dict:
+def _breadcrumbs(parts: list, n: int, weights: torch.Tensor, lam: float, gamma=0.01, beta=0.1, comm=None,
+                 entries: int = 0) -> dict:
     """Breadcrumbs key by key and task by task with torch operations on the device: its per-row band
     of ranks (two order statistics per row, ties by position) is pcb_fast.methods.linear.band_mask,
     then the sum over tasks in task order, as the torch backend computes it. Temporaries are one
@@ -397,7 +472,7 @@ def _breadcrumbs(parts: list, n: int, weights: torch.Tensor, lam: float, gamma=0
             if not bool(torch.isfinite(tau).all()):
                 bad = torch.zeros(1, n, dtype=torch.int32, device=weights.device)
                 bad[0, i] = 1
-                _raise_if_bad([part], bad)
+                _raise_if_bad([part], bad, comm)
             mask = band_mask(tau.abs().reshape(-1, length), int(gamma * length), int(beta * length)).reshape(-1)
             kept[i] += mask.sum()
             weighted = tau * mask * weights[i]
@@ -407,4 +482,4 @@ def _breadcrumbs(parts: list, n: int, weights: torch.Tensor, lam: float, gamma=0
                 total += weighted
         theta = base + lam * total if base is not None else total
         part.out.view(-1).copy_(theta)
-    return {"kept": kept.tolist(), "entries": sum(p.rows.m for p in parts)}
+    return {"kept": _sum_kept(kept, comm).tolist(), "entries": entries or sum(p.rows.m for p in parts)}

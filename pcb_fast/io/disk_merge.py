@@ -171,10 +171,8 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
         if distributed:  # every rank has made the same checks; now they meet
             from .distributed import init_from_env
 
-            if backend != "torch" or device.type != "cpu":
-                raise ValueError("distributed merges run the torch backend on CPU (gloo) in this version; "
-                                 "use --device cpu")
-            comm = init_from_env()
+            comm = init_from_env(backend, device)  # gloo on CPUs; NCCL, a GPU per rank, for triton
+            device = comm.merge_device
             if comm.rank != 0:
                 progress = None
         with atomic_folder(out, comm, overwrite=overwrite) as tmp:
@@ -290,7 +288,7 @@ def _write_merge(base_ck, model_cks, merged, copied, folder: Path, *, method, la
         elif merged:
             info = _in_memory_merge(base_ck, model_cks, merged, writer, out_dtype, method=method, lam=lam,
                                     lambdas=lambdas, scope=scope, backend=backend, device=device,
-                                    block_width=block_width, params=params)
+                                    block_width=block_width, params=params, comm=comm, local=local)
         writer.close()
     except BaseException:
         writer.abort()
@@ -353,9 +351,16 @@ def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam,
 
 
 def _in_memory_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam, lambdas, scope, backend, device,
-                     block_width, params) -> dict:
-    """The reference and triton backends: models loaded whole onto ``device``, merged by pcb_fast.merge."""
+                     block_width, params, comm=None, local=None) -> dict:
+    """The reference and triton backends: models loaded whole onto ``device``, merged by pcb_fast.merge;
+    distributed (triton), this rank's keys on its GPU (io/distributed.py)."""
     from ..api import merge
+
+    if comm is not None:
+        from .distributed import merge_on_device
+
+        return merge_on_device(base_ck, model_cks, merged, local, writer, out_dtype, comm, method=method, lam=lam,
+                               lambdas=lambdas, scope=scope, params=params)
 
     base = {k: base_ck.read(k).to(device) for k in merged}
     models = [{k: ck.read(k).to(device) for k in merged} for ck in model_cks]

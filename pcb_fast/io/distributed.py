@@ -5,8 +5,14 @@ Every rank reads the headers of every model and plans the output shards the same
 writes the keys of its shards. Global statistics are local reductions combined by collectives that
 are exact: integer histogram sums, min/max, and float partial sums gathered in block order and
 added in that order, as one process would. Methods therefore take their radix-select path (no
-collected entries) and make every collective on every rank in the same sequence, even a rank that
-holds no key.
+collected entries, no sampled brackets) and make every collective on every rank in the same
+sequence, even a rank that holds no key.
+
+Two layouts: the torch backend on CPUs over gloo, and the triton backend on CUDA GPUs over NCCL,
+each rank on its own GPU (``cuda:LOCAL_RANK``; :func:`merge_on_device` loads the rank's keys there
+and runs pcb_fast.gpu.backend with this module's :class:`Comm`). The collectives take tensors on
+any device: each is copied to the process group's device (CPU for gloo, the rank's GPU for NCCL)
+when it is not there already.
 
 Failures: a rank that meets bad data (NaN/Inf, a file that ends early, a write error) records the
 first message and carries on with harmless values until the next collective, where all ranks
@@ -24,12 +30,13 @@ import torch
 class Comm:
     """The collectives a distributed merge needs, over the default process group."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device | str = "cpu"):
         import torch.distributed as dist
 
         self.dist = dist
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
+        self.device = torch.device(device)  # where the collectives' tensors live: CPU (gloo) or this rank's GPU (NCCL)
         self.error = None
 
     def close(self) -> None:
@@ -51,9 +58,16 @@ class Comm:
         if first is not None:
             raise ValueError(first)
 
+    def _here(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the process group's device, contiguous (a copy only where needed)."""
+        return t.contiguous() if t.device == self.device else t.to(self.device, copy=True).contiguous()
+
     def _reduce(self, t: torch.Tensor, op) -> torch.Tensor:
         self.agree()
-        self.dist.all_reduce(t, op=op)
+        work = self._here(t)
+        self.dist.all_reduce(work, op=op)
+        if work is not t:
+            t.copy_(work)
         return t
 
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
@@ -66,19 +80,30 @@ class Comm:
     def min_(self, t: torch.Tensor) -> torch.Tensor:
         return self._reduce(t, self.dist.ReduceOp.MIN)
 
+    def _all_gather(self, t: torch.Tensor) -> list:
+        """Every rank's ``t`` (one shape on every rank), in rank order, on the process group's device."""
+        work = self._here(t)
+        parts = [torch.empty_like(work) for _ in range(self.world)]
+        self.dist.all_gather(parts, work)
+        return parts
+
     def gather_in_order(self, t: torch.Tensor) -> torch.Tensor:
-        """Every rank's [k_r, ...] tensor, concatenated in rank order (= key order)."""
+        """Every rank's [k_r, ...] tensor (k_r may differ, and be 0), concatenated in rank order (= key
+        order), on ``t``'s device. The values travel as they are: no rounding, no reordering."""
         self.agree()
-        parts = [None] * self.world
-        self.dist.all_gather_object(parts, t)
-        return torch.cat(parts)
+        sizes = self._all_gather(torch.tensor([t.shape[0]], dtype=torch.int64))
+        counts = [int(size) for size in torch.cat(sizes).tolist()]
+        padded = torch.zeros((max(max(counts), 1),) + tuple(t.shape[1:]), dtype=t.dtype, device=self.device)
+        padded[: t.shape[0]] = t
+        parts = self._all_gather(padded)
+        return torch.cat([part[:count] for part, count in zip(parts, counts)]).to(t.device)
 
     def before_me(self, t: torch.Tensor) -> torch.Tensor:
-        """The sum of ``t`` over the ranks before this one (an exclusive prefix sum)."""
+        """The sum of ``t`` over the ranks before this one (an exclusive prefix sum; integer tensors for
+        an exact one), on ``t``'s device."""
         self.agree()
-        parts = [None] * self.world
-        self.dist.all_gather_object(parts, t)
-        return sum(parts[: self.rank], torch.zeros_like(t))
+        parts = self._all_gather(t)
+        return sum((part.to(t.device) for part in parts[: self.rank]), torch.zeros_like(t))
 
     def broadcast(self, value):
         """Rank 0's ``value`` on every rank."""
@@ -88,7 +113,10 @@ class Comm:
 
     def barrier(self) -> None:
         self.agree()
-        self.dist.barrier()
+        if self.device.type == "cuda":
+            self.dist.barrier(device_ids=[self.device.index])
+        else:
+            self.dist.barrier()
 
 
 def assign_shards(shard_bytes: list, world: int) -> list:
@@ -106,18 +134,102 @@ def assign_shards(shard_bytes: list, world: int) -> list:
     return ranges
 
 
-def init_from_env() -> Comm:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), over gloo:
-    distributed merges run the torch backend on CPUs in this version."""
+def layout(backend: str, device: torch.device, env=None, cuda_devices: int | None = None,
+           nccl: bool | None = None) -> tuple:
+    """(torch.distributed backend, this rank's device) of a distributed merge on ``backend`` and
+    ``device`` (as resolved for one process): the torch backend on CPU over gloo; the triton backend
+    on CUDA over NCCL, rank with LOCAL_RANK l on ``cuda:l`` (``device`` without an index), or on
+    CPU over gloo under TRITON_INTERPRET=1 (tests). A layout that cannot run is a one-line
+    ValueError saying why. ``cuda_devices`` and ``nccl`` default to what this machine has."""
+    env = os.environ if env is None else env
+    device = torch.device(device)
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"--distributed runs the torch backend on CPUs or the triton backend on CUDA GPUs, "
+                         f"not backend={backend!r}")
+    if device.type == "cpu":
+        return "gloo", device
+    if device.type != "cuda" or backend != "triton":
+        raise ValueError(f"--distributed runs the torch backend on CPUs or the triton backend on CUDA GPUs, "
+                         f"not backend={backend!r} on {device}")
+    import torch.distributed as dist
+
+    nccl = dist.is_nccl_available() if nccl is None else nccl
+    cuda_devices = torch.cuda.device_count() if cuda_devices is None else cuda_devices
+    if cuda_devices == 0:
+        raise ValueError(f"device={str(device)!r}: no CUDA device is visible to this process; use --device cpu")
+    if not nccl:
+        raise ValueError("--distributed on CUDA GPUs needs NCCL, which this torch build lacks "
+                         "(torch.distributed.is_nccl_available() is False); use --device cpu")
+    if device.index is None:
+        local = env.get("LOCAL_RANK")
+        if local is None or not local.isdigit():
+            raise ValueError(f"--distributed with --device cuda places each rank on cuda:LOCAL_RANK, but LOCAL_RANK "
+                             f"is {local!r}; launch with torchrun, or give --device cuda:N")
+        device = torch.device("cuda", int(local))
+    if device.index >= cuda_devices:
+        raise ValueError(f"rank {env.get('RANK', '?')} would run on {device} but this node has {cuda_devices} CUDA "
+                         f"device(s); run at most {cuda_devices} processes per node (torchrun --nproc-per-node "
+                         f"{cuda_devices})")
+    return "nccl", device
+
+
+def init_from_env(backend: str = "torch", device: torch.device | str = "cpu") -> Comm:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): gloo
+    for the torch backend on CPUs, NCCL for the triton backend on CUDA GPUs, each rank on its own
+    (:func:`layout`; ``torch.cuda.set_device``). ``comm.device`` is the rank's device."""
     import torch.distributed as dist
 
     missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if missing:
         raise ValueError(f"--distributed needs the environment torchrun sets ({', '.join(missing)} missing); "
                          "launch with: torchrun --nproc-per-node N -m pcb_fast merge ... --distributed")
+    group_backend, device = layout(backend, torch.device(device))
     comm_owner = not dist.is_initialized()
     if comm_owner:
-        dist.init_process_group("gloo", timeout=timedelta(minutes=30))
-    comm = Comm()
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL's communicator and every kernel on this rank's GPU
+        dist.init_process_group(group_backend, timeout=timedelta(minutes=30))
+    elif dist.get_backend() != group_backend:
+        raise ValueError(f"a {dist.get_backend()} process group is already open; this merge needs {group_backend}")
+    comm = Comm(device if group_backend == "nccl" else "cpu")
     comm.owns_group = comm_owner
+    comm.merge_device = device
     return comm
+
+
+def merge_on_device(base_ck, model_cks, merged: list, local: set, writer, out_dtype, comm: Comm, *, method: str,
+                    lam: float, lambdas, scope: str, params: dict) -> dict:
+    """One rank's share of a distributed merge on the triton backend: its keys (``local``) loaded onto
+    its device, merged by pcb_fast.gpu.backend with the statistics of the whole model (every merged
+    key: ``merged``) through ``comm``, written by ``writer``. Bad data is recorded with comm.fail and
+    raised on every rank at the next collective. Returns {"kept", "entries"} of the whole model."""
+    from ..gpu import backend as triton_backend
+    from ..methods import ENGINE_ONLY, engine_only_option
+    from ..core import checks
+
+    if method not in ("pcb",) + triton_backend.BASELINES:
+        raise ValueError(f"method {method!r} runs on backends 'torch' and 'reference' in this version; the triton "
+                         f"backend runs 'pcb', {', '.join(map(repr, triton_backend.BASELINES))}")
+    option = engine_only_option(method, params)
+    if option is not None:
+        raise ValueError(f"{option} runs on backends 'torch' and 'reference' in this version, not on 'triton'")
+    params = {k: v for k, v in params.items() if k not in ENGINE_ONLY}
+    device = comm.merge_device
+    keys = [k for k in merged if k in local]
+    base, models, out = {}, [{} for _ in model_cks], {}
+    for key in keys:
+        base[key] = base_ck.read(key).to(device)
+        for model, ck in zip(models, model_cks):
+            model[key] = ck.read(key).to(device)
+        out[key] = torch.empty(base[key].shape, dtype=base[key].dtype, device=device)
+    info = triton_backend.merge_state_dicts(base, models, keys, out, [ck.name for ck in model_cks], lam=lam,
+                                            scope=scope, lambdas=lambdas, method=method, comm=comm,
+                                            entries=sum(base_ck.numel(k) for k in merged), device=device, **params)
+    for key in keys:
+        values = out[key].reshape(-1).to(out_dtype(key))
+        try:
+            checks.check_merged(key, out[key], values)
+            writer.write(key, 0, values.cpu())
+        except (ValueError, OSError) as e:
+            comm.fail(str(e))
+    return info
