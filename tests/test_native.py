@@ -118,7 +118,7 @@ def test_builds_into_the_cache_dir_and_reports_a_failed_build(monkeypatch, tmp_p
     native._library.cache_clear()
     try:
         assert native.problem() is None
-        assert len(list((tmp_path / "cache").glob("row_select-*.so"))) == 1
+        assert len(list((tmp_path / "cache").glob("native-*.so"))) == 1
         native._library.cache_clear()
         broken = tmp_path / "row_select.c"
         broken.write_text("int row_order_statistics(void) { return }\n")

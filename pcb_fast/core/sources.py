@@ -116,8 +116,14 @@ class TaskVectorSource:
     def blocks(self, width: int = DEFAULT_BLOCK_WIDTH, whole_rows: bool = False) -> Iterator[Block]:
         """Yield the aligned blocks of every segment, in order (see :meth:`plan`)."""
         ranges = self.plan(width, whole_rows)
-        bar = self.progress(sum(s.numel * self.bytes_per_entry(s) for s in self.segments)) if self.progress else None
         buffer = torch.empty(self.n, max((hi - lo for _, lo, hi in ranges), default=1))
+        for seg, lo, hi in self._pass(ranges):
+            yield Block(seg, lo, hi, self._read(seg, lo, hi, buffer[:, : hi - lo]))
+
+    def _pass(self, ranges: list) -> Iterator[tuple[Segment, int, int]]:
+        """One pass over ``ranges``: the progress bar, the heap, the thread count and the reads ahead,
+        around the caller's work on each range."""
+        bar = self.progress(sum(s.numel * self.bytes_per_entry(s) for s in self.segments)) if self.progress else None
         heap = HeapTrimmer()
         try:
             with self._reading(ranges):
@@ -127,7 +133,7 @@ class TaskVectorSource:
                     # its start (a change would recompile them, ~2 s, in the middle of the merge)
                     if self.threads is not None and not self.fused:
                         self.threads.adapt()
-                    yield Block(seg, lo, hi, self._read(seg, lo, hi, buffer[:, : hi - lo]))
+                    yield seg, lo, hi
                     if bar is not None:
                         bar.update((hi - lo) * self.bytes_per_entry(seg))
         finally:
@@ -328,25 +334,44 @@ class CheckpointSource(TaskVectorSource):
             self._readers.pop().close()
 
     def _read(self, seg, lo, hi, out):
-        taken = None
         try:
-            if self._prefetcher is not None:
-                taken = self._prefetcher.take(seg.key, lo, hi)
-            if taken is not None:
-                natives = taken[1]
-            else:
-                natives = [ck.read_into(seg.key, lo, hi, self._buffer(("input", j), ck.dtype(seg.key), hi - lo))
-                           for j, ck in enumerate([self._base_ckpt] + self._model_ckpts)]
-            self._subtract(seg.key, lo, hi, natives, out)
+            with self._natives(seg, lo, hi) as natives:
+                self._subtract(seg.key, lo, hi, natives, out)
         except (ValueError, OSError) as e:
             if self.errors is None:
                 raise
             self.errors.fail(str(e))  # raised on every rank at the next collective
             out.zero_()
+        return out
+
+    @contextlib.contextmanager
+    def _natives(self, seg, lo, hi):
+        """The raw slices [base, model_0, ...] of entries [lo, hi) of ``seg``, as stored (read ahead, or
+        read now); valid inside the context."""
+        taken = self._prefetcher.take(seg.key, lo, hi) if self._prefetcher is not None else None
+        try:
+            if taken is not None:
+                yield taken[1]
+            else:
+                yield [ck.read_into(seg.key, lo, hi, self._buffer(("input", j), ck.dtype(seg.key), hi - lo))
+                       for j, ck in enumerate([self._base_ckpt] + self._model_ckpts)]
         finally:
             if taken is not None:
                 self._prefetcher.release(taken[0])
-        return out
+
+    def raw_blocks(self, width: int = DEFAULT_BLOCK_WIDTH) -> Iterator[tuple]:
+        """Yield (segment, lo, hi, [base, model_0, ...]) for the blocks of :meth:`blocks`: the inputs as
+        stored, for kernels that convert them on the fly (pcb_fast.cpu.native.weighted_merge); the
+        slices are valid until the next block. :meth:`task_vectors` gives a block's float32 tau."""
+        for seg, lo, hi in self._pass(self.plan(width)):
+            with self._natives(seg, lo, hi) as natives:
+                yield seg, lo, hi, natives
+
+    def task_vectors(self, seg: Segment, lo: int, hi: int, natives: list) -> Block:
+        """The block of :meth:`blocks` for raw slices of :meth:`raw_blocks` (a new tensor)."""
+        out = torch.empty(self.n, hi - lo)
+        self._subtract(seg.key, lo, hi, natives, out)
+        return Block(seg, lo, hi, out)
 
     def _subtract(self, key, lo, hi, natives, out) -> None:
         """out[i] = float32(model_i) - float32(base) from the raw slices [base, model_0, ...]. A base

@@ -33,6 +33,7 @@ import warnings
 import torch
 
 from ..core import checks, rng
+from . import native
 
 MODES = ("auto", "on", "off")
 # n * D from which "auto" fuses: 2^29 entries (2 GiB of fp32 task vectors) take the eager TIES
@@ -46,6 +47,9 @@ AUTO_MIN_ENTRIES = 1 << 29
 AUTO_MIN_ENTRIES_BY_METHOD = {"pcb": 1 << 31}
 # the methods with compiled loops; for the others "auto" and "on" change nothing (and compile nothing)
 FUSED_METHODS = ("ties", "dare", "dare_ties", "breadcrumbs", "pcb")
+# the methods whose loops are also written in C (pcb_fast.cpu.native, ties_loops.c): nothing to compile at
+# run time and the eager engine's values bit for bit, so "auto" takes them at any size
+C_METHODS = ("ties", "dare", "dare_ties")
 
 
 RECOMPILE_LIMIT = 256  # compiled variants per function (thread counts times shape specialisations)
@@ -90,7 +94,11 @@ def resolve(mode: str, entries: int, method: str | None = None, params: dict | N
     checks.check_choice("fused", mode, MODES)
     if method is not None and not has_loops(method, params or {}):
         return False  # nothing to compile: not even the probe (seconds of inductor start-up per process)
-    if mode == "off" or (mode == "auto" and entries < AUTO_MIN_ENTRIES_BY_METHOD.get(method, AUTO_MIN_ENTRIES)):
+    if mode == "off":
+        return False
+    if method in C_METHODS and native.problem() is None:
+        return True
+    if mode == "auto" and entries < AUTO_MIN_ENTRIES_BY_METHOD.get(method, AUTO_MIN_ENTRIES):
         return False
     problem = _probe()
     if problem is None:
@@ -141,8 +149,49 @@ def _row_max_abs(tv: torch.Tensor) -> torch.Tensor:
     return tv.abs().amax(1)  # NaN propagates: the callers' finiteness check
 
 
+def bracket_inside(tv, floor, ceiling):
+    """|tau| of each task of a block around its bracket [floor, ceiling] ([n, 1] each): (max |tau|
+    per task, NaN propagating; [3, n] int64 counts of |tau| > ceiling, == ceiling and == floor; a
+    list of n tensors, each task's |tau| strictly inside its bracket in position order)."""
+    if native.problem() is None:
+        return native.bracket(tv, floor, ceiling)
+    row_max, *counts, mask = compiled_bracket(tv, floor, ceiling)
+    n = tv.shape[0]
+    flat = mask.view(-1).nonzero().squeeze(1)
+    task = torch.div(flat, mask.shape[1], rounding_mode="floor")
+    values = tv[task, flat - task * mask.shape[1]].abs()
+    return row_max, torch.stack(counts).long(), list(values.split(torch.bincount(task, minlength=n).tolist()))
+
+
+def equal_counts(tv, t):
+    """[n] entries of each task with |tau| == t ([n, 1])."""
+    return native.equal_counts(tv, t) if native.problem() is None else compiled_equal_counts(tv, t)
+
+
+def ties_block(tv, t, cut, lam, fill, divide):
+    """TIES on a block: see :func:`_elect_and_mean` (in C where it builds: the eager values bit for bit)."""
+    if native.problem() is None:
+        return native.ties_block(tv, t, cut, lam, fill, bool(divide))
+    return compiled_ties_block(tv, t, cut, lam, fill, divide)
+
+
+def dare_ties_block(tv, stream, stream_high, lo, threshold, scale, lam, fill, divide):
+    """DARE-TIES on a block: :func:`_elect_and_mean`, kept entries and max |tau| per task."""
+    if native.problem() is None:
+        return native.dare_ties_block(tv, stream, stream_high, int(lo), int(threshold), float(scale), lam, fill,
+                                      bool(divide))
+    return compiled_dare_ties_block(tv, stream, stream_high, lo, threshold, scale, lam, fill, divide)
+
+
+def dare_sum(tv, stream, stream_high, lo, threshold, scale, lam):
+    """DARE then task arithmetic on a block: (sum over tasks, kept per task, max |tau| per task)."""
+    if native.problem() is None:
+        return native.dare_sum(tv, stream, stream_high, int(lo), int(threshold), float(scale), lam)
+    return compiled_dare_sum(tv, stream, stream_high, lo, threshold, scale, lam)
+
+
 @Fusable
-def bracket(tv, floor, ceiling):
+def compiled_bracket(tv, floor, ceiling):
     """Where |tau| of each task falls around a bracket [floor, ceiling] ([n, 1] each): (max |tau|,
     count > ceiling, count == ceiling, count == floor, int32 mask of floor < |tau| < ceiling)."""
     a = tv.abs()
@@ -154,7 +203,7 @@ def bracket(tv, floor, ceiling):
 
 
 @Fusable
-def equal_counts(tv, t):
+def compiled_equal_counts(tv, t):
     """[n] entries of each task with |tau| == t."""
     return (tv.abs() == t).sum(1)
 
@@ -204,21 +253,21 @@ def _elect_and_mean(weighted, lam, fill, divide):
 
 
 @Fusable
-def ties_block(tv, t, cut, lam, fill, divide):
-    """TIES on a block: see :func:`_elect_and_mean`."""
+def compiled_ties_block(tv, t, cut, lam, fill, divide):
+    """The compiled form of :func:`ties_block` (where the C loops do not build)."""
     return _elect_and_mean(_trimmed(tv, t, cut, lam), lam, fill, divide)
 
 
 @Fusable
-def dare_ties_block(tv, stream, stream_high, lo, threshold, scale, lam, fill, divide):
-    """DARE-TIES on a block: :func:`_elect_and_mean`, kept entries and max |tau| per task."""
+def compiled_dare_ties_block(tv, stream, stream_high, lo, threshold, scale, lam, fill, divide):
+    """The compiled form of :func:`dare_ties_block`."""
     weighted, keep = _dropped(tv, stream, stream_high, lo, threshold, scale, lam)
     return *_elect_and_mean(weighted, lam, fill, divide), keep.sum(1), _row_max_abs(tv)
 
 
 @Fusable
-def dare_sum(tv, stream, stream_high, lo, threshold, scale, lam):
-    """DARE then task arithmetic on a block: (sum over tasks, kept per task, max |tau| per task)."""
+def compiled_dare_sum(tv, stream, stream_high, lo, threshold, scale, lam):
+    """The compiled form of :func:`dare_sum`."""
     weighted, keep = _dropped(tv, stream, stream_high, lo, threshold, scale, lam)
     return _sum_rows(weighted), keep.sum(1), _row_max_abs(tv)
 

@@ -1,7 +1,11 @@
-"""A small C kernel for the fused CPU path: per-row order statistics of |tau| (row_select.c).
+"""Small C kernels for the CPU engine: per-row order statistics of |tau| (row_select.c), DARE's
+keep masks (dare_hash.c), weighted merges from the stored inputs (weighted_merge.c) and the block
+loops of TIES, DARE and DARE-TIES (ties_loops.c, the eager engine's values bit for bit).
 
 Breadcrumbs places its band by two order statistics of every row; torch has no per-row select
-cheaper than a partial top-k over (value, index) pairs, which cost it most of its time. The kernel
+cheaper than a partial top-k over (value, index) pairs, which cost it most of its time. Task
+arithmetic and averaging from files take one sweep from the raw bf16/fp16/fp32 slices to the
+output's bytes instead of five torch ops. The library
 is compiled on first use with the system C compiler ($CC, else cc, gcc or clang), cached on disk
 (``$PCB_FAST_CACHE`` or ~/.cache/pcb_fast, keyed by source, compiler, flags and CPU) and called
 through ctypes; it splits the rows over OpenMP threads, in torch's own OpenMP team.
@@ -22,10 +26,15 @@ from pathlib import Path
 
 import torch
 
-# compiled together into one library: per-row order statistics (Breadcrumbs) and DARE's keep masks
-SOURCES = (Path(__file__).with_name("row_select.c"), Path(__file__).with_name("dare_hash.c"))
+# compiled together into one library
+SOURCES = tuple(Path(__file__).with_name(name)
+                for name in ("row_select.c", "dare_hash.c", "weighted_merge.c", "ties_loops.c"))
 # Tried in order: a compiler may refuse -march=native or lack OpenMP (the kernel then runs on one thread).
-FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
+# -ffp-contract=off: a * b + c must round twice, as torch's float32 ops do (GCC contracts by default).
+FLAG_SETS = tuple(flags + ["-ffp-contract=off"] for flags in (["-O3", "-march=native", "-fopenmp"],
+                                                               ["-O3", "-fopenmp"], ["-O3"]))
+# dtype codes of weighted_merge.c
+KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 MIN_ROWS_PER_THREAD = 16  # fewer rows per thread than this: fewer threads, waking one costs more
 
 
@@ -51,7 +60,7 @@ def _build(compiler: str, flags: list[str]) -> Path:
     source = b"\0".join(path.read_bytes() for path in SOURCES)
     key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
                                      platform.machine().encode(), _cpu_name().encode()])).hexdigest()[:16]
-    target = _cache_dir() / f"row_select-{key}.so"
+    target = _cache_dir() / f"native-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         # Built under a temporary name and renamed: processes compiling at once never load half a file.
@@ -90,6 +99,17 @@ def _library() -> ctypes.CDLL | str:
     function = library.dare_keep_masks
     function.restype = None
     function.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4 + [ctypes.c_int]
+    library.tv_bracket.restype = None
+    library.tv_bracket.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 9 + [ctypes.c_int]
+    library.tv_equal_counts.restype = None
+    library.tv_equal_counts.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
+    library.tv_merge_block.restype = ctypes.c_int
+    library.tv_merge_block.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.POINTER(KeepRule), ctypes.c_void_p,
+                                       ctypes.c_int, ctypes.c_float, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int])
+    function = library.weighted_merge
+    function.restype = ctypes.c_int64
+    function.argtypes = ([ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int32, ctypes.c_void_p]
+                         + [ctypes.c_float] * 2 + [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int])
     return library
 
 
@@ -145,3 +165,140 @@ def dare_keep_masks(lo: int, m: int, streams: list, highs: list, thresholds: lis
         library.dare_keep_masks(lo, m, n, *(a.data_ptr() for a in arrays), out.data_ptr(),
                                 max(1, min(torch.get_num_threads(), n * m // 16384)))
     return out
+
+
+MIN_ENTRIES_PER_THREAD = 1 << 15  # below this, waking a thread costs more than it saves
+
+
+def weighted_merge(models: list, base: torch.Tensor, weights: torch.Tensor | None, divisor: float | None,
+                   lam: float, out: torch.Tensor) -> bool:
+    """``out`` = base + lam * (sum_i weights_i * (models_i - base)) [/ divisor], each model and the base
+    [m] contiguous CPU tensors of float32, bfloat16 or float16 (any mix), ``out`` [m] of one of those;
+    with the float32 operations and rounding of the torch engine (core.formulas.sum_over_tasks, then
+    merged_weights, then ``.to(out.dtype)``), bit for bit. ``weights``: [n] or [n, 1] float32, or None.
+
+    False, with ``out`` unspecified, where some output is not finite (the caller redoes the block
+    with torch to say where) or the kernel does not take these inputs (float64, no compiler)."""
+    library = _library()
+    tensors = [base, out, *models]
+    if (isinstance(library, str) or not models or any(t.dtype not in KERNEL_DTYPES or t.device.type != "cpu"
+                                                      or not t.is_contiguous() for t in tensors)
+            or len({t.numel() for t in tensors}) != 1):
+        return False
+    n, m = len(models), out.numel()
+    if m == 0:
+        return True
+    pointers = (ctypes.c_void_p * n)(*(t.data_ptr() for t in models))
+    dtypes = (ctypes.c_int32 * n)(*(KERNEL_DTYPES[t.dtype] for t in models))
+    if weights is not None:
+        weights = weights.reshape(-1).to(torch.float32).contiguous()
+    threads = max(1, min(torch.get_num_threads(), m // MIN_ENTRIES_PER_THREAD))
+    bad = library.weighted_merge(n, m, pointers, dtypes, base.data_ptr(), KERNEL_DTYPES[base.dtype],
+                                 None if weights is None else weights.data_ptr(), float(divisor or 0.0),
+                                 float(lam), out.data_ptr(), KERNEL_DTYPES[out.dtype], threads)
+    return bad == 0
+
+
+class KeepRule(ctypes.Structure):
+    """keep_rule of ties_loops.c: TIES' trim (t, cut) or DARE's drop (stream constants, lo, 1 - p)."""
+
+    _fields_ = [("drop", ctypes.c_int), ("t", ctypes.c_void_p), ("cut", ctypes.c_void_p), ("stream", ctypes.c_void_p),
+                ("high", ctypes.c_void_p), ("threshold", ctypes.c_void_p), ("lo", ctypes.c_int64),
+                ("scale", ctypes.c_float)]
+
+
+def _loaded() -> ctypes.CDLL:
+    library = _library()
+    if isinstance(library, str):
+        raise RuntimeError(f"pcb_fast native kernel unavailable: {library}")
+    return library
+
+
+def _task_rows(tv: torch.Tensor) -> torch.Tensor:
+    """``tv`` [n, m] as float32 rows with unit steps inside a row (the blocks of the sources already are)."""
+    if tv.dtype != torch.float32 or tv.dim() != 2 or tv.device.type != "cpu":
+        raise ValueError(f"expected [n, m] float32 task rows on the CPU, got {tv.dtype} {tuple(tv.shape)} on {tv.device}")
+    return tv if tv.stride(1) == 1 or tv.shape[1] <= 1 else tv.contiguous()
+
+
+def _column(values, dtype) -> torch.Tensor:
+    """[n] contiguous values of ``dtype`` from a tensor of n entries ([n] or [n, 1])."""
+    return torch.as_tensor(values).reshape(-1).to(dtype).contiguous()
+
+
+def _threads(work: int) -> int:
+    return max(1, min(torch.get_num_threads(), work // MIN_ENTRIES_PER_THREAD))
+
+
+def bracket(tv: torch.Tensor, floor, ceiling):
+    """|tau| of a block [n, m] around a bracket per task (``floor``, ``ceiling``: n values): (max |tau|
+    per task, NaN propagating; [3, n] int64 counts of |tau| > ceiling, == ceiling and == floor; a
+    list of n tensors: each task's |tau| strictly inside its bracket, in position order)."""
+    library, tv = _loaded(), _task_rows(tv)
+    n, m = tv.shape
+    floor, ceiling = _column(floor, torch.float32), _column(ceiling, torch.float32)
+    row_max, counts = torch.empty(n), torch.empty(3, n, dtype=torch.int64)
+    inside, inside_counts = torch.empty(n, m), torch.empty(n, dtype=torch.int64)
+    flags = torch.empty(n, m, dtype=torch.uint8)
+    library.tv_bracket(tv.data_ptr(), n, m, tv.stride(0), floor.data_ptr(), ceiling.data_ptr(), row_max.data_ptr(),
+                       counts[0].data_ptr(), counts[1].data_ptr(), counts[2].data_ptr(), inside.data_ptr(),
+                       inside_counts.data_ptr(), flags.data_ptr(), min(n, _threads(n * m)))
+    return row_max, counts, [inside[i, :k].clone() for i, k in enumerate(inside_counts.tolist())]
+
+
+def equal_counts(tv: torch.Tensor, t) -> torch.Tensor:
+    """[n] int64 entries of each task row of ``tv`` with |tau| == t_i."""
+    library, tv = _loaded(), _task_rows(tv)
+    n, m = tv.shape
+    t, counts = _column(t, torch.float32), torch.empty(n, dtype=torch.int64)
+    library.tv_equal_counts(tv.data_ptr(), n, m, tv.stride(0), t.data_ptr(), counts.data_ptr(),
+                            min(n, _threads(n * m)))
+    return counts
+
+
+def _merge_block(tv, rule: KeepRule, lam, elect: bool, fill=1.0, divide=True):
+    library, tv = _loaded(), _task_rows(tv)
+    n, m = tv.shape
+    lam = _column(lam, torch.float32)
+    values, counts = torch.empty(m), torch.zeros(2, dtype=torch.int64)
+    kept, row_max = torch.empty(n, dtype=torch.int64), torch.empty(n)
+    status = library.tv_merge_block(tv.data_ptr(), n, m, tv.stride(0), ctypes.byref(rule), lam.data_ptr(), int(elect),
+                                    float(fill), int(divide), values.data_ptr(), counts[0].data_ptr(),
+                                    counts[1].data_ptr(), kept.data_ptr(), row_max.data_ptr(), _threads(n * m))
+    if status:
+        raise MemoryError(f"pcb_fast native kernel: no scratch memory for a block of {n} tasks")
+    return values, counts[0], counts[1], kept, row_max
+
+
+def ties_block(tv, t, cut, lam, fill, divide: bool):
+    """TIES on a block [n, m] (the eager engine's values bit for bit): entries kept where |tau| > t_i,
+    or == t_i at positions < cut_i; weighted by lam_i; the sign elected per position (``fill`` where
+    the sum is 0); the mean (``divide``) or sum of the agreeing entries. Returns (values [m], sum of
+    the elected signs, undecided positions: zero sum and some non-zero entry)."""
+    t, cut = _column(t, torch.float32), _column(cut, torch.int64)
+    rule = KeepRule(drop=0, t=t.data_ptr(), cut=cut.data_ptr())
+    values, signs, undecided, _, _ = _merge_block(tv, rule, lam, True, fill, divide)  # t, cut alive here
+    return values, signs, undecided
+
+
+def _drop_rule(streams, highs, lo: int, threshold: int, scale: float, n: int):
+    arrays = [torch.tensor([int(v) for v in torch.as_tensor(a).reshape(-1).tolist()], dtype=torch.int64).to(torch.int32)
+              for a in (streams, highs, [int(threshold)] * n)]
+    rule = KeepRule(drop=1, stream=arrays[0].data_ptr(), high=arrays[1].data_ptr(), threshold=arrays[2].data_ptr(),
+                    lo=int(lo), scale=float(scale))
+    return rule, arrays
+
+
+def dare_ties_block(tv, streams, highs, lo: int, threshold: int, scale: float, lam, fill, divide: bool):
+    """DARE-TIES on a block: DARE's drop (pcb_fast.core.rng's keep masks, survivors divided by
+    ``scale`` = 1 - p) then :func:`ties_block`'s election and mean. Returns (values, sum of the
+    elected signs, undecided positions, [n] entries kept, [n] max |tau|, NaN propagating)."""
+    rule, arrays = _drop_rule(streams, highs, lo, threshold, scale, tv.shape[0])
+    return _merge_block(tv, rule, lam, True, fill, divide)  # the rule's arrays alive here
+
+
+def dare_sum(tv, streams, highs, lo: int, threshold: int, scale: float, lam):
+    """DARE then the sum over tasks of a block: (sum [m], [n] entries kept, [n] max |tau|)."""
+    rule, arrays = _drop_rule(streams, highs, lo, threshold, scale, tv.shape[0])
+    values, _, _, kept, row_max = _merge_block(tv, rule, lam, False)  # the rule's arrays alive here
+    return values, kept, row_max

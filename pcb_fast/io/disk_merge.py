@@ -30,8 +30,8 @@ from ..core.checks import parse_size
 from ..core.formulas import merged_weights
 from ..core.sources import DEFAULT_BLOCK_WIDTH, CachedSource, CheckpointSource
 from ..core.threads import CpuThreads, check_threads, room_for_io
-from ..cpu import fused as fused_cpu
-from ..methods import METHODS, single_pass
+from ..cpu import fused as fused_cpu, native
+from ..methods import METHODS, scope_matters, single_pass
 from .card import write_card
 from .checkpoints import check_models_match, open_checkpoint, side_files, split_keys
 from .distributed import assign_shards
@@ -307,6 +307,8 @@ def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam,
         pass_count[0] += 1
         return progress(total, f"pass {pass_count[0]}") if progress else None
 
+    if scope == "tensor" and not scope_matters(method, params):
+        scope = "global"  # the same values, in one pass (one reader thread) instead of one per tensor
     keys = merged if local is None else [k for k in merged if k in local]
     source = reader = CheckpointSource(base_ck, model_cks, keys, progress=bar if progress else None)
     if comm is not None:  # this rank's keys, with the statistics of the whole model
@@ -342,6 +344,17 @@ def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam,
                 raise
             comm.fail(str(e))  # raised on every rank at the next collective
 
+    def from_inputs(segment, lo, hi, natives, weights, divisor) -> bool:
+        """The merged block straight from the raw slices [base, model_0, ...], written; False where the
+        kernel does not apply or a value is not finite (the method then takes the torch path)."""
+        values = torch.empty(hi - lo, dtype=out_dtype(segment.key))
+        if not native.weighted_merge(natives[1:], natives[0], weights, divisor, lam, values):
+            return False
+        writer.write(segment.key, lo, values)
+        return True
+
+    if comm is None and native.problem() is None:
+        sink.from_inputs = from_inputs
     try:
         with CpuThreads(threads) as source.threads:
             return engine.run(METHODS[method][0], source, sink, scope=scope, lambdas=lambdas,

@@ -33,6 +33,13 @@ def single_pass(method: str, params: dict) -> bool:
     return method == "dare" and params.get("rescale", "inverse") != "l1"
 
 
+def scope_matters(method: str, params: dict) -> bool:
+    """Whether scope="tensor" can give other values than scope="global": not for the plain weighted
+    sums (average, task arithmetic) with the same parameters for every tensor, which use no
+    statistics of the task vectors."""
+    return method not in ("average", "task_arithmetic") or "segment_params" in params
+
+
 def engine_only_option(method: str, params: dict) -> str | None:
     """The first parameter in ``params`` that only the torch engine and the reference implement: one
     of ENGINE_ONLY away from the method's default, a value per task (a list), or a method only

@@ -226,9 +226,9 @@ ALL_TIES = 1 << 62  # a cut past every position: every entry equal to the thresh
 def _merge_ties_fused(source, sink, density, sign_ties, topk, lam, block_width, normalize=True, min_keep=0):
     """TIES with compiled block loops (pcb_fast.cpu.fused): the column sample (read in place from
     in-memory sources, else one pass); one pass counting |tau| around the sampled bracket, with the
-    NaN check (the exact threshold comes from the few entries inside the bracket); for
-    topk="exact" a pass counting the entries at the threshold; then one sweep that trims, elects
-    and merges. Nothing is collected: memory stays at a few blocks."""
+    NaN check (the exact threshold comes from the few entries inside the bracket, and for
+    topk="exact" the entries equal to it per block from the same counts); then one sweep that
+    trims, elects and merges. Nothing is collected but the entries inside the bracket (about 1%)."""
     n, D = source.n, source.D
     keep = keep_counts(D, density, min_keep, n)
     lam = fused_cpu.weights(lam, n)
@@ -248,31 +248,34 @@ def _merge_ties_fused(source, sink, density, sign_ties, topk, lam, block_width, 
             for block in source.blocks(block_width):
                 sample.add(block)
 
+        last_pass = []  # the bracket and, per block, the counts and inside values of the latest pass
+
         def bracket_pass(floor, ceiling):
             counts = torch.zeros(3, n, dtype=torch.int64)
             inside = [[] for _ in range(n)]
+            last_pass[:] = [(floor.clone(), ceiling.clone())]
             for block in source.blocks(block_width):
-                row_max, *block_counts, mask = fused_cpu.bracket(block.tv, floor.unsqueeze(1), ceiling.unsqueeze(1))
+                row_max, block_counts, values = fused_cpu.bracket_inside(block.tv, floor.unsqueeze(1),
+                                                                         ceiling.unsqueeze(1))
                 raise_if_not_finite(source, block, row_max)
-                counts += torch.stack(block_counts)
-                flat = mask.view(-1).nonzero().squeeze(1)
-                task = torch.div(flat, mask.shape[1], rounding_mode="floor")
-                values = block.tv[task, flat - task * mask.shape[1]].abs()
-                for i, part in enumerate(values.split(torch.bincount(task, minlength=n).tolist())):
+                counts += block_counts
+                for i, part in enumerate(values):
                     inside[i].append(part)
+                last_pass.append((block_counts, values))
             return counts[0], counts[1], counts[2], [torch.cat(parts) for parts in inside]
 
         t, greater, at_least = select_in_bracket(n, D, rank, sample.scores(torch.abs), bracket_pass)
         t = t.unsqueeze(1)
         kept = at_least if topk == "threshold" else keep.clone()
         guess = guess_fill(torch.cat(sample.parts, dim=1) if sample.parts else torch.zeros(n, 0), t, lam, sign_ties)
-    cuts = None if topk == "threshold" else _exact_cuts(source, t, keep - greater, block_width)
+    # topk="exact": the entries equal to t are kept by position, from the counts of the bracket pass
+    cuts = None if topk == "threshold" or edge else _exact_cuts(_equal_per_block(last_pass, t[:, 0]), keep - greater)
     every = torch.full((n, 1), ALL_TIES)
 
     divide = torch.tensor(1.0 if normalize else 0.0)
 
     def merge_block(number, block, fill):
-        return fused_cpu.ties_block(block.tv, t, every if cuts is None else cuts[number], lam, fill, divide)
+        return fused_cpu.ties_block(block.tv, t, every if cuts is None else cuts(number, block, t), lam, fill, divide)
 
     sweep_with_fill(source, sink, merge_block, sign_ties, block_width, guess)
     return kept
@@ -312,21 +315,39 @@ def guess_fill(columns: torch.Tensor, t: torch.Tensor, lam: torch.Tensor, sign_t
     return torch.sign(total) if bool(total != 0) else torch.ones(())
 
 
-def _exact_cuts(source, t, budget, block_width) -> list:
-    """topk="exact": per block, the [n, 1] position below which the entries equal to t are kept, so
-    that each task keeps ``budget`` of them, the first by position (one pass of counts; the row
-    where a task's budget runs out is searched eagerly, once per task)."""
+def _equal_per_block(last_pass: list, t: torch.Tensor) -> list:
+    """[n] entries equal to t in each block, from the bracket pass that found t: its count at a bound
+    when t is one, else the inside values equal to it."""
+    (floor, ceiling), *blocks = last_pass
+    equal = []
+    for counts, inside in blocks:
+        at = torch.stack([(part == value).sum() for part, value in zip(inside, t.tolist())])
+        equal.append(torch.where(t == ceiling, counts[1], torch.where(t == floor, counts[2], at)))
+    return equal
+
+
+def _exact_cuts(equal_per_block: list, budget: torch.Tensor):
+    """topk="exact": ``cut(number, block)``, the [n, 1] position in block ``number`` below which the
+    entries equal to t are kept, so that each task keeps ``budget`` of them, the first by position
+    (from the counts per block; the block where a task's budget runs out is searched when merged)."""
     budget = budget.clone()
-    cuts = []
-    for block in source.blocks(block_width):
-        equal = fused_cpu.equal_counts(block.tv, t)
+    plans = []
+    for equal in equal_per_block:
         cut = torch.where(budget >= equal, ALL_TIES, 0).unsqueeze(1)
-        for i in ((budget > 0) & (budget < equal)).nonzero().flatten().tolist():
-            positions = (block.tv[i].abs() == t[i]).nonzero().flatten()
-            cut[i, 0] = int(positions[int(budget[i]) - 1]) + 1
+        partial = [(i, int(budget[i])) for i in ((budget > 0) & (budget < equal)).nonzero().flatten().tolist()]
         budget -= torch.minimum(budget, equal)
-        cuts.append(cut)
-    return cuts
+        plans.append((cut, partial))
+
+    def cut_of(number: int, block, t: torch.Tensor):
+        cut, partial = plans[number]
+        if partial:
+            cut = cut.clone()
+            for i, left in partial:
+                positions = (block.tv[i].abs() == t[i]).nonzero().flatten()
+                cut[i, 0] = int(positions[left - 1]) + 1
+        return cut
+
+    return cut_of
 
 
 def merge_dare_ties(source, sink, *, p=0.9, seed=0, sign_ties="majority", rescale="inverse", normalize=True,

@@ -1,0 +1,274 @@
+/* The block loops of TIES, DARE and DARE-TIES in C (docs/design.md 3.5): the eager engine's float32
+ * operations per entry, in its order, so that the values are the eager engine's bit for bit (signed
+ * zeros included), in one sweep over a block instead of a dozen torch ops. No transcendental
+ * function is involved, so nothing here depends on a math library. Compiled without contraction
+ * (-ffp-contract=off, see native.py).
+ *
+ * A block is n task rows of m float32 entries, row i at tv + i * stride. Per entry j:
+ *   trim (TIES):  w_i = (x_i * keep_i) * lam_i, keep_i = |x_i| > t_i or (|x_i| == t_i and j < cut_i)
+ *   drop (DARE):  w_i = ((x_i * keep_i) / scale) * lam_i, keep_i from the counter hash of dare_hash.c
+ *   total = ((w_0 + w_1) + w_2) + ...   (task order; core.formulas.sum_over_tasks)
+ *   election (formulas.disjoint_mean): s = sign(total), or fill where 0; agree_i = s > 0 ? w_i > 0 : w_i < 0;
+ *   value = sum_i w_i * agree_i / (sum_i agree_i * lam_i, 1 where 0; 1 without divide) */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CHUNK 512 /* entries per step: n rows of weighted values stay in L1/L2 */
+
+static inline uint32_t mix(uint32_t x)
+{
+    x ^= x >> 16;
+    x *= 0x21F0AAADu;
+    x ^= x >> 15;
+    x *= 0x735A2D97u;
+    return x ^ (x >> 15);
+}
+
+static inline uint32_t bits(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+static inline float of_bits(uint32_t u)
+{
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* The largest of non-negative floats as the largest bit pattern: the same order, NaN (any payload)
+ * above +inf, as torch.amax lets NaN win; an integer max, which vectorizes. */
+static inline uint32_t max_bits(uint32_t a, uint32_t b)
+{
+    return a > b ? a : b;
+}
+
+#define SPAN (1 << 20) /* entries counted in 32-bit counters before they are added up */
+
+/* For each task row: max |x| (NaN if any), counts of |x| > ceiling, == ceiling, == floor, and the
+ * |x| strictly between floor and ceiling, written in order to inside + i * m (inside_counts[i] of
+ * them). ``flags``: m bytes of scratch per task row. */
+void tv_bracket(const float *tv, int64_t n, int64_t m, int64_t stride, const float *floor_, const float *ceiling,
+                float *row_max, int64_t *above, int64_t *at_ceiling, int64_t *at_floor, float *inside,
+                int64_t *inside_counts, uint8_t *flags, int threads)
+{
+    (void)threads;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const float *x = tv + i * stride;
+        uint8_t *flag = flags + i * m;
+        const float lo = floor_[i], hi = ceiling[i];
+        uint32_t mx = 0;
+        int64_t count_above = 0, count_ceiling = 0, count_floor = 0, count_inside = 0;
+        for (int64_t j0 = 0; j0 < m; j0 += SPAN) {
+            const int64_t end = m - j0 < SPAN ? m : j0 + SPAN;
+            uint32_t a_above = 0, a_ceiling = 0, a_floor = 0, a_inside = 0;
+            for (int64_t j = j0; j < end; j++) {
+                const float a = fabsf(x[j]);
+                const uint8_t in = (a > lo) & (a < hi);
+                mx = max_bits(mx, bits(a));
+                a_above += a > hi;
+                a_ceiling += a == hi;
+                a_floor += a == lo;
+                a_inside += in;
+                flag[j] = in;
+            }
+            count_above += a_above;
+            count_ceiling += a_ceiling;
+            count_floor += a_floor;
+            count_inside += a_inside;
+        }
+        if (count_inside) { /* few entries: skip 8 flags at a time */
+            float *out = inside + i * m;
+            int64_t k = 0, j = 0;
+            for (; j + 8 <= m; j += 8) {
+                uint64_t word;
+                memcpy(&word, flag + j, 8);
+                while (word) {
+                    const int byte = __builtin_ctzll(word) >> 3;
+                    out[k++] = fabsf(x[j + byte]);
+                    word &= ~(0xFFull << (byte * 8));
+                }
+            }
+            for (; j < m; j++)
+                if (flag[j])
+                    out[k++] = fabsf(x[j]);
+        }
+        row_max[i] = of_bits(mx);
+        above[i] = count_above;
+        at_ceiling[i] = count_ceiling;
+        at_floor[i] = count_floor;
+        inside_counts[i] = count_inside;
+    }
+}
+
+/* For each task row: entries with |x| == t[i]. */
+void tv_equal_counts(const float *tv, int64_t n, int64_t m, int64_t stride, const float *t, int64_t *counts,
+                     int threads)
+{
+    (void)threads;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const float *x = tv + i * stride;
+        const float ti = t[i];
+        int64_t count = 0;
+        for (int64_t j = 0; j < m; j++)
+            count += fabsf(x[j]) == ti;
+        counts[i] = count;
+    }
+}
+
+/* How a block's entries are kept: TIES' trim, or DARE's drop. */
+typedef struct {
+    int drop;               /* 0: trim by t/cut, 1: DARE's drop */
+    const float *t;         /* trim: [n] thresholds */
+    const int64_t *cut;     /* trim: [n] entries equal to t are kept at positions < cut */
+    const uint32_t *stream; /* drop: [n] stream constants, their mix32, keep thresholds (24 bits) */
+    const uint32_t *high;
+    const uint32_t *threshold;
+    int64_t lo;  /* drop: index of the block's first entry in its tensor */
+    float scale; /* drop: 1 - p, the divisor of the survivors */
+} keep_rule;
+
+/* w[j] = the weighted, kept entries j0 .. j0 + count - 1 of task row x (task i); returns how many are
+ * kept. With the drop, *mx takes the largest |x| (as bits, see max_bits). */
+static int weigh(const keep_rule *rule, int64_t i, const float *x, int64_t j0, int64_t count, float lam,
+                 float *restrict w, uint32_t *mx)
+{
+    int kept = 0;
+    if (!rule->drop) {
+        const float ti = rule->t[i];
+        const int64_t cut = rule->cut[i] - j0; /* positions relative to this chunk */
+        for (int64_t j = 0; j < count; j++) {
+            const float a = fabsf(x[j]);
+            const int keep = (a > ti) | ((a == ti) & (j < cut));
+            w[j] = (x[j] * (float)keep) * lam;
+            kept += keep;
+        }
+        return kept;
+    }
+    const uint32_t stream = rule->stream[i], high = rule->high[i], threshold = rule->threshold[i];
+    const float scale = rule->scale;
+    const uint64_t first = (uint64_t)(rule->lo + j0), last = first + (uint64_t)count - 1;
+    uint32_t row_max = *mx;
+    if ((first >> 32) == (last >> 32)) { /* 32-bit counters (the common case: they vectorize) */
+        const uint32_t start = (uint32_t)first, high_word = (uint32_t)(first >> 32) ^ high;
+        for (int64_t j = 0; j < count; j++) {
+            const uint32_t h = mix(mix((start + (uint32_t)j) ^ stream) ^ high_word);
+            const int keep = (h >> 8) >= threshold;
+            w[j] = ((x[j] * (float)keep) / scale) * lam;
+            kept += keep;
+            row_max = max_bits(row_max, bits(fabsf(x[j])));
+        }
+    } else { /* the chunk crosses a multiple of 2^32 */
+        for (int64_t j = 0; j < count; j++) {
+            const uint64_t index = first + (uint64_t)j;
+            const uint32_t h = mix(mix((uint32_t)index ^ stream) ^ (uint32_t)(index >> 32) ^ high);
+            const int keep = (h >> 8) >= threshold;
+            w[j] = ((x[j] * (float)keep) / scale) * lam;
+            kept += keep;
+            row_max = max_bits(row_max, bits(fabsf(x[j])));
+        }
+    }
+    *mx = row_max;
+    return kept;
+}
+
+/* TIES' election and disjoint mean (elect != 0), or the plain sum over tasks (elect == 0), of a block.
+ * Returns 0, or -1 when scratch memory could not be had. kept[n] and row_max[n] (drop only) are
+ * filled; signs: the sum of the elected signs; undecided: positions with a zero total and some
+ * non-zero entry (their value depends on fill). */
+int tv_merge_block(const float *tv, int64_t n, int64_t m, int64_t stride, const keep_rule *rule, const float *lam,
+                   int elect, float fill, int divide, float *values, int64_t *signs, int64_t *undecided,
+                   int64_t *kept, float *row_max, int threads)
+{
+    (void)threads;
+    const int64_t chunks = (m + CHUNK - 1) / CHUNK;
+    int failed = 0;
+    int64_t sign_sum = 0, undecided_sum = 0;
+    uint32_t *max_bits_of = calloc((size_t)n, sizeof(uint32_t));
+    if (max_bits_of == NULL)
+        return -1;
+    for (int64_t i = 0; i < n; i++)
+        kept[i] = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : sign_sum, undecided_sum) reduction(| : failed)
+    {
+        float *w = malloc((size_t)n * CHUNK * sizeof(float));
+        int64_t *my_kept = calloc((size_t)n, sizeof(int64_t));
+        uint32_t *my_max = calloc((size_t)n, sizeof(uint32_t));
+        if (w == NULL || my_kept == NULL || my_max == NULL) {
+            failed = 1;
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t c = 0; c < chunks; c++) {
+                const int64_t j0 = c * CHUNK, count = m - j0 < CHUNK ? m - j0 : CHUNK;
+                float total[CHUNK], largest[CHUNK], num[CHUNK], den[CHUNK];
+                for (int64_t i = 0; i < n; i++)
+                    my_kept[i] += weigh(rule, i, tv + i * stride + j0, j0, count, lam[i], w + i * CHUNK, &my_max[i]);
+                for (int64_t j = 0; j < count; j++)
+                    total[j] = n > 1 ? w[j] + w[CHUNK + j] : w[j];
+                for (int64_t i = 2; i < n; i++)
+                    for (int64_t j = 0; j < count; j++)
+                        total[j] = total[j] + w[i * CHUNK + j];
+                if (!elect) {
+                    memcpy(values + j0, total, (size_t)count * sizeof(float));
+                    continue;
+                }
+                for (int64_t j = 0; j < count; j++)
+                    largest[j] = fabsf(w[j]);
+                for (int64_t i = 1; i < n; i++)
+                    for (int64_t j = 0; j < count; j++) {
+                        const float a = fabsf(w[i * CHUNK + j]);
+                        largest[j] = a > largest[j] ? a : largest[j];
+                    }
+                int positive = 0, negative = 0, open = 0;
+                for (int64_t j = 0; j < count; j++) {
+                    const float t = total[j];
+                    positive += t > 0;
+                    negative += t < 0;
+                    open += (t == 0) & (largest[j] > 0);
+                    /* the sign each entry must agree with */
+                    total[j] = t > 0 ? 1.0f : t < 0 ? -1.0f : fill;
+                }
+                sign_sum += positive - negative;
+                undecided_sum += open;
+                for (int64_t i = 0; i < n; i++) {
+                    const float *wi = w + i * CHUNK;
+                    const float li = lam[i];
+                    if (i == 0)
+                        for (int64_t j = 0; j < count; j++) {
+                            const float agree = (float)(total[j] > 0 ? wi[j] > 0 : wi[j] < 0);
+                            num[j] = wi[j] * agree;
+                            den[j] = agree * li;
+                        }
+                    else
+                        for (int64_t j = 0; j < count; j++) {
+                            const float agree = (float)(total[j] > 0 ? wi[j] > 0 : wi[j] < 0);
+                            num[j] = num[j] + wi[j] * agree;
+                            den[j] = den[j] + agree * li;
+                        }
+                }
+                for (int64_t j = 0; j < count; j++)
+                    values[j0 + j] = divide ? num[j] / (den[j] == 0 ? 1.0f : den[j]) : num[j];
+            }
+#pragma omp critical
+            for (int64_t i = 0; i < n; i++) {
+                kept[i] += my_kept[i];
+                max_bits_of[i] = max_bits(max_bits_of[i], my_max[i]);
+            }
+        }
+        free(w);
+        free(my_kept);
+        free(my_max);
+    }
+    for (int64_t i = 0; i < n; i++)
+        row_max[i] = of_bits(max_bits_of[i]);
+    free(max_bits_of);
+    *signs = sign_sum;
+    *undecided = undecided_sum;
+    return failed ? -1 : 0;
+}

@@ -1,0 +1,160 @@
+/* Task arithmetic and averaging from the stored inputs to the stored output, in one sweep
+ * (docs/design.md 3.7). The torch engine forms every task vector in float32, sums them, adds the
+ * base and rounds to the output dtype: five sweeps over memory per block. This kernel does the
+ * same float32 operations per entry, in the same order, on the raw bf16/fp16/fp32 slices:
+ *
+ *   tau_i = f32(model_i) - f32(base)          (exact conversions)
+ *   w_i   = tau_i * weight_i                  (when weights are given)
+ *   total = ((w_0 + w_1) + w_2) + ...         (task order, as core.formulas.sum_over_tasks)
+ *   total = total / divisor                   (when divisor != 0)
+ *   theta = f32(base) + total                 (lam == 1), else f32(base) + lam * total
+ *   out   = theta rounded to the output dtype (round to nearest even)
+ *
+ * It must be compiled without contraction (-ffp-contract=off: no a * b + c fused into one
+ * rounding), which pcb_fast/cpu/native.py passes. Returns the number of outputs that are not finite
+ * (the caller redoes such a block with torch, which names the culprit). */
+#include <stdint.h>
+#include <string.h>
+
+enum { F32 = 0, BF16 = 1, F16 = 2 };
+#define CHUNK 2048 /* entries per step: the base and the running total stay in L1 */
+
+static inline float f32_of_bits(uint32_t u)
+{
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint32_t bits_of_f32(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+/* IEEE half to float, exact (normals, subnormals, infinities, NaN payloads shifted). */
+static inline float f32_of_f16(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
+    if (exponent == 0x1F)
+        return f32_of_bits(sign | 0x7F800000u | (mantissa << 13));
+    if (exponent != 0)
+        return f32_of_bits(sign | ((exponent + 112) << 23) | (mantissa << 13));
+    /* zero or subnormal: mantissa * 2^-24, exact in float32 */
+    float magnitude = (float)mantissa * 5.9604644775390625e-8f;
+    return f32_of_bits(sign | bits_of_f32(magnitude));
+}
+
+/* float to IEEE half, round to nearest even (overflow to infinity, NaN stays NaN). */
+static inline uint16_t f16_of_f32(float f)
+{
+    uint32_t u = bits_of_f32(f), sign = (u >> 16) & 0x8000, a = u & 0x7FFFFFFFu;
+    if (a >= 0x7F800000u) /* infinity or NaN */
+        return (uint16_t)(sign | 0x7C00 | (a > 0x7F800000u ? 0x200 | ((a >> 13) & 0x3FF) : 0));
+    if (a >= 0x477FF000u) /* rounds to 65520 or more: infinity */
+        return (uint16_t)(sign | 0x7C00);
+    if (a < 0x38800000u) { /* below the smallest normal half (2^-14): subnormal or zero */
+        /* a multiple of 2^-24 after rounding: adding 0.5 makes the FPU round at that bit */
+        float rounded = f32_of_bits(a) + 0.5f;
+        return (uint16_t)(sign | (bits_of_f32(rounded) - 0x3F000000u));
+    }
+    uint32_t odd = (a >> 13) & 1;
+    a += 0xC8000FFFu + odd; /* rebias the exponent (-112 << 23) and round at bit 13 */
+    return (uint16_t)(sign | (a >> 13));
+}
+
+/* float to bfloat16, round to nearest even (NaN kept a quiet NaN). */
+static inline uint16_t bf16_of_f32(float f)
+{
+    uint32_t u = bits_of_f32(f);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u)
+        return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1)) >> 16);
+}
+
+/* dst[j] = f32(src[start + j]) for j < m */
+static void load(const void *src, int dtype, int64_t start, int64_t m, float *restrict dst)
+{
+    if (dtype == BF16) {
+        const uint16_t *s = (const uint16_t *)src + start;
+        for (int64_t j = 0; j < m; j++)
+            dst[j] = f32_of_bits((uint32_t)s[j] << 16);
+    } else if (dtype == F16) {
+        const uint16_t *s = (const uint16_t *)src + start;
+        for (int64_t j = 0; j < m; j++)
+            dst[j] = f32_of_f16(s[j]);
+    } else {
+        memcpy(dst, (const float *)src + start, (size_t)m * 4);
+    }
+}
+
+/* Writes dst[start + j] and returns how many of them are not finite. */
+static int64_t store(const float *restrict src, int64_t m, void *dst, int dtype, int64_t start)
+{
+    int64_t bad = 0;
+    if (dtype == BF16) {
+        uint16_t *d = (uint16_t *)dst + start;
+        for (int64_t j = 0; j < m; j++) {
+            uint16_t o = bf16_of_f32(src[j]);
+            d[j] = o;
+            bad += (o & 0x7F80) == 0x7F80;
+        }
+    } else if (dtype == F16) {
+        uint16_t *d = (uint16_t *)dst + start;
+        for (int64_t j = 0; j < m; j++) {
+            uint16_t o = f16_of_f32(src[j]);
+            d[j] = o;
+            bad += (o & 0x7C00) == 0x7C00;
+        }
+    } else {
+        float *d = (float *)dst + start;
+        for (int64_t j = 0; j < m; j++) {
+            d[j] = src[j];
+            bad += (bits_of_f32(src[j]) & 0x7F800000u) == 0x7F800000u;
+        }
+    }
+    return bad;
+}
+
+int64_t weighted_merge(int64_t n, int64_t m, const void *const *models, const int32_t *model_dtypes,
+                       const void *base, int32_t base_dtype, const float *weights, float divisor,
+                       float lam, void *out, int32_t out_dtype, int threads)
+{
+    (void)threads;
+    int64_t bad = 0;
+    const int64_t chunks = (m + CHUNK - 1) / CHUNK;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : bad)
+    for (int64_t c = 0; c < chunks; c++) {
+        float b[CHUNK], x[CHUNK], total[CHUNK];
+        const int64_t start = c * CHUNK, count = m - start < CHUNK ? m - start : CHUNK;
+        load(base, base_dtype, start, count, b);
+        for (int64_t i = 0; i < n; i++) {
+            load(models[i], model_dtypes[i], start, count, x);
+            if (weights != 0) {
+                const float w = weights[i];
+                for (int64_t j = 0; j < count; j++)
+                    x[j] = (x[j] - b[j]) * w;
+            } else {
+                for (int64_t j = 0; j < count; j++)
+                    x[j] = x[j] - b[j];
+            }
+            if (i == 0)
+                memcpy(total, x, (size_t)count * 4);
+            else
+                for (int64_t j = 0; j < count; j++)
+                    total[j] = total[j] + x[j];
+        }
+        if (divisor != 0.0f)
+            for (int64_t j = 0; j < count; j++)
+                total[j] = total[j] / divisor;
+        if (lam == 1.0f)
+            for (int64_t j = 0; j < count; j++)
+                total[j] = b[j] + total[j];
+        else
+            for (int64_t j = 0; j < count; j++)
+                total[j] = b[j] + lam * total[j];
+        bad += store(total, count, out, out_dtype, start);
+    }
+    return bad;
+}
