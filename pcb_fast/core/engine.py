@@ -204,6 +204,7 @@ def entries(score_blocks: Callable, collected: list[Collected] | None):
             yield Entries(c.segment, c.lo, c.hi, c.score, c.tau, c)
 
 
+NATIVE_SELECT_MIN = 1 << 15  # entries per row from which the C select beats torch.kthvalue (7x at 500k here)
 MIN_SAMPLE = 4096  # below this many sampled entries per task, level 1 of the radix select is cheap
 
 
@@ -267,9 +268,19 @@ def _sample_bounds(sample_scores: torch.Tensor, rank: int, D: int):
     q = rank / D
     margin = 6 * math.sqrt(s * q * (1 - q)) + 8
     lo, hi = math.floor(q * s - margin), math.ceil(q * s + margin)
+    if lo >= 0 and hi < s and _native_select_applies(sample_scores):  # both bounds in one C call per row
+        ceiling, floor = native.row_order_statistics(sample_scores, s - 1 - hi, s - 1 - lo)
+        return floor.reshape(n), ceiling.reshape(n)
     floor = _order_statistic(sample_scores, lo + 1) if lo >= 0 else torch.full((n,), float("-inf"))
     ceiling = _order_statistic(sample_scores, hi + 1) if hi < s else torch.full((n,), float("inf"))
     return floor, ceiling
+
+
+def _native_select_applies(values: torch.Tensor) -> bool:
+    """Whether the C radix select (pcb_fast.cpu.native.row_order_statistics, which ranks |x|) gives the
+    order statistics of ``values``: many non-negative float32 values on the CPU (magnitudes)."""
+    return (values.shape[-1] >= NATIVE_SELECT_MIN and values.dtype == torch.float32 and values.device.type == "cpu"
+            and native.problem() is None and bool(values.min() >= 0))
 
 
 def _order_statistic(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -283,7 +294,6 @@ def _order_statistic(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(x, k, dim=1).values
 
 
-NATIVE_SELECT_MIN = 1 << 16  # entries from which the C select beats torch.kthvalue (7x at 500k here)
 
 
 def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -291,8 +301,7 @@ def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     many non-negative values (magnitudes) the C radix select of pcb_fast.cpu.native (the same value;
     a zero comes back as +0)."""
     size = values.numel()
-    if (size >= NATIVE_SELECT_MIN and values.dtype == torch.float32 and values.device.type == "cpu"
-            and native.problem() is None and bool(values.min() >= 0)):
+    if _native_select_applies(values):
         return native.row_order_statistics(values.reshape(1, -1), size - k, size - k)[0].reshape(())
     return torch.kthvalue(values, k).values
 

@@ -400,10 +400,17 @@ class CachedSource(TaskVectorSource):
         self.errors = inner.errors
         self.cache = None  # allocated by the first pass
         self.complete = False
+        # where the caches of this source's restrict() views live: one buffer, sized for the largest
+        # segment once, reused by every tensor of scope="tensor" (fresh memory would be faulted in and
+        # zeroed by the kernel for every tensor: seconds on an LLM)
+        self._shared = [None]
 
     def restrict(self, segment: Segment) -> "TaskVectorSource":
         view = CachedSource(self.inner.restrict(segment))
         view.memory_budget, view.fused, view.threads = self.memory_budget, self.fused, self.threads
+        if self._shared[0] is None:
+            self._shared[0] = torch.empty(self.n * max(s.numel for s in self.segments))
+        view.cache = self._shared[0][: self.n * segment.numel].view(self.n, segment.numel)
         return view
 
     def strided_columns(self, stride: int) -> list | None:
@@ -424,10 +431,15 @@ class CachedSource(TaskVectorSource):
             return
         if self.cache is None:
             self.cache = torch.empty(self.n, self.D)
-        self.inner.threads = self.threads
-        for block in self.inner.blocks(width, whole_rows):
-            self.cache[:, block.start : block.start + block.tv.shape[1]].copy_(block.tv)
-            yield block
+        inner = self.inner
+        inner.threads = self.threads
+        # the inner source's pass, its task vectors formed straight into the cache (no copy)
+        for seg, lo, hi in inner._pass(inner.plan(width, whole_rows)):
+            view = self.cache[:, seg.offset + lo : seg.offset + hi]
+            tv = inner._read(seg, lo, hi, view)
+            if tv.data_ptr() != view.data_ptr():  # a source that hands out its own tensor (in memory)
+                view.copy_(tv)
+            yield Block(seg, lo, hi, view)
         self.complete = True
 
     def _read(self, seg, lo, hi, out):
