@@ -1,9 +1,13 @@
-"""The fused CPU loops (pcb_fast.fused_cpu, torch.compile) against the eager engine and the reference.
+"""The fused CPU loops (pcb_fast.fused_cpu: the C loops of TIES, DARE and DARE-TIES, and the torch.compile
+ones) against the eager engine and the reference.
 
-Fused and eager merges must give equal values (torch.equal: the sign of a zero may differ, since
-compiled code adds from +0) and equal kept counts. Compiling takes a few seconds per function
-once per process, so the cases share few shapes of arguments.
+Fused and eager merges must give equal values and equal kept counts: the C loops bit for bit,
+the compiled ones by torch.equal (the sign of a zero may differ, since compiled code adds from +0).
+Compiling takes a few seconds per function once per process, so the cases share few shapes of
+arguments.
 """
+
+import types
 
 import pytest
 import torch
@@ -22,12 +26,30 @@ def run(method, tv, fused, block_width=4096, **params):
     return run_method(method, tv, fused, block_width=block_width, **params)
 
 
-def assert_same(method, tv, **params):
+@pytest.fixture(params=["c", "compiled"])
+def loops(request, monkeypatch):
+    """Which loops TIES, DARE and DARE-TIES run: the C ones (the default where a C compiler is), or the
+    compiled ones (where there is none)."""
+    if request.param == "compiled":
+        monkeypatch.setattr(fused_cpu, "native", types.SimpleNamespace(problem=lambda: "off for this test"))
+    return request.param
+
+
+def assert_same(method, tv, loops="compiled", **params):
     eager, kept_eager = run(method, tv, False, **params)
     fused, kept_fused = run(method, tv, True, **params)
     assert torch.equal(eager, fused), f"{(eager != fused).sum()} entries differ"
+    if loops == "c" and method is not merge_ties:  # the same bits, signed zeros included
+        assert_bits(fused, eager)
     assert kept_eager == kept_fused
     return fused
+
+
+def assert_bits(actual, expected):
+    """The same float32 bit patterns (signed zeros included). TIES' C loops give the bits of the literal
+    formulation (pcb_fast.reference); the eager engine's collected path adds from +0 where nothing is
+    collected, so its zeros may differ in sign from both."""
+    assert torch.equal(actual.view(torch.int32), expected.view(torch.int32))
 
 
 def task_vectors(n, D, kind, seed=0):
@@ -44,27 +66,31 @@ def task_vectors(n, D, kind, seed=0):
 @pytest.mark.parametrize("params", [dict(density=0.2), dict(density=0.2, topk="exact"),
                                     dict(density=0.7, lambdas=[0.5, 1.5, 2.0]),
                                     dict(density=0.5, topk="exact", sign_ties="positive")])
-def test_ties_fused_equals_eager(kind, params):
+def test_ties_fused_equals_eager(kind, params, loops):
     tv = task_vectors(3, 100_003, kind)
-    fused = assert_same(merge_ties, tv, **params)
+    fused = assert_same(merge_ties, tv, loops, **params)
     reference = pcb_fast.reference.baselines.ties(tv, **params)
     assert torch.equal(fused, reference)
+    if loops == "c":
+        assert_bits(fused, reference)
 
 
 @pytest.mark.parametrize("params", [dict(density=1.0), dict(density=1e-9, topk="exact"), dict(density=1e-9)])
-def test_ties_fused_keeps_all_or_nothing(params):
+def test_ties_fused_keeps_all_or_nothing(params, loops):
     tv = task_vectors(2, 70_000, "normal")
-    assert torch.equal(assert_same(merge_ties, tv, **params), pcb_fast.reference.baselines.ties(tv, **params))
+    assert torch.equal(assert_same(merge_ties, tv, loops, **params), pcb_fast.reference.baselines.ties(tv, **params))
 
 
-def test_ties_fused_many_tasks_sum_in_task_order():
+def test_ties_fused_many_tasks_sum_in_task_order(loops):
     # 32 tasks with widely different scales: any other order of the sums over tasks rounds differently
     tv = task_vectors(32, 80_000, "normal") * torch.logspace(-3, 3, 32).unsqueeze(1)
-    assert torch.equal(assert_same(merge_ties, tv, density=0.3),
-                       pcb_fast.reference.baselines.ties(tv, density=0.3))
+    fused, reference = assert_same(merge_ties, tv, loops, density=0.3), pcb_fast.reference.baselines.ties(tv, density=0.3)
+    assert torch.equal(fused, reference)
+    if loops == "c":
+        assert_bits(fused, reference)
 
 
-def test_ties_fused_majority_fill_negative_with_cancellations():
+def test_ties_fused_majority_fill_negative_with_cancellations(loops):
     # Positions where +x and -x cancel are "undecided": their value depends on the whole model's
     # majority sign, known only after the sweep (here negative), so their blocks are merged again.
     D = 20_000
@@ -73,7 +99,7 @@ def test_ties_fused_majority_fill_negative_with_cancellations():
     tv[1] = -torch.rand(D) - 0.5
     tv[0, ::7], tv[1, ::7] = 1.0, -1.0
     tv[1, 3::7] = torch.rand(len(range(3, D, 7))) + 0.5  # still a majority of negative elected signs
-    fused = assert_same(merge_ties, tv, density=1.0, block_width=1000)
+    fused = assert_same(merge_ties, tv, loops, density=1.0, block_width=1000)
     assert torch.equal(fused, pcb_fast.reference.baselines.ties(tv, density=1.0))
     assert (fused[::7] == -1.0).all()  # filled with the negative majority: the mean of the -1 entries
 
@@ -101,10 +127,24 @@ def test_ties_fused_reads_undecided_blocks_again_only_when_the_fill_guess_was_wr
 
 
 @pytest.mark.parametrize("params", [dict(p=0.9), dict(p=0.3, seed=5, lambdas=[0.5, -1.0, 2.0]), dict(p=0.0)])
-def test_dare_and_dare_ties_fused_equal_eager(params):
+def test_dare_and_dare_ties_fused_equal_eager(params, loops):
     tv = task_vectors(3, 50_001, "quantized")
-    assert_same(merge_dare, tv, **params)
-    assert_same(merge_dare_ties, tv, **params)
+    assert_same(merge_dare, tv, loops, **params)
+    assert_same(merge_dare_ties, tv, loops, **params)
+
+
+@pytest.mark.parametrize("params", [dict(p=[0.2, 0.5, 0.9]), dict(p=0.8, rescale="l1"), dict(p=0.6, rescale="none"),
+                                    dict(p=0.5, rescale="l1", normalize=False, sign_ties="positive"),
+                                    dict(p=0.7, normalize=True, lambdas=[0.5, 1.0, 2.0])])
+def test_dare_options_in_the_c_loops_equal_eager(params):
+    """mergekit's options (a drop rate per model, the L1 rescale, no rescale, normalize) run in the C
+    loops too, with the eager engine's bits."""
+    tv = task_vectors(3, 50_001, "quantized", seed=4)
+    for method in (merge_dare, merge_dare_ties):
+        own = {k: v for k, v in params.items() if k != "sign_ties" or method is merge_dare_ties}
+        if method is merge_dare and "normalize" in own and own.get("rescale") == "l1":
+            own.pop("normalize")
+        assert_same(method, tv, "c", **own)
 
 
 def test_dare_ties_fused_matches_reference():
@@ -197,9 +237,13 @@ def test_methods_without_compiled_loops_never_probe(monkeypatch):
         assert fused_cpu.resolve("auto", 1 << 40, method) is False
         assert fused_cpu.resolve("on", 1 << 40, method) is False
     # options the loops do not cover take the eager path: no probe either
-    for method, params in [("dare_ties", {"rescale": "l1"}), ("dare", {"p": [0.5, 0.6]}), ("dare", {"normalize": True}),
-                           ("breadcrumbs", {"band": "tensor"}), ("pcb", {"variant": "paper"})]:
+    for method, params in [("breadcrumbs", {"band": "tensor"}), ("pcb", {"variant": "paper"})]:
         assert fused_cpu.resolve("auto", 1 << 40, method, params) is False, (method, params)
+    # the C loops of TIES, DARE and DARE-TIES take every option, at any size, with nothing to compile
+    for method, params in [("dare_ties", {"rescale": "l1"}), ("dare", {"p": [0.5, 0.6]}), ("dare", {"normalize": True}),
+                           ("ties", {}), ("dare", {})]:
+        for entries in (10, 1 << 40):
+            assert fused_cpu.resolve("auto", entries, method, params) is True, (method, params)
 
 
 def test_disk_merge_fused_equals_eager(tmp_path):

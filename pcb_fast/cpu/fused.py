@@ -78,6 +78,8 @@ def has_loops(method: str, params: dict) -> bool:
     drop rate per model, PCB's paper variant)."""
     if method not in FUSED_METHODS:
         return False
+    if method in C_METHODS and native.problem() is None:
+        return True  # the C loops take every option of these methods
     if method in ("dare", "dare_ties") and (isinstance(params.get("p"), (list, tuple))
                                              or params.get("rescale", "inverse") != "inverse"):
         return False
@@ -175,19 +177,49 @@ def ties_block(tv, t, cut, lam, fill, divide):
     return compiled_ties_block(tv, t, cut, lam, fill, divide)
 
 
-def dare_ties_block(tv, stream, stream_high, lo, threshold, scale, lam, fill, divide):
-    """DARE-TIES on a block: :func:`_elect_and_mean`, kept entries and max |tau| per task."""
+def dare_ties_block(block, p, seed: int, rescale: str, factors, lam, fill, divide):
+    """DARE-TIES on a block (drop probability ``p``, one or a list; ``rescale`` "inverse", or "l1" with
+    the [n, 1] ``factors``, or "none"): :func:`_elect_and_mean`, kept entries and max |tau| per task."""
     if native.problem() is None:
-        return native.dare_ties_block(tv, stream, stream_high, int(lo), int(threshold), float(scale), lam, fill,
-                                      bool(divide))
-    return compiled_dare_ties_block(tv, stream, stream_high, lo, threshold, scale, lam, fill, divide)
+        return native.dare_ties_block(block.tv, _drop(block, p, seed, rescale, factors), lam, fill, bool(divide))
+    return compiled_dare_ties_block(block.tv, *dare_drop_args(block, p, seed), lam, fill, divide)
 
 
-def dare_sum(tv, stream, stream_high, lo, threshold, scale, lam):
-    """DARE then task arithmetic on a block: (sum over tasks, kept per task, max |tau| per task)."""
+def dare_sum(block, p, seed: int, rescale: str, factors, lam):
+    """DARE then task arithmetic on a block (options as :func:`dare_ties_block`): (sum over tasks,
+    kept per task, max |tau| per task)."""
     if native.problem() is None:
-        return native.dare_sum(tv, stream, stream_high, int(lo), int(threshold), float(scale), lam)
-    return compiled_dare_sum(tv, stream, stream_high, lo, threshold, scale, lam)
+        return native.dare_sum(block.tv, _drop(block, p, seed, rescale, factors), lam)
+    return compiled_dare_sum(block.tv, *dare_drop_args(block, p, seed), lam)
+
+
+@functools.lru_cache(maxsize=4096)
+def _streams(seed: int, n: int, key: str) -> tuple:
+    """Each task's stream constant for ``key`` and its mix32 (pcb_fast.core.rng)."""
+    streams = [rng.stream_constant(seed, i, key) for i in range(n)]
+    return streams, [rng.mix32(h) for h in streams]
+
+
+def _drop(block, p, seed: int, rescale: str, factors) -> tuple:
+    """The drop of a block for native.dare_sum / dare_ties_block: the eager drop's operations (rescale
+    "inverse": divided by float32(1 - p_i); "l1": multiplied by the factors; "none": by 1)."""
+    n = block.tv.shape[0]
+    ps = p if isinstance(p, list) else [p] * n
+    streams, highs = _streams(seed, n, block.segment.key)
+    if rescale == "inverse":
+        scales, multiply = [1 - x for x in ps], False
+    else:
+        scales, multiply = (factors if rescale == "l1" else [1.0] * n), True
+    return streams, highs, [rng.keep_threshold(x) for x in ps], block.lo, scales, multiply
+
+
+def dare_drop_args(block, p: float, seed: int) -> tuple:
+    """The drop's arguments of the compiled loops for a block, all tensors (so that no value is
+    compiled in): [n, 1] stream constants of (seed, task, key) and their mix32, the block's first
+    index, the keep threshold and 1 - p (float32, the divisor of the eager drop)."""
+    streams, highs = _streams(seed, block.tv.shape[0], block.segment.key)
+    return (torch.tensor(streams, dtype=torch.int64).unsqueeze(1), torch.tensor(highs, dtype=torch.int64).unsqueeze(1),
+            torch.tensor(block.lo), torch.tensor(rng.keep_threshold(p)), torch.tensor(1 - p, dtype=torch.float32))
 
 
 @Fusable

@@ -204,7 +204,7 @@ class KeepRule(ctypes.Structure):
 
     _fields_ = [("drop", ctypes.c_int), ("t", ctypes.c_void_p), ("cut", ctypes.c_void_p), ("stream", ctypes.c_void_p),
                 ("high", ctypes.c_void_p), ("threshold", ctypes.c_void_p), ("lo", ctypes.c_int64),
-                ("scale", ctypes.c_float)]
+                ("scale", ctypes.c_void_p), ("multiply", ctypes.c_int)]
 
 
 def _loaded() -> ctypes.CDLL:
@@ -281,24 +281,28 @@ def ties_block(tv, t, cut, lam, fill, divide: bool):
     return values, signs, undecided
 
 
-def _drop_rule(streams, highs, lo: int, threshold: int, scale: float, n: int):
-    arrays = [torch.tensor([int(v) for v in torch.as_tensor(a).reshape(-1).tolist()], dtype=torch.int64).to(torch.int32)
-              for a in (streams, highs, [int(threshold)] * n)]
+def _drop_rule(streams, highs, thresholds, lo: int, scales, multiply: bool):
+    arrays = [torch.tensor([int(v) for v in values], dtype=torch.int64).to(torch.int32)
+              for values in (streams, highs, thresholds)]
+    scales = _column(scales, torch.float32)
     rule = KeepRule(drop=1, stream=arrays[0].data_ptr(), high=arrays[1].data_ptr(), threshold=arrays[2].data_ptr(),
-                    lo=int(lo), scale=float(scale))
-    return rule, arrays
+                    lo=int(lo), scale=scales.data_ptr(), multiply=int(multiply))
+    return rule, (arrays, scales)
 
 
-def dare_ties_block(tv, streams, highs, lo: int, threshold: int, scale: float, lam, fill, divide: bool):
-    """DARE-TIES on a block: DARE's drop (pcb_fast.core.rng's keep masks, survivors divided by
-    ``scale`` = 1 - p) then :func:`ties_block`'s election and mean. Returns (values, sum of the
-    elected signs, undecided positions, [n] entries kept, [n] max |tau|, NaN propagating)."""
-    rule, arrays = _drop_rule(streams, highs, lo, threshold, scale, tv.shape[0])
+def dare_ties_block(tv, drop: tuple, lam, fill, divide: bool):
+    """DARE-TIES on a block: DARE's drop then :func:`ties_block`'s election and mean. ``drop``: (the n
+    stream constants of pcb_fast.core.rng, their mix32, the n keep thresholds, the block's first
+    index in its tensor, n float32 scales, multiply): survivors divided by scale_i (1 - p_i), or
+    with ``multiply``, multiplied by it (mergekit's L1 factors; 1 for no rescale). Returns (values,
+    sum of the elected signs, undecided positions, [n] entries kept, [n] max |tau|, NaN propagating)."""
+    rule, arrays = _drop_rule(*drop)
     return _merge_block(tv, rule, lam, True, fill, divide)  # the rule's arrays alive here
 
 
-def dare_sum(tv, streams, highs, lo: int, threshold: int, scale: float, lam):
-    """DARE then the sum over tasks of a block: (sum [m], [n] entries kept, [n] max |tau|)."""
-    rule, arrays = _drop_rule(streams, highs, lo, threshold, scale, tv.shape[0])
+def dare_sum(tv, drop: tuple, lam):
+    """DARE then the sum over tasks of a block (``drop``: see :func:`dare_ties_block`): (sum [m], [n]
+    entries kept, [n] max |tau|)."""
+    rule, arrays = _drop_rule(*drop)
     values, _, _, kept, row_max = _merge_block(tv, rule, lam, False)  # the rule's arrays alive here
     return values, kept, row_max

@@ -6,7 +6,8 @@
  *
  * A block is n task rows of m float32 entries, row i at tv + i * stride. Per entry j:
  *   trim (TIES):  w_i = (x_i * keep_i) * lam_i, keep_i = |x_i| > t_i or (|x_i| == t_i and j < cut_i)
- *   drop (DARE):  w_i = ((x_i * keep_i) / scale) * lam_i, keep_i from the counter hash of dare_hash.c
+ *   drop (DARE):  w_i = ((x_i * keep_i) / scale_i) * lam_i, keep_i from the counter hash of dare_hash.c
+ *                 (mergekit's L1 rescale, or none: ((x_i * keep_i) * factor_i) * lam_i, factor 1 for none)
  *   total = ((w_0 + w_1) + w_2) + ...   (task order; core.formulas.sum_over_tasks)
  *   election (formulas.disjoint_mean): s = sign(total), or fill where 0; agree_i = s > 0 ? w_i > 0 : w_i < 0;
  *   value = sum_i w_i * agree_i / (sum_i agree_i * lam_i, 1 where 0; 1 without divide) */
@@ -130,9 +131,43 @@ typedef struct {
     const uint32_t *stream; /* drop: [n] stream constants, their mix32, keep thresholds (24 bits) */
     const uint32_t *high;
     const uint32_t *threshold;
-    int64_t lo;  /* drop: index of the block's first entry in its tensor */
-    float scale; /* drop: 1 - p, the divisor of the survivors */
+    int64_t lo;          /* drop: index of the block's first entry in its tensor */
+    const float *scale;  /* drop: [n] 1 - p_i, the divisors of the survivors, or (multiply) their factors */
+    int multiply;        /* drop: survivors multiplied by scale_i (mergekit's L1 rescale, or 1: none) */
 } keep_rule;
+
+/* DARE's drop of entries j0 .. j0 + count - 1 of one task row (see weigh); ``multiply`` is a constant
+ * where this is inlined, so that each form's loop vectorizes. */
+static inline __attribute__((always_inline)) int weigh_drop(const keep_rule *rule, const float *x, int64_t j0,
+                                                           int64_t count, float lam, float *restrict w, uint32_t *mx,
+                                                           uint32_t stream, uint32_t high, uint32_t threshold,
+                                                           float scale, int multiply)
+{
+    int kept = 0;
+    const uint64_t first = (uint64_t)(rule->lo + j0), last = first + (uint64_t)count - 1;
+    uint32_t row_max = *mx;
+    if ((first >> 32) == (last >> 32)) { /* 32-bit counters (the common case: they vectorize) */
+        const uint32_t start = (uint32_t)first, high_word = (uint32_t)(first >> 32) ^ high;
+        for (int64_t j = 0; j < count; j++) {
+            const uint32_t h = mix(mix((start + (uint32_t)j) ^ stream) ^ high_word);
+            const int keep = (h >> 8) >= threshold;
+            w[j] = (multiply ? (x[j] * (float)keep) * scale : (x[j] * (float)keep) / scale) * lam;
+            kept += keep;
+            row_max = max_bits(row_max, bits(fabsf(x[j])));
+        }
+    } else { /* the chunk crosses a multiple of 2^32 */
+        for (int64_t j = 0; j < count; j++) {
+            const uint64_t index = first + (uint64_t)j;
+            const uint32_t h = mix(mix((uint32_t)index ^ stream) ^ (uint32_t)(index >> 32) ^ high);
+            const int keep = (h >> 8) >= threshold;
+            w[j] = (multiply ? (x[j] * (float)keep) * scale : (x[j] * (float)keep) / scale) * lam;
+            kept += keep;
+            row_max = max_bits(row_max, bits(fabsf(x[j])));
+        }
+    }
+    *mx = row_max;
+    return kept;
+}
 
 /* w[j] = the weighted, kept entries j0 .. j0 + count - 1 of task row x (task i); returns how many are
  * kept. With the drop, *mx takes the largest |x| (as bits, see max_bits). */
@@ -152,30 +187,10 @@ static int weigh(const keep_rule *rule, int64_t i, const float *x, int64_t j0, i
         return kept;
     }
     const uint32_t stream = rule->stream[i], high = rule->high[i], threshold = rule->threshold[i];
-    const float scale = rule->scale;
-    const uint64_t first = (uint64_t)(rule->lo + j0), last = first + (uint64_t)count - 1;
-    uint32_t row_max = *mx;
-    if ((first >> 32) == (last >> 32)) { /* 32-bit counters (the common case: they vectorize) */
-        const uint32_t start = (uint32_t)first, high_word = (uint32_t)(first >> 32) ^ high;
-        for (int64_t j = 0; j < count; j++) {
-            const uint32_t h = mix(mix((start + (uint32_t)j) ^ stream) ^ high_word);
-            const int keep = (h >> 8) >= threshold;
-            w[j] = ((x[j] * (float)keep) / scale) * lam;
-            kept += keep;
-            row_max = max_bits(row_max, bits(fabsf(x[j])));
-        }
-    } else { /* the chunk crosses a multiple of 2^32 */
-        for (int64_t j = 0; j < count; j++) {
-            const uint64_t index = first + (uint64_t)j;
-            const uint32_t h = mix(mix((uint32_t)index ^ stream) ^ (uint32_t)(index >> 32) ^ high);
-            const int keep = (h >> 8) >= threshold;
-            w[j] = ((x[j] * (float)keep) / scale) * lam;
-            kept += keep;
-            row_max = max_bits(row_max, bits(fabsf(x[j])));
-        }
-    }
-    *mx = row_max;
-    return kept;
+    const float scale = rule->scale[i];
+    if (rule->multiply)
+        return weigh_drop(rule, x, j0, count, lam, w, mx, stream, high, threshold, scale, 1);
+    return weigh_drop(rule, x, j0, count, lam, w, mx, stream, high, threshold, scale, 0);
 }
 
 /* TIES' election and disjoint mean (elect != 0), or the plain sum over tasks (elect == 0), of a block.

@@ -178,21 +178,6 @@ def dare_options(source, p, seed, rescale, block_width):
     return p, seed, rescale, factors
 
 
-def fusable_drop(p, rescale: str) -> bool:
-    """Whether the compiled DARE loops (one drop probability, the 1/(1 - p) rescale) apply."""
-    return not isinstance(p, list) and rescale == "inverse"
-
-
-def dare_drop_args(block, p: float, seed: int) -> tuple:
-    """The drop's arguments of pcb_fast.cpu.fused for a block, all tensors (so that no value is
-    compiled in): [n, 1] stream constants of (seed, task, key) and their mix32, the block's first
-    index, the keep threshold and 1 - p (float32, the divisor of the eager drop)."""
-    streams = [rng.stream_constant(seed, i, block.segment.key) for i in range(block.tv.shape[0])]
-    return (torch.tensor(streams, dtype=torch.int64).unsqueeze(1),
-            torch.tensor([rng.mix32(h) for h in streams], dtype=torch.int64).unsqueeze(1),
-            torch.tensor(block.lo), torch.tensor(rng.keep_threshold(p)), torch.tensor(1 - p, dtype=torch.float32))
-
-
 def merge_dare(source, sink, *, p=0.9, seed=0, rescale="inverse", normalize=False, lambdas=None,
                block_width=DEFAULT_BLOCK_WIDTH):
     """DARE (Yu et al., "Language Models are Super Mario", ICML 2024): drop each entry of each task
@@ -206,15 +191,15 @@ def merge_dare(source, sink, *, p=0.9, seed=0, rescale="inverse", normalize=Fals
     lam = lambda_column(lambdas, source.n)
     divisor = normalizing_divisor(lam, source.n, normalize)
     p, seed, rescale, factors = dare_options(source, p, seed, rescale, block_width)
-    if fused_cpu.applies(source) and fusable_drop(p, rescale) and divisor is None:
-        # the drop, the sum and the NaN check in one compiled loop per block
+    if fused_cpu.applies(source) and fused_cpu.has_loops("dare", dict(p=p, rescale=rescale, normalize=divisor is not None)):
+        # the drop, the sum and the NaN check in one loop per block
         lam = fused_cpu.weights(lambda_column(lambdas, source.n), source.n)
         kept = torch.zeros(source.n, dtype=torch.int64)
         for block in source.blocks(block_width):
-            total, keep, row_max = fused_cpu.dare_sum(block.tv, *dare_drop_args(block, p, seed), lam)
+            total, keep, row_max = fused_cpu.dare_sum(block, p, seed, rescale, factors, lam)
             raise_if_not_finite(source, block, row_max)
             kept += keep
-            sink(block.segment, block.lo, block.hi, total)
+            sink(block.segment, block.lo, block.hi, _over(total, divisor))
         return kept
     return _weighted_sums(source, sink, lam, masked=lambda b: dare_block(b, p, seed, rescale, factors),
                           divisor=divisor, block_width=block_width)

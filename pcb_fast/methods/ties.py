@@ -29,7 +29,7 @@ from ..core.engine import ColumnSample, raise_if_not_finite, select_in_bracket, 
 from ..core.formulas import disjoint_mean, elected_signs, lambda_column, zero_sign_fill
 from ..core.sources import DEFAULT_BLOCK_WIDTH
 from ..cpu import fused as fused_cpu
-from .linear import breadcrumbs_blocks, check_bands, check_flag, dare_block, dare_drop_args, dare_options, fusable_drop
+from .linear import breadcrumbs_blocks, check_bands, check_flag, dare_block, dare_options
 
 SIGN_TIES = ("majority", "positive")
 TOPK = ("threshold", "exact")
@@ -362,8 +362,8 @@ def merge_dare_ties(source, sink, *, p=0.9, seed=0, sign_ties="majority", rescal
     normalize = check_flag("normalize", normalize)
     lam = lambda_column(lambdas, source.n)
     p, seed, rescale, factors = dare_options(source, p, seed, rescale, block_width)
-    if fused_cpu.applies(source) and fusable_drop(p, rescale):
-        return _merge_dare_ties_fused(source, sink, p, seed, sign_ties, lam, block_width, normalize)
+    if fused_cpu.applies(source) and fused_cpu.has_loops("dare_ties", dict(p=p, rescale=rescale)):
+        return _merge_dare_ties_fused(source, sink, p, seed, rescale, factors, sign_ties, lam, block_width, normalize)
     kept_counts = torch.zeros(source.n, dtype=torch.int64)
 
     def weighted_blocks(first_sweep: bool):
@@ -401,7 +401,7 @@ def merge_breadcrumbs_ties(source, sink, *, gamma=0.01, beta=0.1, band="row", si
     return kept_counts
 
 
-def _merge_dare_ties_fused(source, sink, p, seed, sign_ties, lam, block_width, normalize=True):
+def _merge_dare_ties_fused(source, sink, p, seed, rescale, factors, sign_ties, lam, block_width, normalize=True):
     """DARE-TIES with compiled block loops: the drop, the election, the mean and the NaN check in
     one sweep (blocks with undecided positions merged again where the fill guessed was wrong, see
     :func:`sweep_with_fill`)."""
@@ -411,8 +411,8 @@ def _merge_dare_ties_fused(source, sink, p, seed, sign_ties, lam, block_width, n
     divide = torch.tensor(1.0 if normalize else 0.0)
 
     def merge_block(number, block, fill):
-        values, signs, undecided, kept, row_max = fused_cpu.dare_ties_block(block.tv, *dare_drop_args(block, p, seed),
-                                                                             lam, fill, divide)
+        values, signs, undecided, kept, row_max = fused_cpu.dare_ties_block(block, p, seed, rescale, factors, lam, fill,
+                                                                             divide)
         if number not in counted:  # a block merged again is counted once
             counted.add(number)
             raise_if_not_finite(source, block, row_max)
