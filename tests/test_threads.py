@@ -46,6 +46,32 @@ def test_l1_rescale_does_not_depend_on_the_thread_count(method, params):
         assert one[k].view(torch.uint8).tolist() == two[k].view(torch.uint8).tolist(), k
 
 
+@pytest.mark.parametrize("n,D,width", [(4, 100_003, 1 << 17), (3, 70_001, 20_000), (1, 5, 4096)])
+def test_l1_factors_are_mergekit_s_sums_over_each_tensor(n, D, width):
+    """l1_factors sums the rows of a block at once (sum(1) on one thread): the bits of mergekit's
+    ``tensor.abs().sum()`` per task for a tensor of one block; block sums added in float64 otherwise."""
+    from pcb_fast.core.sources import MatrixSource
+    from pcb_fast.methods.linear import l1_factors
+
+    g = torch.Generator().manual_seed(n)
+    tv = torch.randn(n, D, generator=g) * torch.logspace(-2, 2, n).unsqueeze(1)
+    keep = torch.rand(n, D, generator=g) < 0.3
+    keep[:, 0] = True
+    source = MatrixSource(tv)
+    factors = l1_factors(source, lambda block: keep[:, block.lo : block.hi], width)
+    with th.one_thread():
+        if D <= width:
+            before = torch.stack([tv[i].abs().sum() for i in range(n)])
+            after = torch.stack([(tv[i] * keep[i]).abs().sum() for i in range(n)])
+        else:
+            chunks = [(lo, min(lo + width, D)) for lo in range(0, D, width)]
+            before = torch.tensor([sum(float(tv[i, a:b].abs().sum()) for a, b in chunks) for i in range(n)]).float()
+            after = torch.tensor([sum(float((tv[i, a:b] * keep[i, a:b]).abs().sum()) for a, b in chunks)
+                                  for i in range(n)]).float()
+    expected = torch.where((before < 1e-7) | (after < 1e-7), 1.0, before / after)  # mergekit's rule for empty sums
+    assert torch.equal(expected.view(torch.int32), factors[:, 0].view(torch.int32))
+
+
 def test_torch_setting_is_restored_even_when_the_merge_fails():
     before = torch.get_num_threads()
     base, tuned = models()
