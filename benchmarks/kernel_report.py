@@ -67,6 +67,10 @@ class Case:
 
 # ---- the cases
 
+# kernels whose statistics can be kept per part (scope "tensor", constexpr PER_PART)
+PER_PART_KERNELS = {"magnitude_kernel", "official_kernel", "merge_kernel", "pair_minmax_kernel", "partition_kernel",
+                    "paper_kernel", "sign_kernel", "ties_merge_kernel", "equal_count_kernel"}
+
 
 def _tile(dtype: str) -> dict:
     return {"x_ptr": dtype, "base_ptr": dtype, "table_ptr": "*i64", "programs_ptr": "*i64", "n": "i32"}
@@ -78,7 +82,7 @@ def cases(full: bool) -> list:
     for 64 tasks). Each kernel is compiled for full tiles (the bulk: no mask) and for the parts' last,
     partial tiles. Fast: bf16 fine-tuned rows with a base (a model merge); ``full``: also float32
     task vectors without a base (``pcb_merge`` on a matrix), fp16 and fp64 rows with a base."""
-    from pcb_fast.kernels.score import MAGNITUDE_TAIL_WARPS
+    from pcb_fast.kernels.score import BRACKET_TAIL_WARPS
     from pcb_fast.kernels.tiles import BLOCK, TAIL_WARPS, warps
 
     tasks = 64
@@ -98,13 +102,16 @@ def cases(full: bool) -> list:
                 consts = dict(consts, OUT_ALIGN=16 // {"*fp32": 4, "*fp64": 8}.get(sig["out_ptr"], 2))
             sig = dict(tile, **sig)
             aligned = [a for a, t in sig.items() if t.startswith("*")] + ["m"]
-            tail = MAGNITUDE_TAIL_WARPS if fn == "magnitude_kernel" else TAIL_WARPS
+            tail = BRACKET_TAIL_WARPS.get(fn, TAIL_WARPS)
             options = dict(options or {}, num_warps=warps(full_tiles, tail))  # as the launchers pass it
-            out.append(Case(kernel, variant + suffix, tasks, module, fn, sig, dict(common, **consts),
-                            tasks * BLOCK, aligned, options))
+            grouped = [False, True] if dtype == "*bf16" else [False]  # scope "tensor": bf16 rows (the CI subset)
+            for per_part in grouped if fn in PER_PART_KERNELS else [None]:
+                flags = {} if per_part is None else {"PER_PART": per_part}
+                out.append(Case(kernel, variant + suffix + (", per tensor" if per_part else ""), tasks, module, fn,
+                                sig, dict(common, **consts, **flags), tasks * BLOCK, aligned, options))
 
-        count = dict(hist_ptr="*i64", bucket_ptr="*i64", bounds_ptr="*fp32", tally_ptr="*i64", kept_ptr="*fp32",
-                     cap="i32", tiles_ptr="*i32")
+        count = dict(hist_ptr="*i64", bucket_ptr="*i64", map_ptr="*i64", bounds_ptr="*fp32", tally_ptr="*i64",
+                     kept_ptr="*fp32", layout_ptr="*i64", copies="i64", tiles_ptr="*i32")
         levels = [(0, "bracket"), (1, "radix level 1"), (2, "radix level 2")]
         for level, name in levels:
             add("magnitude", name, "score", "magnitude_kernel", dict(count, bad_ptr="*i32"),

@@ -16,6 +16,7 @@ import triton.language as tl
 import triton
 
 from .score import INTER_CODES, column_term, official_score, paper_score
+from .select import group_of
 from .tiles import as_segments, load_base, load_row, locate, store_out, theta
 
 VARIANT_CODES = {"official": 0, "paper": 1}
@@ -25,10 +26,25 @@ VARIANT_CODES = {"official": 0, "paper": 1}
 def merge_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, out_ptr,
                  s0_ptr, s1_ptr, s2_ptr, s3_ptr, s4_ptr,
                  t_ptr, span_ptr, lambda_ptr, lam,
-                 HAS_BASE: tl.constexpr, VARIANT: tl.constexpr, INTER: tl.constexpr, ALIGN: tl.constexpr,
-                 BASE_ALIGN: tl.constexpr, OUT_ALIGN: tl.constexpr, FULL: tl.constexpr, BLOCK: tl.constexpr):
-    """s0..s4: official (clip lo, hi, span, -, -); paper (pair lo, span, peak, 1/Z_inter, 1/Z_intra)."""
+                 HAS_BASE: tl.constexpr, VARIANT: tl.constexpr, INTER: tl.constexpr, PER_PART: tl.constexpr,
+                 ALIGN: tl.constexpr, BASE_ALIGN: tl.constexpr, OUT_ALIGN: tl.constexpr, FULL: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """s0..s4: official (clip lo, hi, span, -, -) [groups, n]; paper (pair lo, span, peak, 1/Z_inter
+    [groups, n, n], 1/Z_intra [groups, n]); t, span [groups, n] (PER_PART: a group per part)."""
     cols, col_ok, offsets_ptr, base_off, out_off, tile, part = locate(table_ptr, programs_ptr, n, FULL, BLOCK)
+    g = group_of(part, PER_PART)
+    t_ptr += g * n
+    span_ptr += g * n
+    if VARIANT == 0:
+        s0_ptr += g * n
+        s1_ptr += g * n
+        s2_ptr += g * n
+    else:
+        s0_ptr += g * n * n
+        s1_ptr += g * n * n
+        s2_ptr += g * n * n
+        s3_ptr += g * n * n
+        s4_ptr += g * n
     base = load_base(base_ptr, base_off, cols, col_ok, HAS_BASE, BASE_ALIGN, BLOCK)
     num = tl.zeros([BLOCK], dtype=tl.float32)
     den = tl.zeros([BLOCK], dtype=tl.float32)
@@ -71,4 +87,5 @@ def merge_pass(rows, out: torch.Tensor | None, variant: str, stats: tuple, thres
     seg.check(seg.out_anchor, threshold, lambdas, *stats)
     padded = list(stats) + [threshold] * (5 - len(stats))  # unused pointer slots
     seg.launch(merge_kernel, seg.out_anchor, *padded, threshold, span if span is not None else threshold, lambdas,
-               float(lam), VARIANT=VARIANT_CODES[variant], INTER=INTER_CODES[inter], OUT_ALIGN=seg.out_align)
+               float(lam), VARIANT=VARIANT_CODES[variant], INTER=INTER_CODES[inter], PER_PART=seg.per_part,
+               OUT_ALIGN=seg.out_align)

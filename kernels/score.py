@@ -20,25 +20,29 @@ import torch
 import triton
 import triton.language as tl
 
-from .select import KEY_MAX, KEY_MIN, order_key, count_values
+from .select import KEY_MAX, KEY_MIN, count_values, group_of, order_key
 from .tiles import as_segments, flag_bad, load_base, load_row, locate, sign, tanh
 
 INTER_CODES = {"sum": 0, "normalized_sum": 1, "pairwise": 2}
-MAGNITUDE_TAIL_WARPS = 8  # tiles.warps: at 16 warps ptxas spilled 8 bytes in the two-rank bracket pass
+# tiles.warps of the last tiles of the bracket passes: at 16 warps ptxas spilled 8 bytes in the two-rank |tau|
+# pass, and (since the brackets' rooms are per slot) in the official "sum" pass
+BRACKET_TAIL_WARPS = {"magnitude_kernel": 8, "official_kernel": 8}
 
 
 @triton.jit
-def magnitude_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap,
-                     tiles_ptr, bad_ptr, HAS_BASE: tl.constexpr, LEVEL: tl.constexpr, R: tl.constexpr,
-                     TILES: tl.constexpr, ALIGN: tl.constexpr,
+def magnitude_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, hist_ptr, bucket_ptr, map_ptr, bounds_ptr, tally_ptr,
+                     kept_ptr, layout_ptr, copies, tiles_ptr, bad_ptr, HAS_BASE: tl.constexpr, LEVEL: tl.constexpr,
+                     R: tl.constexpr, TILES: tl.constexpr, PER_PART: tl.constexpr, ALIGN: tl.constexpr,
                      BASE_ALIGN: tl.constexpr, FULL: tl.constexpr, BLOCK: tl.constexpr):
-    """|tau| counted for a select (LEVEL 0: a bracket; 1, 2: radix levels); NaN/Inf flags in the first pass."""
+    """|tau| counted for a select (LEVEL 0: a bracket; 1, 2: radix levels); NaN/Inf flags in the first pass.
+    PER_PART: each part's statistics apart (scope "tensor")."""
     cols, col_ok, offsets_ptr, base_off, out_off, tile, part = locate(table_ptr, programs_ptr, n, FULL, BLOCK)
+    g = group_of(part, PER_PART)
     base = load_base(base_ptr, base_off, cols, col_ok, HAS_BASE, BASE_ALIGN, BLOCK)
     for i in range(n):
         tau = load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE, ALIGN)
-        count_values(tl.abs(tau), col_ok, i, n, tile, hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap,
-                     tiles_ptr, LEVEL, R, TILES, BLOCK)
+        count_values(tl.abs(tau), col_ok, g, i, n, tile, hist_ptr, bucket_ptr, map_ptr, bounds_ptr, tally_ptr, kept_ptr,
+                     layout_ptr, copies, tiles_ptr, LEVEL, R, TILES, BLOCK)
         if LEVEL <= 1:
             flag_bad(tau, col_ok, i, bad_ptr + part * n)
 
@@ -91,11 +95,17 @@ def official_score(tau, i, column, x_ptr, offsets_ptr, base, cols, col_ok, n, lo
 
 @triton.jit
 def official_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, lo_ptr, hi_ptr, span_ptr,
-                    hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap, tiles_ptr, peak_ptr,
-                    HAS_BASE: tl.constexpr, INTER: tl.constexpr, LEVEL: tl.constexpr, R: tl.constexpr, TILES: tl.constexpr,
-                    ALIGN: tl.constexpr, BASE_ALIGN: tl.constexpr,
-                       FULL: tl.constexpr, BLOCK: tl.constexpr):
+                    hist_ptr, bucket_ptr, map_ptr, bounds_ptr, tally_ptr, kept_ptr, layout_ptr, copies, tiles_ptr,
+                    peak_ptr, HAS_BASE: tl.constexpr, INTER: tl.constexpr, LEVEL: tl.constexpr, R: tl.constexpr,
+                    TILES: tl.constexpr, PER_PART: tl.constexpr, ALIGN: tl.constexpr, BASE_ALIGN: tl.constexpr,
+                    FULL: tl.constexpr, BLOCK: tl.constexpr):
+    """P counted for a select, M_i as an atomic max of order keys (lo, hi, span, peak: [groups, n])."""
     cols, col_ok, offsets_ptr, base_off, out_off, tile, part = locate(table_ptr, programs_ptr, n, FULL, BLOCK)
+    g = group_of(part, PER_PART)
+    lo_ptr += g * n  # this group's clip bounds and M_i
+    hi_ptr += g * n
+    span_ptr += g * n
+    peak_ptr += g * n
     base = load_base(base_ptr, base_off, cols, col_ok, HAS_BASE, BASE_ALIGN, BLOCK)
     column = column_term(x_ptr, offsets_ptr, base, cols, col_ok, n, lo_ptr, hi_ptr, span_ptr, HAS_BASE, INTER,
                          ALIGN, BLOCK)
@@ -103,8 +113,8 @@ def official_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, lo_ptr, hi_ptr,
         tau = load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE, ALIGN)
         score, _ = official_score(tau, i, column, x_ptr, offsets_ptr, base, cols, col_ok, n, lo_ptr, hi_ptr,
                                   span_ptr, HAS_BASE, INTER, ALIGN)
-        count_values(score, col_ok, i, n, tile, hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap, tiles_ptr,
-                     LEVEL, R, TILES, BLOCK)
+        count_values(score, col_ok, g, i, n, tile, hist_ptr, bucket_ptr, map_ptr, bounds_ptr, tally_ptr, kept_ptr,
+                     layout_ptr, copies, tiles_ptr, LEVEL, R, TILES, BLOCK)
         if LEVEL <= 1:
             key = order_key(score)
             tl.atomic_max(peak_ptr + i, tl.max(tl.where(col_ok, key, KEY_MIN), axis=0), sem="relaxed")
@@ -120,9 +130,13 @@ def pair_normalized(tau_i, tau_j, i, j, n, lo_ptr, span_ptr):
 
 @triton.jit
 def pair_minmax_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, min_ptr, max_ptr, bad_ptr,
-                       HAS_BASE: tl.constexpr, ALIGN: tl.constexpr, BASE_ALIGN: tl.constexpr,
+                       HAS_BASE: tl.constexpr, PER_PART: tl.constexpr, ALIGN: tl.constexpr, BASE_ALIGN: tl.constexpr,
                        FULL: tl.constexpr, BLOCK: tl.constexpr):
+    """min/max keys of tau_i tau_j ([groups, n, n] int32)."""
     cols, col_ok, offsets_ptr, base_off, out_off, tile, part = locate(table_ptr, programs_ptr, n, FULL, BLOCK)
+    g = group_of(part, PER_PART)
+    min_ptr += g * n * n
+    max_ptr += g * n * n
     base = load_base(base_ptr, base_off, cols, col_ok, HAS_BASE, BASE_ALIGN, BLOCK)
     for i in range(n):
         tau_i = load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE, ALIGN)
@@ -148,11 +162,16 @@ def intra_term(tau_i, i, n, lo_ptr, span_ptr, peak_ptr):
 
 @triton.jit
 def partition_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, lo_ptr, span_ptr, peak_ptr, inter_ptr, intra_ptr,
-                     HAS_BASE: tl.constexpr, ALIGN: tl.constexpr, BASE_ALIGN: tl.constexpr, FULL: tl.constexpr,
-                     BLOCK: tl.constexpr):
+                     HAS_BASE: tl.constexpr, PER_PART: tl.constexpr, ALIGN: tl.constexpr, BASE_ALIGN: tl.constexpr,
+                     FULL: tl.constexpr, BLOCK: tl.constexpr):
     """This program's partial softmax sums: inter[i, j] = sum exp(N_ij - peak_ij), intra[i] = sum
-    exp(n N_ii - n peak_ii), stored at row ``tile`` (this program's tile number) of the partial buffers."""
+    exp(n N_ii - n peak_ii), stored at row ``tile`` (this program's tile number) of the partial buffers
+    (lo, span, peak: [groups, n, n])."""
     cols, col_ok, offsets_ptr, base_off, out_off, tile, part = locate(table_ptr, programs_ptr, n, FULL, BLOCK)
+    g = group_of(part, PER_PART)
+    lo_ptr += g * n * n
+    span_ptr += g * n * n
+    peak_ptr += g * n * n
     base = load_base(base_ptr, base_off, cols, col_ok, HAS_BASE, BASE_ALIGN, BLOCK)
     slot = tile
     for i in range(n):
@@ -185,18 +204,25 @@ def paper_score(tau_i, i, x_ptr, offsets_ptr, base, cols, col_ok, n, lo_ptr, spa
 
 @triton.jit
 def paper_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, lo_ptr, span_ptr, peak_ptr, inv_inter_ptr, inv_intra_ptr,
-                 hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap, tiles_ptr,
+                 hist_ptr, bucket_ptr, map_ptr, bounds_ptr, tally_ptr, kept_ptr, layout_ptr, copies, tiles_ptr,
                  HAS_BASE: tl.constexpr, LEVEL: tl.constexpr, R: tl.constexpr, TILES: tl.constexpr,
-                 ALIGN: tl.constexpr,
-                 BASE_ALIGN: tl.constexpr, FULL: tl.constexpr, BLOCK: tl.constexpr):
+                 PER_PART: tl.constexpr, ALIGN: tl.constexpr, BASE_ALIGN: tl.constexpr, FULL: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """beta counted for a select (pair statistics [groups, n, n], 1/Z_intra [groups, n])."""
     cols, col_ok, offsets_ptr, base_off, out_off, tile, part = locate(table_ptr, programs_ptr, n, FULL, BLOCK)
+    g = group_of(part, PER_PART)
+    lo_ptr += g * n * n
+    span_ptr += g * n * n
+    peak_ptr += g * n * n
+    inv_inter_ptr += g * n * n
+    inv_intra_ptr += g * n
     base = load_base(base_ptr, base_off, cols, col_ok, HAS_BASE, BASE_ALIGN, BLOCK)
     for i in range(n):
         tau_i = load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE, ALIGN)
         beta = paper_score(tau_i, i, x_ptr, offsets_ptr, base, cols, col_ok, n, lo_ptr, span_ptr, peak_ptr,
                            inv_inter_ptr, inv_intra_ptr, HAS_BASE, ALIGN)
-        count_values(beta, col_ok, i, n, tile, hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap, tiles_ptr,
-                     LEVEL, R, TILES, BLOCK)
+        count_values(beta, col_ok, g, i, n, tile, hist_ptr, bucket_ptr, map_ptr, bounds_ptr, tally_ptr, kept_ptr,
+                     layout_ptr, copies, tiles_ptr, LEVEL, R, TILES, BLOCK)
 
 
 # ---- launchers
@@ -210,7 +236,7 @@ def magnitude_pass(rows, select, bad: torch.Tensor) -> None:
     seg = as_segments(rows)
     args = select.kernel_args()
     seg.check(args["kept_ptr"], args["hist_ptr"], bad)
-    seg.launch(magnitude_kernel, bad_ptr=bad, tail_warps=MAGNITUDE_TAIL_WARPS, **args)
+    seg.launch(magnitude_kernel, bad_ptr=bad, tail_warps=BRACKET_TAIL_WARPS["magnitude_kernel"], PER_PART=seg.per_part, **args)
 
 
 def official_pass(rows, select, peak: torch.Tensor, clip: tuple, inter: str) -> None:
@@ -222,14 +248,15 @@ def official_pass(rows, select, peak: torch.Tensor, clip: tuple, inter: str) -> 
     lo, hi, span = clip
     args = select.kernel_args()
     seg.check(args["kept_ptr"], args["hist_ptr"], peak, lo, hi, span)
-    seg.launch(official_kernel, lo, hi, span, peak_ptr=peak, INTER=INTER_CODES[inter], **args)
+    seg.launch(official_kernel, lo, hi, span, peak_ptr=peak, INTER=INTER_CODES[inter], PER_PART=seg.per_part,
+               tail_warps=BRACKET_TAIL_WARPS["official_kernel"], **args)
 
 
 def pair_minmax_pass(rows, lo_key: torch.Tensor, hi_key: torch.Tensor, bad: torch.Tensor) -> None:
     """Fold min/max keys of tau_i * tau_j ([n, n] int32) and the NaN/Inf flags ([parts, n])."""
     seg = as_segments(rows)
     seg.check(lo_key, hi_key, bad)
-    seg.launch(pair_minmax_kernel, lo_key, hi_key, bad)
+    seg.launch(pair_minmax_kernel, lo_key, hi_key, bad, PER_PART=seg.per_part)
 
 
 def partition_pass(rows, pairs: tuple, inter: torch.Tensor, intra: torch.Tensor) -> None:
@@ -240,7 +267,7 @@ def partition_pass(rows, pairs: tuple, inter: torch.Tensor, intra: torch.Tensor)
     seg.check(inter, intra, lo, span, peak)
     if seg.first_tile + seg.tiles > inter.shape[0]:
         raise ValueError("partial buffers too small for this pass")
-    seg.launch(partition_kernel, lo, span, peak, inter, intra)
+    seg.launch(partition_kernel, lo, span, peak, inter, intra, PER_PART=seg.per_part)
 
 
 def paper_pass(rows, select, pairs: tuple, inv_z: tuple) -> None:
@@ -250,4 +277,4 @@ def paper_pass(rows, select, pairs: tuple, inv_z: tuple) -> None:
     inv_inter, inv_intra = inv_z
     args = select.kernel_args()
     seg.check(args["kept_ptr"], args["hist_ptr"], lo, span, peak, inv_inter, inv_intra)
-    seg.launch(paper_kernel, lo, span, peak, inv_inter, inv_intra, **args)
+    seg.launch(paper_kernel, lo, span, peak, inv_inter, inv_intra, PER_PART=seg.per_part, **args)

@@ -49,15 +49,16 @@ def order_key(x):
 
 
 @triton.jit
-def radix_count(key, ok, i, hist_ptr, bucket_ptr, LEVEL: tl.constexpr, R: tl.constexpr):
-    """Count the keys of task ``i`` over this program's columns (entries where ``ok``) into the level's
-    histograms.
+def radix_count(key, ok, g, i, n, hist_ptr, bucket_ptr, map_ptr, LEVEL: tl.constexpr, R: tl.constexpr):
+    """Count the keys of task ``i`` of group ``g`` over this program's columns (entries where ``ok``)
+    into the level's histograms, at row h n + i where h = map[g] (the group's place among those the
+    select counts; a group that is not counted is never launched).
 
-    Level 1: hist [n, 65536] by the top 16 bits. Level 2: hist [n, R, 65536] by the low 16 bits,
-    only keys whose top bits equal the bucket chosen for rank r (bucket_ptr: [n, R] int64).
+    Level 1: hist [rows, 65536] by the top 16 bits. Level 2: hist [rows, R, 65536] by the low 16 bits,
+    only keys whose top bits equal the bucket chosen for rank r (bucket_ptr: [rows, R] int64).
     """
     high = (key >> 16) + 32768
-    row = i  # i < 64 and R <= 2: row offsets stay far inside int32
+    row = tl.load(map_ptr + g) * n + i  # int64: rows x R x 65536 can pass 2^31
     if LEVEL == 1:
         tl.atomic_add(hist_ptr + row * 65536 + high, 1, mask=ok, sem="relaxed")
     else:
@@ -69,17 +70,19 @@ def radix_count(key, ok, i, hist_ptr, bucket_ptr, LEVEL: tl.constexpr, R: tl.con
 
 
 @triton.jit
-def bracket_tally(value, ok, i, n, bounds_ptr, tally_ptr, kept_ptr, cap, tile, tiles_ptr, R: tl.constexpr,
-                  TILES: tl.constexpr, BLOCK: tl.constexpr):
-    """For each rank r of task i (slot = i R + r), with floor f and ceiling c = bounds[slot]: count this
-    program's values below f, equal to f and equal to c (c != f) into tally[slot, 0, 2, 3], and copy
-    those strictly between them to kept[slot, :cap], their room reserved with one atomic on
-    tally[slot, 1] (which ends as their number, even past ``cap``). Ties at a bound cost counts only,
-    so heavy ties (exact zeros, quantized values) do not fill the buffer. With TILES, the tile number
-    of each copy goes to tiles[slot, :cap] and this program's counts at f and c to
-    tiles[n R cap + (tile n R + slot) 2 + 0, 1] (TIES' exact top-k counts its ties per tile)."""
+def bracket_tally(value, ok, g, i, n, bounds_ptr, tally_ptr, kept_ptr, layout_ptr, copies, tile, tiles_ptr,
+                  R: tl.constexpr, TILES: tl.constexpr, BLOCK: tl.constexpr):
+    """For each rank r of task i of group g (slot = (g n + i) R + r), with floor f and ceiling c =
+    bounds[slot]: count this program's values below f, equal to f and equal to c (c != f) into
+    tally[slot, 0, 2, 3], and copy those strictly between them to the slot's room in ``kept``
+    (layout[slot] = (first place, capacity)), their places reserved with one atomic on tally[slot, 1]
+    (which ends as their number, even past the capacity). Ties at a bound cost counts only, so heavy
+    ties (exact zeros, quantized values) do not fill the buffer. With TILES, the tile number of each
+    copy goes to tiles[the copy's place] and this program's counts at f and c to
+    tiles[copies + (tile n R + i R + r) 2 + 0, 1] (TIES' exact top-k counts its ties per tile; a tile
+    lies in one group)."""
     for r in tl.static_range(R):
-        slot = i * R + r
+        slot = (g * n + i) * R + r
         floor = tl.load(bounds_ptr + 2 * slot)
         ceiling = tl.load(bounds_ptr + 2 * slot + 1)
         at_floor = tl.sum((ok & (value == floor)).to(tl.int32), axis=0)
@@ -93,26 +96,40 @@ def bracket_tally(value, ok, i, n, bounds_ptr, tally_ptr, kept_ptr, cap, tile, t
         flags = inside.to(tl.int32)  # 32-bit in the program (BLOCK entries), 64-bit only in the scalars
         start = tl.atomic_add(tally_ptr + 4 * slot + 1, tl.sum(flags, axis=0).to(tl.int64), sem="relaxed")
         rank = tl.cumsum(flags, axis=0) - 1  # the entry's place among this program's copies
-        room = tl.minimum(tl.maximum(cap - start, 0), BLOCK).to(tl.int32)  # places left in the buffer
-        first = tl.cast(slot, tl.int64) * cap + start  # 64-bit: n R cap can pass 2^31 for large rows
+        cap = tl.load(layout_ptr + 2 * slot + 1)
+        room = tl.minimum(tl.maximum(cap - start, 0), BLOCK).to(tl.int32)  # places left in the slot's room
+        first = tl.load(layout_ptr + 2 * slot) + start  # 64-bit: the buffer can pass 2^31 entries
         copied = inside & (rank < room)
         tl.store((kept_ptr + first) + rank, value, mask=copied)
         if TILES:
             tl.store((tiles_ptr + first) + rank, (rank * 0 + tile).to(tl.int32), mask=copied)
-            at = tiles_ptr + tl.cast(n * R, tl.int64) * cap + (tile * (n * R) + slot) * 2
+            at = tiles_ptr + copies + (tile.to(tl.int64) * (n * R) + i * R + r) * 2
             tl.store(at, at_floor)
             tl.store(at + 1, at_ceiling)
 
 
 @triton.jit
-def count_values(value, ok, i, n, tile, hist_ptr, bucket_ptr, bounds_ptr, tally_ptr, kept_ptr, cap, tiles_ptr,
-                 LEVEL: tl.constexpr, R: tl.constexpr, TILES: tl.constexpr, BLOCK: tl.constexpr):
-    """Count task i's float32 values (where ``ok``) for the select in use: a bracket (LEVEL 0) or a
-    radix-select level (1, 2). ``tile``: this program's tile number (recorded by a bracket with TILES)."""
+def count_values(value, ok, g, i, n, tile, hist_ptr, bucket_ptr, map_ptr, bounds_ptr, tally_ptr, kept_ptr,
+                 layout_ptr, copies, tiles_ptr, LEVEL: tl.constexpr, R: tl.constexpr, TILES: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """Count task i's float32 values (where ``ok``) of group g (the scope group: 0 in global scope,
+    the part with scope "tensor") for the select in use: a bracket (LEVEL 0) or a radix-select level
+    (1, 2). ``tile``: this program's tile number (recorded by a bracket with TILES)."""
     if LEVEL == 0:
-        bracket_tally(value, ok, i, n, bounds_ptr, tally_ptr, kept_ptr, cap, tile, tiles_ptr, R, TILES, BLOCK)
+        bracket_tally(value, ok, g, i, n, bounds_ptr, tally_ptr, kept_ptr, layout_ptr, copies, tile, tiles_ptr, R,
+                      TILES, BLOCK)
     else:
-        radix_count(order_key(value), ok, i, hist_ptr, bucket_ptr, LEVEL, R)
+        radix_count(order_key(value), ok, g, i, n, hist_ptr, bucket_ptr, map_ptr, LEVEL, R)
+
+
+@triton.jit
+def group_of(part, PER_PART: tl.constexpr):
+    """The statistics' group of a program's part: the part itself with scope "tensor", else 0."""
+    if PER_PART:
+        g = part
+    else:
+        g = part * 0
+    return g
 
 
 @triton.jit
@@ -148,22 +165,27 @@ class DeviceSelect:
     and :meth:`count_above` the number of entries above (or at and above) each one.
     """
 
-    def __init__(self, ranks, lengths: int, device):
+    def __init__(self, ranks, lengths, device, groups=None):
+        """``ranks`` [rows, R]; ``lengths``: the rows' length (an int, or one per row). ``groups``: for
+        each group g of the scope (column "index" of the launch table; kernels launched with
+        PER_PART), the place h of its rows h n + i among ``ranks``' rows (default: one group, 0)."""
         ranks = torch.as_tensor(ranks, dtype=torch.int64)  # checked on the host: no device synchronisation
-        if bool((ranks < 0).any()) or bool((ranks >= lengths).any()):
+        limit = torch.as_tensor(lengths, dtype=torch.int64).view(-1, 1)
+        if bool((ranks < 0).any()) or bool((ranks >= limit).any()):
             raise ValueError(f"ranks {ranks.tolist()} out of range for rows of length {lengths}")
         self.ranks = ranks.to(device)
         self.n, self.R = self.ranks.shape
-        self.length = lengths
+        self.length = lengths if isinstance(lengths, int) else limit.to(device)
         self.device = torch.device(device)
+        self.map = torch.tensor([0] if groups is None else list(groups), dtype=torch.int64, device=device)
         self.level = 1
         self.hist = torch.zeros(self.n, BUCKETS, dtype=torch.int64, device=device)
         self.buckets = torch.zeros(self.n, self.R, dtype=torch.int64, device=device)  # unused at level 1
 
     def kernel_args(self) -> dict:
         """The keyword arguments of a counting kernel (:func:`count_values`) at the current level."""
-        return dict(_unused_bracket_args(self.device), hist_ptr=self.hist, bucket_ptr=self.buckets, LEVEL=self.level,
-                    R=self.R)
+        return dict(_unused_bracket_args(self.device), hist_ptr=self.hist, bucket_ptr=self.buckets, map_ptr=self.map,
+                    LEVEL=self.level, R=self.R)
 
     def _find(self, hist: torch.Tensor, ranks: torch.Tensor, per_row: bool):
         index = torch.empty(self.n * self.R, dtype=torch.int64, device=self.device)
@@ -205,93 +227,149 @@ class DeviceSelect:
 
 def _unused_bracket_args(device) -> dict:
     return dict(bounds_ptr=torch.zeros(2, device=device), tally_ptr=torch.zeros(2, dtype=torch.int64, device=device),
-                kept_ptr=torch.zeros(1, device=device), cap=1, tiles_ptr=torch.zeros(1, dtype=torch.int32, device=device),
-                TILES=False)
+                kept_ptr=torch.zeros(1, device=device), layout_ptr=torch.zeros(2, dtype=torch.int64, device=device),
+                copies=1, tiles_ptr=torch.zeros(1, dtype=torch.int32, device=device), TILES=False)
 
 
 SAMPLE_ALL = 1 << 16  # groups of at most this many entries per task are sampled whole (the bracket is exact)
+KEY_SAMPLE_COLUMNS = 1 << 16  # columns sampled per key with scope "tensor" (a sample per key, sorted at once)
 
 
-def sample_stride(D: int) -> int:
+def sample_stride(D: int, columns: int = 1 << 18) -> int:
     """One column in ``stride`` of a group of D entries per task goes into the sample: all of them up
-    to SAMPLE_ALL, else an odd stride (never aligned with power-of-two shapes) giving ~2^18 columns."""
-    return 1 if D <= SAMPLE_ALL else max(17, (D >> 18) | 1)
+    to SAMPLE_ALL, else an odd stride (never aligned with power-of-two shapes) giving about
+    ``columns`` columns (at least one in 17)."""
+    return 1 if D <= SAMPLE_ALL else max(17, (D // columns) | 1)
 
 
 class DeviceBracket:
     """Exact ``sort(x_i)[ranks[r]]`` for n streamed rows, from one counting pass around a bracket
     taken from a column sample ([n, s] float32, the values of every s-th column).
 
+    Several groups at once (scope "tensor": each part its own group, kernels launched with PER_PART):
+    ``ranks`` a list of G lists of R ranks, ``length`` a list of G lengths, ``sample`` a list of G
+    [n, s_g] samples; every statistic then has a leading group dimension.
+
     Usage: every pass over the rows calls a counting kernel with :meth:`kernel_args` (LEVEL 0);
-    then :meth:`resolve` says whether every bracket held (one host synchronisation); if so,
-    :meth:`values` and :meth:`count_above` answer as :class:`DeviceSelect`'s do (float order); if
-    not, select with :class:`DeviceSelect` instead. With ``tiles`` (the number of tiles of the
-    pass), :meth:`equal_per_tile` also counts the entries equal to each statistic per tile.
+    then :meth:`resolve` says whether every bracket held (one host synchronisation;
+    :attr:`missed` lists the groups where one did not); where they held, :meth:`values` and
+    :meth:`count_above` answer as :class:`DeviceSelect`'s do (float order); where not, select with
+    :class:`DeviceSelect` instead. With ``tiles`` (the number of tiles of the pass; ``tile_groups``
+    [tiles] the group of each tile when grouped), :meth:`equal_per_tile` also counts the entries
+    equal to each statistic per tile.
     """
 
-    def __init__(self, ranks, length: int, sample: torch.Tensor, tiles: int = 0):
-        device = sample.device
-        self.n, s = sample.shape
-        self.R = len(ranks)
-        if any(r < 0 or r >= length for r in ranks):
-            raise ValueError(f"ranks {list(ranks)} out of range for rows of length {length}")
-        self.length, self.device = length, device
-        self.ranks = torch.tensor(list(ranks), dtype=torch.int64, device=device).expand(self.n, self.R)
-        ordered = torch.sort(sample.float(), dim=1).values
-        bounds, widest = [], 1
-        for rank in ranks:
-            q = rank / length
-            margin = 6 * math.sqrt(s * q * (1 - q)) + 8
-            lo, hi = math.floor(q * s - margin), math.ceil(q * s + margin)
-            inf = torch.full((self.n,), math.inf, device=device)
-            bounds.append(torch.stack([ordered[:, lo] if lo >= 0 else -inf, ordered[:, hi] if hi < s else inf], 1))
-            widest = max(widest, min(hi, s - 1) - max(lo, 0) + 1)
-        self.bounds = torch.stack(bounds, 1).contiguous()  # [n, R, 2]
-        # room for twice the entries the widest bracket should hold, and never more than the row
-        self.cap = min(length, 2 * math.ceil(widest * length / max(s, 1)) + 4096)
-        self.tally = torch.zeros(self.n, self.R, 4, dtype=torch.int64, device=device)  # below, inside, at f, at c
-        self.kept = torch.empty(self.n, self.R, self.cap, device=device)
+    def __init__(self, ranks, length, sample, tiles: int = 0, tile_groups: torch.Tensor | None = None):
+        self.grouped = not isinstance(length, int)
+        ranks, lengths, samples = ((ranks, list(length), list(sample)) if self.grouped
+                                   else ([ranks], [length], [sample]))
+        ranks = [list(r) for r in ranks]
+        device = samples[0].device
+        self.G, self.R, self.n = len(lengths), len(ranks[0]), samples[0].shape[0]
+        for group, length_g in zip(ranks, lengths):
+            if any(r < 0 or r >= length_g for r in group):
+                raise ValueError(f"ranks {group} out of range for rows of length {length_g}")
+        self.device = device
+        G, R, n = self.G, self.R, self.n
+        self.ranks = torch.tensor(ranks, dtype=torch.int64, device=device).view(G, 1, R).expand(G, n, R)
+        self.length = torch.tensor(lengths, dtype=torch.int64, device=device).view(G, 1, 1)
+        # every group's sample rows sorted in one sort (by value, then stably by row)
+        sizes = [int(x.shape[1]) for x in samples]
+        values = torch.cat([x.float().reshape(-1) for x in samples])
+        row_sizes = torch.tensor([size for size in sizes for _ in range(n)], dtype=torch.int64)
+        row_of = torch.repeat_interleave(torch.arange(G * n), row_sizes).to(device)
+        order = torch.sort(values, stable=True).indices
+        order = order[torch.sort(row_of[order], stable=True).indices]
+        ordered = values[order]
+        row_start = (torch.cumsum(row_sizes, 0) - row_sizes).tolist()
+        index, low_open, high_open, caps = [], [], [], []
+        for g in range(G):
+            s, widest = sizes[g], 1
+            for rank in ranks[g]:
+                q = rank / lengths[g]
+                margin = 6 * math.sqrt(s * q * (1 - q)) + 8
+                lo, hi = math.floor(q * s - margin), math.ceil(q * s + margin)
+                for i in range(n):
+                    first = row_start[g * n + i]
+                    index.append([first + max(lo, 0), first + min(hi, s - 1)])
+                    low_open.append(lo < 0)
+                    high_open.append(hi >= s)
+                widest = max(widest, min(hi, s - 1) - max(lo, 0) + 1)
+            # room for twice the entries the widest bracket should hold, and never more than the row
+            caps.append(min(lengths[g], 2 * math.ceil(widest * lengths[g] / max(s, 1)) + 4096))
+        index = torch.tensor(index, dtype=torch.int64, device=device).view(G, R, n, 2).transpose(1, 2)
+        bounds = ordered[index]  # [G, n, R, 2]
+        inf = torch.tensor(math.inf, device=device)
+        low_open = torch.tensor(low_open, device=device).view(G, R, n).transpose(1, 2)
+        high_open = torch.tensor(high_open, device=device).view(G, R, n).transpose(1, 2)
+        bounds[..., 0] = torch.where(low_open, -inf, bounds[..., 0])
+        bounds[..., 1] = torch.where(high_open, inf, bounds[..., 1])
+        self.bounds = bounds.contiguous()
+        # each slot (g, i, r) has a room of its group's capacity in one flat buffer
+        slot_caps = torch.tensor(caps, dtype=torch.int64).repeat_interleave(n * R)
+        starts = torch.cumsum(slot_caps, 0) - slot_caps
+        self.layout = torch.stack([starts, slot_caps], 1).to(device)
+        self.caps = slot_caps.to(device).view(G, n, R)
+        self.copies = int(slot_caps.sum())
+        self.tally = torch.zeros(G, n, R, 4, dtype=torch.int64, device=device)  # below, inside, at f, at c
+        self.kept = torch.empty(self.copies, device=device)
         # with tiles: the tile of each copy, then the counts at each bound per tile [tiles, n, R, 2]
-        size = self.n * self.R * self.cap + tiles * self.n * self.R * 2 if tiles else 1
+        size = self.copies + tiles * n * R * 2 if tiles else 1
         self.tiles = torch.zeros(size, dtype=torch.int32, device=device)
         self.tile_count = tiles
+        self.tile_groups = tile_groups
+        self.missed = []
 
     def kernel_args(self) -> dict:
         """The keyword arguments of a counting kernel (:func:`count_values`)."""
-        return dict(hist_ptr=self.tally, bucket_ptr=self.tally, bounds_ptr=self.bounds, tally_ptr=self.tally,
-                    kept_ptr=self.kept, cap=self.cap, tiles_ptr=self.tiles, LEVEL=0, R=self.R,
-                    TILES=self.tile_count > 0)
+        return dict(hist_ptr=self.tally, bucket_ptr=self.tally, map_ptr=self.tally, bounds_ptr=self.bounds,
+                    tally_ptr=self.tally, kept_ptr=self.kept, layout_ptr=self.layout, copies=self.copies,
+                    tiles_ptr=self.tiles, LEVEL=0, R=self.R, TILES=self.tile_count > 0)
+
+    def _out(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.grouped else x[0]
 
     def resolve(self) -> bool:
         """After the pass: whether every rank lay in its bracket (with every entry strictly inside copied);
-        if so, sorts the copied entries and finds the statistics."""
-        below, inside, at_floor, at_ceiling = self.tally.unbind(2)
-        held = (below <= self.ranks) & (self.ranks < below + at_floor + inside + at_ceiling) & (inside <= self.cap)
-        if not bool(held.all()):
-            return False
-        self.valid = torch.arange(self.cap, device=self.device) < inside.unsqueeze(2)
-        self.sorted = torch.sort(torch.where(self.valid, self.kept, math.inf), dim=2).values
+        the groups where one did not go to :attr:`missed`. Sorts the copied entries and finds the
+        statistics (of the groups whose brackets held)."""
+        below, inside, at_floor, at_ceiling = self.tally.unbind(3)
+        held = (below <= self.ranks) & (self.ranks < below + at_floor + inside + at_ceiling) & (inside <= self.caps)
+        held_groups = held.view(self.G, -1).all(1).tolist()  # one synchronisation
+        self.missed = [g for g, ok in enumerate(held_groups) if not ok]
+        slots = self.G * self.n * self.R
+        self.slot_of = torch.repeat_interleave(torch.arange(slots, device=self.device), self.layout[:, 1],
+                                               output_size=self.copies)
+        place_in_slot = torch.arange(self.copies, device=self.device) - self.layout[self.slot_of, 0]
+        self.valid = place_in_slot < inside.reshape(-1)[self.slot_of]
+        # the copies of every slot sorted in its room: by value (the rest as +inf), then stably by slot
+        order = torch.sort(torch.where(self.valid, self.kept, math.inf), stable=True).indices
+        order = order[torch.sort(self.slot_of[order], stable=True).indices]
+        self.sorted = torch.where(self.valid, self.kept, math.inf)[order]
         self.below, self.inside, self.at_floor, self.at_ceiling = below, inside, at_floor, at_ceiling
         place = self.ranks - below - at_floor  # the rank among the copies (negative: at the floor)
         self.case = torch.where(place < 0, 0, torch.where(place < inside, 1, 2))  # at floor, inside, at ceiling
-        copied = self.sorted.gather(2, place.clamp(0, self.cap - 1).unsqueeze(2)).squeeze(2)
+        first = self.layout[:, 0].view(self.G, self.n, self.R)
+        copied = self.sorted[first + torch.minimum(place.clamp_min(0), self.caps - 1)]
         self._values = torch.where(self.case == 0, self.bounds[..., 0],
                                    torch.where(self.case == 1, copied, self.bounds[..., 1]))
-        return True
+        return not self.missed
 
     def values(self) -> torch.Tensor:
-        """The selected order statistics, float32 [n, R] on the device."""
-        return self._values
+        """The selected order statistics, float32 [n, R] ([G, n, R] grouped) on the device."""
+        return self._out(self._values)
 
     def count_above(self, inclusive: bool) -> torch.Tensor:
-        """[n, R] int64: entries > each statistic, or >= it with ``inclusive`` (float comparisons)."""
-        value = self._values.unsqueeze(2)
-        copies = ((self.sorted < value) if inclusive else (self.sorted <= value)) & self.valid
+        """[n, R] ([G, n, R]) int64: entries > each statistic, or >= it with ``inclusive`` (float comparisons)."""
+        value = self._values.reshape(-1)[self.slot_of]
+        smaller = ((self.sorted < value) if inclusive else (self.sorted <= value)) & (self.sorted < math.inf)
+        copies = torch.zeros(self.G * self.n * self.R, dtype=torch.int64, device=self.device)
+        copies = copies.index_add_(0, self.slot_of, smaller.long()).view(self.G, self.n, self.R)
         below_t = self.below + torch.where(  # entries < t (inclusive) or <= t
             self.case == 0, 0 if inclusive else self.at_floor,
-            torch.where(self.case == 1, self.at_floor + copies.sum(2),
+            torch.where(self.case == 1, self.at_floor + copies,
                         self.at_floor + self.inside + (0 if inclusive else self.at_ceiling)))
-        return self.length - below_t
+        return self._out(self.length - below_t)
 
     def equal_per_tile(self, tiles: int) -> torch.Tensor:
         """[tiles, n] int64: the entries of each tile equal to each task's first statistic (needs the
@@ -299,11 +377,15 @@ class DeviceBracket:
         strictly inside the bracket) by their tile."""
         if not self.tile_count:
             raise RuntimeError("equal_per_tile() needs a bracket built with tiles=")
-        copies = self.n * self.R * self.cap
-        at = self.tiles[copies:].view(self.tile_count, self.n, self.R, 2)[:tiles, :, 0].long()  # [tiles, n, 2]
-        equal = self.valid[:, 0] & (self.kept[:, 0] == self._values[:, 0:1])  # [n, cap]
-        task = torch.arange(self.n, device=self.device).unsqueeze(1).expand_as(equal)
-        index = self.tiles[:copies].view(self.n, self.R, self.cap)[:, 0].long() * self.n + task
-        inside = torch.bincount(index[equal], minlength=tiles * self.n).view(tiles, self.n)
-        case = self.case[:, 0].unsqueeze(0)
+        n, R = self.n, self.R
+        at = self.tiles[self.copies:].view(self.tile_count, n, R, 2)[:tiles, :, 0].long()  # [tiles, n, 2]
+        slot = self.slot_of
+        first_rank = (slot % R) == 0
+        equal = self.valid & first_rank & (self.kept == self._values.reshape(-1)[slot])
+        task = (slot // R) % n
+        index = self.tiles[: self.copies].long() * n + task
+        inside = torch.bincount(index[equal], minlength=tiles * n)[: tiles * n].view(tiles, n)
+        groups = (self.tile_groups.to(self.device) if self.tile_groups is not None
+                  else torch.zeros(tiles, dtype=torch.int64, device=self.device))
+        case = self.case[:, :, 0][groups]  # [tiles, n]: the case of each tile's group
         return torch.where(case == 0, at[..., 0], torch.where(case == 1, inside, at[..., 1]))

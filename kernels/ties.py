@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .linear import dare_keep
+from .select import group_of
 from .tiles import as_segments, flag_bad, load_base, load_row, locate, sign, store_out, theta
 
 
@@ -47,9 +48,11 @@ def trim_mask(tau, col_ok, cols, i, n, t_ptr, streams_ptr, threshold, ties_ptr, 
 
 @triton.jit
 def equal_count_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, t_ptr, counts_ptr, HAS_BASE: tl.constexpr,
-                       ALIGN: tl.constexpr, BASE_ALIGN: tl.constexpr, FULL: tl.constexpr, BLOCK: tl.constexpr):
-    """counts[tile, i]: entries of task i in this tile with |tau| == t_i."""
+                       PER_PART: tl.constexpr, ALIGN: tl.constexpr, BASE_ALIGN: tl.constexpr, FULL: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """counts[tile, i]: entries of task i in this tile with |tau| == t_i (t: [groups, n])."""
     cols, col_ok, offsets_ptr, base_off, out_off, tile, part = locate(table_ptr, programs_ptr, n, FULL, BLOCK)
+    t_ptr += group_of(part, PER_PART) * n
     base = load_base(base_ptr, base_off, cols, col_ok, HAS_BASE, BASE_ALIGN, BLOCK)
     for i in range(n):
         tau = load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE, ALIGN)
@@ -92,9 +95,14 @@ def elected_sum(x_ptr, offsets_ptr, base, cols, col_ok, n, t_ptr, weight_ptr, st
 @triton.jit
 def sign_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, t_ptr, weight_ptr, streams_ptr, threshold, keep_scale,
                 ties_ptr, budget_ptr, total_ptr, kept_ptr, bad_ptr, HAS_BASE: tl.constexpr, DARE: tl.constexpr,
-                EXACT: tl.constexpr, ALIGN: tl.constexpr, BASE_ALIGN: tl.constexpr, FULL: tl.constexpr,
-                BLOCK: tl.constexpr):
+                EXACT: tl.constexpr, PER_PART: tl.constexpr, ALIGN: tl.constexpr, BASE_ALIGN: tl.constexpr,
+                FULL: tl.constexpr, BLOCK: tl.constexpr):
+    """The elected signs summed into total[group]; t, budget: [groups, n] (PER_PART: a group per part)."""
     cols, col_ok, offsets_ptr, base_off, out_off, tile, part = locate(table_ptr, programs_ptr, n, FULL, BLOCK)
+    g = group_of(part, PER_PART)
+    t_ptr += g * n
+    budget_ptr += g * n
+    total_ptr += g
     base = load_base(base_ptr, base_off, cols, col_ok, HAS_BASE, BASE_ALIGN, BLOCK)
     streams_ptr += part * 2 * n  # this part's key: [parts, 2n] stream constants
     total = elected_sum(x_ptr, offsets_ptr, base, cols, col_ok, n, t_ptr, weight_ptr, streams_ptr, threshold,
@@ -107,9 +115,14 @@ def sign_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, t_ptr, weight_ptr, 
 @triton.jit
 def ties_merge_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, out_ptr, t_ptr, weight_ptr, streams_ptr,
                       threshold, keep_scale, ties_ptr, budget_ptr, fill_ptr, lam, HAS_BASE: tl.constexpr,
-                      DARE: tl.constexpr, EXACT: tl.constexpr, ALIGN: tl.constexpr, BASE_ALIGN: tl.constexpr,
-                      OUT_ALIGN: tl.constexpr, FULL: tl.constexpr, BLOCK: tl.constexpr):
+                      DARE: tl.constexpr, EXACT: tl.constexpr, PER_PART: tl.constexpr, ALIGN: tl.constexpr,
+                      BASE_ALIGN: tl.constexpr, OUT_ALIGN: tl.constexpr, FULL: tl.constexpr, BLOCK: tl.constexpr):
+    """The disjoint mean; t, budget [groups, n], fill [groups] (PER_PART: a group per part)."""
     cols, col_ok, offsets_ptr, base_off, out_off, tile, part = locate(table_ptr, programs_ptr, n, FULL, BLOCK)
+    g = group_of(part, PER_PART)
+    t_ptr += g * n
+    budget_ptr += g * n
+    fill_ptr += g
     base = load_base(base_ptr, base_off, cols, col_ok, HAS_BASE, BASE_ALIGN, BLOCK)
     streams_ptr += part * 2 * n  # this part's key: [parts, 2n] stream constants
     total = elected_sum(x_ptr, offsets_ptr, base, cols, col_ok, n, t_ptr, weight_ptr, streams_ptr, threshold,
@@ -160,7 +173,7 @@ def equal_counts(rows, threshold: torch.Tensor, counts: torch.Tensor) -> None:
     """Write the entries equal to t of each tile into counts[tile] ([tiles, n] int64)."""
     seg = as_segments(rows)
     seg.check(threshold, counts)
-    seg.launch(equal_count_kernel, threshold, counts)
+    seg.launch(equal_count_kernel, threshold, counts, PER_PART=seg.per_part)
 
 
 def sign_pass(rows, weights: torch.Tensor, total: torch.Tensor, kept: torch.Tensor, bad: torch.Tensor,
@@ -170,7 +183,7 @@ def sign_pass(rows, weights: torch.Tensor, total: torch.Tensor, kept: torch.Tens
     seg = as_segments(rows)
     t, *rest = trim.args()
     seg.check(weights, total, kept, bad, t)
-    seg.launch(sign_kernel, t, weights, *rest, total, kept, bad, **trim.meta(), **NO_FMA)
+    seg.launch(sign_kernel, t, weights, *rest, total, kept, bad, PER_PART=seg.per_part, **trim.meta(), **NO_FMA)
 
 
 def ties_merge_pass(rows, out: torch.Tensor | None, weights: torch.Tensor, fill: torch.Tensor, lam: float,
@@ -182,4 +195,4 @@ def ties_merge_pass(rows, out: torch.Tensor | None, weights: torch.Tensor, fill:
     t, *rest = trim.args()
     seg.check(seg.out_anchor, weights, fill, t)
     seg.launch(ties_merge_kernel, seg.out_anchor, t, weights, *rest, fill, float(lam), OUT_ALIGN=seg.out_align,
-               **trim.meta(), **NO_FMA)
+               PER_PART=seg.per_part, **trim.meta(), **NO_FMA)

@@ -99,9 +99,11 @@ class Segments:
     numbered in position order from ``first_tile`` (TIES' exact top-k and the partition partials rely
     on it). Parts must share the rows', base's and output's dtypes and device (see :func:`segment`)."""
 
-    def __init__(self, parts: list, outs: list | None = None, indices: list | None = None, first_tile: int = 0):
+    def __init__(self, parts: list, outs: list | None = None, indices: list | None = None, first_tile: int = 0,
+                 per_part: bool = False):
         first = parts[0]
         self.parts, self.outs, self.n = parts, outs, first.n
+        self.per_part = per_part  # each part's statistics apart (scope "tensor": its index is its group)
         self.anchor = first.anchor
         self.has_base = first.base is not None
         self.base_anchor = first.base if self.has_base else first.anchor
@@ -166,10 +168,14 @@ def warps(full: bool, tail_warps: int = TAIL_WARPS) -> int:
     return 4 if full else tail_warps
 
 
-def segment(parts: list, outs: list | None = None, first_tile: int = 0) -> list:
+def segment(parts: list, outs: list | None = None, first_tile: int = 0, per_part: bool = False,
+            indices: list | None = None) -> list:
     """Segments covering ``parts`` (in order, tiles numbered in position order from ``first_tile``):
     one per run of parts that share dtypes and whose tensors lie a whole number of elements apart
-    (always, for separate allocations; rows from odd views of one buffer may not)."""
+    (always, for separate allocations; rows from odd views of one buffer may not). ``per_part``:
+    every part's statistics apart (scope "tensor"), the part's index in ``indices`` (default its
+    place in ``parts``) being its group."""
+    indices = list(range(len(parts))) if indices is None else list(indices)
     out, start = [], 0
     tile = first_tile
 
@@ -186,7 +192,7 @@ def segment(parts: list, outs: list | None = None, first_tile: int = 0) -> list:
 
     for k in range(1, len(parts) + 1):
         if k == len(parts) or key(k) != key(start) or not fits(k, start):
-            chunk = Segments(parts[start:k], outs[start:k] if outs else None, list(range(start, k)), tile)
+            chunk = Segments(parts[start:k], outs[start:k] if outs else None, indices[start:k], tile, per_part)
             tile += chunk.tiles
             out.append(chunk)
             start = k
@@ -255,9 +261,25 @@ def theta(tau_m, base, base_ptr, base_off, cols, col_ok, lam, out_ptr, HAS_BASE:
 
 
 @triton.jit
+def to_output(value, out_ptr):
+    """``value`` in the output's dtype, rounded to nearest even as torch's ``.to`` does. A bf16 output is
+    rounded in integer arithmetic: the GPU's conversion rounds to nearest even, but Triton's
+    interpreter truncates (measured on triton 3.9: half of all values one bf16 ulp off), so the
+    interpreted tests would otherwise see other bits than the device computes."""
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        wide = value.to(tl.float32)
+        bits = wide.to(tl.uint32, bitcast=True)
+        nearest = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        out = tl.where(wide != wide, wide.to(tl.bfloat16), nearest)  # NaN stays NaN (the carry could wrap it)
+    else:
+        out = value.to(out_ptr.dtype.element_ty)
+    return out
+
+
+@triton.jit
 def store_out(out_ptr, out_off, cols, col_ok, value, OUT_ALIGN: tl.constexpr):
     """Write ``value`` (cast to the output's dtype) at this program's columns of its part's output."""
-    tl.store(out_ptr + out_off * OUT_ALIGN + cols, value.to(out_ptr.dtype.element_ty), mask=col_ok)
+    tl.store(out_ptr + out_off * OUT_ALIGN + cols, to_output(value, out_ptr), mask=col_ok)
 
 
 @triton.jit

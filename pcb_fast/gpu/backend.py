@@ -77,22 +77,39 @@ def _raise_if_bad(parts: list, bad: torch.Tensor, comm=None) -> None:
 
 
 @dataclass
-class Scope:
-    """How the statistics of one scope group combine: ``entries`` per task (D, over every rank) and
-    the distributed ``comm`` (None in one process, and for a key's own statistics with scope "tensor");
-    ``errors``: the distributed merge's comm, which records bad data (None in one process)."""
+class Batch:
+    """The scope groups of a merge, run together: one launch per pass for all of them (docs/design.md 4).
 
-    entries: int
+    ``groups``: the whole model (scope "global": one group), or each key alone (scope "tensor": the
+    kernels run with PER_PART, each part's statistics at its own index); ``entries``: each group's
+    entries per task, over every rank; ``comm``: combines the statistics over the ranks of a
+    distributed merge (global scope; None otherwise); ``errors``: the distributed merge's comm, which
+    records bad data (None in one process)."""
+
+    parts: list
+    entries: list
+    per_part: bool
     comm: object = None
     errors: object = None
 
+    @property
+    def G(self) -> int:
+        return len(self.entries)
 
-def _groups(parts: list, scope: str, comm, entries: int | None) -> list:
-    """(scope group, Scope) pairs: the whole model, or each key alone (whose statistics never leave its
-    rank). ``entries``: the whole model's entries per task (every rank's keys), default the parts'."""
+    def tile_counts(self) -> list:
+        """Tiles of each group (consecutive, in position order)."""
+        from ..kernels.tiles import programs
+
+        tiles = [programs(p.rows) for p in self.parts]
+        return tiles if self.per_part else [sum(tiles)]
+
+
+def _batch(parts: list, scope: str, comm, entries: int | None) -> Batch:
+    """The parts as one Batch: one group (global; ``entries``: the whole model's entries per task,
+    every rank's keys, default the parts') or a group per key, whose statistics never leave its rank."""
     if scope == "global":
-        return [(parts, Scope(sum(p.rows.m for p in parts) if entries is None else entries, comm, comm))]
-    return [([p], Scope(p.rows.m, None, comm)) for p in parts]
+        return Batch(parts, [sum(p.rows.m for p in parts) if entries is None else entries], False, comm, comm)
+    return Batch(parts, [p.rows.m for p in parts], True, None, comm)
 
 
 def _sum_kept(kept_local: torch.Tensor, comm) -> torch.Tensor:
@@ -117,16 +134,11 @@ def merge_pcb(parts: list, n: int, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", 
     checks.check_choice("scope", scope, checks.SCOPE_CHOICES)
     device = parts[0].rows.device if device is None else torch.device(device)
     weights = lambda_column(params["lambdas"], n, device, ones=True).view(-1)
-    kept = torch.zeros(n, dtype=torch.int64, device=device)  # counted over the whole model
-    kept_local = torch.zeros(n, dtype=torch.int64, device=device)  # of this rank's keys alone
-    for group, where in _groups(parts, scope, comm, entries):
-        run = _official if params["variant"] == "official" else _paper
-        counted = run(group, n, params, weights, lam, ks, lambda name: _timed(profile, name, device), where, device)
-        if where.comm is not None:
-            kept += counted
-        else:
-            kept_local += counted
-    kept += _sum_kept(kept_local, comm)
+    batch = _batch(parts, scope, comm, entries)
+    run = _official if params["variant"] == "official" else _paper
+    kept = run(batch, n, params, weights, lam, ks, lambda name: _timed(profile, name, device), device)
+    if batch.comm is None:  # counted over this rank's keys (a distributed global select counts every rank's)
+        kept = _sum_kept(kept, comm)
     return {"kept": kept.tolist(), "entries": sum(p.rows.m for p in parts) if entries is None else entries}
 
 
@@ -148,48 +160,96 @@ def _sample(group, stride: int) -> torch.Tensor:
     return torch.cat(taken, 1)
 
 
-def _segments(group) -> list:
-    """The parts of a scope group as kernels.tiles.Segments: one launch per pass for all of them (per
-    combination of dtypes)."""
-    from ..kernels.tiles import segment
-
-    return segment([p.rows for p in group], [p.out for p in group])
-
-
-def _select(segments, ranks, where: Scope, sample, count, timed, name: str, tiles: int = 0,
-            after_first=None, n: int = 0, device=None):
-    """Exact order statistics ``ranks`` of every task over a scope group: one pass around the sampled
-    brackets, or, where a bracket missed, the two passes of the radix select. ``count(seg, select)``
-    runs the counting pass over one Segments; ``after_first`` (the NaN/Inf report) runs after the
-    first pass, before any bracket is trusted. ``sample``: the column sample ([n, s]), or a function
-    giving it. Distributed (``where.comm``): the radix select alone, its histograms summed over the
-    ranks (no sample). Returns a DeviceBracket or DeviceSelect (values, count_above)."""
+def _samples(batch: Batch) -> list:
+    """The column sample of every group: ~2^18 columns for the whole model, ~2^16 per key per tensor
+    (all of a key's columns up to 2^16)."""
     from ..kernels import select as ks
 
-    D = where.entries
-    if where.comm is None:
-        sample = sample() if callable(sample) else sample
-        bracket = ks.DeviceBracket(ranks, D, sample, tiles)
+    if not batch.per_part:
+        return [_sample(batch.parts, ks.sample_stride(batch.entries[0]))]
+    return [_sample([p], ks.sample_stride(p.rows.m, ks.KEY_SAMPLE_COLUMNS)) for p in batch.parts]
+
+
+def _segments(batch: Batch, only: list | None = None) -> list:
+    """The parts of a batch (or of its groups ``only``) as kernels.tiles.Segments: one launch per pass for
+    all of them (per combination of dtypes)."""
+    from ..kernels.tiles import segment
+
+    parts = batch.parts if only is None else [batch.parts[g] for g in only]
+    return segment([p.rows for p in parts], [p.out for p in parts], per_part=batch.per_part, indices=only)
+
+
+class Selected:
+    """Order statistics of every group of a batch: ``values`` [G, n, R], ``above[inclusive]`` [G, n, R]
+    (entries above each, or at and above it); ``bracket``: the DeviceBracket of the pass (None when
+    every group took the radix select), ``missed``: the groups whose brackets missed."""
+
+    def __init__(self, bracket, missed: list):
+        self.bracket, self.missed = bracket, missed
+        if bracket is not None:
+            self.values = bracket.values().clone()
+            self.above = {inclusive: bracket.count_above(inclusive) for inclusive in (False, True)}
+
+    def fill(self, groups: list, select, shape: tuple) -> None:
+        """Take the statistics of ``groups`` from a DeviceSelect over their rows."""
+        values = select.values().view(len(groups), *shape[1:])
+        above = {inclusive: select.count_above(inclusive).view(len(groups), *shape[1:]) for inclusive in (False, True)}
+        if self.bracket is None:
+            self.values, self.above = values, above
+            return
+        index = torch.tensor(groups, dtype=torch.int64, device=values.device)
+        self.values[index] = values
+        for inclusive in (False, True):
+            self.above[inclusive][index] = above[inclusive]
+
+
+def _select(batch: Batch, segments, ranks: list, samples, count, timed, name: str, n: int, device, tiles: int = 0,
+            after_first=None) -> Selected:
+    """Exact order statistics ``ranks`` (a list of R ranks per group) of every task of every group: one
+    pass around the sampled brackets for all groups, then, for the groups where a bracket missed, the
+    two passes of the radix select (over their parts only). ``count(seg, select)`` runs the counting
+    pass over one Segments; ``after_first`` (the NaN/Inf report) runs after the first pass, before
+    any bracket is trusted; ``samples()`` gives the groups' column samples. Distributed
+    (``batch.comm``): the radix select alone, its histograms summed over the ranks (no sample)."""
+    from ..kernels import select as ks
+
+    G, R = batch.G, len(ranks[0])
+    if batch.comm is None:
+        groups = None
+        if tiles and batch.per_part:
+            groups = torch.repeat_interleave(torch.arange(G), torch.tensor(batch.tile_counts())).to(device)
+        bracket = ks.DeviceBracket(ranks, batch.entries, samples(), tiles, groups)
         with timed(name):
             for seg in segments:
                 count(seg, bracket)
         if after_first is not None:
             after_first()
-        if bracket.resolve():
-            return bracket
-        n, device = sample.shape[0], sample.device
-    select = ks.DeviceSelect([list(ranks)] * n, D, device)
+        bracket.resolve()
+        selected = Selected(bracket, bracket.missed)
+        if not bracket.missed:
+            return selected
+    else:
+        selected = Selected(None, list(range(G)))
+    missed = selected.missed
+    place = [0] * G  # each missed group's rows among the select's
+    for h, g in enumerate(missed):
+        place[g] = h
+    lengths = [batch.entries[g] for g in missed for _ in range(n)]
+    select = ks.DeviceSelect([ranks[g] for g in missed for _ in range(n)], lengths[0] if G == 1 else lengths,
+                             device, groups=place)
+    fallback = segments if len(missed) == G else _segments(batch, only=missed)
     for level in (1, 2):
-        with timed(f"{name} radix level {level}" if where.comm is None else f"{name} level {level}"):
-            for seg in segments:
+        with timed(f"{name} radix level {level}" if batch.comm is None else f"{name} level {level}"):
+            for seg in fallback:
                 count(seg, select)
-        if where.comm is not None:
+        if batch.comm is not None:
             if level == 1 and after_first is not None:
                 after_first()  # recorded; raised by every rank at the sum below
-            where.comm.sum_(select.hist)
+            batch.comm.sum_(select.hist)
         if level == 1:
             select.next_level()
-    return select
+    selected.fill(missed, select, (G, n, R))
+    return selected
 
 
 def _official_sample_scores(sample: torch.Tensor, clip: tuple, inter: str, n: int) -> torch.Tensor:
@@ -210,35 +270,36 @@ def _official_sample_scores(sample: torch.Tensor, clip: tuple, inter: str, n: in
     return intra * term
 
 
-def _official(group, n, params, weights, lam, ks, timed, where: Scope, device):
+def _official(batch: Batch, n, params, weights, lam, ks, timed, device):
+    """Official PCB over every group of ``batch``; returns the kept entries per task [n]."""
     from ..kernels import merge as km, score as kscore
 
-    D = where.entries
-    segments = _segments(group)
-    sample = _sample(group, ks.sample_stride(D)) if where.comm is None else None
-    i_lo, i_hi = clip_indices(D, params["clamp_ratio"])
-    bad = torch.zeros(len(group), n, dtype=torch.int32, device=device)
-    bounds = _select(segments, [i_lo, i_hi], where, lambda: sample.abs(),
-                     lambda seg, sel: kscore.magnitude_pass(seg, sel, bad), timed, "magnitude",
-                     after_first=lambda: _raise_if_bad(group, bad, where.errors), n=n, device=device).values()
-    hi = bounds[:, 1].contiguous()
-    lo = torch.minimum(bounds[:, 0], hi).contiguous()  # clamp with lo > hi clamps everything to hi
+    G = batch.G
+    segments = _segments(batch)
+    samples = _samples(batch) if batch.comm is None else None
+    bad = torch.zeros(len(batch.parts), n, dtype=torch.int32, device=device)
+    bounds = _select(batch, segments, [list(clip_indices(D, params["clamp_ratio"])) for D in batch.entries],
+                     lambda: [s.abs() for s in samples], lambda seg, sel: kscore.magnitude_pass(seg, sel, bad), timed,
+                     "magnitude", n, device, after_first=lambda: _raise_if_bad(batch.parts, bad, batch.errors)).values
+    hi = bounds[..., 1].contiguous()  # [G, n]
+    lo = torch.minimum(bounds[..., 0], hi).contiguous()  # clamp with lo > hi clamps everything to hi
     clip = (lo, hi, span_or_inf(hi - lo))
 
-    peak = torch.full((n,), ks.INT32_MIN, dtype=torch.int32, device=device)
+    peak = torch.full((G, n), ks.INT32_MIN, dtype=torch.int32, device=device)
     score = lambda seg, sel: kscore.official_pass(seg, sel, peak, clip, params["inter"])  # noqa: E731
-    sample_scores = (lambda: _official_sample_scores(sample, clip, params["inter"], n))
-    select = _select(segments, [keep_index(D, params["ratio"])], where, sample_scores, score, timed, "score",
-                     n=n, device=device)
-    del sample
-    if where.comm is not None:
-        where.comm.max_(peak)  # M_i over every rank (order keys: exact)
-    t = select.values()[:, 0].contiguous()
+    sample_scores = lambda: [_official_sample_scores(samples[g], (lo[g], hi[g], clip[2][g]), params["inter"], n)  # noqa: E731
+                             for g in range(G)]
+    select = _select(batch, segments, [[keep_index(D, params["ratio"])] for D in batch.entries], sample_scores, score,
+                     timed, "score", n, device)
+    del samples
+    if batch.comm is not None:
+        batch.comm.max_(peak)  # M_i over every rank (order keys: exact)
+    t = select.values[..., 0].contiguous()
     span = span_or_inf(ks.keys_to_float(peak) - t)  # M == t: nothing is kept
     with timed("merge"):
         for seg in segments:
             km.merge_pass(seg, None, "official", clip, t, span, weights, lam, params["inter"])
-    return select.count_above(inclusive=False)[:, 0]
+    return select.above[False][..., 0].sum(0)
 
 
 def _paper_sample_scores(sample: torch.Tensor, pairs: tuple, inv_z: tuple, n: int) -> torch.Tensor:
@@ -254,21 +315,22 @@ def _paper_sample_scores(sample: torch.Tensor, pairs: tuple, inv_z: tuple, n: in
     return beta
 
 
-def _paper(group, n, params, weights, lam, ks, timed, where: Scope, device):
+def _paper(batch: Batch, n, params, weights, lam, ks, timed, device):
+    """The paper variant over every group of ``batch``; returns the kept entries per task [n]."""
     from ..kernels import merge as km, score as kscore
 
-    D = where.entries
-    lo_key = torch.full((n, n), ks.INT32_MAX, dtype=torch.int32, device=device)
-    hi_key = torch.full((n, n), ks.INT32_MIN, dtype=torch.int32, device=device)
-    bad = torch.zeros(len(group), n, dtype=torch.int32, device=device)
-    segments = _segments(group)
+    G = batch.G
+    lo_key = torch.full((G, n, n), ks.INT32_MAX, dtype=torch.int32, device=device)
+    hi_key = torch.full((G, n, n), ks.INT32_MIN, dtype=torch.int32, device=device)
+    bad = torch.zeros(len(batch.parts), n, dtype=torch.int32, device=device)
+    segments = _segments(batch)
     with timed("pair min/max"):
         for seg in segments:
             kscore.pair_minmax_pass(seg, lo_key, hi_key, bad)
-    _raise_if_bad(group, bad, where.errors)
-    if where.comm is not None:  # the pairs' extremes over every rank (order keys: exact)
-        where.comm.min_(lo_key)
-        where.comm.max_(hi_key)
+    _raise_if_bad(batch.parts, bad, batch.errors)
+    if batch.comm is not None:  # the pairs' extremes over every rank (order keys: exact)
+        batch.comm.min_(lo_key)
+        batch.comm.max_(hi_key)
     lo, hi = ks.keys_to_float(lo_key), ks.keys_to_float(hi_key)
     span = hi - lo
     peak = (span > 0).float()  # max of a normalised pair: 1, or 0 for a constant pair
@@ -280,22 +342,27 @@ def _paper(group, n, params, weights, lam, ks, timed, where: Scope, device):
     with timed("partition sums"):
         for seg in segments:
             kscore.partition_pass(seg, pairs, inter, intra)
-        if where.comm is not None:  # every rank's partials, in key order: the tiles of one process
-            inter, intra = where.comm.gather_in_order(inter), where.comm.gather_in_order(intra)
-        # partials summed in float64 (accumulated, no float64 copy of the [tiles, n, n] partials), in one
-        # fixed order: the same sums from run to run
-        inv_z = ((1.0 / inter.sum(0, dtype=torch.float64)).float().contiguous(),
-                 (1.0 / intra.sum(0, dtype=torch.float64)).float().contiguous())
+        if batch.comm is not None:  # every rank's partials, in key order: the tiles of one process
+            inter, intra = batch.comm.gather_in_order(inter), batch.comm.gather_in_order(intra)
+        # each group's partials (its tiles are consecutive) summed in float64 (accumulated, no float64
+        # copy of the [tiles, n, n] partials), in one fixed order: the same sums from run to run
+        sums_inter, sums_intra, first = [], [], 0
+        for tiles in ([inter.shape[0]] if G == 1 else batch.tile_counts()):
+            sums_inter.append(inter[first:first + tiles].sum(0, dtype=torch.float64))
+            sums_intra.append(intra[first:first + tiles].sum(0, dtype=torch.float64))
+            first += tiles
+        inv_z = ((1.0 / torch.stack(sums_inter)).float().contiguous(), (1.0 / torch.stack(sums_intra)).float().contiguous())
 
-    sample_scores = lambda: _paper_sample_scores(_sample(group, ks.sample_stride(D)), pairs, inv_z, n)  # noqa: E731
+    sample_scores = lambda: [_paper_sample_scores(sample, tuple(x[g] for x in pairs), tuple(z[g] for z in inv_z), n)  # noqa: E731
+                             for g, sample in enumerate(_samples(batch))]
     beta = lambda seg, sel: kscore.paper_pass(seg, sel, pairs, inv_z)  # noqa: E731
-    select = _select(segments, [keep_index(D, params["ratio"])], where, sample_scores, beta, timed, "score",
-                     n=n, device=device)
-    t = select.values()[:, 0].contiguous()
+    select = _select(batch, segments, [[keep_index(D, params["ratio"])] for D in batch.entries], sample_scores, beta,
+                     timed, "score", n, device)
+    t = select.values[..., 0].contiguous()
     with timed("merge"):
         for seg in segments:
             km.merge_pass(seg, None, "paper", pairs + inv_z, t, None, weights, lam)
-    return select.count_above(inclusive=True)[:, 0]
+    return select.above[True][..., 0].sum(0)
 
 
 def pcb_merge_matrix(task_vectors, out: torch.Tensor, **params) -> dict:
@@ -383,66 +450,73 @@ def merge_baseline(parts: list, n: int, method: str, *, lambdas=None, lam=1.0, s
             if divisor <= 0:
                 raise ValueError(f"lambdas={lambdas!r} sum to {divisor}; average weights must have a positive sum")
         drop = dare(parts) if dare is not None and parts else None
-        for seg in _segments(parts):
+        for seg in _segments(_batch(parts, "global", None, None)):
             kl.linear_pass(seg, None, weights, divisor, lam, bad, kept, drop)
         _raise_if_bad(parts, bad, comm)
         if dare is None:
             kept += sum(p.rows.m for p in parts)
         return {"kept": _sum_kept(kept, comm).tolist(), "entries": total_entries}
 
-    offset = 0  # the first row of ``bad`` of each group
-    for group, where in _groups(parts, scope, comm, entries):
-        group_bad = bad[offset:offset + len(group)]
-        offset += len(group)
-        segments = _segments(group)
-        trim = kt.Trim(threshold=None)
-        if method == "ties":
-            trim = _ties_trim(group, segments, n, density, topk, group_bad, where, device)
-        if dare is not None:  # DARE-TIES: the stream constants of the group's parts, [parts, 2n]
-            trim = kt.Trim(dare=dare(group) if group else (torch.zeros(1, 2 * n, dtype=torch.int64, device=device), 0.0))
-        total = torch.zeros(1, dtype=torch.int64, device=device)
-        for seg in segments:
-            kt.sign_pass(seg, weights, total, kept, group_bad, trim)
-        _raise_if_bad(group, group_bad, comm)
-        if where.comm is not None:
-            where.comm.sum_(total)  # the whole model's sum of elected signs
-        fill = torch.sign(total.float()) if sign_ties == "majority" else torch.ones(1, device=device)
-        for seg in segments:
-            kt.ties_merge_pass(seg, None, weights, fill, lam, trim)
+    batch = _batch(parts, scope, comm, entries)
+    segments = _segments(batch)
+    trim = kt.Trim(threshold=None)
+    if method == "ties":
+        trim = _ties_trim(batch, segments, n, density, topk, bad, device)
+    if dare is not None:  # DARE-TIES: the stream constants of every part, [parts, 2n]
+        trim = kt.Trim(dare=dare(parts) if parts else (torch.zeros(1, 2 * n, dtype=torch.int64, device=device), 0.0))
+    total = torch.zeros(batch.G, dtype=torch.int64, device=device)  # elected signs summed, per group
+    for seg in segments:
+        kt.sign_pass(seg, weights, total, kept, bad, trim)
+    _raise_if_bad(parts, bad, comm)
+    if batch.comm is not None:
+        batch.comm.sum_(total)  # the whole model's sum of elected signs
+    fill = torch.sign(total.float()) if sign_ties == "majority" else torch.ones(batch.G, device=device)
+    for seg in segments:
+        kt.ties_merge_pass(seg, None, weights, fill, lam, trim)
     return {"kept": _sum_kept(kept, comm).tolist(), "entries": total_entries}
 
 
-def _ties_trim(group, segments, n, density, topk, bad, where: Scope, device):
-    """The TIES trim of a scope group: t_i, the order statistic of |tau_i| at rank D - k - 1 (keep >= t,
-    as the authors) or D - k (keep > t plus the first equal entries, exactly k), from one pass around
-    a sampled bracket (or the radix select's two where it missed; distributed, the radix select with
-    histograms summed over ranks). ``bad``: [len(group), n] flags."""
-    from ..kernels import score as kscore, select as ks, ties as kt
+def _ties_trim(batch: Batch, segments, n, density, topk, bad, device):
+    """The TIES trim of every group of ``batch``: t_i, the order statistic of |tau_i| at rank D - k - 1
+    (keep >= t, as the authors) or D - k (keep > t plus the first equal entries of the group, exactly
+    k), from one pass around sampled brackets (or the radix select's two for the groups where one
+    missed; distributed, the radix select with histograms summed over ranks). ``bad``: [parts, n] flags."""
+    from ..kernels import score as kscore, ties as kt
 
-    D = where.entries
-    keep = int(D * density)
-    rank = D - keep - 1 if topk == "threshold" else D - keep
-    if rank < 0 or rank >= D:  # keep everything (|tau| >= 0), or nothing (|tau| >= inf); the sign pass checks NaN/Inf
-        return kt.Trim(threshold=torch.full((n,), 0.0 if rank < 0 else float("inf"), device=device))
+    keeps = [int(D * density) for D in batch.entries]
+    ranks = [D - k - 1 if topk == "threshold" else D - k for D, k in zip(batch.entries, keeps)]
+    # a group keeping everything (|tau| >= 0) or nothing (|tau| >= inf) needs no select
+    fixed = {g: 0.0 if r < 0 else float("inf") for g, r in enumerate(ranks) if r < 0 or r >= batch.entries[g]}
+    if len(fixed) == batch.G:  # the sign pass checks NaN/Inf
+        return kt.Trim(threshold=torch.tensor([[fixed[g]] * n for g in range(batch.G)], device=device))
     tiles = sum(seg.tiles for seg in segments)
-    select = _select(segments, [rank], where, lambda: _sample(group, ks.sample_stride(D)).abs(),
-                     lambda seg, sel: kscore.magnitude_pass(seg, sel, bad), lambda name: _no_timer(), "magnitude",
-                     tiles=tiles if topk == "exact" else 0, after_first=lambda: _raise_if_bad(group, bad, where.errors),
-                     n=n, device=device)
-    threshold = select.values()[:, 0].contiguous()
+    select = _select(batch, segments, [[min(max(r, 0), D - 1)] for r, D in zip(ranks, batch.entries)],
+                     lambda: [s.abs() for s in _samples(batch)], lambda seg, sel: kscore.magnitude_pass(seg, sel, bad),
+                     lambda name: _no_timer(), "magnitude", n, device, tiles=tiles if topk == "exact" else 0,
+                     after_first=lambda: _raise_if_bad(batch.parts, bad, batch.errors))
+    threshold = select.values[..., 0].clone()  # [G, n]
+    for g, value in fixed.items():
+        threshold[g] = value
+    threshold = threshold.contiguous()
     if topk == "threshold":
         return kt.Trim(threshold=threshold)
     counts = torch.zeros(tiles + 1, n, dtype=torch.int64, device=device)
-    if isinstance(select, ks.DeviceBracket):  # ties at t: counted per tile at a bound, or copied with their tile
-        counts[1:] = select.equal_per_tile(tiles)
-    else:  # the radix select's fallback: one more pass counts them
+    if select.bracket is not None and not select.missed:  # ties at t: per tile at a bound, or copied with their tile
+        counts[1:] = select.bracket.equal_per_tile(tiles)
+    else:  # a radix select's fallback: one more pass counts them
         for seg in segments:
             kt.equal_counts(seg, threshold, counts[1:])
-    before = counts.cumsum(0)[:-1]  # equal entries in all earlier tiles, in position order
-    if where.comm is not None:  # and in the keys of the ranks before this one
-        before = before + where.comm.before_me(counts.sum(0)).unsqueeze(0)
+    cumulative = counts.cumsum(0)  # cumulative[k]: equal entries in tiles before k, in position order
+    first_tile = torch.repeat_interleave(torch.cumsum(torch.tensor([0] + batch.tile_counts()[:-1]), 0),
+                                         torch.tensor(batch.tile_counts())).to(device)
+    before = cumulative[:-1] - cumulative[first_tile]  # ... of the tile's own group
+    if batch.comm is not None:  # and in the keys of the ranks before this one
+        before = before + batch.comm.before_me(counts.sum(0)).unsqueeze(0)
     before = before.contiguous()
-    budget = (keep - select.count_above(inclusive=False)[:, 0]).contiguous()
+    budget = torch.tensor(keeps, dtype=torch.int64, device=device).view(-1, 1) - select.above[False][..., 0]
+    for g in fixed:  # exact: keeping nothing (a rank below 0 never comes with topk="exact")
+        budget[g] = 0
+    budget = budget.contiguous()
     return kt.Trim(threshold=threshold, exact=(before, budget))
 
 

@@ -1,0 +1,148 @@
+"""scope="tensor" on the triton backend (TRITON_INTERPRET=1): every key's statistics in one launch per
+pass (kernels.tiles.Segments with per_part: each part's index is its group), against the CPU engine
+(torch backend, the same scope) and the reference under the per-entry tolerance of docs/design.md 9.
+The launches and the radix select's histograms are counted: a pass costs the same launches for 1
+key or many, and histograms exist only for the keys whose bracket missed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from pcb_fast import merge  # noqa: E402
+from pcb_fast.kernels import select as ks, tiles as kt  # noqa: E402
+from benchmarks.gpu_check import official_near, paper_near  # noqa: E402
+from test_triton import compare  # noqa: E402
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts of Segments.launch by kernel name, and the DeviceSelects made (radix histograms)."""
+    counts = {"selects": 0}
+    launch, select_init = kt.Segments.launch, ks.DeviceSelect.__init__
+
+    def counting_launch(self, kernel, *args, **kwargs):
+        name = kernel.fn.__name__  # grids launched: full tiles and last tiles
+        counts[name] = counts.get(name, 0) + len(self.launches)
+        return launch(self, kernel, *args, **kwargs)
+
+    def counting_init(self, *args, **kwargs):
+        counts["selects"] += 1
+        return select_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(kt.Segments, "launch", counting_launch)
+    monkeypatch.setattr(ks.DeviceSelect, "__init__", counting_init)
+    return counts
+
+
+def _models(gen, keys: int, n: int = 3, quantized: bool = False):
+    """``keys`` float32 keys of varied sizes (a partial last tile each, one of a single entry)."""
+    shapes = [(37, 29), (1,), (1500,), (11, 90), (5, 5), (2100,), (300,), (3, 7)][:keys]
+    base = {f"k{i}": torch.randn(s, generator=gen) * 0.02 for i, s in enumerate(shapes)}
+    if quantized:
+        step = lambda s: torch.randint(-2, 3, s, generator=gen).float() * 2.0**-6  # noqa: E731
+    else:
+        step = lambda s: 0.01 * torch.randn(s, generator=gen)  # noqa: E731
+    return base, [{k: v + step(v.shape) for k, v in base.items()} for _ in range(n)]
+
+
+def _near(base, models, key, ratio, clamp, variant, inter="sum"):
+    tv = torch.stack([(m[key] - base[key]).reshape(-1) for m in models])
+    return official_near(tv, ratio, clamp, inter) if variant == "official" else paper_near(tv, ratio)
+
+
+@pytest.mark.parametrize("variant,inter", [("official", "sum"), ("official", "pairwise"), ("paper", "sum")])
+def test_pcb_per_tensor_in_one_launch_per_pass(gen, launches, variant, inter):
+    base, models = _models(gen, 8)
+    kwargs = dict(scope="tensor", variant=variant, inter=inter, ratio=0.3, clamp_ratio=0.01, lam=0.9,
+                  lambdas=[1.0, 0.8, 1.3])
+    got = merge(base, models, backend="triton", **kwargs)
+    ref = merge(base, models, backend="reference", **kwargs)
+    for key in base:
+        compare(got[key] - base[key], ref[key] - base[key], f"{variant} {inter} {key}",
+                _near(base, models, key, 0.3, 0.01, variant, inter))
+    # 8 keys of one dtype: each pass is one launch for the full tiles, one for the keys' last tiles
+    per_pass = {"official": ["magnitude_kernel", "official_kernel", "merge_kernel"],
+                "paper": ["pair_minmax_kernel", "partition_kernel", "paper_kernel", "merge_kernel"]}[variant]
+    assert {k: launches.get(k) for k in per_pass} == {k: 2 for k in per_pass}, launches
+    assert launches["selects"] == 0  # every bracket held: no radix histogram
+
+
+def test_pcb_per_tensor_equals_the_cpu_engine_key_by_key(gen):
+    """The batched run equals running each key alone on the triton backend (the same kernels, the same
+    exact thresholds), and the torch backend within the tolerance."""
+    base, models = _models(gen, 5)
+    kwargs = dict(variant="official", ratio=0.2, clamp_ratio=0.05)
+    got = merge(base, models, backend="triton", scope="tensor", **kwargs)
+    cpu = merge(base, models, backend="torch", scope="tensor", **kwargs)
+    for key in base:
+        alone = merge({key: base[key]}, [{key: m[key]} for m in models], backend="triton", **kwargs)[key]
+        assert torch.equal(got[key], alone), key
+        compare(got[key] - base[key], cpu[key] - base[key], f"cpu {key}", _near(base, models, key, 0.2, 0.05, "official"))
+
+
+@pytest.mark.parametrize("method,params", [
+    ("ties", dict(density=0.3)), ("ties", dict(density=0.3, topk="exact")),
+    ("ties", dict(density=0.25, topk="exact", sign_ties="positive")), ("ties", dict(density=1.0)),
+    ("dare_ties", dict(p=0.6, seed=4)),
+])
+def test_ties_per_tensor_equals_the_torch_backend(gen, launches, method, params):
+    """Quantized deltas (ties at every threshold, across tiles and keys; exact zero sums): every entry and
+    the kept counts equal the CPU engine's, with one launch per pass (two: full and last tiles)."""
+    base, models = _models(gen, 8, quantized=True)
+    report_triton, report_torch = {}, {}
+    got = merge(base, models, method=method, scope="tensor", backend="triton", report=report_triton, **params)
+    expected = merge(base, models, method=method, scope="tensor", backend="torch", report=report_torch, **params)
+    for key in base:
+        assert torch.equal(got[key], expected[key]), (method, params, key)
+    assert report_triton["kept"] == report_torch["kept"]
+    assert launches["sign_kernel"] == 2 and launches["ties_merge_kernel"] == 2, launches
+    assert launches.get("magnitude_kernel", 0) in (0, 2) and launches.get("equal_count_kernel", 0) == 0, launches
+
+
+def test_a_missed_bracket_costs_the_radix_select_of_its_key_alone(gen, launches):
+    """One key whose column sample misleads its brackets (every 17th column ten times larger, the key
+    sampled one column in 17) next to keys whose brackets hold: the radix select runs once, over that
+    key alone (one DeviceSelect per select, rows of that key only), and every key still obeys the
+    tolerance (PCB) or equals the torch backend (TIES)."""
+    n, m = 2, 65536 + 4096
+    base, models = _models(gen, 3, n=n)
+    base["big"] = torch.zeros(m)
+    for model in models:
+        model["big"] = torch.randn(m, generator=gen) * 0.01
+        model["big"][::17] *= 10
+    made = []
+    init = ks.DeviceSelect.__init__
+
+    def record(self, ranks, lengths, device, groups=None):
+        made.append((torch.as_tensor(ranks).shape[0], groups))
+        return init(self, ranks, lengths, device, groups)
+
+    ks.DeviceSelect.__init__, saved = record, ks.DeviceSelect.__init__
+    try:
+        got = merge(base, models, backend="triton", scope="tensor", ratio=0.1, clamp_ratio=0.01)
+    finally:
+        ks.DeviceSelect.__init__ = saved
+    ref = merge(base, models, backend="reference", scope="tensor", ratio=0.1, clamp_ratio=0.01)
+    for key in base:
+        compare(got[key] - base[key], ref[key] - base[key], key, _near(base, models, key, 0.1, 0.01, "official"))
+    keys = sorted(base)
+    assert made and all(rows == n and groups[keys.index("big")] == 0 for rows, groups in made), made
+    quantized = {k: torch.randint(-2, 3, v.shape, generator=gen).float() * 0.25 for k, v in models[0].items()}
+    models[0] = {k: base[k] + quantized[k] for k in base}
+    for topk in ("threshold", "exact"):
+        got = merge(base, models, method="ties", density=0.3, topk=topk, scope="tensor", backend="triton")
+        expected = merge(base, models, method="ties", density=0.3, topk=topk, scope="tensor", backend="torch")
+        for key in base:
+            assert torch.equal(got[key], expected[key]), (topk, key)
+
+
+def test_nan_per_tensor_names_the_model_and_key(gen):
+    base, models = _models(gen, 4)
+    models[1]["k2"][7] = float("inf")
+    for kwargs in (dict(variant="official"), dict(variant="paper"), dict(method="ties", density=0.2)):
+        with pytest.raises(ValueError, match="model 1, key 'k2': contains NaN or Inf"):
+            merge(base, models, backend="triton", scope="tensor", **kwargs)
+
