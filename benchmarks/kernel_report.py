@@ -151,6 +151,18 @@ def cases(full: bool) -> list:
                 dict(trim, out_ptr=out_dtype, fill_ptr="*fp32", lam="fp32"), dict(DARE=dare, EXACT=exact), no_fma)
         add("equal_count", "exact top-k", "ties", "equal_count_kernel",
             dict(t_ptr="*fp32", counts_ptr="*i64"), {})
+        if full_tiles:  # Breadcrumbs: a program per row (no tiles), its row in registers
+            from pcb_fast.kernels.breadcrumbs import ROW_MAX, row_warps
+
+            for block in sorted({256, 1024, ROW_MAX}):
+                sig = dict(tile, out_ptr=out_dtype, band_ptr="*i64", weight_ptr="*fp32", lam="fp32", kept_ptr="*i64",
+                           bad_ptr="*i32")
+                consts = dict(HAS_BASE=has_base, ALIGN=align, BASE_ALIGN=align,
+                              OUT_ALIGN=16 // {"*fp32": 4, "*fp64": 8}.get(out_dtype, 2), ROW_BLOCK=block)
+                consts["ROW_ALIGN"] = min(consts["ALIGN"], consts["OUT_ALIGN"])  # rows of a multiple of 16 bytes
+                out.append(Case("breadcrumbs", f"rows of up to {block}, {dtype[1:]}" + (" + base" if has_base else ""),
+                                tasks, "breadcrumbs", "breadcrumbs_kernel", sig, consts, tasks * block,
+                                [a for a, t in sig.items() if t.startswith("*")], {"num_warps": row_warps(block)}))
     return out
 
 

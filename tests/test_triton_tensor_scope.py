@@ -146,3 +146,64 @@ def test_nan_per_tensor_names_the_model_and_key(gen):
         with pytest.raises(ValueError, match="model 1, key 'k2': contains NaN or Inf"):
             merge(base, models, backend="triton", scope="tensor", **kwargs)
 
+
+# ---- Breadcrumbs' band as a kernel (kernels/breadcrumbs.py)
+
+
+def _breadcrumbs_models(gen, dtype=torch.float32, n=3):
+    """Rows of 1 to 1100 entries (one per row-length class and then some), a scalar, quantized deltas:
+    ties at both bounds of most bands, exact zeros."""
+    shapes = {"scalar": (), "one": (4, 1), "seven": (3, 7), "rows": (6, 50), "vector": (300,), "wide": (2, 1100)}
+    base = {k: (torch.randn(s, generator=gen) * 0.02).to(dtype) for k, s in shapes.items()}
+    models = [{k: (v.float() + torch.randint(-2, 3, v.shape, generator=gen).float() * 2.0**-7).to(dtype)
+               for k, v in base.items()} for _ in range(n)]
+    return base, models
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("gamma,beta", [(0.05, 0.3), (0.0, 1.0), (0.2, 0.1), (0.5, 0.01)])
+def test_breadcrumbs_kernel_equals_the_torch_backend(gen, dtype, gamma, beta):
+    """Every entry and the kept counts equal the CPU engine's: the band by position among ties, keep = 0
+    on short rows (beta * L < 1), float64 bases kept in float64, lambdas and lam."""
+    base, models = _breadcrumbs_models(gen, dtype)
+    report_triton, report_torch = {}, {}
+    kwargs = dict(method="breadcrumbs", gamma=gamma, beta=beta, lambdas=[0.5, 1.0, 1.5], lam=0.7)
+    got = merge(base, models, backend="triton", report=report_triton, **kwargs)
+    expected = merge(base, models, backend="torch", report=report_torch, **kwargs)
+    for key in base:
+        assert got[key].dtype == dtype and torch.equal(got[key], expected[key]), (key, gamma, beta)
+    assert report_triton["kept"] == report_torch["kept"]
+
+
+def test_breadcrumbs_launches_one_kernel_per_row_class(gen, monkeypatch):
+    """One launch per row-length class (and dtypes), none per key; rows longer than the kernel holds take
+    the torch path (ROW_MAX lowered here to see both in one merge), with the same results."""
+    from pcb_fast.kernels import breadcrumbs as kb
+
+    base, models = _breadcrumbs_models(gen)
+    base["more"], base["again"] = torch.zeros(5, 50), torch.zeros(2, 60)  # two more keys in the 64-entry class
+    for model in models:
+        model["more"], model["again"] = torch.randn(5, 50, generator=gen), torch.randn(2, 60, generator=gen)
+    expected = merge(base, models, method="breadcrumbs", backend="torch", gamma=0.1, beta=0.4)
+    grids, kernel = [], kb.breadcrumbs_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(kb, "breadcrumbs_kernel", Counting())
+    got = merge(base, models, method="breadcrumbs", backend="triton", gamma=0.1, beta=0.4)
+    assert all(torch.equal(got[k], expected[k]) for k in base)
+    # 8 keys in 3 row classes: 128 entries (rows of 1, 7, 50 and 60, the scalar), 512 (300), 2048 (1100)
+    assert len(grids) == 3, grids
+    monkeypatch.setattr(kb, "ROW_MAX", 64)
+    got = merge(base, models, method="breadcrumbs", backend="triton", gamma=0.1, beta=0.4)
+    assert all(torch.equal(got[k], expected[k]) for k in base)
+
+
+def test_breadcrumbs_kernel_names_a_bad_value(gen):
+    base, models = _breadcrumbs_models(gen)
+    models[2]["rows"][4, 9] = float("nan")
+    with pytest.raises(ValueError, match="model 2, key 'rows': contains NaN or Inf"):
+        merge(base, models, method="breadcrumbs", backend="triton")

@@ -527,33 +527,48 @@ def _no_timer():
 
 def _breadcrumbs(parts: list, n: int, weights: torch.Tensor, lam: float, gamma=0.01, beta=0.1, comm=None,
                  entries: int = 0) -> dict:
-    """Breadcrumbs key by key and task by task with torch operations on the device: its per-row band
-    of ranks (two order statistics per row, ties by position) is pcb_fast.methods.linear.band_mask,
-    then the sum over tasks in task order, as the torch backend computes it. Temporaries are one
-    task's row of the key at a time ([m]), not [n, m]."""
-    from ..methods.linear import band_mask, check_band
+    """Breadcrumbs: the band of every row found in registers by kernels.breadcrumbs (one program per row,
+    one launch per row-length class and dtypes; no [n, m] temporary), then the sum over tasks in task
+    order, as the torch backend computes it. Rows longer than the kernel's ROW_MAX run as torch
+    operations on the device, key by key and task by task (pcb_fast.methods.linear.band_mask)."""
+    from ..kernels.breadcrumbs import ROW_MAX, breadcrumbs_pass
+    from ..methods.linear import check_band
     from ..core.sources import row_length
 
     gamma, beta = check_band(gamma, beta)
     kept = torch.zeros(n, dtype=torch.int64, device=weights.device)
-    for part in parts:
-        rows = part.rows
-        base = rows.base.float() if rows.base is not None else None
-        length = row_length(tuple(part.out.shape))
-        total = None
-        for i, row in enumerate(rows.tensors):
-            tau = row.float() - base if base is not None else row.float()
-            if not bool(torch.isfinite(tau).all()):
-                bad = torch.zeros(1, n, dtype=torch.int32, device=weights.device)
-                bad[0, i] = 1
-                _raise_if_bad([part], bad, comm)
-            mask = band_mask(tau.abs().reshape(-1, length), int(gamma * length), int(beta * length)).reshape(-1)
-            kept[i] += mask.sum()
-            weighted = tau * mask * weights[i]
-            if total is None:
-                total = weighted
-            else:
-                total += weighted
-        theta = base + lam * total if base is not None else total
-        part.out.view(-1).copy_(theta)
+    bad = torch.zeros(len(parts), n, dtype=torch.int32, device=weights.device)
+    lengths = [row_length(tuple(part.out.shape)) for part in parts]
+    short = [k for k, length in enumerate(lengths) if length <= ROW_MAX]
+    if short:
+        breadcrumbs_pass([parts[k].rows for k in short], [parts[k].out for k in short], [lengths[k] for k in short],
+                         [(int(gamma * lengths[k]), int(beta * lengths[k])) for k in short], weights, lam, kept, bad,
+                         short)
+    for k, part in enumerate(parts):
+        if lengths[k] > ROW_MAX:
+            _breadcrumbs_rows(part, n, weights, lam, gamma, beta, lengths[k], kept, bad[k])
+    _raise_if_bad(parts, bad, comm)
     return {"kept": _sum_kept(kept, comm).tolist(), "entries": entries or sum(p.rows.m for p in parts)}
+
+
+def _breadcrumbs_rows(part, n, weights, lam, gamma, beta, length, kept, bad) -> None:
+    """Breadcrumbs of one key with rows longer than the kernel holds: torch operations, task by task
+    (temporaries of one task's row of the key, [m]); NaN/Inf flags into ``bad`` [n]."""
+    from ..methods.linear import band_mask
+
+    rows = part.rows
+    base = rows.base.float() if rows.base is not None else None
+    total = None
+    for i, row in enumerate(rows.tensors):
+        tau = row.float() - base if base is not None else row.float()
+        if not bool(torch.isfinite(tau).all()):
+            bad[i] = 1
+        mask = band_mask(tau.abs().reshape(-1, length), int(gamma * length), int(beta * length)).reshape(-1)
+        kept[i] += mask.sum()
+        weighted = tau * mask * weights[i]
+        if total is None:
+            total = weighted
+        else:
+            total += weighted
+    theta = base + lam * total if base is not None else total
+    part.out.view(-1).copy_(theta)
