@@ -154,3 +154,84 @@ def test_dare_keep_masks_equal_the_torch_hash(lo, m):
     streams = [rng.stream_constant(3, i, "a.weight") for i in range(len(ps))]
     got = native.dare_keep_masks(lo, m, streams, [rng.mix32(h) for h in streams], [rng.keep_threshold(p) for p in ps])
     assert torch.equal(got, rng.keep_masks(3, "a.weight", lo, lo + m, ps))
+
+
+# --- weighted_merge.c: task arithmetic from the stored inputs, and the sink's last step --------------
+
+def _bits(x):
+    return x.view({2: torch.int16, 4: torch.int32}[x.element_size()])
+
+
+def _torch_weighted(models, base, weights, divisor, lam, dtype):
+    """The torch engine's operations: float32 task vectors, summed in task order, base + lam * total."""
+    from pcb_fast.core.formulas import merged_weights, sum_over_tasks
+
+    b = base.float()
+    tv = torch.stack([torch.sub(m, b) for m in models])
+    tv = tv if weights is None else tv * weights.reshape(-1, 1)
+    total = sum_over_tasks(tv)
+    total = total if divisor is None else total / divisor
+    return merged_weights(base, lam, total).to(dtype)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16,) * 3, (torch.float16,) * 3, (torch.float32,) * 3,
+                                    (torch.bfloat16, torch.float32, torch.float16), (torch.float16, torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("n,weights,divisor,lam", [(1, None, None, 1.0), (2, [0.5, -1.25], 3.0, 0.3),
+                                                   (5, None, 7, 1.7), (4, [1.0, 2.0, 0.0, -0.5], None, -2.0)])
+def test_weighted_merge_is_the_torch_engine_bit_for_bit(dtypes, n, weights, divisor, lam):
+    base_dtype, model_dtype, out_dtype = dtypes
+    g = torch.Generator().manual_seed(n)
+    m = 100_003  # several threads' chunks and a ragged end
+    base = (torch.randn(m, generator=g) * 0.05).to(base_dtype)
+    models = [(base.float() + torch.randn(m, generator=g) * 1e-3).to(model_dtype) for _ in range(n)]
+    models[0][:50] = base[:50].to(model_dtype)  # zero task vectors: signed zeros
+    w = None if weights is None else torch.tensor(weights)
+    out = torch.empty(m, dtype=out_dtype)
+    assert native.weighted_merge(models, base, w, divisor, lam, out)
+    assert torch.equal(_bits(out), _bits(_torch_weighted(models, base, w, divisor, lam, out_dtype)))
+
+
+def test_half_conversions_are_exact_over_every_half_value():
+    """Every float16 value (the input conversion), and float32 values around every half rounding
+    boundary, subnormals and the overflow edge (the output rounding), against torch's conversions."""
+    halves = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    finite = halves[torch.isfinite(halves)]
+    zero = torch.zeros(finite.numel(), dtype=torch.float16)
+    out = torch.empty(finite.numel(), dtype=torch.float32)
+    assert native.weighted_merge([finite], zero, None, None, 1.0, out)  # 0 + (x - 0): x itself (-0 -> +0)
+    assert torch.equal(_bits(out), _bits(_torch_weighted([finite], zero, None, None, 1.0, torch.float32)))
+    assert torch.equal(out, finite.float())
+    # float32 values between and at the midpoints of neighbouring halves, and just past the largest half
+    f = finite.float().sort().values
+    mids = (f[1:] + f[:-1]) / 2
+    near = torch.cat([f, mids, torch.nextafter(mids, f[1:]), torch.nextafter(mids, f[:-1]),
+                      torch.tensor([65504.0, 65519.996, 65520.0, -65520.0, 1e-8, -3e-8, 2.0**-25, 2.0**-24 * 1.5])])
+    base = torch.zeros(near.numel(), dtype=torch.float32)
+    rounded = torch.empty(near.numel(), dtype=torch.float16)
+    ok = native.merged_output(base, near, 1.0, rounded)
+    expected = (base + near).to(torch.float16)  # 0 + x: x, but -0 becomes +0
+    assert not ok  # 65520 rounds to infinity: reported, as check_merged would
+    fine = torch.isfinite(expected)
+    assert torch.equal(_bits(rounded)[fine], _bits(expected)[fine])
+
+
+def test_merged_output_is_merged_weights_then_the_cast():
+    from pcb_fast.core.formulas import merged_weights
+
+    g = torch.Generator().manual_seed(5)
+    for base_dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for out_dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for lam in (1.0, 0.7, -3.0):
+                base = torch.randn(70_001, generator=g).to(base_dtype)
+                tau = torch.randn(70_001, generator=g) * 1e-2
+                tau[:10] = -0.0
+                out = torch.empty(70_001, dtype=out_dtype)
+                assert native.merged_output(base, tau, lam, out)
+                assert torch.equal(_bits(out), _bits(merged_weights(base, lam, tau).to(out_dtype)))
+    # not finite: reported, not written silently
+    base, tau = torch.zeros(8), torch.ones(8)
+    tau[3] = float("inf")
+    assert not native.merged_output(base, tau, 1.0, torch.empty(8))
+    assert not native.merged_output(torch.full((4,), 3e38), torch.full((4,), 1e38), 1.0, torch.empty(4, dtype=torch.bfloat16))
+    # a float64 base is not for the kernel (the torch path keeps it in float64)
+    assert not native.merged_output(torch.zeros(4, dtype=torch.float64), torch.zeros(4), 1.0, torch.empty(4, dtype=torch.float64))

@@ -106,6 +106,9 @@ def _library() -> ctypes.CDLL | str:
     library.tv_merge_block.restype = ctypes.c_int
     library.tv_merge_block.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.POINTER(KeepRule), ctypes.c_void_p,
                                        ctypes.c_int, ctypes.c_float, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int])
+    library.merged_output.restype = ctypes.c_int64
+    library.merged_output.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_float,
+                                      ctypes.c_void_p, ctypes.c_int32, ctypes.c_int]
     function = library.weighted_merge
     function.restype = ctypes.c_int64
     function.argtypes = ([ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int32, ctypes.c_void_p]
@@ -196,6 +199,26 @@ def weighted_merge(models: list, base: torch.Tensor, weights: torch.Tensor | Non
     bad = library.weighted_merge(n, m, pointers, dtypes, base.data_ptr(), KERNEL_DTYPES[base.dtype],
                                  None if weights is None else weights.data_ptr(), float(divisor or 0.0),
                                  float(lam), out.data_ptr(), KERNEL_DTYPES[out.dtype], threads)
+    return bad == 0
+
+
+def merged_output(base: torch.Tensor, tau_m: torch.Tensor, lam: float, out: torch.Tensor) -> bool:
+    """``out`` = (base + lam * tau_m) rounded to out's dtype, with the operations of
+    core.formulas.merged_weights then ``.to(out.dtype)`` (bit for bit): ``base`` [m] float32, bfloat16
+    or float16, ``tau_m`` [m] float32, ``out`` [m] of one of those, all contiguous on the CPU. False,
+    with ``out`` unspecified, where some value is not finite or the kernel does not take these
+    tensors (a float64 base, no compiler): the caller then takes the torch path, which says why."""
+    library = _library()
+    if (isinstance(library, str) or tau_m.dtype != torch.float32
+            or any(t.dtype not in KERNEL_DTYPES or t.device.type != "cpu" or not t.is_contiguous()
+                   for t in (base, tau_m, out))
+            or not base.numel() == tau_m.numel() == out.numel()):
+        return False
+    m = out.numel()
+    if m == 0:
+        return True
+    bad = library.merged_output(m, base.data_ptr(), KERNEL_DTYPES[base.dtype], tau_m.data_ptr(), float(lam),
+                                out.data_ptr(), KERNEL_DTYPES[out.dtype], _threads(m))
     return bad == 0
 
 

@@ -158,3 +158,29 @@ int64_t weighted_merge(int64_t n, int64_t m, const void *const *models, const in
     }
     return bad;
 }
+
+/* The sink's last step for any method: out = rounded(f32(base) + tau_m) (lam == 1), else
+ * rounded(f32(base) + lam * tau_m), as core.formulas.merged_weights then .to(out dtype). Returns the
+ * number of outputs that are not finite. */
+int64_t merged_output(int64_t m, const void *base, int32_t base_dtype, const float *tau_m, float lam, void *out,
+                      int32_t out_dtype, int threads)
+{
+    (void)threads;
+    int64_t bad = 0;
+    const int64_t chunks = (m + CHUNK - 1) / CHUNK;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : bad)
+    for (int64_t c = 0; c < chunks; c++) {
+        float theta[CHUNK];
+        const int64_t start = c * CHUNK, count = m - start < CHUNK ? m - start : CHUNK;
+        load(base, base_dtype, start, count, theta);
+        const float *t = tau_m + start;
+        if (lam == 1.0f)
+            for (int64_t j = 0; j < count; j++)
+                theta[j] = theta[j] + t[j];
+        else
+            for (int64_t j = 0; j < count; j++)
+                theta[j] = theta[j] + lam * t[j];
+        bad += store(theta, count, out, out_dtype, start);
+    }
+    return bad;
+}
