@@ -200,6 +200,12 @@ def test_breadcrumbs_launches_one_kernel_per_row_class(gen, monkeypatch):
     monkeypatch.setattr(kb, "ROW_MAX", 64)
     got = merge(base, models, method="breadcrumbs", backend="triton", gamma=0.1, beta=0.4)
     assert all(torch.equal(got[k], expected[k]) for k in base)
+    # float64 models on the torch path too: theta in float64, as the CPU forms it (it was rounded to float32)
+    extra = {k: 1e-9 * torch.rand(v.shape, generator=gen, dtype=torch.float64) for k, v in base.items()}  # not float32
+    wide = {k: v.double() + extra[k] for k, v in base.items()}, [{k: v.double() for k, v in m.items()} for m in models]
+    got = merge(*wide, method="breadcrumbs", backend="triton", gamma=0.1, beta=0.4)
+    expected = merge(*wide, method="breadcrumbs", backend="torch", gamma=0.1, beta=0.4)
+    assert all(torch.equal(got[k], expected[k]) for k in base)
 
 
 def test_breadcrumbs_kernel_names_a_bad_value(gen):

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core import checks
-from ..core.formulas import clip_indices, keep_index, lambda_column, span_or_inf
+from ..core.formulas import clip_indices, keep_index, lambda_column, merged_weights, span_or_inf
 
 
 @dataclass
@@ -570,5 +570,6 @@ def _breadcrumbs_rows(part, n, weights, lam, gamma, beta, length, kept, bad) -> 
             total = weighted
         else:
             total += weighted
-    theta = base + lam * total if base is not None else total
+    # theta_pre + lam * tau_m as the CPU path forms it (a float64 base is not rounded to float32)
+    theta = merged_weights(rows.base, lam, total) if base is not None else total
     part.out.view(-1).copy_(theta)
