@@ -235,3 +235,22 @@ def test_merged_output_is_merged_weights_then_the_cast():
     assert not native.merged_output(torch.full((4,), 3e38), torch.full((4,), 1e38), 1.0, torch.empty(4, dtype=torch.bfloat16))
     # a float64 base is not for the kernel (the torch path keeps it in float64)
     assert not native.merged_output(torch.zeros(4, dtype=torch.float64), torch.zeros(4), 1.0, torch.empty(4, dtype=torch.float64))
+
+
+def test_collect_is_nonzero_then_take():
+    """collect.c: the entries at or above each task's floor, task-major, from strided rows, NaN never
+    collected, empty and full rows; the values of torch's nonzero and take."""
+    g = torch.Generator().manual_seed(0)
+    for n, m in [(1, 1), (3, 5), (4, 70_001), (8, 1000)]:
+        scores = torch.randn(n, m, generator=g)
+        scores[:, ::7] = float("nan")
+        tv = torch.randn(n, m + 13, generator=g)[:, :m]  # a strided view, as blocks of a wider buffer are
+        floor = torch.randn(n, generator=g)
+        floor[0] = float("inf")  # nothing collected
+        if n > 1:
+            floor[1] = float("-inf")  # everything but NaN
+        flat, values, tau = native.collect(scores, tv, floor)
+        expected = (scores >= floor.unsqueeze(1)).view(-1).nonzero().squeeze(1)
+        assert torch.equal(flat.long(), expected)
+        assert torch.equal(values.view(torch.int32), torch.take(scores, expected).view(torch.int32))
+        assert torch.equal(tau.view(torch.int32), torch.take(tv, expected).view(torch.int32))

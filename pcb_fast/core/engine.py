@@ -118,6 +118,9 @@ class Collected:
 def collect_block(block, scores: torch.Tensor, floor: torch.Tensor) -> Collected:
     """Keep the entries of a [n, m] block with ``scores >= floor`` (per task), with their tau."""
     n, m = scores.shape
+    if (native.problem() is None and scores.dtype == block.tv.dtype == torch.float32 and n * m < 1 << 31
+            and scores.device.type == "cpu"):
+        return Collected(block.segment, block.lo, block.hi, n, *native.collect(scores, block.tv, floor))
     flat = (scores >= floor.unsqueeze(1)).view(-1).nonzero().squeeze(1)
     # take() indexes the row-major (task-major) order of a view too: no [task, position] pairs needed
     return Collected(block.segment, block.lo, block.hi, n, flat.to(torch.int32), torch.take(scores, flat),

@@ -1,6 +1,7 @@
 """Small C kernels for the CPU engine: per-row order statistics of |tau| (row_select.c), DARE's
 keep masks (dare_hash.c), weighted merges from the stored inputs (weighted_merge.c) and the block
-loops of TIES, DARE and DARE-TIES (ties_loops.c, the eager engine's values bit for bit).
+loops of TIES, DARE and DARE-TIES (ties_loops.c, the eager engine's values bit for bit) and the
+collection of the entries above a floor (collect.c).
 
 Breadcrumbs places its band by two order statistics of every row; torch has no per-row select
 cheaper than a partial top-k over (value, index) pairs, which cost it most of its time. Task
@@ -28,7 +29,7 @@ import torch
 
 # compiled together into one library
 SOURCES = tuple(Path(__file__).with_name(name)
-                for name in ("row_select.c", "dare_hash.c", "weighted_merge.c", "ties_loops.c"))
+                for name in ("row_select.c", "dare_hash.c", "weighted_merge.c", "ties_loops.c", "collect.c"))
 # Tried in order: a compiler may refuse -march=native or lack OpenMP (the kernel then runs on one thread).
 # -ffp-contract=off: a * b + c must round twice, as torch's float32 ops do (GCC contracts by default).
 FLAG_SETS = tuple(flags + ["-ffp-contract=off"] for flags in (["-O3", "-march=native", "-fopenmp"],
@@ -106,6 +107,10 @@ def _library() -> ctypes.CDLL | str:
     library.tv_merge_block.restype = ctypes.c_int
     library.tv_merge_block.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.POINTER(KeepRule), ctypes.c_void_p,
                                        ctypes.c_int, ctypes.c_float, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int])
+    library.collect_counts.restype = None
+    library.collect_counts.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
+    library.collect_entries.restype = None
+    library.collect_entries.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 5 + [ctypes.c_int]
     library.merged_output.restype = ctypes.c_int64
     library.merged_output.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_float,
                                       ctypes.c_void_p, ctypes.c_int32, ctypes.c_int]
@@ -329,3 +334,24 @@ def dare_sum(tv, drop: tuple, lam):
     rule, arrays = _drop_rule(*drop)
     values, _, _, kept, row_max = _merge_block(tv, rule, lam, False)  # the rule's arrays alive here
     return values, kept, row_max
+
+
+def collect(scores: torch.Tensor, tv: torch.Tensor, floor: torch.Tensor):
+    """The entries of a block [n, m] with ``scores >= floor`` (per task, [n]): (int32 flat indices task *
+    m + position, their scores, their ``tv`` values), task-major in position order: the values of
+    ``nonzero`` and ``take`` (core.engine.collect_block)."""
+    library = _loaded()
+    scores, tv = _task_rows(scores), _task_rows(tv)
+    n, m = scores.shape
+    floor = _column(floor, torch.float32)
+    counts = torch.empty(n, dtype=torch.int64)
+    threads = min(n, _threads(n * m))
+    library.collect_counts(scores.data_ptr(), n, m, scores.stride(0), floor.data_ptr(), counts.data_ptr(), threads)
+    offsets = torch.zeros(n + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    total = int(offsets[-1])
+    flat, out_scores, out_tau = torch.empty(total, dtype=torch.int32), torch.empty(total), torch.empty(total)
+    if total:
+        library.collect_entries(scores.data_ptr(), tv.data_ptr(), n, m, scores.stride(0), tv.stride(0), floor.data_ptr(),
+                                offsets.data_ptr(), flat.data_ptr(), out_scores.data_ptr(), out_tau.data_ptr(), threads)
+    return flat, out_scores, out_tau
