@@ -70,11 +70,21 @@ def test_the_engine_never_imports_the_oracles(module):
     assert not oracles, f"{module} imports {oracles}: the fast paths must not share code with the oracles"
 
 
+# The C kernels' loader: a leaf (torch and the C library only), which core/ may use for its primitives
+# (collection, order statistics) as it uses kernels/keys.py.
+LEAVES = ("pcb_fast.cpu.native",)
+
+
 @pytest.mark.parametrize("module", sorted(m for m in GRAPH if layer(m) in ("core", "kernels")))
 def test_the_bottom_layers_import_nothing_above_them(module):
     allowed = {"core": ("core", "kernels"), "kernels": ("kernels",)}[layer(module)]
-    above = sorted(m for m in GRAPH[module] if layer(m) not in allowed)
+    above = sorted(m for m in GRAPH[module] if layer(m) not in allowed and not (layer(module) == "core" and m in LEAVES))
     assert not above, f"{module} imports {above}; {layer(module)}/ may import only from {', '.join(allowed)}"
+
+
+@pytest.mark.parametrize("module", LEAVES)
+def test_the_leaves_import_nothing_of_ours(module):
+    assert not GRAPH[module], f"{module} imports {sorted(GRAPH[module])}: a leaf must import nothing of pcb_fast"
 
 
 def test_the_graph_is_read():

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from ..cpu import native
+from ..cpu.native import collect as native_collect, problem as native_problem, row_order_statistics
 from . import checks
 from .numerics import warm_up_exp
 from .select import RadixSelect, bucket_floor
@@ -118,9 +118,9 @@ class Collected:
 def collect_block(block, scores: torch.Tensor, floor: torch.Tensor) -> Collected:
     """Keep the entries of a [n, m] block with ``scores >= floor`` (per task), with their tau."""
     n, m = scores.shape
-    if (native.problem() is None and scores.dtype == block.tv.dtype == torch.float32 and n * m < 1 << 31
+    if (native_problem() is None and scores.dtype == block.tv.dtype == torch.float32 and n * m < 1 << 31
             and scores.device.type == "cpu"):
-        return Collected(block.segment, block.lo, block.hi, n, *native.collect(scores, block.tv, floor))
+        return Collected(block.segment, block.lo, block.hi, n, *native_collect(scores, block.tv, floor))
     flat = (scores >= floor.unsqueeze(1)).view(-1).nonzero().squeeze(1)
     # take() indexes the row-major (task-major) order of a view too: no [task, position] pairs needed
     return Collected(block.segment, block.lo, block.hi, n, flat.to(torch.int32), torch.take(scores, flat),
@@ -272,7 +272,7 @@ def _sample_bounds(sample_scores: torch.Tensor, rank: int, D: int):
     margin = 6 * math.sqrt(s * q * (1 - q)) + 8
     lo, hi = math.floor(q * s - margin), math.ceil(q * s + margin)
     if lo >= 0 and hi < s and _native_select_applies(sample_scores):  # both bounds in one C call per row
-        ceiling, floor = native.row_order_statistics(sample_scores, s - 1 - hi, s - 1 - lo)
+        ceiling, floor = row_order_statistics(sample_scores, s - 1 - hi, s - 1 - lo)
         return floor.reshape(n), ceiling.reshape(n)
     floor = _order_statistic(sample_scores, lo + 1) if lo >= 0 else torch.full((n,), float("-inf"))
     ceiling = _order_statistic(sample_scores, hi + 1) if hi < s else torch.full((n,), float("inf"))
@@ -283,7 +283,7 @@ def _native_select_applies(values: torch.Tensor) -> bool:
     """Whether the C radix select (pcb_fast.cpu.native.row_order_statistics, which ranks |x|) gives the
     order statistics of ``values``: many non-negative float32 values on the CPU (magnitudes)."""
     return (values.shape[-1] >= NATIVE_SELECT_MIN and values.dtype == torch.float32 and values.device.type == "cpu"
-            and native.problem() is None and bool(values.min() >= 0))
+            and native_problem() is None and bool(values.min() >= 0))
 
 
 def _order_statistic(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -305,7 +305,7 @@ def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     a zero comes back as +0)."""
     size = values.numel()
     if _native_select_applies(values):
-        return native.row_order_statistics(values.reshape(1, -1), size - k, size - k)[0].reshape(())
+        return row_order_statistics(values.reshape(1, -1), size - k, size - k)[0].reshape(())
     return torch.kthvalue(values, k).values
 
 
