@@ -110,11 +110,12 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     its scores in one more pass (the same result, bit for bit).
     ``threads``: CPU threads of the torch backend, "auto" (the cores other processes leave free, looked
     at again during the merge) or a number; torch's own setting is restored afterwards.
-    ``fused`` ("auto", "on", "off"): on the torch backend, run TIES, DARE, DARE-TIES and Breadcrumbs through
-    loops compiled by torch.compile (pcb_fast.cpu.fused; the same values), and PCB's official variant
-    (values within 2e-5 of max|tau_m| of the bit-exact eager path: inductor's exp and tanh round
-    differently; docs/design.md 9); "auto": for merges of at least 2^29 task-vector entries, where
-    compiling pays for itself.
+    ``fused`` ("auto", "on", "off"): on the torch backend, run the per-block work of TIES, DARE and
+    DARE-TIES as C loops (pcb_fast.cpu.native: the same bits; where no C compiler works, loops compiled
+    by torch.compile, the same values), Breadcrumbs and PCB's official variant through compiled loops
+    (PCB: values within 2e-5 of max|tau_m| of the bit-exact eager path, inductor's exp and tanh round
+    differently; docs/design.md 9); "auto": the C loops always, compiled ones for merges of at least
+    2^29 task-vector entries (PCB: 2^31), where compiling pays for itself.
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not valid; choose one of {', '.join(map(repr, METHODS))}")
