@@ -88,7 +88,7 @@ def cases(full: bool) -> list:
     tasks = 64
     out = [Case("find", "bucket search", 0, "select", "find_kernel",
                 {"hist_ptr": "*i64", "rank_ptr": "*i64", "index_ptr": "*i64", "below_ptr": "*i64"},
-                {"R": 2, "PER_ROW": True, "CHUNK": 1024})]
+                {"R": 2, "PER_ROW": True})]
     inputs = [("*bf16", True, full_tiles) for full_tiles in (True, False)]
     inputs += [(d, b, f) for d, b in (("*fp32", False), ("*fp16", True), ("*fp64", True)) for f in (True, False)] if full else []
     for dtype, has_base, full_tiles in inputs:
@@ -112,7 +112,8 @@ def cases(full: bool) -> list:
 
         count = dict(hist_ptr="*i64", bucket_ptr="*i64", map_ptr="*i64", bounds_ptr="*fp32", tally_ptr="*i64",
                      kept_ptr="*fp32", layout_ptr="*i64", copies="i64", tiles_ptr="*i32")
-        levels = [(0, "bracket"), (1, "radix level 1"), (2, "radix level 2")]
+        # the radix select's levels 2 and 3 are the same code as 4 but for their shifts
+        levels = [(0, "bracket"), (1, "radix level 1"), (2, "radix level 2"), (4, "radix level 4")]
         for level, name in levels:
             add("magnitude", name, "score", "magnitude_kernel", dict(count, bad_ptr="*i32"),
                 dict(LEVEL=level, R=2, TILES=False))

@@ -34,7 +34,7 @@ def magnitude_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, hist_ptr, buck
                      kept_ptr, layout_ptr, copies, tiles_ptr, bad_ptr, HAS_BASE: tl.constexpr, LEVEL: tl.constexpr,
                      R: tl.constexpr, TILES: tl.constexpr, PER_PART: tl.constexpr, ALIGN: tl.constexpr,
                      BASE_ALIGN: tl.constexpr, FULL: tl.constexpr, BLOCK: tl.constexpr):
-    """|tau| counted for a select (LEVEL 0: a bracket; 1, 2: radix levels); NaN/Inf flags in the first pass.
+    """|tau| counted for a select (LEVEL 0: a bracket; 1 to 4: radix levels); NaN/Inf flags in the first pass.
     PER_PART: each part's statistics apart (scope "tensor")."""
     cols, col_ok, offsets_ptr, base_off, out_off, tile, part = locate(table_ptr, programs_ptr, n, FULL, BLOCK)
     g = group_of(part, PER_PART)

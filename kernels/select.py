@@ -1,5 +1,5 @@
-"""Exact order statistics on the device: a sampled bracket counted in one pass, and the two-level
-16-bit radix select as the exact fallback (docs/design.md 3.3, 4).
+"""Exact order statistics on the device: a sampled bracket counted in one pass, and a radix select
+of four byte-wide levels as the exact fallback (docs/design.md 3.3, 4).
 
 ``DeviceBracket``: a column sample of the values gives, per task and rank, a bracket [floor,
 ceiling] that holds the rank with overwhelming probability (six standard deviations of the
@@ -8,17 +8,21 @@ the ceiling, and copies those strictly inside (about 1% of them at a sample of 2
 buffer, reserving room with one atomic per program, task and rank: no per-entry atomics, and ties
 at a bound (exact zeros, quantized values) cost counts only. The counts and a sort of the copied
 values give the exact order statistic. If a bracket missed (the counts say so; or the buffer
-overflowed), the caller falls back to the radix select below.
+overflowed), the caller falls back to the radix select below. Several groups (scope "tensor": one
+per key) share one bracket pass, each with its own sample, bounds and room in the buffer.
 
-A float32 maps to an int32 key with the float's order (negatives get every bit but the sign
-flipped). Level 1 counts the top 16 bits of the keys of every task row into [n, 65536] int64
-histograms; :func:`find_kernel` then finds, on the device, the bucket that holds each wanted rank.
-Level 2 counts the low 16 bits of the keys inside the chosen buckets, which pins the exact key:
-``sort(x_i)[rank]`` with no sort and no host round trip. Counts are integer atomics, so the result
-does not depend on the order in which programs run. Several ranks per task share the same passes.
+``DeviceSelect``: a float32 maps to an int32 key with the float's order (negatives get every bit but
+the sign flipped), read as an unsigned number with the sign bit flipped. Level 1 counts the top
+byte of the keys of every task row into [n, 256] int64 histograms; :func:`find_kernel` then finds,
+on the device, the bin that holds each wanted rank; levels 2 to 4 count the next byte of the keys
+that share the prefix found so far, which pins the exact key after four passes: ``sort(x_i)[rank]``
+with no sort and no host round trip. Each program makes its histogram of its tile in the program
+(``tl.histogram``) and adds it to the global one with one atomic per non-empty bin, so hot values
+(exact zeros, quantized deltas) do not serialize on per-entry atomics. Counts are integers, so the
+result does not depend on the order in which programs run. Several ranks per task share the passes.
 
 Kernels that produce the values (|tau|, PCB scores) call :func:`count_values` on their tile, which
-dispatches to :func:`bracket_tally` (LEVEL 0) or :func:`radix_count` (LEVELs 1 and 2); the values
+dispatches to :func:`bracket_tally` (LEVEL 0) or :func:`radix_count` (LEVELs 1 to 4); the values
 are never written to memory, except the few inside a bracket.
 """
 
@@ -32,8 +36,9 @@ import triton.language as tl
 
 from .keys import keys_to_float
 
-BUCKETS = 1 << 16
-FIND_CHUNK = 1024  # histogram bins per step of the bucket search: 8 int64 per thread, no spill
+BINS_BITS = 8  # bits of the key counted per radix level: 4 levels of 256 bins
+BINS = tl.constexpr(1 << BINS_BITS)
+LEVELS = 32 // BINS_BITS
 INT32_MIN = -(1 << 31)
 INT32_MAX = (1 << 31) - 1
 # the same bounds for use inside kernels (compiled kernels read only constexpr globals)
@@ -49,24 +54,39 @@ def order_key(x):
 
 
 @triton.jit
-def radix_count(key, ok, g, i, n, hist_ptr, bucket_ptr, map_ptr, LEVEL: tl.constexpr, R: tl.constexpr):
+def radix_count(key, ok, g, i, n, hist_ptr, bucket_ptr, map_ptr, LEVEL: tl.constexpr, R: tl.constexpr,
+                BLOCK: tl.constexpr):
     """Count the keys of task ``i`` of group ``g`` over this program's columns (entries where ``ok``)
-    into the level's histograms, at row h n + i where h = map[g] (the group's place among those the
-    select counts; a group that is not counted is never launched).
+    by their LEVEL-th byte from the top (of the key as an unsigned number) into the level's
+    histograms, at row h n + i where h = map[g] (the group's place among those the select counts; a
+    group that is not counted is never launched). The program's histogram is made in the program
+    (tl.histogram) and flushed once with one atomic per non-empty bin: no per-entry global atomics.
 
-    Level 1: hist [rows, 65536] by the top 16 bits. Level 2: hist [rows, R, 65536] by the low 16 bits,
-    only keys whose top bits equal the bucket chosen for rank r (bucket_ptr: [rows, R] int64).
+    Level 1: hist [rows, 256]. Levels 2-4: hist [rows, R, 256], only keys whose higher bytes equal the
+    prefix chosen for rank r so far (bucket_ptr: [rows, R] int64).
     """
-    high = (key >> 16) + 32768
-    row = tl.load(map_ptr + g) * n + i  # int64: rows x R x 65536 can pass 2^31
+    unsigned = key ^ KEY_MIN  # the order as unsigned 32-bit numbers (the sign bit flipped)
+    digit = (unsigned >> (32 - 8 * LEVEL)) & 0xFF
+    row = tl.load(map_ptr + g) * n + i  # int64
+    bins = tl.arange(0, BINS)
     if LEVEL == 1:
-        tl.atomic_add(hist_ptr + row * 65536 + high, 1, mask=ok, sem="relaxed")
+        _flush(digit, ok, hist_ptr + row * BINS + bins, BLOCK)
     else:
-        low = key & 0xFFFF
+        higher = (unsigned >> (40 - 8 * LEVEL)) & ((1 << (8 * (LEVEL - 1))) - 1)  # the bytes above
         for r in tl.static_range(R):
-            bucket = tl.load(bucket_ptr + row * R + r)
-            inside = ok & (high.to(tl.int64) == bucket)
-            tl.atomic_add(hist_ptr + (row * R + r) * 65536 + low, 1, mask=inside, sem="relaxed")
+            prefix = tl.load(bucket_ptr + row * R + r)
+            _flush(digit, ok & (higher.to(tl.int64) == prefix), hist_ptr + (row * R + r) * BINS + bins, BLOCK)
+
+
+@triton.jit
+def _flush(digit, ok, at, BLOCK: tl.constexpr):
+    """Add this program's histogram of ``digit`` (entries where ``ok``) to the bins at ``at``: one atomic
+    per non-empty bin. Entries left out count in bin 0 and are taken off it (tl.histogram's mask
+    argument is not in every Triton version this project supports)."""
+    counts = tl.histogram(tl.where(ok, digit, 0), BINS)
+    left_out = BLOCK - tl.sum(ok.to(tl.int32), axis=0)
+    counts = counts - tl.where(tl.arange(0, BINS) == 0, left_out, 0)
+    tl.atomic_add(at, counts.to(tl.int64), mask=counts != 0, sem="relaxed")
 
 
 @triton.jit
@@ -119,7 +139,7 @@ def count_values(value, ok, g, i, n, tile, hist_ptr, bucket_ptr, map_ptr, bounds
         bracket_tally(value, ok, g, i, n, bounds_ptr, tally_ptr, kept_ptr, layout_ptr, copies, tile, tiles_ptr, R,
                       TILES, BLOCK)
     else:
-        radix_count(order_key(value), ok, g, i, n, hist_ptr, bucket_ptr, map_ptr, LEVEL, R)
+        radix_count(order_key(value), ok, g, i, n, hist_ptr, bucket_ptr, map_ptr, LEVEL, R, BLOCK)
 
 
 @triton.jit
@@ -133,37 +153,33 @@ def group_of(part, PER_PART: tl.constexpr):
 
 
 @triton.jit
-def find_kernel(hist_ptr, rank_ptr, index_ptr, below_ptr, R: tl.constexpr, PER_ROW: tl.constexpr,
-                CHUNK: tl.constexpr):
+def find_kernel(hist_ptr, rank_ptr, index_ptr, below_ptr, R: tl.constexpr, PER_ROW: tl.constexpr):
     """For program q (task q // R, rank q % R): the histogram bin holding the rank, and the count of
-    entries in the bins before it. Level-1 histograms are per task (PER_ROW=False), level-2 per
+    entries in the bins before it. Level-1 histograms are per task (PER_ROW=False), the others per
     (task, rank) (PER_ROW=True)."""
     q = tl.program_id(0).to(tl.int64)
     row = q if PER_ROW else q // R
     rank = tl.load(rank_ptr + q)
-    index = rank * 0  # int64 scalars carried through the loop
-    below = rank * 0
-    total = rank * 0
-    for start in range(0, 65536, CHUNK):
-        counts = tl.load(hist_ptr + row * 65536 + start + tl.arange(0, CHUNK))
-        cumulative = tl.cumsum(counts, axis=0) + total
-        # cumulative counts never decrease: the bin holding the rank is the number of bins whose
-        # cumulative count does not exceed it, and the count before it is their largest one
-        at_or_below = cumulative <= rank
-        index += tl.sum(at_or_below.to(tl.int64), axis=0)
-        below = tl.maximum(below, tl.max(tl.where(at_or_below, cumulative, 0), axis=0))
-        total += tl.sum(counts, axis=0)
-    tl.store(index_ptr + q, index)
-    tl.store(below_ptr + q, below)
+    counts = tl.load(hist_ptr + row * BINS + tl.arange(0, BINS))
+    cumulative = tl.cumsum(counts, axis=0)
+    # cumulative counts never decrease: the bin holding the rank is the number of bins whose
+    # cumulative count does not exceed it, and the count before it is their largest one
+    at_or_below = cumulative <= rank
+    tl.store(index_ptr + q, tl.sum(at_or_below.to(tl.int64), axis=0))
+    tl.store(below_ptr + q, tl.max(tl.where(at_or_below, cumulative, 0), axis=0))
 
 
 class DeviceSelect:
-    """Exact ``sort(x_i)[ranks[i, r]]`` for n streamed rows and R ranks per row, on the device.
+    """Exact ``sort(x_i)[ranks[i, r]]`` for n streamed rows and R ranks per row, on the device: a radix
+    select of LEVELS (4) passes, each counting one byte of the keys (from the top) into 256 bins.
 
-    Usage: every pass over the rows calls a counting kernel with :meth:`kernel_args`; between the
-    two passes call :meth:`next_level`; then :meth:`values` gives the [n, R] float32 statistics
-    and :meth:`count_above` the number of entries above (or at and above) each one.
+    Usage: every pass over the rows calls a counting kernel with :meth:`kernel_args`; between passes
+    call :meth:`next_level` (:attr:`LEVELS` passes in all; :meth:`passes` runs the loop); then
+    :meth:`values` gives the [n, R] float32 statistics and :meth:`count_above` the number of entries
+    above (or at and above) each one. The histograms are [n, R, 256] int64: a few KB per row.
     """
+
+    LEVELS = LEVELS
 
     def __init__(self, ranks, lengths, device, groups=None):
         """``ranks`` [rows, R]; ``lengths``: the rows' length (an int, or one per row). ``groups``: for
@@ -179,50 +195,54 @@ class DeviceSelect:
         self.device = torch.device(device)
         self.map = torch.tensor([0] if groups is None else list(groups), dtype=torch.int64, device=device)
         self.level = 1
-        self.hist = torch.zeros(self.n, BUCKETS, dtype=torch.int64, device=device)
-        self.buckets = torch.zeros(self.n, self.R, dtype=torch.int64, device=device)  # unused at level 1
+        self.hist = torch.zeros(self.n, BINS, dtype=torch.int64, device=device)  # level 1: per row
+        self.buckets = torch.zeros(self.n, self.R, dtype=torch.int64, device=device)  # the prefix chosen so far
+        self.local_ranks = self.ranks  # each rank among the entries with that prefix
+        self.below = torch.zeros(self.n, self.R, dtype=torch.int64, device=device)  # entries below the prefix
 
     def kernel_args(self) -> dict:
         """The keyword arguments of a counting kernel (:func:`count_values`) at the current level."""
         return dict(_unused_bracket_args(self.device), hist_ptr=self.hist, bucket_ptr=self.buckets, map_ptr=self.map,
                     LEVEL=self.level, R=self.R)
 
-    def _find(self, hist: torch.Tensor, ranks: torch.Tensor, per_row: bool):
+    def _find(self):
+        """(bin, entries in the bins below it) of each (row, rank) at the current level."""
         index = torch.empty(self.n * self.R, dtype=torch.int64, device=self.device)
         below = torch.empty_like(index)
-        find_kernel[(self.n * self.R,)](hist, ranks.contiguous(), index, below, R=self.R, PER_ROW=per_row,
-                                        CHUNK=FIND_CHUNK)
+        find_kernel[(self.n * self.R,)](self.hist, self.local_ranks.contiguous(), index, below, R=self.R,
+                                        PER_ROW=self.level > 1)
         return index.view(self.n, self.R), below.view(self.n, self.R)
 
     def next_level(self) -> None:
-        """Find each rank's bucket from the level-1 counts; start level 2."""
-        if self.level != 1:
-            raise RuntimeError("next_level() called twice")
-        self.buckets, self.below_high = self._find(self.hist, self.ranks, per_row=False)
-        self.local_ranks = self.ranks - self.below_high
-        self.hist = torch.zeros(self.n, self.R, BUCKETS, dtype=torch.int64, device=self.device)
-        self.level = 2
+        """Extend each rank's prefix by the bin holding it at this level; start the next level."""
+        if self.level >= LEVELS:
+            raise RuntimeError(f"next_level() called after level {LEVELS}")
+        index, below = self._find()
+        self.buckets = (self.buckets << BINS_BITS) | index
+        self.below = self.below + below
+        self.local_ranks = self.local_ranks - below
+        self.hist = torch.zeros(self.n, self.R, BINS, dtype=torch.int64, device=self.device)
+        self.level += 1
 
     def _finish(self):
-        if self.level != 2:
-            raise RuntimeError("values() needs both levels counted")
-        if not hasattr(self, "low"):
-            self.low, self.below_low = self._find(self.hist, self.local_ranks, per_row=True)
-        return self.low, self.below_low
+        if self.level != LEVELS:
+            raise RuntimeError(f"values() needs all {LEVELS} levels counted")
+        if not hasattr(self, "last"):
+            self.last, below = self._find()
+            self.smaller = self.below + below  # entries whose key is below the statistic's key
+            self.equal = torch.gather(self.hist.view(self.n * self.R, BINS), 1,
+                                      self.last.view(-1, 1)).view(self.n, self.R)
+        return self.last
 
     def values(self) -> torch.Tensor:
         """The selected order statistics, float32 [n, R] on the device."""
-        low, _ = self._finish()
-        return keys_to_float(((self.buckets - BUCKETS // 2) << 16) | low)
+        unsigned = (self.buckets << BINS_BITS) | self._finish()
+        return keys_to_float(unsigned - (1 << 31))  # the sign bit flipped back: the int32 order key
 
     def count_above(self, inclusive: bool) -> torch.Tensor:
         """[n, R] int64: entries > each statistic, or >= it with ``inclusive``."""
-        low, below_low = self._finish()
-        smaller = self.below_high + below_low  # entries whose key is below the statistic's key
-        if not inclusive:
-            smaller = smaller + torch.gather(self.hist.view(self.n * self.R, BUCKETS), 1,
-                                             low.view(-1, 1)).view(self.n, self.R)
-        return self.length - smaller
+        self._finish()
+        return self.length - (self.smaller if inclusive else self.smaller + self.equal)
 
 
 def _unused_bracket_args(device) -> dict:

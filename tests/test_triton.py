@@ -73,10 +73,10 @@ def test_device_select_equals_sort_and_torch_radix(gen, n, m, parts):
     cuts = [m * p // parts for p in range(parts + 1)]
     pieces = [Rows.from_tensors(list(x[:, a:b].contiguous())) for a, b in zip(cuts, cuts[1:]) if b > a]
     bad = torch.zeros(n, dtype=torch.int32)
-    for level in (1, 2):
+    for level in range(1, select.LEVELS + 1):  # a byte of the keys per pass
         for rows in pieces:
             kscore.magnitude_pass(rows, select, bad)
-        if level == 1:
+        if level < select.LEVELS:
             select.next_level()
     magnitude = x.abs()
     torch_select.count_high(magnitude)
@@ -165,7 +165,7 @@ def test_backend_falls_back_to_the_radix_select_where_a_bracket_misses(gen):
     tv[:, ::17] *= 10
     out, profile = torch.empty(D), {}
     triton_backend.pcb_merge_matrix(list(tv), out, ratio=0.1, clamp_ratio=0.01, profile=profile)
-    assert "magnitude radix level 2" in profile and "score radix level 2" in profile, sorted(profile)
+    assert "magnitude radix level 4" in profile and "score radix level 4" in profile, sorted(profile)
     compare(out, pcb_reference(tv, ratio=0.1, clamp_ratio=0.01), "misled brackets", official_near(tv, 0.1, 0.01, "sum"))
     quantized = {"w": torch.zeros(D)}, [{"w": torch.randint(-2, 3, (D,), generator=gen).float() * 0.25} for _ in range(n)]
     for topk in ("threshold", "exact"):
@@ -193,9 +193,9 @@ def test_official_score_kernel_matches_torch_scores(gen, inter):
     peak = torch.full((n,), -(1 << 31), dtype=torch.int32)
     stats = (clip.lo.view(-1).contiguous(), clip.hi.view(-1).contiguous(), clip.span.view(-1).contiguous())
     rows = Rows.from_matrix(tv)
-    for level in (1, 2):
+    for level in range(1, select.LEVELS + 1):
         kscore.official_pass(rows, select, peak, stats, inter)
-        if level == 1:
+        if level < select.LEVELS:
             select.next_level()
     want = torch.sort(expected, dim=1).values.gather(1, ranks)
     torch.testing.assert_close(select.values(), want, rtol=1e-5, atol=1e-7)

@@ -7,11 +7,14 @@ pair min/max, softmax partition sums, beta around its bracket, merge. TIES, thre
 trim's bracket (for the exact top-k, it also records the tile of each copy and each tile's counts at
 the bounds, from which the ties at t are counted per tile), signs, merge. The brackets come from a column sample of the task
 vectors (gathered by torch: a small fraction of a read); ties at a bracket's bounds cost counts only;
-a bracket the counts show missed (or whose buffer overflowed) costs the two passes of the exact
-radix select instead. Statistics
+a bracket the counts show missed (or whose buffer overflowed) costs the four passes of the exact
+radix select instead (for the keys of that bracket alone). Statistics
 stay on the device; the host synchronises after the first pass to report bad values and after each
-bracket pass to check it. Every part (merged key) of a scope group goes into one launch per pass
-(kernels.tiles.Segments; per combination of dtypes, full tiles and last tiles apart).
+bracket pass to check it. Every part (merged key) goes into one launch per pass (kernels.tiles.Segments;
+per combination of dtypes, full tiles and last tiles apart), whatever the scope: with
+``scope="tensor"`` the kernels keep each part's statistics apart (PER_PART), and one bracket pass
+serves every key (a sample per key), so a model of many keys costs no more launches or
+synchronisations than one key. Breadcrumbs runs a program per row (kernels.breadcrumbs).
 
 Distributed (pcb_fast.io.distributed, NCCL with a GPU per rank): the parts are this rank's keys and a
 ``Comm`` combines the statistics of the whole model (``entries`` per task) with exact collectives, as
@@ -207,7 +210,7 @@ def _select(batch: Batch, segments, ranks: list, samples, count, timed, name: st
             after_first=None) -> Selected:
     """Exact order statistics ``ranks`` (a list of R ranks per group) of every task of every group: one
     pass around the sampled brackets for all groups, then, for the groups where a bracket missed, the
-    two passes of the radix select (over their parts only). ``count(seg, select)`` runs the counting
+    four passes of the radix select (over their parts only). ``count(seg, select)`` runs the counting
     pass over one Segments; ``after_first`` (the NaN/Inf report) runs after the first pass, before
     any bracket is trusted; ``samples()`` gives the groups' column samples. Distributed
     (``batch.comm``): the radix select alone, its histograms summed over the ranks (no sample)."""
@@ -238,7 +241,7 @@ def _select(batch: Batch, segments, ranks: list, samples, count, timed, name: st
     select = ks.DeviceSelect([ranks[g] for g in missed for _ in range(n)], lengths[0] if G == 1 else lengths,
                              device, groups=place)
     fallback = segments if len(missed) == G else _segments(batch, only=missed)
-    for level in (1, 2):
+    for level in range(1, select.LEVELS + 1):
         with timed(f"{name} radix level {level}" if batch.comm is None else f"{name} level {level}"):
             for seg in fallback:
                 count(seg, select)
@@ -246,7 +249,7 @@ def _select(batch: Batch, segments, ranks: list, samples, count, timed, name: st
             if level == 1 and after_first is not None:
                 after_first()  # recorded; raised by every rank at the sum below
             batch.comm.sum_(select.hist)
-        if level == 1:
+        if level < select.LEVELS:
             select.next_level()
     selected.fill(missed, select, (G, n, R))
     return selected
@@ -479,7 +482,7 @@ def merge_baseline(parts: list, n: int, method: str, *, lambdas=None, lam=1.0, s
 def _ties_trim(batch: Batch, segments, n, density, topk, bad, device):
     """The TIES trim of every group of ``batch``: t_i, the order statistic of |tau_i| at rank D - k - 1
     (keep >= t, as the authors) or D - k (keep > t plus the first equal entries of the group, exactly
-    k), from one pass around sampled brackets (or the radix select's two for the groups where one
+    k), from one pass around sampled brackets (or the radix select's four for the groups where one
     missed; distributed, the radix select with histograms summed over ranks). ``bad``: [parts, n] flags."""
     from ..kernels import score as kscore, ties as kt
 
