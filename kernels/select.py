@@ -349,30 +349,43 @@ class DeviceBracket:
     def _out(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.grouped else x[0]
 
-    def resolve(self) -> bool:
+    def resolve(self, comm=None) -> bool:
         """After the pass: whether every rank lay in its bracket (with every entry strictly inside copied);
         the groups where one did not go to :attr:`missed`. Sorts the copied entries and finds the
-        statistics (of the groups whose brackets held)."""
+        statistics (of the groups whose brackets held). Distributed (``comm``, every rank with the
+        same sample, hence the same brackets): the counts are summed over the ranks and the copies
+        gathered, so the statistics are those of the whole model."""
+        inside_here = self.tally[..., 1]
+        room_ok = inside_here <= self.caps  # every copy of this rank kept in its room
+        if comm is not None:
+            room_ok = comm.sum_((~room_ok).to(torch.int64)) == 0
+            self.tally = comm.sum_(self.tally.clone())
         below, inside, at_floor, at_ceiling = self.tally.unbind(3)
-        held = (below <= self.ranks) & (self.ranks < below + at_floor + inside + at_ceiling) & (inside <= self.caps)
+        held = (below <= self.ranks) & (self.ranks < below + at_floor + inside + at_ceiling) & room_ok
         held_groups = held.view(self.G, -1).all(1).tolist()  # one synchronisation
         self.missed = [g for g, ok in enumerate(held_groups) if not ok]
         slots = self.G * self.n * self.R
-        self.slot_of = torch.repeat_interleave(torch.arange(slots, device=self.device), self.layout[:, 1],
-                                               output_size=self.copies)
-        place_in_slot = torch.arange(self.copies, device=self.device) - self.layout[self.slot_of, 0]
-        self.valid = place_in_slot < inside.reshape(-1)[self.slot_of]
-        # the copies of every slot sorted in its room: by value (the rest as +inf), then stably by slot
-        order = torch.sort(torch.where(self.valid, self.kept, math.inf), stable=True).indices
-        order = order[torch.sort(self.slot_of[order], stable=True).indices]
-        self.sorted = torch.where(self.valid, self.kept, math.inf)[order]
+        slot_of = torch.repeat_interleave(torch.arange(slots, device=self.device), self.layout[:, 1],
+                                          output_size=self.copies)
+        place_in_slot = torch.arange(self.copies, device=self.device) - self.layout[slot_of, 0]
+        self.valid = place_in_slot < inside_here.reshape(-1)[slot_of]  # this rank's copies, in the rooms
+        self.room_slot = slot_of
+        values, owners = self.kept[self.valid], slot_of[self.valid]
+        if comm is not None:  # every rank's copies (the ranks' order does not matter: they are sorted)
+            values, owners = comm.gather_in_order(values), comm.gather_in_order(owners)
+        # the copies sorted by slot, then by value: slot s holds sorted[start[s]:start[s] + inside[s]]
+        order = torch.sort(values, stable=True).indices
+        order = order[torch.sort(owners[order], stable=True).indices]
+        self.sorted, self.sorted_slot = values[order], owners[order]
+        counts = torch.bincount(owners, minlength=slots)  # the copies of each slot (its inside count where held)
+        self.start = (torch.cumsum(counts, 0) - counts).view(self.G, self.n, self.R)
         self.below, self.inside, self.at_floor, self.at_ceiling = below, inside, at_floor, at_ceiling
         place = self.ranks - below - at_floor  # the rank among the copies (negative: at the floor)
         self.case = torch.where(place < 0, 0, torch.where(place < inside, 1, 2))  # at floor, inside, at ceiling
-        first = self.layout[:, 0].view(self.G, self.n, self.R)
-        copied = self.sorted[first + torch.minimum(place.clamp_min(0), self.caps - 1)]
+        padded = torch.cat([self.sorted, self.sorted.new_full((1,), math.inf)])  # never an empty index
+        at = torch.minimum(self.start + place.clamp_min(0), torch.tensor(self.sorted.numel(), device=self.device))
         self._values = torch.where(self.case == 0, self.bounds[..., 0],
-                                   torch.where(self.case == 1, copied, self.bounds[..., 1]))
+                                   torch.where(self.case == 1, padded[at], self.bounds[..., 1]))
         return not self.missed
 
     def values(self) -> torch.Tensor:
@@ -381,10 +394,10 @@ class DeviceBracket:
 
     def count_above(self, inclusive: bool) -> torch.Tensor:
         """[n, R] ([G, n, R]) int64: entries > each statistic, or >= it with ``inclusive`` (float comparisons)."""
-        value = self._values.reshape(-1)[self.slot_of]
-        smaller = ((self.sorted < value) if inclusive else (self.sorted <= value)) & (self.sorted < math.inf)
+        value = self._values.reshape(-1)[self.sorted_slot]
+        smaller = (self.sorted < value) if inclusive else (self.sorted <= value)
         copies = torch.zeros(self.G * self.n * self.R, dtype=torch.int64, device=self.device)
-        copies = copies.index_add_(0, self.slot_of, smaller.long()).view(self.G, self.n, self.R)
+        copies = copies.index_add_(0, self.sorted_slot, smaller.long()).view(self.G, self.n, self.R)
         below_t = self.below + torch.where(  # entries < t (inclusive) or <= t
             self.case == 0, 0 if inclusive else self.at_floor,
             torch.where(self.case == 1, self.at_floor + copies,
@@ -399,7 +412,7 @@ class DeviceBracket:
             raise RuntimeError("equal_per_tile() needs a bracket built with tiles=")
         n, R = self.n, self.R
         at = self.tiles[self.copies:].view(self.tile_count, n, R, 2)[:tiles, :, 0].long()  # [tiles, n, 2]
-        slot = self.slot_of
+        slot = self.room_slot
         first_rank = (slot % R) == 0
         equal = self.valid & first_rank & (self.kept == self._values.reshape(-1)[slot])
         task = (slot // R) % n

@@ -270,3 +270,69 @@ def test_multi_gpu_check_runs_under_the_interpreter(tmp_path, capsys):
 
     report = json.loads(out.read_text())
     assert len(report["checks"]) == 2 and all(c["ok"] and c["ranks"] == 2 for c in report["checks"])
+
+
+def _device_selects(rank: int, world: int, port: int, queue) -> None:
+    """One rank of test_device_selects_combine_over_ranks (spawned; the kernels under the interpreter)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo", TRITON_INTERPRET="1")
+    import torch.distributed as dist
+
+    from pcb_fast.io.distributed import Comm
+    from pcb_fast.kernels import score as kscore, select as ks
+    from pcb_fast.kernels.tiles import Rows
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        comm = Comm()
+        x = torch.randint(-40, 41, (2, 6000), generator=torch.Generator().manual_seed(5)).float() * 0.25
+        x[1, ::3] = 0.0  # heavy ties at a bound
+        mine = x[:, rank * 3000:(rank + 1) * 3000].contiguous()  # this rank's columns
+        ranks = [100, 3000, 5990]
+        bad = torch.zeros(2, dtype=torch.int32)
+        out = {}
+        for label, sample in (("held", x.abs()[:, ::5]), ("missed", torch.full((2, 600), 50.0))):
+            bracket = ks.DeviceBracket(ranks, 6000, sample)  # the same sample on every rank
+            kscore.magnitude_pass(Rows.from_matrix(mine), bracket, bad)
+            held = bracket.resolve(comm)
+            if held:
+                values, above = bracket.values(), bracket.count_above(False)
+            else:  # the radix select with histograms summed over the ranks
+                select = ks.DeviceSelect([ranks] * 2, 6000, "cpu")
+                for level in range(1, select.LEVELS + 1):
+                    kscore.magnitude_pass(Rows.from_matrix(mine), select, bad)
+                    comm.sum_(select.hist)
+                    if level < select.LEVELS:
+                        select.next_level()
+                values, above = select.values(), select.count_above(False)
+            out[label] = (held, values.tolist(), above.tolist())
+        queue.put((rank, out))
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_triton
+def test_device_selects_combine_over_ranks():
+    """Each rank counts its own columns: a bracket's counts summed and copies gathered over the ranks, or
+    the radix select's histograms summed where the bracket missed, give sort(x)[rank] of the whole
+    rows and the counts above it, on every rank (the distributed triton path's selects)."""
+    import torch.multiprocessing as mp
+
+    world, port = 2, _free_port()
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_device_selects, args=(r, world, port, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    got = dict(queue.get(timeout=240) for _ in range(world))
+    for p in procs:
+        p.join(timeout=60)
+    x = torch.randint(-40, 41, (2, 6000), generator=torch.Generator().manual_seed(5)).float() * 0.25
+    x[1, ::3] = 0.0
+    magnitude = x.abs()
+    index = torch.tensor([[100, 3000, 5990]] * 2)
+    expected = torch.sort(magnitude, dim=1).values.gather(1, index)
+    above = (magnitude.unsqueeze(1) > expected.unsqueeze(2)).sum(2)
+    for rank in range(world):
+        assert got[rank]["held"][0] and not got[rank]["missed"][0]
+        for label in ("held", "missed"):
+            assert got[rank][label][1] == expected.tolist() and got[rank][label][2] == above.tolist(), (rank, label)

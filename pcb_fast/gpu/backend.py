@@ -17,11 +17,12 @@ serves every key (a sample per key), so a model of many keys costs no more launc
 synchronisations than one key. Breadcrumbs runs a program per row (kernels.breadcrumbs).
 
 Distributed (pcb_fast.io.distributed, NCCL with a GPU per rank): the parts are this rank's keys and a
-``Comm`` combines the statistics of the whole model (``entries`` per task) with exact collectives, as
-the torch backend's distributed path does: radix histograms summed over ranks (no sampled bracket,
-whose copies would have to travel), min/max of M_i and the paper's pairs, the paper's partition
-partials gathered in key order, TIES' sign total and its ties before each rank; a rank holding no key
-makes the same collectives. With ``scope="tensor"`` a key's statistics stay on its rank. Bad data is
+``Comm`` combines the statistics of the whole model (``entries`` per task) with exact collectives: the
+column sample gathered (every rank then brackets alike), the bracket's counts summed and its copies
+(about 1% of the entries) gathered, the radix histograms summed where a bracket missed, min/max of
+M_i and the paper's pairs, the paper's partition partials gathered in key order, TIES' sign total and
+its ties before each rank; a rank holding no key makes the same collectives. So a distributed merge
+reads its inputs as often as one process does (official PCB: 3 times). With ``scope="tensor"`` a key's statistics stay on its rank. Bad data is
 recorded (``comm.fail``) and raised on every rank at the next collective.
 
 Kernels sum over tasks in task order, but fuse multiply-adds and use the device's exp and tanh, so
@@ -49,6 +50,7 @@ class Part:
     rows: object  # pcb_fast.kernels.tiles.Rows
     out: torch.Tensor  # [numel]: theta (rows with a base) or tau_m (rows of task vectors)
     names: list  # model names for error messages
+    start: int | None = None  # its first position in the whole model (distributed: among every rank's keys)
 
 
 @contextmanager
@@ -94,6 +96,8 @@ class Batch:
     per_part: bool
     comm: object = None
     errors: object = None
+    n: int = 0
+    device: object = None
 
     @property
     def G(self) -> int:
@@ -107,12 +111,13 @@ class Batch:
         return tiles if self.per_part else [sum(tiles)]
 
 
-def _batch(parts: list, scope: str, comm, entries: int | None) -> Batch:
+def _batch(parts: list, scope: str, comm, entries: int | None, n: int, device) -> Batch:
     """The parts as one Batch: one group (global; ``entries``: the whole model's entries per task,
     every rank's keys, default the parts') or a group per key, whose statistics never leave its rank."""
     if scope == "global":
-        return Batch(parts, [sum(p.rows.m for p in parts) if entries is None else entries], False, comm, comm)
-    return Batch(parts, [p.rows.m for p in parts], True, None, comm)
+        return Batch(parts, [sum(p.rows.m for p in parts) if entries is None else entries], False, comm, comm, n,
+                     device)
+    return Batch(parts, [p.rows.m for p in parts], True, None, comm, n, device)
 
 
 def _sum_kept(kept_local: torch.Tensor, comm) -> torch.Tensor:
@@ -137,7 +142,7 @@ def merge_pcb(parts: list, n: int, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", 
     checks.check_choice("scope", scope, checks.SCOPE_CHOICES)
     device = parts[0].rows.device if device is None else torch.device(device)
     weights = lambda_column(params["lambdas"], n, device, ones=True).view(-1)
-    batch = _batch(parts, scope, comm, entries)
+    batch = _batch(parts, scope, comm, entries, n, device)
     run = _official if params["variant"] == "official" else _paper
     kept = run(batch, n, params, weights, lam, ks, lambda name: _timed(profile, name, device), device)
     if batch.comm is None:  # counted over this rank's keys (a distributed global select counts every rank's)
@@ -145,12 +150,14 @@ def merge_pcb(parts: list, n: int, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", 
     return {"kept": kept.tolist(), "entries": sum(p.rows.m for p in parts) if entries is None else entries}
 
 
-def _sample(group, stride: int) -> torch.Tensor:
-    """[n, s] float32 task-vector columns of the scope group at the positions (counted across its parts)
-    that are multiples of ``stride``: the column sample the brackets come from (docs/design.md 3.3)."""
-    taken, offset = [], 0
-    for part in group:
+def _sample(group, stride: int, n: int, device, starts: list | None = None) -> torch.Tensor:
+    """[n, s] float32 task-vector columns of the scope group at the positions (counted across its parts,
+    from ``starts``, each part's first position, default 0 and on) that are multiples of ``stride``:
+    the column sample the brackets come from (docs/design.md 3.3)."""
+    taken, offset = [torch.zeros(n, 0, device=device)], 0
+    for k, part in enumerate(group):
         rows = part.rows
+        offset = offset if starts is None else starts[k]
         first = (-offset) % stride
         offset += rows.m
         if first >= rows.m:
@@ -169,8 +176,13 @@ def _samples(batch: Batch) -> list:
     from ..kernels import select as ks
 
     if not batch.per_part:
-        return [_sample(batch.parts, ks.sample_stride(batch.entries[0]))]
-    return [_sample([p], ks.sample_stride(p.rows.m, ks.KEY_SAMPLE_COLUMNS)) for p in batch.parts]
+        starts = None if batch.comm is None else [p.start for p in batch.parts]
+        sample = _sample(batch.parts, ks.sample_stride(batch.entries[0]), batch.n, batch.device, starts)
+        if batch.comm is not None:  # every rank's columns, in key order: the sample of one process, on every rank
+            sample = batch.comm.gather_in_order(sample.T.contiguous()).T.contiguous()
+        return [sample]
+    return [_sample([p], ks.sample_stride(p.rows.m, ks.KEY_SAMPLE_COLUMNS), batch.n, batch.device)
+            for p in batch.parts]
 
 
 def _segments(batch: Batch, only: list | None = None) -> list:
@@ -213,26 +225,25 @@ def _select(batch: Batch, segments, ranks: list, samples, count, timed, name: st
     four passes of the radix select (over their parts only). ``count(seg, select)`` runs the counting
     pass over one Segments; ``after_first`` (the NaN/Inf report) runs after the first pass, before
     any bracket is trusted; ``samples()`` gives the groups' column samples. Distributed
-    (``batch.comm``): the radix select alone, its histograms summed over the ranks (no sample)."""
+    (``batch.comm``): the sample is the whole model's (gathered), so every rank brackets alike; the
+    bracket's counts are summed and its copies gathered over the ranks, and so are the radix
+    select's histograms where a bracket missed."""
     from ..kernels import select as ks
 
     G, R = batch.G, len(ranks[0])
-    if batch.comm is None:
-        groups = None
-        if tiles and batch.per_part:
-            groups = torch.repeat_interleave(torch.arange(G), torch.tensor(batch.tile_counts())).to(device)
-        bracket = ks.DeviceBracket(ranks, batch.entries, samples(), tiles, groups)
-        with timed(name):
-            for seg in segments:
-                count(seg, bracket)
-        if after_first is not None:
-            after_first()
-        bracket.resolve()
-        selected = Selected(bracket, bracket.missed)
-        if not bracket.missed:
-            return selected
-    else:
-        selected = Selected(None, list(range(G)))
+    groups = None
+    if tiles and batch.per_part:
+        groups = torch.repeat_interleave(torch.arange(G), torch.tensor(batch.tile_counts())).to(device)
+    bracket = ks.DeviceBracket(ranks, batch.entries, samples(), tiles, groups)
+    with timed(name):
+        for seg in segments:
+            count(seg, bracket)
+    if after_first is not None:
+        after_first()  # distributed: recorded, and raised by every rank at the first sum of resolve
+    bracket.resolve(batch.comm)
+    selected = Selected(bracket, bracket.missed)
+    if not bracket.missed:
+        return selected
     missed = selected.missed
     place = [0] * G  # each missed group's rows among the select's
     for h, g in enumerate(missed):
@@ -242,12 +253,10 @@ def _select(batch: Batch, segments, ranks: list, samples, count, timed, name: st
                              device, groups=place)
     fallback = segments if len(missed) == G else _segments(batch, only=missed)
     for level in range(1, select.LEVELS + 1):
-        with timed(f"{name} radix level {level}" if batch.comm is None else f"{name} level {level}"):
+        with timed(f"{name} radix level {level}"):
             for seg in fallback:
                 count(seg, select)
         if batch.comm is not None:
-            if level == 1 and after_first is not None:
-                after_first()  # recorded; raised by every rank at the sum below
             batch.comm.sum_(select.hist)
         if level < select.LEVELS:
             select.next_level()
@@ -279,7 +288,7 @@ def _official(batch: Batch, n, params, weights, lam, ks, timed, device):
 
     G = batch.G
     segments = _segments(batch)
-    samples = _samples(batch) if batch.comm is None else None
+    samples = _samples(batch)
     bad = torch.zeros(len(batch.parts), n, dtype=torch.int32, device=device)
     bounds = _select(batch, segments, [list(clip_indices(D, params["clamp_ratio"])) for D in batch.entries],
                      lambda: [s.abs() for s in samples], lambda seg, sel: kscore.magnitude_pass(seg, sel, bad), timed,
@@ -380,11 +389,12 @@ def pcb_merge_matrix(task_vectors, out: torch.Tensor, **params) -> dict:
 
 def merge_state_dicts(base: dict, models: list, merged_keys: list, out: dict, names: list, *, lam: float,
                       scope: str, lambdas=None, method: str = "pcb", comm=None, entries: int | None = None,
-                      device=None, **params) -> dict:
+                      device=None, starts: dict | None = None, **params) -> dict:
     """A merge of state dicts on one device: tau = theta_i - theta_pre formed in the kernels; writes
     out[key] = theta_pre + lam * tau_m in the base's dtype for every merged key. Distributed
     (pcb_fast.io.distributed.merge_on_device): ``merged_keys`` are this rank's (maybe none), ``comm``
-    combines the statistics of the whole model, ``entries`` per task, on this rank's ``device``."""
+    combines the statistics of the whole model, ``entries`` per task, on this rank's ``device``;
+    ``starts``: each key's first position in the whole model (for the column sample)."""
     from ..kernels.tiles import Rows
 
     parts = []
@@ -392,7 +402,8 @@ def merge_state_dicts(base: dict, models: list, merged_keys: list, out: dict, na
         tensors = [m[key] for m in models]
         if len({t.dtype for t in tensors}) > 1:  # kernels read one dtype per key
             tensors = [t.float() for t in tensors]
-        parts.append(Part(key, Rows.from_tensors(tensors, base=base[key]), out[key], names))
+        parts.append(Part(key, Rows.from_tensors(tensors, base=base[key]), out[key], names,
+                          None if starts is None else starts[key]))
     where = dict(comm=comm, entries=entries, device=device)
     if method != "pcb":
         return merge_baseline(parts, len(models), method, lam=lam, scope=scope, lambdas=lambdas, **where, **params)
@@ -453,14 +464,14 @@ def merge_baseline(parts: list, n: int, method: str, *, lambdas=None, lam=1.0, s
             if divisor <= 0:
                 raise ValueError(f"lambdas={lambdas!r} sum to {divisor}; average weights must have a positive sum")
         drop = dare(parts) if dare is not None and parts else None
-        for seg in _segments(_batch(parts, "global", None, None)):
+        for seg in _segments(_batch(parts, "global", None, None, n, device)):
             kl.linear_pass(seg, None, weights, divisor, lam, bad, kept, drop)
         _raise_if_bad(parts, bad, comm)
         if dare is None:
             kept += sum(p.rows.m for p in parts)
         return {"kept": _sum_kept(kept, comm).tolist(), "entries": total_entries}
 
-    batch = _batch(parts, scope, comm, entries)
+    batch = _batch(parts, scope, comm, entries, n, device)
     segments = _segments(batch)
     trim = kt.Trim(threshold=None)
     if method == "ties":

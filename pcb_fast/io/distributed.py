@@ -4,9 +4,10 @@ Every rank reads the headers of every model and plans the output shards the same
 (contiguous in key order) are assigned to ranks, balanced by bytes, and each rank merges and
 writes the keys of its shards. Global statistics are local reductions combined by collectives that
 are exact: integer histogram sums, min/max, and float partial sums gathered in block order and
-added in that order, as one process would. Methods therefore take their radix-select path (no
-collected entries, no sampled brackets) and make every collective on every rank in the same
-sequence, even a rank that holds no key.
+added in that order, as one process would. Methods make every collective on every rank in the same
+sequence, even a rank that holds no key. The torch backend takes its radix-select path (no collected
+entries); the triton backend keeps its sampled brackets, with the sample and the few entries inside
+a bracket gathered over the ranks (pcb_fast.gpu.backend).
 
 Two layouts: the torch backend on CPUs over gloo, and the triton backend on CUDA GPUs over NCCL,
 each rank on its own GPU (``cuda:LOCAL_RANK``; :func:`merge_on_device` loads the rank's keys there
@@ -222,9 +223,13 @@ def merge_on_device(base_ck, model_cks, merged: list, local: set, writer, out_dt
         for model, ck in zip(models, model_cks):
             model[key] = ck.read(key).to(device)
         out[key] = torch.empty(base[key].shape, dtype=base[key].dtype, device=device)
+    starts, position = {}, 0
+    for key in merged:  # each key's first position in the whole model: the column sample's positions
+        starts[key] = position
+        position += base_ck.numel(key)
     info = triton_backend.merge_state_dicts(base, models, keys, out, [ck.name for ck in model_cks], lam=lam,
                                             scope=scope, lambdas=lambdas, method=method, comm=comm,
-                                            entries=sum(base_ck.numel(k) for k in merged), device=device, **params)
+                                            entries=position, device=device, starts=starts, **params)
     for key in keys:
         values = out[key].reshape(-1).to(out_dtype(key))
         try:
