@@ -155,7 +155,7 @@ def cases(full: bool) -> list:
         if full_tiles:  # Breadcrumbs: a program per row (no tiles), its row in registers
             from pcb_fast.kernels.breadcrumbs import ROW_MAX, row_warps
 
-            for block in sorted({256, 1024, ROW_MAX}):
+            for block in sorted({256, 1024, ROW_MAX // 2 if dtype == "*fp64" else ROW_MAX}):
                 sig = dict(tile, out_ptr=out_dtype, band_ptr="*i64", weight_ptr="*fp32", lam="fp32", kept_ptr="*i64",
                            bad_ptr="*i32")
                 consts = dict(HAS_BASE=has_base, ALIGN=align, BASE_ALIGN=align,

@@ -100,6 +100,13 @@ def _task_row(x_ptr, base_ptr, offsets_ptr, base_off, i, cols, ok, HAS_BASE: tl.
     return tau
 
 
+def row_max(rows) -> int:
+    """The longest row the kernel takes for ``rows`` (kernels.tiles.Rows): ROW_MAX, half of it for float64
+    rows or base (at 4096 float64 entries ptxas spilled at 16 warps and took 140 registers at 8)."""
+    wide = rows.anchor.element_size() == 8 or (rows.base is not None and rows.base.element_size() == 8)
+    return ROW_MAX // 2 if wide else ROW_MAX
+
+
 def row_block(length: int) -> int:
     """The tile a program holds a row of ``length`` entries in (a power of two, at least 256)."""
     return max(256, triton.next_power_of_2(length))
@@ -113,13 +120,13 @@ def row_warps(block: int) -> int:
 
 def breadcrumbs_pass(parts: list, outs: list, lengths: list, bands: list, weights: torch.Tensor, lam: float,
                      kept: torch.Tensor, bad: torch.Tensor, indices: list) -> None:
-    """Write Breadcrumbs' merge of every part (kernels.tiles.Rows, rows of ``lengths[k]`` <= ROW_MAX
+    """Write Breadcrumbs' merge of every part (kernels.tiles.Rows, rows of ``lengths[k]`` <= row_max
     entries) into ``outs``: bands[k] = (drop, keep) per row; ``kept`` [n] int64 counts the kept
     entries, bad[indices[k], i] flags NaN/Inf of task i. One launch per row length class and dtypes."""
     classes = {}
     for k, length in enumerate(lengths):
-        if length > ROW_MAX:
-            raise ValueError(f"rows of {length} entries; the kernel takes at most {ROW_MAX}")
+        if length > row_max(parts[k]):
+            raise ValueError(f"rows of {length} entries; the kernel takes at most {row_max(parts[k])} here")
         classes.setdefault(row_block(length), []).append(k)
     device = parts[0].device if parts else kept.device
     for block, members in classes.items():

@@ -543,9 +543,9 @@ def _breadcrumbs(parts: list, n: int, weights: torch.Tensor, lam: float, gamma=0
                  entries: int = 0) -> dict:
     """Breadcrumbs: the band of every row found in registers by kernels.breadcrumbs (one program per row,
     one launch per row-length class and dtypes; no [n, m] temporary), then the sum over tasks in task
-    order, as the torch backend computes it. Rows longer than the kernel's ROW_MAX run as torch
-    operations on the device, key by key and task by task (pcb_fast.methods.linear.band_mask)."""
-    from ..kernels.breadcrumbs import ROW_MAX, breadcrumbs_pass
+    order, as the torch backend computes it. Rows longer than the kernel takes (kernels.breadcrumbs.row_max)
+    run as torch operations on the device, key by key and task by task (pcb_fast.methods.linear.band_mask)."""
+    from ..kernels.breadcrumbs import breadcrumbs_pass, row_max
     from ..methods.linear import check_band
     from ..core.sources import row_length
 
@@ -553,13 +553,13 @@ def _breadcrumbs(parts: list, n: int, weights: torch.Tensor, lam: float, gamma=0
     kept = torch.zeros(n, dtype=torch.int64, device=weights.device)
     bad = torch.zeros(len(parts), n, dtype=torch.int32, device=weights.device)
     lengths = [row_length(tuple(part.out.shape)) for part in parts]
-    short = [k for k, length in enumerate(lengths) if length <= ROW_MAX]
+    short = [k for k, length in enumerate(lengths) if length <= row_max(parts[k].rows)]
     if short:
         breadcrumbs_pass([parts[k].rows for k in short], [parts[k].out for k in short], [lengths[k] for k in short],
                          [(int(gamma * lengths[k]), int(beta * lengths[k])) for k in short], weights, lam, kept, bad,
                          short)
     for k, part in enumerate(parts):
-        if lengths[k] > ROW_MAX:
+        if k not in short:
             _breadcrumbs_rows(part, n, weights, lam, gamma, beta, lengths[k], kept, bad[k])
     _raise_if_bad(parts, bad, comm)
     return {"kept": _sum_kept(kept, comm).tolist(), "entries": entries or sum(p.rows.m for p in parts)}
