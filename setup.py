@@ -11,8 +11,9 @@ setup(
     packages=["pcb_fast", "pcb_fast.core", "pcb_fast.methods", "pcb_fast.cpu", "pcb_fast.gpu", "pcb_fast.io",
               "pcb_fast.reference", "pcb_fast.kernels", "pcb_fast.integrations"],
     package_dir={"pcb_fast": "pcb_fast", "pcb_fast.kernels": "kernels"},
-    # the C source of pcb_fast.cpu.native, compiled on first use
-    package_data={"pcb_fast.cpu": ["row_select.c"]},
+    # the C kernels of pcb_fast.cpu.native, compiled on first use (all of them: a wheel that lacked one
+    # would leave every kernel unbuilt and the engine on its torch fallbacks)
+    package_data={"pcb_fast.cpu": ["*.c", "*.h"]},
     # torch is not pinned here: install the build you need first (the README pins 2.13.0 on CPU).
     install_requires=["torch>=2.4", "numpy", "tqdm", "pyyaml", "cma"],
     # Triton runs the GPU kernels (and, under TRITON_INTERPRET=1, their tests on a CPU).

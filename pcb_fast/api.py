@@ -221,7 +221,7 @@ def _merge_keys(base, models, names, merged_keys, out, device, *, method, backen
 
     source = StateDictSource(base, models, merged_keys, names)
     source.memory_budget = budget
-    source.fused = fused_cpu.resolve(fused, source.n * source.D, method, method_params)
+    fused_cpu.configure(source, fused, method, method_params)
     with CpuThreads(threads) as source.threads:
         return engine.run(METHODS[method][0], source, sink, scope=scope, lambdas=lambdas, block_width=block_width,
                           **method_params)

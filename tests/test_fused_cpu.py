@@ -261,3 +261,20 @@ def test_disk_merge_fused_equals_eager(tmp_path):
         first = results[("off", None)]
         for other in results.values():
             assert all(torch.equal(first[k], other[k]) for k in first), method
+
+
+def test_only_compiled_loops_keep_the_thread_count(monkeypatch):
+    """Compiled loops are specialised to the thread count, so a merge running them keeps the one chosen
+    at its start; the C loops are not, so threads="auto" keeps following the machine."""
+    from pcb_fast.core.sources import MatrixSource
+
+    source = MatrixSource(torch.zeros(2, 1 << 15))
+    fused_cpu.configure(source, "on", "ties", {})
+    assert source.fused and not source.fixed_threads
+    fused_cpu.configure(source, "on", "breadcrumbs", {})
+    assert source.fused and source.fixed_threads
+    fused_cpu.configure(source, "on", "ties", {}, allowed=False)
+    assert not source.fused and not source.fixed_threads
+    monkeypatch.setattr(fused_cpu, "native", types.SimpleNamespace(problem=lambda: "off for this test"))
+    fused_cpu.configure(source, "on", "ties", {})
+    assert source.fused and source.fixed_threads

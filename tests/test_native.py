@@ -47,6 +47,18 @@ def test_builds_here():
     assert native.problem() is None
 
 
+def test_every_c_file_is_built_and_shipped():
+    """Every .c and .h beside native.py is compiled (and part of the cache key), and setup.py ships
+    them all (the package data of an earlier version named one file of two)."""
+    from pathlib import Path
+
+    folder = Path(native.__file__).parent
+    assert {p.name for p in native.SOURCES} == {p.name for p in folder.glob("*.c")}
+    assert {p.name for p in native.HEADERS} == {p.name for p in folder.glob("*.h")}
+    setup = (folder.parent.parent / "setup.py").read_text()
+    assert '"pcb_fast.cpu": ["*.c", "*.h"]' in setup
+
+
 @pytest.mark.parametrize("kind", ["normal", "quantized", "signed_zeros", "last_bits", "subnormal", "extremes"])
 @pytest.mark.parametrize("length", [1, 2, 3, 20, 32, 33, 64, 4099])
 def test_every_rank_pair_matches_a_sort(kind, length):
@@ -254,3 +266,22 @@ def test_collect_is_nonzero_then_take():
         assert torch.equal(flat.long(), expected)
         assert torch.equal(values.view(torch.int32), torch.take(scores, expected).view(torch.int32))
         assert torch.equal(tau.view(torch.int32), torch.take(tv, expected).view(torch.int32))
+
+
+def test_run_extremes_are_abs_amax_and_aminmax():
+    """PCB's clip pass: max |tau| per row (NaN wins) and the min and max of |tau| over runs, exact,
+    signed zeros and ragged ends included."""
+    g = torch.Generator().manual_seed(1)
+    for n, m in [(1, 10), (3, 64), (4, 70_001), (2, 1000)]:
+        tv = torch.randn(n, m + 7, generator=g)[:, :m]
+        tv[:, ::5] = -0.0
+        row_max, (run_min, run_max) = native.run_extremes(tv, 64)
+        a = tv.abs()
+        assert torch.equal(row_max, a.amax(1))
+        body = m - m % 64
+        lo, hi = torch.aminmax(a[:, :body].reshape(n, body // 64, 64), dim=2)
+        assert torch.equal(run_min.view(torch.int32), lo.view(torch.int32))
+        assert torch.equal(run_max.view(torch.int32), hi.view(torch.int32))
+    tv = torch.randn(2, 200, generator=g)
+    tv[1, 5] = float("nan")
+    assert torch.isnan(native.run_extremes(tv, 64)[0][1])

@@ -122,8 +122,9 @@ def test_cli_threads_flag(tmp_path, capsys):
     assert "--threads: '0' is not 'auto' or a positive number of threads" in capsys.readouterr().err
 
 
-def test_a_fused_merge_keeps_the_thread_count_it_started_with(monkeypatch):
-    # its compiled loops are specialised to the thread count: changing it mid-merge would recompile them
+def test_a_compiled_merge_keeps_the_thread_count_it_started_with(monkeypatch):
+    # compiled loops are specialised to the thread count: changing it mid-merge would recompile them;
+    # the C loops (TIES) are not, and follow the machine as the eager engine does
     monkeypatch.setattr(th, "ADAPT_SECONDS", 0.0)
     looks = iter(range(1000))
     monkeypatch.setattr(th, "runnable_elsewhere", lambda: next(looks) % 2)  # the machine changes all the time
@@ -136,11 +137,12 @@ def test_a_fused_merge_keeps_the_thread_count_it_started_with(monkeypatch):
 
     monkeypatch.setattr(th.CpuThreads, "adapt", adapt)
     base, tuned = models()
-    merge(base, tuned, method="ties", fused="on", block_width=4096)
+    merge(base, tuned, method="breadcrumbs", fused="on", block_width=4096)
     assert len(chosen) == 1  # chosen once, at the start
-    chosen.clear()
-    merge(base, tuned, method="ties", fused="off", block_width=4096)
-    assert len(chosen) > 10  # the eager engine looks again between blocks
+    for fused in ("on", "off"):
+        chosen.clear()
+        merge(base, tuned, method="ties", fused=fused, block_width=4096)
+        assert len(chosen) > 10  # the C loops and the eager engine look again between blocks
 
 
 def test_the_contribution_cache_takes_threads_and_restores_them():

@@ -82,8 +82,10 @@ class TaskVectorSource:
         # reported instead of raised, so that every rank fails together (kept by scope="tensor" views)
         self.comm = None
         self.errors = None
-        # run the per-block work of the methods that have them through pcb_fast.cpu.fused's compiled loops
+        # run the per-block work of the methods that have them through pcb_fast.cpu.fused's loops
         self.fused = False
+        # keep the thread count chosen at the start (compiled loops are specialised to it)
+        self.fixed_threads = False
         # core.threads.CpuThreads of the merge: looks at the machine between blocks (None: leave torch's setting)
         self.threads = None
 
@@ -129,9 +131,9 @@ class TaskVectorSource:
             with self._reading(ranges):
                 for seg, lo, hi in ranges:
                     heap.maybe()  # the blocks' temporaries must not pile up in malloc's arenas
-                    # compiled loops are specialised to the thread count: a fused merge keeps the one chosen at
+                    # compiled loops are specialised to the thread count: such a merge keeps the one chosen at
                     # its start (a change would recompile them, ~2 s, in the middle of the merge)
-                    if self.threads is not None and not self.fused:
+                    if self.threads is not None and not self.fixed_threads:
                         self.threads.adapt()
                     yield seg, lo, hi
                     if bar is not None:
@@ -408,6 +410,7 @@ class CachedSource(TaskVectorSource):
     def restrict(self, segment: Segment) -> "TaskVectorSource":
         view = CachedSource(self.inner.restrict(segment))
         view.memory_budget, view.fused, view.threads = self.memory_budget, self.fused, self.threads
+        view.fixed_threads = self.fixed_threads
         if self._shared[0] is None:
             self._shared[0] = torch.empty(self.n * max(s.numel for s in self.segments))
         view.cache = self._shared[0][: self.n * segment.numel].view(self.n, segment.numel)
@@ -432,7 +435,7 @@ class CachedSource(TaskVectorSource):
         if self.cache is None:
             self.cache = torch.empty(self.n, self.D)
         inner = self.inner
-        inner.threads = self.threads
+        inner.threads, inner.fixed_threads = self.threads, self.fixed_threads
         # the inner source's pass, its task vectors formed straight into the cache (no copy)
         for seg, lo, hi in inner._pass(inner.plan(width, whole_rows)):
             view = self.cache[:, seg.offset + lo : seg.offset + hi]

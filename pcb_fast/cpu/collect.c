@@ -1,8 +1,8 @@
-/* The collection of core.engine.collect_block in C: the entries of a [n, m] block whose score is at
+/* Selection helpers of the engine in C. The collection of core.engine.collect_block: the entries of a [n, m] block whose score is at
  * least their task's floor, with their flat index (task * m + position), score and task-vector
  * value, task-major and in position order (what torch's nonzero and take give). Pure data movement:
  * the same values. Two calls: the counts per task (to size the outputs), then the copy. */
-#include <stdint.h>
+#include "native.h"
 
 /* counts[i] = entries of row i with score >= floor[i] (NaN scores are not). */
 void collect_counts(const float *scores, int64_t n, int64_t m, int64_t score_stride, const float *floor_,
@@ -40,5 +40,36 @@ void collect_entries(const float *scores, const float *tv, int64_t n, int64_t m,
             out_tau[k] = x[j];
             k += s[j] >= f;
         }
+    }
+}
+
+/* For each task row of a block: the min and max of |x| over each run of ``run`` entries (the first
+ * runs * run entries; [n, runs] each) and max |x| over the whole row (NaN if any is NaN, as
+ * torch.amax): PCB's clip pass (core.select.TailSelect) without forming |x|. Exact. */
+void run_extremes(const float *tv, int64_t n, int64_t m, int64_t stride, int64_t run, float *run_min,
+                  float *run_max, float *row_max, int threads)
+{
+    (void)threads;
+    const int64_t runs = m / run;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const float *x = tv + i * stride;
+        uint32_t whole = 0;
+        for (int64_t r = 0; r < runs; r++) {
+            uint32_t lo = 0xFFFFFFFFu, hi = 0;
+            for (int64_t j = r * run; j < (r + 1) * run; j++) {
+                const uint32_t a = magnitude_bits(x[j]);
+                lo = a < lo ? a : lo;
+                hi = a > hi ? a : hi;
+            }
+            run_min[i * runs + r] = float_of(lo);
+            run_max[i * runs + r] = float_of(hi);
+            whole = hi > whole ? hi : whole;
+        }
+        for (int64_t j = runs * run; j < m; j++) {
+            const uint32_t a = magnitude_bits(x[j]);
+            whole = a > whole ? a : whole;
+        }
+        row_max[i] = float_of(whole);
     }
 }

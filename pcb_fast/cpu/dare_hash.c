@@ -4,16 +4,7 @@
  * Entry j of a block starting at index lo, task i: x = mix(lo + j (low 32 bits) ^ stream_i),
  * x = mix(x ^ (lo + j) >> 32 ^ high_i), kept when x >> 8 >= threshold_i. Elementwise, so the
  * thread count changes nothing. */
-#include <stdint.h>
-
-static inline uint32_t mix32(uint32_t x)
-{
-    x ^= x >> 16;
-    x *= 0x21F0AAADu;
-    x ^= x >> 15;
-    x *= 0x735A2D97u;
-    return x ^ (x >> 15);
-}
+#include "native.h"
 
 /* Entries [first, last) of one task's row: 32-bit counters, so that the loop vectorizes; the
  * high word of the index is constant inside a run that does not cross a multiple of 2^32. */

@@ -112,6 +112,14 @@ def resolve(mode: str, entries: int, method: str | None = None, params: dict | N
     return False
 
 
+def configure(source, mode: str, method: str, params: dict, allowed: bool = True) -> None:
+    """Set ``source.fused`` (:func:`resolve`; ``allowed`` False: never) and ``source.fixed_threads``: the
+    compiled loops are specialised to the thread count (a change would recompile them mid-merge), the
+    C loops are not."""
+    source.fused = allowed and resolve(mode, source.n * source.D, method, params)
+    source.fixed_threads = source.fused and not (method in C_METHODS and native.problem() is None)
+
+
 def weights(lam, n: int) -> torch.Tensor:
     """The [n, 1] per-task weights the loops multiply by: ``lam``, or ones for None (x * 1.0 == x,
     so the values are those of the eager path, which skips the product)."""

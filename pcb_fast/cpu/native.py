@@ -30,6 +30,7 @@ import torch
 # compiled together into one library
 SOURCES = tuple(Path(__file__).with_name(name)
                 for name in ("row_select.c", "dare_hash.c", "weighted_merge.c", "ties_loops.c", "collect.c"))
+HEADERS = (Path(__file__).with_name("native.h"),)  # part of the cache key: a change rebuilds the library
 # Tried in order: a compiler may refuse -march=native or lack OpenMP (the kernel then runs on one thread).
 # -ffp-contract=off: a * b + c must round twice, as torch's float32 ops do (GCC contracts by default).
 FLAG_SETS = tuple(flags + ["-ffp-contract=off"] for flags in (["-O3", "-march=native", "-fopenmp"],
@@ -58,7 +59,7 @@ def _cache_dir() -> Path:
 
 def _build(compiler: str, flags: list[str]) -> Path:
     """The shared library for these flags, compiled unless cached; raises on a compiler error."""
-    source = b"\0".join(path.read_bytes() for path in SOURCES)
+    source = b"\0".join(path.read_bytes() for path in SOURCES + HEADERS)
     key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
                                      platform.machine().encode(), _cpu_name().encode()])).hexdigest()[:16]
     target = _cache_dir() / f"native-{key}.so"
@@ -111,6 +112,8 @@ def _library() -> ctypes.CDLL | str:
     library.collect_counts.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
     library.collect_entries.restype = None
     library.collect_entries.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 5 + [ctypes.c_int]
+    library.run_extremes.restype = None
+    library.run_extremes.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
     library.merged_output.restype = ctypes.c_int64
     library.merged_output.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_float,
                                       ctypes.c_void_p, ctypes.c_int32, ctypes.c_int]
@@ -355,3 +358,15 @@ def collect(scores: torch.Tensor, tv: torch.Tensor, floor: torch.Tensor):
         library.collect_entries(scores.data_ptr(), tv.data_ptr(), n, m, scores.stride(0), tv.stride(0), floor.data_ptr(),
                                 offsets.data_ptr(), flat.data_ptr(), out_scores.data_ptr(), out_tau.data_ptr(), threads)
     return flat, out_scores, out_tau
+
+
+def run_extremes(tv: torch.Tensor, run: int):
+    """For a block [n, m]: (max |tau| per task, NaN propagating, as torch.amax; (min, max) of |tau| over
+    each run of ``run`` entries, [n, m // run] each), the values of abs, amax and aminmax (exact)."""
+    library, tv = _loaded(), _task_rows(tv)
+    n, m = tv.shape
+    runs = m // run
+    row_max, run_min, run_max = torch.empty(n), torch.empty(n, runs), torch.empty(n, runs)
+    library.run_extremes(tv.data_ptr(), n, m, tv.stride(0), run, run_min.data_ptr(), run_max.data_ptr(),
+                         row_max.data_ptr(), min(n, _threads(n * m)))
+    return row_max, (run_min, run_max)

@@ -12,41 +12,11 @@
  *   election (formulas.disjoint_mean): s = sign(total), or fill where 0; agree_i = s > 0 ? w_i > 0 : w_i < 0;
  *   value = sum_i w_i * agree_i / (sum_i agree_i * lam_i, 1 where 0; 1 without divide) */
 #include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
+
+#include "native.h"
 
 #define CHUNK 512 /* entries per step: n rows of weighted values stay in L1/L2 */
-
-static inline uint32_t mix(uint32_t x)
-{
-    x ^= x >> 16;
-    x *= 0x21F0AAADu;
-    x ^= x >> 15;
-    x *= 0x735A2D97u;
-    return x ^ (x >> 15);
-}
-
-static inline uint32_t bits(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return u;
-}
-
-static inline float of_bits(uint32_t u)
-{
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-/* The largest of non-negative floats as the largest bit pattern: the same order, NaN (any payload)
- * above +inf, as torch.amax lets NaN win; an integer max, which vectorizes. */
-static inline uint32_t max_bits(uint32_t a, uint32_t b)
-{
-    return a > b ? a : b;
-}
 
 #define SPAN (1 << 20) /* entries counted in 32-bit counters before they are added up */
 
@@ -71,7 +41,7 @@ void tv_bracket(const float *tv, int64_t n, int64_t m, int64_t stride, const flo
             for (int64_t j = j0; j < end; j++) {
                 const float a = fabsf(x[j]);
                 const uint8_t in = (a > lo) & (a < hi);
-                mx = max_bits(mx, bits(a));
+                mx = max_u32(mx, bits_of(a));
                 a_above += a > hi;
                 a_ceiling += a == hi;
                 a_floor += a == lo;
@@ -99,7 +69,7 @@ void tv_bracket(const float *tv, int64_t n, int64_t m, int64_t stride, const flo
                 if (flag[j])
                     out[k++] = fabsf(x[j]);
         }
-        row_max[i] = of_bits(mx);
+        row_max[i] = float_of(mx);
         above[i] = count_above;
         at_ceiling[i] = count_ceiling;
         at_floor[i] = count_floor;
@@ -149,20 +119,20 @@ static inline __attribute__((always_inline)) int weigh_drop(const keep_rule *rul
     if ((first >> 32) == (last >> 32)) { /* 32-bit counters (the common case: they vectorize) */
         const uint32_t start = (uint32_t)first, high_word = (uint32_t)(first >> 32) ^ high;
         for (int64_t j = 0; j < count; j++) {
-            const uint32_t h = mix(mix((start + (uint32_t)j) ^ stream) ^ high_word);
+            const uint32_t h = mix32(mix32((start + (uint32_t)j) ^ stream) ^ high_word);
             const int keep = (h >> 8) >= threshold;
             w[j] = (multiply ? (x[j] * (float)keep) * scale : (x[j] * (float)keep) / scale) * lam;
             kept += keep;
-            row_max = max_bits(row_max, bits(fabsf(x[j])));
+            row_max = max_u32(row_max, magnitude_bits(x[j]));
         }
     } else { /* the chunk crosses a multiple of 2^32 */
         for (int64_t j = 0; j < count; j++) {
             const uint64_t index = first + (uint64_t)j;
-            const uint32_t h = mix(mix((uint32_t)index ^ stream) ^ (uint32_t)(index >> 32) ^ high);
+            const uint32_t h = mix32(mix32((uint32_t)index ^ stream) ^ (uint32_t)(index >> 32) ^ high);
             const int keep = (h >> 8) >= threshold;
             w[j] = (multiply ? (x[j] * (float)keep) * scale : (x[j] * (float)keep) / scale) * lam;
             kept += keep;
-            row_max = max_bits(row_max, bits(fabsf(x[j])));
+            row_max = max_u32(row_max, magnitude_bits(x[j]));
         }
     }
     *mx = row_max;
@@ -170,7 +140,7 @@ static inline __attribute__((always_inline)) int weigh_drop(const keep_rule *rul
 }
 
 /* w[j] = the weighted, kept entries j0 .. j0 + count - 1 of task row x (task i); returns how many are
- * kept. With the drop, *mx takes the largest |x| (as bits, see max_bits). */
+ * kept. With the drop, *mx takes the largest |x| (as bits, see magnitude_bits in native.h). */
 static int weigh(const keep_rule *rule, int64_t i, const float *x, int64_t j0, int64_t count, float lam,
                  float *restrict w, uint32_t *mx)
 {
@@ -273,7 +243,7 @@ int tv_merge_block(const float *tv, int64_t n, int64_t m, int64_t stride, const 
 #pragma omp critical
             for (int64_t i = 0; i < n; i++) {
                 kept[i] += my_kept[i];
-                max_bits_of[i] = max_bits(max_bits_of[i], my_max[i]);
+                max_bits_of[i] = max_u32(max_bits_of[i], my_max[i]);
             }
         }
         free(w);
@@ -281,7 +251,7 @@ int tv_merge_block(const float *tv, int64_t n, int64_t m, int64_t stride, const 
         free(my_max);
     }
     for (int64_t i = 0; i < n; i++)
-        row_max[i] = of_bits(max_bits_of[i]);
+        row_max[i] = float_of(max_bits_of[i]);
     free(max_bits_of);
     *signs = sign_sum;
     *undecided = undecided_sum;

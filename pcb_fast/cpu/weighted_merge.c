@@ -13,51 +13,36 @@
  * It must be compiled without contraction (-ffp-contract=off: no a * b + c fused into one
  * rounding), which pcb_fast/cpu/native.py passes. Returns the number of outputs that are not finite
  * (the caller redoes such a block with torch, which names the culprit). */
-#include <stdint.h>
-#include <string.h>
+#include "native.h"
 
 enum { F32 = 0, BF16 = 1, F16 = 2 };
 #define CHUNK 2048 /* entries per step: the base and the running total stay in L1 */
-
-static inline float f32_of_bits(uint32_t u)
-{
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint32_t bits_of_f32(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return u;
-}
 
 /* IEEE half to float, exact (normals, subnormals, infinities, NaN payloads shifted). */
 static inline float f32_of_f16(uint16_t h)
 {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
     if (exponent == 0x1F)
-        return f32_of_bits(sign | 0x7F800000u | (mantissa << 13));
+        return float_of(sign | 0x7F800000u | (mantissa << 13));
     if (exponent != 0)
-        return f32_of_bits(sign | ((exponent + 112) << 23) | (mantissa << 13));
+        return float_of(sign | ((exponent + 112) << 23) | (mantissa << 13));
     /* zero or subnormal: mantissa * 2^-24, exact in float32 */
     float magnitude = (float)mantissa * 5.9604644775390625e-8f;
-    return f32_of_bits(sign | bits_of_f32(magnitude));
+    return float_of(sign | bits_of(magnitude));
 }
 
 /* float to IEEE half, round to nearest even (overflow to infinity, NaN stays NaN). */
 static inline uint16_t f16_of_f32(float f)
 {
-    uint32_t u = bits_of_f32(f), sign = (u >> 16) & 0x8000, a = u & 0x7FFFFFFFu;
+    uint32_t u = bits_of(f), sign = (u >> 16) & 0x8000, a = u & 0x7FFFFFFFu;
     if (a >= 0x7F800000u) /* infinity or NaN */
         return (uint16_t)(sign | 0x7C00 | (a > 0x7F800000u ? 0x200 | ((a >> 13) & 0x3FF) : 0));
     if (a >= 0x477FF000u) /* rounds to 65520 or more: infinity */
         return (uint16_t)(sign | 0x7C00);
     if (a < 0x38800000u) { /* below the smallest normal half (2^-14): subnormal or zero */
         /* a multiple of 2^-24 after rounding: adding 0.5 makes the FPU round at that bit */
-        float rounded = f32_of_bits(a) + 0.5f;
-        return (uint16_t)(sign | (bits_of_f32(rounded) - 0x3F000000u));
+        float rounded = float_of(a) + 0.5f;
+        return (uint16_t)(sign | (bits_of(rounded) - 0x3F000000u));
     }
     uint32_t odd = (a >> 13) & 1;
     a += 0xC8000FFFu + odd; /* rebias the exponent (-112 << 23) and round at bit 13 */
@@ -67,7 +52,7 @@ static inline uint16_t f16_of_f32(float f)
 /* float to bfloat16, round to nearest even (NaN kept a quiet NaN). */
 static inline uint16_t bf16_of_f32(float f)
 {
-    uint32_t u = bits_of_f32(f);
+    uint32_t u = bits_of(f);
     if ((u & 0x7FFFFFFFu) > 0x7F800000u)
         return (uint16_t)((u >> 16) | 0x40);
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1)) >> 16);
@@ -79,7 +64,7 @@ static void load(const void *src, int dtype, int64_t start, int64_t m, float *re
     if (dtype == BF16) {
         const uint16_t *s = (const uint16_t *)src + start;
         for (int64_t j = 0; j < m; j++)
-            dst[j] = f32_of_bits((uint32_t)s[j] << 16);
+            dst[j] = float_of((uint32_t)s[j] << 16);
     } else if (dtype == F16) {
         const uint16_t *s = (const uint16_t *)src + start;
         for (int64_t j = 0; j < m; j++)
@@ -111,10 +96,22 @@ static int64_t store(const float *restrict src, int64_t m, void *dst, int dtype,
         float *d = (float *)dst + start;
         for (int64_t j = 0; j < m; j++) {
             d[j] = src[j];
-            bad += (bits_of_f32(src[j]) & 0x7F800000u) == 0x7F800000u;
+            bad += (bits_of(src[j]) & 0x7F800000u) == 0x7F800000u;
         }
     }
     return bad;
+}
+
+/* t[j] = b[j] + t[j] (lam == 1: 1 * x == x, one operation fewer, the same bits), else b[j] + lam * t[j]:
+ * core.formulas.merged_weights. */
+static void add_base(const float *restrict b, float *restrict t, float lam, int64_t count)
+{
+    if (lam == 1.0f)
+        for (int64_t j = 0; j < count; j++)
+            t[j] = b[j] + t[j];
+    else
+        for (int64_t j = 0; j < count; j++)
+            t[j] = b[j] + lam * t[j];
 }
 
 int64_t weighted_merge(int64_t n, int64_t m, const void *const *models, const int32_t *model_dtypes,
@@ -148,12 +145,7 @@ int64_t weighted_merge(int64_t n, int64_t m, const void *const *models, const in
         if (divisor != 0.0f)
             for (int64_t j = 0; j < count; j++)
                 total[j] = total[j] / divisor;
-        if (lam == 1.0f)
-            for (int64_t j = 0; j < count; j++)
-                total[j] = b[j] + total[j];
-        else
-            for (int64_t j = 0; j < count; j++)
-                total[j] = b[j] + lam * total[j];
+        add_base(b, total, lam, count);
         bad += store(total, count, out, out_dtype, start);
     }
     return bad;
@@ -172,14 +164,10 @@ int64_t merged_output(int64_t m, const void *base, int32_t base_dtype, const flo
     for (int64_t c = 0; c < chunks; c++) {
         float theta[CHUNK];
         const int64_t start = c * CHUNK, count = m - start < CHUNK ? m - start : CHUNK;
-        load(base, base_dtype, start, count, theta);
-        const float *t = tau_m + start;
-        if (lam == 1.0f)
-            for (int64_t j = 0; j < count; j++)
-                theta[j] = theta[j] + t[j];
-        else
-            for (int64_t j = 0; j < count; j++)
-                theta[j] = theta[j] + lam * t[j];
+        float b[CHUNK];
+        load(base, base_dtype, start, count, b);
+        memcpy(theta, tau_m + start, (size_t)count * 4);
+        add_base(b, theta, lam, count);
         bad += store(theta, count, out, out_dtype, start);
     }
     return bad;

@@ -322,7 +322,7 @@ def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam,
             source = CachedSource(source)
             budget -= cached
     source.memory_budget = budget
-    source.fused = comm is None and fused_cpu.resolve(fused, source.n * source.D, method, params)
+    fused_cpu.configure(source, fused, method, params, allowed=comm is None)
     base_buffer = {}
 
     def sink(segment, lo, hi, tau_m):

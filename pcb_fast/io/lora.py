@@ -491,7 +491,7 @@ def merge_adapters(base, adapters, out=None, *, method="pcb", lam=1.0, lambdas=N
 
         source = LoraSource(base_ck, opened, merged)
         source.memory_budget = budget
-        source.fused = fused_cpu.resolve(fused, source.n * source.D, method, method_params)
+        fused_cpu.configure(source, fused, method, method_params)
         if progress is not None:
             count = [0]
 

@@ -25,7 +25,7 @@ from ..core.formulas import EXACT_EXP_MAX_N, clip_indices, keep_index, lambda_co
 from ..core.select import RadixSelect, TailSelect
 from ..core.sources import DEFAULT_BLOCK_WIDTH
 from ..core.threads import one_thread
-from ..cpu import fused as fused_cpu
+from ..cpu import fused as fused_cpu, native
 from ..cpu import pcb_blocks as tb
 
 PARAMS = ("ratio", "clamp_ratio", "inter", "variant")
@@ -93,8 +93,15 @@ def clip_bounds(source, clamp_ratio: float, block_width: int, sample: ColumnSamp
     tails = max(i_lo + 1, D - i_hi) <= max(D // 64, 1) and source.comm is None
     selector = (TailSelect(n, i_lo, D - 1 - i_hi) if tails
                 else RadixSelect(n, torch.tensor([[i_lo, i_hi]] * n), D, comm=source.comm))
-    compiled = tails and fused_cpu.applies(source)  # |tau|'s extremes per run in one compiled loop
+    in_c = tails and native.problem() is None  # |tau|'s extremes per run in one C sweep (exact)
+    compiled = tails and not in_c and fused_cpu.applies(source)  # else in one compiled loop
     for block in source.blocks(block_width):
+        if in_c:
+            row_max, extremes = native.run_extremes(block.tv, TailSelect.CHUNK)
+            raise_if_not_finite(source, block, row_max)
+            sample.add(block)
+            selector.update(block.tv, extremes if extremes[0].numel() else None, absolute=True)
+            continue
         if compiled:
             raise_if_not_finite(source, block, block.tv.abs().amax(1))
             sample.add(block)
