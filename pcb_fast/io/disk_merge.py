@@ -315,10 +315,15 @@ def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam,
         source.comm = source.errors = comm
         source.D = sum(base_ck.numel(k) for k in merged)
     else:
-        # The float32 task vectors first, if they fit (with scope="tensor", one tensor's at a time); what
-        # is left bounds the entries collected between passes.
+        # The float32 task vectors first, if they fit (with scope="tensor", one tensor's at a time, in one
+        # reused buffer); what is left bounds the entries collected between passes. Not a whole model's
+        # of 16-bit inputs: such a cache is twice the size of the inputs it replaces, and faulting in
+        # that much fresh memory cost more than forming tau from the files again on each pass (small
+        # LLM of bench_llm, bf16: TIES global 19.1 s with the cache, 11.0 s without; PCB 28.7 s, 21.6 s).
         cached = source.n * 4 * (source.D if scope == "global" else max(s.numel for s in source.segments))
-        if cached <= budget and not single_pass(method, params):
+        inputs = sum(ck.numel(k) * ck.dtype(k).itemsize for ck in model_cks for k in keys)
+        if (cached <= budget and not single_pass(method, params)
+                and (scope == "tensor" or cached <= inputs)):
             source = CachedSource(source)
             budget -= cached
     source.memory_budget = budget
