@@ -82,7 +82,7 @@ def cases(full: bool) -> list:
     for 64 tasks). Each kernel is compiled for full tiles (the bulk: no mask) and for the parts' last,
     partial tiles. Fast: bf16 fine-tuned rows with a base (a model merge); ``full``: also float32
     task vectors without a base (``pcb_merge`` on a matrix), fp16 and fp64 rows with a base."""
-    from pcb_fast.kernels.score import BRACKET_TAIL_WARPS
+    from pcb_fast.kernels.score import tail_warps
     from pcb_fast.kernels.tiles import BLOCK, TAIL_WARPS, warps
 
     tasks = 64
@@ -102,7 +102,7 @@ def cases(full: bool) -> list:
                 consts = dict(consts, OUT_ALIGN=16 // {"*fp32": 4, "*fp64": 8}.get(sig["out_ptr"], 2))
             sig = dict(tile, **sig)
             aligned = [a for a, t in sig.items() if t.startswith("*")] + ["m"]
-            tail = BRACKET_TAIL_WARPS.get(fn, TAIL_WARPS)
+            tail = tail_warps(fn, consts.get("LEVEL", 0)) if fn in ("magnitude_kernel", "official_kernel") else TAIL_WARPS
             options = dict(options or {}, num_warps=warps(full_tiles, tail))  # as the launchers pass it
             grouped = [False, True] if dtype == "*bf16" else [False]  # scope "tensor": bf16 rows (the CI subset)
             for per_part in grouped if fn in PER_PART_KERNELS else [None]:

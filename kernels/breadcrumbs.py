@@ -68,7 +68,7 @@ def breadcrumbs_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, out_ptr, ban
     total = tl.zeros([ROW_BLOCK], dtype=tl.float32)
     for i in range(n):
         # the row is read again (from the cache) after the bisection instead of held through it, and so is
-        # the base: fewer registers (8 entries per thread at 4096 entries and 16 warps)
+        # the base: fewer registers
         tau = _task_row(x_ptr, base_ptr, offsets_ptr, base_off, i, cols, ok, HAS_BASE, ALIGN, BASE_ALIGN)
         magnitude = tl.abs(tau)
         bad = ok & ((magnitude != magnitude) | (magnitude == float("inf")))
@@ -102,7 +102,7 @@ def _task_row(x_ptr, base_ptr, offsets_ptr, base_off, i, cols, ok, HAS_BASE: tl.
 
 def row_max(rows) -> int:
     """The longest row the kernel takes for ``rows`` (kernels.tiles.Rows): ROW_MAX, half of it for float64
-    rows or base (at 4096 float64 entries ptxas spilled at 16 warps and took 140 registers at 8)."""
+    rows or base (4096 float64 entries spilled at 16 and at 32 warps)."""
     wide = rows.anchor.element_size() == 8 or (rows.base is not None and rows.base.element_size() == 8)
     return ROW_MAX // 2 if wide else ROW_MAX
 
@@ -113,9 +113,10 @@ def row_block(length: int) -> int:
 
 
 def row_warps(block: int) -> int:
-    """Warps per program: 8 entries of the row per thread (one 128-bit load of bf16), so that 4096
-    entries take 16 warps (64 registers on triton 3.9, no spill; 8192 at 32 warps spilled, hence ROW_MAX)."""
-    return max(1, block // 256)
+    """Warps per program: 8 entries of the row per thread up to 1024 entries (one 128-bit load of bf16),
+    4 beyond (2048: 16 warps, 4096: 32). benchmarks/kernel_report.py on triton 3.6 and 3.9: 8 entries
+    per thread at 2048 and 4096 spilled (8-16 bytes) on one version or the other, 4 did not."""
+    return max(1, block // 256) if block <= 1024 else block // 128
 
 
 def breadcrumbs_pass(parts: list, outs: list, lengths: list, bands: list, weights: torch.Tensor, lam: float,

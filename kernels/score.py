@@ -24,9 +24,11 @@ from .select import KEY_MAX, KEY_MIN, count_values, group_of, order_key
 from .tiles import as_segments, flag_bad, load_base, load_row, locate, sign, tanh
 
 INTER_CODES = {"sum": 0, "normalized_sum": 1, "pairwise": 2}
-# tiles.warps of the last tiles of the bracket passes (benchmarks/kernel_report.py, triton 3.9): the official
-# "sum" pass spilled 8 bytes at 16 warps, the |tau| pass 8 bytes at 8 warps (fp32 rows) and none at 16
-BRACKET_TAIL_WARPS = {"magnitude_kernel": 16, "official_kernel": 8}
+def tail_warps(kernel: str, level: int) -> int:
+    """tiles.warps of the last tiles of a counting pass (benchmarks/kernel_report.py on triton 3.6 and
+    3.9): the official score around a bracket spilled at 16 warps on 3.9 (8 bytes), its radix levels
+    at 8 warps on 3.6 (8 bytes, float64 rows); the |tau| pass spilled at 8 warps on 3.9 (fp32 rows)."""
+    return 8 if kernel == "official_kernel" and level == 0 else 16
 
 
 @triton.jit
@@ -236,7 +238,8 @@ def magnitude_pass(rows, select, bad: torch.Tensor) -> None:
     seg = as_segments(rows)
     args = select.kernel_args()
     seg.check(args["kept_ptr"], args["hist_ptr"], bad)
-    seg.launch(magnitude_kernel, bad_ptr=bad, tail_warps=BRACKET_TAIL_WARPS["magnitude_kernel"], PER_PART=seg.per_part, **args)
+    seg.launch(magnitude_kernel, bad_ptr=bad, tail_warps=tail_warps("magnitude_kernel", args["LEVEL"]),
+               PER_PART=seg.per_part, **args)
 
 
 def official_pass(rows, select, peak: torch.Tensor, clip: tuple, inter: str) -> None:
@@ -249,7 +252,7 @@ def official_pass(rows, select, peak: torch.Tensor, clip: tuple, inter: str) -> 
     args = select.kernel_args()
     seg.check(args["kept_ptr"], args["hist_ptr"], peak, lo, hi, span)
     seg.launch(official_kernel, lo, hi, span, peak_ptr=peak, INTER=INTER_CODES[inter], PER_PART=seg.per_part,
-               tail_warps=BRACKET_TAIL_WARPS["official_kernel"], **args)
+               tail_warps=tail_warps("official_kernel", args["LEVEL"]), **args)
 
 
 def pair_minmax_pass(rows, lo_key: torch.Tensor, hi_key: torch.Tensor, bad: torch.Tensor) -> None:
