@@ -34,7 +34,7 @@ from pcb_fast.gpu import backend as triton_backend  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 VIT_B32_D = 113_448_705
-PASSES = ("magnitude", "score", "merge")  # the three reads; a bracket that missed adds "... radix level 1/2"
+PASSES = ("magnitude", "score", "merge")  # the three reads; a bracket that missed adds "... radix level 1" to "4"
 
 
 def sync(device):

@@ -139,17 +139,20 @@ def _models(n, shapes, dtype, device, gen):
     return base, models
 
 
-def _pcb_state_dicts(n, shapes, dtype, variant, device, gen):
+def _pcb_state_dicts(n, shapes, dtype, variant, device, gen, scope="global"):
     import pcb_fast
 
     base, models = _models(n, shapes, dtype, device, gen)
-    got = pcb_fast.merge(base, models, method="pcb", variant=variant, ratio=0.1, backend="triton")
-    ref = pcb_fast.merge(base, models, method="pcb", variant=variant, ratio=0.1, backend="reference")
+    got = pcb_fast.merge(base, models, method="pcb", variant=variant, ratio=0.1, backend="triton", scope=scope)
+    ref = pcb_fast.merge(base, models, method="pcb", variant=variant, ratio=0.1, backend="reference", scope=scope)
     keys = list(base)
     taus = [torch.stack([(m[k].float() - base[k].float()).reshape(-1) for m in models]) for k in keys]
-    tv = torch.cat(taus, dim=1)  # global scope: one threshold over every key
-    near = official_near(tv, 0.1, 1e-4, "sum") if variant == "official" else paper_near(tv, 0.1)
-    del tv, taus
+    near_of = lambda tv: official_near(tv, 0.1, 1e-4, "sum") if variant == "official" else paper_near(tv, 0.1)  # noqa: E731
+    if scope == "global":  # one threshold over every key
+        near = near_of(torch.cat(taus, dim=1))
+    else:  # a threshold per key
+        near = torch.cat([near_of(tv) for tv in taus])
+    del taus
     # bf16 outputs: compare theta - base in float32 (both sides rounded to bf16 once)
     got_tau = torch.cat([(got[k].float() - base[k].float()).reshape(-1) for k in keys])
     ref_tau = torch.cat([(ref[k].float() - base[k].float()).reshape(-1) for k in keys])
@@ -239,6 +242,9 @@ def checks(quick: bool) -> list:
                 lambda d, g: _pcb_state_dicts(N(8), [(mid // 1024, 1024), (4095,), (mid // 2 + 3,)], bf16, "official", d, g)))
     out.append((f"paper state dicts n={N(4)} fp32",
                 lambda d, g: _pcb_state_dicts(N(4), [(small // 512, 512), (1001,)], f32, "paper", d, g)))
+    for variant in ("official", "paper"):  # scope="tensor": every key in the same launches, statistics per key
+        out.append((f"{variant} per tensor state dicts n={N(8)} bf16", lambda d, g, v=variant: _pcb_state_dicts(
+            N(8), [(mid // 1024, 1024), (4095,), (small // 4 + 3,), (7,), (small, 3)], bf16, v, d, g, "tensor")))
     for method, params in BASELINES:
         out.append((f"{method} {params} n={N(8)} D~{mid}", lambda d, g, method=method, params=params: _baseline(
             N(8), [(mid // 1024, 1024), (777,)], method, params, d, g)))
