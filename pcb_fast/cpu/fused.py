@@ -1,7 +1,13 @@
 """Fused CPU loops: the per-block work of TIES, DARE, DARE-TIES, Breadcrumbs and PCB (official
-variant), compiled by torch.compile (inductor) into vectorised OpenMP loops.
+variant) as one loop per block instead of a dozen torch ops.
 
-Eager torch makes one memory sweep per op; a TIES block needs a dozen ops, so the eager engine
+TIES, DARE and DARE-TIES run C loops (pcb_fast.cpu.native, ties_loops.c) where a C compiler works:
+the eager engine's float32 operations in its order, so the literal formulation's bits (signed zeros
+included), every option included, nothing compiled at run time. The functions below dispatch to
+them, else to the compiled forms.
+
+The compiled forms: plain torch ops compiled by torch.compile (inductor) into vectorised OpenMP
+loops. Eager torch makes one memory sweep per op; a TIES block needs a dozen ops, so the eager engine
 spends its time re-reading blocks (docs/design.md 3.5). Each function here is plain torch ops without
 data-dependent shapes, compiled once per process with dynamic shapes (no recompiling per block
 width, number of tasks or parameter value: every varying value is a tensor argument). Written so
@@ -20,9 +26,9 @@ lies within a few ulps of its threshold; the same result on every run and thread
 tests/test_fused_pcb.py checks it.
 
 Modes (``fused=`` of merge, merge_checkpoints and the CLI): "on", "off", or "auto" (the default):
-on from :data:`AUTO_MIN_ENTRIES` task-vector entries, where compiling pays for itself, when a
-tiny function compiles here (a C++ compiler is needed); "auto" falls back to the eager engine with
-a warning otherwise, "on" raises :class:`FusedUnavailable`.
+the C loops always; compiled ones from :data:`AUTO_MIN_ENTRIES` task-vector entries, where compiling
+pays for itself, when a tiny function compiles here (a C++ compiler is needed); "auto" falls back
+to the eager engine with a warning otherwise, "on" raises :class:`FusedUnavailable`.
 """
 
 from __future__ import annotations
@@ -73,9 +79,9 @@ def _probe() -> str | None:
 
 
 def has_loops(method: str, params: dict) -> bool:
-    """Whether ``method`` with ``params`` has compiled loops (the methods take the eager path for
-    the options the loops do not cover: mergekit's L1 rescale, normalize, a per-tensor band, a
-    drop rate per model, PCB's paper variant)."""
+    """Whether ``method`` with ``params`` has fused loops: the C loops take every option of TIES, DARE
+    and DARE-TIES; the compiled ones not mergekit's L1 rescale, normalize, a per-tensor band, a drop
+    rate per model, nor PCB's paper variant (the methods take the eager path for those)."""
     if method not in FUSED_METHODS:
         return False
     if method in C_METHODS and native.problem() is None:
