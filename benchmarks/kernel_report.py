@@ -152,6 +152,12 @@ def cases(full: bool) -> list:
                 dict(trim, out_ptr=out_dtype, fill_ptr="*fp32", lam="fp32"), dict(DARE=dare, EXACT=exact), no_fma)
         add("equal_count", "exact top-k", "ties", "equal_count_kernel",
             dict(t_ptr="*fp32", counts_ptr="*i64"), {})
+        if full_tiles:  # the column sample: one gather of strided columns per part
+            sig = dict(tile, plan_ptr="*i64", out_ptr="*fp32", columns="i64")
+            del sig["programs_ptr"]
+            out.append(Case("sample", "strided columns, " + dtype[1:] + (" + base" if has_base else ""), tasks, "tiles",
+                            "sample_kernel", sig, dict(HAS_BASE=has_base, ALIGN=align, BASE_ALIGN=align, BLOCK=1024),
+                            0, [a for a, t in sig.items() if t.startswith("*")], {"num_warps": 4}))
         if full_tiles:  # Breadcrumbs: a program per row (no tiles), its row in registers
             from pcb_fast.kernels.breadcrumbs import ROW_MAX, row_warps
 
@@ -356,6 +362,9 @@ def table(rows: list) -> str:
     return "\n".join(lines)
 
 
+NOT_TILED = {"find": "n/a (int64 counts only)", "sample": "n/a (strided columns: scalar loads)"}
+
+
 def summary(rows: list) -> str:
     """One row per kernel over its variants and input dtypes (the README's table)."""
     lines = ["| kernel | variants | registers | spill bytes | global atomics / entry | load width, full tiles (bits) "
@@ -372,7 +381,7 @@ def summary(rows: list) -> str:
         bits = sorted({r["load_vector_bits"] for r in group if "last tiles" not in r["variant"]})
         span = lambda v: f"{v[0]}" if len(v) == 1 else f"{v[0]}-{v[-1]}"  # noqa: E731
         lines.append(f"| {kernel} | {len(group)} | {span(regs)} | {sum(r['spill_bytes'] for r in group)} | "
-                     f"{span(atomics)} | {span(bits) if kernel != 'find' else 'n/a (int64 counts only)'} | "
+                     f"{span(atomics)} | {span(bits) if kernel not in NOT_TILED else NOT_TILED[kernel]} | "
                      f"{max(r['compile_s'] for r in group)} |")
     return "\n".join(lines)
 

@@ -268,7 +268,8 @@ class DeviceBracket:
 
     Several groups at once (scope "tensor": each part its own group, kernels launched with PER_PART):
     ``ranks`` a list of G lists of R ranks, ``length`` a list of G lengths, ``sample`` a list of G
-    [n, s_g] samples; every statistic then has a leading group dimension.
+    [n, s_g] samples, or one [n, S] tensor of them side by side with the list of the s_g; every
+    statistic then has a leading group dimension.
 
     Usage: every pass over the rows calls a counting kernel with :meth:`kernel_args` (LEVEL 0);
     then :meth:`resolve` says whether every bracket held (one host synchronisation;
@@ -281,11 +282,15 @@ class DeviceBracket:
 
     def __init__(self, ranks, length, sample, tiles: int = 0, tile_groups: torch.Tensor | None = None):
         self.grouped = not isinstance(length, int)
-        ranks, lengths, samples = ((ranks, list(length), list(sample)) if self.grouped
-                                   else ([ranks], [length], [sample]))
+        ranks, lengths = (ranks, list(length)) if self.grouped else ([ranks], [length])
+        if isinstance(sample, tuple):  # ([n, S] columns of every group side by side, each group's count)
+            flat, sizes = sample
+        else:
+            samples = list(sample) if self.grouped else [sample]
+            flat, sizes = torch.cat([x.float() for x in samples], 1), [int(x.shape[1]) for x in samples]
         ranks = [list(r) for r in ranks]
-        device = samples[0].device
-        self.G, self.R, self.n = len(lengths), len(ranks[0]), samples[0].shape[0]
+        device = flat.device
+        self.G, self.R, self.n = len(lengths), len(ranks[0]), flat.shape[0]
         for group, length_g in zip(ranks, lengths):
             if any(r < 0 or r >= length_g for r in group):
                 raise ValueError(f"ranks {group} out of range for rows of length {length_g}")
@@ -293,11 +298,11 @@ class DeviceBracket:
         G, R, n = self.G, self.R, self.n
         self.ranks = torch.tensor(ranks, dtype=torch.int64, device=device).view(G, 1, R).expand(G, n, R)
         self.length = torch.tensor(lengths, dtype=torch.int64, device=device).view(G, 1, 1)
-        # every group's sample rows sorted in one sort (by value, then stably by row)
-        sizes = [int(x.shape[1]) for x in samples]
-        values = torch.cat([x.float().reshape(-1) for x in samples])
+        # every group's sample rows sorted in one sort (by value, then stably by row g n + i)
+        values = flat.float().reshape(-1)  # task by task, each task's columns group by group
+        column_group = torch.repeat_interleave(torch.arange(G), torch.tensor(sizes, dtype=torch.int64))
+        row_of = (column_group.unsqueeze(0) * n + torch.arange(n).unsqueeze(1)).reshape(-1).to(device)
         row_sizes = torch.tensor([size for size in sizes for _ in range(n)], dtype=torch.int64)
-        row_of = torch.repeat_interleave(torch.arange(G * n), row_sizes).to(device)
         order = torch.sort(values, stable=True).indices
         order = order[torch.sort(row_of[order], stable=True).indices]
         ordered = values[order]

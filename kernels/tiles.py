@@ -309,3 +309,53 @@ def tanh(x):
         -0.05396825396825397 + a2 * (0.021869488536155203 + a2 * -0.008863235529902197)))))
     t = tl.where(a < 0.25, small, big)
     return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def sample_kernel(x_ptr, base_ptr, table_ptr, plan_ptr, n, out_ptr, columns, HAS_BASE: tl.constexpr,
+                  ALIGN: tl.constexpr, BASE_ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+    """Program p copies tau at columns first + k stride (k < count) of one part, plan[p] = (part, first,
+    stride, count, at), into out[i, at + k] for every task i (out: [n, columns] float32)."""
+    pid = tl.program_id(0)
+    part = tl.load(plan_ptr + 5 * pid)
+    first = tl.load(plan_ptr + 5 * pid + 1)
+    stride = tl.load(plan_ptr + 5 * pid + 2)
+    count = tl.load(plan_ptr + 5 * pid + 3)
+    at = tl.load(plan_ptr + 5 * pid + 4)
+    k = tl.arange(0, BLOCK)
+    ok = k < count
+    cols = first + k.to(tl.int64) * stride
+    entry = table_ptr + part * (5 + n)
+    if HAS_BASE:
+        base = tl.load(base_ptr + tl.load(entry + 2) * BASE_ALIGN + cols, mask=ok, other=0.0).to(tl.float32)
+    for i in range(n):
+        x = tl.load(x_ptr + tl.load(entry + 5 + i) * ALIGN + cols, mask=ok, other=0.0).to(tl.float32)
+        if HAS_BASE:
+            x = x - base  # tau as the torch form computes it: both rounded to float32, then subtracted
+        tl.store(out_ptr + i * columns + at + k, x, mask=ok)
+
+
+SAMPLE_BLOCK = 1024  # sampled columns per program
+
+
+def sample_columns(segments: list, picks: list, n: int, device) -> torch.Tensor:
+    """[n, S] float32 task-vector columns of the parts of ``segments`` (in order), in one launch per
+    Segments: picks[k] = (first, stride, count) of the k-th part (columns first + j stride, j < count),
+    laid side by side in part order (S = the sum of the counts)."""
+    total = sum(count for _, _, count in picks)
+    out = torch.empty(n, total, device=device)
+    k, at = 0, 0
+    for seg in segments:
+        plan = []
+        for local in range(len(seg.parts)):
+            first, stride, count = picks[k]
+            for chunk in range(0, count, SAMPLE_BLOCK):
+                plan.append([local, first + chunk * stride, stride, min(SAMPLE_BLOCK, count - chunk), at + chunk])
+            at += count
+            k += 1
+        if plan:
+            table = torch.tensor(plan, dtype=torch.int64).to(device)
+            sample_kernel[(len(plan),)](seg.anchor, seg.base_anchor, seg.table, table, n, out, total,
+                                        HAS_BASE=seg.has_base, ALIGN=seg.align, BASE_ALIGN=seg.base_align,
+                                        BLOCK=SAMPLE_BLOCK)
+    return out

@@ -213,3 +213,25 @@ def test_breadcrumbs_kernel_names_a_bad_value(gen):
     models[2]["rows"][4, 9] = float("nan")
     with pytest.raises(ValueError, match="model 2, key 'rows': contains NaN or Inf"):
         merge(base, models, method="breadcrumbs", backend="triton")
+
+
+def test_sample_columns_gather_what_torch_indexing_gathers(gen):
+    """kernels.tiles.sample_columns (the brackets' column sample, one launch per Segments) against torch
+    indexing: strided columns of parts of two dtypes, tau = theta - base rounded as the torch form
+    rounds it, parts that give no column."""
+    from pcb_fast.kernels.tiles import Rows, sample_columns, segment
+
+    n = 3
+    shapes = {"a": (3000,), "b": (5,), "c": (1100,), "d": (4096,)}
+    dtypes = {"a": torch.float32, "b": torch.float32, "c": torch.bfloat16, "d": torch.bfloat16}
+    base = {k: torch.randn(s, generator=gen).to(dtypes[k]) for k, s in shapes.items()}
+    models = [{k: (v.float() + 0.01 * torch.randn(v.shape, generator=gen)).to(v.dtype) for k, v in base.items()}
+              for _ in range(n)]
+    parts = [Rows.from_tensors([m[k] for m in models], base=base[k]) for k in shapes]
+    picks = [(2, 17, 176), (7, 17, 0), (0, 1, 1100), (5, 1000, 5)]
+    got = sample_columns(segment(parts), picks, n, torch.device("cpu"))
+    expected = []
+    for k, (first, stride, count) in zip(shapes, picks):
+        index = torch.arange(first, first + stride * count, stride)[:count]
+        expected.append(torch.stack([m[k][index].float() for m in models]) - base[k][index].float())
+    assert torch.equal(got, torch.cat(expected, 1))

@@ -6,7 +6,8 @@ around the keep threshold's bracket (and its max M_i), then the merge pass. The 
 pair min/max, softmax partition sums, beta around its bracket, merge. TIES, three: |tau| around the
 trim's bracket (for the exact top-k, it also records the tile of each copy and each tile's counts at
 the bounds, from which the ties at t are counted per tile), signs, merge. The brackets come from a column sample of the task
-vectors (gathered by torch: a small fraction of a read); ties at a bracket's bounds cost counts only;
+vectors (gathered by one kernel launch, kernels.tiles.sample_columns: a small fraction of a read); ties at a
+bracket's bounds cost counts only;
 a bracket the counts show missed (or whose buffer overflowed) costs the four passes of the exact
 radix select instead (for the keys of that bracket alone). Statistics
 stay on the device; the host synchronises after the first pass to report bad values and after each
@@ -150,39 +151,37 @@ def merge_pcb(parts: list, n: int, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", 
     return {"kept": kept.tolist(), "entries": sum(p.rows.m for p in parts) if entries is None else entries}
 
 
-def _sample(group, stride: int, n: int, device, starts: list | None = None) -> torch.Tensor:
-    """[n, s] float32 task-vector columns of the scope group at the positions (counted across its parts,
-    from ``starts``, each part's first position, default 0 and on) that are multiples of ``stride``:
-    the column sample the brackets come from (docs/design.md 3.3)."""
-    taken, offset = [torch.zeros(n, 0, device=device)], 0
-    for k, part in enumerate(group):
-        rows = part.rows
-        offset = offset if starts is None else starts[k]
-        first = (-offset) % stride
-        offset += rows.m
-        if first >= rows.m:
-            continue
-        index = torch.arange(first, rows.m, stride, device=rows.device)
-        columns = torch.stack([t[index].float() for t in rows.tensors])
-        if rows.base is not None:
-            columns -= rows.base[index].float()
-        taken.append(columns)
-    return torch.cat(taken, 1)
-
-
-def _samples(batch: Batch) -> list:
-    """The column sample of every group: ~2^18 columns for the whole model, ~2^16 per key per tensor
-    (all of a key's columns up to 2^16)."""
+def _samples(batch: Batch, segments: list) -> tuple:
+    """The column sample of every group (docs/design.md 3.3) and the group of each column: [n, S] float32
+    task-vector columns at the positions (counted across the group's parts, from each part's start in
+    the whole model) that are multiples of the group's stride: ~2^18 columns for the whole model,
+    ~2^16 per key per tensor (all of a key's columns up to 2^16). Gathered by one kernel launch per
+    Segments (kernels.tiles.sample_columns); distributed, every rank's columns gathered, so that
+    every rank brackets alike. Returns ([n, S] columns, group by group; the groups' column counts;
+    [S] group of each column)."""
     from ..kernels import select as ks
+    from ..kernels.tiles import sample_columns
 
+    picks, sizes, position = [], [], 0
+    for part in batch.parts:
+        m = part.rows.m
+        if batch.per_part:
+            stride, first = ks.sample_stride(m, ks.KEY_SAMPLE_COLUMNS), 0
+        else:
+            stride = ks.sample_stride(batch.entries[0])
+            start = position if part.start is None or batch.comm is None else part.start
+            first = (-start) % stride
+            position += m
+        count = max(0, -(-(m - first) // stride))
+        picks.append((first, stride, count))
+        sizes.append(count)
+    sample = sample_columns(segments, picks, batch.n, batch.device)
     if not batch.per_part:
-        starts = None if batch.comm is None else [p.start for p in batch.parts]
-        sample = _sample(batch.parts, ks.sample_stride(batch.entries[0]), batch.n, batch.device, starts)
-        if batch.comm is not None:  # every rank's columns, in key order: the sample of one process, on every rank
+        if batch.comm is not None:  # every rank's columns (their order does not matter: brackets sort them)
             sample = batch.comm.gather_in_order(sample.T.contiguous()).T.contiguous()
-        return [sample]
-    return [_sample([p], ks.sample_stride(p.rows.m, ks.KEY_SAMPLE_COLUMNS), batch.n, batch.device)
-            for p in batch.parts]
+        sizes = [sample.shape[1]]
+    groups = torch.repeat_interleave(torch.arange(batch.G), torch.tensor(sizes, dtype=torch.int64)).to(batch.device)
+    return sample, sizes, groups
 
 
 def _segments(batch: Batch, only: list | None = None) -> list:
@@ -264,10 +263,12 @@ def _select(batch: Batch, segments, ranks: list, samples, count, timed, name: st
     return selected
 
 
-def _official_sample_scores(sample: torch.Tensor, clip: tuple, inter: str, n: int) -> torch.Tensor:
-    """P of the sampled columns, with torch's exp and tanh: close to the kernels' scores, which is all
-    a bracket needs (its counts are exact whatever the guess)."""
-    lo, hi, span = (c.view(-1, 1) for c in clip)
+def _official_sample_scores(sample: torch.Tensor, clip: tuple, inter: str, n: int,
+                            groups: torch.Tensor) -> torch.Tensor:
+    """P of the sampled columns ([n, S]; ``groups`` [S] the group of each), with torch's exp and tanh:
+    close to the kernels' scores, which is all a bracket needs (its counts are exact whatever the
+    guess). ``clip`` = (lo, hi, span), [G, n] each."""
+    lo, hi, span = (c[groups].T for c in clip)  # [n, S]: each column's group's bounds
     normalized = (torch.minimum(torch.maximum(sample.abs(), lo), hi) - lo) / span
     intra = torch.exp(normalized * normalized * n)
     if inter == "sum":
@@ -288,10 +289,10 @@ def _official(batch: Batch, n, params, weights, lam, ks, timed, device):
 
     G = batch.G
     segments = _segments(batch)
-    samples = _samples(batch)
+    sample, sizes, groups = _samples(batch, segments)
     bad = torch.zeros(len(batch.parts), n, dtype=torch.int32, device=device)
     bounds = _select(batch, segments, [list(clip_indices(D, params["clamp_ratio"])) for D in batch.entries],
-                     lambda: [s.abs() for s in samples], lambda seg, sel: kscore.magnitude_pass(seg, sel, bad), timed,
+                     lambda: (sample.abs(), sizes), lambda seg, sel: kscore.magnitude_pass(seg, sel, bad), timed,
                      "magnitude", n, device, after_first=lambda: _raise_if_bad(batch.parts, bad, batch.errors)).values
     hi = bounds[..., 1].contiguous()  # [G, n]
     lo = torch.minimum(bounds[..., 0], hi).contiguous()  # clamp with lo > hi clamps everything to hi
@@ -299,11 +300,10 @@ def _official(batch: Batch, n, params, weights, lam, ks, timed, device):
 
     peak = torch.full((G, n), ks.INT32_MIN, dtype=torch.int32, device=device)
     score = lambda seg, sel: kscore.official_pass(seg, sel, peak, clip, params["inter"])  # noqa: E731
-    sample_scores = lambda: [_official_sample_scores(samples[g], (lo[g], hi[g], clip[2][g]), params["inter"], n)  # noqa: E731
-                             for g in range(G)]
+    sample_scores = lambda: (_official_sample_scores(sample, clip, params["inter"], n, groups), sizes)  # noqa: E731
     select = _select(batch, segments, [[keep_index(D, params["ratio"])] for D in batch.entries], sample_scores, score,
                      timed, "score", n, device)
-    del samples
+    del sample
     if batch.comm is not None:
         batch.comm.max_(peak)  # M_i over every rank (order keys: exact)
     t = select.values[..., 0].contiguous()
@@ -314,15 +314,18 @@ def _official(batch: Batch, n, params, weights, lam, ks, timed, device):
     return select.above[False][..., 0].sum(0)
 
 
-def _paper_sample_scores(sample: torch.Tensor, pairs: tuple, inv_z: tuple, n: int) -> torch.Tensor:
-    """beta of the sampled columns (as the kernels compute it, with torch's exp), for the bracket."""
+def _paper_sample_scores(sample: torch.Tensor, pairs: tuple, inv_z: tuple, n: int,
+                         groups: torch.Tensor) -> torch.Tensor:
+    """beta of the sampled columns ([n, S]; ``groups`` [S] the group of each; as the kernels compute it,
+    with torch's exp), for the bracket. ``pairs`` [G, n, n] each, ``inv_z`` ([G, n, n], [G, n])."""
     lo, span, peak = pairs
     inv_inter, inv_intra = inv_z
     beta = torch.empty_like(sample)
     for i in range(n):
-        normalized = (sample * sample[i] - lo[i].view(-1, 1)) / span[i].view(-1, 1)  # row j: Norm(tau_j tau_i)
-        inter = (torch.exp(normalized - peak[i].view(-1, 1)) * inv_inter[i].view(-1, 1)).sum(0)
-        intra = torch.exp(normalized[i] * n - n * peak[i, i]) * inv_intra[i]
+        column = lambda x: x[:, i][groups].T  # noqa: E731 - [G, n, n] -> [n, S]: row j of pair (i, j)
+        normalized = (sample * sample[i] - column(lo)) / column(span)  # row j: Norm(tau_j tau_i)
+        inter = (torch.exp(normalized - column(peak)) * column(inv_inter)).sum(0)
+        intra = torch.exp(normalized[i] * n - n * peak[:, i, i][groups]) * inv_intra[:, i][groups]
         beta[i] = intra * inter
     return beta
 
@@ -365,8 +368,10 @@ def _paper(batch: Batch, n, params, weights, lam, ks, timed, device):
             first += tiles
         inv_z = ((1.0 / torch.stack(sums_inter)).float().contiguous(), (1.0 / torch.stack(sums_intra)).float().contiguous())
 
-    sample_scores = lambda: [_paper_sample_scores(sample, tuple(x[g] for x in pairs), tuple(z[g] for z in inv_z), n)  # noqa: E731
-                             for g, sample in enumerate(_samples(batch))]
+    def sample_scores():
+        sample, sizes, groups = _samples(batch, segments)
+        return _paper_sample_scores(sample, pairs, inv_z, n, groups), sizes
+
     beta = lambda seg, sel: kscore.paper_pass(seg, sel, pairs, inv_z)  # noqa: E731
     select = _select(batch, segments, [[keep_index(D, params["ratio"])] for D in batch.entries], sample_scores, beta,
                      timed, "score", n, device)
@@ -505,7 +510,7 @@ def _ties_trim(batch: Batch, segments, n, density, topk, bad, device):
         return kt.Trim(threshold=torch.tensor([[fixed[g]] * n for g in range(batch.G)], device=device))
     tiles = sum(seg.tiles for seg in segments)
     select = _select(batch, segments, [[min(max(r, 0), D - 1)] for r, D in zip(ranks, batch.entries)],
-                     lambda: [s.abs() for s in _samples(batch)], lambda seg, sel: kscore.magnitude_pass(seg, sel, bad),
+                     lambda: _magnitude_sample(batch, segments), lambda seg, sel: kscore.magnitude_pass(seg, sel, bad),
                      lambda name: _no_timer(), "magnitude", n, device, tiles=tiles if topk == "exact" else 0,
                      after_first=lambda: _raise_if_bad(batch.parts, bad, batch.errors))
     threshold = select.values[..., 0].clone()  # [G, n]
@@ -532,6 +537,12 @@ def _ties_trim(batch: Batch, segments, n, density, topk, bad, device):
         budget[g] = 0
     budget = budget.contiguous()
     return kt.Trim(threshold=threshold, exact=(before, budget))
+
+
+def _magnitude_sample(batch: Batch, segments: list) -> tuple:
+    """|tau| of the column sample and the groups' column counts (the brackets' input)."""
+    sample, sizes, _ = _samples(batch, segments)
+    return sample.abs(), sizes
 
 
 @contextmanager
