@@ -213,10 +213,12 @@ def _merge_official_fused(source, sink, params, block_width, reuse=None):
     clip, sample = _reused(reuse, ("clip", params["clamp_ratio"], block_width), statistics)
     inter = params["inter"]
     ws = tb.Workspace(n, block_width, 4 if inter == "pairwise" else 3)
-    # a sample read in place is one part per tensor, which may be wider than the workspace
+    # a sample read in place is one part per tensor, which may be wider than the workspace; a part taken
+    # from a block shorter than the sample's stride may have no column at all
     sample_scores = sample.scores(lambda tv: torch.cat([tb.official_scores(tv[:, i : i + block_width], clip, inter,
                                                                            ws).clone()
-                                                        for i in range(0, tv.shape[1], block_width)], 1))
+                                                        for i in range(0, tv.shape[1], block_width)]
+                                                       or [tv.new_zeros(tv.shape[0], 0)], 1))
     # exp(n N^2 - shift): shift 0 up to EXACT_EXP_MAX_N tasks (x - 0 == x), n beyond (docs/design.md 2.4)
     shift = torch.tensor(float(n) if n > EXACT_EXP_MAX_N else 0.0)
     stats = (clip.lo, clip.hi, clip.span, shift)
