@@ -322,7 +322,7 @@ def report(rows, bound, input_bytes, out_bytes, size, have_mergekit, out_json: P
                 agree += "; random drops differ by design (mergekit's torch RNG, pcb_fast's counter hash)"
         print(f"| {r['merge']} | {ours} | {rss:.2f} GiB | {ratio:.1f}x | {theirs} | {their_rss} | {agree} |")
     if not have_mergekit:
-        print("\n(mergekit not installed: its columns are empty)")
+        print("\n(mergekit not run: not installed, or --no-mergekit; its columns are empty)")
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps({"machine": info, "size": size, "input_bytes": input_bytes, "output_bytes": out_bytes,
                                     "bound_seconds": bound, "rows": rows}, indent=2))
