@@ -297,8 +297,6 @@ def _order_statistic(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(x, k, dim=1).values
 
 
-
-
 def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th smallest (1-based) of a 1-D float32 tensor, as a 0-dim tensor: torch.kthvalue, or for
     many non-negative values (magnitudes) the C radix select of pcb_fast.cpu.native (the same value;
