@@ -144,9 +144,12 @@ def test_the_current_folder_and_its_parents_are_refused(tmp_path, capsys, monkey
 
 
 def slow_merge_args(tmp_path: Path, out: Path) -> list:
-    base, models = write_models(tmp_path / "in", entries=1 << 19)  # long enough to be stopped while writing
+    # long enough to be stopped while writing: eager PCB re-reading its inputs for three passes on one
+    # thread (task arithmetic, one C sweep since, could end before a signal sent after the folder
+    # appeared was handled, and a signal handled after the merge's end is moot)
+    base, models = write_models(tmp_path / "in", entries=1 << 20)
     return [sys.executable, "-m", "pcb_fast", "merge", "--base", str(base), *[f"--model={m}" for m in models],
-            "--method", "task_arithmetic", "--out", str(out), "--quiet", "--max-memory", "1KB"]
+            "--method", "pcb", "--fused", "off", "--threads", "1", "--out", str(out), "--quiet", "--max-memory", "1KB"]
 
 
 def stopped_while_writing(proc: subprocess.Popen, out: Path) -> str:
