@@ -197,7 +197,7 @@ def test_two_concurrent_runs_on_one_output_one_wins(tmp_path):
     assert [code for code, _ in results] == [0, 2], results
     assert "appeared while this merge ran" in results[1][1]
     merged = load_file(out / "model.safetensors")
-    assert merged["w"].numel() == 1 << 19 and hidden(tmp_path) == []
+    assert merged["w"].numel() == 1 << 20 and hidden(tmp_path) == []
 
 
 def previous_output(tmp_path: Path) -> Path:
