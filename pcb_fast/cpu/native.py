@@ -124,6 +124,14 @@ def _library() -> ctypes.CDLL | str:
     return library
 
 
+def _loaded() -> ctypes.CDLL:
+    """The loaded library; raises where there is none (callers that have a fallback ask :func:`problem`)."""
+    library = _library()
+    if isinstance(library, str):
+        raise RuntimeError(f"pcb_fast native kernel unavailable: {library}")
+    return library
+
+
 def problem() -> str | None:
     """None when the kernel is built and loaded, else why not."""
     library = _library()
@@ -135,9 +143,7 @@ def row_order_statistics(x: torch.Tensor, rank_a: int, rank_b: int) -> tuple[tor
     ``rank_a`` and ``rank_b`` (0-based; the values of ``x.abs().sort(descending=True)`` there),
     each [..., 1]. Exact for any values: ties, zeros of either sign, subnormals, infinities (NaN
     ranks above +inf). Runs on torch.get_num_threads() threads."""
-    library = _library()
-    if isinstance(library, str):
-        raise RuntimeError(f"pcb_fast native kernel unavailable: {library}")
+    library = _loaded()
     if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() == 0:
         raise ValueError(f"row_order_statistics needs rows of float32 on the CPU, got {x.dtype} "
                          f"{tuple(x.shape)} on {x.device}")
@@ -166,9 +172,7 @@ def row_order_statistics(x: torch.Tensor, rank_a: int, rank_b: int) -> tuple[tor
 def dare_keep_masks(lo: int, m: int, streams: list, highs: list, thresholds: list) -> torch.Tensor:
     """[n, m] bool DARE keep masks of entries [lo, lo + m) for n streams (pcb_fast.core.rng: each
     task's stream constant, its mix32 and its keep threshold); the values of rng.keep_masks."""
-    library = _library()
-    if isinstance(library, str):
-        raise RuntimeError(f"pcb_fast native kernel unavailable: {library}")
+    library = _loaded()
     n = len(streams)
     out = torch.empty(n, m, dtype=torch.bool)
     if out.numel():
@@ -203,7 +207,7 @@ def weighted_merge(models: list, base: torch.Tensor, weights: torch.Tensor | Non
     dtypes = (ctypes.c_int32 * n)(*(KERNEL_DTYPES[t.dtype] for t in models))
     if weights is not None:
         weights = weights.reshape(-1).to(torch.float32).contiguous()
-    threads = max(1, min(torch.get_num_threads(), m // MIN_ENTRIES_PER_THREAD))
+    threads = _threads(m)
     bad = library.weighted_merge(n, m, pointers, dtypes, base.data_ptr(), KERNEL_DTYPES[base.dtype],
                                  None if weights is None else weights.data_ptr(), float(divisor or 0.0),
                                  float(lam), out.data_ptr(), KERNEL_DTYPES[out.dtype], threads)
@@ -236,13 +240,6 @@ class KeepRule(ctypes.Structure):
     _fields_ = [("drop", ctypes.c_int), ("t", ctypes.c_void_p), ("cut", ctypes.c_void_p), ("stream", ctypes.c_void_p),
                 ("high", ctypes.c_void_p), ("threshold", ctypes.c_void_p), ("lo", ctypes.c_int64),
                 ("scale", ctypes.c_void_p), ("multiply", ctypes.c_int)]
-
-
-def _loaded() -> ctypes.CDLL:
-    library = _library()
-    if isinstance(library, str):
-        raise RuntimeError(f"pcb_fast native kernel unavailable: {library}")
-    return library
 
 
 def _task_rows(tv: torch.Tensor) -> torch.Tensor:
