@@ -8,9 +8,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     license="Apache-2.0",
+    # pcb_fast/kernels is a link to the top-level kernels/ folder, which has no __init__.py (docs/design.md 1)
     packages=["pcb_fast", "pcb_fast.core", "pcb_fast.methods", "pcb_fast.cpu", "pcb_fast.gpu", "pcb_fast.io",
               "pcb_fast.reference", "pcb_fast.kernels", "pcb_fast.integrations"],
-    package_dir={"pcb_fast": "pcb_fast", "pcb_fast.kernels": "kernels"},
     # the C kernels of pcb_fast.cpu.native, compiled on first use (all of them: a wheel that lacked one
     # would leave every kernel unbuilt and the engine on its torch fallbacks)
     package_data={"pcb_fast.cpu": ["*.c", "*.h"]},
@@ -21,8 +21,10 @@ setup(
         "gpu": ["triton>=3.6; platform_system == 'Linux'"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "safetensors>=0.4", "scikit-learn",
                  "triton>=3.6; platform_system == 'Linux'"],
-        # peers run side by side in tests/test_peers.py (mergekit 0.1.5's YAML semantics); install after torch
-        "peers": ["mergekit==0.1.5"],
+        # peers run side by side in the tests (mergekit 0.1.5's YAML semantics, PEFT's adapters, transformers'
+        # models), with Hugging Face's `kernels` beside them: the package our kernels/ must never shadow
+        # (docs/design.md 1). Install after torch.
+        "peers": ["mergekit==0.1.5", "transformers", "peft", "kernels"],
         # the merge-quality benchmark (real data from scikit-learn, a bar chart) and the benchmark plots
         "bench": ["scikit-learn", "matplotlib", "safetensors>=0.4", "pytest-benchmark>=4"],
         # pcb_fast.integrations.fusion_bench as FusionBench method configs (heavy: lightning, transformers,
