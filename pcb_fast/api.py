@@ -18,7 +18,7 @@ from .cpu import fused as fused_cpu
 from .gpu import backend as triton_backend
 from .io.checkpoints import StateDictCheckpoint, check_models_match, split_keys
 from .io.tied import check_tied, same_as_base, tied_groups
-from .methods import ENGINE_ONLY, METHODS, engine_only_option
+from .methods import SPECS, spec_of
 from .methods.pcb import check_params as check_pcb_params
 
 
@@ -58,7 +58,7 @@ def pcb_merge(task_vectors, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant
         out[segment.offset + lo : segment.offset + hi] = values
 
     with CpuThreads(threads) as source.threads:
-        info = engine.run(METHODS["pcb"][0], source, sink, ratio=ratio, clamp_ratio=clamp_ratio, inter=inter,
+        info = engine.run(SPECS["pcb"].merge, source, sink, ratio=ratio, clamp_ratio=clamp_ratio, inter=inter,
                           variant=variant, lambdas=lambdas, block_width=block_width)
     if report is not None:
         report.update(info)
@@ -117,27 +117,17 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     differently; docs/design.md 9); "auto": the C loops always, compiled ones for merges of at least
     2^29 task-vector entries (PCB: 2^31), where compiling pays for itself.
     """
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not valid; choose one of {', '.join(map(repr, METHODS))}")
-    accepted = METHODS[method][1]
-    unknown = sorted(set(method_params) - set(accepted) - {"segment_params"})
-    if unknown:
-        raise ValueError(f"method {method!r} has no parameter {unknown[0]!r}; valid: {', '.join(accepted)}")
+    spec = spec_of(method)
+    models = list(models)
+    check_method_params(method, len(models), lam, lambdas, scope, method_params)  # before any heavy work
     lam = checks.check_lam(lam)
-    checks.check_choice("scope", scope, checks.SCOPE_CHOICES)
     budget = None if max_memory is None else checks.parse_size(max_memory, "max_memory")
     checks.check_choice("fused", fused, fused_cpu.MODES)
     check_threads(threads)
     models, names, merged_keys, copied_keys, device = check_state_dicts(base, models, exclude, model_names)
     backend = resolve_backend(backend, device)
-    if backend == "triton" and method not in ("pcb",) + triton_backend.BASELINES:
-        raise ValueError(f"method {method!r} runs on backends 'torch' and 'reference' in this version; the triton "
-                         f"backend runs 'pcb', {', '.join(map(repr, triton_backend.BASELINES))}")
     if backend == "triton":
-        option = ("parameters that vary by tensor" if "segment_params" in method_params
-                  else engine_only_option(method, method_params))
-        if option is not None:
-            raise ValueError(f"{option} runs on backends 'torch' and 'reference' in this version, not on 'triton'")
+        spec.for_kernels(method_params)  # before any heavy work
     # tied parameters are merged once, under their first name (io/tied.py)
     aliases = check_tied(base, models, names, merged_keys)
     merged_keys = [k for k in merged_keys if k not in aliases]
@@ -197,15 +187,13 @@ def _merge_keys(base, models, names, merged_keys, out, device, *, method, backen
                 budget, fused, threads="auto", **method_params) -> dict:
     """Merge ``merged_keys`` into ``out`` on ``backend``; returns what the backend reports."""
     if backend == "reference":
-        check_method_params(method, len(models), lam, lambdas, scope, method_params)
         _reference_merge(base, models, merged_keys, out, method=method, lam=lam, lambdas=lambdas, scope=scope,
                          **method_params)
         return {}
     if backend == "triton":
         for key in merged_keys:
             out[key] = torch.empty(base[key].shape, dtype=base[key].dtype, device=device)
-        # mergekit's options reach here only at their defaults (merge checks): the kernels' own behaviour
-        method_params = {k: v for k, v in method_params.items() if k not in ENGINE_ONLY}
+        method_params = SPECS[method].for_kernels(method_params)
         return triton_backend.merge_state_dicts(base, models, merged_keys, out, names, lam=lam, scope=scope,
                                                 lambdas=lambdas, method=method, **method_params)
     for key in merged_keys:  # contiguous whatever the base's layout: written flat, in the base's index order
@@ -223,7 +211,7 @@ def _merge_keys(base, models, names, merged_keys, out, device, *, method, backen
     source.memory_budget = budget
     fused_cpu.configure(source, fused, method, method_params)
     with CpuThreads(threads) as source.threads:
-        return engine.run(METHODS[method][0], source, sink, scope=scope, lambdas=lambdas, block_width=block_width,
+        return engine.run(SPECS[method].merge, source, sink, scope=scope, lambdas=lambdas, block_width=block_width,
                           **method_params)
 
 
@@ -252,11 +240,17 @@ def check_state_dicts(base: dict, models, exclude=(), model_names=None):
 
 
 def check_method_params(method: str, n: int, lam, lambdas, scope: str, params: dict) -> None:
-    """Validate a method and its parameters without touching real data: the same checks a merge
-    makes, run by the engine on a two-entry model (so every message is the one a real merge gives)."""
-    base = {"w": torch.zeros(2)}
-    merge(base, [{"w": torch.zeros(2)} for _ in range(n)], method=method, lam=lam, lambdas=lambdas, scope=scope,
-          backend="torch", **params)
+    """Validate a method and its parameters for ``n`` models from the method's spec, without merging
+    anything (the checks, and so the messages, a merge makes)."""
+    checks.check_n_models(n)
+    spec = spec_of(method)
+    checks.check_lam(lam)
+    checks.check_choice("scope", scope, checks.SCOPE_CHOICES)
+    checks.check_lambdas(lambdas, n)
+    spec.validate(params, n)
+    if params.get("segment_params") is not None and scope != "tensor":
+        raise ValueError(f"parameters that vary by tensor ({params['segment_params']}) need scope='tensor', "
+                         f"but scope={scope!r}")
 
 
 def _reference_merge(base, models, merged_keys, out, *, method, lam, lambdas, scope, segment_params=None, **params):

@@ -17,21 +17,12 @@ import warnings
 
 from . import __version__
 from .core.checks import check_ratio
+from .methods import SPECS, flag_params
 
-# Method parameters as flags: (flag, keyword, type).
-METHOD_FLAGS = [
-    ("--ratio", "ratio", float, "pcb: keep ratio, 0 < r <= 1 (default 0.1)"),
-    ("--clamp-ratio", "clamp_ratio", float, "pcb: outlier clip ratio, 0 <= a < 0.5 (default 1e-4)"),
-    ("--inter", "inter", str, "pcb: sum, normalized_sum or pairwise (default sum)"),
-    ("--variant", "variant", str, "pcb: official or paper (default official)"),
-    ("--density", "density", float, "ties: kept fraction per task (default 0.2)"),
-    ("--sign-ties", "sign_ties", str, "ties, dare_ties: majority or positive"),
-    ("--topk", "topk", str, "ties: threshold or exact"),
-    ("--p", "p", float, "dare, dare_ties: drop probability (default 0.9)"),
-    ("--seed", "seed", int, "dare, dare_ties: seed of the drop mask (default 0)"),
-    ("--gamma", "gamma", float, "breadcrumbs: top fraction dropped per row (default 0.01)"),
-    ("--beta", "beta", float, "breadcrumbs: next fraction kept per row (default 0.1)"),
-]
+# Method parameters as flags, from the methods' specs: (flag, keyword, type, declaration, methods taking it).
+_TYPES = {"number": float, "int": int}
+METHOD_FLAGS = [(f"--{name.replace('_', '-')}", name, _TYPES.get(param.kind, str), param, methods)
+                for name, (param, methods) in flag_params().items()]
 # Flags that describe a merge, which a --config file replaces.
 MERGE_FLAGS = ("base", "model", "method", "lam", "lambdas", "scope", "exclude", "dtype") + tuple(f[1] for f in METHOD_FLAGS)
 # --seed is DARE's drop seed in merge and search alike; the search's CMA-ES seed is --search-seed
@@ -63,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             ".bin/.pt) of one base model into a sharded safetensors folder.")
     merge.add_argument("--config", help="a YAML merge configuration (mergekit's format, a subset) instead of the "
                                         "merge flags below")
-    _model_flags(merge)
+    _model_flags(merge, list(SPECS))
     merge.add_argument("--adapter", action="append",
                        help="a PEFT LoRA adapter folder of --base (adapter_config.json, adapter_model.safetensors), "
                             "merged as a model without materialising its delta (repeat for each; instead of --model)")
@@ -91,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Load the models, cache the merge's contributions once, and search one "
                                              "coefficient per model with CMA-ES, maximising a Python function you "
                                              "provide; write the best merged model and the history.")
-    _model_flags(search, methods="pcb (default), task_arithmetic, dare, ties")
+    _model_flags(search, [name for name, spec in SPECS.items() if spec.searchable])
     search.add_argument("--eval", required=True, dest="evaluate",
                         help="module:function or path/to/file.py:function; called with the merged state dict, "
                              "returns a score (higher is better)")
@@ -108,15 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _model_flags(parser, methods: str = "pcb (default), average, task_arithmetic, ties, dare, dare_ties, breadcrumbs") -> None:
+def _model_flags(parser, methods: list) -> None:
+    """The flags of a merge by one of ``methods`` (the first is the default): models, method, the
+    general parameters and every method parameter those methods take."""
     parser.add_argument("--base", help="the base (pre-trained) model")
     parser.add_argument("--model", action="append", help="a fine-tuned model (repeat for each)")
-    parser.add_argument("--method", help=methods)
+    parser.add_argument("--method", help=f"{methods[0]} (default), {', '.join(methods[1:])}")
     parser.add_argument("--lam", type=float, help="theta = theta_pre + lam * tau_m (default 1.0)")
     parser.add_argument("--scope", help="global (default: statistics over the whole model) or tensor")
     parser.add_argument("--exclude", action="append", help="regex of keys copied from the base (repeatable)")
-    for flag, dest, kind, text in METHOD_FLAGS:
-        parser.add_argument(flag, dest=dest, type=kind, help=text)
+    for flag, dest, kind, param, takers in METHOD_FLAGS:
+        takers = [m for m in takers if m in methods]
+        if takers:
+            parser.add_argument(flag, dest=dest, type=kind,
+                                help=f"{', '.join(takers)}: {param.help} (default {param.default})")
 
 
 def _threads(text: str):
@@ -260,8 +256,8 @@ def run_search(args) -> int:
     if not args.base or not args.model:
         raise ValueError("--base and at least one --model are required")
     method = args.method or "pcb"
-    params = {name: getattr(args, name) for name in ("scope", "exclude") + tuple(f[1] for f in METHOD_FLAGS)
-              if getattr(args, name) is not None}
+    params = {name: getattr(args, name, None) for name in ("scope", "exclude") + tuple(f[1] for f in METHOD_FLAGS)
+              if getattr(args, name, None) is not None}
     lam = 1.0 if args.lam is None else args.lam
     check_method_params(method, len(args.model), lam, None, params.get("scope", "global"),
                         {k: v for k, v in params.items() if k not in ("scope", "exclude")})

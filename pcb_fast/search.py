@@ -30,11 +30,11 @@ from .core.formulas import disjoint_mean, elected_signs, zero_sign_fill
 from .core.sources import DEFAULT_BLOCK_WIDTH, StateDictSource
 from .core.threads import CpuThreads, check_threads
 from .io.tied import check_tied, tied_groups
-from .methods import ENGINE_ONLY, METHODS, engine_only_option
+from .methods import SPECS
 from .methods.linear import dare_block, check_drop, check_seed
 from .methods.ties import SIGN_TIES, TOPK, Trim, check_density
 
-SEARCHABLE = ("pcb", "task_arithmetic", "dare", "ties")
+SEARCHABLE = tuple(name for name, spec in SPECS.items() if spec.searchable)
 
 
 class ContributionCache:
@@ -53,14 +53,13 @@ class ContributionCache:
         if method not in SEARCHABLE:
             raise ValueError(f"method={method!r} has no per-task coefficients to search; choose one of "
                              f"{', '.join(map(repr, SEARCHABLE))}")
-        unknown = sorted(set(params) - set(METHODS[method][1]))
-        if unknown:
-            raise ValueError(f"method {method!r} has no parameter {unknown[0]!r}; valid: {', '.join(METHODS[method][1])}")
-        option = engine_only_option(method, params)
+        spec = SPECS[method]
+        spec.check_names(params)
+        option = spec.engine_only_option(params)
         if option is not None:
             raise ValueError(f"{option} is not supported by the coefficient search, which runs the methods' "
                              f"default options; merge with it instead")
-        params = {k: v for k, v in params.items() if k not in ENGINE_ONLY}
+        params = spec.without_engine_options(params)
         checks.check_choice("scope", scope, checks.SCOPE_CHOICES)
         self.threads = check_threads(threads)
         models, names, self.merged, self.copied, device = check_state_dicts(base, models, exclude)
@@ -105,7 +104,7 @@ class ContributionCache:
                     values[i].append(v.clone())
             self._den[segment.key][lo:hi] = den
 
-        info = engine.run(METHODS["pcb"][0], self.source, lambda *a: None, scope=self.scope, record=record,
+        info = engine.run(SPECS["pcb"].merge, self.source, lambda *a: None, scope=self.scope, record=record,
                           reuse=self.reuse, block_width=block_width, **self.params)
         self.kept = info["kept"]
         self._entries = {k: [(torch.cat(p) if p else torch.empty(0, dtype=torch.int64),

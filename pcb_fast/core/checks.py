@@ -20,6 +20,12 @@ def check_choice(name: str, value, choices: Sequence[str]) -> str:
     return value
 
 
+def check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be true or false")
+    return value
+
+
 def check_ratio(ratio) -> float:
     """Keep ratio r: 0 < r <= 1."""
     r = as_float("ratio", ratio)

@@ -41,6 +41,7 @@ import torch
 
 from ..core import checks
 from ..core.formulas import clip_indices, keep_index, lambda_column, merged_weights, span_or_inf
+from ..methods import SPECS
 
 
 @dataclass
@@ -415,7 +416,8 @@ def merge_state_dicts(base: dict, models: list, merged_keys: list, out: dict, na
     return merge_pcb(parts, len(models), lam=lam, scope=scope, lambdas=lambdas, **where, **params)
 
 
-BASELINES = ("average", "task_arithmetic", "ties", "dare", "dare_ties", "breadcrumbs")
+# the methods whose specs name the triton backend, PCB apart
+BASELINES = tuple(name for name, spec in SPECS.items() if "triton" in spec.backends and name != "pcb")
 
 
 def _dare_streams(seed: int, n: int, keys: list, device) -> torch.Tensor:

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -23,20 +22,11 @@ from collections import Counter
 from pathlib import Path
 
 from .. import __version__
-from ..methods import METHODS
+from ..methods import SPECS
 
-METHOD_NAMES = {
-    "pcb": ("PCB-Merging", "https://arxiv.org/abs/2410.02396"),
-    "average": ("Linear (model soup)", "https://arxiv.org/abs/2203.05482"),
-    "linear": ("Linear (model soup)", "https://arxiv.org/abs/2203.05482"),
-    "task_arithmetic": ("Task Arithmetic", "https://arxiv.org/abs/2212.04089"),
-    "ties": ("TIES", "https://arxiv.org/abs/2306.01708"),
-    "dare": ("DARE", "https://arxiv.org/abs/2311.03099"),
-    "dare_linear": ("Linear DARE", "https://arxiv.org/abs/2311.03099"),
-    "dare_ties": ("DARE TIES", "https://arxiv.org/abs/2311.03099"),
-    "breadcrumbs": ("Model Breadcrumbs", "https://arxiv.org/abs/2312.06795"),
-    "breadcrumbs_ties": ("Model Breadcrumbs with TIES", "https://arxiv.org/abs/2312.06795"),
-}
+# a method's name, pcb_fast's or mergekit's -> (its title, its paper)
+METHOD_NAMES = {name: (spec.summary, spec.url) for spec in SPECS.values()
+                for name in (spec.name, spec.mergekit) if name is not None}
 TOKENIZER_FILES = ("tokenizer_config.json", "chat_template.jinja", "chat_template.json")
 # The ChatML template (one of the names mergekit's chat_template accepts)
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
@@ -84,8 +74,7 @@ def flags_config(*, base, models, method, lam, lambdas, scope, exclude, dtype, p
             entry["parameters"] = {"weight": float(lambdas[i])}
         entries.append(entry)
     # every parameter, defaults included: in the YAML, mergekit's method names default to mergekit's rules
-    defaults = inspect.signature(METHODS[method][0]).parameters
-    parameters = {name: defaults[name].default for name in METHODS[method][1]}
+    parameters = dict(SPECS[method].defaults)
     parameters.update((k, v) for k, v in sorted(params.items()) if k != "segment_params")
     parameters.update(lam=float(lam), scope=scope)
     if exclude:

@@ -31,7 +31,7 @@ from ..core.formulas import merged_weights
 from ..core.sources import DEFAULT_BLOCK_WIDTH, CachedSource, CheckpointSource
 from ..core.threads import CpuThreads, check_threads, room_for_io
 from ..cpu import fused as fused_cpu, native
-from ..methods import METHODS, scope_matters, single_pass
+from ..methods import SPECS, scope_matters, spec_of
 from .card import write_card
 from .checkpoints import check_models_match, open_checkpoint, side_files, split_keys
 from .distributed import assign_shards
@@ -97,8 +97,7 @@ def check_merge_options(method, n, lam, lambdas, scope, exclude, method_params, 
     from ..api import check_method_params  # the api merges in memory; it sits above io
 
     checks.check_n_models(n)
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not valid; choose one of {', '.join(map(repr, METHODS))}")
+    spec_of(method)
     lam = checks.check_lam(lam)
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     check_method_params(method, n, lam, lambdas, scope, method_params)
@@ -322,7 +321,7 @@ def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam,
         # LLM of bench_llm, bf16: TIES global 19.1 s with the cache, 11.0 s without; PCB 28.7 s, 21.6 s).
         cached = source.n * 4 * (source.D if scope == "global" else max(s.numel for s in source.segments))
         inputs = sum(ck.numel(k) * ck.dtype(k).itemsize for ck in model_cks for k in keys)
-        if (cached <= budget and not single_pass(method, params)
+        if (cached <= budget and not SPECS[method].single_pass(params)
                 and (scope == "tensor" or cached <= inputs)):
             source = CachedSource(source)
             budget -= cached
@@ -366,7 +365,7 @@ def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam,
         sink.from_inputs = from_inputs
     try:
         with CpuThreads(threads) as source.threads:
-            return engine.run(METHODS[method][0], source, sink, scope=scope, lambdas=lambdas,
+            return engine.run(SPECS[method].merge, source, sink, scope=scope, lambdas=lambdas,
                               block_width=block_width, **params)
     finally:
         reader.close_reads()  # also when an exception (a signal, an error) left a pass suspended

@@ -205,16 +205,10 @@ def merge_on_device(base_ck, model_cks, merged: list, local: set, writer, out_dt
     key: ``merged``) through ``comm``, written by ``writer``. Bad data is recorded with comm.fail and
     raised on every rank at the next collective. Returns {"kept", "entries"} of the whole model."""
     from ..gpu import backend as triton_backend
-    from ..methods import ENGINE_ONLY, engine_only_option
+    from ..methods import SPECS
     from ..core import checks
 
-    if method not in ("pcb",) + triton_backend.BASELINES:
-        raise ValueError(f"method {method!r} runs on backends 'torch' and 'reference' in this version; the triton "
-                         f"backend runs 'pcb', {', '.join(map(repr, triton_backend.BASELINES))}")
-    option = engine_only_option(method, params)
-    if option is not None:
-        raise ValueError(f"{option} runs on backends 'torch' and 'reference' in this version, not on 'triton'")
-    params = {k: v for k, v in params.items() if k not in ENGINE_ONLY}
+    params = SPECS[method].for_kernels(params)
     device = comm.merge_device
     keys = [k for k in merged if k in local]
     base, models, out = {}, [{} for _ in model_cks], {}

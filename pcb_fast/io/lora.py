@@ -56,7 +56,7 @@ from ..core.formulas import merged_weights
 from ..core.sources import DEFAULT_BLOCK_WIDTH, Block, TaskVectorSource, segments_of
 from ..core.threads import CpuThreads, one_thread
 from ..cpu import fused as fused_cpu
-from ..methods import METHODS
+from ..methods import SPECS
 from .checkpoints import MERGED_DTYPES, open_checkpoint, split_keys
 from .safetensors import NotAFileError, read_regular, show
 from .tied import merged_aliases, tied_groups
@@ -538,7 +538,7 @@ def merge_adapters(base, adapters, out=None, *, method="pcb", lam=1.0, lambdas=N
 
 def _run(source, sink, run) -> dict:
     with CpuThreads(run["threads"]) as source.threads:
-        return engine.run(METHODS[run["method"]][0], source, sink, scope=run["scope"], lambdas=run["lambdas"],
+        return engine.run(SPECS[run["method"]].merge, source, sink, scope=run["scope"], lambdas=run["lambdas"],
                           block_width=run["block_width"], **run["params"])
 
 

@@ -25,21 +25,18 @@ references, other tokenizer sources) is a one-line "not supported: ..." naming t
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
 import warnings
 from pathlib import Path
 
-from ..methods import METHODS
+from ..methods import SPECS
 
-# mergekit's name -> pcb_fast's method
-MERGEKIT_METHODS = {"linear": "average", "task_arithmetic": "task_arithmetic", "ties": "ties",
-                    "dare_ties": "dare_ties", "dare_linear": "dare", "breadcrumbs": "breadcrumbs",
-                    "breadcrumbs_ties": "breadcrumbs_ties"}
+# mergekit's name -> pcb_fast's method (each method's spec says what mergekit calls it)
+MERGEKIT_METHODS = {spec.mergekit: name for name, spec in SPECS.items() if spec.mergekit is not None}
 # pcb_fast's own names, with the authors' semantics and pcb_fast's defaults
-OWN_METHODS = ("pcb", "average", "dare")
+OWN_METHODS = tuple(name for name in SPECS if name not in MERGEKIT_METHODS)
 # mergekit's methods that pcb_fast does not have, each with what it is
 NOT_SUPPORTED_METHODS = {
     "passthrough": "copies tensors or layer ranges unchanged; pcb-fast merges whole models",
@@ -57,22 +54,12 @@ NOT_SUPPORTED_ENTRIES = {
     "tokenizer": "building a merged tokenizer; pcb-fast copies the base model's tokenizer",
 }
 GENERAL_PARAMETERS = ("lam", "scope", "exclude")
-# mergekit's defaults for its names (pcb_fast's parameter names and values)
-MERGEKIT_DEFAULTS = {
-    "average": {"scope": "tensor"},
-    "task_arithmetic": {"scope": "tensor", "normalize": False},
-    "ties": {"scope": "tensor", "density": 1.0, "sign_ties": "positive", "topk": "exact", "min_keep": 1,
-             "normalize": True},
-    "dare_ties": {"scope": "tensor", "density": 1.0, "sign_ties": "positive", "rescale": "l1", "normalize": False},
-    "dare": {"scope": "tensor", "density": 1.0, "rescale": "l1", "normalize": False},
-    "breadcrumbs": {"scope": "tensor", "density": 1.0, "gamma": 0.01, "band": "tensor", "normalize": False},
-    "breadcrumbs_ties": {"scope": "tensor", "density": 1.0, "gamma": 0.01, "band": "tensor",
-                         "sign_ties": "positive", "normalize": False},
-}
-PER_MODEL = ("weight", "density", "gamma", "p", "beta")
-KINDS = {"weight": "number", "lam": "number", "density": "number", "gamma": "number", "beta": "number", "p": "number",
-         "ratio": "number", "clamp_ratio": "number", "normalize": "bool", "int8_mask": "bool", "seed": "int",
-         "min_keep": "int", "rescale": "rescale"}
+# mergekit's parameters per model: the weight and density of its YAML, and pcb_fast's own ones
+PER_MODEL = ("weight", "density") + tuple(dict.fromkeys(
+    p.name for spec in SPECS.values() for p in spec.params if p.per_model and p.name != "density"))
+# how a YAML value is read: the YAML's own entries, then every method's parameters
+KINDS = {"weight": "number", "lam": "number", "density": "number", "int8_mask": "bool",
+         **{p.name: ("str" if p.kind == "choice" else p.kind) for spec in SPECS.values() for p in spec.params}}
 MIN_NUM_LAYERS_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 
@@ -147,10 +134,9 @@ def parse(raw, where: str = "config") -> dict:
 def _without_defaults(method: str, params: dict) -> dict:
     """``params`` less those equal to the method's defaults, so that a config saying what flags say
     gives the same output bytes (the metadata lists the parameters given)."""
-    defaults = inspect.signature(METHODS[method][0]).parameters
+    defaults = SPECS[method].defaults
     return {k: v for k, v in params.items()
-            if not (k in defaults and not isinstance(v, list) and type(v) is type(defaults[k].default)
-                    and v == defaults[k].default)}
+            if not (k in defaults and not isinstance(v, list) and type(v) is type(defaults[k]) and v == defaults[k])}
 
 
 def _method(raw, where):
@@ -197,7 +183,7 @@ def _same(a: str, b: str) -> bool:
 def _parameter_names(method: str, mergekit: bool) -> dict:
     """Parameter name in the YAML -> (pcb_fast's name, per model allowed)."""
     names = {"weight": "lambdas", "lam": "lam", "lambda": "lam"}
-    names.update({p: p for p in METHODS[method][1]})
+    names.update({p: p for p in SPECS[method].param_names})
     names.update({"scope": "scope", "exclude": "exclude"})
     if method in ("dare", "dare_ties"):
         names["density"] = "density"  # 1 - p
@@ -244,7 +230,7 @@ class Settings:
         self.shared = {("lam" if k == "lambda" else k): v for k, v in shared.items() if k != "exclude"}
         self.labels = {("lam" if k == "lambda" else k): k for k in shared}  # as written
         self.per_model = per_model
-        self.defaults = dict(MERGEKIT_DEFAULTS.get(method, {"scope": "tensor"}) if mergekit else {"scope": "global"})
+        self.defaults = dict(SPECS[method].mergekit_defaults) if mergekit else {"scope": "global"}
         written = set(self.shared) | {k for p in per_model for k in p}
         if written & {"p", "beta"}:  # pcb_fast's own names instead of mergekit's density
             self.defaults.pop("density", None)
@@ -326,12 +312,12 @@ class Settings:
                 gammas = values.get("gamma") or [self.defaults.get("gamma", 0.01)] * n
                 values["beta"] = [min(d, 1.0) for d in density]
                 values["gamma"] = [0.0 if d >= 1.0 else g for d, g in zip(density, gammas)]
-        defaults = inspect.signature(METHODS[self.method][0]).parameters
+        defaults = SPECS[self.method].defaults
         for name, value in values.items():
             if value is None or (isinstance(value, list) and all(v is None for v in value)):
                 continue
             if isinstance(value, list):  # a model without its own value, nor a shared one: the method's default
-                value = [defaults[name].default if v is None and name in defaults else v for v in value]
+                value = [defaults[name] if v is None and name in defaults else v for v in value]
                 value = value[0] if all(v == value[0] for v in value) else value
             out[name] = value
         return out

@@ -19,19 +19,14 @@ from ..core.formulas import lambda_column, sum_over_tasks
 from ..core.sources import DEFAULT_BLOCK_WIDTH, row_length
 from ..core.threads import one_thread
 from ..cpu import fused as fused_cpu, native
-
-
-def check_flag(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name}={value!r} must be true or false")
-    return value
+from .spec import MethodSpec, Param, choice, flag
 
 
 def normalizing_divisor(lam, n: int, normalize: bool):
     """mergekit's ``normalize: true`` for task arithmetic, DARE and Breadcrumbs: divide the weighted
     sum by the sum of the weights (n without ``lambdas``), or by 1 where that sum is within 1e-8
     of 0; None without ``normalize``."""
-    if not check_flag("normalize", normalize):
+    if not checks.check_flag("normalize", normalize):
         return None
     total = float(n) if lam is None else float(lam.sum())
     return 1.0 if abs(total) < 1e-8 else total
@@ -369,3 +364,53 @@ def _merge_breadcrumbs_fused(source, sink, gamma, beta, lam, block_width):
             total.view(-1, row)[redo] = sum_over_tasks((sub * mask).reshape(n, -1) * lam).view(-1, row)
         sink(block.segment, block.lo, block.hi, total)
     return kept
+
+
+NORMALIZE_HELP = "divide by the sum of the weights (mergekit's normalize)"
+AVERAGE = MethodSpec(
+    name="average", merge=merge_average, summary="Linear (model soup)",
+    citation="Wortsman et al., Model soups, ICML 2022", url="https://arxiv.org/abs/2203.05482",
+    backends=("torch", "triton", "reference"), mergekit="linear", mergekit_defaults={"scope": "tensor"},
+    single_pass=lambda params: True, uses_statistics=False)
+TASK_ARITHMETIC = MethodSpec(
+    name="task_arithmetic", merge=merge_task_arithmetic, summary="Task Arithmetic",
+    citation="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023", url="https://arxiv.org/abs/2212.04089",
+    params=(Param("normalize", False, flag("normalize"), NORMALIZE_HELP, engine_only=True, kind="bool", flag=False),),
+    backends=("torch", "triton", "reference"), mergekit="task_arithmetic",
+    mergekit_defaults={"scope": "tensor", "normalize": False}, searchable=True,
+    single_pass=lambda params: True, uses_statistics=False)
+DARE_PARAMS = (
+    Param("p", 0.9, check_drop, "drop probability", per_model=True),
+    Param("seed", 0, check_seed, "seed of the drop mask", kind="int"),
+    Param("rescale", "inverse", choice("rescale", RESCALE),
+          "inverse (1/(1-p)), l1 (mergekit's rescale: true) or none", engine_only=True, kind="rescale", flag=False),
+)
+DARE = MethodSpec(
+    name="dare", merge=merge_dare, summary="DARE",
+    citation="Yu et al., Language Models are Super Mario, ICML 2024", url="https://arxiv.org/abs/2311.03099",
+    params=DARE_PARAMS + (Param("normalize", False, flag("normalize"), NORMALIZE_HELP, engine_only=True, kind="bool",
+                                flag=False),),
+    backends=("torch", "triton", "reference"), loops=("c", "compiled"), mergekit="dare_linear",
+    mergekit_defaults={"scope": "tensor", "density": 1.0, "rescale": "l1", "normalize": False}, searchable=True,
+    single_pass=lambda params: params.get("rescale", "inverse") != "l1")
+BAND_PARAMS = (
+    Param("gamma", 0.01, lambda v: checks.as_float("gamma", v), "top fraction dropped per row", per_model=True),
+    Param("beta", 0.1, lambda v: checks.as_float("beta", v), "next fraction kept per row", per_model=True),
+    Param("band", "row", choice("band", BANDS), "row (the authors') or tensor (mergekit's)", engine_only=True,
+          kind="choice", flag=False),
+)
+
+
+def check_band_params(params: dict, n: int) -> None:
+    check_bands(params["gamma"], params["beta"], params["band"], n)
+
+
+BREADCRUMBS = MethodSpec(
+    name="breadcrumbs", merge=merge_breadcrumbs, summary="Model Breadcrumbs",
+    citation="Davari & Belilovsky, Model Breadcrumbs, ECCV 2024", url="https://arxiv.org/abs/2312.06795",
+    params=BAND_PARAMS + (Param("normalize", False, flag("normalize"), NORMALIZE_HELP, engine_only=True, kind="bool",
+                                flag=False),),
+    check_together=check_band_params, backends=("torch", "triton", "reference"), loops=("compiled",),
+    mergekit="breadcrumbs",
+    mergekit_defaults={"scope": "tensor", "density": 1.0, "gamma": 0.01, "band": "tensor", "normalize": False},
+    single_pass=lambda params: True)

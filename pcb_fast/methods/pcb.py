@@ -27,9 +27,7 @@ from ..core.sources import DEFAULT_BLOCK_WIDTH
 from ..core.threads import one_thread
 from ..cpu import fused as fused_cpu, native
 from ..cpu import pcb_blocks as tb
-
-PARAMS = ("ratio", "clamp_ratio", "inter", "variant")
-
+from .spec import MethodSpec, Param, choice
 
 def check_params(n: int, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant="official", lambdas=None) -> dict:
     """Validated PCB parameters (ValueError naming the bad value and its valid range)."""
@@ -325,3 +323,16 @@ def _merge_paper(source, sink, params, block_width, record=None, reuse=None):
         num, den = e.sums(value, kept_beta)
         sink(e.segment, e.lo, e.hi, torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0))
     return kept_counts
+
+
+SPEC = MethodSpec(
+    name="pcb", merge=merge_pcb, summary="PCB-Merging",
+    citation="Du et al., Parameter Competition Balancing for Model Merging, NeurIPS 2024",
+    url="https://arxiv.org/abs/2410.02396",
+    params=(Param("ratio", 0.1, checks.check_ratio, "keep ratio, 0 < r <= 1"),
+            Param("clamp_ratio", 1e-4, checks.check_clamp_ratio, "outlier clip ratio, 0 <= a < 0.5"),
+            Param("inter", "sum", choice("inter", checks.INTER_CHOICES), "sum, normalized_sum or pairwise",
+                  kind="choice"),
+            Param("variant", "official", choice("variant", checks.VARIANT_CHOICES), "official or paper",
+                  kind="choice")),
+    backends=("torch", "triton", "reference"), loops=("compiled",), searchable=True)

@@ -29,7 +29,9 @@ from ..core.engine import ColumnSample, raise_if_not_finite, select_in_bracket, 
 from ..core.formulas import disjoint_mean, elected_signs, lambda_column, zero_sign_fill
 from ..core.sources import DEFAULT_BLOCK_WIDTH
 from ..cpu import fused as fused_cpu
-from .linear import breadcrumbs_blocks, check_bands, check_flag, dare_block, dare_options
+from .linear import (BAND_PARAMS, DARE_PARAMS, breadcrumbs_blocks, check_band_params, check_bands, dare_block,
+                     dare_options)
+from .spec import MethodSpec, Param, choice, flag
 
 SIGN_TIES = ("majority", "positive")
 TOPK = ("threshold", "exact")
@@ -179,7 +181,7 @@ def merge_ties(source, sink, *, density=0.2, sign_ties="majority", topk="thresho
     density = check_densities(density, source.n)
     checks.check_choice("sign_ties", sign_ties, SIGN_TIES)
     checks.check_choice("topk", topk, TOPK)
-    normalize, min_keep = check_flag("normalize", normalize), check_min_keep(min_keep)
+    normalize, min_keep = checks.check_flag("normalize", normalize), check_min_keep(min_keep)
     lam = lambda_column(lambdas, source.n)
     block_width = source.block_width(block_width)
     if fused_cpu.applies(source):
@@ -359,7 +361,7 @@ def merge_dare_ties(source, sink, *, p=0.9, seed=0, sign_ties="majority", rescal
     :func:`pcb_fast.methods.linear.merge_dare`), ``normalize=False`` (the sum of the agreeing entries,
     mergekit's default for dare_ties, instead of their mean)."""
     checks.check_choice("sign_ties", sign_ties, SIGN_TIES)
-    normalize = check_flag("normalize", normalize)
+    normalize = checks.check_flag("normalize", normalize)
     lam = lambda_column(lambdas, source.n)
     p, seed, rescale, factors = dare_options(source, p, seed, rescale, block_width)
     if fused_cpu.applies(source) and fused_cpu.has_loops("dare_ties", dict(p=p, rescale=rescale)):
@@ -386,7 +388,7 @@ def merge_breadcrumbs_ties(source, sink, *, gamma=0.01, beta=0.1, band="row", si
     of the agreeing entries, mergekit's default for this method)."""
     gamma, beta = check_bands(gamma, beta, band, source.n)
     checks.check_choice("sign_ties", sign_ties, SIGN_TIES)
-    normalize = check_flag("normalize", normalize)
+    normalize = checks.check_flag("normalize", normalize)
     lam = lambda_column(lambdas, source.n)
     kept_counts = torch.zeros(source.n, dtype=torch.int64)
 
@@ -435,3 +437,42 @@ def _elect_and_merge(weighted_blocks, sink, lam, sign_ties: str, comm=None, norm
     fill = zero_sign_fill(int(sign_total), sign_ties)
     for segment, lo, hi, weighted in weighted_blocks(False):
         sink(segment, lo, hi, disjoint_mean(weighted, elected_signs(weighted), fill, lam, normalize))
+
+
+SIGN_TIES_PARAM = Param("sign_ties", "majority", choice("sign_ties", SIGN_TIES),
+                        "the sign of a zero sum: majority (the authors') or positive (mergekit's)", kind="choice")
+
+
+def _normalize(default: bool) -> Param:
+    return Param("normalize", default, flag("normalize"),
+                 "the mean of the agreeing entries (true) or their sum (false)", engine_only=True, kind="bool",
+                 flag=False)
+
+
+TIES = MethodSpec(
+    name="ties", merge=merge_ties, summary="TIES",
+    citation="Yadav et al., TIES-Merging, NeurIPS 2023", url="https://arxiv.org/abs/2306.01708",
+    params=(Param("density", 0.2, check_density, "kept fraction per task", per_model=True), SIGN_TIES_PARAM,
+            Param("topk", "threshold", choice("topk", TOPK),
+                  "threshold (the authors' kthvalue) or exact (mergekit's count)", kind="choice"),
+            _normalize(True),
+            Param("min_keep", 0, check_min_keep, "entries every task keeps at least (mergekit: 1)", engine_only=True,
+                  kind="int", flag=False)),
+    backends=("torch", "triton", "reference"), loops=("c", "compiled"), mergekit="ties",
+    mergekit_defaults={"scope": "tensor", "density": 1.0, "sign_ties": "positive", "topk": "exact", "min_keep": 1,
+                       "normalize": True},
+    searchable=True)
+DARE_TIES = MethodSpec(
+    name="dare_ties", merge=merge_dare_ties, summary="DARE TIES",
+    citation="Yu et al., Language Models are Super Mario, ICML 2024", url="https://arxiv.org/abs/2311.03099",
+    params=DARE_PARAMS + (SIGN_TIES_PARAM, _normalize(True)),
+    backends=("torch", "triton", "reference"), loops=("c", "compiled"), mergekit="dare_ties",
+    mergekit_defaults={"scope": "tensor", "density": 1.0, "sign_ties": "positive", "rescale": "l1",
+                       "normalize": False})
+BREADCRUMBS_TIES = MethodSpec(
+    name="breadcrumbs_ties", merge=merge_breadcrumbs_ties, summary="Model Breadcrumbs with TIES",
+    citation="Davari & Belilovsky, Model Breadcrumbs, ECCV 2024", url="https://arxiv.org/abs/2312.06795",
+    params=BAND_PARAMS + (SIGN_TIES_PARAM, _normalize(True)), check_together=check_band_params,
+    mergekit="breadcrumbs_ties",
+    mergekit_defaults={"scope": "tensor", "density": 1.0, "gamma": 0.01, "band": "tensor", "sign_ties": "positive",
+                       "normalize": False})
