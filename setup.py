@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_namespace_packages, setup
 
 setup(
     name="pcb_fast",
@@ -8,9 +8,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     license="Apache-2.0",
-    # pcb_fast/kernels is a link to the top-level kernels/ folder, which has no __init__.py (docs/design.md 1)
-    packages=["pcb_fast", "pcb_fast.core", "pcb_fast.methods", "pcb_fast.cpu", "pcb_fast.gpu", "pcb_fast.io",
-              "pcb_fast.reference", "pcb_fast.kernels", "pcb_fast.integrations"],
+    # every folder of pcb_fast, found rather than listed; pcb_fast/kernels is a link to the top-level kernels/
+    # folder, which has no __init__.py (docs/design.md 1), hence namespace packages
+    packages=find_namespace_packages(include=["pcb_fast", "pcb_fast.*"], exclude=["*.__pycache__"]),
     # the C kernels of pcb_fast.cpu.native, compiled on first use (all of them: a wheel that lacked one
     # would leave every kernel unbuilt and the engine on its torch fallbacks)
     package_data={"pcb_fast.cpu": ["*.c", "*.h"]},
