@@ -3,6 +3,9 @@ cores other processes use, and torch's own setting is restored after every merge
 
 from __future__ import annotations
 
+import io
+import sys
+
 import pytest
 import torch
 
@@ -104,9 +107,15 @@ def test_auto_uses_the_cores_other_processes_leave(monkeypatch):
     assert th.CpuThreads(3).choose() == 3
 
 
-def test_the_other_processes_are_counted_without_this_one():
-    others = th.runnable_elsewhere()
-    assert others is None or others >= 0
+def test_the_other_processes_are_counted_without_this_one(monkeypatch):
+    if sys.platform.startswith("linux"):
+        assert th.runnable_elsewhere() is not None  # /proc tells on Linux
+    stat = b"cpu  1 2 3\nprocs_running 5\nprocs_blocked 0\n"
+    monkeypatch.setattr(th, "open", lambda path, mode="r": io.BytesIO(stat), raising=False)
+    monkeypatch.setattr(th, "_own_running_threads", lambda: 2)
+    assert th.runnable_elsewhere() == 3  # five running, two of them ours
+    monkeypatch.setattr(th, "_own_running_threads", lambda: 7)
+    assert th.runnable_elsewhere() == 0  # never negative (the two reads are not one snapshot)
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "two", True])
