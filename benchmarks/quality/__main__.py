@@ -1,21 +1,25 @@
 """Merge-quality benchmark on real data (scikit-learn's digits), a miniature of the paper's table.
 
-    pip install -e ".[bench]" && python -m benchmarks.quality      # about 1 minute on 2 CPU cores
+    pip install -e ".[bench]" && python -m benchmarks.quality      # three seeds: minutes (docs/benchmarks.md)
+    python -m benchmarks.quality --out benchmarks/results         # refresh the tracked results
     python -m benchmarks.quality --smoke                          # two tasks, a few epochs
 
 Eight tasks made of the same digits seen through different transformations and label maps, one
 shared 361,600-parameter encoder pre-trained on plain digits and fine-tuned gently on each task
 with the task's head fixed (see tasks.py, models.py); every merge method with its hyperparameters
 chosen on the validation split (run.py). Repeated over seeds (different splits, initialisations and
-fine-tunes). Writes benchmarks/results/quality.{json,md,png}.
+fine-tunes). Writes quality.{json,md,png} into --out, by default a new folder
+benchmarks/results/runs/quality-<UTC time>/, so that a run never overwrites the tracked results.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -25,6 +29,18 @@ from benchmarks.bench_cpu import machine
 from .run import FULL, SMOKE, run
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
+
+
+def new_run_folder() -> Path:
+    """A folder of its own for this run's files, under RESULTS/runs/, named by the UTC time."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    for i in itertools.count():
+        folder = RESULTS / "runs" / (f"quality-{stamp}" + (f"-{i}" if i else ""))
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:  # another run started within the same second
+            continue
 
 
 def mean(xs):
@@ -85,7 +101,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="two tasks, a few epochs (checks the plumbing)")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for quality.{json,md,png} (default: a new benchmarks/results/runs/quality-<UTC "
+                             "time>/; --out benchmarks/results refreshes the tracked results)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     config = SMOKE if args.smoke else FULL
@@ -97,14 +115,15 @@ def main(argv=None) -> int:
     print(table)
     if args.smoke:
         return 0
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quality.md").write_text(table + "\n")
-    (args.out / "quality.json").write_text(json.dumps(
+    out = args.out or new_run_folder()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.md").write_text(table + "\n")
+    (out / "quality.json").write_text(json.dumps(
         {"machine": machine(), "config": {k: v for k, v in config.items() if k != "tasks"}, "tasks": runs[0]["tasks"],
          "seconds": [r["seconds"] for r in runs], "parameters": runs[0]["parameters"], "runs": runs,
          "summary": rows}, indent=2, default=str))
-    chart(rows, args.out / "quality.png")
-    print(f"\nwrote {args.out / 'quality.md'}, quality.json, quality.png "
+    chart(rows, out / "quality.png")
+    print(f"\nwrote {out / 'quality.md'}, quality.json, quality.png "
           f"({sum(r['seconds'] for r in runs):.0f} s for {args.seeds} seeds)")
     return 0
 
