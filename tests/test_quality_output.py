@@ -3,6 +3,8 @@ benchmarks/results/quality.* unless the user names that folder with --out."""
 
 from __future__ import annotations
 
+import pytest
+
 import benchmarks.quality.__main__ as quality
 
 
@@ -39,3 +41,10 @@ def test_out_names_the_folder(monkeypatch, tmp_path):
     results = stubbed(monkeypatch, tmp_path)
     assert quality.main(["--seeds", "1", "--out", str(results)]) == 0  # refreshing the tracked results
     assert (results / "quality.json").is_file() and not (results / "runs").exists()
+
+
+def test_the_chart_of_a_single_seed_has_no_error_bars(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = quality.summarize([fake_run(None, 0, None)])
+    quality.chart(rows, tmp_path / "quality.png")  # the sample deviation of one value is undefined
+    assert (tmp_path / "quality.png").stat().st_size > 0

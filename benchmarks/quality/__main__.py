@@ -1,6 +1,6 @@
 """Merge-quality benchmark on real data (scikit-learn's digits), a miniature of the paper's table.
 
-    pip install -e ".[bench]" && python -m benchmarks.quality      # three seeds: minutes (docs/benchmarks.md)
+    pip install -e ".[bench]" && python -m benchmarks.quality      # three seeds (its time: docs/benchmarks.md)
     python -m benchmarks.quality --out benchmarks/results         # refresh the tracked results
     python -m benchmarks.quality --smoke                          # two tasks, a few epochs
 
@@ -82,7 +82,7 @@ def chart(rows: list, path: Path) -> None:
 
     names = [r["row"] for r in rows]
     values = [100 * mean(r["averages"]) for r in rows]
-    errors = [100 * statistics.stdev(r["averages"]) for r in rows]
+    errors = [100 * statistics.stdev(r["averages"]) if len(r["averages"]) > 1 else 0.0 for r in rows]
     colors = ["#999999", "#555555"] + ["#6c8ebf"] * 4 + ["#d6792b"] * (len(rows) - 6)
     fig, ax = plt.subplots(figsize=(10, 4.5))
     ax.bar(range(len(rows)), values, yerr=errors, color=colors, capsize=3)
