@@ -12,6 +12,7 @@ from .core import checks, engine
 from .core.backends import resolve_backend
 from .core.formulas import merged_weights
 from .core.numerics import warm_up_exp
+from .core.options import RunOptions
 from .core.sources import DEFAULT_BLOCK_WIDTH, MatrixSource, StateDictSource
 from .core.threads import CpuThreads, check_threads
 from .cpu import fused as fused_cpu
@@ -57,7 +58,8 @@ def pcb_merge(task_vectors, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant
     def sink(segment, lo, hi, values):
         out[segment.offset + lo : segment.offset + hi] = values
 
-    with CpuThreads(threads) as source.threads:
+    with CpuThreads(threads) as cpu_threads:
+        source.options = RunOptions(threads=cpu_threads)
         info = engine.run(SPECS["pcb"].merge, source, sink, ratio=ratio, clamp_ratio=clamp_ratio, inter=inter,
                           variant=variant, lambdas=lambdas, block_width=block_width)
     if report is not None:
@@ -208,9 +210,9 @@ def _merge_keys(base, models, names, merged_keys, out, device, *, method, backen
         checks.check_merged(segment.key, theta, values)
 
     source = StateDictSource(base, models, merged_keys, names)
-    source.memory_budget = budget
-    fused_cpu.configure(source, fused, method, method_params)
-    with CpuThreads(threads) as source.threads:
+    with CpuThreads(threads) as cpu_threads:
+        source.options = RunOptions(memory_budget=budget, threads=cpu_threads,
+                                    **fused_cpu.settings(fused, source.n * source.D, method, method_params))
         return engine.run(SPECS[method].merge, source, sink, scope=scope, lambdas=lambdas, block_width=block_width,
                           **method_params)
 

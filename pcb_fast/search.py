@@ -18,7 +18,7 @@ import json
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -28,6 +28,7 @@ from .api import check_state_dicts
 from .core import checks, engine
 from .core.formulas import disjoint_mean, elected_signs, zero_sign_fill
 from .core.sources import DEFAULT_BLOCK_WIDTH, StateDictSource
+from .core.options import RunOptions
 from .core.threads import CpuThreads, check_threads
 from .io.tied import check_tied, tied_groups
 from .methods import SPECS
@@ -81,12 +82,13 @@ class ContributionCache:
         self._tau = {k: torch.empty(base[k].numel()) for k in self.merged}
         self.source = StateDictSource(base, models, self.merged, names)
         self.reuse = {} if reuse is None else reuse
-        with CpuThreads(threads) as self.source.threads:  # as a merge does (core/threads.py)
+        with CpuThreads(threads) as cpu_threads:  # as a merge does (core/threads.py)
+            self.source.options = RunOptions(threads=cpu_threads)
             if method == "pcb":
                 self._build_sparse(block_width)
             else:
                 self._build_dense(block_width)
-        self.source.threads = None
+        self.source.options = RunOptions()
 
     # ---- building
 
@@ -123,7 +125,7 @@ class ContributionCache:
             checks.check_choice("topk", self.params.get("topk", "threshold"), TOPK)
             parts = [src] if self.scope == "global" else [src.restrict(s) for s in src.segments]
             for part in parts:
-                part.memory_budget = 0  # the dense trim: (block, kept mask) for every block
+                part.options = replace(part.options, memory_budget=0)  # the dense trim: (block, kept mask) per block
                 width = part.block_width(block_width)
                 trim = Trim(part, density, self.params.get("topk", "threshold"), width)
                 for block, mask in trim.dense_blocks():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from pcb_fast.core import engine
+from pcb_fast.core.options import RunOptions
 from pcb_fast.core.sources import MatrixSource
 
 
@@ -12,8 +13,7 @@ def run_method(method, tv, fused, block_width=4096, budget=None, **params):
     """Run an engine method on a [n, D] matrix; returns (tau_m, kept per task). Checks that every
     block is written (TIES' fused sweep may write a block a second time, docs/design.md 5.3)."""
     source = MatrixSource(tv)
-    source.fused = fused
-    source.memory_budget = budget
+    source.options = RunOptions(fused=fused, memory_budget=budget)
     out = torch.full((source.D,), float("nan"))
 
     def sink(segment, lo, hi, values):

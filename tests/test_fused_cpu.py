@@ -266,15 +266,9 @@ def test_disk_merge_fused_equals_eager(tmp_path):
 def test_only_compiled_loops_keep_the_thread_count(monkeypatch):
     """Compiled loops are specialised to the thread count, so a merge running them keeps the one chosen
     at its start; the C loops are not, so threads="auto" keeps following the machine."""
-    from pcb_fast.core.sources import MatrixSource
-
-    source = MatrixSource(torch.zeros(2, 1 << 15))
-    fused_cpu.configure(source, "on", "ties", {})
-    assert source.fused and not source.fixed_threads
-    fused_cpu.configure(source, "on", "breadcrumbs", {})
-    assert source.fused and source.fixed_threads
-    fused_cpu.configure(source, "on", "ties", {}, allowed=False)
-    assert not source.fused and not source.fixed_threads
+    entries = 2 << 15
+    assert fused_cpu.settings("on", entries, "ties", {}) == {"fused": True, "fixed_threads": False}
+    assert fused_cpu.settings("on", entries, "breadcrumbs", {}) == {"fused": True, "fixed_threads": True}
+    assert fused_cpu.settings("on", entries, "ties", {}, allowed=False) == {"fused": False, "fixed_threads": False}
     monkeypatch.setattr(fused_cpu, "native", types.SimpleNamespace(problem=lambda: "off for this test"))
-    fused_cpu.configure(source, "on", "ties", {})
-    assert source.fused and source.fixed_threads
+    assert fused_cpu.settings("on", entries, "ties", {}) == {"fused": True, "fixed_threads": True}

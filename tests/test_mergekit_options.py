@@ -11,6 +11,7 @@ import torch
 import pcb_fast.reference.baselines as literal
 from pcb_fast import merge
 from pcb_fast.core import engine
+from pcb_fast.core.options import RunOptions
 from pcb_fast.core.sources import MatrixSource
 from pcb_fast.cpu import fused as fused_cpu
 from pcb_fast.methods.ties import merge_dare_ties, merge_ties
@@ -188,7 +189,7 @@ def test_fused_loops_take_the_options(method, params):
     outs = []
     for fused in (False, True):
         source = MatrixSource(tv)
-        source.fused = fused
+        source.options = RunOptions(fused=fused)
         out = torch.empty(source.D)
 
         def sink(segment, lo, hi, values):

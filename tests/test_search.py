@@ -3,6 +3,7 @@ synthetic evaluation with a known optimum, budgets, bounds, failures, and the se
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 pytest.importorskip("cma")
 
 from pcb_fast import merge  # noqa: E402
+from pcb_fast.core.options import RunOptions  # noqa: E402
 from pcb_fast.cli import main as cli  # noqa: E402
 from pcb_fast.search import ContributionCache, EvaluateError, grid_search, search_lambdas  # noqa: E402
 
@@ -57,12 +59,7 @@ def test_cache_built_over_the_memory_budget_applies_like_a_merge(monkeypatch, va
     # Nothing collected: the scores are recomputed in a merge pass, whose entries are recorded.
     import pcb_fast.search as search
 
-    class OverBudget(search.StateDictSource):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.memory_budget = 0
-
-    monkeypatch.setattr(search, "StateDictSource", OverBudget)
+    monkeypatch.setattr(search, "RunOptions", functools.partial(RunOptions, memory_budget=0))
     base, models = make_models()
     cache = ContributionCache(base, models, method="pcb", ratio=0.2, variant=variant, block_width=512)
     lambdas = [0.9, 1.2, 1.0, 0.8]

@@ -58,8 +58,8 @@ def run(method: Callable, source: TaskVectorSource, sink: Sink, *, scope: str = 
         own = dict(params, **segment_params(part.segments[0].key))
         lam = own.pop("lam", None)
         kept += method(part, sink if lam is None else _scaled_sink(sink, checks.check_lam(lam)), **own)
-    if source.comm is not None:
-        source.comm.sum_(kept)  # also where every rank agrees that no rank failed
+    if source.options.comm is not None:
+        source.options.comm.sum_(kept)  # also where every rank agrees that no rank failed
     return {"kept": kept.tolist(), "entries": source.D}
 
 
@@ -84,9 +84,9 @@ def raise_if_not_finite(source: TaskVectorSource, block, row_max: torch.Tensor) 
         task = int(bad.nonzero()[0, 0])
         message = (source.base_problem(block)
                    or f"{source.where(task, block.segment)}: {source.why_not_finite(task, block)}")
-        if source.errors is None:
+        if source.options.errors is None:
             raise ValueError(message)
-        source.errors.fail(message)  # raised on every rank at the next collective
+        source.options.errors.fail(message)  # raised on every rank at the next collective
 
 
 @dataclass
@@ -320,7 +320,7 @@ def select_threshold(
     verified after collecting, and if it was too high for some task, level 1 of the exact radix
     select provides it instead (one more pass).
 
-    When the collected entries would not fit ``source.memory_budget``, nothing is collected: t and M
+    When the collected entries would not fit ``source.options.memory_budget``, nothing is collected: t and M
     come from the two passes of the radix select, and the collected list is None (the method then
     recomputes its scores in a merge pass).
     """
@@ -401,12 +401,12 @@ COLLECTED_BYTES = 16  # per collected entry: int32 position, float32 score and t
 def can_collect(source: TaskVectorSource, rank) -> bool:
     """Whether the entries above rank ``rank`` (one, or [n]) of every task (with a margin) fit the
     source's budget."""
-    if source.comm is not None:
+    if source.options.comm is not None:
         return False  # distributed: thresholds from histograms summed over ranks
-    if source.memory_budget is None:
+    if source.options.memory_budget is None:
         return True
     entries = int((source.D - task_ranks(rank, source.n)).sum()) * 1.05 + source.n * 4096
-    return entries * COLLECTED_BYTES <= source.memory_budget
+    return entries * COLLECTED_BYTES <= source.options.memory_budget
 
 
 class _BracketTooWide(Exception):
@@ -421,9 +421,9 @@ def threshold_in_bracket(source: TaskVectorSource, score_blocks: Callable, rank,
     (a bracket the sample missed, opened on one side). Exact, like the radix select, in one pass
     instead of two."""
     n, D = source.n, source.D
-    if source.comm is not None or sample_scores is None or sample_scores.shape[1] < MIN_SAMPLE:
+    if source.options.comm is not None or sample_scores is None or sample_scores.shape[1] < MIN_SAMPLE:
         return None  # (bounds_from_sample would have no bracket to give)
-    room = None if source.memory_budget is None else source.memory_budget // 4  # float32 values inside
+    room = None if source.options.memory_budget is None else source.options.memory_budget // 4  # float32 values inside
     peak = None  # per task, from the last bracket pass
 
     def bracket_pass(floor, ceiling):
@@ -457,13 +457,13 @@ def threshold_in_bracket(source: TaskVectorSource, score_blocks: Callable, rank,
 def threshold_by_radix(source: TaskVectorSource, score_blocks: Callable, rank, keep_ties: bool):
     """(t, M, kept) by two passes of the exact radix select: no memory beyond the histograms."""
     n = source.n
-    selector = RadixSelect(n, task_ranks(rank, n).unsqueeze(1), source.D, comm=source.comm)
+    selector = RadixSelect(n, task_ranks(rank, n).unsqueeze(1), source.D, comm=source.options.comm)
     peak = torch.full((n,), float("-inf"))
     for _, scores in score_blocks():
         selector.count_high(scores)
         peak = torch.maximum(peak, scores.amax(1))
-    if source.comm is not None:
-        source.comm.max_(peak)
+    if source.options.comm is not None:
+        source.options.comm.max_(peak)
     selector.find_buckets()
     for _, scores in score_blocks():
         selector.count_low(scores)

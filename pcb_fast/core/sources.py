@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Sequence
 
 import torch
 
 from . import checks
 from .memory import HeapTrimmer
+from .options import RunOptions
 from .threads import room_for_io
 
 DEFAULT_BLOCK_WIDTH = 1 << 17  # entries per task per block: an [8, 131072] fp32 block is 4 MiB (fastest here)
@@ -72,22 +73,7 @@ class TaskVectorSource:
         self.segments = list(segments)
         self.D = sum(s.numel for s in self.segments)
         self.model_names = list(model_names)
-        # progress(total_bytes) -> a bar with update(nbytes) and close(), started by every pass
-        self.progress = None
-        # bytes the engine may hold for the entries it collects between passes (None: no limit);
-        # above it, methods find their thresholds by radix select and merge in one more pass
-        self.memory_budget = None
-        # pcb_fast.io.distributed.Comm when this source is one rank's share of a distributed merge (D is
-        # then the global number of entries, segments the local keys); ``errors`` is where bad data is
-        # reported instead of raised, so that every rank fails together (kept by scope="tensor" views)
-        self.comm = None
-        self.errors = None
-        # run the per-block work of the methods that have them through pcb_fast.cpu.fused's loops
-        self.fused = False
-        # keep the thread count chosen at the start (compiled loops are specialised to it)
-        self.fixed_threads = False
-        # core.threads.CpuThreads of the merge: looks at the machine between blocks (None: leave torch's setting)
-        self.threads = None
+        self.options = RunOptions()  # the run's settings, replaced whole by the entry point (core/options.py)
 
     def restrict(self, segment: Segment) -> "TaskVectorSource":
         """The same source seen as a single segment (for scope="tensor")."""
@@ -95,7 +81,7 @@ class TaskVectorSource:
         view.__dict__.update(self.__dict__)
         view.segments = [Segment(segment.key, segment.shape, segment.numel, 0)]
         view.D = segment.numel
-        view.comm = None  # one tensor's statistics live on the rank that holds it
+        view.options = replace(self.options, comm=None)  # one tensor's statistics live on the rank that holds it
         return view
 
     def block_width(self, width: int) -> int:
@@ -125,7 +111,8 @@ class TaskVectorSource:
     def _pass(self, ranges: list) -> Iterator[tuple[Segment, int, int]]:
         """One pass over ``ranges``: the progress bar, the heap, the thread count and the reads ahead,
         around the caller's work on each range."""
-        bar = self.progress(sum(s.numel * self.bytes_per_entry(s) for s in self.segments)) if self.progress else None
+        progress, threads = self.options.progress, self.options.threads
+        bar = progress(sum(s.numel * self.bytes_per_entry(s) for s in self.segments)) if progress else None
         heap = HeapTrimmer()
         try:
             with self._reading(ranges):
@@ -133,8 +120,8 @@ class TaskVectorSource:
                     heap.maybe()  # the blocks' temporaries must not pile up in malloc's arenas
                     # compiled loops are specialised to the thread count: such a merge keeps the one chosen at
                     # its start (a change would recompile them, ~2 s, in the middle of the merge)
-                    if self.threads is not None and not self.fixed_threads:
-                        self.threads.adapt()
+                    if threads is not None and not self.options.fixed_threads:
+                        threads.adapt()
                     yield seg, lo, hi
                     if bar is not None:
                         bar.update((hi - lo) * self.bytes_per_entry(seg))
@@ -259,18 +246,18 @@ class CheckpointSource(TaskVectorSource):
     files again (through the page cache), so memory stays at a few blocks whatever the model size.
     A pass reads ahead of the engine in a background thread (:class:`pcb_fast.core.prefetch.Prefetcher`).
 
-    ``progress``, if given, is called at the start of every pass with the bytes the pass reads and
-    returns an object with ``update(nbytes)`` and ``close()`` (a tqdm bar, for instance).
+    Its options' ``progress`` (core/options.py), if given, is called at the start of every pass with
+    the bytes the pass reads and returns an object with ``update(nbytes)`` and ``close()`` (a tqdm bar,
+    for instance).
     """
 
     # blocks of raw inputs read ahead of the engine (each (n + 1) slices of one block)
     READ_AHEAD = 4
 
-    def __init__(self, base, models: Sequence, merged_keys: Sequence[str], progress=None):
+    def __init__(self, base, models: Sequence, merged_keys: Sequence[str]):
         self._base_ckpt, self._model_ckpts = base, list(models)
         segments = segments_of(merged_keys, base.shape)
         super().__init__(len(self._model_ckpts), segments, [m.name for m in self._model_ckpts])
-        self.progress = progress
         self._buffers = {}
         self._prefetcher = None
         self._readers = []  # every Prefetcher running, shared with the views of restrict() (close_reads)
@@ -312,7 +299,7 @@ class CheckpointSource(TaskVectorSource):
     @contextlib.contextmanager
     def _reading(self, ranges):
         if (self._prefetcher is not None or len(ranges) < 2  # a pass inside a pass reads for itself
-                or (self.threads is not None and not room_for_io(self.threads.threads))):
+                or (self.options.threads is not None and not room_for_io(self.options.threads.threads))):
             yield
             return
         from .prefetch import Prefetcher
@@ -340,9 +327,9 @@ class CheckpointSource(TaskVectorSource):
             with self._natives(seg, lo, hi) as natives:
                 self._subtract(seg.key, lo, hi, natives, out)
         except (ValueError, OSError) as e:
-            if self.errors is None:
+            if self.options.errors is None:
                 raise
-            self.errors.fail(str(e))  # raised on every rank at the next collective
+            self.options.errors.fail(str(e))  # raised on every rank at the next collective
             out.zero_()
         return out
 
@@ -396,10 +383,6 @@ class CachedSource(TaskVectorSource):
     def __init__(self, inner: TaskVectorSource):
         super().__init__(inner.n, inner.segments, inner.model_names)
         self.inner = inner
-        self.progress = inner.progress
-        self.memory_budget = inner.memory_budget
-        self.comm = inner.comm
-        self.errors = inner.errors
         self.cache = None  # allocated by the first pass
         self.complete = False
         # where the caches of this source's restrict() views live: one buffer, sized for the largest
@@ -407,10 +390,18 @@ class CachedSource(TaskVectorSource):
         # zeroed by the kernel for every tensor: seconds on an LLM)
         self._shared = [None]
 
+    @property
+    def options(self) -> RunOptions:
+        """The inner source's: its passes fill the cache."""
+        return self.inner.options
+
+    @options.setter
+    def options(self, options: RunOptions) -> None:
+        if hasattr(self, "inner"):  # (TaskVectorSource.__init__ sets the default before inner exists)
+            self.inner.options = options
+
     def restrict(self, segment: Segment) -> "TaskVectorSource":
         view = CachedSource(self.inner.restrict(segment))
-        view.memory_budget, view.fused, view.threads = self.memory_budget, self.fused, self.threads
-        view.fixed_threads = self.fixed_threads
         if self._shared[0] is None:
             self._shared[0] = torch.empty(self.n * max(s.numel for s in self.segments))
         view.cache = self._shared[0][: self.n * segment.numel].view(self.n, segment.numel)
@@ -435,7 +426,6 @@ class CachedSource(TaskVectorSource):
         if self.cache is None:
             self.cache = torch.empty(self.n, self.D)
         inner = self.inner
-        inner.threads, inner.fixed_threads = self.threads, self.fixed_threads
         # the inner source's pass, its task vectors formed straight into the cache (no copy)
         for seg, lo, hi in inner._pass(inner.plan(width, whole_rows)):
             view = self.cache[:, seg.offset + lo : seg.offset + hi]

@@ -118,12 +118,12 @@ def resolve(mode: str, entries: int, method: str | None = None, params: dict | N
     return False
 
 
-def configure(source, mode: str, method: str, params: dict, allowed: bool = True) -> None:
-    """Set ``source.fused`` (:func:`resolve`; ``allowed`` False: never) and ``source.fixed_threads``: the
-    compiled loops are specialised to the thread count (a change would recompile them mid-merge), the
-    C loops are not."""
-    source.fused = allowed and resolve(mode, source.n * source.D, method, params)
-    source.fixed_threads = source.fused and not (method in C_METHODS and native.problem() is None)
+def settings(mode: str, entries: int, method: str, params: dict, allowed: bool = True) -> dict:
+    """The run options (core/options.py) of a merge of ``entries`` task-vector entries: "fused"
+    (:func:`resolve`; ``allowed`` False: never) and "fixed_threads": compiled loops are specialised to
+    the thread count (a change would recompile them mid-merge), the C loops are not."""
+    fused = allowed and resolve(mode, entries, method, params)
+    return {"fused": fused, "fixed_threads": fused and not (method in C_METHODS and native.problem() is None)}
 
 
 def weights(lam, n: int) -> torch.Tensor:
@@ -134,7 +134,7 @@ def weights(lam, n: int) -> torch.Tensor:
 
 def applies(source) -> bool:
     """Whether a merge over ``source`` runs the fused loops (chosen, and a single process)."""
-    return source.fused and source.comm is None
+    return source.options.fused and source.options.comm is None
 
 
 class Fusable:

@@ -28,6 +28,7 @@ from ..core import checks, engine
 from ..core.backends import resolve_backend
 from ..core.checks import parse_size
 from ..core.formulas import merged_weights
+from ..core.options import RunOptions, numbered_passes
 from ..core.sources import DEFAULT_BLOCK_WIDTH, CachedSource, CheckpointSource
 from ..core.threads import CpuThreads, check_threads, room_for_io
 from ..cpu import fused as fused_cpu, native
@@ -300,18 +301,11 @@ def _write_merge(base_ck, model_cks, merged, copied, folder: Path, *, method, la
 def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam, lambdas, scope, budget, progress,
                   block_width, params, comm=None, local=None, fused="auto", threads="auto") -> dict:
     """The torch backend on CPU: models streamed slice by slice, merged blocks written as they come."""
-    pass_count = [0]
-
-    def bar(total):
-        pass_count[0] += 1
-        return progress(total, f"pass {pass_count[0]}") if progress else None
-
     if scope == "tensor" and not scope_matters(method, params):
         scope = "global"  # the same values, in one pass (one reader thread) instead of one per tensor
     keys = merged if local is None else [k for k in merged if k in local]
-    source = reader = CheckpointSource(base_ck, model_cks, keys, progress=bar if progress else None)
+    source = reader = CheckpointSource(base_ck, model_cks, keys)
     if comm is not None:  # this rank's keys, with the statistics of the whole model
-        source.comm = source.errors = comm
         source.D = sum(base_ck.numel(k) for k in merged)
     else:
         # The float32 task vectors first, if they fit (with scope="tensor", one tensor's at a time, in one
@@ -325,8 +319,6 @@ def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam,
                 and (scope == "tensor" or cached <= inputs)):
             source = CachedSource(source)
             budget -= cached
-    source.memory_budget = budget
-    fused_cpu.configure(source, fused, method, params, allowed=comm is None)
     base_buffer = {}
 
     def sink(segment, lo, hi, tau_m):
@@ -364,7 +356,10 @@ def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam,
     if comm is None and native.problem() is None:
         sink.from_inputs = from_inputs
     try:
-        with CpuThreads(threads) as source.threads:
+        with CpuThreads(threads) as cpu_threads:
+            source.options = RunOptions(
+                memory_budget=budget, threads=cpu_threads, progress=progress and numbered_passes(progress), comm=comm, errors=comm,
+                **fused_cpu.settings(fused, source.n * source.D, method, params, allowed=comm is None))
             return engine.run(SPECS[method].merge, source, sink, scope=scope, lambdas=lambdas,
                               block_width=block_width, **params)
     finally:

@@ -45,7 +45,7 @@ import os
 import re
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -53,6 +53,7 @@ import torch
 from .. import __version__
 from ..core import checks, engine
 from ..core.formulas import merged_weights
+from ..core.options import RunOptions, numbered_passes
 from ..core.sources import DEFAULT_BLOCK_WIDTH, Block, TaskVectorSource, segments_of
 from ..core.threads import CpuThreads, one_thread
 from ..cpu import fused as fused_cpu
@@ -490,18 +491,10 @@ def merge_adapters(base, adapters, out=None, *, method="pcb", lam=1.0, lambdas=N
             return OUT_DTYPES[dtype] if dtype is not None and own.is_floating_point else own
 
         source = LoraSource(base_ck, opened, merged)
-        source.memory_budget = budget
-        fused_cpu.configure(source, fused, method, method_params)
-        if progress is not None:
-            count = [0]
-
-            def bar(total):
-                count[0] += 1
-                return progress(total, f"pass {count[0]}")
-
-            source.progress = bar
+        options = RunOptions(memory_budget=budget, progress=None if progress is None else numbered_passes(progress),
+                             **fused_cpu.settings(fused, source.n * source.D, method, method_params))
         run = dict(method=method, scope=scope, lambdas=lambdas, block_width=block_width, params=method_params, lam=lam,
-                   threads=threads)
+                   threads=threads, options=options)
         if out is None:
             info, result = _merge_in_memory(base_ck, source, merged, copied, aliases, out_dtype, run)
         else:
@@ -537,7 +530,8 @@ def merge_adapters(base, adapters, out=None, *, method="pcb", lam=1.0, lambdas=N
 
 
 def _run(source, sink, run) -> dict:
-    with CpuThreads(run["threads"]) as source.threads:
+    with CpuThreads(run["threads"]) as cpu_threads:
+        source.options = replace(run["options"], threads=cpu_threads)
         return engine.run(SPECS[run["method"]].merge, source, sink, scope=run["scope"], lambdas=run["lambdas"],
                           block_width=run["block_width"], **run["params"])
 

@@ -88,9 +88,9 @@ def clip_bounds(source, clamp_ratio: float, block_width: int, sample: ColumnSamp
     i_lo, i_hi = clip_indices(D, clamp_ratio)
     ws = tb.Workspace(n, block_width, 1)
     # tail candidates are local; a distributed merge sums histograms over ranks instead
-    tails = max(i_lo + 1, D - i_hi) <= max(D // 64, 1) and source.comm is None
+    tails = max(i_lo + 1, D - i_hi) <= max(D // 64, 1) and source.options.comm is None
     selector = (TailSelect(n, i_lo, D - 1 - i_hi) if tails
-                else RadixSelect(n, torch.tensor([[i_lo, i_hi]] * n), D, comm=source.comm))
+                else RadixSelect(n, torch.tensor([[i_lo, i_hi]] * n), D, comm=source.options.comm))
     in_c = tails and native.problem() is None  # |tau|'s extremes per run in one C sweep (exact)
     compiled = tails and not in_c and fused_cpu.applies(source)  # else in one compiled loop
     for block in source.blocks(block_width):
@@ -263,9 +263,9 @@ def pair_stats(source, block_width: int, sample: ColumnSample) -> tb.PairStats:
             torch.mul(block.tv, block.tv[i], out=products)
             lo[i] = torch.minimum(lo[i], products.amin(1))
             hi[i] = torch.maximum(hi[i], products.amax(1))
-    if source.comm is not None:
-        source.comm.min_(lo)
-        source.comm.max_(hi)
+    if source.options.comm is not None:
+        source.options.comm.min_(lo)
+        source.options.comm.max_(hi)
     stats = tb.PairStats.from_min_max(lo, hi)
     # per-block partial sums [blocks, n, n + 1] (inter, then intra), added in block order below
     partials = []
@@ -282,8 +282,8 @@ def pair_stats(source, block_width: int, sample: ColumnSample) -> tb.PairStats:
                 partial[i, :n] = exps.sum(1, dtype=torch.float64)
         partials.append(partial)
     partials = torch.stack(partials) if partials else torch.zeros(0, n, n + 1, dtype=torch.float64)
-    if source.comm is not None:  # every rank adds every block's partials in the same (global) order
-        partials = source.comm.gather_in_order(partials)
+    if source.options.comm is not None:  # every rank adds every block's partials in the same (global) order
+        partials = source.options.comm.gather_in_order(partials)
     z = torch.zeros(n, n + 1, dtype=torch.float64)
     for partial in partials:
         z += partial

@@ -14,7 +14,7 @@ the source's memory budget, the threshold comes from two radix-select passes and
 read the task vectors again, as DARE-TIES does: it replaces the trim by DARE's random drop and makes
 two passes over the task vectors (signs, then the mean).
 
-With fused CPU loops (``source.fused``, pcb_fast.cpu.fused) both take another route that collects
+With fused CPU loops (``source.options.fused``, pcb_fast.cpu.fused) both take another route that collects
 nothing: the threshold from counts around a sampled bracket, then a single sweep that trims (or
 drops), elects and merges each block, redoing only blocks whose value depends on the whole
 model's majority sign.
@@ -117,7 +117,7 @@ class Trim:
         if self.topk == "exact":  # ties at t are kept by position: after those of the ranks before this one
             if self._tie_budget is None:  # counted once, for every sweep
                 equal = _equal_counts(self._magnitude_blocks, column)
-                comm = self.source.comm
+                comm = self.source.options.comm
                 if comm is not None:
                     before = comm.before_me(equal.clone())
                     equal = comm.sum_(equal.clone())
@@ -197,7 +197,7 @@ def merge_ties(source, sink, *, density=0.2, sign_ties="majority", topk="thresho
                 value = block.tv * kept
                 yield block.segment, block.lo, block.hi, value if lam is None else value * lam
 
-        _elect_and_merge(weighted_blocks, sink, lam, sign_ties, source.comm, normalize)
+        _elect_and_merge(weighted_blocks, sink, lam, sign_ties, source.options.comm, normalize)
         return kept_counts
     trimmed, sign_total = [], 0
     for c, task, kept in trim.collected_blocks():
@@ -376,7 +376,7 @@ def merge_dare_ties(source, sink, *, p=0.9, seed=0, sign_ties="majority", rescal
                 kept_counts.add_(keep.sum(1))
             yield block.segment, block.lo, block.hi, dropped if lam is None else dropped * lam
 
-    _elect_and_merge(weighted_blocks, sink, lam, sign_ties, source.comm, normalize)
+    _elect_and_merge(weighted_blocks, sink, lam, sign_ties, source.options.comm, normalize)
     return kept_counts
 
 
@@ -399,7 +399,7 @@ def merge_breadcrumbs_ties(source, sink, *, gamma=0.01, beta=0.1, band="row", si
                 kept_counts.add_(mask.sum(1))
             yield block.segment, block.lo, block.hi, masked if lam is None else masked * lam
 
-    _elect_and_merge(weighted_blocks, sink, lam, sign_ties, source.comm, normalize)
+    _elect_and_merge(weighted_blocks, sink, lam, sign_ties, source.options.comm, normalize)
     return kept_counts
 
 
