@@ -1,7 +1,7 @@
 """Merge configurations in mergekit's YAML format (docs/design.md 7.3): reading the file.
 
 The format and its meaning (mergekit 0.1.5's, for the methods both tools have) are
-pcb_fast/io/mergekit_config.py; the README's "Merge configurations" section lists every key.
+pcb_fast/io/mergekit_config.py; docs/configuration.md lists every key.
 
     merge_method: ties
     base_model: path/to/base
