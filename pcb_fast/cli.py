@@ -13,6 +13,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 import warnings
 
 from . import __version__
@@ -174,10 +175,29 @@ def merge_arguments(args) -> dict:
 
 
 def _progress_bars(total: int, description: str):
+    """A bar on a terminal; elsewhere (a log, a pipe) one plain line when the work is done."""
+    if not sys.stderr.isatty():
+        return _DoneLine(total, description)
     from tqdm import tqdm
 
     return tqdm(total=total, desc=description, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
                 leave=False, dynamic_ncols=True)
+
+
+class _DoneLine:
+    """Progress where stderr is not a terminal: no carriage returns, one line at the end."""
+
+    def __init__(self, total: int, description: str):
+        self.total, self.description, self.done = total, description, 0
+        self.started = time.perf_counter()
+
+    def update(self, nbytes: int) -> None:
+        self.done += nbytes
+
+    def close(self) -> None:
+        size = f"{self.done / 2**30:.2f} GiB" if self.done >= 2**30 else f"{self.done / 2**20:.1f} MiB"
+        print(f"pcb-fast: {self.description}: {size} read in {time.perf_counter() - self.started:.1f} s",
+              file=sys.stderr, flush=True)
 
 
 def run_merge(args) -> int:

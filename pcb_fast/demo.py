@@ -50,10 +50,11 @@ def _count(number: int, noun: str) -> str:
 
 def main(n: int = 8, ratio: float = 0.1, check: bool = True) -> int:
     """Merge n synthetic fine-tunes with PCB, print what was merged, the time and kept fractions."""
-    base, models = synthetic_models(n)
     params = dict(method="pcb", ratio=ratio, clamp_ratio=1e-4, inter="sum", variant="official", scope="global")
     print(f"pcb_fast {__version__} demo: PCB-Merging of {n} synthetic fine-tuned models "
           f"({', '.join(f'{k}={v}' for k, v in params.items())})")
+    print(f"making the synthetic base and {_count(n, 'fine-tuned model')} ...", flush=True)
+    base, models = synthetic_models(n)
     report = {}
     t0 = time.perf_counter()
     merged = merge(base, models, backend="torch", report=report, **params)
@@ -64,6 +65,8 @@ def main(n: int = 8, ratio: float = 0.1, check: bool = True) -> int:
           f"[torch backend, {_count(torch.get_num_threads(), 'thread')}; timings vary with other work on the machine]")
     print("kept fraction per task: " + " ".join(f"{k / entries:.4f}" for k in report["kept"]))
     if check:
+        print("checking against the reference path (the authors' sort-based formulation; slow by design, "
+              "10-20x the merge's time) ...", flush=True)
         t0 = time.perf_counter()
         reference = merge(base, models, backend="reference", **params)
         ref_seconds = time.perf_counter() - t0

@@ -19,3 +19,33 @@ def test_bad_argument_is_one_line_error_and_exit_2():
     assert proc.returncode == 2
     assert proc.stderr.strip() == "pcb-fast: error: ratio=1.5 is out of range; valid: 0 < ratio <= 1"
     assert proc.stdout == ""
+
+
+def _three_tensor_models(tmp_path):
+    import torch
+
+    from pcb_fast.io.disk_merge import save_model
+
+    g = torch.Generator().manual_seed(0)
+    base = {f"layers.{i}.weight": torch.randn(32, 16, generator=g) for i in range(3)}
+    save_model(base, tmp_path / "base")
+    for name in ("a", "b"):
+        save_model({k: v + torch.randn(v.shape, generator=g) for k, v in base.items()}, tmp_path / name)
+    return ["--base", str(tmp_path / "base"), "--model", str(tmp_path / "a"), "--model", str(tmp_path / "b")]
+
+
+def test_progress_outside_a_terminal_is_plain_lines_and_one_for_a_per_tensor_run(tmp_path):
+    """A log gets lines, not carriage returns; a per-tensor merge one line for the run, not one per pass
+    of every tensor; a global merge one line per pass."""
+    models = _three_tensor_models(tmp_path)
+    run = [sys.executable, "-m", "pcb_fast", "merge", *models, "--method", "ties", "--density", "0.5"]
+    per_tensor = subprocess.run(run + ["--scope", "tensor", "--out", str(tmp_path / "t")], capture_output=True,
+                                text=True)
+    assert per_tensor.returncode == 0, per_tensor.stderr
+    assert "\r" not in per_tensor.stderr
+    lines = [line for line in per_tensor.stderr.splitlines() if " read in " in line]
+    assert len(lines) == 1 and lines[0].startswith("pcb-fast: 3 tensors, one at a time: "), per_tensor.stderr
+    whole = subprocess.run(run + ["--out", str(tmp_path / "g")], capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr
+    passes = [line for line in whole.stderr.splitlines() if " read in " in line]
+    assert passes and passes[0].startswith("pcb-fast: pass 1: ") and "\r" not in whole.stderr, whole.stderr

@@ -17,7 +17,7 @@ collected scores, so t_i is exact; the merge reads only the collected entries.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -51,16 +51,30 @@ def run(method: Callable, source: TaskVectorSource, sink: Sink, *, scope: str = 
     # one restricted source at a time, so that what a part holds (a cache) is freed after it
     parts = [source] if scope == "global" else (source.restrict(segment) for segment in source.segments)
     kept = torch.zeros(source.n, dtype=torch.int64)
-    for part in parts:
-        if segment_params is None:
-            kept += method(part, sink, **params)
-            continue
-        own = dict(params, **segment_params(part.segments[0].key))
-        lam = own.pop("lam", None)
-        kept += method(part, sink if lam is None else _scaled_sink(sink, checks.check_lam(lam)), **own)
+    bar = _tensors_bar(source) if scope == "tensor" else None
+    try:
+        for part in parts:
+            if bar is not None:  # one bar for the run, not one per pass of every tensor
+                part.options = replace(part.options, progress=None)
+            own = dict(params, **segment_params(part.segments[0].key)) if segment_params is not None else params
+            lam = own.pop("lam", None) if segment_params is not None else None
+            kept += method(part, sink if lam is None else _scaled_sink(sink, checks.check_lam(lam)), **own)
+            if bar is not None:
+                bar.update(part.D * part.bytes_per_entry())
+    finally:
+        if bar is not None:
+            bar.close()
     if source.options.comm is not None:
         source.options.comm.sum_(kept)  # also where every rank agrees that no rank failed
     return {"kept": kept.tolist(), "entries": source.D}
+
+
+def _tensors_bar(source: TaskVectorSource):
+    """The whole-run bar of a per-tensor merge, where the progress callback offers one (PassBars)."""
+    tensors = getattr(source.options.progress, "tensors", None)
+    if tensors is None:
+        return None
+    return tensors(sum(seg.numel * source.bytes_per_entry(seg) for seg in source.segments), len(source.segments))
 
 
 def _scaled_sink(sink: Sink, lam: float) -> Sink:

@@ -30,13 +30,18 @@ class RunOptions:
     errors: Any = None
 
 
-def numbered_passes(progress: Callable) -> Callable:
-    """A ``progress(total_bytes)`` for :class:`RunOptions` from a ``progress(total_bytes, description)``
-    that makes one bar per pass, named "pass 1", "pass 2", ..."""
-    count = [0]
+class PassBars:
+    """The ``progress`` of :class:`RunOptions` from a bar factory ``make(total_bytes, description)``:
+    one bar per pass, named "pass 1", "pass 2", ...; or, for a per-tensor merge (every tensor runs
+    its own passes), one bar for the whole run, advanced as each tensor is done (:meth:`tensors`)."""
 
-    def bar(total):
-        count[0] += 1
-        return progress(total, f"pass {count[0]}")
+    def __init__(self, make: Callable):
+        self._make, self._count = make, 0
 
-    return bar
+    def __call__(self, total: int):
+        self._count += 1
+        return self._make(total, f"pass {self._count}")
+
+    def tensors(self, total: int, count: int):
+        """One bar over the ``total`` bytes of ``count`` tensors merged one after the other."""
+        return self._make(total, f"{count} tensors, one at a time")

@@ -28,7 +28,7 @@ from ..core import checks, engine
 from ..core.backends import resolve_backend
 from ..core.checks import parse_size
 from ..core.formulas import merged_weights
-from ..core.options import RunOptions, numbered_passes
+from ..core.options import PassBars, RunOptions
 from ..core.sources import DEFAULT_BLOCK_WIDTH, CachedSource, CheckpointSource
 from ..core.threads import CpuThreads, check_threads, room_for_io
 from ..cpu import fused as fused_cpu, native
@@ -358,7 +358,7 @@ def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam,
     try:
         with CpuThreads(threads) as cpu_threads:
             source.options = RunOptions(
-                memory_budget=budget, threads=cpu_threads, progress=progress and numbered_passes(progress), comm=comm, errors=comm,
+                memory_budget=budget, threads=cpu_threads, progress=progress and PassBars(progress), comm=comm, errors=comm,
                 **fused_cpu.settings(fused, source.n * source.D, method, params, allowed=comm is None))
             return engine.run(SPECS[method].merge, source, sink, scope=scope, lambdas=lambdas,
                               block_width=block_width, **params)

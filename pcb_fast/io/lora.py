@@ -53,7 +53,7 @@ import torch
 from .. import __version__
 from ..core import checks, engine
 from ..core.formulas import merged_weights
-from ..core.options import RunOptions, numbered_passes
+from ..core.options import PassBars, RunOptions
 from ..core.sources import DEFAULT_BLOCK_WIDTH, Block, TaskVectorSource, segments_of
 from ..core.threads import CpuThreads, one_thread
 from ..cpu import fused as fused_cpu
@@ -491,7 +491,7 @@ def merge_adapters(base, adapters, out=None, *, method="pcb", lam=1.0, lambdas=N
             return OUT_DTYPES[dtype] if dtype is not None and own.is_floating_point else own
 
         source = LoraSource(base_ck, opened, merged)
-        options = RunOptions(memory_budget=budget, progress=None if progress is None else numbered_passes(progress),
+        options = RunOptions(memory_budget=budget, progress=None if progress is None else PassBars(progress),
                              **fused_cpu.settings(fused, source.n * source.D, method, method_params))
         run = dict(method=method, scope=scope, lambdas=lambdas, block_width=block_width, params=method_params, lam=lam,
                    threads=threads, options=options)
