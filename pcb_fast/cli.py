@@ -314,8 +314,12 @@ def run_search(args) -> int:
         return 1
     meta = {"merge_method": method, "search": "cma-es", "lambdas": ",".join(f"{x:.6g}" for x in result.lambdas),
             "lam": str(lam), "score": str(result.score)}
+    # the card and mergekit_config.yml of a merge with the best lambdas: run again, it gives this model
+    merge = dict(base=args.base, models=args.model, method=method, lam=lam, lambdas=list(result.lambdas),
+                 scope=params.get("scope", "global"), exclude=params.get("exclude") or (), dtype=None,
+                 params={k: v for k, v in params.items() if k not in ("scope", "exclude")})
     save_model(result.model, args.out, base_folder=base_ck.folder, shard_size=args.shard_size,
-               overwrite=args.overwrite, metadata=meta, inputs=inputs)
+               overwrite=args.overwrite, metadata=meta, inputs=inputs, merge=merge)
     if not args.quiet:
         print(f"pcb-fast: best score {result.score:.6g} after {len(result.history)} evaluations, lambdas "
               f"{' '.join(f'{x:.4f}' for x in result.lambdas)}; wrote {args.out}", file=sys.stderr)

@@ -163,6 +163,14 @@ def test_search_cli(tmp_path, capsys):
                    "--history", str(tmp_path / "h.csv")]
     assert cli(good) == 0
     assert (tmp_path / "best" / "model.safetensors").exists() and len((tmp_path / "h.csv").read_text().splitlines()) == 31
+    # the folder records the merge as a merge's does: its config, run again, gives the same model
+    assert "PCB-Merging" in (tmp_path / "best" / "README.md").read_text()
+    assert cli(["merge", "--config", str(tmp_path / "best" / "mergekit_config.yml"), "--out", str(tmp_path / "again"),
+                "--quiet"]) == 0
+    from safetensors.torch import load_file
+
+    best, again = (load_file(tmp_path / name / "model.safetensors") for name in ("best", "again"))
+    assert best.keys() == again.keys() and all(torch.equal(best[k], again[k]) for k in best)
     assert cli(args + ["--eval", f"{tmp_path / 'user_eval.py'}:broken", "--out", str(tmp_path / "b2")]) == 1
     assert "search failed: evaluate raised KeyError: 'logits' (candidate 0" in capsys.readouterr().err
     assert not (tmp_path / "b2").exists()

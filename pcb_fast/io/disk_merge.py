@@ -205,10 +205,11 @@ def _nothing_to_merge(base_ck, base, copied) -> str:
 
 
 def save_model(state: dict, out, *, base_folder=None, shard_size="5GB", overwrite=False, metadata=None,
-               inputs=()) -> Path:
+               inputs=(), merge=None) -> Path:
     """Write a state dict as a Hugging Face folder (sharded safetensors, index, the base folder's
     side files), atomically as :func:`merge_checkpoints` does. ``inputs``: (label, path) pairs that
-    ``out`` must not be, contain or lie inside."""
+    ``out`` must not be, contain or lie inside. ``merge``: the keyword arguments of
+    :func:`pcb_fast.io.card.write_card` for a merged model (its mergekit_config.yml and card)."""
     out = check_output(out, overwrite, inputs)
     shard_bytes = parse_size(shard_size, "shard_size")
     keys = sorted(state)
@@ -223,6 +224,8 @@ def save_model(state: dict, out, *, base_folder=None, shard_size="5GB", overwrit
             writer.abort()
             raise
         _copy_side_files(base_folder, tmp)
+        if merge is not None:
+            write_card(tmp, out.name, **merge)
     return out
 
 
