@@ -1,5 +1,5 @@
-"""Finite inputs whose merge is not finite, and inputs beyond float32: one-line errors, no output
-(issue 16 item 7): a large lam, float16 outputs above 65504, float64 values beyond float32."""
+"""Finite inputs whose merge is not finite, and inputs beyond float32: one-line errors, no output:
+a large lam, float16 outputs above 65504, float64 values beyond float32."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The base folder's config and tokenizer files in the output: the output dtype written into
-config.json (issue 17 item 3), and side files that link outside the model folder refused."""
+config.json, and side files that link outside the model folder refused."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The Llama-style round trip a user makes (issue 17): fine-tunes saved by transformers (tied
+"""The Llama-style round trip a user makes: fine-tunes saved by transformers (tied
 embeddings, bf16), a mergekit-style YAML config, `pcb-fast merge --config`, then
 AutoModelForCausalLM.from_pretrained on the output and generate. Skipped without transformers."""
 
