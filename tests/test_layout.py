@@ -87,6 +87,39 @@ def test_the_leaves_import_nothing_of_ours(module):
     assert not GRAPH[module], f"{module} imports {sorted(GRAPH[module])}: a leaf must import nothing of pcb_fast"
 
 
+# The layers in use (docs/architecture.md, "Dependency rules"): layer -> the other layers it may import.
+# "pcb_fast" is the package itself (its __version__); "" marks a top-level module's own name.
+LAYERS = {
+    "kernels": set(),
+    "reference": set(),
+    "core": {"kernels", "cpu"},  # cpu/native.py only (test_the_bottom_layers_import_nothing_above_them)
+    "cpu": {"core"},
+    "methods": {"core", "cpu"},
+    "gpu": {"core", "kernels", "methods"},
+    "io": {"core", "cpu", "methods", "api", "gpu", "pcb_fast"},
+    "api": {"core", "cpu", "gpu", "io", "methods", "reference", "pcb_fast"},
+    "search": {"api", "core", "io", "methods"},
+    "cli": {"api", "core", "io", "methods", "search", "demo", "pcb_fast"},
+    "demo": {"api", "pcb_fast"},
+    "modules": {"api"},
+    "integrations": {"modules"},
+    "__main__": {"cli"},
+    "pcb_fast": {"api", "io", "modules", "search"},
+}
+
+
+def layer_of(module: str) -> str:
+    return module.split(".")[1] if module.count(".") else module
+
+
+@pytest.mark.parametrize("module", sorted(GRAPH))
+def test_every_module_imports_only_the_layers_its_own_may_use(module):
+    own = layer_of(module)
+    assert own in LAYERS, f"{module}: its layer {own!r} is not in docs/architecture.md's rules (LAYERS here)"
+    others = sorted(m for m in GRAPH[module] if layer_of(m) != own and layer_of(m) not in LAYERS[own])
+    assert not others, f"{module} imports {others}; {own} may import only {sorted(LAYERS[own])}"
+
+
 def test_the_graph_is_read():
     # the rules above would pass vacuously on an empty graph
     assert "pcb_fast.core.formulas" in GRAPH["pcb_fast.methods.ties"]
