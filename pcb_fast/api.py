@@ -19,7 +19,7 @@ from .cpu import fused as fused_cpu
 from .gpu import backend as triton_backend
 from .io.checkpoints import StateDictCheckpoint, check_models_match, split_keys
 from .io.tied import check_tied, same_as_base, tied_groups
-from .methods import SPECS, spec_of
+from .methods import SPECS, check_method_params, spec_of
 from .methods.pcb import check_params as check_pcb_params
 
 
@@ -239,20 +239,6 @@ def check_state_dicts(base: dict, models, exclude=(), model_names=None):
     for key in merged_keys:
         checks.check_finite(f"base model, key {key!r}", base[key])
     return models, names, merged_keys, copied_keys, device
-
-
-def check_method_params(method: str, n: int, lam, lambdas, scope: str, params: dict) -> None:
-    """Validate a method and its parameters for ``n`` models from the method's spec, without merging
-    anything (the checks, and so the messages, a merge makes)."""
-    checks.check_n_models(n)
-    spec = spec_of(method)
-    checks.check_lam(lam)
-    checks.check_choice("scope", scope, checks.SCOPE_CHOICES)
-    checks.check_lambdas(lambdas, n)
-    spec.validate(params, n)
-    if params.get("segment_params") is not None and scope != "tensor":
-        raise ValueError(f"parameters that vary by tensor ({params['segment_params']}) need scope='tensor', "
-                         f"but scope={scope!r}")
 
 
 def _reference_merge(base, models, merged_keys, out, *, method, lam, lambdas, scope, segment_params=None, **params):

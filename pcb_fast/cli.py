@@ -18,7 +18,7 @@ import warnings
 
 from . import __version__
 from .core.checks import check_ratio
-from .methods import SPECS, flag_params
+from .methods import SPECS, check_method_params, flag_params
 
 # Method parameters as flags, from the methods' specs: (flag, keyword, type, declaration, methods taking it).
 _TYPES = {"number": float, "int": int}
@@ -268,7 +268,6 @@ def _eval_file(evaluate):
 
 def run_search(args) -> int:
     from .io.checkpoints import open_checkpoint
-    from .api import check_method_params
     from .io.disk_merge import save_model
     from .io.output import check_not_an_input, check_output, checkpoint_files
     from .search import EvaluateError, search_lambdas

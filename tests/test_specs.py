@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import pcb_fast
-from pcb_fast import api, reference
+from pcb_fast import reference
 from pcb_fast.cli import build_parser
 from pcb_fast.core import engine
 from pcb_fast.cpu import fused
 from pcb_fast.gpu import backend as triton_backend
 from pcb_fast.io import card, mergekit_config
-from pcb_fast.methods import SPECS, flag_params, spec_of
+from pcb_fast.methods import SPECS, check_method_params, flag_params, spec_of
 from pcb_fast.search import SEARCHABLE
 
 
@@ -43,16 +43,16 @@ def test_validation_reads_the_spec_and_merges_nothing(monkeypatch):
         raise AssertionError("validation ran a merge")
 
     monkeypatch.setattr(engine, "run", no_merge)
-    api.check_method_params("ties", 2, 1.0, None, "tensor", {"density": [0.5, 0.25], "sign_ties": "positive"})
-    api.check_method_params("breadcrumbs", 1, 1.0, [2.0], "global", {"gamma": 0.1, "beta": 0.5})
+    check_method_params("ties", 2, 1.0, None, "tensor", {"density": [0.5, 0.25], "sign_ties": "positive"})
+    check_method_params("breadcrumbs", 1, 1.0, [2.0], "global", {"gamma": 0.1, "beta": 0.5})
     with pytest.raises(ValueError, match=r"density=1.5 is out of range; valid: 0 < density <= 1"):
-        api.check_method_params("ties", 2, 1.0, None, "global", {"density": 1.5})
+        check_method_params("ties", 2, 1.0, None, "global", {"density": 1.5})
     with pytest.raises(ValueError, match=r"beta=0.95 is out of range; valid: 0 < beta <= 1 - gamma"):
-        api.check_method_params("breadcrumbs", 2, 1.0, None, "global", {"gamma": 0.1, "beta": 0.95})
+        check_method_params("breadcrumbs", 2, 1.0, None, "global", {"gamma": 0.1, "beta": 0.95})
     with pytest.raises(ValueError, match=r"p has 3 values but there are 2 models"):
-        api.check_method_params("dare", 2, 1.0, None, "global", {"p": [0.1, 0.2, 0.3]})
+        check_method_params("dare", 2, 1.0, None, "global", {"p": [0.1, 0.2, 0.3]})
     with pytest.raises(ValueError, match=r"seed=\[1, 2\] must be one value"):
-        api.check_method_params("dare", 2, 1.0, None, "global", {"seed": [1, 2]})
+        check_method_params("dare", 2, 1.0, None, "global", {"seed": [1, 2]})
 
 
 def test_an_unknown_parameter_names_the_valid_ones_or_says_there_are_none():

@@ -32,7 +32,7 @@ from ..core.options import PassBars, RunOptions
 from ..core.sources import DEFAULT_BLOCK_WIDTH, CachedSource, CheckpointSource
 from ..core.threads import CpuThreads, check_threads, room_for_io
 from ..cpu import fused as fused_cpu, native
-from ..methods import SPECS, scope_matters, spec_of
+from ..methods import SPECS, check_method_params, scope_matters
 from .card import write_card
 from .checkpoints import check_models_match, open_checkpoint, side_files, split_keys
 from .distributed import assign_shards
@@ -95,13 +95,9 @@ def check_merge_options(method, n, lam, lambdas, scope, exclude, method_params, 
     """The checks every merge of files makes before opening any: the method and its parameters (as
     a real merge checks them), lam, lambdas, the budget, fused, threads and the output dtype.
     Returns (lam, lambdas as floats, exclude as a tuple, the memory budget in bytes)."""
-    from ..api import check_method_params  # the api merges in memory; it sits above io
-
-    checks.check_n_models(n)
-    spec_of(method)
+    check_method_params(method, n, lam, lambdas, scope, method_params)
     lam = checks.check_lam(lam)
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
-    check_method_params(method, n, lam, lambdas, scope, method_params)
     lambdas = checks.check_lambdas(lambdas, n)  # floats, so the metadata is the same however they were given
     budget = available_memory() // 2 if max_memory is None else parse_size(max_memory, "max_memory")
     checks.check_choice("fused", fused, fused_cpu.MODES)

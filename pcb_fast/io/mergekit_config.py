@@ -31,7 +31,7 @@ import os
 import warnings
 from pathlib import Path
 
-from ..methods import SPECS
+from ..methods import SPECS, check_method_params
 
 # mergekit's name -> pcb_fast's method (each method's spec says what mergekit calls it)
 MERGEKIT_METHODS = {spec.mergekit: name for name, spec in SPECS.items() if spec.mergekit is not None}
@@ -324,8 +324,6 @@ class Settings:
 
     def validate(self, n: int, scope: str, base: str) -> None:
         """Every value a setting can take, checked as a merge checks it, before any file is opened."""
-        from ..api import check_method_params  # the api merges in memory; it sits above io
-
         for label, setting in self._all():  # types first
             name = "lam" if label.rsplit(".", 1)[1] == "lambda" else label.rsplit(".", 1)[1]
             for value in _candidates(setting):

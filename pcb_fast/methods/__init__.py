@@ -5,6 +5,7 @@ lists them. A spec's ``merge`` is ``fn(source, sink, *, lambdas=None, block_widt
 it calls ``sink(segment, lo, hi, tau_m_block)`` for every block and returns the entries kept per task.
 """
 
+from ..core import checks
 from . import linear, pcb, ties
 from .spec import MethodSpec, Param
 
@@ -19,6 +20,21 @@ def spec_of(method) -> MethodSpec:
     if not isinstance(method, str) or method not in SPECS:
         raise ValueError(f"method={method!r} is not valid; choose one of {', '.join(map(repr, SPECS))}")
     return SPECS[method]
+
+
+def check_method_params(method: str, n: int, lam, lambdas, scope: str, params: dict) -> None:
+    """Validate a method and its parameters for ``n`` models from the method's spec, without merging
+    anything (the checks, and so the messages, a merge makes); every entry point calls it before it
+    reads any data."""
+    checks.check_n_models(n)
+    spec = spec_of(method)
+    checks.check_lam(lam)
+    checks.check_choice("scope", scope, checks.SCOPE_CHOICES)
+    checks.check_lambdas(lambdas, n)
+    spec.validate(params, n)
+    if params.get("segment_params") is not None and scope != "tensor":
+        raise ValueError(f"parameters that vary by tensor ({params['segment_params']}) need scope='tensor', "
+                         f"but scope={scope!r}")
 
 
 def scope_matters(method: str, params: dict) -> bool:
@@ -37,4 +53,4 @@ def flag_params() -> dict[str, tuple[Param, list[str]]]:
     return out
 
 
-__all__ = ["SPECS", "MethodSpec", "Param", "spec_of", "scope_matters", "flag_params"]
+__all__ = ["SPECS", "MethodSpec", "Param", "spec_of", "check_method_params", "scope_matters", "flag_params"]
