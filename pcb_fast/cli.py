@@ -117,15 +117,15 @@ def _model_flags(parser, methods: list) -> None:
 
 
 def _threads(text: str):
-    """--threads: "auto" or a positive integer."""
+    """--threads: "auto" or a number of threads from 1 to four per CPU."""
+    from .core.threads import max_threads
+
     if text == "auto":
         return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not 'auto' or a positive number of threads")
+    value = int(text) if text.strip().isdigit() and len(text) < 20 else 0
+    if not 1 <= value <= max_threads():
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not 'auto' or a number of threads from 1 to "
+                                         f"{max_threads()} (four per CPU of this machine)")
     return value
 
 
@@ -204,22 +204,25 @@ def run_merge(args) -> int:
     from .io.disk_merge import merge_checkpoints
     from .io.output import MergeFailed, check_not_an_input
 
+    kwargs = merge_arguments(args)  # reads --config: a folder or pipe there is refused as such
     if args.config:  # the config file is an input too (the models are checked by merge_checkpoints)
         check_not_an_input(args.out, [("the config file", args.config)])
-    kwargs = merge_arguments(args)
     merger = merge_checkpoints
     if "adapters" in kwargs:  # LoRA adapters, merged without materialising their deltas (io/lora.py)
+        from .io.disk_merge import check_side_files
         from .io.lora import merge_adapters as merger
 
         if kwargs.pop("distributed"):
             raise ValueError("--distributed does not merge --adapter folders in this version")
+        base = kwargs["base"]
+        check_side_files(base if os.path.isdir(base) else None, kwargs.get("dtype"), None)
     report = {}
     try:
         merger(**kwargs, progress=None if args.quiet else _progress_bars, report=report)
     except MergeFailed as e:
         if args.verbose:
             raise
-        print(f"pcb-fast: merge failed: {e}; no output was written", file=sys.stderr)
+        print(f"pcb-fast: merge failed: {one_line(e)}; no output was written", file=sys.stderr)
         return 1
     if not args.quiet and int(os.environ.get("RANK", "0") if args.distributed else 0) == 0:
         kept = report.get("kept") or []
@@ -269,7 +272,7 @@ def _eval_file(evaluate):
 def run_search(args) -> int:
     from .io.checkpoints import open_checkpoint
     from .io.disk_merge import save_model
-    from .io.output import check_not_an_input, check_output, checkpoint_files
+    from .io.output import check_file_output, check_not_an_input, check_output, checkpoint_files
     from .search import EvaluateError, search_lambdas
 
     if not args.base or not args.model:
@@ -292,6 +295,8 @@ def run_search(args) -> int:
     if _eval_file(evaluate) and os.path.isfile(_eval_file(evaluate)):
         inputs.append(("the --eval file", _eval_file(evaluate)))
     check_not_an_input(args.out, inputs)
+    if args.history:  # written after the search: checked as an output now
+        check_file_output(args.history, args.overwrite, inputs, [("--out", args.out)])
     base_ck = open_checkpoint(args.base, "base model")
     inputs += checkpoint_files(base_ck, "the base model")
     base = {k: base_ck.read(k) for k in base_ck.keys()}
@@ -301,6 +306,8 @@ def run_search(args) -> int:
         inputs += checkpoint_files(ck, f"model {i}")
         models.append({k: ck.read(k) for k in ck.keys()})
     check_not_an_input(args.out, inputs)
+    if args.history:
+        check_file_output(args.history, args.overwrite, inputs, [("--out", args.out)])
     try:
         result = search_lambdas(base, models, evaluate, bounds=bounds, x0=args.x0, budget=args.budget,
                                 popsize=args.popsize, sigma0=args.sigma0, seed=args.search_seed, lam=lam,
@@ -309,7 +316,7 @@ def run_search(args) -> int:
     except EvaluateError as e:
         if args.verbose:
             raise
-        print(f"pcb-fast: search failed: {e}; no output was written", file=sys.stderr)
+        print(f"pcb-fast: search failed: {one_line(e)}; no output was written", file=sys.stderr)
         return 1
     meta = {"merge_method": method, "search": "cma-es", "lambdas": ",".join(f"{x:.6g}" for x in result.lambdas),
             "lam": str(lam), "score": str(result.score)}
@@ -323,6 +330,16 @@ def run_search(args) -> int:
         print(f"pcb-fast: best score {result.score:.6g} after {len(result.history)} evaluations, lambdas "
               f"{' '.join(f'{x:.4f}' for x in result.lambdas)}; wrote {args.out}", file=sys.stderr)
     return 0
+
+
+MESSAGE_LIMIT = 1000  # characters of an error line; the messages name values shortened already
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message as one line of bounded length, whatever value it quotes."""
+    lines = str(error).splitlines() or [type(error).__name__]
+    text = lines[0] + (" ..." if len(lines) > 1 else "")
+    return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 5] + " ..."
 
 
 def _on_signal(signum, frame):
@@ -369,7 +386,7 @@ def _run(args) -> int:
     except ValueError as e:
         if getattr(args, "verbose", False):
             raise
-        print(f"pcb-fast: error: {e}", file=sys.stderr)
+        print(f"pcb-fast: error: {one_line(e)}", file=sys.stderr)
         return 2
     except Terminated as e:
         print(f"pcb-fast: terminated ({signal.Signals(e.signum).name}); {_stopped(e)}", file=sys.stderr)
@@ -380,7 +397,7 @@ def _run(args) -> int:
     except OSError as e:
         if getattr(args, "verbose", False):
             raise
-        print(f"pcb-fast: error: {e}", file=sys.stderr)
+        print(f"pcb-fast: error: {one_line(e)}", file=sys.stderr)
         return 1
     return 0
 

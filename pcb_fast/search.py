@@ -14,6 +14,7 @@ of ``merge(..., lambdas=...)``:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import time
@@ -36,6 +37,7 @@ from .methods.linear import dare_block, check_drop, check_seed
 from .methods.ties import SIGN_TIES, TOPK, Trim, check_density
 
 SEARCHABLE = tuple(name for name, spec in SPECS.items() if spec.searchable)
+MAX_POPSIZE = 100_000  # candidates per CMA-ES generation; cma holds a few vectors of each
 
 
 class ContributionCache:
@@ -238,18 +240,22 @@ class SearchResult:
     ratio: float | None = None  # grid_search over ratios: the best one
 
     def write_history(self, path) -> None:
-        """The history as JSON (.json) or CSV (anything else)."""
+        """The history as JSON (.json) or CSV (anything else), written atomically (whole or not at all)."""
+        from .io.output import write_file_atomically
+
         path = Path(path)
         if path.suffix == ".json":
-            path.write_text(json.dumps({"best": {"lambdas": self.lambdas, "score": self.score, "lam": self.lam},
-                                        "history": self.history}, indent=2))
-            return
-        with open(path, "w", newline="") as f:
-            writer = csv.writer(f)
+            text = json.dumps({"best": {"lambdas": self.lambdas, "score": self.score, "lam": self.lam},
+                               "history": self.history}, indent=2)
+        else:
+            rows = io.StringIO(newline="")
+            writer = csv.writer(rows)
             n = len(self.lambdas)
             writer.writerow(["candidate", "score", "seconds"] + [f"lambda_{i}" for i in range(n)])
             for h in self.history:
                 writer.writerow([h["candidate"], h["score"], h["seconds"]] + h["lambdas"])
+            text = rows.getvalue()
+        write_file_atomically(path, text.encode())
 
 
 class EvaluateError(RuntimeError):
@@ -294,12 +300,32 @@ def search_lambdas(base: dict, models: Sequence[dict], evaluate: Callable[[dict]
         raise ValueError(f"bounds={bounds!r} must be (low, high) with low < high")
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise ValueError(f"budget={budget!r} must be a positive integer (number of evaluations)")
-    cache = cache or ContributionCache(base, models, method=method, **merge_params)
-    n = cache.n
-    start = [float(x0)] * n if isinstance(x0, (int, float)) else [float(x) for x in x0]
+    if history_path is not None:  # checked before the search, not after it
+        from .io.output import check_writable_parent
+
+        if Path(history_path).is_dir():
+            raise ValueError(f"history_path={str(history_path)!r} is a folder; name a file to write")
+        check_writable_parent(history_path)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"bounds={bounds!r} must be finite numbers")
+    if popsize is not None and (isinstance(popsize, bool) or not isinstance(popsize, int)
+                                or not 2 <= popsize <= MAX_POPSIZE):
+        raise ValueError(f"popsize={popsize!r} is out of range; valid: an integer from 2 to {MAX_POPSIZE}")
+    sigma = checks.as_float("sigma0", sigma0) if sigma0 is not None else (hi - lo) / 4
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma0={sigma0!r} is out of range; valid: a finite number above 0")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32 - 1:
+        raise ValueError(f"seed={seed!r} is out of range; valid: an integer from 0 to {2**32 - 2}")
+    if cache is None:
+        models = list(models)
+    n = cache.n if cache is not None else len(models)
+    try:
+        start = [float(x0)] * n if isinstance(x0, (int, float)) else [float(x) for x in x0]
+    except (TypeError, ValueError):
+        start = []
     if len(start) != n or not all(lo <= x <= hi for x in start):
         raise ValueError(f"x0={x0!r} must be one number or {n} numbers inside bounds [{lo}, {hi}]")
-    sigma = float(sigma0) if sigma0 is not None else (hi - lo) / 4
+    cache = cache or ContributionCache(base, models, method=method, **merge_params)
     bar = None
     if progress:
         from tqdm import tqdm

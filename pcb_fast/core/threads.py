@@ -58,12 +58,21 @@ def runnable_elsewhere() -> int | None:
     return max(0, running - _own_running_threads())
 
 
+def max_threads() -> int:
+    """The most threads a merge may ask for: four per CPU (torch and OpenMP fail, or crash, on team
+    sizes far beyond the machine's; more threads than CPUs never helps)."""
+    return 4 * max(usable_cores(), os.cpu_count() or 1)
+
+
 def check_threads(threads) -> str | int:
-    """``"auto"`` or a positive number of threads."""
-    if threads == "auto":
+    """``"auto"`` or a number of threads from 1 to :func:`max_threads`."""
+    if isinstance(threads, str) and threads == "auto":
         return threads
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads={threads!r} is not valid; use 'auto' or a positive number of threads")
+        raise ValueError(f"threads={str(threads)[:40]!r} is not valid; use 'auto' or a positive number of threads")
+    if threads > max_threads():
+        raise ValueError(f"threads={threads} is out of range; valid: 'auto' or 1 to {max_threads()} (four per CPU "
+                         "of this machine)")
     return threads
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..methods import SPECS
+from .checkpoints import load_json
 
 # a method's name, pcb_fast's or mergekit's -> (its title, its paper)
 METHOD_NAMES = {name: (spec.summary, spec.url) for spec in SPECS.values()
@@ -138,7 +139,7 @@ def _template_of(folder) -> str | None:
             return (folder / "chat_template.jinja").read_text(encoding="utf-8").strip() or None
         for name in ("tokenizer_config.json", "chat_template.json"):
             if (folder / name).is_file():
-                template = json.loads((folder / name).read_text(encoding="utf-8")).get("chat_template")
+                template = load_json(folder / name, name).get("chat_template")
                 if isinstance(template, dict):
                     template = template.get("default")
                 if isinstance(template, str) and template.strip():
@@ -172,7 +173,7 @@ def set_chat_template(folder: Path, template: str, inputs) -> None:
         warnings.warn("pcb_fast: chat_template: the base model has no tokenizer_config.json, so the merge has no "
                       "tokenizer to hold it; the chat template was not saved", stacklevel=3)
         return
-    data = json.loads(config.read_text(encoding="utf-8"))
+    data = load_json(config, "the base model's tokenizer_config.json")  # a JSON object: checked before the merge
     data["chat_template"] = text
     config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     # where transformers 5 saves it (and mergekit with it); loaders prefer this file to the field above

@@ -18,14 +18,16 @@ import math
 import os
 import re
 import stat
+import struct
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from .safetensors import (MAX_DEPTH, MAX_HEADER, NAMES, FormatError, NotAFileError, SafetensorsReader, deeper_than,
-                          not_regular, open_regular, read_regular, show)
+from .safetensors import (MAX_DEPTH, MAX_HEADER, NAMES, FormatError, NotAFileError, SafetensorsReader, Unchanged,
+                          deeper_than, not_regular, open_regular, read_regular, show, show_path)
 
 INDEX = "model.safetensors.index.json"
 # floating dtypes that a merge reads (as float32) and writes back; float8 tensors are refused
@@ -100,6 +102,7 @@ class StateDictCheckpoint(Checkpoint):
                 raise ValueError(f"{name}, key {show(key)}: dtype {t.dtype} has no safetensors equivalent; supported: "
                                  f"{', '.join(str(d).replace('torch.', '') for d in NAMES)}")
         self.state = state
+        self.files, self.watch = [], None  # a torch file: its path, and the watch of its mapped descriptor
 
     def keys(self):
         return sorted(self.state)
@@ -111,7 +114,18 @@ class StateDictCheckpoint(Checkpoint):
         return tuple(self.state[key].shape)
 
     def read_into(self, key, lo, hi, out):
-        return out.copy_(self.state[key].reshape(-1)[lo:hi])
+        out.copy_(self.state[key].reshape(-1)[lo:hi])
+        if self.watch is not None:  # a memory-mapped torch file: values read through the map
+            try:
+                self.watch.check()
+            except FormatError as e:
+                raise ValueError(f"{self.name}: {e}") from None
+        return out
+
+    def close(self):
+        if self.watch is not None:
+            os.close(self.watch.fd)
+            self.watch = None
 
 
 class SafetensorsCheckpoint(Checkpoint):
@@ -155,29 +169,83 @@ class SafetensorsCheckpoint(Checkpoint):
             reader.close()
 
 
-def _torch_load(path: Path, name: str) -> dict:
+def _available_memory() -> int:
+    from .disk_merge import available_memory  # a /proc reader; disk_merge imports this module
+
+    return available_memory()
+
+
+def _zip_members(fd: int, path: Path, name: str) -> tuple[bool, int]:
+    """(whether a torch zip file may be memory-mapped, bytes that loading it whole takes): a zip
+    whose members are all stored may be mapped; deflated members would be mapped as their compressed
+    bytes (torch reads wrong values without an error), so such a file is read whole, as is a legacy
+    (non-zip) file. A member that ends past the end of the file (truncated or corrupt) is refused:
+    reading it through a map would kill the process (SIGBUS)."""
+    size = os.fstat(fd).st_size
+    with os.fdopen(os.dup(fd), "rb") as f:
+        if not zipfile.is_zipfile(f):
+            return False, size
+        try:
+            members = zipfile.ZipFile(f).infolist()
+            stored, whole = True, 0
+            for member in members:
+                f.seek(member.header_offset)
+                local = f.read(30)
+                if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                    raise zipfile.BadZipFile(f"member {show(member.filename)} has no local header")
+                name_length, extra_length = struct.unpack("<HH", local[26:30])
+                if member.header_offset + 30 + name_length + extra_length + member.compress_size > size:
+                    raise zipfile.BadZipFile(f"member {show(member.filename)} ends past the end of the file")
+                stored &= member.compress_type == zipfile.ZIP_STORED
+                whole += member.file_size
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, struct.error) as e:
+            raise ValueError(f"{name}: {path.name} is a truncated or corrupt torch zip file ({str(e)[:120]})") from None
+    return stored, whole
+
+
+def _torch_load(path: Path, name: str) -> tuple[dict, Unchanged | None]:
+    """The state dict of a torch file, and (for a memory-mapped one) the watch of its open descriptor."""
     try:
         fd = open_regular(path)
     except NotAFileError as e:
         raise ValueError(f"{name}: {e}") from None
+    keep_open = False
     try:
+        mapped, whole = _zip_members(fd, path, name)
+        if not mapped and whole > _available_memory():
+            raise ValueError(f"{name}: {path.name} is compressed or in torch's legacy format, so it is read whole, "
+                             f"and its {whole} bytes exceed the memory available; save it with torch.save's "
+                             "default (zip, stored) format or as safetensors")
         # torch opens the file itself: through /proc/self/fd it opens the file checked above,
         # whatever the path names by then
         proc = f"/proc/self/fd/{fd}"
-        state = torch.load(proc if os.path.exists(proc) else path, map_location="cpu", weights_only=True, mmap=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on legacy files; their errors are ours below
+            state = torch.load(proc if os.path.exists(proc) else path, map_location="cpu", weights_only=True,
+                               mmap=mapped)
+        if not isinstance(state, dict):
+            raise ValueError(f"{name}: {path.name} holds a {type(state).__name__}, expected a state dict")
+        keep_open = mapped
+    except ValueError:
+        raise
     except Exception as e:  # pickle errors, non-tensor objects refused by weights_only, zip errors
-        raise ValueError(f"{name}: cannot load {path.name} with torch.load(weights_only=True): "
-                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        text = (str(e).splitlines()[0] if str(e) else type(e).__name__).replace(f"/proc/self/fd/{fd}", path.name)
+        raise ValueError(f"{name}: cannot load {path.name} with torch.load(weights_only=True): {text[:200]}") from None
     finally:
-        os.close(fd)
-    if not isinstance(state, dict):
-        raise ValueError(f"{name}: {path.name} holds a {type(state).__name__}, expected a state dict")
-    return state
+        if not keep_open:
+            os.close(fd)
+    return state, Unchanged(fd, path) if keep_open else None
 
 
 def _state_dict(path: Path, name: str, folder: Path | None = None) -> StateDictCheckpoint:
-    checkpoint = StateDictCheckpoint(_torch_load(path, name), name, written=True)
-    checkpoint.folder = folder
+    state, watch = _torch_load(path, name)
+    try:
+        checkpoint = StateDictCheckpoint(state, name, written=True)
+    except ValueError:
+        if watch is not None:
+            os.close(watch.fd)
+        raise
+    checkpoint.folder, checkpoint.files, checkpoint.watch = folder, [path], watch
     return checkpoint
 
 
@@ -222,15 +290,49 @@ def side_files(folder, name: str) -> list[Path]:
 def _check_shard_names(folder: Path, files: list, name: str) -> None:
     """Every shard name of the index is a plain file name in ``folder`` whose real path (links
     followed) stays inside it (or in the Hugging Face cache's blobs of the same repository)."""
-    real_folder = os.path.realpath(folder)
     for file in files:
         if (file in ("", ".", "..") or "/" in file or "\\" in file or "\0" in file or os.path.isabs(file)
                 or os.sep in file):
             raise ValueError(f"{name}: {INDEX} lists shard {show(file)}, which is not a plain file name in the model "
                              "folder (no folders, '..' or absolute paths)")
+    _check_inside(folder, files, name, f" listed in {INDEX}")
+
+
+def _check_inside(folder: Path, files: list, name: str, listed: str = "") -> None:
+    """The weight files ``files`` of a model folder (found by name, or listed in its index) have
+    real paths (links followed) inside it, or in the Hugging Face cache's blobs of the same
+    repository: one rule whether or not an index lists them."""
+    real_folder = os.path.realpath(folder)
+    for file in files:
         target = os.path.realpath(folder / file)
         if not _inside(target, real_folder) and not _hub_blob(target, real_folder):
-            raise ValueError(f"{name}: shard {show(file)} listed in {INDEX} links to a file outside the model folder")
+            raise ValueError(f"{name}: {'shard' if listed else 'weight file'} {show(file)}{listed} links to a file "
+                             "outside the model folder; copy it into the folder")
+
+
+JSON_LIMIT = 64 << 20  # bytes of a JSON side file read by pcb_fast (config.json, an index, a tokenizer config)
+
+
+def parse_json(raw: bytes, what: str):
+    """The JSON document ``raw``; a ValueError naming ``what`` if it is not UTF-8 JSON or nests more
+    than MAX_DEPTH levels (checked before parsing: a deep document cannot exhaust the stack)."""
+    try:
+        text = raw.decode("utf-8")
+        if deeper_than(text, MAX_DEPTH):
+            raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+        return json.loads(text)
+    except (UnicodeDecodeError, RecursionError, ValueError) as e:
+        reason = "not UTF-8" if isinstance(e, UnicodeDecodeError) else str(e).splitlines()[0][:100] or "too deep"
+        raise ValueError(f"{what} is not valid JSON ({reason})") from None
+
+
+def load_json(path, what: str, limit: int = JSON_LIMIT):
+    """The JSON document of the regular file ``path`` (at most ``limit`` bytes); one ValueError
+    naming ``what`` for a file that cannot be read or parsed."""
+    try:
+        return parse_json(read_regular(path, limit), what)
+    except NotAFileError as e:
+        raise ValueError(f"{what}: {e}") from None
 
 
 def _read_index(path: Path, name: str) -> tuple[list, dict]:
@@ -241,9 +343,8 @@ def _read_index(path: Path, name: str) -> tuple[list, dict]:
     except NotAFileError as e:
         raise ValueError(f"{name}: {e}") from None
     try:
-        text = raw.decode("utf-8")
-        data = None if deeper_than(text, MAX_DEPTH) else json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError):
+        data = parse_json(raw, INDEX)
+    except ValueError:
         data = None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict):
@@ -274,12 +375,15 @@ def _open_folder(path: Path, name: str) -> Checkpoint:
             raise ValueError(f"{name}: key {show(unlisted[0])} is in a shard but not in {INDEX}")
         return checkpoint
     if "model.safetensors" in names:
+        _check_inside(path, ["model.safetensors"], name)
         return SafetensorsCheckpoint([path / "model.safetensors"], name, path)
     shards = sorted(n for n in names if n.endswith(".safetensors") and not n.startswith("."))
     if shards:
+        _check_inside(path, shards, name)
         return SafetensorsCheckpoint([path / n for n in shards], name, path)
     for candidate in ("pytorch_model.bin", "model.pt"):
         if candidate in names:
+            _check_inside(path, [candidate], name)
             return _state_dict(path / candidate, name, path)
     raise ValueError(f"{name}: no weights found in the folder (expected model.safetensors, "
                      f"{INDEX} with its shards, or pytorch_model.bin)")
@@ -290,11 +394,12 @@ def open_checkpoint(source, name: str | None = None) -> Checkpoint:
     if isinstance(source, dict):
         return StateDictCheckpoint(source, name or "model", written=True)
     path = Path(source)
-    name = name or str(path)
+    name = name or show_path(path)
     try:
         mode = os.stat(path).st_mode
     except (FileNotFoundError, NotADirectoryError):
-        raise ValueError(f"{name}: no such file or folder") from None
+        where = "" if show_path(path) in name else f" {show_path(path)}"
+        raise ValueError(f"{name}: no such file or folder{where}") from None
     except OSError as e:
         raise ValueError(f"{name}: cannot access {path} ({e.strerror or e})") from None
     except ValueError:  # a NUL byte
@@ -307,7 +412,7 @@ def open_checkpoint(source, name: str | None = None) -> Checkpoint:
         return _state_dict(path, name)
     if not stat.S_ISREG(mode):
         raise ValueError(f"{name}: {not_regular(path, mode)}")
-    raise ValueError(f"{name}: unsupported checkpoint format {path.suffix or path.name!r}; valid: a .safetensors "
+    raise ValueError(f"{name}: unsupported checkpoint format {show(path.suffix or path.name, 40)}; valid: a .safetensors "
                      "file, a Hugging Face folder, or a .bin/.pt/.pth file")
 
 
@@ -318,7 +423,7 @@ def split_keys(base: Checkpoint, exclude: Sequence[str]) -> tuple[list[str], lis
         try:
             patterns.append(re.compile(p))
         except re.error as e:
-            raise ValueError(f"exclude pattern {p!r} is not a valid regular expression: {e}") from None
+            raise ValueError(f"exclude pattern {show(p)} is not a valid regular expression: {e}") from None
     merged, copied = [], []
     for key in base.keys():
         if base.is_floating(key) and base.numel(key) > 0 and not any(p.search(key) for p in patterns):
@@ -327,7 +432,7 @@ def split_keys(base: Checkpoint, exclude: Sequence[str]) -> tuple[list[str], lis
             copied.append(key)
     for pattern in patterns:  # a typo in a pattern would otherwise merge what the user meant to keep
         if not any(pattern.search(key) for key in base.keys()):
-            warnings.warn(f"pcb_fast: exclude pattern {pattern.pattern!r} matches no key of the base model; "
+            warnings.warn(f"pcb_fast: exclude pattern {show(pattern.pattern)} matches no key of the base model; "
                           "it excludes nothing", stacklevel=3)
     return merged, copied
 
@@ -342,15 +447,15 @@ def check_models_match(base: Checkpoint, models: Sequence[Checkpoint], merged_ke
         keys = set(model.keys())
         extra = sorted(keys - base_keys)
         if extra:
-            raise ValueError(f"{model.name} has key {extra[0]!r} that the base model lacks ({len(extra)} such keys)")
+            raise ValueError(f"{model.name} has key {show(extra[0])} that the base model lacks ({len(extra)} such keys)")
         for key in merged_keys:
             if key not in keys:
-                raise ValueError(f"{model.name} lacks key {key!r} that the base model has")
+                raise ValueError(f"{model.name} lacks key {show(key)} that the base model has")
             if not model.is_floating(key):
-                raise ValueError(f"{model.name}, key {key!r}: {model.dtype(key)} where the base has a floating tensor")
+                raise ValueError(f"{model.name}, key {show(key)}: {model.dtype(key)} where the base has a floating tensor")
             _check_merged_dtype(model.name, key, model.dtype(key))
             if tuple(model.shape(key)) != tuple(base.shape(key)):
-                raise ValueError(f"{model.name}, key {key!r}: shape {tuple(model.shape(key))} but the base has "
+                raise ValueError(f"{model.name}, key {show(key)}: shape {tuple(model.shape(key))} but the base has "
                                  f"{tuple(base.shape(key))}")
 
 

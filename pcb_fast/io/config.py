@@ -23,11 +23,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .safetensors import NotAFileError, read_regular
+from .safetensors import NotAFileError, read_regular, show_path
 
 # mergekit's names of pcb_fast's methods, also accepted by --method (with pcb_fast's defaults there)
 ALIASES = {"linear": "average", "dare_linear": "dare"}
 MAX_CONFIG = 16 << 20  # bytes of a configuration file
+
+
+MAX_NODES = 100_000  # values of a configuration once YAML's aliases are expanded (a real one has hundreds)
 
 
 def load_config(path) -> dict:
@@ -40,14 +43,38 @@ def load_config(path) -> dict:
     except NotAFileError as e:
         raise ValueError(f"config: {e}") from None
     except UnicodeDecodeError:
-        raise ValueError(f"config {path}: not UTF-8 text") from None
+        raise ValueError(f"config {show_path(path)}: not UTF-8 text") from None
+    loader = yaml.SafeLoader(text)
     try:
-        raw = yaml.safe_load(text)
+        node = loader.get_single_node()
+        if node is not None and _expanded_size(node, {}) > MAX_NODES:
+            raise ValueError(f"config {show_path(path)}: its YAML aliases expand to more than {MAX_NODES} values "
+                             "(an alias bomb?); write the values out")
+        raw = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
-        raise ValueError(f"config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"config {show_path(path)}: not valid YAML ({str(e).splitlines()[0][:200]})") from None
     except RecursionError:
-        raise ValueError(f"config {path}: not a merge configuration (nested too deeply)") from None
+        raise ValueError(f"config {show_path(path)}: not a merge configuration (nested too deeply)") from None
+    finally:
+        loader.dispose()
     return parse_config(raw, str(path))
+
+
+def _expanded_size(node, sizes: dict) -> int:
+    """The number of values under a composed YAML ``node`` with every alias expanded, computed once
+    per node (an alias is the same node object), so a "billion laughs" costs no more than its text."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    sizes[id(node)] = MAX_NODES + 1  # a node inside itself (a recursive alias) never ends
+    total = 1
+    if isinstance(node.value, list):
+        for item in node.value:
+            for child in item if isinstance(item, tuple) else (item,):
+                total += _expanded_size(child, sizes)
+                if total > MAX_NODES:
+                    break
+    sizes[id(node)] = min(total, MAX_NODES + 1)
+    return sizes[id(node)]
 
 
 def parse_config(raw, where: str = "config") -> dict:

@@ -34,10 +34,11 @@ from ..core.threads import CpuThreads, check_threads, room_for_io
 from ..cpu import fused as fused_cpu, native
 from ..methods import SPECS, check_method_params, scope_matters
 from .card import write_card
-from .checkpoints import check_models_match, open_checkpoint, side_files, split_keys
+from .checkpoints import (JSON_LIMIT, check_models_match, load_json, open_checkpoint, parse_json, side_files,
+                          split_keys)
 from .distributed import assign_shards
 from .output import atomic_folder, check_not_an_input, check_output, checkpoint_files
-from .safetensors import ShardedWriter, nbytes, read_regular, shard_plan
+from .safetensors import ShardedWriter, nbytes, open_regular, read_regular, shard_plan
 from .write_behind import WriteBehind
 
 OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -164,6 +165,7 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
         if not merged:
             raise ValueError(_nothing_to_merge(base_ck, base, copied))
         check_models_match(base_ck, model_cks, merged)
+        check_side_files(base_ck.folder, dtype, card, base_ck.name)
         if distributed:  # every rank has made the same checks; now they meet
             from .distributed import init_from_env
 
@@ -230,21 +232,20 @@ def _copy_side_files(folder, to: Path, dtype: str | None = None, name: str = "ba
     output ``dtype``, config.json says it (its "torch_dtype" and/or "dtype", whichever it has), so
     that transformers loads the merge in that dtype."""
     for path in side_files(folder, name):
-        data = read_regular(path, SIDE_FILE_LIMIT)
         if path.name == "config.json" and dtype is not None:
-            data = _config_with_dtype(data, dtype, name)
-        (to / path.name).write_bytes(data)
+            (to / path.name).write_bytes(_config_with_dtype(read_regular(path, JSON_LIMIT), dtype, name))
+        else:  # streamed: a large tokenizer file costs no memory
+            fd = open_regular(path)
+            with os.fdopen(fd, "rb") as source, open(to / path.name, "wb") as target:
+                shutil.copyfileobj(source, target, 1 << 20)
         shutil.copystat(path, to / path.name)
-
-
-SIDE_FILE_LIMIT = 1 << 31  # tokenizer files reach tens of MB; nothing legitimate is near this
 
 
 def _config_with_dtype(data: bytes, dtype: str, name: str) -> bytes:
     try:
-        config = json.loads(data)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise ValueError(f"{name}: config.json is not valid JSON; it cannot say the output dtype {dtype}") from None
+        config = parse_json(data, f"{name}: config.json")
+    except ValueError as e:
+        raise ValueError(f"{e}; it cannot say the output dtype {dtype}") from None
     if not isinstance(config, dict):
         return data
     fields = [f for f in ("torch_dtype", "dtype") if f in config]
@@ -253,6 +254,18 @@ def _config_with_dtype(data: bytes, dtype: str, name: str) -> bytes:
     for field in fields:
         config[field] = dtype
     return (json.dumps(config, indent=2, sort_keys=False) + "\n").encode()
+
+
+def check_side_files(folder, dtype: str | None, card: dict | None, name: str = "base model") -> None:
+    """Before any heavy work, the base folder's side files that the end of a merge will parse:
+    config.json when an output ``dtype`` is written into it, tokenizer_config.json when the
+    configuration sets a chat template."""
+    for path in side_files(folder, name):
+        if path.name == "config.json" and dtype is not None:
+            _config_with_dtype(read_regular(path, JSON_LIMIT), dtype, name)
+        if path.name == "tokenizer_config.json" and (card or {}).get("chat_template") is not None:
+            if not isinstance(load_json(path, f"{name}: tokenizer_config.json"), dict):
+                raise ValueError(f"{name}: tokenizer_config.json is not a JSON object; it cannot hold the chat template")
 
 
 def _write_merge(base_ck, model_cks, merged, copied, folder: Path, *, method, lam, lambdas, exclude, scope, backend, device,
@@ -277,7 +290,7 @@ def _write_merge(base_ck, model_cks, merged, copied, folder: Path, *, method, la
     try:
         for key in copied:
             if local is None or key in local:
-                writer.write(key, 0, base_ck.read(key).reshape(-1).to(out_dtype(key)))
+                copy_tensor(base_ck, key, writer, out_dtype(key))
         info = {"kept": [0] * len(model_cks), "entries": 0}
         if merged and backend == "torch":
             info = _stream_merge(base_ck, model_cks, merged, writer, out_dtype, method=method, lam=lam,
@@ -295,6 +308,20 @@ def _write_merge(base_ck, model_cks, merged, copied, folder: Path, *, method, la
     if comm is None or comm.rank == 0:
         _copy_side_files(base_ck.folder, folder, dtype, base_ck.name)
     return info
+
+
+COPY_CHUNK = 16 << 20  # bytes of a copied tensor read and written at a time
+
+
+def copy_tensor(checkpoint, key: str, writer, dtype: torch.dtype) -> None:
+    """Copy ``key`` from ``checkpoint`` to ``writer`` (cast to ``dtype``) in slices of COPY_CHUNK
+    bytes: a large buffer that is not merged streams like a merged one, within the memory budget."""
+    step = max(1, COPY_CHUNK // max(checkpoint.dtype(key).itemsize, dtype.itemsize))
+    numel = checkpoint.numel(key)
+    for lo in range(0, numel, step):
+        hi = min(numel, lo + step)
+        values = checkpoint.read_into(key, lo, hi, torch.empty(hi - lo, dtype=checkpoint.dtype(key)))
+        writer.write(key, lo, values.to(dtype))  # a new tensor per slice, as a writer behind the engine needs
 
 
 def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam, lambdas, scope, budget, progress,

@@ -25,13 +25,14 @@ references, other tokenizer sources) is a one-line "not supported: ..." naming t
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
 from pathlib import Path
 
 from ..methods import SPECS, check_method_params
+from .checkpoints import load_json
+from .safetensors import show
 
 # mergekit's name -> pcb_fast's method (each method's spec says what mergekit calls it)
 MERGEKIT_METHODS = {spec.mergekit: name for name, spec in SPECS.items() if spec.mergekit is not None}
@@ -111,7 +112,7 @@ def parse(raw, where: str = "config") -> dict:
     exclude = shared.get("exclude")
     if exclude is not None and not isinstance(exclude, str) and not (
             isinstance(exclude, list) and all(isinstance(p, str) for p in exclude)):
-        raise ValueError(f"{where}: parameters.exclude={exclude!r} must be a regular expression or a list of them")
+        raise ValueError(f"{where}: parameters.exclude={show(exclude)} must be a regular expression or a list of them")
     varying = settings.varying()
     if varying and scope == "global":
         raise ValueError(f"{where}: {varying[0]} varies by tensor ({settings.how(varying[0])}), which needs scope: "
@@ -360,10 +361,11 @@ class Settings:
         if not gradients:
             return None
         config = Path(base) / "config.json"
-        try:
-            data = json.loads(config.read_text()) if config.is_file() else {}
-        except (OSError, ValueError):
+        try:  # bounded in size and depth (io/checkpoints.load_json)
+            data = load_json(config, "config.json") if config.is_file() else {}
+        except ValueError:
             data = {}
+        data = data if isinstance(data, dict) else {}
         for key in MIN_NUM_LAYERS_KEYS:
             if isinstance(data.get(key), int) and not isinstance(data.get(key), bool) and data[key] > 0:
                 return data[key]
@@ -546,7 +548,7 @@ def _output_entries(raw, base, where) -> dict:
     for key in ("dtype", "out_dtype"):
         value = raw.get(key)
         if value is not None and not isinstance(value, str):
-            raise ValueError(f"{where}: {key}={value!r} is not valid; choose one of 'float32', 'float16', 'bfloat16'")
+            raise ValueError(f"{where}: {key}={show(value)} is not valid; choose one of 'float32', 'float16', 'bfloat16'")
     # mergekit: dtype is the compute dtype and the output's unless out_dtype; pcb_fast computes in float32
     if raw.get("out_dtype") is not None or raw.get("dtype") is not None:
         out["dtype"] = raw.get("out_dtype") or raw.get("dtype")

@@ -18,8 +18,10 @@ ended (killed, power loss) are removed by the next run on the same ``out``.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import hashlib
 import json
 import os
 import re
@@ -34,6 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .checkpoints import side_files
+from .safetensors import show_path
 
 
 class MergeFailed(ValueError):
@@ -53,49 +56,159 @@ BODY = "output"  # inside the temporary folder: the output being written
 def check_output(out, overwrite: bool, inputs=()) -> Path:
     """The output folder, if it may be written: a folder name that is not the current folder or one
     of its parents, nor an input or a folder holding one (``inputs``: (label, path) pairs), absent (or
-    ``overwrite``), in a writable folder."""
+    ``overwrite``), in a writable folder, and a name that folder can hold."""
     out = Path(out)
     if out.name in ("", ".", ".."):
-        raise ValueError(f"output {out} is not a new folder's name (it is the current folder or a parent); "
-                         "choose a folder such as ./merged")
+        raise ValueError(f"output {show_path(out)} is not a new folder's name (it is the current folder or a "
+                         "parent); choose a folder such as ./merged")
     check_not_an_input(out, inputs)
     if os.path.lexists(out) and not overwrite:
-        raise ValueError(f"output {out} already exists; choose another folder or allow overwrite (--overwrite)")
-    parent = out.absolute().parent
-    if not parent.is_dir():
-        raise ValueError(f"output folder's parent {parent} is not an existing folder")
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"output folder's parent {parent} is not writable")
+        raise ValueError(f"output {show_path(out)} already exists; choose another folder or allow overwrite "
+                         "(--overwrite)")
+    check_writable_parent(out)
     return out
+
+
+def check_writable_parent(path) -> Path:
+    """The folder that will hold ``path`` (a new file or folder): it exists, is writable, and allows a
+    name as long as ``path``'s; raises a one-line ValueError otherwise."""
+    path = Path(path)
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        raise ValueError(f"output folder's parent {show_path(parent)} is not an existing folder")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"output folder's parent {show_path(parent)} is not writable")
+    try:
+        longest = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        longest = 255
+    if len(os.fsencode(path.name)) > longest:
+        raise ValueError(f"output name {show_path(path.name, 60)} is {len(os.fsencode(path.name))} bytes long; "
+                         f"{show_path(parent)} allows names of at most {longest} bytes")
+    return parent
+
+
+def check_file_output(path, overwrite: bool, inputs=(), folders=()) -> Path:
+    """A file the run writes besides its output folder (the search's history), checked as an output
+    before any heavy work: not an input nor inside one (``inputs``), not inside an output folder of
+    the run (``folders``: (label, path) pairs, replaced as a whole), not an existing folder, absent
+    unless ``overwrite``, in an existing writable folder that allows its name."""
+    path = Path(path)
+    if path.name in ("", ".", "..") or os.path.isdir(path):
+        raise ValueError(f"{show_path(path)} is a folder; name a file to write")
+    check_not_an_input(path, inputs)
+    real = os.path.realpath(path)
+    for label, folder in folders:
+        if _within(real, os.path.realpath(folder)):
+            raise ValueError(f"{show_path(path)} lies inside {label} ({show_path(folder)}), which is written as a "
+                             "whole; choose a path outside it")
+    if os.path.lexists(path) and not overwrite:
+        raise ValueError(f"{show_path(path)} already exists; choose another file or allow overwrite (--overwrite)")
+    check_writable_parent(path)
+    return path
+
+
+def write_file_atomically(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all: a temporary file in the same folder, flushed
+    to disk, then renamed over ``path`` (a link at ``path`` is replaced, never written through)."""
+    path = Path(path)
+    fd, partial = tempfile.mkstemp(prefix=f".{_stem(path)}.tmp-", dir=path.absolute().parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        raise
 
 
 def _within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
+MAX_WALK = 100_000  # entries of an existing output folder looked at for links to inputs
+
+
+def _files_read(label: str, path) -> list:
+    """``(label, path)`` and, for a folder, every entry directly in it (what a run may read: weights,
+    shards, index, side files, adapter_config.json), each as its own (label, path)."""
+    found = [(label, path)]
+    try:
+        if os.path.isdir(path):
+            with os.scandir(path) as entries:
+                found += [(f"a {'shard' if entry.name.endswith('.safetensors') else 'file'} of {label}", entry.path)
+                          for entry in entries]
+    except OSError:
+        pass
+    return found
+
+
+def _identities(folder) -> set:
+    """(st_dev, st_ino) of ``folder`` and of everything under it (links not followed): the files a
+    replaced output takes with it, whatever name or link leads to them."""
+    found = set()
+    try:
+        st = os.lstat(folder)
+    except OSError:
+        return found
+    found.add((st.st_dev, st.st_ino))
+    if not stat.S_ISDIR(st.st_mode):
+        return found
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            try:
+                st = os.lstat(os.path.join(root, name))
+            except OSError:
+                continue
+            found.add((st.st_dev, st.st_ino))
+            if len(found) > MAX_WALK:
+                return found
+    return found
+
+
 def check_not_an_input(out, inputs) -> None:
     """Refuse an output that is, contains or lies inside one of ``inputs`` ((label, path) pairs), or
-    that is the current folder or one of its parents: what ``overwrite`` would delete. Paths are
-    compared resolved (os.path.realpath), ``out`` both with and without its last component resolved."""
+    that is the current folder or one of its parents: what ``overwrite`` would delete. Every entry of
+    an input folder counts as an input too (a model folder's weights, shards and side files). Paths
+    are compared resolved (os.path.realpath, links followed), ``out`` both with and without its last
+    component resolved; an existing ``out`` is also searched for the inputs' files themselves
+    (device and inode: hard links, bind mounts)."""
     out = Path(out)
     forms = {os.path.realpath(out), os.path.join(os.path.realpath(out.absolute().parent), out.name)}
     cwd = os.path.realpath(os.getcwd())
     if any(_within(cwd, form) for form in forms):
-        raise ValueError(f"output {out} is the current folder or one of its parents; choose a folder such as ./merged")
-    for label, path in inputs:
-        real = os.path.realpath(path)
-        for form in forms:
-            relation = ("is" if real == form else "contains" if _within(real, form)
-                        else "lies inside" if _within(form, real) else None)
-            if relation:
-                raise ValueError(f"output {out} {relation} {label} ({path}); --out must not be, contain or lie "
-                                 "inside an input")
+        raise ValueError(f"output {show_path(out)} is the current folder or one of its parents; choose a folder such "
+                         "as ./merged")
+    identities = None
+    for given_label, given_path in inputs:
+        for label, path in _files_read(given_label, given_path):
+            real = os.path.realpath(path)
+            for form in forms:
+                relation = ("is" if real == form else "contains" if _within(real, form)
+                            else "lies inside" if _within(form, real) else None)
+                if relation:
+                    raise ValueError(f"output {show_path(out)} {relation} {label} ({show_path(path)}); --out must "
+                                     "not be, contain or lie inside an input")
+            if os.path.lexists(out):
+                if identities is None:
+                    identities = _identities(out)
+                try:
+                    st = os.stat(path)
+                except (OSError, ValueError):
+                    continue
+                if (st.st_dev, st.st_ino) in identities:
+                    raise ValueError(f"output {show_path(out)} contains {label} ({show_path(path)}) through a link; "
+                                     "--out must not be, contain or lie inside an input")
 
 
 def checkpoint_files(ck, label: str) -> list:
     """(label, path) of the files an opened checkpoint reads besides its own path: its safetensors
-    shards and the side files copied from its folder."""
+    shards, the torch file it loaded and the side files copied from its folder."""
     files = [(f"a shard of {label}", r.path) for r in getattr(ck, "readers", ()) if getattr(r, "path", None)]
+    files += [(f"a file of {label}", path) for path in getattr(ck, "files", ())]
     files += [(f"a file of {label}", path) for path in side_files(ck.folder, ck.name)]
     return files
 
@@ -162,8 +275,22 @@ def _owner_gone(record: dict) -> bool:
     return start is not None and _start_time(pid) not in (None, start)
 
 
+def _stem(out: Path) -> str:
+    """The part of ``out``'s name that its temporary folders' names carry: the whole name, or where
+    that would make them longer than a name may be, its start and a hash of the whole (a temporary
+    name fits wherever the final name fits)."""
+    name = out.name
+    room = 255 - 40  # ".<stem>.tmp-<pid>-<8 random>" and ".<stem>.old-<8 random>" within 255 bytes
+    if len(os.fsencode(name)) <= room:
+        return name
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:12]
+    while len(os.fsencode(name)) > room - 13:
+        name = name[:-1]
+    return f"{name}~{digest}"
+
+
 def _temporary_pattern(out: Path):
-    return re.compile(re.escape(f".{out.name}.tmp-") + r"(\d+)-[a-z0-9_]{8}")
+    return re.compile(re.escape(f".{_stem(out)}.tmp-") + r"(\d+)-[a-z0-9_]{8}")
 
 
 def remove_stale_temporaries(out) -> list:
@@ -195,7 +322,7 @@ def remove_stale_temporaries(out) -> list:
 
 def _make_temporary(out: Path) -> Path:
     """A new temporary folder next to ``out`` with its owner record and an empty output folder."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.absolute().parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{_stem(out)}.tmp-{os.getpid()}-", dir=out.absolute().parent))
     try:
         (tmp / "owner.part").write_text(json.dumps(_owner_record()))
         os.replace(tmp / "owner.part", tmp / OWNER_FILE)  # whole or absent: a later run reads it or keeps the folder
@@ -287,7 +414,7 @@ def _publish(body: Path, out: Path, overwrite: bool):
 def _replace_by_renames(body: Path, out: Path) -> Path:
     """Without renameat2: move the previous output aside to .<out>.old-*, ours in, and the previous
     one back if that fails (signals are held back by the caller). Returns the folder to delete."""
-    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.absolute().parent))
+    aside = Path(tempfile.mkdtemp(prefix=f".{_stem(out)}.old-", dir=out.absolute().parent))
     previous = aside / out.name
     try:
         os.rename(out, previous)

@@ -124,10 +124,37 @@ def read_regular(path, limit: int) -> bytes:
         os.close(fd)
 
 
+class Unchanged:
+    """A file as it was when opened (its size and modification time), checked again after every
+    read: a file rewritten in place while a merge reads it would otherwise give a mix of old and new
+    values. A file replaced by another (a rename) is no concern: the open descriptor reads the old one."""
+
+    def __init__(self, fd: int, path):
+        self.fd, self.path = fd, path
+        self.seen = self._state()
+
+    def _state(self) -> tuple:
+        st = os.fstat(self.fd)
+        return st.st_size, st.st_mtime_ns
+
+    def check(self) -> None:
+        """Raise a FormatError if the file changed since it was opened."""
+        if self._state() != self.seen:
+            raise FormatError(f"{self.path}: input changed during the merge (its size or modification time differ "
+                              "from when it was opened); rerun once no other process writes it")
+
+
 def show(key, limit: int = 80) -> str:
     """``repr(key)``, cut to about ``limit`` characters (a message stays one short line)."""
     text = repr(key)
     return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+def show_path(path, limit: int = 400) -> str:
+    """A path for a one-line message: undecodable bytes escaped, cut to about ``limit`` characters."""
+    text = os.fsdecode(path) if isinstance(path, bytes) else str(path)
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[: limit // 2 - 2] + "..." + text[-(limit // 2 - 2):]
 
 
 # ---- the header
@@ -325,6 +352,7 @@ class SafetensorsReader:
         self._fd = None
         try:
             self._fd = open_regular(self.path)
+            self.watch = Unchanged(self._fd, self.path)
             self._read_header()
         except NotAFileError as e:
             self.close()
@@ -370,8 +398,10 @@ class SafetensorsReader:
         while done < len(view):  # a positioned read may return fewer bytes than asked
             got = os.preadv(self._fd, [view[done:]], position + done)
             if got <= 0:
-                raise FormatError(f"{self.path}: key {key!r} ends early (truncated file)")
+                self.watch.check()
+                raise FormatError(f"{self.path}: key {show(key)} ends early (truncated file)")
             done += got
+        self.watch.check()
         return out
 
     def advise(self, key: str, lo: int, hi: int) -> None:
