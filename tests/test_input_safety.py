@@ -1,0 +1,406 @@
+"""Hostile inputs, second round (issue 26): every file a run reads, through any link, is an input
+that --overwrite may not delete; every file it writes is an output (the search's history);
+compressed, legacy and truncated torch files; inputs rewritten during a merge; copies within the
+memory budget; checks before the heavy work; one short line per error; one link rule for shards
+with or without an index. Each test failed on the code before these fixes."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pcb_fast.cli import main as cli
+from pcb_fast.io import disk_merge
+from pcb_fast.io.disk_merge import merge_checkpoints
+from pcb_fast.io.output import MergeFailed
+
+
+def state(seed: int, entries: int = 64) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(entries, generator=g), "b": torch.randn(8, generator=g), "steps": torch.arange(3)}
+
+
+def models(folder: Path, n: int = 2) -> tuple[dict, list]:
+    base = state(0)
+    tuned = [{k: v + 0.01 * torch.randn(v.shape) if v.is_floating_point() else v for k, v in base.items()}
+             for _ in range(n)]
+    folder.mkdir(parents=True, exist_ok=True)
+    return base, tuned
+
+
+def tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_error_line(capsys, prefix="pcb-fast: error: ") -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(prefix), err
+    assert len(err) < 1200, len(err)
+    return err
+
+
+def an_existing_output(tmp_path: Path, name: str, data: bytes) -> tuple[Path, Path]:
+    """An output folder from an earlier run, holding the file ``name`` (what an input links to)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_bytes(data)
+    return out, out / name
+
+
+# ---- 1. every input kind, reached through a link into --out
+
+
+@pytest.mark.parametrize("kind", ["pytorch_model.bin", "model.pt", "model.safetensors", "config.json",
+                                  "tokenizer.json"])
+def test_a_model_file_linked_into_out_is_an_input(tmp_path, capsys, kind):
+    base, tuned = models(tmp_path)
+    folder = tmp_path / "base"
+    folder.mkdir()
+    saved = tmp_path / "saved"
+    if kind.endswith((".bin", ".pt")):
+        torch.save(base, saved)
+    elif kind.endswith(".safetensors"):
+        save_file(base, saved)
+    else:
+        save_file(base, folder / "model.safetensors")
+        saved.write_text("{}")
+    out, target = an_existing_output(tmp_path, "x", saved.read_bytes())
+    (folder / kind).symlink_to(target)
+    paths = []
+    for i, t in enumerate(tuned):
+        save_file(t, tmp_path / f"m{i}.safetensors")
+        paths.append(tmp_path / f"m{i}.safetensors")
+    before = tree(out)
+    code = cli(["merge", "--base", str(folder), *[f"--model={p}" for p in paths], "--out", str(out), "--overwrite",
+                "--quiet", "--method", "task_arithmetic"])
+    assert code == 2
+    assert f"output {out} contains a " in one_error_line(capsys)
+    assert tree(out) == before
+
+
+@pytest.mark.parametrize("linked", ["adapter_model.safetensors", "adapter_config.json"])
+def test_an_adapter_file_linked_into_out_is_an_input(tmp_path, capsys, linked):
+    g = torch.Generator().manual_seed(0)
+    (tmp_path / "base").mkdir()
+    save_file({"model.layers.0.q_proj.weight": torch.randn(8, 8, generator=g)}, tmp_path / "base/model.safetensors")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    files = {"adapter_model.safetensors": None, "adapter_config.json": None}
+    save_file({"base_model.model.model.layers.0.q_proj.lora_A.weight": torch.randn(2, 8, generator=g),
+               "base_model.model.model.layers.0.q_proj.lora_B.weight": torch.randn(8, 2, generator=g)},
+              tmp_path / "weights")
+    files["adapter_model.safetensors"] = (tmp_path / "weights").read_bytes()
+    files["adapter_config.json"] = json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2,
+                                               "target_modules": ["q_proj"]}).encode()
+    out, target = an_existing_output(tmp_path, "x", files[linked])
+    for name, data in files.items():
+        if name == linked:
+            (adapter / name).symlink_to(target)
+        else:
+            (adapter / name).write_bytes(data)
+    before = tree(out)
+    assert cli(["merge", "--base", str(tmp_path / "base"), "--adapter", str(adapter), "--out", str(out),
+                "--overwrite", "--quiet", "--method", "task_arithmetic"]) == 2
+    assert "contains a " in one_error_line(capsys)
+    assert tree(out) == before
+
+
+def test_a_hard_link_into_out_is_an_input(tmp_path, capsys):
+    base, tuned = models(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    save_file(base, out / "kept.safetensors")
+    os.link(out / "kept.safetensors", tmp_path / "base.safetensors")
+    save_file(tuned[0], tmp_path / "m0.safetensors")
+    assert cli(["merge", "--base", str(tmp_path / "base.safetensors"), "--model", str(tmp_path / "m0.safetensors"),
+                "--out", str(out), "--overwrite", "--quiet"]) == 2
+    assert "through a link" in one_error_line(capsys)
+    assert (out / "kept.safetensors").exists()
+
+
+# ---- 2. every written path is an output: the search's history
+
+
+@pytest.fixture
+def search_inputs(tmp_path):
+    base, tuned = models(tmp_path)
+    save_file(base, tmp_path / "base.safetensors")
+    for i, t in enumerate(tuned):
+        save_file(t, tmp_path / f"m{i}.safetensors")
+    (tmp_path / "score.py").write_text("calls = []\ndef evaluate(state):\n    calls.append(1)\n"
+                                       "    return -float(state['w'].abs().sum())\n")
+    return tmp_path
+
+
+def search_cli(folder: Path, *extra) -> int:
+    return cli(["search", "--base", str(folder / "base.safetensors"), "--model", str(folder / "m0.safetensors"),
+                "--model", str(folder / "m1.safetensors"), "--eval", f"{folder / 'score.py'}:evaluate",
+                "--budget", "3", "--quiet", "--method", "task_arithmetic", *map(str, extra)])
+
+
+@pytest.mark.parametrize("target", ["m0.safetensors", "score.py", "base.safetensors"])
+def test_the_history_may_not_be_an_input(search_inputs, capsys, target):
+    before = (search_inputs / target).read_bytes()
+    assert search_cli(search_inputs, "--out", search_inputs / "best", "--history", search_inputs / target) == 2
+    assert "--out must not be, contain or lie inside an input" in one_error_line(capsys)
+    assert (search_inputs / target).read_bytes() == before and not (search_inputs / "best").exists()
+
+
+def test_the_history_through_a_link_to_an_input(search_inputs, capsys):
+    (search_inputs / "h.csv").symlink_to(search_inputs / "m1.safetensors")
+    before = (search_inputs / "m1.safetensors").read_bytes()
+    assert search_cli(search_inputs, "--out", search_inputs / "best", "--history", search_inputs / "h.csv") == 2
+    one_error_line(capsys)
+    assert (search_inputs / "m1.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("where, message", [("best", "lies inside --out"), ("best/h.csv", "lies inside --out"),
+                                            ("missing/h.csv", "is not an existing folder")])
+def test_a_history_that_cannot_be_written_is_refused_before_the_search(search_inputs, capsys, monkeypatch, where,
+                                                                       message):
+    import pcb_fast.search as search
+
+    def no_search(*a, **k):
+        raise AssertionError("the search ran")
+
+    monkeypatch.setattr(search, "ContributionCache", no_search)
+    assert search_cli(search_inputs, "--out", search_inputs / "best", "--history", search_inputs / where) == 2
+    assert message in one_error_line(capsys)
+
+
+def test_an_existing_history_is_replaced_only_with_overwrite_and_atomically(search_inputs, capsys):
+    history = search_inputs / "h.json"
+    history.write_text("earlier")
+    assert search_cli(search_inputs, "--out", search_inputs / "best", "--history", history) == 2
+    assert "already exists" in one_error_line(capsys)
+    assert history.read_text() == "earlier"
+    assert search_cli(search_inputs, "--out", search_inputs / "best", "--history", history, "--overwrite") == 0
+    assert len(json.loads(history.read_text())["history"]) == 3
+    assert not [p for p in search_inputs.iterdir() if p.name.startswith(".")]
+
+
+def test_the_api_checks_the_history_folder_before_searching(tmp_path):
+    from pcb_fast.search import search_lambdas
+
+    base, tuned = models(tmp_path)
+    calls = []
+    with pytest.raises(ValueError, match="is not an existing folder"):
+        search_lambdas(base, tuned, lambda s: calls.append(1) or 0.0, budget=2, method="task_arithmetic",
+                       history_path=tmp_path / "missing" / "h.json")
+    assert calls == []
+
+
+# ---- 3. compressed, legacy and truncated torch files
+
+
+def deflated(path: Path) -> Path:
+    """The torch zip ``path`` rewritten with every member deflate-compressed."""
+    packed = path.with_name(path.stem + "-deflated" + path.suffix)
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as target:
+        for info in source.infolist():
+            target.writestr(info.filename, source.read(info), compress_type=zipfile.ZIP_DEFLATED)
+    return packed
+
+
+@pytest.mark.parametrize("form", ["deflated", "legacy"])
+def test_compressed_and_legacy_torch_files_are_read_correctly(tmp_path, form):
+    base, tuned = models(tmp_path)
+    save_file(base, tmp_path / "base.safetensors")
+    paths = []
+    for i, t in enumerate(tuned):
+        path = tmp_path / f"m{i}.pt"
+        if form == "legacy":
+            torch.save(t, path, _use_new_zipfile_serialization=False)
+        else:
+            torch.save(t, path)
+            path = deflated(path)
+            with zipfile.ZipFile(path) as z:
+                assert {i.compress_type for i in z.infolist() if "/data/" in i.filename} == {zipfile.ZIP_DEFLATED}
+        paths.append(path)
+    for i, t in enumerate(tuned):
+        save_file(t, tmp_path / f"s{i}.safetensors")
+    got = merge_checkpoints(tmp_path / "base.safetensors", paths, tmp_path / "a", method="ties", density=0.5)
+    expected = merge_checkpoints(tmp_path / "base.safetensors", [tmp_path / f"s{i}.safetensors" for i in range(2)],
+                                 tmp_path / "b", method="ties", density=0.5)
+    a, b = load_file(got / "model.safetensors"), load_file(expected / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_a_truncated_torch_zip_is_one_line(tmp_path, capsys):
+    base, tuned = models(tmp_path)
+    save_file(base, tmp_path / "base.safetensors")
+    torch.save(tuned[0], tmp_path / "m.pt")
+    data = (tmp_path / "m.pt").read_bytes()
+    for cut, name in ((len(data) // 2, "half.pt"), (len(data) - 30, "tail.pt")):
+        (tmp_path / name).write_bytes(data[:cut])
+        assert cli(["merge", "--base", str(tmp_path / "base.safetensors"), "--model", str(tmp_path / name),
+                    "--out", str(tmp_path / "o"), "--quiet"]) == 2
+        err = one_error_line(capsys)
+        assert name in err and "/proc/self/fd" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_zip_member_past_the_end_of_the_file_is_refused_unmapped(tmp_path):
+    """A stored member whose size reaches past the end of the file would be read through the map
+    beyond the file's end (SIGBUS): refused before torch.load."""
+    base, tuned = models(tmp_path)
+    save_file(base, tmp_path / "base.safetensors")
+    torch.save(tuned[0], tmp_path / "m.pt")
+    raw = bytearray((tmp_path / "m.pt").read_bytes())
+    with zipfile.ZipFile(tmp_path / "m.pt") as z:
+        member = next(i for i in z.infolist() if "/data/" in i.filename)
+    # the central directory entry of the member: its compressed and uncompressed sizes, made huge
+    position = raw.find(b"PK\x01\x02")
+    while position >= 0:
+        name_length = int.from_bytes(raw[position + 28: position + 30], "little")
+        if raw[position + 46: position + 46 + name_length].decode() == member.filename:
+            raw[position + 20: position + 28] = (1 << 30).to_bytes(4, "little") * 2
+            break
+        position = raw.find(b"PK\x01\x02", position + 4)
+    assert position >= 0
+    (tmp_path / "m.pt").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="truncated or corrupt torch zip file"):
+        merge_checkpoints(tmp_path / "base.safetensors", [tmp_path / "m.pt"], tmp_path / "o")
+
+
+# ---- 4. an input rewritten while a multi-pass merge reads it
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_an_input_rewritten_during_the_merge_fails_and_writes_nothing(tmp_path, suffix):
+    base, tuned = models(tmp_path)
+    save_file(base, tmp_path / "base.safetensors")
+    paths = []
+    for i, t in enumerate(tuned):
+        path = tmp_path / f"m{i}{suffix}"
+        save_file(t, path) if suffix == ".safetensors" else torch.save(t, path)
+        paths.append(path)
+    passes = []
+
+    def progress(total, description):
+        passes.append(description)
+        if len(passes) == 2:  # between the first pass and the second: rewrite model 1 in place
+            time.sleep(0.05)
+            size = paths[1].stat().st_size
+            with open(paths[1], "r+b") as f:
+                f.seek(size - 64)
+                f.write(bytes(64))
+
+        class Bar:
+            def update(self, n):
+                pass
+
+            def close(self):
+                pass
+        return Bar()
+
+    with pytest.raises(MergeFailed, match="input changed during the merge"):
+        merge_checkpoints(tmp_path / "base.safetensors", paths, tmp_path / "o", method="pcb", max_memory=0,
+                          progress=progress, fused="off")
+    assert len(passes) >= 2 and not (tmp_path / "o").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# ---- 11. copied tensors stream like merged ones
+
+
+def test_copied_tensors_are_read_in_slices(tmp_path, monkeypatch):
+    base = {"w": torch.randn(64), "buffer": torch.zeros(3 * disk_merge.COPY_CHUNK + 5, dtype=torch.int8)}
+    save_file(base, tmp_path / "base.safetensors")
+    save_file({"w": base["w"] + 1, "buffer": base["buffer"]}, tmp_path / "m.safetensors")
+    from pcb_fast.io.checkpoints import SafetensorsCheckpoint
+
+    largest = []
+    read_into = SafetensorsCheckpoint.read_into
+
+    def spy(self, key, lo, hi, out):
+        if key == "buffer":
+            largest.append(hi - lo)
+        return read_into(self, key, lo, hi, out)
+
+    monkeypatch.setattr(SafetensorsCheckpoint, "read_into", spy)
+    out = merge_checkpoints(tmp_path / "base.safetensors", [tmp_path / "m.safetensors"], tmp_path / "o",
+                            method="task_arithmetic", max_memory="1MB")
+    assert max(largest) <= disk_merge.COPY_CHUNK and len(largest) == 4
+    assert torch.equal(load_file(out / "model.safetensors")["buffer"], base["buffer"])
+
+
+# ---- 12. everything checkable is checked before the heavy work
+
+
+def test_a_bad_config_json_with_dtype_is_found_before_the_merge(tmp_path, capsys, monkeypatch):
+    base, tuned = models(tmp_path)
+    folder = tmp_path / "base"
+    folder.mkdir()
+    save_file(base, folder / "model.safetensors")
+    (folder / "config.json").write_text("[" * 200_000)
+    save_file(tuned[0], tmp_path / "m.safetensors")
+    monkeypatch.setattr(disk_merge, "_write_merge", lambda *a, **k: pytest.fail("the merge ran"))
+    assert cli(["merge", "--base", str(folder), "--model", str(tmp_path / "m.safetensors"), "--out",
+                str(tmp_path / "o"), "--dtype", "float16", "--quiet"]) == 2
+    assert "config.json is not valid JSON" in one_error_line(capsys)
+
+
+def test_output_names_as_long_as_the_filesystem_allows(tmp_path, capsys):
+    base, tuned = models(tmp_path)
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(tuned[0], tmp_path / "m.safetensors")
+    args = ["merge", "--base", str(tmp_path / "base.safetensors"), "--model", str(tmp_path / "m.safetensors"),
+            "--quiet", "--method", "task_arithmetic"]
+    assert cli(args + ["--out", str(tmp_path / ("o" * 250))]) == 0
+    assert (tmp_path / ("o" * 250) / "model.safetensors").exists()
+    assert cli(args + ["--out", str(tmp_path / ("p" * 256))]) == 2
+    assert "is 256 bytes long" in one_error_line(capsys)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# ---- 13. one short line, naming what is wrong
+
+
+def test_a_huge_key_gives_a_short_line(tmp_path, capsys):
+    base, tuned = models(tmp_path)
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(dict(tuned[0], **{"k" * 1_000_000: torch.zeros(1)}), tmp_path / "m.safetensors")
+    assert cli(["merge", "--base", str(tmp_path / "base.safetensors"), "--model", str(tmp_path / "m.safetensors"),
+                "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "that the base model lacks" in one_error_line(capsys)
+
+
+def test_a_missing_base_names_its_path(tmp_path, capsys):
+    save_file(state(1), tmp_path / "m.safetensors")
+    assert cli(["merge", "--base", str(tmp_path / "nowhere"), "--model", str(tmp_path / "m.safetensors"),
+                "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert f"base model: no such file or folder {tmp_path / 'nowhere'}" in one_error_line(capsys)
+
+
+def test_a_config_folder_is_refused_as_a_folder(tmp_path, capsys):
+    (tmp_path / "cfg").mkdir()
+    assert cli(["merge", "--config", str(tmp_path / "cfg"), "--out", str(tmp_path / "cfg" / "o"), "--quiet"]) == 2
+    err = one_error_line(capsys)
+    assert "is a folder, not a regular file" in err and "lies inside the config file" not in err
+
+
+# ---- 14. one link rule for shards, with or without an index
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "model-a.safetensors", "pytorch_model.bin"])
+def test_weights_linking_outside_the_folder_are_refused_without_an_index(tmp_path, capsys, name):
+    base, tuned = models(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    save_file(base, elsewhere / "w.safetensors") if name.endswith(".safetensors") else torch.save(base, elsewhere / "w")
+    target = elsewhere / ("w.safetensors" if name.endswith(".safetensors") else "w")
+    folder = tmp_path / "base"
+    folder.mkdir()
+    (folder / name).symlink_to(target)
+    save_file(tuned[0], tmp_path / "m.safetensors")
+    assert cli(["merge", "--base", str(folder), "--model", str(tmp_path / "m.safetensors"), "--out",
+                str(tmp_path / "o"), "--quiet"]) == 2
+    assert f"weight file '{name}' links to a file outside the model folder" in one_error_line(capsys)
