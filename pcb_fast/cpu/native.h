@@ -1,4 +1,4 @@
-/* Helpers shared by the C kernels of pcb_fast.cpu.native (compiled into one library). */
+/* Helpers and prototypes shared by the C kernels of pcb_fast.cpu.native (compiled into one library). */
 #ifndef PCB_FAST_NATIVE_H
 #define PCB_FAST_NATIVE_H
 
@@ -41,5 +41,45 @@ static inline uint32_t mix32(uint32_t x)
     x *= 0x735A2D97u;
     return x ^ (x >> 15);
 }
+
+/* How a block's entries are kept: TIES' trim, or DARE's drop. */
+typedef struct {
+    int drop;               /* 0: trim by t/cut, 1: DARE's drop */
+    const float *t;         /* trim: [n] thresholds */
+    const int64_t *cut;     /* trim: [n] entries equal to t are kept at positions < cut */
+    const uint32_t *stream; /* drop: [n] stream constants, their mix32, keep thresholds (24 bits) */
+    const uint32_t *high;
+    const uint32_t *threshold;
+    int64_t lo;          /* drop: index of the block's first entry in its tensor */
+    const float *scale;  /* drop: [n] 1 - p_i, the divisors of the survivors, or (multiply) their factors */
+    int multiply;        /* drop: survivors multiplied by scale_i (mergekit's L1 rescale, or 1: none) */
+} keep_rule;
+
+/* The kernels pcb_fast.cpu.native calls (its SIGNATURES must match these; the definitions are
+ * checked against them by the compiler, since every source includes this header). */
+int row_order_statistics(const uint32_t *bits, int64_t rows, int64_t rows_per_group, int64_t group_stride,
+                         int64_t length, int64_t rank_a, int64_t rank_b, float *out_a, float *out_b, int threads);
+void dare_keep_masks(int64_t lo, int64_t m, int64_t n, const uint32_t *streams, const uint32_t *highs,
+                     const uint32_t *thresholds, uint8_t *out, int threads);
+void tv_bracket(const float *tv, int64_t n, int64_t m, int64_t stride, const float *floor_, const float *ceiling,
+                float *row_max, int64_t *above, int64_t *at_ceiling, int64_t *at_floor, float *inside,
+                int64_t *inside_counts, uint8_t *flags, int threads);
+void tv_equal_counts(const float *tv, int64_t n, int64_t m, int64_t stride, const float *t, int64_t *counts,
+                     int threads);
+int tv_merge_block(const float *tv, int64_t n, int64_t m, int64_t stride, const keep_rule *rule, const float *lam,
+                   int elect, float fill, int divide, float *values, int64_t *signs, int64_t *undecided,
+                   int64_t *kept, float *row_max, int threads);
+void collect_counts(const float *scores, int64_t n, int64_t m, int64_t score_stride, const float *floor_,
+                    int64_t *counts, int threads);
+void collect_entries(const float *scores, const float *tv, int64_t n, int64_t m, int64_t score_stride,
+                     int64_t tv_stride, const float *floor_, const int64_t *offsets, int32_t *flat,
+                     float *out_scores, float *out_tau, int threads);
+void run_extremes(const float *tv, int64_t n, int64_t m, int64_t stride, int64_t run, float *run_min,
+                  float *run_max, float *row_max, int threads);
+int64_t weighted_merge(int64_t n, int64_t m, const void *const *models, const int32_t *model_dtypes,
+                       const void *base, int32_t base_dtype, const float *weights, float divisor,
+                       float lam, void *out, int32_t out_dtype, int threads);
+int64_t merged_output(int64_t m, const void *base, int32_t base_dtype, const float *tau_m, float lam, void *out,
+                      int32_t out_dtype, int threads);
 
 #endif

@@ -7,20 +7,28 @@ Breadcrumbs places its band by two order statistics of every row; torch has no p
 cheaper than a partial top-k over (value, index) pairs, which cost it most of its time. Task
 arithmetic and averaging from files take one sweep from the raw bf16/fp16/fp32 slices to the
 output's bytes instead of five torch ops. The library
-is compiled on first use with the system C compiler ($CC, else cc, gcc or clang), cached on disk
-(``$PCB_FAST_CACHE`` or ~/.cache/pcb_fast, keyed by source, compiler, flags and CPU) and called
-through ctypes; it splits the rows over OpenMP threads, in torch's own OpenMP team.
+is compiled on first use with the system C compiler ($CC, else cc, gcc or clang) and called through
+ctypes; it splits the rows over OpenMP threads, in torch's own OpenMP team. The build is cached in
+``$PCB_FAST_CACHE`` or ~/.cache/pcb_fast, a folder of this user that no one else may write, keyed by
+what it depends on: the sources, the compiler, the flags and the target they resolve to on this host
+(the compiler's predefined macros under -march=native). One process compiles while the others wait
+on a lock; the library is written to disk durably (flushed, then renamed), its SHA-256 recorded, and
+checked before every load (a truncated or replaced file is built again). Each kernel's signature is
+declared once (:data:`SIGNATURES`) and checked against native.h's prototypes at load.
 :func:`problem` says why it is unavailable; callers then use the torch formulation.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import functools
 import hashlib
 import os
 import platform
+import re
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -45,37 +53,144 @@ def _compiler() -> str | None:
     return next((path for path in found if path), None)
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return next((line for line in f if line.startswith("model name")), platform.processor())
-    except OSError:
-        return platform.processor()
-
-
 def _cache_dir() -> Path:
     return Path(os.environ.get("PCB_FAST_CACHE") or Path.home() / ".cache" / "pcb_fast")
 
 
-def _build(compiler: str, flags: list[str]) -> Path:
-    """The shared library for these flags, compiled unless cached; raises on a compiler error."""
-    source = b"\0".join(path.read_bytes() for path in SOURCES + HEADERS)
-    key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
-                                     platform.machine().encode(), _cpu_name().encode()])).hexdigest()[:16]
-    target = _cache_dir() / f"native-{key}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Built under a temporary name and renamed: processes compiling at once never load half a file.
-        fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+def _target(compiler: str, flags: list[str]) -> bytes:
+    """What a build with these flags depends on besides the sources: the compiler's predefined
+    macros under them (its version, and the instruction sets that -march=native resolves to on this
+    host), so hosts that share a home folder but differ in their CPUs never share a library."""
+    done = subprocess.run([compiler, *flags, "-dM", "-E", "-x", "c", os.devnull], check=True, capture_output=True)
+    return b"\n".join(sorted(done.stdout.splitlines()))
+
+
+def _trusted_folder(folder: Path) -> str | None:
+    """Why the cache folder cannot be trusted (None when it can): it must be a folder of this user
+    that no one else can write (else another user could plant a library that we would load)."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.stat(folder)
+    if not stat.S_ISDIR(st.st_mode):
+        return f"the kernel cache {folder} is not a folder"
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return f"the kernel cache {folder} belongs to another user"
+    if st.st_mode & 0o022:
+        return f"others can write the kernel cache {folder} (mode {stat.S_IMODE(st.st_mode):o}); make it 700"
+    return None
+
+
+def _digest(path: Path) -> str | None:
+    """The SHA-256 of a regular file of this user that no one else can write, or None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if (not stat.S_ISREG(st.st_mode) or st.st_mode & 0o022
+                or (hasattr(os, "getuid") and st.st_uid != os.getuid())):
+            return None
+        digest = hashlib.sha256()
+        while chunk := os.read(fd, 1 << 20):
+            digest.update(chunk)
+        return digest.hexdigest()
+    finally:
         os.close(fd)
+
+
+def _write_durably(folder: Path, name: str, write) -> None:
+    """Create ``folder / name`` whole or not at all: ``write(path)`` fills a temporary file, which is
+    flushed to disk and renamed over the name (then the folder's entry is flushed too)."""
+    fd, partial = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
+    os.close(fd)
+    try:
+        write(partial)
+        fd = os.open(partial, os.O_RDONLY)
         try:
-            subprocess.run([compiler, *flags, "-shared", "-fPIC", "-o", partial, *map(str, SOURCES)],
-                           check=True, capture_output=True, text=True)
-            os.replace(partial, target)
+            os.fsync(fd)
         finally:
-            if os.path.exists(partial):
-                os.remove(partial)
+            os.close(fd)
+        os.chmod(partial, 0o755 if name.endswith(".so") else 0o644)
+        os.replace(partial, folder / name)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        except OSError:  # some filesystems cannot sync a folder
+            pass
+        finally:
+            os.close(fd)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def library_path(compiler: str, flags: list[str]) -> Path:
+    """Where the library built by ``compiler`` with ``flags`` is cached: named by a hash of what the
+    build depends on (sources, compiler, flags, and the target they resolve to here)."""
+    source = b"\0".join(path.read_bytes() for path in SOURCES + HEADERS)
+    key = hashlib.sha256(b"\0".join([source, os.path.realpath(compiler).encode(), " ".join(flags).encode(),
+                                     platform.machine().encode(), _target(compiler, flags)])).hexdigest()[:16]
+    return _cache_dir() / f"native-{key}.so"
+
+
+def _build(compiler: str, flags: list[str]) -> Path:
+    """The shared library for these flags: the cached one if its recorded SHA-256 matches, else
+    compiled (under a lock, so that processes starting together compile it once), written durably
+    and recorded. Raises on a compiler error or a cache folder that cannot be trusted (ValueError)."""
+    folder = _cache_dir()
+    reason = _trusted_folder(folder)
+    if reason is not None:
+        raise ValueError(reason)
+    target = library_path(compiler, flags)
+    key = target.stem.removeprefix("native-")
+    record = folder / f"native-{key}.sha256"
+    with open(folder / f"native-{key}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        recorded = record.read_text().strip() if record.is_file() else None
+        if recorded is None or _digest(target) != recorded:  # absent, truncated, replaced: built again
+            def compile_to(path):
+                subprocess.run([compiler, *flags, "-shared", "-fPIC", "-o", path, *map(str, SOURCES)],
+                               check=True, capture_output=True, text=True)
+
+            _write_durably(folder, target.name, compile_to)
+            built = _digest(target)
+            if built is None:
+                raise ValueError(f"the kernel built into {folder} cannot be read back")
+            _write_durably(folder, record.name, lambda path: Path(path).write_text(built + "\n"))
     return target
+
+
+def prototypes(header: str) -> dict:
+    """{name: (return type, [parameter types])} of the function prototypes in the C ``header`` text,
+    each type as its ctypes equivalent (pointers: c_void_p; a keep_rule pointer: POINTER(KeepRule))."""
+    found = {}
+    for result, name, params in _PROTOTYPE.findall(re.sub(r"/\*.*?\*/", " ", header, flags=re.S)):
+        types = []
+        for param in params.split(","):
+            words = param.replace("*", " * ").split()
+            if "*" in words:
+                types.append(ctypes.POINTER(KeepRule) if "keep_rule" in words else ctypes.c_void_p)
+            else:
+                types.append(_C_TYPES[words[-2] if len(words) > 1 else words[0]])
+        found[name] = (_C_TYPES[result], types)
+    return found
+
+
+_PROTOTYPE = re.compile(r"^(void|int|int64_t)\s+(\w+)\s*\(([^;{]*?)\)\s*;", re.M | re.S)
+_C_TYPES = {"void": None, "int": ctypes.c_int, "int32_t": ctypes.c_int32, "int64_t": ctypes.c_int64,
+            "float": ctypes.c_float}
+
+
+def _declare(library: ctypes.CDLL) -> str | None:
+    """Give every kernel its signature from :data:`SIGNATURES`, once; why not (a string) where
+    native.h's prototypes say otherwise, so that a drift between C and Python is never called."""
+    declared = prototypes(HEADERS[0].read_text())
+    for name, (result, params) in SIGNATURES.items():
+        if declared.get(name) != (result, params):
+            return f"native.h and native.py disagree on the signature of {name}; rebuild from one release"
+        function = getattr(library, name)
+        function.restype, function.argtypes = result, params
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,37 +206,13 @@ def _library() -> ctypes.CDLL | str:
             break
         except subprocess.CalledProcessError as e:
             errors.append((e.stderr or "").strip().splitlines()[-1:] or [f"exit {e.returncode}"])
+        except ValueError as e:  # a cache that cannot be trusted: no flags will change that
+            return str(e)
         except OSError as e:
             errors.append([str(e)])
     else:
         return f"{compiler} could not build {', '.join(path.name for path in SOURCES)}: {errors[-1][0]}"
-    function = library.row_order_statistics
-    function.restype = ctypes.c_int
-    function.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
-    function = library.dare_keep_masks
-    function.restype = None
-    function.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4 + [ctypes.c_int]
-    library.tv_bracket.restype = None
-    library.tv_bracket.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 9 + [ctypes.c_int]
-    library.tv_equal_counts.restype = None
-    library.tv_equal_counts.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
-    library.tv_merge_block.restype = ctypes.c_int
-    library.tv_merge_block.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.POINTER(KeepRule), ctypes.c_void_p,
-                                       ctypes.c_int, ctypes.c_float, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int])
-    library.collect_counts.restype = None
-    library.collect_counts.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
-    library.collect_entries.restype = None
-    library.collect_entries.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 5 + [ctypes.c_int]
-    library.run_extremes.restype = None
-    library.run_extremes.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
-    library.merged_output.restype = ctypes.c_int64
-    library.merged_output.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_float,
-                                      ctypes.c_void_p, ctypes.c_int32, ctypes.c_int]
-    function = library.weighted_merge
-    function.restype = ctypes.c_int64
-    function.argtypes = ([ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int32, ctypes.c_void_p]
-                         + [ctypes.c_float] * 2 + [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int])
-    return library
+    return _declare(library) or library
 
 
 def _loaded() -> ctypes.CDLL:
@@ -240,6 +331,24 @@ class KeepRule(ctypes.Structure):
     _fields_ = [("drop", ctypes.c_int), ("t", ctypes.c_void_p), ("cut", ctypes.c_void_p), ("stream", ctypes.c_void_p),
                 ("high", ctypes.c_void_p), ("threshold", ctypes.c_void_p), ("lo", ctypes.c_int64),
                 ("scale", ctypes.c_void_p), ("multiply", ctypes.c_int)]
+
+
+_p, _i64, _i32, _int, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int, ctypes.c_float
+# What Python passes to each kernel: (return type, parameter types), checked against native.h's
+# prototypes when the library is loaded (the compiler checks the C definitions against the same).
+SIGNATURES = {
+    "row_order_statistics": (_int, [_p, _i64, _i64, _i64, _i64, _i64, _i64, _p, _p, _int]),
+    "dare_keep_masks": (None, [_i64, _i64, _i64, _p, _p, _p, _p, _int]),
+    "tv_bracket": (None, [_p, _i64, _i64, _i64] + [_p] * 9 + [_int]),
+    "tv_equal_counts": (None, [_p, _i64, _i64, _i64, _p, _p, _int]),
+    "tv_merge_block": (_int, [_p, _i64, _i64, _i64, ctypes.POINTER(KeepRule), _p, _int, _f32, _int] + [_p] * 5
+                       + [_int]),
+    "collect_counts": (None, [_p, _i64, _i64, _i64, _p, _p, _int]),
+    "collect_entries": (None, [_p, _p, _i64, _i64, _i64, _i64] + [_p] * 5 + [_int]),
+    "run_extremes": (None, [_p, _i64, _i64, _i64, _i64, _p, _p, _p, _int]),
+    "merged_output": (_i64, [_i64, _p, _i32, _p, _f32, _p, _i32, _int]),
+    "weighted_merge": (_i64, [_i64, _i64, _p, _p, _p, _i32, _p, _f32, _f32, _p, _i32, _int]),
+}
 
 
 def _task_rows(tv: torch.Tensor) -> torch.Tensor:

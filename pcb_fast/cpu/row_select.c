@@ -16,6 +16,8 @@ takes 0.11 s where torch's abs, partial top-k and kthvalue take 0.81 s. */
 #include <omp.h>
 #endif
 
+#include "native.h"
+
 #define ABS_BITS 0x7fffffffu
 #define KEY_BITS 31
 #define MAX_DIGIT 11

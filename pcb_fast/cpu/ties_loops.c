@@ -93,18 +93,6 @@ void tv_equal_counts(const float *tv, int64_t n, int64_t m, int64_t stride, cons
     }
 }
 
-/* How a block's entries are kept: TIES' trim, or DARE's drop. */
-typedef struct {
-    int drop;               /* 0: trim by t/cut, 1: DARE's drop */
-    const float *t;         /* trim: [n] thresholds */
-    const int64_t *cut;     /* trim: [n] entries equal to t are kept at positions < cut */
-    const uint32_t *stream; /* drop: [n] stream constants, their mix32, keep thresholds (24 bits) */
-    const uint32_t *high;
-    const uint32_t *threshold;
-    int64_t lo;          /* drop: index of the block's first entry in its tensor */
-    const float *scale;  /* drop: [n] 1 - p_i, the divisors of the survivors, or (multiply) their factors */
-    int multiply;        /* drop: survivors multiplied by scale_i (mergekit's L1 rescale, or 1: none) */
-} keep_rule;
 
 /* DARE's drop of entries j0 .. j0 + count - 1 of one task row (see weigh); ``multiply`` is a constant
  * where this is inlined, so that each form's loop vectorizes. */
