@@ -37,6 +37,7 @@ def pcb_merge(task_vectors, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant
     at again during the merge) or a number; torch's own setting is restored afterwards.
     """
     check_threads(threads)
+    checks.check_block_width(block_width)
     rows = checks.task_vector_rows(task_vectors)
     device = checks.common_device((f"task vector {i}", r) for i, r in enumerate(rows))
     backend = resolve_backend(backend, device)
@@ -126,6 +127,7 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     budget = None if max_memory is None else checks.parse_size(max_memory, "max_memory")
     checks.check_choice("fused", fused, fused_cpu.MODES)
     check_threads(threads)
+    checks.check_block_width(block_width)
     models, names, merged_keys, copied_keys, device = check_state_dicts(base, models, exclude, model_names)
     backend = resolve_backend(backend, device)
     if backend == "triton":
@@ -226,8 +228,7 @@ def check_state_dicts(base: dict, models, exclude=(), model_names=None):
         raise ValueError(f"base is a {type(base).__name__}, expected a state dict (dict of tensors)")
     models = list(models)
     checks.check_n_models(len(models))
-    if isinstance(exclude, str):
-        exclude = (exclude,)
+    exclude = checks.check_exclude(exclude)
     names = list(model_names) if model_names is not None else [f"model {i}" for i in range(len(models))]
     base_checkpoint = StateDictCheckpoint(base, "base model")
     merged_keys, copied_keys = split_keys(base_checkpoint, exclude)

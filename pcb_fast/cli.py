@@ -124,8 +124,8 @@ def _threads(text: str):
         return text
     value = int(text) if text.strip().isdigit() and len(text) < 20 else 0
     if not 1 <= value <= max_threads():
-        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not 'auto' or a number of threads from 1 to "
-                                         f"{max_threads()} (four per CPU of this machine)")
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not 'auto' or a positive number of threads (at most "
+                                         f"{max_threads()}, four per CPU of this machine)")
     return value
 
 

@@ -64,6 +64,7 @@ class ContributionCache:
                              f"default options; merge with it instead")
         params = spec.without_engine_options(params)
         checks.check_choice("scope", scope, checks.SCOPE_CHOICES)
+        checks.check_block_width(block_width)
         self.threads = check_threads(threads)
         models, names, self.merged, self.copied, device = check_state_dicts(base, models, exclude)
         if device.type != "cpu":

@@ -45,9 +45,9 @@ def check_clamp_ratio(clamp_ratio) -> float:
 def check_lam(lam) -> float:
     value = as_float("lam", lam)
     if not math.isfinite(value):
-        raise ValueError(f"lam={lam!r} must be a finite number")
+        raise ValueError(f"lam={short(lam)} must be a finite number")
     if abs(value) > FLOAT32_MAX:
-        raise ValueError(f"lam={lam!r} is beyond the float32 range the merge computes in (|lam| <= {FLOAT32_MAX:.3g})")
+        raise ValueError(f"lam={short(lam)} is beyond the float32 range the merge computes in (|lam| <= {FLOAT32_MAX:.3g})")
     return value
 
 
@@ -59,13 +59,15 @@ def check_lambdas(lambdas, n: int) -> list[float] | None:
         lambdas = lambdas.detach().cpu().reshape(-1).tolist()
     try:
         values = [float(x) for x in lambdas]
+    except OverflowError:
+        raise ValueError(f"lambdas={short(lambdas)}: a value is beyond the range of a float") from None
     except (TypeError, ValueError):
-        raise ValueError(f"lambdas={lambdas!r} must be a sequence of {n} numbers") from None
+        raise ValueError(f"lambdas={short(lambdas)} must be a sequence of {n} numbers") from None
     if len(values) != n:
         raise ValueError(f"lambdas has {len(values)} values but there are {n} models; give one per model")
     bad = [v for v in values if not math.isfinite(v)]
     if bad:
-        raise ValueError(f"lambdas={values!r} must all be finite numbers")
+        raise ValueError(f"lambdas={short(values)} must all be finite numbers")
     bad = [v for v in values if abs(v) > FLOAT32_MAX]
     if bad:
         raise ValueError(f"lambdas: {bad[0]!r} is beyond the float32 range the merge computes in "
@@ -91,6 +93,8 @@ def check_n_models(n: int) -> int:
 def check_float_tensor(what: str, t) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{what} is a {type(t).__name__}, expected a torch.Tensor")
+    if t.layout != torch.strided:
+        raise ValueError(f"{what} is a {t.layout} tensor; only dense tensors are merged (call .to_dense())")
     if not t.is_floating_point():
         raise ValueError(f"{what} has dtype {t.dtype}; valid: a floating dtype (float32, float16, bfloat16, float64)")
     return t
@@ -162,13 +166,49 @@ def check_merged(key: str, theta: torch.Tensor, out: torch.Tensor) -> None:
                      f"(largest {torch.finfo(out.dtype).max:.3g}); choose a wider output dtype")
 
 
+def short(value, limit: int = 60) -> str:
+    """``repr(value)`` cut to about ``limit`` characters: a message quotes a value, never all of a huge one."""
+    if isinstance(value, (list, tuple, dict, set)) and len(value) > limit:
+        return f"<a {type(value).__name__} of {len(value)} items>"
+    try:
+        text = repr(value)
+    except ValueError:  # an integer of more digits than Python converts
+        return f"<a {type(value).__name__} too large to print>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def as_float(name: str, value) -> float:
     if isinstance(value, bool):
-        raise ValueError(f"{name}={value!r} must be a number")
+        raise ValueError(f"{name}={short(value)} must be a number")
     try:
         return float(value)
+    except OverflowError:
+        raise ValueError(f"{name}={short(value)} is beyond the range of a float") from None
     except (TypeError, ValueError):
-        raise ValueError(f"{name}={value!r} must be a number") from None
+        raise ValueError(f"{name}={short(value)} must be a number") from None
+
+
+def check_block_width(block_width) -> int:
+    """Entries per block: a positive integer."""
+    if isinstance(block_width, bool) or not isinstance(block_width, int) or block_width < 1:
+        raise ValueError(f"block_width={short(block_width)} is not valid; use a positive integer (entries per block)")
+    return block_width
+
+
+def check_exclude(exclude) -> tuple:
+    """Exclude patterns: None (nothing excluded), one regular expression, or a sequence of them."""
+    if exclude is None:
+        return ()
+    if isinstance(exclude, str):
+        return (exclude,)
+    try:
+        patterns = tuple(exclude)
+    except TypeError:
+        raise ValueError(f"exclude={short(exclude)} must be a regular expression or a list of them") from None
+    bad = [p for p in patterns if not isinstance(p, str)]
+    if bad:
+        raise ValueError(f"exclude: {short(bad[0])} is a {type(bad[0]).__name__}, not a regular expression (a string)")
+    return patterns
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

@@ -20,6 +20,8 @@ import weakref
 
 import torch
 
+from .checks import short
+
 ADAPT_SECONDS = 0.25  # how often "auto" looks at the machine again (a few reads of /proc: ~0.1 ms)
 
 
@@ -69,7 +71,7 @@ def check_threads(threads) -> str | int:
     if isinstance(threads, str) and threads == "auto":
         return threads
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads={str(threads)[:40]!r} is not valid; use 'auto' or a positive number of threads")
+        raise ValueError(f"threads={short(threads)} is not valid; use 'auto' or a positive number of threads")
     if threads > max_threads():
         raise ValueError(f"threads={threads} is out of range; valid: 'auto' or 1 to {max_threads()} (four per CPU "
                          "of this machine)")

@@ -96,7 +96,7 @@ class StateDictCheckpoint(Checkpoint):
                 raise ValueError(f"{name}: key '__metadata__' is reserved by the safetensors format; rename it")
             if not isinstance(t, torch.Tensor):
                 raise ValueError(f"{name}, key {show(key)}: value is a {type(t).__name__}, expected a torch.Tensor")
-            if written and t.layout != torch.strided:
+            if t.layout != torch.strided:
                 raise ValueError(f"{name}, key {show(key)}: a {t.layout} tensor; only dense tensors are supported")
             if written and t.dtype not in NAMES:
                 raise ValueError(f"{name}, key {show(key)}: dtype {t.dtype} has no safetensors equivalent; supported: "

@@ -38,7 +38,7 @@ from .checkpoints import (JSON_LIMIT, check_models_match, load_json, open_checkp
                           split_keys)
 from .distributed import assign_shards
 from .output import atomic_folder, check_not_an_input, check_output, checkpoint_files
-from .safetensors import ShardedWriter, nbytes, open_regular, read_regular, shard_plan
+from .safetensors import ShardedWriter, nbytes, open_regular, read_regular, shard_plan, show_path
 from .write_behind import WriteBehind
 
 OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -92,13 +92,24 @@ def _without_the_base(base, models, names, lambdas, method, params):
             keep_tasks(params, keep, len(models)))
 
 
+def check_recordable(paths) -> None:
+    """The paths the output's mergekit_config.yml and README.md record must be text: a name whose
+    bytes are not UTF-8 is refused before the merge, not after it."""
+    for label, path in paths:
+        try:
+            os.fsencode(path).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{label} {show_path(path)}: its name is not UTF-8 text, which the output's "
+                             "mergekit_config.yml and README.md record; rename it") from None
+
+
 def check_merge_options(method, n, lam, lambdas, scope, exclude, method_params, max_memory, fused, threads, dtype):
     """The checks every merge of files makes before opening any: the method and its parameters (as
     a real merge checks them), lam, lambdas, the budget, fused, threads and the output dtype.
     Returns (lam, lambdas as floats, exclude as a tuple, the memory budget in bytes)."""
     check_method_params(method, n, lam, lambdas, scope, method_params)
     lam = checks.check_lam(lam)
-    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    exclude = checks.check_exclude(exclude)
     lambdas = checks.check_lambdas(lambdas, n)  # floats, so the metadata is the same however they were given
     budget = available_memory() // 2 if max_memory is None else parse_size(max_memory, "max_memory")
     checks.check_choice("fused", fused, fused_cpu.MODES)
@@ -136,6 +147,7 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
     lam, lambdas, exclude, budget = check_merge_options(method, len(models), lam, lambdas, scope, exclude,
                                                         method_params, max_memory, fused, threads, dtype)
     n = len(models)
+    checks.check_block_width(block_width)
     shard_bytes = parse_size(shard_size, "shard_size")
     if shard_bytes == 0:
         raise ValueError(f"shard_size={shard_size!r} must be positive")
@@ -147,8 +159,9 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
         raise ValueError(f"device={str(device)!r}: no CUDA device is available here; use cpu")
     backend = resolve_backend(backend, device)
     labels = ["the base model"] + [f"model {i}" for i in range(n)]
-    out = check_output(out, overwrite, [(label, s) for label, s in zip(labels, [base] + models)
-                                         if not isinstance(s, dict)])
+    paths = [(label, s) for label, s in zip(labels, [base] + models) if not isinstance(s, dict)]
+    check_recordable(paths + [("output", out)])
+    out = check_output(out, overwrite, paths)
 
     names = _names(models)
     models, names, lambdas, dropped, method_params = _without_the_base(base, models, names, lambdas, method,

@@ -152,8 +152,10 @@ def show(key, limit: int = 80) -> str:
 
 def show_path(path, limit: int = 400) -> str:
     """A path for a one-line message: undecodable bytes escaped, cut to about ``limit`` characters."""
-    text = os.fsdecode(path) if isinstance(path, bytes) else str(path)
-    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    try:
+        text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    except TypeError:
+        text = str(path).encode("utf-8", "backslashreplace").decode("utf-8")
     return text if len(text) <= limit else text[: limit // 2 - 2] + "..." + text[-(limit // 2 - 2):]
 
 

@@ -1,0 +1,196 @@
+"""Bounds on every numeric option, deep or huge structured input, and the API's one-line
+ValueErrors (issue 26, items 6, 7 and 10): each case here was a crash, a hang or a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import pcb_fast
+from pcb_fast.cli import main as cli
+from pcb_fast.search import search_lambdas
+
+
+@pytest.fixture
+def small():
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(16, generator=g)}
+    return base, [{"w": base["w"] + 0.1 * torch.randn(16, generator=g)} for _ in range(2)]
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("pcb-fast: error: "), err
+    assert len(err) < 1200
+    return err
+
+
+@pytest.fixture
+def files(tmp_path, small):
+    base, models = small
+    save_file(base, tmp_path / "base.safetensors")
+    for i, m in enumerate(models):
+        save_file(m, tmp_path / f"m{i}.safetensors")
+    return tmp_path
+
+
+# ---- 6. numeric options
+
+
+@pytest.mark.parametrize("threads", ["100000", "65536", str(10**30)])
+def test_thread_counts_beyond_the_machine_are_refused(files, threads):
+    done = subprocess.run([sys.executable, "-m", "pcb_fast", "merge", "--base", str(files / "base.safetensors"),
+                           "--model", str(files / "m0.safetensors"), "--out", str(files / "o"), "--threads", threads,
+                           "--quiet"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "four per CPU of this machine" in done.stderr, done.stderr[-500:]
+    assert not (files / "o").exists()
+
+
+@pytest.mark.parametrize("entry", ["merge", "pcb_merge", "search"])
+def test_the_api_bounds_threads(small, entry):
+    base, models = small
+    with pytest.raises(ValueError, match="threads=1000000000000 is out of range"):
+        if entry == "merge":
+            pcb_fast.merge(base, models, threads=10**12)
+        elif entry == "pcb_merge":
+            pcb_fast.pcb_merge(torch.randn(2, 16), threads=10**12)
+        else:
+            search_lambdas(base, models, lambda s: 0.0, budget=2, threads=10**12)
+
+
+@pytest.mark.parametrize("option, message", [(dict(popsize=0), "popsize=0 is out of range"),
+                                             (dict(popsize=10**12), "popsize=1000000000000 is out of range"),
+                                             (dict(sigma0=float("nan")), "sigma0=nan is out of range"),
+                                             (dict(sigma0=-1.0), "sigma0=-1.0 is out of range"),
+                                             (dict(seed=2**40), "seed=1099511627776 is out of range"),
+                                             (dict(bounds=(0.8, float("inf"))), "must be finite"),
+                                             (dict(x0=[1.0, "x"]), "must be one number or 2 numbers")],
+                         ids=["popsize0", "popsize_huge", "sigma0_nan", "sigma0_negative", "seed", "bounds", "x0"])
+def test_search_numbers_are_checked_before_the_search(small, option, message):
+    base, models = small
+    calls = []
+    with pytest.raises(ValueError, match=message):
+        search_lambdas(base, models, lambda s: calls.append(1) or 0.0, budget=3, method="task_arithmetic", **option)
+    assert calls == []
+
+
+# ---- 7. deep or huge structured input
+
+
+def test_a_deep_config_json_is_one_line(tmp_path, small, capsys):
+    base, models = small
+    folder = tmp_path / "base"
+    folder.mkdir()
+    save_file(base, folder / "model.safetensors")
+    (folder / "config.json").write_text("[" * 200_000 + "]" * 200_000)
+    save_file(models[0], tmp_path / "m.safetensors")
+    assert cli(["merge", "--base", str(folder), "--model", str(tmp_path / "m.safetensors"), "--out",
+                str(tmp_path / "o"), "--dtype", "bfloat16", "--quiet"]) == 2
+    assert "nested deeper than 127 levels" in one_error_line(capsys)
+
+
+def test_a_deep_config_json_for_a_gradient_is_one_line(tmp_path, small, capsys):
+    base, models = small
+    folder = tmp_path / "base"
+    folder.mkdir()
+    save_file(base, folder / "model.safetensors")
+    (folder / "config.json").write_text("[" * 200_000 + "]" * 200_000)
+    save_file(models[0], tmp_path / "m.safetensors")
+    (tmp_path / "c.yaml").write_text(f"merge_method: ties\nbase_model: {folder}\nmodels:\n"
+                                     f"  - model: {tmp_path / 'm.safetensors'}\n"
+                                     "    parameters: {weight: 1.0, density: [0.3, 0.6]}\n")
+    assert cli(["merge", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "needs the number of layers" in one_error_line(capsys)
+
+
+BOMB = "\n".join(["a: &a [x, x, x, x, x, x, x, x, x]"]
+                 + [f"{c}: &{c} [{', '.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi")])
+
+
+@pytest.mark.parametrize("entry", ["dtype: *i", "parameters: {exclude: *i}", "models: *i"],
+                         ids=["dtype", "exclude", "models"])
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys, entry):
+    (tmp_path / "c.yaml").write_text(f"{BOMB}\nmerge_method: ties\nbase_model: b\n"
+                                     + ("" if entry.startswith("models") else "models: [m]\n") + entry + "\n")
+    started = time.perf_counter()
+    assert cli(["merge", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "aliases expand to more than" in one_error_line(capsys)
+    assert time.perf_counter() - started < 10
+
+
+def test_ordinary_aliases_still_work(tmp_path, files):
+    (files / "c.yaml").write_text(f"merge_method: task_arithmetic\nbase_model: {files / 'base.safetensors'}\n"
+                                  f"models:\n  - model: {files / 'm0.safetensors'}\n    parameters: &p {{weight: 0.5}}\n"
+                                  f"  - model: {files / 'm1.safetensors'}\n    parameters: *p\n")
+    assert cli(["merge", "--config", str(files / "c.yaml"), "--out", str(files / "o"), "--quiet"]) == 0
+
+
+# ---- 10. the API's promise: one-line ValueErrors
+
+
+@pytest.mark.parametrize("case, message", [
+    ("sparse base", "a torch.sparse_coo tensor; only dense tensors"),
+    ("sparse model", "a torch.sparse_coo tensor; only dense tensors"),
+    ("block_width=0", "block_width=0 is not valid"),
+    ("block_width=-3", "block_width=-3 is not valid"),
+    ("exclude=[5]", "exclude: 5 is a int, not a regular expression"),
+    ("lam=10**400", "is beyond the range of a float"),
+    ("lambdas=[10**400, 1]", "a value is beyond the range of a float"),
+    ("density=10**5000", "density=<a int too large to print>"),
+], ids=["sparse_base", "sparse_model", "block_width0", "block_width_negative", "exclude_int", "lam", "lambdas",
+        "density"])
+def test_api_refusals_are_value_errors(small, case, message):
+    base, models = small
+    kwargs = {}
+    if case == "sparse base":
+        base = {"w": base["w"].to_sparse()}
+    elif case == "sparse model":
+        models = [{"w": models[0]["w"].to_sparse()}, models[1]]
+    else:
+        name, value = case.split("=", 1)
+        kwargs[name] = eval(value)
+        if name == "density":
+            kwargs["method"] = "ties"
+    with pytest.raises(ValueError, match=message) as error:
+        pcb_fast.merge(base, models, **kwargs)
+    assert "\n" not in str(error.value) and len(str(error.value)) < 300
+
+
+def test_pcb_merge_refusals_are_value_errors():
+    with pytest.raises(ValueError, match="sparse_coo tensor"):
+        pcb_fast.pcb_merge(torch.randn(2, 16).to_sparse())
+    with pytest.raises(ValueError, match="block_width=0 is not valid"):
+        pcb_fast.pcb_merge(torch.randn(2, 16), block_width=0)
+
+
+def test_exclude_none_excludes_nothing(small):
+    base, models = small
+    assert torch.equal(pcb_fast.merge(base, models, exclude=None)["w"], pcb_fast.merge(base, models)["w"])
+
+
+def test_overlapping_views_merge_as_their_values(small):
+    base, models = small
+    storage = torch.randn(19)
+    overlapping = storage.as_strided((4, 4), (1, 1))  # rows share entries
+    dense = overlapping.clone()
+    got = pcb_fast.merge({"w": overlapping}, [{"w": dense + 0.5}, {"w": dense - 0.25}], method="ties")
+    expected = pcb_fast.merge({"w": dense}, [{"w": dense + 0.5}, {"w": dense - 0.25}], method="ties")
+    assert torch.equal(got["w"], expected["w"])
+
+
+def test_a_path_that_is_not_utf8_is_refused_before_the_merge(tmp_path, small):
+    import os
+
+    base, models = small
+    odd = os.fsdecode(bytes(tmp_path) + b"/bad\xffname.safetensors")
+    save_file(base, odd)
+    save_file(models[0], tmp_path / "m.safetensors")
+    done = subprocess.run([sys.executable, "-m", "pcb_fast", "merge", "--base", odd, "--model",
+                           str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "o"), "--quiet"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "bad\\xffname.safetensors: its name is not UTF-8 text" in done.stderr
