@@ -336,3 +336,40 @@ def test_device_selects_combine_over_ranks():
         assert got[rank]["held"][0] and not got[rank]["missed"][0]
         for label in ("held", "missed"):
             assert got[rank][label][1] == expected.tolist() and got[rank][label][2] == above.tolist(), (rank, label)
+
+
+def _rank_alone(tmp_path, **env):
+    """Rank 0 of two, whose partner never comes: it waits in the rendezvous."""
+    g = torch.Generator().manual_seed(0)
+    safetensors_torch.save_file({"w": torch.randn(16, generator=g)}, tmp_path / "b.safetensors")
+    safetensors_torch.save_file({"w": torch.randn(16, generator=g)}, tmp_path / "m.safetensors")
+    env = dict(os.environ, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()), GLOO_SOCKET_IFNAME="lo", **env)
+    return subprocess.Popen([sys.executable, "-m", "pcb_fast", "merge", "--base", str(tmp_path / "b.safetensors"),
+                             "--model", str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "o"), "--distributed",
+                             "--quiet"], env=env, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigterm_ends_a_rank_waiting_in_the_rendezvous(tmp_path):
+    import signal
+    import time
+
+    proc = _rank_alone(tmp_path)
+    try:
+        time.sleep(8)  # imports, checks, then the rendezvous
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 128 + signal.SIGTERM
+        assert "pcb-fast: terminated (SIGTERM); no output was written" in proc.stderr.read()
+    finally:
+        proc.kill()
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_rendezvous_without_the_other_ranks_times_out(tmp_path):
+    proc = _rank_alone(tmp_path, PCB_FAST_RENDEZVOUS_TIMEOUT="2")
+    try:
+        assert proc.wait(timeout=60) == 2
+        assert "the other ranks did not join within 2 s" in proc.stderr.read()
+    finally:
+        proc.kill()

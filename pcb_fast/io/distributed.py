@@ -23,6 +23,7 @@ agree on errors and raise the lowest failing rank's message together; the output
 from __future__ import annotations
 
 import os
+import time
 from datetime import timedelta
 
 import torch
@@ -174,6 +175,43 @@ def layout(backend: str, device: torch.device, env=None, cuda_devices: int | Non
     return "nccl", device
 
 
+RENDEZVOUS_SECONDS = 600.0  # how long the ranks may take to meet (PCB_FAST_RENDEZVOUS_TIMEOUT overrides)
+
+
+def rendezvous(join, device: torch.device) -> None:
+    """Run ``join`` (the process group's rendezvous, which waits in C++ for the other ranks) in a
+    helper thread while this thread waits in short slices: a signal (SIGTERM, Ctrl-C) is handled at
+    once, and ranks that never come end the wait after RENDEZVOUS_SECONDS with a one-line error."""
+    import threading
+
+    try:
+        limit = float(os.environ.get("PCB_FAST_RENDEZVOUS_TIMEOUT", RENDEZVOUS_SECONDS))
+    except ValueError:
+        raise ValueError("PCB_FAST_RENDEZVOUS_TIMEOUT must be a number of seconds") from None
+    outcome = []
+
+    def run():
+        try:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)  # the current device is per thread
+            join()
+            outcome.append(None)
+        except BaseException as e:  # handed to the waiting thread
+            outcome.append(e)
+
+    helper = threading.Thread(target=run, name="pcb_fast-rendezvous", daemon=True)
+    helper.start()
+    deadline = time.monotonic() + limit
+    while helper.is_alive() and time.monotonic() < deadline:
+        helper.join(0.2)  # signal handlers run between the slices
+    if helper.is_alive():
+        raise ValueError(f"--distributed: the other ranks did not join within {limit:g} s (MASTER_ADDR="
+                         f"{os.environ.get('MASTER_ADDR')}, MASTER_PORT={os.environ.get('MASTER_PORT')}, WORLD_SIZE="
+                         f"{os.environ.get('WORLD_SIZE')}); check that every rank was launched")
+    if outcome and outcome[0] is not None:
+        raise outcome[0]
+
+
 def init_from_env(backend: str = "torch", device: torch.device | str = "cpu") -> Comm:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): gloo
     for the torch backend on CPUs, NCCL for the triton backend on CUDA GPUs, each rank on its own
@@ -189,7 +227,7 @@ def init_from_env(backend: str = "torch", device: torch.device | str = "cpu") ->
     if comm_owner:
         if device.type == "cuda":
             torch.cuda.set_device(device)  # NCCL's communicator and every kernel on this rank's GPU
-        dist.init_process_group(group_backend, timeout=timedelta(minutes=30))
+        rendezvous(lambda: dist.init_process_group(group_backend, timeout=timedelta(minutes=30)), device)
     elif dist.get_backend() != group_backend:
         raise ValueError(f"a {dist.get_backend()} process group is already open; this merge needs {group_backend}")
     comm = Comm(device if group_backend == "nccl" else "cpu")
