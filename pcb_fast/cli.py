@@ -300,11 +300,13 @@ def run_search(args) -> int:
     base_ck = open_checkpoint(args.base, "base model")
     inputs += checkpoint_files(base_ck, "the base model")
     base = {k: base_ck.read(k) for k in base_ck.keys()}
+    base_ck.close()  # read whole: its folder is kept for the side files
     models = []
     for i, path in enumerate(args.model):
         ck = open_checkpoint(path, f"model {i} ({path})")
         inputs += checkpoint_files(ck, f"model {i}")
         models.append({k: ck.read(k) for k in ck.keys()})
+        ck.close()
     check_not_an_input(args.out, inputs)
     if args.history:
         check_file_output(args.history, args.overwrite, inputs, [("--out", args.out)])

@@ -35,6 +35,14 @@ def models(folder: Path, n: int = 2) -> tuple[dict, list]:
     return base, tuned
 
 
+def saved(folder: Path, states: list, suffix: str, save) -> list:
+    """``states`` saved by ``save`` as m0<suffix>, m1<suffix>, ... in ``folder``; their paths."""
+    paths = [folder / f"m{i}{suffix}" for i in range(len(states))]
+    for state, path in zip(states, paths):
+        save(state, path)
+    return paths
+
+
 def tree(folder: Path) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -213,17 +221,13 @@ def deflated(path: Path) -> Path:
 def test_compressed_and_legacy_torch_files_are_read_correctly(tmp_path, form):
     base, tuned = models(tmp_path)
     save_file(base, tmp_path / "base.safetensors")
-    paths = []
-    for i, t in enumerate(tuned):
-        path = tmp_path / f"m{i}.pt"
-        if form == "legacy":
-            torch.save(t, path, _use_new_zipfile_serialization=False)
-        else:
-            torch.save(t, path)
-            path = deflated(path)
+    save = (lambda t, p: torch.save(t, p, _use_new_zipfile_serialization=False)) if form == "legacy" else torch.save
+    paths = saved(tmp_path, tuned, ".pt", save)
+    if form == "deflated":
+        paths = [deflated(path) for path in paths]
+        for path in paths:
             with zipfile.ZipFile(path) as z:
                 assert {i.compress_type for i in z.infolist() if "/data/" in i.filename} == {zipfile.ZIP_DEFLATED}
-        paths.append(path)
     for i, t in enumerate(tuned):
         save_file(t, tmp_path / f"s{i}.safetensors")
     got = merge_checkpoints(tmp_path / "base.safetensors", paths, tmp_path / "a", method="ties", density=0.5)
@@ -277,11 +281,7 @@ def test_a_zip_member_past_the_end_of_the_file_is_refused_unmapped(tmp_path):
 def test_an_input_rewritten_during_the_merge_fails_and_writes_nothing(tmp_path, suffix):
     base, tuned = models(tmp_path)
     save_file(base, tmp_path / "base.safetensors")
-    paths = []
-    for i, t in enumerate(tuned):
-        path = tmp_path / f"m{i}{suffix}"
-        save_file(t, path) if suffix == ".safetensors" else torch.save(t, path)
-        paths.append(path)
+    paths = saved(tmp_path, tuned, suffix, save_file if suffix == ".safetensors" else torch.save)
     passes = []
 
     def progress(total, description):

@@ -82,27 +82,28 @@ def test_search_numbers_are_checked_before_the_search(small, option, message):
 # ---- 7. deep or huge structured input
 
 
-def test_a_deep_config_json_is_one_line(tmp_path, small, capsys):
+@pytest.fixture
+def deep_config(tmp_path, small):
+    """A base folder whose config.json nests 200,000 levels, and a model file."""
     base, models = small
     folder = tmp_path / "base"
     folder.mkdir()
     save_file(base, folder / "model.safetensors")
     (folder / "config.json").write_text("[" * 200_000 + "]" * 200_000)
     save_file(models[0], tmp_path / "m.safetensors")
-    assert cli(["merge", "--base", str(folder), "--model", str(tmp_path / "m.safetensors"), "--out",
-                str(tmp_path / "o"), "--dtype", "bfloat16", "--quiet"]) == 2
+    return folder, tmp_path / "m.safetensors"
+
+
+def test_a_deep_config_json_is_one_line(tmp_path, deep_config, capsys):
+    folder, model = deep_config
+    assert cli(["merge", "--base", str(folder), "--model", str(model), "--out", str(tmp_path / "o"), "--dtype",
+                "bfloat16", "--quiet"]) == 2
     assert "nested deeper than 127 levels" in one_error_line(capsys)
 
 
-def test_a_deep_config_json_for_a_gradient_is_one_line(tmp_path, small, capsys):
-    base, models = small
-    folder = tmp_path / "base"
-    folder.mkdir()
-    save_file(base, folder / "model.safetensors")
-    (folder / "config.json").write_text("[" * 200_000 + "]" * 200_000)
-    save_file(models[0], tmp_path / "m.safetensors")
-    (tmp_path / "c.yaml").write_text(f"merge_method: ties\nbase_model: {folder}\nmodels:\n"
-                                     f"  - model: {tmp_path / 'm.safetensors'}\n"
+def test_a_deep_config_json_for_a_gradient_is_one_line(tmp_path, deep_config, capsys):
+    folder, model = deep_config
+    (tmp_path / "c.yaml").write_text(f"merge_method: ties\nbase_model: {folder}\nmodels:\n  - model: {model}\n"
                                      "    parameters: {weight: 1.0, density: [0.3, 0.6]}\n")
     assert cli(["merge", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
     assert "needs the number of layers" in one_error_line(capsys)

@@ -123,9 +123,12 @@ class StateDictCheckpoint(Checkpoint):
         return out
 
     def close(self):
-        if self.watch is not None:
+        if getattr(self, "watch", None) is not None:
             os.close(self.watch.fd)
             self.watch = None
+
+    def __del__(self):
+        self.close()
 
 
 class SafetensorsCheckpoint(Checkpoint):
