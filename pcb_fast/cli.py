@@ -29,6 +29,9 @@ MERGE_FLAGS = ("base", "model", "method", "lam", "lambdas", "scope", "exclude", 
 # --seed is DARE's drop seed in merge and search alike; the search's CMA-ES seed is --search-seed
 
 
+DEMO_MODELS = 64  # the demo's synthetic models are held in memory, with the reference's copies
+
+
 class Terminated(KeyboardInterrupt):
     """Raised by the SIGTERM and SIGHUP handlers, so that a merge cleans up as on Ctrl-C."""
 
@@ -373,8 +376,9 @@ def _run(args) -> int:
         if args.command == "demo":
             from .demo import main as demo_main
 
-            if args.models < 1:
-                raise ValueError(f"--models={args.models}: at least one fine-tuned model is needed")
+            if not 1 <= args.models <= DEMO_MODELS:
+                raise ValueError(f"--models={args.models} is out of range; valid: 1 to {DEMO_MODELS} fine-tuned models "
+                                 "(each a few MB of synthetic weights)")
             check_ratio(args.ratio)
             return demo_main(n=args.models, ratio=args.ratio, check=not args.no_check)
         # clean up as on Ctrl-C; a signal already ignored (nohup) stays ignored

@@ -195,3 +195,9 @@ def test_a_path_that_is_not_utf8_is_refused_before_the_merge(tmp_path, small):
                            str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "o"), "--quiet"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "bad\\xffname.safetensors: its name is not UTF-8 text" in done.stderr
+
+
+@pytest.mark.parametrize("count", ["0", "100000"])
+def test_the_demo_bounds_its_model_count(capsys, count):
+    assert cli(["demo", "--models", count, "--no-check"]) == 2
+    assert "--models=" + count + " is out of range; valid: 1 to 64" in one_error_line(capsys)
