@@ -234,11 +234,11 @@ def check_state_dicts(base: dict, models, exclude=(), model_names=None):
     merged_keys, copied_keys = split_keys(base_checkpoint, exclude)
     check_models_match(base_checkpoint, [StateDictCheckpoint(m, name) for m, name in zip(models, names)], merged_keys)
     device = checks.common_device(
-        [(f"base model, key {k!r}", base[k]) for k in merged_keys]
-        + [(f"{name}, key {k!r}", m[k]) for name, m in zip(names, models) for k in merged_keys]
+        [(f"base model, key {checks.short(k, 80)}", base[k]) for k in merged_keys]
+        + [(f"{name}, key {checks.short(k, 80)}", m[k]) for name, m in zip(names, models) for k in merged_keys]
     )
     for key in merged_keys:
-        checks.check_finite(f"base model, key {key!r}", base[key])
+        checks.check_finite(f"base model, key {checks.short(key, 80)}", base[key])
     return models, names, merged_keys, copied_keys, device
 
 

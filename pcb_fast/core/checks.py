@@ -159,10 +159,10 @@ def check_merged(key: str, theta: torch.Tensor, out: torch.Tensor) -> None:
     if bool(torch.isfinite(out).all()):
         return
     if not bool(torch.isfinite(theta).all()):
-        raise ValueError(f"key {key!r}: the merged values overflow {theta.dtype} (theta_pre + lam * tau_m beyond "
+        raise ValueError(f"key {short(key, 80)}: the merged values overflow {theta.dtype} (theta_pre + lam * tau_m beyond "
                          f"{torch.finfo(theta.dtype).max:.3g}) although every input is finite; lower lam or lambdas")
     largest = float(theta.abs().max())
-    raise ValueError(f"key {key!r}: merged values up to {largest:.3g} exceed the range of {out.dtype} "
+    raise ValueError(f"key {short(key, 80)}: merged values up to {largest:.3g} exceed the range of {out.dtype} "
                      f"(largest {torch.finfo(out.dtype).max:.3g}); choose a wider output dtype")
 
 

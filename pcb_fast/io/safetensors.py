@@ -393,7 +393,7 @@ class SafetensorsReader:
         """Entries [lo, hi) of the flattened tensor ``key`` into ``out`` (contiguous, its dtype)."""
         info = self.tensors[key]
         if out.dtype != info.dtype or out.numel() != hi - lo or not out.is_contiguous():
-            raise ValueError(f"read_into {key!r}: buffer {out.dtype} [{out.numel()}] for {info.dtype} [{hi - lo}]")
+            raise ValueError(f"read_into {show(key)}: buffer {out.dtype} [{out.numel()}] for {info.dtype} [{hi - lo}]")
         view = _bytes_view(out)
         position = info.offset + lo * info.dtype.itemsize
         done = 0
@@ -499,7 +499,7 @@ class ShardedWriter:
         """Entries [lo, lo + values.numel()) of tensor ``key`` (values in the tensor's dtype)."""
         fd, offset, dtype = self.places[key]
         if values.dtype != dtype:
-            raise ValueError(f"write {key!r}: values are {values.dtype}, the file holds {dtype}")
+            raise ValueError(f"write {show(key)}: values are {values.dtype}, the file holds {dtype}")
         view = _bytes_view(values.contiguous())
         position = offset + lo * dtype.itemsize
         done = 0
