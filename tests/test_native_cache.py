@@ -122,3 +122,14 @@ def test_a_signature_drift_is_never_called(monkeypatch, tmp_path):
         assert "native.h and native.py disagree on the signature of merged_output" in native.problem()
     finally:
         native._library.cache_clear()
+
+
+def test_the_default_cache_made_under_a_loose_umask_is_tightened(tmp_path):
+    home = tmp_path / "home"
+    (home / ".cache" / "pcb_fast").mkdir(parents=True)
+    os.chmod(home / ".cache" / "pcb_fast", 0o775)
+    env = {k: v for k, v in os.environ.items() if k != "PCB_FAST_CACHE"}
+    done = subprocess.run([sys.executable, "-c", "from pcb_fast.cpu import native; print(native.problem())"],
+                          env=dict(env, HOME=str(home)), capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "None", done.stdout + done.stderr
+    assert (home / ".cache" / "pcb_fast").stat().st_mode & 0o777 == 0o755

@@ -74,6 +74,9 @@ def _trusted_folder(folder: Path) -> str | None:
         return f"the kernel cache {folder} is not a folder"
     if hasattr(os, "getuid") and st.st_uid != os.getuid():
         return f"the kernel cache {folder} belongs to another user"
+    if st.st_mode & 0o022 and not os.environ.get("PCB_FAST_CACHE"):
+        os.chmod(folder, stat.S_IMODE(st.st_mode) & ~0o022)  # our own default folder, made under a loose umask
+        st = os.stat(folder)
     if st.st_mode & 0o022:
         return f"others can write the kernel cache {folder} (mode {stat.S_IMODE(st.st_mode):o}); make it 700"
     return None
