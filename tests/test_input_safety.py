@@ -157,7 +157,7 @@ def search_cli(folder: Path, *extra) -> int:
 def test_the_history_may_not_be_an_input(search_inputs, capsys, target):
     before = (search_inputs / target).read_bytes()
     assert search_cli(search_inputs, "--out", search_inputs / "best", "--history", search_inputs / target) == 2
-    assert "--out must not be, contain or lie inside an input" in one_error_line(capsys)
+    assert "; --history must not be, contain or lie inside an input" in one_error_line(capsys)
     assert (search_inputs / target).read_bytes() == before and not (search_inputs / "best").exists()
 
 

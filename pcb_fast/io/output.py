@@ -88,7 +88,7 @@ def check_writable_parent(path) -> Path:
     return parent
 
 
-def check_file_output(path, overwrite: bool, inputs=(), folders=()) -> Path:
+def check_file_output(path, overwrite: bool, inputs=(), folders=(), flag: str = "--history") -> Path:
     """A file the run writes besides its output folder (the search's history), checked as an output
     before any heavy work: not an input nor inside one (``inputs``), not inside an output folder of
     the run (``folders``: (label, path) pairs, replaced as a whole), not an existing folder, absent
@@ -96,7 +96,7 @@ def check_file_output(path, overwrite: bool, inputs=(), folders=()) -> Path:
     path = Path(path)
     if path.name in ("", ".", "..") or os.path.isdir(path):
         raise ValueError(f"{show_path(path)} is a folder; name a file to write")
-    check_not_an_input(path, inputs)
+    check_not_an_input(path, inputs, "file", flag)
     real = os.path.realpath(path)
     for label, folder in folders:
         if _within(real, os.path.realpath(folder)):
@@ -169,7 +169,7 @@ def _identities(folder) -> set:
     return found
 
 
-def check_not_an_input(out, inputs) -> None:
+def check_not_an_input(out, inputs, what: str = "output", flag: str = "--out") -> None:
     """Refuse an output that is, contains or lies inside one of ``inputs`` ((label, path) pairs), or
     that is the current folder or one of its parents: what ``overwrite`` would delete. Every entry of
     an input folder counts as an input too (a model folder's weights, shards and side files). Paths
@@ -180,7 +180,7 @@ def check_not_an_input(out, inputs) -> None:
     forms = {os.path.realpath(out), os.path.join(os.path.realpath(out.absolute().parent), out.name)}
     cwd = os.path.realpath(os.getcwd())
     if any(_within(cwd, form) for form in forms):
-        raise ValueError(f"output {show_path(out)} is the current folder or one of its parents; choose a folder such "
+        raise ValueError(f"{what} {show_path(out)} is the current folder or one of its parents; choose a folder such "
                          "as ./merged")
     identities = None
     for given_label, given_path in inputs:
@@ -190,7 +190,7 @@ def check_not_an_input(out, inputs) -> None:
                 relation = ("is" if real == form else "contains" if _within(real, form)
                             else "lies inside" if _within(form, real) else None)
                 if relation:
-                    raise ValueError(f"output {show_path(out)} {relation} {label} ({show_path(path)}); --out must "
+                    raise ValueError(f"{what} {show_path(out)} {relation} {label} ({show_path(path)}); {flag} must "
                                      "not be, contain or lie inside an input")
             if os.path.lexists(out):
                 if identities is None:
@@ -200,8 +200,8 @@ def check_not_an_input(out, inputs) -> None:
                 except (OSError, ValueError):
                     continue
                 if (st.st_dev, st.st_ino) in identities:
-                    raise ValueError(f"output {show_path(out)} contains {label} ({show_path(path)}) through a link; "
-                                     "--out must not be, contain or lie inside an input")
+                    raise ValueError(f"{what} {show_path(out)} contains {label} ({show_path(path)}) through a link; "
+                                     f"{flag} must not be, contain or lie inside an input")
 
 
 def checkpoint_files(ck, label: str) -> list:
