@@ -35,17 +35,20 @@ USE_THE_KERNEL = """
 """
 
 
-def built(cache: Path) -> Path:
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """A kernel cache with the library built once for this module's tests (copied by each)."""
+    cache = tmp_path_factory.mktemp("built") / "cache"
     done = run_python(USE_THE_KERNEL, cache)
     assert done.returncode == 0 and "problem: None" in done.stdout, done.stderr
-    (library,) = cache.glob("native-*.so")
-    return library
+    return cache
 
 
 @pytest.mark.parametrize("damage", ["truncated", "another library"])
-def test_a_damaged_cached_library_is_built_again_not_loaded(tmp_path, damage):
+def test_a_damaged_cached_library_is_built_again_not_loaded(tmp_path, built, damage):
     cache = tmp_path / "cache"
-    library = built(cache)
+    shutil.copytree(built, cache)
+    (library,) = cache.glob("native-*.so")
     good = library.read_bytes()
     if damage == "truncated":
         library.write_bytes(good[: len(good) // 3])
