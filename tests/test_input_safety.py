@@ -404,3 +404,43 @@ def test_weights_linking_outside_the_folder_are_refused_without_an_index(tmp_pat
     assert cli(["merge", "--base", str(folder), "--model", str(tmp_path / "m.safetensors"), "--out",
                 str(tmp_path / "o"), "--quiet"]) == 2
     assert f"weight file '{name}' links to a file outside the model folder" in one_error_line(capsys)
+
+
+def test_a_mapped_torch_file_truncated_between_passes_fails_cleanly(tmp_path):
+    """In a child process: reading a mapped file past its new end would kill it (SIGBUS)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    base, tuned = models(tmp_path)
+    save_file(base, tmp_path / "base.safetensors")
+    saved(tmp_path, tuned, ".pt", torch.save)
+    code = textwrap.dedent(f"""
+        from pathlib import Path
+        from pcb_fast.io.disk_merge import merge_checkpoints
+        from pcb_fast.io.output import MergeFailed
+        folder, calls = Path({str(tmp_path)!r}), []
+
+        class Bar:
+            def update(self, n):
+                pass
+
+            def close(self):
+                pass
+
+        def progress(total, description):
+            calls.append(description)
+            if len(calls) == 2:
+                with open(folder / "m1.pt", "r+b") as f:
+                    f.truncate(100)
+            return Bar()
+
+        try:
+            merge_checkpoints(folder / "base.safetensors", [folder / "m0.pt", folder / "m1.pt"], folder / "o",
+                              method="pcb", max_memory=0, progress=progress, fused="off")
+        except MergeFailed as e:
+            print("failed:", e)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.returncode, done.stderr[-1000:])
+    assert "input changed during the merge" in done.stdout and not (tmp_path / "o").exists()

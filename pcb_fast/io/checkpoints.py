@@ -114,13 +114,19 @@ class StateDictCheckpoint(Checkpoint):
         return tuple(self.state[key].shape)
 
     def read_into(self, key, lo, hi, out):
+        # a memory-mapped torch file is checked before the read too: pages of a file truncated under
+        # the map would kill the process (SIGBUS) instead of raising
+        self._check_unchanged()
         out.copy_(self.state[key].reshape(-1)[lo:hi])
-        if self.watch is not None:  # a memory-mapped torch file: values read through the map
+        self._check_unchanged()
+        return out
+
+    def _check_unchanged(self) -> None:
+        if self.watch is not None:
             try:
                 self.watch.check()
             except FormatError as e:
                 raise ValueError(f"{self.name}: {e}") from None
-        return out
 
     def close(self):
         if getattr(self, "watch", None) is not None:
