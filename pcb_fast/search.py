@@ -306,7 +306,7 @@ def search_lambdas(base: dict, models: Sequence[dict], evaluate: Callable[[dict]
 
         if Path(history_path).is_dir():
             raise ValueError(f"history_path={str(history_path)!r} is a folder; name a file to write")
-        check_writable_parent(history_path)
+        check_writable_parent(history_path, "history_path's folder")
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"bounds={bounds!r} must be finite numbers")
     if popsize is not None and (isinstance(popsize, bool) or not isinstance(popsize, int)

@@ -69,15 +69,15 @@ def check_output(out, overwrite: bool, inputs=()) -> Path:
     return out
 
 
-def check_writable_parent(path) -> Path:
-    """The folder that will hold ``path`` (a new file or folder): it exists, is writable, and allows a
-    name as long as ``path``'s; raises a one-line ValueError otherwise."""
+def check_writable_parent(path, what: str = "output folder's parent") -> Path:
+    """The folder that will hold ``path`` (a new file or folder; ``what`` names it in messages): it
+    exists, is writable, and allows a name as long as ``path``'s; a one-line ValueError otherwise."""
     path = Path(path)
     parent = path.absolute().parent
     if not parent.is_dir():
-        raise ValueError(f"output folder's parent {show_path(parent)} is not an existing folder")
+        raise ValueError(f"{what} {show_path(parent)} is not an existing folder")
     if not os.access(parent, os.W_OK):
-        raise ValueError(f"output folder's parent {show_path(parent)} is not writable")
+        raise ValueError(f"{what} {show_path(parent)} is not writable")
     try:
         longest = os.pathconf(parent, "PC_NAME_MAX")
     except (OSError, ValueError):
@@ -104,7 +104,7 @@ def check_file_output(path, overwrite: bool, inputs=(), folders=(), flag: str = 
                              "whole; choose a path outside it")
     if os.path.lexists(path) and not overwrite:
         raise ValueError(f"{show_path(path)} already exists; choose another file or allow overwrite (--overwrite)")
-    check_writable_parent(path)
+    check_writable_parent(path, f"{flag}'s folder")
     return path
 
 
