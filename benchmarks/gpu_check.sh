@@ -14,7 +14,9 @@
 # 4. only with more than one GPU: benchmarks.gpu_check_distributed: the triton backend under torchrun,
 #    NCCL, one GPU per rank (up to 4), byte for byte against one process, PCB/TIES/DARE-TIES
 #    -> benchmarks/results/gpu_check_distributed.json (budget this step on top of the 8 minutes)
-# Every step runs under its own time limit; a failed step does not stop the later ones; the exit
+# The runbook stops at once (exit 1) if pcb_fast.kernels does not import or triton is older than 3.6.
+# Every step runs under its own time limit and writes its JSON after each check or case (a step
+# stopped by its limit leaves what it measured); a failed step does not stop the later ones; the exit
 # status is 1 if any step failed. Commit the three JSON files, then put gpu.json's table in the README.
 #
 # The GPU machines have torch and triton preinstalled and no network: the project is installed with
@@ -38,7 +40,22 @@ step() {
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || status=1
 $PY -m pip install --no-deps --no-build-isolation -q -e . || status=1
-$PY -c "import torch, triton, pcb_fast; print('torch', torch.__version__, '| triton', triton.__version__, '| CUDA', torch.version.cuda, '|', torch.cuda.get_device_name())" || status=1
+# Every later step needs the kernels importable as pcb_fast.kernels (an install that ignored the
+# link runs nothing) and a Triton the kernels support (--no-deps keeps whatever is preinstalled):
+# stop here, at once, rather than spend the machine's time on steps that can only fail.
+if ! $PY -c "
+import sys
+import torch, triton
+import pcb_fast.kernels.select
+version = tuple(int(p) for p in triton.__version__.split('+')[0].split('.')[:2])
+print('torch', torch.__version__, '| triton', triton.__version__, '| CUDA', torch.version.cuda, '|',
+      torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')
+if version < (3, 6):
+    sys.exit(f'triton {triton.__version__} is older than 3.6, the oldest the kernels support')
+"; then
+    echo "== stopped: pcb_fast.kernels does not import, or triton is older than 3.6 (see above)"
+    exit 1
+fi
 
 step 40 $PY -m benchmarks.kernel_report --fast --check --jobs 8 --out benchmarks/results/kernels_gpu_machine.json
 step 180 $PY -m benchmarks.gpu_check --out benchmarks/results/gpu_check.json
