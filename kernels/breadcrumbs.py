@@ -52,11 +52,11 @@ def breadcrumbs_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, out_ptr, ban
     """Program (part, row): band[part] = (L, drop, keep); the part's table entry as kernels.tiles.Segments.
     ROW_ALIGN divides every L of the launch (and the row, base and output alignments): row starts are
     multiples of it, so the rows load as vectors."""
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)
     part = tl.load(programs_ptr + 2 * pid)
     row = tl.load(programs_ptr + 2 * pid + 1)
     entry = table_ptr + part * (5 + n)
-    length = (tl.load(band_ptr + 3 * part).to(tl.int32) // ROW_ALIGN) * ROW_ALIGN  # a multiple of ROW_ALIGN
+    length = (tl.load(band_ptr + 3 * part) // ROW_ALIGN) * ROW_ALIGN  # int64, a multiple of ROW_ALIGN
     drop = tl.load(band_ptr + 3 * part + 1).to(tl.int32)
     end = drop + tl.load(band_ptr + 3 * part + 2).to(tl.int32)
     index = tl.load(entry + 4)  # the part's index in the merge (NaN/Inf flags)

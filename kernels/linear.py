@@ -51,9 +51,9 @@ def linear_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, out_ptr, weight_p
         if DARE:
             kept = col_ok & dare_keep(cols, i, streams_ptr + part * 2 * n, n, threshold)
             tl.atomic_add(kept_ptr + i, tl.sum(kept.to(tl.int64), axis=0), sem="relaxed")
-            tau = tau * kept.to(tl.float32) / keep_scale
+            tau = tl.math.div_rn(tau * kept.to(tl.float32), keep_scale)
         total += tl.where(col_ok, tau * tl.load(weight_ptr + i), 0.0)
-    tau_m = total / divisor
+    tau_m = tl.math.div_rn(total, divisor)
     tau_m = theta(tau_m, base, base_ptr, base_off, cols, col_ok, lam, out_ptr, HAS_BASE, BASE_ALIGN)
     store_out(out_ptr, out_off, cols, col_ok, tau_m, OUT_ALIGN)
 

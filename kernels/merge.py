@@ -57,10 +57,10 @@ def merge_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, out_ptr,
                                             s1_ptr, s2_ptr, HAS_BASE, INTER, ALIGN)
             t = tl.load(t_ptr + i)
             span = tl.load(span_ptr + i)  # inf when M == t
-            scale = tl.where(col_ok, tl.maximum(score - t, 0.0) / span, 0.0)
+            scale = tl.where(col_ok, tl.math.div_rn(tl.maximum(score - t, 0.0), span), 0.0)
             num += clipped * scale * tl.load(lambda_ptr + i)
             den += scale
-        tau_m = num / tl.maximum(den, 1e-12)
+        tau_m = tl.math.div_rn(num, tl.maximum(den, 1e-12))
     else:
         for i in range(n):
             tau = load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE, ALIGN)
@@ -69,7 +69,7 @@ def merge_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, out_ptr,
             kept = tl.where(col_ok & (beta >= tl.load(t_ptr + i)), beta, 0.0)
             num += kept * tau * tl.load(lambda_ptr + i)
             den += kept
-        tau_m = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
+        tau_m = tl.where(den > 0, tl.math.div_rn(num, tl.where(den > 0, den, 1.0)), 0.0)
     tau_m = theta(tau_m, base, base_ptr, base_off, cols, col_ok, lam, out_ptr, HAS_BASE, BASE_ALIGN)
     store_out(out_ptr, out_off, cols, col_ok, tau_m, OUT_ALIGN)
 

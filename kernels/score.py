@@ -56,7 +56,7 @@ def clip_row(tau, i, lo_ptr, hi_ptr, span_ptr):
     hi = tl.load(hi_ptr + i)
     span = tl.load(span_ptr + i)
     clipped = tl.minimum(tl.maximum(tl.abs(tau), lo), hi)
-    return clipped, (clipped - lo) / span  # span is inf for a constant row: normalises to 0
+    return clipped, tl.math.div_rn(clipped - lo, span)  # span is inf for a constant row: normalises to 0
 
 
 @triton.jit
@@ -123,11 +123,17 @@ def official_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, lo_ptr, hi_ptr,
 
 
 @triton.jit
+def pair(i, j, n):
+    """The place of pair (i, j) in an [n, n] table, in 64-bit arithmetic (docs/design.md 4)."""
+    return tl.cast(i, tl.int64) * n + j  # i may be a Python int (the interpreter's loops)
+
+
+@triton.jit
 def pair_normalized(tau_i, tau_j, i, j, n, lo_ptr, span_ptr):
     """Norm(tau_j * tau_i) over this program's columns, with the pair's global min and span."""
-    lo = tl.load(lo_ptr + i * n + j)
-    span = tl.load(span_ptr + i * n + j)
-    return (tau_j * tau_i - lo) / span
+    lo = tl.load(lo_ptr + pair(i, j, n))
+    span = tl.load(span_ptr + pair(i, j, n))
+    return tl.math.div_rn(tau_j * tau_i - lo, span)
 
 
 @triton.jit
@@ -148,17 +154,17 @@ def pair_minmax_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, min_ptr, max
             key = order_key(tau_j * tau_i)
             low = tl.min(tl.where(col_ok, key, KEY_MAX), axis=0)
             high = tl.max(tl.where(col_ok, key, KEY_MIN), axis=0)
-            tl.atomic_min(min_ptr + i * n + j, low, sem="relaxed")
-            tl.atomic_max(max_ptr + i * n + j, high, sem="relaxed")
+            tl.atomic_min(min_ptr + pair(i, j, n), low, sem="relaxed")
+            tl.atomic_max(max_ptr + pair(i, j, n), high, sem="relaxed")
             if j != i:
-                tl.atomic_min(min_ptr + j * n + i, low, sem="relaxed")
-                tl.atomic_max(max_ptr + j * n + i, high, sem="relaxed")
+                tl.atomic_min(min_ptr + pair(j, i, n), low, sem="relaxed")
+                tl.atomic_max(max_ptr + pair(j, i, n), high, sem="relaxed")
 
 
 @triton.jit
 def intra_term(tau_i, i, n, lo_ptr, span_ptr, peak_ptr):
     """exp(n Norm(tau_i^2) - n peak_ii), the unnormalised intra softmax of task i."""
-    peak_ii = tl.load(peak_ptr + i * n + i)
+    peak_ii = tl.load(peak_ptr + pair(i, i, n))
     return tl.exp(pair_normalized(tau_i, tau_i, i, i, n, lo_ptr, span_ptr) * n - n * peak_ii)
 
 
@@ -181,7 +187,7 @@ def partition_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, lo_ptr, span_p
         for j in range(n):
             tau_j = load_row(x_ptr, offsets_ptr, base, j, cols, col_ok, HAS_BASE, ALIGN)
             normalized = pair_normalized(tau_i, tau_j, i, j, n, lo_ptr, span_ptr)
-            peak = tl.load(peak_ptr + i * n + j)
+            peak = tl.load(peak_ptr + pair(i, j, n))
             terms = tl.where(col_ok, tl.exp(normalized - peak), 0.0)
             tl.store(inter_ptr + (slot * n + i) * n + j, tl.sum(terms, axis=0))
         intra = intra_term(tau_i, i, n, lo_ptr, span_ptr, peak_ptr)
@@ -197,8 +203,8 @@ def paper_score(tau_i, i, x_ptr, offsets_ptr, base, cols, col_ok, n, lo_ptr, spa
     for j in range(n):
         tau_j = load_row(x_ptr, offsets_ptr, base, j, cols, col_ok, HAS_BASE, ALIGN)
         normalized = pair_normalized(tau_i, tau_j, i, j, n, lo_ptr, span_ptr)
-        peak = tl.load(peak_ptr + i * n + j)
-        inv_inter = tl.load(inv_inter_ptr + i * n + j)
+        peak = tl.load(peak_ptr + pair(i, j, n))
+        inv_inter = tl.load(inv_inter_ptr + pair(i, j, n))
         inter += tl.where(col_ok, tl.exp(normalized - peak) * inv_inter, 0.0)
     intra = intra_term(tau_i, i, n, lo_ptr, span_ptr, peak_ptr) * tl.load(inv_intra_ptr + i)
     return intra * inter

@@ -69,7 +69,7 @@ def weighted_row(tau, col_ok, cols, i, n, t_ptr, weight_ptr, streams_ptr, thresh
                      EXACT)
     tau = tau * kept.to(tl.float32)
     if DARE:
-        tau = tau / keep_scale
+        tau = tl.math.div_rn(tau, keep_scale)
     weight = tl.load(weight_ptr + i)
     return tl.where(col_ok, tau * weight, 0.0), kept, weight
 
@@ -139,7 +139,7 @@ def ties_merge_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, out_ptr, t_pt
         agree = col_ok & tl.where(elected > 0, weighted > 0, weighted < 0)
         num += tl.where(agree, weighted, 0.0)
         den += tl.where(agree, weight, 0.0)
-    tau_m = num / tl.where(den == 0, 1.0, den)
+    tau_m = tl.math.div_rn(num, tl.where(den == 0, 1.0, den))
     tau_m = theta(tau_m, base, base_ptr, base_off, cols, col_ok, lam, out_ptr, HAS_BASE, BASE_ALIGN)
     store_out(out_ptr, out_off, cols, col_ok, tau_m, OUT_ALIGN)
 

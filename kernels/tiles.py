@@ -211,7 +211,7 @@ def locate(table_ptr, programs_ptr, n, FULL: tl.constexpr, BLOCK: tl.constexpr):
     """This program's place: (cols, col_ok, offsets_ptr, base_off, out_off, tile, part) where cols are the
     column indices inside its part (int64), offsets_ptr its part's row offsets, tile its global tile
     number and part its index in the scope group."""
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # 64-bit: every offset below derives from it
     part = tl.load(programs_ptr + 2 * pid)
     local = tl.load(programs_ptr + 2 * pid + 1)
     entry = table_ptr + part * (5 + n)
@@ -301,7 +301,7 @@ def tanh(x):
     (1 - e^-2x) / (1 + e^-2x) above. (libdevice's tanh does not run under the interpreter.)"""
     a = tl.abs(x)
     e = tl.exp(-2.0 * a)
-    big = (1.0 - e) / (1.0 + e)
+    big = tl.math.div_rn(1.0 - e, 1.0 + e)
     s = tl.minimum(a, 0.25)  # the series is used below 1/4 only; clamping keeps it finite elsewhere
     a2 = s * s
     # x - x^3/3 + 2x^5/15 - 17x^7/315 + 62x^9/2835 - 1382x^11/155925: error < 1e-9 relative below 1/4
@@ -316,7 +316,7 @@ def sample_kernel(x_ptr, base_ptr, table_ptr, plan_ptr, n, out_ptr, columns, HAS
                   ALIGN: tl.constexpr, BASE_ALIGN: tl.constexpr, BLOCK: tl.constexpr):
     """Program p copies tau at columns first + k stride (k < count) of one part, plan[p] = (part, first,
     stride, count, at), into out[i, at + k] for every task i (out: [n, columns] float32)."""
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # 64-bit: every offset below derives from it
     part = tl.load(plan_ptr + 5 * pid)
     first = tl.load(plan_ptr + 5 * pid + 1)
     stride = tl.load(plan_ptr + 5 * pid + 2)
@@ -332,7 +332,7 @@ def sample_kernel(x_ptr, base_ptr, table_ptr, plan_ptr, n, out_ptr, columns, HAS
         x = tl.load(x_ptr + tl.load(entry + 5 + i) * ALIGN + cols, mask=ok, other=0.0).to(tl.float32)
         if HAS_BASE:
             x = x - base  # tau as the torch form computes it: both rounded to float32, then subtracted
-        tl.store(out_ptr + i * columns + at + k, x, mask=ok)
+        tl.store(out_ptr + tl.cast(i, tl.int64) * columns + at + k, x, mask=ok)  # n x columns can pass 2^31
 
 
 SAMPLE_BLOCK = 1024  # sampled columns per program

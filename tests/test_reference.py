@@ -152,3 +152,13 @@ def test_large_n_does_not_overflow():
     got = pcb_official(tv, ratio=0.2, clamp_ratio=0.0)
     assert torch.isfinite(got).all()
     close(got, scalar_pcb(tv.double().tolist(), 0.2, 0.0, "sum"), tol=1e-5)
+
+
+@pytest.mark.parametrize("variant", [pcb_official, pcb_paper])
+def test_lambdas_follow_the_task_vectors_device(variant):
+    """The lambda column is built on the task vectors' device: with CUDA task vectors (the triton
+    backend's device) the reference raised a device mismatch. The meta device stands in for CUDA here:
+    any device other than the CPU's fails the same way."""
+    tv = torch.empty(3, 64, device="meta")
+    out = variant(tv, lambdas=[0.5, 1.0, 2.0])
+    assert out.device.type == "meta" and out.shape == (64,)

@@ -37,9 +37,11 @@ def _minmax(x: torch.Tensor) -> torch.Tensor:
     return torch.where(span > 0, (x - low) / span, torch.zeros((), dtype=x.dtype))
 
 
-def _weights(lambdas, n: int):
-    """The per-task coefficients as an [n, 1] column, or None."""
-    return None if lambdas is None else torch.tensor([float(v) for v in lambdas], dtype=torch.float32).view(n, 1)
+def _weights(lambdas, n: int, device):
+    """The per-task coefficients as an [n, 1] column on the task vectors' device, or None."""
+    if lambdas is None:
+        return None
+    return torch.tensor([float(v) for v in lambdas], dtype=torch.float32, device=device).view(n, 1)
 
 
 def pcb_official(tv: torch.Tensor, *, ratio: float = 0.1, clamp_ratio: float = 1e-4, inter: str = "sum",
@@ -88,7 +90,7 @@ def pcb_official(tv: torch.Tensor, *, ratio: float = 0.1, clamp_ratio: float = 1
 
     # Step 7: weighted mean of the clipped task vectors.
     weighted = clipped * scale
-    lam = _weights(lambdas, n)
+    lam = _weights(lambdas, n, tv.device)
     if lam is not None:
         weighted = weighted * lam
     return _task_order_sum(weighted) / torch.clamp(_task_order_sum(scale), min=1e-12)
@@ -112,7 +114,7 @@ def pcb_paper(tv: torch.Tensor, *, ratio: float = 0.1, lambdas=None) -> torch.Te
     t = torch.sort(beta, dim=1).values[:, min(int(D * (1 - ratio)), D - 1)].unsqueeze(1)
     kept_beta = beta * (beta >= t)
     weighted = kept_beta * tv
-    lam = _weights(lambdas, n)
+    lam = _weights(lambdas, n, tv.device)
     if lam is not None:
         weighted = weighted * lam
     num = _task_order_sum(weighted)
