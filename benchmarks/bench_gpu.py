@@ -11,7 +11,8 @@ backend (device synchronised around each), GB/s of its reads, the time of one re
 repeats; the reference path (the authors' sort-based formulation) on the same GPU where it fits in
 memory, its ratio, and the agreement of the two results; then each baseline method on the triton
 backend at D=2^24 against the torch backend on the CPU (the torch backend is CPU-only in this
-version). Prints markdown tables; writes benchmarks/results/gpu.json.
+version). Prints markdown tables; writes benchmarks/results/gpu.json after every case (``"complete":
+false`` until the last: a run stopped by a time limit leaves what it measured).
 """
 
 from __future__ import annotations
@@ -104,13 +105,13 @@ BASELINES = [("average", {}), ("task_arithmetic", {}), ("ties", dict(density=0.2
              ("dare_ties", dict(p=0.9)), ("breadcrumbs", {})]
 
 
-def baselines(n: int, D: int, device, repeats: int) -> list:
-    """Each baseline on the triton backend against the torch backend on the CPU (same inputs)."""
+def baselines(n: int, D: int, device, repeats: int):
+    """Each baseline on the triton backend against the torch backend on the CPU (same inputs), one row
+    at a time."""
     gen = torch.Generator().manual_seed(1)
     base = {"w": torch.randn(D, generator=gen) * 0.02}
     models = [{"w": base["w"] + 1e-3 * torch.randn(D, generator=gen)} for _ in range(n)]
     on_device = ({"w": base["w"].to(device)}, [{"w": m["w"].to(device)} for m in models])
-    rows = []
     for method, params in BASELINES:
         if device.type == "cuda":  # compile (the interpreter compiles nothing)
             pcb_fast.merge(*on_device, method=method, backend="triton", **params)
@@ -118,8 +119,7 @@ def baselines(n: int, D: int, device, repeats: int) -> list:
                          repeats)
         cpu = seconds_of(lambda: pcb_fast.merge(base, models, method=method, backend="torch", **params),
                          torch.device("cpu"), 1)
-        rows.append({"method": method, "triton_seconds": statistics.median(gpu), "torch_cpu_seconds": cpu[0]})
-    return rows
+        yield {"method": method, "triton_seconds": statistics.median(gpu), "torch_cpu_seconds": cpu[0]}
 
 
 def table(results: list) -> str:
@@ -143,7 +143,8 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes under the Triton interpreter on the CPU")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-vit", action="store_true")
-    parser.add_argument("--out", type=Path, default=RESULTS / "gpu.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path, written after every case (default: results/gpu.json; none with --smoke)")
     args = parser.parse_args(argv)
     if args.smoke:
         device, sizes, dtypes, repeats = torch.device("cpu"), [4096], [torch.float32, torch.bfloat16], 1
@@ -155,15 +156,34 @@ def main(argv=None) -> int:
         device, repeats = torch.device("cuda"), args.repeats
         sizes = [1 << 24] + ([] if args.skip_vit else [VIT_B32_D])
         dtypes = [torch.float32, torch.bfloat16]
-    results = [case(8, D, dtype, device, repeats, with_reference=True) for D in sizes for dtype in dtypes]
-    # 64 tasks: each program rereads its tasks' rows for the inter term; whether they still come from
-    # the L2 (64 rows x BLOCK per program) is what this case shows
-    results.append(case(64, sizes[0] // 4, torch.float32, device, repeats, with_reference=True))
-    others = baselines(8, sizes[0], device, repeats)
     import triton
 
     machine = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",
                "torch": torch.__version__, "triton": triton.__version__, "pcb_fast": pcb_fast.__version__}
+    out = args.out if args.out is not None else (None if args.smoke else RESULTS / "gpu.json")
+    results, others = [], []
+
+    def write(done: bool) -> None:
+        # after every case: a run stopped by its time limit leaves what it measured
+        if out is None:
+            return
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = out.with_name(out.name + ".partial")
+        partial.write_text(json.dumps({"machine": machine, "complete": done, "results": results,
+                                       "baselines": others}, indent=2))
+        partial.replace(out)
+
+    plan = [(8, D, dtype) for D in sizes for dtype in dtypes]
+    # 64 tasks: each program rereads its tasks' rows for the inter term; whether they still come from
+    # the L2 (64 rows x BLOCK per program) is what this case shows
+    plan.append((64, sizes[0] // 4, torch.float32))
+    for n, D, dtype in plan:
+        results.append(case(n, D, dtype, device, repeats, with_reference=True))
+        write(False)
+    for row in baselines(8, sizes[0], device, repeats):
+        others.append(row)
+        write(False)
+    write(True)
     print(f"PCB official, global, ratio 0.1, clamp 1e-4, n=8 on {machine['device']} "
           f"(torch {machine['torch']}, triton {machine['triton']})\n")
     print(table(results))
@@ -172,10 +192,8 @@ def main(argv=None) -> int:
     for r in others:
         print(f"| {r['method']} | {r['triton_seconds'] * 1e3:.2f} ms | {r['torch_cpu_seconds'] * 1e3:.1f} ms | "
               f"{r['torch_cpu_seconds'] / r['triton_seconds']:.1f}x |")
-    if not args.smoke:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"machine": machine, "results": results, "baselines": others}, indent=2))
-        print(f"\nwrote {args.out}")
+    if out is not None:
+        print(f"\nwrote {out}")
     return 0
 
 

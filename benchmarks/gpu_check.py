@@ -8,7 +8,8 @@ needed. PCB (both variants, every ``inter``, n up to 64, fp32 and bf16, D up to 
 bf16 state dicts) against the reference path on the same GPU; every baseline against the torch
 backend on this machine's CPU (strict: no entry may differ); TIES' election on data with exact
 cancellations (bit for bit); run-to-run identity. Prints one line per check and writes a JSON with
-the GPU named; exits 1 if any check fails. ``--quick``: the same checks at small sizes (minutes on a
+the GPU named after every check (``"complete": false`` until the last one: a run stopped by a time
+limit leaves what it measured); exits 1 if any check fails. ``--quick``: the same checks at small sizes (minutes on a
 CPU under TRITON_INTERPRET=1 is still too slow for CI; it is for trying the plumbing).
 
 The tolerance helpers (:func:`disagreements`, :func:`official_near`, :func:`paper_near`) are the
@@ -115,18 +116,20 @@ def disagreements(got: torch.Tensor, ref: torch.Tensor, near: torch.Tensor | Non
 # ---- the checks
 
 
-def _pcb_matrix(n, D, dtype, variant, inter, ratio, clamp, device, gen):
+def _pcb_matrix(n, D, dtype, variant, inter, ratio, clamp, device, gen, weighted=False):
+    """PCB of an [n, D] matrix on the device against the reference path on the same device; ``weighted``:
+    with lambdas (the reference builds its lambda column on the task vectors' device)."""
     import pcb_fast
 
     from pcb_fast.gpu import backend as triton_backend
 
     tv = (torch.randn(n, D, generator=gen, device=device) * 0.01).to(dtype)
-    pcb_fast.pcb_merge(tv, ratio=ratio, clamp_ratio=clamp, inter=inter, variant=variant, backend="triton")  # compile
+    params = dict(ratio=ratio, clamp_ratio=clamp, inter=inter, variant=variant,
+                  lambdas=[0.5 + i / n for i in range(n)] if weighted else None)
+    pcb_fast.pcb_merge(tv, backend="triton", **params)  # compile
     got, profile = torch.empty(D, device=device), {}
-    triton_backend.pcb_merge_matrix(list(tv), got, ratio=ratio, clamp_ratio=clamp, inter=inter, variant=variant,
-                                    profile=profile)
-    ref = pcb_fast.pcb_merge(tv.float(), ratio=ratio, clamp_ratio=clamp, inter=inter, variant=variant,
-                             backend="reference")
+    triton_backend.pcb_merge_matrix(list(tv), got, profile=profile, **params)
+    ref = pcb_fast.pcb_merge(tv.float(), backend="reference", **params)
     near = official_near(tv, ratio, clamp, inter) if variant == "official" else paper_near(tv, ratio)
     # the passes that ran (a "... radix level" pass: a sampled bracket missed) and their seconds
     return dict(disagreements(got, ref, near), passes={k: round(v, 5) for k, v in profile.items()})
@@ -235,6 +238,9 @@ def checks(quick: bool) -> list:
         (64, small // 16, f32, "paper", "sum", 0.2, 0.0),
     ]
     out = []
+    for variant in ("official", "paper"):  # lambdas on the device, for the reference path too
+        out.append((f"{variant} with lambdas n={N(8)} D={small} fp32", lambda d, g, v=variant: _pcb_matrix(
+            N(8), small, f32, v, "sum", 0.1, 1e-4, d, g, weighted=True)))
     for n, D, dtype, variant, inter, ratio, clamp in pcb:
         label = f"{variant} {inter if variant == 'official' else ''} n={N(n)} D={D} {str(dtype)[6:]}".replace("  ", " ")
         out.append((label, lambda d, g, a=(N(n), D, dtype, variant, inter, ratio, clamp): _pcb_matrix(*a, d, g)))
@@ -278,7 +284,18 @@ def main(argv=None) -> int:
                "pcb_fast": pcb_fast.__version__}
     print(f"gpu_check on {name} (torch {machine['torch']}, triton {machine['triton']})", flush=True)
     rows, failed = [], 0
-    for label, fn in checks(args.quick):
+    todo = checks(args.quick)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(done: bool) -> None:
+        # after every check: a run stopped by its time limit leaves what it measured
+        report = {"machine": machine, "complete": done, "checks_planned": len(todo), "checks": rows}
+        partial = args.out.with_name(args.out.name + ".partial")
+        partial.write_text(json.dumps(report, indent=1) + "\n")
+        partial.replace(args.out)
+
+    write(False)
+    for label, fn in todo:
         gen = torch.Generator(device=device).manual_seed(len(rows))
         start = time.perf_counter()
         try:
@@ -292,10 +309,10 @@ def main(argv=None) -> int:
         rows.append(dict(result, ok=ok))
         print(f"{'ok  ' if ok else 'FAIL'} {label}: " + ", ".join(f"{k}={v}" for k, v in result.items() if k != "check"),
               flush=True)
+        write(False)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine, "checks": rows}, indent=1) + "\n")
+    write(True)
     print(f"{len(rows) - failed} of {len(rows)} checks passed; wrote {args.out}")
     return 1 if failed else 0
 

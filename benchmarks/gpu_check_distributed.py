@@ -115,6 +115,17 @@ def main(argv=None) -> int:
     n, rows, width = (3, 16, 64) if args.quick else (8, 512, 4096)  # 9 files of 12 keys of ~2M entries: ~0.8 GB
     folder = Path(tempfile.mkdtemp(prefix="pcb_fast_gpu_dist_"))
     results, failed = [], 0
+    import pcb_fast
+
+    machine = {"devices": name, "torch": torch.__version__, "pcb_fast": pcb_fast.__version__}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(done: bool) -> None:
+        # after every case: a run stopped by its time limit leaves what it measured
+        partial = args.out.with_name(args.out.name + ".partial")
+        partial.write_text(json.dumps({"machine": machine, "complete": done, "checks": results}, indent=1) + "\n")
+        partial.replace(args.out)
+
     print(f"gpu_check_distributed on {name}: {world} ranks, n={n}", flush=True)
     try:
         flags = write_models(folder, n, rows, width) + ["--shard-size", str(rows * width * 4)]  # ~a shard a key
@@ -131,16 +142,13 @@ def main(argv=None) -> int:
                 row.update(error=str(e), ok=False)
             failed += not row["ok"]
             results.append(row)
+            write(False)
             print(f"{'ok  ' if row['ok'] else 'FAIL'} " + ", ".join(f"{key}={v}" for key, v in row.items()), flush=True)
             shutil.rmtree(folder / f"one{k}", ignore_errors=True)
             shutil.rmtree(folder / f"many{k}", ignore_errors=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    import pcb_fast
-
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": {"devices": name, "torch": torch.__version__,
-                                                "pcb_fast": pcb_fast.__version__}, "checks": results}, indent=1) + "\n")
+    write(True)
     print(f"{len(results) - failed} of {len(results)} distributed checks passed; wrote {args.out}")
     return 1 if failed else 0
 
