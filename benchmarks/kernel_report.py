@@ -72,6 +72,11 @@ PER_PART_KERNELS = {"magnitude_kernel", "official_kernel", "merge_kernel", "pair
                     "paper_kernel", "sign_kernel", "ties_merge_kernel", "equal_count_kernel"}
 
 
+# the passes of PCB over an [n, D] matrix (the one input whose rows may start at any element)
+UNALIGNED_KERNELS = {"magnitude_kernel", "official_kernel", "merge_kernel", "pair_minmax_kernel", "partition_kernel",
+                     "paper_kernel"}
+
+
 def _tile(dtype: str) -> dict:
     return {"x_ptr": dtype, "base_ptr": dtype, "table_ptr": "*i64", "programs_ptr": "*i64", "n": "i32"}
 
@@ -80,7 +85,9 @@ def cases(full: bool) -> list:
     """Every kernel and variant. The kernels loop over the tasks, so their code does not depend on the
     number of tasks: one compile serves 1 to 64, reported as 64 (the per-program atomics are counted
     for 64 tasks). Each kernel is compiled for full tiles (the bulk: no mask) and for the parts' last,
-    partial tiles. Fast: bf16 fine-tuned rows with a base (a model merge); ``full``: also float32
+    partial tiles. Fast: bf16 fine-tuned rows with a base (a model merge), and PCB's passes over
+    float32 task vectors whose row starts are not 16 bytes apart (ALIGN=1: an [n, D] matrix of odd
+    D, as the ViT-B/32 size, where the device has no room to pad the rows); ``full``: also float32
     task vectors without a base (``pcb_merge`` on a matrix), fp16 and fp64 rows with a base."""
     from pcb_fast.kernels.score import tail_warps
     from pcb_fast.kernels.tiles import BLOCK, TAIL_WARPS, warps
@@ -89,15 +96,19 @@ def cases(full: bool) -> list:
     out = [Case("find", "bucket search", 0, "select", "find_kernel",
                 {"hist_ptr": "*i64", "rank_ptr": "*i64", "index_ptr": "*i64", "below_ptr": "*i64"},
                 {"R": 2, "PER_ROW": True})]
-    inputs = [("*bf16", True, full_tiles) for full_tiles in (True, False)]
-    inputs += [(d, b, f) for d, b in (("*fp32", False), ("*fp16", True), ("*fp64", True)) for f in (True, False)] if full else []
-    for dtype, has_base, full_tiles in inputs:
-        align = 16 // {"*bf16": 2, "*fp16": 2, "*fp32": 4, "*fp64": 8}[dtype]
+    inputs = [("*bf16", True, full_tiles, False) for full_tiles in (True, False)] + [("*fp32", False, True, True)]
+    inputs += [(d, b, f, False) for d, b in (("*fp32", False), ("*fp16", True), ("*fp64", True))
+               for f in (True, False)] if full else []
+    for dtype, has_base, full_tiles, unaligned in inputs:
+        align = 1 if unaligned else 16 // {"*bf16": 2, "*fp16": 2, "*fp32": 4, "*fp64": 8}[dtype]
         common = dict(HAS_BASE=has_base, ALIGN=align, BASE_ALIGN=align, FULL=full_tiles, BLOCK=BLOCK)
         tile = _tile(dtype)
         suffix = f", {dtype[1:]}" + (" + base" if has_base else "") + ("" if full_tiles else ", last tiles")
+        suffix += ", unaligned rows (ALIGN=1)" if unaligned else ""
 
         def add(kernel, variant, module, fn, sig, consts, options=None):
+            if unaligned and fn not in UNALIGNED_KERNELS:
+                return
             if "out_ptr" in sig:
                 consts = dict(consts, OUT_ALIGN=16 // {"*fp32": 4, "*fp64": 8}.get(sig["out_ptr"], 2))
             sig = dict(tile, **sig)
@@ -111,7 +122,7 @@ def cases(full: bool) -> list:
                                 sig, dict(common, **consts, **flags), tasks * BLOCK, aligned, options))
 
         count = dict(hist_ptr="*i64", bucket_ptr="*i64", map_ptr="*i64", bounds_ptr="*fp32", tally_ptr="*i64",
-                     kept_ptr="*fp32", layout_ptr="*i64", copies="i64", tiles_ptr="*i32")
+                     kept_ptr="*fp32", layout_ptr="*i64", copies="i32", tiles_ptr="*i32")
         # the radix select's levels 2 and 3 are the same code as 4 but for their shifts
         levels = [(0, "bracket"), (1, "radix level 1"), (2, "radix level 2"), (4, "radix level 4")]
         for level, name in levels:
@@ -152,13 +163,13 @@ def cases(full: bool) -> list:
                 dict(trim, out_ptr=out_dtype, fill_ptr="*fp32", lam="fp32"), dict(DARE=dare, EXACT=exact), no_fma)
         add("equal_count", "exact top-k", "ties", "equal_count_kernel",
             dict(t_ptr="*fp32", counts_ptr="*i64"), {})
-        if full_tiles:  # the column sample: one gather of strided columns per part
-            sig = dict(tile, plan_ptr="*i64", out_ptr="*fp32", columns="i64")
+        if full_tiles and not unaligned:  # the column sample: one gather of strided columns per part
+            sig = dict(tile, plan_ptr="*i64", out_ptr="*fp32", columns="i32")
             del sig["programs_ptr"]
             out.append(Case("sample", "strided columns, " + dtype[1:] + (" + base" if has_base else ""), tasks, "tiles",
                             "sample_kernel", sig, dict(HAS_BASE=has_base, ALIGN=align, BASE_ALIGN=align, BLOCK=1024),
                             0, [a for a, t in sig.items() if t.startswith("*")], {"num_warps": 4}))
-        if full_tiles:  # Breadcrumbs: a program per row (no tiles), its row in registers
+        if full_tiles and not unaligned:  # Breadcrumbs: a program per row (no tiles), its row in registers
             from pcb_fast.kernels.breadcrumbs import ROW_MAX, row_warps
 
             for block in sorted({256, 1024, ROW_MAX // 2 if dtype == "*fp64" else ROW_MAX}):
@@ -257,6 +268,76 @@ def load_vector_bits(ptx: str, wide_rows: bool = False) -> int:
     return max(moved, key=lambda w: (moved[w], w)) if moved else 0
 
 
+_INEXACT_DIV = ("div.full.", "div.approx.", "rcp.approx.")
+
+
+def _opcodes(ptx: str):
+    """The opcode of every PTX instruction (its predicate guard dropped)."""
+    for line in ptx.splitlines():
+        words = line.split()
+        if words and words[0].startswith("@"):
+            words = words[1:]
+        if words and not words[0].startswith((".", "//", "$", "{", "}")):
+            yield words[0]
+
+
+def division_counts(ptx: str) -> dict:
+    """``inexact_div``: PTX divisions that are not correctly rounded (``div.full``, up to 2 ulp;
+    ``div.approx``; ``rcp.approx``), what fp32 ``/`` compiles to, where ``tl.math.div_rn`` gives
+    ``div.rn``; ``approx_math``: other approximate ops (``ex2.approx`` from ``tl.exp``,
+    ``tanh.approx``, ``lg2.approx``, ...)."""
+    inexact = approx = 0
+    for op in _opcodes(ptx):
+        if op.startswith(_INEXACT_DIV):
+            inexact += 1
+        elif ".approx" in op:
+            approx += 1
+    return {"inexact_div": inexact, "approx_math": approx}
+
+
+_DEF = re.compile(r"^\s*(%[\w.#$-]+)\s*=\s*([a-z_]+\.[\w.]+)(.*)$")
+_STOP = {"tt.load", "arith.cmpi", "arith.cmpf", "tt.atomic_rmw", "tt.atomic_cas", "arith.constant", "tt.get_program_id",
+         "tt.make_range", "tt.histogram", "tt.reduce", "tt.scan"}
+
+
+def _is_i32(type_text: str) -> bool:
+    type_text = type_text.strip()
+    return type_text == "i32" or type_text.endswith("xi32>")
+
+
+def address_multiplies_32(ttir: str) -> int:
+    """32-bit integer multiplies (``arith.muli`` / ``arith.shli`` on i32) whose result flows into an
+    address (an offset of ``tt.addptr``, through additions, casts, splats and selects), in a
+    kernel's TTIR: each can wrap past 2^31 (docs/design.md 4: 64-bit offsets). A product formed in
+    i32 and then widened counts too. Values loaded from memory, compared, or reduced end a chain."""
+    defs, offsets = {}, []
+    for line in ttir.splitlines():
+        line = re.sub(r"\sloc\(.*\)\s*$", "", line)
+        match = _DEF.match(line)
+        if match is None:
+            continue
+        result, op, rest = match.groups()
+        rest = re.sub(r"\{[^{}]*\}", "", rest)  # attribute dictionaries hold ": i32" too
+        operands, _, types = rest.partition(" : ")
+        names = re.findall(r"%[\w.#$-]+", operands)
+        defs[result] = (op, names, types.split("->")[-1].split(",")[-1])
+        if op == "tt.addptr" and len(names) == 2:
+            offsets.append(names[1])
+    flagged, seen, stack = set(), set(), offsets
+    while stack:
+        value = stack.pop()
+        if value in seen or value not in defs:  # kernel and loop arguments end a chain
+            continue
+        seen.add(value)
+        op, names, result_type = defs[value]
+        if op in _STOP:
+            continue
+        if op in ("arith.muli", "arith.shli") and _is_i32(result_type):
+            flagged.add(value)
+        stack.extend(names[1:] if op == "arith.select" else names)
+    return len(flagged)
+
+
 def compile_case(case: Case) -> dict:
     """Compile one case for sm_90 and read its figures; {"error": ...} if it does not compile."""
     import importlib
@@ -284,6 +365,8 @@ def compile_case(case: Case) -> dict:
     row["shared_bytes"] = int(compiled.metadata.shared)
     row["atomics_per_element"] = round(atomics_per_element(compiled.asm["ttir"], case.tasks, case.entries), 4)
     row["load_vector_bits"] = load_vector_bits(compiled.asm["ptx"], case.sig.get("x_ptr") == "*fp64")
+    row.update(division_counts(compiled.asm["ptx"]))
+    row["address_multiplies_32"] = address_multiplies_32(compiled.asm["ttir"])
     row["compile_s"] = round(seconds, 2)
     return row
 
@@ -299,24 +382,86 @@ def _worker_init(cache: str) -> None:
 # ---- the modelled merges
 
 
+def llama_keys(layers: int, hidden: int, intermediate: int, vocab: int, kv_hidden: int) -> list:
+    """Entries of every floating tensor of a Llama model, in file order (embeddings, the layers'
+    projections and norms, the final norm, an untied head)."""
+    layer = [hidden * hidden, kv_hidden * hidden, kv_hidden * hidden, hidden * hidden,
+             intermediate * hidden, intermediate * hidden, hidden * intermediate, hidden, hidden]
+    return [vocab * hidden] + layer * layers + [hidden, vocab * hidden]
+
+
+# (model, ranks): Llama-2-7B on one GPU, Llama-2-70B (grouped-query attention) on eight
+LLM_SHAPES = {"7B_n8_1rank": (llama_keys(32, 4096, 11008, 32000, 4096), 1),
+              "70B_n8_8ranks": (llama_keys(80, 8192, 28672, 32000, 1024), 8)}
+
+
+def bracket_bytes_per_rank(brackets, n: int = TASKS) -> dict:
+    """Device bytes the largest bracket pass of a merge allocates on the busiest rank, from the planner
+    the kernels allocate by (kernels.select.bracket_plan), for each of LLM_SHAPES at scope "global":
+    ``brackets(D)`` gives the ranks of each bracket pass; keys go to ranks as a distributed merge
+    assigns them (balanced by size, in order)."""
+    from pcb_fast.io.distributed import assign_shards
+    from pcb_fast.kernels.select import bracket_plan, sample_stride
+
+    out = {}
+    for label, (keys, world) in LLM_SHAPES.items():
+        D = sum(keys)
+        local = max(sum(keys[k] for k in part) for part in assign_shards(keys, world))
+        stride = sample_stride(D)
+        sampled = -(-D // stride)
+        out[label] = max(bracket_plan([ranks], [D], [sampled], n, [local])["bytes"] for ranks in brackets(D))
+    return out
+
+
+# an H100's L2 and the programs resident at once (132 SMs x 8 programs of 4 warps at 64 registers)
+L2_BYTES = 50 * 2**20
+RESIDENT_PROGRAMS = 132 * 8
+
+
+def reads_by_n(rereads: dict) -> dict:
+    """Reads of the inputs from device memory per merge, by tasks n and input dtype: a program re-reads
+    its tile's task rows (the inter term, the paper's pairs) from the L2 while the resident programs'
+    tiles (RESIDENT_PROGRAMS x n x BLOCK x element bytes) fit in it, else from memory. ``rereads``:
+    {pass: extra reads of the rows as a function of n}."""
+    from pcb_fast.kernels.tiles import BLOCK
+
+    out = {}
+    for n in (8, 16, 32, 64):
+        row = {}
+        for dtype, size in (("float32", 4), ("bfloat16", 2)):
+            fits = RESIDENT_PROGRAMS * n * BLOCK * size <= L2_BYTES
+            row[dtype] = sum(1 + (0 if fits else extra(n)) for extra in rereads.values())
+        out[str(n)] = row
+    return out
+
+
 def merges(n: int = TASKS) -> dict:
     """Passes over the inputs per merge when every sampled bracket holds (a miss adds the radix
-    select's two), and modelled bytes (fp32 inputs, no base) over one read of the inputs.
+    select's four), modelled bytes (fp32 inputs, no base) over one read of the inputs, the device
+    bytes of the largest bracket pass per rank for Llama-7B and -70B shapes, and the reads of the
+    inputs from memory by tasks n (``reads_by_n``: where the re-reads of a program's rows miss the L2).
 
     Bytes: every pass reads the n task rows once (4 n D); the merge writes D float32 values; the
     column sample reads one column in sample_stride(D) (a 32-byte sector for each value it takes);
     each bracket pass copies and sorts the entries inside its brackets (about twice its buffer,
     read and written, per rank). Rereads of other tasks' rows inside a program (the inter term) hit
-    the cache and are not counted."""
+    the cache and are not counted there."""
+    from pcb_fast.core.formulas import clip_indices, keep_index
     from pcb_fast.kernels.select import sample_stride
 
-    plans = {  # (reads of the inputs, ranks counted in bracket passes)
-        "pcb_official": (3, 3),  # |tau| around the two clip ranks; P around t; merge
-        "pcb_paper": (4, 1),  # pair min/max; partition sums; beta around t; merge
-        "ties": (3, 1),  # |tau| around the trim's rank (the exact top-k's ties counted from its copies); signs; merge
+    plans = {  # (reads of the inputs, ranks counted in bracket passes, each bracket pass's ranks, rereads per pass)
+        "pcb_official": (3, 3, lambda D: [list(clip_indices(D, 1e-4)), [keep_index(D, 0.1)]],
+                         {"magnitude": lambda k: 0, "score": lambda k: 1, "merge": lambda k: 1}),  # inter "sum"
+        "pcb_official_pairwise": (3, 3, lambda D: [list(clip_indices(D, 1e-4)), [keep_index(D, 0.1)]],
+                                  {"magnitude": lambda k: 0, "score": lambda k: k, "merge": lambda k: k}),
+        "pcb_paper": (4, 1, lambda D: [[keep_index(D, 0.1)]],
+                      {"pair min/max": lambda k: k // 2, "partition": lambda k: k, "score": lambda k: k,
+                       "merge": lambda k: k}),
+        "ties": (3, 1, lambda D: [[D - int(D * 0.2) - 1]],  # density 0.2
+                 {"magnitude": lambda k: 0, "signs": lambda k: 0, "merge": lambda k: 1}),
     }
     out = {}
-    for name, (reads, ranks) in plans.items():
+    for name, (reads, ranks, brackets, rereads) in plans.items():
         sizes = {}
         for D in SIZES:
             stride = sample_stride(D)
@@ -327,7 +472,9 @@ def merges(n: int = TASKS) -> dict:
             sizes[str(D)] = int(reads * 4 * n * D + 4 * D + sample + 4 * 4 * inside)
         out[name] = {"reads": reads,
                      "bytes_over_one_read": round(max(b / (4 * n * int(D)) for D, b in sizes.items()), 3),
-                     "bytes": sizes}
+                     "bytes": sizes,
+                     "bracket_bytes_per_rank": bracket_bytes_per_rank(brackets, n),
+                     "reads_by_n": reads_by_n(rereads)}
     return out
 
 
@@ -351,14 +498,16 @@ def run(full: bool, jobs: int, echo=print) -> list:
 
 
 def table(rows: list) -> str:
-    lines = ["| kernel | variant | tasks | registers | spill bytes | shared bytes | atomics / entry | load bits | compile s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | variant | tasks | registers | spill bytes | shared bytes | atomics / entry | load bits "
+             "| inexact div | approx ops | 32-bit address multiplies | compile s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['kernel']} | {r['variant']} | {r['tasks']} | failed | | | | | |")
+            lines.append(f"| {r['kernel']} | {r['variant']} | {r['tasks']} | failed | | | | | | | | |")
         else:
             lines.append(f"| {r['kernel']} | {r['variant']} | {r['tasks']} | {r['registers']} | {r['spill_bytes']} | "
-                         f"{r['shared_bytes']} | {r['atomics_per_element']} | {r['load_vector_bits']} | {r['compile_s']} |")
+                         f"{r['shared_bytes']} | {r['atomics_per_element']} | {r['load_vector_bits']} | "
+                         f"{r['inexact_div']} | {r['approx_math']} | {r['address_multiplies_32']} | {r['compile_s']} |")
     return "\n".join(lines)
 
 
@@ -386,17 +535,55 @@ def summary(rows: list) -> str:
     return "\n".join(lines)
 
 
+FIELDS = ("kernel", "variant", "tasks", "registers", "spill_bytes", "shared_bytes", "atomics_per_element",
+          "load_vector_bits", "inexact_div", "approx_math", "address_multiplies_32", "compile_s")
+# Kernels whose results are claimed equal to the CPU path's (docs/design.md 9: the baselines, the
+# order statistics and the column sample): no approximate op may run in them. PCB's scores use the
+# device's exp (ex2.approx), which the tolerance of docs/design.md 9 covers.
+EXACT_KERNELS = {"find", "magnitude", "sample", "linear", "sign", "ties_merge", "equal_count", "breadcrumbs"}
+BRACKET_BYTES_LIMIT = 1 << 30  # device bytes of a bracket pass on one rank (kernels.json merges.*.bracket_bytes_per_rank)
+
+
+def problems(report: dict) -> list:
+    """What ``--check`` fails on, one line each: a kernel that does not compile or spills; any
+    division that is not correctly rounded (memory-bound kernels afford ``div.rn``); an approximate
+    op in a kernel claimed exact (EXACT_KERNELS); a 32-bit multiply feeding an address; a bracket
+    pass planned over BRACKET_BYTES_LIMIT on one rank."""
+    out = []
+    for r in report["kernels"]:
+        label = f"{r['kernel']} [{r['variant']}]"
+        if r.get("error"):
+            out.append(f"{label}: does not compile: {r['error'][:200]}")
+            continue
+        if r.get("spill_bytes"):
+            out.append(f"{label}: spills {r['spill_bytes']} bytes")
+        if r.get("inexact_div"):
+            out.append(f"{label}: {r['inexact_div']} divisions that are not correctly rounded (use tl.math.div_rn)")
+        if r.get("approx_math") and r["kernel"] in EXACT_KERNELS:
+            out.append(f"{label}: {r['approx_math']} approximate ops in a kernel whose results must equal the CPU's")
+        if r.get("address_multiplies_32"):
+            out.append(f"{label}: {r['address_multiplies_32']} 32-bit multiplies feed addresses (can wrap past 2^31)")
+    for name, merge in report.get("merges", {}).items():
+        for shape, size in merge.get("bracket_bytes_per_rank", {}).items():
+            if size > BRACKET_BYTES_LIMIT:
+                out.append(f"{name}: the bracket pass plans {size / 2**30:.2f} GiB on one rank for {shape} "
+                           f"(at most {BRACKET_BYTES_LIMIT / 2**30:.0f} GiB)")
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fast", action="store_true", help="the CI subset: every kernel and variant, bf16 rows with a base")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/kernels.json, not with --fast)")
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--check", action="store_true", help="exit 1 if a kernel fails to compile or spills")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 on a kernel that fails to compile, spills, divides inexactly, runs approximate "
+                             "math where it claims exactness or multiplies addresses in 32 bits, or on a bracket "
+                             "plan over 1 GiB per rank")
     args = parser.parse_args(argv)
     rows = run(full=not args.fast, jobs=args.jobs)
-    report = {"kernels": [{k: r.get(k) for k in ("kernel", "variant", "tasks", "registers", "spill_bytes",
-                                                   "shared_bytes", "atomics_per_element", "load_vector_bits",
-                                                   "compile_s")} for r in rows],
+    report = {"kernels": [{k: r.get(k) for k in FIELDS} | ({"error": r["error"]} if "error" in r else {})
+                          for r in rows],
               "merges": merges()}
     out = args.out if args.out is not None else (None if args.fast else RESULTS / "kernels.json")
     if out is not None:
@@ -406,10 +593,12 @@ def main(argv=None) -> int:
     print(table(rows))
     print()
     print(summary(rows))
+    found = problems(report)
+    for line in found:
+        print("CHECK", line)
     failed = [r for r in rows if "error" in r]
-    spilled = [r for r in rows if r.get("spill_bytes")]
-    print(f"{len(rows)} kernels compiled, {len(failed)} failed, {len(spilled)} spill")
-    return 1 if args.check and (failed or spilled) else 0
+    print(f"{len(rows)} kernels compiled, {len(failed)} failed, {len(found)} problems")
+    return 1 if args.check and found else 0
 
 
 if __name__ == "__main__":

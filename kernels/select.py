@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .keys import keys_to_float
+from .keys import keys_to_float, order_keys
 
 BINS_BITS = 8  # bits of the key counted per radix level: 4 levels of 256 bins
 BINS = tl.constexpr(1 << BINS_BITS)
@@ -44,6 +44,10 @@ INT32_MAX = (1 << 31) - 1
 # the same bounds for use inside kernels (compiled kernels read only constexpr globals)
 KEY_MIN = tl.constexpr(INT32_MIN)
 KEY_MAX = tl.constexpr(INT32_MAX)
+# copies of a bracket slot's counters: a program adds its counts to copy (tile mod STRIPES), so the
+# atomics of a pass's programs spread over STRIPES addresses (8 cache lines) instead of one
+TALLY_STRIPES = 64
+STRIPES = tl.constexpr(TALLY_STRIPES)
 
 
 @triton.jit
@@ -94,27 +98,32 @@ def bracket_tally(value, ok, g, i, n, bounds_ptr, tally_ptr, kept_ptr, layout_pt
                   R: tl.constexpr, TILES: tl.constexpr, BLOCK: tl.constexpr):
     """For each rank r of task i of group g (slot = (g n + i) R + r), with floor f and ceiling c =
     bounds[slot]: count this program's values below f, equal to f and equal to c (c != f) into
-    tally[slot, 0, 2, 3], and copy those strictly between them to the slot's room in ``kept``
-    (layout[slot] = (first place, capacity)), their places reserved with one atomic on tally[slot, 1]
-    (which ends as their number, even past the capacity). Ties at a bound cost counts only, so heavy
+    tally[slot, tile mod STRIPES, 0, 2, 3] (the caller sums the copies), and copy those strictly
+    between them to the slot's room in ``kept`` (layout[slot] = (first place, capacity)), their places
+    reserved with one atomic on tally[slot, 0, 1] (which ends as their number, even past the
+    capacity), made only by a program that has some. Ties at a bound cost counts only, so heavy
     ties (exact zeros, quantized values) do not fill the buffer. With TILES, the tile number of each
     copy goes to tiles[the copy's place] and this program's counts at f and c to
     tiles[copies + (tile n R + i R + r) 2 + 0, 1] (TIES' exact top-k counts its ties per tile; a tile
     lies in one group)."""
+    stripe = tile % STRIPES
     for r in tl.static_range(R):
         slot = (g * n + i) * R + r
+        counts = tally_ptr + (slot * STRIPES + stripe) * 4  # this program's copy of the slot's counters
         floor = tl.load(bounds_ptr + 2 * slot)
         ceiling = tl.load(bounds_ptr + 2 * slot + 1)
         at_floor = tl.sum((ok & (value == floor)).to(tl.int32), axis=0)
         at_ceiling = tl.sum((ok & (value == ceiling)).to(tl.int32), axis=0)
         at_ceiling = tl.where(ceiling != floor, at_ceiling, 0)  # one bound: its ties counted once
-        tl.atomic_add(tally_ptr + 4 * slot, tl.sum((ok & (value < floor)).to(tl.int32), axis=0).to(tl.int64),
-                      sem="relaxed")
-        tl.atomic_add(tally_ptr + 4 * slot + 2, at_floor.to(tl.int64), sem="relaxed")
-        tl.atomic_add(tally_ptr + 4 * slot + 3, at_ceiling.to(tl.int64), sem="relaxed")
+        tl.atomic_add(counts, tl.sum((ok & (value < floor)).to(tl.int32), axis=0).to(tl.int64), sem="relaxed")
+        tl.atomic_add(counts + 2, at_floor.to(tl.int64), sem="relaxed")
+        tl.atomic_add(counts + 3, at_ceiling.to(tl.int64), sem="relaxed")
         inside = ok & (value > floor) & (value < ceiling)
         flags = inside.to(tl.int32)  # 32-bit in the program (BLOCK entries), 64-bit only in the scalars
-        start = tl.atomic_add(tally_ptr + 4 * slot + 1, tl.sum(flags, axis=0).to(tl.int64), sem="relaxed")
+        found = tl.sum(flags, axis=0)
+        # the slot's one reservation counter; a program with nothing to copy skips it (its start unused)
+        start = tl.atomic_add(tally_ptr + slot * STRIPES * 4 + 1, found.to(tl.int64), mask=found > 0, sem="relaxed")
+        start = tl.where(found > 0, start, 0)
         rank = tl.cumsum(flags, axis=0) - 1  # the entry's place among this program's copies
         cap = tl.load(layout_ptr + 2 * slot + 1)
         room = tl.minimum(tl.maximum(cap - start, 0), BLOCK).to(tl.int32)  # places left in the slot's room
@@ -123,7 +132,7 @@ def bracket_tally(value, ok, g, i, n, bounds_ptr, tally_ptr, kept_ptr, layout_pt
         tl.store((kept_ptr + first) + rank, value, mask=copied)
         if TILES:
             tl.store((tiles_ptr + first) + rank, (rank * 0 + tile).to(tl.int32), mask=copied)
-            at = tiles_ptr + copies + (tile.to(tl.int64) * (n * R) + i * R + r) * 2
+            at = tiles_ptr + copies + ((tile.to(tl.int64) * n + i) * R + r) * 2
             tl.store(at, at_floor)
             tl.store(at + 1, at_ceiling)
 
@@ -253,13 +262,96 @@ def _unused_bracket_args(device) -> dict:
 
 SAMPLE_ALL = 1 << 16  # groups of at most this many entries per task are sampled whole (the bracket is exact)
 KEY_SAMPLE_COLUMNS = 1 << 16  # columns sampled per key with scope "tensor" (a sample per key, sorted at once)
+# columns sampled from a group of D entries per task: one in 2048, within these bounds. A bracket spans
+# about 12 sqrt(q (1 - q) / columns) of the entries, so a larger sample of a large model keeps the copies
+# (the bracket's buffer) small: ~0.2% of a 7B model's entries per task at the keep threshold
+SAMPLE_COLUMNS = (1 << 18, 1 << 22)
+SIGMAS = 6  # a bracket's half-width in standard deviations of the sample's rank error (plus 8 ranks)
+ROOM_FACTOR = 1.25  # a slot's room: this many times the copies its bracket should receive on this rank ...
+ROOM_SLACK = 4096  # ... plus this many
+CHUNK = 1 << 21  # sample values sorted, or copies resolved, at once: bounds the temporaries
+SORT_BYTES = 32  # device bytes per sample value of a chunk being sorted (gathered, keyed, sorted, its order)
+RESOLVE_BYTES = 48  # device bytes per copy of a chunk being resolved (keys, digits, masks, bins)
 
 
-def sample_stride(D: int, columns: int = 1 << 18) -> int:
+def sample_stride(D: int, columns: int | None = None) -> int:
     """One column in ``stride`` of a group of D entries per task goes into the sample: all of them up
     to SAMPLE_ALL, else an odd stride (never aligned with power-of-two shapes) giving about
-    ``columns`` columns (at least one in 17)."""
+    ``columns`` columns (default: D / 2048 within SAMPLE_COLUMNS; at least one in 17)."""
+    if columns is None:
+        columns = min(max(D >> 11, SAMPLE_COLUMNS[0]), SAMPLE_COLUMNS[1])
     return 1 if D <= SAMPLE_ALL else max(17, (D // columns) | 1)
+
+
+def bracket_window(rank: int, length: int, s: int) -> tuple:
+    """The sample ranks (lo, hi) bracketing ``rank`` of ``length`` entries, from a sample of ``s``
+    (either may fall outside [0, s): that side of the bracket is then open)."""
+    q = rank / length
+    margin = SIGMAS * math.sqrt(s * q * (1 - q)) + 8
+    return math.floor(q * s - margin), math.ceil(q * s + margin)
+
+
+def bracket_plan(ranks: list, lengths: list, sizes: list, n: int, local: list | None = None, tiles: int = 0) -> dict:
+    """The device memory of a bracket pass on one rank (:class:`DeviceBracket` allocates by it).
+
+    ``ranks``: R ranks per group; ``lengths``: each group's entries per task over every rank;
+    ``sizes``: each group's sampled columns; ``local``: each group's entries per task on this rank
+    (default ``lengths``); ``tiles``: the tiles of a TIES exact top-k bracket (0: none). Each slot
+    (group, task, rank) gets a room of ROOM_FACTOR times this rank's share of the entries its
+    group's widest bracket spans, plus ROOM_SLACK, at most the rank's entries. Returns {"caps":
+    each group's room per slot, "copies": the buffer's entries, "bytes": the most the bracket holds
+    at once (its sample and scores, plus either a chunk's sort or the buffer, its counts, the tiles
+    and a chunk's resolve)}."""
+    local = list(lengths) if local is None else list(local)
+    R = len(ranks[0])
+    caps = []
+    for group, length, own, s in zip(ranks, lengths, local, sizes):
+        widest = 1
+        for rank in group:
+            lo, hi = bracket_window(rank, length, s)
+            widest = max(widest, min(hi, s - 1) - max(lo, 0) + 1)
+        caps.append(max(0, min(own, math.ceil(ROOM_FACTOR * widest * own / max(s, 1)) + ROOM_SLACK)))
+    copies = sum(caps) * n * R
+    slots = len(lengths) * n * R
+    values = n * sum(sizes)
+    sorting = 4 * values + min(values, CHUNK) * SORT_BYTES
+    counting = 4 * copies + (96 + 32 * TALLY_STRIPES) * slots + (4 * (copies + tiles * n * R * 2) if tiles else 0) \
+        + min(copies, CHUNK) * RESOLVE_BYTES
+    return {"caps": caps, "copies": copies, "bytes": 4 * values + max(sorting, counting)}
+
+
+def _sorted_rows(flat: torch.Tensor, sizes: list, n: int) -> tuple:
+    """Every group's sample rows sorted: (values, row_start) where row (g, i) (g n + i) holds the
+    s_g sorted values of task i's columns of group g at values[row_start[g n + i]:][:s_g]. ``flat``:
+    [n, S], the groups' columns side by side. Rows are sorted CHUNK values at a time (whole rows),
+    by one sort of 64-bit (row, order key) pairs each."""
+    device = flat.device
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
+    rows = [(g, i) for g in range(len(sizes)) for i in range(n)]
+    row_start, total = [], 0
+    for g, i in rows:
+        row_start.append(total)
+        total += sizes[g]
+    out = torch.empty(total, dtype=torch.float32, device=device)
+    k = 0
+    while k < len(rows):
+        chunk, count = [], 0
+        while k < len(rows) and (not chunk or count + sizes[rows[k][0]] <= CHUNK):
+            chunk.append(rows[k])
+            count += sizes[rows[k][0]]
+            k += 1
+        values = torch.cat([flat[i, offsets[g]:offsets[g + 1]].float() for g, i in chunk]) + 0.0  # -0.0 -> 0.0
+        row = torch.repeat_interleave(torch.arange(len(chunk), device=device),
+                                      torch.tensor([sizes[g] for g, _ in chunk], device=device), output_size=count)
+        pairs = (row << 32) | ((order_keys(values).to(torch.int64) + (1 << 31)) & 0xFFFFFFFF)
+        del row, values
+        keys = torch.sort(pairs).values & 0xFFFFFFFF
+        del pairs
+        first = row_start[k - len(chunk)]
+        out[first:first + count] = keys_to_float(keys - (1 << 31))
+    return out, row_start
 
 
 class DeviceBracket:
@@ -269,7 +361,9 @@ class DeviceBracket:
     Several groups at once (scope "tensor": each part its own group, kernels launched with PER_PART):
     ``ranks`` a list of G lists of R ranks, ``length`` a list of G lengths, ``sample`` a list of G
     [n, s_g] samples, or one [n, S] tensor of them side by side with the list of the s_g; every
-    statistic then has a leading group dimension.
+    statistic then has a leading group dimension. ``local``: each group's entries on this rank (a
+    distributed merge; default ``length``): the rooms of the copies are sized by them
+    (:func:`bracket_plan`).
 
     Usage: every pass over the rows calls a counting kernel with :meth:`kernel_args` (LEVEL 0);
     then :meth:`resolve` says whether every bracket held (one host synchronisation;
@@ -280,9 +374,12 @@ class DeviceBracket:
     equal to each statistic per tile.
     """
 
-    def __init__(self, ranks, length, sample, tiles: int = 0, tile_groups: torch.Tensor | None = None):
+    def __init__(self, ranks, length, sample, tiles: int = 0, tile_groups: torch.Tensor | None = None,
+                 local=None):
         self.grouped = not isinstance(length, int)
         ranks, lengths = (ranks, list(length)) if self.grouped else ([ranks], [length])
+        if local is not None:
+            local = list(local) if self.grouped else [local]
         if isinstance(sample, tuple):  # ([n, S] columns of every group side by side, each group's count)
             flat, sizes = sample
         else:
@@ -298,32 +395,20 @@ class DeviceBracket:
         G, R, n = self.G, self.R, self.n
         self.ranks = torch.tensor(ranks, dtype=torch.int64, device=device).view(G, 1, R).expand(G, n, R)
         self.length = torch.tensor(lengths, dtype=torch.int64, device=device).view(G, 1, 1)
-        # every group's sample rows sorted in one sort (by value, then stably by row g n + i)
-        values = flat.float().reshape(-1)  # task by task, each task's columns group by group
-        column_group = torch.repeat_interleave(torch.arange(G), torch.tensor(sizes, dtype=torch.int64))
-        row_of = (column_group.unsqueeze(0) * n + torch.arange(n).unsqueeze(1)).reshape(-1).to(device)
-        row_sizes = torch.tensor([size for size in sizes for _ in range(n)], dtype=torch.int64)
-        order = torch.sort(values, stable=True).indices
-        order = order[torch.sort(row_of[order], stable=True).indices]
-        ordered = values[order]
-        row_start = (torch.cumsum(row_sizes, 0) - row_sizes).tolist()
-        index, low_open, high_open, caps = [], [], [], []
+        ordered, row_start = _sorted_rows(flat, list(sizes), n)
+        index, low_open, high_open = [], [], []
         for g in range(G):
-            s, widest = sizes[g], 1
+            s = sizes[g]
             for rank in ranks[g]:
-                q = rank / lengths[g]
-                margin = 6 * math.sqrt(s * q * (1 - q)) + 8
-                lo, hi = math.floor(q * s - margin), math.ceil(q * s + margin)
+                lo, hi = bracket_window(rank, lengths[g], s)
                 for i in range(n):
                     first = row_start[g * n + i]
                     index.append([first + max(lo, 0), first + min(hi, s - 1)])
                     low_open.append(lo < 0)
                     high_open.append(hi >= s)
-                widest = max(widest, min(hi, s - 1) - max(lo, 0) + 1)
-            # room for twice the entries the widest bracket should hold, and never more than the row
-            caps.append(min(lengths[g], 2 * math.ceil(widest * lengths[g] / max(s, 1)) + 4096))
         index = torch.tensor(index, dtype=torch.int64, device=device).view(G, R, n, 2).transpose(1, 2)
         bounds = ordered[index]  # [G, n, R, 2]
+        del ordered
         inf = torch.tensor(math.inf, device=device)
         low_open = torch.tensor(low_open, device=device).view(G, R, n).transpose(1, 2)
         high_open = torch.tensor(high_open, device=device).view(G, R, n).transpose(1, 2)
@@ -331,13 +416,16 @@ class DeviceBracket:
         bounds[..., 1] = torch.where(high_open, inf, bounds[..., 1])
         self.bounds = bounds.contiguous()
         # each slot (g, i, r) has a room of its group's capacity in one flat buffer
-        slot_caps = torch.tensor(caps, dtype=torch.int64).repeat_interleave(n * R)
+        self.plan = bracket_plan(ranks, lengths, list(sizes), n, local, tiles)
+        slot_caps = torch.tensor(self.plan["caps"], dtype=torch.int64).repeat_interleave(n * R)
         starts = torch.cumsum(slot_caps, 0) - slot_caps
+        self._starts, self._caps = starts.tolist(), slot_caps.tolist()  # on the host: chunks are cut by them
         self.layout = torch.stack([starts, slot_caps], 1).to(device)
         self.caps = slot_caps.to(device).view(G, n, R)
         self.copies = int(slot_caps.sum())
-        self.tally = torch.zeros(G, n, R, 4, dtype=torch.int64, device=device)  # below, inside, at f, at c
-        self.kept = torch.empty(self.copies, device=device)
+        # below, inside, at f, at c; STRIPES copies of each slot's counters, summed by resolve() into tally
+        self.stripes = torch.zeros(G, n, R, TALLY_STRIPES, 4, dtype=torch.int64, device=device)
+        self.kept = torch.empty(max(self.copies, 1), device=device)
         # with tiles: the tile of each copy, then the counts at each bound per tile [tiles, n, R, 2]
         size = self.copies + tiles * n * R * 2 if tiles else 1
         self.tiles = torch.zeros(size, dtype=torch.int32, device=device)
@@ -347,19 +435,54 @@ class DeviceBracket:
 
     def kernel_args(self) -> dict:
         """The keyword arguments of a counting kernel (:func:`count_values`)."""
-        return dict(hist_ptr=self.tally, bucket_ptr=self.tally, map_ptr=self.tally, bounds_ptr=self.bounds,
-                    tally_ptr=self.tally, kept_ptr=self.kept, layout_ptr=self.layout, copies=self.copies,
+        return dict(hist_ptr=self.stripes, bucket_ptr=self.stripes, map_ptr=self.stripes, bounds_ptr=self.bounds,
+                    tally_ptr=self.stripes, kept_ptr=self.kept, layout_ptr=self.layout, copies=self.copies,
                     tiles_ptr=self.tiles, LEVEL=0, R=self.R, TILES=self.tile_count > 0)
 
     def _out(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.grouped else x[0]
 
+    def _chunks(self):
+        """(first slot, last slot + 1, first copy, last copy + 1) of consecutive rooms, CHUNK copies at
+        most (a larger room alone, in pieces)."""
+        slots = len(self._caps)
+        a = 0
+        while a < slots:
+            start = self._starts[a]
+            if self._caps[a] >= CHUNK:  # one large room, in pieces
+                for lo in range(start, start + self._caps[a], CHUNK):
+                    yield a, a + 1, lo, min(lo + CHUNK, start + self._caps[a])
+                a += 1
+                continue
+            b = a
+            while b < slots and self._starts[b] + self._caps[b] - start <= CHUNK:
+                b += 1
+            yield a, b, start, self._starts[b - 1] + self._caps[b - 1]
+            a = b
+
+    def _copies(self, a: int, b: int, lo: int, hi: int) -> tuple:
+        """The copies in places [lo, hi) (rooms of slots [a, b)): (values, slot of each (a scalar
+        for one slot), valid: the places that hold this rank's copies)."""
+        values = self.kept[lo:hi]
+        starts = self.layout[:, 0]
+        if b - a == 1:
+            slot = a
+            place = torch.arange(lo, hi, device=self.device) - self._starts[a]
+            valid = place < self._inside_here[a]
+        else:
+            slot = torch.repeat_interleave(torch.arange(a, b, device=self.device), self.layout[a:b, 1],
+                                           output_size=hi - lo)
+            valid = torch.arange(lo, hi, device=self.device) - starts[slot] < self._inside_here[slot]
+        return values, slot, valid
+
     def resolve(self, comm=None) -> bool:
         """After the pass: whether every rank lay in its bracket (with every entry strictly inside copied);
-        the groups where one did not go to :attr:`missed`. Sorts the copied entries and finds the
-        statistics (of the groups whose brackets held). Distributed (``comm``, every rank with the
-        same sample, hence the same brackets): the counts are summed over the ranks and the copies
-        gathered, so the statistics are those of the whole model."""
+        the groups where one did not go to :attr:`missed`. Finds the statistics of the groups whose
+        brackets held by a radix select over the copies (four levels of 256-bin histograms of their
+        order keys), chunk by chunk. Distributed (``comm``, every rank with the same sample, hence the
+        same brackets): the counts and each level's histograms are summed over the ranks (no copy
+        leaves its rank), so the statistics are those of the whole model."""
+        self.tally = self.stripes.sum(3)  # [G, n, R, 4]
         inside_here = self.tally[..., 1]
         room_ok = inside_here <= self.caps  # every copy of this rank kept in its room
         if comm is not None:
@@ -369,28 +492,41 @@ class DeviceBracket:
         held = (below <= self.ranks) & (self.ranks < below + at_floor + inside + at_ceiling) & room_ok
         held_groups = held.view(self.G, -1).all(1).tolist()  # one synchronisation
         self.missed = [g for g, ok in enumerate(held_groups) if not ok]
-        slots = self.G * self.n * self.R
-        slot_of = torch.repeat_interleave(torch.arange(slots, device=self.device), self.layout[:, 1],
-                                          output_size=self.copies)
-        place_in_slot = torch.arange(self.copies, device=self.device) - self.layout[slot_of, 0]
-        self.valid = place_in_slot < inside_here.reshape(-1)[slot_of]  # this rank's copies, in the rooms
-        self.room_slot = slot_of
-        values, owners = self.kept[self.valid], slot_of[self.valid]
-        if comm is not None:  # every rank's copies (the ranks' order does not matter: they are sorted)
-            values, owners = comm.gather_in_order(values), comm.gather_in_order(owners)
-        # the copies sorted by slot, then by value: slot s holds sorted[start[s]:start[s] + inside[s]]
-        order = torch.sort(values, stable=True).indices
-        order = order[torch.sort(owners[order], stable=True).indices]
-        self.sorted, self.sorted_slot = values[order], owners[order]
-        counts = torch.bincount(owners, minlength=slots)  # the copies of each slot (its inside count where held)
-        self.start = (torch.cumsum(counts, 0) - counts).view(self.G, self.n, self.R)
         self.below, self.inside, self.at_floor, self.at_ceiling = below, inside, at_floor, at_ceiling
+        self._inside_here = torch.minimum(inside_here, self.caps).reshape(-1)
         place = self.ranks - below - at_floor  # the rank among the copies (negative: at the floor)
         self.case = torch.where(place < 0, 0, torch.where(place < inside, 1, 2))  # at floor, inside, at ceiling
-        padded = torch.cat([self.sorted, self.sorted.new_full((1,), math.inf)])  # never an empty index
-        at = torch.minimum(self.start + place.clamp_min(0), torch.tensor(self.sorted.numel(), device=self.device))
+        slots = self.G * self.n * self.R
+        wanted = torch.minimum(place.clamp_min(0), (inside - 1).clamp_min(0)).reshape(-1)  # rank among copies
+        prefix = torch.zeros(slots, dtype=torch.int64, device=self.device)
+        smaller = torch.zeros(slots, dtype=torch.int64, device=self.device)
+        for level in range(1, LEVELS + 1):
+            hist = torch.zeros(slots, 256, dtype=torch.int64, device=self.device)
+            for a, b, lo, hi in self._chunks():
+                values, slot, valid = self._copies(a, b, lo, hi)
+                unsigned = (order_keys(values + 0.0).to(torch.int64) + (1 << 31)) & 0xFFFFFFFF  # -0.0 as 0.0
+                if level > 1:
+                    valid &= (unsigned >> (40 - 8 * level)) == prefix[slot]
+                digit = (unsigned >> (32 - 8 * level)) & 0xFF
+                del unsigned
+                # integer scatter-adds (no host synchronisation, the same counts whatever the order)
+                index = digit if b - a == 1 else (slot - a) * 256 + digit
+                hist[a:b].view(-1).scatter_add_(0, index, valid.to(torch.int64))
+            if comm is not None:
+                comm.sum_(hist)
+            cumulative = hist.cumsum(1)
+            at_or_below = cumulative <= wanted.unsqueeze(1)
+            found = at_or_below.sum(1)  # the bin holding the wanted rank
+            before = torch.where(at_or_below, cumulative, 0).amax(1)  # copies in the bins below it
+            prefix = (prefix << 8) | found
+            smaller += before
+            wanted = wanted - before
+            self._equal = hist.gather(1, found.clamp_max(255).unsqueeze(1)).view(-1)
+        self._smaller = smaller.view(self.G, self.n, self.R)
+        self._equal = self._equal.view(self.G, self.n, self.R)
+        found_value = keys_to_float(prefix - (1 << 31)).view(self.G, self.n, self.R)
         self._values = torch.where(self.case == 0, self.bounds[..., 0],
-                                   torch.where(self.case == 1, padded[at], self.bounds[..., 1]))
+                                   torch.where(self.case == 1, found_value, self.bounds[..., 1]))
         return not self.missed
 
     def values(self) -> torch.Tensor:
@@ -399,10 +535,7 @@ class DeviceBracket:
 
     def count_above(self, inclusive: bool) -> torch.Tensor:
         """[n, R] ([G, n, R]) int64: entries > each statistic, or >= it with ``inclusive`` (float comparisons)."""
-        value = self._values.reshape(-1)[self.sorted_slot]
-        smaller = (self.sorted < value) if inclusive else (self.sorted <= value)
-        copies = torch.zeros(self.G * self.n * self.R, dtype=torch.int64, device=self.device)
-        copies = copies.index_add_(0, self.sorted_slot, smaller.long()).view(self.G, self.n, self.R)
+        copies = self._smaller if inclusive else self._smaller + self._equal  # copies < t, or <= t
         below_t = self.below + torch.where(  # entries < t (inclusive) or <= t
             self.case == 0, 0 if inclusive else self.at_floor,
             torch.where(self.case == 1, self.at_floor + copies,
@@ -411,18 +544,21 @@ class DeviceBracket:
 
     def equal_per_tile(self, tiles: int) -> torch.Tensor:
         """[tiles, n] int64: the entries of each tile equal to each task's first statistic (needs the
-        bracket built with ``tiles``): counts at a bound, or the copies (which hold every entry
-        strictly inside the bracket) by their tile."""
+        bracket built with ``tiles``): counts at a bound, or this rank's copies (which hold every
+        entry strictly inside the bracket) by their tile, chunk by chunk."""
         if not self.tile_count:
             raise RuntimeError("equal_per_tile() needs a bracket built with tiles=")
         n, R = self.n, self.R
         at = self.tiles[self.copies:].view(self.tile_count, n, R, 2)[:tiles, :, 0].long()  # [tiles, n, 2]
-        slot = self.room_slot
-        first_rank = (slot % R) == 0
-        equal = self.valid & first_rank & (self.kept == self._values.reshape(-1)[slot])
-        task = (slot // R) % n
-        index = self.tiles[: self.copies].long() * n + task
-        inside = torch.bincount(index[equal], minlength=tiles * n)[: tiles * n].view(tiles, n)
+        inside = torch.zeros(tiles * n, dtype=torch.int64, device=self.device)
+        value = self._values.reshape(-1)
+        for a, b, lo, hi in self._chunks():
+            values, slot, valid = self._copies(a, b, lo, hi)
+            slot = torch.full_like(valid, a, dtype=torch.int64) if b - a == 1 else slot
+            equal = valid & ((slot % R) == 0) & (values == value[slot])
+            index = torch.where(equal, self.tiles[lo:hi].long() * n + (slot // R) % n, 0)
+            inside.scatter_add_(0, index, equal.to(torch.int64))
+        inside = inside.view(tiles, n)
         groups = (self.tile_groups.to(self.device) if self.tile_groups is not None
                   else torch.zeros(tiles, dtype=torch.int64, device=self.device))
         case = self.case[:, :, 0][groups]  # [tiles, n]: the case of each tile's group

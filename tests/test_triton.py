@@ -145,6 +145,45 @@ def test_device_bracket_counts_ties_at_its_bounds(gen, stride):
     assert torch.equal(bracket.equal_per_tile(tiles), padded.view(n, tiles, BLOCK).sum(2).T)
 
 
+@pytest.mark.parametrize("chunk, slack", [(64, 4096), (1 << 13, 4096), (1 << 13, 16)])
+def test_device_bracket_resolves_chunk_by_chunk(gen, monkeypatch, chunk, slack):
+    """The copies are resolved CHUNK at a time (a large room in pieces, or several rooms per chunk) by a
+    radix select over their keys; rooms sized by the expected copies (a small slack) still hold them.
+    The statistics, the counts above them and the ties per tile are those of a sort."""
+    from pcb_fast.kernels import select as ks
+    from pcb_fast.kernels.tiles import BLOCK
+
+    monkeypatch.setattr(ks, "CHUNK", chunk)
+    monkeypatch.setattr(ks, "ROOM_SLACK", slack)
+    n, m = 3, 4 * BLOCK + 77
+    x = torch.randn(n, m, generator=gen)
+    x[:, ::5] = 0.25  # ties at and between the bounds
+    x[2, 1::3] = -0.0
+    magnitude = x.abs()
+    ranks = [m // 5, m // 2, m - 3]
+    tiles = -(-m // BLOCK)
+    bracket = DeviceBracket(ranks, m, magnitude, tiles=tiles)  # the whole row as the sample
+    assert (bracket.copies < n * len(ranks) * m) == (slack < 4096)  # rooms below the row: sized by the bracket
+    kscore.magnitude_pass(Rows.from_matrix(x), bracket, torch.zeros(n, dtype=torch.int32))
+    assert bracket.resolve()
+    expected = torch.sort(magnitude, dim=1).values.gather(1, torch.tensor([ranks] * n))
+    assert torch.equal(bracket.values(), expected)
+    assert torch.equal(bracket.count_above(inclusive=False), (magnitude.unsqueeze(1) > expected.unsqueeze(2)).sum(2))
+    assert torch.equal(bracket.count_above(inclusive=True), (magnitude.unsqueeze(1) >= expected.unsqueeze(2)).sum(2))
+    padded = torch.nn.functional.pad(magnitude == expected[:, :1], (0, tiles * BLOCK - m))
+    assert torch.equal(bracket.equal_per_tile(tiles), padded.view(n, tiles, BLOCK).sum(2).T)
+
+
+def test_bracket_rooms_follow_this_ranks_entries():
+    """A distributed merge sizes each slot's room by the rank's own entries, not the whole model's."""
+    from pcb_fast.kernels.select import bracket_plan
+
+    whole = bracket_plan([[90_000_000]], [100_000_000], [1 << 18], 8)
+    mine = bracket_plan([[90_000_000]], [100_000_000], [1 << 18], 8, local=[12_500_000])
+    assert mine["caps"][0] < whole["caps"][0] / 6 and mine["bytes"] < whole["bytes"]
+    assert whole["caps"][0] < 100_000_000 // 50  # about 1.25 x 0.7% of the entries, not the whole row
+
+
 def test_device_bracket_reports_a_miss():
     x = torch.rand(2, 3000)
     sample = torch.full((2, 300), 5.0)  # a sample that says nothing true: every value lies below its bracket

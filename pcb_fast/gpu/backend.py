@@ -105,6 +105,10 @@ class Batch:
     def G(self) -> int:
         return len(self.entries)
 
+    def local_entries(self) -> list:
+        """Each group's entries per task on this rank (its own keys): what a bracket's rooms hold."""
+        return [p.rows.m for p in self.parts] if self.per_part else [sum(p.rows.m for p in self.parts)]
+
     def tile_counts(self) -> list:
         """Tiles of each group (consecutive, in position order)."""
         from ..kernels.tiles import programs
@@ -234,7 +238,7 @@ def _select(batch: Batch, segments, ranks: list, samples, count, timed, name: st
     groups = None
     if tiles and batch.per_part:
         groups = torch.repeat_interleave(torch.arange(G), torch.tensor(batch.tile_counts())).to(device)
-    bracket = ks.DeviceBracket(ranks, batch.entries, samples(), tiles, groups)
+    bracket = ks.DeviceBracket(ranks, batch.entries, samples(), tiles, groups, local=batch.local_entries())
     with timed(name):
         for seg in segments:
             count(seg, bracket)
@@ -383,14 +387,42 @@ def _paper(batch: Batch, n, params, weights, lam, ks, timed, device):
     return select.above[True][..., 0].sum(0)
 
 
-def pcb_merge_matrix(task_vectors, out: torch.Tensor, **params) -> dict:
-    """PCB of an [n, D] tensor (or n 1-D tensors) of task vectors into ``out`` [D] (tau_m)."""
+def pcb_merge_matrix(task_vectors, out: torch.Tensor, pad: bool | None = None, **params) -> dict:
+    """PCB of an [n, D] tensor (or n 1-D tensors) of task vectors into ``out`` [D] (tau_m).
+
+    Rows whose starts are not 16 bytes apart (an [n, D] matrix of odd D, as the authors' ViT-B/32
+    size) would load element by element; ``pad`` copies them first into rows padded to 16 bytes (one
+    more read and write of the inputs, then vector loads in every pass). Default: on a CUDA device
+    whose free memory holds twice the copy; never on a CPU."""
     from ..kernels.tiles import Rows
 
     rows_list = list(task_vectors)
     rows = Rows.from_tensors(rows_list)
+    if rows.align * rows.anchor.element_size() < 16 and _pad_rows(rows, pad):
+        rows = Rows.from_tensors(padded_rows(rows.tensors))
     names = [f"task vector {i}" for i in range(rows.n)]
     return merge_pcb([Part(None, rows, out, names)], rows.n, **params)
+
+
+def _pad_rows(rows, pad: bool | None) -> bool:
+    if pad is not None:
+        return pad
+    if rows.device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(rows.device)
+    return free >= 2 * rows.n * rows.m * rows.anchor.element_size()
+
+
+def padded_rows(tensors: list) -> list:
+    """Copies of equal-length 1-D ``tensors`` as the rows of one buffer whose rows start 16 bytes
+    apart (each row padded), so that the kernels load them as 128-bit vectors."""
+    first = tensors[0]
+    per = 16 // first.element_size()
+    width = -(-first.numel() // per) * per
+    buffer = torch.empty(len(tensors), width, dtype=first.dtype, device=first.device)
+    for i, t in enumerate(tensors):
+        buffer[i, :t.numel()].copy_(t)
+    return [buffer[i, :first.numel()] for i in range(len(tensors))]
 
 
 def merge_state_dicts(base: dict, models: list, merged_keys: list, out: dict, names: list, *, lam: float,
