@@ -89,7 +89,7 @@ def cases(full: bool) -> list:
     float32 task vectors whose row starts are not 16 bytes apart (ALIGN=1: an [n, D] matrix of odd
     D, as the ViT-B/32 size, where the device has no room to pad the rows); ``full``: also float32
     task vectors without a base (``pcb_merge`` on a matrix), fp16 and fp64 rows with a base."""
-    from pcb_fast.kernels.score import tail_warps
+    from pcb_fast.kernels.score import PAIR_TILES, tail_warps
     from pcb_fast.kernels.tiles import BLOCK, TAIL_WARPS, warps
 
     tasks = 64
@@ -118,8 +118,11 @@ def cases(full: bool) -> list:
             grouped = [False, True] if dtype == "*bf16" else [False]  # scope "tensor": bf16 rows (the CI subset)
             for per_part in grouped if fn in PER_PART_KERNELS else [None]:
                 flags = {} if per_part is None else {"PER_PART": per_part}
+                reduced = 1
+                if fn == "pair_minmax_kernel":  # tiles reduced per program, as pair_minmax_pass launches it
+                    reduced = flags["TILES"] = 1 if per_part else PAIR_TILES
                 out.append(Case(kernel, variant + suffix + (", per tensor" if per_part else ""), tasks, module, fn,
-                                sig, dict(common, **consts, **flags), tasks * BLOCK, aligned, options))
+                                sig, dict(common, **consts, **flags), tasks * BLOCK * reduced, aligned, options))
 
         count = dict(hist_ptr="*i64", bucket_ptr="*i64", map_ptr="*i64", bounds_ptr="*fp32", tally_ptr="*i64",
                      kept_ptr="*fp32", layout_ptr="*i64", copies="i32", tiles_ptr="*i32")
@@ -140,8 +143,8 @@ def cases(full: bool) -> list:
                     dict(lo_ptr="*fp32", hi_ptr="*fp32", span_ptr="*fp32", **count, peak_ptr="*i32"),
                     dict(INTER=inter, LEVEL=level, R=1, TILES=False))
             add("merge", f"official {name}", "merge", "merge_kernel", merge_sig, dict(VARIANT=0, INTER=inter))
-        add("pair_minmax", "paper", "score", "pair_minmax_kernel", dict(min_ptr="*i32", max_ptr="*i32", bad_ptr="*i32"),
-            {})
+        add("pair_minmax", "paper", "score", "pair_minmax_kernel",
+            dict(min_ptr="*i32", max_ptr="*i32", bad_ptr="*i32", count="i32"), {})
         add("partition", "paper", "score", "partition_kernel",
             dict(lo_ptr="*fp32", span_ptr="*fp32", peak_ptr="*fp32", inter_ptr="*fp32", intra_ptr="*fp32"), {})
         for level, select in levels:
@@ -170,7 +173,7 @@ def cases(full: bool) -> list:
                             "sample_kernel", sig, dict(HAS_BASE=has_base, ALIGN=align, BASE_ALIGN=align, BLOCK=1024),
                             0, [a for a, t in sig.items() if t.startswith("*")], {"num_warps": 4}))
         if full_tiles and not unaligned:  # Breadcrumbs: a program per row (no tiles), its row in registers
-            from pcb_fast.kernels.breadcrumbs import ROW_MAX, row_warps
+            from pcb_fast.kernels.breadcrumbs import LONG_CHUNK, LONG_WARPS, ROW_MAX, row_warps
 
             for block in sorted({256, 1024, ROW_MAX // 2 if dtype == "*fp64" else ROW_MAX}):
                 sig = dict(tile, out_ptr=out_dtype, band_ptr="*i64", weight_ptr="*fp32", lam="fp32", kept_ptr="*i64",
@@ -181,6 +184,15 @@ def cases(full: bool) -> list:
                 out.append(Case("breadcrumbs", f"rows of up to {block}, {dtype[1:]}" + (" + base" if has_base else ""),
                                 tasks, "breadcrumbs", "breadcrumbs_kernel", sig, consts, tasks * block,
                                 [a for a, t in sig.items() if t.startswith("*")], {"num_warps": row_warps(block)}))
+            # rows longer than a program holds: read in chunks (every 70B projection)
+            sig = dict(tile, out_ptr=out_dtype, band_ptr="*i64", weight_ptr="*fp32", lam="fp32", kept_ptr="*i64",
+                       bad_ptr="*i32", scratch_ptr="*i64")
+            consts = dict(HAS_BASE=has_base, ALIGN=align, BASE_ALIGN=align,
+                          OUT_ALIGN=16 // {"*fp32": 4, "*fp64": 8}.get(out_dtype, 2), CHUNK=LONG_CHUNK)
+            consts["ROW_ALIGN"] = min(consts["ALIGN"], consts["OUT_ALIGN"])
+            out.append(Case("breadcrumbs", f"long rows, chunks of {LONG_CHUNK}, {dtype[1:]}"
+                            + (" + base" if has_base else ""), tasks, "breadcrumbs", "long_rows_kernel", sig, consts,
+                            0, [a for a, t in sig.items() if t.startswith("*")], {"num_warps": LONG_WARPS}))
     return out
 
 

@@ -10,7 +10,9 @@ the bits of |tau| (31 steps, each a count over the row in registers: magnitudes 
 floats, whose bits order as integers), counts the entries above each, ranks the entries equal to a
 bound by position with a cumulative sum, and adds the task's banded row to the total; the output is
 written once. No [n, m] (or [m]) temporary ever exists; one atomic per row and task counts the kept
-entries, another flags NaN/Inf. Rows longer than ROW_MAX are left to the caller.
+entries, another flags NaN/Inf. Rows longer than ROW_MAX run through ``long_rows_kernel``: a program
+per row still, which reads its row in chunks (a radix select per task over the row, then the band
+chunk by chunk), so no row length takes torch operations or host synchronisations.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import segment, theta, to_output
+from .tiles import on_device, segment, theta, to_device, to_output
 
-ROW_MAX = 1 << 12  # the longest row a program holds in registers without spilling (longer: torch, row by row)
+ROW_MAX = 1 << 12  # the longest row a program holds in registers without spilling (longer: long_rows_kernel)
 
 
 @triton.jit
@@ -100,6 +102,130 @@ def _task_row(x_ptr, base_ptr, offsets_ptr, base_off, i, cols, ok, HAS_BASE: tl.
     return tau
 
 
+LONG_CHUNK = 2048  # entries of a long row a program loads at once
+LONG_BATCH = 1 << 14  # long rows per launch (each program keeps 8 int64 per task in a scratch buffer)
+LONG_WARPS = 8
+
+
+@triton.jit
+def _histogram(digit, ok, CHUNK: tl.constexpr):
+    """[256] int32 counts of ``digit`` where ``ok`` (masked-off entries counted in bin 0, then taken off)."""
+    counts = tl.histogram(tl.where(ok, digit, 0), 256)
+    return counts - tl.where(tl.arange(0, 256) == 0, CHUNK - tl.sum(ok.to(tl.int32), axis=0), 0)
+
+
+@triton.jit
+def _pick(hist, rank):
+    """(bin holding ascending ``rank`` of a [256] histogram, entries in the bins below it, entries in it)."""
+    cumulative = tl.cumsum(hist, axis=0)
+    at_or_below = cumulative <= rank
+    found = tl.sum(at_or_below.to(tl.int32), axis=0)
+    below = tl.max(tl.where(at_or_below, cumulative, 0), axis=0)
+    equal = tl.sum(tl.where(tl.arange(0, 256) == found, hist, 0), axis=0)
+    return found, below, equal
+
+
+@triton.jit
+def long_rows_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, out_ptr, band_ptr, weight_ptr, lam, kept_ptr,
+                     bad_ptr, scratch_ptr, HAS_BASE: tl.constexpr, ALIGN: tl.constexpr, BASE_ALIGN: tl.constexpr,
+                     OUT_ALIGN: tl.constexpr, ROW_ALIGN: tl.constexpr, CHUNK: tl.constexpr):
+    """Breadcrumbs on rows longer than a program holds, CHUNK entries at a time (arguments as
+    :func:`breadcrumbs_kernel`'s; scratch [programs, n, 8] int64). Per task, the keys (the bits of
+    |tau|) at descending ranks drop and drop + keep - 1 by a radix select over the row in the
+    program: four levels of 256-bin histograms (tl.histogram) of one byte of the keys, both bounds
+    in the same reads; then, chunk by chunk, the band of every task (ties at a bound ranked by
+    position, counted across chunks) summed in task order and written once."""
+    pid = tl.program_id(0).to(tl.int64)
+    part = tl.load(programs_ptr + 2 * pid)
+    row = tl.load(programs_ptr + 2 * pid + 1)
+    entry = table_ptr + part * (5 + n)
+    length = (tl.load(band_ptr + 3 * part) // ROW_ALIGN) * ROW_ALIGN  # int64, a multiple of ROW_ALIGN
+    drop = tl.load(band_ptr + 3 * part + 1)
+    end = drop + tl.load(band_ptr + 3 * part + 2)
+    index = tl.load(entry + 4)
+    offsets_ptr = entry + 5
+    base_off = tl.load(entry + 2)
+    scratch = scratch_ptr + pid * n * 8
+    within = tl.arange(0, CHUNK)
+    start = row * length  # int64: the row's first column inside its part
+    for i in range(n):
+        rank_top = length - 1 - drop  # ascending ranks of the two bounds
+        rank_low = tl.minimum(length - end, length - 1)  # (keep = 0: no band, any rank in range)
+        prefix_top = rank_top * 0
+        prefix_low = rank_top * 0
+        below_top = rank_top * 0
+        below_low = rank_top * 0
+        equal_top = rank_top * 0
+        equal_low = rank_top * 0
+        bad = drop.to(tl.int32) * 0
+        mine = scratch + tl.cast(i, tl.int64) * 8  # task i's 8 scratch counters
+        for level in tl.static_range(4):
+            hist_top = tl.zeros([256], dtype=tl.int32)
+            hist_low = tl.zeros([256], dtype=tl.int32)
+            for lo in range(0, length, CHUNK):
+                ok = lo + within < length
+                tau = _task_row(x_ptr, base_ptr, offsets_ptr, base_off, i, start + lo + within, ok, HAS_BASE, ALIGN,
+                                BASE_ALIGN)
+                magnitude = tl.abs(tau)
+                if level == 0:
+                    bad = tl.maximum(bad, tl.max((ok & ((magnitude != magnitude) | (magnitude == float("inf"))))
+                                                 .to(tl.int32), axis=0))
+                key = tl.where(ok, magnitude.to(tl.int32, bitcast=True), 0)
+                digit = (key >> (24 - 8 * level)) & 0xFF
+                if level == 0:
+                    hist_top += _histogram(digit, ok, CHUNK)
+                    hist_low += _histogram(digit, ok, CHUNK)
+                else:
+                    higher = (key >> (32 - 8 * level)).to(tl.int64)
+                    hist_top += _histogram(digit, ok & (higher == prefix_top), CHUNK)
+                    hist_low += _histogram(digit, ok & (higher == prefix_low), CHUNK)
+            found, below, equal_top = _pick(hist_top, rank_top - below_top)
+            prefix_top = prefix_top * 256 + found
+            below_top += below
+            found, below, equal_low = _pick(hist_low, rank_low - below_low)
+            prefix_low = prefix_low * 256 + found
+            below_low += below
+        tl.atomic_max(bad_ptr + index * n + i, bad, sem="relaxed")
+        tl.store(mine, prefix_top)  # the bounds' keys,
+        tl.store(mine + 1, prefix_low)
+        tl.store(mine + 2, length - below_top - equal_top)  # entries above each,
+        tl.store(mine + 3, length - below_low - equal_low)
+        tl.store(mine + 4, 0)  # and the entries equal to each in the chunks read so far
+        tl.store(mine + 5, 0)
+        tl.store(mine + 6, 0)  # kept entries
+    for lo in range(0, length, CHUNK):
+        ok = lo + within < length
+        cols = start + lo + within
+        total = tl.zeros([CHUNK], dtype=tl.float32)
+        for i in range(n):
+            mine = scratch + tl.cast(i, tl.int64) * 8
+            tau = _task_row(x_ptr, base_ptr, offsets_ptr, base_off, i, cols, ok, HAS_BASE, ALIGN, BASE_ALIGN)
+            key = tl.where(ok, tl.abs(tau).to(tl.int32, bitcast=True), -1).to(tl.int64)
+            top = tl.load(mine)
+            low = tl.load(mine + 1)
+            at_top = key == top
+            at_low = key == low
+            seen_top = tl.load(mine + 4)
+            seen_low = tl.load(mine + 5)
+            rank_top = tl.load(mine + 2) + seen_top + tl.cumsum(at_top.to(tl.int64), axis=0) - 1
+            rank_low = tl.load(mine + 3) + seen_low + tl.cumsum(at_low.to(tl.int64), axis=0) - 1
+            band = ok & (end > drop) & (((key < top) & (key > low))
+                                        | (at_top & (rank_top >= drop) & (rank_top < end))
+                                        | (at_low & (rank_low >= drop) & (rank_low < end)))
+            tl.store(mine + 4, seen_top + tl.sum(at_top.to(tl.int64), axis=0))
+            tl.store(mine + 5, seen_low + tl.sum(at_low.to(tl.int64), axis=0))
+            tl.store(mine + 6, tl.load(mine + 6) + tl.sum(band.to(tl.int64), axis=0))
+            total += tau * band.to(tl.float32) * tl.load(weight_ptr + i)
+        if HAS_BASE:
+            base = tl.load(base_ptr + base_off * BASE_ALIGN + cols, mask=ok, other=0.0).to(tl.float32)
+        else:
+            base = total
+        value = theta(total, base, base_ptr, base_off, cols, ok, lam, out_ptr, HAS_BASE, BASE_ALIGN)
+        tl.store(out_ptr + tl.load(entry + 3) * OUT_ALIGN + cols, to_output(value, out_ptr), mask=ok)
+    for i in range(n):
+        tl.atomic_add(kept_ptr + i, tl.load(scratch + tl.cast(i, tl.int64) * 8 + 6), sem="relaxed")
+
+
 def row_max(rows) -> int:
     """The longest row the kernel takes for ``rows`` (kernels.tiles.Rows): ROW_MAX, half of it for float64
     rows or base (4096 float64 entries spilled at 16 and at 32 warps)."""
@@ -121,14 +247,13 @@ def row_warps(block: int) -> int:
 
 def breadcrumbs_pass(parts: list, outs: list, lengths: list, bands: list, weights: torch.Tensor, lam: float,
                      kept: torch.Tensor, bad: torch.Tensor, indices: list) -> None:
-    """Write Breadcrumbs' merge of every part (kernels.tiles.Rows, rows of ``lengths[k]`` <= row_max
-    entries) into ``outs``: bands[k] = (drop, keep) per row; ``kept`` [n] int64 counts the kept
-    entries, bad[indices[k], i] flags NaN/Inf of task i. One launch per row length class and dtypes."""
+    """Write Breadcrumbs' merge of every part (kernels.tiles.Rows, rows of ``lengths[k]`` entries) into
+    ``outs``: bands[k] = (drop, keep) per row; ``kept`` [n] int64 counts the kept entries,
+    bad[indices[k], i] flags NaN/Inf of task i. One launch per row length class and dtypes; rows
+    longer than :func:`row_max` go to :func:`long_rows_kernel` (LONG_BATCH rows per launch)."""
     classes = {}
     for k, length in enumerate(lengths):
-        if length > row_max(parts[k]):
-            raise ValueError(f"rows of {length} entries; the kernel takes at most {row_max(parts[k])} here")
-        classes.setdefault(row_block(length), []).append(k)
+        classes.setdefault(row_block(length) if length <= row_max(parts[k]) else 0, []).append(k)
     device = parts[0].device if parts else kept.device
     for block, members in classes.items():
         row_align = 16
@@ -142,11 +267,18 @@ def breadcrumbs_pass(parts: list, outs: list, lengths: list, bands: list, weight
             counts = torch.tensor([parts[k].m // lengths[k] for k in local], dtype=torch.int64)
             first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
             programs = torch.stack([torch.repeat_interleave(torch.arange(len(local)), counts),
-                                    torch.arange(int(counts.sum())) - first], 1).contiguous().to(device)
-            band = torch.tensor([[lengths[k], *bands[k]] for k in local], dtype=torch.int64).to(device)
-            breadcrumbs_kernel[(programs.shape[0],)](
-                seg.anchor, seg.base_anchor, seg.table, programs, seg.n, seg.out_anchor, band, weights, float(lam),
-                kept, bad, HAS_BASE=seg.has_base, ALIGN=seg.align, BASE_ALIGN=seg.base_align, OUT_ALIGN=seg.out_align,
-                ROW_ALIGN=min(row_align, seg.align, seg.base_align, seg.out_align), ROW_BLOCK=block,
-                num_warps=row_warps(block))
-
+                                    torch.arange(int(counts.sum())) - first], 1).contiguous()
+            band = on_device([[lengths[k], *bands[k]] for k in local], torch.int64, device)
+            meta = dict(HAS_BASE=seg.has_base, ALIGN=seg.align, BASE_ALIGN=seg.base_align, OUT_ALIGN=seg.out_align,
+                        ROW_ALIGN=min(row_align, seg.align, seg.base_align, seg.out_align))
+            args = (seg.anchor, seg.base_anchor, seg.table)
+            rest = (seg.n, seg.out_anchor, band, weights, float(lam), kept, bad)
+            if block:
+                breadcrumbs_kernel[(programs.shape[0],)](*args, to_device(programs, device), *rest, ROW_BLOCK=block,
+                                                         num_warps=row_warps(block), **meta)
+                continue
+            scratch = torch.empty(min(LONG_BATCH, programs.shape[0]), seg.n, 8, dtype=torch.int64, device=device)
+            for lo in range(0, programs.shape[0], LONG_BATCH):
+                batch = to_device(programs[lo:lo + LONG_BATCH].contiguous(), device)
+                long_rows_kernel[(batch.shape[0],)](*args, batch, *rest, scratch, CHUNK=LONG_CHUNK,
+                                                    num_warps=LONG_WARPS, **meta)

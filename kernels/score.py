@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .select import KEY_MAX, KEY_MIN, count_values, group_of, order_key
-from .tiles import as_segments, flag_bad, load_base, load_row, locate, sign, tanh
+from .tiles import BLOCK, as_segments, flag_bad, load_base, load_row, locate, locate_at, sign, tanh, warps
 
 INTER_CODES = {"sum": 0, "normalized_sum": 1, "pairwise": 2}
 def tail_warps(kernel: str, level: int) -> int:
@@ -137,23 +137,37 @@ def pair_normalized(tau_i, tau_j, i, j, n, lo_ptr, span_ptr):
 
 
 @triton.jit
-def pair_minmax_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, min_ptr, max_ptr, bad_ptr,
+def pair_minmax_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, min_ptr, max_ptr, bad_ptr, count,
                        HAS_BASE: tl.constexpr, PER_PART: tl.constexpr, ALIGN: tl.constexpr, BASE_ALIGN: tl.constexpr,
-                       FULL: tl.constexpr, BLOCK: tl.constexpr):
-    """min/max keys of tau_i tau_j ([groups, n, n] int32)."""
-    cols, col_ok, offsets_ptr, base_off, out_off, tile, part = locate(table_ptr, programs_ptr, n, FULL, BLOCK)
+                       FULL: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr):
+    """min/max keys of tau_i tau_j ([groups, n, n] int32) over TILES consecutive listed tiles (of
+    ``count``; one part's group: TILES > 1 only without PER_PART), reduced in the program before one
+    atomic per pair: at most 4 n^2 atomics per TILES x BLOCK columns."""
+    first = tl.program_id(0).to(tl.int64) * TILES
+    cols, col_ok, offsets_ptr, base_off, out_off, tile, part = locate_at(table_ptr, programs_ptr, first, n, FULL, BLOCK)
     g = group_of(part, PER_PART)
     min_ptr += g * n * n
     max_ptr += g * n * n
-    base = load_base(base_ptr, base_off, cols, col_ok, HAS_BASE, BASE_ALIGN, BLOCK)
     for i in range(n):
-        tau_i = load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE, ALIGN)
-        flag_bad(tau_i, col_ok, i, bad_ptr + part * n)
+        for t in tl.static_range(TILES):
+            index = tl.minimum(first + t, count - 1)  # past the last tile: the last again (all idempotent)
+            cols, col_ok, offsets_ptr, base_off, out_off, tile, part = locate_at(table_ptr, programs_ptr, index, n,
+                                                                                FULL, BLOCK)
+            base = load_base(base_ptr, base_off, cols, col_ok, HAS_BASE, BASE_ALIGN, BLOCK)
+            flag_bad(load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE, ALIGN), col_ok, i, bad_ptr + part * n)
         for j in range(i, n):  # products commute exactly: pair (i, j) also gives (j, i)
-            tau_j = load_row(x_ptr, offsets_ptr, base, j, cols, col_ok, HAS_BASE, ALIGN)
-            key = order_key(tau_j * tau_i)
-            low = tl.min(tl.where(col_ok, key, KEY_MAX), axis=0)
-            high = tl.max(tl.where(col_ok, key, KEY_MIN), axis=0)
+            low = KEY_MAX + n * 0
+            high = KEY_MIN + n * 0
+            for k in range(TILES):
+                index = tl.minimum(first + k, count - 1)
+                cols, col_ok, offsets_ptr, base_off, out_off, tile, part = locate_at(table_ptr, programs_ptr, index, n,
+                                                                                    FULL, BLOCK)
+                base = load_base(base_ptr, base_off, cols, col_ok, HAS_BASE, BASE_ALIGN, BLOCK)
+                tau_i = load_row(x_ptr, offsets_ptr, base, i, cols, col_ok, HAS_BASE, ALIGN)
+                tau_j = load_row(x_ptr, offsets_ptr, base, j, cols, col_ok, HAS_BASE, ALIGN)
+                key = order_key(tau_j * tau_i)
+                low = tl.minimum(low, tl.min(tl.where(col_ok, key, KEY_MAX), axis=0))
+                high = tl.maximum(high, tl.max(tl.where(col_ok, key, KEY_MIN), axis=0))
             tl.atomic_min(min_ptr + pair(i, j, n), low, sem="relaxed")
             tl.atomic_max(max_ptr + pair(i, j, n), high, sem="relaxed")
             if j != i:
@@ -261,11 +275,20 @@ def official_pass(rows, select, peak: torch.Tensor, clip: tuple, inter: str) -> 
                tail_warps=tail_warps("official_kernel", args["LEVEL"]), **args)
 
 
+PAIR_TILES = 8  # tiles a pair min/max program reduces before its atomics (global scope)
+
+
 def pair_minmax_pass(rows, lo_key: torch.Tensor, hi_key: torch.Tensor, bad: torch.Tensor) -> None:
     """Fold min/max keys of tau_i * tau_j ([n, n] int32) and the NaN/Inf flags ([parts, n])."""
     seg = as_segments(rows)
     seg.check(lo_key, hi_key, bad)
-    seg.launch(pair_minmax_kernel, lo_key, hi_key, bad, PER_PART=seg.per_part)
+    tiles = 1 if seg.per_part else PAIR_TILES  # a program's tiles must share a group
+    for listed, full in seg.launches:
+        count = listed.shape[0]
+        pair_minmax_kernel[(triton.cdiv(count, tiles),)](
+            seg.anchor, seg.base_anchor, seg.table, listed, seg.n, lo_key, hi_key, bad, count, HAS_BASE=seg.has_base,
+            PER_PART=seg.per_part, ALIGN=seg.align, BASE_ALIGN=seg.base_align, FULL=full, BLOCK=BLOCK, TILES=tiles,
+            num_warps=warps(full))
 
 
 def partition_pass(rows, pairs: tuple, inter: torch.Tensor, intra: torch.Tensor) -> None:

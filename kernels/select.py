@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from .keys import keys_to_float, order_keys
+from .tiles import on_device, to_device
 
 BINS_BITS = 8  # bits of the key counted per radix level: 4 levels of 256 bins
 BINS = tl.constexpr(1 << BINS_BITS)
@@ -198,11 +199,11 @@ class DeviceSelect:
         limit = torch.as_tensor(lengths, dtype=torch.int64).view(-1, 1)
         if bool((ranks < 0).any()) or bool((ranks >= limit).any()):
             raise ValueError(f"ranks {ranks.tolist()} out of range for rows of length {lengths}")
-        self.ranks = ranks.to(device)
+        self.ranks = to_device(ranks, device)
         self.n, self.R = self.ranks.shape
-        self.length = lengths if isinstance(lengths, int) else limit.to(device)
+        self.length = lengths if isinstance(lengths, int) else to_device(limit, device)
         self.device = torch.device(device)
-        self.map = torch.tensor([0] if groups is None else list(groups), dtype=torch.int64, device=device)
+        self.map = on_device([0] if groups is None else list(groups), torch.int64, device)
         self.level = 1
         self.hist = torch.zeros(self.n, BINS, dtype=torch.int64, device=device)  # level 1: per row
         self.buckets = torch.zeros(self.n, self.R, dtype=torch.int64, device=device)  # the prefix chosen so far
@@ -343,8 +344,8 @@ def _sorted_rows(flat: torch.Tensor, sizes: list, n: int) -> tuple:
             count += sizes[rows[k][0]]
             k += 1
         values = torch.cat([flat[i, offsets[g]:offsets[g + 1]].float() for g, i in chunk]) + 0.0  # -0.0 -> 0.0
-        row = torch.repeat_interleave(torch.arange(len(chunk), device=device),
-                                      torch.tensor([sizes[g] for g, _ in chunk], device=device), output_size=count)
+        row = to_device(torch.repeat_interleave(torch.arange(len(chunk)), torch.tensor([sizes[g] for g, _ in chunk]),
+                                                output_size=count), device)
         pairs = (row << 32) | ((order_keys(values).to(torch.int64) + (1 << 31)) & 0xFFFFFFFF)
         del row, values
         keys = torch.sort(pairs).values & 0xFFFFFFFF
@@ -393,8 +394,8 @@ class DeviceBracket:
                 raise ValueError(f"ranks {group} out of range for rows of length {length_g}")
         self.device = device
         G, R, n = self.G, self.R, self.n
-        self.ranks = torch.tensor(ranks, dtype=torch.int64, device=device).view(G, 1, R).expand(G, n, R)
-        self.length = torch.tensor(lengths, dtype=torch.int64, device=device).view(G, 1, 1)
+        self.ranks = on_device(ranks, torch.int64, device).view(G, 1, R).expand(G, n, R)
+        self.length = on_device(lengths, torch.int64, device).view(G, 1, 1)
         ordered, row_start = _sorted_rows(flat, list(sizes), n)
         index, low_open, high_open = [], [], []
         for g in range(G):
@@ -406,22 +407,21 @@ class DeviceBracket:
                     index.append([first + max(lo, 0), first + min(hi, s - 1)])
                     low_open.append(lo < 0)
                     high_open.append(hi >= s)
-        index = torch.tensor(index, dtype=torch.int64, device=device).view(G, R, n, 2).transpose(1, 2)
+        index = on_device(index, torch.int64, device).view(G, R, n, 2).transpose(1, 2)
         bounds = ordered[index]  # [G, n, R, 2]
         del ordered
-        inf = torch.tensor(math.inf, device=device)
-        low_open = torch.tensor(low_open, device=device).view(G, R, n).transpose(1, 2)
-        high_open = torch.tensor(high_open, device=device).view(G, R, n).transpose(1, 2)
-        bounds[..., 0] = torch.where(low_open, -inf, bounds[..., 0])
-        bounds[..., 1] = torch.where(high_open, inf, bounds[..., 1])
+        low_open = on_device(low_open, torch.bool, device).view(G, R, n).transpose(1, 2)
+        high_open = on_device(high_open, torch.bool, device).view(G, R, n).transpose(1, 2)
+        bounds[..., 0] = torch.where(low_open, -math.inf, bounds[..., 0])
+        bounds[..., 1] = torch.where(high_open, math.inf, bounds[..., 1])
         self.bounds = bounds.contiguous()
         # each slot (g, i, r) has a room of its group's capacity in one flat buffer
         self.plan = bracket_plan(ranks, lengths, list(sizes), n, local, tiles)
         slot_caps = torch.tensor(self.plan["caps"], dtype=torch.int64).repeat_interleave(n * R)
         starts = torch.cumsum(slot_caps, 0) - slot_caps
         self._starts, self._caps = starts.tolist(), slot_caps.tolist()  # on the host: chunks are cut by them
-        self.layout = torch.stack([starts, slot_caps], 1).to(device)
-        self.caps = slot_caps.to(device).view(G, n, R)
+        self.layout = to_device(torch.stack([starts, slot_caps], 1), device)
+        self.caps = self.layout[:, 1].view(G, n, R)
         self.copies = int(slot_caps.sum())
         # below, inside, at f, at c; STRIPES copies of each slot's counters, summed by resolve() into tally
         self.stripes = torch.zeros(G, n, R, TALLY_STRIPES, 4, dtype=torch.int64, device=device)

@@ -73,6 +73,21 @@ class Rows:
         return self.anchor.device
 
 
+def to_device(host: torch.Tensor, device) -> torch.Tensor:
+    """A small tensor built on the host, on ``device``. On CUDA it is copied from pinned memory without
+    blocking: a copy from pageable memory first waits for all the work queued on the stream, a host
+    synchronisation per table. (The pinned buffer is held by torch's host allocator until the copy ends.)"""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def on_device(data, dtype: torch.dtype, device) -> torch.Tensor:
+    """``torch.tensor(data, dtype=dtype)`` on ``device``, copied as :func:`to_device` does."""
+    return to_device(torch.tensor(data, dtype=dtype), device)
+
+
 BLOCK = 1024  # columns per program: 8 per thread at 4 warps (two 128-bit loads of float32)
 TAIL_WARPS = 16  # warps of a last-tiles launch, unless the kernel's launcher says otherwise (see warps)
 
@@ -131,14 +146,14 @@ class Segments:
             tile += tiles
         self.first_tile, self.tiles = first_tile, tile - first_tile
         device = self.anchor.device
-        self.table = torch.tensor(table, dtype=torch.int64).to(device)
+        self.table = on_device(table, torch.int64, device)
         # (part, tile in part) of every full tile, in position order, built without a Python loop per
         # tile (an LLM's part holds millions of tiles)
         counts = torch.tensor([p.m // BLOCK for p in parts], dtype=torch.int64)
         part = torch.repeat_interleave(torch.arange(len(parts)), counts)
         starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
         full = torch.stack([part, torch.arange(part.numel()) - starts], 1)
-        self.launches = [(listed.contiguous().to(device), is_full) for listed, is_full in
+        self.launches = [(to_device(listed.contiguous(), device), is_full) for listed, is_full in
                          ((full, True), (torch.tensor(tail, dtype=torch.int64).view(-1, 2), False)) if len(listed)]
 
     @property
@@ -212,8 +227,14 @@ def locate(table_ptr, programs_ptr, n, FULL: tl.constexpr, BLOCK: tl.constexpr):
     column indices inside its part (int64), offsets_ptr its part's row offsets, tile its global tile
     number and part its index in the scope group."""
     pid = tl.program_id(0).to(tl.int64)  # 64-bit: every offset below derives from it
-    part = tl.load(programs_ptr + 2 * pid)
-    local = tl.load(programs_ptr + 2 * pid + 1)
+    return locate_at(table_ptr, programs_ptr, pid, n, FULL, BLOCK)
+
+
+@triton.jit
+def locate_at(table_ptr, programs_ptr, index, n, FULL: tl.constexpr, BLOCK: tl.constexpr):
+    """:func:`locate` for the ``index``-th listed tile (int64) of a launch."""
+    part = tl.load(programs_ptr + 2 * index)
+    local = tl.load(programs_ptr + 2 * index + 1)
     entry = table_ptr + part * (5 + n)
     cols = local * BLOCK + tl.arange(0, BLOCK)
     if FULL:
@@ -354,7 +375,7 @@ def sample_columns(segments: list, picks: list, n: int, device) -> torch.Tensor:
             at += count
             k += 1
         if plan:
-            table = torch.tensor(plan, dtype=torch.int64).to(device)
+            table = on_device(plan, torch.int64, device)
             sample_kernel[(len(plan),)](seg.anchor, seg.base_anchor, seg.table, table, n, out, total,
                                         HAS_BASE=seg.has_base, ALIGN=seg.align, BASE_ALIGN=seg.base_align,
                                         BLOCK=SAMPLE_BLOCK)

@@ -212,6 +212,28 @@ def test_backend_falls_back_to_the_radix_select_where_a_bracket_misses(gen):
         assert torch.equal(got, merge(*quantized, method="ties", density=0.3, topk=topk, backend="torch")["w"]), topk
 
 
+def test_pair_minmax_reduces_several_tiles_per_program(gen):
+    """The paper variant's pair min/max: each program folds PAIR_TILES tiles before its atomics (the last
+    program's extra places repeat the last tile); the keys equal those of torch's min/max of every
+    product, and a NaN in a tile that is not a program's first is flagged."""
+    from pcb_fast.kernels.select import INT32_MAX, INT32_MIN
+    from pcb_fast.kernels.tiles import BLOCK
+    from pcb_fast.core.select import order_keys
+
+    n, D = 3, (kscore.PAIR_TILES + 1) * BLOCK + 300  # two programs of full tiles (one partly repeated), a last tile
+    x = torch.randn(n, D, generator=gen)
+    lo = torch.full((1, n, n), INT32_MAX, dtype=torch.int32)
+    hi = torch.full((1, n, n), INT32_MIN, dtype=torch.int32)
+    bad = torch.zeros(1, n, dtype=torch.int32)
+    kscore.pair_minmax_pass(Rows.from_matrix(x), lo, hi, bad)
+    products = x.unsqueeze(0) * x.unsqueeze(1)  # [n, n, D]
+    assert torch.equal(lo[0], order_keys(products.amin(2))) and torch.equal(hi[0], order_keys(products.amax(2)))
+    assert not bool(bad.any())
+    x[2, 5 * BLOCK + 7] = float("nan")
+    kscore.pair_minmax_pass(Rows.from_matrix(x), lo, hi, bad)
+    assert bad[0].tolist() == [0, 0, 1]
+
+
 def test_magnitude_kernel_flags_nan_and_inf_per_task():
     x = torch.randn(3, 300)
     x[1, 299] = float("nan")

@@ -208,6 +208,41 @@ def test_breadcrumbs_launches_one_kernel_per_row_class(gen, monkeypatch):
     assert all(torch.equal(got[k], expected[k]) for k in base)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_breadcrumbs_long_rows_read_in_chunks(gen, monkeypatch, dtype):
+    """Rows longer than a program holds (ROW_MAX lowered to 64 here) run through the long-row kernel,
+    read LONG_CHUNK entries at a time (lowered to 128: ties at both bounds span chunks): every entry,
+    the kept counts and the NaN/Inf report equal the CPU engine's. (Before, such rows took torch
+    operations with two host synchronisations per key and task.)"""
+    from pcb_fast.kernels import breadcrumbs as kb
+
+    monkeypatch.setattr(kb, "ROW_MAX", 64)
+    monkeypatch.setattr(kb, "LONG_CHUNK", 128)
+    monkeypatch.setattr(kb, "LONG_BATCH", 3)  # several launches per key, one scratch buffer
+    launches = []
+    kernel = kb.long_rows_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(kb, "long_rows_kernel", Counting())
+    base, models = _breadcrumbs_models(gen, dtype)
+    for gamma, beta in [(0.05, 0.3), (0.0, 1.0), (0.2, 0.1)]:
+        report_triton, report_torch = {}, {}
+        kwargs = dict(method="breadcrumbs", gamma=gamma, beta=beta, lambdas=[0.5, 1.0, 1.5], lam=0.7)
+        got = merge(base, models, backend="triton", report=report_triton, **kwargs)
+        expected = merge(base, models, backend="torch", report=report_torch, **kwargs)
+        for key in base:
+            assert torch.equal(got[key], expected[key]), (key, gamma, beta)
+        assert report_triton["kept"] == report_torch["kept"]
+    assert launches  # the rows of 300 and 1100 entries took the long-row kernel
+    models[1]["wide"][1, 1000] = float("inf")
+    with pytest.raises(ValueError, match="model 1, key 'wide': contains NaN or Inf"):
+        merge(base, models, method="breadcrumbs", backend="triton")
+
+
 def test_breadcrumbs_kernel_names_a_bad_value(gen):
     base, models = _breadcrumbs_models(gen)
     models[2]["rows"][4, 9] = float("nan")

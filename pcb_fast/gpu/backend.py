@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core import checks
-from ..core.formulas import clip_indices, keep_index, lambda_column, merged_weights, span_or_inf
+from ..core.formulas import clip_indices, keep_index, lambda_column, span_or_inf
 from ..methods import SPECS
 
 
@@ -165,7 +165,7 @@ def _samples(batch: Batch, segments: list) -> tuple:
     every rank brackets alike. Returns ([n, S] columns, group by group; the groups' column counts;
     [S] group of each column)."""
     from ..kernels import select as ks
-    from ..kernels.tiles import sample_columns
+    from ..kernels.tiles import sample_columns, to_device
 
     picks, sizes, position = [], [], 0
     for part in batch.parts:
@@ -185,7 +185,7 @@ def _samples(batch: Batch, segments: list) -> tuple:
         if batch.comm is not None:  # every rank's columns (their order does not matter: brackets sort them)
             sample = batch.comm.gather_in_order(sample.T.contiguous()).T.contiguous()
         sizes = [sample.shape[1]]
-    groups = torch.repeat_interleave(torch.arange(batch.G), torch.tensor(sizes, dtype=torch.int64)).to(batch.device)
+    groups = to_device(torch.repeat_interleave(torch.arange(batch.G), torch.tensor(sizes, dtype=torch.int64)), batch.device)
     return sample, sizes, groups
 
 
@@ -216,7 +216,9 @@ class Selected:
         if self.bracket is None:
             self.values, self.above = values, above
             return
-        index = torch.tensor(groups, dtype=torch.int64, device=values.device)
+        from ..kernels.tiles import on_device
+
+        index = on_device(groups, torch.int64, values.device)
         self.values[index] = values
         for inclusive in (False, True):
             self.above[inclusive][index] = above[inclusive]
@@ -233,11 +235,12 @@ def _select(batch: Batch, segments, ranks: list, samples, count, timed, name: st
     bracket's counts are summed and its copies gathered over the ranks, and so are the radix
     select's histograms where a bracket missed."""
     from ..kernels import select as ks
+    from ..kernels.tiles import to_device
 
     G, R = batch.G, len(ranks[0])
     groups = None
     if tiles and batch.per_part:
-        groups = torch.repeat_interleave(torch.arange(G), torch.tensor(batch.tile_counts())).to(device)
+        groups = to_device(torch.repeat_interleave(torch.arange(G), torch.tensor(batch.tile_counts())), device)
     bracket = ks.DeviceBracket(ranks, batch.entries, samples(), tiles, groups, local=batch.local_entries())
     with timed(name):
         for seg in segments:
@@ -461,13 +464,15 @@ def _dare_streams(seed: int, n: int, keys: list, device) -> torch.Tensor:
     for key in keys:
         streams = [rng.stream_constant(seed, i, key) for i in range(n)]
         table.append(streams + [rng.mix32(h) for h in streams])
-    return torch.tensor(table, dtype=torch.int64).to(device)
+    from ..kernels.tiles import on_device
+
+    return on_device(table, torch.int64, device)
 
 
 def merge_baseline(parts: list, n: int, method: str, *, lambdas=None, lam=1.0, scope="global", comm=None,
                    entries: int | None = None, device=None, **params) -> dict:
     """Average, task arithmetic, DARE, TIES (threshold or exact top-k) and DARE-TIES on the kernels,
-    Breadcrumbs with torch operations on the device; writes every part's ``out``. Returns
+    Breadcrumbs by its row kernels (kernels.breadcrumbs); writes every part's ``out``. Returns
     {"kept", "entries"}. Distributed: ``comm``, ``entries`` and ``device`` as for :func:`merge_pcb`."""
     from ..kernels import linear as kl, ties as kt
     from ..methods.linear import check_drop, check_seed
@@ -535,13 +540,14 @@ def _ties_trim(batch: Batch, segments, n, density, topk, bad, device):
     k), from one pass around sampled brackets (or the radix select's four for the groups where one
     missed; distributed, the radix select with histograms summed over ranks). ``bad``: [parts, n] flags."""
     from ..kernels import score as kscore, ties as kt
+    from ..kernels.tiles import on_device, to_device
 
     keeps = [int(D * density) for D in batch.entries]
     ranks = [D - k - 1 if topk == "threshold" else D - k for D, k in zip(batch.entries, keeps)]
     # a group keeping everything (|tau| >= 0) or nothing (|tau| >= inf) needs no select
     fixed = {g: 0.0 if r < 0 else float("inf") for g, r in enumerate(ranks) if r < 0 or r >= batch.entries[g]}
     if len(fixed) == batch.G:  # the sign pass checks NaN/Inf
-        return kt.Trim(threshold=torch.tensor([[fixed[g]] * n for g in range(batch.G)], device=device))
+        return kt.Trim(threshold=on_device([[fixed[g]] * n for g in range(batch.G)], torch.float32, device))
     tiles = sum(seg.tiles for seg in segments)
     select = _select(batch, segments, [[min(max(r, 0), D - 1)] for r, D in zip(ranks, batch.entries)],
                      lambda: _magnitude_sample(batch, segments), lambda seg, sel: kscore.magnitude_pass(seg, sel, bad),
@@ -560,13 +566,13 @@ def _ties_trim(batch: Batch, segments, n, density, topk, bad, device):
         for seg in segments:
             kt.equal_counts(seg, threshold, counts[1:])
     cumulative = counts.cumsum(0)  # cumulative[k]: equal entries in tiles before k, in position order
-    first_tile = torch.repeat_interleave(torch.cumsum(torch.tensor([0] + batch.tile_counts()[:-1]), 0),
-                                         torch.tensor(batch.tile_counts())).to(device)
+    first_tile = to_device(torch.repeat_interleave(torch.cumsum(torch.tensor([0] + batch.tile_counts()[:-1]), 0),
+                                                   torch.tensor(batch.tile_counts())), device)
     before = cumulative[:-1] - cumulative[first_tile]  # ... of the tile's own group
     if batch.comm is not None:  # and in the keys of the ranks before this one
         before = before + batch.comm.before_me(counts.sum(0)).unsqueeze(0)
     before = before.contiguous()
-    budget = torch.tensor(keeps, dtype=torch.int64, device=device).view(-1, 1) - select.above[False][..., 0]
+    budget = on_device(keeps, torch.int64, device).view(-1, 1) - select.above[False][..., 0]
     for g in fixed:  # exact: keeping nothing (a rank below 0 never comes with topk="exact")
         budget[g] = 0
     budget = budget.contiguous()
@@ -586,11 +592,10 @@ def _no_timer():
 
 def _breadcrumbs(parts: list, n: int, weights: torch.Tensor, lam: float, gamma=0.01, beta=0.1, comm=None,
                  entries: int = 0) -> dict:
-    """Breadcrumbs: the band of every row found in registers by kernels.breadcrumbs (one program per row,
-    one launch per row-length class and dtypes; no [n, m] temporary), then the sum over tasks in task
-    order, as the torch backend computes it. Rows longer than the kernel takes (kernels.breadcrumbs.row_max)
-    run as torch operations on the device, key by key and task by task (pcb_fast.methods.linear.band_mask)."""
-    from ..kernels.breadcrumbs import breadcrumbs_pass, row_max
+    """Breadcrumbs: the band of every row found by kernels.breadcrumbs (one program per row, one launch per
+    row-length class and dtypes; rows longer than a program holds read in chunks; no [n, m] temporary),
+    then the sum over tasks in task order, as the torch backend computes it."""
+    from ..kernels.breadcrumbs import breadcrumbs_pass
     from ..methods.linear import check_band
     from ..core.sources import row_length
 
@@ -598,37 +603,9 @@ def _breadcrumbs(parts: list, n: int, weights: torch.Tensor, lam: float, gamma=0
     kept = torch.zeros(n, dtype=torch.int64, device=weights.device)
     bad = torch.zeros(len(parts), n, dtype=torch.int32, device=weights.device)
     lengths = [row_length(tuple(part.out.shape)) for part in parts]
-    short = [k for k, length in enumerate(lengths) if length <= row_max(parts[k].rows)]
-    if short:
-        breadcrumbs_pass([parts[k].rows for k in short], [parts[k].out for k in short], [lengths[k] for k in short],
-                         [(int(gamma * lengths[k]), int(beta * lengths[k])) for k in short], weights, lam, kept, bad,
-                         short)
-    for k, part in enumerate(parts):
-        if k not in short:
-            _breadcrumbs_rows(part, n, weights, lam, gamma, beta, lengths[k], kept, bad[k])
+    if parts:
+        breadcrumbs_pass([p.rows for p in parts], [p.out for p in parts], lengths,
+                         [(int(gamma * length), int(beta * length)) for length in lengths], weights, lam, kept, bad,
+                         list(range(len(parts))))
     _raise_if_bad(parts, bad, comm)
     return {"kept": _sum_kept(kept, comm).tolist(), "entries": entries or sum(p.rows.m for p in parts)}
-
-
-def _breadcrumbs_rows(part, n, weights, lam, gamma, beta, length, kept, bad) -> None:
-    """Breadcrumbs of one key with rows longer than the kernel holds: torch operations, task by task
-    (temporaries of one task's row of the key, [m]); NaN/Inf flags into ``bad`` [n]."""
-    from ..methods.linear import band_mask
-
-    rows = part.rows
-    base = rows.base.float() if rows.base is not None else None
-    total = None
-    for i, row in enumerate(rows.tensors):
-        tau = row.float() - base if base is not None else row.float()
-        if not bool(torch.isfinite(tau).all()):
-            bad[i] = 1
-        mask = band_mask(tau.abs().reshape(-1, length), int(gamma * length), int(beta * length)).reshape(-1)
-        kept[i] += mask.sum()
-        weighted = tau * mask * weights[i]
-        if total is None:
-            total = weighted
-        else:
-            total += weighted
-    # theta_pre + lam * tau_m as the CPU path forms it (a float64 base is not rounded to float32)
-    theta = merged_weights(rows.base, lam, total) if base is not None else total
-    part.out.view(-1).copy_(theta)
