@@ -19,15 +19,17 @@ synchronisations than one key. Breadcrumbs runs a program per row (kernels.bread
 
 Distributed (pcb_fast.io.distributed, NCCL with a GPU per rank): the parts are this rank's keys and a
 ``Comm`` combines the statistics of the whole model (``entries`` per task) with exact collectives: the
-column sample gathered (every rank then brackets alike), the bracket's counts summed and its copies
-(about 1% of the entries) gathered, the radix histograms summed where a bracket missed, min/max of
+column sample gathered (every rank then brackets alike), the bracket's counts summed and so are the
+histograms of the radix select over each rank's copies (no copy leaves its rank; rooms sized by the
+rank's own entries), the radix histograms summed where a bracket missed, min/max of
 M_i and the paper's pairs, the paper's partition partials gathered in key order, TIES' sign total and
 its ties before each rank; a rank holding no key makes the same collectives. So a distributed merge
 reads its inputs as often as one process does (official PCB: 3 times). With ``scope="tensor"`` a key's statistics stay on its rank. Bad data is
 recorded (``comm.fail``) and raised on every rank at the next collective.
 
-Kernels sum over tasks in task order, but fuse multiply-adds and use the device's exp and tanh, so
-PCB's results agree with the reference within the tolerance of docs/design.md 9, not bit for bit;
+Kernels sum over tasks in task order and divide with correct rounding (div_rn), but fuse
+multiply-adds and use the device's exp and tanh, so PCB's results agree with the reference within
+the tolerance of docs/design.md 9, not bit for bit;
 TIES' sign election runs without fused multiply-adds and equals the CPU's.
 """
 
