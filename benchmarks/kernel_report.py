@@ -89,7 +89,9 @@ def cases(full: bool) -> list:
     float32 task vectors whose row starts are not 16 bytes apart (ALIGN=1: an [n, D] matrix of odd
     D, as the ViT-B/32 size, where the device has no room to pad the rows); ``full``: also float32
     task vectors without a base (``pcb_merge`` on a matrix), fp16 and fp64 rows with a base."""
+    from pcb_fast.kernels.merge import tail_warps as merge_tail_warps
     from pcb_fast.kernels.score import PAIR_TILES, tail_warps
+    from pcb_fast.kernels.ties import SIGN_TAIL_WARPS
     from pcb_fast.kernels.tiles import BLOCK, TAIL_WARPS, warps
 
     tasks = 64
@@ -113,7 +115,13 @@ def cases(full: bool) -> list:
                 consts = dict(consts, OUT_ALIGN=16 // {"*fp32": 4, "*fp64": 8}.get(sig["out_ptr"], 2))
             sig = dict(tile, **sig)
             aligned = [a for a, t in sig.items() if t.startswith("*")] + ["m"]
-            tail = tail_warps(fn, consts.get("LEVEL", 0)) if fn in ("magnitude_kernel", "official_kernel") else TAIL_WARPS
+            tail = TAIL_WARPS  # the last tiles' warps, as each launcher picks them
+            if fn in ("magnitude_kernel", "official_kernel"):
+                tail = tail_warps(fn, consts.get("LEVEL", 0))
+            elif fn == "merge_kernel":
+                tail = merge_tail_warps(consts["VARIANT"], consts["INTER"])
+            elif fn == "sign_kernel":
+                tail = SIGN_TAIL_WARPS
             options = dict(options or {}, num_warps=warps(full_tiles, tail))  # as the launchers pass it
             grouped = [False, True] if dtype == "*bf16" else [False]  # scope "tensor": bf16 rows (the CI subset)
             for per_part in grouped if fn in PER_PART_KERNELS else [None]:

@@ -83,6 +83,13 @@ def breadcrumbs_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, out_ptr, ban
         tl.atomic_add(kept_ptr + i, tl.sum(band.to(tl.int64), axis=0), sem="relaxed")
         tau = _task_row(x_ptr, base_ptr, offsets_ptr, base_off, i, cols, ok, HAS_BASE, ALIGN, BASE_ALIGN)
         total += tau * band.to(tl.float32) * tl.load(weight_ptr + i)
+    _write(total, base_ptr, base_off, cols, ok, lam, out_ptr, entry, HAS_BASE, BASE_ALIGN, OUT_ALIGN)
+
+
+@triton.jit
+def _write(total, base_ptr, base_off, cols, ok, lam, out_ptr, entry, HAS_BASE: tl.constexpr, BASE_ALIGN: tl.constexpr,
+           OUT_ALIGN: tl.constexpr):
+    """Write base + lam * total (total alone without a base) at ``cols`` of the part's output."""
     if HAS_BASE:
         base = tl.load(base_ptr + base_off * BASE_ALIGN + cols, mask=ok, other=0.0).to(tl.float32)
     else:
@@ -102,9 +109,11 @@ def _task_row(x_ptr, base_ptr, offsets_ptr, base_off, i, cols, ok, HAS_BASE: tl.
     return tau
 
 
-LONG_CHUNK = 2048  # entries of a long row a program loads at once
+LONG_CHUNK = 1024  # entries of a long row a program loads at once
 LONG_BATCH = 1 << 14  # long rows per launch (each program keeps 8 int64 per task in a scratch buffer)
-LONG_WARPS = 8
+# 2 entries per thread: benchmarks/kernel_report.py on triton 3.6 and 3.9 found no spill at 16 warps and
+# chunks of 1024, and spills (8-56 bytes) at 8 warps (chunks of 1024 or 2048) or 16 warps and 2048
+LONG_WARPS = 16
 
 
 @triton.jit
@@ -126,15 +135,46 @@ def _pick(hist, rank):
 
 
 @triton.jit
+def _row_key(x_ptr, base_ptr, offsets_ptr, base_off, i, start, length, rank, HAS_BASE: tl.constexpr,
+             ALIGN: tl.constexpr, BASE_ALIGN: tl.constexpr, CHUNK: tl.constexpr):
+    """(key at ascending ``rank`` among the keys of task i's row (the int32 bits of |tau|), entries whose
+    key is above it, NaN/Inf flag of the row): a radix select in the program, four levels of 256-bin
+    histograms of one byte of the keys, each level one read of the row in chunks."""
+    prefix = rank * 0
+    below = rank * 0
+    equal = rank * 0
+    bad = rank * 0
+    within = tl.arange(0, CHUNK)
+    for level in tl.static_range(4):
+        hist = tl.zeros([256], dtype=tl.int32)
+        for lo in range(0, length, CHUNK):
+            ok = lo + within < length
+            tau = _task_row(x_ptr, base_ptr, offsets_ptr, base_off, i, start + lo + within, ok, HAS_BASE, ALIGN,
+                            BASE_ALIGN)
+            magnitude = tl.abs(tau)
+            key = tl.where(ok, magnitude.to(tl.int32, bitcast=True), 0)
+            if level == 0:
+                bad = tl.maximum(bad, tl.max((ok & ((magnitude != magnitude) | (magnitude == float("inf"))))
+                                             .to(tl.int32), axis=0))
+                hist += _histogram((key >> 24) & 0xFF, ok, CHUNK)
+            else:
+                hist += _histogram((key >> (24 - 8 * level)) & 0xFF, ok & ((key >> (32 - 8 * level)) == prefix), CHUNK)
+        found, fewer, equal = _pick(hist, rank - below)
+        prefix = prefix * 256 + found  # the keys are non-negative: the top byte below 128, no overflow
+        below += fewer
+    return prefix, length.to(tl.int32) - below - equal, bad
+
+
+@triton.jit
 def long_rows_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, out_ptr, band_ptr, weight_ptr, lam, kept_ptr,
                      bad_ptr, scratch_ptr, HAS_BASE: tl.constexpr, ALIGN: tl.constexpr, BASE_ALIGN: tl.constexpr,
                      OUT_ALIGN: tl.constexpr, ROW_ALIGN: tl.constexpr, CHUNK: tl.constexpr):
     """Breadcrumbs on rows longer than a program holds, CHUNK entries at a time (arguments as
     :func:`breadcrumbs_kernel`'s; scratch [programs, n, 8] int64). Per task, the keys (the bits of
     |tau|) at descending ranks drop and drop + keep - 1 by a radix select over the row in the
-    program: four levels of 256-bin histograms (tl.histogram) of one byte of the keys, both bounds
-    in the same reads; then, chunk by chunk, the band of every task (ties at a bound ranked by
-    position, counted across chunks) summed in task order and written once."""
+    program (:func:`_row_key`: four reads of the row per bound); then, chunk by chunk, the band of
+    every task (ties at a bound ranked by position, counted across chunks) summed in task order and
+    written once."""
     pid = tl.program_id(0).to(tl.int64)
     part = tl.load(programs_ptr + 2 * pid)
     row = tl.load(programs_ptr + 2 * pid + 1)
@@ -149,50 +189,23 @@ def long_rows_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, out_ptr, band_
     within = tl.arange(0, CHUNK)
     start = row * length  # int64: the row's first column inside its part
     for i in range(n):
-        rank_top = length - 1 - drop  # ascending ranks of the two bounds
-        rank_low = tl.minimum(length - end, length - 1)  # (keep = 0: no band, any rank in range)
-        prefix_top = rank_top * 0
-        prefix_low = rank_top * 0
-        below_top = rank_top * 0
-        below_low = rank_top * 0
-        equal_top = rank_top * 0
-        equal_low = rank_top * 0
-        bad = drop.to(tl.int32) * 0
         mine = scratch + tl.cast(i, tl.int64) * 8  # task i's 8 scratch counters
-        for level in tl.static_range(4):
-            hist_top = tl.zeros([256], dtype=tl.int32)
-            hist_low = tl.zeros([256], dtype=tl.int32)
-            for lo in range(0, length, CHUNK):
-                ok = lo + within < length
-                tau = _task_row(x_ptr, base_ptr, offsets_ptr, base_off, i, start + lo + within, ok, HAS_BASE, ALIGN,
-                                BASE_ALIGN)
-                magnitude = tl.abs(tau)
-                if level == 0:
-                    bad = tl.maximum(bad, tl.max((ok & ((magnitude != magnitude) | (magnitude == float("inf"))))
-                                                 .to(tl.int32), axis=0))
-                key = tl.where(ok, magnitude.to(tl.int32, bitcast=True), 0)
-                digit = (key >> (24 - 8 * level)) & 0xFF
-                if level == 0:
-                    hist_top += _histogram(digit, ok, CHUNK)
-                    hist_low += _histogram(digit, ok, CHUNK)
-                else:
-                    higher = (key >> (32 - 8 * level)).to(tl.int64)
-                    hist_top += _histogram(digit, ok & (higher == prefix_top), CHUNK)
-                    hist_low += _histogram(digit, ok & (higher == prefix_low), CHUNK)
-            found, below, equal_top = _pick(hist_top, rank_top - below_top)
-            prefix_top = prefix_top * 256 + found
-            below_top += below
-            found, below, equal_low = _pick(hist_low, rank_low - below_low)
-            prefix_low = prefix_low * 256 + found
-            below_low += below
+        # the bounds one after the other (one histogram in registers at a time), from their ascending ranks
+        top, above_top, bad = _row_key(x_ptr, base_ptr, offsets_ptr, base_off, i, start, length,
+                                       (length - 1 - drop).to(tl.int32), HAS_BASE, ALIGN, BASE_ALIGN, CHUNK)
+        low, above_low, bad = _row_key(x_ptr, base_ptr, offsets_ptr, base_off, i, start, length,
+                                       tl.minimum(length - end, length - 1).to(tl.int32),  # keep = 0: no band
+                                       HAS_BASE, ALIGN, BASE_ALIGN, CHUNK)
         tl.atomic_max(bad_ptr + index * n + i, bad, sem="relaxed")
-        tl.store(mine, prefix_top)  # the bounds' keys,
-        tl.store(mine + 1, prefix_low)
-        tl.store(mine + 2, length - below_top - equal_top)  # entries above each,
-        tl.store(mine + 3, length - below_low - equal_low)
+        tl.store(mine, top.to(tl.int64))  # the bounds' keys,
+        tl.store(mine + 1, low.to(tl.int64))
+        tl.store(mine + 2, above_top.to(tl.int64))  # the entries above each,
+        tl.store(mine + 3, above_low.to(tl.int64))
         tl.store(mine + 4, 0)  # and the entries equal to each in the chunks read so far
         tl.store(mine + 5, 0)
         tl.store(mine + 6, 0)  # kept entries
+    drop32 = drop.to(tl.int32)
+    end32 = end.to(tl.int32)
     for lo in range(0, length, CHUNK):
         ok = lo + within < length
         cols = start + lo + within
@@ -200,28 +213,23 @@ def long_rows_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, out_ptr, band_
         for i in range(n):
             mine = scratch + tl.cast(i, tl.int64) * 8
             tau = _task_row(x_ptr, base_ptr, offsets_ptr, base_off, i, cols, ok, HAS_BASE, ALIGN, BASE_ALIGN)
-            key = tl.where(ok, tl.abs(tau).to(tl.int32, bitcast=True), -1).to(tl.int64)
-            top = tl.load(mine)
-            low = tl.load(mine + 1)
+            key = tl.where(ok, tl.abs(tau).to(tl.int32, bitcast=True), -1)  # counts and ranks in 32 bits: L < 2^31
+            top = tl.load(mine).to(tl.int32)
+            low = tl.load(mine + 1).to(tl.int32)
             at_top = key == top
             at_low = key == low
-            seen_top = tl.load(mine + 4)
-            seen_low = tl.load(mine + 5)
-            rank_top = tl.load(mine + 2) + seen_top + tl.cumsum(at_top.to(tl.int64), axis=0) - 1
-            rank_low = tl.load(mine + 3) + seen_low + tl.cumsum(at_low.to(tl.int64), axis=0) - 1
-            band = ok & (end > drop) & (((key < top) & (key > low))
-                                        | (at_top & (rank_top >= drop) & (rank_top < end))
-                                        | (at_low & (rank_low >= drop) & (rank_low < end)))
-            tl.store(mine + 4, seen_top + tl.sum(at_top.to(tl.int64), axis=0))
-            tl.store(mine + 5, seen_low + tl.sum(at_low.to(tl.int64), axis=0))
-            tl.store(mine + 6, tl.load(mine + 6) + tl.sum(band.to(tl.int64), axis=0))
+            seen_top = tl.load(mine + 4).to(tl.int32)
+            seen_low = tl.load(mine + 5).to(tl.int32)
+            rank_top = tl.load(mine + 2).to(tl.int32) + seen_top + tl.cumsum(at_top.to(tl.int32), axis=0) - 1
+            rank_low = tl.load(mine + 3).to(tl.int32) + seen_low + tl.cumsum(at_low.to(tl.int32), axis=0) - 1
+            band = ok & (end32 > drop32) & (((key < top) & (key > low))
+                                            | (at_top & (rank_top >= drop32) & (rank_top < end32))
+                                            | (at_low & (rank_low >= drop32) & (rank_low < end32)))
+            tl.store(mine + 4, (seen_top + tl.sum(at_top.to(tl.int32), axis=0)).to(tl.int64))
+            tl.store(mine + 5, (seen_low + tl.sum(at_low.to(tl.int32), axis=0)).to(tl.int64))
+            tl.store(mine + 6, tl.load(mine + 6) + tl.sum(band.to(tl.int32), axis=0).to(tl.int64))
             total += tau * band.to(tl.float32) * tl.load(weight_ptr + i)
-        if HAS_BASE:
-            base = tl.load(base_ptr + base_off * BASE_ALIGN + cols, mask=ok, other=0.0).to(tl.float32)
-        else:
-            base = total
-        value = theta(total, base, base_ptr, base_off, cols, ok, lam, out_ptr, HAS_BASE, BASE_ALIGN)
-        tl.store(out_ptr + tl.load(entry + 3) * OUT_ALIGN + cols, to_output(value, out_ptr), mask=ok)
+        _write(total, base_ptr, base_off, cols, ok, lam, out_ptr, entry, HAS_BASE, BASE_ALIGN, OUT_ALIGN)
     for i in range(n):
         tl.atomic_add(kept_ptr + i, tl.load(scratch + tl.cast(i, tl.int64) * 8 + 6), sem="relaxed")
 

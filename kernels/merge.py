@@ -22,6 +22,14 @@ from .tiles import as_segments, load_base, load_row, locate, store_out, theta
 VARIANT_CODES = {"official": 0, "paper": 1}
 
 
+def tail_warps(variant: int, inter: int) -> int:
+    """tiles.warps of the merge's last tiles (codes of VARIANT_CODES and score.INTER_CODES). From
+    benchmarks/kernel_report.py on triton 3.6 and 3.9: at 16 warps float64 rows spilled (16-24 bytes)
+    on one version or the other; 8 spilled only with the pairwise inter term (float64, 3.9), 32 only
+    with normalized_sum."""
+    return 32 if variant == 0 and inter == INTER_CODES["pairwise"] else 8
+
+
 @triton.jit
 def merge_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, out_ptr,
                  s0_ptr, s1_ptr, s2_ptr, s3_ptr, s4_ptr,
@@ -88,4 +96,4 @@ def merge_pass(rows, out: torch.Tensor | None, variant: str, stats: tuple, thres
     padded = list(stats) + [threshold] * (5 - len(stats))  # unused pointer slots
     seg.launch(merge_kernel, seg.out_anchor, *padded, threshold, span if span is not None else threshold, lambdas,
                float(lam), VARIANT=VARIANT_CODES[variant], INTER=INTER_CODES[inter], PER_PART=seg.per_part,
-               OUT_ALIGN=seg.out_align)
+               OUT_ALIGN=seg.out_align, tail_warps=tail_warps(VARIANT_CODES[variant], INTER_CODES[inter]))

@@ -144,6 +144,10 @@ def ties_merge_kernel(x_ptr, base_ptr, table_ptr, programs_ptr, n, out_ptr, t_pt
     store_out(out_ptr, out_off, cols, col_ok, tau_m, OUT_ALIGN)
 
 
+# warps of the sign pass's last tiles: at 16, its DARE form spilled 12 bytes on triton 3.6 (div_rn's
+# registers); 8 spilled on neither 3.6 nor 3.9 (benchmarks/kernel_report.py). The merge pass keeps 16.
+SIGN_TAIL_WARPS = 8
+
 # The elected signs must be the CPU's exactly: no fused multiply-add may merge w_i's rounding into the
 # sum (a launch option of the compiler; the interpreter never fuses).
 NO_FMA = dict(enable_fp_fusion=False)
@@ -183,7 +187,8 @@ def sign_pass(rows, weights: torch.Tensor, total: torch.Tensor, kept: torch.Tens
     seg = as_segments(rows)
     t, *rest = trim.args()
     seg.check(weights, total, kept, bad, t)
-    seg.launch(sign_kernel, t, weights, *rest, total, kept, bad, PER_PART=seg.per_part, **trim.meta(), **NO_FMA)
+    seg.launch(sign_kernel, t, weights, *rest, total, kept, bad, PER_PART=seg.per_part, tail_warps=SIGN_TAIL_WARPS,
+               **trim.meta(), **NO_FMA)
 
 
 def ties_merge_pass(rows, out: torch.Tensor | None, weights: torch.Tensor, fill: torch.Tensor, lam: float,
