@@ -57,7 +57,7 @@ if version < (3, 6):
     exit 1
 fi
 
-step 40 $PY -m benchmarks.kernel_report --fast --check --jobs 8 --out benchmarks/results/kernels_gpu_machine.json
+step 60 $PY -m benchmarks.kernel_report --fast --check --jobs 8 --out benchmarks/results/kernels_gpu_machine.json
 step 180 $PY -m benchmarks.gpu_check --out benchmarks/results/gpu_check.json
 step 200 $PY -m benchmarks.bench_gpu --repeats 3 --out benchmarks/results/gpu.json
 

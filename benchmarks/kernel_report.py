@@ -3,11 +3,12 @@ report what the hardware will see (docs/design.md 4).
 
     python -m benchmarks.kernel_report            # every kernel and variant; writes benchmarks/results/kernels.json
     python -m benchmarks.kernel_report --fast     # the subset CI compiles (every kernel and variant, bf16 rows)
-    options: --out PATH, --jobs N (compiles side by side, default 2), --check (exit 1 on a spill or a failure)
+    options: --out PATH, --jobs N (compiles side by side, default 2), --check (exit 1 on a problem: problems())
 
 Run without TRITON_INTERPRET (the interpreter replaces @triton.jit). Triton lowers each kernel through
 TTIR, TTGIR, LLVM IR and PTX to a cubin with its bundled ptxas, so errors the interpreter cannot see
-show up here. Per kernel and variant it reads:
+show up here. Integer arguments are compiled as i32, as a launch passes values below 2^31. Per
+kernel and variant it reads:
 - ``registers``, ``spill_bytes`` (spill stores + spill loads): the ``ptxas -v`` log of Triton's own
   ptxas run (its flags, whatever the Triton version); ``shared_bytes``: the compiled kernel's metadata;
 - ``atomics_per_element``: global atomics a program issues per task entry it reads, from the
@@ -16,11 +17,18 @@ show up here. Per kernel and variant it reads:
   tasks x BLOCK; masks are ignored (an upper bound: masked-off lanes count);
 - ``load_vector_bits``: the width of the global loads that move the most bits in the PTX (a tile
   loaded as ``ld.global.v4.b32`` is 128, as scalar ``ld.global.b32`` 32);
+- ``inexact_div`` (PTX ``div.full``, ``div.approx``, ``rcp.approx``: what fp32 ``/`` compiles to)
+  and ``approx_math`` (``ex2.approx`` from ``tl.exp``, ...): :func:`division_counts`;
+- ``address_multiplies_32``: 32-bit multiplies that feed an address (TTIR): :func:`address_multiplies_32`;
 - ``compile_s``: seconds of ``triton.compile`` into an empty cache (ptxas included).
-Then the passes of each merge and their modelled bytes against one read of the inputs
-(``merges``). The JSON: {"kernels": [{"kernel", "variant", "tasks", "registers", "spill_bytes",
-"shared_bytes", "atomics_per_element", "load_vector_bits", "compile_s"}, ...], "merges":
-{"pcb_official": {"reads", "bytes_over_one_read", "bytes"}, "pcb_paper": ..., "ties": ...}}.
+Then per merge (``merges``): the passes and their modelled bytes against one read of the inputs,
+``bracket_bytes_per_rank`` (the largest bracket pass's device bytes on the busiest rank, Llama-7B on
+one GPU and Llama-70B on eight, n=8) and ``reads_by_n`` (reads of the inputs from memory by tasks n
+and dtype, where a program's re-reads of its rows miss the L2). The JSON: {"kernels": [{"kernel",
+"variant", "tasks", "registers", "spill_bytes", "shared_bytes", "atomics_per_element",
+"load_vector_bits", "inexact_div", "approx_math", "address_multiplies_32", "compile_s"}, ...],
+"merges": {"pcb_official": {"reads", "bytes_over_one_read", "bytes", "bracket_bytes_per_rank",
+"reads_by_n"}, "pcb_official_pairwise": ..., "pcb_paper": ..., "ties": ...}}.
 """
 
 from __future__ import annotations
@@ -547,7 +555,8 @@ def summary(rows: list) -> str:
             continue
         regs = sorted({r["registers"] for r in group})
         atomics = sorted({r["atomics_per_element"] for r in group})
-        bits = sorted({r["load_vector_bits"] for r in group if "last tiles" not in r["variant"]})
+        bits = sorted({r["load_vector_bits"] for r in group
+                       if "last tiles" not in r["variant"] and "ALIGN=1" not in r["variant"]})
         span = lambda v: f"{v[0]}" if len(v) == 1 else f"{v[0]}-{v[-1]}"  # noqa: E731
         lines.append(f"| {kernel} | {len(group)} | {span(regs)} | {sum(r['spill_bytes'] for r in group)} | "
                      f"{span(atomics)} | {span(bits) if kernel not in NOT_TILED else NOT_TILED[kernel]} | "

@@ -6,7 +6,8 @@ A thin form of ``python -m benchmarks.kernel_report --check`` (the compile code 
 Triton lowers each kernel through TTIR, TTGIR, LLVM IR and PTX to a cubin with its bundled ptxas, so
 errors the interpreter cannot see (globals that are not constexpr, unsupported constructs, type
 mismatches) show up here. Prints each kernel's registers and spills; exits 1 and names the kernels
-that fail to compile or spill. Without --full, the CI subset (every kernel and variant, bf16 rows).
+with a problem (kernel_report.problems: a compile failure, a spill, inexact division,
+approximate math where results must be exact, 32-bit address math, a bracket plan over 1 GiB). Without --full, the CI subset (every kernel and variant, bf16 rows).
 """
 
 import sys
@@ -18,6 +19,6 @@ from benchmarks import kernel_report  # noqa: E402
 
 if __name__ == "__main__":
     rows = kernel_report.run(full="--full" in sys.argv, jobs=2)
-    bad = [f"{r['kernel']} [{r['variant']}]" for r in rows if "error" in r or r.get("spill_bytes")]
+    bad = kernel_report.problems({"kernels": rows, "merges": kernel_report.merges()})
     print("failures:", bad)
     sys.exit(1 if bad else 0)
