@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .select import KEY_MAX, KEY_MIN, count_values, group_of, order_key
-from .tiles import BLOCK, as_segments, flag_bad, load_base, load_row, locate, locate_at, sign, tanh, warps
+from .tiles import as_segments, flag_bad, load_base, load_row, locate, locate_at, sign, tanh
 
 INTER_CODES = {"sum": 0, "normalized_sum": 1, "pairwise": 2}
 def tail_warps(kernel: str, level: int) -> int:
@@ -282,13 +282,9 @@ def pair_minmax_pass(rows, lo_key: torch.Tensor, hi_key: torch.Tensor, bad: torc
     """Fold min/max keys of tau_i * tau_j ([n, n] int32) and the NaN/Inf flags ([parts, n])."""
     seg = as_segments(rows)
     seg.check(lo_key, hi_key, bad)
-    tiles = 1 if seg.per_part else PAIR_TILES  # a program's tiles must share a group
-    for listed, full in seg.launches:
-        count = listed.shape[0]
-        pair_minmax_kernel[(triton.cdiv(count, tiles),)](
-            seg.anchor, seg.base_anchor, seg.table, listed, seg.n, lo_key, hi_key, bad, count, HAS_BASE=seg.has_base,
-            PER_PART=seg.per_part, ALIGN=seg.align, BASE_ALIGN=seg.base_align, FULL=full, BLOCK=BLOCK, TILES=tiles,
-            num_warps=warps(full))
+    # a program's tiles must share a group: several only in global scope
+    seg.launch(pair_minmax_kernel, lo_key, hi_key, bad, PER_PART=seg.per_part,
+               tiles_per_program=1 if seg.per_part else PAIR_TILES)
 
 
 def partition_pass(rows, pairs: tuple, inter: torch.Tensor, intra: torch.Tensor) -> None:

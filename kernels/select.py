@@ -315,7 +315,7 @@ def bracket_plan(ranks: list, lengths: list, sizes: list, n: int, local: list | 
     copies = sum(caps) * n * R
     slots = len(lengths) * n * R
     values = n * sum(sizes)
-    sorting = 4 * values + min(values, CHUNK) * SORT_BYTES
+    sorting = 4 * values + min(values, max([CHUNK, *sizes])) * SORT_BYTES  # a chunk holds whole rows
     counting = 4 * copies + (96 + 32 * TALLY_STRIPES) * slots + (4 * (copies + tiles * n * R * 2) if tiles else 0) \
         + min(copies, CHUNK) * RESOLVE_BYTES
     return {"caps": caps, "copies": copies, "bytes": 4 * values + max(sorting, counting)}

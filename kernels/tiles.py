@@ -165,12 +165,19 @@ class Segments:
             if t.device != self.device:
                 raise ValueError(f"a kernel argument is on {t.device} but the rows are on {self.device}")
 
-    def launch(self, kernel, *args, tail_warps: int = TAIL_WARPS, **kwargs) -> None:
-        """Run ``kernel(x, base, table, programs, n, *args)`` over every tile, with the tiling meta-parameters."""
+    def launch(self, kernel, *args, tail_warps: int = TAIL_WARPS, tiles_per_program: int | None = None,
+               **kwargs) -> None:
+        """Run ``kernel(x, base, table, programs, n, *args)`` over every tile, with the tiling meta-parameters.
+        ``tiles_per_program``: a program takes that many consecutive listed tiles (the kernel's
+        ``count`` and ``TILES`` arguments get the listed tiles and it)."""
         meta = dict(HAS_BASE=self.has_base, ALIGN=self.align, BASE_ALIGN=self.base_align, BLOCK=BLOCK)
         for listed, full in self.launches:
-            kernel[(listed.shape[0],)](self.anchor, self.base_anchor, self.table, listed, self.n, *args, FULL=full,
-                                       num_warps=warps(full, tail_warps), **meta, **kwargs)
+            grid, extra = listed.shape[0], {}
+            if tiles_per_program is not None:
+                grid = triton.cdiv(listed.shape[0], tiles_per_program)
+                extra = dict(count=listed.shape[0], TILES=tiles_per_program)
+            kernel[(grid,)](self.anchor, self.base_anchor, self.table, listed, self.n, *args, FULL=full,
+                            num_warps=warps(full, tail_warps), **meta, **kwargs, **extra)
 
 
 def warps(full: bool, tail_warps: int = TAIL_WARPS) -> int:
