@@ -130,13 +130,17 @@ def family(tmp_path, seed=0):
 
 def dense_merge(base, deltas, dtype=None, **params):
     """The dense yardstick: merge the materialised deltas as task vectors (on a zero base, so that
-    tau_i is exactly the delta), then theta = theta_pre + lam * tau_m as every merge forms it."""
+    tau_i is exactly the delta), then theta = theta_pre + lam * tau_m as every merge forms it. The
+    keys merged are those some delta changes (the population of an adapter merge); the rest are the
+    base's."""
     zero = {k: torch.zeros_like(v) for k, v in base.items()}
     lam = params.pop("lam", 1.0)
+    touched = {k for d in deltas for k, v in d.items() if bool(v.any())}
+    params["exclude"] = list(params.get("exclude", ())) + [f"^{re.escape(k)}$" for k in base if k not in touched]
     tau_m = merge(zero, [{**zero, **d} for d in deltas], **params)
     out = {}
     for k, v in base.items():
-        if v.is_floating_point() and not any(re.search(p, k) for p in params.get("exclude", ())):
+        if v.is_floating_point() and not any(re.search(p, k) for p in params["exclude"]):
             out[k] = merged_weights(v, lam, tau_m[k]).to(dtype or v.dtype)
         else:
             out[k] = v.to(dtype) if dtype and v.is_floating_point() else v
@@ -181,17 +185,24 @@ def test_pcb_global_equals_the_dense_deltas(tmp_path, block_width, max_memory):
     expected = dense_merge(base, deltas, method="pcb", ratio=0.2, report=dense_report)
     assert_same(got, expected)
     assert report["kept"] == dense_report["kept"] and report["entries"] == dense_report["entries"]
-    assert report["entries"] == sum(v.numel() for v in base.values() if v.is_floating_point())  # every key, zeros too
-    assert report["copied_keys"] == ["model.steps"]
+    touched = {k for d in deltas for k, v in d.items() if bool(v.any())}
+    assert report["entries"] == sum(base[k].numel() for k in touched)  # the adapted keys only
+    assert sorted(report["copied_keys"]) == sorted(k for k in base if k not in touched)
+    assert report["population"] == "the entries of the keys the adapters change"
 
 
-def test_the_zeros_of_untouched_keys_count_in_global_statistics(tmp_path):
+def test_the_zeros_of_untouched_keys_do_not_count_in_global_statistics(tmp_path):
+    # issue 29, item 3: a key no adapter touches is not part of the population (its zeros would fill
+    # the global top-k); the merge equals the dense merge of the touched keys alone
     base, base_path, folders, deltas = family(tmp_path)
-    got = merge_adapters(base_path, folders, method="pcb", ratio=0.2)
+    got = merge_adapters(base_path, folders, method="ties", density=0.2)
     touched = {k for d in deltas for k, v in d.items() if bool(v.any())}
     only = {k: v for k, v in base.items() if k in touched}
-    without_zeros = dense_merge(only, [{k: d[k] for k in touched} for d in deltas], method="pcb", ratio=0.2)
-    assert any(not torch.equal(got[k], without_zeros[k]) for k in touched)
+    without_zeros = merge(only, [{k: only[k] + d[k] for k in touched} for d in deltas], method="ties", density=0.2)
+    for k in touched:
+        assert torch.equal(got[k], without_zeros[k]), k
+    for k in set(base) - touched:
+        assert torch.equal(got[k], base[k]), k
 
 
 @pytest.mark.parametrize("method,params", [
@@ -256,7 +267,7 @@ def test_state_dict_base_with_tied_parameters(tmp_path):
         models.append({"lm_head.weight": t, "model.embed_tokens.weight": t,
                        "model.norm.weight": base["model.norm.weight"]})
     assert_same({k: got[k] for k in ("lm_head.weight", "model.norm.weight")},
-                {k: v for k, v in merge(base, models, method="pcb", ratio=0.3).items()
+                {k: v for k, v in merge(base, models, method="pcb", ratio=0.3, exclude=["norm"]).items()
                  if k != "model.embed_tokens.weight"})
     both = save_adapter(tmp_path / "both", {f"{P}lm_head.lora_A.weight": A, f"{P}lm_head.lora_B.weight": B,
                                             f"{P}model.embed_tokens.lora_embedding_A": A1,
@@ -306,9 +317,10 @@ def test_the_source_reads_blocks_only(tmp_path, monkeypatch):
         return real_run(method, source, sink, **kw)
 
     monkeypatch.setattr(lora.engine, "run", spy)
-    merge_adapters(base_path, folders, method="pcb", ratio=0.2, block_width=16)
+    report = {}
+    merge_adapters(base_path, folders, method="pcb", ratio=0.2, block_width=16, report=report)
     source = seen[-1]  # (the first ones check the parameters on a two-entry model)
-    assert source.D == sum(v.numel() for v in base.values() if v.is_floating_point())
+    assert source.D == sum(base[k].numel() for k in report["merged_keys"])
     assert type(source) is LoraSource  # not wrapped in a CachedSource: no [n, D] copy of the task vectors
     widest = max(p.R.shape[1] for a in source.adapters for p in a.deltas.values() if isinstance(p, lora.Product))
     assert 0 < source.largest_product <= max(GROUP_ENTRIES, widest)

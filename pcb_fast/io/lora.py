@@ -59,8 +59,9 @@ from ..core.threads import CpuThreads, one_thread
 from ..cpu import fused as fused_cpu
 from ..methods import SPECS
 from .checkpoints import MERGED_DTYPES, open_checkpoint, split_keys
+from .patterns import PatternError, peft_match
 from .safetensors import NotAFileError, read_regular, show
-from .tied import merged_aliases, tied_groups
+from .tied import folder_aliases, merged_aliases, tied_groups
 
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -158,10 +159,9 @@ def check_config(config: dict, name: str) -> None:
                              "positive numbers")
         for pattern in patterns:
             try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ValueError(f"{name}: {CONFIG}: {field} pattern {pattern!r} is not a regular expression: {e}") \
-                    from None
+                peft_match(pattern, "")
+            except PatternError as e:
+                raise ValueError(f"{name}: {CONFIG}: {field} pattern {show(pattern)} is refused: {e}") from None
     for field, what in VARIANTS.items():
         if config.get(field):
             raise ValueError(f"{name}: {what} adapters are not supported ({field} is set in {CONFIG}): their merge "
@@ -173,9 +173,10 @@ def check_config(config: dict, name: str) -> None:
 
 
 def _pattern_value(patterns: dict, module: str, default):
-    """PEFT's get_pattern_key: the first pattern p with re.match(rf"(.*\\.)?({p})$", module)."""
+    """PEFT's get_pattern_key: the value of the first pattern p with re.match(rf"(.*\\.)?({p})$", module),
+    matched on the module name with bounded work (io/patterns.py)."""
     for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
+        if peft_match(pattern, module):
             return value
     return default
 
@@ -256,18 +257,22 @@ def _deltas(ck, config, name, base_ck, merged: set, aliases: dict) -> dict:
                                  f"({PREFIX}{module}.{part} is missing)")
         A, B = _factor(ck, parts[a_name], name), _factor(ck, parts[b_name], name)
         what = f"{PREFIX}{module}.{a_name.split('.')[0]}/{b_name.split('.')[0]}"
-        r = A.shape[0]
-        if A.dim() < 2 or B.dim() < 2 or B.shape[1] != r:
+        if A.dim() < 2 or B.dim() < 2 or B.shape[1] != A.shape[0]:
             raise ValueError(f"{name}: rank mismatch at {show(what)}: {a_name} has shape {tuple(A.shape)} and {b_name} "
                              f"{tuple(B.shape)}; expected [r, ...] and [..., r] of the same r")
-        expected_r = _pattern_value(config.get("rank_pattern"), module, r_default)
+        r = A.shape[0]
+        try:
+            expected_r = _pattern_value(config.get("rank_pattern"), module, r_default)
+            scale = _scale(config, module, r)
+        except PatternError as e:
+            raise ValueError(f"{name}: {CONFIG}: a pattern cannot be matched against module {show(module)}: {e}") \
+                from None
         if r != expected_r:
             raise ValueError(f"{name}: rank mismatch at {show(what)}: the factors have rank {r} but {CONFIG} says "
                              f"r={expected_r}" + (" (rank_pattern)" if expected_r != r_default else ""))
         target = f"{module}.weight"
         own = aliases.get(target, target)
         shape = tuple(base_ck.shape(own)) if _has(base_ck, own) else None
-        scale = _scale(config, module, r)
         if embedding:  # lora_embedding_A [r, num], lora_embedding_B [dim, r]: (B @ A)^T = A^T @ B^T
             if A.dim() != 2 or B.dim() != 2:
                 raise ValueError(f"{name}: {show(what)}: embedding factors must be 2-D, not {tuple(A.shape)} and "
@@ -316,8 +321,27 @@ def _deltas(ck, config, name, base_ck, merged: set, aliases: dict) -> dict:
                              f"{show(base_key)} has shape {tuple(base_ck.shape(base_key))}")
         if not ck.is_floating(key) or ck.dtype(key) not in MERGED_DTYPES:
             raise ValueError(f"{name}, key {show(key)}: {ck.dtype(key)} tensors are not merged")
+        if _equals_base(ck, key, base_ck, base_key):
+            continue  # PEFT saves the wrapped layer of an adapted embedding as it was: no change
+        if base_key in deltas:
+            raise ValueError(f"{name}: {show(key)} and {origin[base_key]} both change the base model's key "
+                             f"{show(base_key)} (the saved tensor differs from the base's: was the adapter trained on "
+                             "another base?)")
         add(target, Full(key), key)
     return deltas
+
+
+def _equals_base(ck, key: str, base_ck, base_key: str, chunk: int = 1 << 20) -> bool:
+    """True when the tensor ``key`` saved in an adapter is the base's ``base_key`` (in the saved dtype),
+    compared slice by slice."""
+    numel = base_ck.numel(base_key)
+    for lo in range(0, numel, chunk):
+        hi = min(numel, lo + chunk)
+        saved = ck.read_into(key, lo, hi, torch.empty(hi - lo, dtype=ck.dtype(key)))
+        base = base_ck.read_into(base_key, lo, hi, torch.empty(hi - lo, dtype=base_ck.dtype(base_key)))
+        if not torch.equal(saved, base.to(saved.dtype)):
+            return False
+    return True
 
 
 def _has(base_ck, key: str) -> bool:
@@ -477,11 +501,24 @@ def merge_adapters(base, adapters, out=None, *, method="pcb", lam=1.0, lambdas=N
         merged, copied = split_keys(base_ck, exclude)
         if not merged:
             raise ValueError(f"{base_ck.name} has no floating-point tensor to merge (or every one is excluded)")
-        # tied parameters of an in-memory base are one parameter: merged once, under their first name
+        # tied parameters are one parameter, merged once under their canonical name (io/tied.py): in a
+        # state dict, the keys viewing one storage; in a folder, a head its config ties to the embedding
         aliases = merged_aliases(base, merged) if isinstance(base, dict) else {}
+        head_aliases = {} if isinstance(base, dict) else folder_aliases(base_ck)
         merged = [k for k in merged if k not in aliases]
         for source, name in zip(adapters, names):
-            opened.append(open_adapter(source, name, base_ck, merged, aliases))
+            opened.append(open_adapter(source, name, base_ck, merged, {**aliases, **head_aliases}))
+        # the population of the merge is what the adapters change: a key no adapter touches has tau = 0
+        # in every task, would only dilute global statistics (its zeros fill any top-k), and merges to
+        # the base whatever the method
+        adapted = set().union(*(a.deltas for a in opened))
+        if not adapted:
+            raise ValueError("the adapters change no merged key of the base model (every adapted key is excluded, "
+                             "or every saved tensor equals the base's)")
+        untouched = {k for k in merged if k not in adapted}
+        copied = copied + [k for k in merged if k in untouched] + [a for a, k in aliases.items() if k in untouched]
+        merged = [k for k in merged if k in adapted]
+        aliases = {a: k for a, k in aliases.items() if k in adapted}
         for key in merged:
             if isinstance(base, dict):
                 checks.check_finite(f"base model, key {key!r}", base[key])
@@ -497,6 +534,7 @@ def merge_adapters(base, adapters, out=None, *, method="pcb", lam=1.0, lambdas=N
                    threads=threads, options=options)
         if out is None:
             info, result = _merge_in_memory(base_ck, source, merged, copied, aliases, out_dtype, run)
+            result.update({alias: result[key] for alias, key in head_aliases.items()})  # as transformers loads it
         else:
             from .output import atomic_folder, check_not_an_input, checkpoint_files
             from .safetensors import ShardedWriter
@@ -523,7 +561,8 @@ def merge_adapters(base, adapters, out=None, *, method="pcb", lam=1.0, lambdas=N
         for ck in [base_ck] + [a.checkpoint for a in opened]:
             ck.close()
     if report is not None:
-        report.update(info, merged_keys=merged, copied_keys=copied, aliases=aliases,
+        report.update(info, merged_keys=merged, copied_keys=copied, aliases={**aliases, **head_aliases},
+                      population="the entries of the keys the adapters change",
                       adapted_keys={a.name: sorted(a.deltas) for a in opened},
                       seconds=time.perf_counter() - started, peak_rss_bytes=peak_rss_bytes())
     return result

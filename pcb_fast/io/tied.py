@@ -4,8 +4,15 @@
 two keys that view one storage; a file written by transformers or safetensors holds that parameter
 once. Merging the two keys as two tensors would count the parameter twice in global statistics and
 could merge its two names differently (DARE's drop depends on the key). So keys whose tensors are
-the same view of one storage in the base are one parameter: merged once, under the first key in
-sorted order, and every alias in the output is that merged tensor.
+the same view of one storage in the base are one parameter: merged once, under its canonical name,
+and every alias in the output is that merged tensor.
+
+The canonical name is the first of the group in the base's own order: the name under which
+``named_parameters()`` reports the parameter, and the one transformers keeps when it writes the
+model (``model.embed_tokens.weight``, not ``lm_head.weight``). A folder written that way holds only
+that name, so a merge from the folder, from ``model.state_dict()`` or from dense deltas keys every
+per-entry choice (DARE's drops) on the same name. A folder whose ``config.json`` ties the word
+embeddings and lacks the head's key gets the head back as an alias (:func:`folder_aliases`).
 """
 
 from __future__ import annotations
@@ -21,9 +28,10 @@ def _view_id(t: torch.Tensor):
 
 
 def tied_groups(state: dict) -> list[list[str]]:
-    """Groups (sorted, of two or more keys) of ``state``'s keys whose tensors are one view of one storage."""
+    """Groups (of two or more keys, in ``state``'s order: the canonical name first) of ``state``'s keys
+    whose tensors are one view of one storage."""
     groups = {}
-    for key in sorted(state):
+    for key in state:
         t = state[key]
         view = _view_id(t) if isinstance(t, torch.Tensor) else None
         if view is not None:
@@ -73,3 +81,41 @@ def same_as_base(base: dict, model: dict, keys) -> bool:
         if m.dtype != b.dtype or not torch.equal(m, b):
             return False
     return True
+
+
+HEAD = "lm_head.weight"  # the output embedding's key in transformers' causal LMs
+EMBEDDING_NAMES = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "word_embeddings.weight", "shared.weight")
+
+
+def _ties_word_embeddings(folder) -> dict | None:
+    """config.json of a Hugging Face folder when it ties the word embeddings, else None."""
+    import json
+
+    from .safetensors import NotAFileError, read_regular
+
+    try:
+        config = json.loads(read_regular(folder / "config.json", 1 << 24).decode("utf-8"))
+    except (OSError, NotAFileError, UnicodeDecodeError, ValueError, RecursionError):
+        return None  # no (readable) config: nothing is known to be tied
+    if not isinstance(config, dict):
+        return None
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings"))
+    return config if tied is True else None
+
+
+def folder_aliases(base_ck) -> dict:
+    """{"lm_head.weight": the input embedding's key} for a Hugging Face folder whose config.json
+    ties the word embeddings and whose weights lack the head (transformers writes a tied parameter
+    once); {} otherwise. The input embedding is the one floating key of the head's shape
+    [vocab_size, hidden] whose name ends in a usual embedding name (embed_tokens, wte, ...)."""
+    folder = getattr(base_ck, "folder", None)
+    keys = set(base_ck.keys())
+    if folder is None or HEAD in keys:
+        return {}
+    config = _ties_word_embeddings(folder)
+    if config is None:
+        return {}
+    candidates = [k for k in sorted(keys) if ".".join(k.split(".")[-2:]) in EMBEDDING_NAMES
+                  and base_ck.is_floating(k) and len(base_ck.shape(k)) == 2]
+    return {HEAD: candidates[0]} if len(candidates) == 1 else {}
