@@ -18,6 +18,8 @@ from .core.threads import CpuThreads, check_threads
 from .cpu import fused as fused_cpu
 from .gpu import backend as triton_backend
 from .io.checkpoints import StateDictCheckpoint, check_models_match, split_keys
+from .io.running_stats import check_mode as check_running_stats_mode
+from .io.running_stats import merge_running_stats, running_stat_keys
 from .io.tied import check_tied, same_as_base, tied_groups
 from .methods import SPECS, check_method_params, spec_of
 from .methods.pcb import check_params as check_pcb_params
@@ -95,7 +97,8 @@ def _reference_pcb(tv: torch.Tensor, params: dict) -> torch.Tensor:
 @torch.no_grad()
 def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=None, scope="global",
           exclude=(), backend="auto", block_width=DEFAULT_BLOCK_WIDTH, report: dict | None = None,
-          model_names=None, max_memory=None, fused="auto", threads="auto", **method_params) -> dict:
+          model_names=None, max_memory=None, fused="auto", threads="auto", running_stats="average",
+          **method_params) -> dict:
     """Merge fine-tuned state dicts ``models`` of ``base``: theta = theta_pre + lam * tau_m.
 
     Floating keys not matching an ``exclude`` regex are merged; the rest are copied from ``base``.
@@ -119,6 +122,9 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     (PCB: values within 2e-5 of max|tau_m| of the bit-exact eager path, inductor's exp and tanh round
     differently; docs/design.md 9); "auto": the C loops always, compiled ones for merges of at least
     2^29 task-vector entries (PCB: 2^31), where compiling pays for itself.
+    ``running_stats``: BatchNorm's running_mean/running_var (beside num_batches_tracked) are not task
+    vectors: "average" (default) takes the models' mean weighted by ``lambdas``, "base" the base's
+    (pcb_fast/io/running_stats.py).
     """
     spec = spec_of(method)
     models = list(models)
@@ -128,7 +134,10 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     checks.check_choice("fused", fused, fused_cpu.MODES)
     check_threads(threads)
     checks.check_block_width(block_width)
+    check_running_stats_mode(running_stats)
     models, names, merged_keys, copied_keys, device = check_state_dicts(base, models, exclude, model_names)
+    stat_keys = running_stat_keys(base, merged_keys)  # averaged, not merged as task vectors
+    merged_keys = [k for k in merged_keys if k not in stat_keys]
     backend = resolve_backend(backend, device)
     if backend == "triton":
         spec.for_kernels(method_params)  # before any heavy work
@@ -136,6 +145,7 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     aliases = check_tied(base, models, names, merged_keys)
     merged_keys = [k for k in merged_keys if k not in aliases]
     lambdas = checks.check_lambdas(lambdas, len(models))
+    stats = merge_running_stats(base, models, stat_keys, lambdas, running_stats)  # over every model given
     models, names, lambdas, dropped, method_params = _without_base_copies(base, models, names, lambdas, merged_keys,
                                                                           method, method_params)
 
@@ -144,7 +154,9 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
         clone = base[keys[0]].clone()  # tied copied keys stay one tensor
         out.update({k: clone for k in keys})
     if report is not None:
-        report.update(merged_keys=merged_keys, copied_keys=copied_keys, aliases=aliases, dropped_models=dropped)
+        report.update(merged_keys=merged_keys, copied_keys=copied_keys, aliases=aliases, dropped_models=dropped,
+                      running_stat_keys=stat_keys)
+    out.update(stats)
     if merged_keys:
         info = _merge_keys(base, models, names, merged_keys, out, device, method=method, backend=backend, lam=lam,
                            lambdas=lambdas, scope=scope, block_width=block_width, budget=budget, fused=fused,
