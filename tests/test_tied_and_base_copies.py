@@ -42,6 +42,37 @@ def untied(state):
     return {k: v for k, v in state.items() if k != "head.weight"}
 
 
+class HeadFirstLM(nn.Module):
+    """transformers' naming: the head's key (lm_head.weight) sorts before the embedding's."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(50, 16)
+        self.lm_head = nn.Linear(16, 50, bias=False)
+        self.lm_head.weight = self.model.embed_tokens.weight
+
+
+def test_the_canonical_name_is_the_one_a_saved_file_keeps():
+    # issue 29, item 1: DARE's drops are keyed on the name; the tied group's name is the base's first
+    # (the embedding, which transformers writes), not the alphabetically first (lm_head.weight)
+    torch.manual_seed(0)
+    base = HeadFirstLM()
+    models = [HeadFirstLM() for _ in range(2)]
+    for m in models:
+        m.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            m.lm_head.weight.add_(0.1 * torch.randn(50, 16))
+    sd_base, sd_models = base.state_dict(), [m.state_dict() for m in models]
+    report = {}
+    got = merge(sd_base, sd_models, method="dare", p=0.5, seed=2, report=report)
+    saved = merge({"model.embed_tokens.weight": sd_base["model.embed_tokens.weight"]},
+                  [{"model.embed_tokens.weight": m["model.embed_tokens.weight"]} for m in sd_models],
+                  method="dare", p=0.5, seed=2)
+    assert report["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert torch.equal(got["lm_head.weight"], saved["model.embed_tokens.weight"])
+
+
 @pytest.mark.parametrize("method,params", [
     ("pcb", dict(ratio=0.2)), ("pcb", dict(ratio=0.2, variant="paper")), ("dare", dict(p=0.5, seed=1)),
     ("ties", dict(density=0.3)), ("breadcrumbs", dict(gamma=0.1, beta=0.5)),
