@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--adapter", action="append",
                        help="a PEFT LoRA adapter folder of --base (adapter_config.json, adapter_model.safetensors), "
                             "merged as a model without materialising its delta (repeat for each; instead of --model)")
+    merge.add_argument("--out-adapter", type=int, metavar="RANK",
+                       help="with --adapter: write --out as a PEFT LoRA adapter of this rank (a truncated SVD of each "
+                            "module's merged delta; each module's relative error is reported) instead of a model")
     merge.add_argument("--lambdas", help="per-model weights, comma-separated, one per --model")
     merge.add_argument("--dtype", help="output dtype of floating tensors: float32, float16, bfloat16 (default: "
                                        "the base's)")
@@ -147,6 +150,8 @@ def merge_arguments(args) -> dict:
         raise ValueError("--adapter cannot be combined with --config (a config lists models); give --base and --adapter")
     if args.adapter and args.model:
         raise ValueError("--model and --adapter cannot be combined; merge fine-tuned models or LoRA adapters")
+    if args.out_adapter is not None and not args.adapter:
+        raise ValueError("--out-adapter writes the merge of --adapter folders as an adapter; give --adapter")
     if args.config:
         if given:
             raise ValueError(f"--{given[0].replace('_', '-')} cannot be combined with --config; put it in the config")
@@ -159,6 +164,8 @@ def merge_arguments(args) -> dict:
         if not args.model and not args.adapter:
             raise ValueError("at least one --model is required")
         kwargs = dict(base=args.base, adapters=args.adapter) if args.adapter else dict(base=args.base, models=args.model)
+        if args.out_adapter is not None:
+            kwargs["out_rank"] = args.out_adapter
         if args.method is not None:
             from .io.config import ALIASES
 
@@ -234,6 +241,12 @@ def run_merge(args) -> int:
         print(f"pcb-fast: {kwargs.get('method', 'pcb')}: merged {len(report['merged_keys'])} keys, copied "
               f"{len(report['copied_keys'])}; kept fraction per task {fractions}; {report['seconds']:.1f} s, "
               f"peak memory {report['peak_rss_bytes'] / 2**30:.2f} GiB; wrote {kwargs['out']}", file=sys.stderr)
+        if "adapters" in kwargs:
+            from .io.lora_out import error_table
+
+            print(f"pcb-fast: statistics over {report['population']}", file=sys.stderr)
+            if "adapter_modules" in report:
+                print(error_table(report["adapter_modules"]), file=sys.stderr)
     return 0
 
 

@@ -211,3 +211,105 @@ def test_a_zero_dimensional_factor_is_a_one_line_error(llama, tmp_path):
     with pytest.raises(ValueError, match="rank mismatch") as info:
         merge_adapters(base, [str(folder)])
     assert "\n" not in str(info.value)
+
+
+def run_cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "pcb_fast", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def generate(model, steps=5):
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=steps, do_sample=False, pad_token_id=0)
+
+
+def test_round_trip_cli_merge_and_out_adapter_load_and_generate(llama, tmp_path):
+    # issue 29's round trip: PEFT adapters (default save) -> pcb-fast merge --adapter and --out-adapter
+    # -> transformers / PEFT load them -> generate
+    base, _, adapters, _ = llama
+    folders = [adapters["qv"], adapters["head"]]
+    proc = run_cli("merge", "--base", base, *[x for f in folders for x in ("--adapter", f)], "--method", "ties",
+                   "--density", "0.5", "--out", tmp_path / "merged", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    merged = load_base(tmp_path / "merged")
+    expected = merge_adapters(base, folders, method="ties", density=0.5)
+    assert_close(merged.state_dict(), expected, atol=0)
+    proc = run_cli("merge", "--base", base, *[x for f in folders for x in ("--adapter", f)], "--method", "ties",
+                   "--density", "0.5", "--out", tmp_path / "adapter", "--out-adapter", 16)
+    assert proc.returncode == 0, proc.stderr
+    assert "relative error" in proc.stderr and "lm_head" in proc.stderr
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        via_adapter = peft.PeftModel.from_pretrained(load_base(base), tmp_path / "adapter").merge_and_unload()
+    # rank 16 is full rank for every module here (hidden size 16: TIES's trim makes the deltas full rank)
+    assert_close(via_adapter.state_dict(), expected, atol=1e-5)
+    assert torch.equal(generate(via_adapter), generate(merged))
+
+
+def test_out_adapter_errors_are_the_reported_ones(llama, tmp_path):
+    # item 5: PEFT's merge_and_unload of the written adapter is the merged model within the reported
+    # relative error of each module; the error falls with the rank and vanishes at full rank
+    base, _, adapters, _ = llama
+    folders = [adapters["embed"], adapters["rs"], adapters["qv"]]
+    dense = merge_adapters(base, folders, method="pcb", ratio=0.3)
+    base_state = load_base(base).state_dict()
+    previous = None
+    for rank in (1, 4, 16):
+        report = {}
+        out = merge_adapters(base, folders, tmp_path / f"r{rank}", method="pcb", ratio=0.3, out_rank=rank,
+                             report=report)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = peft.PeftModel.from_pretrained(load_base(base), out).merge_and_unload().state_dict()
+        modules = report["adapter_modules"]
+        assert set(modules) == {k.rpartition(".")[0] for k in report["merged_keys"]}
+        for module, (r, error) in modules.items():
+            key = f"{module}.weight"
+            delta = dense[key] - base_state[key]
+            actual = ((got[key] - dense[key]).norm() / delta.norm()).item()
+            assert r == min(rank, *delta.shape)
+            assert abs(actual - error) <= 1e-4 + 1e-3 * error, (module, actual, error)
+        total = sum(e for _, e in modules.values())
+        assert previous is None or total < previous
+        previous = total
+    assert max(e for _, e in modules.values()) < 1e-5  # rank 16 is full rank here
+
+
+def test_out_adapter_refuses_what_an_adapter_cannot_hold_and_writes_nothing(llama, tmp_path):
+    base, _, adapters, _ = llama
+    out = tmp_path / "adapter"
+    with pytest.raises(ValueError, match="out_rank=0 must be a positive integer"):
+        merge_adapters(base, [adapters["qv"]], out, out_rank=0)
+    with pytest.raises(ValueError, match="give out"):
+        merge_adapters(base, [adapters["qv"]], out_rank=4)
+    assert not out.exists()
+    # modules_to_save are written whole, as PEFT saves them
+    merge_adapters(base, [adapters["save"], adapters["qv"]], out, method="task_arithmetic", out_rank=8)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert "model.norm" in config["modules_to_save"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = peft.PeftModel.from_pretrained(load_base(base), out).merge_and_unload().state_dict()
+    expected = merge_adapters(base, [adapters["save"], adapters["qv"]], method="task_arithmetic")
+    assert torch.equal(got["model.norm.weight"], expected["model.norm.weight"])
+    assert_close(got, expected, atol=1e-5)
+
+
+def test_low_rank_randomized_is_near_the_exact_truncation():
+    from pcb_fast.io.lora_out import low_rank
+
+    gen = torch.Generator().manual_seed(0)
+    u, v = torch.linalg.qr(torch.randn(700, 60, generator=gen)).Q, torch.linalg.qr(torch.randn(500, 60, generator=gen)).Q
+    delta = u @ torch.diag(torch.logspace(0, -3, 60)) @ v.T
+    state = torch.random.get_rng_state()
+    left, right, error = low_rank(delta, 8)  # randomized: 2 * (8 + 8) < 500
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's generator is untouched
+    s = torch.linalg.svdvals(delta)
+    best = (s[8:].square().sum().sqrt() / s.square().sum().sqrt()).item()
+    assert left.shape == (700, 8) and right.shape == (8, 500)
+    assert best * (1 - 1e-5) <= error <= best * 1.01  # the optimum, up to float32 rounding
+    assert abs(error - ((delta - left @ right).norm() / delta.norm()).item()) < 1e-6

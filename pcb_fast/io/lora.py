@@ -58,6 +58,7 @@ from ..core.sources import DEFAULT_BLOCK_WIDTH, Block, TaskVectorSource, segment
 from ..core.threads import CpuThreads, one_thread
 from ..cpu import fused as fused_cpu
 from ..methods import SPECS
+from . import lora_out
 from .checkpoints import MERGED_DTYPES, open_checkpoint, split_keys
 from .patterns import PatternError, peft_match
 from .safetensors import NotAFileError, read_regular, show
@@ -87,6 +88,8 @@ class Product:
     R: torch.Tensor  # float32 [r, cols], contiguous
     scale: float
     where: str  # the adapter's keys, for messages
+    module: str = ""  # the adapted module's name in the adapter (lm_head for a LoRA on a tied head)
+    kind: str = ""  # "linear", "embedding", "fan_in_fan_out", "conv" or "bias" (how PEFT forms the delta)
 
     @property
     def group_rows(self) -> int:
@@ -277,17 +280,18 @@ def _deltas(ck, config, name, base_ck, merged: set, aliases: dict) -> dict:
             if A.dim() != 2 or B.dim() != 2:
                 raise ValueError(f"{name}: {show(what)}: embedding factors must be 2-D, not {tuple(A.shape)} and "
                                  f"{tuple(B.shape)}")
-            L, R, expected = A.t(), B.t(), (A.shape[1], B.shape[0])
+            L, R, expected, kind = A.t(), B.t(), (A.shape[1], B.shape[0]), "embedding"
         elif A.dim() == 2 and B.dim() == 2:
             if config.get("fan_in_fan_out", False):  # the weight is stored [in, out]: (B @ A)^T
-                L, R, expected = A.t(), B.t(), (A.shape[1], B.shape[0])
+                L, R, expected, kind = A.t(), B.t(), (A.shape[1], B.shape[0]), "fan_in_fan_out"
             else:
-                L, R, expected = B, A, (B.shape[0], A.shape[1])
+                L, R, expected, kind = B, A, (B.shape[0], A.shape[1]), "linear"
         elif A.dim() in (3, 4, 5) and B.dim() == A.dim() and all(k == 1 for k in B.shape[2:]):
             if config.get("fan_in_fan_out", False):
                 raise ValueError(f"{name}: {show(what)}: fan_in_fan_out does not apply to convolutions")
             # Conv: W [out, in, *k] flat is [out, in * prod(k)]; lora_B is a 1x1 convolution [out, r, 1, ...]
             L, R, expected = B.reshape(B.shape[0], r), A.reshape(r, -1), (B.shape[0],) + tuple(A.shape[1:])
+            kind = "conv"
         else:
             raise ValueError(f"{name}: {show(what)}: factors of shapes {tuple(A.shape)} and {tuple(B.shape)} are not "
                              "a LoRA of a Linear, Embedding or (ungrouped) convolution layer")
@@ -295,7 +299,7 @@ def _deltas(ck, config, name, base_ck, merged: set, aliases: dict) -> dict:
             hint = " (check fan_in_fan_out)" if shape == tuple(reversed(expected)) else ""
             raise ValueError(f"{name}: {show(what)} gives a delta of shape {tuple(expected)} but the base model's "
                              f"{show(target)} has shape {shape}{hint}")
-        add(target, Product(L.contiguous(), R.contiguous(), scale, what), what)
+        add(target, Product(L.contiguous(), R.contiguous(), scale, what, module, kind), what)
         if "lora_B.bias" in parts:
             if embedding:
                 raise ValueError(f"{name}: {show(parts['lora_B.bias'])}: an embedding LoRA has no bias")
@@ -309,8 +313,8 @@ def _deltas(ck, config, name, base_ck, merged: set, aliases: dict) -> dict:
                                  f"model's {show(bias_target)} has shape "
                                  f"{tuple(base_ck.shape(aliases.get(bias_target, bias_target)))}")
             # PEFT: bias += lora_B.bias * scale (a product by a [1, 1] one, exact)
-            add(bias_target, Product(bias.reshape(-1, 1).contiguous(), torch.ones(1, 1), scale, parts["lora_B.bias"]),
-                parts["lora_B.bias"])
+            add(bias_target, Product(bias.reshape(-1, 1).contiguous(), torch.ones(1, 1), scale, parts["lora_B.bias"],
+                                     module, "bias"), parts["lora_B.bias"])
         elif "lora_B.bias" not in parts and config.get("lora_bias", False):
             raise ValueError(f"{name}: {CONFIG} has lora_bias=true but {show(what)} has no lora_B.bias")
     for target, key in sorted(full.items()):
@@ -464,14 +468,18 @@ class LoraSource(TaskVectorSource):
 def merge_adapters(base, adapters, out=None, *, method="pcb", lam=1.0, lambdas=None, scope="global", exclude=(),
                    max_memory=None, dtype=None, shard_size="5GB", overwrite=False, progress=None,
                    report: dict | None = None, fused="auto", block_width=DEFAULT_BLOCK_WIDTH, threads="auto",
-                   backend="auto", device="cpu", **method_params):
+                   backend="auto", device="cpu", out_rank=None, **method_params):
     """Merge PEFT LoRA adapter folders ``adapters`` of ``base`` (a path, as for merge_checkpoints, or a
     state dict) without materialising their deltas: each adapter is one task, tau_i = scale * B @ A
     on the keys it adapts and 0 elsewhere; theta = theta_pre + lam * tau_m for every merged key.
 
     With ``out``, writes a Hugging Face folder as :func:`pcb_fast.merge_checkpoints` does (sharded
     safetensors, the base folder's side files; atomically) and returns its path; without, returns the
-    merged state dict. The other parameters are merge_checkpoints' (``max_memory`` bounds the entries
+    merged state dict. With ``out_rank`` r, ``out`` is written as a PEFT LoRA adapter folder of rank r
+    instead (io/lora_out.py: a truncated SVD of each adapted module's merged delta; the report's
+    "adapter_modules" gives each module's rank and relative error). The population of global
+    statistics is the entries of the keys the adapters change; the other keys are the base's.
+    The other parameters are merge_checkpoints' (``max_memory`` bounds the entries
     collected between passes; the task vectors are never cached; ``threads`` as for
     :func:`pcb_fast.merge`). Runs the torch backend on CPU.
     """
@@ -487,6 +495,10 @@ def merge_adapters(base, adapters, out=None, *, method="pcb", lam=1.0, lambdas=N
         raise ValueError(f"LoRA adapters merge on the torch backend on CPU in this version (backend={backend!r}, "
                          f"device={str(device)!r}); use backend 'torch' or 'auto' and device 'cpu'")
     names = [f"adapter {i} ({a})" for i, a in enumerate(adapters)]
+    if out_rank is not None:
+        out_rank = lora_out.check_rank(out_rank)
+        if out is None:
+            raise ValueError("out_rank writes an adapter folder: give out (the folder to write)")
     if out is not None:
         from .output import check_output
 
@@ -532,7 +544,19 @@ def merge_adapters(base, adapters, out=None, *, method="pcb", lam=1.0, lambdas=N
                              **fused_cpu.settings(fused, source.n * source.D, method, method_params))
         run = dict(method=method, scope=scope, lambdas=lambdas, block_width=block_width, params=method_params, lam=lam,
                    threads=threads, options=options)
-        if out is None:
+        if out_rank is not None:
+            from .output import check_not_an_input, checkpoint_files
+
+            plans = lora_out.plan(opened, merged)  # what cannot be an adapter fails before the heavy work
+            check_not_an_input(out, [f for label, ck in [("the base model", base_ck)] + [(a.name, a.checkpoint)
+                                                                                       for a in opened]
+                                     for f in checkpoint_files(ck, label)])
+            template = opened[0].config
+            info, modules = _merge_to_adapter(base_ck, source, plans, out_dtype, run, out, overwrite, out_rank,
+                                              template, str(base) if not isinstance(base, dict) else "")
+            info["adapter_modules"] = modules
+            result = out
+        elif out is None:
             info, result = _merge_in_memory(base_ck, source, merged, copied, aliases, out_dtype, run)
             result.update({alias: result[key] for alias, key in head_aliases.items()})  # as transformers loads it
         else:
@@ -566,6 +590,46 @@ def merge_adapters(base, adapters, out=None, *, method="pcb", lam=1.0, lambdas=N
                       adapted_keys={a.name: sorted(a.deltas) for a in opened},
                       seconds=time.perf_counter() - started, peak_rss_bytes=peak_rss_bytes())
     return result
+
+
+def _merge_to_adapter(base_ck, source, plans, out_dtype, run, out, overwrite, rank, template, base_name):
+    """Run the merge into a PEFT LoRA adapter folder (io/lora_out.py); returns (engine info,
+    {module: (rank, relative error)}). Each key's delta lam * tau_m is held until its last block
+    arrives, then factorised and freed."""
+    from .output import atomic_folder
+
+    deltas, filled, tensors, modules, ranks = {}, {}, {}, {}, {}
+    buffers = {}
+
+    def finish(key):
+        how, module, _ = plans[key]
+        delta = deltas.pop(key)
+        if how == "lora":
+            written, r, error = lora_out.factors(key, plans[key], delta, tuple(base_ck.shape(key)), rank)
+            tensors.update(written)
+            modules[module], ranks[module] = (r, error), r
+        else:  # saved whole, as PEFT saves modules_to_save: the merged value
+            base = base_ck.read(key).reshape(-1)
+            tensors[f"{lora_out.PREFIX}{key}"] = merged_weights(base, 1.0, delta).to(out_dtype(key)).view(
+                tuple(base_ck.shape(key)))
+
+    def sink(segment, lo, hi, tau_m):
+        key = segment.key
+        theta = merged_weights(_base_slice(base_ck, key, lo, hi, buffers), run["lam"], tau_m)
+        checks.check_merged(key, theta, theta)
+        if key not in deltas:
+            deltas[key] = torch.empty(base_ck.numel(key))
+            filled[key] = 0
+        deltas[key][lo:hi].copy_(tau_m).mul_(run["lam"])
+        filled[key] += hi - lo
+        if filled[key] == base_ck.numel(key):
+            finish(key)
+
+    info = _run(source, sink, run)
+    config = lora_out.adapter_config(rank, plans, ranks, template, base_name)
+    with atomic_folder(out, overwrite=overwrite) as tmp:
+        lora_out.write_adapter(tmp, tensors, config)
+    return info, modules
 
 
 def _run(source, sink, run) -> dict:
