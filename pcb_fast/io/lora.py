@@ -6,10 +6,11 @@ weight W is [out, in], ``base_model.model.m.lora_A.weight`` is A [r, in] and ``.
 is B [out, r], and the fine-tuned weight is W + scale * B @ A with scale = lora_alpha / r
 (``use_rslora``: lora_alpha / sqrt(r)). Its task vector is therefore tau = scale * B @ A, and
 :class:`LoraSource` forms it block by block from the factors inside the engine (docs/design.md
-3.1): merging n adapters holds the factors and a few blocks, never n dense deltas. A key of the
-base model that an adapter does not touch has tau = 0 for that task, so global statistics run over
-every merged entry of the model, zeros included, exactly as if the fine-tuned models had been
-materialised.
+3.1): merging n adapters holds the factors and a few blocks, never n dense deltas. A key that one
+adapter changes and another does not has tau = 0 for the other task; keys no adapter changes are
+the base's and stay out of the merge, so global statistics run over the entries the adapters can
+change (their zeros would otherwise fill any global top-k). Tied parameters are one key
+(io/tied.py): a LoRA on a tied ``lm_head`` changes the embedding, as PEFT's merge does.
 
 PEFT's conventions, as PEFT 0.21 writes and merges adapters (``LoraLayer.update_layer``,
 ``get_delta_weight``, ``get_peft_model_state_dict``):
@@ -19,10 +20,12 @@ PEFT's conventions, as PEFT 0.21 writes and merges adapters (``LoraLayer.update_
   ``lora_embedding_B`` [dim, r] (Embedding: tau = (B @ A)^T * scale), ``lora_B.bias``
   (``lora_bias``: the bias moves by scale * lora_B.bias);
 - ``fan_in_fan_out`` (GPT-2's Conv1D, weights stored [in, out]): tau = (B @ A)^T * scale;
-- per-module ``rank_pattern`` / ``alpha_pattern`` (a pattern p matches module m when m is p or ends
-  in ".p", as PEFT's ``get_pattern_key``); the rank is the factors' (checked against the config);
+- per-module ``rank_pattern`` / ``alpha_pattern`` (regexes matched on module names as PEFT's
+  ``get_pattern_key``, with bounded work: io/patterns.py); the rank is the factors' (checked
+  against the config);
 - full tensors saved beside the factors (``modules_to_save``, ``bias="all"``/``"lora_only"``, saved
-  embedding layers, ``<module>.base_layer.<name>`` for a wrapped layer): tau = saved - base;
+  embedding layers, ``<module>.base_layer.<name>`` for a wrapped layer): tau = saved - base, and
+  no change where the saved tensor is the base's (PEFT saves an adapted embedding's base layer);
 - refused with a one-line error: DoRA and the other variants whose merge is not scale * B @ A
   (Arrow, BD-LoRA, aLoRA, MonteCLoRA, MiCA, KaSA, QALoRA), initialisations that change the base
   weights and are saved unconverted (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ), ``layer_replication``,
