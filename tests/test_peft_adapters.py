@@ -313,3 +313,17 @@ def test_low_rank_randomized_is_near_the_exact_truncation():
     assert left.shape == (700, 8) and right.shape == (8, 500)
     assert best * (1 - 1e-5) <= error <= best * 1.01  # the optimum, up to float32 rounding
     assert abs(error - ((delta - left @ right).norm() / delta.norm()).item()) < 1e-6
+
+
+def test_a_torch_file_base_holding_both_tied_names(llama, tmp_path):
+    # a pytorch_model.bin written from model.state_dict() holds both names on one storage: one parameter
+    base, model, adapters, _ = llama
+    folder = tmp_path / "bin-base"
+    folder.mkdir()
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    (folder / "config.json").write_text(open(f"{base}/config.json").read())
+    expected = peft_merged(base, adapters["head"])
+    got = merge_adapters(str(folder), [adapters["head"]], method="task_arithmetic")
+    assert_close(got, expected)
+    out = merge_adapters(str(folder), [adapters["head"]], tmp_path / "out", method="task_arithmetic")
+    assert_close(load_base(out).state_dict(), expected)

@@ -518,8 +518,9 @@ def merge_adapters(base, adapters, out=None, *, method="pcb", lam=1.0, lambdas=N
             raise ValueError(f"{base_ck.name} has no floating-point tensor to merge (or every one is excluded)")
         # tied parameters are one parameter, merged once under their canonical name (io/tied.py): in a
         # state dict, the keys viewing one storage; in a folder, a head its config ties to the embedding
-        aliases = merged_aliases(base, merged) if isinstance(base, dict) else {}
-        head_aliases = {} if isinstance(base, dict) else folder_aliases(base_ck)
+        state = getattr(base_ck, "state", None)  # a state dict, or a torch file (which keeps shared storages)
+        aliases = merged_aliases(state, merged) if state is not None else {}
+        head_aliases = {} if state is not None else folder_aliases(base_ck)
         merged = [k for k in merged if k not in aliases]
         for source, name in zip(adapters, names):
             opened.append(open_adapter(source, name, base_ck, merged, {**aliases, **head_aliases}))
