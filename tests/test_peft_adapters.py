@@ -327,3 +327,16 @@ def test_a_torch_file_base_holding_both_tied_names(llama, tmp_path):
     assert_close(got, expected)
     out = merge_adapters(str(folder), [adapters["head"]], tmp_path / "out", method="task_arithmetic")
     assert_close(load_base(out).state_dict(), expected)
+
+
+def test_cli_out_adapter_errors_are_one_line(llama, tmp_path, capsys):
+    from pcb_fast.cli import main
+
+    base, _, adapters, _ = llama
+    assert main(["merge", "--base", base, "--adapter", adapters["qv"], "--out", str(tmp_path / "a"),
+                 "--out-adapter", "0"]) == 2
+    assert main(["merge", "--base", base, "--model", base, "--out", str(tmp_path / "b"), "--out-adapter", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["pcb-fast: error: out_rank=0 must be a positive integer (the rank of the adapter written)",
+                   "pcb-fast: error: --out-adapter writes the merge of --adapter folders as an adapter; give --adapter"]
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
