@@ -145,7 +145,7 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     aliases = check_tied(base, models, names, merged_keys)
     merged_keys = [k for k in merged_keys if k not in aliases]
     lambdas = checks.check_lambdas(lambdas, len(models))
-    stats = merge_running_stats(base, models, stat_keys, lambdas, running_stats)  # over every model given
+    stats = merge_running_stats(base, models, stat_keys, lambdas, running_stats, names)  # over every model given
     models, names, lambdas, dropped, method_params = _without_base_copies(base, models, names, lambdas, merged_keys,
                                                                           method, method_params)
 

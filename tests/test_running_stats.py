@@ -92,3 +92,10 @@ def test_a_buffer_named_running_var_without_a_counter_is_merged():
     out = merge(base, [{"x.running_var": torch.full((3,), 0.2)}, {"x.running_var": torch.full((3,), 0.3)}],
                 method="task_arithmetic")
     assert torch.allclose(out["x.running_var"], torch.full((3,), -0.5))
+
+
+def test_a_non_finite_running_statistic_is_named():
+    base, models = family()
+    models[1].bn.running_var[0] = float("nan")
+    with pytest.raises(ValueError, match="model 1, key 'bn.running_var'"):
+        merge(base.state_dict(), [m.state_dict() for m in models], method="task_arithmetic")

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ..core import checks
+
 MODES = ("average", "base")
 SUFFIXES = (".running_mean", ".running_var")
 
@@ -35,9 +37,14 @@ def check_mode(mode) -> str:
     return mode
 
 
-def merge_running_stats(base: dict, models, keys, lambdas, mode: str) -> dict:
+def merge_running_stats(base: dict, models, keys, lambdas, mode: str, names=None) -> dict:
     """{key: merged value} of the running statistics ``keys``: the base's (``mode="base"``) or the
-    mean of the models' values weighted by ``lambdas`` (all 1 when None), in the base's dtype."""
+    mean of the models' values weighted by ``lambdas`` (all 1 when None), in the base's dtype.
+    NaN/Inf in a model's statistic is a ValueError naming the model (``names``) and the key."""
+    if mode == "average":
+        for i, model in enumerate(models):
+            for key in keys:
+                checks.check_finite(f"{names[i] if names else f'model {i}'}, key {key!r}", model[key])
     if mode == "base" or not keys:
         return {key: base[key].clone() for key in keys}
     weights = [1.0] * len(models) if lambdas is None else [float(w) for w in lambdas]
