@@ -340,3 +340,30 @@ def test_cli_out_adapter_errors_are_one_line(llama, tmp_path, capsys):
     assert err == ["pcb-fast: error: out_rank=0 must be a positive integer (the rank of the adapter written)",
                    "pcb-fast: error: --out-adapter writes the merge of --adapter folders as an adapter; give --adapter"]
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_extract_an_adapter_from_two_full_models(llama, tmp_path):
+    # mergekit's extract-lora through the same SVD: PEFT's merge of the extracted adapter gives back
+    # the fine-tuned model within the reported error (exactly, where the rank holds the change)
+    from pcb_fast.io.lora_out import extract_adapter
+
+    base, _, adapters, _ = llama
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tuned = peft.PeftModel.from_pretrained(load_base(base), adapters["save"]).merge_and_unload()
+    tuned.save_pretrained(tmp_path / "tuned")
+    report = {}
+    out = extract_adapter(base, str(tmp_path / "tuned"), tmp_path / "extracted", 2, report=report)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(load_base(base), out).merge_and_unload().state_dict()
+    assert_close(back, tuned.state_dict(), atol=1e-5)
+    assert max(e for _, e in report["adapter_modules"].values()) < 1e-5  # rank 2 holds the rank-2 changes
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert "model.norm" in config["modules_to_save"]
+    report = {}
+    extract_adapter(base, str(tmp_path / "tuned"), tmp_path / "rank1", 1, report=report)
+    assert all(0.1 < e < 1 for _, e in report["adapter_modules"].values())
+    with pytest.raises(ValueError, match="equals the base model"):
+        extract_adapter(base, base, tmp_path / "none", 2)
+    assert not (tmp_path / "none").exists()
