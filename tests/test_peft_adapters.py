@@ -5,7 +5,6 @@ by ``peft.get_peft_model`` and written by ``save_pretrained`` with PEFT's defaul
 adapted embedding's base layer beside its factors). The yardstick is PEFT's ``merge_and_unload``.
 """
 
-import copy
 import json
 import warnings
 
@@ -79,7 +78,8 @@ def llama(tmp_path_factory):
 
     adapters = {
         "qv": make_adapter(base, root / "qv", 1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-        "rs": make_adapter(base, root / "rs", 2, r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "o_proj"],
+        "rs": make_adapter(base, root / "rs", 2, r=4, lora_alpha=8, use_rslora=True,
+                           target_modules=["q_proj", "o_proj"],
                            rank_pattern={"o_proj": 2}, alpha_pattern={r"layers\.1\.self_attn\.q_proj": 3}),
         "embed": make_adapter(base, root / "embed", 3, r=4, lora_alpha=4, target_modules=["embed_tokens", "q_proj"]),
         "head": make_adapter(base, root / "head", 4, r=2, lora_alpha=4, target_modules=["lm_head", "v_proj"]),
@@ -303,7 +303,8 @@ def test_low_rank_randomized_is_near_the_exact_truncation():
     from pcb_fast.io.lora_out import low_rank
 
     gen = torch.Generator().manual_seed(0)
-    u, v = torch.linalg.qr(torch.randn(700, 60, generator=gen)).Q, torch.linalg.qr(torch.randn(500, 60, generator=gen)).Q
+    u = torch.linalg.qr(torch.randn(700, 60, generator=gen)).Q
+    v = torch.linalg.qr(torch.randn(500, 60, generator=gen)).Q
     delta = u @ torch.diag(torch.logspace(0, -3, 60)) @ v.T
     state = torch.random.get_rng_state()
     left, right, error = low_rank(delta, 8)  # randomized: 2 * (8 + 8) < 500

@@ -187,8 +187,8 @@ def extract_adapter(base, model, out, rank: int, *, exclude=(), overwrite: bool 
                 tensors.update(written)
                 modules[module], ranks[module] = (r, error), r
             elif module in lora_modules:
-                raise ValueError(f"{show(key)} changed, and its module {show(module)} becomes a LoRA: an adapter cannot "
-                                 "hold both; exclude the key to leave it out")
+                raise ValueError(f"{show(key)} changed, and its module {show(module)} becomes a LoRA: an adapter "
+                                 "cannot hold both; exclude the key to leave it out")
             else:
                 plans[key] = ("full", module, None)
                 tensors[f"{PREFIX}{key}"] = model_ck.read(key).contiguous()
