@@ -244,7 +244,8 @@ def run_merge(args) -> int:
         if "adapters" in kwargs:
             from .io.lora_out import error_table
 
-            print(f"pcb-fast: statistics over {report['population']}", file=sys.stderr)
+            scope = "per-tensor" if kwargs.get("scope") == "tensor" else "global"
+            print(f"pcb-fast: {scope} statistics over {report['population']}", file=sys.stderr)
             if "adapter_modules" in report:
                 print(error_table(report["adapter_modules"]), file=sys.stderr)
     return 0

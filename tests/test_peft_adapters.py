@@ -242,6 +242,7 @@ def test_round_trip_cli_merge_and_out_adapter_load_and_generate(llama, tmp_path)
                    "--density", "0.5", "--out", tmp_path / "adapter", "--out-adapter", 16)
     assert proc.returncode == 0, proc.stderr
     assert "relative error" in proc.stderr and "lm_head" in proc.stderr
+    assert "global statistics over the entries of the keys the adapters change" in proc.stderr
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         via_adapter = peft.PeftModel.from_pretrained(load_base(base), tmp_path / "adapter").merge_and_unload()
