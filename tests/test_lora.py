@@ -192,7 +192,7 @@ def test_pcb_global_equals_the_dense_deltas(tmp_path, block_width, max_memory):
 
 
 def test_the_zeros_of_untouched_keys_do_not_count_in_global_statistics(tmp_path):
-    # issue 29, item 3: a key no adapter touches is not part of the population (its zeros would fill
+    # a key no adapter touches is not part of the population (its zeros would fill
     # the global top-k); the merge equals the dense merge of the touched keys alone
     base, base_path, folders, deltas = family(tmp_path)
     got = merge_adapters(base_path, folders, method="ties", density=0.2)

@@ -1,4 +1,4 @@
-"""LoRA adapters as PEFT makes and saves them (issue 29), against PEFT's own merge.
+"""LoRA adapters as PEFT makes and saves them, against PEFT's own merge.
 
 A tiny Llama with tied word embeddings is built and saved by transformers; its adapters are made
 by ``peft.get_peft_model`` and written by ``save_pretrained`` with PEFT's defaults (which save an
@@ -112,7 +112,7 @@ def test_one_adapter_equals_peft_merge_and_unload(llama, name):
 
 
 def test_the_saved_base_layer_must_be_the_base(llama, tmp_path):
-    # item 2: a saved base_layer equal to the base is no change; a differing one is an error naming the key
+    # a saved base_layer equal to the base is no change; a differing one is an error naming the key
     base, _, adapters, _ = llama
     from safetensors.torch import load_file, save_file
 
@@ -129,7 +129,7 @@ def test_the_saved_base_layer_must_be_the_base(llama, tmp_path):
 
 
 def test_dare_drops_on_a_tied_parameter_are_the_same_from_every_entry_point(llama):
-    # item 1: the drop of an entry is keyed on one canonical name of the tied group, so a folder base,
+    # the drop of an entry is keyed on one canonical name of the tied group, so a folder base,
     # a state-dict base and the dense fine-tuned models give the same merged embedding
     base, model, adapters, _ = llama
     folders = [adapters["embed"], adapters["head"]]
@@ -143,7 +143,7 @@ def test_dare_drops_on_a_tied_parameter_are_the_same_from_every_entry_point(llam
 
 
 def test_the_in_memory_result_loads_strictly(llama):
-    # item 4: the result of a folder base holds every alias (lm_head.weight), as merge's does
+    # the result of a folder base holds every alias (lm_head.weight), as merge's does
     base, _, adapters, _ = llama
     merged = merge_adapters(base, [adapters["qv"], adapters["head"]], method="ties", density=0.5)
     fresh = tiny_llama()
@@ -152,7 +152,7 @@ def test_the_in_memory_result_loads_strictly(llama):
 
 
 def test_global_scope_counts_only_what_the_adapters_change(llama):
-    # item 3: TIES at density 0.2 over q/v adapters is not density 1.0 (the untouched keys' zeros used
+    # TIES at density 0.2 over q/v adapters is not density 1.0 (the untouched keys' zeros used
     # to fill the global top 20%)
     base, _, adapters, _ = llama
     folders = [adapters["qv"], adapters["bf16"]]
@@ -175,7 +175,7 @@ def test_dora_is_refused_in_one_line(llama, tmp_path):
 
 
 def test_rank_pattern_regexes_are_matched_with_bounded_work(llama, tmp_path):
-    # issue 26, item 8: a catastrophic pattern does not hang (PEFT's own re.match would)
+    # a catastrophic pattern does not hang (PEFT's own re.match would)
     base, _, adapters, _ = llama
     folder = tmp_path / "evil"
     folder.mkdir()
@@ -198,7 +198,7 @@ def test_rank_pattern_regexes_are_matched_with_bounded_work(llama, tmp_path):
 
 
 def test_a_zero_dimensional_factor_is_a_one_line_error(llama, tmp_path):
-    # issue 26, item 10: a 0-d lora_A.weight (IndexError before)
+    # a 0-d lora_A.weight (an IndexError before)
     base, _, adapters, _ = llama
     from safetensors.torch import load_file, save_file
 
@@ -228,7 +228,7 @@ def generate(model, steps=5):
 
 
 def test_round_trip_cli_merge_and_out_adapter_load_and_generate(llama, tmp_path):
-    # issue 29's round trip: PEFT adapters (default save) -> pcb-fast merge --adapter and --out-adapter
+    # the round trip a PEFT user makes: PEFT adapters (default save) -> pcb-fast merge --adapter and --out-adapter
     # -> transformers / PEFT load them -> generate
     base, _, adapters, _ = llama
     folders = [adapters["qv"], adapters["head"]]
@@ -252,7 +252,7 @@ def test_round_trip_cli_merge_and_out_adapter_load_and_generate(llama, tmp_path)
 
 
 def test_out_adapter_errors_are_the_reported_ones(llama, tmp_path):
-    # item 5: PEFT's merge_and_unload of the written adapter is the merged model within the reported
+    # PEFT's merge_and_unload of the written adapter is the merged model within the reported
     # relative error of each module; the error falls with the rank and vanishes at full rank
     base, _, adapters, _ = llama
     folders = [adapters["embed"], adapters["rs"], adapters["qv"]]

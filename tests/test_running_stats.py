@@ -1,4 +1,4 @@
-"""BatchNorm running statistics are averaged, not merged as task vectors (issue 29, item 7)."""
+"""BatchNorm running statistics are averaged, not merged as task vectors."""
 
 import copy
 

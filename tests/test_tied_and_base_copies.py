@@ -54,7 +54,7 @@ class HeadFirstLM(nn.Module):
 
 
 def test_the_canonical_name_is_the_one_a_saved_file_keeps():
-    # issue 29, item 1: DARE's drops are keyed on the name; the tied group's name is the base's first
+    # DARE's drops are keyed on the name; the tied group's name is the base's first
     # (the embedding, which transformers writes), not the alphabetically first (lm_head.weight)
     torch.manual_seed(0)
     base = HeadFirstLM()
