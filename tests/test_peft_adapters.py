@@ -369,3 +369,20 @@ def test_extract_an_adapter_from_two_full_models(llama, tmp_path):
     with pytest.raises(ValueError, match="equals the base model"):
         extract_adapter(base, base, tmp_path / "none", 2)
     assert not (tmp_path / "none").exists()
+
+
+def test_only_a_model_with_an_lm_head_gets_one_back(llama, tmp_path):
+    # a folder whose config ties the embeddings of an architecture without lm_head (an encoder) gains
+    # no key: its result still loads strictly into its own model
+    base, _, adapters, _ = llama
+    folder = tmp_path / "encoder"
+    folder.mkdir()
+    import shutil
+
+    shutil.copy(f"{base}/model.safetensors", folder / "model.safetensors")
+    config = json.loads(open(f"{base}/config.json").read())
+    config["architectures"] = ["LlamaModel"]
+    (folder / "config.json").write_text(json.dumps(config))
+    got = merge_adapters(str(folder), [adapters["qv"]], method="task_arithmetic")
+    assert "lm_head.weight" not in got
+    assert "lm_head.weight" in merge_adapters(base, [adapters["qv"]], method="task_arithmetic")

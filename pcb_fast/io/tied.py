@@ -84,6 +84,7 @@ def same_as_base(base: dict, model: dict, keys) -> bool:
 
 
 HEAD = "lm_head.weight"  # the output embedding's key in transformers' causal LMs
+HEAD_CLASSES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")  # transformers' classes with lm_head
 EMBEDDING_NAMES = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "word_embeddings.weight", "shared.weight")
 
 
@@ -101,13 +102,17 @@ def _ties_word_embeddings(folder) -> dict | None:
         return None
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
     tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings"))
-    return config if tied is True else None
+    architectures = config.get("architectures")
+    # only models with an lm_head (an encoder's tied decoder has another name)
+    with_head = isinstance(architectures, list) and any(isinstance(a, str) and a.endswith(HEAD_CLASSES)
+                                                       for a in architectures)
+    return config if tied is True and with_head else None
 
 
 def folder_aliases(base_ck) -> dict:
     """{"lm_head.weight": the input embedding's key} for a Hugging Face folder whose config.json
-    ties the word embeddings and whose weights lack the head (transformers writes a tied parameter
-    once); {} otherwise. The input embedding is the one floating key of the head's shape
+    ties the word embeddings of an architecture with an ``lm_head`` (``...ForCausalLM``, ...) and
+    whose weights lack the head (transformers writes a tied parameter once); {} otherwise. The input embedding is the one floating key of the head's shape
     [vocab_size, hidden] whose name ends in a usual embedding name (embed_tokens, wte, ...)."""
     folder = getattr(base_ck, "folder", None)
     keys = set(base_ck.keys())
