@@ -99,3 +99,26 @@ def test_a_non_finite_running_statistic_is_named():
     models[1].bn.running_var[0] = float("nan")
     with pytest.raises(ValueError, match="model 1, key 'bn.running_var'"):
         merge(base.state_dict(), [m.state_dict() for m in models], method="task_arithmetic")
+
+
+@pytest.mark.parametrize("mode", ["average", "base"])
+def test_a_merge_from_files_treats_running_statistics_as_a_merge_in_memory_does(tmp_path, mode):
+    from pcb_fast import merge_checkpoints
+    from pcb_fast.io.checkpoints import open_checkpoint
+    from pcb_fast.io.disk_merge import save_model
+
+    base, models = family()
+    save_model(base.state_dict(), tmp_path / "base")
+    for i, m in enumerate(models):
+        save_model(m.state_dict(), tmp_path / f"m{i}")
+    report = {}
+    merge_checkpoints(tmp_path / "base", [tmp_path / "m0", tmp_path / "m1"], tmp_path / "out", method="task_arithmetic",
+                      lambdas=[3.0, 1.0], running_stats=mode, report=report)
+    ck = open_checkpoint(tmp_path / "out", "out")
+    got = {k: ck.read(k) for k in ck.keys()}
+    ck.close()
+    expected = merge(base.state_dict(), [m.state_dict() for m in models], method="task_arithmetic",
+                     lambdas=[3.0, 1.0], running_stats=mode)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    assert bool((got["bn.running_var"] >= 0).all())  # task arithmetic would give 1 + 3(-0.8) + (-0.7) < 0
+    assert sorted(report["running_stat_keys"]) == ["bn.running_mean", "bn.running_var"]

@@ -38,6 +38,8 @@ from .checkpoints import (JSON_LIMIT, check_models_match, load_json, open_checkp
                           split_keys)
 from .distributed import assign_shards
 from .output import atomic_folder, check_not_an_input, check_output, checkpoint_files
+from .running_stats import check_mode as check_running_stats_mode
+from .running_stats import merge_running_stats, running_stat_keys
 from .safetensors import ShardedWriter, nbytes, open_regular, read_regular, shard_plan, show_path
 from .write_behind import WriteBehind
 
@@ -123,7 +125,7 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
                       backend="auto", device="cpu", max_memory=None, shard_size="5GB", dtype=None,
                       overwrite=False, progress=None, report: dict | None = None, distributed: bool = False,
                       fused="auto", block_width=DEFAULT_BLOCK_WIDTH, threads="auto", card: dict | None = None,
-                      **method_params) -> Path:
+                      running_stats="average", **method_params) -> Path:
     """Merge checkpoints (paths or state dicts) of ``models`` fine-tuned from ``base`` into the folder
     ``out``: sharded safetensors (``shard_size``) with an index, the base's dtypes (or ``dtype``),
     the base folder's config/tokenizer files, and the merge parameters in the metadata.
@@ -140,6 +142,8 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
     ``threads``: "auto" or a number, as for :func:`pcb_fast.merge`.
     ``card``: what a YAML config recorded for the output's mergekit_config.yml and README.md
     (pcb_fast/io/card.py; without it they describe the arguments).
+    ``running_stats``: BatchNorm's running statistics are averaged over the models ("average") or
+    taken from the base ("base"), never merged as task vectors (pcb_fast/io/running_stats.py).
     Returns the output folder.
     """
     started = time.perf_counter()
@@ -148,6 +152,7 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
                                                         method_params, max_memory, fused, threads, dtype)
     n = len(models)
     checks.check_block_width(block_width)
+    check_running_stats_mode(running_stats)
     shard_bytes = parse_size(shard_size, "shard_size")
     if shard_bytes == 0:
         raise ValueError(f"shard_size={shard_size!r} must be positive")
@@ -178,6 +183,11 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
         if not merged:
             raise ValueError(_nothing_to_merge(base_ck, base, copied))
         check_models_match(base_ck, model_cks, merged)
+        stat_keys = running_stat_keys(set(base_ck.keys()), merged)  # averaged, not merged as task vectors
+        merged = [k for k in merged if k not in stat_keys]
+        stats = merge_running_stats({k: base_ck.read(k) for k in stat_keys},
+                                    [{k: ck.read(k) for k in stat_keys} for ck in model_cks], stat_keys, lambdas,
+                                    running_stats, names)
         check_side_files(base_ck.folder, dtype, card, base_ck.name)
         if distributed:  # every rank has made the same checks; now they meet
             from .distributed import init_from_env
@@ -187,7 +197,7 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
             if comm.rank != 0:
                 progress = None
         with atomic_folder(out, comm, overwrite=overwrite) as tmp:
-            info = _write_merge(base_ck, model_cks, merged, copied, tmp, method=method, lam=lam, lambdas=lambdas,
+            info = _write_merge(base_ck, model_cks, merged, copied, tmp, stats, method=method, lam=lam, lambdas=lambdas,
                                 exclude=exclude, scope=scope, backend=backend, device=device, budget=budget,
                                 shard_bytes=shard_bytes, dtype=dtype, progress=progress, block_width=block_width,
                                 params=method_params, comm=comm, fused=fused, threads=threads)
@@ -201,7 +211,7 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
             comm.close()
     if report is not None:
         report.update(info, merged_keys=merged, copied_keys=copied, seconds=time.perf_counter() - started,
-                      peak_rss_bytes=peak_rss_bytes(), dropped_models=dropped)
+                      peak_rss_bytes=peak_rss_bytes(), dropped_models=dropped, running_stat_keys=stat_keys)
     return out
 
 
@@ -281,7 +291,7 @@ def check_side_files(folder, dtype: str | None, card: dict | None, name: str = "
                 raise ValueError(f"{name}: tokenizer_config.json is not a JSON object; it cannot hold the chat template")
 
 
-def _write_merge(base_ck, model_cks, merged, copied, folder: Path, *, method, lam, lambdas, exclude, scope, backend, device,
+def _write_merge(base_ck, model_cks, merged, copied, folder: Path, stats: dict, *, method, lam, lambdas, exclude, scope, backend, device,
                  budget, shard_bytes, dtype, progress, block_width, params, comm=None, fused="auto",
                  threads="auto") -> dict:
     def out_dtype(key):
@@ -304,6 +314,9 @@ def _write_merge(base_ck, model_cks, merged, copied, folder: Path, *, method, la
         for key in copied:
             if local is None or key in local:
                 copy_tensor(base_ck, key, writer, out_dtype(key))
+        for key, value in stats.items():  # running statistics: small, averaged up front
+            if local is None or key in local:
+                writer.write(key, 0, value.reshape(-1).to(out_dtype(key)))
         info = {"kept": [0] * len(model_cks), "entries": 0}
         if merged and backend == "torch":
             info = _stream_merge(base_ck, model_cks, merged, writer, out_dtype, method=method, lam=lam,
