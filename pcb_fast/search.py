@@ -31,6 +31,7 @@ from .core.formulas import disjoint_mean, elected_signs, zero_sign_fill
 from .core.sources import DEFAULT_BLOCK_WIDTH, StateDictSource
 from .core.options import RunOptions
 from .core.threads import CpuThreads, check_threads
+from .io.running_stats import merge_running_stats, running_stat_keys
 from .io.tied import check_tied, tied_groups
 from .methods import SPECS
 from .methods.linear import dare_block, check_drop, check_seed
@@ -72,7 +73,13 @@ class ContributionCache:
         self.n = len(models)
         self.method, self.scope, self.params = method, scope, params
         aliases = check_tied(base, models, names, self.merged)  # tied parameters: merged once (io/tied.py)
-        self.merged = [k for k in self.merged if k not in aliases]
+        # BatchNorm's running statistics: the models' mean weighted by each candidate's lambdas, as merge()
+        # takes them (io/running_stats.py); kept here, they are tiny
+        self._stat_keys = running_stat_keys(base, self.merged)
+        self._stats = ({k: base[k] for k in self._stat_keys}, [{k: m[k] for k in self._stat_keys} for m in models],
+                       names)
+        merge_running_stats(*self._stats[:2], self._stat_keys, None, "average", names)  # NaN named up front
+        self.merged = [k for k in self.merged if k not in aliases and k not in self._stat_keys]
         self.out = {k: base[k].clone() for k in base if k not in aliases}
         for keys in tied_groups({k: base[k] for k in self.copied}):
             self.out.update({k: self.out[keys[0]] for k in keys[1:]})
@@ -177,6 +184,10 @@ class ContributionCache:
             return self._apply(lambdas, lam)
 
     def _apply(self, lambdas, lam) -> dict:
+        if self._stat_keys:
+            base, models, names = self._stats
+            for key, value in merge_running_stats(base, models, self._stat_keys, lambdas, "average", names).items():
+                self.out[key].copy_(value)
         if self.method == "ties":
             self._apply_ties(lambdas)
         for key in self.merged:

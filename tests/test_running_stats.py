@@ -122,3 +122,17 @@ def test_a_merge_from_files_treats_running_statistics_as_a_merge_in_memory_does(
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
     assert bool((got["bn.running_var"] >= 0).all())  # task arithmetic would give 1 + 3(-0.8) + (-0.7) < 0
     assert sorted(report["running_stat_keys"]) == ["bn.running_mean", "bn.running_var"]
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "pcb"])
+def test_the_coefficient_search_applies_running_statistics_as_a_merge_does(method):
+    from pcb_fast import ContributionCache
+
+    base, models = family()
+    states = [m.state_dict() for m in models]
+    cache = ContributionCache(base.state_dict(), states, method=method)
+    for lambdas in ([3.0, 1.0], [0.9, 1.2]):
+        got = cache.apply(lambdas, 1.0)
+        expected = merge(base.state_dict(), states, method=method, lambdas=lambdas)
+        assert all(torch.equal(got[k], expected[k]) for k in expected), lambdas
+        assert bool((got["bn.running_var"] >= 0).all())
