@@ -162,3 +162,15 @@ def test_lambdas_follow_the_task_vectors_device(variant):
     tv = torch.empty(3, 64, device="meta")
     out = variant(tv, lambdas=[0.5, 1.0, 2.0])
     assert out.device.type == "meta" and out.shape == (64,)
+
+
+@pytest.mark.parametrize("method, params", [("task_arithmetic", {}), ("dare", {"p": [0.1, 0.2, 0.3]}),
+                                            ("dare_ties", {}), ("ties", {}), ("breadcrumbs", {})])
+def test_the_baselines_build_their_constants_on_the_task_vectors_device(method, params):
+    """As PCB's above: lambdas, DARE's keep mask and per-task rescale on the task vectors' device (the
+    meta device standing in for CUDA; average reads its weights' sum on the host, which meta cannot)."""
+    from pcb_fast.reference import baselines
+
+    tv = torch.empty(3, 64, device="meta")
+    out = getattr(baselines, method)(tv, lambdas=[0.5, 1.0, 2.0], segments=[("w", (64,))], **params)
+    assert out.device.type == "meta" and out.shape == (64,)

@@ -25,14 +25,15 @@ def _task_order_sum(x: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def _weights(lambdas, n: int):
+def _weights(lambdas, n: int, device=None):
     """The per-task coefficients as an [n, 1] column, or None."""
-    return None if lambdas is None else torch.tensor([float(v) for v in lambdas], dtype=torch.float32).view(n, 1)
+    return None if lambdas is None else torch.tensor([float(v) for v in lambdas], dtype=torch.float32,
+                                                     device=device).view(n, 1)
 
 
 def average(tv, *, lambdas=None, segments=None) -> torch.Tensor:
     """Weighted mean of the task vectors, weights ``lambdas`` (default 1) normalised to sum 1."""
-    lam = _weights(lambdas, tv.shape[0])
+    lam = _weights(lambdas, tv.shape[0], tv.device)
     if lam is None:
         return _task_order_sum(tv) / tv.shape[0]
     return _task_order_sum(tv * lam) / float(lam.sum())
@@ -49,7 +50,7 @@ def _normalized(total: torch.Tensor, lambdas, n: int, normalize: bool) -> torch.
 
 def task_arithmetic(tv, *, normalize=False, lambdas=None, segments=None) -> torch.Tensor:
     """Ilharco et al. 2023: sum_i lambda_i tau_i (``lam`` is applied by the caller)."""
-    lam = _weights(lambdas, tv.shape[0])
+    lam = _weights(lambdas, tv.shape[0], tv.device)
     return _normalized(_task_order_sum(tv if lam is None else tv * lam), lambdas, tv.shape[0], normalize)
 
 
@@ -86,7 +87,7 @@ def elect_and_merge(trimmed: torch.Tensor, lam, sign_ties: str, normalize: bool 
     """
     weighted = trimmed if lam is None else trimmed * lam
     sign = torch.sign(_task_order_sum(weighted))
-    majority = torch.sign(sign.sum()) if sign_ties == "majority" else torch.tensor(1.0)
+    majority = torch.sign(sign.sum()) if sign_ties == "majority" else torch.tensor(1.0, device=sign.device)
     sign = torch.where(sign == 0, majority, sign)
     agree = torch.where(sign > 0, weighted > 0, weighted < 0)
     total = _task_order_sum(weighted * agree)
@@ -101,7 +102,7 @@ def elect_and_merge(trimmed: torch.Tensor, lam, sign_ties: str, normalize: bool 
 def ties(tv, *, density=0.2, sign_ties="majority", topk="threshold", normalize=True, min_keep=0, lambdas=None,
          segments=None):
     """Yadav et al. 2023 (TIES-Merging): trim, elect sign, disjoint mean."""
-    return elect_and_merge(tv * magnitude_mask(tv, density, topk, min_keep), _weights(lambdas, tv.shape[0]),
+    return elect_and_merge(tv * magnitude_mask(tv, density, topk, min_keep), _weights(lambdas, tv.shape[0], tv.device),
                            sign_ties, normalize)
 
 
@@ -151,7 +152,7 @@ def _l1_rescaled(tv: torch.Tensor, masked: torch.Tensor, segments) -> torch.Tens
             before += float(tv[i, offset : offset + numel].abs().sum())
             after += float(masked[i, offset : offset + numel].abs().sum())
             offset += numel
-        before, after = torch.tensor(before, dtype=torch.float32), torch.tensor(after, dtype=torch.float32)
+        before, after = (torch.tensor(x, dtype=torch.float32, device=tv.device) for x in (before, after))
         if before >= 1e-7 and after >= 1e-7:
             out[i] = masked[i] * (before / after)
     return out
@@ -162,13 +163,13 @@ def dare_masked(tv: torch.Tensor, p, seed: int, segments, rescale: str = "invers
     survivors by 1/(1-p) ("inverse"), to the task vector's L1 norm ("l1", mergekit), or not ("none")."""
     ps = _per_task(p, tv.shape[0])
     keep = torch.cat([torch.stack([dare_keep(seed, i, key, math.prod(shape), ps[i]) for i in range(tv.shape[0])])
-                      for key, shape in segments], dim=1)
+                      for key, shape in segments], dim=1).to(tv.device)
     if rescale == "none":
         return tv * keep
     if rescale == "l1":
         return _l1_rescaled(tv, tv * keep, segments)
     if isinstance(p, (list, tuple)):
-        return tv * keep / torch.tensor([[1 - x] for x in ps], dtype=torch.float32)
+        return tv * keep / torch.tensor([[1 - x] for x in ps], dtype=torch.float32, device=tv.device)
     return tv * keep / (1 - p)
 
 
@@ -180,7 +181,7 @@ def dare(tv, *, p=0.9, seed=0, rescale="inverse", normalize=False, lambdas=None,
 def dare_ties(tv, *, p=0.9, seed=0, sign_ties="majority", rescale="inverse", normalize=True, lambdas=None,
               segments=None):
     """DARE then TIES sign election and disjoint mean (DARE's drop replaces the magnitude trim)."""
-    return elect_and_merge(dare_masked(tv, p, seed, segments, rescale), _weights(lambdas, tv.shape[0]), sign_ties,
+    return elect_and_merge(dare_masked(tv, p, seed, segments, rescale), _weights(lambdas, tv.shape[0], tv.device), sign_ties,
                            normalize)
 
 
@@ -224,7 +225,7 @@ def breadcrumbs(tv, *, gamma=0.01, beta=0.1, band="row", normalize=False, lambda
 def breadcrumbs_ties(tv, *, gamma=0.01, beta=0.1, band="row", sign_ties="majority", normalize=True, lambdas=None,
                      segments=None):
     """mergekit's breadcrumbs_ties: the Breadcrumbs band, then TIES' election and disjoint mean."""
-    return elect_and_merge(tv * breadcrumbs_mask(tv, gamma, beta, band, segments), _weights(lambdas, tv.shape[0]),
+    return elect_and_merge(tv * breadcrumbs_mask(tv, gamma, beta, band, segments), _weights(lambdas, tv.shape[0], tv.device),
                            sign_ties, normalize)
 
 
