@@ -31,6 +31,14 @@ SCORE_ULPS = 6  # fused scores against eager ones (exp: 1.5 ulp apart, tanh: 2, 
 MASK_ULPS = 16  # keep-mask disagreements only where |P - t| is within this many ulps of t
 
 
+@pytest.fixture(autouse=True)
+def compiled_loops(monkeypatch):
+    """These are the compiled loops' tests: PCB's C sweeps (which fused="auto" and "on" take where the
+    C library builds, bit-exact: tests/test_pcb_c.py) are turned off here."""
+    has_c_loops = fused_cpu.has_c_loops
+    monkeypatch.setattr(fused_cpu, "has_c_loops", lambda method, params: method != "pcb" and has_c_loops(method, params))
+
+
 def run(tv, fused, block_width=4096, budget=None, **params):
     out, kept = run_method(merge_pcb, tv, fused, block_width=block_width, budget=budget, **params)
     return out, torch.tensor(kept)

@@ -251,10 +251,14 @@ class ColumnSample:
         self.parts = columns
         return True
 
-    def scores(self, score_fn: Callable) -> torch.Tensor:
-        """[n, s] scores of the sampled columns; ``score_fn`` maps a [n, m] block to its scores."""
+    def scores(self, score_fn: Callable, joined: bool = False) -> torch.Tensor:
+        """[n, s] scores of the sampled columns; ``score_fn`` maps a [n, m] block to its scores. With
+        ``joined``, one call on all the sampled columns (for scores computed column by column: the
+        same values as part by part, one call instead of one per block)."""
         if not self.parts:  # a rank of a distributed merge may hold no key
             return torch.zeros(self.n, 0)
+        if joined:
+            return score_fn(torch.cat(self.parts, dim=1)).clone()
         return torch.cat([score_fn(part).clone() for part in self.parts], dim=1)
 
 
@@ -323,7 +327,7 @@ def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
 
 def select_threshold(
     source: TaskVectorSource, score_blocks: Callable, rank, sample_scores: torch.Tensor | None = None,
-    keep_ties: bool = False,
+    keep_ties: bool = False, collect_at: Callable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[Collected], torch.Tensor]:
     """Exact t_i = sort(score_i)[rank_i] and M_i = max(score_i) for every task, the collected entries,
     and the number of kept entries per task (score > t, or score >= t with ``keep_ties``). ``rank``:
@@ -337,6 +341,10 @@ def select_threshold(
     When the collected entries would not fit ``source.options.memory_budget``, nothing is collected: t and M
     come from the two passes of the radix select, and the collected list is None (the method then
     recomputes its scores in a merge pass).
+
+    ``collect_at(floor)``, where given, returns the collected blocks at a floor ([n]) in one pass of
+    the method's own (the entries of :func:`collect_block` over ``score_blocks()``, exactly), in place
+    of scoring whole blocks and collecting from them.
     """
     n, D = source.n, source.D
     ranks = task_ranks(rank, n)
@@ -347,14 +355,14 @@ def select_threshold(
     guess = None if sample_scores is None else bounds_from_sample(sample_scores, ranks, D)
     floor, ceiling = guess if guess is not None else (None, torch.full((n,), float("inf")))
     if floor is not None:
-        collected, per_task = collect(score_blocks, floor, n)
+        collected, per_task = collect(score_blocks, floor, n, collect_at)
         if any(values.numel() < D - int(r) for values, r in zip(per_task, ranks)):
             floor = None  # the sampled floor was above the threshold for some task
     if floor is None:
         selector = RadixSelect(n, ranks.unsqueeze(1), D)
         for _, scores in score_blocks():
             selector.count_high(scores)
-        collected, per_task = collect(score_blocks, bucket_floor(selector.find_buckets()[:, 0]), n)
+        collected, per_task = collect(score_blocks, bucket_floor(selector.find_buckets()[:, 0]), n, collect_at)
     thresholds, maxima, kept = [], [], []
     for values, top, rank in zip(per_task, ceiling, ranks.tolist()):
         # Every entry below the floor is below every collected one, so the rank shifts by their number.
@@ -484,9 +492,13 @@ def threshold_by_radix(source: TaskVectorSource, score_blocks: Callable, rank, k
     return selector.values()[:, 0], peak, selector.count_above(inclusive=keep_ties)[:, 0]
 
 
-def collect(score_blocks: Callable, floor: torch.Tensor, n: int):
-    """One pass: the collected blocks, and every task's collected scores in one tensor."""
-    collected = [collect_block(block, scores, floor) for block, scores in score_blocks()]
+def collect(score_blocks: Callable, floor: torch.Tensor, n: int, collect_at: Callable | None = None):
+    """One pass: the collected blocks (by ``collect_at(floor)`` where given, see
+    :func:`select_threshold`), and every task's collected scores in one tensor."""
+    if collect_at is not None:
+        collected = collect_at(floor)
+    else:
+        collected = [collect_block(block, scores, floor) for block, scores in score_blocks()]
     per_task = [[] for _ in range(n)]
     for c in collected:
         for i, part in enumerate(c.score.split(c.counts())):

@@ -58,6 +58,18 @@ FUSED_METHODS = ("ties", "dare", "dare_ties", "breadcrumbs", "pcb")
 C_METHODS = ("ties", "dare", "dare_ties")
 
 
+def has_c_loops(method: str, params: dict) -> bool:
+    """Whether ``method`` with ``params`` has its loops in C here: TIES, DARE and DARE-TIES (every
+    option), PCB's official variant with inter "sum" or "normalized_sum" (pcb_loops.c; n up to
+    core.formulas.EXACT_EXP_MAX_N, which the method checks), where the C library builds."""
+    if native.problem() is not None:
+        return False
+    if method == "pcb":
+        return (params.get("variant", "official") == "official"
+                and params.get("inter", "sum") in ("sum", "normalized_sum"))
+    return method in C_METHODS
+
+
 RECOMPILE_LIMIT = 256  # compiled variants per function (thread counts times shape specialisations)
 
 
@@ -84,8 +96,8 @@ def has_loops(method: str, params: dict) -> bool:
     rate per model, nor PCB's paper variant (the methods take the eager path for those)."""
     if method not in FUSED_METHODS:
         return False
-    if method in C_METHODS and native.problem() is None:
-        return True  # the C loops take every option of these methods
+    if has_c_loops(method, params):
+        return True  # the C loops take every option of TIES, DARE and DARE-TIES
     if method in ("dare", "dare_ties") and (isinstance(params.get("p"), (list, tuple))
                                              or params.get("rescale", "inverse") != "inverse"):
         return False
@@ -104,7 +116,7 @@ def resolve(mode: str, entries: int, method: str | None = None, params: dict | N
         return False  # nothing to compile: not even the probe (seconds of inductor start-up per process)
     if mode == "off":
         return False
-    if method in C_METHODS and native.problem() is None:
+    if method is not None and has_c_loops(method, params or {}):
         return True
     if mode == "auto" and entries < AUTO_MIN_ENTRIES_BY_METHOD.get(method, AUTO_MIN_ENTRIES):
         return False
@@ -123,7 +135,7 @@ def settings(mode: str, entries: int, method: str, params: dict, allowed: bool =
     (:func:`resolve`; ``allowed`` False: never) and "fixed_threads": compiled loops are specialised to
     the thread count (a change would recompile them mid-merge), the C loops are not."""
     fused = allowed and resolve(mode, entries, method, params)
-    return {"fused": fused, "fixed_threads": fused and not (method in C_METHODS and native.problem() is None)}
+    return {"fused": fused, "fixed_threads": fused and not has_c_loops(method, params)}
 
 
 def weights(lam, n: int) -> torch.Tensor:

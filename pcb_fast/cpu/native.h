@@ -81,5 +81,13 @@ int64_t weighted_merge(int64_t n, int64_t m, const void *const *models, const in
                        float lam, void *out, int32_t out_dtype, int threads);
 int64_t merged_output(int64_t m, const void *base, int32_t base_dtype, const float *tau_m, float lam, void *out,
                       int32_t out_dtype, int threads);
+int64_t pcb_candidates(const float *tv, int64_t n, int64_t m, int64_t stride, const float *lo, const float *hi,
+                       const float *span, float nf, int normalized, const float *floor_, int64_t *counts,
+                       int32_t *flat, float *tau, float *exp_arg, float *tanh_arg, int threads);
+int64_t pcb_keep(int64_t n, int64_t *counts, int32_t *flat, float *score, float *tau, const float *floor_);
+void pcb_merge_entries(int64_t n, int64_t m, const int64_t *offsets, const int32_t *flat, const float *score,
+                       const float *tau, const float *t, const float *keep_span, const float *lo, const float *hi,
+                       const float *lam, float *out, float *den);
+void pcb_approximations(int64_t count, const float *x, float *exp_out, float *tanh_out);
 
 #endif

@@ -1,7 +1,8 @@
 """Small C kernels for the CPU engine: per-row order statistics of |tau| (row_select.c), DARE's
 keep masks (dare_hash.c), weighted merges from the stored inputs (weighted_merge.c) and the block
-loops of TIES, DARE and DARE-TIES (ties_loops.c, the eager engine's values bit for bit) and the
-collection of the entries above a floor (collect.c).
+loops of TIES, DARE and DARE-TIES (ties_loops.c, the eager engine's values bit for bit), the
+collection of the entries above a floor (collect.c) and PCB's score and merge sweeps (pcb_loops.c,
+the eager engine's values bit for bit).
 
 Breadcrumbs places its band by two order statistics of every row; torch has no per-row select
 cheaper than a partial top-k over (value, index) pairs, which cost it most of its time. Task
@@ -37,7 +38,7 @@ import torch
 
 # compiled together into one library
 SOURCES = tuple(Path(__file__).with_name(name)
-                for name in ("row_select.c", "dare_hash.c", "weighted_merge.c", "ties_loops.c", "collect.c"))
+                for name in ("row_select.c", "dare_hash.c", "weighted_merge.c", "ties_loops.c", "collect.c", "pcb_loops.c"))
 HEADERS = (Path(__file__).with_name("native.h"),)  # part of the cache key: a change rebuilds the library
 # Tried in order: a compiler may refuse -march=native or lack OpenMP (the kernel then runs on one thread).
 # -ffp-contract=off: a * b + c must round twice, as torch's float32 ops do (GCC contracts by default).
@@ -351,6 +352,10 @@ SIGNATURES = {
     "run_extremes": (None, [_p, _i64, _i64, _i64, _i64, _p, _p, _p, _int]),
     "merged_output": (_i64, [_i64, _p, _i32, _p, _f32, _p, _i32, _int]),
     "weighted_merge": (_i64, [_i64, _i64, _p, _p, _p, _i32, _p, _f32, _f32, _p, _i32, _int]),
+    "pcb_candidates": (_i64, [_p, _i64, _i64, _i64, _p, _p, _p, _f32, _int] + [_p] * 6 + [_int]),
+    "pcb_keep": (_i64, [_i64] + [_p] * 5),
+    "pcb_merge_entries": (None, [_i64, _i64] + [_p] * 11),
+    "pcb_approximations": (None, [_i64] + [_p] * 3),
 }
 
 
@@ -479,3 +484,63 @@ def run_extremes(tv: torch.Tensor, run: int):
     library.run_extremes(tv.data_ptr(), n, m, tv.stride(0), run, run_min.data_ptr(), run_max.data_ptr(),
                          row_max.data_ptr(), min(n, _threads(n * m)))
     return row_max, (run_min, run_max)
+
+
+def pcb_candidates(tv: torch.Tensor, lo, hi, span, n_tasks: int, normalized: bool, floor, out: list):
+    """PCB official's candidates of a block [n, m] (pcb_loops.c): the entries whose approximate score
+    reaches ``floor`` (per task) minus a wide margin, task-major in position order. ``out``: four
+    reusable flat buffers of at least n * m entries (int32, then three float32). Returns ([n] int64
+    counts, int32 flat indices task * m + position, tau, the float32 arguments of exp and tanh that
+    the eager engine computes for these entries), views of ``out``."""
+    library, tv = _loaded(), _task_rows(tv)
+    n, m = tv.shape
+    if n * m >= 1 << 31:
+        raise ValueError(f"pcb_candidates: a block of {n} x {m} entries has more than 2^31")
+    lo, hi, span, floor = (_column(v, torch.float32) for v in (lo, hi, span, floor))
+    counts = torch.empty(n, dtype=torch.int64)
+    flat, tau, exp_arg, tanh_arg = out
+    total = library.pcb_candidates(tv.data_ptr(), n, m, tv.stride(0), lo.data_ptr(), hi.data_ptr(), span.data_ptr(),
+                                   float(n_tasks), int(normalized), floor.data_ptr(), counts.data_ptr(),
+                                   flat.data_ptr(), tau.data_ptr(), exp_arg.data_ptr(), tanh_arg.data_ptr(),
+                                   _threads(n * m))
+    if total < 0:
+        raise MemoryError(f"pcb_candidates: no scratch memory for a block of {n} tasks")
+    return counts, flat[:total], tau[:total], exp_arg[:total], tanh_arg[:total]
+
+
+def pcb_keep(counts: torch.Tensor, flat: torch.Tensor, score: torch.Tensor, tau: torch.Tensor, floor):
+    """Keep, in place, the entries with ``score >= floor`` of their task (``counts``: [n] int64 entries per
+    task, task-major; updated to the kept numbers). Returns (flat, score, tau) views of the kept."""
+    library = _loaded()
+    floor = _column(floor, torch.float32)
+    total = library.pcb_keep(counts.numel(), counts.data_ptr(), flat.data_ptr(), score.data_ptr(), tau.data_ptr(),
+                             floor.data_ptr())
+    return flat[:total], score[:total], tau[:total]
+
+
+def pcb_merge_entries(m: int, counts, flat, score, tau, t, keep_span, lo, hi, lam, out: torch.Tensor,
+                      den: torch.Tensor) -> torch.Tensor:
+    """PCB's merge (docs/design.md 2.2 steps 6-7) of a block of width ``m`` from its collected entries
+    (``counts`` per task, task-major ``flat`` indices task * m + position, scores, tau), into ``out``
+    [m]: the values of pcb.py's merge through core.engine.Entries, bit for bit. ``lam``: n weights or
+    None; ``den``: [m] float32 scratch."""
+    library = _loaded()
+    n = len(counts)
+    offsets = torch.zeros(n + 1, dtype=torch.int64)
+    torch.cumsum(torch.as_tensor(counts, dtype=torch.int64), 0, out=offsets[1:])
+    columns = [_column(v, torch.float32) for v in (t, keep_span, lo, hi)]
+    lam = None if lam is None else _column(lam, torch.float32)
+    library.pcb_merge_entries(n, m, offsets.data_ptr(), flat.data_ptr(), score.data_ptr(), tau.data_ptr(),
+                              *(c.data_ptr() for c in columns), None if lam is None else lam.data_ptr(),
+                              out.data_ptr(), den.data_ptr())
+    return out
+
+
+def pcb_approximations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exp, tanh) of float32 ``x`` by the approximations of pcb_candidates' test (for the tests that
+    bound their error against torch's)."""
+    library = _loaded()
+    x = x.to(torch.float32).contiguous()
+    exp_out, tanh_out = torch.empty_like(x), torch.empty_like(x)
+    library.pcb_approximations(x.numel(), x.data_ptr(), exp_out.data_ptr(), tanh_out.data_ptr())
+    return exp_out, tanh_out

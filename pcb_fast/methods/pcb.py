@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 
 from ..core import checks
-from ..core.engine import ColumnSample, entries, raise_if_not_finite, select_in_bracket, select_threshold
+from ..core.engine import (ColumnSample, Collected, entries, raise_if_not_finite, select_in_bracket,
+                           select_threshold)
 from ..core.formulas import EXACT_EXP_MAX_N, clip_indices, keep_index, lambda_column, span_or_inf
 from ..core.select import RadixSelect, TailSelect
 from ..core.sources import DEFAULT_BLOCK_WIDTH
@@ -56,7 +57,7 @@ def merge_pcb(source, sink, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant
     params = check_params(source.n, ratio=ratio, clamp_ratio=clamp_ratio, inter=inter, variant=variant, lambdas=lambdas)
     block_width = source.block_width(block_width)
     if params["variant"] == "official":
-        if fused_cpu.applies(source) and record is None:
+        if fused_cpu.applies(source) and record is None and not _c_loops(source, params):
             return _merge_official_fused(source, sink, params, block_width, reuse)
         return _merge_official(source, sink, params, block_width, record, reuse)
     return _merge_paper(source, sink, params, block_width, record, reuse)
@@ -120,6 +121,34 @@ def clip_bounds(source, clamp_ratio: float, block_width: int, sample: ColumnSamp
     return tb.ClipStats.from_bounds(bounds[:, 0], bounds[:, 1])
 
 
+def _c_loops(source, params) -> bool:
+    """Whether this merge takes the C sweeps of pcb_loops.c (the eager values bit for bit): fused loops
+    chosen (:func:`pcb_fast.cpu.fused.applies`), the C library built, inter "sum" or "normalized_sum", and
+    n up to EXACT_EXP_MAX_N (no shift inside exp)."""
+    return fused_cpu.applies(source) and fused_cpu.has_c_loops("pcb", params) and source.n <= EXACT_EXP_MAX_N
+
+
+def _collector(source, clip: tb.ClipStats, inter: str, block_width: int):
+    """``collect_at(floor)`` for :func:`select_threshold`: one pass of the C candidate sweep
+    (pcb_loops.c: approximate scores, the entries within a wide margin of the floor and the arguments
+    of their exp and tanh), then torch's exp and tanh on those arguments (the eager scores exactly)
+    and the entries whose score reaches the floor: :func:`collect_block`'s entries, bit for bit."""
+    n = source.n
+    out = [torch.empty(n * block_width, dtype=torch.int32)] + [torch.empty(n * block_width) for _ in range(3)]
+
+    def collect_at(floor):
+        collected = []
+        for block in source.blocks(block_width):
+            counts, flat, tau, exp_arg, tanh_arg = native.pcb_candidates(
+                block.tv, clip.lo, clip.hi, clip.span, n, inter == "normalized_sum", floor, out)
+            score = torch.exp(exp_arg).mul_(torch.tanh(tanh_arg))  # intra * inter, as official_scores
+            flat, score, tau = native.pcb_keep(counts, flat, score, tau, floor)
+            collected.append(Collected(block.segment, block.lo, block.hi, n, flat.clone(), score.clone(), tau.clone()))
+        return collected
+
+    return collect_at
+
+
 def _merge_official(source, sink, params, block_width, record=None, reuse=None):
     n, D = source.n, source.D
 
@@ -129,16 +158,28 @@ def _merge_official(source, sink, params, block_width, record=None, reuse=None):
 
     clip, sample = _reused(reuse, ("clip", params["clamp_ratio"], block_width), statistics)
     ws = tb.Workspace(n, block_width, 4 if params["inter"] == "pairwise" else 3)
-    sample_scores = sample.scores(lambda tv: tb.official_scores(tv, clip, params["inter"], ws))
+    # scored column by column: all sampled columns in one call (a workspace of their width)
+    sample_scores = sample.scores(lambda tv: tb.official_scores(tv, clip, params["inter"], tb.Workspace(
+        n, tv.shape[1], 4 if params["inter"] == "pairwise" else 3)), joined=True)
 
     def score_blocks():
         for block in source.blocks(block_width):
             yield block, tb.official_scores(block.tv, clip, params["inter"], ws)
 
-    t, peak, collected, kept = select_threshold(source, score_blocks, keep_index(D, params["ratio"]), sample_scores)
+    in_c = _c_loops(source, params)
+    t, peak, collected, kept = select_threshold(source, score_blocks, keep_index(D, params["ratio"]), sample_scores,
+                                                collect_at=_collector(source, clip, params["inter"], block_width)
+                                                if in_c else None)
     lam = lambda_column(params["lambdas"], n)
     # scale = (max(P, t) - t) / (M - t) (docs/design.md 2.2 step 6); M == t means nothing is kept: scale 0.
     span = span_or_inf(peak - t)
+    if in_c and collected is not None and record is None:  # the merge of the collected entries in C
+        out, den = torch.empty(block_width), torch.empty(block_width)
+        for c in collected:
+            tau_m = native.pcb_merge_entries(c.width, c.counts(), c.flat, c.score, c.tau, t, span, clip.lo, clip.hi,
+                                             lam, out[: c.width], den)
+            sink(c.segment, c.lo, c.hi, tau_m)
+        return kept
     # Collected entries at or below t get scale 0 and add exact zeros: no need to filter them. Over
     # the memory budget nothing was collected: the scores are recomputed in one more pass.
     for e in entries(score_blocks, collected):

@@ -1,0 +1,280 @@
+/* PCB official's score and merge sweeps in C (docs/design.md 3.5), bit for bit the eager engine's.
+ *
+ * The eager engine scores a block with a dozen torch ops, P = exp(N * N * n) * tanh(x * total)
+ * (pcb_fast.cpu.pcb_blocks.official_scores), exp and tanh from torch's own vector library. Those two
+ * cost most of a PCB merge, and the selection and the merge need the exact P of only the entries
+ * at or above a floor (about the keep ratio of each row). So this sweep computes every score with a
+ * fast vectorised exp and tanh (within a few ulps), and hands back only the candidates: the entries
+ * whose approximate score is at or above the floor minus a margin far wider than the approximation's
+ * error (CANDIDATE_MARGIN), with the float32 arguments of exp and tanh that the eager engine would
+ * pass (the same operations in the same order, so the same bits). The caller applies torch's exp
+ * and tanh to those arguments and keeps the entries whose exact score reaches the floor: the
+ * entries, scores and values of the eager collection exactly.
+ *
+ * Then the merge of the collected entries (core.engine.Entries with pcb's step 6-7): no
+ * transcendental function, the eager float32 operations per entry, sums in task order from +0.
+ * Compiled without contraction (-ffp-contract=off, see native.py). */
+#include <math.h>
+#include <stdlib.h>
+
+#include "native.h"
+
+#define PCB_CHUNK 1024 /* columns per step: n rows of arguments stay in L1/L2 */
+
+/* Relative margin of the candidate test: 2^-12, about 4000 times the approximations' error
+ * (tests/test_native.py measures it against torch's exp and tanh). */
+#define CANDIDATE_MARGIN 2.44140625e-4f
+#define CANDIDATE_FLOOR_ABS 1e-30f /* and an absolute one, for scores near zero */
+
+/* exp(x) for x in [-80, 88] within about 2 ulps (Cody-Waite reduction, Cephes' polynomial), branch
+ * free so that loops of it vectorize. */
+static inline float approx_exp(float x)
+{
+    x = x < -80.0f ? -80.0f : (x > 88.0f ? 88.0f : x);
+    const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest */
+    float r = x - k * 0.693359375f;
+    r = r - k * -2.12194440e-4f;
+    const float z = r * r;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * z + r + 1.0f;
+    return p * float_of((uint32_t)((int32_t)k + 127) << 23);
+}
+
+/* tanh(x) for |x| < 0.625 within a few ulps (Cephes' odd polynomial; tanh(-0) = -0). */
+static inline float approx_tanh_small(float x)
+{
+    const float a = fabsf(x), z = a * a;
+    float p = -5.70498872745e-3f;
+    p = p * z + 2.06390887954e-2f;
+    p = p * z - 5.37397155531e-2f;
+    p = p * z + 1.33314422036e-1f;
+    p = p * z - 3.33332819422e-1f;
+    return float_of(bits_of(p * z * a + a) | (bits_of(x) & 0x80000000u));
+}
+
+/* tanh(x) within a few ulps: approx_tanh_small below |x| = 0.625, 1 - 2 / (exp(2|x|) + 1) above,
+ * with the sign of x; +-1 for large |x| and infinities. */
+static inline float approx_tanh(float x)
+{
+    const float a = fabsf(x);
+    const float e = approx_exp(2.0f * (a < 10.0f ? a : 10.0f)); /* tanh(10) rounds to 1 */
+    const float large = float_of(bits_of(1.0f - 2.0f / (e + 1.0f)) | (bits_of(x) & 0x80000000u));
+    return a < 0.625f ? approx_tanh_small(x) : large;
+}
+
+/* sign(x) as torch.sign: -1, +1, and +0 for either zero */
+static inline float sign_of(float x)
+{
+    return (float)((x > 0.0f) - (x < 0.0f));
+}
+
+/* The candidates of one chunk (columns j0 .. j0 + count - 1) of task row i, appended at out_* + slot
+ * (each its own slot range). Returns how many. */
+static int64_t chunk_candidates(const float *x, const float *total, int64_t count, float lo, float hi,
+                                float span, float nf, float floor_, int64_t flat0, float *restrict e,
+                                float *restrict w, uint8_t *restrict flags, int32_t *flat, float *tau, float *exp_arg,
+                                float *tanh_arg)
+{
+    for (int64_t j = 0; j < count; j++) {
+        const float a = fabsf(x[j]);
+        const float c = a < lo ? lo : (a > hi ? hi : a); /* torch.clamp(a, lo, hi), lo <= hi */
+        const float normalized = (c - lo) / span;
+        e[j] = (normalized * normalized) * nf;
+        w[j] = x[j] * total[j];
+    }
+    const float f = floor_;
+    float largest = 0.0f;
+    for (int64_t j = 0; j < count; j++) {
+        const float a = fabsf(w[j]);
+        largest = a > largest ? a : largest;
+    }
+    if (largest < 0.625f) /* the common case (task vectors are small): the polynomial alone */
+        for (int64_t j = 0; j < count; j++) {
+            const float score = approx_exp(e[j]) * approx_tanh_small(w[j]);
+            flags[j] = score >= f - (fabsf(score) + fabsf(f)) * CANDIDATE_MARGIN - CANDIDATE_FLOOR_ABS;
+        }
+    else
+        for (int64_t j = 0; j < count; j++) {
+            const float score = approx_exp(e[j]) * approx_tanh(w[j]);
+            flags[j] = score >= f - (fabsf(score) + fabsf(f)) * CANDIDATE_MARGIN - CANDIDATE_FLOOR_ABS;
+        }
+    /* few candidates: skip 8 flags at a time */
+    int64_t k = 0, j = 0;
+    for (; j + 8 <= count; j += 8) {
+        uint64_t word;
+        memcpy(&word, flags + j, 8);
+        while (word) {
+            const int64_t at = j + (__builtin_ctzll(word) >> 3);
+            word &= word - 1;
+            flat[k] = (int32_t)(flat0 + at);
+            tau[k] = x[at];
+            exp_arg[k] = e[at];
+            tanh_arg[k] = w[at];
+            k++;
+        }
+    }
+    for (; j < count; j++)
+        if (flags[j]) {
+            flat[k] = (int32_t)(flat0 + j);
+            tau[k] = x[j];
+            exp_arg[k] = e[j];
+            tanh_arg[k] = w[j];
+            k++;
+        }
+    return k;
+}
+
+/* The candidates of a block [n, m] (row i at tv + i * stride; n * m < 2^31) for PCB official with
+ * inter "sum" (normalized == 0) or "normalized_sum": entries whose approximate score reaches their
+ * task's floor minus the margin, task-major in position order, with their flat index i * m + j,
+ * tau, and the arguments of exp and tanh. Outputs hold n * m entries; counts[i] gets task i's
+ * number. Returns the total, or -1 when scratch memory could not be had. */
+int64_t pcb_candidates(const float *tv, int64_t n, int64_t m, int64_t stride, const float *lo, const float *hi,
+                       const float *span, float nf, int normalized, const float *floor_, int64_t *counts,
+                       int32_t *flat, float *tau, float *exp_arg, float *tanh_arg, int threads)
+{
+    (void)threads;
+    const int64_t chunks = (m + PCB_CHUNK - 1) / PCB_CHUNK;
+    int64_t *chunk_counts = malloc((size_t)(n * chunks > 0 ? n * chunks : 1) * sizeof(int64_t));
+    if (chunk_counts == NULL)
+        return -1;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *scratch = malloc((size_t)(4 + (normalized ? n : 0)) * PCB_CHUNK * sizeof(float));
+        if (scratch == NULL) {
+            failed = 1;
+        } else {
+            float *total = scratch, *e = scratch + PCB_CHUNK, *w = e + PCB_CHUNK, *p = w + PCB_CHUNK;
+            float *signed_ = p + PCB_CHUNK; /* normalized_sum: sign(x) * N per task */
+#pragma omp for schedule(static)
+            for (int64_t c = 0; c < chunks; c++) {
+                const int64_t j0 = c * PCB_CHUNK, count = m - j0 < PCB_CHUNK ? m - j0 : PCB_CHUNK;
+                if (!normalized) {
+                    /* total = x_0 + x_1 + ... in task order (pcb_blocks.sum_rows_into) */
+                    const float *x0 = tv + j0;
+                    for (int64_t j = 0; j < count; j++)
+                        total[j] = x0[j];
+                    for (int64_t i = 1; i < n; i++) {
+                        const float *x = tv + i * stride + j0;
+                        for (int64_t j = 0; j < count; j++)
+                            total[j] = total[j] + x[j];
+                    }
+                } else {
+                    for (int64_t i = 0; i < n; i++) {
+                        const float *x = tv + i * stride + j0;
+                        float *s = signed_ + i * PCB_CHUNK;
+                        const float l = lo[i], h = hi[i], sp = span[i];
+                        for (int64_t j = 0; j < count; j++) {
+                            const float a = fabsf(x[j]);
+                            const float cl = a < l ? l : (a > h ? h : a);
+                            s[j] = sign_of(x[j]) * ((cl - l) / sp);
+                        }
+                    }
+                    for (int64_t j = 0; j < count; j++)
+                        total[j] = signed_[j];
+                    for (int64_t i = 1; i < n; i++)
+                        for (int64_t j = 0; j < count; j++)
+                            total[j] = total[j] + signed_[i * PCB_CHUNK + j];
+                }
+                for (int64_t i = 0; i < n; i++) {
+                    const int64_t slot = i * m + j0; /* this chunk's own range of task i's outputs */
+                    chunk_counts[i * chunks + c] = chunk_candidates(
+                        tv + i * stride + j0, total, count, lo[i], hi[i], span[i], nf, floor_[i], i * m + j0, e, w,
+                        (uint8_t *)p, flat + slot, tau + slot, exp_arg + slot, tanh_arg + slot);
+                }
+            }
+        }
+        free(scratch);
+    }
+    if (failed) {
+        free(chunk_counts);
+        return -1;
+    }
+    /* pack the chunks' ranges, task-major: every destination lies at or before its source */
+    int64_t k = 0;
+    for (int64_t i = 0; i < n; i++) {
+        counts[i] = 0;
+        for (int64_t c = 0; c < chunks; c++) {
+            const int64_t source = i * m + c * PCB_CHUNK, size = chunk_counts[i * chunks + c];
+            if (size && source != k) {
+                memmove(flat + k, flat + source, (size_t)size * sizeof(int32_t));
+                memmove(tau + k, tau + source, (size_t)size * sizeof(float));
+                memmove(exp_arg + k, exp_arg + source, (size_t)size * sizeof(float));
+                memmove(tanh_arg + k, tanh_arg + source, (size_t)size * sizeof(float));
+            }
+            k += size;
+            counts[i] += size;
+        }
+    }
+    free(chunk_counts);
+    return k;
+}
+
+/* Keep, in place, the candidates whose exact score reaches their task's floor (score >= floor_[i];
+ * counts[i] entries of task i, task-major); counts become the kept numbers. Returns the total kept. */
+int64_t pcb_keep(int64_t n, int64_t *counts, int32_t *flat, float *score, float *tau, const float *floor_)
+{
+    int64_t read = 0, write = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const float f = floor_[i];
+        const int64_t end = read + counts[i], first = write;
+        for (; read < end; read++) {
+            flat[write] = flat[read];
+            score[write] = score[read];
+            tau[write] = tau[read];
+            write += score[read] >= f;
+        }
+        counts[i] = write - first;
+    }
+    return write;
+}
+
+/* PCB's merge of a block's collected entries (task-major, offsets[i] .. offsets[i + 1] for task i,
+ * flat index i * m + position): out[j] = sum_i v_i / max(sum_i s_i, 1e-12) over the entries at
+ * position j, s_i = max(score - t_i, 0) / keep_span_i, v_i = ((sign(tau) * clamp(|tau|, lo_i, hi_i))
+ * * s_i) [* lam_i], the sums in task order from +0 (pcb.py's merge through core.engine.Entries).
+ * ``den``: m floats of scratch. */
+void pcb_merge_entries(int64_t n, int64_t m, const int64_t *offsets, const int32_t *flat, const float *score,
+                       const float *tau, const float *t, const float *keep_span, const float *lo, const float *hi,
+                       const float *lam, float *out, float *den)
+{
+    for (int64_t j = 0; j < m; j++) {
+        out[j] = 0.0f;
+        den[j] = 0.0f;
+    }
+    for (int64_t i = 0; i < n; i++) {
+        const float ti = t[i], span = keep_span[i], l = lo[i], h = hi[i], li = lam == NULL ? 1.0f : lam[i];
+        const int64_t base = i * m;
+        for (int64_t k = offsets[i]; k < offsets[i + 1]; k++) {
+            const int64_t j = flat[k] - base;
+            float s = score[k] - ti;
+            s = s < 0.0f ? 0.0f : s;
+            s = s / span;
+            const float a = fabsf(tau[k]);
+            float v = (sign_of(tau[k]) * (a < l ? l : (a > h ? h : a))) * s;
+            if (lam != NULL)
+                v = v * li;
+            out[j] = out[j] + v;
+            den[j] = den[j] + s;
+        }
+    }
+    const float smallest = 1e-12f;
+    for (int64_t j = 0; j < m; j++)
+        out[j] = out[j] / (den[j] < smallest ? smallest : den[j]);
+}
+
+/* The approximations of the candidate test, for the tests: exp_out[j] = approx_exp(x[j]),
+ * tanh_out[j] = approx_tanh(x[j]). */
+void pcb_approximations(int64_t count, const float *x, float *exp_out, float *tanh_out)
+{
+    for (int64_t j = 0; j < count; j++) {
+        exp_out[j] = approx_exp(x[j]);
+        tanh_out[j] = approx_tanh(x[j]);
+    }
+}

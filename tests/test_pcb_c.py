@@ -1,0 +1,188 @@
+"""PCB official's C sweeps (pcb_fast/cpu/pcb_loops.c, taken by fused="auto" and "on") against the eager
+engine and the reference, bit for bit.
+
+The candidate sweep scores every entry with its own vectorised exp and tanh and keeps the entries
+within a wide margin (2^-12, relative) of the floor; torch's exp and tanh then give those entries'
+exact scores. So the collection, the thresholds and the merge are the eager engine's exactly,
+provided the approximations stay far inside the margin: measured here against torch's functions.
+"""
+
+import pytest
+import torch
+
+import pcb_fast
+import pcb_fast.reference.pcb as reference
+from pcb_fast.core import engine
+from pcb_fast.core.engine import ColumnSample
+from pcb_fast.core.options import RunOptions
+from pcb_fast.core.sources import Block, MatrixSource, Segment
+from pcb_fast.cpu import fused as fused_cpu
+from pcb_fast.cpu import native
+from pcb_fast.cpu import pcb_blocks as tb
+from pcb_fast.methods import pcb
+from pcb_fast.methods.pcb import merge_pcb
+
+from pcb_test_helpers import run_method
+
+MARGIN = 2.0**-12  # CANDIDATE_MARGIN of pcb_loops.c
+APPROXIMATION_BOUND = 2.0**-21  # each approximation's relative error, 2^9 times inside the margin
+
+
+def relative_error(approx, exact):
+    return ((approx.double() - exact.double()).abs() / exact.double().abs().clamp_min(1e-300)).max().item()
+
+
+def test_approximations_far_inside_the_margin():
+    # exp's arguments are n * N^2 in [0, 80] (the C path takes n <= 80); tanh's any product tau * total
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.linspace(0, 80, 1 << 21), torch.rand(1 << 20, generator=g) * 80, torch.tensor([0.0, 80.0])])
+    approx_exp, _ = native.pcb_approximations(x)
+    assert relative_error(approx_exp, torch.exp(x)) <= APPROXIMATION_BOUND
+    magnitude = torch.exp2(torch.rand(1 << 21, generator=g) * 280 - 149)
+    w = torch.cat([magnitude, -magnitude, torch.linspace(-12, 12, 1 << 21), torch.tensor([0.625, -0.625, 1e30, -1e30])])
+    _, approx_tanh = native.pcb_approximations(w)
+    assert relative_error(approx_tanh, torch.tanh(w)) <= APPROXIMATION_BOUND
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-45, -1e-45])
+    _, approx_tanh = native.pcb_approximations(special)
+    assert torch.equal(approx_tanh.view(torch.int32), torch.tanh(special).view(torch.int32))  # signed zeros
+
+
+def task_vectors(kind, n, D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tv = torch.randn(n, D, generator=g) * 1e-3
+    if kind == "quantized":  # heavy ties at every threshold, zeros and -0.0
+        tv = torch.round(tv * 4e3) / 4e3
+        tv[0, ::5] = -0.0
+    elif kind == "sparse":  # most scores exactly 0: floors and thresholds at 0
+        tv[:, torch.rand(D, generator=g) < 0.8] = 0.0
+    elif kind == "large":  # products beyond tanh's polynomial range
+        tv = torch.randn(n, D, generator=g) * 3
+    return tv
+
+
+@pytest.mark.parametrize("inter", ["sum", "normalized_sum"])
+@pytest.mark.parametrize("kind", ["normal", "quantized", "sparse", "large"])
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_candidates_give_the_eager_collection(inter, kind, n):
+    """pcb_candidates, torch's exp and tanh on the arguments, then pcb_keep: the entries, scores and
+    values of engine.collect_block over the eager scores, for floors at, above and below scores."""
+    D = 20_011
+    tv = task_vectors(kind, n, D)
+    clip = pcb.clip_bounds(MatrixSource(tv), 0.01, D, ColumnSample(D, n))
+    eager = tb.official_scores(tv, clip, inter, tb.Workspace(n, D, 3)).clone()
+    out = [torch.empty(n * D, dtype=torch.int32)] + [torch.empty(n * D) for _ in range(3)]
+    block = Block(Segment("w", (D,), D, 0), 0, D, tv)
+    floors = [eager.quantile(q, dim=1) for q in (0.0, 0.5, 0.9, 0.999)]
+    floors += [eager[:, 123].clone(), torch.zeros(n), torch.full((n,), -1.0), torch.full((n,), float("-inf")),
+               torch.full((n,), 1e30)]
+    for floor in floors:
+        counts, flat, tau, exp_arg, tanh_arg = native.pcb_candidates(tv, clip.lo, clip.hi, clip.span, n,
+                                                                     inter == "normalized_sum", floor, out)
+        assert int(counts.sum()) == flat.numel()
+        score = torch.exp(exp_arg).mul_(torch.tanh(tanh_arg))
+        flat, score, tau = native.pcb_keep(counts, flat, score, tau, floor)
+        expected = engine.collect_block(block, eager, floor)
+        assert torch.equal(flat, expected.flat)
+        assert torch.equal(score.view(torch.int32), expected.score.view(torch.int32))
+        assert torch.equal(tau.view(torch.int32), expected.tau.view(torch.int32))
+        assert counts.tolist() == expected.counts()
+
+
+def run(tv, fused, **params):
+    return run_method(merge_pcb, tv, fused, **params)
+
+
+@pytest.mark.parametrize("inter", ["sum", "normalized_sum"])
+@pytest.mark.parametrize("kind", ["normal", "quantized", "sparse", "large"])
+def test_merge_equals_eager_and_reference(inter, kind):
+    tv = task_vectors(kind, 3, 100_003, seed=1)
+    for params in (dict(), dict(ratio=0.05, clamp_ratio=0.01, lambdas=[0.5, -1.0, 2.0]), dict(ratio=1.0),
+                   dict(clamp_ratio=0.0), dict(clamp_ratio=0.3, ratio=0.2)):
+        c_out, c_kept = run(tv, True, inter=inter, **params)
+        eager_out, eager_kept = run(tv, False, inter=inter, **params)
+        assert torch.equal(c_out, eager_out), params
+        assert c_kept == eager_kept
+        assert torch.equal(c_out, reference.pcb_official(tv, inter=inter, **params)), params
+
+
+@pytest.mark.parametrize("n, D", [(1, 30_000), (2, 1), (2, 2), (8, 5000), (80, 3000)])
+def test_shapes_and_block_widths(n, D):
+    tv = task_vectors("normal", n, D, seed=2)
+    for block_width in (1000, 4096, 1 << 17):
+        c_out, _ = run(tv, True, block_width=block_width)
+        assert torch.equal(c_out, reference.pcb_official(tv)), block_width
+
+
+def test_edge_rows():
+    tv = task_vectors("normal", 4, 20_000, seed=3)
+    tv[1] = 0.0  # an all-zero task vector contributes nothing
+    tv[2] = 0.25  # a constant row normalises to 0
+    assert torch.equal(run(tv, True)[0], reference.pcb_official(tv))
+    assert torch.equal(run(torch.zeros(3, 5000), True)[0], torch.zeros(5000))
+
+
+def test_the_c_sweeps_are_taken(monkeypatch):
+    """fused=True runs the candidate sweep and the C merge (not the eager scores nor the compiled
+    loops); the pairwise term and more than 80 tasks (exp shifted) have no C sweep."""
+    calls = {"candidates": 0, "merge": 0}
+    candidates, merge_entries = native.pcb_candidates, native.pcb_merge_entries
+
+    def counting(name, function):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(native, "pcb_candidates", counting("candidates", candidates))
+    monkeypatch.setattr(native, "pcb_merge_entries", counting("merge", merge_entries))
+    monkeypatch.setattr(fused_cpu, "PCB_BLOCK", None)  # the compiled loops must not run
+    tv = task_vectors("normal", 3, 50_000, seed=4)
+    assert torch.equal(run(tv, True, block_width=10_000)[0], reference.pcb_official(tv))
+    assert calls == {"candidates": 5, "merge": 5}
+    source = MatrixSource(tv)
+    source.options = RunOptions(fused=True)
+    assert pcb._c_loops(source, dict(inter="sum", variant="official"))
+    assert not pcb._c_loops(source, dict(inter="pairwise", variant="official"))
+    many = MatrixSource(task_vectors("normal", 81, 100))
+    many.options = RunOptions(fused=True)
+    assert not pcb._c_loops(many, dict(inter="sum", variant="official"))
+    source.options = RunOptions(fused=False)
+    assert not pcb._c_loops(source, dict(inter="sum", variant="official"))
+
+
+def test_auto_takes_the_c_sweeps_at_any_size():
+    # nothing to compile: "auto" fuses PCB at any size where the C library builds (the eager values)
+    assert fused_cpu.resolve("auto", 1 << 10, "pcb") is True
+    assert fused_cpu.resolve("auto", 1 << 10, "pcb", dict(inter="normalized_sum")) is True
+    assert fused_cpu.resolve("off", 1 << 10, "pcb") is False
+    # the pairwise term and the paper variant have no C sweep: "auto" compiles nothing below 2^31
+    assert fused_cpu.resolve("auto", 1 << 10, "pcb", dict(inter="pairwise")) is False
+    assert fused_cpu.resolve("auto", 1 << 10, "pcb", dict(variant="paper")) is False
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_every_entry_point_same_bytes(tmp_path, dtype):
+    """merge, merge_checkpoints and pcb_merge: fused="auto" (the C sweeps) and "off" (the eager torch
+    ops) give the same bytes, global and per tensor."""
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(6)
+    base = {"a.weight": torch.randn(300, 70, generator=g).to(dtype), "n.weight": torch.ones(70, dtype=dtype),
+            "z.weight": torch.randn(64, 40, generator=g).to(dtype)}
+    models = [{k: (v.float() + 1e-2 * torch.randn(v.shape, generator=g)).to(dtype) for k, v in base.items()}
+              for _ in range(3)]
+    for scope in ("global", "tensor"):
+        merged = [pcb_fast.merge(base, models, method="pcb", fused=f, scope=scope) for f in ("auto", "off")]
+        assert all(torch.equal(merged[0][k], merged[1][k]) for k in base)
+    paths = []
+    for i, state in enumerate([base] + models):
+        paths.append(tmp_path / f"m{i}.safetensors")
+        save_file(state, str(paths[-1]))
+    outs = []
+    for fused in ("auto", "off"):
+        outs.append(tmp_path / f"out-{fused}")
+        pcb_fast.merge_checkpoints(paths[0], paths[1:], outs[-1], method="pcb", fused=fused, block_width=1024)
+    a, b = (load_file(str(o / "model.safetensors")) for o in outs)
+    assert all(torch.equal(a[k], b[k]) for k in base)
+    tv = torch.stack([torch.cat([(m[k].float() - base[k].float()).reshape(-1) for k in sorted(base)]) for m in models])
+    assert torch.equal(pcb_fast.pcb_merge(tv), reference.pcb_official(tv))
