@@ -243,6 +243,85 @@ def merges(base: Path, models: list, scratch: Path) -> list:
     ]
 
 
+class StageTimer:
+    """Wall time of one merge in the engine's thread split into stages: each wrapped function's time
+    goes to its stage, minus the time of wrapped functions it calls (so no time counts twice); what
+    no wrapped function covers is "other" (Python between calls, heap trimming, the passes' setup)."""
+
+    def __init__(self):
+        import threading
+
+        self.seconds = {}
+        self._stack = []
+        self._main = threading.main_thread()
+        self._undo = []
+
+    def wrap(self, owner, name: str, stage: str) -> None:
+        import threading
+
+        function = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            if threading.current_thread() is not self._main:  # the reader and writer threads' own work
+                return function(*args, **kwargs)
+            start = time.perf_counter()
+            self._stack.append(0.0)
+            try:
+                return function(*args, **kwargs)
+            finally:
+                inner = self._stack.pop()
+                spent = time.perf_counter() - start
+                self.seconds[stage] = self.seconds.get(stage, 0.0) + spent - inner
+                if self._stack:
+                    self._stack[-1] += spent
+
+        setattr(owner, name, timed)
+        self._undo.append((owner, name, function))
+
+    def restore(self) -> None:
+        for owner, name, function in reversed(self._undo):
+            setattr(owner, name, function)
+        self._undo.clear()
+
+
+def stage_breakdown(base: Path, models: list, out: Path, **params) -> dict:
+    """One PCB merge from files in this process, its wall time split into stages (seconds): read (waits
+    for the reader thread, the sink's reads of the base), convert (tau in float32), clip statistics,
+    score (the official scores and the collection above the floor), select (thresholds), merge, write
+    (rounding to the output dtype, waits for the writer thread), other."""
+    import pcb_fast
+    from pcb_fast.core import engine, prefetch, select, sources
+    from pcb_fast.cpu import native
+    from pcb_fast.io import safetensors as st, write_behind
+    from pcb_fast.methods import pcb
+
+    timer = StageTimer()
+    timer.wrap(prefetch.Prefetcher, "take", "read")
+    timer.wrap(st.SafetensorsReader, "read_into", "read")
+    timer.wrap(sources.CheckpointSource, "_subtract", "convert")
+    timer.wrap(native, "run_extremes", "clip statistics")
+    timer.wrap(select.TailSelect, "update", "clip statistics")
+    timer.wrap(engine.ColumnSample, "add", "clip statistics")
+    timer.wrap(pcb, "collect_block_c", "score")
+    timer.wrap(pcb.tb, "official_scores", "score")
+    timer.wrap(engine, "select_threshold", "select")
+    timer.wrap(engine, "threshold_in_bracket", "select")
+    timer.wrap(native, "pcb_merge_entries", "merge")
+    timer.wrap(native, "merged_output", "write")
+    timer.wrap(write_behind.WriteBehind, "write", "write")
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    try:
+        pcb_fast.merge_checkpoints(str(base), [str(m) for m in models], str(out), method="pcb", **params)
+    finally:
+        timer.restore()
+    total = time.perf_counter() - start
+    shutil.rmtree(out, ignore_errors=True)
+    stages = dict(timer.seconds)
+    stages["other"] = total - sum(stages.values())
+    return {"total": total, "stages": stages}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, required=True, help="folder for the models (built once, reused)")
@@ -250,6 +329,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", help="run only the merges whose label contains this text")
     parser.add_argument("--no-mergekit", action="store_true", help="skip mergekit even when it is installed")
     parser.add_argument("--out", type=Path, help="JSON results (default benchmarks/results/llm[_small].json)")
+    parser.add_argument("--stages", action="store_true",
+                        help="only the per-stage time of one PCB merge (default budget and --max-memory 2GB)")
     args = parser.parse_args(argv)
     size = "small" if args.small else "full"
     out_json = args.out or RESULTS / ("llm_small.json" if args.small else "llm.json")
@@ -261,6 +342,9 @@ def main(argv=None) -> int:
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     have_mergekit = not args.no_mergekit and importlib.util.find_spec("mergekit") is not None
+    if args.stages:
+        report_stages(base, models, scratch, out_json.with_name(out_json.stem + "_stages.json"))
+        return 0
     try:
         evict(files)
         bound = {"cold": measure_bound(files, out_bytes, scratch), "warm": measure_bound(files, out_bytes, scratch)}
@@ -294,6 +378,26 @@ def main(argv=None) -> int:
             shutil.rmtree(f, ignore_errors=True)
     report(rows, bound, input_bytes, out_bytes, size, have_mergekit, out_json)
     return 0
+
+
+def report_stages(base: Path, models: list, scratch: Path, out_json: Path) -> None:
+    """Print and save the per-stage breakdown of one warm PCB merge (after one untimed run), default
+    budget and 2 GB."""
+    from benchmarks.bench_cpu import machine
+
+    rows = {}
+    for label, params in (("default budget", {}), ("--max-memory 2GB", {"max_memory": "2GB"})):
+        stage_breakdown(base, models, scratch / "stages_out", **params)  # warms the page cache and the library
+        rows[label] = stage_breakdown(base, models, scratch / "stages_out", **params)
+    names = sorted({k for r in rows.values() for k in r["stages"]}, key=lambda k: -rows["default budget"]["stages"].get(k, 0))
+    print(f"PCB 0.1, global, one merge from files in this process, warm (load: {os.getloadavg()[0]:.1f})\n")
+    print("| stage | " + " | ".join(rows) + " |")
+    print("|---|" + "---|" * len(rows))
+    for name in names:
+        print(f"| {name} | " + " | ".join(f"{r['stages'].get(name, 0):.2f} s" for r in rows.values()) + " |")
+    print("| **total** | " + " | ".join(f"**{r['total']:.2f} s**" for r in rows.values()) + " |")
+    out_json.write_text(json.dumps({"machine": machine(), "load": os.getloadavg(), "rows": rows}, indent=2))
+    print(f"wrote {out_json}")
 
 
 def report(rows, bound, input_bytes, out_bytes, size, have_mergekit, out_json: Path) -> None:

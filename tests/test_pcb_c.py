@@ -88,6 +88,35 @@ def test_candidates_give_the_eager_collection(inter, kind, n):
         assert counts.tolist() == expected.counts()
 
 
+@pytest.mark.parametrize("inter", ["sum", "normalized_sum"])
+@pytest.mark.parametrize("kind", ["normal", "quantized", "sparse", "large"])
+def test_bracket_counts_equal_the_eager_ones(inter, kind):
+    """pcb_candidates with a ceiling, then pcb_bracket_counts on the exact scores: engine.bracket_counts of
+    the eager scores (counts, the scores inside in order, the max), for brackets around, at, above
+    and below the scores."""
+    n, D = 3, 20_011
+    tv = task_vectors(kind, n, D, seed=7)
+    clip = pcb.clip_bounds(MatrixSource(tv), 0.01, D, ColumnSample(D, n))
+    eager = tb.official_scores(tv, clip, inter, tb.Workspace(n, D, 3)).clone()
+    out = [torch.empty(n * D, dtype=torch.int32)] + [torch.empty(n * D) for _ in range(3)]
+    q = lambda x: eager.quantile(x, dim=1)  # noqa: E731
+    brackets = [(q(0.89), q(0.91)), (eager[:, 77].clone(), eager[:, 77].clone()), (q(0.0), q(1.0)),
+                (torch.full((n,), float("-inf")), q(0.5)), (q(0.5), torch.full((n,), float("inf"))),
+                (torch.zeros(n), torch.zeros(n)), (torch.full((n,), 1e30), torch.full((n,), 2e30))]
+    for floor, ceiling in brackets:
+        above, at_ceiling, at_floor = (torch.zeros(n, dtype=torch.int64) for _ in range(3))
+        peak = torch.full((n,), float("-inf"))
+        counts, _, _, exp_arg, tanh_arg = native.pcb_candidates(tv, clip.lo, clip.hi, clip.span, n,
+                                                                inter == "normalized_sum", floor, out, ceiling, above)
+        score = torch.exp(exp_arg).mul_(torch.tanh(tanh_arg))
+        inside = native.pcb_bracket_counts(counts, score, floor, ceiling, above, at_ceiling, at_floor, peak)
+        expected = engine.bracket_counts(eager, floor, ceiling)
+        for got, want in zip((above, at_ceiling, at_floor), expected[:3]):
+            assert torch.equal(got, want)
+        assert all(torch.equal(a, b) for a, b in zip(inside, expected[3]))
+        assert torch.equal(peak, expected[4])
+
+
 def run(tv, fused, **params):
     return run_method(merge_pcb, tv, fused, **params)
 
@@ -98,11 +127,14 @@ def test_merge_equals_eager_and_reference(inter, kind):
     tv = task_vectors(kind, 3, 100_003, seed=1)
     for params in (dict(), dict(ratio=0.05, clamp_ratio=0.01, lambdas=[0.5, -1.0, 2.0]), dict(ratio=1.0),
                    dict(clamp_ratio=0.0), dict(clamp_ratio=0.3, ratio=0.2)):
-        c_out, c_kept = run(tv, True, inter=inter, **params)
-        eager_out, eager_kept = run(tv, False, inter=inter, **params)
-        assert torch.equal(c_out, eager_out), params
-        assert c_kept == eager_kept
-        assert torch.equal(c_out, reference.pcb_official(tv, inter=inter, **params)), params
+        ref = reference.pcb_official(tv, inter=inter, **params)
+        # budgets: no limit (collected), over it with the bracket in C, and too small for the bracket (radix)
+        for budget in (None, 3_000_000, 1000):
+            c_out, c_kept = run(tv, True, inter=inter, budget=budget, **params)
+            eager_out, eager_kept = run(tv, False, inter=inter, budget=budget, **params)
+            assert torch.equal(c_out, eager_out), (params, budget)
+            assert c_kept == eager_kept
+            assert torch.equal(c_out, ref), (params, budget)
 
 
 @pytest.mark.parametrize("n, D", [(1, 30_000), (2, 1), (2, 2), (8, 5000), (80, 3000)])
@@ -139,6 +171,14 @@ def test_the_c_sweeps_are_taken(monkeypatch):
     tv = task_vectors("normal", 3, 50_000, seed=4)
     assert torch.equal(run(tv, True, block_width=10_000)[0], reference.pcb_official(tv))
     assert calls == {"candidates": 5, "merge": 5}
+    # over the budget: one bracket pass and the merge pass, both C sweeps, no eager scores of a block
+    calls.update(candidates=0, merge=0)
+    eager_scores = tb.official_scores
+    # (the column sample, 1 column in 17, is scored eagerly; a block never)
+    monkeypatch.setattr(tb, "official_scores", lambda tv, *a: eager_scores(tv, *a) if tv.shape[1] < 10_000 else None)
+    tv = task_vectors("normal", 3, 100_000, seed=4)
+    assert torch.equal(run(tv, True, block_width=20_000, budget=500_000)[0], reference.pcb_official(tv))
+    assert calls == {"candidates": 10, "merge": 5}
     source = MatrixSource(tv)
     source.options = RunOptions(fused=True)
     assert pcb._c_loops(source, dict(inter="sum", variant="official"))

@@ -22,7 +22,8 @@ from typing import Callable
 
 import torch
 
-from ..cpu.native import collect as native_collect, problem as native_problem, row_order_statistics
+from ..cpu.native import (collect as native_collect, collected_split as native_collected_split,
+                          problem as native_problem, row_order_statistics)
 from . import checks
 from .numerics import warm_up_exp
 from .select import RadixSelect, bucket_floor
@@ -327,7 +328,7 @@ def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
 
 def select_threshold(
     source: TaskVectorSource, score_blocks: Callable, rank, sample_scores: torch.Tensor | None = None,
-    keep_ties: bool = False, collect_at: Callable | None = None,
+    keep_ties: bool = False, collect_at: Callable | None = None, count_blocks: Callable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[Collected], torch.Tensor]:
     """Exact t_i = sort(score_i)[rank_i] and M_i = max(score_i) for every task, the collected entries,
     and the number of kept entries per task (score > t, or score >= t with ``keep_ties``). ``rank``:
@@ -344,36 +345,43 @@ def select_threshold(
 
     ``collect_at(floor)``, where given, returns the collected blocks at a floor ([n]) in one pass of
     the method's own (the entries of :func:`collect_block` over ``score_blocks()``, exactly), in place
-    of scoring whole blocks and collecting from them.
+    of scoring whole blocks and collecting from them; ``count_blocks(floor, ceiling)``, where given,
+    yields every block's counts around a bracket (see :func:`threshold_in_bracket`).
     """
     n, D = source.n, source.D
     ranks = task_ranks(rank, n)
     if not can_collect(source, ranks):
-        found = threshold_in_bracket(source, score_blocks, ranks, sample_scores, keep_ties)
+        found = threshold_in_bracket(source, score_blocks, ranks, sample_scores, keep_ties, count_blocks)
         t, peak, kept = found if found is not None else threshold_by_radix(source, score_blocks, ranks, keep_ties)
         return t, peak, None, kept
     guess = None if sample_scores is None else bounds_from_sample(sample_scores, ranks, D)
     floor, ceiling = guess if guess is not None else (None, torch.full((n,), float("inf")))
     if floor is not None:
-        collected, per_task = collect(score_blocks, floor, n, collect_at)
-        if any(values.numel() < D - int(r) for values, r in zip(per_task, ranks)):
+        collected, summary = collect(score_blocks, floor, n, collect_at, ceiling)
+        if any(size < D - int(r) for size, r in zip(summary.sizes, ranks.tolist())):
             floor = None  # the sampled floor was above the threshold for some task
     if floor is None:
         selector = RadixSelect(n, ranks.unsqueeze(1), D)
         for _, scores in score_blocks():
             selector.count_high(scores)
-        collected, per_task = collect(score_blocks, bucket_floor(selector.find_buckets()[:, 0]), n, collect_at)
-    thresholds, maxima, kept = [], [], []
-    for values, top, rank in zip(per_task, ceiling, ranks.tolist()):
+        collected, summary = collect(score_blocks, bucket_floor(selector.find_buckets()[:, 0]), n, collect_at,
+                                     ceiling)
+    thresholds, kept = [], []
+    for i, rank in enumerate(ranks.tolist()):
         # Every entry below the floor is below every collected one, so the rank shifts by their number.
-        local = rank - (D - values.numel())
+        local = rank - (D - summary.sizes[i])
         # Most collected entries lie above the sampled ceiling: select among the rest when t is there.
-        below = values[values <= top]
-        t = kth_smallest(below if local < below.numel() else values, local + 1)
+        below = summary.below(i)
+        if local < below.numel():  # t <= ceiling: the entries above it are above t
+            t = kth_smallest(below, local + 1)
+            count = summary.above[i] + ((below >= t) if keep_ties else (below > t)).sum()
+        else:
+            values = summary.values(i)
+            t = kth_smallest(values, local + 1)
+            count = ((values >= t) if keep_ties else (values > t)).sum()
         thresholds.append(t)
-        maxima.append(values.max())
-        kept.append(((values >= t) if keep_ties else (values > t)).sum())
-    return torch.stack(thresholds), torch.stack(maxima), collected, torch.stack(kept)
+        kept.append(count)
+    return torch.stack(thresholds), summary.maxima, collected, torch.stack(kept)
 
 
 def select_in_bracket(n: int, D: int, rank, sample_scores: torch.Tensor | None, bracket_pass: Callable):
@@ -435,13 +443,24 @@ class _BracketTooWide(Exception):
     """The values inside a bracket would not fit the memory budget."""
 
 
-def threshold_in_bracket(source: TaskVectorSource, score_blocks: Callable, rank, sample_scores, keep_ties: bool):
+def bracket_counts(scores: torch.Tensor, floor: torch.Tensor, ceiling: torch.Tensor) -> tuple:
+    """A block's scores [n, m] around a bracket ([n] each): per task the numbers > ceiling, == ceiling
+    and == floor ([n] int64 each), the list of each task's scores strictly inside, and the max."""
+    f, c = floor.unsqueeze(1), ceiling.unsqueeze(1)
+    between = (scores > f) & (scores < c)
+    return ((scores > c).sum(1), (scores == c).sum(1), (scores == f).sum(1),
+            list(scores[between].split(between.sum(1).tolist())), scores.amax(1))
+
+
+def threshold_in_bracket(source: TaskVectorSource, score_blocks: Callable, rank, sample_scores, keep_ties: bool,
+                         count_blocks: Callable | None = None):
     """(t, M, kept) from one pass counting around the bracket that ``sample_scores`` give
     (:func:`select_in_bracket`: counts, plus the few values inside, about 1% of the entries), or
     None where that cannot work: no sample large enough, a distributed merge (whose thresholds come
     from histograms summed over ranks), or values inside the bracket that would not fit the budget
     (a bracket the sample missed, opened on one side). Exact, like the radix select, in one pass
-    instead of two."""
+    instead of two. ``count_blocks(floor, ceiling)``, where given, yields :func:`bracket_counts` of
+    every block (a method's own sweep; the same counts), in place of scoring whole blocks."""
     n, D = source.n, source.D
     if source.options.comm is not None or sample_scores is None or sample_scores.shape[1] < MIN_SAMPLE:
         return None  # (bounds_from_sample would have no bracket to give)
@@ -452,21 +471,20 @@ def threshold_in_bracket(source: TaskVectorSource, score_blocks: Callable, rank,
         nonlocal peak
         above, at_ceiling, at_floor = (torch.zeros(n, dtype=torch.int64) for _ in range(3))
         inside, held = [[] for _ in range(n)], 0
-        f, c = floor.unsqueeze(1), ceiling.unsqueeze(1)
         peak = torch.full((n,), float("-inf"))
-        for _, scores in score_blocks():
-            above += (scores > c).sum(1)
-            at_ceiling += (scores == c).sum(1)
-            at_floor += (scores == f).sum(1)
-            between = (scores > f) & (scores < c)
-            counts = between.sum(1)
-            held += int(counts.sum())
+        blocks = (count_blocks(floor, ceiling) if count_blocks is not None
+                  else (bracket_counts(scores, floor, ceiling) for _, scores in score_blocks()))
+        for block_above, block_at_ceiling, block_at_floor, parts, block_peak in blocks:
+            above += block_above
+            at_ceiling += block_at_ceiling
+            at_floor += block_at_floor
+            held += sum(part.numel() for part in parts)
             if room is not None and held > room:
                 raise _BracketTooWide
-            for i, part in enumerate(scores[between].split(counts.tolist())):
+            for i, part in enumerate(parts):
                 if part.numel():
                     inside[i].append(part)
-            peak = torch.maximum(peak, scores.amax(1))
+            peak = torch.maximum(peak, block_peak)
         return above, at_ceiling, at_floor, [torch.cat(parts) if parts else torch.zeros(0) for parts in inside]
 
     try:
@@ -492,15 +510,51 @@ def threshold_by_radix(source: TaskVectorSource, score_blocks: Callable, rank, k
     return selector.values()[:, 0], peak, selector.count_above(inclusive=keep_ties)[:, 0]
 
 
-def collect(score_blocks: Callable, floor: torch.Tensor, n: int, collect_at: Callable | None = None):
+@dataclass
+class CollectedScores:
+    """What :func:`select_threshold` needs of every task's collected scores, gathered block by block
+    without joining them: how many (``sizes``), how many exceed the sampled ceiling (``above``), their
+    maximum, and the few at or below the ceiling (:meth:`below`); :meth:`values` joins them all (when
+    the sample's bracket missed)."""
+
+    collected: list
+    sizes: list
+    above: torch.Tensor  # [n] int64
+    maxima: torch.Tensor  # [n] float32
+    parts_below: list  # per task, the blocks' scores at or below the ceiling
+
+    def below(self, i: int) -> torch.Tensor:
+        parts = self.parts_below[i]
+        return torch.cat(parts) if parts else torch.zeros(0)
+
+    def values(self, i: int) -> torch.Tensor:
+        return torch.cat([c.score.split(c.counts())[i] for c in self.collected])
+
+
+def collect(score_blocks: Callable, floor: torch.Tensor, n: int, collect_at: Callable | None = None,
+            ceiling: torch.Tensor | None = None):
     """One pass: the collected blocks (by ``collect_at(floor)`` where given, see
-    :func:`select_threshold`), and every task's collected scores in one tensor."""
+    :func:`select_threshold`) and their :class:`CollectedScores` around ``ceiling`` ([n]; none: +inf)."""
     if collect_at is not None:
         collected = collect_at(floor)
     else:
         collected = [collect_block(block, scores, floor) for block, scores in score_blocks()]
-    per_task = [[] for _ in range(n)]
+    top = (torch.full((n,), float("inf")) if ceiling is None else ceiling).float().contiguous()
+    sizes, above, maxima = [0] * n, torch.zeros(n, dtype=torch.int64), torch.full((n,), float("-inf"))
+    parts_below = [[] for _ in range(n)]
     for c in collected:
-        for i, part in enumerate(c.score.split(c.counts())):
-            per_task[i].append(part)
-    return collected, [torch.cat(parts) for parts in per_task]
+        counts = c.counts()
+        sizes = [a + b for a, b in zip(sizes, counts)]
+        if native_problem() is None and c.score.dtype == torch.float32:
+            parts = native_collected_split(torch.tensor(counts), c.score, top, above, maxima)
+        else:
+            parts = []
+            for i, part in enumerate(c.score.split(counts)):
+                above[i] += (part > top[i]).sum()
+                if part.numel():
+                    maxima[i] = torch.maximum(maxima[i], part.max())
+                parts.append(part[part <= top[i]])
+        for i, part in enumerate(parts):
+            if part.numel():
+                parts_below[i].append(part)
+    return collected, CollectedScores(collected, sizes, above, maxima, parts_below)

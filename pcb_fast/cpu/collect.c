@@ -73,3 +73,29 @@ void run_extremes(const float *tv, int64_t n, int64_t m, int64_t stride, int64_t
         row_max[i] = float_of(whole);
     }
 }
+
+/* The collected scores of one block (task-major, counts[i] of task i) split around a ceiling per
+ * task: above[i] += how many exceed top[i], maxima[i] = max(maxima[i], their max), and the scores
+ * at or below top[i] copied in order to below (task-major, below_counts[i] of task i). Scores are
+ * finite (the engine checks its inputs). */
+void collected_split(int64_t n, const int64_t *counts, const float *score, const float *top, int64_t *above,
+                     float *maxima, float *below, int64_t *below_counts)
+{
+    int64_t read = 0, write = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const float t = top[i];
+        float mx = maxima[i];
+        int64_t over = 0;
+        const int64_t first = write, end = read + counts[i];
+        for (; read < end; read++) {
+            const float s = score[read];
+            mx = s > mx ? s : mx;
+            over += s > t;
+            below[write] = s;
+            write += s <= t;
+        }
+        maxima[i] = mx;
+        above[i] += over;
+        below_counts[i] = write - first;
+    }
+}

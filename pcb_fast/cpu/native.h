@@ -82,8 +82,14 @@ int64_t weighted_merge(int64_t n, int64_t m, const void *const *models, const in
 int64_t merged_output(int64_t m, const void *base, int32_t base_dtype, const float *tau_m, float lam, void *out,
                       int32_t out_dtype, int threads);
 int64_t pcb_candidates(const float *tv, int64_t n, int64_t m, int64_t stride, const float *lo, const float *hi,
-                       const float *span, float nf, int normalized, const float *floor_, int64_t *counts,
-                       int32_t *flat, float *tau, float *exp_arg, float *tanh_arg, int threads);
+                       const float *span, float nf, int normalized, const float *floor_, const float *ceiling,
+                       int64_t *above, int64_t *counts, int32_t *flat, float *tau, float *exp_arg, float *tanh_arg,
+                       int threads);
+void pcb_bracket_counts(int64_t n, const int64_t *counts, const float *score, const float *floor_,
+                        const float *ceiling, int64_t *above, int64_t *at_ceiling, int64_t *at_floor, float *peak,
+                        float *inside, int64_t *inside_counts);
+void collected_split(int64_t n, const int64_t *counts, const float *score, const float *top, int64_t *above,
+                     float *maxima, float *below, int64_t *below_counts);
 int64_t pcb_keep(int64_t n, int64_t *counts, int32_t *flat, float *score, float *tau, const float *floor_);
 void pcb_merge_entries(int64_t n, int64_t m, const int64_t *offsets, const int32_t *flat, const float *score,
                        const float *tau, const float *t, const float *keep_span, const float *lo, const float *hi,

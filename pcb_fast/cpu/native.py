@@ -352,7 +352,9 @@ SIGNATURES = {
     "run_extremes": (None, [_p, _i64, _i64, _i64, _i64, _p, _p, _p, _int]),
     "merged_output": (_i64, [_i64, _p, _i32, _p, _f32, _p, _i32, _int]),
     "weighted_merge": (_i64, [_i64, _i64, _p, _p, _p, _i32, _p, _f32, _f32, _p, _i32, _int]),
-    "pcb_candidates": (_i64, [_p, _i64, _i64, _i64, _p, _p, _p, _f32, _int] + [_p] * 6 + [_int]),
+    "pcb_candidates": (_i64, [_p, _i64, _i64, _i64, _p, _p, _p, _f32, _int] + [_p] * 8 + [_int]),
+    "pcb_bracket_counts": (None, [_i64] + [_p] * 10),
+    "collected_split": (None, [_i64] + [_p] * 7),
     "pcb_keep": (_i64, [_i64] + [_p] * 5),
     "pcb_merge_entries": (None, [_i64, _i64] + [_p] * 11),
     "pcb_approximations": (None, [_i64] + [_p] * 3),
@@ -474,6 +476,19 @@ def collect(scores: torch.Tensor, tv: torch.Tensor, floor: torch.Tensor):
     return flat, out_scores, out_tau
 
 
+def collected_split(counts: torch.Tensor, score: torch.Tensor, top: torch.Tensor, above: torch.Tensor,
+                    maxima: torch.Tensor) -> list:
+    """The collected scores of one block (task-major, [n] int64 ``counts`` per task) around a ceiling
+    per task (``top``, [n] float32): adds to ``above`` ([n] int64) the scores > top, raises ``maxima``
+    ([n] float32) to their max, and returns each task's scores <= top, in order (new tensors)."""
+    library = _loaded()
+    n = counts.numel()
+    below, below_counts = torch.empty(score.numel()), torch.empty(n, dtype=torch.int64)
+    library.collected_split(n, counts.data_ptr(), score.data_ptr(), top.data_ptr(), above.data_ptr(),
+                            maxima.data_ptr(), below.data_ptr(), below_counts.data_ptr())
+    return [part.clone() for part in below[: int(below_counts.sum())].split(below_counts.tolist())]
+
+
 def run_extremes(tv: torch.Tensor, run: int):
     """For a block [n, m]: (max |tau| per task, NaN propagating, as torch.amax; (min, max) of |tau| over
     each run of ``run`` entries, [n, m // run] each), the values of abs, amax and aminmax (exact)."""
@@ -486,26 +501,49 @@ def run_extremes(tv: torch.Tensor, run: int):
     return row_max, (run_min, run_max)
 
 
-def pcb_candidates(tv: torch.Tensor, lo, hi, span, n_tasks: int, normalized: bool, floor, out: list):
+def pcb_candidates(tv: torch.Tensor, lo, hi, span, n_tasks: int, normalized: bool, floor, out: list, ceiling=None,
+                   above: torch.Tensor | None = None):
     """PCB official's candidates of a block [n, m] (pcb_loops.c): the entries whose approximate score
-    reaches ``floor`` (per task) minus a wide margin, task-major in position order. ``out``: four
-    reusable flat buffers of at least n * m entries (int32, then three float32). Returns ([n] int64
-    counts, int32 flat indices task * m + position, tau, the float32 arguments of exp and tanh that
-    the eager engine computes for these entries), views of ``out``."""
+    reaches ``floor`` (per task) minus a wide margin; or, with ``ceiling``, those within the margin of
+    [floor, ceiling] or of their chunk's largest score, ``above`` ([n] int64) adding the others above
+    the ceiling. Task-major in position order. ``out``: four reusable flat buffers of at least n * m
+    entries (int32, then three float32). Returns ([n] int64 counts, int32 flat indices task * m +
+    position, tau, the float32 arguments of exp and tanh that the eager engine computes for these
+    entries), views of ``out``."""
     library, tv = _loaded(), _task_rows(tv)
     n, m = tv.shape
     if n * m >= 1 << 31:
         raise ValueError(f"pcb_candidates: a block of {n} x {m} entries has more than 2^31")
     lo, hi, span, floor = (_column(v, torch.float32) for v in (lo, hi, span, floor))
+    if ceiling is not None:
+        ceiling = _column(ceiling, torch.float32)
     counts = torch.empty(n, dtype=torch.int64)
     flat, tau, exp_arg, tanh_arg = out
     total = library.pcb_candidates(tv.data_ptr(), n, m, tv.stride(0), lo.data_ptr(), hi.data_ptr(), span.data_ptr(),
-                                   float(n_tasks), int(normalized), floor.data_ptr(), counts.data_ptr(),
+                                   float(n_tasks), int(normalized), floor.data_ptr(),
+                                   None if ceiling is None else ceiling.data_ptr(),
+                                   None if above is None else above.data_ptr(), counts.data_ptr(),
                                    flat.data_ptr(), tau.data_ptr(), exp_arg.data_ptr(), tanh_arg.data_ptr(),
                                    _threads(n * m))
     if total < 0:
         raise MemoryError(f"pcb_candidates: no scratch memory for a block of {n} tasks")
     return counts, flat[:total], tau[:total], exp_arg[:total], tanh_arg[:total]
+
+
+def pcb_bracket_counts(counts: torch.Tensor, score: torch.Tensor, floor, ceiling, above, at_ceiling, at_floor,
+                       peak) -> list:
+    """The exact scores of a block's bracket candidates (task-major, [n] ``counts``) around [floor,
+    ceiling] ([n] each): adds to ``above``, ``at_ceiling``, ``at_floor`` ([n] int64) the scores >
+    ceiling, == ceiling and == floor, raises ``peak`` ([n] float32) to their max, and returns each
+    task's scores strictly inside, in order (new tensors)."""
+    library = _loaded()
+    n = counts.numel()
+    floor, ceiling = _column(floor, torch.float32), _column(ceiling, torch.float32)
+    inside, inside_counts = torch.empty(score.numel()), torch.empty(n, dtype=torch.int64)
+    library.pcb_bracket_counts(n, counts.data_ptr(), score.data_ptr(), floor.data_ptr(), ceiling.data_ptr(),
+                               above.data_ptr(), at_ceiling.data_ptr(), at_floor.data_ptr(), peak.data_ptr(),
+                               inside.data_ptr(), inside_counts.data_ptr())
+    return [part.clone() for part in inside[: int(inside_counts.sum())].split(inside_counts.tolist())]
 
 
 def pcb_keep(counts: torch.Tensor, flat: torch.Tensor, score: torch.Tensor, tau: torch.Tensor, floor):

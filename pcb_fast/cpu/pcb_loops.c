@@ -73,12 +73,21 @@ static inline float sign_of(float x)
     return (float)((x > 0.0f) - (x < 0.0f));
 }
 
-/* The candidates of one chunk (columns j0 .. j0 + count - 1) of task row i, appended at out_* + slot
- * (each its own slot range). Returns how many. */
+/* |p - bound| beyond this cannot be an approximation error (CANDIDATE_MARGIN) */
+static inline float margin(float p, float bound)
+{
+    return (fabsf(p) + fabsf(bound)) * CANDIDATE_MARGIN + CANDIDATE_FLOOR_ABS;
+}
+
+/* The candidates of one chunk (count columns) of task row x, written from flat/tau/exp_arg/tanh_arg on
+ * (the chunk's own slot range). Collection (ceiling_ NaN): the entries whose approximate score p
+ * reaches floor_ - margin. Bracket: those within the margin of [floor_, ceiling_], and those within
+ * the margin of the chunk's largest p (the exact maximum is among them); *above gets the others
+ * whose p exceeds the ceiling (their exact score does too). Returns how many candidates. */
 static int64_t chunk_candidates(const float *x, const float *total, int64_t count, float lo, float hi,
-                                float span, float nf, float floor_, int64_t flat0, float *restrict e,
-                                float *restrict w, uint8_t *restrict flags, int32_t *flat, float *tau, float *exp_arg,
-                                float *tanh_arg)
+                                float span, float nf, float floor_, float ceiling_, int64_t *above, int64_t flat0,
+                                float *restrict e, float *restrict w, float *restrict p, uint8_t *restrict flags,
+                                int32_t *flat, float *tau, float *exp_arg, float *tanh_arg)
 {
     for (int64_t j = 0; j < count; j++) {
         const float a = fabsf(x[j]);
@@ -87,22 +96,34 @@ static int64_t chunk_candidates(const float *x, const float *total, int64_t coun
         e[j] = (normalized * normalized) * nf;
         w[j] = x[j] * total[j];
     }
-    const float f = floor_;
     float largest = 0.0f;
     for (int64_t j = 0; j < count; j++) {
         const float a = fabsf(w[j]);
         largest = a > largest ? a : largest;
     }
     if (largest < 0.625f) /* the common case (task vectors are small): the polynomial alone */
-        for (int64_t j = 0; j < count; j++) {
-            const float score = approx_exp(e[j]) * approx_tanh_small(w[j]);
-            flags[j] = score >= f - (fabsf(score) + fabsf(f)) * CANDIDATE_MARGIN - CANDIDATE_FLOOR_ABS;
-        }
+        for (int64_t j = 0; j < count; j++)
+            p[j] = approx_exp(e[j]) * approx_tanh_small(w[j]);
     else
+        for (int64_t j = 0; j < count; j++)
+            p[j] = approx_exp(e[j]) * approx_tanh(w[j]);
+    const float f = floor_, ceiling = ceiling_;
+    if (ceiling != ceiling) { /* NaN: collection */
+        for (int64_t j = 0; j < count; j++)
+            flags[j] = p[j] >= f - margin(p[j], f);
+    } else {
+        float top = -INFINITY;
+        for (int64_t j = 0; j < count; j++)
+            top = p[j] > top ? p[j] : top;
+        int64_t over = 0;
         for (int64_t j = 0; j < count; j++) {
-            const float score = approx_exp(e[j]) * approx_tanh(w[j]);
-            flags[j] = score >= f - (fabsf(score) + fabsf(f)) * CANDIDATE_MARGIN - CANDIDATE_FLOOR_ABS;
+            const uint8_t near = ((p[j] >= f - margin(p[j], f)) & (p[j] <= ceiling + margin(p[j], ceiling)))
+                                 | (p[j] >= top - margin(p[j], top));
+            flags[j] = near;
+            over += !near & (p[j] > ceiling);
         }
+        *above += over;
+    }
     /* few candidates: skip 8 flags at a time */
     int64_t k = 0, j = 0;
     for (; j + 8 <= count; j += 8) {
@@ -130,28 +151,32 @@ static int64_t chunk_candidates(const float *x, const float *total, int64_t coun
 }
 
 /* The candidates of a block [n, m] (row i at tv + i * stride; n * m < 2^31) for PCB official with
- * inter "sum" (normalized == 0) or "normalized_sum": entries whose approximate score reaches their
- * task's floor minus the margin, task-major in position order, with their flat index i * m + j,
- * tau, and the arguments of exp and tanh. Outputs hold n * m entries; counts[i] gets task i's
- * number. Returns the total, or -1 when scratch memory could not be had. */
+ * inter "sum" (normalized == 0) or "normalized_sum" (see chunk_candidates; ``ceiling`` NULL: the
+ * collection at floor_, else the bracket [floor_, ceiling], above[i] adding task i's entries known
+ * to lie above it), task-major in position order, with their flat index i * m + j, tau, and the
+ * arguments of exp and tanh. Outputs hold n * m entries; counts[i] gets task i's number. Returns
+ * the total, or -1 when scratch memory could not be had. */
 int64_t pcb_candidates(const float *tv, int64_t n, int64_t m, int64_t stride, const float *lo, const float *hi,
-                       const float *span, float nf, int normalized, const float *floor_, int64_t *counts,
-                       int32_t *flat, float *tau, float *exp_arg, float *tanh_arg, int threads)
+                       const float *span, float nf, int normalized, const float *floor_, const float *ceiling,
+                       int64_t *above, int64_t *counts, int32_t *flat, float *tau, float *exp_arg, float *tanh_arg,
+                       int threads)
 {
     (void)threads;
     const int64_t chunks = (m + PCB_CHUNK - 1) / PCB_CHUNK;
-    int64_t *chunk_counts = malloc((size_t)(n * chunks > 0 ? n * chunks : 1) * sizeof(int64_t));
+    int64_t *chunk_counts = calloc((size_t)(n * chunks > 0 ? 2 * n * chunks : 1), sizeof(int64_t));
     if (chunk_counts == NULL)
         return -1;
+    int64_t *chunk_above = chunk_counts + n * chunks;
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
-        float *scratch = malloc((size_t)(4 + (normalized ? n : 0)) * PCB_CHUNK * sizeof(float));
+        float *scratch = malloc((size_t)(5 + (normalized ? n : 0)) * PCB_CHUNK * sizeof(float));
         if (scratch == NULL) {
             failed = 1;
         } else {
             float *total = scratch, *e = scratch + PCB_CHUNK, *w = e + PCB_CHUNK, *p = w + PCB_CHUNK;
-            float *signed_ = p + PCB_CHUNK; /* normalized_sum: sign(x) * N per task */
+            uint8_t *flags = (uint8_t *)(p + PCB_CHUNK);
+            float *signed_ = p + 2 * PCB_CHUNK; /* normalized_sum: sign(x) * N per task */
 #pragma omp for schedule(static)
             for (int64_t c = 0; c < chunks; c++) {
                 const int64_t j0 = c * PCB_CHUNK, count = m - j0 < PCB_CHUNK ? m - j0 : PCB_CHUNK;
@@ -185,8 +210,9 @@ int64_t pcb_candidates(const float *tv, int64_t n, int64_t m, int64_t stride, co
                 for (int64_t i = 0; i < n; i++) {
                     const int64_t slot = i * m + j0; /* this chunk's own range of task i's outputs */
                     chunk_counts[i * chunks + c] = chunk_candidates(
-                        tv + i * stride + j0, total, count, lo[i], hi[i], span[i], nf, floor_[i], i * m + j0, e, w,
-                        (uint8_t *)p, flat + slot, tau + slot, exp_arg + slot, tanh_arg + slot);
+                        tv + i * stride + j0, total, count, lo[i], hi[i], span[i], nf, floor_[i],
+                        ceiling == NULL ? NAN : ceiling[i], chunk_above + i * chunks + c, i * m + j0, e, w, p, flags,
+                        flat + slot, tau + slot, exp_arg + slot, tanh_arg + slot);
                 }
             }
         }
@@ -200,6 +226,9 @@ int64_t pcb_candidates(const float *tv, int64_t n, int64_t m, int64_t stride, co
     int64_t k = 0;
     for (int64_t i = 0; i < n; i++) {
         counts[i] = 0;
+        if (above != NULL)
+            for (int64_t c = 0; c < chunks; c++)
+                above[i] += chunk_above[i * chunks + c];
         for (int64_t c = 0; c < chunks; c++) {
             const int64_t source = i * m + c * PCB_CHUNK, size = chunk_counts[i * chunks + c];
             if (size && source != k) {
@@ -276,5 +305,32 @@ void pcb_approximations(int64_t count, const float *x, float *exp_out, float *ta
     for (int64_t j = 0; j < count; j++) {
         exp_out[j] = approx_exp(x[j]);
         tanh_out[j] = approx_tanh(x[j]);
+    }
+}
+
+/* The exact scores of a block's bracket candidates (task-major, counts[i] of task i) counted around
+ * [floor_, ceiling] as core.engine.select_in_bracket's pass wants them: above, at_ceiling, at_floor
+ * and peak (the max) accumulate per task; the scores strictly inside go to inside, in order
+ * (inside_counts[i] of task i). */
+void pcb_bracket_counts(int64_t n, const int64_t *counts, const float *score, const float *floor_,
+                        const float *ceiling, int64_t *above, int64_t *at_ceiling, int64_t *at_floor, float *peak,
+                        float *inside, int64_t *inside_counts)
+{
+    int64_t read = 0, write = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const float f = floor_[i], c = ceiling[i];
+        const int64_t first = write, end = read + counts[i];
+        float top = peak[i];
+        for (; read < end; read++) {
+            const float s = score[read];
+            above[i] += s > c;
+            at_ceiling[i] += s == c;
+            at_floor[i] += s == f;
+            top = s > top ? s : top;
+            inside[write] = s;
+            write += (s > f) & (s < c);
+        }
+        peak[i] = top;
+        inside_counts[i] = write - first;
     }
 }

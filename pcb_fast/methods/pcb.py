@@ -133,20 +133,45 @@ def _collector(source, clip: tb.ClipStats, inter: str, block_width: int):
     (pcb_loops.c: approximate scores, the entries within a wide margin of the floor and the arguments
     of their exp and tanh), then torch's exp and tanh on those arguments (the eager scores exactly)
     and the entries whose score reaches the floor: :func:`collect_block`'s entries, bit for bit."""
+    out = [torch.empty(source.n * block_width, dtype=torch.int32)] + [torch.empty(source.n * block_width)
+                                                                        for _ in range(3)]
+
+    def collect_at(floor):
+        return [collect_block_c(block, clip, inter, floor, out) for block in source.blocks(block_width)]
+
+    return collect_at
+
+
+def _bracket_counter(source, clip: tb.ClipStats, inter: str, block_width: int):
+    """``count_blocks(floor, ceiling)`` for :func:`select_threshold` over the budget: every block's
+    exact counts around the bracket (core.engine.bracket_counts) from the C candidate sweep, with
+    torch's exp and tanh on the few entries near the bracket or near a chunk's largest score."""
     n = source.n
     out = [torch.empty(n * block_width, dtype=torch.int32)] + [torch.empty(n * block_width) for _ in range(3)]
 
-    def collect_at(floor):
-        collected = []
+    def count_blocks(floor, ceiling):
         for block in source.blocks(block_width):
-            counts, flat, tau, exp_arg, tanh_arg = native.pcb_candidates(
-                block.tv, clip.lo, clip.hi, clip.span, n, inter == "normalized_sum", floor, out)
+            above, at_ceiling, at_floor = (torch.zeros(n, dtype=torch.int64) for _ in range(3))
+            peak = torch.full((n,), float("-inf"))
+            counts, _, _, exp_arg, tanh_arg = native.pcb_candidates(block.tv, clip.lo, clip.hi, clip.span, n,
+                                                                    inter == "normalized_sum", floor, out, ceiling,
+                                                                    above)
             score = torch.exp(exp_arg).mul_(torch.tanh(tanh_arg))  # intra * inter, as official_scores
-            flat, score, tau = native.pcb_keep(counts, flat, score, tau, floor)
-            collected.append(Collected(block.segment, block.lo, block.hi, n, flat.clone(), score.clone(), tau.clone()))
-        return collected
+            inside = native.pcb_bracket_counts(counts, score, floor, ceiling, above, at_ceiling, at_floor, peak)
+            yield above, at_ceiling, at_floor, inside, peak
 
-    return collect_at
+    return count_blocks
+
+
+def collect_block_c(block, clip: tb.ClipStats, inter: str, floor: torch.Tensor, out: list) -> Collected:
+    """core.engine.collect_block of a block's official scores at ``floor``, through the C candidate sweep
+    (``out``: its four buffers, see native.pcb_candidates); the same entries, bit for bit."""
+    n = block.tv.shape[0]
+    counts, flat, tau, exp_arg, tanh_arg = native.pcb_candidates(block.tv, clip.lo, clip.hi, clip.span, n,
+                                                                 inter == "normalized_sum", floor, out)
+    score = torch.exp(exp_arg).mul_(torch.tanh(tanh_arg))  # intra * inter, as official_scores
+    flat, score, tau = native.pcb_keep(counts, flat, score, tau, floor)
+    return Collected(block.segment, block.lo, block.hi, n, flat.clone(), score.clone(), tau.clone())
 
 
 def _merge_official(source, sink, params, block_width, record=None, reuse=None):
@@ -167,13 +192,20 @@ def _merge_official(source, sink, params, block_width, record=None, reuse=None):
             yield block, tb.official_scores(block.tv, clip, params["inter"], ws)
 
     in_c = _c_loops(source, params)
-    t, peak, collected, kept = select_threshold(source, score_blocks, keep_index(D, params["ratio"]), sample_scores,
-                                                collect_at=_collector(source, clip, params["inter"], block_width)
-                                                if in_c else None)
+    t, peak, collected, kept = select_threshold(
+        source, score_blocks, keep_index(D, params["ratio"]), sample_scores,
+        collect_at=_collector(source, clip, params["inter"], block_width) if in_c else None,
+        count_blocks=_bracket_counter(source, clip, params["inter"], block_width) if in_c else None)
     lam = lambda_column(params["lambdas"], n)
     # scale = (max(P, t) - t) / (M - t) (docs/design.md 2.2 step 6); M == t means nothing is kept: scale 0.
     span = span_or_inf(peak - t)
-    if in_c and collected is not None and record is None:  # the merge of the collected entries in C
+    if in_c and record is None:  # the merge in C, of the collected entries or (over the budget) of each block's
+        # entries at or above t: the others have scale 0 and add exact zeros
+        if collected is None:
+            collected = (collect_block_c(block, clip, params["inter"], t, buffers)
+                         for buffers in [[torch.empty(n * block_width, dtype=torch.int32)]
+                                         + [torch.empty(n * block_width) for _ in range(3)]]
+                         for block in source.blocks(block_width))
         out, den = torch.empty(block_width), torch.empty(block_width)
         for c in collected:
             tau_m = native.pcb_merge_entries(c.width, c.counts(), c.flat, c.score, c.tau, t, span, clip.lo, clip.hi,
