@@ -304,7 +304,7 @@ def stage_breakdown(base: Path, models: list, out: Path, **params) -> dict:
     timer.wrap(engine.ColumnSample, "add", "clip statistics")
     timer.wrap(pcb, "collect_block_c", "score")
     timer.wrap(pcb.tb, "official_scores", "score")
-    timer.wrap(engine, "select_threshold", "select")
+    timer.wrap(pcb, "select_threshold", "select")
     timer.wrap(engine, "threshold_in_bracket", "select")
     timer.wrap(native, "pcb_merge_entries", "merge")
     timer.wrap(native, "merged_output", "write")

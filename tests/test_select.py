@@ -62,3 +62,58 @@ def test_tail_select_equals_sort(order):
         sel.update(x[:, lo : lo + 1000])
     s = torch.sort(x, dim=1).values
     assert torch.equal(sel.values(), torch.stack([s[:, low], s[:, -1 - high]], dim=1))
+
+
+def test_a_missed_bracket_is_retried_narrow(monkeypatch):
+    """When the sampled bracket misses t (forced here: a bracket far above t, then one far below), the
+    retry holds the values between the old bound and a wider sampled one, not a whole side of the
+    row (which had been opened to -inf or +inf and collected: 90% of the entries), and t is exact."""
+    from pcb_fast.core import engine
+
+    g = torch.Generator().manual_seed(0)
+    n, D = 2, 200_000
+    scores = torch.randn(n, D, generator=g)
+    rank = int(D * 0.9)
+    expected = scores.sort(dim=1).values[:, rank]
+    held = []
+
+    def bracket_pass(floor, ceiling):
+        counts = engine.bracket_counts(scores, floor, ceiling)
+        held.append(sum(part.numel() for part in counts[3]))
+        return counts[:4]
+
+    ordered = scores.sort(dim=1).values
+    for lo, hi in ((0.01, 0.02), (-0.02, -0.01)):  # a bracket just above t, then one just below
+        held.clear()
+        bracket = (ordered[:, rank + int(lo * D)].clone(), ordered[:, rank + int(hi * D)].clone())
+        monkeypatch.setattr(engine, "bounds_from_sample", lambda s, r, D: bracket)
+        t, greater, at_least = engine.select_in_bracket(n, D, rank, scores[:, ::17].contiguous(), bracket_pass)
+        assert torch.equal(t, expected)
+        assert torch.equal(greater, (scores > expected.unsqueeze(1)).sum(1))
+        assert len(held) >= 2 and max(held[1:]) <= n * D // 10, held
+
+
+def test_pcb_under_a_small_budget_with_a_missed_bracket(monkeypatch):
+    """PCB over its budget (thresholds from the bracket pass) with the sampled bracket forced to miss:
+    exact, and the retry fits a budget that a whole side of the row would not."""
+    import pcb_fast.reference.pcb as reference
+    from pcb_fast.core import engine
+    from pcb_fast.methods.pcb import merge_pcb
+    from pcb_test_helpers import run_method
+
+    g = torch.Generator().manual_seed(1)
+    tv = torch.randn(3, 100_000, generator=g) * 1e-3
+    guess = engine.bounds_from_sample
+
+    def missing(sample_scores, rank, D):
+        floor, ceiling = guess(sample_scores, rank, D)
+        return ceiling + (ceiling - floor), ceiling + 2 * (ceiling - floor)  # entirely above t
+
+    monkeypatch.setattr(engine, "bounds_from_sample", missing)
+    def radix(*args):
+        raise AssertionError("the retry should have fitted the budget, not fallen back to the radix select")
+
+    monkeypatch.setattr(engine, "threshold_by_radix", radix)
+    for fused in (True, False):
+        out, _ = run_method(merge_pcb, tv, fused, budget=500_000, block_width=20_000)
+        assert torch.equal(out, reference.pcb_official(tv))

@@ -285,10 +285,10 @@ def bounds_from_sample(sample_scores: torch.Tensor, rank, D: int):
     return floor, ceiling
 
 
-def _sample_bounds(sample_scores: torch.Tensor, rank: int, D: int):
+def _sample_bounds(sample_scores: torch.Tensor, rank: int, D: int, widen: float = 1.0):
     n, s = sample_scores.shape
     q = rank / D
-    margin = 6 * math.sqrt(s * q * (1 - q)) + 8
+    margin = (6 * math.sqrt(s * q * (1 - q)) + 8) * widen
     lo, hi = math.floor(q * s - margin), math.ceil(q * s + margin)
     if lo >= 0 and hi < s and _native_select_applies(sample_scores):  # both bounds in one C call per row
         ceiling, floor = row_order_statistics(sample_scores, s - 1 - hi, s - 1 - lo)
@@ -393,13 +393,16 @@ def select_in_bracket(n: int, D: int, rank, sample_scores: torch.Tensor | None, 
     scores strictly inside (floor, ceiling). In ascending order a row is: below the floor, at the
     floor, inside, at the ceiling, above; so t is found among the few inside values, and ties at
     the bounds (quantized or sparse task vectors) cost counts only. Where the sampled bracket
-    misses t (improbable: six standard deviations), that bound is opened and the pass repeated.
+    misses t (improbable: six standard deviations), the pass is repeated with a bracket that lies
+    on the missed side of the old one (:func:`_widened`): a retry holds about as many values as a
+    first pass, never a whole side of the row.
     Returns (t, greater, at_least): [n] thresholds and the counts of scores > t and >= t.
     """
     ranks = task_ranks(rank, n).tolist()
     guess = None if sample_scores is None else bounds_from_sample(sample_scores, ranks, D)
-    # fresh tensors either way (kthvalue results or full): opened in place below when they miss
+    # fresh tensors either way (kthvalue results or full): moved in place below when they miss
     floor, ceiling = guess if guess is not None else (torch.full((n,), float("-inf")), torch.full((n,), float("inf")))
+    widen = [1.0] * n
     while True:
         above, at_ceiling, at_floor, inside = bracket_pass(floor, ceiling)
         t, greater, at_least, missed = torch.zeros(n), torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64), False
@@ -408,8 +411,9 @@ def select_in_bracket(n: int, D: int, rank, sample_scores: torch.Tensor | None, 
             at_c, top, values = int(at_ceiling[i]), int(above[i]), inside[i]
             below = D - top - at_c - at_f - values.numel()
             r = ranks[i] - below  # rank of t among the entries from the floor up
-            if r < 0:
-                floor[i], missed = float("-inf"), True
+            if r < 0:  # t lies below the floor
+                floor[i], ceiling[i], widen[i] = _widened(sample_scores, i, ranks[i], D, widen[i], floor[i], below=True)
+                missed = True
             elif r < at_f:
                 t[i], greater[i], at_least[i] = floor[i], D - below - at_f, D - below
             elif r < at_f + values.numel():
@@ -419,10 +423,29 @@ def select_in_bracket(n: int, D: int, rank, sample_scores: torch.Tensor | None, 
                 at_least[i] = top + at_c + int((values >= v).sum())
             elif r < at_f + values.numel() + at_c:
                 t[i], greater[i], at_least[i] = ceiling[i], top, top + at_c
-            else:
-                ceiling[i], missed = float("inf"), True
+            else:  # t lies above the ceiling
+                floor[i], ceiling[i], widen[i] = _widened(sample_scores, i, ranks[i], D, widen[i], ceiling[i],
+                                                           below=False)
+                missed = True
         if not missed:
             return t, greater, at_least
+
+
+def _widened(sample_scores, i: int, rank: int, D: int, widen: float, bound, below: bool):
+    """The next (floor, ceiling, widen) of task i after its bracket missed t on one side: the old bound
+    that t lies beyond becomes the other end (every entry at or past it is known to lie past t),
+    and the sample gives the new far end with a margin four times wider (open, +-inf, where the
+    sample runs out). The values held by the next pass are those between the two, not a whole side
+    of the row."""
+    bound, widen = float(bound), widen * 4  # a number, not a view of the tensor the caller updates
+    bounds = None
+    if sample_scores is not None and sample_scores.shape[1] >= MIN_SAMPLE:
+        bounds = _sample_bounds(sample_scores[i : i + 1], rank, D, widen)
+    if below:
+        far = float(bounds[0][0]) if bounds is not None else float("-inf")
+        return (far if far < bound else float("-inf")), bound, widen
+    far = float(bounds[1][0]) if bounds is not None else float("inf")
+    return bound, (far if far > bound else float("inf")), widen
 
 
 COLLECTED_BYTES = 16  # per collected entry: int32 position, float32 score and tau, and a score copy
