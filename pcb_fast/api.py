@@ -28,7 +28,7 @@ from .methods.pcb import check_params as check_pcb_params
 @torch.no_grad()  # inputs that require grad are read as data
 def pcb_merge(task_vectors, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant="official", lambdas=None,
               backend="auto", block_width=DEFAULT_BLOCK_WIDTH, report: dict | None = None,
-              threads="auto") -> torch.Tensor:
+              threads="auto", fused="auto") -> torch.Tensor:
     """Merged task vector tau_m (float32, [D]) of PCB-Merging for a [n, D] tensor or n 1-D tensors.
 
     ``variant="official"`` is the authors' code (docs/design.md 2.2), ``"paper"`` the paper's equations.
@@ -37,9 +37,12 @@ def pcb_merge(task_vectors, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant
     If ``report`` is a dict, it receives "kept" (entries kept per task) and "entries" (D).
     ``threads``: CPU threads of the torch backend, "auto" (the cores other processes leave free, looked
     at again during the merge) or a number; torch's own setting is restored afterwards.
+    ``fused``: as for :func:`merge` ("auto": PCB's C sweeps where they build, the reference's bits;
+    "off": the eager torch ops, the same bits).
     """
     check_threads(threads)
     checks.check_block_width(block_width)
+    checks.check_choice("fused", fused, fused_cpu.MODES)
     rows = checks.task_vector_rows(task_vectors)
     device = checks.common_device((f"task vector {i}", r) for i, r in enumerate(rows))
     backend = resolve_backend(backend, device)
@@ -56,6 +59,7 @@ def pcb_merge(task_vectors, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant
         return pcb_reference(task_vectors, ratio=ratio, clamp_ratio=clamp_ratio, inter=inter, variant=variant,
                              lambdas=lambdas)
     source = MatrixSource(task_vectors)
+    fused_cpu.configure(source, fused, "pcb", dict(variant=variant, inter=inter))
     out = torch.empty(source.D)
 
     def sink(segment, lo, hi, values):

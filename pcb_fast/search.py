@@ -31,6 +31,7 @@ from .core.formulas import disjoint_mean, elected_signs, zero_sign_fill
 from .core.sources import DEFAULT_BLOCK_WIDTH, StateDictSource
 from .core.options import RunOptions
 from .core.threads import CpuThreads, check_threads
+from .cpu import fused as fused_cpu
 from .io.running_stats import merge_running_stats, running_stat_keys
 from .io.tied import check_tied, tied_groups
 from .methods import SPECS
@@ -91,6 +92,8 @@ class ContributionCache:
                            for k in self.merged}
         self._tau = {k: torch.empty(base[k].numel()) for k in self.merged}
         self.source = StateDictSource(base, models, self.merged, names)
+        if method == "pcb":  # the default of merge: PCB's C sweeps where they build (the same bits)
+            fused_cpu.configure(self.source, "auto", method, params)
         self.reuse = {} if reuse is None else reuse
         with CpuThreads(threads) as cpu_threads:  # as a merge does (core/threads.py)
             self.source.options = RunOptions(threads=cpu_threads)

@@ -226,3 +226,25 @@ def test_every_entry_point_same_bytes(tmp_path, dtype):
     assert all(torch.equal(a[k], b[k]) for k in base)
     tv = torch.stack([torch.cat([(m[k].float() - base[k].float()).reshape(-1) for k in sorted(base)]) for m in models])
     assert torch.equal(pcb_fast.pcb_merge(tv), reference.pcb_official(tv))
+
+
+def test_search_and_pcb_merge_take_the_c_sweeps(monkeypatch):
+    """The coefficient search's cache and pcb_merge take PCB's C sweeps by default, as merge does, with
+    the same bits (the search's apply equals merge with those lambdas)."""
+    from pcb_fast.search import ContributionCache
+
+    calls = []
+    candidates = native.pcb_candidates
+    monkeypatch.setattr(native, "pcb_candidates", lambda *a, **k: calls.append(1) or candidates(*a, **k))
+    g = torch.Generator().manual_seed(8)
+    base = {"w": torch.randn(200, 300, generator=g)}
+    models = [{"w": base["w"] + 1e-2 * torch.randn(200, 300, generator=g)} for _ in range(3)]
+    cache = ContributionCache(base, models, method="pcb")
+    assert calls
+    lambdas = [0.9, 1.2, 0.7]
+    assert torch.equal(cache.apply(lambdas, 1.0)["w"], pcb_fast.merge(base, models, method="pcb", lambdas=lambdas,
+                                                                      fused="off")["w"])
+    calls.clear()
+    tv = torch.stack([(m["w"] - base["w"]).reshape(-1) for m in models])
+    assert torch.equal(pcb_fast.pcb_merge(tv), pcb_fast.pcb_merge(tv, fused="off"))
+    assert calls
