@@ -120,12 +120,13 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     its scores in one more pass (the same result, bit for bit).
     ``threads``: CPU threads of the torch backend, "auto" (the cores other processes leave free, looked
     at again during the merge) or a number; torch's own setting is restored afterwards.
-    ``fused`` ("auto", "on", "off"): on the torch backend, run the per-block work of TIES, DARE and
-    DARE-TIES as C loops (pcb_fast.cpu.native: the same bits; where no C compiler works, loops compiled
-    by torch.compile, the same values), Breadcrumbs and PCB's official variant through compiled loops
-    (PCB: values within 2e-5 of max|tau_m| of the bit-exact eager path, inductor's exp and tanh round
-    differently; docs/design.md 9); "auto": the C loops always, compiled ones for merges of at least
-    2^29 task-vector entries (PCB: 2^31), where compiling pays for itself.
+    ``fused`` ("auto", "on", "off"): on the torch backend, run the per-block work of TIES, DARE,
+    DARE-TIES and PCB's official variant (inter "sum", "normalized_sum") as C loops (pcb_fast.cpu.native:
+    the same bits; where no C compiler works, loops compiled by torch.compile, the same values), and
+    Breadcrumbs and PCB's pairwise term through compiled loops (PCB: values within 2e-5 of
+    max|tau_m| of the bit-exact eager path, inductor's exp and tanh round differently; docs/design.md
+    9); "auto": the C loops always, compiled ones for merges of at least 2^29 task-vector entries
+    (PCB: 2^31), where compiling pays for itself; "off": the eager torch ops.
     ``running_stats``: BatchNorm's running_mean/running_var (beside num_batches_tracked) are not task
     vectors: "average" (default) takes the models' mean weighted by ``lambdas``, "base" the base's
     (pcb_fast/io/running_stats.py).

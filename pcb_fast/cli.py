@@ -79,9 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="CPU threads: auto (default: the cores other processes leave free, looked at again "
                             "during the merge) or a number")
     merge.add_argument("--fused", default="auto", choices=("auto", "on", "off"),
-                       help="fused CPU loops: C loops for ties, dare, dare_ties (the same bits; default auto: "
-                            "always), torch.compile ones for breadcrumbs (the same values) and pcb's official "
-                            "variant (within 2e-5 of max|tau_m|) (auto: from 2^29 task-vector entries, pcb 2^31)")
+                       help="fused CPU loops: C loops for ties, dare, dare_ties and pcb's official variant "
+                            "(sum, normalized_sum) (the same bits; default auto: always), torch.compile ones for "
+                            "breadcrumbs (the same values) and pcb's pairwise term (within 2e-5 of max|tau_m|) "
+                            "(auto: from 2^29 task-vector entries, pcb 2^31); off: the eager torch ops")
     merge.add_argument("--distributed", action="store_true",
                        help="run as one rank of a torchrun launch (gloo on CPU): ranks split the output shards")
 
