@@ -18,17 +18,22 @@ operations per entry; the sums over tasks are one sequential loop over the tasks
 IEEE semantics on the CPU: no reassociation, no contraction); only the sign of a zero may differ
 (compiled sums start from +0). tests/test_fused_cpu.py checks both.
 
-PCB's loops are the exception: its scores need exp and tanh, which eager torch takes from MKL and
+PCB's official variant has C sweeps too (pcb_loops.c, inter "sum" and "normalized_sum", up to 80
+tasks): they score with their own vectorised exp and tanh only to pick the entries near or above a
+floor, whose exact scores then come from torch's exp and tanh, so their values are the eager
+engine's bit for bit (tests/test_pcb_c.py). PCB's compiled loops (every inter term) are the
+exception to the equality: its scores need exp and tanh, which eager torch takes from MKL and
 inductor from Sleef (exp, within 1 ulp) or from :func:`_tanh` here (within 1.5 ulp), so the scores
-differ from the eager ones by a few ulps and the fused PCB is held to the tolerance of the triton
-backend (docs/design.md 9: values within 2e-5 of max|tau_m|, keep masks equal except where a score
-lies within a few ulps of its threshold; the same result on every run and thread count).
-tests/test_fused_pcb.py checks it.
+differ from the eager ones by a few ulps and the compiled PCB is held to the tolerance of the
+triton backend (docs/design.md 9: values within 2e-5 of max|tau_m|, keep masks equal except where
+a score lies within a few ulps of its threshold; the same result on every run and thread count).
+tests/test_fused_pcb.py checks it. They run only where the C sweeps do not apply.
 
-Modes (``fused=`` of merge, merge_checkpoints and the CLI): "on", "off", or "auto" (the default):
-the C loops always; compiled ones from :data:`AUTO_MIN_ENTRIES` task-vector entries, where compiling
-pays for itself, when a tiny function compiles here (a C++ compiler is needed); "auto" falls back
-to the eager engine with a warning otherwise, "on" raises :class:`FusedUnavailable`.
+Modes (``fused=`` of merge, merge_checkpoints, pcb_merge and the CLI): "on", "off", or "auto" (the
+default): the C loops always; compiled ones from :data:`AUTO_MIN_ENTRIES` task-vector entries,
+where compiling pays for itself, when a tiny function compiles here (a C++ compiler is needed);
+"auto" falls back to the eager engine with a warning otherwise, "on" raises
+:class:`FusedUnavailable`. "off": the eager torch ops.
 """
 
 from __future__ import annotations
@@ -46,15 +51,16 @@ MODES = ("auto", "on", "off")
 # about 5 s here and the fused one under 2 s, plus a first compile of 4-10 s per process (less
 # with inductor's on-disk cache): below this, compiling does not pay for itself.
 AUTO_MIN_ENTRIES = 1 << 29
-# PCB's fused loops save about 0.6 s per 2^27 entries here (n=8, D=2^24 through merge: 1.0 s against
-# 1.6 s eager), for a first call of 5.5 s per process with inductor's on-disk cache warm (more when
-# cold): "auto" fuses PCB from 2^31 entries (8 GiB of fp32 task vectors), below that its bit-exact
-# eager path stays the default.
+# PCB's compiled loops (where its C sweeps do not apply) save about 0.6 s per 2^27 entries (n=8,
+# D=2^24 through merge: 1.0 s against 1.6 s eager), for a first call of 5.5 s per process with
+# inductor's on-disk cache warm (docs/design.md 3.5): "auto" compiles them from 2^31 entries (8 GiB
+# of fp32 task vectors), below that the bit-exact eager path stays the default.
 AUTO_MIN_ENTRIES_BY_METHOD = {"pcb": 1 << 31}
 # the methods with compiled loops; for the others "auto" and "on" change nothing (and compile nothing)
 FUSED_METHODS = ("ties", "dare", "dare_ties", "breadcrumbs", "pcb")
 # the methods whose loops are also written in C (pcb_fast.cpu.native, ties_loops.c): nothing to compile at
-# run time and the eager engine's values bit for bit, so "auto" takes them at any size
+# run time and the eager engine's values bit for bit, so "auto" takes them at any size (PCB's official
+# variant too, for some of its options: has_c_loops)
 C_METHODS = ("ties", "dare", "dare_ties")
 
 
