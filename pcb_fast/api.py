@@ -59,14 +59,14 @@ def pcb_merge(task_vectors, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant
         return pcb_reference(task_vectors, ratio=ratio, clamp_ratio=clamp_ratio, inter=inter, variant=variant,
                              lambdas=lambdas)
     source = MatrixSource(task_vectors)
-    fused_cpu.configure(source, fused, "pcb", dict(variant=variant, inter=inter))
     out = torch.empty(source.D)
 
     def sink(segment, lo, hi, values):
         out[segment.offset + lo : segment.offset + hi] = values
 
     with CpuThreads(threads) as cpu_threads:
-        source.options = RunOptions(threads=cpu_threads)
+        source.options = RunOptions(threads=cpu_threads, **fused_cpu.settings(fused, source.n * source.D, "pcb",
+                                                                              dict(variant=variant, inter=inter)))
         info = engine.run(SPECS["pcb"].merge, source, sink, ratio=ratio, clamp_ratio=clamp_ratio, inter=inter,
                           variant=variant, lambdas=lambdas, block_width=block_width)
     if report is not None:

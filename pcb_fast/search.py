@@ -92,11 +92,11 @@ class ContributionCache:
                            for k in self.merged}
         self._tau = {k: torch.empty(base[k].numel()) for k in self.merged}
         self.source = StateDictSource(base, models, self.merged, names)
-        if method == "pcb":  # the default of merge: PCB's C sweeps where they build (the same bits)
-            fused_cpu.configure(self.source, "auto", method, params)
         self.reuse = {} if reuse is None else reuse
+        # PCB with merge's default: its C sweeps where they build (the same bits)
+        fused = fused_cpu.settings("auto", self.n * self.source.D, method, params) if method == "pcb" else {}
         with CpuThreads(threads) as cpu_threads:  # as a merge does (core/threads.py)
-            self.source.options = RunOptions(threads=cpu_threads)
+            self.source.options = RunOptions(threads=cpu_threads, **fused)
             if method == "pcb":
                 self._build_sparse(block_width)
             else:
