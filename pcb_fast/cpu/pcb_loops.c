@@ -117,8 +117,9 @@ static int64_t chunk_candidates(const float *x, const float *total, int64_t coun
             top = p[j] > top ? p[j] : top;
         int64_t over = 0;
         for (int64_t j = 0; j < count; j++) {
+            /* a NaN score (a sum over tasks that overflows) is a candidate: the exact max is then NaN */
             const uint8_t near = ((p[j] >= f - margin(p[j], f)) & (p[j] <= ceiling + margin(p[j], ceiling)))
-                                 | (p[j] >= top - margin(p[j], top));
+                                 | (p[j] >= top - margin(p[j], top)) | (p[j] != p[j]);
             flags[j] = near;
             over += !near & (p[j] > ceiling);
         }
@@ -310,7 +311,7 @@ void pcb_approximations(int64_t count, const float *x, float *exp_out, float *ta
 
 /* The exact scores of a block's bracket candidates (task-major, counts[i] of task i) counted around
  * [floor_, ceiling] as core.engine.select_in_bracket's pass wants them: above, at_ceiling, at_floor
- * and peak (the max) accumulate per task; the scores strictly inside go to inside, in order
+ * and peak (the max, NaN if any is NaN) accumulate per task; the scores strictly inside go to inside, in order
  * (inside_counts[i] of task i). */
 void pcb_bracket_counts(int64_t n, const int64_t *counts, const float *score, const float *floor_,
                         const float *ceiling, int64_t *above, int64_t *at_ceiling, int64_t *at_floor, float *peak,
@@ -326,7 +327,7 @@ void pcb_bracket_counts(int64_t n, const int64_t *counts, const float *score, co
             above[i] += s > c;
             at_ceiling[i] += s == c;
             at_floor[i] += s == f;
-            top = s > top ? s : top;
+            top = s > top || s != s ? s : top; /* NaN propagates, as torch.amax */
             inside[write] = s;
             write += (s > f) & (s < c);
         }

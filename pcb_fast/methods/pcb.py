@@ -128,13 +128,17 @@ def _c_loops(source, params) -> bool:
     return fused_cpu.applies(source) and fused_cpu.has_c_loops("pcb", params) and source.n <= EXACT_EXP_MAX_N
 
 
-def _collector(source, clip: tb.ClipStats, inter: str, block_width: int):
+def candidate_buffers(n: int, block_width: int) -> list:
+    """The four output buffers of native.pcb_candidates for blocks of up to ``block_width`` columns."""
+    return [torch.empty(n * block_width, dtype=torch.int32)] + [torch.empty(n * block_width) for _ in range(3)]
+
+
+def _collector(source, clip: tb.ClipStats, inter: str, block_width: int, out: list):
     """``collect_at(floor)`` for :func:`select_threshold`: one pass of the C candidate sweep
     (pcb_loops.c: approximate scores, the entries within a wide margin of the floor and the arguments
     of their exp and tanh), then torch's exp and tanh on those arguments (the eager scores exactly)
-    and the entries whose score reaches the floor: :func:`collect_block`'s entries, bit for bit."""
-    out = [torch.empty(source.n * block_width, dtype=torch.int32)] + [torch.empty(source.n * block_width)
-                                                                        for _ in range(3)]
+    and the entries whose score reaches the floor: :func:`collect_block`'s entries, bit for bit.
+    ``out``: :func:`candidate_buffers`."""
 
     def collect_at(floor):
         return [collect_block_c(block, clip, inter, floor, out) for block in source.blocks(block_width)]
@@ -142,12 +146,12 @@ def _collector(source, clip: tb.ClipStats, inter: str, block_width: int):
     return collect_at
 
 
-def _bracket_counter(source, clip: tb.ClipStats, inter: str, block_width: int):
+def _bracket_counter(source, clip: tb.ClipStats, inter: str, block_width: int, out: list):
     """``count_blocks(floor, ceiling)`` for :func:`select_threshold` over the budget: every block's
     exact counts around the bracket (core.engine.bracket_counts) from the C candidate sweep, with
-    torch's exp and tanh on the few entries near the bracket or near a chunk's largest score."""
+    torch's exp and tanh on the few entries near the bracket or near a chunk's largest score.
+    ``out``: :func:`candidate_buffers`."""
     n = source.n
-    out = [torch.empty(n * block_width, dtype=torch.int32)] + [torch.empty(n * block_width) for _ in range(3)]
 
     def count_blocks(floor, ceiling):
         for block in source.blocks(block_width):
@@ -192,20 +196,18 @@ def _merge_official(source, sink, params, block_width, record=None, reuse=None):
             yield block, tb.official_scores(block.tv, clip, params["inter"], ws)
 
     in_c = _c_loops(source, params)
+    buffers = candidate_buffers(n, block_width) if in_c else None
     t, peak, collected, kept = select_threshold(
         source, score_blocks, keep_index(D, params["ratio"]), sample_scores,
-        collect_at=_collector(source, clip, params["inter"], block_width) if in_c else None,
-        count_blocks=_bracket_counter(source, clip, params["inter"], block_width) if in_c else None)
+        collect_at=_collector(source, clip, params["inter"], block_width, buffers) if in_c else None,
+        count_blocks=_bracket_counter(source, clip, params["inter"], block_width, buffers) if in_c else None)
     lam = lambda_column(params["lambdas"], n)
     # scale = (max(P, t) - t) / (M - t) (docs/design.md 2.2 step 6); M == t means nothing is kept: scale 0.
     span = span_or_inf(peak - t)
     if in_c and record is None:  # the merge in C, of the collected entries or (over the budget) of each block's
         # entries at or above t: the others have scale 0 and add exact zeros
         if collected is None:
-            collected = (collect_block_c(block, clip, params["inter"], t, buffers)
-                         for buffers in [[torch.empty(n * block_width, dtype=torch.int32)]
-                                         + [torch.empty(n * block_width) for _ in range(3)]]
-                         for block in source.blocks(block_width))
+            collected = (collect_block_c(block, clip, params["inter"], t, buffers) for block in source.blocks(block_width))
         out, den = torch.empty(block_width), torch.empty(block_width)
         for c in collected:
             tau_m = native.pcb_merge_entries(c.width, c.counts(), c.flat, c.score, c.tau, t, span, clip.lo, clip.hi,
