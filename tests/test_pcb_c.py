@@ -189,6 +189,9 @@ def test_the_c_sweeps_are_taken(monkeypatch):
     many = MatrixSource(task_vectors("normal", 81, 100))
     many.options = RunOptions(fused=True)
     assert not pcb._c_loops(many, dict(inter="sum", variant="official"))
+    # more than 80 tasks: the eager path (bit-exact), not the compiled loops, even with fused="on"
+    x = task_vectors("normal", 81, 3000, seed=9)
+    assert torch.equal(pcb_fast.pcb_merge(x, fused="on"), reference.pcb_official(x))
     source.options = RunOptions(fused=False)
     assert not pcb._c_loops(source, dict(inter="sum", variant="official"))
 

@@ -57,7 +57,9 @@ def merge_pcb(source, sink, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant
     params = check_params(source.n, ratio=ratio, clamp_ratio=clamp_ratio, inter=inter, variant=variant, lambdas=lambdas)
     block_width = source.block_width(block_width)
     if params["variant"] == "official":
-        if fused_cpu.applies(source) and record is None and not _c_loops(source, params):
+        # the compiled loops (within a tolerance) only where these options have no C sweeps: where
+        # they have but cannot take this merge (more than 80 tasks), the eager path (the same bits)
+        if fused_cpu.applies(source) and record is None and not fused_cpu.has_c_loops("pcb", params):
             return _merge_official_fused(source, sink, params, block_width, reuse)
         return _merge_official(source, sink, params, block_width, record, reuse)
     return _merge_paper(source, sink, params, block_width, record, reuse)
