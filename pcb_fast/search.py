@@ -31,11 +31,11 @@ from .core.formulas import disjoint_mean, elected_signs, zero_sign_fill
 from .core.sources import DEFAULT_BLOCK_WIDTH, StateDictSource
 from .core.options import RunOptions
 from .core.threads import CpuThreads, check_threads
-from .cpu import fused as fused_cpu
 from .io.running_stats import merge_running_stats, running_stat_keys
 from .io.tied import check_tied, tied_groups
 from .methods import SPECS
 from .methods.linear import dare_block, check_drop, check_seed
+from .methods.pcb import default_fused
 from .methods.ties import SIGN_TIES, TOPK, Trim, check_density
 
 SEARCHABLE = tuple(name for name, spec in SPECS.items() if spec.searchable)
@@ -94,7 +94,7 @@ class ContributionCache:
         self.source = StateDictSource(base, models, self.merged, names)
         self.reuse = {} if reuse is None else reuse
         # PCB with merge's default: its C sweeps where they build (the same bits)
-        fused = fused_cpu.settings("auto", self.n * self.source.D, method, params) if method == "pcb" else {}
+        fused = default_fused(self.n * self.source.D, params) if method == "pcb" else {}
         with CpuThreads(threads) as cpu_threads:  # as a merge does (core/threads.py)
             self.source.options = RunOptions(threads=cpu_threads, **fused)
             if method == "pcb":

@@ -65,6 +65,12 @@ def merge_pcb(source, sink, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant
     return _merge_paper(source, sink, params, block_width, record, reuse)
 
 
+def default_fused(entries: int, params: dict) -> dict:
+    """The fused fields of core.options.RunOptions for a PCB merge of ``entries`` task-vector entries
+    with merge's default, fused="auto" (its C sweeps where they build: the same bits)."""
+    return fused_cpu.settings("auto", entries, "pcb", params)
+
+
 def _reused(reuse: dict | None, key: tuple, compute):
     """compute() once per key when a ``reuse`` dict is given."""
     if reuse is None:
