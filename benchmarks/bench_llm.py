@@ -31,7 +31,7 @@ from benchmarks.bench_disk import CHILD
 
 RESULTS = Path(__file__).parent / "results"
 
-# (hidden, layers, intermediate, vocab): ~953M and ~318M parameters
+# (hidden, layers, intermediate, vocab): ~953M and ~322M parameters
 SIZES = {"full": (2048, 16, 5632, 32000), "small": (1024, 20, 2816, 32000)}
 FINE_TUNES = 4
 RANK = 8  # of each fine-tune's low-rank change per matrix

@@ -543,7 +543,7 @@ NOT_TILED = {"find": "n/a (int64 counts only)", "sample": "n/a (strided columns:
 
 
 def summary(rows: list) -> str:
-    """One row per kernel over its variants and input dtypes (the README's table)."""
+    """One row per kernel over its variants and input dtypes (the table of docs/benchmarks.md)."""
     lines = ["| kernel | variants | registers | spill bytes | global atomics / entry | load width, full tiles (bits) "
              "| compile s (max) |",
              "|---|---|---|---|---|---|---|"]

@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     _output_flags(merge)
     merge.add_argument("--backend", default="auto", help="auto (default), torch, triton or reference")
     merge.add_argument("--device", default="cpu", help="cpu (default, streamed from disk) or cuda (loaded whole)")
-    merge.add_argument("--max-memory", help="memory the merge may hold beyond a fixed ~0.4 GB (interpreter, torch, "
-                                            "I/O buffers): cached task vectors and collected entries, e.g. 2GB "
+    merge.add_argument("--max-memory", help="memory the merge may hold beyond the interpreter, torch and 128 MiB "
+                                            "of pipeline buffers: cached task vectors and collected entries, e.g. 2GB "
                                             "(default: half the available memory); a smaller budget costs passes, "
                                             "never bits")
     merge.add_argument("--threads", default="auto", type=_threads,
