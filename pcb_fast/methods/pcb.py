@@ -418,4 +418,4 @@ SPEC = MethodSpec(
                   kind="choice"),
             Param("variant", "official", choice("variant", checks.VARIANT_CHOICES), "official or paper",
                   kind="choice")),
-    backends=("torch", "triton", "reference"), loops=("compiled",), searchable=True)
+    backends=("torch", "triton", "reference"), loops=("c", "compiled"), searchable=True)

@@ -50,7 +50,8 @@ class MethodSpec:
     ``merge(source, sink, *, lambdas, block_width, **params)`` runs it on the streaming engine.
     ``check_together(params, n)``: constraints between parameters (after each is checked alone).
     ``backends``: the backends that run it. ``loops``: its fused CPU loops, "c" (pcb_fast.cpu.native,
-    the eager engine's bits) and/or "compiled" (torch.compile). ``mergekit``: mergekit 0.1.5's name of
+    the eager engine's bits; with its default parameters, pcb_fast.cpu.fused.has_c_loops says which
+    options) and/or "compiled" (torch.compile). ``mergekit``: mergekit 0.1.5's name of
     this method and, in ``mergekit_defaults``, the parameter values that give mergekit's semantics
     under that name. ``single_pass(params)``: the method reads its inputs once with these
     parameters (nothing gained by caching task vectors for a later pass). ``uses_statistics``:
