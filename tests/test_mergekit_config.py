@@ -169,11 +169,18 @@ def test_the_base_among_the_models(llama):
     (dict(merge_method="della"), "not supported: merge_method della (DELLA's magnitude-ranked random drop)"),
     (dict(merge_method="della_linear"), "not supported: merge_method della_linear"),
     (dict(merge_method="model_stock"), "not supported: merge_method model_stock"),
-    (dict(tokenizer={"source": "union"}), "not supported: tokenizer (building a merged tokenizer"),
+    (dict(tokenizer={"source": "union"}), "not supported: tokenizer.source: union"),
+    (dict(tokenizer={"source": "base", "tokens": {"<x>": {"source": "zero"}}}), "not supported: tokenizer.tokens"),
+    (dict(tokenizer={"sorce": "base"}), "tokenizer.sorce is not an entry of the tokenizer block (did you mean 'source'"),
+    (dict(tokenizer={"source": "base"}, tokenizer_source="base"), "give tokenizer_source or tokenizer, not both"),
+    (dict(Parameters={"density": 0.5}), "unknown entry 'Parameters' (did you mean 'parameters'?)"),
+    (dict(name=3), "name=3 must be a string"),
+    (dict(parameters={"densty": 0.5}), "parameters.densty is not a parameter of ties (did you mean 'density'?)"),
+    (dict(merge_method="linear", parameters={"weight": 1, "foo": 2}),
+     "parameters.foo is not a parameter of linear; valid: weight, lam, lambda, scope, exclude, normalize"),
     (dict(tokenizer_source="union"), "not supported: tokenizer_source: union"),
     (dict(chat_template="llama3"), "not supported: chat_template: llama3 (a template mergekit ships"),
     (dict(chat_template="hello"), "chat_template='hello' is neither a template name"),
-    (dict(parameters={"epsilon": 0.1}), "parameters.epsilon is not a parameter of ties (only DELLA has it"),
     (dict(parameters={"rescale": True}), "not supported: rescale: true with ties"),
     (dict(parameters={"density": 0}), "parameters.density: density=0.0 is out of range; valid: 0 < density <= 1"),
     (dict(parameters={"density": "lots"}), "parameters.density='lots' must be a number"),
@@ -279,3 +286,64 @@ def test_chat_template_goes_into_the_tokenizer_config(llama):
                                                                                          chat_template="chatml"))))
     assert any("the chat template was not saved" in str(w.message) for w in caught)
     assert not (tmp / "none" / "tokenizer_config.json").exists()
+
+
+# ---- entries mergekit accepts, refusals that are the only line printed (issue 28, item 6)
+
+
+def test_linear_normalize_true_is_the_weighted_mean(llama):
+    tmp, base, paths, *_ = llama
+    plain = config(base, paths[:2], method="linear", per_model=[{"weight": 1.0}, {"weight": 3.0}])
+    del plain["base_model"]
+    normalized = dict(plain, parameters={"normalize": True})
+    assert without_card(parse_config(normalized)) == without_card(parse_config(plain))
+    assert cli(["merge", "--config", str(write(tmp / "c.yaml", normalized)), "--out", str(tmp / "a"), "--quiet"]) == 0
+    assert cli(["merge", "--config", str(write(tmp / "d.yaml", plain)), "--out", str(tmp / "b"), "--quiet"]) == 0
+    assert (tmp / "a" / "model.safetensors").read_bytes() == (tmp / "b" / "model.safetensors").read_bytes()
+
+
+def test_parameters_of_other_methods_are_ignored_with_a_note(llama, capsys):
+    tmp, base, paths, *_ = llama
+    plain = config(base, paths[:2], method="linear", per_model=[{"weight": 1.0}, {"weight": 3.0}],
+                   parameters={"weight": 1.0})
+    extra = config(base, paths[:2], method="linear", per_model=[{"weight": 1.0, "density": 0.5}, {"weight": 3.0}],
+                   parameters={"weight": 1.0, "epsilon": 0.1, "int8_mask": True})
+    with pytest.warns(UserWarning, match="density, epsilon, int8_mask are not parameters of linear: ignored"):
+        parsed = parse_config(extra)
+    assert without_card(parsed) == without_card(parse_config(plain))
+
+
+def test_a_warning_never_precedes_a_refusal(llama, capsys):
+    tmp, base, paths, *_ = llama
+    raw = config(base, [base] + paths, parameters={"density": "lots", "gamma": 0.1}, vocab_size=40)
+    assert cli(["merge", "--config", str(write(tmp / "c.yaml", raw)), "--out", str(tmp / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "parameters.density" in err[0], err
+
+
+def test_name_and_vocab_size_are_accepted(llama, capsys):
+    tmp, base, paths, *_ = llama
+    raw = config(base, paths, name="my-merge", vocab_size=40)
+    assert cli(["merge", "--config", str(write(tmp / "c.yaml", raw)), "--out", str(tmp / "out"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "vocab_size is ignored" in err and "name" not in err.replace("vocab_size", "")
+
+
+def test_tokenizer_block_with_the_base_source_is_tokenizer_source_base(llama):
+    tmp, base, paths, *_ = llama
+    block = parse_config(config(base, paths, tokenizer={"source": "base"}))
+    assert without_card(block) == without_card(parse_config(config(base, paths, tokenizer_source="base")))
+
+
+def test_multi_document_yaml_names_mergekit_multimerge(llama):
+    tmp, base, paths, *_ = llama
+    from pcb_fast.io.config import load_config
+
+    first = dict(config(base, paths), name="first")
+    second = dict(config(base, [str(tmp / "first")]), name="second")
+    (tmp / "multi.yaml").write_text(yaml.safe_dump(first) + "---\n" + yaml.safe_dump(second))
+    with pytest.raises(ValueError, match=r"not supported: 2 YAML documents \(a mergekit-multimerge configuration: "
+                                         r"first, second\); pcb-fast runs one merge per file"):
+        load_config(tmp / "multi.yaml")
+    (tmp / "one.yaml").write_text("---\n" + yaml.safe_dump(first))  # one document after a separator
+    assert load_config(tmp / "one.yaml")["method"] == "ties"

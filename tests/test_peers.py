@@ -148,6 +148,10 @@ PEER_CONFIGS = [
     ("linear, no base", {
         "merge_method": "linear", "models": [("M0", {"weight": 0.5}), ("M1", {"weight": 0.3}), ("M2", {"weight": 0.2})],
         "no_base": True}, "rounding"),
+    ("linear, normalize true, tokenizer block with the base source, name, vocab_size", {
+        "merge_method": "linear", "models": [("M0", {"weight": 2.0}), ("M1", {"weight": 0.5, "density": 0.5})],
+        "parameters": {"weight": 1.0, "normalize": True}, "tokenizer": {"source": "base"}, "name": "soup",
+        "vocab_size": 40}, "rounding"),
     ("linear with a base, shared weight", {
         "merge_method": "linear", "models": [("M0", {"weight": 2.0}), ("M1", None)], "parameters": {"weight": 1.0}},
      "rounding"),

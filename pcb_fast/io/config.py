@@ -46,18 +46,29 @@ def load_config(path) -> dict:
         raise ValueError(f"config {show_path(path)}: not UTF-8 text") from None
     loader = yaml.SafeLoader(text)
     try:
-        node = loader.get_single_node()
-        if node is not None and _expanded_size(node, {}) > MAX_NODES:
-            raise ValueError(f"config {show_path(path)}: its YAML aliases expand to more than {MAX_NODES} values "
-                             "(an alias bomb?); write the values out")
-        raw = loader.construct_document(node) if node is not None else None
+        nodes = []
+        while loader.check_node():  # every document (mergekit-multimerge's files hold several)
+            node = loader.get_node()
+            if node is not None:
+                nodes.append(node)
+        for node in nodes:
+            if _expanded_size(node, {}) > MAX_NODES:
+                raise ValueError(f"config {show_path(path)}: its YAML aliases expand to more than {MAX_NODES} "
+                                 "values (an alias bomb?); write the values out")
+        documents = [d for d in (loader.construct_document(node) for node in nodes) if d is not None]
     except yaml.YAMLError as e:
         raise ValueError(f"config {show_path(path)}: not valid YAML ({str(e).splitlines()[0][:200]})") from None
     except RecursionError:
         raise ValueError(f"config {show_path(path)}: not a merge configuration (nested too deeply)") from None
     finally:
         loader.dispose()
-    return parse_config(raw, str(path))
+    if len(documents) > 1:
+        names = [d.get("name") for d in documents if isinstance(d, dict)]
+        raise ValueError(f"config {show_path(path)}: not supported: {len(documents)} YAML documents (a "
+                         f"mergekit-multimerge configuration{': ' + ', '.join(map(str, names)) if all(names) else ''}); "
+                         "pcb-fast runs one merge per file: put each document in its own file and run them in order, "
+                         "each later one naming the earlier outputs' folders")
+    return parse_config(documents[0] if documents else None, str(path))
 
 
 def _expanded_size(node, sizes: dict) -> int:

@@ -25,6 +25,7 @@ references, other tokenizer sources) is a one-line "not supported: ..." naming t
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import warnings
@@ -48,11 +49,17 @@ NOT_SUPPORTED_METHODS = {
     "della_linear": "DELLA's magnitude-ranked random drop",
 }
 TOP_LEVEL = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
-             "chat_template")
+             "tokenizer", "chat_template", "name")
+# entries real configs carry that mergekit 0.1.5's schema accepts and nothing reads: accepted, with a note
+IGNORED_ENTRIES = {"vocab_size": "mergekit 0.1.5 does not read it either; the output's vocabulary is the base "
+                                 "model's (or the tokenizer's)"}
+# parameters of some mergekit method: one the chosen method does not take is ignored (as mergekit ignores it)
+MERGEKIT_PARAMETERS = ("weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "int8_mask", "t",
+                       "filter_wise", "nuslerp_flatten", "nuslerp_row_wise", "eps", "max_iter", "tol", "select_topk",
+                       "similarity_threshold", "tukey_fence", "thresh", "alpha")
 NOT_SUPPORTED_ENTRIES = {
     "slices": "layer ranges of several models; pcb-fast merges whole models (use models:)",
     "modules": "per-module merges; pcb-fast merges whole models (use models:)",
-    "tokenizer": "building a merged tokenizer; pcb-fast copies the base model's tokenizer",
 }
 GENERAL_PARAMETERS = ("lam", "scope", "exclude")
 # mergekit's parameters per model: the weight and density of its YAML, and pcb_fast's own ones
@@ -72,9 +79,14 @@ def parse(raw, where: str = "config") -> dict:
     for key in sorted(raw, key=str):
         if key in NOT_SUPPORTED_ENTRIES:
             raise ValueError(f"{where}: not supported: {key} ({NOT_SUPPORTED_ENTRIES[key]})")
-    unknown = sorted(set(raw) - set(TOP_LEVEL), key=str)
+    unknown = sorted(set(raw) - set(TOP_LEVEL) - set(IGNORED_ENTRIES), key=str)
     if unknown:
-        raise ValueError(f"{where}: unknown entry {unknown[0]!r}; valid: {', '.join(TOP_LEVEL)}")
+        raise ValueError(f"{where}: unknown entry {unknown[0]!r}{_did_you_mean(unknown[0], TOP_LEVEL)}; "
+                         f"valid: {', '.join(TOP_LEVEL)}")
+    if raw.get("name") is not None and not isinstance(raw["name"], str):
+        raise ValueError(f"{where}: name={raw['name']!r} must be a string (the merge's name)")
+    notes = [f"config: {key} is ignored ({why})" for key, why in IGNORED_ENTRIES.items() if key in raw]
+    _tokenizer_block(raw, where)
     name, method = _method(raw, where)
     mergekit = name in MERGEKIT_METHODS
     base = raw.get("base_model")
@@ -99,11 +111,12 @@ def parse(raw, where: str = "config") -> dict:
     if method != "average":  # a model that is the base is no task (mergekit's habit); its weight is ignored
         copies = [i for i, (path, _) in enumerate(models) if _same(path, base)]
         if copies and len(copies) < len(models):
-            warnings.warn(f"pcb_fast: config: {', '.join(f'models[{i}]' for i in copies)} "
-                          f"{'is' if len(copies) == 1 else 'are'} the base model: left out of the task list "
-                          f"(its parameters ignored, as mergekit does)", stacklevel=3)
+            notes.append(f"config: {', '.join(f'models[{i}]' for i in copies)} "
+                         f"{'is' if len(copies) == 1 else 'are'} the base model: left out of the task list "
+                         f"(its parameters ignored, as mergekit does)")
             models = [m for i, m in enumerate(models) if i not in copies]
     names = _parameter_names(method, mergekit)
+    shared, models = _without_unused(shared, models, name, names, notes)
     _check_names(shared, models, method, name, names, where)
     settings = Settings(method, mergekit, shared, [params for _, params in models], where)
     scope = settings.constant("scope")
@@ -129,7 +142,54 @@ def parse(raw, where: str = "config") -> dict:
     kwargs.update(_output_entries(raw, base, where))
     kwargs["card"] = {"config": _resolved_config(raw, name, base, models, shared, settings), "source": where,
                       "chat_template": raw.get("chat_template")}
+    for note in notes:  # only once the whole config is known to run: a refusal is the only line printed
+        warnings.warn(f"pcb_fast: {note}", stacklevel=3)
     return kwargs
+
+
+def _did_you_mean(word, choices) -> str:
+    close = difflib.get_close_matches(str(word).lower(), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _tokenizer_block(raw, where) -> None:
+    """mergekit's ``tokenizer:`` block; ``source: base`` (without tokens) is tokenizer_source: base."""
+    block = raw.get("tokenizer")
+    if block is None:
+        return
+    if raw.get("tokenizer_source") is not None:
+        raise ValueError(f"{where}: give tokenizer_source or tokenizer, not both (as mergekit requires)")
+    if not isinstance(block, dict):
+        raise ValueError(f"{where}: tokenizer must be a mapping with source, tokens, pad_to_multiple_of")
+    extra = sorted(set(block) - {"source", "tokens", "pad_to_multiple_of"}, key=str)
+    if extra:
+        raise ValueError(f"{where}: tokenizer.{extra[0]} is not an entry of the tokenizer block"
+                         f"{_did_you_mean(extra[0], ('source', 'tokens', 'pad_to_multiple_of'))}; "
+                         "valid: source, tokens, pad_to_multiple_of")
+    source = block.get("source", "union")
+    if block.get("tokens"):
+        raise ValueError(f"{where}: not supported: tokenizer.tokens (embeddings for added tokens); pcb-fast copies "
+                         "the base model's tokenizer")
+    if block.get("pad_to_multiple_of") is not None:
+        raise ValueError(f"{where}: not supported: tokenizer.pad_to_multiple_of (padding the vocabulary); pcb-fast "
+                         "copies the base model's tokenizer and embeddings")
+    if source != "base" and not (isinstance(source, str) and raw.get("base_model") is not None
+                                 and isinstance(raw.get("base_model"), str) and _same(source, raw["base_model"])):
+        raise ValueError(f"{where}: not supported: tokenizer.source: {source} (pcb-fast copies the base model's "
+                         "tokenizer: use source: base)")
+
+
+def _without_unused(shared, models, name, names, notes):
+    """The parameters without those of other mergekit methods, which this one does not take: mergekit
+    ignores them, and so does pcb-fast, with a note."""
+    unused = sorted({k for k in shared if k not in names and k in MERGEKIT_PARAMETERS}
+                    | {k for _, p in models for k in p if k not in names and k in MERGEKIT_PARAMETERS})
+    if not unused:
+        return shared, models
+    notes.append(f"config: {', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not {'a parameter' if len(unused) == 1 else 'parameters'} "
+                 f"of {name}: ignored (as mergekit ignores {'it' if len(unused) == 1 else 'them'})")
+    shared = {k: v for k, v in shared.items() if k not in unused}
+    return shared, [(path, {k: v for k, v in p.items() if k not in unused}) for path, p in models]
 
 
 def _without_defaults(method: str, params: dict) -> dict:
@@ -190,7 +250,9 @@ def _parameter_names(method: str, mergekit: bool) -> dict:
         names["density"] = "density"  # 1 - p
     if method in ("breadcrumbs", "breadcrumbs_ties"):
         names["density"] = "density"  # beta
-    if mergekit:
+    if mergekit and method == "average":
+        names["normalize"] = "normalize"  # linear's (true: the weighted mean)
+    elif mergekit:
         names["int8_mask"] = "int8_mask"
         names["rescale"] = "rescale"
         names["normalize"] = "normalize"
@@ -203,11 +265,9 @@ def _check_names(shared, models, method, name, names, where):
     for label, params in [("parameters", shared)] + [(f"models[{i}].parameters", p) for i, (_, p) in enumerate(models)]:
         for key in params:
             if key not in names:
-                if key == "epsilon":
-                    raise ValueError(f"{where}: {label}.epsilon is not a parameter of {name} (only DELLA has it, "
-                                     "which pcb-fast does not support)")
                 valid = [k for k in names if k != "exclude" or label == "parameters"]
-                raise ValueError(f"{where}: {label}.{key} is not a parameter of {name}; valid: {', '.join(valid)}")
+                raise ValueError(f"{where}: {label}.{key} is not a parameter of {name}"
+                                 f"{_did_you_mean(key, valid)}; valid: {', '.join(valid)}")
             if label != "parameters" and key not in PER_MODEL:
                 raise ValueError(f"{where}: {label}.{key} is not supported per model (it is shared by every model); "
                                  f"set it under the top-level parameters; per model: "
@@ -298,6 +358,8 @@ class Settings:
         if weights is not None and any(w is not None and w != 1.0 for w in weights):
             out["lambdas"] = [1.0 if w is None else float(w) for w in weights]
         values.pop("int8_mask", None)  # mergekit's memory saving for its masks: no effect on values
+        if self.method == "average":
+            values.pop("normalize", None)  # linear's normalize: true is the average (false is refused)
         if "lam" in values:
             out["lam"] = float(values.pop("lam"))
         if "rescale" in values and values["rescale"] is not None:
