@@ -144,6 +144,9 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     stat_keys = running_stat_keys(base, merged_keys)  # averaged, not merged as task vectors
     merged_keys = [k for k in merged_keys if k not in stat_keys]
     backend = resolve_backend(backend, device)
+    if backend not in spec.backends:
+        raise ValueError(f"method {method!r} runs on backends {', '.join(map(repr, spec.backends))} in this "
+                         f"version, not on {backend!r}")
     if backend == "triton":
         spec.for_kernels(method_params)  # before any heavy work
     # tied parameters are merged once, under their first name (io/tied.py)
@@ -228,6 +231,12 @@ def _merge_keys(base, models, names, merged_keys, out, device, *, method, backen
         values.copy_(theta)
         checks.check_merged(segment.key, theta, values)
 
+    def weights(segment, lo, hi, theta):  # the merged weights themselves (pcb_fast.methods.weight_space)
+        values = flat_out[segment.key][lo:hi]
+        values.copy_(theta)
+        checks.check_merged(segment.key, theta, values)
+
+    sink.weights = weights
     source = StateDictSource(base, models, merged_keys, names)
     with CpuThreads(threads) as cpu_threads:
         source.options = RunOptions(memory_budget=budget, threads=cpu_threads,

@@ -220,6 +220,12 @@ class StateDictSource(TaskVectorSource):
         key, lo, hi = block.segment.key, block.lo, block.hi
         return self._diagnose(self._models[task][key][lo:hi], self._base[key][lo:hi])
 
+    def raw_blocks(self, width: int = DEFAULT_BLOCK_WIDTH) -> Iterator[tuple]:
+        """Yield (segment, lo, hi, [base, model_0, ...]) for the blocks of :meth:`blocks`: the slices
+        as stored (see CheckpointSource.raw_blocks)."""
+        for seg, lo, hi in self._pass(self.plan(width)):
+            yield seg, lo, hi, [self._base[seg.key][lo:hi]] + [m[seg.key][lo:hi] for m in self._models]
+
     def _read(self, seg, lo, hi, out):
         base = self._base[seg.key][lo:hi]
         if base.dtype != torch.float32:

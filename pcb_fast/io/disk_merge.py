@@ -405,6 +405,13 @@ def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam,
         writer.write(segment.key, lo, values)
         return True
 
+    def weights(segment, lo, hi, theta):
+        """The merged weights themselves (pcb_fast.methods.weight_space), rounded once to the output dtype."""
+        values = theta.to(out_dtype(segment.key))
+        checks.check_merged(segment.key, theta, values)
+        writer.write(segment.key, lo, values)
+
+    sink.weights = weights
     if comm is None and native.problem() is None:
         sink.from_inputs = from_inputs
     try:

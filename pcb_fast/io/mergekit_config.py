@@ -42,7 +42,7 @@ OWN_METHODS = tuple(name for name in SPECS if name not in MERGEKIT_METHODS)
 # mergekit's methods that pcb_fast does not have, each with what it is
 NOT_SUPPORTED_METHODS = {
     "passthrough": "copies tensors or layer ranges unchanged; pcb-fast merges whole models",
-    "slerp": "spherical interpolation of two models", "nuslerp": "spherical interpolation",
+    "nuslerp": "spherical interpolation",
     "multislerp": "spherical interpolation of several models", "karcher": "Karcher mean",
     "model_stock": "Model Stock", "sce": "SCE", "arcee_fusion": "Arcee Fusion", "nearswap": "NearSwap",
     "ram": "RAM", "ramplus_tl": "RAM+", "della": "DELLA's magnitude-ranked random drop",
@@ -118,6 +118,7 @@ def parse(raw, where: str = "config") -> dict:
     names = _parameter_names(method, mergekit)
     shared, models = _without_unused(shared, models, name, names, notes)
     _check_names(shared, models, method, name, names, where)
+    _check_inputs(method, name, shared, models, where)
     settings = Settings(method, mergekit, shared, [params for _, params in models], where)
     scope = settings.constant("scope")
     if scope not in ("global", "tensor"):
@@ -241,8 +242,27 @@ def _same(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+def _check_inputs(method, name, shared, models, where) -> None:
+    """The models and required parameters a weight-space method needs (mergekit's input contract)."""
+    if method == "slerp" and len(models) != 1:
+        raise ValueError(f"{where}: slerp interpolates the base model and exactly one other model; the config has "
+                         f"{len(models)} besides the base")
+    for parameter, meaning in ((p.name, p.help) for p in SPECS[method].params if p.required):
+        if parameter not in shared:
+            raise ValueError(f"{where}: {name} needs parameters.{parameter} ({meaning})")
+        setting = shared[parameter]
+        conditions = [setting] if isinstance(setting, dict) else setting
+        if (isinstance(conditions, list) and conditions and all(isinstance(c, dict) for c in conditions)
+                and not any(c.get("filter") in (None, "*") for c in conditions)):
+            raise ValueError(f"{where}: parameters.{parameter} has filters but no value without filter: a tensor "
+                             f"whose name matches none of them would have no {parameter} (end the list with "
+                             f"{{value: ...}})")
+
+
 def _parameter_names(method: str, mergekit: bool) -> dict:
     """Parameter name in the YAML -> (pcb_fast's name, per model allowed)."""
+    if SPECS[method].weight_space:  # mergekit's own parameters only: no weights, no lambda
+        return {**{p: p for p in SPECS[method].param_names}, "scope": "scope", "exclude": "exclude"}
     names = {"weight": "lambdas", "lam": "lam", "lambda": "lam"}
     names.update({p: p for p in SPECS[method].param_names})
     names.update({"scope": "scope", "exclude": "exclude"})

@@ -33,6 +33,7 @@ class Param:
     engine_only: bool = False
     kind: str = "number"
     flag: bool = True  # a CLI flag (--name with dashes)
+    required: bool = False  # no default: a merge needs a value (``default`` None is its placeholder)
 
     def validate(self, value, n: int):
         """``value`` checked, per model where allowed (a list of n values)."""
@@ -72,6 +73,9 @@ class MethodSpec:
     searchable: bool = False
     single_pass: Callable[[dict], bool] = staticmethod(lambda params: False)
     uses_statistics: bool = True
+    # merges the weights themselves, a whole tensor at a time (pcb_fast.methods.weight_space): its
+    # result is written as is (the sink's ``weights``), with no theta_pre + lam * tau_m; no lam, no lambdas
+    weight_space: bool = False
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -98,6 +102,9 @@ class MethodSpec:
         """``params`` checked for ``n`` models, without touching data (the merge's own messages):
         the names, each value, then the constraints between them. Returns them normalised."""
         self.check_names(params)
+        for p in self.params:  # (per tensor, segment_params gives it: the merge checks each tensor's)
+            if p.required and params.get(p.name) is None and "segment_params" not in params:
+                raise ValueError(f"method {self.name!r} needs the parameter {p.name!r} ({p.help})")
         out = {name: self.param(name).validate(value, n) for name, value in params.items()
                if name != "segment_params"}
         if self.check_together is not None:

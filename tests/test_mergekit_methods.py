@@ -1,0 +1,181 @@
+"""mergekit's other merge methods (slerp, ...), run by mergekit 0.1.5 itself and by `pcb-fast merge
+--config` on small Llama-style models in float32 and bfloat16, with tied and untied heads: the
+outputs must be equal entry for entry (pcb_fast/methods/slerp.py, ...)."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+safetensors_torch = pytest.importorskip("safetensors.torch")
+mk_config = pytest.importorskip("mergekit.config")
+mk_merge = pytest.importorskip("mergekit.merge")
+mk_slerp = pytest.importorskip("mergekit.merge_methods.slerp")
+
+from pcb_fast import merge  # noqa: E402
+from pcb_fast.cli import main as cli  # noqa: E402
+from pcb_fast.methods.slerp import slerp  # noqa: E402
+
+LAYERS, HIDDEN, INTER, VOCAB = 4, 32, 48, 40  # every tensor under 32768 entries: torch reduces it on one thread
+
+
+def llama_state(g, tied):
+    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,)}
+    if not tied:
+        shapes["lm_head.weight"] = (VOCAB, HIDDEN)
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN), p + "self_attn.k_proj.weight": (16, HIDDEN),
+                       p + "self_attn.v_proj.weight": (16, HIDDEN), p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+                       p + "mlp.gate_proj.weight": (INTER, HIDDEN), p + "mlp.up_proj.weight": (INTER, HIDDEN),
+                       p + "mlp.down_proj.weight": (HIDDEN, INTER), p + "input_layernorm.weight": (HIDDEN,),
+                       p + "post_attention_layernorm.weight": (HIDDEN,)})
+    return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+
+
+def save_llama(folder, state, dtype, tied):
+    folder.mkdir()
+    state = {k: v.to(dtype) for k, v in state.items()}
+    safetensors_torch.save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
+        "intermediate_size": INTER, "num_hidden_layers": LAYERS, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": VOCAB, "tie_word_embeddings": tied, "torch_dtype": str(dtype).split(".")[1],
+        "max_position_embeddings": 64, "rms_norm_eps": 1e-6}))
+    return str(folder)
+
+
+KINDS = [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True), (torch.bfloat16, True)]
+
+
+@pytest.fixture(scope="module", params=KINDS, ids=["fp32", "bf16", "fp32-tied", "bf16-tied"])
+def family(request, tmp_path_factory):
+    """A base and fine-tunes: "near" (every tensor within mergekit's colinear threshold of the base: the
+    lerp fallback), "far" (true spherical interpolation) and "mixed" (far in the attention, near
+    elsewhere)."""
+    dtype, tied = request.param
+    tmp = tmp_path_factory.mktemp("family")
+    g = torch.Generator().manual_seed(5)
+    base = llama_state(g, tied)
+    near = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    far = {k: v + torch.randn(v.shape, generator=g) for k, v in base.items()}
+    mixed = {k: v + (1.0 if "self_attn" in k else 0.01) * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    paths = {name: save_llama(tmp / name, m, dtype, tied) for name, m in
+             [("base", base), ("near", near), ("far", far), ("mixed", mixed)]}
+    return tmp, paths
+
+
+def run_both(raw, tmp):
+    """The config run by mergekit and by pcb-fast: (theirs, ours) state dicts."""
+    config = mk_config.MergeConfiguration.model_validate(raw)
+    mk_merge.run_merge(config, str(tmp / "mergekit"), mk_merge.MergeOptions(copy_tokenizer=False, quiet=True))
+    (tmp / "merge.yaml").write_text(yaml.safe_dump(raw))
+    assert cli(["merge", "--config", str(tmp / "merge.yaml"), "--out", str(tmp / "ours"), "--quiet"]) == 0
+    theirs = safetensors_torch.load_file(tmp / "mergekit" / "model.safetensors")
+    ours = safetensors_torch.load_file(tmp / "ours" / "model.safetensors")
+    return theirs, ours
+
+
+def assert_equal(theirs, ours):
+    assert sorted(ours) == sorted(theirs)
+    for key in theirs:
+        assert ours[key].dtype == theirs[key].dtype and ours[key].shape == theirs[key].shape, key
+        unequal = int((ours[key] != theirs[key]).sum())
+        assert unequal == 0, f"{key}: {unequal} of {theirs[key].numel()} entries differ"
+
+
+T_FILTERS = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+             {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]
+
+SLERP_CONFIGS = [
+    ("t scalar, far model, the base listed", ["base", "far"], {"t": 0.3}),
+    ("t gradients and filters, mixed model", ["base", "mixed"], {"t": T_FILTERS}),
+    ("t filters, near model (the lerp fallback), the base not listed", ["near"], {"t": T_FILTERS}),
+    ("t outside [0, 1], far model", ["far", "base"], {"t": [1.2, -0.1]}),
+]
+
+
+@pytest.mark.parametrize("name,models,parameters", SLERP_CONFIGS, ids=[c[0] for c in SLERP_CONFIGS])
+def test_slerp_equals_mergekit(family, tmp_path, name, models, parameters):
+    _, paths = family
+    raw = {"merge_method": "slerp", "base_model": paths["base"], "models": [{"model": paths[m]} for m in models],
+           "parameters": parameters}
+    theirs, ours = run_both(raw, tmp_path)
+    assert_equal(theirs, ours)
+
+
+def test_slerp_function_is_mergekits_bit_for_bit():
+    """Both branches (spherical, and the lerp of nearly colinear or opposite tensors), zero vectors,
+    several chunks of 2^20 entries, t outside [0, 1]; float32, bfloat16 and float16 values."""
+    g = torch.Generator().manual_seed(3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # mergekit's sums over more than 32768 entries depend on the thread count
+    try:
+        for shape in [(64, 48), (7,), (0,), (1100, 1000)]:
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                a = torch.randn(shape, generator=g).to(dtype)
+                for b in ((a.float() + 0.5 * torch.randn(shape, generator=g)).to(dtype), (a.float() * 3).to(dtype),
+                          (-a.float()).to(dtype), torch.zeros(shape, dtype=dtype)):
+                    for t in (0.0, 0.25, 1.0, 1.3, -0.4):
+                        theirs = mk_slerp.slerp(torch.tensor([t]), a.unsqueeze(0), b.unsqueeze(0))[0]
+                        assert torch.equal(slerp(t, a.float(), b.float()).to(dtype), theirs), (shape, dtype, t)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_slerp_in_memory_and_its_errors():
+    g = torch.Generator().manual_seed(4)
+    base = {"w": torch.randn(8, 6, generator=g), "steps": torch.tensor([3])}
+    other = {"w": base["w"] + torch.randn(8, 6, generator=g), "steps": torch.tensor([3])}
+    out = merge(base, [other], method="slerp", t=0.4)
+    assert torch.equal(out["w"], slerp(0.4, base["w"], other["w"])) and torch.equal(out["steps"], base["steps"])
+    assert torch.equal(merge(base, [other], method="slerp", t=0.0)["w"], base["w"])
+    with pytest.raises(ValueError, match="slerp interpolates the base model and exactly one other model; got 2"):
+        merge(base, [other, other], method="slerp", t=0.4)
+    with pytest.raises(ValueError, match="method 'slerp' takes no per-model weights"):
+        merge(base, [other], method="slerp", t=0.4, lambdas=[0.5])
+    with pytest.raises(ValueError, match=r"t=nan must be a finite number"):
+        merge(base, [other], method="slerp", t=float("nan"))
+    with pytest.raises(ValueError, match="runs on backends 'torch' in this version, not on 'reference'"):
+        merge(base, [other], method="slerp", t=0.4, backend="reference")
+    bad = {"w": other["w"].clone(), "steps": other["steps"]}
+    bad["w"][1, 2] = float("nan")
+    with pytest.raises(ValueError, match="model 0, key 'w': contains NaN or Inf"):
+        merge(base, [bad], method="slerp", t=0.4)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(parameters={}), "slerp needs parameters.t (interpolation factor: 0 gives the base model"),
+    (dict(models=["base", "near", "far"]), "slerp interpolates the base model and exactly one other model; the "
+                                           "config has 2 besides the base"),
+    (dict(parameters={"t": 0.5, "tt": 2}), "parameters.tt is not a parameter of slerp (did you mean 't'?)"),
+    (dict(parameters={"t": "half"}), "parameters.t='half' must be a number"),
+])
+def test_slerp_config_errors(family, tmp_path, capsys, change, message):
+    _, paths = family
+    raw = {"merge_method": "slerp", "base_model": paths["base"], "models": [{"model": paths["far"]}],
+           "parameters": {"t": 0.5}}
+    if "models" in change:
+        change = dict(change, models=[{"model": paths[m]} for m in change["models"]])
+    raw.update(change)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    assert cli(["merge", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_slerp_filter_without_default_names_the_tensor(family, tmp_path, capsys):
+    _, paths = family
+    raw = {"merge_method": "slerp", "base_model": paths["base"], "models": [{"model": paths["far"]}],
+           "parameters": {"t": [{"filter": "self_attn", "value": 0.5}]}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    assert cli(["merge", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "out")]) == 2
+    assert "parameters.t has filters but no value without filter" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    # merged in memory with such a rule (segment_params giving no t): the tensor is named
+    base = {"a.weight": torch.ones(3), "b.weight": torch.ones(3)}
+    with pytest.raises(ValueError, match="slerp needs t for every tensor; none is given for 'b.weight'"):
+        merge(base, [{k: v * 2 for k, v in base.items()}], method="slerp", scope="tensor",
+              segment_params=lambda key: {"t": 0.5 if key.startswith("a") else None})
