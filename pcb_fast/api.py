@@ -183,7 +183,7 @@ def _without_base_copies(base, models, names, lambdas, merged_keys, method, para
     lambdas, names of the dropped models, method parameters with their per-task values
     (lists, and the ``take`` of segment_params) restricted to the models kept)."""
     params = {} if params is None else params
-    if method == "average":
+    if method == "average" or SPECS[method].weight_space:  # (weight-space methods: their inputs, as given)
         return models, names, lambdas, [], params
     copies = [i for i, m in enumerate(models) if same_as_base(base, m, merged_keys)]
     if not copies or len(copies) == len(models):  # nothing to drop, or nothing would be left to merge

@@ -25,7 +25,8 @@ _TYPES = {"number": float, "int": int}
 METHOD_FLAGS = [(f"--{name.replace('_', '-')}", name, _TYPES.get(param.kind, str), param, methods)
                 for name, (param, methods) in flag_params().items()]
 # Flags that describe a merge, which a --config file replaces.
-MERGE_FLAGS = ("base", "model", "method", "lam", "lambdas", "scope", "exclude", "dtype") + tuple(f[1] for f in METHOD_FLAGS)
+MERGE_FLAGS = ("base", "model", "method", "lam", "lambdas", "scope", "exclude", "dtype") + tuple(
+    f[1] for f in METHOD_FLAGS if f[1] != "compute_dtype")  # (--compute-dtype also applies to a --config)
 # --seed is DARE's drop seed in merge and search alike; the search's CMA-ES seed is --search-seed
 
 
@@ -158,7 +159,7 @@ def merge_arguments(args) -> dict:
             raise ValueError(f"--{given[0].replace('_', '-')} cannot be combined with --config; put it in the config")
         from .io.config import load_config
 
-        kwargs = load_config(args.config)
+        kwargs = load_config(args.config, compute_dtype=getattr(args, "compute_dtype", None))
     else:
         if not args.base:
             raise ValueError("--base is required (or --config)")
@@ -171,6 +172,8 @@ def merge_arguments(args) -> dict:
             from .io.config import ALIASES
 
             args.method = ALIASES.get(args.method, args.method)
+        if getattr(args, "compute_dtype", None) is not None:  # (mergekit's rule without a config: the inputs' dtype)
+            kwargs["compute_dtype"] = "inputs" if args.compute_dtype == "mergekit" else args.compute_dtype
         for name in ("method", "lam", "scope", "exclude", "dtype") + tuple(f[1] for f in METHOD_FLAGS):
             if getattr(args, name) is not None:
                 kwargs[name] = getattr(args, name)

@@ -168,7 +168,12 @@ def test_the_base_among_the_models(llama):
     (dict(merge_method="passthrough"), "not supported: merge_method passthrough"),
     (dict(merge_method="della"), "not supported: merge_method della (DELLA's magnitude-ranked random drop)"),
     (dict(merge_method="della_linear"), "not supported: merge_method della_linear"),
-    (dict(merge_method="model_stock"), "not supported: merge_method model_stock"),
+    (dict(merge_method="ramplus_tl"), "not supported: merge_method ramplus_tl"),
+    (dict(merge_method="model_stock", models=[{"model": "m"}]), "model_stock needs at least two fine-tuned models"),
+    (dict(merge_method="nuslerp"), "nuslerp interpolates exactly two models (besides an optional base); got 3"),
+    (dict(merge_method="multislerp"), "multislerp needs a weight for every model (as mergekit does): models[0] has "
+                                      "none"),
+    (dict(merge_method="karcher", parameters={"max_iter": -1}), "max_iter=-1 must be a non-negative integer"),
     (dict(tokenizer={"source": "union"}), "not supported: tokenizer.source: union"),
     (dict(tokenizer={"source": "base", "tokens": {"<x>": {"source": "zero"}}}), "not supported: tokenizer.tokens"),
     (dict(tokenizer={"sorce": "base"}), "tokenizer.sorce is not an entry of the tokenizer block (did you mean 'source'"),

@@ -33,8 +33,9 @@ MAX_CONFIG = 16 << 20  # bytes of a configuration file
 MAX_NODES = 100_000  # values of a configuration once YAML's aliases are expanded (a real one has hundreds)
 
 
-def load_config(path) -> dict:
-    """Read a YAML merge configuration into keyword arguments of ``merge_checkpoints``."""
+def load_config(path, compute_dtype: str | None = None) -> dict:
+    """Read a YAML merge configuration into keyword arguments of ``merge_checkpoints``.
+    ``compute_dtype``: the arithmetic's dtype asked for (pcb_fast.io.mergekit_config.parse)."""
     import yaml
 
     path = Path(path)
@@ -68,7 +69,7 @@ def load_config(path) -> dict:
                          f"mergekit-multimerge configuration{': ' + ', '.join(map(str, names)) if all(names) else ''}); "
                          "pcb-fast runs one merge per file: put each document in its own file and run them in order, "
                          "each later one naming the earlier outputs' folders")
-    return parse_config(documents[0] if documents else None, str(path))
+    return parse_config(documents[0] if documents else None, str(path), compute_dtype)
 
 
 def _expanded_size(node, sizes: dict) -> int:
@@ -88,9 +89,9 @@ def _expanded_size(node, sizes: dict) -> int:
     return sizes[id(node)]
 
 
-def parse_config(raw, where: str = "config") -> dict:
+def parse_config(raw, where: str = "config", compute_dtype: str | None = None) -> dict:
     """Validate a configuration mapping (mergekit's format, pcb_fast.io.mergekit_config) into merge
     keyword arguments."""
     from .mergekit_config import parse
 
-    return parse(raw, where)
+    return parse(raw, where, compute_dtype)

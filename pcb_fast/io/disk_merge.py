@@ -80,7 +80,7 @@ def _without_the_base(base, models, names, lambdas, method, params):
     parameters with their per-task values restricted to the models kept)."""
     from ..api import keep_tasks
 
-    if method == "average" or isinstance(base, dict):
+    if method == "average" or isinstance(base, dict) or SPECS[method].weight_space:  # (their inputs, as given)
         return models, names, lambdas, [], params
     real = os.path.realpath(base)
     copies = [i for i, m in enumerate(models) if not isinstance(m, dict) and os.path.realpath(m) == real]

@@ -42,9 +42,6 @@ OWN_METHODS = tuple(name for name in SPECS if name not in MERGEKIT_METHODS)
 # mergekit's methods that pcb_fast does not have, each with what it is
 NOT_SUPPORTED_METHODS = {
     "passthrough": "copies tensors or layer ranges unchanged; pcb-fast merges whole models",
-    "nuslerp": "spherical interpolation",
-    "multislerp": "spherical interpolation of several models", "karcher": "Karcher mean",
-    "model_stock": "Model Stock", "sce": "SCE", "arcee_fusion": "Arcee Fusion", "nearswap": "NearSwap",
     "ram": "RAM", "ramplus_tl": "RAM+", "della": "DELLA's magnitude-ranked random drop",
     "della_linear": "DELLA's magnitude-ranked random drop",
 }
@@ -53,10 +50,14 @@ TOP_LEVEL = ("merge_method", "base_model", "models", "parameters", "dtype", "out
 # entries real configs carry that mergekit 0.1.5's schema accepts and nothing reads: accepted, with a note
 IGNORED_ENTRIES = {"vocab_size": "mergekit 0.1.5 does not read it either; the output's vocabulary is the base "
                                  "model's (or the tokenizer's)"}
+# how mergekit treats base_model (its input contract) where not as a required base: "optional" (a
+# config without base_model merges the models themselves), "ignored" (the base is one more input)
+MERGEKIT_BASE = {"nuslerp": "optional", "multislerp": "optional", "karcher": "ignored"}
+MERGEKIT_WEIGHTED = ("nuslerp", "multislerp")  # weight-space methods with mergekit's required per-model weight
 # parameters of some mergekit method: one the chosen method does not take is ignored (as mergekit ignores it)
 MERGEKIT_PARAMETERS = ("weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "int8_mask", "t",
                        "filter_wise", "nuslerp_flatten", "nuslerp_row_wise", "eps", "max_iter", "tol", "select_topk",
-                       "similarity_threshold", "tukey_fence", "thresh", "alpha")
+                       "similarity_threshold", "tukey_fence", "thresh", "alpha", "normalize_weights", "scale")
 NOT_SUPPORTED_ENTRIES = {
     "slices": "layer ranges of several models; pcb-fast merges whole models (use models:)",
     "modules": "per-module merges; pcb-fast merges whole models (use models:)",
@@ -71,9 +72,11 @@ KINDS = {"weight": "number", "lam": "number", "density": "number", "int8_mask": 
 MIN_NUM_LAYERS_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 
-def parse(raw, where: str = "config") -> dict:
+def parse(raw, where: str = "config", compute_dtype: str | None = None) -> dict:
     """Validate a configuration mapping into keyword arguments of ``merge_checkpoints`` (plus
-    ``card``: what the output folder records, see pcb_fast.io.card)."""
+    ``card``: what the output folder records, see pcb_fast.io.card). ``compute_dtype``: the dtype of
+    the arithmetic, float32 by default; "mergekit" is mergekit's (the config's ``dtype``, else each
+    tensor's inputs' own dtype)."""
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: expected a mapping with {', '.join(TOP_LEVEL)}")
     for key in sorted(raw, key=str):
@@ -97,7 +100,16 @@ def parse(raw, where: str = "config") -> dict:
     shared = raw.get("parameters") or {}
     if not isinstance(shared, dict):
         raise ValueError(f"{where}: parameters must be a mapping")
-    if base is None and method == "average":
+    policy = MERGEKIT_BASE.get(method, "required")
+    extra = {}  # parameters the merge gets from the config's shape (with_base)
+    if base is None and policy == "optional":  # the models themselves; the first lends its keys and side files
+        base, extra["with_base"] = models[0][0], False
+    elif policy == "ignored":  # karcher: every model an input, the base too when named (as mergekit adds it)
+        if base is None:
+            base = models[0][0]
+        elif not any(_same(p, base) for p, _ in models):
+            models.append((base, {}))
+    elif base is None and method == "average":
         base = models[0][0]  # mergekit's linear needs no base: every model is averaged, the first is the origin
     elif base is not None and method == "average" and mergekit and not any(_same(p, base) for p, _ in models):
         # mergekit adds the base to linear's inputs, with the shared weight
@@ -108,7 +120,8 @@ def parse(raw, where: str = "config") -> dict:
     if not isinstance(base, str) or not base:
         raise ValueError(f"{where}: base_model must be the path of the base model")
     _check_reference(base, "base_model", where)
-    if method != "average":  # a model that is the base is no task (mergekit's habit); its weight is ignored
+    if method != "average" and policy != "ignored" and extra.get("with_base", True):
+        # a model that is the base is no task (mergekit's habit); its weight is ignored
         copies = [i for i, (path, _) in enumerate(models) if _same(path, base)]
         if copies and len(copies) < len(models):
             notes.append(f"config: {', '.join(f'models[{i}]' for i in copies)} "
@@ -132,7 +145,8 @@ def parse(raw, where: str = "config") -> dict:
         raise ValueError(f"{where}: {varying[0]} varies by tensor ({settings.how(varying[0])}), which needs scope: "
                          f"tensor, but parameters.scope is global")
     settings.validate(len(models), "tensor" if varying else scope, base)
-    kwargs = dict(base=base, models=[p for p, _ in models], method=method, scope="tensor" if varying else scope)
+    kwargs = dict(base=base, models=[p for p, _ in models], method=method, scope="tensor" if varying else scope,
+                  **extra)
     if exclude is not None:
         kwargs["exclude"] = exclude
     if varying:
@@ -141,11 +155,35 @@ def parse(raw, where: str = "config") -> dict:
     else:
         kwargs.update(_without_defaults(method, settings.resolve("", 0.0)))
     kwargs.update(_output_entries(raw, base, where))
+    kwargs.update(_compute_dtype(raw, method, name, compute_dtype, notes, where))
     kwargs["card"] = {"config": _resolved_config(raw, name, base, models, shared, settings), "source": where,
                       "chat_template": raw.get("chat_template")}
     for note in notes:  # only once the whole config is known to run: a refusal is the only line printed
         warnings.warn(f"pcb_fast: {note}", stacklevel=3)
     return kwargs
+
+
+LOWER_PRECISION = ("bfloat16", "float16")
+
+
+def _compute_dtype(raw, method, name, asked, notes, where) -> dict:
+    """The merge's compute_dtype: float32 unless asked (a note when the config's dtype is lower:
+    mergekit would round its arithmetic to it)."""
+    dtype = raw.get("dtype")
+    if asked is None:
+        if dtype in LOWER_PRECISION:
+            notes.append(f"config: dtype {dtype}: pcb-fast computes in float32 (mergekit computes in {dtype}; "
+                         "--compute-dtype mergekit reproduces its rounding)")
+        return {}
+    if asked == "mergekit":
+        asked = dtype if dtype is not None else "inputs"
+    if asked == "float32":
+        return {}
+    if not SPECS[method].weight_space:
+        raise ValueError(f"{where}: --compute-dtype {asked}: {name} computes in float32 in this version (a lower "
+                         f"compute dtype is implemented for "
+                         f"{', '.join(s.mergekit or s.name for s in SPECS.values() if s.weight_space)})")
+    return {"compute_dtype": asked}
 
 
 def _did_you_mean(word, choices) -> str:
@@ -244,9 +282,17 @@ def _same(a: str, b: str) -> bool:
 
 def _check_inputs(method, name, shared, models, where) -> None:
     """The models and required parameters a weight-space method needs (mergekit's input contract)."""
-    if method == "slerp" and len(models) != 1:
-        raise ValueError(f"{where}: slerp interpolates the base model and exactly one other model; the config has "
-                         f"{len(models)} besides the base")
+    spec = SPECS[method]
+    if spec.weight_space and spec.check_together is not None:
+        try:
+            spec.check_together(spec.defaults, len(models))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    if name in MERGEKIT_WEIGHTED and "weight" not in shared:
+        unweighted = [i for i, (_, p) in enumerate(models) if "weight" not in p]
+        if unweighted:
+            raise ValueError(f"{where}: {name} needs a weight for every model (as mergekit does): models"
+                             f"[{unweighted[0]}] has none; give parameters.weight or models[i].parameters.weight")
     for parameter, meaning in ((p.name, p.help) for p in SPECS[method].params if p.required):
         if parameter not in shared:
             raise ValueError(f"{where}: {name} needs parameters.{parameter} ({meaning})")
@@ -261,8 +307,11 @@ def _check_inputs(method, name, shared, models, where) -> None:
 
 def _parameter_names(method: str, mergekit: bool) -> dict:
     """Parameter name in the YAML -> (pcb_fast's name, per model allowed)."""
-    if SPECS[method].weight_space:  # mergekit's own parameters only: no weights, no lambda
-        return {**{p: p for p in SPECS[method].param_names}, "scope": "scope", "exclude": "exclude"}
+    if SPECS[method].weight_space:  # mergekit's own parameters only: no lambda; weights where mergekit has them
+        names = {p: p for p in SPECS[method].param_names if p not in ("with_base", "compute_dtype")}
+        if SPECS[method].mergekit in MERGEKIT_WEIGHTED:
+            names["weight"] = "lambdas"
+        return {**names, "scope": "scope", "exclude": "exclude"}
     names = {"weight": "lambdas", "lam": "lam", "lambda": "lam"}
     names.update({p: p for p in SPECS[method].param_names})
     names.update({"scope": "scope", "exclude": "exclude"})

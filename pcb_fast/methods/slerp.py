@@ -24,7 +24,7 @@ import torch
 
 from ..core.threads import one_thread
 from .spec import MethodSpec, Param
-from .weight_space import merge_weights, no_weights
+from .weight_space import COMPUTE_DTYPE, merge_weights, no_weights
 
 CHUNK = 1 << 20  # entries per chunk of the norms and the dot product (mergekit's, for one tensor at a time)
 DOT_THRESHOLD = 0.9995
@@ -47,11 +47,13 @@ def check_t(t) -> float | None:
 
 def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = DOT_THRESHOLD,
           eps: float = EPS) -> torch.Tensor:
-    """SLERP of two float32 tensors of one shape at ``t`` (a float), as a float32 tensor of that shape."""
-    a, b = v0.reshape(1, -1), v1.reshape(1, -1)
-    t = torch.tensor([[t]], dtype=torch.float32)
+    """SLERP of two tensors of one shape and dtype at ``t`` (a float), computed in float32 (float64
+    for float64 tensors), as a tensor of their dtype (the result rounded once, as mergekit stores it)."""
+    dtype = torch.float64 if v0.dtype == torch.float64 else torch.float32
+    a, b = v0.reshape(1, -1).to(dtype), v1.reshape(1, -1).to(dtype)
+    t = torch.tensor([[t]], dtype=dtype)
     if a.shape[1] == 0:
-        return ((1 - t) * a + t * b).reshape(v0.shape)
+        return ((1 - t) * a + t * b).reshape(v0.shape).to(v0.dtype)
     starts = range(0, a.shape[1], CHUNK)
     with one_thread():
         norm_a = _norm_of_chunks(a, starts, eps)
@@ -64,7 +66,7 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = D
     sin_theta = torch.sin(theta)
     coef_a = torch.where(colinear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
     coef_b = torch.where(colinear, t, torch.sin(t * theta) / sin_theta)
-    out = torch.empty_like(a)
+    out = torch.empty_like(v0).reshape(1, -1)
     for s in starts:
         out[:, s : s + CHUNK] = coef_a * a[:, s : s + CHUNK] + coef_b * b[:, s : s + CHUNK]
     return out.reshape(v0.shape)
@@ -82,7 +84,7 @@ def check_two_models(params: dict, n: int) -> None:
         raise ValueError(f"slerp interpolates the base model and exactly one other model; got {n} others")
 
 
-def merge_slerp(source, sink, *, t=None, lambdas=None, block_width=None):
+def merge_slerp(source, sink, *, t=None, compute_dtype="float32", lambdas=None, block_width=None):
     """SLERP of the base model (t = 0) and one other model (t = 1), every tensor on its own."""
     no_weights("slerp", lambdas)
     check_two_models({}, source.n)
@@ -90,13 +92,14 @@ def merge_slerp(source, sink, *, t=None, lambdas=None, block_width=None):
         keys = ", ".join(repr(s.key) for s in source.segments[:3])
         raise ValueError(f"slerp needs t for every tensor; none is given for {keys} (give a value without filter)")
     t = check_t(t)
-    return merge_weights(source, sink, lambda key, base, models, t: slerp(t, base, models[0]), lambda key: {"t": t})
+    return merge_weights(source, sink, lambda key, base, models: slerp(t, base, models[0]), lambda key: {},
+                         compute_dtype=compute_dtype)
 
 
 SPEC = MethodSpec(
     name="slerp", merge=merge_slerp, summary="SLERP", citation="Shoemake, Animating rotation with quaternion "
     "curves, SIGGRAPH 1985", url="https://en.wikipedia.org/wiki/Slerp",
     params=(Param("t", None, check_t, "interpolation factor: 0 gives the base model, 1 the other model",
-                  required=True),),
+                  required=True), COMPUTE_DTYPE),
     check_together=check_two_models, backends=("torch",), mergekit="slerp", mergekit_defaults={"scope": "tensor"},
     single_pass=lambda params: True, uses_statistics=False, weight_space=True)
