@@ -166,14 +166,14 @@ def test_the_base_among_the_models(llama):
 @pytest.mark.parametrize("change,message", [
     (dict(slices=[{"sources": []}]), "not supported: slices (layer ranges of several models"),
     (dict(merge_method="passthrough"), "not supported: merge_method passthrough"),
-    (dict(merge_method="della"), "not supported: merge_method della (DELLA's magnitude-ranked random drop)"),
-    (dict(merge_method="della_linear"), "not supported: merge_method della_linear"),
     (dict(merge_method="ramplus_tl"), "not supported: merge_method ramplus_tl"),
     (dict(merge_method="model_stock", models=[{"model": "m"}]), "model_stock needs at least two fine-tuned models"),
     (dict(merge_method="nuslerp"), "nuslerp interpolates exactly two models (besides an optional base); got 3"),
     (dict(merge_method="multislerp"), "multislerp needs a weight for every model (as mergekit does): models[0] has "
                                       "none"),
     (dict(merge_method="karcher", parameters={"max_iter": -1}), "max_iter=-1 must be a non-negative integer"),
+    (dict(merge_method="della", parameters={"density": 0.5, "epsilon": 0.6}),
+     "epsilon=0.6 with density=0.5: density +/- epsilon must lie in (0, 1)"),
     (dict(tokenizer={"source": "union"}), "not supported: tokenizer.source: union"),
     (dict(tokenizer={"source": "base", "tokens": {"<x>": {"source": "zero"}}}), "not supported: tokenizer.tokens"),
     (dict(tokenizer={"sorce": "base"}), "tokenizer.sorce is not an entry of the tokenizer block (did you mean 'source'"),

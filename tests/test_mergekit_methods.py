@@ -251,3 +251,79 @@ def test_weight_space_methods_equal_mergekit(family, tmp_path, name, spec):
         differ = sum(int((exact[k] != theirs[k]).sum()) for k in theirs)
         total = sum(v.numel() for v in theirs.values())
         print(f"{name}, bf16 in float32 arithmetic: {differ} of {total} entries differ from mergekit's")
+
+
+# ---- DELLA: mergekit's own code with pcb_fast's draws (torch.bernoulli's stream cannot be reproduced)
+
+sparsify = pytest.importorskip("mergekit.sparsify")
+
+
+@pytest.fixture
+def della_draws(monkeypatch):
+    """mergekit's MAGPRUNE, its code unchanged, drawing from pcb_fast.core.rng: the task vector it is
+    given is looked up among the fine-tunes' (which names its key and task) and torch.bernoulli(probs)
+    becomes u / 2^24 < probs with that stream's 24-bit draws u."""
+    from pcb_fast.core import rng
+
+    deltas, current = {}, []
+    magprune = sparsify.della_magprune
+    bernoulli = torch.bernoulli
+
+    def drawn(probs, *args, **kwargs):
+        if not current:
+            return bernoulli(probs, *args, **kwargs)
+        key, task = current[-1]
+        u = rng.uniform24(0, task, key, 0, probs.numel()).view(probs.shape).to(torch.float32) / (1 << 24)
+        return (u < probs.float()).to(probs.dtype)
+
+    def traced(tensor, density, epsilon, rescale_norm=None):
+        hits = [kt for kt, d in deltas.items() if d.shape == tensor.shape and torch.equal(d, tensor)]
+        assert len(hits) == 1, "a task vector mergekit drops was not found among the inputs"
+        current.append(hits[0])
+        try:
+            return magprune(tensor, density, epsilon, rescale_norm)
+        finally:
+            current.pop()
+
+    def use(base, models):
+        deltas.clear()
+        for task, m in enumerate(models):
+            for key in base:
+                deltas[(key, task)] = m[key] - base[key]
+
+    monkeypatch.setattr(sparsify, "della_magprune", traced)
+    monkeypatch.setattr(torch, "bernoulli", drawn)
+    return use
+
+
+DELLA_CONFIGS = [
+    ("della, per-model density and epsilon", {
+        "merge_method": "della", "base_model": "base",
+        "models": [("near", {"weight": 0.5, "density": 0.4, "epsilon": 0.1}), ("far", {"weight": 1.0, "density": 0.6}),
+                   ("mixed", {"weight": 0.7, "density": 0.5, "epsilon": 0.3})]}),
+    ("della, density gradient, lambda, rescale false", {
+        "merge_method": "della", "base_model": "base", "models": [("far", {"weight": 1.0}), ("mixed", {"weight": 0.6})],
+        "parameters": {"density": [0.3, 0.7], "epsilon": 0.2, "lambda": 0.9, "rescale": False}}),
+    ("della_linear, the base listed", {
+        "merge_method": "della_linear", "base_model": "base",
+        "models": ["base", ("far", {"weight": 0.5}), ("mixed", {"weight": 1.0})],
+        "parameters": {"density": 0.5, "epsilon": 0.1}}),
+    ("della_linear, normalize, density 1 for one model", {
+        "merge_method": "della_linear", "base_model": "base",
+        "models": [("far", {"weight": 0.5, "density": 1.0}), ("near", {"weight": 2.0, "density": 0.3})],
+        "parameters": {"normalize": True, "epsilon": 0.05}}),
+]
+
+
+@pytest.mark.parametrize("name,spec", DELLA_CONFIGS, ids=[c[0] for c in DELLA_CONFIGS])
+def test_della_equals_mergekit_with_the_same_draws(family, della_draws, tmp_path, name, spec):
+    _, paths = family
+    states = {k: safetensors_torch.load_file(f"{p}/model.safetensors") for k, p in paths.items()}
+    if next(iter(states["base"].values())).dtype != torch.float32:
+        pytest.skip("mergekit computes DELLA in bfloat16 on bfloat16 models; pcb-fast in float32 (the task "
+                    "vectors, exactly)")
+    raw = config_of(spec, paths)
+    listed = [m if isinstance(m, str) else m[0] for m in spec["models"]]
+    della_draws(states["base"], [states[m] for m in listed if m != "base"])
+    theirs, ours = run_both(raw, tmp_path)
+    assert_equal(theirs, ours)

@@ -42,8 +42,7 @@ OWN_METHODS = tuple(name for name in SPECS if name not in MERGEKIT_METHODS)
 # mergekit's methods that pcb_fast does not have, each with what it is
 NOT_SUPPORTED_METHODS = {
     "passthrough": "copies tensors or layer ranges unchanged; pcb-fast merges whole models",
-    "ram": "RAM", "ramplus_tl": "RAM+", "della": "DELLA's magnitude-ranked random drop",
-    "della_linear": "DELLA's magnitude-ranked random drop",
+    "ram": "RAM", "ramplus_tl": "RAM+",
 }
 TOP_LEVEL = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
              "tokenizer", "chat_template", "name")
@@ -436,7 +435,9 @@ class Settings:
         density = values.pop("density", None)
         if density is not None and not all(d is None for d in density):
             density = [float(d) for d in density]
-            if self.method == "ties":
+            if self.method in ("della", "della_linear"):
+                values["density"] = density  # mergekit's density >= 1 keeps everything
+            elif self.method == "ties":
                 values["density"] = [min(d, 1.0) for d in density]  # mergekit: density >= 1 keeps everything
             elif self.method in ("dare", "dare_ties"):
                 values["p"] = [max(0.0, 1.0 - d) for d in density]  # mergekit's keep fraction
