@@ -164,8 +164,17 @@ def test_the_base_among_the_models(llama):
 
 
 @pytest.mark.parametrize("change,message", [
-    (dict(slices=[{"sources": []}]), "not supported: slices (layer ranges of several models"),
-    (dict(merge_method="passthrough"), "not supported: merge_method passthrough"),
+    (dict(slices=[{"sources": []}]), "give models or slices, not both"),
+    (dict(models=None, slices=[{"sources": []}]), "slices[0] must be a mapping with sources: [{model, layer_range}"),
+    (dict(models=None, slices=[{"sources": [{"model": "m", "layer_range": [2, 1]}]}]),
+     "slices[0].sources[0].layer_range=[2, 1] must be [first, end] with 0 <= first < end"),
+    (dict(models=None, slices=[{"sources": [{"model": "m", "layer_range": [0, 1]}, {"model": "n", "layer_range": [0, 2]}]}]),
+     "slices[0]: every source must span as many layers (as mergekit requires); got [1, 2]"),
+    (dict(models=None, slices=[{"sources": [{"model": "m", "layer_range": [0, 1]}]}]),
+     "slices[0]: ties needs the base model among the sources of every slice"),
+    (dict(models=None, slices=[{"sources": [{"model": "m", "layer_range": [0, 1]}], "residual_weight": 0.5}]),
+     "not supported: slices[0].residual_weight"),
+    (dict(merge_method="passthrough"), "passthrough takes exactly one model (per slice); got 4"),
     (dict(merge_method="ramplus_tl"), "not supported: merge_method ramplus_tl"),
     (dict(merge_method="model_stock", models=[{"model": "m"}]), "model_stock needs at least two fine-tuned models"),
     (dict(merge_method="nuslerp"), "nuslerp interpolates exactly two models (besides an optional base); got 3"),

@@ -68,6 +68,11 @@ def available_memory() -> int:
     return _proc_bytes("/proc/meminfo", "MemAvailable", 8 << 30)
 
 
+def _open(source, name: str):
+    """The checkpoint of a path, a state dict, or a model stitched from slices (pcb_fast.io.slices)."""
+    return source.open(name) if hasattr(source, "pieces") else open_checkpoint(source, name)
+
+
 def _names(sources) -> list:
     return [f"model {i} ({s})" if not isinstance(s, dict) else f"model {i}" for i, s in enumerate(sources)]
 
@@ -80,7 +85,8 @@ def _without_the_base(base, models, names, lambdas, method, params):
     parameters with their per-task values restricted to the models kept)."""
     from ..api import keep_tasks
 
-    if method == "average" or isinstance(base, dict) or SPECS[method].weight_space:  # (their inputs, as given)
+    if (method == "average" or not isinstance(base, (str, os.PathLike))  # (state dicts, slices: as given)
+            or SPECS[method].weight_space):  # (weight-space methods: their inputs, as given)
         return models, names, lambdas, [], params
     real = os.path.realpath(base)
     copies = [i for i, m in enumerate(models) if not isinstance(m, dict) and os.path.realpath(m) == real]
@@ -164,18 +170,19 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
         raise ValueError(f"device={str(device)!r}: no CUDA device is available here; use cpu")
     backend = resolve_backend(backend, device)
     labels = ["the base model"] + [f"model {i}" for i in range(n)]
-    paths = [(label, s) for label, s in zip(labels, [base] + models) if not isinstance(s, dict)]
+    paths = [(label, path) for label, s in zip(labels, [base] + models) if not isinstance(s, dict)
+             for path in getattr(s, "paths", [s])]  # (a model stitched from slices: its sources' paths)
     check_recordable(paths + [("output", out)])
     out = check_output(out, overwrite, paths)
 
     names = _names(models)
     models, names, lambdas, dropped, method_params = _without_the_base(base, models, names, lambdas, method,
                                                                         method_params)
-    base_ck = open_checkpoint(base, "base model")
+    base_ck = _open(base, "base model")
     model_cks, comm = [], None
     try:
         for source, name in zip(models, names):
-            model_cks.append(open_checkpoint(source, name))
+            model_cks.append(_open(source, name))
         # the files actually read (shards, symlinks followed), which overwrite must not delete either
         check_not_an_input(out, [f for label, ck in zip(["the base model"] + names, [base_ck] + model_cks)
                                  for f in checkpoint_files(ck, label)])
@@ -250,18 +257,36 @@ def save_model(state: dict, out, *, base_folder=None, shard_size="5GB", overwrit
     return out
 
 
-def _copy_side_files(folder, to: Path, dtype: str | None = None, name: str = "base model") -> None:
+def _copy_side_files(folder, to: Path, dtype: str | None = None, name: str = "base model",
+                     updates: dict | None = None) -> None:
     """Copy the base folder's config and tokenizer files (checked by checkpoints.side_files); with an
     output ``dtype``, config.json says it (its "torch_dtype" and/or "dtype", whichever it has), so
-    that transformers loads the merge in that dtype."""
+    that transformers loads the merge in that dtype; ``updates``: entries of config.json to set (the
+    number of layers of a merge over slices)."""
     for path in side_files(folder, name):
-        if path.name == "config.json" and dtype is not None:
-            (to / path.name).write_bytes(_config_with_dtype(read_regular(path, JSON_LIMIT), dtype, name))
+        if path.name == "config.json" and (dtype is not None or updates):
+            data = read_regular(path, JSON_LIMIT)
+            if dtype is not None:
+                data = _config_with_dtype(data, dtype, name)
+            if updates:
+                data = _config_with(data, updates, name)
+            (to / path.name).write_bytes(data)
         else:  # streamed: a large tokenizer file costs no memory
             fd = open_regular(path)
             with os.fdopen(fd, "rb") as source, open(to / path.name, "wb") as target:
                 shutil.copyfileobj(source, target, 1 << 20)
         shutil.copystat(path, to / path.name)
+
+
+def _config_with(data: bytes, updates: dict, name: str) -> bytes:
+    try:
+        config = parse_json(data, f"{name}: config.json")
+    except ValueError as e:
+        raise ValueError(f"{e}; it cannot say {', '.join(updates)}") from None
+    if not isinstance(config, dict):
+        return data
+    config.update(updates)
+    return (json.dumps(config, indent=2, sort_keys=False) + "\n").encode()
 
 
 def _config_with_dtype(data: bytes, dtype: str, name: str) -> bytes:
@@ -332,7 +357,7 @@ def _write_merge(base_ck, model_cks, merged, copied, folder: Path, stats: dict, 
         writer.abort()
         raise
     if comm is None or comm.rank == 0:
-        _copy_side_files(base_ck.folder, folder, dtype, base_ck.name)
+        _copy_side_files(base_ck.folder, folder, dtype, base_ck.name, getattr(base_ck, "config_updates", None))
     return info
 
 
@@ -407,7 +432,9 @@ def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam,
 
     def weights(segment, lo, hi, theta):
         """The merged weights themselves (pcb_fast.methods.weight_space), rounded once to the output dtype."""
-        values = theta.to(out_dtype(segment.key))
+        # a new tensor: theta may be an input's buffer (passthrough), which the reader reuses while the
+        # writer thread still holds the values
+        values = theta.to(out_dtype(segment.key), copy=True)
         checks.check_merged(segment.key, theta, values)
         writer.write(segment.key, lo, values)
 

@@ -41,24 +41,22 @@ MERGEKIT_METHODS = {spec.mergekit: name for name, spec in SPECS.items() if spec.
 OWN_METHODS = tuple(name for name in SPECS if name not in MERGEKIT_METHODS)
 # mergekit's methods that pcb_fast does not have, each with what it is
 NOT_SUPPORTED_METHODS = {
-    "passthrough": "copies tensors or layer ranges unchanged; pcb-fast merges whole models",
     "ram": "RAM", "ramplus_tl": "RAM+",
 }
-TOP_LEVEL = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
+TOP_LEVEL = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
              "tokenizer", "chat_template", "name")
 # entries real configs carry that mergekit 0.1.5's schema accepts and nothing reads: accepted, with a note
 IGNORED_ENTRIES = {"vocab_size": "mergekit 0.1.5 does not read it either; the output's vocabulary is the base "
                                  "model's (or the tokenizer's)"}
 # how mergekit treats base_model (its input contract) where not as a required base: "optional" (a
 # config without base_model merges the models themselves), "ignored" (the base is one more input)
-MERGEKIT_BASE = {"nuslerp": "optional", "multislerp": "optional", "karcher": "ignored"}
+MERGEKIT_BASE = {"nuslerp": "optional", "multislerp": "optional", "karcher": "ignored", "passthrough": "ignored"}
 MERGEKIT_WEIGHTED = ("nuslerp", "multislerp")  # weight-space methods with mergekit's required per-model weight
 # parameters of some mergekit method: one the chosen method does not take is ignored (as mergekit ignores it)
 MERGEKIT_PARAMETERS = ("weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "int8_mask", "t",
                        "filter_wise", "nuslerp_flatten", "nuslerp_row_wise", "eps", "max_iter", "tol", "select_topk",
                        "similarity_threshold", "tukey_fence", "thresh", "alpha", "normalize_weights", "scale")
 NOT_SUPPORTED_ENTRIES = {
-    "slices": "layer ranges of several models; pcb-fast merges whole models (use models:)",
     "modules": "per-module merges; pcb-fast merges whole models (use models:)",
 }
 GENERAL_PARAMETERS = ("lam", "scope", "exclude")
@@ -92,6 +90,8 @@ def parse(raw, where: str = "config", compute_dtype: str | None = None) -> dict:
     name, method = _method(raw, where)
     mergekit = name in MERGEKIT_METHODS
     base = raw.get("base_model")
+    if "slices" in raw:
+        return _parse_slices(raw, where, compute_dtype, name, method, notes)
     entries = raw.get("models")
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{where}: models must be a list of at least one entry with a 'model' path")
@@ -715,3 +715,188 @@ def _resolved_config(raw, name, base, models, shared, settings) -> dict:
         if raw.get(key) is not None:
             config[key] = raw[key]
     return config
+
+
+# ---- slices: layer ranges of the models (pcb_fast.io.slices)
+
+
+def _parse_slices(raw, where, compute_dtype, name, method, notes) -> dict:
+    """A configuration with ``slices:``: each input position stitched from its sources' layer
+    ranges, the parameters of each slice resolved for its own tensors (t restarting per slice)."""
+    from .slices import Piece, StitchedModel
+
+    if raw.get("models") is not None:
+        raise ValueError(f"{where}: give models or slices, not both (as mergekit requires)")
+    slices = raw["slices"]
+    if not isinstance(slices, list) or not slices:
+        raise ValueError(f"{where}: slices must be a list of at least one {{sources: [...]}}")
+    base = raw.get("base_model")
+    if base is not None:
+        if not isinstance(base, str) or not base:
+            raise ValueError(f"{where}: base_model must be the path of the base model")
+        _check_reference(base, "base_model", where)
+    policy = "ignored" if method == "average" else MERGEKIT_BASE.get(method, "required")
+    shared = raw.get("parameters") or {}
+    if not isinstance(shared, dict):
+        raise ValueError(f"{where}: parameters must be a mapping")
+    names = _parameter_names(method, name in MERGEKIT_METHODS)
+    positions, per_slice, start = None, [], 0
+    for s, out in enumerate(slices):
+        label = f"slices[{s}]"
+        if not isinstance(out, dict) or not isinstance(out.get("sources"), list) or not out["sources"]:
+            raise ValueError(f"{where}: {label} must be a mapping with sources: [{{model, layer_range}}, ...]")
+        extra = sorted(set(out) - {"sources", "parameters", "base_model", "residual_weight"}, key=str)
+        if extra:
+            raise ValueError(f"{where}: {label}.{extra[0]} is not an entry of a slice; valid: sources, parameters, "
+                             "base_model")
+        if out.get("residual_weight") is not None:
+            raise ValueError(f"{where}: not supported: {label}.residual_weight")
+        if out.get("base_model") is not None and (base is None or not _same(out["base_model"], base)):
+            raise ValueError(f"{where}: not supported: {label}.base_model differing from the config's base_model")
+        sources = [_source(src, f"{label}.sources[{i}]", where) for i, src in enumerate(out["sources"])]
+        lengths = {end - first for _, first, end, _ in sources}
+        if len(lengths) != 1:
+            raise ValueError(f"{where}: {label}: every source must span as many layers (as mergekit requires); "
+                             f"got {sorted(lengths)}")
+        length = lengths.pop()
+        if base is not None and policy != "ignored":
+            at_base = [src for src in sources if _same(src[0], base)]
+            others = [src for src in sources if not _same(src[0], base)]
+            if policy == "required" and len(at_base) != 1:
+                raise ValueError(f"{where}: {label}: {name} needs the base model among the sources of every slice "
+                                 f"(as mergekit does)")
+        else:
+            at_base, others = [], sources
+        if positions is None:
+            positions = len(others)
+        elif len(others) != positions:
+            raise ValueError(f"{where}: not supported: slices with different numbers of models ({label} has "
+                             f"{len(others)}, slices[0] {positions})")
+        slice_shared = out.get("parameters") or {}
+        if not isinstance(slice_shared, dict):
+            raise ValueError(f"{where}: {label}.parameters must be a mapping")
+        combined = _chain(slice_shared, shared)
+        models = [(path, params) for path, _, _, params in others]
+        combined, models = _without_unused(combined, models, name, names, notes)
+        _check_names(combined, models, method, name, names, where)
+        _check_inputs(method, name, combined, models, where)
+        settings = Settings(method, name in MERGEKIT_METHODS, combined, [p for _, p in models], where)
+        if settings.constant("scope") == "global":
+            raise ValueError(f"{where}: slices are merged per tensor; parameters.scope global is not supported "
+                             "with slices")
+        settings.validate(len(models), "tensor", base)
+        per_slice.append((start, length, settings, at_base, others))
+        start += length
+    config_from = base if base is not None else per_slice[0][4][0][0]
+    for _, length, _, at_base, others in per_slice:
+        for path, first, end, _ in at_base + others:
+            _check_layers(path, end, where)
+
+    def stitched(column) -> StitchedModel:
+        return StitchedModel(tuple(Piece(src[0], src[1], src[2], begin) for (begin, _, _, at_base, others), src
+                                   in zip(per_slice, column)), start, config_from)
+
+    tasks = [stitched([entry[4][i] for entry in per_slice]) for i in range(positions)]
+    if base is not None and policy == "required":
+        stitched_base = stitched([entry[3][0] for entry in per_slice])
+    else:
+        stitched_base = tasks[0]
+    kwargs = dict(base=stitched_base, models=tasks, method=method, scope="tensor", lam=1.0,
+                  segment_params=SliceParams([(begin, length, settings) for begin, length, settings, _, _
+                                              in per_slice]))
+    if policy == "optional" and base is None:
+        kwargs["with_base"] = False
+    if shared.get("exclude") is not None:
+        kwargs["exclude"] = shared["exclude"]
+    kwargs.update(_output_entries(raw, config_from, where))
+    kwargs.update(_compute_dtype(raw, method, name, compute_dtype, notes, where))
+    kwargs["card"] = {"config": dict(raw), "source": where, "chat_template": raw.get("chat_template")}
+    for note in notes:
+        warnings.warn(f"pcb_fast: {note}", stacklevel=3)
+    return kwargs
+
+
+def _source(src, label, where):
+    """(path, first layer, end layer, parameters) of a slice's source."""
+    if not isinstance(src, dict) or not isinstance(src.get("model"), str) or not src["model"]:
+        raise ValueError(f"{where}: {label} must be a mapping with model and layer_range")
+    extra = sorted(set(src) - {"model", "layer_range", "parameters"}, key=str)
+    if extra:
+        raise ValueError(f"{where}: {label}.{extra[0]} is not an entry of a source; valid: model, layer_range, "
+                         "parameters")
+    span = src.get("layer_range")
+    if (not isinstance(span, list) or len(span) != 2 or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                                 for x in span) or not 0 <= span[0] < span[1]):
+        raise ValueError(f"{where}: {label}.layer_range={span!r} must be [first, end] with 0 <= first < end")
+    params = src.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"{where}: {label}.parameters must be a mapping")
+    _check_reference(src["model"], f"{label}.model", where)
+    return src["model"], span[0], span[1], params
+
+
+def _check_layers(path, end, where) -> None:
+    """A source's layer range ends within its model (the model's config.json, when it says)."""
+    config = Path(path) / "config.json"
+    try:
+        data = load_json(config, "config.json") if config.is_file() else {}
+    except ValueError:
+        data = {}
+    for key in MIN_NUM_LAYERS_KEYS:
+        if isinstance(data.get(key), int) and not isinstance(data[key], bool):
+            if end > data[key]:
+                raise ValueError(f"{where}: layer_range ends at {end} but {path} has {data[key]} layers")
+            return
+
+
+def _chain(first: dict, then: dict) -> dict:
+    """Settings where ``first``'s come before ``then``'s (mergekit's slice, then config, precedence):
+    a filter list of ``first`` that matches no filter falls through to ``then``'s value."""
+    out = dict(then)
+    for key, setting in first.items():
+        if key in then and _falls_through(setting):
+            conditions = [setting] if isinstance(setting, dict) else list(setting)
+            after = then[key]
+            out[key] = conditions + ([after] if isinstance(after, dict) else list(after)
+                                     if isinstance(after, list) and after and all(isinstance(c, dict) for c in after)
+                                     else [{"value": after}])
+        else:
+            out[key] = setting
+    return out
+
+
+def _falls_through(setting) -> bool:
+    conditions = [setting] if isinstance(setting, dict) else setting
+    return (isinstance(conditions, list) and bool(conditions) and all(isinstance(c, dict) for c in conditions)
+            and not any(c.get("filter") in (None, "*") for c in conditions))
+
+
+class SliceParams(dict):
+    """engine.run's ``segment_params`` for a merge over slices: a tensor's parameters are its
+    slice's, at t = its layer's position in the slice (embeddings: the first slice's, the final
+    norm and head: the last's, at t = 0, as mergekit)."""
+
+    def __init__(self, slices):
+        super().__init__({f"slices[{i}]": str(SegmentParams(settings, None)) for i, (_, _, settings)
+                          in enumerate(slices)})
+        self.slices = slices
+
+    def __call__(self, key: str) -> dict:
+        from .slices import PRE_WEIGHTS, layer_of
+
+        layer = layer_of(key)
+        if layer is None:
+            settings = self.slices[0 if any(w in key for w in PRE_WEIGHTS) else -1][2]
+            return settings.resolve(key, 0.0)
+        for begin, length, settings in self.slices:
+            if begin <= layer[1] < begin + length:
+                return settings.resolve(key, (layer[1] - begin) / (length - 1) if length > 1 else 1.0)
+        raise ValueError(f"key {key!r}: layer {layer[1]} is outside the slices")
+
+    def take(self, keep) -> "SliceParams":
+        return SliceParams([(begin, length, settings.take(keep)) for begin, length, settings in self.slices])
+
+    def __str__(self) -> str:
+        return f"per slice ({len(self.slices)} slices)"
+
+    __repr__ = __str__
