@@ -361,3 +361,23 @@ def test_multi_document_yaml_names_mergekit_multimerge(llama):
         load_config(tmp / "multi.yaml")
     (tmp / "one.yaml").write_text("---\n" + yaml.safe_dump(first))  # one document after a separator
     assert load_config(tmp / "one.yaml")["method"] == "ties"
+
+
+def test_recorded_config_runs_from_any_folder_and_the_card_names_the_base(llama, monkeypatch):
+    tmp, base, paths, *_ = llama
+    config_json = json.loads((tmp / "base" / "config.json").read_text())
+    (tmp / "base" / "config.json").write_text(json.dumps(dict(config_json, _name_or_path="org/base-model")))
+    monkeypatch.chdir(tmp)
+    raw = config("base", ["m0", "m1"], parameters={"density": 0.5})  # paths relative to the current folder
+    assert cli(["merge", "--config", str(write(tmp / "c.yaml", raw)), "--out", "a", "--quiet"]) == 0
+    recorded = yaml.safe_load((tmp / "a" / "mergekit_config.yml").read_text())
+    assert recorded["base_model"] == str(tmp / "base") and [m["model"] for m in recorded["models"]] == [
+        str(tmp / "m0"), str(tmp / "m1")]
+    elsewhere = tmp / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert cli(["merge", "--config", str(tmp / "a" / "mergekit_config.yml"), "--out", "b", "--quiet"]) == 0
+    assert (tmp / "a" / "model.safetensors").read_bytes() == (elsewhere / "b" / "model.safetensors").read_bytes()
+    card = (tmp / "a" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == ["org/base-model"]

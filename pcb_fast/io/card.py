@@ -97,12 +97,54 @@ def _yaml(config: dict) -> str:
     return yaml.safe_dump(config, sort_keys=False, default_flow_style=None, allow_unicode=True)
 
 
+def _hub_name(path) -> str | None:
+    """The Hugging Face id of a model: the path itself when it is one, else the ``_name_or_path`` of
+    a local folder's config.json when that is one; None otherwise."""
+    if not isinstance(path, str):
+        return None
+    if _hub_id(path):
+        return path
+    try:
+        recorded = json.loads((Path(path) / "config.json").read_text()).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return recorded if isinstance(recorded, str) and _hub_id(recorded) else None
+
+
+def _models_of(config: dict) -> list:
+    """The models a configuration names, in order (models, or the sources of its slices)."""
+    models = [m["model"] if isinstance(m, dict) else str(m) for m in config.get("models") or []]
+    for out in config.get("slices") or []:
+        models += [src["model"] for src in out.get("sources", []) if isinstance(src, dict) and "model" in src]
+    return list(dict.fromkeys(models))
+
+
+def absolute_paths(config: dict) -> dict:
+    """``config`` with its local model paths made absolute, so that the recorded configuration runs
+    from any folder (Hub ids and state dicts stay as they are)."""
+    def absolute(path):
+        return os.path.abspath(path) if isinstance(path, str) and not _hub_id(path) and os.path.exists(path) else path
+
+    config = dict(config)
+    for key in ("base_model", "tokenizer_source"):
+        if key in config:
+            config[key] = absolute(config[key])
+    if isinstance(config.get("models"), list):
+        config["models"] = [dict(m, model=absolute(m["model"])) if isinstance(m, dict) and "model" in m
+                            else absolute(m) for m in config["models"]]
+    if isinstance(config.get("slices"), list):
+        config["slices"] = [dict(out, sources=[dict(src, model=absolute(src["model"])) if isinstance(src, dict)
+                                               and "model" in src else src for src in out.get("sources", [])])
+                            if isinstance(out, dict) else out for out in config["slices"]]
+    return config
+
+
 def card_text(config: dict, name: str) -> str:
     """The README.md model card of a merge made by ``config``."""
     method = config["merge_method"]
     pretty, url = METHOD_NAMES.get(method, (method, None))
-    models = [m["model"] if isinstance(m, dict) else str(m) for m in config.get("models", [])]
-    hub = [p for p in [config.get("base_model")] + models if isinstance(p, str) and _hub_id(p)]
+    models = _models_of(config)
+    hub = list(dict.fromkeys(h for h in map(_hub_name, [config.get("base_model")] + models) if h is not None))
     front = _yaml({"base_model": hub, "library_name": "transformers", "tags": ["merge", "pcb-fast"]})
     parameters = ", ".join(f"{k}: {json.dumps(v)}" for k, v in (config.get("parameters") or {}).items()) or "defaults"
     return CARD.format(front=front, name=name, version=__version__, method=f"[{pretty}]({url})" if url else pretty,
@@ -118,8 +160,9 @@ def write_card(folder, name: str, *, base, models, method, lam, lambdas, scope, 
     for a merge given as arguments."""
     folder = Path(folder)
     card = card or {}
-    config = card.get("config") or flags_config(base=base, models=models, method=method, lam=lam, lambdas=lambdas,
-                                                scope=scope, exclude=exclude, dtype=dtype, params=params)
+    config = absolute_paths(card.get("config") or flags_config(
+        base=base, models=models, method=method, lam=lam, lambdas=lambdas, scope=scope, exclude=exclude, dtype=dtype,
+        params=params))
     header = (f"# The configuration of this merge as pcb_fast {__version__} ran it, every default written out;\n"
               f"# run it again with: pcb-fast merge --config mergekit_config.yml --out <folder>\n")
     (folder / "mergekit_config.yml").write_text(header + _yaml(config), encoding="utf-8")
