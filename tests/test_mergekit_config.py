@@ -381,3 +381,24 @@ def test_recorded_config_runs_from_any_folder_and_the_card_names_the_base(llama,
     card = (tmp / "a" / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
     assert front["base_model"] == ["org/base-model"]
+
+
+def test_a_lower_compute_dtype_is_noted_by_default_and_taken_on_request(llama, capsys):
+    tmp, base, paths, *_ = llama
+    raw = config(base, paths, parameters={"density": 0.5}, dtype="bfloat16")
+    with pytest.warns(UserWarning, match="config: dtype bfloat16: pcb-fast computes in float32 \\(mergekit computes "
+                                         "in bfloat16; --compute-dtype mergekit reproduces its rounding\\)"):
+        kwargs = parse_config(raw)
+    assert kwargs["method"] == "ties" and "compute_dtype" not in kwargs
+    asked = parse_config(raw, compute_dtype="mergekit")
+    assert (asked["method"], asked["mergekit_method"], asked["compute_dtype"]) == ("gta", "ties", "bfloat16")
+    assert parse_config(dict(raw, dtype=None), compute_dtype="mergekit")["compute_dtype"] == "inputs"
+    assert "compute_dtype" not in parse_config(dict(raw, dtype="float32"), compute_dtype="mergekit")
+    with pytest.raises(ValueError, match="--compute-dtype bfloat16: pcb computes in float32 only"):
+        parse_config(config(base, paths, method="pcb"), compute_dtype="bfloat16")
+    capsys.readouterr()
+    assert cli(["merge", "--config", str(write(tmp / "c.yaml", raw)), "--out", str(tmp / "o"), "--compute-dtype",
+                "float8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "compute_dtype='float8' is not valid; choose one of 'float32'" in err[0], err
+    assert not (tmp / "o").exists()

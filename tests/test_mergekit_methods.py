@@ -406,3 +406,79 @@ def test_passthrough_writes_the_model_itself(tmp_path):
         assert cli(["merge", "--config", str(tmp_path / "c.yaml"), "--out", str(out), "--quiet"]) == 0
         got = safetensors_torch.load_file(out / "model.safetensors")
         assert all(torch.equal(got[k], state[k]) for k in state)
+
+
+# ---- mergekit's compute dtype for its task-arithmetic family (methods/gta.py)
+
+GTA_CONFIGS = [
+    ("task_arithmetic, weights, lambda", {"merge_method": "task_arithmetic", "base_model": "base",
+                                          "models": [("far", {"weight": 0.5}), ("mixed", {"weight": 1.0})],
+                                          "parameters": {"lambda": 0.8}}),
+    ("ties, per-model density", {"merge_method": "ties", "base_model": "base",
+                                 "models": [("far", {"weight": 0.5, "density": 0.3}), ("mixed", {"weight": 1.0}),
+                                            ("near", {"weight": 0.7, "density": 0.7})],
+                                 "parameters": {"density": 0.5}}),
+    ("dare_linear, L1 rescale", {"merge_method": "dare_linear", "base_model": "base",
+                                 "models": [("far", {"weight": 0.5, "density": 0.4}), ("mixed", {"weight": 1.0})],
+                                 "parameters": {"density": 0.6}}),
+    ("dare_ties, normalize, density gradient", {"merge_method": "dare_ties", "base_model": "base",
+                                                "models": [("far", {"weight": 1.0}), ("mixed", {"weight": 0.5})],
+                                                "parameters": {"normalize": True, "density": [0.2, 0.7]}}),
+    ("breadcrumbs_ties", {"merge_method": "breadcrumbs_ties", "base_model": "base",
+                          "models": [("far", {"weight": 1.0}), ("mixed", {"weight": 1.0})],
+                          "parameters": {"density": 0.5, "gamma": 0.02}}),
+    ("della", {"merge_method": "della", "base_model": "base",
+               "models": [("far", {"weight": 1.0, "density": 0.5}), ("mixed", {"weight": 0.7, "density": 0.4})],
+               "parameters": {"epsilon": 0.1}}),
+]
+
+
+@pytest.fixture
+def dare_draws(monkeypatch):
+    """mergekit's DARE drop with pcb_fast's draws (as tests/test_peers.py's fixture)."""
+    from pcb_fast.core import rng
+
+    deltas = {}
+
+    def bernoulli(tensor, density, rescale_norm=None):
+        if density >= 1:
+            return tensor
+        hits = [kt for kt, d in deltas.items() if d.shape == tensor.shape and torch.equal(d, tensor)]
+        assert len(hits) == 1, "a task vector mergekit drops was not found among the inputs"
+        key, task = hits[0]
+        work = tensor.dtype if tensor.dtype == torch.bfloat16 else torch.float32
+        keep = rng.keep_mask(0, task, key, 0, tensor.numel(), max(0.0, 1.0 - density)).view(tensor.shape)
+        return sparsify.rescaled_masked_tensor(tensor.to(work), keep.to(work), rescale_norm).to(tensor.dtype)
+
+    def use(base, models):
+        deltas.clear()
+        for task, m in enumerate(models):
+            for key in base:
+                deltas[(key, task)] = m[key] - base[key]
+
+    monkeypatch.setattr(sparsify, "bernoulli", bernoulli)
+    return use
+
+
+@pytest.mark.parametrize("name,spec", GTA_CONFIGS, ids=[c[0] for c in GTA_CONFIGS])
+def test_compute_dtype_mergekit_reproduces_its_task_arithmetic_family(family, della_draws, dare_draws, tmp_path,
+                                                                       name, spec):
+    """bfloat16 models: mergekit's arithmetic in bfloat16, bit for bit, with --compute-dtype mergekit
+    (float32 models: a config's dtype: bfloat16 asks for it)."""
+    _, paths = family
+    states = {k: safetensors_torch.load_file(f"{p}/model.safetensors") for k, p in paths.items()}
+    bf16 = next(iter(states["base"].values())).dtype == torch.bfloat16
+    raw = config_of(spec, paths)
+    if not bf16:
+        raw["dtype"] = "bfloat16"
+        states = {k: {n: v.to(torch.bfloat16) for n, v in s.items()} for k, s in states.items()}
+    listed = [m if isinstance(m, str) else m[0] for m in spec["models"]]
+    della_draws(states["base"], [states[m] for m in listed])
+    dare_draws(states["base"], [states[m] for m in listed])
+    config = mk_config.MergeConfiguration.model_validate(raw)
+    mk_merge.run_merge(config, str(tmp_path / "mergekit"), mk_merge.MergeOptions(copy_tokenizer=False, quiet=True))
+    theirs = safetensors_torch.load_file(tmp_path / "mergekit" / "model.safetensors")
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(raw))
+    assert cli(["merge", "--config", str(tmp_path / "merge.yaml"), "--out", str(tmp_path / "ours"), "--quiet",
+                "--compute-dtype", "mergekit"]) == 0
+    assert_equal(theirs, safetensors_torch.load_file(tmp_path / "ours" / "model.safetensors"))

@@ -32,13 +32,15 @@ import warnings
 from pathlib import Path
 
 from ..methods import SPECS, check_method_params
+from ..methods.gta import KINDS as GTA_KINDS
 from .checkpoints import load_json
 from .safetensors import show
 
 # mergekit's name -> pcb_fast's method (each method's spec says what mergekit calls it)
 MERGEKIT_METHODS = {spec.mergekit: name for name, spec in SPECS.items() if spec.mergekit is not None}
 # pcb_fast's own names, with the authors' semantics and pcb_fast's defaults
-OWN_METHODS = tuple(name for name in SPECS if name not in MERGEKIT_METHODS)
+OWN_METHODS = tuple(name for name in SPECS if name not in MERGEKIT_METHODS
+                    and name != "gta")  # (gta stands for mergekit's names at a lower compute dtype)
 # mergekit's methods that pcb_fast does not have, each with what it is
 NOT_SUPPORTED_METHODS = {
     "ram": "RAM", "ramplus_tl": "RAM+",
@@ -90,6 +92,8 @@ def parse(raw, where: str = "config", compute_dtype: str | None = None) -> dict:
     name, method = _method(raw, where)
     mergekit = name in MERGEKIT_METHODS
     base = raw.get("base_model")
+    if _lower_precision(raw, compute_dtype) and name in GTA_KINDS:
+        method = "gta"  # mergekit's generalized task arithmetic, rounded as mergekit rounds (methods/gta.py)
     if "slices" in raw:
         return _parse_slices(raw, where, compute_dtype, name, method, notes)
     entries = raw.get("models")
@@ -132,6 +136,7 @@ def parse(raw, where: str = "config", compute_dtype: str | None = None) -> dict:
     _check_names(shared, models, method, name, names, where)
     _check_inputs(method, name, shared, models, where)
     settings = Settings(method, mergekit, shared, [params for _, params in models], where)
+    _gta_defaults(settings, name)
     scope = settings.constant("scope")
     if scope not in ("global", "tensor"):
         raise ValueError(f"{where}: parameters.scope={scope!r} is not valid; choose one of 'global', 'tensor'")
@@ -165,6 +170,21 @@ def parse(raw, where: str = "config", compute_dtype: str | None = None) -> dict:
 LOWER_PRECISION = ("bfloat16", "float16")
 
 
+def _gta_defaults(settings, name) -> None:
+    """mergekit's defaults of ``name`` for methods/gta.py, which stands for it at a lower precision."""
+    if settings.method == "gta":
+        own = SPECS[MERGEKIT_METHODS[name]].mergekit_defaults
+        settings.defaults = {"scope": "tensor", **{k: v for k, v in own.items()
+                                                   if k in ("density", "gamma", "epsilon", "normalize", "rescale")}}
+
+
+def _lower_precision(raw, asked) -> bool:
+    """Whether the merge computes in another dtype than float32."""
+    if asked == "mergekit":
+        asked = raw.get("dtype") or "inputs"
+    return asked not in (None, "float32")
+
+
 def _compute_dtype(raw, method, name, asked, notes, where) -> dict:
     """The merge's compute_dtype: float32 unless asked (a note when the config's dtype is lower:
     mergekit would round its arithmetic to it)."""
@@ -179,10 +199,12 @@ def _compute_dtype(raw, method, name, asked, notes, where) -> dict:
     if asked == "float32":
         return {}
     if not SPECS[method].weight_space:
-        raise ValueError(f"{where}: --compute-dtype {asked}: {name} computes in float32 in this version (a lower "
-                         f"compute dtype is implemented for "
-                         f"{', '.join(s.mergekit or s.name for s in SPECS.values() if s.weight_space)})")
-    return {"compute_dtype": asked}
+        raise ValueError(f"{where}: --compute-dtype {asked}: {name} computes in float32 only (a lower compute dtype "
+                         f"is implemented for mergekit's methods)")
+    out = {"compute_dtype": asked}
+    if method == "gta":
+        out["mergekit_method"] = name
+    return out
 
 
 def _did_you_mean(word, choices) -> str:
@@ -306,6 +328,10 @@ def _check_inputs(method, name, shared, models, where) -> None:
 
 def _parameter_names(method: str, mergekit: bool) -> dict:
     """Parameter name in the YAML -> (pcb_fast's name, per model allowed)."""
+    if method == "gta":  # mergekit's YAML names of its generalized task arithmetic
+        return {"weight": "lambdas", "lam": "lam", "lambda": "lam", "density": "density", "gamma": "gamma",
+                "epsilon": "epsilon", "normalize": "normalize", "rescale": "rescale", "int8_mask": "int8_mask",
+                "seed": "seed", "scope": "scope", "exclude": "exclude"}
     if SPECS[method].weight_space:  # mergekit's own parameters only: no lambda; weights where mergekit has them
         names = {p: p for p in SPECS[method].param_names if p not in ("with_base", "compute_dtype")}
         if SPECS[method].mergekit in MERGEKIT_WEIGHTED:
@@ -429,13 +455,13 @@ class Settings:
         if self.method == "average":
             values.pop("normalize", None)  # linear's normalize: true is the average (false is refused)
         if "lam" in values:
-            out["lam"] = float(values.pop("lam"))
+            out["mergekit_lambda" if self.method == "gta" else "lam"] = float(values.pop("lam"))
         if "rescale" in values and values["rescale"] is not None:
             values["rescale"] = {True: "l1", False: "none"}.get(values["rescale"], values["rescale"])
         density = values.pop("density", None)
         if density is not None and not all(d is None for d in density):
             density = [float(d) for d in density]
-            if self.method in ("della", "della_linear"):
+            if self.method in ("della", "della_linear", "gta"):
                 values["density"] = density  # mergekit's density >= 1 keeps everything
             elif self.method == "ties":
                 values["density"] = [min(d, 1.0) for d in density]  # mergekit: density >= 1 keeps everything
@@ -781,6 +807,7 @@ def _parse_slices(raw, where, compute_dtype, name, method, notes) -> dict:
         _check_names(combined, models, method, name, names, where)
         _check_inputs(method, name, combined, models, where)
         settings = Settings(method, name in MERGEKIT_METHODS, combined, [p for _, p in models], where)
+        _gta_defaults(settings, name)
         if settings.constant("scope") == "global":
             raise ValueError(f"{where}: slices are merged per tensor; parameters.scope global is not supported "
                              "with slices")
