@@ -15,7 +15,8 @@ setup(
     # would leave every kernel unbuilt and the engine on its torch fallbacks)
     package_data={"pcb_fast.cpu": ["*.c", "*.h"]},
     # torch is not pinned here: install the build you need first (the README pins 2.13.0 on CPU).
-    install_requires=["torch>=2.4", "numpy", "tqdm", "pyyaml", "cma"],
+    # huggingface_hub resolves model names on the Hub (org/name[@revision]) through its shared cache
+    install_requires=["torch>=2.4", "numpy", "tqdm", "pyyaml", "cma", "huggingface_hub>=0.34"],
     # Triton runs the GPU kernels (and, under TRITON_INTERPRET=1, their tests on a CPU).
     extras_require={
         "gpu": ["triton>=3.6; platform_system == 'Linux'"],

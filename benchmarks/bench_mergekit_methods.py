@@ -5,7 +5,8 @@
 Builds once (cached under --dir) a float32 Llama-style model and three fine-tunes, then runs each
 configuration with mergekit's run_merge and with pcb-fast's CLI in this process, alternating, warm
 page cache, best of --repeat runs each. Prints a markdown table: method, seconds of each tool, the
-speed ratio (mergekit / pcb-fast) and the entries that differ. DELLA's draws differ by design
+speed ratio (mergekit / pcb-fast) and the entries that differ from mergekit run on one thread
+(its sums over long tensors depend on the thread count; pcb_fast's do not). DELLA's draws differ by design
 (torch.bernoulli against pcb_fast's counter generator), so only its speed is compared.
 """
 
@@ -115,11 +116,23 @@ def main(argv=None) -> None:
                     (root / "merge.yaml").write_text(yaml.safe_dump(raw))
                     assert cli(["merge", "--config", str(root / "merge.yaml"), "--out", str(out), "--quiet"]) == 0
                 best[tool] = min(best[tool], time.perf_counter() - start)
+        # the values: mergekit's sums over more than 32768 entries depend on torch's thread count, and
+        # pcb_fast sums on one thread (docs/design.md 5.9): compared with mergekit run on one thread
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            shutil.rmtree(root / "mergekit", ignore_errors=True)
+            run_merge(MergeConfiguration.model_validate(raw), str(root / "mergekit"),
+                      MergeOptions(copy_tokenizer=False, quiet=True))
+        finally:
+            torch.set_num_threads(threads)
         theirs = load_file(root / "mergekit" / "model.safetensors")
         ours = load_file(root / "pcb-fast" / "model.safetensors")
         differ = sum(int((ours[k] != theirs[k]).sum()) for k in theirs)
         total = sum(v.numel() for v in theirs.values())
         rows.append((name, best["mergekit"], best["pcb-fast"], differ, total))
+        print(f"{name}: mergekit {best['mergekit']:.2f} s, pcb-fast {best['pcb-fast']:.2f} s, "
+              f"{best['mergekit'] / best['pcb-fast']:.2f}x, {differ} of {total} differ", flush=True)
     print(f"\nLlama-style float32 model, hidden {args.hidden}, {args.layers} layers; "
           f"torch threads {torch.get_num_threads()}")
     print("| method | mergekit s | pcb-fast s | speed ratio | entries differing |")

@@ -165,7 +165,11 @@ def merge_arguments(args) -> dict:
             raise ValueError("--base is required (or --config)")
         if not args.model and not args.adapter:
             raise ValueError("at least one --model is required")
-        kwargs = dict(base=args.base, adapters=args.adapter) if args.adapter else dict(base=args.base, models=args.model)
+        from .io.hub import local  # Hub names (org/name[@revision]) through the Hugging Face cache
+
+        base = local(args.base, "--base")
+        kwargs = dict(base=base, adapters=args.adapter) if args.adapter else dict(
+            base=base, models=[local(m, f"--model {m}") for m in args.model])
         if args.out_adapter is not None:
             kwargs["out_rank"] = args.out_adapter
         if args.method is not None:

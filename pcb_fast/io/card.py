@@ -102,8 +102,9 @@ def _hub_name(path) -> str | None:
     a local folder's config.json when that is one; None otherwise."""
     if not isinstance(path, str):
         return None
-    if _hub_id(path):
-        return path
+    repo = path.split("@")[0]  # (org/name@revision: the repository's id)
+    if _hub_id(repo) and not os.path.exists(path):
+        return repo
     try:
         recorded = json.loads((Path(path) / "config.json").read_text()).get("_name_or_path")
     except (OSError, ValueError, AttributeError):

@@ -100,6 +100,10 @@ def parse(raw, where: str = "config", compute_dtype: str | None = None) -> dict:
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{where}: models must be a list of at least one entry with a 'model' path")
     models = [_model_entry(entry, i, where) for i, entry in enumerate(entries)]
+    named = {}  # local folder -> the Hub name it was given by (for what the output records)
+    models = [(_local(path, f"{where}: models[{i}].model", named), params) for i, (path, params) in enumerate(models)]
+    if isinstance(base, str):
+        base = _local(base, f"{where}: base_model", named)
     shared = raw.get("parameters") or {}
     if not isinstance(shared, dict):
         raise ValueError(f"{where}: parameters must be a mapping")
@@ -160,7 +164,8 @@ def parse(raw, where: str = "config", compute_dtype: str | None = None) -> dict:
         kwargs.update(_without_defaults(method, settings.resolve("", 0.0)))
     kwargs.update(_output_entries(raw, base, where))
     kwargs.update(_compute_dtype(raw, method, name, compute_dtype, notes, where))
-    kwargs["card"] = {"config": _resolved_config(raw, name, base, models, shared, settings), "source": where,
+    kwargs["card"] = {"config": _as_named(_resolved_config(raw, name, base, models, shared, settings), named),
+                      "source": where,
                       "chat_template": raw.get("chat_template")}
     for note in notes:  # only once the whole config is known to run: a refusal is the only line printed
         warnings.warn(f"pcb_fast: {note}", stacklevel=3)
@@ -176,6 +181,27 @@ def _gta_defaults(settings, name) -> None:
         own = SPECS[MERGEKIT_METHODS[name]].mergekit_defaults
         settings.defaults = {"scope": "tensor", **{k: v for k, v in own.items()
                                                    if k in ("density", "gamma", "epsilon", "normalize", "rescale")}}
+
+
+def _local(ref, label, named: dict):
+    """A model reference as a local path: Hub names (org/name[@revision]) resolved through the
+    Hugging Face cache (pcb_fast.io.hub), noted in ``named``."""
+    from .hub import is_hub_reference, resolve
+
+    if not is_hub_reference(ref):
+        return ref
+    folder = resolve(ref, label)
+    named[folder] = ref
+    return folder
+
+
+def _as_named(config: dict, named: dict) -> dict:
+    """``config`` with the local folders of Hub models given back their Hub names."""
+    if not named:
+        return config
+    config = dict(config, base_model=named.get(config.get("base_model"), config.get("base_model")))
+    config["models"] = [dict(m, model=named.get(m["model"], m["model"])) for m in config["models"]]
+    return config
 
 
 def _lower_precision(raw, asked) -> bool:
@@ -757,10 +783,12 @@ def _parse_slices(raw, where, compute_dtype, name, method, notes) -> dict:
     if not isinstance(slices, list) or not slices:
         raise ValueError(f"{where}: slices must be a list of at least one {{sources: [...]}}")
     base = raw.get("base_model")
+    named = {}
     if base is not None:
         if not isinstance(base, str) or not base:
             raise ValueError(f"{where}: base_model must be the path of the base model")
         _check_reference(base, "base_model", where)
+        base = _local(base, f"{where}: base_model", named)
     policy = "ignored" if method == "average" else MERGEKIT_BASE.get(method, "required")
     shared = raw.get("parameters") or {}
     if not isinstance(shared, dict):
@@ -780,6 +808,8 @@ def _parse_slices(raw, where, compute_dtype, name, method, notes) -> dict:
         if out.get("base_model") is not None and (base is None or not _same(out["base_model"], base)):
             raise ValueError(f"{where}: not supported: {label}.base_model differing from the config's base_model")
         sources = [_source(src, f"{label}.sources[{i}]", where) for i, src in enumerate(out["sources"])]
+        sources = [(_local(path, f"{where}: {label}.sources[{i}].model", named), *rest)
+                   for i, (path, *rest) in enumerate(sources)]
         lengths = {end - first for _, first, end, _ in sources}
         if len(lengths) != 1:
             raise ValueError(f"{where}: {label}: every source must span as many layers (as mergekit requires); "
