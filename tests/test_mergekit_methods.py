@@ -482,3 +482,24 @@ def test_compute_dtype_mergekit_reproduces_its_task_arithmetic_family(family, de
     assert cli(["merge", "--config", str(tmp_path / "merge.yaml"), "--out", str(tmp_path / "ours"), "--quiet",
                 "--compute-dtype", "mergekit"]) == 0
     assert_equal(theirs, safetensors_torch.load_file(tmp_path / "ours" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("method,extra", [("slerp", {"t": 0.3}), ("della", {"density": 0.5})])
+def test_whole_tensor_methods_read_one_tensor_ahead_at_most(family, tmp_path, monkeypatch, method, extra):
+    """Blocks are whole tensors: the reader thread may hold one block (not four) of every model."""
+    from pcb_fast.core import prefetch
+
+    _, paths = family
+    depths = []
+    real = prefetch.Prefetcher.__init__
+
+    def recording(self, checkpoints, ranges, depth=4, advise_ahead=8):
+        depths.append(depth)
+        real(self, checkpoints, ranges, depth, advise_ahead)
+
+    monkeypatch.setattr(prefetch.Prefetcher, "__init__", recording)
+    from pcb_fast.io.disk_merge import merge_checkpoints
+
+    merge_checkpoints(paths["base"], [paths["far"]], tmp_path / "out", method=method, scope="tensor", **extra)
+    # slerp: one pass over every key; della per tensor: one block per pass, read without a reader thread
+    assert set(depths) == ({1} if method == "slerp" else set()), depths

@@ -26,6 +26,7 @@ from ..core import checks, rng
 from ..core.threads import one_thread
 from .linear import L1_EPS, check_seed
 from .spec import MethodSpec, Param, choice, flag
+from .weight_space import whole_tensors
 
 RESCALE = ("l1", "none")
 
@@ -83,8 +84,7 @@ def _merge_della(source, sink, *, density, epsilon, seed, rescale, normalize, co
     checks.check_flag("normalize", normalize)
     lambdas = checks.check_lambdas(lambdas, n) or [1.0] * n
     kept = torch.zeros(n, dtype=torch.int64)
-    width = max((s.numel for s in source.segments), default=1)
-    for block in source.blocks(width):  # whole tensors
+    for block in source.blocks(whole_tensors(source)):
         seg, tv = block.segment, block.tv
         if not bool(torch.isfinite(tv).all()):
             from ..core.engine import raise_if_not_finite

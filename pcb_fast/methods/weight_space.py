@@ -57,7 +57,7 @@ def merge_weights(source, sink, merge_tensor: Callable, params: Callable[[str], 
     if not hasattr(source, "raw_blocks") or getattr(sink, "weights", None) is None:
         raise ValueError("this method merges checkpoints or state dicts on the torch backend only")
     check_compute_dtype(compute_dtype)
-    width = max((s.numel for s in source.segments), default=1)
+    width = whole_tensors(source)
     kept = torch.zeros(source.n, dtype=torch.int64)
     for segment, lo, hi, natives in source.raw_blocks(width):
         dtype = compute_dtype_of(compute_dtype, natives)
@@ -73,6 +73,15 @@ def merge_weights(source, sink, merge_tensor: Callable, params: Callable[[str], 
         sink.weights(segment, lo, hi, theta.to(dtype).reshape(-1))
         kept += hi - lo
     return kept
+
+
+def whole_tensors(source) -> int:
+    """The block width that makes every block a whole tensor; the source then reads one block ahead
+    at most (its reader would otherwise hold several whole tensors of every model)."""
+    for reader in (source, getattr(source, "inner", None)):  # (a cached source reads through its inner one)
+        if hasattr(reader, "READ_AHEAD"):
+            reader.READ_AHEAD = 1
+    return max((s.numel for s in source.segments), default=1)
 
 
 def _check_finite(source, segment, natives, base, models) -> None:
