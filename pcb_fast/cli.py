@@ -121,7 +121,8 @@ def _model_flags(parser, methods: list) -> None:
         takers = [m for m in takers if m in methods]
         if takers:
             parser.add_argument(flag, dest=dest, type=kind,
-                                help=f"{', '.join(takers)}: {param.help} (default {param.default})")
+                                help=f"{', '.join(takers)}: {param.help} "
+                                     + ("(required)" if param.required else f"(default {param.default})"))
 
 
 def _threads(text: str):

@@ -34,8 +34,9 @@ def check_compute_dtype(value) -> str:
 
 
 COMPUTE_DTYPE = Param("compute_dtype", "float32", check_compute_dtype,
-                      "dtype of the arithmetic: float32 (default; exact inputs), bfloat16, float16, float64, or "
-                      "inputs (each tensor in its inputs' dtype: mergekit's arithmetic)", kind="choice")
+                      "dtype of the arithmetic: float32 (default; exact inputs), bfloat16, float16, float64, "
+                      "inputs (each tensor in its inputs' dtype), or mergekit (mergekit's: with --config, the "
+                      "config's dtype, else the inputs')", kind="choice")
 
 
 def compute_dtype_of(setting: str, natives) -> torch.dtype:
