@@ -100,7 +100,7 @@ def main(argv=None) -> None:
     from pcb_fast.cli import main as cli
 
     root = Path(args.dir)
-    paths = build(root / "models", args.hidden, args.layers, args.hidden * 11 // 4, 8000)
+    paths = build(root / f"models-{args.hidden}-{args.layers}", args.hidden, args.layers, args.hidden * 11 // 4, 8000)
     rows = []
     for name, raw in configs(paths, args.layers):
         best = {"mergekit": float("inf"), "pcb-fast": float("inf")}
