@@ -297,7 +297,7 @@ def test_config_errors_name_the_entry():
         (dict(models=[{"model": "a", "parameters": {"sign_ties": "positive"}}]),
          "models[0].parameters.sign_ties is not supported per model"),
         (dict(parameters={"ratio": 0.1}), "parameters.ratio is not a parameter of ties"),
-        (dict(tokenizer_source="union"), "not supported: tokenizer_source: union"),
+        (dict(tokenizer_source="union"), "tokenizer_source: union: the base model \\(b\\) has no tokenizer"),
         (dict(base_model=None), "base_model must be the path of the base model"),
     ]:
         with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):

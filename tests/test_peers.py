@@ -152,6 +152,12 @@ PEER_CONFIGS = [
         "merge_method": "linear", "models": [("M0", {"weight": 2.0}), ("M1", {"weight": 0.5, "density": 0.5})],
         "parameters": {"weight": 1.0, "normalize": True}, "tokenizer": {"source": "base"}, "name": "soup",
         "vocab_size": 40}, "rounding"),
+    ("ties, tokenizer_source union over one vocabulary", {
+        "merge_method": "ties", "models": [("M0", {"weight": 1.0, "density": 0.5}), ("M1", {"weight": 0.5})],
+        "tokenizer_source": "union"}, "equal"),
+    ("dare_ties, tokenizer block with a fine-tune's source", {
+        "merge_method": "dare_ties", "models": [("M0", {"weight": 1.0, "density": 0.5}), ("M2", {"weight": 0.5})],
+        "tokenizer": {"source": "M2"}}, "equal"),
     ("linear with a base, shared weight", {
         "merge_method": "linear", "models": [("M0", {"weight": 2.0}), ("M1", None)], "parameters": {"weight": 1.0}},
      "rounding"),
@@ -165,6 +171,8 @@ PEER_CONFIGS = [
 def resolve_config(spec, base, paths):
     names = {"BASE": base, **{f"M{i}": p for i, p in enumerate(paths)}}
     raw = {k: v for k, v in spec.items() if k not in ("models", "no_base")}
+    if "tokenizer" in raw and raw["tokenizer"].get("source") in names:
+        raw["tokenizer"] = dict(raw["tokenizer"], source=names[raw["tokenizer"]["source"]])
     raw["models"] = models_entry([names[m] for m, _ in spec["models"]], [q for _, q in spec["models"]])
     if not spec.get("no_base"):
         raw["base_model"] = base
@@ -249,6 +257,10 @@ def test_mergekit_yaml_runs_as_mergekit_runs_it(llamas, dare_draws, tmp_path, na
             error = (ours[key].double() - theirs[key].double()).abs()
             assert (error <= 4 * torch.finfo(torch.float32).eps * scale).all(), key
             worst = max(worst, float((error / scale).max()))
+    if "tokenizer_source" in raw or "tokenizer" in raw:  # the same vocabulary, where transformers reads it
+        transformers = pytest.importorskip("transformers")
+        assert (transformers.AutoTokenizer.from_pretrained(tmp_path / "ours").get_vocab()
+                == transformers.AutoTokenizer.from_pretrained(tmp_path / "mergekit").get_vocab())
     if "chat_template" in raw:  # the same template, where transformers reads it
         transformers = pytest.importorskip("transformers")
         ours_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "ours")
@@ -264,3 +276,32 @@ def test_mergekit_yaml_runs_as_mergekit_runs_it(llamas, dare_draws, tmp_path, na
              if kind == "rounding" else ""))
     if kind == "ties":
         assert differ <= tied  # zero but where TIES' threshold ties (the quantized fine-tunes)
+
+
+def test_tokenizer_sources_take_the_model_files_and_refuse_other_vocabularies(llamas, tmp_path, capsys):
+    """A fine-tune's tokenizer (same vocabulary, its own files) is copied; a vocabulary that differs
+    (an added token) would need mergekit's re-mapped embedding rows: refused, one line."""
+    import shutil
+
+    tmp, base_path, paths, base, tuned = llamas
+    chatty = tmp_path / "chatty"
+    shutil.copytree(paths[1], chatty)
+    config = json.loads((chatty / "tokenizer_config.json").read_text())
+    (chatty / "tokenizer_config.json").write_text(json.dumps(dict(config, chat_template="{{ messages }}" * 3)))
+    raw = {"merge_method": "ties", "base_model": base_path, "models": [{"model": paths[0]}, {"model": str(chatty)}],
+           "parameters": {"density": 0.5, "weight": 1.0}, "tokenizer_source": str(chatty)}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(raw))
+    assert cli(["merge", "--config", str(tmp_path / "m.yaml"), "--out", str(tmp_path / "ours"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "ours" / "tokenizer_config.json").read_text())["chat_template"] == "{{ messages }}" * 3
+    tokenizers = pytest.importorskip("tokenizers")
+    grown = tmp_path / "grown"
+    shutil.copytree(paths[1], grown)
+    tokenizer = tokenizers.Tokenizer.from_file(str(grown / "tokenizer.json"))
+    tokenizer.add_tokens(["<extra>"])
+    tokenizer.save(str(grown / "tokenizer.json"))
+    raw = dict(raw, models=[{"model": paths[0]}, {"model": str(grown)}], tokenizer_source="union")
+    (tmp_path / "u.yaml").write_text(yaml.safe_dump(raw))
+    assert cli(["merge", "--config", str(tmp_path / "u.yaml"), "--out", str(tmp_path / "union")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not supported: tokenizer_source: union over vocabularies that differ (model " in err[0]
+    assert not (tmp_path / "union").exists()

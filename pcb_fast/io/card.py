@@ -168,9 +168,23 @@ def write_card(folder, name: str, *, base, models, method, lam, lambdas, scope, 
               f"# run it again with: pcb-fast merge --config mergekit_config.yml --out <folder>\n")
     (folder / "mergekit_config.yml").write_text(header + _yaml(config), encoding="utf-8")
     (folder / "README.md").write_text(card_text(config, name), encoding="utf-8")
+    if card.get("tokenizer_from") is not None:  # a model's tokenizer (its vocabulary checked to be the base's)
+        copy_tokenizer(card["tokenizer_from"], folder)
     template = card.get("chat_template")
     if template is not None:
         set_chat_template(folder, template, [base] + list(models))
+
+
+def copy_tokenizer(source, folder: Path) -> None:
+    """The tokenizer files of the model folder ``source`` in place of the output's."""
+    from .checkpoints import side_files
+
+    for name in list(TOKENIZER_FILES) + ["tokenizer.json", "special_tokens_map.json", "added_tokens.json",
+                                         "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt"]:
+        (Path(folder) / name).unlink(missing_ok=True)
+    for path in side_files(source, "the tokenizer source"):
+        if path.name not in ("config.json", "generation_config.json", "preprocessor_config.json"):
+            (Path(folder) / path.name).write_bytes(path.read_bytes())
 
 
 def _template_of(folder) -> str | None:

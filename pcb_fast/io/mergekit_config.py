@@ -165,7 +165,7 @@ def parse(raw, where: str = "config", compute_dtype: str | None = None) -> dict:
     kwargs.update(_output_entries(raw, base, where))
     kwargs.update(_compute_dtype(raw, method, name, compute_dtype, notes, where))
     kwargs["card"] = {"config": _as_named(_resolved_config(raw, name, base, models, shared, settings), named),
-                      "source": where,
+                      **_tokenizer_source(raw, base, [p for p, _ in models], named, where), "source": where,
                       "chat_template": raw.get("chat_template")}
     for note in notes:  # only once the whole config is known to run: a refusal is the only line printed
         warnings.warn(f"pcb_fast: {note}", stacklevel=3)
@@ -259,10 +259,47 @@ def _tokenizer_block(raw, where) -> None:
     if block.get("pad_to_multiple_of") is not None:
         raise ValueError(f"{where}: not supported: tokenizer.pad_to_multiple_of (padding the vocabulary); pcb-fast "
                          "copies the base model's tokenizer and embeddings")
-    if source != "base" and not (isinstance(source, str) and raw.get("base_model") is not None
-                                 and isinstance(raw.get("base_model"), str) and _same(source, raw["base_model"])):
-        raise ValueError(f"{where}: not supported: tokenizer.source: {source} (pcb-fast copies the base model's "
-                         "tokenizer: use source: base)")
+    if not isinstance(source, str):
+        raise ValueError(f"{where}: tokenizer.source={source!r} must be base, union or a model")
+
+
+def _tokenizer_source(raw, base, paths, named, where) -> dict:
+    """What the output's tokenizer is, for the card: {} for the base's (copied with its side files),
+    {"tokenizer_from": folder} for a model's. mergekit's ``union`` and a model's tokenizer re-map
+    the embedding rows to the new vocabulary, which pcb-fast does where that is the identity: every
+    input with the same vocabulary (a model without tokenizer files counts as the base's, as in
+    mergekit); otherwise "not supported"."""
+    block = raw.get("tokenizer")
+    source = raw.get("tokenizer_source") if block is None else block.get("source", "union")
+    if source is None or source == "base" or (isinstance(source, str) and _same(source, base)):
+        return {}
+    if not isinstance(source, str):
+        raise ValueError(f"{where}: tokenizer_source={source!r} must be base, union or a model")
+    folder = None if source == "union" else _local(source, f"{where}: tokenizer source", named)
+    what = f"tokenizer_source: {source}" if block is None else f"tokenizer.source: {source}"
+    vocabularies = [(label, _vocabulary(path)) for label, path in
+                    [("the base model", base)] + [(f"model {p}", p) for p in paths]
+                    + ([("the tokenizer source", folder)] if folder else [])]
+    reference = vocabularies[0][1]
+    if reference is None:
+        raise ValueError(f"{where}: {what}: the base model ({base}) has no tokenizer that transformers loads")
+    for label, vocabulary in vocabularies[1:]:
+        if vocabulary is not None and vocabulary != reference:
+            raise ValueError(f"{where}: not supported: {what} over vocabularies that differ ({label} has "
+                             f"{len(vocabulary)} tokens, the base model {len(reference)}, or other ids): mergekit "
+                             "re-maps the embedding rows to the new vocabulary, which pcb-fast does not yet")
+    return {"tokenizer_from": folder} if folder else {}
+
+
+def _vocabulary(path):
+    """A model folder's tokenizer vocabulary (token -> id, added tokens included), or None when it
+    has none that transformers loads."""
+    try:
+        import transformers
+
+        return transformers.AutoTokenizer.from_pretrained(path).get_vocab()
+    except Exception:  # mergekit's rule: a model whose tokenizer does not load shares the base's
+        return None
 
 
 def _without_unused(shared, models, name, names, notes):
@@ -736,10 +773,6 @@ def _output_entries(raw, base, where) -> dict:
     # mergekit: dtype is the compute dtype and the output's unless out_dtype; pcb_fast computes in float32
     if raw.get("out_dtype") is not None or raw.get("dtype") is not None:
         out["dtype"] = raw.get("out_dtype") or raw.get("dtype")
-    source = raw.get("tokenizer_source")
-    if source is not None and source != "base" and not (isinstance(source, str) and _same(source, base)):
-        raise ValueError(f"{where}: not supported: tokenizer_source: {source} (pcb-fast copies the base model's "
-                         "tokenizer: use tokenizer_source: base)")
     template = raw.get("chat_template")
     if template is not None:
         if not isinstance(template, str):
@@ -867,7 +900,8 @@ def _parse_slices(raw, where, compute_dtype, name, method, notes) -> dict:
         kwargs["exclude"] = shared["exclude"]
     kwargs.update(_output_entries(raw, config_from, where))
     kwargs.update(_compute_dtype(raw, method, name, compute_dtype, notes, where))
-    kwargs["card"] = {"config": dict(raw), "source": where, "chat_template": raw.get("chat_template")}
+    kwargs["card"] = {"config": dict(raw), "source": where, "chat_template": raw.get("chat_template"),
+                      **_tokenizer_source(raw, config_from, [p for m in tasks for p in m.paths], named, where)}
     for note in notes:
         warnings.warn(f"pcb_fast: {note}", stacklevel=3)
     return kwargs
