@@ -95,22 +95,29 @@ def _merge_della(source, sink, *, density, epsilon, seed, rescale, normalize, co
             draws = rng.uniform24(seed, i, seg.key, 0, seg.numel) if densities[i] < 1 else None
             deltas[i] = magprune(tv[i].view(seg.shape), densities[i], epsilons[i], rescale, draws)
             kept[i] += int((deltas[i] != 0).sum())
-        weights = torch.tensor(lambdas, dtype=torch.float32).view(-1, *([1] * len(seg.shape)))
-        deltas.mul_(weights)
-        if consensus:
-            sign = deltas.sign()
-            mask = sign == (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
-            mixed = (deltas * mask).sum(dim=0)
-            divisor = (weights * mask).sum(dim=0)
-            divisor[divisor == 0] = 1
-        else:
-            mixed = deltas.sum(dim=0)
-            divisor = weights.sum(dim=0)
-            divisor[divisor.abs() < 1e-8] = 1
-        if normalize:
-            mixed /= divisor
-        sink(seg, 0, seg.numel, mixed.reshape(-1))
+        sink(seg, 0, seg.numel, weighted_merge(deltas, lambdas, consensus, normalize).reshape(-1))
     return kept
+
+
+def weighted_merge(deltas: torch.Tensor, weights: list, consensus: bool, normalize: bool) -> torch.Tensor:
+    """mergekit's last steps of generalized task arithmetic on the [n, ...] sparsified task vectors
+    (in their dtype, in place): weighted; TIES' sign election (``consensus``: the entries agreeing
+    with the sign of the sum, + on a tie) or the plain sum; divided by the sum of the (agreeing)
+    weights when ``normalize`` (1 where that sum is 0, or within 1e-8 of 0 without election)."""
+    w = torch.tensor(weights, dtype=deltas.dtype).view(-1, *([1] * (deltas.dim() - 1)))
+    deltas.mul_(w)
+    if consensus:
+        mask = deltas.sign() == (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
+        mixed = (deltas * mask).sum(dim=0)
+        divisor = (w * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(dim=0)
+        divisor = w.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed /= divisor
+    return mixed
 
 
 def merge_della(source, sink, *, density=1.0, epsilon=0.15, seed=0, rescale="l1", normalize=True, lambdas=None,

@@ -20,7 +20,7 @@ import torch
 
 from ..core import checks, rng
 from ..core.threads import one_thread
-from .della import check_epsilon, check_together as check_della
+from .della import check_epsilon, check_together as check_della, weighted_merge
 from .linear import L1_EPS, check_seed
 from .spec import MethodSpec, Param, choice, flag
 from .weight_space import COMPUTE_DTYPE, merge_weights
@@ -83,22 +83,7 @@ def gta(key, base, models, *, method, weights, density, gamma, epsilon, normaliz
     for i, model in enumerate(models):
         deltas[i] = sparsify(model - base, kind, density[i], rescale, gamma=gamma[i], epsilon=epsilon[i], seed=seed,
                              task=i, key=key)
-    w = torch.tensor(weights, dtype=deltas.dtype)
-    while deltas.dim() > w.dim():
-        w.unsqueeze_(-1)
-    deltas.mul_(w)
-    if consensus:
-        sign = deltas.sign()
-        mask = sign == (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
-        mixed = (deltas * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
-    else:
-        mixed = deltas.sum(dim=0)
-        divisor = w.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
-    if normalize:
-        mixed /= divisor
+    mixed = weighted_merge(deltas, weights, consensus, normalize)
     if lam != 1:
         mixed *= lam
     return (base + mixed).to(base.dtype)
