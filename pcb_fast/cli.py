@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             ".bin/.pt) of one base model into a sharded safetensors folder.")
     merge.add_argument("--config", help="a YAML merge configuration (mergekit's format, a subset) instead of the "
                                         "merge flags below")
-    _model_flags(merge, list(SPECS))
+    _model_flags(merge, [name for name, spec in SPECS.items() if not spec.internal])
     merge.add_argument("--adapter", action="append",
                        help="a PEFT LoRA adapter folder of --base (adapter_config.json, adapter_model.safetensors), "
                             "merged as a model without materialising its delta (repeat for each; instead of --model)")

@@ -78,7 +78,8 @@ def test_the_cli_offers_each_flag_for_the_methods_that_take_it():
     actions = {a.dest: a for a in build_parser()._subparsers._group_actions[0].choices["merge"]._actions}
     search = {a.dest: a for a in build_parser()._subparsers._group_actions[0].choices["search"]._actions}
     for name, (param, methods) in flag_params().items():
-        assert name in actions and ", ".join(methods) in actions[name].help
+        public = [m for m in methods if not SPECS[m].internal]
+        assert name in actions and ", ".join(public) in actions[name].help
         assert (name in search) == any(m in SEARCHABLE for m in methods), name
     assert "gamma" not in search and "beta" not in search  # Breadcrumbs has no coefficient search
     assert SEARCHABLE == tuple(n for n, s in SPECS.items() if s.searchable)
@@ -92,3 +93,9 @@ def test_the_mergekit_mapping_and_the_card_come_from_the_specs():
             assert card.METHOD_NAMES[spec.mergekit] == (spec.summary, spec.url)
         assert card.METHOD_NAMES[name] == (spec.summary, spec.url)
     assert set(mergekit_config.OWN_METHODS) == {"pcb", "average", "dare"}
+
+
+def test_an_internal_engine_form_is_no_cli_choice():
+    merge = build_parser()._subparsers._group_actions[0].choices["merge"]
+    method = next(a for a in merge._actions if a.dest == "method")
+    assert "gta" in SPECS and SPECS["gta"].internal and "gta" not in method.help

@@ -119,7 +119,7 @@ def merge_gta(source, sink, *, mergekit_method="ties", density=1.0, gamma=0.01, 
 
 RESCALE = ("l1", "none")
 SPEC = MethodSpec(
-    name="gta", merge=merge_gta, summary="mergekit's generalized task arithmetic",
+    name="gta", merge=merge_gta, summary="mergekit's generalized task arithmetic", internal=True,
     citation="Ilharco et al. 2023; Yadav et al. 2023; Yu et al. 2024; Davari & Belilovsky 2024; Deep et al. 2024 "
     "(as mergekit composes them)", url="https://github.com/arcee-ai/mergekit",
     params=(Param("mergekit_method", "ties", choice("mergekit_method", tuple(KINDS)), "mergekit's method",

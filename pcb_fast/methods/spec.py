@@ -76,6 +76,8 @@ class MethodSpec:
     # merges the weights themselves, a whole tensor at a time (pcb_fast.methods.weight_space): its
     # result is written as is (the sink's ``weights``), with no theta_pre + lam * tau_m; no lam, no lambdas
     weight_space: bool = False
+    # an engine form that configs reach through another name (mergekit's compute dtype), not a CLI choice
+    internal: bool = False
 
     @property
     def param_names(self) -> tuple[str, ...]:
