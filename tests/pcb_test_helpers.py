@@ -37,3 +37,19 @@ def write_fine_tunes(folder, g: torch.Generator, n: int = 3):
         paths.append(str(path))
     save_file(base, str(folder / "base.safetensors"))
     return base, str(folder / "base.safetensors"), paths
+
+
+def llama_state(g, layers: int, hidden: int = 32, inter: int = 48, vocab: int = 40, tied: bool = False) -> dict:
+    """A tiny Llama-style state dict (random float32 values from ``g``); ``tied``: no lm_head.weight
+    (it is the embedding)."""
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    if not tied:
+        shapes["lm_head.weight"] = (vocab, hidden)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (16, hidden),
+                       p + "self_attn.v_proj.weight": (16, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
+                       p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
+                       p + "mlp.down_proj.weight": (hidden, inter), p + "input_layernorm.weight": (hidden,),
+                       p + "post_attention_layernorm.weight": (hidden,)})
+    return {k: torch.randn(s, generator=g) for k, s in shapes.items()}

@@ -46,21 +46,13 @@ mk_merge = pytest.importorskip("mergekit.merge")
 
 from pcb_fast.cli import main as cli  # noqa: E402
 from pcb_fast.core import rng  # noqa: E402
+from pcb_test_helpers import llama_state as shared_llama_state  # noqa: E402
 
 LAYERS, HIDDEN, INTER, VOCAB = 3, 32, 48, 40
 
 
 def llama_state(g):
-    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,),
-              "lm_head.weight": (VOCAB, HIDDEN)}
-    for i in range(LAYERS):
-        p = f"model.layers.{i}."
-        shapes.update({p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN), p + "self_attn.k_proj.weight": (16, HIDDEN),
-                       p + "self_attn.v_proj.weight": (16, HIDDEN), p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
-                       p + "mlp.gate_proj.weight": (INTER, HIDDEN), p + "mlp.up_proj.weight": (INTER, HIDDEN),
-                       p + "mlp.down_proj.weight": (HIDDEN, INTER), p + "input_layernorm.weight": (HIDDEN,),
-                       p + "post_attention_layernorm.weight": (HIDDEN,)})
-    return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    return shared_llama_state(g, LAYERS, HIDDEN, INTER, VOCAB)
 
 
 def save_tokenizer(folder):

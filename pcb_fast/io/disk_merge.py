@@ -265,12 +265,7 @@ def _copy_side_files(folder, to: Path, dtype: str | None = None, name: str = "ba
     number of layers of a merge over slices)."""
     for path in side_files(folder, name):
         if path.name == "config.json" and (dtype is not None or updates):
-            data = read_regular(path, JSON_LIMIT)
-            if dtype is not None:
-                data = _config_with_dtype(data, dtype, name)
-            if updates:
-                data = _config_with(data, updates, name)
-            (to / path.name).write_bytes(data)
+            (to / path.name).write_bytes(_config_with(read_regular(path, JSON_LIMIT), dtype, updates, name))
         else:  # streamed: a large tokenizer file costs no memory
             fd = open_regular(path)
             with os.fdopen(fd, "rb") as source, open(to / path.name, "wb") as target:
@@ -278,29 +273,21 @@ def _copy_side_files(folder, to: Path, dtype: str | None = None, name: str = "ba
         shutil.copystat(path, to / path.name)
 
 
-def _config_with(data: bytes, updates: dict, name: str) -> bytes:
+def _config_with(data: bytes, dtype: str | None, updates: dict | None, name: str) -> bytes:
+    """config.json's bytes saying the output ``dtype`` (in whichever of "torch_dtype" and "dtype" it
+    has) and the entries ``updates``; the bytes as they were where there is nothing to say."""
+    saying = f"the output dtype {dtype}" if dtype is not None else ", ".join(updates or {})
     try:
         config = parse_json(data, f"{name}: config.json")
     except ValueError as e:
-        raise ValueError(f"{e}; it cannot say {', '.join(updates)}") from None
+        raise ValueError(f"{e}; it cannot say {saying}") from None
     if not isinstance(config, dict):
         return data
-    config.update(updates)
-    return (json.dumps(config, indent=2, sort_keys=False) + "\n").encode()
-
-
-def _config_with_dtype(data: bytes, dtype: str, name: str) -> bytes:
-    try:
-        config = parse_json(data, f"{name}: config.json")
-    except ValueError as e:
-        raise ValueError(f"{e}; it cannot say the output dtype {dtype}") from None
-    if not isinstance(config, dict):
+    changes = {f: dtype for f in ("torch_dtype", "dtype") if dtype is not None and f in config}
+    changes.update(updates or {})
+    if not changes:
         return data
-    fields = [f for f in ("torch_dtype", "dtype") if f in config]
-    if not fields:
-        return data
-    for field in fields:
-        config[field] = dtype
+    config.update(changes)
     return (json.dumps(config, indent=2, sort_keys=False) + "\n").encode()
 
 
@@ -310,7 +297,7 @@ def check_side_files(folder, dtype: str | None, card: dict | None, name: str = "
     configuration sets a chat template."""
     for path in side_files(folder, name):
         if path.name == "config.json" and dtype is not None:
-            _config_with_dtype(read_regular(path, JSON_LIMIT), dtype, name)
+            _config_with(read_regular(path, JSON_LIMIT), dtype, None, name)
         if path.name == "tokenizer_config.json" and (card or {}).get("chat_template") is not None:
             if not isinstance(load_json(path, f"{name}: tokenizer_config.json"), dict):
                 raise ValueError(f"{name}: tokenizer_config.json is not a JSON object; it cannot hold the chat template")
