@@ -683,8 +683,10 @@ def _merge_to_writer(base_ck, source, copied, aliases, out_dtype, writer, run) -
     names = {}
     for alias, key in aliases.items():
         names.setdefault(key, []).append(alias)
-    for key in copied:
-        writer.write(key, 0, base_ck.read(key).reshape(-1).to(out_dtype(key)))
+    from .disk_merge import copy_tensor
+
+    for key in copied:  # in slices, within the memory budget, as a merge of files copies
+        copy_tensor(base_ck, key, writer, out_dtype(key))
     buffers = {}
 
     def sink(segment, lo, hi, tau_m):
