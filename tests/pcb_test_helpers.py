@@ -53,3 +53,19 @@ def llama_state(g, layers: int, hidden: int = 32, inter: int = 48, vocab: int = 
                        p + "mlp.down_proj.weight": (hidden, inter), p + "input_layernorm.weight": (hidden,),
                        p + "post_attention_layernorm.weight": (hidden,)})
     return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+
+
+def slices_read(monkeypatch, key: str) -> list:
+    """The lengths of the slices of ``key`` that safetensors checkpoints read from now on (filled as they are)."""
+    from pcb_fast.io.checkpoints import SafetensorsCheckpoint
+
+    lengths = []
+    read_into = SafetensorsCheckpoint.read_into
+
+    def spy(self, name, lo, hi, out):
+        if name == key:
+            lengths.append(hi - lo)
+        return read_into(self, name, lo, hi, out)
+
+    monkeypatch.setattr(SafetensorsCheckpoint, "read_into", spy)
+    return lengths

@@ -315,17 +315,9 @@ def test_copied_tensors_are_read_in_slices(tmp_path, monkeypatch):
     base = {"w": torch.randn(64), "buffer": torch.zeros(3 * disk_merge.COPY_CHUNK + 5, dtype=torch.int8)}
     save_file(base, tmp_path / "base.safetensors")
     save_file({"w": base["w"] + 1, "buffer": base["buffer"]}, tmp_path / "m.safetensors")
-    from pcb_fast.io.checkpoints import SafetensorsCheckpoint
+    from pcb_test_helpers import slices_read
 
-    largest = []
-    read_into = SafetensorsCheckpoint.read_into
-
-    def spy(self, key, lo, hi, out):
-        if key == "buffer":
-            largest.append(hi - lo)
-        return read_into(self, key, lo, hi, out)
-
-    monkeypatch.setattr(SafetensorsCheckpoint, "read_into", spy)
+    largest = slices_read(monkeypatch, "buffer")
     out = merge_checkpoints(tmp_path / "base.safetensors", [tmp_path / "m.safetensors"], tmp_path / "o",
                             method="task_arithmetic", max_memory="1MB")
     assert max(largest) <= disk_merge.COPY_CHUNK and len(largest) == 4

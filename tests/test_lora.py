@@ -533,7 +533,7 @@ def test_keys_no_adapter_changes_are_copied_in_slices(tmp_path, monkeypatch):
     """A large tensor no adapter touches streams into the output within the memory budget, as a merge of
     files copies it, instead of being read whole."""
     from pcb_fast.io import disk_merge
-    from pcb_fast.io.checkpoints import SafetensorsCheckpoint
+    from pcb_test_helpers import slices_read
 
     gen = torch.Generator().manual_seed(0)
     base = {"model.layers.0.self_attn.q_proj.weight": q(gen, 8, 8),
@@ -542,15 +542,7 @@ def test_keys_no_adapter_changes_are_copied_in_slices(tmp_path, monkeypatch):
     m = "model.layers.0.self_attn.q_proj"
     folder = save_adapter(tmp_path / "a", {f"{P}{m}.lora_A.weight": q(gen, 2, 8), f"{P}{m}.lora_B.weight": q(gen, 8, 2)},
                           {"r": 2, "lora_alpha": 2})
-    largest = []
-    read_into = SafetensorsCheckpoint.read_into
-
-    def spy(self, key, lo, hi, out):
-        if key == "model.buffer":
-            largest.append(hi - lo)
-        return read_into(self, key, lo, hi, out)
-
-    monkeypatch.setattr(SafetensorsCheckpoint, "read_into", spy)
+    largest = slices_read(monkeypatch, "model.buffer")
     out = merge_adapters(str(tmp_path / "base.safetensors"), [folder], tmp_path / "o", method="task_arithmetic",
                          max_memory="1MB")
     assert largest and max(largest) <= disk_merge.COPY_CHUNK
