@@ -1,5 +1,5 @@
-"""The fused CPU loops (pcb_fast.fused_cpu: the C loops of TIES, DARE and DARE-TIES, and the torch.compile
-ones) against the eager engine and the reference.
+"""The fused CPU loops (pcb_fast.fused_cpu: the C loops of TIES, DARE and DARE-TIES, Breadcrumbs'
+torch.compile ones) against the eager engine and the reference.
 
 Fused and eager merges must give equal values and equal kept counts: the C loops bit for bit,
 the compiled ones by torch.equal (the sign of a zero may differ, since compiled code adds from +0).
@@ -26,13 +26,10 @@ def run(method, tv, fused, block_width=4096, **params):
     return run_method(method, tv, fused, block_width=block_width, **params)
 
 
-@pytest.fixture(params=["c", "compiled"])
-def loops(request, monkeypatch):
-    """Which loops TIES, DARE and DARE-TIES run: the C ones (the default where a C compiler is), or the
-    compiled ones (where there is none)."""
-    if request.param == "compiled":
-        monkeypatch.setattr(fused_cpu, "native", types.SimpleNamespace(problem=lambda: "off for this test"))
-    return request.param
+@pytest.fixture
+def loops():
+    """The loops TIES, DARE and DARE-TIES run: their C ones (they have no other fused tier)."""
+    return "c"
 
 
 def assert_same(method, tv, loops="compiled", **params):
@@ -227,6 +224,28 @@ def test_unavailable_compiler(monkeypatch):
         assert fused_cpu.resolve("auto", 1 << 40) is False
 
 
+def test_without_the_c_loops_ties_and_dare_take_the_eager_engine(monkeypatch):
+    """TIES, DARE and DARE-TIES have no compiled tier: where their C loops do not build, "auto" warns and
+    runs the eager engine (never torch.compile, which would need a compiler too), "on" raises."""
+    def probe():
+        raise AssertionError("probed")
+
+    monkeypatch.setattr(fused_cpu, "_probe", probe)
+    monkeypatch.setattr(fused_cpu, "native", types.SimpleNamespace(problem=lambda: "cc: not found"))
+    for method in ("ties", "dare", "dare_ties"):
+        assert not fused_cpu.has_loops(method, {})
+        assert fused_cpu.resolve("off", 1 << 40, method) is False
+        with pytest.warns(UserWarning, match=r"unavailable \(its C loops do not build here \(cc: not found\)\)"):
+            assert fused_cpu.resolve("auto", 1 << 40, method) is False
+        with pytest.raises(fused_cpu.FusedUnavailable, match="fused='on' but its C loops do not build here"):
+            fused_cpu.resolve("on", 10, method)
+    base = {"w": torch.zeros(1000)}
+    tuned = [{"w": row} for row in task_vectors(3, 1000, "normal")]
+    with pytest.warns(UserWarning, match="fused CPU loops unavailable"):
+        auto = pcb_fast.merge(base, tuned, method="ties", density=0.3, fused="auto")
+    assert torch.equal(auto["w"], pcb_fast.merge(base, tuned, method="ties", density=0.3, fused="off")["w"])
+
+
 def test_methods_without_compiled_loops_never_probe(monkeypatch):
     """task arithmetic has no fused loops: a large merge must not pay the compiler probe (seconds)."""
     def probe():
@@ -271,4 +290,4 @@ def test_only_compiled_loops_keep_the_thread_count(monkeypatch):
     assert fused_cpu.settings("on", entries, "breadcrumbs", {}) == {"fused": True, "fixed_threads": True}
     assert fused_cpu.settings("on", entries, "ties", {}, allowed=False) == {"fused": False, "fixed_threads": False}
     monkeypatch.setattr(fused_cpu, "native", types.SimpleNamespace(problem=lambda: "off for this test"))
-    assert fused_cpu.settings("on", entries, "ties", {}) == {"fused": True, "fixed_threads": True}
+    assert fused_cpu.settings("off", entries, "ties", {}) == {"fused": False, "fixed_threads": False}

@@ -36,6 +36,7 @@ def test_every_backend_a_spec_names_runs_it(name):
     assert ("triton" in spec.backends) == (name == "pcb" or name in triton_backend.BASELINES)
     assert ("c" in spec.loops) == fused.has_c_loops(name, spec.defaults)  # with its defaults (where C builds)
     assert bool(spec.loops) == (name in fused.FUSED_METHODS)
+    assert ("compiled" in spec.loops) == (name in fused.FUSED_METHODS and name not in fused.C_METHODS)
 
 
 def test_validation_reads_the_spec_and_merges_nothing(monkeypatch):

@@ -1,33 +1,27 @@
 """Fused CPU loops: the per-block work of TIES, DARE, DARE-TIES, Breadcrumbs and PCB (official
-variant) as one loop per block instead of a dozen torch ops.
+variant) as one loop per block instead of a dozen torch ops (eager torch makes one memory sweep
+per op, so the eager engine spends its time re-reading blocks: docs/design.md 3.5).
 
-TIES, DARE and DARE-TIES run C loops (pcb_fast.cpu.native, ties_loops.c) where a C compiler works:
-the eager engine's float32 operations in its order, so the literal formulation's bits (signed zeros
-included), every option included, nothing compiled at run time. The functions below dispatch to
-them, else to the compiled forms.
+Two tiers, each where no other one applies (docs/design.md 3.5 says which platform needs which):
 
-The compiled forms: plain torch ops compiled by torch.compile (inductor) into vectorised OpenMP
-loops. Eager torch makes one memory sweep per op; a TIES block needs a dozen ops, so the eager engine
-spends its time re-reading blocks (docs/design.md 3.5). Each function here is plain torch ops without
-data-dependent shapes, compiled once per process with dynamic shapes (no recompiling per block
-width, number of tasks or parameter value: every varying value is a tensor argument). Written so
-that inductor keeps no [n, m] boolean temporaries (it stores them byte by byte, slowly).
+- C loops (pcb_fast.cpu.native): TIES, DARE and DARE-TIES (ties_loops.c, every option) and PCB's
+  official variant with inter "sum" or "normalized_sum" (pcb_loops.c, up to 80 tasks). They run
+  the eager engine's float32 operations in its order, so they give its bits (signed zeros
+  included), and nothing is compiled at run time. Where no C compiler works these methods take
+  the eager engine: torch.compile would need a compiler too.
+- Compiled loops (torch.compile, inductor's vectorised OpenMP loops): Breadcrumbs, and PCB where
+  its C sweeps do not apply (the pairwise inter term, more than 80 tasks). Plain torch ops
+  without data-dependent shapes, compiled once per process with dynamic shapes (every varying
+  value is a tensor argument), written so that inductor keeps no [n, m] boolean temporaries (it
+  stores them byte by byte, slowly). Breadcrumbs' values equal the eager ones (torch.equal: the
+  same float32 operations per entry; sums over tasks are one sequential loop; only the sign of a
+  zero may differ). PCB's scores need exp and tanh, which eager torch takes from MKL and inductor
+  from Sleef (exp, within 1 ulp) or from :func:`_tanh` here (within 1.5 ulp), so the compiled PCB
+  is held to the tolerance of the triton backend (docs/design.md 9); tests/test_fused_pcb.py.
 
-The values equal the eager engine's and the literal formulations' (torch.equal: same float32
-operations per entry; the sums over tasks are one sequential loop over the tasks; inductor keeps
-IEEE semantics on the CPU: no reassociation, no contraction); only the sign of a zero may differ
-(compiled sums start from +0). tests/test_fused_cpu.py checks both.
-
-PCB's official variant has C sweeps too (pcb_loops.c, inter "sum" and "normalized_sum", up to 80
-tasks): they score with their own vectorised exp and tanh only to pick the entries near or above a
-floor, whose exact scores then come from torch's exp and tanh, so their values are the eager
-engine's bit for bit (tests/test_pcb_c.py). PCB's compiled loops (every inter term) are the
-exception to the equality: its scores need exp and tanh, which eager torch takes from MKL and
-inductor from Sleef (exp, within 1 ulp) or from :func:`_tanh` here (within 1.5 ulp), so the scores
-differ from the eager ones by a few ulps and the compiled PCB is held to the tolerance of the
-triton backend (docs/design.md 9: values within 2e-5 of max|tau_m|, keep masks equal except where
-a score lies within a few ulps of its threshold; the same result on every run and thread count).
-tests/test_fused_pcb.py checks it. They run only where the C sweeps do not apply.
+PCB's C sweeps score with their own vectorised exp and tanh only to pick the entries near or above
+a floor, whose exact scores then come from torch's exp and tanh: the eager engine's values bit for
+bit (tests/test_pcb_c.py).
 
 Modes (``fused=`` of merge, merge_checkpoints, pcb_merge and the CLI): "on", "off", or "auto" (the
 default): the C loops always; compiled ones from :data:`AUTO_MIN_ENTRIES` task-vector entries,
@@ -58,7 +52,7 @@ AUTO_MIN_ENTRIES = 1 << 29
 AUTO_MIN_ENTRIES_BY_METHOD = {"pcb": 1 << 31}
 # the methods with compiled loops; for the others "auto" and "on" change nothing (and compile nothing)
 FUSED_METHODS = ("ties", "dare", "dare_ties", "breadcrumbs", "pcb")
-# the methods whose loops are also written in C (pcb_fast.cpu.native, ties_loops.c): nothing to compile at
+# the methods whose loops are written only in C (pcb_fast.cpu.native, ties_loops.c): nothing to compile at
 # run time and the eager engine's values bit for bit, so "auto" takes them at any size (PCB's official
 # variant too, for some of its options: has_c_loops)
 C_METHODS = ("ties", "dare", "dare_ties")
@@ -80,7 +74,8 @@ RECOMPILE_LIMIT = 256  # compiled variants per function (thread counts times sha
 
 
 class FusedUnavailable(ValueError):
-    """torch.compile cannot build CPU code here (no C++ compiler, unsupported platform, ...)."""
+    """fused="on" but neither the C loops nor torch.compile build here (no compiler, unsupported
+    platform, ...)."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -97,42 +92,43 @@ def _probe() -> str | None:
 
 
 def has_loops(method: str, params: dict) -> bool:
-    """Whether ``method`` with ``params`` has fused loops: the C loops take every option of TIES, DARE
-    and DARE-TIES; the compiled ones not mergekit's L1 rescale, normalize, a per-tensor band, a drop
-    rate per model, nor PCB's paper variant (the methods take the eager path for those)."""
+    """Whether ``method`` with ``params`` has fused loops: TIES, DARE and DARE-TIES (every option)
+    where the C loops build; Breadcrumbs with its per-row band; PCB's official variant (the methods
+    take the eager path otherwise)."""
     if method not in FUSED_METHODS:
         return False
-    if has_c_loops(method, params):
-        return True  # the C loops take every option of TIES, DARE and DARE-TIES
-    if method in ("dare", "dare_ties") and (isinstance(params.get("p"), (list, tuple))
-                                             or params.get("rescale", "inverse") != "inverse"):
-        return False
-    if method in ("dare", "breadcrumbs") and params.get("normalize", False):
-        return False
-    if method == "breadcrumbs" and params.get("band", "row") != "row":
-        return False
-    return not (method == "pcb" and params.get("variant", "official") != "official")
+    if method in C_METHODS or has_c_loops(method, params):
+        return has_c_loops(method, params)
+    if method == "breadcrumbs":
+        return not params.get("normalize", False) and params.get("band", "row") == "row"
+    return params.get("variant", "official") == "official"
 
 
 def resolve(mode: str, entries: int, method: str | None = None, params: dict | None = None) -> bool:
     """Whether a merge of ``entries`` task-vector entries (n * D) by ``method`` with ``params`` runs
     the fused loops."""
     checks.check_choice("fused", mode, MODES)
-    if method is not None and not has_loops(method, params or {}):
+    params = params or {}
+    if method in C_METHODS and native.problem() is not None:
+        return _unavailable(mode, f"its C loops do not build here ({native.problem()})")
+    if method is not None and not has_loops(method, params):
         return False  # nothing to compile: not even the probe (seconds of inductor start-up per process)
     if mode == "off":
         return False
-    if method is not None and has_c_loops(method, params or {}):
+    if method is not None and has_c_loops(method, params):
         return True
     if mode == "auto" and entries < AUTO_MIN_ENTRIES_BY_METHOD.get(method, AUTO_MIN_ENTRIES):
         return False
     problem = _probe()
-    if problem is None:
-        return True
+    return True if problem is None else _unavailable(mode, f"torch.compile cannot build CPU code here ({problem})")
+
+
+def _unavailable(mode: str, why: str) -> bool:
+    """No fused loops: "on" raises, "auto" warns and takes the eager engine, "off" takes it silently."""
     if mode == "on":
-        raise FusedUnavailable(f"fused='on' but torch.compile cannot build CPU code here ({problem}); "
-                               f"use fused='off' or 'auto'")
-    warnings.warn(f"pcb_fast: fused CPU loops unavailable ({problem}); using the eager engine", stacklevel=2)
+        raise FusedUnavailable(f"fused='on' but {why}; use fused='off' or 'auto'")
+    if mode == "auto":
+        warnings.warn(f"pcb_fast: fused CPU loops unavailable ({why}); using the eager engine", stacklevel=3)
     return False
 
 
@@ -187,42 +183,30 @@ def bracket_inside(tv, floor, ceiling):
     """|tau| of each task of a block around its bracket [floor, ceiling] ([n, 1] each): (max |tau|
     per task, NaN propagating; [3, n] int64 counts of |tau| > ceiling, == ceiling and == floor; a
     list of n tensors, each task's |tau| strictly inside its bracket in position order)."""
-    if native.problem() is None:
-        return native.bracket(tv, floor, ceiling)
-    row_max, *counts, mask = compiled_bracket(tv, floor, ceiling)
-    n = tv.shape[0]
-    flat = mask.view(-1).nonzero().squeeze(1)
-    task = torch.div(flat, mask.shape[1], rounding_mode="floor")
-    values = tv[task, flat - task * mask.shape[1]].abs()
-    return row_max, torch.stack(counts).long(), list(values.split(torch.bincount(task, minlength=n).tolist()))
+    return native.bracket(tv, floor, ceiling)
 
 
 def equal_counts(tv, t):
     """[n] entries of each task with |tau| == t ([n, 1])."""
-    return native.equal_counts(tv, t) if native.problem() is None else compiled_equal_counts(tv, t)
+    return native.equal_counts(tv, t)
 
 
 def ties_block(tv, t, cut, lam, fill, divide):
-    """TIES on a block: see :func:`_elect_and_mean` (in C where it builds: the eager values bit for bit)."""
-    if native.problem() is None:
-        return native.ties_block(tv, t, cut, lam, fill, bool(divide))
-    return compiled_ties_block(tv, t, cut, lam, fill, divide)
+    """TIES on a block (native.ties_block: the eager values bit for bit)."""
+    return native.ties_block(tv, t, cut, lam, fill, bool(divide))
 
 
 def dare_ties_block(block, p, seed: int, rescale: str, factors, lam, fill, divide):
     """DARE-TIES on a block (drop probability ``p``, one or a list; ``rescale`` "inverse", or "l1" with
-    the [n, 1] ``factors``, or "none"): :func:`_elect_and_mean`, kept entries and max |tau| per task."""
-    if native.problem() is None:
-        return native.dare_ties_block(block.tv, _drop(block, p, seed, rescale, factors), lam, fill, bool(divide))
-    return compiled_dare_ties_block(block.tv, *dare_drop_args(block, p, seed), lam, fill, divide)
+    the [n, 1] ``factors``, or "none"): native.dare_ties_block's election and mean, kept entries and max
+    |tau| per task."""
+    return native.dare_ties_block(block.tv, _drop(block, p, seed, rescale, factors), lam, fill, bool(divide))
 
 
 def dare_sum(block, p, seed: int, rescale: str, factors, lam):
     """DARE then task arithmetic on a block (options as :func:`dare_ties_block`): (sum over tasks,
     kept per task, max |tau| per task)."""
-    if native.problem() is None:
-        return native.dare_sum(block.tv, _drop(block, p, seed, rescale, factors), lam)
-    return compiled_dare_sum(block.tv, *dare_drop_args(block, p, seed), lam)
+    return native.dare_sum(block.tv, _drop(block, p, seed, rescale, factors), lam)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -243,97 +227,6 @@ def _drop(block, p, seed: int, rescale: str, factors) -> tuple:
     else:
         scales, multiply = (factors if rescale == "l1" else [1.0] * n), True
     return streams, highs, [rng.keep_threshold(x) for x in ps], block.lo, scales, multiply
-
-
-def dare_drop_args(block, p: float, seed: int) -> tuple:
-    """The drop's arguments of the compiled loops for a block, all tensors (so that no value is
-    compiled in): [n, 1] stream constants of (seed, task, key) and their mix32, the block's first
-    index, the keep threshold and 1 - p (float32, the divisor of the eager drop)."""
-    streams, highs = _streams(seed, block.tv.shape[0], block.segment.key)
-    return (torch.tensor(streams, dtype=torch.int64).unsqueeze(1), torch.tensor(highs, dtype=torch.int64).unsqueeze(1),
-            torch.tensor(block.lo), torch.tensor(rng.keep_threshold(p)), torch.tensor(1 - p, dtype=torch.float32))
-
-
-@Fusable
-def compiled_bracket(tv, floor, ceiling):
-    """Where |tau| of each task falls around a bracket [floor, ceiling] ([n, 1] each): (max |tau|,
-    count > ceiling, count == ceiling, count == floor, int32 mask of floor < |tau| < ceiling)."""
-    a = tv.abs()
-    above = (a > ceiling).sum(1)
-    at_ceiling = (a == ceiling).sum(1)
-    at_floor = (a == floor).sum(1)
-    inside = ((a > floor) & (a < ceiling)).to(torch.int32)
-    return _row_max_abs(tv), above, at_ceiling, at_floor, inside
-
-
-@Fusable
-def compiled_equal_counts(tv, t):
-    """[n] entries of each task with |tau| == t."""
-    return (tv.abs() == t).sum(1)
-
-
-def _trimmed(tv, t, cut, lam):
-    """TIES trim of a block: tau * kept * lam, keeping |tau| > t, and |tau| == t at positions < cut
-    (per task, [n, 1])."""
-    a = tv.abs()
-    position = torch.arange(tv.shape[1], device=tv.device)
-    return tv * ((a > t) | ((a == t) & (position < cut))) * lam
-
-
-def _dropped(tv, stream, stream_high, lo, threshold, scale, lam):
-    """DARE's drop of a block (pcb_fast.rng, bit for bit): (tau * keep / (1 - p) * lam, keep).
-    ``stream``/``stream_high`` [n, 1] int64 are each task's stream constant and its mix."""
-    index = lo + torch.arange(tv.shape[1], device=tv.device, dtype=torch.int64)
-    x = _mix32((index & rng.MASK32) ^ stream)
-    x = _mix32(x ^ ((index >> 32) & rng.MASK32) ^ stream_high)
-    keep = (x >> 8) >= threshold
-    return tv * keep / scale * lam, keep
-
-
-def _mix32(x):
-    x = x ^ (x >> 16)
-    x = (x * rng.M1) & rng.MASK32
-    x = x ^ (x >> 15)
-    x = (x * rng.M2) & rng.MASK32
-    return x ^ (x >> 15)
-
-
-def _elect_and_mean(weighted, lam, fill, divide):
-    """TIES' sign election and disjoint mean of a block, before the whole-model zero-sum sign is
-    known: (merged values with zero-sum positions given ``fill``, sum of the elected signs,
-    number of "undecided" positions, whose value depends on that fill: zero sum, some entry
-    non-zero). A block without undecided positions is final whatever the fill.
-
-    The mean is reference_baselines.disjoint_mean with lambdas (which equals the unweighted form
-    when lam is all ones); ``divide`` 0 (a 0-dim tensor) gives the sum instead (normalize=False)."""
-    total = _sum_rows(weighted)
-    sign = torch.sign(total)
-    undecided = ((total == 0) & (weighted.abs().amax(0) > 0)).sum()
-    positive = torch.where(sign == 0, fill, sign) > 0
-    # Written without an [n, m] "agree" mask: inductor would store it as bytes, slowly, between loops.
-    num = _sum_rows(torch.where(positive, torch.where(weighted > 0, weighted, 0.0), torch.where(weighted < 0, weighted, 0.0)))
-    den = _sum_rows(torch.where(positive, torch.where(weighted > 0, lam, 0.0), torch.where(weighted < 0, lam, 0.0)))
-    return num / torch.where((den == 0) | (divide == 0), 1.0, den), sign.sum(dtype=torch.int64), undecided
-
-
-@Fusable
-def compiled_ties_block(tv, t, cut, lam, fill, divide):
-    """The compiled form of :func:`ties_block` (where the C loops do not build)."""
-    return _elect_and_mean(_trimmed(tv, t, cut, lam), lam, fill, divide)
-
-
-@Fusable
-def compiled_dare_ties_block(tv, stream, stream_high, lo, threshold, scale, lam, fill, divide):
-    """The compiled form of :func:`dare_ties_block`."""
-    weighted, keep = _dropped(tv, stream, stream_high, lo, threshold, scale, lam)
-    return *_elect_and_mean(weighted, lam, fill, divide), keep.sum(1), _row_max_abs(tv)
-
-
-@Fusable
-def compiled_dare_sum(tv, stream, stream_high, lo, threshold, scale, lam):
-    """The compiled form of :func:`dare_sum`."""
-    weighted, keep = _dropped(tv, stream, stream_high, lo, threshold, scale, lam)
-    return _sum_rows(weighted), keep.sum(1), _row_max_abs(tv)
 
 
 @Fusable

@@ -390,7 +390,7 @@ DARE = MethodSpec(
     citation="Yu et al., Language Models are Super Mario, ICML 2024", url="https://arxiv.org/abs/2311.03099",
     params=DARE_PARAMS + (Param("normalize", False, flag("normalize"), NORMALIZE_HELP, engine_only=True, kind="bool",
                                 flag=False),),
-    backends=("torch", "triton", "reference"), loops=("c", "compiled"), mergekit="dare_linear",
+    backends=("torch", "triton", "reference"), loops=("c",), mergekit="dare_linear",
     mergekit_defaults={"scope": "tensor", "density": 1.0, "rescale": "l1", "normalize": False}, searchable=True,
     single_pass=lambda params: params.get("rescale", "inverse") != "l1")
 BAND_PARAMS = (

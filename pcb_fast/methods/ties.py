@@ -458,7 +458,7 @@ TIES = MethodSpec(
             _normalize(True),
             Param("min_keep", 0, check_min_keep, "entries every task keeps at least (mergekit: 1)", engine_only=True,
                   kind="int", flag=False)),
-    backends=("torch", "triton", "reference"), loops=("c", "compiled"), mergekit="ties",
+    backends=("torch", "triton", "reference"), loops=("c",), mergekit="ties",
     mergekit_defaults={"scope": "tensor", "density": 1.0, "sign_ties": "positive", "topk": "exact", "min_keep": 1,
                        "normalize": True},
     searchable=True)
@@ -466,7 +466,7 @@ DARE_TIES = MethodSpec(
     name="dare_ties", merge=merge_dare_ties, summary="DARE TIES",
     citation="Yu et al., Language Models are Super Mario, ICML 2024", url="https://arxiv.org/abs/2311.03099",
     params=DARE_PARAMS + (SIGN_TIES_PARAM, _normalize(True)),
-    backends=("torch", "triton", "reference"), loops=("c", "compiled"), mergekit="dare_ties",
+    backends=("torch", "triton", "reference"), loops=("c",), mergekit="dare_ties",
     mergekit_defaults={"scope": "tensor", "density": 1.0, "sign_ties": "positive", "rescale": "l1",
                        "normalize": False})
 BREADCRUMBS_TIES = MethodSpec(
