@@ -222,7 +222,7 @@ def entries(score_blocks: Callable, collected: list[Collected] | None):
             yield Entries(c.segment, c.lo, c.hi, c.score, c.tau, c)
 
 
-NATIVE_SELECT_MIN = 1 << 15  # entries per row from which the C select beats torch.kthvalue (7x at 500k here)
+NATIVE_SELECT_MIN = 1 << 15  # entries per row from which the C select beats torch.kthvalue (docs/design.md 3.5)
 MIN_SAMPLE = 4096  # below this many sampled entries per task, level 1 of the radix select is cheap
 
 

@@ -22,7 +22,7 @@ from .memory import HeapTrimmer
 from .options import RunOptions
 from .threads import room_for_io
 
-DEFAULT_BLOCK_WIDTH = 1 << 17  # entries per task per block: an [8, 131072] fp32 block is 4 MiB (fastest here)
+DEFAULT_BLOCK_WIDTH = 1 << 17  # entries per task per block: an [8, 131072] fp32 block is 4 MiB (docs/design.md 3.1)
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ class TaskVectorSource:
                 for seg, lo, hi in ranges:
                     heap.maybe()  # the blocks' temporaries must not pile up in malloc's arenas
                     # compiled loops are specialised to the thread count: such a merge keeps the one chosen at
-                    # its start (a change would recompile them, ~2 s, in the middle of the merge)
+                    # its start (a change would recompile them in the middle of the merge)
                     if threads is not None and not self.options.fixed_threads:
                         threads.adapt()
                     yield seg, lo, hi

@@ -82,9 +82,8 @@ def room_for_io(threads) -> bool:
     """Whether a merge with this ``threads`` setting may run its reader and writer threads beside
     torch's: always with "auto" (which leaves the cores other processes hold, looked at again
     between blocks), but not when torch's threads are pinned to every usable core, where an I/O
-    thread waking up would park one of them and stall every parallel region behind it (measured
-    next to another PyTorch process: a disk merge pinned to both cores took 13.6 s with the I/O
-    threads, 2.7 s without)."""
+    thread waking up would park one of them and stall every parallel region behind it
+    (docs/benchmarks.md has the measurement)."""
     return threads == "auto" or threads < usable_cores()
 
 

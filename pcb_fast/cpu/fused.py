@@ -41,14 +41,11 @@ from ..core import checks, rng
 from . import native
 
 MODES = ("auto", "on", "off")
-# n * D from which "auto" fuses: 2^29 entries (2 GiB of fp32 task vectors) take the eager TIES
-# about 5 s here and the fused one under 2 s, plus a first compile of 4-10 s per process (less
-# with inductor's on-disk cache): below this, compiling does not pay for itself.
+# n * D from which "auto" compiles loops: below it, the first compile of each process (seconds)
+# costs more than the compiled loops save (docs/configuration.md, docs/design.md 3.5).
 AUTO_MIN_ENTRIES = 1 << 29
-# PCB's compiled loops (where its C sweeps do not apply) save about 0.6 s per 2^27 entries (n=8,
-# D=2^24 through merge: 1.0 s against 1.6 s eager), for a first call of 5.5 s per process with
-# inductor's on-disk cache warm (docs/design.md 3.5): "auto" compiles them from 2^31 entries (8 GiB
-# of fp32 task vectors), below that the bit-exact eager path stays the default.
+# PCB's compiled loops (where its C sweeps do not apply) save less per entry for a longer compile:
+# "auto" compiles them from 8 GiB of fp32 task vectors; below that the bit-exact eager path stays.
 AUTO_MIN_ENTRIES_BY_METHOD = {"pcb": 1 << 31}
 # the methods with compiled loops; for the others "auto" and "on" change nothing (and compile nothing)
 FUSED_METHODS = ("ties", "dare", "dare_ties", "breadcrumbs", "pcb")

@@ -5,9 +5,8 @@ For x >= 0 the bits of a float32 read as an unsigned integer are in the order of
 histogram of the top bits (up to 11 of the 31, fewer for shorter rows) places each wanted rank
 in one bucket; the bucket's members (a few percent of a row of real weights) are gathered and
 refined by the next 11 bits, and so on, until few are left and a quickselect finishes. A row is
-read twice, from cache. Rows of up to SHORT_ROW entries go to the quickselect directly. On the
-rows of benchmarks/bench_methods.py (8 x 4096 rows of 4096, ranks 40 and 448, 2 cores) this
-takes 0.11 s where torch's abs, partial top-k and kthvalue take 0.81 s. */
+read twice, from cache. Rows of up to SHORT_ROW entries go to the quickselect directly
+(docs/benchmarks.md compares it with torch's abs, partial top-k and kthvalue). */
 
 #include <stdint.h>
 #include <stdlib.h>

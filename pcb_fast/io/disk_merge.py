@@ -375,8 +375,8 @@ def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam,
         # The float32 task vectors first, if they fit (with scope="tensor", one tensor's at a time, in one
         # reused buffer); what is left bounds the entries collected between passes. Not a whole model's
         # of 16-bit inputs: such a cache is twice the size of the inputs it replaces, and faulting in
-        # that much fresh memory cost more than forming tau from the files again on each pass (small
-        # LLM of bench_llm, bf16: TIES global 19.1 s with the cache, 11.0 s without; PCB 28.7 s, 21.6 s).
+        # that much fresh memory costs more than forming tau from the files again on each pass
+        # (docs/design.md 3.4 has the measurement).
         cached = source.n * 4 * (source.D if scope == "global" else max(s.numel for s in source.segments))
         inputs = sum(ck.numel(k) * ck.dtype(k).itemsize for ck in model_cks for k in keys)
         if (cached <= budget and not SPECS[method].single_pass(params)

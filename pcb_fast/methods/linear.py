@@ -329,7 +329,7 @@ def merge_breadcrumbs(source, sink, *, gamma=0.01, beta=0.1, band="row", normali
 
 def _fused_band_bounds(tv: torch.Tensor, drop: int, keep: int):
     """band_bounds of |tv| by the C row select of pcb_fast.cpu.native (same values, no |tv| stored, about
-    8x faster), or by torch where that kernel cannot be built here."""
+    8x faster), or by torch where that kernel cannot be built."""
     problem = native.problem()
     if problem is None:
         return native.row_order_statistics(tv, drop, drop + keep - 1)
