@@ -1,6 +1,7 @@
-"""Hostile input files (issue 16, items 3-6 and fp8 of 10): each is one line on stderr, exit 2, no
-output and no traceback through the CLI, and a ValueError (never KeyError, TypeError,
-OverflowError or RecursionError) through the Python API. Fixtures are built by the tests."""
+"""Hostile input files (links out of the model folder, malformed headers, special files, float8):
+each is one line on stderr, exit 2, no output and no traceback through the CLI, and a ValueError
+(never KeyError, TypeError, OverflowError or RecursionError) through the Python API. Fixtures are
+built by the tests."""
 
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ def api_refused(base, models, tmp: Path, message: str, **kwargs) -> None:
     assert leftovers(tmp) == []
 
 
-# ---- item 3: the shards an index lists stay inside the model folder
+# ---- the shards an index lists stay inside the model folder
 
 
 def sharded(folder: Path, state: dict, names: dict) -> Path:
@@ -184,7 +185,7 @@ def test_index_with_values_that_are_not_file_names(disk, capsys):
         api_refused(tmp / "base.safetensors", [folder], tmp, message)
 
 
-# ---- item 4: headers the format does not allow
+# ---- headers the format does not allow
 
 
 def hostile_headers(tmp: Path, source: Path) -> list:
@@ -243,7 +244,7 @@ def test_hostile_headers_are_refused_in_one_line(disk, capsys):
         path.unlink()
 
 
-# ---- item 5: named pipes, devices and sockets
+# ---- named pipes, devices and sockets
 
 
 def test_named_pipes_devices_and_sockets_are_refused_without_blocking(disk, capsys):
@@ -304,7 +305,7 @@ def test_a_pipe_swapped_in_after_the_check_cannot_block(tmp_path, monkeypatch):
         open_regular(tmp_path / "swapped.safetensors")
 
 
-# ---- item 6: no traceback, one line with what and where
+# ---- no traceback, one line with what and where
 
 
 def test_torch_files_with_dtypes_and_keys_safetensors_cannot_hold(disk, capsys):
@@ -412,7 +413,7 @@ def test_folders_where_files_belong_and_unreadable_folders(disk, capsys, monkeyp
             locked.chmod(0o700)
 
 
-# ---- item 10 (second half): float8 tensors are refused, naming the dtype
+# ---- float8 tensors are refused, naming the dtype
 
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])

@@ -1,9 +1,8 @@
-"""Output safety of the disk merge (issue 16, items 1, 2, 8, 9 and the folder mode of 10): --out never
-is, holds or lies inside an input; nothing is deleted that this run did not create (an output
-folder that appears meanwhile, a concurrent run on the same --out); --overwrite never leaves the
-previous output only under .old-*; nothing to merge is exit 2; SIGHUP cleans up like SIGTERM;
-temporary folders of killed runs are removed by the next run; the output folder's mode follows the
-umask. The concurrency cases run real processes, paused with SIGSTOP at the moment that matters."""
+"""Output safety of the disk merge: --out never is, holds or lies inside an input; nothing is
+deleted that this run did not create (an output folder that appears meanwhile, a concurrent run on
+the same --out); --overwrite never leaves the previous output only under .old-*; nothing to merge
+is exit 2; SIGHUP cleans up like SIGTERM; temporary folders of killed runs are removed by the next
+run; the output folder's mode follows the umask. The concurrency cases run real processes, paused with SIGSTOP at the moment that matters."""
 
 from __future__ import annotations
 
