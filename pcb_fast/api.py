@@ -83,8 +83,7 @@ def pcb_reference(task_vectors, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", var
     rows = checks.task_vector_rows(task_vectors)
     params = check_pcb_params(len(rows), ratio=ratio, clamp_ratio=clamp_ratio, inter=inter, variant=variant,
                               lambdas=lambdas)
-    for i, row in enumerate(rows):
-        checks.check_finite(f"task vector {i}", row)
+    checks.check_all_finite((f"task vector {i}", row) for i, row in enumerate(rows))
     tv = task_vectors.float() if isinstance(task_vectors, torch.Tensor) else torch.stack([r.float() for r in rows])
     return _reference_pcb(tv, params)
 
@@ -263,8 +262,7 @@ def check_state_dicts(base: dict, models, exclude=(), model_names=None):
         [(f"base model, key {checks.short(k, 80)}", base[k]) for k in merged_keys]
         + [(f"{name}, key {checks.short(k, 80)}", m[k]) for name, m in zip(names, models) for k in merged_keys]
     )
-    for key in merged_keys:
-        checks.check_finite(f"base model, key {checks.short(key, 80)}", base[key])
+    checks.check_all_finite((f"base model, key {checks.short(key, 80)}", base[key]) for key in merged_keys)
     return models, names, merged_keys, copied_keys, device
 
 

@@ -73,3 +73,25 @@ def test_cli_refuses_non_finite_merges_and_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds values beyond the float32 range the merge computes in" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "base64", "big", "m0", "m1"]
+
+
+def test_the_base_check_names_the_first_bad_key_of_many_after_one_synchronisation(monkeypatch):
+    """The base model's finiteness is checked for all keys at once (on a GPU, one wait rather than one
+    per tensor), then key by key only to name the culprit: the first bad key in order, as before."""
+    from pcb_fast.core import checks
+
+    base = {f"k{i:02d}": torch.zeros(4) for i in range(50)}
+    base["k07"] = torch.tensor([0.0, float("nan"), 0.0, 0.0])
+    base["k30"] = torch.tensor([float("inf"), 0.0, 0.0, 0.0])
+    models = [{k: v + 1 for k, v in base.items()}]
+    with pytest.raises(ValueError, match=r"^base model, key 'k07' contains NaN or Inf; every input value must be finite$"):
+        merge(base, models, method="task_arithmetic")
+    calls = []
+    real = checks.non_finite_reason
+    monkeypatch.setattr(checks, "non_finite_reason", lambda t: calls.append(t) or real(t))
+    clean = {k: torch.zeros(4) for k in base}
+    merge(clean, [{k: v + 1 for k, v in clean.items()}], method="task_arithmetic")
+    assert calls == []  # every key finite: no per-tensor look (each one a synchronisation on a GPU)
+    wide = dict(clean, k03=torch.full((4,), 1e300, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"base model, key 'k03' holds values beyond the float32 range"):
+        merge(wide, [{k: v.double() if k == "k03" else v for k, v in clean.items()}], method="task_arithmetic")

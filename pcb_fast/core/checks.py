@@ -149,6 +149,20 @@ def check_finite(what: str, t: torch.Tensor) -> None:
         raise ValueError(f"{what} {reason}")
 
 
+def check_all_finite(named) -> None:
+    """:func:`check_finite` on each (what, tensor) of ``named`` with one device synchronisation for
+    all of them (not one per tensor: a model of many small tensors on a GPU would wait for each),
+    then, only where some value fails, tensor by tensor to name the first."""
+    named = list(named)
+    flags = [torch.isfinite(t).all() for _, t in named if t.numel()]
+    wide = [t.abs().max() for _, t in named if t.dtype == torch.float64 and t.numel()]
+    if not flags or (bool(torch.stack(flags).all())
+                     and not (wide and float(torch.stack(wide).max()) > FLOAT32_MAX)):
+        return
+    for what, t in named:
+        check_finite(what, t)
+
+
 def check_merged(key: str, theta: torch.Tensor, out: torch.Tensor) -> None:
     """Merged values ``out`` (``theta`` before the cast to the output dtype) must be finite: finite
     inputs can still overflow (a large lam, values near the float32 limit, a float16 output)."""
