@@ -184,7 +184,8 @@ def test_the_base_among_the_models(llama):
     (dict(merge_method="della", parameters={"density": 0.5, "epsilon": 0.6}),
      "epsilon=0.6 with density=0.5: density +/- epsilon must lie in (0, 1)"),
     (dict(tokenizer={"source": "union"}), "tokenizer.source: union: the base model ("),
-    (dict(tokenizer={"source": "base", "tokens": {"<x>": {"source": "zero"}}}), "not supported: tokenizer.tokens"),
+    (dict(tokenizer={"source": "base", "tokens": {"<x>": {"source": "zero"}}}), "tokenizer.tokens['<x>'].source: zero is "
+     "not one of the models merged"),
     (dict(tokenizer={"sorce": "base"}), "tokenizer.sorce is not an entry of the tokenizer block (did you mean 'source'"),
     (dict(tokenizer={"source": "base"}, tokenizer_source="base"), "give tokenizer_source or tokenizer, not both"),
     (dict(Parameters={"density": 0.5}), "unknown entry 'Parameters' (did you mean 'parameters'?)"),

@@ -28,7 +28,6 @@ from .checkpoints import load_json
 # a method's name, pcb_fast's or mergekit's -> (its title, its paper)
 METHOD_NAMES = {name: (spec.summary, spec.url) for spec in SPECS.values()
                 for name in (spec.name, spec.mergekit) if name is not None}
-TOKENIZER_FILES = ("tokenizer_config.json", "chat_template.jinja", "chat_template.json")
 # The ChatML template (one of the names mergekit's chat_template accepts)
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
           "'<|im_end|>' + '\\n'}}{% endfor %}\n{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
@@ -130,6 +129,13 @@ def absolute_paths(config: dict) -> dict:
     for key in ("base_model", "tokenizer_source"):
         if key in config:
             config[key] = absolute(config[key])
+    if isinstance(config.get("tokenizer"), dict):  # its source and its tokens' sources
+        block = dict(config["tokenizer"])
+        if "source" in block:
+            block["source"] = absolute(block["source"])
+        if isinstance(block.get("tokens"), dict):
+            block["tokens"] = {t: _with_absolute_source(e, absolute) for t, e in block["tokens"].items()}
+        config["tokenizer"] = block
     if isinstance(config.get("models"), list):
         config["models"] = [dict(m, model=absolute(m["model"])) if isinstance(m, dict) and "model" in m
                             else absolute(m) for m in config["models"]]
@@ -138,6 +144,18 @@ def absolute_paths(config: dict) -> dict:
                                                and "model" in src else src for src in out.get("sources", [])])
                             if isinstance(out, dict) else out for out in config["slices"]]
     return config
+
+
+def _with_absolute_source(entry, absolute):
+    """A ``tokens:`` entry with its source's model path made absolute."""
+    if not isinstance(entry, dict):
+        return entry
+    source = entry.get("source")
+    if isinstance(source, str):
+        return dict(entry, source=absolute(source))
+    if isinstance(source, dict) and "model" in source:
+        return dict(entry, source=dict(source, model=absolute(source["model"])))
+    return entry
 
 
 def card_text(config: dict, name: str) -> str:
@@ -168,23 +186,16 @@ def write_card(folder, name: str, *, base, models, method, lam, lambdas, scope, 
               f"# run it again with: pcb-fast merge --config mergekit_config.yml --out <folder>\n")
     (folder / "mergekit_config.yml").write_text(header + _yaml(config), encoding="utf-8")
     (folder / "README.md").write_text(card_text(config, name), encoding="utf-8")
-    if card.get("tokenizer_from") is not None:  # a model's tokenizer (its vocabulary checked to be the base's)
-        copy_tokenizer(card["tokenizer_from"], folder)
     template = card.get("chat_template")
-    if template is not None:
-        set_chat_template(folder, template, [base] + list(models))
-
-
-def copy_tokenizer(source, folder: Path) -> None:
-    """The tokenizer files of the model folder ``source`` in place of the output's."""
-    from .checkpoints import side_files
-
-    for name in list(TOKENIZER_FILES) + ["tokenizer.json", "special_tokens_map.json", "added_tokens.json",
-                                         "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt"]:
-        (Path(folder) / name).unlink(missing_ok=True)
-    for path in side_files(source, "the tokenizer source"):
-        if path.name not in ("config.json", "generation_config.json", "preprocessor_config.json"):
-            (Path(folder) / path.name).write_bytes(path.read_bytes())
+    inputs = [p for source in [base] + list(models) for p in getattr(source, "paths", [source])]
+    if card.get("tokenizer") is not None:  # the tokenizer a tokenizer source built (io/vocabulary.py), as mergekit saves it
+        text = None if template is None else chat_template_text(template, inputs)
+        if template == "auto" and text is None:
+            warnings.warn("pcb_fast: chat_template: auto, but no input model has a chat template; none was set",
+                          stacklevel=2)
+        card["tokenizer"].save(folder, text)
+    elif template is not None:
+        set_chat_template(folder, template, inputs)
 
 
 def _template_of(folder) -> str | None:

@@ -69,8 +69,9 @@ def available_memory() -> int:
 
 
 def _open(source, name: str):
-    """The checkpoint of a path, a state dict, or a model stitched from slices (pcb_fast.io.slices)."""
-    return source.open(name) if hasattr(source, "pieces") else open_checkpoint(source, name)
+    """The checkpoint of a path, a state dict, or a model made of others (stitched from slices,
+    pcb_fast.io.slices; re-mapped to a vocabulary, pcb_fast.io.vocabulary)."""
+    return open_checkpoint(source, name) if isinstance(source, (str, os.PathLike, dict)) else source.open(name)
 
 
 def _names(sources) -> list:

@@ -104,6 +104,7 @@ def parse(raw, where: str = "config", compute_dtype: str | None = None) -> dict:
     models = [(_local(path, f"{where}: models[{i}].model", named), params) for i, (path, params) in enumerate(models)]
     if isinstance(base, str):
         base = _local(base, f"{where}: base_model", named)
+    listed = list(dict.fromkeys(path for path, _ in models))  # mergekit's order of a tensor's inputs
     shared = raw.get("parameters") or {}
     if not isinstance(shared, dict):
         raise ValueError(f"{where}: parameters must be a mapping")
@@ -164,9 +165,11 @@ def parse(raw, where: str = "config", compute_dtype: str | None = None) -> dict:
         kwargs.update(_without_defaults(method, settings.resolve("", 0.0)))
     kwargs.update(_output_entries(raw, base, where))
     kwargs.update(_compute_dtype(raw, method, name, compute_dtype, notes, where))
+    gathered = listed + ([] if raw.get("base_model") is None or any(_same(p, base) for p in listed) else [base])
+    plan = _tokenizer(raw, base, raw.get("base_model") and base, gathered, named, where)
+    _with_vocabulary(kwargs, plan, gathered)
     kwargs["card"] = {"config": _as_named(_resolved_config(raw, name, base, models, shared, settings), named),
-                      **_tokenizer_source(raw, base, [p for p, _ in models], named, where), "source": where,
-                      "chat_template": raw.get("chat_template")}
+                      "tokenizer": plan, "source": where, "chat_template": raw.get("chat_template")}
     for note in notes:  # only once the whole config is known to run: a refusal is the only line printed
         warnings.warn(f"pcb_fast: {note}", stacklevel=3)
     return kwargs
@@ -239,7 +242,8 @@ def _did_you_mean(word, choices) -> str:
 
 
 def _tokenizer_block(raw, where) -> None:
-    """mergekit's ``tokenizer:`` block; ``source: base`` (without tokens) is tokenizer_source: base."""
+    """mergekit's ``tokenizer:`` block: its entries and their types (the tokens' sources are checked
+    once the models are known)."""
     block = raw.get("tokenizer")
     if block is None:
         return
@@ -252,54 +256,48 @@ def _tokenizer_block(raw, where) -> None:
         raise ValueError(f"{where}: tokenizer.{extra[0]} is not an entry of the tokenizer block"
                          f"{_did_you_mean(extra[0], ('source', 'tokens', 'pad_to_multiple_of'))}; "
                          "valid: source, tokens, pad_to_multiple_of")
-    source = block.get("source", "union")
-    if block.get("tokens"):
-        raise ValueError(f"{where}: not supported: tokenizer.tokens (embeddings for added tokens); pcb-fast copies "
-                         "the base model's tokenizer")
-    if block.get("pad_to_multiple_of") is not None:
-        raise ValueError(f"{where}: not supported: tokenizer.pad_to_multiple_of (padding the vocabulary); pcb-fast "
-                         "copies the base model's tokenizer and embeddings")
-    if not isinstance(source, str):
-        raise ValueError(f"{where}: tokenizer.source={source!r} must be base, union or a model")
+    pad = block.get("pad_to_multiple_of")
+    if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
+        raise ValueError(f"{where}: tokenizer.pad_to_multiple_of={pad!r} must be a positive integer")
+    if not isinstance(block.get("source", "union"), str):
+        raise ValueError(f"{where}: tokenizer.source={block['source']!r} must be base, union or a model")
 
 
-def _tokenizer_source(raw, base, paths, named, where) -> dict:
-    """What the output's tokenizer is, for the card: {} for the base's (copied with its side files),
-    {"tokenizer_from": folder} for a model's. mergekit's ``union`` and a model's tokenizer re-map
-    the embedding rows to the new vocabulary, which pcb-fast does where that is the identity: every
-    input with the same vocabulary (a model without tokenizer files counts as the base's, as in
-    mergekit); otherwise "not supported"."""
+def _tokenizer(raw, base, prefer, inputs, named, where):
+    """The output's tokenizer and the inputs' re-mapped vocabulary rows (pcb_fast.io.vocabulary),
+    or None where the configuration names no tokenizer source (the base's files are copied).
+    ``base``: the model whose tokenizer the output starts from; ``prefer``: the configuration's
+    base_model or None; ``inputs``: the paths of every model merged, in mergekit's order."""
+    from .vocabulary import VocabularyPlan, load_tokenizer, parse_tokens
+
     block = raw.get("tokenizer")
     source = raw.get("tokenizer_source") if block is None else block.get("source", "union")
-    if source is None or source == "base" or (isinstance(source, str) and _same(source, base)):
-        return {}
-    if not isinstance(source, str):
-        raise ValueError(f"{where}: tokenizer_source={source!r} must be base, union or a model")
-    folder = None if source == "union" else _local(source, f"{where}: tokenizer source", named)
-    what = f"tokenizer_source: {source}" if block is None else f"tokenizer.source: {source}"
-    vocabularies = [(label, _vocabulary(path)) for label, path in
-                    [("the base model", base)] + [(f"model {p}", p) for p in paths]
-                    + ([("the tokenizer source", folder)] if folder else [])]
-    reference = vocabularies[0][1]
-    if reference is None:
-        raise ValueError(f"{where}: {what}: the base model ({base}) has no tokenizer that transformers loads")
-    for label, vocabulary in vocabularies[1:]:
-        if vocabulary is not None and vocabulary != reference:
-            raise ValueError(f"{where}: not supported: {what} over vocabularies that differ ({label} has "
-                             f"{len(vocabulary)} tokens, the base model {len(reference)}, or other ids): mergekit "
-                             "re-maps the embedding rows to the new vocabulary, which pcb-fast does not yet")
-    return {"tokenizer_from": folder} if folder else {}
-
-
-def _vocabulary(path):
-    """A model folder's tokenizer vocabulary (token -> id, added tokens included), or None when it
-    has none that transformers loads."""
-    try:
-        import transformers
-
-        return transformers.AutoTokenizer.from_pretrained(path).get_vocab()
-    except Exception:  # mergekit's rule: a model whose tokenizer does not load shares the base's
+    if source is None:
         return None
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"{where}: tokenizer_source={source!r} must be base, union or a model")
+    if source not in ("base", "union"):
+        _check_reference(source, "tokenizer source", where)
+        source = _local(source, f"{where}: tokenizer source", named)
+        if _same(source, base):
+            source = "base"
+    what = f"tokenizer_source: {source}" if block is None else f"tokenizer.source: {source}"
+    tokens = parse_tokens((block or {}).get("tokens"), where, inputs,
+                          lambda ref, label: _local(ref, f"{where}: {label}", named))
+    pad = (block or {}).get("pad_to_multiple_of")
+    if source == "base" and not tokens and not pad and load_tokenizer(base) is None:
+        return None  # nothing to re-map by: the base's files are copied (mergekit stops here)
+    return VocabularyPlan(base, prefer, inputs, source, tokens, pad, where, what)
+
+
+def _with_vocabulary(kwargs, plan, inputs) -> None:
+    """The merge's base and models re-mapped to the plan's vocabulary, where that changes rows."""
+    from .vocabulary import RemappedModel
+
+    if plan is None or plan.identity():
+        return
+    kwargs["base"] = RemappedModel(kwargs["base"], plan, inputs)
+    kwargs["models"] = [RemappedModel(m, plan, inputs) for m in kwargs["models"]]
 
 
 def _without_unused(shared, models, name, names, notes):
@@ -796,7 +794,7 @@ def _resolved_config(raw, name, base, models, shared, settings) -> dict:
         if key not in shared and not (key == "lam" and "lambda" in shared):
             parameters[key] = value
     config["parameters"] = parameters
-    for key in ("dtype", "out_dtype", "tokenizer_source", "chat_template"):
+    for key in ("dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template"):
         if raw.get(key) is not None:
             config[key] = raw[key]
     return config
@@ -900,8 +898,11 @@ def _parse_slices(raw, where, compute_dtype, name, method, notes) -> dict:
         kwargs["exclude"] = shared["exclude"]
     kwargs.update(_output_entries(raw, config_from, where))
     kwargs.update(_compute_dtype(raw, method, name, compute_dtype, notes, where))
+    inputs = list(dict.fromkeys([kwargs["base"]] + tasks))
+    plan = _tokenizer(raw, config_from, base, list(dict.fromkeys(p for m in inputs for p in m.paths)), named, where)
+    _with_vocabulary(kwargs, plan, inputs)
     kwargs["card"] = {"config": dict(raw), "source": where, "chat_template": raw.get("chat_template"),
-                      **_tokenizer_source(raw, config_from, [p for m in tasks for p in m.paths], named, where)}
+                      "tokenizer": plan}
     for note in notes:
         warnings.warn(f"pcb_fast: {note}", stacklevel=3)
     return kwargs
