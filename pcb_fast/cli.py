@@ -18,7 +18,7 @@ import warnings
 
 from . import __version__
 from .core.checks import check_ratio
-from .methods import SPECS, check_method_params, flag_params
+from .methods import SPECS, check_method_params, flag_help, flag_params
 
 # Method parameters as flags, from the methods' specs: (flag, keyword, type, declaration, methods taking it).
 _TYPES = {"number": float, "int": int}
@@ -120,9 +120,7 @@ def _model_flags(parser, methods: list) -> None:
     for flag, dest, kind, param, takers in METHOD_FLAGS:
         takers = [m for m in takers if m in methods]
         if takers:
-            parser.add_argument(flag, dest=dest, type=kind,
-                                help=f"{', '.join(takers)}: {param.help} "
-                                     + ("(required)" if param.required else f"(default {param.default})"))
+            parser.add_argument(flag, dest=dest, type=kind, help=flag_help(dest, takers))
 
 
 def _threads(text: str):

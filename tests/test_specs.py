@@ -80,10 +80,20 @@ def test_the_cli_offers_each_flag_for_the_methods_that_take_it():
     search = {a.dest: a for a in build_parser()._subparsers._group_actions[0].choices["search"]._actions}
     for name, (param, methods) in flag_params().items():
         public = [m for m in methods if not SPECS[m].internal]
-        assert name in actions and ", ".join(public) in actions[name].help
+        assert name in actions
+        for m in public:  # each method with its own meaning of the parameter
+            own = next(p for p in SPECS[m].params if p.name == name).help
+            assert m in actions[name].help and own in " ".join(actions[name].help.split()), (name, m)
         assert (name in search) == any(m in SEARCHABLE for m in methods), name
     assert "gamma" not in search and "beta" not in search  # Breadcrumbs has no coefficient search
     assert SEARCHABLE == tuple(n for n, s in SPECS.items() if s.searchable)
+
+
+def test_a_flag_shared_by_methods_gives_each_its_meaning():
+    """--t is slerp's interpolation factor and nearswap's similarity threshold: two meanings."""
+    merge = build_parser()._subparsers._group_actions[0].choices["merge"]
+    text = next(a for a in merge._actions if a.dest == "t").help
+    assert text.startswith("slerp: interpolation factor") and "; nearswap: similarity threshold" in text
 
 
 def test_the_mergekit_mapping_and_the_card_come_from_the_specs():

@@ -56,4 +56,16 @@ def flag_params() -> dict[str, tuple[Param, list[str]]]:
     return out
 
 
-__all__ = ["SPECS", "MethodSpec", "Param", "spec_of", "check_method_params", "scope_matters", "flag_params"]
+def flag_help(name: str, methods) -> str:
+    """The help of the flag of parameter ``name`` for ``methods``: each meaning the methods give it,
+    with its default, after the methods that give it that meaning."""
+    meanings: dict[tuple, list[str]] = {}
+    for method in methods:
+        param = next(p for p in SPECS[method].params if p.name == name)
+        meanings.setdefault((param.help, param.required, param.default), []).append(method)
+    return "; ".join(f"{', '.join(takers)}: {text} " + ("(required)" if required else f"(default {default})")
+                     for (text, required, default), takers in meanings.items())
+
+
+__all__ = ["SPECS", "MethodSpec", "Param", "spec_of", "check_method_params", "scope_matters", "flag_params",
+           "flag_help"]

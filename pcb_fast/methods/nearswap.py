@@ -41,7 +41,8 @@ SPEC = MethodSpec(
     name="nearswap", merge=merge_nearswap, summary="NearSwap",
     citation="alchemonaut, QuartetAnemoi-70B-t0.0001 (NearSwap)",
     url="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
-    params=(Param("t", None, check_t, "distance below which the other model's value is taken", required=True),
+    params=(Param("t", None, check_t, "similarity threshold: each entry takes the other model with weight "
+                  "min(1, t / |base - other|), so entries within t of the base take its value", required=True),
             COMPUTE_DTYPE),
     check_together=check_one_other, backends=("torch",), mergekit="nearswap", mergekit_defaults={"scope": "tensor"},
     single_pass=lambda params: True, uses_statistics=False, weight_space=True)
