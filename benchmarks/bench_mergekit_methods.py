@@ -1,11 +1,14 @@
 """mergekit's other methods and slices: `pcb-fast merge --config` next to mergekit 0.1.5 on the same YAML.
 
-    python -m benchmarks.bench_mergekit_methods [--dir /tmp/bench_mk] [--hidden 512 --layers 8]
+    python -m benchmarks.bench_mergekit_methods [--dir /tmp/bench_mk] [--hidden 512 --layers 8] [--only NAME]
 
 Builds once (cached under --dir) a float32 Llama-style model and three fine-tunes, then runs each
-configuration with mergekit's run_merge and with pcb-fast's CLI in this process, alternating, warm
-page cache, best of --repeat runs each. Prints a markdown table: method, seconds of each tool, the
-speed ratio (mergekit / pcb-fast) and the entries that differ from mergekit run on one thread
+configuration (--only: those whose name starts with NAME) with mergekit's run_merge and with
+pcb-fast's CLI in this process, alternating, warm page cache, best of --repeat runs each. Prints a
+markdown table: method, seconds of each tool, the speed ratio (mergekit / pcb-fast), the ratio to
+mergekit with its output flushed to disk (pcb-fast fsyncs its shards before publishing the folder,
+mergekit leaves that to the OS: "mergekit + fsync" times both to the same point) and the entries
+that differ from mergekit run on one thread
 (its sums over long tensors depend on the thread count; pcb_fast's do not). DELLA's draws differ by design
 (torch.bernoulli against pcb_fast's counter generator), so only its speed is compared.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -90,6 +94,7 @@ def main(argv=None) -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--only", action="append", help="run the configurations whose name starts with this")
     args = parser.parse_args(argv)
 
     import yaml
@@ -103,15 +108,19 @@ def main(argv=None) -> None:
     paths = build(root / f"models-{args.hidden}-{args.layers}", args.hidden, args.layers, args.hidden * 11 // 4, 8000)
     rows = []
     for name, raw in configs(paths, args.layers):
-        best = {"mergekit": float("inf"), "pcb-fast": float("inf")}
+        if args.only and not any(name.startswith(o) for o in args.only):
+            continue
+        best = {"mergekit": float("inf"), "mergekit + fsync": float("inf"), "pcb-fast": float("inf")}
         for _ in range(args.repeat):
             for tool in best:
                 out = root / tool
                 shutil.rmtree(out, ignore_errors=True)
                 start = time.perf_counter()
-                if tool == "mergekit":
+                if tool.startswith("mergekit"):
                     run_merge(MergeConfiguration.model_validate(raw), str(out),
                               MergeOptions(copy_tokenizer=False, quiet=True))
+                    if tool == "mergekit + fsync":
+                        flush(out)
                 else:
                     (root / "merge.yaml").write_text(yaml.safe_dump(raw))
                     assert cli(["merge", "--config", str(root / "merge.yaml"), "--out", str(out), "--quiet"]) == 0
@@ -130,16 +139,29 @@ def main(argv=None) -> None:
         ours = load_file(root / "pcb-fast" / "model.safetensors")
         differ = sum(int((ours[k] != theirs[k]).sum()) for k in theirs)
         total = sum(v.numel() for v in theirs.values())
-        rows.append((name, best["mergekit"], best["pcb-fast"], differ, total))
-        print(f"{name}: mergekit {best['mergekit']:.2f} s, pcb-fast {best['pcb-fast']:.2f} s, "
-              f"{best['mergekit'] / best['pcb-fast']:.2f}x, {differ} of {total} differ", flush=True)
+        rows.append((name, best["mergekit"], best["mergekit + fsync"], best["pcb-fast"], differ, total))
+        print(f"{name}: mergekit {best['mergekit']:.2f} s (+ fsync {best['mergekit + fsync']:.2f} s), pcb-fast "
+              f"{best['pcb-fast']:.2f} s, {best['mergekit'] / best['pcb-fast']:.2f}x, {differ} of {total} differ",
+              flush=True)
     print(f"\nLlama-style float32 model, hidden {args.hidden}, {args.layers} layers; "
           f"torch threads {torch.get_num_threads()}")
-    print("| method | mergekit s | pcb-fast s | speed ratio | entries differing |")
-    print("|---|---|---|---|---|")
-    for name, mk, ours, differ, total in rows:
+    print("| method | mergekit s | mergekit + fsync s | pcb-fast s | speed ratio | ratio to mergekit + fsync | "
+          "entries differing |")
+    print("|---|---|---|---|---|---|---|")
+    for name, mk, synced, ours, differ, total in rows:
         note = " (other draws, by design)" if name.startswith("della") else ""
-        print(f"| {name} | {mk:.2f} | {ours:.2f} | {mk / ours:.2f}x | {differ} of {total}{note} |")
+        print(f"| {name} | {mk:.2f} | {synced:.2f} | {ours:.2f} | {mk / ours:.2f}x | {synced / ours:.2f}x | "
+              f"{differ} of {total}{note} |")
+
+
+def flush(folder: Path) -> None:
+    """Every file of ``folder`` on disk (fsync), as pcb-fast's output is when its merge returns."""
+    for path in folder.iterdir():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pcb_fast import merge  # noqa: E402
 from pcb_fast.cli import main as cli  # noqa: E402
 from pcb_fast.methods.slerp import slerp  # noqa: E402
 from pcb_test_helpers import llama_state as shared_llama_state  # noqa: E402
+from pcb_test_helpers import slices_read  # noqa: E402
 
 LAYERS, HIDDEN, INTER, VOCAB = 4, 32, 48, 40  # every tensor under 32768 entries: torch reduces it on one thread
 
@@ -337,6 +338,8 @@ SLICE_CONFIGS = [
         "merge_method": "passthrough",
         "slices": [[("near", [0, 2])], [("far", [1, 4], {"scale": [{"filter": "o_proj", "value": 0.0},
                                                                   {"value": 1.0}]})]]}),
+    ("passthrough to float16 (the copy, cast)", {
+        "merge_method": "passthrough", "dtype": "float16", "slices": [[("far", [0, 2])], [("mixed", [2, 4])]]}),
     ("ties over two slices, per-source density", {
         "merge_method": "ties", "base_model": "base", "parameters": {"density": 0.5, "weight": 1.0},
         "slices": [[("base", [0, 2]), ("far", [0, 2], {"density": 0.3}), ("mixed", [0, 2])],
@@ -397,6 +400,36 @@ def test_passthrough_writes_the_model_itself(tmp_path):
         assert cli(["merge", "--config", str(tmp_path / "c.yaml"), "--out", str(out), "--quiet"]) == 0
         got = safetensors_torch.load_file(out / "model.safetensors")
         assert all(torch.equal(got[k], state[k]) for k in state)
+
+
+def test_passthrough_copies_each_tensor_once(tmp_path, monkeypatch):
+    """A passthrough is a copy: each tensor read once (the model; no base beside it), in slices."""
+    g = torch.Generator().manual_seed(4)
+    state = {f"model.layers.{i}.w": torch.randn(64, 48, generator=g) for i in range(4)}
+    (tmp_path / "m").mkdir()
+    safetensors_torch.save_file(state, tmp_path / "m" / "model.safetensors")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"num_hidden_layers": 4}))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(tmp_path / "m"), "layer_range": [0, 3]}]},
+        {"sources": [{"model": str(tmp_path / "m"), "layer_range": [2, 4]}]}]}))
+    reads = slices_read(monkeypatch, "model.layers.2.w")
+    assert cli(["merge", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    assert reads == [64 * 48] * 2  # output layers 2 and 3 (model layer 2 twice), once each
+    got = safetensors_torch.load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(got["model.layers.3.w"], state["model.layers.2.w"])
+
+
+def test_passthrough_refuses_a_non_finite_input(tmp_path, capsys):
+    state = {"model.layers.0.w": torch.ones(8, 8), "model.layers.1.w": torch.ones(8, 8)}
+    state["model.layers.1.w"][3, 4] = float("nan")
+    (tmp_path / "m").mkdir()
+    safetensors_torch.save_file(state, tmp_path / "m" / "model.safetensors")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"merge_method": "passthrough",
+                                                      "models": [{"model": str(tmp_path / "m")}]}))
+    assert cli(["merge", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "out"), "--quiet"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'model.layers.1.w'" in err[0] and "NaN" in err[0], err
+    assert not (tmp_path / "out").exists()
 
 
 # ---- mergekit's compute dtype for its task-arithmetic family (methods/gta.py)

@@ -352,15 +352,20 @@ def _write_merge(base_ck, model_cks, merged, copied, folder: Path, stats: dict, 
 COPY_CHUNK = 16 << 20  # bytes of a copied tensor read and written at a time
 
 
-def copy_tensor(checkpoint, key: str, writer, dtype: torch.dtype) -> None:
+def copy_tensor(checkpoint, key: str, writer, dtype: torch.dtype, finite: bool = False) -> None:
     """Copy ``key`` from ``checkpoint`` to ``writer`` (cast to ``dtype``) in slices of COPY_CHUNK
-    bytes: a large buffer that is not merged streams like a merged one, within the memory budget."""
+    bytes: a large buffer that is not merged streams like a merged one, within the memory budget.
+    ``finite``: a NaN or Inf among the values (or made by the cast) is an error naming the model and key."""
     step = max(1, COPY_CHUNK // max(checkpoint.dtype(key).itemsize, dtype.itemsize))
     numel = checkpoint.numel(key)
     for lo in range(0, numel, step):
         hi = min(numel, lo + step)
         values = checkpoint.read_into(key, lo, hi, torch.empty(hi - lo, dtype=checkpoint.dtype(key)))
-        writer.write(key, lo, values.to(dtype))  # a new tensor per slice, as a writer behind the engine needs
+        cast = values.to(dtype)
+        if finite and hi > lo and not all(bool(torch.isfinite(v)) for v in torch.aminmax(cast)):  # (NaN propagates)
+            raise ValueError(f"{checkpoint.name}, key {key!r}: "
+                             f"{checks.non_finite_reason(values) or f'a value beyond the range of {dtype}'}")
+        writer.write(key, lo, cast)  # a new tensor per slice, as a writer behind the engine needs
 
 
 def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam, lambdas, scope, budget, progress,
@@ -369,6 +374,15 @@ def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam,
     if scope == "tensor" and not scope_matters(method, params):
         scope = "global"  # the same values, in one pass (one reader thread) instead of one per tensor
     keys = merged if local is None else [k for k in merged if k in local]
+    if SPECS[method].copies is not None and comm is None:  # (passthrough: the model's tensors, copied)
+        copied = [k for k in keys if SPECS[method].copies(params, k)]
+        with CpuThreads(threads):
+            for key in copied:
+                copy_tensor(model_cks[0], key, writer, out_dtype(key), finite=True)
+        keys = [k for k in keys if k not in set(copied)]
+        if not keys:
+            entries = sum(base_ck.numel(k) for k in copied)
+            return {"kept": [entries] * len(model_cks), "entries": entries}
     source = reader = CheckpointSource(base_ck, model_cks, keys)
     if comm is not None:  # this rank's keys, with the statistics of the whole model
         source.D = sum(base_ck.numel(k) for k in merged)

@@ -32,10 +32,23 @@ def merge_passthrough(source, sink, *, scale=None, compute_dtype="float32", lamb
                          lambda key: {}, with_base=False, compute_dtype=compute_dtype)
 
 
+EXACT_COMPUTE = ("float32", "float64", "inputs")  # compute dtypes that hold every input value exactly
+
+
+def copies(params: dict, key: str) -> bool:
+    """Whether the output of ``key`` is the model's tensor as it is (no scale, no rounding before the
+    output dtype): a merge of files then copies it."""
+    own = dict(params)
+    per_key = own.pop("segment_params", None)
+    if per_key is not None:
+        own.update(per_key(key))
+    return own.get("scale") is None and own.get("compute_dtype", "float32") in EXACT_COMPUTE
+
+
 SPEC = MethodSpec(
     name="passthrough", merge=merge_passthrough, summary="Passthrough",
     citation="mergekit's passthrough (layer stacking)", url="https://github.com/arcee-ai/mergekit",
     params=(Param("scale", None, check_scale, "multiply the model's tensors by this", per_model=True, flag=False),
             COMPUTE_DTYPE),
     check_together=check_one, backends=("torch",), mergekit="passthrough", mergekit_defaults={"scope": "tensor"},
-    single_pass=lambda params: True, uses_statistics=False, weight_space=True)
+    single_pass=lambda params: True, uses_statistics=False, weight_space=True, copies=copies)

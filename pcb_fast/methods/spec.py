@@ -78,6 +78,9 @@ class MethodSpec:
     weight_space: bool = False
     # an engine form that configs reach through another name (mergekit's compute dtype), not a CLI choice
     internal: bool = False
+    # copies(params, key): the merged tensor ``key`` is the first model's values as they are, so a
+    # merge of files may copy it (checked for finite values) instead of running the method on it
+    copies: Callable[[dict, str], bool] | None = None
 
     @property
     def param_names(self) -> tuple[str, ...]:
