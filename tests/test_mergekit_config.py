@@ -384,6 +384,27 @@ def test_recorded_config_runs_from_any_folder_and_the_card_names_the_base(llama,
     assert front["base_model"] == ["org/base-model"]
 
 
+def test_recorded_slices_config_runs_from_any_folder(llama, monkeypatch):
+    """A configuration with slices and relative paths: recorded with absolute paths, it runs again
+    from another folder to the same bytes; the card's front matter names the base's Hub id."""
+    tmp, base, paths, *_ = llama
+    config_json = json.loads((tmp / "base" / "config.json").read_text())
+    (tmp / "base" / "config.json").write_text(json.dumps(dict(config_json, _name_or_path="org/base-model")))
+    monkeypatch.chdir(tmp)
+    raw = {"merge_method": "slerp", "base_model": "base", "parameters": {"t": 0.3},
+           "slices": [{"sources": [{"model": "base", "layer_range": [0, 2]}, {"model": "m0", "layer_range": [0, 2]}]}]}
+    assert cli(["merge", "--config", str(write(tmp / "s.yaml", raw)), "--out", "a", "--quiet"]) == 0
+    recorded = yaml.safe_load((tmp / "a" / "mergekit_config.yml").read_text())
+    assert recorded["base_model"] == str(tmp / "base")
+    assert [s["model"] for s in recorded["slices"][0]["sources"]] == [str(tmp / "base"), str(tmp / "m0")]
+    (tmp / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp / "elsewhere")
+    assert cli(["merge", "--config", str(tmp / "a" / "mergekit_config.yml"), "--out", "b", "--quiet"]) == 0
+    assert (tmp / "a" / "model.safetensors").read_bytes() == (tmp / "elsewhere" / "b" / "model.safetensors").read_bytes()
+    front = yaml.safe_load((tmp / "a" / "README.md").read_text().split("---")[1])
+    assert front["base_model"] == ["org/base-model"]
+
+
 def test_a_lower_compute_dtype_is_noted_by_default_and_taken_on_request(llama, capsys):
     tmp, base, paths, *_ = llama
     raw = config(base, paths, parameters={"density": 0.5}, dtype="bfloat16")
