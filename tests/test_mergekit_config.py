@@ -194,7 +194,6 @@ def test_the_base_among_the_models(llama):
     (dict(merge_method="linear", parameters={"weight": 1, "foo": 2}),
      "parameters.foo is not a parameter of linear; valid: weight, lam, lambda, scope, exclude, normalize"),
     (dict(tokenizer_source="union"), "has no tokenizer that transformers loads"),
-    (dict(chat_template="llama3"), "not supported: chat_template: llama3 (a template mergekit ships"),
     (dict(chat_template="hello"), "chat_template='hello' is neither a template name"),
     (dict(parameters={"rescale": True}), "not supported: rescale: true with ties"),
     (dict(parameters={"density": 0}), "parameters.density: density=0.0 is out of range; valid: 0 < density <= 1"),
@@ -424,3 +423,44 @@ def test_a_lower_compute_dtype_is_noted_by_default_and_taken_on_request(llama, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "compute_dtype='float8' is not valid; choose one of 'float32'" in err[0], err
     assert not (tmp / "o").exists()
+
+
+def test_per_model_values_are_checked_with_that_models_other_values(llama):
+    """DELLA's density +/- epsilon is checked per model: one model's epsilon with another's density is
+    no combination any tensor sees (a published config was refused for it)."""
+    tmp, base, paths, *_ = llama
+    per_model = [{"weight": 0.2, "density": 0.5, "epsilon": 0.4}, {"weight": 0.4, "density": 0.4, "epsilon": 0.3}]
+    kwargs = parse_config(config(base, paths[:2], method="della_linear", per_model=per_model,
+                                 parameters={"lambda": 0.9, "normalize": True}))
+    assert kwargs["method"] == "della_linear" and kwargs["epsilon"] == [0.4, 0.3]
+    per_model[1]["epsilon"] = 0.4  # now this model's own pair leaves (0, 1)
+    with pytest.raises(ValueError, match=r"models\[1\]\.parameters\.(epsilon|density): epsilon=0\.4 with density=0\.4"):
+        parse_config(config(base, paths[:2], method="della_linear", per_model=per_model))
+    # a shared epsilon is checked against each model's own density
+    with pytest.raises(ValueError, match=r"parameters\.epsilon: epsilon=0\.45 with density=0\.4"):
+        parse_config(config(base, paths[:2], method="della_linear", parameters={"epsilon": 0.45},
+                            per_model=[{"density": 0.5}, {"density": 0.4}]))
+    assert parse_config(config(base, paths[:2], method="della_linear", parameters={"epsilon": 0.3},
+                               per_model=[{"density": 0.6}, {"density": 0.4}]))["epsilon"] == 0.3
+
+
+def test_chat_templates_mergekit_ships_and_a_top_level_int8_mask(llama, capsys, monkeypatch):
+    """chat_template: alpaca (llama3, ...) is mergekit's own file, read from an installed mergekit;
+    int8_mask written outside parameters: (a published config's indentation slip) is ignored with a
+    note, as mergekit ignores it."""
+    from pcb_fast.io import card
+
+    tmp, base, paths, *_ = llama
+    expected = card.mergekit_template("alpaca")
+    if expected is None:
+        pytest.skip("mergekit is not installed")
+    assert cli(["merge", "--config", str(write(tmp / "c.yaml", config(base, paths, chat_template="alpaca"))),
+                "--out", str(tmp / "alpaca"), "--quiet"]) == 0
+    assert json.loads((tmp / "alpaca" / "tokenizer_config.json").read_text())["chat_template"] == expected
+    monkeypatch.setattr(card, "mergekit_template", lambda name: None)
+    with pytest.raises(ValueError, match="chat_template: alpaca is a template mergekit ships, read from an installed "
+                                         "mergekit"):
+        parse_config(config(base, paths, chat_template="alpaca"))
+    with pytest.warns(UserWarning, match="config: int8_mask is ignored \\(a parameter written outside parameters:"):
+        kwargs = parse_config(config(base, paths, parameters={"density": 0.5}, int8_mask=True))
+    assert without_card(kwargs) == without_card(parse_config(config(base, paths, parameters={"density": 0.5})))

@@ -223,10 +223,27 @@ def chat_template_text(template: str, inputs) -> str | None:
     picks it; None if none has one) or the Jinja text itself."""
     if template == "chatml":
         return CHATML
+    shipped = mergekit_template(template)
+    if shipped is not None:
+        return shipped
     if template == "auto":
         found = [t for t in (_template_of(source) for source in inputs) if t]
         return Counter(found).most_common(1)[0][0] if found else None
     return template
+
+
+def mergekit_template(name: str) -> str | None:
+    """The text of a chat template mergekit ships under ``name`` (alpaca, llama3, ...), read from the
+    installed mergekit package, or None (not a name it ships, or mergekit not installed)."""
+    if not name.isidentifier():
+        return None
+    try:
+        import importlib.resources
+
+        path = importlib.resources.files("mergekit._data.chat_templates").joinpath(name + ".jinja")
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+    except (ImportError, OSError):
+        return None
 
 
 def set_chat_template(folder: Path, template: str, inputs) -> None:

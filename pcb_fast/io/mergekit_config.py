@@ -49,7 +49,9 @@ TOP_LEVEL = ("merge_method", "base_model", "models", "slices", "parameters", "dt
              "tokenizer", "chat_template", "name")
 # entries real configs carry that mergekit 0.1.5's schema accepts and nothing reads: accepted, with a note
 IGNORED_ENTRIES = {"vocab_size": "mergekit 0.1.5 does not read it either; the output's vocabulary is the base "
-                                 "model's (or the tokenizer's)"}
+                                 "model's (or the tokenizer's)",
+                   "int8_mask": "a parameter written outside parameters:, where mergekit ignores it too; under "
+                                "parameters it only saves memory, the values are the same"}
 # how mergekit treats base_model (its input contract) where not as a required base: "optional" (a
 # config without base_model merges the models themselves), "ignored" (the base is one more input)
 MERGEKIT_BASE = {"nuslerp": "optional", "multislerp": "optional", "karcher": "ignored", "passthrough": "ignored"}
@@ -565,14 +567,30 @@ class Settings:
                     continue
                 if name in ("int8_mask", "scope"):
                     continue
-                values = {k: (list(v) if isinstance(v, list) else v) for k, v in context.items()}
-                values[name] = [converted] * n if name in PER_MODEL else converted
-                params = self._engine(values, n)
-                lam, lambdas = params.pop("lam", 1.0), params.pop("lambdas", None)
-                try:
-                    check_method_params(self.method, n, lam, lambdas, scope, params)
-                except ValueError as e:
-                    raise ValueError(f"{self.where}: {label}: {e}") from None
+                for values in self._combinations(name, label, converted, context, n):
+                    params = self._engine(values, n)
+                    lam, lambdas = params.pop("lam", 1.0), params.pop("lambdas", None)
+                    try:
+                        check_method_params(self.method, n, lam, lambdas, scope, params)
+                    except ValueError as e:
+                        raise ValueError(f"{self.where}: {label}: {e}") from None
+
+    def _combinations(self, name, label, value, context, n):
+        """The parameter values a merge can see with ``name`` at ``value`` (the setting at ``label``):
+        a shared parameter with every model's own values; a per-model one with the values of the model
+        it applies to (that model's, or each model without its own for a shared setting), given to
+        every model alike, so that no model's value is checked with another model's."""
+        if name not in PER_MODEL:
+            yield {**{k: (list(v) if isinstance(v, list) else v) for k, v in context.items()}, name: value}
+            return
+        if label.startswith("models["):
+            models = [int(label[len("models["):label.index("]")])]
+        else:
+            models = [j for j, own in enumerate(self.per_model[:n]) if name not in own]
+        for j in models:
+            values = {k: ([v[j]] * n if isinstance(v, list) else v) for k, v in context.items()}
+            values[name] = [value] * n
+            yield values
 
     def layers(self, base: str):
         """Number of layers (for gradients): the base folder's config.json; None without gradients."""
@@ -776,9 +794,13 @@ def _output_entries(raw, base, where) -> dict:
         if not isinstance(template, str):
             raise ValueError(f"{where}: chat_template must be a template name or the template's Jinja text")
         if template in MERGEKIT_TEMPLATE_NAMES:
-            raise ValueError(f"{where}: not supported: chat_template: {template} (a template mergekit ships; "
-                             f"pcb-fast knows {', '.join(CHAT_TEMPLATE_NAMES)}: give the template's Jinja text)")
-        if template not in CHAT_TEMPLATE_NAMES and (len(template) < 20 or "{" not in template):
+            from .card import mergekit_template
+
+            if mergekit_template(template) is None:
+                raise ValueError(f"{where}: chat_template: {template} is a template mergekit ships, read from an "
+                                 f"installed mergekit (pip install mergekit), which is missing; or give the "
+                                 "template's Jinja text")
+        elif template not in CHAT_TEMPLATE_NAMES and (len(template) < 20 or "{" not in template):
             raise ValueError(f"{where}: chat_template={template!r} is neither a template name "
                              f"({', '.join(CHAT_TEMPLATE_NAMES)}) nor a Jinja template")
     return out

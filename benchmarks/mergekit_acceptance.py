@@ -1,0 +1,177 @@
+"""How many real-world mergekit configurations pcb-fast runs, next to mergekit 0.1.5 itself.
+
+    python -m benchmarks.mergekit_acceptance [--configs tests/data/mergekit_configs] [--dir /tmp/mk_accept]
+
+Each YAML file under --configs is a configuration published with a model (its source in the first
+line). Every model it names (Hub ids, local paths of the author's machine) is mapped to a tiny local
+Llama-style model with a tokenizer (as many layers as its layer ranges need); a LoRA reference
+``model+adapter`` keeps its ``+adapter`` (no adapter is built). Then the configuration runs through
+pcb-fast (``pcb-fast merge --config``) and through mergekit's run_merge. Prints, per file, whether
+each accepts and runs it and the first line of each refusal, then the shares and the refusals
+grouped by reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import re
+import shutil
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+import yaml
+
+HIDDEN, INTER, VOCAB, DEFAULT_LAYERS = 16, 24, 40, 32
+
+
+def model_references(raw: dict) -> list:
+    """Every model a configuration names (base, models, slice sources, tokenizer sources), in order."""
+    refs = [raw.get("base_model")]
+    refs += [m.get("model") if isinstance(m, dict) else m for m in raw.get("models") or []]
+    for out in raw.get("slices") or []:
+        refs += [src.get("model") for src in (out or {}).get("sources") or [] if isinstance(src, dict)]
+    refs.append(raw.get("tokenizer_source"))
+    block = raw.get("tokenizer") if isinstance(raw.get("tokenizer"), dict) else {}
+    refs.append(block.get("source"))
+    return [r for r in dict.fromkeys(refs) if isinstance(r, str) and r not in ("base", "union")]
+
+
+def layers_needed(raw: dict) -> int:
+    ends = [src["layer_range"][1] for out in raw.get("slices") or [] for src in (out or {}).get("sources") or []
+            if isinstance(src, dict) and isinstance(src.get("layer_range"), list)]
+    return max(ends + [DEFAULT_LAYERS])
+
+
+def tiny_model(folder: Path, layers: int, seed: int) -> str:
+    """A Llama-style float32 model with ``layers`` layers and a word-level tokenizer."""
+    from safetensors.torch import save_file
+    import tokenizers
+
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,),
+              "lm_head.weight": (VOCAB, HIDDEN)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + f"self_attn.{m}_proj.weight": (HIDDEN, HIDDEN) for m in "qkvo"})
+        shapes.update({p + "mlp.gate_proj.weight": (INTER, HIDDEN), p + "mlp.up_proj.weight": (INTER, HIDDEN),
+                       p + "mlp.down_proj.weight": (HIDDEN, INTER), p + "input_layernorm.weight": (HIDDEN,),
+                       p + "post_attention_layernorm.weight": (HIDDEN,)})
+    save_file({k: torch.randn(s, generator=g) for k, s in shapes.items()}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
+        "intermediate_size": INTER, "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": VOCAB, "tie_word_embeddings": False, "torch_dtype": "float32", "max_position_embeddings": 64,
+        "rms_norm_eps": 1e-6}))
+    vocab = {f"w{i}": i for i in range(VOCAB - 1)}
+    vocab["<unk>"] = VOCAB - 1
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                              "unk_token": "<unk>", "model_max_length": 64}))
+    return str(folder)
+
+
+def localised(raw: dict, root: Path) -> dict:
+    """``raw`` with every model reference replaced by a tiny local model (LoRA suffixes kept)."""
+    layers = layers_needed(raw)
+    folders = {}
+    for ref in model_references(raw):
+        model = ref.split("+")[0]
+        if model not in folders:
+            folders[model] = tiny_model(root / f"m{len(folders)}", layers, len(folders))
+
+    def local(ref):
+        if not isinstance(ref, str) or ref in ("base", "union"):
+            return ref
+        model, plus, adapter = ref.partition("+")
+        return folders[model] + (plus + str(root / "adapters" / re.sub(r"\W", "_", adapter)) if plus else "")
+
+    text = json.dumps(raw)
+    for ref in sorted(model_references(raw), key=len, reverse=True):  # (a reference inside another: longest first)
+        text = text.replace(json.dumps(ref), json.dumps(local(ref)))
+    return json.loads(text)
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:300]
+
+
+def run_pcb_fast(config_path: Path, out: Path) -> tuple:
+    from pcb_fast.cli import main as cli
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = cli(["merge", "--config", str(config_path), "--out", str(out), "--quiet"])
+    lines = [line for line in err.getvalue().splitlines() if "error" in line or "failed" in line]
+    return code == 0, "" if code == 0 else (lines[-1] if lines else err.getvalue().strip()[-300:])
+
+
+def run_mergekit(raw: dict, out: Path) -> tuple:
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            run_merge(MergeConfiguration.model_validate(raw), str(out), MergeOptions(copy_tokenizer=True, quiet=True))
+        return True, ""
+    except BaseException as e:  # (pydantic errors, mergekit's RuntimeErrors, missing adapters)
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        return False, first_line(e)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default=str(Path(__file__).parent.parent / "tests" / "data" / "mergekit_configs"))
+    parser.add_argument("--dir", default="/tmp/mergekit_acceptance")
+    args = parser.parse_args(argv)
+    import warnings
+
+    warnings.simplefilter("ignore")
+    root = Path(args.dir)
+    rows = []
+    for path in sorted(Path(args.configs).glob("*.yaml")):
+        work = root / path.stem
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        raw = localised(yaml.safe_load(path.read_text()), work / "models")
+        (work / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        ours, ours_why = run_pcb_fast(work / "config.yaml", work / "pcb-fast")
+        theirs, theirs_why = run_mergekit(raw, work / "mergekit")
+        rows.append((path.stem, raw.get("merge_method"), ours, ours_why, theirs, theirs_why))
+        print(f"{path.stem}: pcb-fast {'runs' if ours else 'refuses: ' + ours_why}; "
+              f"mergekit {'runs' if theirs else 'fails: ' + theirs_why}", flush=True)
+        shutil.rmtree(work / "models", ignore_errors=True)
+    n = len(rows)
+    both = [r for r in rows if r[4]]
+    print(f"\n{n} configurations; pcb-fast runs {sum(r[2] for r in rows)} ({sum(r[2] for r in rows) / n:.0%}), "
+          f"mergekit runs {len(both)} ({len(both) / n:.0%}); of those mergekit runs, pcb-fast runs "
+          f"{sum(r[2] for r in both)} ({sum(r[2] for r in both) / max(1, len(both)):.0%})")
+    reasons = Counter(re.sub(r"/\S+", "<path>", r[3]) for r in rows if not r[2])
+    if reasons:
+        print("\npcb-fast's refusals:")
+        for reason, count in reasons.most_common():
+            print(f"  {count} x {reason}")
+    failures = Counter(re.sub(r"/\S+", "<path>", r[5]) for r in rows if not r[4])
+    if failures:
+        print("\nmergekit's failures:")
+        for reason, count in failures.most_common():
+            print(f"  {count} x {reason}")
+    print("\n| configuration | method | pcb-fast | mergekit |")
+    print("|---|---|---|---|")
+    for name, method, ours, ours_why, theirs, theirs_why in rows:
+        print(f"| {name} | {method} | {'runs' if ours else 'refuses'} | {'runs' if theirs else 'fails'} |")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
