@@ -47,8 +47,9 @@ def layers_needed(raw: dict) -> int:
     return max(ends + [DEFAULT_LAYERS])
 
 
-def tiny_model(folder: Path, layers: int, seed: int) -> str:
-    """A Llama-style float32 model with ``layers`` layers and a word-level tokenizer."""
+def tiny_model(folder: Path, layers: int, seed: int, weights: bool = True) -> str:
+    """A Llama-style float32 model with ``layers`` layers and a word-level tokenizer (``weights``
+    False: its config and tokenizer only, enough to validate a configuration)."""
     from safetensors.torch import save_file
     import tokenizers
 
@@ -62,8 +63,9 @@ def tiny_model(folder: Path, layers: int, seed: int) -> str:
         shapes.update({p + "mlp.gate_proj.weight": (INTER, HIDDEN), p + "mlp.up_proj.weight": (INTER, HIDDEN),
                        p + "mlp.down_proj.weight": (HIDDEN, INTER), p + "input_layernorm.weight": (HIDDEN,),
                        p + "post_attention_layernorm.weight": (HIDDEN,)})
-    save_file({k: torch.randn(s, generator=g) for k, s in shapes.items()}, folder / "model.safetensors",
-              metadata={"format": "pt"})
+    if weights:
+        save_file({k: torch.randn(s, generator=g) for k, s in shapes.items()}, folder / "model.safetensors",
+                  metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
         "intermediate_size": INTER, "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -79,14 +81,14 @@ def tiny_model(folder: Path, layers: int, seed: int) -> str:
     return str(folder)
 
 
-def localised(raw: dict, root: Path) -> dict:
+def localised(raw: dict, root: Path, weights: bool = True) -> dict:
     """``raw`` with every model reference replaced by a tiny local model (LoRA suffixes kept)."""
     layers = layers_needed(raw)
     folders = {}
     for ref in model_references(raw):
         model = ref.split("+")[0]
         if model not in folders:
-            folders[model] = tiny_model(root / f"m{len(folders)}", layers, len(folders))
+            folders[model] = tiny_model(root / f"m{len(folders)}", layers, len(folders), weights)
 
     def local(ref):
         if not isinstance(ref, str) or ref in ("base", "union"):

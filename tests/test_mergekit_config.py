@@ -464,3 +464,27 @@ def test_chat_templates_mergekit_ships_and_a_top_level_int8_mask(llama, capsys, 
     with pytest.warns(UserWarning, match="config: int8_mask is ignored \\(a parameter written outside parameters:"):
         kwargs = parse_config(config(base, paths, parameters={"density": 0.5}, int8_mask=True))
     assert without_card(kwargs) == without_card(parse_config(config(base, paths, parameters={"density": 0.5})))
+
+
+def test_published_configs_are_accepted(tmp_path):
+    """The configurations collected from published models (tests/data/mergekit_configs, each naming its
+    source) validate, their model names mapped to tiny local folders; the two that mergekit cannot run
+    either are refused, each with its reason (the merges themselves: benchmarks/mergekit_acceptance.py)."""
+    from pathlib import Path
+
+    from benchmarks.mergekit_acceptance import localised
+
+    refused = {}
+    files = sorted((Path(__file__).parent / "data" / "mergekit_configs").glob("*.yaml"))
+    assert len(files) >= 40
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for path in files:
+            raw = localised(yaml.safe_load(path.read_text()), tmp_path / path.stem, weights=False)
+            try:
+                parse_config(raw, path.stem)
+            except ValueError as e:
+                refused[path.stem] = str(e)
+    assert sorted(refused) == ["35_slerp_openchat_seraph_union", "37_model_stock_lora_huatuo"], refused
+    assert "slerp needs the base model among the sources of every slice" in refused["35_slerp_openchat_seraph_union"]
+    assert "is a model with a LoRA adapter" in refused["37_model_stock_lora_huatuo"]
