@@ -221,3 +221,18 @@ def test_the_recorded_config_runs_again_with_the_same_tokenizer(fp32_family, tmp
     assert sorted(first) == sorted(again) and all(torch.equal(first[k], again[k]) for k in first)
     assert ((tmp_path / "first" / "tokenizer.json").read_text()
             == (tmp_path / "elsewhere" / "again" / "tokenizer.json").read_text())
+
+
+def test_the_tokenizer_source_is_an_input_the_output_may_not_replace(fp32_family, tmp_path, capsys):
+    """A tokenizer source outside the merged models is read too: --overwrite may not delete it."""
+    import shutil
+
+    elsewhere = tmp_path / "tokenizer-only"
+    shutil.copytree(fp32_family["tool"], elsewhere)
+    raw = {"merge_method": "task_arithmetic", "base_model": fp32_family["base"],
+           "models": [{"model": fp32_family["calm"]}], "tokenizer_source": str(elsewhere)}
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(raw))
+    assert cli(["merge", "--config", str(tmp_path / "merge.yaml"), "--out", str(elsewhere), "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the tokenizer source" in err[0], err
+    assert (elsewhere / "tokenizer.json").is_file()

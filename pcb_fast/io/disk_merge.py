@@ -173,6 +173,7 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
     labels = ["the base model"] + [f"model {i}" for i in range(n)]
     paths = [(label, path) for label, s in zip(labels, [base] + models) if not isinstance(s, dict)
              for path in getattr(s, "paths", [s])]  # (a model stitched from slices: its sources' paths)
+    paths += [("the tokenizer source", path) for path in getattr((card or {}).get("tokenizer"), "read_from", ())]
     check_recordable(paths + [("output", out)])
     out = check_output(out, overwrite, paths)
 

@@ -183,6 +183,7 @@ class VocabularyPlan:
                 tokenizer = load_tokenizer(path)
                 if tokenizer is not None:  # (else the base's vocabulary, as mergekit assumes)
                     loaded[path] = tokenizer
+        self.read_from = [] if source in ("base", "union") else [source]  # (beside the merge's inputs)
         if source == "base":
             out = base_tok
         elif source == "union":
@@ -357,6 +358,7 @@ class RemappedCheckpoint(Checkpoint):
         self.inner = _open(model.inner, name)
         super().__init__(name, self.inner.folder)
         self.readers = getattr(self.inner, "readers", ())
+        self.files = getattr(self.inner, "files", ())
         self.opened = getattr(self.inner, "opened", [self.inner])
         self.model, self.plan = model, model.plan
         self.config_updates = {**(getattr(self.inner, "config_updates", None) or {}), "vocab_size": self.plan.rows}
