@@ -25,11 +25,8 @@ from pathlib import Path
 import torch
 
 
-def build(folder: Path, hidden: int, layers: int, inter: int, vocab: int) -> dict:
-    from safetensors.torch import save_file
-
-    names = {}
-    g = torch.Generator().manual_seed(0)
+def llama_shapes(hidden: int, layers: int, inter: int, vocab: int) -> dict:
+    """Key -> shape of an untied Llama-style model."""
     shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
               "lm_head.weight": (vocab, hidden)}
     for i in range(layers):
@@ -38,6 +35,15 @@ def build(folder: Path, hidden: int, layers: int, inter: int, vocab: int) -> dic
         shapes.update({p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
                        p + "mlp.down_proj.weight": (hidden, inter), p + "input_layernorm.weight": (hidden,),
                        p + "post_attention_layernorm.weight": (hidden,)})
+    return shapes
+
+
+def build(folder: Path, hidden: int, layers: int, inter: int, vocab: int) -> dict:
+    from safetensors.torch import save_file
+
+    names = {}
+    g = torch.Generator().manual_seed(0)
+    shapes = llama_shapes(hidden, layers, inter, vocab)
     base = {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
     variants = {"base": base}
     for i, scale in enumerate((0.002, 0.01, 0.02)):

@@ -51,18 +51,12 @@ def tiny_model(folder: Path, layers: int, seed: int, weights: bool = True) -> st
     """A Llama-style float32 model with ``layers`` layers and a word-level tokenizer (``weights``
     False: its config and tokenizer only, enough to validate a configuration)."""
     from safetensors.torch import save_file
-    import tokenizers
+
+    from .bench_mergekit_methods import llama_shapes
 
     folder.mkdir(parents=True)
     g = torch.Generator().manual_seed(seed)
-    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,),
-              "lm_head.weight": (VOCAB, HIDDEN)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes.update({p + f"self_attn.{m}_proj.weight": (HIDDEN, HIDDEN) for m in "qkvo"})
-        shapes.update({p + "mlp.gate_proj.weight": (INTER, HIDDEN), p + "mlp.up_proj.weight": (INTER, HIDDEN),
-                       p + "mlp.down_proj.weight": (HIDDEN, INTER), p + "input_layernorm.weight": (HIDDEN,),
-                       p + "post_attention_layernorm.weight": (HIDDEN,)})
+    shapes = llama_shapes(HIDDEN, layers, INTER, VOCAB)
     if weights:
         save_file({k: torch.randn(s, generator=g) for k, s in shapes.items()}, folder / "model.safetensors",
                   metadata={"format": "pt"})
@@ -71,14 +65,21 @@ def tiny_model(folder: Path, layers: int, seed: int, weights: bool = True) -> st
         "intermediate_size": INTER, "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2,
         "vocab_size": VOCAB, "tie_word_embeddings": False, "torch_dtype": "float32", "max_position_embeddings": 64,
         "rms_norm_eps": 1e-6}))
-    vocab = {f"w{i}": i for i in range(VOCAB - 1)}
-    vocab["<unk>"] = VOCAB - 1
+    save_word_tokenizer(folder, VOCAB)
+    return str(folder)
+
+
+def save_word_tokenizer(folder: Path, size: int) -> None:
+    """A word-level tokenizer of ``size`` tokens (t0, t1, ..., <unk>) that transformers loads."""
+    import tokenizers
+
+    vocab = {f"t{i}": i for i in range(size - 1)}
+    vocab["<unk>"] = size - 1
     tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
-                                                              "unk_token": "<unk>", "model_max_length": 64}))
-    return str(folder)
+    tokenizer.save(str(Path(folder) / "tokenizer.json"))
+    (Path(folder) / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                                    "unk_token": "<unk>", "model_max_length": 64}))
 
 
 def localised(raw: dict, root: Path, weights: bool = True) -> dict:

@@ -57,14 +57,10 @@ def llama_state(g):
 
 def save_tokenizer(folder):
     """A word-level tokenizer of VOCAB tokens (what mergekit's tokenizer_source needs to load)."""
-    tokenizers = pytest.importorskip("tokenizers")
-    vocab = {f"t{i}": i for i in range(VOCAB - 1)}
-    vocab["<unk>"] = VOCAB - 1
-    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
-                                                              "unk_token": "<unk>", "model_max_length": 64}))
+    pytest.importorskip("tokenizers")
+    from benchmarks.mergekit_acceptance import save_word_tokenizer
+
+    save_word_tokenizer(folder, VOCAB)
 
 
 def save_llama(folder, state):
