@@ -112,8 +112,8 @@ def run_pcb_fast(config_path: Path, out: Path) -> tuple:
     from pcb_fast.cli import main as cli
 
     err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code = cli(["merge", "--config", str(config_path), "--out", str(out), "--quiet"])
+    with contextlib.redirect_stderr(err):  # (mergekit's rounding, to compare the values)
+        code = cli(["merge", "--config", str(config_path), "--out", str(out), "--quiet", "--compute-dtype", "mergekit"])
     lines = [line for line in err.getvalue().splitlines() if "error" in line or "failed" in line]
     return code == 0, "" if code == 0 else (lines[-1] if lines else err.getvalue().strip()[-300:])
 
@@ -130,6 +130,18 @@ def run_mergekit(raw: dict, out: Path) -> tuple:
         if isinstance(e, KeyboardInterrupt):
             raise
         return False, first_line(e)
+
+
+def compare(ours: Path, theirs: Path) -> str:
+    """How many output entries differ (keys and shapes first), and why where it is by design."""
+    from safetensors.torch import load_file
+
+    a, b = (load_file(folder / "model.safetensors") for folder in (ours, theirs))
+    if sorted(a) != sorted(b) or any(a[k].shape != b[k].shape for k in a):
+        return "other keys or shapes"
+    differ = sum(int((a[k].to(b[k].dtype) != b[k]).sum()) for k in a)
+    total = sum(v.numel() for v in a.values())
+    return f"{differ} of {total}" + ("" if a[next(iter(a))].dtype == b[next(iter(b))].dtype else " (other dtype)")
 
 
 def main(argv=None) -> None:
@@ -150,9 +162,10 @@ def main(argv=None) -> None:
         (work / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
         ours, ours_why = run_pcb_fast(work / "config.yaml", work / "pcb-fast")
         theirs, theirs_why = run_mergekit(raw, work / "mergekit")
-        rows.append((path.stem, raw.get("merge_method"), ours, ours_why, theirs, theirs_why))
+        differ = compare(work / "pcb-fast", work / "mergekit") if ours and theirs else ""
+        rows.append((path.stem, raw.get("merge_method"), ours, ours_why, theirs, theirs_why, differ))
         print(f"{path.stem}: pcb-fast {'runs' if ours else 'refuses: ' + ours_why}; "
-              f"mergekit {'runs' if theirs else 'fails: ' + theirs_why}", flush=True)
+              f"mergekit {'runs' if theirs else 'fails: ' + theirs_why}{'; ' + differ if differ else ''}", flush=True)
         shutil.rmtree(work / "models", ignore_errors=True)
     n = len(rows)
     both = [r for r in rows if r[4]]
@@ -169,10 +182,11 @@ def main(argv=None) -> None:
         print("\nmergekit's failures:")
         for reason, count in failures.most_common():
             print(f"  {count} x {reason}")
-    print("\n| configuration | method | pcb-fast | mergekit |")
-    print("|---|---|---|---|")
-    for name, method, ours, ours_why, theirs, theirs_why in rows:
-        print(f"| {name} | {method} | {'runs' if ours else 'refuses'} | {'runs' if theirs else 'fails'} |")
+    print("\n| configuration | method | pcb-fast | mergekit | entries differing (pcb-fast with --compute-dtype mergekit) |")
+    print("|---|---|---|---|---|")
+    for name, method, ours, ours_why, theirs, theirs_why, differ in rows:
+        print(f"| {name} | {method} | {'runs' if ours else 'refuses'} | {'runs' if theirs else 'fails'} | "
+              f"{differ or '-'} |")
     sys.stdout.flush()
 
 

@@ -454,6 +454,12 @@ GTA_CONFIGS = [
     ("della", {"merge_method": "della", "base_model": "base",
                "models": [("far", {"weight": 1.0, "density": 0.5}), ("mixed", {"weight": 0.7, "density": 0.4})],
                "parameters": {"epsilon": 0.1}}),
+    ("linear, no base", {"merge_method": "linear",
+                         "models": [("far", {"weight": 0.5}), ("mixed", {"weight": 1.0}), ("near", {"weight": 0.7})]}),
+    ("linear, the base added, a weight filter", {"merge_method": "linear", "base_model": "base",
+                                                "models": [("far", {"weight": 0.3}), ("mixed", {"weight": 1.0})],
+                                                "parameters": {"weight": [{"filter": "mlp", "value": 0.2},
+                                                                          {"value": 0.9}]}}),
 ]
 
 

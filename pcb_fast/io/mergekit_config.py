@@ -39,8 +39,8 @@ from .safetensors import show
 # mergekit's name -> pcb_fast's method (each method's spec says what mergekit calls it)
 MERGEKIT_METHODS = {spec.mergekit: name for name, spec in SPECS.items() if spec.mergekit is not None}
 # pcb_fast's own names, with the authors' semantics and pcb_fast's defaults
-OWN_METHODS = tuple(name for name in SPECS if name not in MERGEKIT_METHODS
-                    and name != "gta")  # (gta stands for mergekit's names at a lower compute dtype)
+OWN_METHODS = tuple(name for name, spec in SPECS.items() if name not in MERGEKIT_METHODS
+                    and not spec.internal)  # (gta, mergekit_linear: mergekit's names at mergekit's compute dtype)
 # mergekit's methods that pcb_fast does not have, each with what it is
 NOT_SUPPORTED_METHODS = {
     "ram": "RAM", "ramplus_tl": "RAM+",
@@ -138,6 +138,8 @@ def parse(raw, where: str = "config", compute_dtype: str | None = None) -> dict:
                          f"{'is' if len(copies) == 1 else 'are'} the base model: left out of the task list "
                          f"(its parameters ignored, as mergekit does)")
             models = [m for i, m in enumerate(models) if i not in copies]
+    if name == "linear" and compute_dtype not in (None, "float32"):
+        method = "mergekit_linear"  # mergekit's sum and rounding (methods/mergekit_linear.py)
     names = _parameter_names(method, mergekit)
     shared, models = _without_unused(shared, models, name, names, notes)
     _check_names(shared, models, method, name, names, where)
@@ -391,6 +393,8 @@ def _check_inputs(method, name, shared, models, where) -> None:
 
 def _parameter_names(method: str, mergekit: bool) -> dict:
     """Parameter name in the YAML -> (pcb_fast's name, per model allowed)."""
+    if method == "mergekit_linear":
+        return {"weight": "lambdas", "normalize": "normalize", "scope": "scope", "exclude": "exclude"}
     if method == "gta":  # mergekit's YAML names of its generalized task arithmetic
         return {"weight": "lambdas", "lam": "lam", "lambda": "lam", "density": "density", "gamma": "gamma",
                 "epsilon": "epsilon", "normalize": "normalize", "rescale": "rescale", "int8_mask": "int8_mask",
@@ -843,6 +847,8 @@ def _parse_slices(raw, where, compute_dtype, name, method, notes) -> dict:
         _check_reference(base, "base_model", where)
         base = _local(base, f"{where}: base_model", named)
     policy = "ignored" if method == "average" else MERGEKIT_BASE.get(method, "required")
+    if name == "linear" and compute_dtype not in (None, "float32"):
+        method = "mergekit_linear"  # mergekit's sum and rounding (methods/mergekit_linear.py)
     shared = raw.get("parameters") or {}
     if not isinstance(shared, dict):
         raise ValueError(f"{where}: parameters must be a mapping")
