@@ -869,6 +869,8 @@ def _parse_slices(raw, where, compute_dtype, name, method, notes) -> dict:
         sources = [_source(src, f"{label}.sources[{i}]", where) for i, src in enumerate(out["sources"])]
         sources = [(_local(path, f"{where}: {label}.sources[{i}].model", named), *rest)
                    for i, (path, *rest) in enumerate(sources)]
+        if s == 0:
+            listed = [path for path, *_ in sources]  # mergekit's order of the inputs of the embedding
         lengths = {end - first for _, first, end, _ in sources}
         if len(lengths) != 1:
             raise ValueError(f"{where}: {label}: every source must span as many layers (as mergekit requires); "
@@ -926,7 +928,7 @@ def _parse_slices(raw, where, compute_dtype, name, method, notes) -> dict:
         kwargs["exclude"] = shared["exclude"]
     kwargs.update(_output_entries(raw, config_from, where))
     kwargs.update(_compute_dtype(raw, method, name, compute_dtype, notes, where))
-    inputs = list(dict.fromkeys([kwargs["base"]] + tasks))
+    inputs = sorted(dict.fromkeys([kwargs["base"]] + tasks), key=lambda m: listed.index(m.pieces[0].path))
     plan = _tokenizer(raw, config_from, base, list(dict.fromkeys(p for m in inputs for p in m.paths)), named, where)
     _with_vocabulary(kwargs, plan, inputs)
     kwargs["card"] = {"config": dict(raw), "source": where, "chat_template": raw.get("chat_template"),

@@ -451,9 +451,4 @@ class RemappedCheckpoint(Checkpoint):
         self.inner.close()
 
 
-def wrap(models: list, plan: VocabularyPlan) -> list:
-    """``models`` (paths or stitched models) as :class:`RemappedModel` inputs of the same merge."""
-    return [RemappedModel(m, plan, models) for m in models]
-
-
-__all__ = ["VocabularyPlan", "RemappedModel", "parse_tokens", "wrap", "config_vocab_size"]
+__all__ = ["VocabularyPlan", "RemappedModel", "parse_tokens", "config_vocab_size", "load_tokenizer"]
