@@ -402,6 +402,32 @@ def test_passthrough_writes_the_model_itself(tmp_path):
         assert all(torch.equal(got[k], state[k]) for k in state)
 
 
+def test_the_default_module_equals_mergekit(family, tmp_path, capsys):
+    """modules: {default: ...} (a single-module model's one module): its slices or models, its parameters
+    between the slice's and the configuration's, as mergekit runs it; other modules: one line."""
+    _, paths = family
+    bf16 = next(iter(safetensors_torch.load_file(f"{paths['base']}/model.safetensors").values())).dtype == torch.bfloat16
+    flags = ["--compute-dtype", "mergekit"] if bf16 else []
+    sliced = slices_of({"merge_method": "slerp", "base_model": "base",
+                        "slices": [[("base", [0, 4]), ("far", [0, 4])]]}, paths)
+    for i, module in enumerate([{"slices": sliced.pop("slices"), "parameters": {"t": [{"filter": "mlp", "value": 0.8}]}},
+                                {"models": [{"model": paths["far"]}], "parameters": {"t": [0.2, 0.9]}}]):
+        raw = dict(sliced, modules={"default": module}, parameters={"t": 0.3})
+        config = mk_config.MergeConfiguration.model_validate(raw)
+        mk_merge.run_merge(config, str(tmp_path / f"mergekit{i}"), mk_merge.MergeOptions(copy_tokenizer=False, quiet=True))
+        (tmp_path / "merge.yaml").write_text(yaml.safe_dump(raw))
+        assert cli(["merge", "--config", str(tmp_path / "merge.yaml"), "--out", str(tmp_path / f"ours{i}"), "--quiet"]
+                   + flags) == 0
+        assert_equal(safetensors_torch.load_file(tmp_path / f"mergekit{i}" / "model.safetensors"),
+                     safetensors_torch.load_file(tmp_path / f"ours{i}" / "model.safetensors"))
+    raw = dict(sliced, modules={"text_decoder": module, "vision_tower": module})
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(raw))
+    capsys.readouterr()
+    assert cli(["merge", "--config", str(tmp_path / "merge.yaml"), "--out", str(tmp_path / "multi")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not supported: modules text_decoder, vision_tower (the modules of a multi-module" in err[0]
+
+
 def test_passthrough_copies_each_tensor_once(tmp_path, monkeypatch):
     """A passthrough is a copy: each tensor read once (the model; no base beside it), in slices."""
     g = torch.Generator().manual_seed(4)

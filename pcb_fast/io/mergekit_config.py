@@ -45,8 +45,8 @@ OWN_METHODS = tuple(name for name, spec in SPECS.items() if name not in MERGEKIT
 NOT_SUPPORTED_METHODS = {
     "ram": "RAM", "ramplus_tl": "RAM+",
 }
-TOP_LEVEL = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
-             "tokenizer", "chat_template", "name")
+TOP_LEVEL = ("merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype",
+             "tokenizer_source", "tokenizer", "chat_template", "name")
 # entries real configs carry that mergekit 0.1.5's schema accepts and nothing reads: accepted, with a note
 IGNORED_ENTRIES = {"vocab_size": "mergekit 0.1.5 does not read it either; the output's vocabulary is the base "
                                  "model's (or the tokenizer's)",
@@ -60,9 +60,6 @@ MERGEKIT_WEIGHTED = ("nuslerp", "multislerp")  # weight-space methods with merge
 MERGEKIT_PARAMETERS = ("weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "int8_mask", "t",
                        "filter_wise", "nuslerp_flatten", "nuslerp_row_wise", "eps", "max_iter", "tol", "select_topk",
                        "similarity_threshold", "tukey_fence", "thresh", "alpha", "normalize_weights", "scale")
-NOT_SUPPORTED_ENTRIES = {
-    "modules": "per-module merges; pcb-fast merges whole models (use models:)",
-}
 GENERAL_PARAMETERS = ("lam", "scope", "exclude")
 # mergekit's parameters per model: the weight and density of its YAML, and pcb_fast's own ones
 PER_MODEL = ("weight", "density") + tuple(dict.fromkeys(
@@ -80,9 +77,7 @@ def parse(raw, where: str = "config", compute_dtype: str | None = None) -> dict:
     tensor's inputs' own dtype)."""
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: expected a mapping with {', '.join(TOP_LEVEL)}")
-    for key in sorted(raw, key=str):
-        if key in NOT_SUPPORTED_ENTRIES:
-            raise ValueError(f"{where}: not supported: {key} ({NOT_SUPPORTED_ENTRIES[key]})")
+    raw = _one_module(raw, where)
     unknown = sorted(set(raw) - set(TOP_LEVEL) - set(IGNORED_ENTRIES), key=str)
     if unknown:
         raise ValueError(f"{where}: unknown entry {unknown[0]!r}{_did_you_mean(unknown[0], TOP_LEVEL)}; "
@@ -177,6 +172,38 @@ def parse(raw, where: str = "config", compute_dtype: str | None = None) -> dict:
     for note in notes:  # only once the whole config is known to run: a refusal is the only line printed
         warnings.warn(f"pcb_fast: {note}", stacklevel=3)
     return kwargs
+
+
+def _one_module(raw: dict, where: str) -> dict:
+    """mergekit's ``modules:`` with the one module of a single-module architecture (``default``) as
+    the same configuration with its ``slices`` or ``models`` at the top level, the module's
+    parameters before the configuration's (mergekit's precedence: source, slice, module, config)."""
+    modules = raw.get("modules")
+    if modules is None:
+        return raw
+    if raw.get("models") is not None or raw.get("slices") is not None:
+        raise ValueError(f"{where}: give modules, or models/slices, not both")
+    if not isinstance(modules, dict) or list(modules) != ["default"]:
+        names = ", ".join(map(str, modules)) if isinstance(modules, dict) else repr(modules)
+        raise ValueError(f"{where}: not supported: modules {names} (the modules of a multi-module architecture); "
+                         "pcb-fast takes the one module 'default' of a single-module model, or models/slices")
+    module = modules["default"]
+    if not isinstance(module, dict) or set(module) - {"slices", "models", "parameters"} or (
+            (module.get("slices") is None) == (module.get("models") is None)):
+        raise ValueError(f"{where}: modules.default must be a mapping with slices or models (one of them) and "
+                         "parameters")
+    out = {k: v for k, v in raw.items() if k != "modules"}
+    kind = "slices" if module.get("slices") is not None else "models"
+    out[kind] = module[kind]
+    own = module.get("parameters") or {}
+    if not isinstance(own, dict):
+        raise ValueError(f"{where}: modules.default.parameters must be a mapping")
+    if own:
+        shared = raw.get("parameters") or {}
+        if not isinstance(shared, dict):
+            raise ValueError(f"{where}: parameters must be a mapping")
+        out["parameters"] = _chain(own, shared)
+    return out
 
 
 LOWER_PRECISION = ("bfloat16", "float16")
