@@ -19,8 +19,9 @@ section lists every key):
   merge then passes a :class:`SegmentParams` to the engine (pcb_fast.core.engine.run).
 
 Everything is checked before any model file is opened; each problem is one ValueError naming the
-entry, and what mergekit has but pcb_fast does not (slices, passthrough, other methods, LoRA
-references, other tokenizer sources) is a one-line "not supported: ..." naming the feature.
+entry, and what mergekit has but pcb_fast does not (RAM, the modules of a multi-module model, LoRA
+references) is a one-line "not supported: ..." naming the feature. ``slices`` are pcb_fast.io.slices,
+tokenizer sources pcb_fast.io.vocabulary.
 """
 
 from __future__ import annotations
