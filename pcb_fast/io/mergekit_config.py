@@ -1,7 +1,7 @@
 """mergekit's YAML merge configurations, as users write them, with mergekit 0.1.5's meaning.
 
-What it accepts, and how each entry maps onto the engine (the README's "Merge configurations"
-section lists every key):
+What it accepts, and how each entry maps onto the engine (docs/configuration.md lists every
+key with its meaning):
 
 - ``merge_method``: mergekit's names give mergekit's semantics (per-tensor statistics, its
   defaults): ``linear`` (-> average), ``task_arithmetic``, ``ties``, ``dare_ties``, ``dare_linear``
