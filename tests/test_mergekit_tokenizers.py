@@ -236,3 +236,17 @@ def test_the_tokenizer_source_is_an_input_the_output_may_not_replace(fp32_family
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the tokenizer source" in err[0], err
     assert (elsewhere / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("index", [0, 2], ids=[CONFIGS[0][0], CONFIGS[2][0]])
+def test_streamed_passes_read_the_re_mapped_rows(fp32_family, tmp_path, monkeypatch, index):
+    """The streamed engine (float32 arithmetic, a 1 KB budget: every pass reads the files again, in
+    blocks) merges the re-mapped rows as mergekit does."""
+    raw = resolve(json.loads(json.dumps(CONFIGS[index][1])), fp32_family)
+    run_mergekit(raw, tmp_path / "mergekit", monkeypatch)
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert cli(["merge", "--config", str(tmp_path / "merge.yaml"), "--out", str(tmp_path / "ours"), "--quiet",
+                "--max-memory", "1KB"]) == 0
+    theirs = safetensors_torch.load_file(tmp_path / "mergekit" / "model.safetensors")
+    ours = safetensors_torch.load_file(tmp_path / "ours" / "model.safetensors")
+    assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
