@@ -124,8 +124,8 @@ def test_hostile_folders(tmp_path, capsys, monkeypatch, seed):
             return read_into
 
         monkeypatch.setattr(st.SafetensorsReader, "read_into", rewrite_soon(st.SafetensorsReader.read_into))
-        monkeypatch.setattr(checkpoints.StateDictCheckpoint, "read_into",
-                            rewrite_soon(checkpoints.StateDictCheckpoint.read_into))
+        for kind in (checkpoints.StateDictCheckpoint, checkpoints.TorchFileCheckpoint):
+            monkeypatch.setattr(kind, "read_into", rewrite_soon(kind.read_into))
     before = digests(tmp_path)
     code = cli(args)
     err = capsys.readouterr().err

@@ -3,7 +3,10 @@
 ``open_checkpoint`` accepts a .safetensors file, a Hugging Face folder (sharded with
 model.safetensors.index.json, or a single model.safetensors), a .bin/.pt/.pth file or folder
 (through ``torch.load(weights_only=True)`` only), or an in-memory state dict. Every kind answers
-the same questions: its keys, each key's dtype and shape, and the values of a flat slice.
+the same questions: its keys, each key's dtype and shape, and the values of a flat slice. Files are
+read with positioned reads into owned buffers, never through a memory map (a file truncated under a
+map kills the reading process with SIGBUS); a torch zip file whose members are stored is read in
+place, one with compressed members (or in torch's legacy format) is loaded whole.
 
 Only regular files are opened (a named pipe, device or socket is refused, see
 ``safetensors.open_regular``); the shards an index lists must be plain file names in the model
@@ -19,6 +22,7 @@ import os
 import re
 import stat
 import struct
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -27,7 +31,8 @@ from typing import Sequence
 import torch
 
 from .safetensors import (MAX_DEPTH, MAX_HEADER, NAMES, FormatError, NotAFileError, SafetensorsReader, Unchanged,
-                          deeper_than, not_regular, open_regular, read_regular, show, show_path)
+                          advise_range, deeper_than, not_regular, open_regular, read_exactly, read_regular, show,
+                          show_path)
 
 INDEX = "model.safetensors.index.json"
 # floating dtypes that a merge reads (as float32) and writes back; float8 tensors are refused
@@ -102,7 +107,7 @@ class StateDictCheckpoint(Checkpoint):
                 raise ValueError(f"{name}, key {show(key)}: dtype {t.dtype} has no safetensors equivalent; supported: "
                                  f"{', '.join(str(d).replace('torch.', '') for d in NAMES)}")
         self.state = state
-        self.files, self.watch = [], None  # a torch file: its path, and the watch of its mapped descriptor
+        self.files = []  # a torch file read whole: its path
 
     def keys(self):
         return sorted(self.state)
@@ -114,24 +119,64 @@ class StateDictCheckpoint(Checkpoint):
         return tuple(self.state[key].shape)
 
     def read_into(self, key, lo, hi, out):
-        # a memory-mapped torch file is checked before the read too: pages of a file truncated under
-        # the map would kill the process (SIGBUS) instead of raising
-        self._check_unchanged()
         out.copy_(self.state[key].reshape(-1)[lo:hi])
-        self._check_unchanged()
         return out
 
-    def _check_unchanged(self) -> None:
-        if self.watch is not None:
-            try:
-                self.watch.check()
-            except FormatError as e:
-                raise ValueError(f"{self.name}: {e}") from None
+
+class TorchFileCheckpoint(StateDictCheckpoint):
+    """A torch zip file (.bin/.pt/.pth) whose members are stored, read as safetensors files are.
+
+    Its tensors are known from its pickle, loaded onto the meta device (no data read: each storage
+    records where its bytes start in the file); their values are read with positioned reads into the
+    caller's buffers. Nothing is memory-mapped: a file truncated while a merge reads it ends a read
+    early (a one-line error), where a mapped page past its new end would kill the process (SIGBUS);
+    a file rewritten in place is found by the watch checked after every read. A tensor that is not
+    contiguous in its storage (a saved transpose) is read whole once and kept while its slices are
+    read."""
+
+    def __init__(self, state: dict, name: str, watch: Unchanged, starts: dict):
+        """``state``: meta tensors; ``watch``: the open file; ``starts``: each key's byte offset in the
+        file of its storage."""
+        super().__init__(state, name, written=True)
+        self.watch, self.fd, self.files, self.starts = watch, watch.fd, [watch.path], starts
+        self._strided = (None, None)  # the last non-contiguous tensor read: its key, its flattened values
+
+    def _position(self, key: str, lo: int) -> int:
+        t = self.state[key]
+        return self.starts[key] + (t.storage_offset() + lo) * t.element_size()
+
+    def read_into(self, key, lo, hi, out):
+        t = self.state[key]
+        try:
+            if t.is_contiguous():
+                read_exactly(self.fd, out, self._position(key, lo), self.watch, f"key {show(key)}")
+            else:
+                out.copy_(self._whole(key)[lo:hi])
+        except FormatError as e:
+            raise ValueError(f"{self.name}: {e}") from None
+        return out
+
+    def _whole(self, key: str) -> torch.Tensor:
+        """The flattened values of the non-contiguous tensor ``key``, read once: the span of its storage
+        it covers, then its strides applied."""
+        if self._strided[0] != key:
+            t = self.state[key]
+            span = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+            raw = torch.empty(span, dtype=t.dtype)
+            read_exactly(self.fd, raw, self._position(key, 0), self.watch, f"key {show(key)}")
+            self._strided = (key, raw.as_strided(t.shape, t.stride()).contiguous().view(-1))
+        return self._strided[1]
+
+    def advise(self, key, lo, hi):
+        t = self.state[key]
+        if self.fd is not None and t.is_contiguous():
+            advise_range(self.fd, self._position(key, lo), (hi - lo) * t.element_size())
 
     def close(self):
-        if getattr(self, "watch", None) is not None:
-            os.close(self.watch.fd)
-            self.watch = None
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
+            self.fd = None
+        self._strided = (None, None)
 
     def __del__(self):
         self.close()
@@ -184,78 +229,110 @@ def _available_memory() -> int:
     return available_memory()
 
 
-def _zip_members(fd: int, path: Path, name: str) -> tuple[bool, int]:
-    """(whether a torch zip file may be memory-mapped, bytes that loading it whole takes): a zip
-    whose members are all stored may be mapped; deflated members would be mapped as their compressed
-    bytes (torch reads wrong values without an error), so such a file is read whole, as is a legacy
-    (non-zip) file. A member that ends past the end of the file (truncated or corrupt) is refused:
-    reading it through a map would kill the process (SIGBUS)."""
+def _zip_layout(fd: int, path: Path, name: str) -> tuple[dict | None, int]:
+    """({file offset where a member's bytes start: its size} of a torch zip file whose members are all
+    stored, else None; the bytes that loading it whole takes). A file with deflated members (their
+    bytes are not the tensors'), a legacy (non-zip) file and a big-endian one are read whole by
+    torch.load. A member that ends past the end of the file (truncated or corrupt) is refused."""
     size = os.fstat(fd).st_size
     with os.fdopen(os.dup(fd), "rb") as f:
         if not zipfile.is_zipfile(f):
-            return False, size
+            return None, size
         try:
-            members = zipfile.ZipFile(f).infolist()
-            stored, whole = True, 0
-            for member in members:
+            archive = zipfile.ZipFile(f)
+            members, stored, whole = {}, True, 0
+            for member in archive.infolist():
                 f.seek(member.header_offset)
                 local = f.read(30)
                 if len(local) < 30 or local[:4] != b"PK\x03\x04":
                     raise zipfile.BadZipFile(f"member {show(member.filename)} has no local header")
                 name_length, extra_length = struct.unpack("<HH", local[26:30])
-                if member.header_offset + 30 + name_length + extra_length + member.compress_size > size:
+                begin = member.header_offset + 30 + name_length + extra_length
+                if begin + member.compress_size > size:
                     raise zipfile.BadZipFile(f"member {show(member.filename)} ends past the end of the file")
                 stored &= member.compress_type == zipfile.ZIP_STORED
+                members[begin] = member.file_size
                 whole += member.file_size
+            order = next((m for m in archive.namelist() if m.endswith("/byteorder")), None)
+            foreign = order is not None and archive.read(order).strip() not in (b"", sys.byteorder.encode())
         except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, struct.error) as e:
-            raise ValueError(f"{name}: {path.name} is a truncated or corrupt torch zip file ({str(e)[:120]})") from None
-    return stored, whole
+            raise ValueError(f"{name}: {show_path(path.name)} is a truncated or corrupt torch zip file "
+                             f"({str(e)[:120]})") from None
+    return (members if stored and not foreign else None), whole
 
 
-def _torch_load(path: Path, name: str) -> tuple[dict, Unchanged | None]:
-    """The state dict of a torch file, and (for a memory-mapped one) the watch of its open descriptor."""
+def _starts(state: dict, members: dict) -> dict | None:
+    """{key: file offset of its storage's first byte} from the meta tensors of ``state`` (loaded with
+    map_location="meta", whose storages record their offset), each checked to start a stored
+    member that holds the whole tensor; None when torch did not record an offset."""
+    starts = {}
+    for key, t in state.items():
+        if not isinstance(t, torch.Tensor) or t.device.type != "meta":
+            return None
+        start = getattr(t.untyped_storage(), "_checkpoint_offset", None)
+        if not isinstance(start, int):
+            return None
+        last = t.storage_offset() + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+        end = 0 if t.numel() == 0 else (last + 1) * t.element_size()
+        if start not in members or end > members[start]:
+            raise ValueError(f"tensor {show(key)} lies outside its member of the zip file")
+        starts[key] = start
+    return starts
+
+
+def _torch_load(fd: int, path: Path, name: str, **how):
+    """torch.load(weights_only=True) of the open file ``fd``; any failure is one ValueError."""
+    # torch opens the file itself: through /proc/self/fd it opens the file checked before, whatever
+    # the path names by then
+    proc = f"/proc/self/fd/{fd}"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on legacy files; their errors are ours below
+            state = torch.load(proc if os.path.exists(proc) else path, weights_only=True, **how)
+    except Exception as e:  # pickle errors, non-tensor objects refused by weights_only, zip errors
+        text = (str(e).splitlines()[0] if str(e) else type(e).__name__).replace(proc, path.name)
+        raise ValueError(f"{name}: cannot load {show_path(path.name)} with torch.load(weights_only=True): "
+                         f"{text[:200]}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{name}: {show_path(path.name)} holds a {type(state).__name__}, expected a state dict")
+    return state
+
+
+def _state_dict(path: Path, name: str, folder: Path | None = None) -> StateDictCheckpoint:
+    """A torch file: read in place when its members are stored (:class:`TorchFileCheckpoint`),
+    else loaded whole (within the memory available)."""
     try:
         fd = open_regular(path)
     except NotAFileError as e:
         raise ValueError(f"{name}: {e}") from None
-    keep_open = False
     try:
-        mapped, whole = _zip_members(fd, path, name)
-        if not mapped and whole > _available_memory():
-            raise ValueError(f"{name}: {path.name} is compressed or in torch's legacy format, so it is read whole, "
-                             f"and its {whole} bytes exceed the memory available; save it with torch.save's "
-                             "default (zip, stored) format or as safetensors")
-        # torch opens the file itself: through /proc/self/fd it opens the file checked above,
-        # whatever the path names by then
-        proc = f"/proc/self/fd/{fd}"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's notes on legacy files; their errors are ours below
-            state = torch.load(proc if os.path.exists(proc) else path, map_location="cpu", weights_only=True,
-                               mmap=mapped)
-        if not isinstance(state, dict):
-            raise ValueError(f"{name}: {path.name} holds a {type(state).__name__}, expected a state dict")
-        keep_open = mapped
-    except ValueError:
-        raise
-    except Exception as e:  # pickle errors, non-tensor objects refused by weights_only, zip errors
-        text = (str(e).splitlines()[0] if str(e) else type(e).__name__).replace(f"/proc/self/fd/{fd}", path.name)
-        raise ValueError(f"{name}: cannot load {path.name} with torch.load(weights_only=True): {text[:200]}") from None
+        members, whole = _zip_layout(fd, path, name)
+        if members is not None:
+            watch = Unchanged(fd, path)  # the pickle is read now: a change from here on is an error
+            state = _torch_load(fd, path, name, map_location="meta")
+            StateDictCheckpoint(state, name, written=True)  # its keys and tensors checked first
+            try:
+                starts = _starts(state, members)
+            except ValueError as e:
+                raise ValueError(f"{name}: {show_path(path.name)}: {e} (corrupt file)") from None
+            if starts is not None:
+                try:
+                    watch.check()
+                except FormatError as e:
+                    raise ValueError(f"{name}: {e}") from None
+                checkpoint = TorchFileCheckpoint(state, name, watch, starts)
+                checkpoint.folder, fd = folder, None  # the checkpoint owns the descriptor now
+                return checkpoint
+        if whole > _available_memory():
+            raise ValueError(f"{name}: {show_path(path.name)} is compressed or in torch's legacy format, so it is "
+                             f"read whole, and its {whole} bytes exceed the memory available; save it with "
+                             "torch.save's default (zip, stored) format or as safetensors")
+        checkpoint = StateDictCheckpoint(_torch_load(fd, path, name, map_location="cpu"), name, written=True)
+        checkpoint.folder, checkpoint.files = folder, [path]
+        return checkpoint
     finally:
-        if not keep_open:
+        if fd is not None:
             os.close(fd)
-    return state, Unchanged(fd, path) if keep_open else None
-
-
-def _state_dict(path: Path, name: str, folder: Path | None = None) -> StateDictCheckpoint:
-    state, watch = _torch_load(path, name)
-    try:
-        checkpoint = StateDictCheckpoint(state, name, written=True)
-    except ValueError:
-        if watch is not None:
-            os.close(watch.fd)
-        raise
-    checkpoint.folder, checkpoint.files, checkpoint.watch = folder, [path], watch
-    return checkpoint
 
 
 def _inside(path: str, folder: str) -> bool:

@@ -346,6 +346,32 @@ def _bytes_view(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(-1).view(torch.uint8).numpy())
 
 
+def read_exactly(fd: int, out: torch.Tensor, position: int, watch: Unchanged, what: str) -> None:
+    """The bytes of the file ``fd`` from ``position`` into the contiguous tensor ``out``, by positioned
+    reads into its memory (no memory map: a file truncated meanwhile ends the read early, where a
+    mapped page past its new end would kill the process with SIGBUS); then ``watch`` checks that the
+    file did not change. A read that ends early is a FormatError naming ``what``."""
+    view = _bytes_view(out)
+    done = 0
+    while done < len(view):  # a positioned read may return fewer bytes than asked
+        got = os.preadv(fd, [view[done:]], position + done)
+        if got <= 0:
+            watch.check()
+            raise FormatError(f"{show_path(watch.path)}: {what} ends early (truncated file)")
+        done += got
+    watch.check()
+
+
+def advise_range(fd: int, position: int, length: int) -> None:
+    """Ask the kernel to start reading ``length`` bytes of ``fd`` from ``position`` (posix_fadvise
+    WILLNEED). Only a hint: errors are ignored."""
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, position, length, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+
+
 class SafetensorsReader:
     """Header of one safetensors file, and positioned reads of any flat slice of its tensors."""
 
@@ -394,29 +420,15 @@ class SafetensorsReader:
         info = self.tensors[key]
         if out.dtype != info.dtype or out.numel() != hi - lo or not out.is_contiguous():
             raise ValueError(f"read_into {show(key)}: buffer {out.dtype} [{out.numel()}] for {info.dtype} [{hi - lo}]")
-        view = _bytes_view(out)
-        position = info.offset + lo * info.dtype.itemsize
-        done = 0
-        while done < len(view):  # a positioned read may return fewer bytes than asked
-            got = os.preadv(self._fd, [view[done:]], position + done)
-            if got <= 0:
-                self.watch.check()
-                raise FormatError(f"{self.path}: key {show(key)} ends early (truncated file)")
-            done += got
-        self.watch.check()
+        read_exactly(self._fd, out, info.offset + lo * info.dtype.itemsize, self.watch, f"key {show(key)}")
         return out
 
     def advise(self, key: str, lo: int, hi: int) -> None:
         """Ask the kernel to start reading entries [lo, hi) of ``key`` (posix_fadvise WILLNEED): a
         later read_into of them then finds them in the page cache. Only a hint: errors are ignored."""
         info = self.tensors[key]
-        if self._fd is None or not hasattr(os, "posix_fadvise"):
-            return
-        try:
-            os.posix_fadvise(self._fd, info.offset + lo * info.dtype.itemsize, (hi - lo) * info.dtype.itemsize,
-                             os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
+        if self._fd is not None:
+            advise_range(self._fd, info.offset + lo * info.dtype.itemsize, (hi - lo) * info.dtype.itemsize)
 
     def read(self, key: str) -> torch.Tensor:
         """The whole tensor ``key`` (a new tensor)."""

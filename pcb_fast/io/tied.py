@@ -22,8 +22,11 @@ import torch
 
 def _view_id(t: torch.Tensor):
     """What makes two tensors the same view of one storage (None for tensors without data)."""
-    if t.device.type == "meta" or t.numel() == 0:
+    if t.numel() == 0:
         return None
+    if t.device.type == "meta":  # a tensor of a torch file read in place: its storage's place in the file
+        where = getattr(t.untyped_storage(), "_checkpoint_offset", None)
+        return None if where is None else ("file", where, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
