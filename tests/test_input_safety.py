@@ -93,20 +93,24 @@ def test_a_model_file_linked_into_out_is_an_input(tmp_path, capsys, kind):
     assert tree(out) == before
 
 
-@pytest.mark.parametrize("linked", ["adapter_model.safetensors", "adapter_config.json"])
-def test_an_adapter_file_linked_into_out_is_an_input(tmp_path, capsys, linked):
+def adapter_files(tmp_path: Path, weights: str = "adapter_model.safetensors") -> dict:
+    """A base model folder at tmp_path/base, and the files of a LoRA adapter of it: {name: bytes}."""
     g = torch.Generator().manual_seed(0)
     (tmp_path / "base").mkdir()
     save_file({"model.layers.0.q_proj.weight": torch.randn(8, 8, generator=g)}, tmp_path / "base/model.safetensors")
+    factors = {"base_model.model.model.layers.0.q_proj.lora_A.weight": torch.randn(2, 8, generator=g),
+               "base_model.model.model.layers.0.q_proj.lora_B.weight": torch.randn(8, 2, generator=g)}
+    (save_file if weights.endswith(".safetensors") else torch.save)(factors, tmp_path / "weights")
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["q_proj"]}
+    return {weights: (tmp_path / "weights").read_bytes(), "adapter_config.json": json.dumps(config).encode()}
+
+
+@pytest.mark.parametrize("linked", ["adapter_model.safetensors", "adapter_model.bin", "adapter_config.json"])
+def test_an_adapter_file_linked_into_out_is_an_input(tmp_path, capsys, linked):
+    files = adapter_files(tmp_path, "adapter_model.bin" if linked == "adapter_model.bin" else
+                          "adapter_model.safetensors")
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    files = {"adapter_model.safetensors": None, "adapter_config.json": None}
-    save_file({"base_model.model.model.layers.0.q_proj.lora_A.weight": torch.randn(2, 8, generator=g),
-               "base_model.model.model.layers.0.q_proj.lora_B.weight": torch.randn(8, 2, generator=g)},
-              tmp_path / "weights")
-    files["adapter_model.safetensors"] = (tmp_path / "weights").read_bytes()
-    files["adapter_config.json"] = json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2,
-                                               "target_modules": ["q_proj"]}).encode()
     out, target = an_existing_output(tmp_path, "x", files[linked])
     for name, data in files.items():
         if name == linked:
@@ -396,6 +400,22 @@ def test_weights_linking_outside_the_folder_are_refused_without_an_index(tmp_pat
     assert cli(["merge", "--base", str(folder), "--model", str(tmp_path / "m.safetensors"), "--out",
                 str(tmp_path / "o"), "--quiet"]) == 2
     assert f"weight file '{name}' links to a file outside the model folder" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("linked", ["adapter_model.safetensors", "adapter_model.bin", "adapter_config.json"])
+def test_adapter_files_linking_outside_the_adapter_folder_are_refused(tmp_path, capsys, linked):
+    files = adapter_files(tmp_path, "adapter_model.bin" if linked == "adapter_model.bin" else
+                          "adapter_model.safetensors")
+    adapter, elsewhere = tmp_path / "adapter", tmp_path / "elsewhere"
+    adapter.mkdir()
+    elsewhere.mkdir()
+    for name, data in files.items():
+        (elsewhere if name == linked else adapter).joinpath(name).write_bytes(data)
+    (adapter / linked).symlink_to(elsewhere / linked)
+    assert cli(["merge", "--base", str(tmp_path / "base"), "--adapter", str(adapter), "--out", str(tmp_path / "o"),
+                "--quiet", "--method", "task_arithmetic"]) == 2
+    assert f"{linked} links to a file outside the adapter folder" in one_error_line(capsys)
+    assert not (tmp_path / "o").exists()
 
 
 # ---- 4 again: a torch file truncated while it is read (no memory map, so no SIGBUS)

@@ -355,14 +355,11 @@ def side_files(folder, name: str) -> list[Path]:
     if folder is None:
         return []
     folder, found = Path(folder), []
-    real_folder = os.path.realpath(folder)
     for file in SIDE_FILES:
         path = folder / file
         if not os.path.lexists(path):
             continue
-        target = os.path.realpath(path)
-        if not _inside(target, real_folder) and not _hub_blob(target, real_folder):
-            raise ValueError(f"{name}: {file} links to a file outside the model folder; copy it into the folder")
+        check_inside(folder, [file], name, what="")
         try:
             mode = os.stat(path).st_mode
         except OSError as e:
@@ -381,19 +378,22 @@ def _check_shard_names(folder: Path, files: list, name: str) -> None:
                 or os.sep in file):
             raise ValueError(f"{name}: {INDEX} lists shard {show(file)}, which is not a plain file name in the model "
                              "folder (no folders, '..' or absolute paths)")
-    _check_inside(folder, files, name, f" listed in {INDEX}")
+    check_inside(folder, files, name, what="shard", listed=f" listed in {INDEX}")
 
 
-def _check_inside(folder: Path, files: list, name: str, listed: str = "") -> None:
-    """The weight files ``files`` of a model folder (found by name, or listed in its index) have
-    real paths (links followed) inside it, or in the Hugging Face cache's blobs of the same
-    repository: one rule whether or not an index lists them."""
+def check_inside(folder: Path, files: list, name: str, what: str = "weight file", listed: str = "",
+                 kind: str = "model") -> None:
+    """The files ``files`` of a model or adapter folder (weights found by name or listed in an index,
+    side files, an adapter's config) have real paths (links followed) inside it, or in the Hugging
+    Face cache's blobs of the same repository: one rule for every file a run reads from a folder.
+    ``what``: how the message names a file ("" for its bare name), ``kind``: the folder's."""
     real_folder = os.path.realpath(folder)
     for file in files:
-        target = os.path.realpath(folder / file)
+        target = os.path.realpath(Path(folder) / file)
         if not _inside(target, real_folder) and not _hub_blob(target, real_folder):
-            raise ValueError(f"{name}: {'shard' if listed else 'weight file'} {show(file)}{listed} links to a file "
-                             "outside the model folder; copy it into the folder")
+            named = f"{what} {show(file)}" if what else show_path(file, 100)
+            raise ValueError(f"{name}: {named}{listed} links to a file outside the {kind} folder; copy it into the "
+                             "folder")
 
 
 JSON_LIMIT = 64 << 20  # bytes of a JSON side file read by pcb_fast (config.json, an index, a tokenizer config)
@@ -461,15 +461,15 @@ def _open_folder(path: Path, name: str) -> Checkpoint:
             raise ValueError(f"{name}: key {show(unlisted[0])} is in a shard but not in {INDEX}")
         return checkpoint
     if "model.safetensors" in names:
-        _check_inside(path, ["model.safetensors"], name)
+        check_inside(path, ["model.safetensors"], name)
         return SafetensorsCheckpoint([path / "model.safetensors"], name, path)
     shards = sorted(n for n in names if n.endswith(".safetensors") and not n.startswith("."))
     if shards:
-        _check_inside(path, shards, name)
+        check_inside(path, shards, name)
         return SafetensorsCheckpoint([path / n for n in shards], name, path)
     for candidate in ("pytorch_model.bin", "model.pt"):
         if candidate in names:
-            _check_inside(path, [candidate], name)
+            check_inside(path, [candidate], name)
             return _state_dict(path / candidate, name, path)
     raise ValueError(f"{name}: no weights found in the folder (expected model.safetensors, "
                      f"{INDEX} with its shards, or pytorch_model.bin)")

@@ -62,9 +62,9 @@ from ..core.threads import CpuThreads, one_thread
 from ..cpu import fused as fused_cpu
 from ..methods import SPECS
 from . import lora_out
-from .checkpoints import MERGED_DTYPES, open_checkpoint, split_keys
+from .checkpoints import MERGED_DTYPES, check_inside, open_checkpoint, split_keys
 from .patterns import PatternError, peft_match
-from .safetensors import NotAFileError, read_regular, show
+from .safetensors import NotAFileError, read_regular, show, show_path
 from .tied import folder_aliases, merged_aliases, tied_groups
 
 CONFIG = "adapter_config.json"
@@ -208,11 +208,14 @@ def open_adapter(path, name: str, base_ck, merged_keys, aliases=None) -> Adapter
     if not stat.S_ISDIR(mode):
         raise ValueError(f"{name}: {folder} is not a folder; a PEFT adapter is a folder holding {CONFIG} and "
                          f"{WEIGHTS[0]}")
+    # the rule of model folders: nothing read through a link that leaves the folder
+    check_inside(folder, [f for f in (CONFIG, *WEIGHTS) if os.path.lexists(folder / f)], name, what="",
+                 kind="adapter")
     config = _read_config(folder, name)
     check_config(config, name)
     weights = next((folder / w for w in WEIGHTS if os.path.lexists(folder / w)), None)
     if weights is None:
-        raise ValueError(f"{name}: no {WEIGHTS[0]} (or {WEIGHTS[1]}) in {folder}")
+        raise ValueError(f"{name}: no {WEIGHTS[0]} (or {WEIGHTS[1]}) in {show_path(folder)}")
     checkpoint = open_checkpoint(weights, name)
     try:
         deltas = _deltas(checkpoint, config, name, base_ck, set(merged_keys), aliases or {})
