@@ -297,6 +297,7 @@ def run_search(args) -> int:
     from .io.checkpoints import open_checkpoint
     from .io.disk_merge import save_model
     from .io.output import check_file_output, check_not_an_input, check_output, checkpoint_files
+    from .io.safetensors import show_path
     from .search import EvaluateError, search_lambdas
 
     if not args.base or not args.model:
@@ -327,7 +328,7 @@ def run_search(args) -> int:
     base_ck.close()  # read whole: its folder is kept for the side files
     models = []
     for i, path in enumerate(args.model):
-        ck = open_checkpoint(path, f"model {i} ({path})")
+        ck = open_checkpoint(path, f"model {i} ({show_path(path)})")
         inputs += checkpoint_files(ck, f"model {i}")
         models.append({k: ck.read(k) for k in ck.keys()})
         ck.close()

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import pcb_fast
 from pcb_fast.cli import main as cli
 from pcb_fast.io import disk_merge
 from pcb_fast.io.disk_merge import merge_checkpoints
@@ -367,6 +368,48 @@ def test_a_huge_key_gives_a_short_line(tmp_path, capsys):
     assert cli(["merge", "--base", str(tmp_path / "base.safetensors"), "--model", str(tmp_path / "m.safetensors"),
                 "--out", str(tmp_path / "o"), "--quiet"]) == 2
     assert "that the base model lacks" in one_error_line(capsys)
+
+
+def test_every_message_quoting_a_huge_key_is_short(tmp_path):
+    """Messages raised while merging (NaN in a model or the base, tied keys, running statistics)
+    quote a 1 MB key cut short, from files and from memory alike."""
+    key = "k" * 1_000_000
+    w = torch.randn(16)
+    bad = w.clone()
+    bad[3] = float("nan")
+    save_file({key: w, "b": torch.ones(4)}, tmp_path / "base.safetensors")
+    save_file({key: bad, "b": torch.ones(4)}, tmp_path / "nan.safetensors")
+    save_file({key: w + 1, "b": torch.zeros(4)}, tmp_path / "m.safetensors")
+    t = torch.randn(4)
+    tied = {key: t, "a": t}
+    stats = {key + ".running_mean": torch.zeros(4), key + ".num_batches_tracked": torch.tensor(3), "w": torch.randn(4)}
+    nan_stats = dict(stats, **{key + ".running_mean": torch.full((4,), float("nan")), "w": stats["w"] + 1})
+    cases = {
+        "a model's NaN, from files": lambda: merge_checkpoints(tmp_path / "base.safetensors",
+                                                               [tmp_path / "nan.safetensors"], tmp_path / "o1"),
+        "the base's NaN, from files": lambda: merge_checkpoints(tmp_path / "nan.safetensors",
+                                                                [tmp_path / "m.safetensors"], tmp_path / "o2"),
+        "the base's NaN, slerp": lambda: merge_checkpoints(tmp_path / "nan.safetensors", [tmp_path / "m.safetensors"],
+                                                           tmp_path / "o3", method="slerp", t=0.5),
+        "a model's NaN, in memory": lambda: pcb_fast.merge({key: w}, [{key: bad}], method="ties"),
+        "tied keys split by exclude": lambda: pcb_fast.merge(tied, [{key: t + 1, "a": t + 1}],
+                                                             method="task_arithmetic", exclude=["^a$"]),
+        "tied keys that differ": lambda: pcb_fast.merge(tied, [{key: t + 1, "a": t + 2}], method="task_arithmetic"),
+        "running statistics": lambda: pcb_fast.merge(stats, [nan_stats], method="task_arithmetic"),
+    }
+    for what, run in cases.items():
+        with pytest.raises(ValueError) as caught:
+            run()
+        message = str(caught.value)
+        assert len(message) < 400 and "\n" not in message and "kkkk..." in message, (what, len(message))
+
+
+def test_an_out_path_too_long_to_reach_is_a_bad_input(tmp_path, capsys):
+    save_file(state(1), tmp_path / "m.safetensors")
+    assert cli(["merge", "--base", str(tmp_path / "m.safetensors"), "--model", str(tmp_path / "m.safetensors"),
+                "--out", str(tmp_path / ("o/" * 3000)), "--quiet"]) == 2
+    err = one_error_line(capsys)
+    assert "output folder's parent" in err and "cannot be reached (File name too long)" in err
 
 
 def test_a_missing_base_names_its_path(tmp_path, capsys):

@@ -154,7 +154,7 @@ class TaskVectorSource:
 
     def where(self, task: int, seg: Segment) -> str:
         """Human-readable location for error messages."""
-        return f"{self.model_names[task]}, key {seg.key!r}"
+        return f"{self.model_names[task]}, key {checks.short(seg.key, 80)}"
 
     def why_not_finite(self, task: int, block: Block) -> str:
         """What is wrong with task ``task``'s inputs where its task-vector block is not finite."""
@@ -293,7 +293,7 @@ class CheckpointSource(TaskVectorSource):
         key, lo, hi = block.segment.key, block.lo, block.hi
         reason = checks.non_finite_reason(self._base_ckpt.read_into(key, lo, hi, torch.empty(
             hi - lo, dtype=self._base_ckpt.dtype(key))))
-        return None if reason is None else f"base model, key {key!r}: {reason}"
+        return None if reason is None else f"base model, key {checks.short(key, 80)}: {reason}"
 
     def base_block(self, key: str, lo: int, hi: int) -> torch.Tensor | None:
         """The base's entries [lo, hi) of ``key`` in float32 when the block read last is this one and

@@ -78,7 +78,7 @@ def _raise_if_bad(parts: list, bad: torch.Tensor, comm=None) -> None:
     if bad.numel() and bool(bad.any()):
         g, task = (int(v) for v in bad.nonzero()[0])
         part = parts[g]
-        where = part.names[task] if part.key is None else f"{part.names[task]}, key {part.key!r}"
+        where = part.names[task] if part.key is None else f"{part.names[task]}, key {checks.short(part.key, 80)}"
         message = f"{where}: contains NaN or Inf; every input value must be finite"
         if comm is None:
             raise ValueError(message)

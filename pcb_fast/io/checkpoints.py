@@ -194,7 +194,8 @@ class SafetensorsCheckpoint(Checkpoint):
                 self.readers.append(reader)
                 for key in reader.tensors:
                     if key in self.where:
-                        raise FormatError(f"key {show(key)} is in both {self.where[key].path.name} and {path.name}")
+                        raise FormatError(f"key {show(key)} is in both {show_path(self.where[key].path.name)} and "
+                                          f"{show_path(path.name)}")
                     self.where[key] = reader
         except FormatError as e:
             self.close()
@@ -363,7 +364,7 @@ def side_files(folder, name: str) -> list[Path]:
         try:
             mode = os.stat(path).st_mode
         except OSError as e:
-            raise ValueError(f"{name}: cannot read {path} ({e.strerror or e})") from None
+            raise ValueError(f"{name}: cannot read {show_path(path)} ({e.strerror or e})") from None
         if not stat.S_ISREG(mode):
             raise ValueError(f"{name}: {not_regular(path, mode)}")
         found.append(path)
@@ -448,7 +449,7 @@ def _open_folder(path: Path, name: str) -> Checkpoint:
     try:
         names = {entry.name for entry in os.scandir(path)}
     except OSError as e:
-        raise ValueError(f"{name}: cannot read the folder {path} ({e.strerror or e})") from None
+        raise ValueError(f"{name}: cannot read the folder {show_path(path)} ({e.strerror or e})") from None
     if INDEX in names:
         files, weight_map = _read_index(path, name)
         missing = [f for f in files if f not in names]
@@ -487,7 +488,7 @@ def open_checkpoint(source, name: str | None = None) -> Checkpoint:
         where = "" if show_path(path) in name else f" {show_path(path)}"
         raise ValueError(f"{name}: no such file or folder{where}") from None
     except OSError as e:
-        raise ValueError(f"{name}: cannot access {path} ({e.strerror or e})") from None
+        raise ValueError(f"{name}: cannot access {show_path(path)} ({e.strerror or e})") from None
     except ValueError:  # a NUL byte
         raise ValueError(f"{name}: not a valid path (it holds a NUL byte)") from None
     if stat.S_ISDIR(mode):

@@ -75,7 +75,7 @@ def _open(source, name: str):
 
 
 def _names(sources) -> list:
-    return [f"model {i} ({s})" if not isinstance(s, dict) else f"model {i}" for i, s in enumerate(sources)]
+    return [f"model {i} ({show_path(s)})" if not isinstance(s, dict) else f"model {i}" for i, s in enumerate(sources)]
 
 
 def _without_the_base(base, models, names, lambdas, method, params):

@@ -121,14 +121,14 @@ class Adapter:
 def _read_config(folder: Path, name: str) -> dict:
     path = folder / CONFIG
     if not os.path.lexists(path):
-        raise ValueError(f"{name}: no {CONFIG} in {folder}; a PEFT adapter folder holds {CONFIG} and "
+        raise ValueError(f"{name}: no {CONFIG} in {show_path(folder)}; a PEFT adapter folder holds {CONFIG} and "
                          f"{WEIGHTS[0]}")
     try:
         raw = read_regular(path, CONFIG_LIMIT)
     except NotAFileError as e:
         raise ValueError(f"{name}: {e}") from None
     except OSError as e:
-        raise ValueError(f"{name}: cannot read {path} ({e.strerror or e})") from None
+        raise ValueError(f"{name}: cannot read {show_path(path)} ({e.strerror or e})") from None
     try:
         config = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -204,10 +204,10 @@ def open_adapter(path, name: str, base_ck, merged_keys, aliases=None) -> Adapter
     except (FileNotFoundError, NotADirectoryError):
         raise ValueError(f"{name}: no such folder") from None
     except (OSError, ValueError) as e:
-        raise ValueError(f"{name}: cannot access {folder} ({getattr(e, 'strerror', None) or e})") from None
+        raise ValueError(f"{name}: cannot access {show_path(folder)} ({getattr(e, 'strerror', None) or e})") from None
     if not stat.S_ISDIR(mode):
-        raise ValueError(f"{name}: {folder} is not a folder; a PEFT adapter is a folder holding {CONFIG} and "
-                         f"{WEIGHTS[0]}")
+        raise ValueError(f"{name}: {show_path(folder)} is not a folder; a PEFT adapter is a folder holding {CONFIG} "
+                         f"and {WEIGHTS[0]}")
     # the rule of model folders: nothing read through a link that leaves the folder
     check_inside(folder, [f for f in (CONFIG, *WEIGHTS) if os.path.lexists(folder / f)], name, what="",
                  kind="adapter")
@@ -263,7 +263,7 @@ def _deltas(ck, config, name, base_ck, merged: set, aliases: dict) -> dict:
             if part not in parts:
                 other = b_name if part == a_name else a_name
                 raise ValueError(f"{name}: {show(parts[other])} has no matching {part} "
-                                 f"({PREFIX}{module}.{part} is missing)")
+                                 f"({show(f'{PREFIX}{module}.{part}')} is missing)")
         A, B = _factor(ck, parts[a_name], name), _factor(ck, parts[b_name], name)
         what = f"{PREFIX}{module}.{a_name.split('.')[0]}/{b_name.split('.')[0]}"
         if A.dim() < 2 or B.dim() < 2 or B.shape[1] != A.shape[0]:
@@ -449,7 +449,7 @@ class LoraSource(TaskVectorSource):
                     base = ck.read_into(seg.key, lo, hi, self._buffer("base", hi - lo, ck.dtype(seg.key)))
                     reason = checks.non_finite_reason(base)
                     if reason is not None:
-                        raise ValueError(f"base model, key {seg.key!r}: {reason}")
+                        raise ValueError(f"base model, key {show(seg.key)}: {reason}")
                     if base.dtype != torch.float32:
                         base = self._buffer("base32", hi - lo).copy_(base)
                 saved = adapter.checkpoint
@@ -540,7 +540,7 @@ def merge_adapters(base, adapters, out=None, *, method="pcb", lam=1.0, lambdas=N
         aliases = {a: k for a, k in aliases.items() if k in adapted}
         for key in merged:
             if isinstance(base, dict):
-                checks.check_finite(f"base model, key {key!r}", base[key])
+                checks.check_finite(f"base model, key {show(key)}", base[key])
 
         def out_dtype(key):
             own = base_ck.dtype(key)
@@ -654,7 +654,7 @@ def _base_slice(base_ck, key, lo, hi, buffers):
     values = base_ck.read_into(key, lo, hi, buffer[: hi - lo])
     reason = checks.non_finite_reason(values)
     if reason is not None:
-        raise ValueError(f"base model, key {key!r}: {reason}")
+        raise ValueError(f"base model, key {show(key)}: {reason}")
     return values
 
 

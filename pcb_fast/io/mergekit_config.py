@@ -1041,7 +1041,7 @@ class SliceParams(dict):
         for begin, length, settings in self.slices:
             if begin <= layer[1] < begin + length:
                 return settings.resolve(key, (layer[1] - begin) / (length - 1) if length > 1 else 1.0)
-        raise ValueError(f"key {key!r}: layer {layer[1]} is outside the slices")
+        raise ValueError(f"key {show(key)}: layer {layer[1]} is outside the slices")
 
     def take(self, keep) -> "SliceParams":
         return SliceParams([(begin, length, settings.take(keep)) for begin, length, settings in self.slices])

@@ -74,7 +74,13 @@ def check_writable_parent(path, what: str = "output folder's parent") -> Path:
     exists, is writable, and allows a name as long as ``path``'s; a one-line ValueError otherwise."""
     path = Path(path)
     parent = path.absolute().parent
-    if not parent.is_dir():
+    try:
+        is_folder = stat.S_ISDIR(os.stat(parent).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        is_folder = False
+    except OSError as e:  # a path too long, a loop of links, no permission to search
+        raise ValueError(f"{what} {show_path(parent)} cannot be reached ({e.strerror or e})") from None
+    if not is_folder:
         raise ValueError(f"{what} {show_path(parent)} is not an existing folder")
     if not os.access(parent, os.W_OK):
         raise ValueError(f"{what} {show_path(parent)} is not writable")
@@ -381,8 +387,8 @@ def _renameat2(src, dst, flags: int) -> bool:
 
 
 def _appeared(out: Path) -> OutputExists:
-    return OutputExists(f"output {out} appeared while this merge ran (another process created it); it was left "
-                        "untouched and nothing was written")
+    return OutputExists(f"output {show_path(out)} appeared while this merge ran (another process created it); it was "
+                        "left untouched and nothing was written")
 
 
 def _publish(body: Path, out: Path, overwrite: bool):
@@ -471,7 +477,7 @@ def atomic_folder(out: Path, comm=None, overwrite: bool = False):
         try:
             tmp = _make_temporary(out)
         except OSError as e:
-            error = f"output folder's parent {parent} is not writable ({e.strerror})"
+            error = f"output folder's parent {show_path(parent)} is not writable ({e.strerror})"
     if comm is not None:
         tmp, error = comm.broadcast((tmp, error))
     if error is not None:

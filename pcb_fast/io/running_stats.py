@@ -44,14 +44,14 @@ def merge_running_stats(base: dict, models, keys, lambdas, mode: str, names=None
     if mode == "average":
         for i, model in enumerate(models):
             for key in keys:
-                checks.check_finite(f"{names[i] if names else f'model {i}'}, key {key!r}", model[key])
+                checks.check_finite(f"{names[i] if names else f'model {i}'}, key {checks.short(key, 80)}", model[key])
     if mode == "base" or not keys:
         return {key: base[key].clone() for key in keys}
     weights = [1.0] * len(models) if lambdas is None else [float(w) for w in lambdas]
     if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"running statistics ({keys[0]!r}) are averaged with the models' lambdas, which must be "
-                         f"non-negative with a positive sum (got {weights}); pass running_stats='base' to keep the "
-                         "base model's")
+        raise ValueError(f"running statistics ({checks.short(keys[0], 80)}) are averaged with the models' lambdas, "
+                         f"which must be non-negative with a positive sum (got {weights}); pass running_stats='base' to "
+                         "keep the base model's")
     total = sum(weights)
     out = {}
     for key in keys:

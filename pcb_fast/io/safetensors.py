@@ -76,7 +76,7 @@ _KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (s
 
 def not_regular(path, mode: int) -> NotAFileError:
     kind = next((text for test, text in _KINDS if test(mode)), "not a regular file")
-    return NotAFileError(f"{path} is {kind}, not a regular file")
+    return NotAFileError(f"{show_path(path)} is {kind}, not a regular file")
 
 
 def open_regular(path) -> int:
@@ -91,11 +91,11 @@ def open_regular(path) -> int:
             raise not_regular(path, mode)
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
-        raise NotAFileError(f"cannot open {path} ({e.strerror or e})") from None
+        raise NotAFileError(f"cannot open {show_path(path)} ({e.strerror or e})") from None
     except ValueError as e:  # a NUL byte in the path
         if isinstance(e, NotAFileError):
             raise
-        raise NotAFileError(f"cannot open {path!r} ({e})") from None
+        raise NotAFileError(f"cannot open {show_path(path)} ({e})") from None
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
@@ -108,7 +108,7 @@ def read_regular(path, limit: int) -> bytes:
     fd = open_regular(path)
     try:
         if os.fstat(fd).st_size > limit:
-            raise NotAFileError(f"{path} is larger than {limit} bytes")
+            raise NotAFileError(f"{show_path(path)} is larger than {limit} bytes")
         chunks, total = [], 0
         while True:
             chunk = os.read(fd, 1 << 20)
@@ -116,10 +116,10 @@ def read_regular(path, limit: int) -> bytes:
                 return b"".join(chunks)
             total += len(chunk)
             if total > limit:
-                raise NotAFileError(f"{path} is larger than {limit} bytes")
+                raise NotAFileError(f"{show_path(path)} is larger than {limit} bytes")
             chunks.append(chunk)
     except OSError as e:
-        raise NotAFileError(f"cannot read {path} ({e.strerror or e})") from None
+        raise NotAFileError(f"cannot read {show_path(path)} ({e.strerror or e})") from None
     finally:
         os.close(fd)
 
@@ -140,8 +140,8 @@ class Unchanged:
     def check(self) -> None:
         """Raise a FormatError if the file changed since it was opened."""
         if self._state() != self.seen:
-            raise FormatError(f"{self.path}: input changed during the merge (its size or modification time differ "
-                              "from when it was opened); rerun once no other process writes it")
+            raise FormatError(f"{show_path(self.path)}: input changed during the merge (its size or modification time "
+                              "differ from when it was opened); rerun once no other process writes it")
 
 
 def show(key, limit: int = 80) -> str:
@@ -387,10 +387,10 @@ class SafetensorsReader:
             raise FormatError(str(e)) from None
         except FormatError as e:
             self.close()
-            raise FormatError(f"{self.path}: {e}") from None
+            raise FormatError(f"{show_path(self.path)}: {e}") from None
         except OSError as e:
             self.close()
-            raise FormatError(f"{self.path}: cannot read ({e.strerror or e})") from None
+            raise FormatError(f"{show_path(self.path)}: cannot read ({e.strerror or e})") from None
 
     def _read_header(self) -> None:
         size = os.fstat(self._fd).st_size

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .safetensors import show
+
 
 def _view_id(t: torch.Tensor):
     """What makes two tensors the same view of one storage (None for tensors without data)."""
@@ -55,8 +57,9 @@ def merged_aliases(base: dict, merged_keys) -> dict:
             continue
         if len(inside) != len(keys):
             copied = [k for k in keys if k not in merged]
-            raise ValueError(f"keys {inside[0]!r} and {copied[0]!r} are one tied parameter of the base model, but only "
-                             f"{inside[0]!r} is merged (exclude matches {copied[0]!r}); exclude all its names or none")
+            raise ValueError(f"keys {show(inside[0])} and {show(copied[0])} are one tied parameter of the base model, but "
+                             f"only {show(inside[0])} is merged (exclude matches {show(copied[0])}); exclude all its "
+                             "names or none")
         aliases.update({key: keys[0] for key in keys[1:]})
     return aliases
 
@@ -69,7 +72,7 @@ def check_tied(base: dict, models, names, merged_keys) -> dict:
         for key, first in aliases.items():
             a, b = model[first], model[key]
             if a is not b and (a.dtype != b.dtype or not torch.equal(a, b)):
-                raise ValueError(f"{name}: keys {first!r} and {key!r} are one tied parameter of the base model "
+                raise ValueError(f"{name}: keys {show(first)} and {show(key)} are one tied parameter of the base model "
                                  f"but hold different values in this model; tie them (or untie them in the base)")
     return aliases
 

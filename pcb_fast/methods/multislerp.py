@@ -61,7 +61,7 @@ def merge_multislerp(source, sink, *, normalize_weights=True, eps=1e-8, with_bas
         try:
             return multislerp(base, models, weights, normalize_weights, eps)
         except ValueError as e:
-            raise ValueError(f"key {key!r}: {e}") from None
+            raise ValueError(f"key {checks.short(key, 80)}: {e}") from None
 
     return merge_weights(source, sink, merge_tensor, lambda key: {}, with_base=with_base, compute_dtype=compute_dtype)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core.checks import short
 from .slerp import check_t
 from .spec import MethodSpec, Param
 from .weight_space import COMPUTE_DTYPE, merge_weights, no_weights
@@ -31,7 +32,7 @@ def merge_nearswap(source, sink, *, t=None, compute_dtype="float32", lambdas=Non
     no_weights("nearswap", lambdas)
     check_one_other({}, source.n)
     if t is None:
-        raise ValueError(f"nearswap needs t for every tensor; none is given for {source.segments[0].key!r}")
+        raise ValueError(f"nearswap needs t for every tensor; none is given for {short(source.segments[0].key, 80)}")
     t = check_t(t)
     return merge_weights(source, sink, lambda key, base, models: nearswap(t, base, models[0]), lambda key: {},
                          compute_dtype=compute_dtype)

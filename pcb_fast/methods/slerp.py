@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from ..core.checks import short
 from ..core.threads import one_thread
 from .spec import MethodSpec, Param
 from .weight_space import COMPUTE_DTYPE, merge_weights, no_weights
@@ -89,7 +90,7 @@ def merge_slerp(source, sink, *, t=None, compute_dtype="float32", lambdas=None, 
     no_weights("slerp", lambdas)
     check_two_models({}, source.n)
     if t is None:  # (a filter list that matches none of a tensor's names, and no value without filter)
-        keys = ", ".join(repr(s.key) for s in source.segments[:3])
+        keys = ", ".join(short(s.key, 80) for s in source.segments[:3])
         raise ValueError(f"slerp needs t for every tensor; none is given for {keys} (give a value without filter)")
     t = check_t(t)
     return merge_weights(source, sink, lambda key, base, models: slerp(t, base, models[0]), lambda key: {},

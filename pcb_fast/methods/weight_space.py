@@ -88,7 +88,7 @@ def whole_tensors(source) -> int:
 def _check_finite(source, segment, natives, base, models) -> None:
     """NaN or Inf in an input (or a float64 value beyond float32): an error naming the model and key."""
     if base is not None and not bool(torch.isfinite(base).all()):
-        raise ValueError(f"base model, key {segment.key!r}: {checks.non_finite_reason(natives[0])}")
+        raise ValueError(f"base model, key {checks.short(segment.key, 80)}: {checks.non_finite_reason(natives[0])}")
     for task, m in enumerate(models):
         if not bool(torch.isfinite(m).all()):
             raise ValueError(f"{source.where(task, segment)}: {checks.non_finite_reason(natives[task + 1])}")
