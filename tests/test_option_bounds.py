@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import pcb_fast
 from pcb_fast.cli import main as cli
@@ -174,14 +174,56 @@ def test_exclude_none_excludes_nothing(small):
     assert torch.equal(pcb_fast.merge(base, models, exclude=None)["w"], pcb_fast.merge(base, models)["w"])
 
 
-def test_overlapping_views_merge_as_their_values(small):
-    base, models = small
-    storage = torch.randn(19)
-    overlapping = storage.as_strided((4, 4), (1, 1))  # rows share entries
-    dense = overlapping.clone()
-    got = pcb_fast.merge({"w": overlapping}, [{"w": dense + 0.5}, {"w": dense - 0.25}], method="ties")
-    expected = pcb_fast.merge({"w": dense}, [{"w": dense + 0.5}, {"w": dense - 0.25}], method="ties")
-    assert torch.equal(got["w"], expected["w"])
+def _lora_folder(folder):
+    import json
+
+    folder.mkdir()
+    save_file({"base_model.model.q.lora_A.weight": torch.ones(2, 4), "base_model.model.q.lora_B.weight": torch.ones(4, 2)},
+              folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2,
+                                                            "target_modules": ["q"]}))
+    return folder
+
+
+def _linear(weight):
+    module = torch.nn.Linear(4, 4, bias=False)
+    module.weight = torch.nn.Parameter(weight)
+    return module
+
+
+# Each public entry point, given inputs whose rows share entries (as_strided views): the merge of
+# their values, as of dense copies (never a RuntimeError from writing into or through them).
+ENTRY_POINTS = {
+    "merge": lambda b, m, tmp: pcb_fast.merge({"w": b}, [{"w": x} for x in m], method="ties")["w"],
+    "merge, reference": lambda b, m, tmp: pcb_fast.merge({"w": b}, [{"w": x} for x in m], method="ties",
+                                                         backend="reference")["w"],
+    "pcb_merge": lambda b, m, tmp: pcb_fast.pcb_merge(m[0]),  # four task vectors of four entries
+    "pcb_reference": lambda b, m, tmp: pcb_fast.pcb_reference(m[0]),
+    "merge_checkpoints": lambda b, m, tmp: load_file(pcb_fast.merge_checkpoints(
+        {"w": b}, [{"w": x} for x in m], tmp / f"o{len(list(tmp.iterdir()))}", method="ties")
+        / "model.safetensors")["w"],
+    "merge_modules": lambda b, m, tmp: pcb_fast.merge_modules(_linear(b), [_linear(x) for x in m],
+                                                              method="ties").weight.detach(),
+    "search_lambdas": lambda b, m, tmp: search_lambdas({"w": b}, [{"w": x} for x in m], lambda s: float(s["w"].sum()),
+                                                       budget=2, method="task_arithmetic").model["w"],
+    "grid_search": lambda b, m, tmp: pcb_fast.grid_search({"w": b}, [{"w": x} for x in m],
+                                                          lambda s: float(s["w"].sum()), lams=[0.5],
+                                                          method="task_arithmetic").model["w"],
+    "merge_adapters": lambda b, m, tmp: pcb_fast.merge_adapters(
+        {"q.weight": b}, [_lora_folder(tmp / f"a{len(list(tmp.iterdir()))}")], method="task_arithmetic")["q.weight"],
+}
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_overlapping_views_merge_as_their_values(tmp_path, entry):
+    storage = torch.randn(19, generator=torch.Generator().manual_seed(1))
+    base = storage.as_strided((4, 4), (1, 1))  # rows share entries
+    models = [(storage + 0.5).as_strided((4, 4), (1, 1)), (storage - 0.25).as_strided((4, 4), (1, 1))]
+    inputs = [t.clone() for t in [base, *models]]
+    run = ENTRY_POINTS[entry]
+    got = run(base, models, tmp_path)
+    assert all(torch.equal(t, kept) for t, kept in zip([base, *models], inputs))  # nothing written into them
+    assert torch.equal(got, run(inputs[0], inputs[1:], tmp_path))  # dense copies of the same values
 
 
 def test_a_path_that_is_not_utf8_is_refused_before_the_merge(tmp_path, small):
