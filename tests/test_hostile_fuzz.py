@@ -1,9 +1,11 @@
 """The command line driven with generated hostile model folders (issue 26): every input kind
 (safetensors files, Hugging Face folders, sharded folders with an index, torch zips stored or
-deflated, legacy torch files, folders with pytorch_model.bin), with one hostile twist each: a file of
-an input that is a link into an existing --out (run with --overwrite), a truncated weights file, or
-a model rewritten in place while the merge reads it. Whatever happens, no input byte changes, every
-exit is 0, 1 or 2 with one line on stderr, and an exit 0 comes only with the right values."""
+deflated, legacy torch files, folders with pytorch_model.bin, and PEFT adapter folders with
+adapter_model.safetensors or a stored or deflated adapter_model.bin), with one hostile twist each: a
+file of an input that is a link into an existing --out (run with --overwrite), a truncated weights
+file, or a model rewritten in place while the merge reads it. Whatever happens, no input byte
+changes, every exit is 0, 1 or 2 with one line on stderr, and an exit 0 comes only with the right
+values."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from pcb_fast.cli import main as cli
 from pcb_fast.io import checkpoints, safetensors as st
 
 KINDS = ("safetensors", "folder", "sharded", "pt", "pt_deflated", "pt_legacy", "bin_folder")
+ADAPTER_KINDS = ("safetensors", "bin", "bin_deflated")
 TWISTS = ("clean", "link_into_out", "truncate", "rewrite")
 CASES = 80
 
@@ -38,11 +41,7 @@ def write_kind(kind: str, state: dict, where: Path) -> tuple[Path, list]:
         path = where.with_suffix(".pt")
         torch.save(state, path, _use_new_zipfile_serialization=kind != "pt_legacy")
         if kind == "pt_deflated":
-            packed = path.with_suffix(".tmp")
-            with zipfile.ZipFile(path) as source, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as target:
-                for info in source.infolist():
-                    target.writestr(info.filename, source.read(info), compress_type=zipfile.ZIP_DEFLATED)
-            os.replace(packed, path)
+            deflate(path)
         return path, [path]
     where.mkdir()
     (where / "config.json").write_text(json.dumps({"num_hidden_layers": 2, "torch_dtype": "float32"}))
@@ -62,56 +61,97 @@ def write_kind(kind: str, state: dict, where: Path) -> tuple[Path, list]:
     return where, [where / name for name in halves]
 
 
+def deflate(path: Path) -> None:
+    """The torch zip ``path`` rewritten with every member deflate-compressed."""
+    packed = path.with_suffix(".tmp")
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as target:
+        for info in source.infolist():
+            target.writestr(info.filename, source.read(info), compress_type=zipfile.ZIP_DEFLATED)
+    os.replace(packed, path)
+
+
+def write_adapter(kind: str, g: torch.Generator, where: Path) -> tuple[Path, list]:
+    """A LoRA adapter folder (rank 2 on q_proj and v_proj of the base of make_case) at ``where``; its
+    path and files."""
+    factors = {f"base_model.model.{m}.lora_{x}.weight": 0.1 * torch.randn(*shape, generator=g)
+               for m in ("q_proj", "v_proj") for x, shape in (("A", (2, 16)), ("B", (48, 2)))}
+    where.mkdir()
+    config = where / "adapter_config.json"
+    config.write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}))
+    if kind == "safetensors":
+        weights = where / "adapter_model.safetensors"
+        save_file(factors, weights)
+    else:
+        weights = where / "adapter_model.bin"
+        torch.save(factors, weights)
+        if kind == "bin_deflated":
+            deflate(weights)
+    return where, [weights, config]
+
+
 def digests(root: Path) -> dict:
     """SHA-256 of every regular file under ``root`` (links not followed)."""
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
             if p.is_file() and not p.is_symlink()}
 
 
-def make_case(rng: random.Random, folder: Path):
+def make_case(rng: random.Random, folder: Path, adapters: bool):
+    """(inputs: the base, then the models or adapters; the files of each; the expected output; --out)."""
     g = torch.Generator().manual_seed(rng.randrange(1 << 30))
-    base = {"a.weight": torch.randn(48, 16, generator=g), "b.bias": torch.randn(40, generator=g),
-            "steps": torch.arange(5)}
-    tuned = [{k: (v + 0.05 * torch.randn(v.shape, generator=g)) if v.is_floating_point() else v
-              for k, v in base.items()} for _ in range(2)]
+    base = {"q_proj.weight": torch.randn(48, 16, generator=g), "v_proj.weight": torch.randn(48, 16, generator=g),
+            "b.bias": torch.randn(40, generator=g), "steps": torch.arange(5)}
     inputs, weights = [], []
-    for i, state in enumerate([base] + tuned):
-        path, files = write_kind(rng.choice(KINDS), state, folder / f"input{i}")
-        inputs.append(path)
-        weights.append(files)
+    if adapters:
+        for i in range(2):
+            path, files = write_adapter(rng.choice(ADAPTER_KINDS), g, folder / f"adapter{i}")
+            inputs.append(path)
+            weights.append(files)
+        expected = pcb_fast.merge_adapters(base, inputs, method="ties", density=0.5)
+    else:
+        tuned = [{k: (v + 0.05 * torch.randn(v.shape, generator=g)) if v.is_floating_point() else v
+                  for k, v in base.items()} for _ in range(2)]
+        for i, state in enumerate(tuned):
+            path, files = write_kind(rng.choice(KINDS), state, folder / f"input{i + 1}")
+            inputs.append(path)
+            weights.append(files)
+        expected = pcb_fast.merge(base, tuned, method="ties", density=0.5)
+    path, files = write_kind(rng.choice(KINDS), base, folder / "input0")
     out = folder / "out"
     out.mkdir()
     (out / "earlier.txt").write_text("an earlier output")
-    return base, tuned, inputs, weights, out
+    return [path] + inputs, [files] + weights, expected, out
 
 
 @pytest.mark.parametrize("seed", range(CASES))
 def test_hostile_folders(tmp_path, capsys, monkeypatch, seed):
     rng = random.Random(seed)
     twist = TWISTS[seed % len(TWISTS)]
-    base, tuned, inputs, weights, out = make_case(rng, tmp_path)
-    args = ["merge", "--base", str(inputs[0]), *[f"--model={p}" for p in inputs[1:]], "--out", str(out),
-            "--overwrite", "--quiet", "--method", "ties", "--density", "0.5", "--max-memory", "0"]
+    adapters = seed % 3 == 2
+    inputs, weights, expected, out = make_case(rng, tmp_path, adapters)
+    args = ["merge", "--base", str(inputs[0]), *[f"--{'adapter' if adapters else 'model'}={p}" for p in inputs[1:]],
+            "--out", str(out), "--overwrite", "--quiet", "--method", "ties", "--density", "0.5", "--max-memory", "0"]
     rewritten = None
     if twist == "link_into_out":
         victim = rng.choice([f for files in weights for f in files]
-                            + [p / n for p in inputs if p.is_dir() for n in ("config.json", "tokenizer.json")])
+                            + [p / n for p in inputs if (p / "config.json").exists() for n in ("config.json",
+                                                                                                  "tokenizer.json")])
         moved = out / f"moved-{victim.name}"
         os.replace(victim, moved)
         victim.symlink_to(moved)
     elif twist == "truncate":
-        victim = rng.choice([f for files in weights for f in files])
+        victim = rng.choice([f for files in weights for f in files if f.name != "adapter_config.json"])
         data = victim.read_bytes()
         victim.write_bytes(data[: int(len(data) * rng.uniform(0.05, 0.95))])
-    elif twist == "rewrite":  # a model file rewritten in place after a few reads of the merge
-        rewritten = rng.choice(weights[1 + rng.randrange(2)])
-        after = rng.randrange(1, 6)
+    elif twist == "rewrite":  # a model file rewritten in place after a few of its reads (so once it is open)
+        rewritten = rng.choice([f for f in weights[1 + rng.randrange(2)] if f.suffix != ".json"])
+        after = rng.randrange(1, 4)
         reads = [0]
 
         def rewrite_soon(original):
             def read_into(self, *a, **k):
-                reads[0] += 1
-                if reads[0] == after:
+                files = getattr(self, "files", None) or [getattr(self, "path", None)]
+                reads[0] += rewritten in files
+                if reads[0] == after and rewritten in files:
                     data = bytearray(rewritten.read_bytes())
                     data[-256:] = bytes(reversed(data[-256:]))
                     stamp = os.stat(rewritten).st_mtime_ns
@@ -141,7 +181,6 @@ def test_hostile_folders(tmp_path, capsys, monkeypatch, seed):
     if twist in ("link_into_out", "truncate"):
         assert code == 2, (twist, err)
     if code == 0:
-        expected = pcb_fast.merge(base, tuned, method="ties", density=0.5)
         got = load_file(out / "model.safetensors")
         assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected), twist
     else:
