@@ -297,11 +297,31 @@ def test_config_errors_name_the_entry():
         (dict(models=[{"model": "a", "parameters": {"sign_ties": "positive"}}]),
          "models[0].parameters.sign_ties is not supported per model"),
         (dict(parameters={"ratio": 0.1}), "parameters.ratio is not a parameter of ties"),
-        (dict(tokenizer_source="union"), "tokenizer_source: union: the base model \\(b\\) has no tokenizer"),
         (dict(base_model=None), "base_model must be the path of the base model"),
     ]:
         with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
             parse_config(dict(ok, **change))
+
+
+def test_a_missing_model_folder_is_never_looked_up_online(monkeypatch):
+    """tokenizer_source: union loads each model's tokenizer from its local folder (Hub names are
+    resolved before): a folder that does not exist is not searched for on the Hub (offline, its
+    retries took about 90 s)."""
+    import socket
+    import traceback
+
+    looked_up = []
+
+    def no_network(host, *args, **kwargs):
+        # huggingface_hub's own once-per-process agent registry is not a model lookup
+        if not any("_detect_agent" in frame.filename for frame in traceback.extract_stack()):
+            looked_up.append(host)
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    with pytest.raises(ValueError, match="the base model \\(b\\) has no tokenizer"):
+        parse_config({"merge_method": "ties", "base_model": "b", "models": [{"model": "a"}], "tokenizer_source": "union"})
+    assert looked_up == []
 
 
 def test_sigterm_during_a_merge_leaves_no_output(tmp_path):
