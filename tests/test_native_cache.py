@@ -62,7 +62,7 @@ def test_a_damaged_cached_library_is_built_again_not_loaded(tmp_path, built, dam
     assert library.read_bytes() == good
 
 
-def test_a_cache_folder_others_can_write_is_refused_and_nothing_planted_runs(tmp_path):
+def test_a_cache_folder_others_can_write_is_refused_and_nothing_planted_runs(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     cache.mkdir()
     os.chmod(cache, 0o777)
@@ -71,11 +71,9 @@ def test_a_cache_folder_others_can_write_is_refused_and_nothing_planted_runs(tmp
     planted.write_text(f'#include <stdio.h>\n__attribute__((constructor)) static void run(void) {{ FILE *f = '
                        f'fopen("{marker}", "w"); if (f) fclose(f); }}\n')
     compiler = native._compiler()
+    monkeypatch.setenv("PCB_FAST_CACHE", str(cache))
     for flags in native.FLAG_SETS:  # at the very name a load would use, with a matching record
-        env = dict(os.environ, PCB_FAST_CACHE=str(cache))
-        path = subprocess.run([sys.executable, "-c", "import sys; from pcb_fast.cpu import native; "
-                               f"print(native.library_path({compiler!r}, {flags!r}))"], env=env, capture_output=True,
-                              text=True, check=True).stdout.strip()
+        path = str(native.library_path(compiler, list(flags)))
         subprocess.run([compiler, "-shared", "-fPIC", "-o", path, str(planted)], check=True)
         digest = subprocess.run(["sha256sum", path], capture_output=True, text=True, check=True).stdout.split()[0]
         Path(path).with_suffix(".sha256").write_text(digest + "\n")
@@ -127,9 +125,10 @@ def test_a_signature_drift_is_never_called(monkeypatch, tmp_path):
         native._library.cache_clear()
 
 
-def test_the_default_cache_made_under_a_loose_umask_is_tightened(tmp_path):
+def test_the_default_cache_made_under_a_loose_umask_is_tightened(tmp_path, built):
     home = tmp_path / "home"
-    (home / ".cache" / "pcb_fast").mkdir(parents=True)
+    (home / ".cache").mkdir(parents=True)
+    shutil.copytree(built, home / ".cache" / "pcb_fast")  # the library built already: nothing to compile
     os.chmod(home / ".cache" / "pcb_fast", 0o775)
     env = {k: v for k, v in os.environ.items() if k != "PCB_FAST_CACHE"}
     done = subprocess.run([sys.executable, "-c", "from pcb_fast.cpu import native; print(native.problem())"],
