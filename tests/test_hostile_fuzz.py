@@ -1,4 +1,4 @@
-"""The command line driven with generated hostile model folders (issue 26): every input kind
+"""The command line driven with generated hostile model folders: every input kind
 (safetensors files, Hugging Face folders, sharded folders with an index, torch zips stored or
 deflated, legacy torch files, folders with pytorch_model.bin, and PEFT adapter folders with
 adapter_model.safetensors or a stored or deflated adapter_model.bin), with one hostile twist each: a

@@ -1,8 +1,9 @@
-"""Hostile inputs, second round (issue 26): every file a run reads, through any link, is an input
-that --overwrite may not delete; every file it writes is an output (the search's history);
-compressed, legacy and truncated torch files; inputs rewritten during a merge; copies within the
-memory budget; checks before the heavy work; one short line per error; one link rule for shards
-with or without an index. Each test failed on the code before these fixes."""
+"""Hostile inputs: every file a run reads, through any link, is an input that --overwrite may not
+delete; every file it writes is an output (the search's history); compressed, legacy and truncated
+torch files; inputs rewritten or truncated during a merge (no memory map, so no SIGBUS); copies
+within the memory budget; checks before the heavy work; one short line per error, whatever the
+length of a key or path; one link rule for shards with or without an index and for adapter files.
+Each test failed on the code before these fixes."""
 
 from __future__ import annotations
 

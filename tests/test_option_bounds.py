@@ -1,5 +1,6 @@
 """Bounds on every numeric option, deep or huge structured input, and the API's one-line
-ValueErrors (issue 26, items 6, 7 and 10): each case here was a crash, a hang or a traceback."""
+ValueErrors: each case here was a crash, a hang or a traceback (overlapping views, which merge as
+their values, are driven through every public entry point)."""
 
 from __future__ import annotations
 
