@@ -214,26 +214,29 @@ def test_the_api_checks_the_history_folder_before_searching(tmp_path):
 # ---- 3. compressed, legacy and truncated torch files
 
 
-def deflated(path: Path) -> Path:
-    """The torch zip ``path`` rewritten with every member deflate-compressed."""
-    packed = path.with_name(path.stem + "-deflated" + path.suffix)
-    with zipfile.ZipFile(path) as source, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as target:
+def repacked(path: Path, compression: int = zipfile.ZIP_DEFLATED) -> Path:
+    """The torch zip ``path`` rewritten by Python's zipfile, every member with ``compression``."""
+    packed = path.with_name(path.stem + "-repacked" + path.suffix)
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(packed, "w", compression) as target:
         for info in source.infolist():
-            target.writestr(info.filename, source.read(info), compress_type=zipfile.ZIP_DEFLATED)
+            target.writestr(info.filename, source.read(info), compress_type=compression)
     return packed
 
 
-@pytest.mark.parametrize("form", ["deflated", "legacy"])
+@pytest.mark.parametrize("form", ["deflated", "legacy", "stored by another zip writer"])
 def test_compressed_and_legacy_torch_files_are_read_correctly(tmp_path, form):
+    """Deflated members, torch's legacy format, and a zip whose members are stored where torch's own
+    writer would not put them (torch's recorded offsets would miss them): the right values."""
     base, tuned = models(tmp_path)
     save_file(base, tmp_path / "base.safetensors")
     save = (lambda t, p: torch.save(t, p, _use_new_zipfile_serialization=False)) if form == "legacy" else torch.save
     paths = saved(tmp_path, tuned, ".pt", save)
-    if form == "deflated":
-        paths = [deflated(path) for path in paths]
+    if form != "legacy":
+        compression = zipfile.ZIP_DEFLATED if form == "deflated" else zipfile.ZIP_STORED
+        paths = [repacked(path, compression) for path in paths]
         for path in paths:
             with zipfile.ZipFile(path) as z:
-                assert {i.compress_type for i in z.infolist() if "/data/" in i.filename} == {zipfile.ZIP_DEFLATED}
+                assert {i.compress_type for i in z.infolist() if "/data/" in i.filename} == {compression}
     for i, t in enumerate(tuned):
         save_file(t, tmp_path / f"s{i}.safetensors")
     got = merge_checkpoints(tmp_path / "base.safetensors", paths, tmp_path / "a", method="ties", density=0.5)

@@ -264,8 +264,10 @@ def _zip_layout(fd: int, path: Path, name: str) -> tuple[dict | None, int]:
 
 def _starts(state: dict, members: dict) -> dict | None:
     """{key: file offset of its storage's first byte} from the meta tensors of ``state`` (loaded with
-    map_location="meta", whose storages record their offset), each checked to start a stored
-    member that holds the whole tensor; None when torch did not record an offset."""
+    map_location="meta", whose storages record their offset), each checked to start a stored member
+    that holds the whole tensor; None when an offset is missing or fails that check. (torch computes
+    the offsets of a file that records format version 1 from the layout its own writer gives a zip:
+    a file re-packed by another zip writer would be read at the wrong places.)"""
     starts = {}
     for key, t in state.items():
         if not isinstance(t, torch.Tensor) or t.device.type != "meta":
@@ -276,7 +278,7 @@ def _starts(state: dict, members: dict) -> dict | None:
         last = t.storage_offset() + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
         end = 0 if t.numel() == 0 else (last + 1) * t.element_size()
         if start not in members or end > members[start]:
-            raise ValueError(f"tensor {show(key)} lies outside its member of the zip file")
+            return None
         starts[key] = start
     return starts
 
@@ -310,12 +312,13 @@ def _state_dict(path: Path, name: str, folder: Path | None = None) -> StateDictC
         members, whole = _zip_layout(fd, path, name)
         if members is not None:
             watch = Unchanged(fd, path)  # the pickle is read now: a change from here on is an error
-            state = _torch_load(fd, path, name, map_location="meta")
-            StateDictCheckpoint(state, name, written=True)  # its keys and tensors checked first
             try:
-                starts = _starts(state, members)
-            except ValueError as e:
-                raise ValueError(f"{name}: {show_path(path.name)}: {e} (corrupt file)") from None
+                state = _torch_load(fd, path, name, map_location="meta")
+            except ValueError:  # what torch's meta loading cannot place is loaded whole (its error, if any)
+                state = None
+            if state is not None:
+                StateDictCheckpoint(state, name, written=True)  # its keys and tensors checked first
+            starts = None if state is None else _starts(state, members)
             if starts is not None:
                 try:
                     watch.check()
@@ -325,9 +328,9 @@ def _state_dict(path: Path, name: str, folder: Path | None = None) -> StateDictC
                 checkpoint.folder, fd = folder, None  # the checkpoint owns the descriptor now
                 return checkpoint
         if whole > _available_memory():
-            raise ValueError(f"{name}: {show_path(path.name)} is compressed or in torch's legacy format, so it is "
-                             f"read whole, and its {whole} bytes exceed the memory available; save it with "
-                             "torch.save's default (zip, stored) format or as safetensors")
+            raise ValueError(f"{name}: {show_path(path.name)} is compressed, in torch's legacy format or not laid out "
+                             f"as torch.save writes it, so it is read whole, and its {whole} bytes exceed the memory "
+                             "available; save it with torch.save's default (zip, stored) format or as safetensors")
         checkpoint = StateDictCheckpoint(_torch_load(fd, path, name, map_location="cpu"), name, written=True)
         checkpoint.folder, checkpoint.files = folder, [path]
         return checkpoint
