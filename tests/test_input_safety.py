@@ -408,6 +408,14 @@ def test_every_message_quoting_a_huge_key_is_short(tmp_path):
         assert len(message) < 400 and "\n" not in message and "kkkk..." in message, (what, len(message))
 
 
+def test_a_huge_path_in_a_config_gives_a_short_message():
+    from pcb_fast.io.config import parse_config
+
+    with pytest.raises(ValueError, match="is a model with a LoRA adapter") as caught:
+        parse_config({"merge_method": "ties", "base_model": "b", "models": [{"model": "m" * 1_000_000 + "+lora"}]})
+    assert len(str(caught.value)) < 400
+
+
 def test_an_out_path_too_long_to_reach_is_a_bad_input(tmp_path, capsys):
     save_file(state(1), tmp_path / "m.safetensors")
     assert cli(["merge", "--base", str(tmp_path / "m.safetensors"), "--model", str(tmp_path / "m.safetensors"),

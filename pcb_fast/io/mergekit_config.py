@@ -35,7 +35,7 @@ from pathlib import Path
 from ..methods import SPECS, check_method_params
 from ..methods.gta import KINDS as GTA_KINDS
 from .checkpoints import load_json
-from .safetensors import show
+from .safetensors import show, show_path
 
 # mergekit's name -> pcb_fast's method (each method's spec says what mergekit calls it)
 MERGEKIT_METHODS = {spec.mergekit: name for name, spec in SPECS.items() if spec.mergekit is not None}
@@ -386,7 +386,7 @@ def _model_entry(entry, i, where):
 def _check_reference(path: str, entry: str, where: str) -> None:
     """mergekit's model+lora syntax is not a path pcb-fast reads."""
     if "+" in path and not os.path.exists(path):
-        raise ValueError(f"{where}: not supported: {entry} {path!r} is a model with a LoRA adapter (mergekit's "
+        raise ValueError(f"{where}: not supported: {entry} {show(path)} is a model with a LoRA adapter (mergekit's "
                          "model+lora syntax); merge the adapter into the model first")
 
 
@@ -639,7 +639,7 @@ class Settings:
             if isinstance(data.get(key), int) and not isinstance(data.get(key), bool) and data[key] > 0:
                 return data[key]
         raise ValueError(f"{self.where}: {gradients[0]} is a gradient, which needs the number of layers: the base "
-                         f"model's config.json ({config}) has no {MIN_NUM_LAYERS_KEYS[0]}")
+                         f"model's config.json ({show_path(config)}) has no {MIN_NUM_LAYERS_KEYS[0]}")
 
     def take(self, keep):
         view = object.__new__(Settings)
@@ -995,7 +995,7 @@ def _check_layers(path, end, where) -> None:
     for key in MIN_NUM_LAYERS_KEYS:
         if isinstance(data.get(key), int) and not isinstance(data[key], bool):
             if end > data[key]:
-                raise ValueError(f"{where}: layer_range ends at {end} but {path} has {data[key]} layers")
+                raise ValueError(f"{where}: layer_range ends at {end} but {show_path(path)} has {data[key]} layers")
             return
 
 

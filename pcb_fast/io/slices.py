@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoints import Checkpoint, open_checkpoint
+from .safetensors import show_path
 
 PRE_WEIGHTS = ("embed", "wte", "wpe")
 
@@ -53,7 +54,7 @@ class StitchedModel:
     config_from: str  # the folder whose config.json (and side files) the output gets
 
     def __str__(self) -> str:
-        return " + ".join(f"{p.path} layers {p.first}-{p.end - 1}" for p in self.pieces)
+        return " + ".join(f"{show_path(p.path, 200)} layers {p.first}-{p.end - 1}" for p in self.pieces)
 
     @property
     def paths(self) -> list:
@@ -70,7 +71,7 @@ class StitchedCheckpoint(Checkpoint):
         opened = {}
         try:
             for path in model.paths:
-                opened[path] = open_checkpoint(path, f"{name}: {path}")
+                opened[path] = open_checkpoint(path, f"{name}: {show_path(path)}")
         except BaseException:
             for ck in opened.values():
                 ck.close()
