@@ -95,15 +95,17 @@ def digests(root: Path) -> dict:
             if p.is_file() and not p.is_symlink()}
 
 
-def make_case(rng: random.Random, folder: Path, adapters: bool):
-    """(inputs: the base, then the models or adapters; the files of each; the expected output; --out)."""
+def make_case(rng: random.Random, folder: Path, adapters: bool, first_kind: str | None = None):
+    """(inputs: the base, then the models or adapters; the files of each; the expected output; --out).
+    ``first_kind``: the kind of the first model or adapter (else drawn, as every other input's)."""
     g = torch.Generator().manual_seed(rng.randrange(1 << 30))
     base = {"q_proj.weight": torch.randn(48, 16, generator=g), "v_proj.weight": torch.randn(48, 16, generator=g),
             "b.bias": torch.randn(40, generator=g), "steps": torch.arange(5)}
     inputs, weights = [], []
     if adapters:
         for i in range(2):
-            path, files = write_adapter(rng.choice(ADAPTER_KINDS), g, folder / f"adapter{i}")
+            path, files = write_adapter(first_kind if i == 0 and first_kind else rng.choice(ADAPTER_KINDS), g,
+                                        folder / f"adapter{i}")
             inputs.append(path)
             weights.append(files)
         expected = pcb_fast.merge_adapters(base, inputs, method="ties", density=0.5)
@@ -111,7 +113,8 @@ def make_case(rng: random.Random, folder: Path, adapters: bool):
         tuned = [{k: (v + 0.05 * torch.randn(v.shape, generator=g)) if v.is_floating_point() else v
                   for k, v in base.items()} for _ in range(2)]
         for i, state in enumerate(tuned):
-            path, files = write_kind(rng.choice(KINDS), state, folder / f"input{i + 1}")
+            path, files = write_kind(first_kind if i == 0 and first_kind else rng.choice(KINDS), state,
+                                     folder / f"input{i + 1}")
             inputs.append(path)
             weights.append(files)
         expected = pcb_fast.merge(base, tuned, method="ties", density=0.5)
@@ -127,14 +130,19 @@ def test_hostile_folders(tmp_path, capsys, monkeypatch, seed):
     rng = random.Random(seed)
     twist = TWISTS[seed % len(TWISTS)]
     adapters = seed % 3 == 2
-    inputs, weights, expected, out = make_case(rng, tmp_path, adapters)
+    first_kind = turn = None
+    if twist == "link_into_out":  # every kind of model and adapter in turn, its weights first, then its other files
+        kinds = ADAPTER_KINDS if adapters else KINDS
+        turn = sum(1 for s in range(seed) if s % 4 == 1 and (s % 3 == 2) == adapters)
+        first_kind = kinds[turn % len(kinds)]
+        turn //= len(kinds)
+    inputs, weights, expected, out = make_case(rng, tmp_path, adapters, first_kind)
     args = ["merge", "--base", str(inputs[0]), *[f"--{'adapter' if adapters else 'model'}={p}" for p in inputs[1:]],
             "--out", str(out), "--overwrite", "--quiet", "--method", "ties", "--density", "0.5", "--max-memory", "0"]
     rewritten = None
     if twist == "link_into_out":
-        victim = rng.choice([f for files in weights for f in files]
-                            + [p / n for p in inputs if (p / "config.json").exists() for n in ("config.json",
-                                                                                                  "tokenizer.json")])
+        files = weights[1] + [inputs[1] / n for n in ("config.json", "tokenizer.json") if (inputs[1] / n).exists()]
+        victim = files[turn % len(files)]
         moved = out / f"moved-{victim.name}"
         os.replace(victim, moved)
         victim.symlink_to(moved)
