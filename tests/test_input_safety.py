@@ -246,6 +246,29 @@ def test_compressed_and_legacy_torch_files_are_read_correctly(tmp_path, form):
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
+def test_a_torch_file_read_in_place_gives_every_view_its_values(tmp_path):
+    """Stored torch zips are read with positioned reads at each storage's offset: views into a shared
+    storage (a row, a transpose, an expanded tensor, one storage under two keys), other dtypes and
+    empty tensors read back their values, whole and in slices."""
+    from pcb_fast.io.checkpoints import TorchFileCheckpoint, open_checkpoint
+    from pcb_fast.io.tied import tied_groups
+
+    a = torch.arange(12, dtype=torch.float32).view(3, 4)
+    state = {"a": a, "also_a": a, "t": a.t(), "row": a[1], "wide": torch.arange(3.0).expand(4, 3),
+             "h": torch.arange(5, dtype=torch.float16), "flags": torch.tensor([True, False]), "empty": torch.empty(0)}
+    torch.save(state, tmp_path / "m.pt")
+    checkpoint = open_checkpoint(tmp_path / "m.pt")
+    assert isinstance(checkpoint, TorchFileCheckpoint)
+    for key, value in state.items():
+        assert torch.equal(checkpoint.read(key), value), key
+        n = value.numel()
+        if n > 2:
+            part = checkpoint.read_into(key, 1, n - 1, torch.empty(n - 2, dtype=value.dtype))
+            assert torch.equal(part, value.reshape(-1)[1: n - 1]), key
+    assert tied_groups(checkpoint.state) == [["a", "also_a"]]
+    checkpoint.close()
+
+
 def test_a_truncated_torch_zip_is_one_line(tmp_path, capsys):
     base, tuned = models(tmp_path)
     save_file(base, tmp_path / "base.safetensors")

@@ -159,13 +159,15 @@ class TorchFileCheckpoint(StateDictCheckpoint):
     def _whole(self, key: str) -> torch.Tensor:
         """The flattened values of the non-contiguous tensor ``key``, read once: the span of its storage
         it covers, then its strides applied."""
-        if self._strided[0] != key:
+        cached, values = self._strided  # one read of the pair: a reader thread may replace it meanwhile
+        if cached != key:
             t = self.state[key]
             span = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
             raw = torch.empty(span, dtype=t.dtype)
             read_exactly(self.fd, raw, self._position(key, 0), self.watch, f"key {show(key)}")
-            self._strided = (key, raw.as_strided(t.shape, t.stride()).contiguous().view(-1))
-        return self._strided[1]
+            values = raw.as_strided(t.shape, t.stride()).contiguous().view(-1)
+            self._strided = (key, values)
+        return values
 
     def advise(self, key, lo, hi):
         t = self.state[key]
