@@ -185,6 +185,8 @@ BAD_TOKENS = [
     ({"<x>": {"source": {"kind": "zero"}, "forse": True}}, "tokenizer.tokens['<x>'].forse is not an entry of a token"),
     ({"<x>": {"source": {"kind": "model_token", "model": "chat", "token": "nowhere"}}},
      "token 'nowhere' is not in the vocabulary of CHAT"),
+    ({"z" * 100_000: {"source": {"kind": "model_token", "model": "chat", "token": "y" * 100_000}}},
+     "token 'yyyyyyyy"),  # a huge token: the line stays short
 ]
 
 
@@ -204,6 +206,7 @@ def test_bad_tokens_are_one_line_errors(fp32_family, tmp_path, capsys, tokens, m
     assert cli(["merge", "--config", str(tmp_path / "merge.yaml"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message.replace("CHAT", family["chat"]) in err[0], err
+    assert len(err[0]) < 1000, len(err[0])
     assert not (tmp_path / "out").exists()
 
 

@@ -30,7 +30,9 @@ from pathlib import Path
 
 import torch
 
+from ..core.checks import short
 from .checkpoints import Checkpoint, load_json, open_checkpoint
+from .safetensors import show_path
 from .slices import PRE_WEIGHTS, layer_of
 
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "added_tokens.json",
@@ -117,19 +119,19 @@ def _token_source(value, label, models, resolve):
                 raise ValueError(f"{label}: give token or token_id (one of them)")
             if "token_id" in value and (not isinstance(value["token_id"], int) or isinstance(value["token_id"], bool)
                                         or value["token_id"] < 0):
-                raise ValueError(f"{label}.token_id={value['token_id']!r} must be a row number (an integer >= 0)")
+                raise ValueError(f"{label}.token_id={short(value['token_id'])} must be a row number (an integer >= 0)")
             if "token" in value and not isinstance(value["token"], str):
-                raise ValueError(f"{label}.token={value['token']!r} must be a token (a string)")
+                raise ValueError(f"{label}.token={short(value['token'])} must be a token (a string)")
             path = _input(resolve(value["model"], f"{label}.model"), f"{label}.model", models)
             return ("model_token", path, value.get("token_id", value.get("token")))
-    raise ValueError(f"{label}={value!r} must be a model, {{kind: zero}} or {{kind: model_token, model, token}}")
+    raise ValueError(f"{label}={short(value)} must be a model, {{kind: zero}} or {{kind: model_token, model, token}}")
 
 
 def _input(path, label, models):
     for m in models:
         if os.path.realpath(m) == os.path.realpath(path):
             return m
-    raise ValueError(f"{label}: {path} is not one of the models merged; a token's row comes from one of them")
+    raise ValueError(f"{label}: {show_path(path)} is not one of the models merged; a token's row comes from one of them")
 
 
 def parse_tokens(tokens, where, models, resolve) -> dict:
@@ -141,7 +143,7 @@ def parse_tokens(tokens, where, models, resolve) -> dict:
         raise ValueError(f"{where}: tokenizer.tokens must be a mapping of token -> {{source, force}}")
     out = {}
     for token, entry in tokens.items():
-        label = f"{where}: tokenizer.tokens[{token!r}]"
+        label = f"{where}: tokenizer.tokens[{short(token)}]"
         if not isinstance(token, str) or not token:
             raise ValueError(f"{label}: a token must be a non-empty string")
         entry = {} if entry is None else entry
@@ -152,7 +154,7 @@ def parse_tokens(tokens, where, models, resolve) -> dict:
             raise ValueError(f"{label}.{extra[0]} is not an entry of a token; valid: source, force")
         force = entry.get("force", False)
         if not isinstance(force, bool):
-            raise ValueError(f"{label}.force={force!r} must be true or false")
+            raise ValueError(f"{label}.force={short(force)} must be true or false")
         source = entry.get("source")
         out[token] = (None if source is None else _token_source(source, f"{label}.source", models, resolve), force)
     return out
@@ -171,12 +173,12 @@ class VocabularyPlan:
         self.tokens, self.pad = tokens, pad_to_multiple_of
         base_tok = load_tokenizer(base)
         if base_tok is None:
-            raise ValueError(f"{where}: {what}: the base model ({base}) has no tokenizer that transformers loads")
+            raise ValueError(f"{where}: {what}: the base model ({show_path(base)}) has no tokenizer that transformers loads")
         base_size = config_vocab_size(base) or len(base_tok.get_vocab())
         beyond = sorted(t for t, i in base_tok.get_vocab().items() if i >= base_size)
         if beyond:
             raise ValueError(f"{where}: not supported: the base model's tokenizer has {len(beyond)} tokens beyond its "
-                             f"vocab_size {base_size} (e.g. {beyond[0]!r}); mergekit strips them from BPE tokenizers")
+                             f"vocab_size {base_size} (e.g. {short(beyond[0])}); mergekit strips them from BPE tokenizers")
         loaded = {base: base_tok}
         for path in self.models:
             if path not in loaded:
@@ -191,7 +193,7 @@ class VocabularyPlan:
         else:
             out = load_tokenizer(source)
             if out is None:
-                raise ValueError(f"{where}: {what}: {source} has no tokenizer that transformers loads")
+                raise ValueError(f"{where}: {what}: {show_path(source)} has no tokenizer that transformers loads")
         if tokens and out is base_tok:
             out = _fresh_copy(base_tok)
         existing = set(out.get_vocab())
@@ -217,7 +219,7 @@ class VocabularyPlan:
             for token, new in self.vocab.items():
                 old = own.get(token)
                 if old is not None and old >= size:
-                    raise ValueError(f"{where}: not supported: token {token!r} of {path} has id {old}, beyond its "
+                    raise ValueError(f"{where}: not supported: token {short(token)} of {show_path(path)} has id {old}, beyond its "
                                      f"vocab_size {size}")
                 if old is not None:
                     rows[new] = old
@@ -245,11 +247,11 @@ class VocabularyPlan:
                 continue
             if token in self.tokens:
                 if chosen is None:
-                    raise ValueError(f"{self.where}: tokenizer.tokens[{token!r}] needs a source "
+                    raise ValueError(f"{self.where}: tokenizer.tokens[{short(token)}] needs a source "
                                      f"({'force' if force else 'a model lacks the token'})")
                 if chosen[0] == "model" and self.permutation[chosen[1]][new] < 0:
-                    raise ValueError(f"{self.where}: tokenizer.tokens[{token!r}].source: {chosen[1]} has no token "
-                                     f"{token!r}")
+                    raise ValueError(f"{self.where}: tokenizer.tokens[{short(token)}].source: {show_path(chosen[1])} has no token "
+                                     f"{short(token)}")
                 sources[new] = chosen
             elif len(having) == 1:
                 sources[new] = ("model", having[0])
@@ -275,7 +277,7 @@ class VocabularyPlan:
         def row(path, index):
             ck = checkpoints[path]
             if not 0 <= index < ck.shape(key)[0]:
-                raise ValueError(f"{self.where}: row {index} of {key} is out of range for {path}")
+                raise ValueError(f"{self.where}: row {index} of {short(key)} is out of range for {show_path(path)}")
             return ck.read_into(key, index * width, (index + 1) * width,
                                 torch.empty(width, dtype=ck.dtype(key))).view(shape)
 
@@ -289,7 +291,7 @@ class VocabularyPlan:
                 path, which = source[1], source[2]
                 if isinstance(which, str):
                     if which not in self.original[path]:
-                        raise ValueError(f"{self.where}: token {which!r} is not in the vocabulary of {path}")
+                        raise ValueError(f"{self.where}: token {short(which)} is not in the vocabulary of {show_path(path)}")
                     which = self.original[path][which]
                 value = row(path, which).to(dtype)
             else:  # the mean, summed in the inputs' order as mergekit sums it
@@ -382,7 +384,7 @@ class RemappedCheckpoint(Checkpoint):
                 for source in self.model.inputs:
                     path = _path_of(source, key)
                     if path not in opened:
-                        opened[path] = _open(path, f"{self.name}: {path}")
+                        opened[path] = _open(path, f"{self.name}: {show_path(path)}")
                 checkpoints = {p: ck for p, ck in opened.items() if key in ck.keys()}
                 self._prepared[key] = (self.plan.default_rows(key, checkpoints),
                                        promoted_dtype(key, checkpoints.values()))
