@@ -31,7 +31,7 @@ import torch
 safetensors = pytest.importorskip("safetensors")
 from safetensors.torch import save  # noqa: E402
 
-from pcb_fast.io.safetensors import FORMAT_DTYPES, FormatError, SafetensorsReader  # noqa: E402
+from pcb_fast.io.safetensors import FORMAT_DTYPES, FormatError, SafetensorsReader, _parse_plain, parse_header  # noqa: E402
 
 CASES = 4000
 SEED = 20261129
@@ -424,3 +424,72 @@ def test_edge_cases_agree_with_the_library(tmp_path, index):
         assert all(same_bytes(tensors[k], theirs[0][k]) for k in tensors)
     else:
         assert isinstance(ours, str), "pcb_fast accepts a header that the library refuses"
+
+
+def _both_paths(raw: bytes, size: int):
+    """(what the plain-form path gives, what the full parse gives) for one header: the first is None
+    or the second's accepted result; the second is a result or a FormatError's message."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "not UTF-8"
+    plain = _parse_plain(text, size)
+    try:
+        full = _full_parse(raw, size)
+    except FormatError as e:
+        full = str(e)
+    return plain, full
+
+
+def _full_parse(raw: bytes, size: int):
+    import pcb_fast.io.safetensors as module
+
+    kept, module._parse_plain = module._parse_plain, lambda text, size: None
+    try:
+        return parse_header(raw, size)
+    finally:
+        module._parse_plain = kept
+
+
+U = '"u":{"dtype":"BF16","shape":[2,1],"data_offsets":[8,12]}'
+M = '"__metadata__":{"format":"pt","p":"{\\"a\\": 1}"}'
+PLAIN_EDGES = [  # near the plain form: each must give the full parse's answer
+    ("{" + T + "," + U + "}", 12, True), ("{" + M + "," + T + "," + U + "}", 12, True),
+    ("{" + T + "," + U + "," + M + "}", 12, True), ("{" + T + "," + M + "," + U + "}", 12, True),
+    ("{" + T + "," + U + "}    ", 12, True), ("{" + M + "}", 0, True), ('{"__metadata__":null}', 0, True),
+    ("{" + T + "," + U.replace("[8,12]", "[08,12]") + "}", 12, False), ("{" + T + "," + U.replace("[2,1]", "[2,,1]") + "}", 12, False),
+    ("{" + T + "," + U.replace("[2,1]", "[2,1,]") + "}", 12, False), ("{" + T + "," + U.replace("[2,1]", "[]").replace("12]", "10]") + "}", 10, True),
+    ("{" + T + "," + U.replace('"u"', '"a"') + "}", 12, False), ("{" + T + "," + U.replace('"u"', '"u\\"x"') + "}", 12, True),
+    ("{" + T + "," + U.replace('"u"', '"u:v"') + "}", 12, True), ("{" + T + "," + U.replace('"u"', '"u\x01"') + "}", 12, False),
+    ("{" + T + "," + U.replace('"u"', '"__metadata__"') + "}", 12, False), ("{" + T + "," + U.replace("BF16", "F4") + "}", 12, False),
+    ("{" + T + "," + U.replace("[8,12]", "[8,13]") + "}", 12, False), ("{" + T + "," + U + "}", 13, False),
+    ("{" + T + "," + M + "," + M + "}", 8, False), ("{" + T + ", " + U + "}", 12, True),
+    ("{" + T + "," + U.replace('[2,1]', '[2,1],"x":1') + "}", 12, True), ("{" + U.replace("[8,12]", "[0,4]") + "," + T.replace("[0,8]", "[4,12]") + "}", 12, True),
+]
+
+
+def test_plain_headers_are_read_in_bulk_with_the_full_parses_result():
+    # every fuzzed header and edge case: the bulk path (io.safetensors._parse_plain) accepts only what
+    # the full parse accepts, with the same tensors and metadata, and takes the headers writers write
+    header, data = original()
+    r = random.Random(SEED)
+    taken = 0
+    cases = [(text.encode(), size) for text, size, _ in EDGES + PLAIN_EDGES]
+    for _ in range(CASES // 4):
+        blob = mutate(r, header, data)
+        (n,) = struct.unpack("<Q", blob[:8]) if len(blob) >= 8 else (0,)
+        if 8 + n <= len(blob):
+            cases.append((blob[8 : 8 + n], len(blob) - 8 - n))
+    for raw, size in cases:
+        plain, full = _both_paths(raw, size)
+        if plain is not None:
+            taken += 1
+            assert not isinstance(full, str), (raw[:200], full)
+            assert plain == full, raw[:200]
+    assert taken >= 12  # the bulk path is exercised
+    for text, size, verdict in PLAIN_EDGES:  # (the table says what the full parse does)
+        assert isinstance(_both_paths(text.encode(), size)[1], str) != verdict, text
+    blob = save({"b": torch.ones(3), "a": torch.zeros(2, 2, dtype=torch.bfloat16)}, metadata={"format": "pt", "q": 'x"}'})
+    (n,) = struct.unpack("<Q", blob[:8])
+    plain, full = _both_paths(blob[8 : 8 + n], len(blob) - 8 - n)
+    assert plain is not None and plain == full  # the library's own layout, metadata with escapes

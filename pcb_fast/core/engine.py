@@ -27,7 +27,7 @@ from ..cpu.native import (collect as native_collect, collected_split as native_c
 from . import checks
 from .numerics import warm_up_exp
 from .select import RadixSelect, bucket_floor
-from .sources import Segment, TaskVectorSource
+from .sources import Block, Segment, TaskVectorSource
 
 Sink = Callable[[Segment, int, int, torch.Tensor], None]
 
@@ -96,12 +96,27 @@ def raise_if_not_finite(source: TaskVectorSource, block, row_max: torch.Tensor) 
     """``row_max`` is a per-task max over the block (NaN propagates): name the bad model and key."""
     bad = ~torch.isfinite(row_max)
     if bool(bad.any()):
+        part = _first_bad_key(block) if block.segment.parts else None
+        if part is not None:  # a pack: its first key with a value that is not finite, as unpacked
+            block, bad = part, ~torch.isfinite(part.tv).all(1)
         task = int(bad.nonzero()[0, 0])
         message = (source.base_problem(block)
                    or f"{source.where(task, block.segment)}: {source.why_not_finite(task, block)}")
         if source.options.errors is None:
             raise ValueError(message)
         source.options.errors.fail(message)  # raised on every rank at the next collective
+
+
+def _first_bad_key(block) -> Block | None:
+    """The block of a pack's first key holding a value that is not finite (its entries of ``block``)."""
+    columns = (~torch.isfinite(block.tv).all(0)).nonzero()
+    if not columns.numel():
+        return None
+    column = int(columns[0, 0])
+    for part, lo, hi, start, end in block.segment.pieces(block.lo, block.hi):
+        if start <= column < end:
+            return Block(part, lo, hi, block.tv[:, start:end])
+    return None
 
 
 @dataclass

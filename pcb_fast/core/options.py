@@ -28,6 +28,10 @@ class RunOptions:
     comm: Any = None
     # where bad data is reported instead of raised, so that every rank fails together (kept by views)
     errors: Any = None
+    # runs of small keys may share a block (core.sources.pack_segments): set only where the method's
+    # values do not depend on where a key begins in its block (MethodSpec.packable) and the sink
+    # writes packs
+    pack_keys: bool = False
 
 
 class PassBars:

@@ -27,12 +27,33 @@ DEFAULT_BLOCK_WIDTH = 1 << 17  # entries per task per block: an [8, 131072] fp32
 
 @dataclass(frozen=True)
 class Segment:
-    """One merged key: its name, shape, number of entries and start offset in the task row."""
+    """One merged key: its name, shape, number of entries and start offset in the task row; or a
+    pack of several consecutive small keys read, merged and written as one block (``parts``: their
+    segments; ``key``: the pair (first key, last key), which no sink mistakes for a key)."""
 
-    key: str
+    key: str | tuple
     shape: tuple
     numel: int
     offset: int
+    parts: tuple = ()
+
+    @property
+    def lead_key(self) -> str:
+        """The key whose dtypes every part of a pack shares (a plain segment's own key)."""
+        return self.parts[0].key if self.parts else self.key
+
+    def pieces(self, lo: int, hi: int) -> list[tuple]:
+        """(segment, lo, hi, start, end) of every key within entries [lo, hi) of this segment: where
+        they are in their key, and where in the block ([start, end)). One piece for a plain segment."""
+        if not self.parts:
+            return [(self, lo, hi, 0, hi - lo)]
+        found = []
+        for part in self.parts:
+            a, b = max(lo, part.offset - self.offset), min(hi, part.offset - self.offset + part.numel)
+            if a < b:
+                start = part.offset - self.offset
+                found.append((part, a - start, b - start, a - lo, b - lo))
+        return found
 
 
 @dataclass
@@ -58,6 +79,33 @@ def segments_of(keys: Sequence[str], shape_of) -> list[Segment]:
         segments.append(Segment(key, shape, numel, offset))
         offset += numel
     return segments
+
+
+def pack_segments(segments: Sequence[Segment], width: int, signature) -> list[Segment]:
+    """``segments`` with every run of consecutive ones that fit ``width`` entries together and share
+    ``signature(segment)`` (their dtypes in every input; None: never packed) joined into a pack
+    (:class:`Segment` with ``parts``): a model of many small tensors then costs a few blocks, not
+    one block per key."""
+    packed, run, total, shared = [], [], 0, None
+
+    def close_run():
+        if len(run) > 1:
+            packed.append(Segment((run[0].key, run[-1].key), (total,), total, run[0].offset, tuple(run)))
+        else:
+            packed.extend(run)
+
+    for seg in segments:
+        mark = signature(seg) if seg.numel < width else None
+        if not run or mark is None or mark != shared or total + seg.numel > width:
+            close_run()
+            run, total, shared = [], 0, mark
+        if mark is None:
+            packed.append(seg)
+            continue
+        run.append(seg)
+        total += seg.numel
+    close_run()
+    return packed
 
 
 def row_length(shape) -> int:
@@ -86,16 +134,34 @@ class TaskVectorSource:
 
     def block_width(self, width: int) -> int:
         """The widest block :meth:`blocks` yields for ``width`` (buffers need no more)."""
+        if self.options.pack_keys and len(self.segments) > 1:
+            return min(width, self.D)  # a pack spans several keys
         return min(width, max((s.numel for s in self.segments), default=1))
+
+    def _pack_signature(self, seg: Segment):
+        """What must be equal for ``seg`` to share a pack with its neighbours; None: never packed
+        (sources that read their inputs by key do not pack)."""
+        return None
+
+    def _segments(self, width: int) -> list[Segment]:
+        """The segments a pass of ``width`` goes through: packs of small keys where the run allows
+        them (``options.pack_keys``), computed once per width."""
+        if not self.options.pack_keys or len(self.segments) < 2:
+            return self.segments
+        packs = self.__dict__.setdefault("_packs", {})
+        if width not in packs:
+            packs[width] = pack_segments(self.segments, width, self._pack_signature)
+        return packs[width]
 
     def plan(self, width: int = DEFAULT_BLOCK_WIDTH, whole_rows: bool = False) -> list[tuple[Segment, int, int]]:
         """The (segment, lo, hi) of every block :meth:`blocks` yields, in order.
 
         With ``whole_rows``, blocks hold whole rows (last dimension) of each tensor: as many as fit in
-        ``width`` entries, or one row if a row is longer.
+        ``width`` entries, or one row if a row is longer. Without, where the run allows it
+        (``options.pack_keys``), runs of small keys share a block (:func:`pack_segments`).
         """
         ranges = []
-        for seg in self.segments:
+        for seg in (self.segments if whole_rows else self._segments(width)):
             row = row_length(seg.shape) if whole_rows else 1
             step = max(width // row, 1) * row
             ranges += [(seg, lo, min(lo + step, seg.numel)) for lo in range(0, seg.numel, step)]
@@ -247,6 +313,37 @@ def check_cpu(what: str, t: torch.Tensor) -> None:
 EXACT_IN_FLOAT32 = (torch.float32, torch.bfloat16, torch.float16)
 
 
+class PackReads:
+    """A checkpoint (pcb_fast.io.checkpoints) that also reads packs: for a pack's key, the whole
+    tensors of its parts one after the other, by the checkpoint's planned reads (one read per run
+    of tensors that lie next to each other in a file); any other key as the checkpoint does."""
+
+    def __init__(self, checkpoint, pack_of: dict):
+        self.checkpoint, self.name = checkpoint, checkpoint.name
+        self._pack_of = pack_of  # pack key -> pack (shared with the source)
+        self._reads = {}  # pack key -> the checkpoint's plan of its reads
+
+    def dtype(self, key) -> torch.dtype:
+        return self.checkpoint.dtype(self._pack_of[key].lead_key if type(key) is tuple else key)
+
+    def _plan(self, key):
+        plan = self._reads.get(key)
+        if plan is None:
+            plan = self._reads[key] = self.checkpoint.plan_reads([part.key for part in self._pack_of[key].parts])
+        return plan
+
+    def read_into(self, key, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
+        if type(key) is not tuple:
+            return self.checkpoint.read_into(key, lo, hi, out)
+        return self.checkpoint.read_planned(self._plan(key), out)  # (a pack is always one whole block)
+
+    def advise(self, key, lo: int, hi: int) -> None:
+        if type(key) is not tuple:
+            self.checkpoint.advise(key, lo, hi)
+        else:
+            self.checkpoint.advise_planned(self._plan(key))
+
+
 class CheckpointSource(TaskVectorSource):
     """Task vectors of checkpoints (pcb_fast.io.checkpoints), read slice by slice: every pass reads the
     files again (through the page cache), so memory stays at a few blocks whatever the model size.
@@ -264,6 +361,8 @@ class CheckpointSource(TaskVectorSource):
         self._base_ckpt, self._model_ckpts = base, list(models)
         segments = segments_of(merged_keys, base.shape)
         super().__init__(len(self._model_ckpts), segments, [m.name for m in self._model_ckpts])
+        self._pack_of = {}  # pack key -> pack, for the inputs' reads (PackReads)
+        self._inputs = [PackReads(ck, self._pack_of) for ck in [base] + self._model_ckpts]
         self._buffers = {}
         self._prefetcher = None
         self._readers = []  # every Prefetcher running, shared with the views of restrict() (close_reads)
@@ -279,8 +378,17 @@ class CheckpointSource(TaskVectorSource):
         return buffer[:m]
 
     def bytes_per_entry(self, seg: Segment | None = None) -> int:
-        key = (seg or self.segments[0]).key
+        key = (seg or self.segments[0]).lead_key
         return sum(c.dtype(key).itemsize for c in [self._base_ckpt] + self._model_ckpts)
+
+    def _pack_signature(self, seg: Segment):
+        return tuple(ck.dtype(seg.key) for ck in [self._base_ckpt] + self._model_ckpts)
+
+    def _segments(self, width: int) -> list[Segment]:
+        segments = super()._segments(width)
+        if segments is not self.segments:
+            self._pack_of.update((seg.key, seg) for seg in segments if seg.parts)
+        return segments
 
     def why_not_finite(self, task: int, block: Block) -> str:
         key, lo, hi = block.segment.key, block.lo, block.hi
@@ -296,11 +404,17 @@ class CheckpointSource(TaskVectorSource):
         return None if reason is None else f"base model, key {checks.short(key, 80)}: {reason}"
 
     def base_block(self, key: str, lo: int, hi: int) -> torch.Tensor | None:
-        """The base's entries [lo, hi) of ``key`` in float32 when the block read last is this one and
-        float32 holds them exactly (a sink then need not read them again), else None. Valid until
-        the next block is read."""
+        """The base's entries [lo, hi) of ``key`` (a segment's key, a pack's too) in float32 when the
+        block read last is this one and float32 holds them exactly (a sink then need not read them
+        again), else None. Valid until the next block is read."""
         last = self._last_base[0]
         return last[3] if last is not None and last[:3] == (key, lo, hi) else None
+
+    def base_slice(self, seg: Segment, lo: int, hi: int) -> torch.Tensor:
+        """The base's entries [lo, hi) of ``seg`` (a pack too), as stored, in a buffer reused by the
+        next call (a sink's own: the reads ahead never touch it)."""
+        base = self._inputs[0]
+        return base.read_into(seg.key, lo, hi, self._buffer("sink base", base.dtype(seg.key), hi - lo))
 
     @contextlib.contextmanager
     def _reading(self, ranges):
@@ -310,8 +424,8 @@ class CheckpointSource(TaskVectorSource):
             return
         from .prefetch import Prefetcher
 
-        self._prefetcher = Prefetcher([self._base_ckpt] + self._model_ckpts,
-                                      [(seg.key, lo, hi) for seg, lo, hi in ranges], depth=self.READ_AHEAD)
+        self._prefetcher = Prefetcher(self._inputs, [(seg.key, lo, hi) for seg, lo, hi in ranges],
+                                      depth=self.READ_AHEAD)
         self._readers.append(self._prefetcher)
         try:
             yield
@@ -349,7 +463,7 @@ class CheckpointSource(TaskVectorSource):
                 yield taken[1]
             else:
                 yield [ck.read_into(seg.key, lo, hi, self._buffer(("input", j), ck.dtype(seg.key), hi - lo))
-                       for j, ck in enumerate([self._base_ckpt] + self._model_ckpts)]
+                       for j, ck in enumerate(self._inputs)]
         finally:
             if taken is not None:
                 self._prefetcher.release(taken[0])
@@ -415,6 +529,9 @@ class CachedSource(TaskVectorSource):
 
     def strided_columns(self, stride: int) -> list | None:
         return [self.cache[:, ::stride].clone()] if self.complete else None
+
+    def _pack_signature(self, seg: Segment):
+        return self.inner._pack_signature(seg)  # later passes see the blocks of the first
 
     def where(self, task: int, seg: Segment) -> str:
         return self.inner.where(task, seg)

@@ -69,6 +69,24 @@ class Checkpoint:
         """A hint that entries [lo, hi) of ``key`` will be read soon (files: the kernel may start
         reading them); nothing to do in memory."""
 
+    def plan_reads(self, keys: Sequence[str]) -> list:
+        """How to read the whole tensors ``keys`` (of one dtype) one after the other
+        (:meth:`read_planned`): here one read per key; files join the keys that lie next to each other."""
+        return [(key, self.numel(key)) for key in keys]
+
+    def read_planned(self, plan: list, out: torch.Tensor) -> torch.Tensor:
+        """The tensors of a :meth:`plan_reads` plan, one after the other, into ``out`` (contiguous)."""
+        at = 0
+        for key, numel in plan:
+            self.read_into(key, 0, numel, out[at : at + numel])
+            at += numel
+        return out
+
+    def advise_planned(self, plan: list) -> None:
+        """:meth:`advise` for the tensors of a :meth:`plan_reads` plan."""
+        for key, numel in plan:
+            self.advise(key, 0, numel)
+
     def numel(self, key: str) -> int:
         return math.prod(self.shape(key))
 
@@ -220,6 +238,37 @@ class SafetensorsCheckpoint(Checkpoint):
             return self.where[key].read_into(key, lo, hi, out)
         except FormatError as e:
             raise ValueError(f"{self.name}: {e}") from None
+
+    def plan_reads(self, keys):
+        """Runs (file, first byte, bytes, the keys): tensors that lie next to each other in one file
+        are read together."""
+        runs = []
+        for key in keys:
+            reader = self.where[key]
+            info = reader.tensors[key]
+            last = runs[-1] if runs else None
+            if last is not None and last[0] is reader and last[1] + last[2] == info.offset:
+                last[2] += info.nbytes
+                last[3].append(key)
+            else:
+                runs.append([reader, info.offset, info.nbytes, [key]])
+        return runs
+
+    def read_planned(self, plan, out):
+        view, at = out.view(-1).view(torch.uint8), 0
+        try:
+            for reader, position, size, keys in plan:
+                reader.read_bytes(position, view[at : at + size], keys)
+                at += size
+        except FormatError as e:
+            raise ValueError(f"{self.name}: {e}") from None
+        if at != view.numel():
+            raise ValueError(f"{self.name}: read_planned: buffer of {view.numel()} bytes for {at}")
+        return out
+
+    def advise_planned(self, plan):
+        for reader, position, size, _ in plan:
+            reader.advise_bytes(position, size)
 
     def close(self):
         for reader in self.readers:

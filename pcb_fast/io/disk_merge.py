@@ -399,26 +399,20 @@ def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam,
                 and (scope == "tensor" or cached <= inputs)):
             source = CachedSource(source)
             budget -= cached
-    base_buffer = {}
-
     def sink(segment, lo, hi, tau_m):
-        key = segment.key
         try:
-            base = reader.base_block(key, lo, hi)  # the block the source has just read: no second read
+            base = reader.base_block(segment.key, lo, hi)  # the block the source has just read: no second read
             if base is None:
-                buffer = base_buffer.get(base_ck.dtype(key))
-                if buffer is None or buffer.numel() < hi - lo:
-                    buffer = base_buffer[base_ck.dtype(key)] = torch.empty(max(hi - lo, block_width),
-                                                                           dtype=base_ck.dtype(key))
-                base = base_ck.read_into(key, lo, hi, buffer[: hi - lo])
-            values = torch.empty(hi - lo, dtype=out_dtype(key))
+                base = reader.base_slice(segment, lo, hi)
+            values = torch.empty(hi - lo, dtype=out_dtype(segment.lead_key))
             if native.merged_output(base, tau_m, lam, values):  # one sweep; else torch's, which says what is wrong
-                writer.write(key, lo, values)
+                writer.write_segment(segment, lo, values)
                 return
-            theta = merged_weights(base, lam, tau_m)
-            values = theta.to(out_dtype(key))
-            checks.check_merged(key, theta, values)
-            writer.write(key, lo, values)
+            for part, part_lo, part_hi, start, end in segment.pieces(lo, hi):  # (the keys of a pack, one by one)
+                theta = merged_weights(base[start:end], lam, tau_m[start:end])
+                values = theta.to(out_dtype(part.key))
+                checks.check_merged(part.key, theta, values)
+                writer.write(part.key, part_lo, values)
         except (ValueError, OSError) as e:
             if comm is None:
                 raise
@@ -427,10 +421,10 @@ def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam,
     def from_inputs(segment, lo, hi, natives, weights, divisor) -> bool:
         """The merged block straight from the raw slices [base, model_0, ...], written; False where the
         kernel does not apply or a value is not finite (the method then takes the torch path)."""
-        values = torch.empty(hi - lo, dtype=out_dtype(segment.key))
+        values = torch.empty(hi - lo, dtype=out_dtype(segment.lead_key))
         if not native.weighted_merge(natives[1:], natives[0], weights, divisor, lam, values):
             return False
-        writer.write(segment.key, lo, values)
+        writer.write_segment(segment, lo, values)
         return True
 
     def weights(segment, lo, hi, theta):
@@ -448,6 +442,7 @@ def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam,
         with CpuThreads(threads) as cpu_threads:
             source.options = RunOptions(
                 memory_budget=budget, threads=cpu_threads, progress=progress and PassBars(progress), comm=comm, errors=comm,
+                pack_keys=comm is None and scope == "global" and SPECS[method].packable(params),
                 **fused_cpu.settings(fused, source.n * source.D, method, params, allowed=comm is None))
             return engine.run(SPECS[method].merge, source, sink, scope=scope, lambdas=lambdas,
                               block_width=block_width, **params)

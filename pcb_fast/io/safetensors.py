@@ -30,14 +30,16 @@ they belong as they come, and a model is never held whole in memory.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import operator
 import os
 import re
 import stat
 import struct
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -212,6 +214,10 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+_METADATA_DECODER = json.JSONDecoder(object_pairs_hook=_object, parse_constant=_constant, parse_float=_float,
+                                     parse_int=_int)
+
+
 def deeper_than(text: str, limit: int) -> bool:
     """Whether the JSON ``text`` nests more than ``limit`` arrays/objects (brackets in strings
     do not count); vectorised, so a 100 MB header of brackets costs a fraction of a second."""
@@ -247,6 +253,98 @@ def _is_u64(value) -> bool:
     return type(value) is int and 0 <= value < _U64
 
 
+_ITEMSIZE = {name: dtype.itemsize for name, dtype in DTYPES.items()}
+# a tensor's entry as writers lay it out, "key":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]}, and
+# the separators between its parts (and the next entry's key)
+_ENTRY = '"{}":{{"dtype":"{}","shape":[{}],"data_offsets":[{}]}}'
+_SEPARATORS = re.compile(r'":\{"dtype":"|","shape":\[|\],"data_offsets":\[|\]\},"')
+_SHAPE_LISTS = re.compile(r"(?:(?:[0-9]+(?:,[0-9]+)*)?;)*")
+_OFFSET_PAIRS = re.compile(r"(?:[0-9]+,[0-9]+;)*")
+_LEADING_ZERO = re.compile(r",0[0-9]")
+_CONTROL = re.compile(r"[\x00-\x1f]")
+_METADATA = '"__metadata__":'
+
+
+def _plain_metadata(text: str):
+    """(metadata, the text of the tensors' entries) where the header is an object of entries with
+    at most one ``__metadata__`` first or last; None where it is not (or the metadata is not
+    an object of strings)."""
+    if not (text.startswith("{") and text.endswith("}")):
+        return None
+    first = text.startswith(_METADATA, 1)
+    at = 1 if first else text.rfind("," + _METADATA) + 1
+    if at == 0:
+        return {}, text[1:-1]
+    try:
+        metadata, end = _METADATA_DECODER.raw_decode(text, at + len(_METADATA))
+    except (ValueError, RecursionError, _Refused):
+        return None
+    if metadata is None:
+        metadata = _Object()
+    if (type(metadata) is not _Object or metadata.duplicates or _SURROGATE_ESCAPE.search(text, at, end)
+            or not all(type(v) is str for v in metadata.values())):
+        return None
+    if first:
+        if end == len(text) - 1:
+            return dict(metadata), ""
+        return (dict(metadata), text[end + 1 : -1]) if end < len(text) - 1 and text[end] == "," else None
+    return (dict(metadata), text[1 : at - 1]) if end == len(text) - 1 else None
+
+
+def _parse_plain(text: str, data_size: int):
+    """:func:`parse_header`'s result for a header in the form writers produce (every entry exactly
+    ``"key":{"dtype":..,"shape":[..],"data_offsets":[..]}``, no whitespace, keys without escapes, the
+    metadata first or last), read with a few regular expressions over the whole text instead of
+    object by object; None for anything else, valid or not, which the full parse then judges (the
+    same answer and message: this path accepts only what that one accepts, and refuses nothing).
+
+    The text must be exactly the entries found, joined again: nothing can hide between them."""
+    split = _plain_metadata(text.rstrip(" "))  # (writers pad the header with spaces)
+    if split is None:
+        return None
+    metadata, body = split
+    if not body:
+        return ({}, metadata) if data_size == 0 else None
+    if not (body.startswith('"') and body.endswith("]}")):
+        return None
+    parts = _SEPARATORS.split(body[1:-2])
+    keys, names, shapes, offsets = parts[0::4], parts[1::4], parts[2::4], parts[3::4]
+    if not len(keys) == len(names) == len(shapes) == len(offsets):
+        return None
+    joined_keys = "".join(keys)
+    # keys without quotes or escapes: the separators then sit exactly where the parse put them
+    if '"' in joined_keys or "\\" in joined_keys or _CONTROL.search(joined_keys):
+        return None
+    if ",".join(map(_ENTRY.format, keys, names, shapes, offsets)) != body:
+        return None
+    if len(set(keys)) != len(keys) or "__metadata__" in keys:
+        return None
+    # numbers as JSON writes integers: digits, no empty item, no leading zero
+    joined_shapes, joined_offsets = ";".join(shapes) + ";", ";".join(offsets) + ";"
+    if (not _SHAPE_LISTS.fullmatch(joined_shapes) or not _OFFSET_PAIRS.fullmatch(joined_offsets)
+            or _LEADING_ZERO.search("," + joined_shapes.replace(";", ",") + joined_offsets.replace(";", ","))):
+        return None
+    try:
+        itemsizes = list(map(_ITEMSIZE.__getitem__, names))  # (a dtype pcb_fast does not read: the full parse says so)
+    except KeyError:
+        return None
+    # one tuple per distinct shape, shared by the keys of that shape
+    shape_of = {item: tuple(map(int, item.split(","))) if item else () for item in set(shapes)}
+    if any(max(itertools.accumulate(shape, operator.mul), default=0) >= 1 << 60 for shape in shape_of.values()):
+        return None  # (products near the limits, a zero after them included: the full parse's exact checks)
+    numel_of = {item: math.prod(shape) for item, shape in shape_of.items()}
+    bounds = list(map(int, ",".join(offsets).split(","))) if offsets else []
+    begins, ends = bounds[0::2], bounds[1::2]
+    # the tensors tile [0, data_size) in the order of their entries, each the size of its shape and dtype
+    if (begins and (begins[0] != 0 or begins[1:] != ends[:-1] or ends[-1] != data_size)) or (not begins and data_size):
+        return None
+    if list(map(operator.sub, ends, begins)) != list(map(operator.mul, map(numel_of.__getitem__, shapes), itemsizes)):
+        return None
+    dtype_of = {name: DTYPES[name] for name in set(names)}
+    tensors = dict(zip(keys, zip(map(dtype_of.__getitem__, names), map(shape_of.__getitem__, shapes), begins, ends)))
+    return tensors, metadata
+
+
 def parse_header(raw: bytes, data_size: int) -> tuple[dict, dict]:
     """(tensors, metadata) of a safetensors header ``raw`` (the N bytes after the length) followed
     by ``data_size`` bytes of data: tensors maps each key to (dtype, shape, begin, end) with the
@@ -256,6 +354,9 @@ def parse_header(raw: bytes, data_size: int) -> tuple[dict, dict]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise FormatError("corrupt safetensors header (not valid UTF-8)") from None
+    plain = _parse_plain(text, data_size)
+    if plain is not None:
+        return plain
     if deeper_than(text, MAX_DEPTH):
         raise FormatError(f"corrupt safetensors header (JSON nested deeper than {MAX_DEPTH} levels)")
     try:
@@ -330,8 +431,9 @@ def parse_header(raw: bytes, data_size: int) -> tuple[dict, dict]:
     return tensors, metadata
 
 
-@dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(NamedTuple):
+    """Where a tensor lies in its file (a named tuple: a header of many tensors is read in bulk)."""
+
     dtype: torch.dtype
     shape: tuple
     offset: int  # absolute position of the first byte in the file
@@ -423,12 +525,28 @@ class SafetensorsReader:
         read_exactly(self._fd, out, info.offset + lo * info.dtype.itemsize, self.watch, f"key {show(key)}")
         return out
 
+    def read_bytes(self, position: int, out: torch.Tensor, keys) -> None:
+        """The file's bytes [position, position + out.numel()) into the uint8 tensor ``out``: the data
+        of the tensors ``keys``, which lie there one after the other (the one cut short is named)."""
+        try:
+            read_exactly(self._fd, out, position, self.watch, f"key {show(keys[0])}")
+        except FormatError as e:
+            if "ends early" not in str(e):
+                raise
+            size = os.fstat(self._fd).st_size  # the first key that the file's end cuts short
+            key = next((k for k in keys if self.tensors[k].offset + self.tensors[k].nbytes > size), keys[-1])
+            raise FormatError(f"{show_path(self.path)}: key {show(key)} ends early (truncated file)") from None
+
     def advise(self, key: str, lo: int, hi: int) -> None:
         """Ask the kernel to start reading entries [lo, hi) of ``key`` (posix_fadvise WILLNEED): a
         later read_into of them then finds them in the page cache. Only a hint: errors are ignored."""
         info = self.tensors[key]
+        self.advise_bytes(info.offset + lo * info.dtype.itemsize, (hi - lo) * info.dtype.itemsize)
+
+    def advise_bytes(self, position: int, size: int) -> None:
+        """:meth:`advise` for the file's bytes [position, position + size)."""
         if self._fd is not None:
-            advise_range(self._fd, info.offset + lo * info.dtype.itemsize, (hi - lo) * info.dtype.itemsize)
+            advise_range(self._fd, position, size)
 
     def read(self, key: str) -> torch.Tensor:
         """The whole tensor ``key`` (a new tensor)."""
@@ -512,8 +630,34 @@ class ShardedWriter:
         fd, offset, dtype = self.places[key]
         if values.dtype != dtype:
             raise ValueError(f"write {show(key)}: values are {values.dtype}, the file holds {dtype}")
+        self._pwrite(fd, _bytes_view(values.contiguous()), offset + lo * dtype.itemsize)
+
+    def write_segment(self, segment, lo: int, values: torch.Tensor) -> None:
+        """Entries [lo, lo + values.numel()) of a segment (pcb_fast.core.sources.Segment): of its key,
+        or of a pack's keys one after the other (one write per run of keys that lie next to each
+        other in a shard; values in their common dtype)."""
+        if not segment.parts:
+            self.write(segment.key, lo, values)
+            return
         view = _bytes_view(values.contiguous())
-        position = offset + lo * dtype.itemsize
+        run, at = None, 0  # [fd, first byte in the file, bytes] of the current run
+        for part, part_lo, part_hi, start, end in segment.pieces(lo, lo + values.numel()):
+            fd, offset, dtype = self.places[part.key]
+            if dtype != values.dtype:
+                raise ValueError(f"write {show(part.key)}: values are {values.dtype}, the file holds {dtype}")
+            position, size = offset + part_lo * dtype.itemsize, (end - start) * dtype.itemsize
+            if run is not None and run[0] == fd and run[1] + run[2] == position:
+                run[2] += size
+                continue
+            if run is not None:
+                self._pwrite(run[0], view[at : at + run[2]], run[1])
+                at += run[2]
+            run = [fd, position, size]
+        if run is not None:
+            self._pwrite(run[0], view[at : at + run[2]], run[1])
+
+    @staticmethod
+    def _pwrite(fd: int, view: memoryview, position: int) -> None:
         done = 0
         while done < len(view):
             done += os.pwritev(fd, [view[done:]], position + done)

@@ -43,10 +43,10 @@ class WriteBehind:
             item = self._queue.get()
             if item is _STOP:
                 return
-            key, lo, values = item
+            write, key, lo, values = item
             try:
                 if self._error is None:
-                    self.writer.write(key, lo, values)
+                    write(key, lo, values)
                     unsynced += values.numel() * values.element_size()
                     if unsynced >= self._sync_every:
                         for fd, _ in self.writer.files:  # start the write-back now, not at close
@@ -65,13 +65,20 @@ class WriteBehind:
 
     def write(self, key: str, lo: int, values: torch.Tensor) -> None:
         """Queue entries [lo, lo + values.numel()) of ``key``; ``values`` must not change afterwards."""
+        self._put(self.writer.write, key, lo, values)
+
+    def write_segment(self, segment, lo: int, values: torch.Tensor) -> None:
+        """Queue the writer's ``write_segment`` (a segment, or a pack of keys); as :meth:`write`."""
+        self._put(self.writer.write_segment, segment, lo, values)
+
+    def _put(self, write, key, lo: int, values: torch.Tensor) -> None:
         self._raise_if_failed()
         size = values.numel() * values.element_size()
         with self._room:
             while self._pending > 0 and self._pending + size > self._max_pending and self._error is None:
                 self._room.wait()
             self._pending += size
-        self._queue.put((key, lo, values.contiguous()))
+        self._queue.put((write, key, lo, values.contiguous()))
 
     def _stop(self) -> None:
         if self._thread.is_alive():

@@ -81,6 +81,10 @@ class MethodSpec:
     # copies(params, key): the merged tensor ``key`` is the first model's values as they are, so a
     # merge of files may copy it (checked for finite values) instead of running the method on it
     copies: Callable[[dict, str], bool] | None = None
+    # packable(params): with these parameters and scope="global", no value depends on which key an
+    # entry belongs to or where a block begins (no per-key random streams, rows or per-block sums),
+    # so runs of small keys may share a block (core.sources.pack_segments)
+    packable: Callable[[dict], bool] = staticmethod(lambda params: False)
 
     @property
     def param_names(self) -> tuple[str, ...]:

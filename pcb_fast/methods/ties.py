@@ -461,7 +461,7 @@ TIES = MethodSpec(
     backends=("torch", "triton", "reference"), loops=("c",), mergekit="ties",
     mergekit_defaults={"scope": "tensor", "density": 1.0, "sign_ties": "positive", "topk": "exact", "min_keep": 1,
                        "normalize": True},
-    searchable=True)
+    searchable=True, packable=lambda params: True)
 DARE_TIES = MethodSpec(
     name="dare_ties", merge=merge_dare_ties, summary="DARE TIES",
     citation="Yu et al., Language Models are Super Mario, ICML 2024", url="https://arxiv.org/abs/2311.03099",
