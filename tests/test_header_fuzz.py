@@ -434,6 +434,8 @@ def _both_paths(raw: bytes, size: int):
     except UnicodeDecodeError:
         return None, "not UTF-8"
     plain = _parse_plain(text, size)
+    if plain is not None:  # (columns) as parse_header gives them
+        plain = dict(zip(plain[0][0], zip(*plain[0][1:]))), plain[1]
     try:
         full = _full_parse(raw, size)
     except FormatError as e:

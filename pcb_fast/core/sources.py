@@ -11,9 +11,11 @@ The tensor handed out for a block may be a reused buffer: consumers copy what th
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import math
 from dataclasses import dataclass, replace
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 
@@ -25,11 +27,11 @@ from .threads import room_for_io
 DEFAULT_BLOCK_WIDTH = 1 << 17  # entries per task per block: an [8, 131072] fp32 block is 4 MiB (docs/design.md 3.1)
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):
     """One merged key: its name, shape, number of entries and start offset in the task row; or a
     pack of several consecutive small keys read, merged and written as one block (``parts``: their
-    segments; ``key``: the pair (first key, last key), which no sink mistakes for a key)."""
+    segments; ``key``: the pair (first key, last key), which no sink mistakes for a key). A named
+    tuple: a model may have hundreds of thousands of keys."""
 
     key: str | tuple
     shape: tuple
@@ -72,13 +74,12 @@ class Block:
 
 def segments_of(keys: Sequence[str], shape_of) -> list[Segment]:
     """The segments of ``keys``, laid end to end in that order; ``shape_of(key)`` gives a key's shape."""
-    segments, offset = [], 0
-    for key in keys:
-        shape = tuple(shape_of(key))
-        numel = math.prod(shape)
-        segments.append(Segment(key, shape, numel, offset))
-        offset += numel
-    return segments
+    shapes = [tuple(shape_of(key)) for key in keys]
+    numel_of = {shape: math.prod(shape) for shape in set(shapes)}
+    numels = list(map(numel_of.__getitem__, shapes))
+    offsets = itertools.accumulate(numels, initial=0)
+    # made in bulk (tuple.__new__ of the named tuple): a model may have hundreds of thousands of keys
+    return list(map(functools.partial(tuple.__new__, Segment), zip(keys, shapes, numels, offsets, itertools.repeat(()))))
 
 
 def pack_segments(segments: Sequence[Segment], width: int, signature) -> list[Segment]:
@@ -362,6 +363,7 @@ class CheckpointSource(TaskVectorSource):
         segments = segments_of(merged_keys, base.shape)
         super().__init__(len(self._model_ckpts), segments, [m.name for m in self._model_ckpts])
         self._pack_of = {}  # pack key -> pack, for the inputs' reads (PackReads)
+        self._signatures = None  # key -> its dtype in every input (_pack_signature)
         self._inputs = [PackReads(ck, self._pack_of) for ck in [base] + self._model_ckpts]
         self._buffers = {}
         self._prefetcher = None
@@ -382,7 +384,10 @@ class CheckpointSource(TaskVectorSource):
         return sum(c.dtype(key).itemsize for c in [self._base_ckpt] + self._model_ckpts)
 
     def _pack_signature(self, seg: Segment):
-        return tuple(ck.dtype(seg.key) for ck in [self._base_ckpt] + self._model_ckpts)
+        if self._signatures is None:  # every key's dtypes in every input, asked in bulk
+            keys = [s.key for s in self.segments]
+            self._signatures = dict(zip(keys, zip(*[ck.layout(keys)[0] for ck in [self._base_ckpt] + self._model_ckpts])))
+        return self._signatures[seg.key]
 
     def _segments(self, width: int) -> list[Segment]:
         segments = super()._segments(width)

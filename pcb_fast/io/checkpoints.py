@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 import re
 import stat
@@ -30,9 +31,9 @@ from typing import Sequence
 
 import torch
 
-from .safetensors import (MAX_DEPTH, MAX_HEADER, NAMES, FormatError, NotAFileError, SafetensorsReader, Unchanged,
-                          advise_range, deeper_than, not_regular, open_regular, read_exactly, read_regular, show,
-                          show_path)
+from .safetensors import (DTYPE, MAX_DEPTH, MAX_HEADER, NAMES, NBYTES, SHAPE, FormatError, NotAFileError,
+                          SafetensorsReader, Unchanged, advise_range, deeper_than, not_regular, open_regular,
+                          read_exactly, read_regular, show, show_path)
 
 INDEX = "model.safetensors.index.json"
 # floating dtypes that a merge reads (as float32) and writes back; float8 tensors are refused
@@ -89,6 +90,15 @@ class Checkpoint:
 
     def numel(self, key: str) -> int:
         return math.prod(self.shape(key))
+
+    def layout(self, keys: Sequence[str]) -> tuple[list, list]:
+        """(dtypes, shapes) of ``keys``, two lists: what the checks of a merge compare, asked once for
+        every key."""
+        return [self.dtype(key) for key in keys], [tuple(self.shape(key)) for key in keys]
+
+    def nbytes(self, keys: Sequence[str]) -> int:
+        """Bytes of the tensors ``keys`` together."""
+        return sum(self.numel(key) * self.dtype(key).itemsize for key in keys)
 
     def read(self, key: str) -> torch.Tensor:
         numel = self.numel(key)
@@ -208,27 +218,38 @@ class SafetensorsCheckpoint(Checkpoint):
     def __init__(self, files: list, name: str, folder: Path | None = None):
         super().__init__(name, folder)
         self.readers, self.where = [], {}
+        self.info = {}  # key -> (dtype, shape, offset, nbytes) in whichever file holds it (io.safetensors)
         try:
             for path in files:
                 reader = SafetensorsReader(path)
                 self.readers.append(reader)
-                for key in reader.tensors:
-                    if key in self.where:
-                        raise FormatError(f"key {show(key)} is in both {show_path(self.where[key].path.name)} and "
-                                          f"{show_path(path.name)}")
-                    self.where[key] = reader
+                twice = reader.tensors.keys() & self.where.keys()
+                if twice:
+                    key = next(key for key in reader.tensors if key in twice)  # (the first of this file)
+                    raise FormatError(f"key {show(key)} is in both {show_path(self.where[key].path.name)} and "
+                                      f"{show_path(path.name)}")
+                self.where.update(dict.fromkeys(reader.tensors, reader))
+                self.info.update(reader.tensors)
         except FormatError as e:
             self.close()
             raise ValueError(f"{name}: {e}") from None
+        self._sorted = sorted(self.where)
 
     def keys(self):
-        return sorted(self.where)
+        return list(self._sorted)
 
     def dtype(self, key):
-        return self.where[key].tensors[key].dtype
+        return self.info[key][DTYPE]
 
     def shape(self, key):
-        return self.where[key].tensors[key].shape
+        return self.info[key][SHAPE]
+
+    def layout(self, keys):
+        infos = list(map(self.info.__getitem__, keys))
+        return list(map(operator.itemgetter(DTYPE), infos)), list(map(operator.itemgetter(SHAPE), infos))
+
+    def nbytes(self, keys):
+        return sum(map(operator.itemgetter(NBYTES), map(self.info.__getitem__, keys)))
 
     def advise(self, key, lo, hi):
         self.where[key].advise(key, lo, hi)
@@ -245,13 +266,13 @@ class SafetensorsCheckpoint(Checkpoint):
         runs = []
         for key in keys:
             reader = self.where[key]
-            info = reader.tensors[key]
+            _, _, offset, size = reader.tensors[key]
             last = runs[-1] if runs else None
-            if last is not None and last[0] is reader and last[1] + last[2] == info.offset:
-                last[2] += info.nbytes
+            if last is not None and last[0] is reader and last[1] + last[2] == offset:
+                last[2] += size
                 last[3].append(key)
             else:
-                runs.append([reader, info.offset, info.nbytes, [key]])
+                runs.append([reader, offset, size, [key]])
         return runs
 
     def read_planned(self, plan, out):
@@ -566,8 +587,9 @@ def split_keys(base: Checkpoint, exclude: Sequence[str]) -> tuple[list[str], lis
         except re.error as e:
             raise ValueError(f"exclude pattern {show(p)} is not a valid regular expression: {e}") from None
     merged, copied = [], []
-    for key in base.keys():
-        if base.is_floating(key) and base.numel(key) > 0 and not any(p.search(key) for p in patterns):
+    keys = base.keys()
+    for key, dtype, shape in zip(keys, *base.layout(keys)):
+        if dtype.is_floating_point and 0 not in shape and not any(p.search(key) for p in patterns):
             merged.append(key)
         else:
             copied.append(key)
@@ -581,15 +603,21 @@ def split_keys(base: Checkpoint, exclude: Sequence[str]) -> tuple[list[str], lis
 def check_models_match(base: Checkpoint, models: Sequence[Checkpoint], merged_keys: Sequence[str]) -> None:
     """Every merged key in every model with the base's shape, and no model key the base lacks;
     every merged tensor of a dtype a merge reads and writes back (float8 ones are refused)."""
-    for key in merged_keys:
-        _check_merged_dtype(base.name, key, base.dtype(key))
+    dtypes, shapes = base.layout(merged_keys)
+    if set(dtypes) - set(MERGED_DTYPES):
+        for key in merged_keys:
+            _check_merged_dtype(base.name, key, base.dtype(key))
     base_keys = set(base.keys())
     for model in models:
         keys = set(model.keys())
         extra = sorted(keys - base_keys)
         if extra:
             raise ValueError(f"{model.name} has key {show(extra[0])} that the base model lacks ({len(extra)} such keys)")
-        for key in merged_keys:
+        if keys.issuperset(merged_keys):  # every key there: its dtypes and shapes compared in bulk
+            their_dtypes, their_shapes = model.layout(merged_keys)
+            if their_shapes == shapes and not set(their_dtypes) - set(MERGED_DTYPES):
+                continue
+        for key in merged_keys:  # the first key that is wrong, named
             if key not in keys:
                 raise ValueError(f"{model.name} lacks key {show(key)} that the base model has")
             if not model.is_floating(key):

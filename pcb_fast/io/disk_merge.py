@@ -394,7 +394,7 @@ def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam,
         # that much fresh memory costs more than forming tau from the files again on each pass
         # (docs/design.md 3.4 has the measurement).
         cached = source.n * 4 * (source.D if scope == "global" else max(s.numel for s in source.segments))
-        inputs = sum(ck.numel(k) * ck.dtype(k).itemsize for ck in model_cks for k in keys)
+        inputs = sum(ck.nbytes(keys) for ck in model_cks)
         if (cached <= budget and not SPECS[method].single_pass(params)
                 and (scope == "tensor" or cached <= inputs)):
             source = CachedSource(source)

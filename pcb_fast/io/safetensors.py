@@ -39,7 +39,6 @@ import re
 import stat
 import struct
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -304,7 +303,7 @@ def _parse_plain(text: str, data_size: int):
         return None
     metadata, body = split
     if not body:
-        return ({}, metadata) if data_size == 0 else None
+        return (([], [], [], [], []), metadata) if data_size == 0 else None
     if not (body.startswith('"') and body.endswith("]}")):
         return None
     parts = _SEPARATORS.split(body[1:-2])
@@ -341,8 +340,7 @@ def _parse_plain(text: str, data_size: int):
     if list(map(operator.sub, ends, begins)) != list(map(operator.mul, map(numel_of.__getitem__, shapes), itemsizes)):
         return None
     dtype_of = {name: DTYPES[name] for name in set(names)}
-    tensors = dict(zip(keys, zip(map(dtype_of.__getitem__, names), map(shape_of.__getitem__, shapes), begins, ends)))
-    return tensors, metadata
+    return (keys, list(map(dtype_of.__getitem__, names)), list(map(shape_of.__getitem__, shapes)), begins, ends), metadata
 
 
 def parse_header(raw: bytes, data_size: int) -> tuple[dict, dict]:
@@ -350,6 +348,13 @@ def parse_header(raw: bytes, data_size: int) -> tuple[dict, dict]:
     by ``data_size`` bytes of data: tensors maps each key to (dtype, shape, begin, end) with the
     offsets relative to the data section. A header the format does not allow is a FormatError
     whose message names the key and what is wrong (never the file's bytes)."""
+    columns, metadata = header_columns(raw, data_size)
+    return dict(zip(columns[0], zip(*columns[1:]))), metadata
+
+
+def header_columns(raw: bytes, data_size: int) -> tuple[tuple, dict]:
+    """:func:`parse_header`'s answer as columns: ((keys, dtypes, shapes, begins, ends), metadata),
+    five lists in the header's order (no object per tensor)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -357,6 +362,12 @@ def parse_header(raw: bytes, data_size: int) -> tuple[dict, dict]:
     plain = _parse_plain(text, data_size)
     if plain is not None:
         return plain
+    tensors, metadata = _parse_full(text, data_size)
+    return (list(tensors), *map(list, zip(*tensors.values()))) if tensors else ([], [], [], [], []), metadata
+
+
+def _parse_full(text: str, data_size: int) -> tuple[dict, dict]:
+    """:func:`parse_header` object by object, for any header."""
     if deeper_than(text, MAX_DEPTH):
         raise FormatError(f"corrupt safetensors header (JSON nested deeper than {MAX_DEPTH} levels)")
     try:
@@ -431,17 +442,10 @@ def parse_header(raw: bytes, data_size: int) -> tuple[dict, dict]:
     return tensors, metadata
 
 
-class TensorInfo(NamedTuple):
-    """Where a tensor lies in its file (a named tuple: a header of many tensors is read in bulk)."""
-
-    dtype: torch.dtype
-    shape: tuple
-    offset: int  # absolute position of the first byte in the file
-    nbytes: int
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
+# What a reader knows of each tensor: (dtype, shape, absolute position of its first byte, bytes), a
+# plain tuple: CPython's garbage collector stops tracking a tuple of plain values, while it keeps
+# tracking a named tuple, which on a header of 300,000 tensors costs seconds of collections.
+DTYPE, SHAPE, OFFSET, NBYTES = range(4)
 
 
 def _bytes_view(t: torch.Tensor) -> memoryview:
@@ -512,17 +516,17 @@ class SafetensorsReader:
             if not chunk:
                 raise FormatError("truncated while its header was read")
             raw += chunk
-        tensors, self.metadata = parse_header(raw, size - 8 - length)
-        start = 8 + length
-        self.tensors = {key: TensorInfo(dtype, shape, start + begin, end - begin)
-                        for key, (dtype, shape, begin, end) in tensors.items()}
+        (keys, dtypes, shapes, begins, ends), self.metadata = header_columns(raw, size - 8 - length)
+        # built in bulk: a header may list hundreds of thousands of tensors
+        self.tensors = dict(zip(keys, zip(dtypes, shapes, map((8 + length).__add__, begins),
+                                          map(operator.sub, ends, begins))))
 
     def read_into(self, key: str, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
         """Entries [lo, hi) of the flattened tensor ``key`` into ``out`` (contiguous, its dtype)."""
-        info = self.tensors[key]
-        if out.dtype != info.dtype or out.numel() != hi - lo or not out.is_contiguous():
-            raise ValueError(f"read_into {show(key)}: buffer {out.dtype} [{out.numel()}] for {info.dtype} [{hi - lo}]")
-        read_exactly(self._fd, out, info.offset + lo * info.dtype.itemsize, self.watch, f"key {show(key)}")
+        dtype, _, offset, _ = self.tensors[key]
+        if out.dtype != dtype or out.numel() != hi - lo or not out.is_contiguous():
+            raise ValueError(f"read_into {show(key)}: buffer {out.dtype} [{out.numel()}] for {dtype} [{hi - lo}]")
+        read_exactly(self._fd, out, offset + lo * dtype.itemsize, self.watch, f"key {show(key)}")
         return out
 
     def read_bytes(self, position: int, out: torch.Tensor, keys) -> None:
@@ -534,14 +538,14 @@ class SafetensorsReader:
             if "ends early" not in str(e):
                 raise
             size = os.fstat(self._fd).st_size  # the first key that the file's end cuts short
-            key = next((k for k in keys if self.tensors[k].offset + self.tensors[k].nbytes > size), keys[-1])
+            key = next((k for k in keys if self.tensors[k][OFFSET] + self.tensors[k][NBYTES] > size), keys[-1])
             raise FormatError(f"{show_path(self.path)}: key {show(key)} ends early (truncated file)") from None
 
     def advise(self, key: str, lo: int, hi: int) -> None:
         """Ask the kernel to start reading entries [lo, hi) of ``key`` (posix_fadvise WILLNEED): a
         later read_into of them then finds them in the page cache. Only a hint: errors are ignored."""
-        info = self.tensors[key]
-        self.advise_bytes(info.offset + lo * info.dtype.itemsize, (hi - lo) * info.dtype.itemsize)
+        dtype, _, offset, _ = self.tensors[key]
+        self.advise_bytes(offset + lo * dtype.itemsize, (hi - lo) * dtype.itemsize)
 
     def advise_bytes(self, position: int, size: int) -> None:
         """:meth:`advise` for the file's bytes [position, position + size)."""
@@ -550,8 +554,9 @@ class SafetensorsReader:
 
     def read(self, key: str) -> torch.Tensor:
         """The whole tensor ``key`` (a new tensor)."""
-        info = self.tensors[key]
-        return self.read_into(key, 0, info.numel, torch.empty(info.numel, dtype=info.dtype)).view(info.shape)
+        dtype, shape, _, _ = self.tensors[key]
+        numel = math.prod(shape)
+        return self.read_into(key, 0, numel, torch.empty(numel, dtype=dtype)).view(shape)
 
     def close(self) -> None:
         if getattr(self, "_fd", None) is not None:
@@ -566,8 +571,7 @@ def shard_plan(entries: list, shard_size: int) -> list:
     """Split (key, dtype, shape) entries, in order, into shards of at most ``shard_size`` bytes
     (a tensor larger than that gets a shard of its own)."""
     shards, current, used = [], [], 0
-    for entry in entries:
-        size = nbytes(entry[1], entry[2])
+    for entry, size in zip(entries, _sizes(entries)):
         if current and used + size > shard_size:
             shards.append(current)
             current, used = [], 0
@@ -581,6 +585,29 @@ def shard_plan(entries: list, shard_size: int) -> list:
 def nbytes(dtype: torch.dtype, shape) -> int:
     """Bytes of a tensor of this dtype and shape."""
     return dtype.itemsize * math.prod(shape)
+
+
+def _sizes(entries: list) -> list:
+    """Bytes of each (key, dtype, shape) entry (the product of a shape computed once per shape)."""
+    numel_of = {}
+    for _, _, shape in entries:
+        if shape not in numel_of:
+            numel_of[shape] = math.prod(shape)
+    return [dtype.itemsize * numel_of[shape] for _, dtype, shape in entries]
+
+
+def _header_text(keys: list, dtypes: list, shapes: list, begins: list, ends: list, metadata: dict) -> str:
+    """``json.dumps`` of a safetensors header with separators (",", ":"), character for character,
+    written from the columns of its entries (one format per entry, not one encoder call per object)."""
+    joined = "".join(keys)
+    if joined.isascii() and '"' not in joined and "\\" not in joined and not _CONTROL.search(joined):
+        quoted = list(map('"{}"'.format, keys))
+    else:
+        quoted = list(map(json.dumps, keys))
+    listed = {shape: ",".join(map(str, shape)) for shape in set(shapes)}
+    entries = map('{}:{{"dtype":"{}","shape":[{}],"data_offsets":[{},{}]}}'.format, quoted, map(NAMES.__getitem__, dtypes),
+                  map(listed.__getitem__, shapes), begins, ends)
+    return "{" + ",".join(entries) + ',"__metadata__":' + json.dumps(metadata, separators=(",", ":")) + "}"
 
 
 class ShardedWriter:
@@ -602,25 +629,21 @@ class ShardedWriter:
         weight_map, total = {}, 0
         for i, shard in enumerate(shards):
             name = "model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-            header, offset = {}, 0
-            for key, dtype, shape in shard:
-                size = nbytes(dtype, shape)
-                header[key] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-                offset += size
-                weight_map[key] = name
-            total += offset
+            keys, dtypes, shapes = (list(column) for column in zip(*shard))
+            ends = list(itertools.accumulate(_sizes(shard)))
+            begins = [0] + ends[:-1]
+            weight_map.update(dict.fromkeys(keys, name))
+            total += ends[-1]
             if only is not None and i not in only:
                 continue
-            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-            raw = json.dumps(header, separators=(",", ":")).encode()
+            text = _header_text(keys, dtypes, shapes, begins, ends, {str(k): str(v) for k, v in metadata.items()})
+            raw = text.encode()
             raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
             fd = os.open(self.folder / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             self.files.append((fd, name))
             os.write(fd, struct.pack("<Q", len(raw)) + raw)
-            os.ftruncate(fd, 8 + len(raw) + offset)
-            for key, dtype, shape in shard:
-                begin = header[key]["data_offsets"][0]
-                self.places[key] = (fd, 8 + len(raw) + begin, dtype)
+            os.ftruncate(fd, 8 + len(raw) + ends[-1])
+            self.places.update(zip(keys, zip(itertools.repeat(fd), map((8 + len(raw)).__add__, begins), dtypes)))
         if count > 1 and index:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -639,13 +662,15 @@ class ShardedWriter:
         if not segment.parts:
             self.write(segment.key, lo, values)
             return
+        if lo != 0 or values.numel() != segment.numel:
+            raise ValueError(f"write_segment: a pack is written whole, not entries [{lo}, {lo + values.numel()})")
         view = _bytes_view(values.contiguous())
         run, at = None, 0  # [fd, first byte in the file, bytes] of the current run
-        for part, part_lo, part_hi, start, end in segment.pieces(lo, lo + values.numel()):
-            fd, offset, dtype = self.places[part.key]
+        for part in segment.parts:
+            fd, position, dtype = self.places[part.key]
             if dtype != values.dtype:
                 raise ValueError(f"write {show(part.key)}: values are {values.dtype}, the file holds {dtype}")
-            position, size = offset + part_lo * dtype.itemsize, (end - start) * dtype.itemsize
+            size = part.numel * dtype.itemsize
             if run is not None and run[0] == fd and run[1] + run[2] == position:
                 run[2] += size
                 continue
@@ -653,8 +678,7 @@ class ShardedWriter:
                 self._pwrite(run[0], view[at : at + run[2]], run[1])
                 at += run[2]
             run = [fd, position, size]
-        if run is not None:
-            self._pwrite(run[0], view[at : at + run[2]], run[1])
+        self._pwrite(run[0], view[at : at + run[2]], run[1])
 
     @staticmethod
     def _pwrite(fd: int, view: memoryview, position: int) -> None:

@@ -1,0 +1,160 @@
+"""Per-key overhead: a model of many tiny tensors against one tensor of the same total size.
+
+    python -m benchmarks.bench_many_keys [--keys 300000] [--methods task_arithmetic,ties,pcb] [--repeats 2]
+    python -m benchmarks.bench_many_keys --keys 3000 --compare-with /work/main  # outputs byte for byte
+
+Writes, in a temporary folder, a base and two fine-tunes as single safetensors files (bf16, as the
+safetensors library lays them out): once with ``--keys`` tensors of 1 to 4 entries each, once with
+one tensor holding the same entries. Each method then merges both models with ``merge_checkpoints``
+in this process, alternating, and the table gives the seconds, their ratio and the microseconds
+per key beyond the one-tensor merge. Writes benchmarks/results/many_keys.json.
+
+``--compare-with DIR``: runs every method also with the pcb_fast of the checkout DIR (a fresh
+process with DIR first on sys.path) on the many-key model and says whether the outputs are
+identical byte for byte (slow there at 300,000 keys: use a few thousand).
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import os
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.bench_llm import RESULTS
+
+METHODS = {"task_arithmetic": {}, "average": {}, "ties": {"density": 0.5}, "pcb": {"ratio": 0.2},
+           "dare_ties": {"p": 0.5}, "breadcrumbs": {}, "dare": {"p": 0.5}}
+
+
+def write_model(path: Path, keys: int | None, values: torch.Tensor) -> None:
+    """A safetensors file of ``values`` (bf16): ``keys`` tensors of 1-4 entries, or one tensor."""
+    data = values.to(torch.bfloat16).contiguous()
+    if keys is None:
+        header = {"w": {"dtype": "BF16", "shape": [data.numel()], "data_offsets": [0, 2 * data.numel()]}}
+    else:
+        header, at = {}, 0
+        for i in range(keys):  # names sorted as written (the library's order)
+            size = 1 + i % 4
+            header[f"k{i:07d}"] = {"dtype": "BF16", "shape": [size], "data_offsets": [2 * at, 2 * (at + size)]}
+            at += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.write(data.view(torch.uint8).numpy().tobytes())
+
+
+def build(folder: Path, keys: int) -> dict:
+    """{"many": (base, [models]), "one": (base, [models])} under ``folder``."""
+    entries = sum(1 + i % 4 for i in range(keys))
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(entries, generator=g)
+    states = [base] + [base + 0.01 * torch.randn(entries, generator=g) for _ in range(2)]
+    built = {}
+    for kind in ("many", "one"):
+        paths = []
+        for j, values in enumerate(states):
+            path = folder / f"{kind}{j}.safetensors"
+            write_model(path, keys if kind == "many" else None, values)
+            paths.append(path)
+        built[kind] = (paths[0], paths[1:])
+    return built
+
+
+def merge_once(base, models, out: Path, method: str) -> float:
+    from pcb_fast.io.disk_merge import merge_checkpoints
+
+    started = time.perf_counter()
+    merge_checkpoints(base, models, out, method=method, overwrite=True, **METHODS[method])
+    return time.perf_counter() - started
+
+
+CHILD = """
+import sys
+import time
+sys.path.insert(0, sys.argv[1])
+from pcb_fast.io.disk_merge import merge_checkpoints
+import json
+base, models, out, method, params = sys.argv[2], json.loads(sys.argv[3]), sys.argv[4], sys.argv[5], json.loads(sys.argv[6])
+started = time.perf_counter()
+merge_checkpoints(base, models, out, method=method, overwrite=True, **params)
+print(time.perf_counter() - started)
+"""
+
+
+def compare_with(checkout: Path, built: dict, folder: Path, methods: list) -> dict:
+    """Per method: whether this checkout's output equals the one of ``checkout`` byte for byte."""
+    base, models = built["many"]
+    same = {}
+    for method in methods:
+        ours, theirs = folder / f"ours-{method}", folder / f"theirs-{method}"
+        seconds = merge_once(base, models, ours, method)
+        done = subprocess.run([sys.executable, "-c", CHILD, str(checkout), str(base), json.dumps(list(map(str, models))),
+                               str(theirs), method, json.dumps(METHODS[method])], check=True, cwd=folder,
+                              capture_output=True, text=True)
+        same[method] = all(filecmp.cmp(ours / f.name, theirs / f.name, shallow=False)
+                           for f in theirs.iterdir() if f.suffix in (".safetensors", ".json"))
+        print(f"{method}: {'identical' if same[method] else 'DIFFERENT'} to {checkout}; {seconds:.2f} s here, "
+              f"{float(done.stdout.split()[-1]):.2f} s there (load {os.getloadavg()[0]:.1f})", flush=True)
+    return same
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keys", type=int, default=300_000)
+    parser.add_argument("--methods", default="task_arithmetic,ties,pcb")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--compare-with", type=Path, default=None)
+    args = parser.parse_args(argv)
+    from benchmarks.bench_cpu import machine
+
+    methods = args.methods.split(",")
+    folder = Path(tempfile.mkdtemp(prefix="pcb_fast_many_keys_"))
+    try:
+        built = build(folder, args.keys)
+        entries = sum(1 + i % 4 for i in range(args.keys))
+        if args.compare_with is not None:
+            same = compare_with(args.compare_with, built, folder, methods)
+            print(json.dumps(same))
+            return 0 if all(same.values()) else 1
+        merge_once(*built["one"], folder / "warm", methods[0])  # the C library loaded, the imports done
+        rows, loads = {}, [os.getloadavg()[0]]
+        for method in methods:
+            seconds = {"many": [], "one": []}
+            for _ in range(args.repeats):
+                for kind in ("one", "many"):
+                    seconds[kind].append(merge_once(*built[kind], folder / f"out-{kind}", method))
+                    loads.append(os.getloadavg()[0])
+            many, one = statistics.median(seconds["many"]), statistics.median(seconds["one"])
+            rows[method] = {"seconds": seconds, "ratio": many / one, "us_per_key": (many - one) / args.keys * 1e6}
+            print(f"{method}: {args.keys} keys {many:.2f} s, one tensor {one:.3f} s", flush=True)
+        print(f"\n{args.keys} bf16 tensors of 1-4 entries ({entries} entries, {2 * entries / 1e6:.1f} MB per model), "
+              f"base + 2 fine-tunes, merge_checkpoints in one process; load average "
+              f"{min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores\n")
+        print("| method | many keys | one tensor | ratio | us per key beyond one tensor |")
+        print("|---|---|---|---|---|")
+        for method, r in rows.items():
+            print(f"| {method} | {statistics.median(r['seconds']['many']):.2f} s | "
+                  f"{statistics.median(r['seconds']['one']):.3f} s | {r['ratio']:.1f}x | {r['us_per_key']:.1f} |")
+        out = RESULTS / "many_keys.json"
+        out.write_text(json.dumps({"machine": machine(), "date": time.strftime("%Y-%m-%d"), "keys": args.keys,
+                                   "entries": entries, "load": loads, "rows": rows}, indent=2) + "\n")
+        print(f"wrote {out}")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

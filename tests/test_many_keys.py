@@ -1,0 +1,118 @@
+"""Models of many small tensors (docs/design.md 3.7): runs of small keys share a block (packs) for
+the methods whose values do not depend on where a key begins, read and written in a few calls; every
+output byte is that of the merge without packs, and errors still name the key."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import pcb_fast
+from pcb_fast.core import sources
+from pcb_fast.io import safetensors as st
+
+MIXED = {  # dtypes by key, in key order: runs of small bf16 keys, a float32 one, a large one, an integer one
+    **{f"a.{i:03d}": torch.bfloat16 for i in range(120)}, "b.norm": torch.float32,
+    **{f"c.{i:03d}": torch.bfloat16 for i in range(80)}, "d.big": torch.bfloat16, "d.count": torch.int64,
+    **{f"e.{i:03d}": torch.float16 for i in range(60)},
+}
+
+
+def _models(folder, n=3, seed=0, bad=None):
+    """A base and ``n`` fine-tunes of MIXED (1 to 5 entries per key; d.big 3000), as safetensors files
+    (the library lays out its keys by dtype, then name); ``bad``: (model, key) given a NaN."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {k: ((3000,) if k == "d.big" else (1 + i % 5,)) for i, k in enumerate(MIXED)}
+    base = {k: (torch.randn(s, generator=g) if MIXED[k].is_floating_point else torch.arange(s[0])).to(MIXED[k])
+            for k, s in shapes.items()}
+    paths = []
+    for j in range(n + 1):
+        state = base if j == 0 else {k: (v.float() + 0.05 * torch.randn(v.shape, generator=g)).to(v.dtype)
+                                    if v.is_floating_point() else v for k, v in base.items()}
+        if bad is not None and bad[0] == j:
+            state = dict(state)
+            state[bad[1]] = state[bad[1]].clone()
+            state[bad[1]][-1] = float("nan")
+        path = folder / f"m{j}.safetensors"
+        save_file(state, str(path))
+        paths.append(str(path))
+    return paths[0], paths[1:]
+
+
+def _unpacked(monkeypatch):
+    monkeypatch.setattr(sources, "pack_segments", lambda segments, width, signature: list(segments))
+
+
+CASES = [("task_arithmetic", {}), ("average", {}), ("ties", {"density": 0.3}), ("ties", {"topk": "exact", "sign_ties": "positive"}),
+         ("pcb", {"ratio": 0.2}), ("pcb", {"ratio": 0.2, "inter": "normalized_sum"}), ("pcb", {"inter": "pairwise"}),
+         ("pcb", {"variant": "paper"}), ("dare_ties", {"p": 0.5}), ("breadcrumbs", {})]
+
+
+@pytest.mark.parametrize("method,params", CASES)
+@pytest.mark.parametrize("budget", [None, "2KB"])
+def test_packs_change_no_byte(tmp_path, monkeypatch, method, params, budget):
+    base, models = _models(tmp_path)
+    outputs = []
+    for packed in (True, False):
+        if not packed:
+            _unpacked(monkeypatch)
+        (tmp_path / str(packed)).mkdir()
+        out = tmp_path / str(packed) / "merged"  # (the model card names the folder)
+        pcb_fast.merge_checkpoints(base, models, out, method=method, max_memory=budget, shard_size="2KB", **params)
+        outputs.append({f.name: f.read_bytes() for f in out.iterdir()})
+    assert outputs[0] == outputs[1]
+
+
+def test_a_model_of_small_keys_is_read_and_written_in_few_calls(tmp_path, monkeypatch):
+    base, models = _models(tmp_path)
+    reads, writes = [], []
+    pread, pwrite = st.SafetensorsReader._pread, st.ShardedWriter._pwrite
+    monkeypatch.setattr(st.SafetensorsReader, "_pread", lambda self, view, at: reads.append(at) or pread(self, view, at))
+    monkeypatch.setattr(st.ShardedWriter, "_pwrite", staticmethod(lambda fd, view, at: writes.append(at) or pwrite(fd, view, at)))
+    pcb_fast.merge_checkpoints(base, models, tmp_path / "out", method="task_arithmetic")
+    # 262 merged keys in 4 inputs: one read per run of keys that lie together in a file, not one per key
+    assert len(reads) < 40 and len(writes) < 20, (len(reads), len(writes))
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    inputs = [load_file(p) for p in [base] + models]
+    for key, value in merged.items():
+        expected = inputs[0][key] if not value.is_floating_point() else (
+            inputs[0][key].float() + sum(m[key].float() - inputs[0][key].float() for m in inputs[1:])).to(value.dtype)
+        assert torch.equal(value, expected), key
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "pcb", "ties"])
+@pytest.mark.parametrize("bad,named", [((2, "c.041"), "model 1 .*key 'c.041'"), ((0, "a.017"), "base model, key 'a.017'")])
+def test_a_value_that_is_not_finite_is_named_by_its_key(tmp_path, method, bad, named):
+    base, models = _models(tmp_path, bad=bad)
+    with pytest.raises(ValueError, match=named):
+        pcb_fast.merge_checkpoints(base, models, tmp_path / "out", method=method)
+    assert not (tmp_path / "out").exists()
+
+
+def test_packs_join_only_small_keys_of_one_dtype_in_every_input():
+    segments = sources.segments_of(["a", "b", "c", "d", "e", "f"], {"a": (2,), "b": (3,), "c": (9,), "d": (1,),
+                                                                    "e": (2,), "f": (2,)}.get)
+    kinds = {"a": 1, "b": 1, "c": 1, "d": 1, "e": 2, "f": 2}
+    packed = sources.pack_segments(segments, 8, lambda seg: kinds[seg.key])
+    assert [seg.key for seg in packed] == [("a", "b"), "c", "d", ("e", "f")]  # c does not fit 8; e, f differ from d
+    assert [seg.offset for seg in packed] == [0, 5, 14, 15] and packed[0].numel == 5
+    assert packed[3].pieces(0, 4) == [(segments[4], 0, 2, 0, 2), (segments[5], 0, 2, 2, 4)]
+
+
+def test_header_text_is_json_dumps():
+    keys = ["a", 'q"uote', "back\\slash", "ctl\x01", "é", "\U0001f600", "del\x7f"]
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.bool, torch.uint8, torch.float64]
+    shapes = [(2, 3), (), (0,), (1,), (4, 1, 1), (7,), (1,)]
+    sizes = [dtype.itemsize * __import__("math").prod(shape) for dtype, shape in zip(dtypes, shapes)]
+    ends = list(__import__("itertools").accumulate(sizes))
+    begins = [0] + ends[:-1]
+    metadata = {"format": "pt", "p": '{"x": "é"}'}
+    header = {k: {"dtype": st.NAMES[d], "shape": list(s), "data_offsets": [b, e]}
+              for k, d, s, b, e in zip(keys, dtypes, shapes, begins, ends)}
+    header["__metadata__"] = metadata
+    assert st._header_text(keys, dtypes, shapes, begins, ends, metadata) == json.dumps(header, separators=(",", ":"))
+    plain = keys[:1] + ["b.c"]
+    header = {k: {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]} for i, k in enumerate(plain)}
+    header["__metadata__"] = {}
+    assert st._header_text(plain, [torch.float32] * 2, [(1,)] * 2, [0, 4], [4, 8], {}) == json.dumps(header, separators=(",", ":"))
