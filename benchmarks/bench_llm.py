@@ -312,6 +312,7 @@ def stage_breakdown(base: Path, models: list, out: Path, **params) -> dict:
     timer.wrap(native, "pcb_merge_entries", "merge")
     timer.wrap(native, "merged_output", "write")
     timer.wrap(write_behind.WriteBehind, "write", "write")
+    timer.wrap(write_behind.WriteBehind, "write_segment", "write")
     shutil.rmtree(out, ignore_errors=True)
     start, start_cpu, start_process = time.perf_counter(), time.thread_time(), time.process_time()
     try:

@@ -1,10 +1,12 @@
 """PCB from files, the default path (fused="auto": PCB's C sweeps) beside the eager torch ops
-(fused="off"), alternating in fresh processes on the model of bench_llm, warm page cache.
+(fused="off"), or beside another checkout's default path (``--baseline DIR``, e.g. the previous
+main), alternating in fresh processes on the model of bench_llm, warm page cache.
 
-    python -m benchmarks.bench_pcb_paths --dir DIR [--small] [--repeats 2]
+    python -m benchmarks.bench_pcb_paths --dir DIR [--small] [--repeats 2] [--baseline /work/main]
 
 Prints the seconds of each run, the medians' ratio per budget, whether the output folders are
-identical byte for byte (every file), and the load average; writes benchmarks/results/pcb_paths[_small].json.
+identical byte for byte (every file), and the load average; writes benchmarks/results/pcb_paths[_small].json
+(``--out`` to choose).
 """
 
 from __future__ import annotations
@@ -27,42 +29,50 @@ def main(argv=None) -> int:
     parser.add_argument("--dir", type=Path, required=True)
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--baseline", type=Path, help="another checkout, whose default path runs beside this one's")
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     from benchmarks.bench_cpu import machine
 
     base, models = build(args.dir, "small" if args.small else "full")
     flags = ["--base", str(base)] + [a for m in models for a in ("--model", str(m))] + ["--method", "pcb"]
+    if args.baseline is None:  # name -> (child code, extra CLI flags)
+        variants = {"default": (PCB_CHILD, []), "fused='off'": (PCB_CHILD, ["--fused", "off"])}
+    else:
+        baseline = f"import sys\nsys.path.insert(0, {str(args.baseline.resolve())!r})\n" + PCB_CHILD
+        variants = {"this checkout": (PCB_CHILD, []), str(args.baseline): (baseline, [])}
+    first, second = variants
     scratch = args.dir / "paths"
     scratch.mkdir(parents=True, exist_ok=True)
     rows, loads = {}, [os.getloadavg()[0]]
     for budget in ([], ["--max-memory", "2GB"]):
         label = "default budget" if not budget else "--max-memory 2GB"
-        seconds = {"auto": [], "off": []}
+        seconds = {name: [] for name in variants}
         for _ in range(args.repeats):
-            for fused in ("auto", "off"):
-                out = scratch / fused / "merged"  # the same folder name: the model card names it
+            for number, (name, (child, extra)) in enumerate(variants.items()):
+                out = scratch / str(number) / "merged"  # the same folder name: the model card names it
                 shutil.rmtree(out, ignore_errors=True)
                 out.parent.mkdir(exist_ok=True)
-                result = run_child(PCB_CHILD, ["merge"] + flags + budget + ["--fused", fused, "--out", str(out),
-                                                                            "--overwrite", "--quiet"])
-                seconds[fused].append(result["seconds"])
+                result = run_child(child, ["merge"] + flags + budget + extra + ["--out", str(out), "--overwrite",
+                                                                                  "--quiet"])
+                seconds[name].append(result["seconds"])
                 loads.append(os.getloadavg()[0])
-                print(f"{label}, fused={fused}: {result['seconds']:.1f} s", flush=True)
-        same = all(filecmp.cmp(a, scratch / "off" / "merged" / a.name, shallow=False)
-                   for a in (scratch / "auto" / "merged").iterdir())
+                print(f"{label}, {name}: {result['seconds']:.1f} s", flush=True)
+        same = all(filecmp.cmp(a, scratch / "1" / "merged" / a.name, shallow=False)
+                   for a in (scratch / "0" / "merged").iterdir())
         rows[label] = {"seconds": seconds, "identical": same,
-                       "eager_over_default": statistics.median(seconds["off"]) / statistics.median(seconds["auto"])}
+                       "ratio": statistics.median(seconds[second]) / statistics.median(seconds[first])}
     shutil.rmtree(scratch, ignore_errors=True)
     print(f"\nPCB 0.1, global, from files, warm; load average {min(loads):.1f}-{max(loads):.1f} on "
           f"{os.cpu_count()} cores\n")
-    print("| budget | default (C sweeps) | fused='off' (eager) | eager / default | identical |")
+    print(f"| budget | {first} | {second} | {second} / {first} | identical |")
     print("|---|---|---|---|---|")
     for label, r in rows.items():
-        print(f"| {label} | {statistics.median(r['seconds']['auto']):.1f} s | {statistics.median(r['seconds']['off']):.1f} s "
-              f"| **{r['eager_over_default']:.2f}x** | {'yes' if r['identical'] else 'NO'} |")
-    out_json = RESULTS / ("pcb_paths_small.json" if args.small else "pcb_paths.json")
+        print(f"| {label} | {statistics.median(r['seconds'][first]):.1f} s | {statistics.median(r['seconds'][second]):.1f} s "
+              f"| **{r['ratio']:.2f}x** | {'yes' if r['identical'] else 'NO'} |")
+    out_json = args.out or RESULTS / ("pcb_paths_small.json" if args.small else "pcb_paths.json")
     out_json.write_text(json.dumps({"machine": machine(), "date": time.strftime("%Y-%m-%d"), "load": loads,
-                                    "rows": rows}, indent=2) + "\n")
+                                    "variants": list(variants), "rows": rows}, indent=2) + "\n")
     print(f"wrote {out_json}")
     return 0
 
