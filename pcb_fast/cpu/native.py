@@ -40,13 +40,9 @@ import torch
 SOURCES = tuple(Path(__file__).with_name(name)
                 for name in ("row_select.c", "dare_hash.c", "weighted_merge.c", "ties_loops.c", "collect.c", "pcb_loops.c"))
 HEADERS = (Path(__file__).with_name("native.h"),)  # part of the cache key: a change rebuilds the library
-# Tried in order: a compiler may refuse -march=native or lack OpenMP (the kernel then runs on one thread),
-# and only x86 compilers know -mprefer-vector-width: where the CPU has AVX-512, GCC's tuning may still pick
-# 256-bit vectors, half the entries per instruction in PCB's compute-bound candidate sweep (measured in
-# docs/benchmarks.md). The width changes no result: without -ffast-math no float operation is reordered.
+# Tried in order: a compiler may refuse -march=native or lack OpenMP (the kernel then runs on one thread).
 # -ffp-contract=off: a * b + c must round twice, as torch's float32 ops do (GCC contracts by default).
-FLAG_SETS = tuple(flags + ["-ffp-contract=off"] for flags in (["-O3", "-march=native", "-mprefer-vector-width=512",
-                                                                "-fopenmp"], ["-O3", "-march=native", "-fopenmp"],
+FLAG_SETS = tuple(flags + ["-ffp-contract=off"] for flags in (["-O3", "-march=native", "-fopenmp"],
                                                                ["-O3", "-fopenmp"], ["-O3"]))
 # dtype codes of weighted_merge.c
 KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
