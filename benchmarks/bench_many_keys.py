@@ -1,7 +1,7 @@
 """Per-key overhead: a model of many tiny tensors against one tensor of the same total size.
 
     python -m benchmarks.bench_many_keys [--keys 300000] [--methods task_arithmetic,ties,pcb] [--repeats 2]
-    python -m benchmarks.bench_many_keys --keys 3000 --compare-with /work/main  # outputs byte for byte
+    python -m benchmarks.bench_many_keys --keys 3000 --methods all --compare-with /work/main  # byte for byte
 
 Writes, in a temporary folder, a base and two fine-tunes as single safetensors files (bf16, as the
 safetensors library lays them out): once with ``--keys`` tensors of 1 to 4 entries each, once with
@@ -11,7 +11,7 @@ per key beyond the one-tensor merge. Writes benchmarks/results/many_keys.json.
 
 ``--compare-with DIR``: runs every method also with the pcb_fast of the checkout DIR (a fresh
 process with DIR first on sys.path) on the many-key model and says whether the outputs are
-identical byte for byte (slow there at 300,000 keys: use a few thousand).
+identical byte for byte, and the seconds of both; writes benchmarks/results/many_keys_compare_KEYS.json.
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ print(time.perf_counter() - started)
 
 
 def compare_with(checkout: Path, built: dict, folder: Path, methods: list) -> dict:
-    """Per method: whether this checkout's output equals the one of ``checkout`` byte for byte."""
+    """Per method: whether this checkout's output equals the one of ``checkout`` byte for byte, and
+    the seconds of both merges."""
     base, models = built["many"]
     same = {}
     for method in methods:
@@ -103,10 +104,12 @@ def compare_with(checkout: Path, built: dict, folder: Path, methods: list) -> di
         done = subprocess.run([sys.executable, "-c", CHILD, str(checkout), str(base), json.dumps(list(map(str, models))),
                                str(theirs), method, json.dumps(METHODS[method])], check=True, cwd=folder,
                               capture_output=True, text=True)
-        same[method] = all(filecmp.cmp(ours / f.name, theirs / f.name, shallow=False)
-                           for f in theirs.iterdir() if f.suffix in (".safetensors", ".json"))
-        print(f"{method}: {'identical' if same[method] else 'DIFFERENT'} to {checkout}; {seconds:.2f} s here, "
-              f"{float(done.stdout.split()[-1]):.2f} s there (load {os.getloadavg()[0]:.1f})", flush=True)
+        identical = all(filecmp.cmp(ours / f.name, theirs / f.name, shallow=False)
+                        for f in theirs.iterdir() if f.suffix in (".safetensors", ".json"))
+        same[method] = {"identical": identical, "seconds": seconds, "seconds_there": float(done.stdout.split()[-1]),
+                        "load": os.getloadavg()[0]}
+        print(f"{method}: {'identical' if identical else 'DIFFERENT'} to {checkout}; {seconds:.2f} s here, "
+              f"{same[method]['seconds_there']:.2f} s there (load {os.getloadavg()[0]:.1f})", flush=True)
     return same
 
 
@@ -119,15 +122,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from benchmarks.bench_cpu import machine
 
-    methods = args.methods.split(",")
+    methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
     folder = Path(tempfile.mkdtemp(prefix="pcb_fast_many_keys_"))
     try:
         built = build(folder, args.keys)
         entries = sum(1 + i % 4 for i in range(args.keys))
         if args.compare_with is not None:
             same = compare_with(args.compare_with, built, folder, methods)
-            print(json.dumps(same))
-            return 0 if all(same.values()) else 1
+            out = RESULTS / f"many_keys_compare_{args.keys}.json"
+            out.write_text(json.dumps({"machine": machine(), "date": time.strftime("%Y-%m-%d"), "keys": args.keys,
+                                       "other": str(args.compare_with), "methods": same}, indent=2) + "\n")
+            print(f"wrote {out}")
+            return 0 if all(row["identical"] for row in same.values()) else 1
         merge_once(*built["one"], folder / "warm", methods[0])  # the C library loaded, the imports done
         rows, loads = {}, [os.getloadavg()[0]]
         for method in methods:

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 import pcb_fast
 from pcb_fast.core import sources
 from pcb_fast.io import safetensors as st
+from pcb_fast.io.disk_merge import save_model
 
 MIXED = {  # dtypes by key, in key order: runs of small bf16 keys, a float32 one, a large one, an integer one
     **{f"a.{i:03d}": torch.bfloat16 for i in range(120)}, "b.norm": torch.float32,
@@ -60,6 +61,24 @@ def test_packs_change_no_byte(tmp_path, monkeypatch, method, params, budget):
         (tmp_path / str(packed)).mkdir()
         out = tmp_path / str(packed) / "merged"  # (the model card names the folder)
         pcb_fast.merge_checkpoints(base, models, out, method=method, max_memory=budget, shard_size="2KB", **params)
+        outputs.append({f.name: f.read_bytes() for f in out.iterdir()})
+    assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "pcb"])
+def test_packs_over_sharded_inputs_change_no_byte(tmp_path, monkeypatch, method):
+    # the keys of a pack lie in several shards of each input (folders written with 1 KB shards)
+    files = _models(tmp_path)
+    folders = []
+    for i, path in enumerate([files[0]] + files[1]):
+        folders.append(str(save_model(load_file(path), tmp_path / f"in{i}", shard_size="1KB")))
+    outputs = []
+    for packed in (True, False):
+        if not packed:
+            _unpacked(monkeypatch)
+        (tmp_path / str(packed)).mkdir()
+        out = tmp_path / str(packed) / "merged"
+        pcb_fast.merge_checkpoints(folders[0], folders[1:], out, method=method)
         outputs.append({f.name: f.read_bytes() for f in out.iterdir()})
     assert outputs[0] == outputs[1]
 
