@@ -42,7 +42,7 @@ def _models(folder, n=3, seed=0, bad=None):
 
 
 def _unpacked(monkeypatch):
-    monkeypatch.setattr(sources, "pack_segments", lambda segments, width, signature: list(segments))
+    monkeypatch.setattr(sources, "pack_segments", lambda segments, width, signatures: list(segments))
 
 
 CASES = [("task_arithmetic", {}), ("average", {}), ("ties", {"density": 0.3}), ("ties", {"topk": "exact", "sign_ties": "positive"}),
@@ -113,7 +113,7 @@ def test_packs_join_only_small_keys_of_one_dtype_in_every_input():
     segments = sources.segments_of(["a", "b", "c", "d", "e", "f"], {"a": (2,), "b": (3,), "c": (9,), "d": (1,),
                                                                     "e": (2,), "f": (2,)}.get)
     kinds = {"a": 1, "b": 1, "c": 1, "d": 1, "e": 2, "f": 2}
-    packed = sources.pack_segments(segments, 8, lambda seg: kinds[seg.key])
+    packed = sources.pack_segments(segments, 8, [kinds[seg.key] for seg in segments])
     assert [seg.key for seg in packed] == [("a", "b"), "c", "d", ("e", "f")]  # c does not fit 8; e, f differ from d
     assert [seg.offset for seg in packed] == [0, 5, 14, 15] and packed[0].numel == 5
     assert packed[3].pieces(0, 4) == [(segments[4], 0, 2, 0, 2), (segments[5], 0, 2, 2, 4)]

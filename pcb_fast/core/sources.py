@@ -73,8 +73,9 @@ class Block:
 
 
 def segments_of(keys: Sequence[str], shape_of) -> list[Segment]:
-    """The segments of ``keys``, laid end to end in that order; ``shape_of(key)`` gives a key's shape."""
-    shapes = [tuple(shape_of(key)) for key in keys]
+    """The segments of ``keys``, laid end to end in that order; ``shape_of(key)`` gives a key's shape,
+    or ``shape_of`` is the list of their shapes."""
+    shapes = [tuple(shape_of(key)) for key in keys] if callable(shape_of) else list(shape_of)
     numel_of = {shape: math.prod(shape) for shape in set(shapes)}
     numels = list(map(numel_of.__getitem__, shapes))
     offsets = itertools.accumulate(numels, initial=0)
@@ -82,11 +83,11 @@ def segments_of(keys: Sequence[str], shape_of) -> list[Segment]:
     return list(map(functools.partial(tuple.__new__, Segment), zip(keys, shapes, numels, offsets, itertools.repeat(()))))
 
 
-def pack_segments(segments: Sequence[Segment], width: int, signature) -> list[Segment]:
+def pack_segments(segments: Sequence[Segment], width: int, signatures: Sequence) -> list[Segment]:
     """``segments`` with every run of consecutive ones that fit ``width`` entries together and share
-    ``signature(segment)`` (their dtypes in every input; None: never packed) joined into a pack
-    (:class:`Segment` with ``parts``): a model of many small tensors then costs a few blocks, not
-    one block per key."""
+    their ``signatures`` (one per segment: their dtypes in every input; None: never packed) joined
+    into a pack (:class:`Segment` with ``parts``): a model of many small tensors then costs a few
+    blocks, not one block per key."""
     packed, run, total, shared = [], [], 0, None
 
     def close_run():
@@ -95,8 +96,8 @@ def pack_segments(segments: Sequence[Segment], width: int, signature) -> list[Se
         else:
             packed.extend(run)
 
-    for seg in segments:
-        mark = signature(seg) if seg.numel < width else None
+    for seg, mark in zip(segments, signatures):
+        mark = mark if seg.numel < width else None
         if not run or mark is None or mark != shared or total + seg.numel > width:
             close_run()
             run, total, shared = [], 0, mark
@@ -139,10 +140,10 @@ class TaskVectorSource:
             return min(width, self.D)  # a pack spans several keys
         return min(width, max((s.numel for s in self.segments), default=1))
 
-    def _pack_signature(self, seg: Segment):
-        """What must be equal for ``seg`` to share a pack with its neighbours; None: never packed
-        (sources that read their inputs by key do not pack)."""
-        return None
+    def _pack_signatures(self) -> list:
+        """What must be equal, per segment, for it to share a pack with its neighbours; None: never
+        packed (sources that read their inputs by key do not pack)."""
+        return [None] * len(self.segments)
 
     def _segments(self, width: int) -> list[Segment]:
         """The segments a pass of ``width`` goes through: packs of small keys where the run allows
@@ -151,7 +152,7 @@ class TaskVectorSource:
             return self.segments
         packs = self.__dict__.setdefault("_packs", {})
         if width not in packs:
-            packs[width] = pack_segments(self.segments, width, self._pack_signature)
+            packs[width] = pack_segments(self.segments, width, self._pack_signatures())
         return packs[width]
 
     def plan(self, width: int = DEFAULT_BLOCK_WIDTH, whole_rows: bool = False) -> list[tuple[Segment, int, int]]:
@@ -360,10 +361,9 @@ class CheckpointSource(TaskVectorSource):
 
     def __init__(self, base, models: Sequence, merged_keys: Sequence[str]):
         self._base_ckpt, self._model_ckpts = base, list(models)
-        segments = segments_of(merged_keys, base.shape)
+        segments = segments_of(merged_keys, base.layout(merged_keys)[1])
         super().__init__(len(self._model_ckpts), segments, [m.name for m in self._model_ckpts])
         self._pack_of = {}  # pack key -> pack, for the inputs' reads (PackReads)
-        self._signatures = None  # key -> its dtype in every input (_pack_signature)
         self._inputs = [PackReads(ck, self._pack_of) for ck in [base] + self._model_ckpts]
         self._buffers = {}
         self._prefetcher = None
@@ -383,11 +383,9 @@ class CheckpointSource(TaskVectorSource):
         key = (seg or self.segments[0]).lead_key
         return sum(c.dtype(key).itemsize for c in [self._base_ckpt] + self._model_ckpts)
 
-    def _pack_signature(self, seg: Segment):
-        if self._signatures is None:  # every key's dtypes in every input, asked in bulk
-            keys = [s.key for s in self.segments]
-            self._signatures = dict(zip(keys, zip(*[ck.layout(keys)[0] for ck in [self._base_ckpt] + self._model_ckpts])))
-        return self._signatures[seg.key]
+    def _pack_signatures(self) -> list:
+        keys = [s.key for s in self.segments]  # every key's dtypes in every input, asked in bulk
+        return list(zip(*[ck.layout(keys)[0] for ck in [self._base_ckpt] + self._model_ckpts]))
 
     def _segments(self, width: int) -> list[Segment]:
         segments = super()._segments(width)
@@ -535,8 +533,8 @@ class CachedSource(TaskVectorSource):
     def strided_columns(self, stride: int) -> list | None:
         return [self.cache[:, ::stride].clone()] if self.complete else None
 
-    def _pack_signature(self, seg: Segment):
-        return self.inner._pack_signature(seg)  # later passes see the blocks of the first
+    def _pack_signatures(self) -> list:
+        return self.inner._pack_signatures()  # later passes see the blocks of the first
 
     def where(self, task: int, seg: Segment) -> str:
         return self.inner.where(task, seg)
