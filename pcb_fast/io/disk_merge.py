@@ -399,6 +399,7 @@ def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam,
                 and (scope == "tensor" or cached <= inputs)):
             source = CachedSource(source)
             budget -= cached
+
     def sink(segment, lo, hi, tau_m):
         try:
             base = reader.base_block(segment.key, lo, hi)  # the block the source has just read: no second read
