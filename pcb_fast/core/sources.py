@@ -80,7 +80,8 @@ def segments_of(keys: Sequence[str], shape_of) -> list[Segment]:
     numels = list(map(numel_of.__getitem__, shapes))
     offsets = itertools.accumulate(numels, initial=0)
     # made in bulk (tuple.__new__ of the named tuple): a model may have hundreds of thousands of keys
-    return list(map(functools.partial(tuple.__new__, Segment), zip(keys, shapes, numels, offsets, itertools.repeat(()))))
+    rows = zip(keys, shapes, numels, offsets, itertools.repeat(()))
+    return list(map(functools.partial(tuple.__new__, Segment), rows))
 
 
 def pack_segments(segments: Sequence[Segment], width: int, signatures: Sequence) -> list[Segment]:

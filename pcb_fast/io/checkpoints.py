@@ -31,7 +31,7 @@ from typing import Sequence
 
 import torch
 
-from .safetensors import (DTYPE, MAX_DEPTH, MAX_HEADER, NAMES, NBYTES, SHAPE, FormatError, NotAFileError,
+from .safetensors import (DTYPE, MAX_DEPTH, MAX_HEADER, NAMES, NBYTES, OFFSET, SHAPE, FormatError, NotAFileError,
                           SafetensorsReader, Unchanged, advise_range, deeper_than, not_regular, open_regular,
                           read_exactly, read_regular, show, show_path)
 
@@ -263,6 +263,14 @@ class SafetensorsCheckpoint(Checkpoint):
     def plan_reads(self, keys):
         """Runs (file, first byte, bytes, the keys): tensors that lie next to each other in one file
         are read together."""
+        readers = set(map(self.where.__getitem__, keys))
+        if len(readers) == 1:  # the usual case, checked in bulk: one file, the keys one after the other
+            reader = readers.pop()
+            infos = list(map(reader.tensors.__getitem__, keys))
+            offsets = list(map(operator.itemgetter(OFFSET), infos))
+            ends = list(map(operator.add, offsets, map(operator.itemgetter(NBYTES), infos)))
+            if offsets[1:] == ends[:-1]:
+                return [[reader, offsets[0], ends[-1] - offsets[0], list(keys)]]
         runs = []
         for key in keys:
             reader = self.where[key]

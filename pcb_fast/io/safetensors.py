@@ -340,7 +340,8 @@ def _parse_plain(text: str, data_size: int):
     if list(map(operator.sub, ends, begins)) != list(map(operator.mul, map(numel_of.__getitem__, shapes), itemsizes)):
         return None
     dtype_of = {name: DTYPES[name] for name in set(names)}
-    return (keys, list(map(dtype_of.__getitem__, names)), list(map(shape_of.__getitem__, shapes)), begins, ends), metadata
+    columns = keys, list(map(dtype_of.__getitem__, names)), list(map(shape_of.__getitem__, shapes)), begins, ends
+    return columns, metadata
 
 
 def parse_header(raw: bytes, data_size: int) -> tuple[dict, dict]:
@@ -605,8 +606,8 @@ def _header_text(keys: list, dtypes: list, shapes: list, begins: list, ends: lis
     else:
         quoted = list(map(json.dumps, keys))
     listed = {shape: ",".join(map(str, shape)) for shape in set(shapes)}
-    entries = map('{}:{{"dtype":"{}","shape":[{}],"data_offsets":[{},{}]}}'.format, quoted, map(NAMES.__getitem__, dtypes),
-                  map(listed.__getitem__, shapes), begins, ends)
+    entry = '{}:{{"dtype":"{}","shape":[{}],"data_offsets":[{},{}]}}'
+    entries = map(entry.format, quoted, map(NAMES.__getitem__, dtypes), map(listed.__getitem__, shapes), begins, ends)
     return "{" + ",".join(entries) + ',"__metadata__":' + json.dumps(metadata, separators=(",", ":")) + "}"
 
 
@@ -665,6 +666,14 @@ class ShardedWriter:
         if lo != 0 or values.numel() != segment.numel:
             raise ValueError(f"write_segment: a pack is written whole, not entries [{lo}, {lo + values.numel()})")
         view = _bytes_view(values.contiguous())
+        places = list(map(self.places.__getitem__, [part.key for part in segment.parts]))
+        if len({fd for fd, _, _ in places}) == 1 and {dtype for _, _, dtype in places} == {values.dtype}:
+            # the usual case, checked in bulk: one shard, the keys one after the other
+            positions = [position for _, position, _ in places]
+            ends = [position + part.numel * values.element_size() for position, part in zip(positions, segment.parts)]
+            if positions[1:] == ends[:-1]:
+                self._pwrite(places[0][0], view, positions[0])
+                return
         run, at = None, 0  # [fd, first byte in the file, bytes] of the current run
         for part in segment.parts:
             fd, position, dtype = self.places[part.key]
