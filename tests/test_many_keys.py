@@ -109,6 +109,18 @@ def test_a_value_that_is_not_finite_is_named_by_its_key(tmp_path, method, bad, n
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("method", ["task_arithmetic", "pcb"])
+def test_an_overflow_of_the_output_dtype_is_named_by_its_key(tmp_path, method):
+    base, models = _models(tmp_path)
+    for path in [base] + models:  # one small key of a pack beyond float16's range in every model
+        state = load_file(path)
+        state["c.041"] = torch.full_like(state["c.041"], 1e5)
+        save_file(state, path)
+    with pytest.raises(ValueError, match=r"key 'c.041': merged values up to 9.98e\+04 exceed the range of torch.float16"):
+        pcb_fast.merge_checkpoints(base, models, tmp_path / "out", method=method, dtype="float16")
+    assert not (tmp_path / "out").exists()
+
+
 def test_packs_join_only_small_keys_of_one_dtype_in_every_input():
     segments = sources.segments_of(["a", "b", "c", "d", "e", "f"], {"a": (2,), "b": (3,), "c": (9,), "d": (1,),
                                                                     "e": (2,), "f": (2,)}.get)
