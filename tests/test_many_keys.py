@@ -86,8 +86,8 @@ def test_packs_over_sharded_inputs_change_no_byte(tmp_path, monkeypatch, method)
 def test_a_model_of_small_keys_is_read_and_written_in_few_calls(tmp_path, monkeypatch):
     base, models = _models(tmp_path)
     reads, writes = [], []
-    pread, pwrite = st.SafetensorsReader._pread, st.ShardedWriter._pwrite
-    monkeypatch.setattr(st.SafetensorsReader, "_pread", lambda self, view, at: reads.append(at) or pread(self, view, at))
+    read, pwrite = st.read_exactly, st.ShardedWriter._pwrite
+    monkeypatch.setattr(st, "read_exactly", lambda fd, out, at, *rest: reads.append(at) or read(fd, out, at, *rest))
     monkeypatch.setattr(st.ShardedWriter, "_pwrite", staticmethod(lambda fd, view, at: writes.append(at) or pwrite(fd, view, at)))
     pcb_fast.merge_checkpoints(base, models, tmp_path / "out", method="task_arithmetic")
     # 262 merged keys in 4 inputs: one read per run of keys that lie together in a file, not one per key
