@@ -44,7 +44,7 @@ def worker(workload: str, threads, repeats: int, D: int, folder: str) -> dict:
 
     g = torch.Generator().manual_seed(0)
     if workload == "disk":
-        from pcb_fast.io.disk_merge import merge_checkpoints
+        from pcb_fast.drivers.files import merge_checkpoints
 
         out = Path(folder) / f"out-{os.getpid()}"
 

@@ -73,7 +73,7 @@ def build(folder: Path, keys: int) -> dict:
 
 
 def merge_once(base, models, out: Path, method: str) -> float:
-    from pcb_fast.io.disk_merge import merge_checkpoints
+    from pcb_fast.drivers.files import merge_checkpoints
 
     started = time.perf_counter()
     merge_checkpoints(base, models, out, method=method, overwrite=True, **METHODS[method])
@@ -84,7 +84,7 @@ CHILD = """
 import sys
 import time
 sys.path.insert(0, sys.argv[1])
-from pcb_fast.io.disk_merge import merge_checkpoints
+from pcb_fast.drivers.files import merge_checkpoints
 import json
 base, models, out, method, params = sys.argv[2], json.loads(sys.argv[3]), sys.argv[4], sys.argv[5], json.loads(sys.argv[6])
 started = time.perf_counter()

@@ -30,7 +30,7 @@ import torch
 import pcb_fast
 from benchmarks.bench_cpu import machine
 from benchmarks.memory import measure
-from pcb_fast.io.disk_merge import available_memory
+from pcb_fast.core.memory import available_memory
 
 RESULTS = Path(__file__).parent / "results"
 BASELINES = [("average", {}), ("task_arithmetic", {}), ("ties", dict(density=0.2)), ("dare", dict(p=0.9)),

@@ -3,8 +3,8 @@
 __version__ = "0.1.0"
 
 from .api import merge, pcb_merge, pcb_reference  # noqa: E402
-from .io.disk_merge import merge_checkpoints  # noqa: E402
-from .io.lora import merge_adapters  # noqa: E402
+from .drivers.files import merge_checkpoints  # noqa: E402
+from .drivers.adapters import merge_adapters  # noqa: E402
 from .modules import merge_modules  # noqa: E402
 from .search import ContributionCache, grid_search, search_lambdas  # noqa: E402
 

@@ -218,7 +218,7 @@ class _DoneLine:
 
 
 def run_merge(args) -> int:
-    from .io.disk_merge import merge_checkpoints
+    from .drivers.files import merge_checkpoints
     from .io.output import MergeFailed, check_not_an_input
 
     kwargs = merge_arguments(args)  # reads --config: a folder or pipe there is refused as such
@@ -226,8 +226,8 @@ def run_merge(args) -> int:
         check_not_an_input(args.out, [("the config file", args.config)])
     merger = merge_checkpoints
     if "adapters" in kwargs:  # LoRA adapters, merged without materialising their deltas (io/lora.py)
-        from .io.disk_merge import check_side_files
-        from .io.lora import merge_adapters as merger
+        from .io.folder import check_side_files
+        from .drivers.adapters import merge_adapters as merger
 
         if kwargs.pop("distributed"):
             raise ValueError("--distributed does not merge --adapter folders in this version")
@@ -295,7 +295,7 @@ def _eval_file(evaluate):
 
 def run_search(args) -> int:
     from .io.checkpoints import open_checkpoint
-    from .io.disk_merge import save_model
+    from .io.folder import save_model
     from .io.output import check_file_output, check_not_an_input, check_output, checkpoint_files
     from .io.safetensors import show_path
     from .search import EvaluateError, search_lambdas

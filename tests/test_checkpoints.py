@@ -20,7 +20,8 @@ save_file, load_file = safetensors_torch.save_file, safetensors_torch.load_file
 from pcb_fast import merge  # noqa: E402
 from pcb_fast.cli import main as cli  # noqa: E402
 from pcb_fast.io.config import parse_config  # noqa: E402
-from pcb_fast.io.disk_merge import merge_checkpoints, parse_size  # noqa: E402
+from pcb_fast.core.checks import parse_size  # noqa: E402
+from pcb_fast.drivers.files import merge_checkpoints  # noqa: E402
 from pcb_fast.io.safetensors import SafetensorsReader, ShardedWriter  # noqa: E402
 
 

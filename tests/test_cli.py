@@ -24,7 +24,7 @@ def test_bad_argument_is_one_line_error_and_exit_2():
 def _three_tensor_models(tmp_path):
     import torch
 
-    from pcb_fast.io.disk_merge import save_model
+    from pcb_fast.io.folder import save_model
 
     g = torch.Generator().manual_seed(0)
     base = {f"layers.{i}.weight": torch.randn(32, 16, generator=g) for i in range(3)}

@@ -25,7 +25,7 @@ from pcb_fast.core.checks import parse_size  # noqa: E402
 from pcb_fast.io import safetensors as st  # noqa: E402
 from pcb_fast.io.checkpoints import open_checkpoint  # noqa: E402
 from pcb_fast.io.config import load_config, parse_config  # noqa: E402
-from pcb_fast.io.disk_merge import merge_checkpoints  # noqa: E402
+from pcb_fast.drivers.files import merge_checkpoints  # noqa: E402
 from pcb_fast.io.safetensors import FormatError, NotAFileError, SafetensorsReader, open_regular  # noqa: E402
 
 INDEX = "model.safetensors.index.json"

@@ -19,8 +19,9 @@ from safetensors.torch import load_file, save_file
 
 import pcb_fast
 from pcb_fast.cli import main as cli
-from pcb_fast.io import disk_merge
-from pcb_fast.io.disk_merge import merge_checkpoints
+from pcb_fast.drivers import files as file_merge
+from pcb_fast.drivers.files import merge_checkpoints
+from pcb_fast.io.folder import COPY_CHUNK
 from pcb_fast.io.output import MergeFailed
 
 
@@ -344,7 +345,7 @@ def test_an_input_rewritten_during_the_merge_fails_and_writes_nothing(tmp_path, 
 
 
 def test_copied_tensors_are_read_in_slices(tmp_path, monkeypatch):
-    base = {"w": torch.randn(64), "buffer": torch.zeros(3 * disk_merge.COPY_CHUNK + 5, dtype=torch.int8)}
+    base = {"w": torch.randn(64), "buffer": torch.zeros(3 * COPY_CHUNK + 5, dtype=torch.int8)}
     save_file(base, tmp_path / "base.safetensors")
     save_file({"w": base["w"] + 1, "buffer": base["buffer"]}, tmp_path / "m.safetensors")
     from pcb_test_helpers import slices_read
@@ -352,7 +353,7 @@ def test_copied_tensors_are_read_in_slices(tmp_path, monkeypatch):
     largest = slices_read(monkeypatch, "buffer")
     out = merge_checkpoints(tmp_path / "base.safetensors", [tmp_path / "m.safetensors"], tmp_path / "o",
                             method="task_arithmetic", max_memory="1MB")
-    assert max(largest) <= disk_merge.COPY_CHUNK and len(largest) == 4
+    assert max(largest) <= COPY_CHUNK and len(largest) == 4
     assert torch.equal(load_file(out / "model.safetensors")["buffer"], base["buffer"])
 
 
@@ -366,7 +367,7 @@ def test_a_bad_config_json_with_dtype_is_found_before_the_merge(tmp_path, capsys
     save_file(base, folder / "model.safetensors")
     (folder / "config.json").write_text("[" * 200_000)
     save_file(tuned[0], tmp_path / "m.safetensors")
-    monkeypatch.setattr(disk_merge, "_write_merge", lambda *a, **k: pytest.fail("the merge ran"))
+    monkeypatch.setattr(file_merge, "_write_merge", lambda *a, **k: pytest.fail("the merge ran"))
     assert cli(["merge", "--base", str(folder), "--model", str(tmp_path / "m.safetensors"), "--out",
                 str(tmp_path / "o"), "--dtype", "float16", "--quiet"]) == 2
     assert "config.json is not valid JSON" in one_error_line(capsys)

@@ -96,15 +96,16 @@ LAYERS = {
     "cpu": {"core"},
     "methods": {"core", "cpu"},
     "gpu": {"core", "kernels", "methods"},
-    "io": {"core", "cpu", "methods", "api", "gpu", "pcb_fast"},
+    "io": {"core", "cpu", "methods", "pcb_fast"},
     "api": {"core", "cpu", "gpu", "io", "methods", "reference", "pcb_fast"},
+    "drivers": {"api", "core", "cpu", "gpu", "io", "methods", "pcb_fast"},
     "search": {"api", "core", "io", "methods"},
-    "cli": {"api", "core", "io", "methods", "search", "demo", "pcb_fast"},
+    "cli": {"api", "core", "drivers", "io", "methods", "search", "demo", "pcb_fast"},
     "demo": {"api", "pcb_fast"},
     "modules": {"api"},
     "integrations": {"modules"},
     "__main__": {"cli"},
-    "pcb_fast": {"api", "io", "modules", "search"},
+    "pcb_fast": {"api", "drivers", "modules", "search"},
 }
 
 

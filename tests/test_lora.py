@@ -1,4 +1,5 @@
-"""LoRA adapters merged without materialising their deltas (pcb_fast/io/lora.py).
+"""LoRA adapters merged without materialising their deltas (pcb_fast/io/lora.py reads them,
+pcb_fast/drivers/adapters.py merges them).
 
 The yardstick is the obvious dense way: materialise every adapter's delta (PEFT's formulas, written
 out here independently) and merge those task vectors with pcb_fast.merge. Factors are quantised
@@ -316,7 +317,7 @@ def test_the_source_reads_blocks_only(tmp_path, monkeypatch):
         seen.append(source)
         return real_run(method, source, sink, **kw)
 
-    monkeypatch.setattr(lora.engine, "run", spy)
+    monkeypatch.setattr(engine, "run", spy)
     report = {}
     merge_adapters(base_path, folders, method="pcb", ratio=0.2, block_width=16, report=report)
     source = seen[-1]  # (the first ones check the parameters on a two-entry model)
@@ -330,7 +331,7 @@ def test_the_source_reads_blocks_only(tmp_path, monkeypatch):
 MEMORY_SCRIPT = r"""
 import sys, torch
 from pcb_fast import merge_adapters
-from pcb_fast.io.disk_merge import peak_rss_bytes
+from pcb_fast.core.memory import peak_rss_bytes
 torch.ones(1 << 20).exp_()  # torch's own first-use allocations, before the baseline
 before = peak_rss_bytes()
 merge_adapters(sys.argv[1], sys.argv[2:-1], sys.argv[-1], method="task_arithmetic")
@@ -532,12 +533,12 @@ def test_exported():
 def test_keys_no_adapter_changes_are_copied_in_slices(tmp_path, monkeypatch):
     """A large tensor no adapter touches streams into the output within the memory budget, as a merge of
     files copies it, instead of being read whole."""
-    from pcb_fast.io import disk_merge
+    from pcb_fast.io.folder import COPY_CHUNK
     from pcb_test_helpers import slices_read
 
     gen = torch.Generator().manual_seed(0)
     base = {"model.layers.0.self_attn.q_proj.weight": q(gen, 8, 8),
-            "model.buffer": torch.zeros(2 * disk_merge.COPY_CHUNK + 3, dtype=torch.int8)}
+            "model.buffer": torch.zeros(2 * COPY_CHUNK + 3, dtype=torch.int8)}
     save_file(base, tmp_path / "base.safetensors")
     m = "model.layers.0.self_attn.q_proj"
     folder = save_adapter(tmp_path / "a", {f"{P}{m}.lora_A.weight": q(gen, 2, 8), f"{P}{m}.lora_B.weight": q(gen, 8, 2)},
@@ -545,5 +546,5 @@ def test_keys_no_adapter_changes_are_copied_in_slices(tmp_path, monkeypatch):
     largest = slices_read(monkeypatch, "model.buffer")
     out = merge_adapters(str(tmp_path / "base.safetensors"), [folder], tmp_path / "o", method="task_arithmetic",
                          max_memory="1MB")
-    assert largest and max(largest) <= disk_merge.COPY_CHUNK
+    assert largest and max(largest) <= COPY_CHUNK
     assert torch.equal(load_file(out / "model.safetensors")["model.buffer"], base["model.buffer"])

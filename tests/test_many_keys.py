@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 import pcb_fast
 from pcb_fast.core import sources
 from pcb_fast.io import safetensors as st
-from pcb_fast.io.disk_merge import save_model
+from pcb_fast.io.folder import save_model
 
 MIXED = {  # dtypes by key, in key order: runs of small bf16 keys, a float32 one, a large one, an integer one
     **{f"a.{i:03d}": torch.bfloat16 for i in range(120)}, "b.norm": torch.float32,

@@ -294,7 +294,7 @@ def test_chat_template_goes_into_the_tokenizer_config(llama):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         from pcb_fast.io.config import load_config
-        from pcb_fast.io.disk_merge import merge_checkpoints
+        from pcb_fast.drivers.files import merge_checkpoints
 
         merge_checkpoints(out=tmp / "none", **load_config(write(tmp / "c.yaml", config(base, paths,
                                                                                          chat_template="chatml"))))

@@ -554,7 +554,7 @@ def test_whole_tensor_methods_read_one_tensor_ahead_at_most(family, tmp_path, mo
         real(self, checkpoints, ranges, depth, advise_ahead)
 
     monkeypatch.setattr(prefetch.Prefetcher, "__init__", recording)
-    from pcb_fast.io.disk_merge import merge_checkpoints
+    from pcb_fast.drivers.files import merge_checkpoints
 
     merge_checkpoints(paths["base"], [paths["far"]], tmp_path / "out", method=method, scope="tensor", **extra)
     # slerp: one pass over every key; della per tensor: one block per pass, read without a reader thread

@@ -22,7 +22,7 @@ save_file, load_file = safetensors_torch.save_file, safetensors_torch.load_file
 
 from pcb_fast.cli import main as cli  # noqa: E402
 from pcb_fast.io import output  # noqa: E402
-from pcb_fast.io.disk_merge import merge_checkpoints  # noqa: E402
+from pcb_fast.drivers.files import merge_checkpoints  # noqa: E402
 from pcb_fast.io.output import MergeFailed, OutputExists  # noqa: E402
 
 

@@ -172,7 +172,7 @@ def test_write_behind_writes_in_order_and_raises_its_error(tmp_path):
 MEMORY_CHILD = r"""
 import sys
 import torch
-from pcb_fast.io.disk_merge import merge_checkpoints
+from pcb_fast.drivers.files import merge_checkpoints
 from pcb_fast.core.memory import release_free_memory
 
 def status(field):
@@ -254,8 +254,8 @@ def test_io_threads_stay_out_of_the_way_of_torch_pinned_to_every_core(tmp_path, 
     for module, name in ((prefetch, "Prefetcher"), (write_behind, "WriteBehind")):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: started.append(_name) or _real(*a, **k))
-    from pcb_fast.io import disk_merge
-    monkeypatch.setattr(disk_merge, "WriteBehind", write_behind.WriteBehind)
+    from pcb_fast.drivers import files as file_merge
+    monkeypatch.setattr(file_merge, "WriteBehind", write_behind.WriteBehind)
     base, models = _folders(tmp_path)
     pcb_fast.merge_checkpoints(base, models, tmp_path / "out", method="ties", density=0.3, block_width=1000,
                                max_memory="1KB", threads=threads)

@@ -105,7 +105,7 @@ def test_a_non_finite_running_statistic_is_named():
 def test_a_merge_from_files_treats_running_statistics_as_a_merge_in_memory_does(tmp_path, mode):
     from pcb_fast import merge_checkpoints
     from pcb_fast.io.checkpoints import open_checkpoint
-    from pcb_fast.io.disk_merge import save_model
+    from pcb_fast.io.folder import save_model
 
     base, models = family()
     save_model(base.state_dict(), tmp_path / "base")

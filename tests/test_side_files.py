@@ -75,7 +75,7 @@ def test_the_base_listed_among_the_models_is_left_out(tmp_path, capsys):
 
 
 def test_per_model_parameters_follow_the_models_when_the_base_is_left_out(tmp_path):
-    from pcb_fast.io.disk_merge import merge_checkpoints
+    from pcb_fast.drivers.files import merge_checkpoints
     from safetensors.torch import load_file
 
     base = model_folder(tmp_path / "base")

@@ -51,3 +51,25 @@ class HeapTrimmer:
             release_free_memory()
             done = time.monotonic()
             self._next = done + max(self.interval, (done - now) / self.share)
+
+
+def _proc_bytes(path: str, field: str, default: int) -> int:
+    """A "Field: N kB" line of a /proc file in bytes, or ``default`` where /proc is absent."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return default
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident memory so far (VmHWM), or 0 where /proc is absent."""
+    return _proc_bytes("/proc/self/status", "VmHWM", 0)
+
+
+def available_memory() -> int:
+    """Memory available to new allocations (MemAvailable), or 8 GiB where /proc is absent."""
+    return _proc_bytes("/proc/meminfo", "MemAvailable", 8 << 30)

@@ -435,7 +435,7 @@ def merge_state_dicts(base: dict, models: list, merged_keys: list, out: dict, na
                       device=None, starts: dict | None = None, **params) -> dict:
     """A merge of state dicts on one device: tau = theta_i - theta_pre formed in the kernels; writes
     out[key] = theta_pre + lam * tau_m in the base's dtype for every merged key. Distributed
-    (pcb_fast.io.distributed.merge_on_device): ``merged_keys`` are this rank's (maybe none), ``comm``
+    (pcb_fast.drivers.distributed.merge_on_device): ``merged_keys`` are this rank's (maybe none), ``comm``
     combines the statistics of the whole model, ``entries`` per task, on this rank's ``device``;
     ``starts``: each key's first position in the whole model (for the column sample)."""
     from ..kernels.tiles import Rows

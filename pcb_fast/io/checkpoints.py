@@ -31,6 +31,7 @@ from typing import Sequence
 
 import torch
 
+from ..core.memory import available_memory
 from .safetensors import (DTYPE, MAX_DEPTH, MAX_HEADER, NAMES, NBYTES, OFFSET, SHAPE, FormatError, NotAFileError,
                           SafetensorsReader, Unchanged, advise_range, deeper_than, not_regular, open_regular,
                           read_exactly, read_regular, show, show_path)
@@ -304,12 +305,6 @@ class SafetensorsCheckpoint(Checkpoint):
             reader.close()
 
 
-def _available_memory() -> int:
-    from .disk_merge import available_memory  # a /proc reader; disk_merge imports this module
-
-    return available_memory()
-
-
 def _zip_layout(fd: int, path: Path, name: str) -> tuple[dict | None, int]:
     """({file offset where a member's bytes start: its size} of a torch zip file whose members are all
     stored, else None; the bytes that loading it whole takes). A file with deflated members (their
@@ -407,7 +402,7 @@ def _state_dict(path: Path, name: str, folder: Path | None = None) -> StateDictC
                 checkpoint = TorchFileCheckpoint(state, name, watch, starts)
                 checkpoint.folder, fd = folder, None  # the checkpoint owns the descriptor now
                 return checkpoint
-        if whole > _available_memory():
+        if whole > available_memory():
             raise ValueError(f"{name}: {show_path(path.name)} is compressed, in torch's legacy format or not laid out "
                              f"as torch.save writes it, so it is read whole, and its {whole} bytes exceed the memory "
                              "available; save it with torch.save's default (zip, stored) format or as safetensors")

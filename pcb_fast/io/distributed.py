@@ -10,7 +10,7 @@ entries); the triton backend keeps its sampled brackets, with the sample and the
 a bracket gathered over the ranks (pcb_fast.gpu.backend).
 
 Two layouts: the torch backend on CPUs over gloo, and the triton backend on CUDA GPUs over NCCL,
-each rank on its own GPU (``cuda:LOCAL_RANK``; :func:`merge_on_device` loads the rank's keys there
+each rank on its own GPU (``cuda:LOCAL_RANK``; pcb_fast.drivers.distributed loads the rank's keys there
 and runs pcb_fast.gpu.backend with this module's :class:`Comm`). The collectives take tensors on
 any device: each is copied to the process group's device (CPU for gloo, the rank's GPU for NCCL)
 when it is not there already.
@@ -234,39 +234,3 @@ def init_from_env(backend: str = "torch", device: torch.device | str = "cpu") ->
     comm.owns_group = comm_owner
     comm.merge_device = device
     return comm
-
-
-def merge_on_device(base_ck, model_cks, merged: list, local: set, writer, out_dtype, comm: Comm, *, method: str,
-                    lam: float, lambdas, scope: str, params: dict) -> dict:
-    """One rank's share of a distributed merge on the triton backend: its keys (``local``) loaded onto
-    its device, merged by pcb_fast.gpu.backend with the statistics of the whole model (every merged
-    key: ``merged``) through ``comm``, written by ``writer``. Bad data is recorded with comm.fail and
-    raised on every rank at the next collective. Returns {"kept", "entries"} of the whole model."""
-    from ..gpu import backend as triton_backend
-    from ..methods import SPECS
-    from ..core import checks
-
-    params = SPECS[method].for_kernels(params)
-    device = comm.merge_device
-    keys = [k for k in merged if k in local]
-    base, models, out = {}, [{} for _ in model_cks], {}
-    for key in keys:
-        base[key] = base_ck.read(key).to(device)
-        for model, ck in zip(models, model_cks):
-            model[key] = ck.read(key).to(device)
-        out[key] = torch.empty(base[key].shape, dtype=base[key].dtype, device=device)
-    starts, position = {}, 0
-    for key in merged:  # each key's first position in the whole model: the column sample's positions
-        starts[key] = position
-        position += base_ck.numel(key)
-    info = triton_backend.merge_state_dicts(base, models, keys, out, [ck.name for ck in model_cks], lam=lam,
-                                            scope=scope, lambdas=lambdas, method=method, comm=comm,
-                                            entries=position, device=device, starts=starts, **params)
-    for key in keys:
-        values = out[key].reshape(-1).to(out_dtype(key))
-        try:
-            checks.check_merged(key, out[key], values)
-            writer.write(key, 0, values.cpu())
-        except (ValueError, OSError) as e:
-            comm.fail(str(e))
-    return info

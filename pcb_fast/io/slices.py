@@ -11,7 +11,7 @@ else the first source's) says the new number of layers.
 A merge over slices sees each input position as one model stitched from its sources:
 :class:`StitchedModel` (what the config names) opens as a :class:`StitchedCheckpoint`, a checkpoint
 whose keys are the output's and whose reads come from the sources' files. The merge itself is the
-ordinary one (pcb_fast.io.disk_merge), tensor by tensor.
+ordinary one (pcb_fast.drivers.files), tensor by tensor.
 """
 
 from __future__ import annotations

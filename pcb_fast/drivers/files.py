@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from ..api import keep_tasks, merge
 from ..core import checks, engine
 from ..core.backends import resolve_backend
 from ..core.checks import parse_size
@@ -31,41 +31,21 @@ from ..core.formulas import merged_weights
 from ..core.options import PassBars, RunOptions
 from ..core.sources import DEFAULT_BLOCK_WIDTH, CachedSource, CheckpointSource
 from ..core.threads import CpuThreads, check_threads, room_for_io
+from ..core.memory import available_memory, peak_rss_bytes
 from ..cpu import fused as fused_cpu, native
+from ..io.card import write_card
+from ..io.checkpoints import check_models_match, open_checkpoint, split_keys
+from ..io.distributed import assign_shards, init_from_env
+from ..io.folder import check_side_files, copy_side_files, copy_tensor
+from ..io.output import atomic_folder, check_not_an_input, check_output, checkpoint_files
+from ..io.running_stats import check_mode as check_running_stats_mode
+from ..io.running_stats import merge_running_stats, running_stat_keys
+from ..io.safetensors import ShardedWriter, nbytes, shard_plan, show_path
+from ..io.write_behind import WriteBehind
 from ..methods import SPECS, check_method_params, scope_matters
-from .card import write_card
-from .checkpoints import (JSON_LIMIT, check_models_match, load_json, open_checkpoint, parse_json, side_files,
-                          split_keys)
-from .distributed import assign_shards
-from .output import atomic_folder, check_not_an_input, check_output, checkpoint_files
-from .running_stats import check_mode as check_running_stats_mode
-from .running_stats import merge_running_stats, running_stat_keys
-from .safetensors import ShardedWriter, nbytes, open_regular, read_regular, shard_plan, show_path
-from .write_behind import WriteBehind
+from .distributed import merge_on_device
 
 OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _proc_bytes(path: str, field: str, default: int) -> int:
-    """A "Field: N kB" line of a /proc file in bytes, or ``default`` where /proc is absent."""
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return default
-
-
-def peak_rss_bytes() -> int:
-    """The process's peak resident memory so far (VmHWM), or 0 where /proc is absent."""
-    return _proc_bytes("/proc/self/status", "VmHWM", 0)
-
-
-def available_memory() -> int:
-    """Memory available to new allocations (MemAvailable), or 8 GiB where /proc is absent."""
-    return _proc_bytes("/proc/meminfo", "MemAvailable", 8 << 30)
 
 
 def _open(source, name: str):
@@ -84,8 +64,6 @@ def _without_the_base(base, models, names, lambdas, method, params):
     vector. Their weights are ignored, as mergekit does; the average keeps them (there the base is one
     of the models averaged). Returns (models, names, lambdas, names of the dropped models, method
     parameters with their per-task values restricted to the models kept)."""
-    from ..api import keep_tasks
-
     if (method == "average" or not isinstance(base, (str, os.PathLike))  # (state dicts, slices: as given)
             or SPECS[method].weight_space):  # (weight-space methods: their inputs, as given)
         return models, names, lambdas, [], params
@@ -199,8 +177,6 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
                                     running_stats, names)
         check_side_files(base_ck.folder, dtype, card, base_ck.name)
         if distributed:  # every rank has made the same checks; now they meet
-            from .distributed import init_from_env
-
             comm = init_from_env(backend, device)  # gloo on CPUs; NCCL, a GPU per rank, for triton
             device = comm.merge_device
             if comm.rank != 0:
@@ -232,77 +208,6 @@ def _nothing_to_merge(base_ck, base, copied) -> str:
         return f"{where}: every floating-point tensor matches an exclude pattern; nothing to merge"
     keys = ", ".join(map(repr, copied[:3])) + (", ..." if len(copied) > 3 else "")
     return f"{where} has no floating-point tensor with entries (its keys: {keys}); nothing to merge"
-
-
-def save_model(state: dict, out, *, base_folder=None, shard_size="5GB", overwrite=False, metadata=None,
-               inputs=(), merge=None) -> Path:
-    """Write a state dict as a Hugging Face folder (sharded safetensors, index, the base folder's
-    side files), atomically as :func:`merge_checkpoints` does. ``inputs``: (label, path) pairs that
-    ``out`` must not be, contain or lie inside. ``merge``: the keyword arguments of
-    :func:`pcb_fast.io.card.write_card` for a merged model (its mergekit_config.yml and card)."""
-    out = check_output(out, overwrite, inputs)
-    shard_bytes = parse_size(shard_size, "shard_size")
-    keys = sorted(state)
-    with atomic_folder(out, overwrite=overwrite) as tmp:
-        meta = {"format": "pt", "pcb_fast_version": __version__, **(metadata or {})}
-        writer = ShardedWriter(tmp, [(k, state[k].dtype, tuple(state[k].shape)) for k in keys], shard_bytes, meta)
-        try:
-            for k in keys:
-                writer.write(k, 0, state[k].detach().cpu().reshape(-1))
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        _copy_side_files(base_folder, tmp)
-        if merge is not None:
-            write_card(tmp, out.name, **merge)
-    return out
-
-
-def _copy_side_files(folder, to: Path, dtype: str | None = None, name: str = "base model",
-                     updates: dict | None = None) -> None:
-    """Copy the base folder's config and tokenizer files (checked by checkpoints.side_files); with an
-    output ``dtype``, config.json says it (its "torch_dtype" and/or "dtype", whichever it has), so
-    that transformers loads the merge in that dtype; ``updates``: entries of config.json to set (the
-    number of layers of a merge over slices)."""
-    for path in side_files(folder, name):
-        if path.name == "config.json" and (dtype is not None or updates):
-            (to / path.name).write_bytes(_config_with(read_regular(path, JSON_LIMIT), dtype, updates, name))
-        else:  # streamed: a large tokenizer file costs no memory
-            fd = open_regular(path)
-            with os.fdopen(fd, "rb") as source, open(to / path.name, "wb") as target:
-                shutil.copyfileobj(source, target, 1 << 20)
-        shutil.copystat(path, to / path.name)
-
-
-def _config_with(data: bytes, dtype: str | None, updates: dict | None, name: str) -> bytes:
-    """config.json's bytes saying the output ``dtype`` (in whichever of "torch_dtype" and "dtype" it
-    has) and the entries ``updates``; the bytes as they were where there is nothing to say."""
-    saying = f"the output dtype {dtype}" if dtype is not None else ", ".join(updates or {})
-    try:
-        config = parse_json(data, f"{name}: config.json")
-    except ValueError as e:
-        raise ValueError(f"{e}; it cannot say {saying}") from None
-    if not isinstance(config, dict):
-        return data
-    changes = {f: dtype for f in ("torch_dtype", "dtype") if dtype is not None and f in config}
-    changes.update(updates or {})
-    if not changes:
-        return data
-    config.update(changes)
-    return (json.dumps(config, indent=2, sort_keys=False) + "\n").encode()
-
-
-def check_side_files(folder, dtype: str | None, card: dict | None, name: str = "base model") -> None:
-    """Before any heavy work, the base folder's side files that the end of a merge will parse:
-    config.json when an output ``dtype`` is written into it, tokenizer_config.json when the
-    configuration sets a chat template."""
-    for path in side_files(folder, name):
-        if path.name == "config.json" and dtype is not None:
-            _config_with(read_regular(path, JSON_LIMIT), dtype, None, name)
-        if path.name == "tokenizer_config.json" and (card or {}).get("chat_template") is not None:
-            if not isinstance(load_json(path, f"{name}: tokenizer_config.json"), dict):
-                raise ValueError(f"{name}: tokenizer_config.json is not a JSON object; it cannot hold the chat template")
 
 
 def _write_merge(base_ck, model_cks, merged, copied, folder: Path, stats: dict, *, method, lam, lambdas, exclude, scope, backend, device,
@@ -346,27 +251,8 @@ def _write_merge(base_ck, model_cks, merged, copied, folder: Path, stats: dict, 
         writer.abort()
         raise
     if comm is None or comm.rank == 0:
-        _copy_side_files(base_ck.folder, folder, dtype, base_ck.name, getattr(base_ck, "config_updates", None))
+        copy_side_files(base_ck.folder, folder, dtype, base_ck.name, getattr(base_ck, "config_updates", None))
     return info
-
-
-COPY_CHUNK = 16 << 20  # bytes of a copied tensor read and written at a time
-
-
-def copy_tensor(checkpoint, key: str, writer, dtype: torch.dtype, finite: bool = False) -> None:
-    """Copy ``key`` from ``checkpoint`` to ``writer`` (cast to ``dtype``) in slices of COPY_CHUNK
-    bytes: a large buffer that is not merged streams like a merged one, within the memory budget.
-    ``finite``: a NaN or Inf among the values (or made by the cast) is an error naming the model and key."""
-    step = max(1, COPY_CHUNK // max(checkpoint.dtype(key).itemsize, dtype.itemsize))
-    numel = checkpoint.numel(key)
-    for lo in range(0, numel, step):
-        hi = min(numel, lo + step)
-        values = checkpoint.read_into(key, lo, hi, torch.empty(hi - lo, dtype=checkpoint.dtype(key)))
-        cast = values.to(dtype)
-        if finite and hi > lo and not all(bool(torch.isfinite(v)) for v in torch.aminmax(cast)):  # (NaN propagates)
-            raise ValueError(f"{checkpoint.name}, key {key!r}: "
-                             f"{checks.non_finite_reason(values) or f'a value beyond the range of {dtype}'}")
-        writer.write(key, lo, cast)  # a new tensor per slice, as a writer behind the engine needs
 
 
 def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam, lambdas, scope, budget, progress,
@@ -455,11 +341,7 @@ def _in_memory_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, l
                      block_width, params, comm=None, local=None) -> dict:
     """The reference and triton backends: models loaded whole onto ``device``, merged by pcb_fast.merge;
     distributed (triton), this rank's keys on its GPU (io/distributed.py)."""
-    from ..api import merge
-
     if comm is not None:
-        from .distributed import merge_on_device
-
         return merge_on_device(base_ck, model_cks, merged, local, writer, out_dtype, comm, method=method, lam=lam,
                                lambdas=lambdas, scope=scope, params=params)
 

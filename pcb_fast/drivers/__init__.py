@@ -1,0 +1,1 @@
+"""The drivers: merges of files, adapters and distributed ranks, run above io/ (docs/architecture.md)."""

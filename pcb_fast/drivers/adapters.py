@@ -1,0 +1,249 @@
+"""Merging LoRA adapters (pcb_fast/io/lora.py reads them) into a model folder, a state dict or an
+adapter folder, without materialising their deltas."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import replace
+
+import torch
+
+from .. import __version__
+from ..core import checks, engine
+from ..core.formulas import merged_weights
+from ..core.memory import peak_rss_bytes
+from ..core.options import PassBars, RunOptions
+from ..core.sources import DEFAULT_BLOCK_WIDTH
+from ..core.threads import CpuThreads
+from ..cpu import fused as fused_cpu
+from ..io import lora_out
+from ..io.checkpoints import open_checkpoint, split_keys
+from ..io.folder import copy_side_files, copy_tensor
+from ..io.lora import LoraSource, open_adapter
+from ..io.output import atomic_folder, check_not_an_input, check_output, checkpoint_files
+from ..io.safetensors import ShardedWriter, show
+from ..io.tied import folder_aliases, merged_aliases, tied_groups
+from ..methods import SPECS
+from .files import OUT_DTYPES, check_merge_options
+
+
+def merge_adapters(base, adapters, out=None, *, method="pcb", lam=1.0, lambdas=None, scope="global", exclude=(),
+                   max_memory=None, dtype=None, shard_size="5GB", overwrite=False, progress=None,
+                   report: dict | None = None, fused="auto", block_width=DEFAULT_BLOCK_WIDTH, threads="auto",
+                   backend="auto", device="cpu", out_rank=None, **method_params):
+    """Merge PEFT LoRA adapter folders ``adapters`` of ``base`` (a path, as for merge_checkpoints, or a
+    state dict) without materialising their deltas: each adapter is one task, tau_i = scale * B @ A
+    on the keys it adapts and 0 elsewhere; theta = theta_pre + lam * tau_m for every merged key.
+
+    With ``out``, writes a Hugging Face folder as :func:`pcb_fast.merge_checkpoints` does (sharded
+    safetensors, the base folder's side files; atomically) and returns its path; without, returns the
+    merged state dict. With ``out_rank`` r, ``out`` is written as a PEFT LoRA adapter folder of rank r
+    instead (io/lora_out.py: a truncated SVD of each adapted module's merged delta; the report's
+    "adapter_modules" gives each module's rank and relative error). The population of global
+    statistics is the entries of the keys the adapters change; the other keys are the base's.
+    The other parameters are merge_checkpoints' (``max_memory`` bounds the entries
+    collected between passes; the task vectors are never cached; ``threads`` as for
+    :func:`pcb_fast.merge`). Runs the torch backend on CPU.
+    """
+    started = time.perf_counter()
+    if isinstance(adapters, (str, os.PathLike)):
+        adapters = [adapters]
+    adapters = list(adapters)
+    lam, lambdas, exclude, budget = check_merge_options(method, len(adapters), lam, lambdas, scope, exclude,
+                                                        method_params, max_memory, fused, threads, dtype)
+    if backend not in ("auto", "torch") or str(device) != "cpu":
+        raise ValueError(f"LoRA adapters merge on the torch backend on CPU in this version (backend={backend!r}, "
+                         f"device={str(device)!r}); use backend 'torch' or 'auto' and device 'cpu'")
+    names = [f"adapter {i} ({a})" for i, a in enumerate(adapters)]
+    if out_rank is not None:
+        out_rank = lora_out.check_rank(out_rank)
+        if out is None:
+            raise ValueError("out_rank writes an adapter folder: give out (the folder to write)")
+    if out is not None:
+        inputs = [] if isinstance(base, dict) else [("the base model", base)]
+        out = check_output(out, overwrite, inputs + [(f"adapter {i}", a) for i, a in enumerate(adapters)])
+        shard_bytes = checks.parse_size(shard_size, "shard_size")
+        if shard_bytes == 0:
+            raise ValueError(f"shard_size={shard_size!r} must be positive")
+    base_ck = open_checkpoint(base, "base model")
+    opened = []
+    try:
+        merged, copied = split_keys(base_ck, exclude)
+        if not merged:
+            raise ValueError(f"{base_ck.name} has no floating-point tensor to merge (or every one is excluded)")
+        # tied parameters are one parameter, merged once under their canonical name (io/tied.py): in a
+        # state dict, the keys viewing one storage; in a folder, a head its config ties to the embedding
+        state = getattr(base_ck, "state", None)  # a state dict, or a torch file (which keeps shared storages)
+        aliases = merged_aliases(state, merged) if state is not None else {}
+        head_aliases = {} if state is not None else folder_aliases(base_ck)
+        merged = [k for k in merged if k not in aliases]
+        for source, name in zip(adapters, names):
+            opened.append(open_adapter(source, name, base_ck, merged, {**aliases, **head_aliases}))
+        # the population of the merge is what the adapters change: a key no adapter touches has tau = 0
+        # in every task, would only dilute global statistics (its zeros fill any top-k), and merges to
+        # the base whatever the method
+        adapted = set().union(*(a.deltas for a in opened))
+        if not adapted:
+            raise ValueError("the adapters change no merged key of the base model (every adapted key is excluded, "
+                             "or every saved tensor equals the base's)")
+        untouched = {k for k in merged if k not in adapted}
+        copied = copied + [k for k in merged if k in untouched] + [a for a, k in aliases.items() if k in untouched]
+        merged = [k for k in merged if k in adapted]
+        aliases = {a: k for a, k in aliases.items() if k in adapted}
+        for key in merged:
+            if isinstance(base, dict):
+                checks.check_finite(f"base model, key {show(key)}", base[key])
+
+        def out_dtype(key):
+            own = base_ck.dtype(key)
+            return OUT_DTYPES[dtype] if dtype is not None and own.is_floating_point else own
+
+        source = LoraSource(base_ck, opened, merged)
+        options = RunOptions(memory_budget=budget, progress=None if progress is None else PassBars(progress),
+                             **fused_cpu.settings(fused, source.n * source.D, method, method_params))
+        run = dict(method=method, scope=scope, lambdas=lambdas, block_width=block_width, params=method_params, lam=lam,
+                   threads=threads, options=options)
+        if out_rank is not None:
+            plans = lora_out.plan(opened, merged)  # what cannot be an adapter fails before the heavy work
+            check_not_an_input(out, [f for label, ck in [("the base model", base_ck)] + [(a.name, a.checkpoint)
+                                                                                       for a in opened]
+                                     for f in checkpoint_files(ck, label)])
+            template = opened[0].config
+            info, modules = _merge_to_adapter(base_ck, source, plans, out_dtype, run, out, overwrite, out_rank,
+                                              template, str(base) if not isinstance(base, dict) else "")
+            info["adapter_modules"] = modules
+            result = out
+        elif out is None:
+            info, result = _merge_in_memory(base_ck, source, merged, copied, aliases, out_dtype, run)
+            result.update({alias: result[key] for alias, key in head_aliases.items()})  # as transformers loads it
+        else:
+            files = [f for label, ck in [("the base model", base_ck)] + [(a.name, a.checkpoint) for a in opened]
+                     for f in checkpoint_files(ck, label)]
+            check_not_an_input(out, files)
+            metadata = {"format": "pt", "pcb_fast_version": __version__, "merge_method": method,
+                        "merge_parameters": json.dumps(dict(method_params, lam=lam, lambdas=lambdas, scope=scope,
+                                                            exclude=list(exclude), adapters=[str(a) for a in adapters]),
+                                                       sort_keys=True)}
+            with atomic_folder(out, overwrite=overwrite) as tmp:
+                writer = ShardedWriter(tmp, [(k, out_dtype(k), tuple(base_ck.shape(k))) for k in base_ck.keys()],
+                                       shard_bytes, metadata)
+                try:
+                    info = _merge_to_writer(base_ck, source, copied, aliases, out_dtype, writer, run)
+                    writer.close()
+                except BaseException:
+                    writer.abort()
+                    raise
+                copy_side_files(base_ck.folder, tmp, dtype, base_ck.name)
+            result = out
+    finally:
+        for ck in [base_ck] + [a.checkpoint for a in opened]:
+            ck.close()
+    if report is not None:
+        report.update(info, merged_keys=merged, copied_keys=copied, aliases={**aliases, **head_aliases},
+                      population="the entries of the keys the adapters change",
+                      adapted_keys={a.name: sorted(a.deltas) for a in opened},
+                      seconds=time.perf_counter() - started, peak_rss_bytes=peak_rss_bytes())
+    return result
+
+
+def _merge_to_adapter(base_ck, source, plans, out_dtype, run, out, overwrite, rank, template, base_name):
+    """Run the merge into a PEFT LoRA adapter folder (io/lora_out.py); returns (engine info,
+    {module: (rank, relative error)}). Each key's delta lam * tau_m is held until its last block
+    arrives, then factorised and freed."""
+    deltas, filled, tensors, modules, ranks = {}, {}, {}, {}, {}
+    buffers = {}
+
+    def finish(key):
+        how, module, _ = plans[key]
+        delta = deltas.pop(key)
+        if how == "lora":
+            written, r, error = lora_out.factors(key, plans[key], delta, tuple(base_ck.shape(key)), rank)
+            tensors.update(written)
+            modules[module], ranks[module] = (r, error), r
+        else:  # saved whole, as PEFT saves modules_to_save: the merged value
+            base = base_ck.read(key).reshape(-1)
+            tensors[f"{lora_out.PREFIX}{key}"] = merged_weights(base, 1.0, delta).to(out_dtype(key)).view(
+                tuple(base_ck.shape(key)))
+
+    def sink(segment, lo, hi, tau_m):
+        key = segment.key
+        theta = merged_weights(_base_slice(base_ck, key, lo, hi, buffers), run["lam"], tau_m)
+        checks.check_merged(key, theta, theta)
+        if key not in deltas:
+            deltas[key] = torch.empty(base_ck.numel(key))
+            filled[key] = 0
+        deltas[key][lo:hi].copy_(tau_m).mul_(run["lam"])
+        filled[key] += hi - lo
+        if filled[key] == base_ck.numel(key):
+            finish(key)
+
+    info = _run(source, sink, run)
+    config = lora_out.adapter_config(rank, plans, ranks, template, base_name)
+    with atomic_folder(out, overwrite=overwrite) as tmp:
+        lora_out.write_adapter(tmp, tensors, config)
+    return info, modules
+
+
+def _run(source, sink, run) -> dict:
+    with CpuThreads(run["threads"]) as cpu_threads:
+        source.options = replace(run["options"], threads=cpu_threads)
+        return engine.run(SPECS[run["method"]].merge, source, sink, scope=run["scope"], lambdas=run["lambdas"],
+                          block_width=run["block_width"], **run["params"])
+
+
+def _base_slice(base_ck, key, lo, hi, buffers):
+    dt = base_ck.dtype(key)
+    buffer = buffers.get(dt)
+    if buffer is None or buffer.numel() < hi - lo:
+        buffer = buffers[dt] = torch.empty(max(hi - lo, DEFAULT_BLOCK_WIDTH), dtype=dt)
+    values = base_ck.read_into(key, lo, hi, buffer[: hi - lo])
+    reason = checks.non_finite_reason(values)
+    if reason is not None:
+        raise ValueError(f"base model, key {show(key)}: {reason}")
+    return values
+
+
+def _merge_in_memory(base_ck, source, merged, copied, aliases, out_dtype, run):
+    result = {}
+    for key in copied:
+        result[key] = base_ck.read(key).to(out_dtype(key))  # a fresh tensor (read copies)
+    for keys in tied_groups({k: base_ck.state[k] for k in copied} if hasattr(base_ck, "state") else {}):
+        result.update({k: result[keys[0]] for k in keys})  # tied copied keys stay one tensor
+    flat = {}
+    for key in merged:
+        result[key] = torch.empty(tuple(base_ck.shape(key)), dtype=out_dtype(key))
+        flat[key] = result[key].view(-1)
+    buffers = {}
+
+    def sink(segment, lo, hi, tau_m):
+        theta = merged_weights(_base_slice(base_ck, segment.key, lo, hi, buffers), run["lam"], tau_m)
+        values = flat[segment.key][lo:hi]
+        values.copy_(theta)
+        checks.check_merged(segment.key, theta, values)
+
+    info = _run(source, sink, run)
+    for alias, key in aliases.items():
+        result[alias] = result[key]
+    return info, {k: result[k] for k in base_ck.keys()}
+
+
+def _merge_to_writer(base_ck, source, copied, aliases, out_dtype, writer, run) -> dict:
+    names = {}
+    for alias, key in aliases.items():
+        names.setdefault(key, []).append(alias)
+    for key in copied:  # in slices, within the memory budget, as a merge of files copies
+        copy_tensor(base_ck, key, writer, out_dtype(key))
+    buffers = {}
+
+    def sink(segment, lo, hi, tau_m):
+        key = segment.key
+        theta = merged_weights(_base_slice(base_ck, key, lo, hi, buffers), run["lam"], tau_m)
+        values = theta.to(out_dtype(key))
+        checks.check_merged(key, theta, values)
+        for name in [key] + names.get(key, []):
+            writer.write(name, lo, values)
+
+    return _run(source, sink, run)
+
