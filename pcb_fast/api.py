@@ -13,6 +13,7 @@ from .core.backends import resolve_backend
 from .core.formulas import merged_weights
 from .core.numerics import warm_up_exp
 from .core.options import RunOptions
+from .core.sinks import Sink
 from .core.sources import DEFAULT_BLOCK_WIDTH, MatrixSource, StateDictSource
 from .core.threads import CpuThreads, check_threads
 from .cpu import fused as fused_cpu
@@ -224,7 +225,7 @@ def _merge_keys(base, models, names, merged_keys, out, device, *, method, backen
     flat_out = {key: out[key].view(-1) for key in merged_keys}
     flat_base = {key: base[key].reshape(-1) for key in merged_keys}
 
-    def sink(segment, lo, hi, tau_m):
+    def tau(segment, lo, hi, tau_m):
         theta = merged_weights(flat_base[segment.key][lo:hi], lam, tau_m)
         values = flat_out[segment.key][lo:hi]
         values.copy_(theta)
@@ -235,7 +236,7 @@ def _merge_keys(base, models, names, merged_keys, out, device, *, method, backen
         values.copy_(theta)
         checks.check_merged(segment.key, theta, values)
 
-    sink.weights = weights
+    sink = Sink(tau, weights=weights)
     source = StateDictSource(base, models, merged_keys, names)
     with CpuThreads(threads) as cpu_threads:
         source.options = RunOptions(memory_budget=budget, threads=cpu_threads,

@@ -488,6 +488,9 @@ def test_bad_adapters_are_one_line_value_errors(tmp_path):
         merge_adapters(base_path, folders, method="pcb", density=0.2)
     with pytest.raises(ValueError, match="at least one"):
         merge_adapters(base_path, [])
+    for width in (0, -3):  # checked as for a merge of files (once accepted, the merge then ran)
+        with pytest.raises(ValueError, match=f"block_width={width} is not valid"):
+            merge_adapters(base_path, folders, method="task_arithmetic", block_width=width)
     base = load_file(base_path)
     base["model.layers.0.self_attn.q_proj.weight"][1, 2] = float("nan")  # a key the adapters change
     save_file(base, tmp_path / "nan.safetensors")

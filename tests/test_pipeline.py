@@ -169,6 +169,53 @@ def test_write_behind_writes_in_order_and_raises_its_error(tmp_path):
     failing.abort()
 
 
+
+def test_a_writer_block_closes_on_success_and_aborts_on_an_error(tmp_path, monkeypatch):
+    """``with writer:`` flushes and closes the shards when the block succeeds; when the block raises,
+    or the write behind fails at close, the shards are closed unflushed, each descriptor once."""
+    import os
+
+    from pcb_fast.io.safetensors import ShardedWriter
+    from pcb_fast.io.write_behind import WriteBehind
+
+    entries = [("a", torch.float32, (4,)), ("b", torch.bfloat16, (4,))]
+    with ShardedWriter(tmp_path, entries, 16, {"format": "pt"}) as writer:  # two shards
+        writer.write("a", 0, torch.arange(4.0))
+        writer.write("b", 0, torch.ones(4, dtype=torch.bfloat16))
+    assert writer.files == []
+    assert torch.equal(load_file(str(tmp_path / "model-00001-of-00002.safetensors"))["a"], torch.arange(4.0))
+
+    synced, closed = [], []
+    real_close = os.close
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
+    monkeypatch.setattr(os, "close", lambda fd: closed.append(fd) or real_close(fd))
+    (tmp_path / "x").mkdir()
+    with pytest.raises(RuntimeError, match="stop"):
+        with ShardedWriter(tmp_path / "x", entries, 16, {}) as writer:
+            raise RuntimeError("stop")
+    assert synced == [] and len(closed) == 2 and writer.files == []
+
+    def fail_second(fd):  # the second shard cannot be flushed: the first is closed once, the second by abort
+        if synced:
+            raise OSError(5, "Input/output error")
+        synced.append(fd)
+
+    monkeypatch.setattr(os, "fsync", fail_second)
+    closed.clear()
+    (tmp_path / "y").mkdir()
+    with pytest.raises(OSError, match="Input/output error"):
+        with ShardedWriter(tmp_path / "y", entries, 16, {}):
+            pass
+    assert len(closed) == len(set(closed)) == 2
+
+    monkeypatch.setattr(os, "fsync", lambda fd: None)
+    (tmp_path / "z").mkdir()
+    with pytest.raises(ValueError, match="values are torch.float32, the file holds torch.bfloat16"):
+        with WriteBehind(ShardedWriter(tmp_path / "z", entries, 16, {})) as behind:
+            behind.write("b", 0, torch.ones(4))  # refused by the writer thread, raised at close
+    assert behind.writer.files == []
+
+
 MEMORY_CHILD = r"""
 import sys
 import torch

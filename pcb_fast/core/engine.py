@@ -27,14 +27,14 @@ from ..cpu.native import (collect as native_collect, collected_split as native_c
 from . import checks
 from .numerics import warm_up_exp
 from .select import RadixSelect, bucket_floor
+from .sinks import Sink, as_sink
 from .sources import Block, Segment, TaskVectorSource
-
-Sink = Callable[[Segment, int, int, torch.Tensor], None]
 
 
 def run(method: Callable, source: TaskVectorSource, sink: Sink, *, scope: str = "global",
         segment_params: Callable | None = None, **params) -> dict:
-    """Run ``method`` over ``source`` with statistics per model (global) or per tensor.
+    """Run ``method`` over ``source`` with statistics per model (global) or per tensor, into ``sink``
+(a core.sinks.Sink, or a plain function that takes task vectors).
 
     ``segment_params`` (scope="tensor" only): a function of a segment's key giving the parameters
     that vary by tensor (mergekit's filters and gradients); they update ``params`` for that
@@ -49,6 +49,7 @@ def run(method: Callable, source: TaskVectorSource, sink: Sink, *, scope: str = 
         raise ValueError(f"parameters that vary by tensor ({segment_params}) need scope='tensor', "
                          f"but scope={scope!r}")
     warm_up_exp()
+    sink = as_sink(sink)
     # one restricted source at a time, so that what a part holds (a cache) is freed after it
     parts = [source] if scope == "global" else (source.restrict(segment) for segment in source.segments)
     kept = torch.zeros(source.n, dtype=torch.int64)
@@ -79,12 +80,13 @@ def _tensors_bar(source: TaskVectorSource):
 
 
 def _scaled_sink(sink: Sink, lam: float) -> Sink:
-    """``sink`` receiving lam * tau_m (a tensor's own lam, see :func:`run`)."""
+    """``sink`` receiving lam * tau_m (a tensor's own lam, see :func:`run`); task vectors only (its
+    other ways in would not apply that lam)."""
 
     def scaled(segment, lo, hi, tau_m):
         sink(segment, lo, hi, lam * tau_m)
 
-    return scaled
+    return Sink(scaled)
 
 
 def task_ranks(rank, n: int) -> torch.Tensor:

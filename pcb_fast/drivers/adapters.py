@@ -3,30 +3,23 @@ adapter folder, without materialising their deltas."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from dataclasses import replace
 
 import torch
 
-from .. import __version__
-from ..core import checks, engine
+from ..core import checks
 from ..core.formulas import merged_weights
-from ..core.memory import peak_rss_bytes
-from ..core.options import PassBars, RunOptions
 from ..core.sources import DEFAULT_BLOCK_WIDTH
-from ..core.threads import CpuThreads
-from ..cpu import fused as fused_cpu
 from ..io import lora_out
 from ..io.checkpoints import open_checkpoint, split_keys
 from ..io.folder import copy_side_files, copy_tensor
 from ..io.lora import LoraSource, open_adapter
-from ..io.output import atomic_folder, check_not_an_input, check_output, checkpoint_files
+from ..io.output import atomic_folder, check_output
 from ..io.safetensors import ShardedWriter, show
 from ..io.tied import folder_aliases, merged_aliases, tied_groups
-from ..methods import SPECS
-from .files import OUT_DTYPES, check_merge_options
+from .common import (BaseSlices, check_out_reads_nothing, check_settings, check_shard_size, fill_report, merged_into,
+                     run_engine, shard_sink)
 
 
 def merge_adapters(base, adapters, out=None, *, method="pcb", lam=1.0, lambdas=None, scope="global", exclude=(),
@@ -51,8 +44,9 @@ def merge_adapters(base, adapters, out=None, *, method="pcb", lam=1.0, lambdas=N
     if isinstance(adapters, (str, os.PathLike)):
         adapters = [adapters]
     adapters = list(adapters)
-    lam, lambdas, exclude, budget = check_merge_options(method, len(adapters), lam, lambdas, scope, exclude,
-                                                        method_params, max_memory, fused, threads, dtype)
+    settings = check_settings(method, len(adapters), lam=lam, lambdas=lambdas, scope=scope, exclude=exclude,
+                              params=method_params, max_memory=max_memory, fused=fused, threads=threads, dtype=dtype,
+                              block_width=block_width)
     if backend not in ("auto", "torch") or str(device) != "cpu":
         raise ValueError(f"LoRA adapters merge on the torch backend on CPU in this version (backend={backend!r}, "
                          f"device={str(device)!r}); use backend 'torch' or 'auto' and device 'cpu'")
@@ -64,13 +58,11 @@ def merge_adapters(base, adapters, out=None, *, method="pcb", lam=1.0, lambdas=N
     if out is not None:
         inputs = [] if isinstance(base, dict) else [("the base model", base)]
         out = check_output(out, overwrite, inputs + [(f"adapter {i}", a) for i, a in enumerate(adapters)])
-        shard_bytes = checks.parse_size(shard_size, "shard_size")
-        if shard_bytes == 0:
-            raise ValueError(f"shard_size={shard_size!r} must be positive")
+        shard_bytes = check_shard_size(shard_size)
     base_ck = open_checkpoint(base, "base model")
     opened = []
     try:
-        merged, copied = split_keys(base_ck, exclude)
+        merged, copied = split_keys(base_ck, settings.exclude)
         if not merged:
             raise ValueError(f"{base_ck.name} has no floating-point tensor to merge (or every one is excluded)")
         # tied parameters are one parameter, merged once under their canonical name (io/tied.py): in a
@@ -96,64 +88,53 @@ def merge_adapters(base, adapters, out=None, *, method="pcb", lam=1.0, lambdas=N
             if isinstance(base, dict):
                 checks.check_finite(f"base model, key {show(key)}", base[key])
 
-        def out_dtype(key):
-            own = base_ck.dtype(key)
-            return OUT_DTYPES[dtype] if dtype is not None and own.is_floating_point else own
-
         source = LoraSource(base_ck, opened, merged)
-        options = RunOptions(memory_budget=budget, progress=None if progress is None else PassBars(progress),
-                             **fused_cpu.settings(fused, source.n * source.D, method, method_params))
-        run = dict(method=method, scope=scope, lambdas=lambdas, block_width=block_width, params=method_params, lam=lam,
-                   threads=threads, options=options)
+        # the source never reads the base under the keys only products change: its slices are checked here
+        slices = BaseSlices(base_ck, settings.block_width, check_finite=True)
+        inputs = [("the base model", base_ck)] + [(a.name, a.checkpoint) for a in opened]
+
+        def run(sink):
+            return run_engine(source, sink, settings, progress=progress)
+
         if out_rank is not None:
             plans = lora_out.plan(opened, merged)  # what cannot be an adapter fails before the heavy work
-            check_not_an_input(out, [f for label, ck in [("the base model", base_ck)] + [(a.name, a.checkpoint)
-                                                                                       for a in opened]
-                                     for f in checkpoint_files(ck, label)])
+            check_out_reads_nothing(out, inputs)
             template = opened[0].config
-            info, modules = _merge_to_adapter(base_ck, source, plans, out_dtype, run, out, overwrite, out_rank,
+            info, modules = _merge_to_adapter(base_ck, plans, settings, slices, run, out, overwrite, out_rank,
                                               template, str(base) if not isinstance(base, dict) else "")
             info["adapter_modules"] = modules
             result = out
         elif out is None:
-            info, result = _merge_in_memory(base_ck, source, merged, copied, aliases, out_dtype, run)
+            info, result = _merge_in_memory(base_ck, merged, copied, aliases, settings, slices, run)
             result.update({alias: result[key] for alias, key in head_aliases.items()})  # as transformers loads it
         else:
-            files = [f for label, ck in [("the base model", base_ck)] + [(a.name, a.checkpoint) for a in opened]
-                     for f in checkpoint_files(ck, label)]
-            check_not_an_input(out, files)
-            metadata = {"format": "pt", "pcb_fast_version": __version__, "merge_method": method,
-                        "merge_parameters": json.dumps(dict(method_params, lam=lam, lambdas=lambdas, scope=scope,
-                                                            exclude=list(exclude), adapters=[str(a) for a in adapters]),
-                                                       sort_keys=True)}
+            check_out_reads_nothing(out, inputs)
+            out_dtype = settings.out_dtype(base_ck)
+            metadata = settings.metadata(adapters=[str(a) for a in adapters])
             with atomic_folder(out, overwrite=overwrite) as tmp:
-                writer = ShardedWriter(tmp, [(k, out_dtype(k), tuple(base_ck.shape(k))) for k in base_ck.keys()],
-                                       shard_bytes, metadata)
-                try:
-                    info = _merge_to_writer(base_ck, source, copied, aliases, out_dtype, writer, run)
-                    writer.close()
-                except BaseException:
-                    writer.abort()
-                    raise
+                with ShardedWriter(tmp, [(k, out_dtype(k), tuple(base_ck.shape(k))) for k in base_ck.keys()],
+                                   shard_bytes, metadata) as writer:
+                    for key in copied:  # in slices, within the memory budget, as a merge of files copies
+                        copy_tensor(base_ck, key, writer, out_dtype(key))
+                    info = run(shard_sink(writer, out_dtype, settings.lam,
+                                          lambda segment, lo, hi: slices.read(segment.key, lo, hi), aliases=aliases))
                 copy_side_files(base_ck.folder, tmp, dtype, base_ck.name)
             result = out
     finally:
         for ck in [base_ck] + [a.checkpoint for a in opened]:
             ck.close()
-    if report is not None:
-        report.update(info, merged_keys=merged, copied_keys=copied, aliases={**aliases, **head_aliases},
-                      population="the entries of the keys the adapters change",
-                      adapted_keys={a.name: sorted(a.deltas) for a in opened},
-                      seconds=time.perf_counter() - started, peak_rss_bytes=peak_rss_bytes())
+    fill_report(report, info, started, merged, copied, aliases={**aliases, **head_aliases},
+                population="the entries of the keys the adapters change",
+                adapted_keys={a.name: sorted(a.deltas) for a in opened})
     return result
 
 
-def _merge_to_adapter(base_ck, source, plans, out_dtype, run, out, overwrite, rank, template, base_name):
+def _merge_to_adapter(base_ck, plans, settings, slices, run, out, overwrite, rank, template, base_name):
     """Run the merge into a PEFT LoRA adapter folder (io/lora_out.py); returns (engine info,
     {module: (rank, relative error)}). Each key's delta lam * tau_m is held until its last block
     arrives, then factorised and freed."""
+    out_dtype, lam = settings.out_dtype(base_ck), settings.lam
     deltas, filled, tensors, modules, ranks = {}, {}, {}, {}, {}
-    buffers = {}
 
     def finish(key):
         how, module, _ = plans[key]
@@ -169,43 +150,26 @@ def _merge_to_adapter(base_ck, source, plans, out_dtype, run, out, overwrite, ra
 
     def sink(segment, lo, hi, tau_m):
         key = segment.key
-        theta = merged_weights(_base_slice(base_ck, key, lo, hi, buffers), run["lam"], tau_m)
+        theta = merged_weights(slices.read(key, lo, hi), lam, tau_m)
         checks.check_merged(key, theta, theta)
         if key not in deltas:
             deltas[key] = torch.empty(base_ck.numel(key))
             filled[key] = 0
-        deltas[key][lo:hi].copy_(tau_m).mul_(run["lam"])
+        deltas[key][lo:hi].copy_(tau_m).mul_(lam)
         filled[key] += hi - lo
         if filled[key] == base_ck.numel(key):
             finish(key)
 
-    info = _run(source, sink, run)
+    info = run(sink)
     config = lora_out.adapter_config(rank, plans, ranks, template, base_name)
     with atomic_folder(out, overwrite=overwrite) as tmp:
         lora_out.write_adapter(tmp, tensors, config)
     return info, modules
 
 
-def _run(source, sink, run) -> dict:
-    with CpuThreads(run["threads"]) as cpu_threads:
-        source.options = replace(run["options"], threads=cpu_threads)
-        return engine.run(SPECS[run["method"]].merge, source, sink, scope=run["scope"], lambdas=run["lambdas"],
-                          block_width=run["block_width"], **run["params"])
-
-
-def _base_slice(base_ck, key, lo, hi, buffers):
-    dt = base_ck.dtype(key)
-    buffer = buffers.get(dt)
-    if buffer is None or buffer.numel() < hi - lo:
-        buffer = buffers[dt] = torch.empty(max(hi - lo, DEFAULT_BLOCK_WIDTH), dtype=dt)
-    values = base_ck.read_into(key, lo, hi, buffer[: hi - lo])
-    reason = checks.non_finite_reason(values)
-    if reason is not None:
-        raise ValueError(f"base model, key {show(key)}: {reason}")
-    return values
-
-
-def _merge_in_memory(base_ck, source, merged, copied, aliases, out_dtype, run):
+def _merge_in_memory(base_ck, merged, copied, aliases, settings, slices, run):
+    """The merged state dict: copied keys read whole, merged keys filled block by block."""
+    out_dtype = settings.out_dtype(base_ck)
     result = {}
     for key in copied:
         result[key] = base_ck.read(key).to(out_dtype(key))  # a fresh tensor (read copies)
@@ -215,35 +179,12 @@ def _merge_in_memory(base_ck, source, merged, copied, aliases, out_dtype, run):
     for key in merged:
         result[key] = torch.empty(tuple(base_ck.shape(key)), dtype=out_dtype(key))
         flat[key] = result[key].view(-1)
-    buffers = {}
-
-    def sink(segment, lo, hi, tau_m):
-        theta = merged_weights(_base_slice(base_ck, segment.key, lo, hi, buffers), run["lam"], tau_m)
-        values = flat[segment.key][lo:hi]
-        values.copy_(theta)
-        checks.check_merged(segment.key, theta, values)
-
-    info = _run(source, sink, run)
-    for alias, key in aliases.items():
-        result[alias] = result[key]
-    return info, {k: result[k] for k in base_ck.keys()}
-
-
-def _merge_to_writer(base_ck, source, copied, aliases, out_dtype, writer, run) -> dict:
-    names = {}
-    for alias, key in aliases.items():
-        names.setdefault(key, []).append(alias)
-    for key in copied:  # in slices, within the memory budget, as a merge of files copies
-        copy_tensor(base_ck, key, writer, out_dtype(key))
-    buffers = {}
 
     def sink(segment, lo, hi, tau_m):
         key = segment.key
-        theta = merged_weights(_base_slice(base_ck, key, lo, hi, buffers), run["lam"], tau_m)
-        values = theta.to(out_dtype(key))
-        checks.check_merged(key, theta, values)
-        for name in [key] + names.get(key, []):
-            writer.write(name, lo, values)
+        merged_into(key, slices.read(key, lo, hi), tau_m, settings.lam, flat[key][lo:hi])
 
-    return _run(source, sink, run)
-
+    info = run(sink)
+    for alias, key in aliases.items():
+        result[alias] = result[key]
+    return info, {k: result[k] for k in base_ck.keys()}

@@ -14,38 +14,33 @@ pcb_fast/io/output.py.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from .. import __version__
 from ..api import keep_tasks, merge
-from ..core import checks, engine
+from ..core import checks
 from ..core.backends import resolve_backend
-from ..core.checks import parse_size
-from ..core.formulas import merged_weights
-from ..core.options import PassBars, RunOptions
 from ..core.sources import DEFAULT_BLOCK_WIDTH, CachedSource, CheckpointSource
-from ..core.threads import CpuThreads, check_threads, room_for_io
-from ..core.memory import available_memory, peak_rss_bytes
-from ..cpu import fused as fused_cpu, native
+from ..core.threads import CpuThreads, room_for_io
+from ..cpu import native
 from ..io.card import write_card
 from ..io.checkpoints import check_models_match, open_checkpoint, split_keys
 from ..io.distributed import assign_shards, init_from_env
 from ..io.folder import check_side_files, copy_side_files, copy_tensor
-from ..io.output import atomic_folder, check_not_an_input, check_output, checkpoint_files
+from ..io.output import atomic_folder, check_output
 from ..io.running_stats import check_mode as check_running_stats_mode
 from ..io.running_stats import merge_running_stats, running_stat_keys
 from ..io.safetensors import ShardedWriter, nbytes, shard_plan, show_path
 from ..io.write_behind import WriteBehind
-from ..methods import SPECS, check_method_params, scope_matters
+from ..methods import SPECS, scope_matters
+from .common import (MergeSettings, check_out_reads_nothing, check_settings, check_shard_size, fill_report,
+                     run_engine, shard_sink)
 from .distributed import merge_on_device
-
-OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _open(source, name: str):
@@ -90,22 +85,6 @@ def check_recordable(paths) -> None:
                              "mergekit_config.yml and README.md record; rename it") from None
 
 
-def check_merge_options(method, n, lam, lambdas, scope, exclude, method_params, max_memory, fused, threads, dtype):
-    """The checks every merge of files makes before opening any: the method and its parameters (as
-    a real merge checks them), lam, lambdas, the budget, fused, threads and the output dtype.
-    Returns (lam, lambdas as floats, exclude as a tuple, the memory budget in bytes)."""
-    check_method_params(method, n, lam, lambdas, scope, method_params)
-    lam = checks.check_lam(lam)
-    exclude = checks.check_exclude(exclude)
-    lambdas = checks.check_lambdas(lambdas, n)  # floats, so the metadata is the same however they were given
-    budget = available_memory() // 2 if max_memory is None else parse_size(max_memory, "max_memory")
-    checks.check_choice("fused", fused, fused_cpu.MODES)
-    check_threads(threads)
-    if dtype is not None and dtype not in OUT_DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not valid; choose one of {', '.join(map(repr, OUT_DTYPES))}")
-    return lam, lambdas, exclude, budget
-
-
 def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None, scope="global", exclude=(),
                       backend="auto", device="cpu", max_memory=None, shard_size="5GB", dtype=None,
                       overwrite=False, progress=None, report: dict | None = None, distributed: bool = False,
@@ -133,14 +112,11 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
     """
     started = time.perf_counter()
     models = list(models)
-    lam, lambdas, exclude, budget = check_merge_options(method, len(models), lam, lambdas, scope, exclude,
-                                                        method_params, max_memory, fused, threads, dtype)
     n = len(models)
-    checks.check_block_width(block_width)
+    settings = check_settings(method, n, lam=lam, lambdas=lambdas, scope=scope, exclude=exclude, params=method_params,
+                              max_memory=max_memory, fused=fused, threads=threads, dtype=dtype, block_width=block_width)
     check_running_stats_mode(running_stats)
-    shard_bytes = parse_size(shard_size, "shard_size")
-    if shard_bytes == 0:
-        raise ValueError(f"shard_size={shard_size!r} must be positive")
+    shard_bytes = check_shard_size(shard_size)
     try:
         device = torch.device(device)
     except RuntimeError:
@@ -156,25 +132,24 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
     out = check_output(out, overwrite, paths)
 
     names = _names(models)
-    models, names, lambdas, dropped, method_params = _without_the_base(base, models, names, lambdas, method,
-                                                                        method_params)
+    models, names, lambdas, dropped, method_params = _without_the_base(base, models, names, settings.lambdas,
+                                                                        method, settings.params)
+    settings = replace(settings, lambdas=lambdas, params=method_params)
     base_ck = _open(base, "base model")
     model_cks, comm = [], None
     try:
         for source, name in zip(models, names):
             model_cks.append(_open(source, name))
-        # the files actually read (shards, symlinks followed), which overwrite must not delete either
-        check_not_an_input(out, [f for label, ck in zip(["the base model"] + names, [base_ck] + model_cks)
-                                 for f in checkpoint_files(ck, label)])
-        merged, copied = split_keys(base_ck, exclude)
+        check_out_reads_nothing(out, zip(["the base model"] + names, [base_ck] + model_cks))
+        merged, copied = split_keys(base_ck, settings.exclude)
         if not merged:
             raise ValueError(_nothing_to_merge(base_ck, base, copied))
         check_models_match(base_ck, model_cks, merged)
         stat_keys = running_stat_keys(set(base_ck.keys()), merged)  # averaged, not merged as task vectors
         merged = [k for k in merged if k not in stat_keys]
         stats = merge_running_stats({k: base_ck.read(k) for k in stat_keys},
-                                    [{k: ck.read(k) for k in stat_keys} for ck in model_cks], stat_keys, lambdas,
-                                    running_stats, names)
+                                    [{k: ck.read(k) for k in stat_keys} for ck in model_cks], stat_keys,
+                                    settings.lambdas, running_stats, names)
         check_side_files(base_ck.folder, dtype, card, base_ck.name)
         if distributed:  # every rank has made the same checks; now they meet
             comm = init_from_env(backend, device)  # gloo on CPUs; NCCL, a GPU per rank, for triton
@@ -182,21 +157,18 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
             if comm.rank != 0:
                 progress = None
         with atomic_folder(out, comm, overwrite=overwrite) as tmp:
-            info = _write_merge(base_ck, model_cks, merged, copied, tmp, stats, method=method, lam=lam, lambdas=lambdas,
-                                exclude=exclude, scope=scope, backend=backend, device=device, budget=budget,
-                                shard_bytes=shard_bytes, dtype=dtype, progress=progress, block_width=block_width,
-                                params=method_params, comm=comm, fused=fused, threads=threads)
+            info = _write_merge(base_ck, model_cks, merged, copied, tmp, stats, settings, backend=backend,
+                                device=device, shard_bytes=shard_bytes, progress=progress, comm=comm)
             if comm is None or comm.rank == 0:  # what made it: mergekit_config.yml, README.md (io/card.py)
-                write_card(tmp, out.name, base=base, models=models, method=method, lam=lam, lambdas=lambdas,
-                           scope=scope, exclude=exclude, dtype=dtype, params=method_params, card=card)
+                write_card(tmp, out.name, base=base, models=models, method=method, lam=settings.lam,
+                           lambdas=settings.lambdas, scope=scope, exclude=settings.exclude, dtype=dtype,
+                           params=settings.params, card=card)
     finally:
         for ck in [base_ck] + model_cks:
             ck.close()
         if comm is not None:
             comm.close()
-    if report is not None:
-        report.update(info, merged_keys=merged, copied_keys=copied, seconds=time.perf_counter() - started,
-                      peak_rss_bytes=peak_rss_bytes(), dropped_models=dropped, running_stat_keys=stat_keys)
+    fill_report(report, info, started, merged, copied, dropped_models=dropped, running_stat_keys=stat_keys)
     return out
 
 
@@ -210,26 +182,22 @@ def _nothing_to_merge(base_ck, base, copied) -> str:
     return f"{where} has no floating-point tensor with entries (its keys: {keys}); nothing to merge"
 
 
-def _write_merge(base_ck, model_cks, merged, copied, folder: Path, stats: dict, *, method, lam, lambdas, exclude, scope, backend, device,
-                 budget, shard_bytes, dtype, progress, block_width, params, comm=None, fused="auto",
-                 threads="auto") -> dict:
-    def out_dtype(key):
-        own = base_ck.dtype(key)
-        return OUT_DTYPES[dtype] if dtype is not None and own.is_floating_point else own
-
-    metadata = {"format": "pt", "pcb_fast_version": __version__, "merge_method": method,
-                "merge_parameters": json.dumps(dict(params, lam=lam, lambdas=lambdas, scope=scope, exclude=list(exclude)),
-                                               sort_keys=True)}
+def _write_merge(base_ck, model_cks, merged, copied, folder: Path, stats: dict, settings: MergeSettings, *, backend,
+                 device, shard_bytes, progress, comm=None) -> dict:
+    """Write the output's tensors into ``folder``: the copied keys, the running statistics and the
+    merged keys (this rank's shards only, distributed), then the base folder's side files."""
+    out_dtype = settings.out_dtype(base_ck)
     entries = [(k, out_dtype(k), tuple(base_ck.shape(k))) for k in base_ck.keys()]
     only, local = None, None
     if comm is not None:  # this rank's whole shards, contiguous in key order
         shards = shard_plan(entries, shard_bytes)
         only = set(assign_shards([sum(nbytes(t, s) for _, t, s in sh) for sh in shards], comm.world)[comm.rank])
         local = {key for i in only for key, _, _ in shards[i]}
-    writer = ShardedWriter(folder, entries, shard_bytes, metadata, only=only, index=comm is None or comm.rank == 0)
-    if room_for_io(threads):  # written behind the engine by a thread (io/write_behind.py); values are new tensors
+    writer = ShardedWriter(folder, entries, shard_bytes, settings.metadata(), only=only,
+                           index=comm is None or comm.rank == 0)
+    if room_for_io(settings.threads):  # written behind the engine by a thread (io/write_behind.py); values are new
         writer = WriteBehind(writer)
-    try:
+    with writer:
         for key in copied:
             if local is None or key in local:
                 copy_tensor(base_ck, key, writer, out_dtype(key))
@@ -238,32 +206,28 @@ def _write_merge(base_ck, model_cks, merged, copied, folder: Path, stats: dict, 
                 writer.write(key, 0, value.reshape(-1).to(out_dtype(key)))
         info = {"kept": [0] * len(model_cks), "entries": 0}
         if merged and backend == "torch":
-            info = _stream_merge(base_ck, model_cks, merged, writer, out_dtype, method=method, lam=lam,
-                                 lambdas=lambdas, scope=scope, budget=budget, progress=progress,
-                                 block_width=block_width, params=params, comm=comm, local=local, fused=fused,
-                                 threads=threads)
+            info = _stream_merge(base_ck, model_cks, merged, writer, settings, progress=progress, comm=comm,
+                                 local=local)
         elif merged:
-            info = _in_memory_merge(base_ck, model_cks, merged, writer, out_dtype, method=method, lam=lam,
-                                    lambdas=lambdas, scope=scope, backend=backend, device=device,
-                                    block_width=block_width, params=params, comm=comm, local=local)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
+            info = _in_memory_merge(base_ck, model_cks, merged, writer, settings, backend=backend, device=device,
+                                    comm=comm, local=local)
     if comm is None or comm.rank == 0:
-        copy_side_files(base_ck.folder, folder, dtype, base_ck.name, getattr(base_ck, "config_updates", None))
+        copy_side_files(base_ck.folder, folder, settings.dtype, base_ck.name, getattr(base_ck, "config_updates", None))
     return info
 
 
-def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam, lambdas, scope, budget, progress,
-                  block_width, params, comm=None, local=None, fused="auto", threads="auto") -> dict:
+def _stream_merge(base_ck, model_cks, merged, writer, settings: MergeSettings, *, progress, comm=None,
+                  local=None) -> dict:
     """The torch backend on CPU: models streamed slice by slice, merged blocks written as they come."""
-    if scope == "tensor" and not scope_matters(method, params):
+    scope = settings.scope
+    if scope == "tensor" and not scope_matters(settings.method, settings.params):
         scope = "global"  # the same values, in one pass (one reader thread) instead of one per tensor
     keys = merged if local is None else [k for k in merged if k in local]
-    if SPECS[method].copies is not None and comm is None:  # (passthrough: the model's tensors, copied)
-        copied = [k for k in keys if SPECS[method].copies(params, k)]
-        with CpuThreads(threads):
+    copies = SPECS[settings.method].copies
+    if copies is not None and comm is None:  # (passthrough: the model's tensors, copied)
+        copied = [k for k in keys if copies(settings.params, k)]
+        out_dtype = settings.out_dtype(base_ck)
+        with CpuThreads(settings.threads):
             for key in copied:
                 copy_tensor(model_cks[0], key, writer, out_dtype(key), finite=True)
         keys = [k for k in keys if k not in set(copied)]
@@ -271,6 +235,7 @@ def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam,
             entries = sum(base_ck.numel(k) for k in copied)
             return {"kept": [entries] * len(model_cks), "entries": entries}
     source = reader = CheckpointSource(base_ck, model_cks, keys)
+    budget = settings.budget
     if comm is not None:  # this rank's keys, with the statistics of the whole model
         source.D = sum(base_ck.numel(k) for k in merged)
     else:
@@ -281,76 +246,42 @@ def _stream_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam,
         # (docs/design.md 3.4 has the measurement).
         cached = source.n * 4 * (source.D if scope == "global" else max(s.numel for s in source.segments))
         inputs = sum(ck.nbytes(keys) for ck in model_cks)
-        if (cached <= budget and not SPECS[method].single_pass(params)
+        if (cached <= budget and not SPECS[settings.method].single_pass(settings.params)
                 and (scope == "tensor" or cached <= inputs)):
             source = CachedSource(source)
             budget -= cached
 
-    def sink(segment, lo, hi, tau_m):
-        try:
-            base = reader.base_block(segment.key, lo, hi)  # the block the source has just read: no second read
-            if base is None:
-                base = reader.base_slice(segment, lo, hi)
-            values = torch.empty(hi - lo, dtype=out_dtype(segment.lead_key))
-            if native.merged_output(base, tau_m, lam, values):  # one sweep; else torch's, which says what is wrong
-                writer.write_segment(segment, lo, values)
-                return
-            for part, part_lo, part_hi, start, end in segment.pieces(lo, hi):  # (the keys of a pack, one by one)
-                theta = merged_weights(base[start:end], lam, tau_m[start:end])
-                values = theta.to(out_dtype(part.key))
-                checks.check_merged(part.key, theta, values)
-                writer.write(part.key, part_lo, values)
-        except (ValueError, OSError) as e:
-            if comm is None:
-                raise
-            comm.fail(str(e))  # raised on every rank at the next collective
+    def base_slice(segment, lo, hi):
+        base = reader.base_block(segment.key, lo, hi)  # the block the source has just read: no second read
+        return reader.base_slice(segment, lo, hi) if base is None else base
 
-    def from_inputs(segment, lo, hi, natives, weights, divisor) -> bool:
-        """The merged block straight from the raw slices [base, model_0, ...], written; False where the
-        kernel does not apply or a value is not finite (the method then takes the torch path)."""
-        values = torch.empty(hi - lo, dtype=out_dtype(segment.lead_key))
-        if not native.weighted_merge(natives[1:], natives[0], weights, divisor, lam, values):
-            return False
-        writer.write_segment(segment, lo, values)
-        return True
-
-    def weights(segment, lo, hi, theta):
-        """The merged weights themselves (pcb_fast.methods.weight_space), rounded once to the output dtype."""
-        # a new tensor: theta may be an input's buffer (passthrough), which the reader reuses while the
-        # writer thread still holds the values
-        values = theta.to(out_dtype(segment.key), copy=True)
-        checks.check_merged(segment.key, theta, values)
-        writer.write(segment.key, lo, values)
-
-    sink.weights = weights
-    if comm is None and native.problem() is None:
-        sink.from_inputs = from_inputs
+    sink = shard_sink(writer, settings.out_dtype(base_ck), settings.lam, base_slice, comm=comm,
+                      from_inputs=comm is None and native.problem() is None)
+    pack_keys = comm is None and scope == "global" and SPECS[settings.method].packable(settings.params)
     try:
-        with CpuThreads(threads) as cpu_threads:
-            source.options = RunOptions(
-                memory_budget=budget, threads=cpu_threads, progress=progress and PassBars(progress), comm=comm, errors=comm,
-                pack_keys=comm is None and scope == "global" and SPECS[method].packable(params),
-                **fused_cpu.settings(fused, source.n * source.D, method, params, allowed=comm is None))
-            return engine.run(SPECS[method].merge, source, sink, scope=scope, lambdas=lambdas,
-                              block_width=block_width, **params)
+        return run_engine(source, sink, settings, progress=progress, budget=budget, scope=scope, comm=comm,
+                          pack_keys=pack_keys)
     finally:
         reader.close_reads()  # also when an exception (a signal, an error) left a pass suspended
 
 
-def _in_memory_merge(base_ck, model_cks, merged, writer, out_dtype, *, method, lam, lambdas, scope, backend, device,
-                     block_width, params, comm=None, local=None) -> dict:
+def _in_memory_merge(base_ck, model_cks, merged, writer, settings: MergeSettings, *, backend, device, comm=None,
+                     local=None) -> dict:
     """The reference and triton backends: models loaded whole onto ``device``, merged by pcb_fast.merge;
-    distributed (triton), this rank's keys on its GPU (io/distributed.py)."""
+    distributed (triton), this rank's keys on its GPU (drivers/distributed.py)."""
+    out_dtype = settings.out_dtype(base_ck)
     if comm is not None:
-        return merge_on_device(base_ck, model_cks, merged, local, writer, out_dtype, comm, method=method, lam=lam,
-                               lambdas=lambdas, scope=scope, params=params)
+        return merge_on_device(base_ck, model_cks, merged, local, writer, out_dtype, comm, method=settings.method,
+                               lam=settings.lam, lambdas=settings.lambdas, scope=settings.scope,
+                               params=settings.params)
 
     base = {k: base_ck.read(k).to(device) for k in merged}
     models = [{k: ck.read(k).to(device) for k in merged} for ck in model_cks]
     names = [ck.name for ck in model_cks]
     report = {}
-    result = merge(base, models, method=method, lam=lam, lambdas=lambdas, scope=scope, backend=backend,
-                   block_width=block_width, report=report, model_names=names, **params)
+    result = merge(base, models, method=settings.method, lam=settings.lam, lambdas=settings.lambdas,
+                   scope=settings.scope, backend=backend, block_width=settings.block_width, report=report,
+                   model_names=names, **settings.params)
     for key in merged:
         values = result[key].reshape(-1).to(out_dtype(key))
         checks.check_merged(key, result[key], values)

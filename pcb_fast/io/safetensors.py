@@ -611,12 +611,32 @@ def _header_text(keys: list, dtypes: list, shapes: list, begins: list, ends: lis
     return "{" + ",".join(entries) + ',"__metadata__":' + json.dumps(metadata, separators=(",", ":")) + "}"
 
 
-class ShardedWriter:
+class Finished:
+    """``with writer:`` closes the writer when the block succeeds, and aborts it when the block (or the
+    close) raises: no half-written shard is ever flushed as if it were complete."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace) -> bool:
+        if kind is not None:
+            self.abort()
+            return False
+        try:
+            self.close()
+        except BaseException:
+            self.abort()
+            raise
+        return False
+
+
+class ShardedWriter(Finished):
     """Safetensors shards (and a Hugging Face index when there are several) laid out up front.
 
     ``write(key, lo, hi, values)`` puts entries [lo, hi) of a tensor in place, in any order.
     File names follow Hugging Face: model.safetensors, or model-0000i-of-0000N.safetensors with
-    model.safetensors.index.json.
+    model.safetensors.index.json. ``with ShardedWriter(...) as writer:`` closes it at the end of the
+    block, or aborts it if the block raises.
     """
 
     def __init__(self, folder, entries: list, shard_size: int, metadata: dict, only=None, index: bool = True):
@@ -697,12 +717,14 @@ class ShardedWriter:
 
     def close(self) -> None:
         """Flush every shard to disk and close it."""
-        for fd, _ in self.files:
-            os.fsync(fd)
+        while self.files:
+            fd, _ = self.files[0]
+            os.fsync(fd)  # (where this fails, the shards left open are abort()'s)
+            del self.files[0]
             os.close(fd)
-        self.files = []
 
     def abort(self) -> None:
-        for fd, _ in self.files:
+        """Close every shard without flushing it (the folder is then removed)."""
+        files, self.files = self.files, []
+        for fd, _ in files:
             os.close(fd)
-        self.files = []

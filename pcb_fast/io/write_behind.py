@@ -17,13 +17,14 @@ import threading
 import torch
 
 from ..core.threads import halt_at_exit
+from .safetensors import Finished
 
 _STOP = object()
 
 
-class WriteBehind:
-    """Wraps a :class:`pcb_fast.io.safetensors.ShardedWriter`: the same ``write``, ``close`` and
-    ``abort``, with the writes made by a background thread in the order they were given."""
+class WriteBehind(Finished):
+    """Wraps a :class:`pcb_fast.io.safetensors.ShardedWriter`: the same ``write``, ``close``, ``abort``
+    and ``with`` block, with the writes made by a background thread in the order they were given."""
 
     def __init__(self, writer, max_pending: int = 16 << 20, sync_every: int = 256 << 20):
         self.writer = writer

@@ -35,7 +35,7 @@ def normalizing_divisor(lam, n: int, normalize: bool):
 def _weighted_sums(source, sink, lam, masked=None, divisor=None, whole_rows=False, block_width=DEFAULT_BLOCK_WIDTH):
     """One pass: sink(sum_i lam_i * masked(block)_i [/ divisor]); returns entries kept per task."""
     kept = torch.zeros(source.n, dtype=torch.int64)
-    if (masked is None and not whole_rows and getattr(sink, "from_inputs", None) is not None
+    if (masked is None and not whole_rows and sink.from_inputs is not None
             and hasattr(source, "raw_blocks")):
         # merged from the stored inputs to the output's bytes in one sweep (pcb_fast.cpu.native)
         for seg, lo, hi, natives in source.raw_blocks(block_width):

@@ -55,7 +55,7 @@ def merge_weights(source, sink, merge_tensor: Callable, params: Callable[[str], 
     key); ``params(key)`` gives a key's parameters. ``with_base`` False: the function gets None for
     the base (the source's base then only lends its keys, shapes and side files). Returns the
     entries each model took part in."""
-    if not hasattr(source, "raw_blocks") or getattr(sink, "weights", None) is None:
+    if not hasattr(source, "raw_blocks") or sink.weights is None:
         raise ValueError("this method merges checkpoints or state dicts on the torch backend only")
     check_compute_dtype(compute_dtype)
     width = whole_tensors(source)
