@@ -1,11 +1,14 @@
-"""The layout's rules (docs/architecture.md): who may import whom, and every design reference resolves.
+"""The layout's rules (docs/architecture.md): who may import whom, read from the page itself; every
+module named in its table of owners; every design reference resolves.
 
 The import graph is read from the source (every import statement, including the lazy ones inside
 functions), so that a rule broken anywhere fails here.
 """
 
 import ast
+import fnmatch
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,6 +61,92 @@ def layer(module: str) -> str:
 GRAPH = {module_name(p): imports_of(p) for p in all_sources()}
 
 
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+
+
+def architecture_section(title: str) -> str:
+    text = ARCHITECTURE.read_text()
+    start = text.index(f"## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start: end if end >= 0 else len(text)]
+
+
+def layer_rules() -> tuple[dict, dict]:
+    """docs/architecture.md's layer table, read from its "Dependency rules" section:
+    ({layer: the layers it may import}, {(layer, other): the only module of other it may import})."""
+    block = re.search(r"```\n(.*?)```", architecture_section("Dependency rules"), re.DOTALL).group(1)
+    layers, only = {}, {}
+    for line in block.splitlines():
+        name, arrow, targets = line.partition("->")
+        assert arrow, f"docs/architecture.md: a layer rule without '->': {line!r}"
+        name = name.strip()
+        layers[name] = set()
+        for target in filter(None, (t.strip() for t in targets.split(","))):
+            match = re.fullmatch(r"(\w+)(?: \((\w+)\.py\))?", target)
+            assert match, f"docs/architecture.md: {target!r} in the rule of {name!r} is not 'layer' or 'layer (file.py)'"
+            layers[name].add(match.group(1))
+            if match.group(2):
+                only[(name, match.group(1))] = f"pcb_fast.{match.group(1)}.{match.group(2)}"
+    return layers, only
+
+
+LAYERS, ONLY = layer_rules()
+
+
+def layer_of(module: str) -> str:
+    """'core', 'methods', ..., or a top-level module's own name ("pcb_fast" for the package's __init__)."""
+    return module.split(".")[1] if module.count(".") else module
+
+
+@pytest.mark.parametrize("module", sorted(GRAPH))
+def test_every_module_imports_only_the_layers_its_own_may_use(module):
+    own = layer_of(module)
+    assert own in LAYERS, f"{module}: its layer {own!r} is not in docs/architecture.md's dependency rules"
+    others = sorted(m for m in GRAPH[module] if layer_of(m) != own and layer_of(m) not in LAYERS[own])
+    assert not others, f"{module} imports {others}; {own} may import only {sorted(LAYERS[own])}"
+    narrow = sorted(m for m in GRAPH[module] if (own, layer_of(m)) in ONLY and m != ONLY[own, layer_of(m)]
+                    and m != f"pcb_fast.{layer_of(m)}")
+    assert not narrow, f"{module} imports {narrow}; of those layers {own} may import only " \
+                       f"{sorted(v for (o, _), v in ONLY.items() if o == own)}"
+
+
+def test_the_rules_are_read():
+    # the rules above would pass vacuously on an empty table
+    assert {"core", "io", "drivers", "api", "cli"} <= set(LAYERS) and len(LAYERS) >= 15
+    assert LAYERS["kernels"] == LAYERS["reference"] == set()
+    assert ONLY == {("core", "kernels"): "pcb_fast.kernels.keys", ("core", "cpu"): "pcb_fast.cpu.native"}
+    assert "drivers" in LAYERS["cli"] and "drivers" not in LAYERS["io"] | LAYERS["api"]
+
+
+def test_io_imports_no_driver_nor_api_nor_gpu():
+    up = sorted(f"{m} imports {o}" for m in GRAPH if layer_of(m) == "io" for o in GRAPH[m]
+                if layer_of(o) in ("drivers", "api", "gpu"))
+    assert not up, "io/ reads, writes and checks files; the merges live in drivers/: " + "; ".join(up)
+
+
+def version_only_violations(path: Path) -> list:
+    """The names other than __version__ (and subpackages) that ``path`` imports from the package itself."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names if alias.name == "pcb_fast"]
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            target = ".".join(base + ([node.module] if node.module else [])) if node.level else node.module
+            if target == "pcb_fast":
+                found += [alias.name for alias in node.names
+                          if alias.name != "__version__" and f"pcb_fast.{alias.name}" not in GRAPH]
+    return found
+
+
+@pytest.mark.parametrize("path", [p for p in all_sources() if module_name(p) != "pcb_fast"], ids=module_name)
+def test_of_the_package_init_a_module_reads_only_the_version(path):
+    names = version_only_violations(path)
+    assert not names, f"{module_name(path)} imports {names} from pcb_fast; only __version__ may come from there"
+
+
 @pytest.mark.parametrize("module", sorted(m for m in GRAPH if layer(m) == "reference"))
 def test_the_oracles_import_nothing_of_the_engine(module):
     others = sorted(m for m in GRAPH[module] if layer(m) != "reference")
@@ -75,56 +164,50 @@ def test_the_engine_never_imports_the_oracles(module):
 LEAVES = ("pcb_fast.cpu.native",)
 
 
-@pytest.mark.parametrize("module", sorted(m for m in GRAPH if layer(m) in ("core", "kernels")))
-def test_the_bottom_layers_import_nothing_above_them(module):
-    allowed = {"core": ("core", "kernels"), "kernels": ("kernels",)}[layer(module)]
-    above = sorted(m for m in GRAPH[module] if layer(m) not in allowed and not (layer(module) == "core" and m in LEAVES))
-    assert not above, f"{module} imports {above}; {layer(module)}/ may import only from {', '.join(allowed)}"
-
-
 @pytest.mark.parametrize("module", LEAVES)
 def test_the_leaves_import_nothing_of_ours(module):
     assert not GRAPH[module], f"{module} imports {sorted(GRAPH[module])}: a leaf must import nothing of pcb_fast"
 
 
-# The layers in use (docs/architecture.md, "Dependency rules"): layer -> the other layers it may import.
-# "pcb_fast" is the package itself (its __version__); "" marks a top-level module's own name.
-LAYERS = {
-    "kernels": set(),
-    "reference": set(),
-    "core": {"kernels", "cpu"},  # cpu/native.py only (test_the_bottom_layers_import_nothing_above_them)
-    "cpu": {"core"},
-    "methods": {"core", "cpu"},
-    "gpu": {"core", "kernels", "methods"},
-    "io": {"core", "cpu", "methods", "pcb_fast"},
-    "api": {"core", "cpu", "gpu", "io", "methods", "reference", "pcb_fast"},
-    "drivers": {"api", "core", "cpu", "gpu", "io", "methods", "pcb_fast"},
-    "search": {"api", "core", "io", "methods"},
-    "cli": {"api", "core", "drivers", "io", "methods", "search", "demo", "pcb_fast"},
-    "demo": {"api", "pcb_fast"},
-    "modules": {"api"},
-    "integrations": {"modules"},
-    "__main__": {"cli"},
-    "pcb_fast": {"api", "drivers", "modules", "search"},
-}
+def third_party_imports(path: Path) -> set:
+    """The top-level names of the absolute imports of ``path`` that are neither ours nor the standard library."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.partition(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            found.add(node.module.partition(".")[0])
+    return {m for m in found if m not in sys.stdlib_module_names and m not in ("__future__", "pcb_fast")}
 
 
-def layer_of(module: str) -> str:
-    return module.split(".")[1] if module.count(".") else module
+@pytest.mark.parametrize("path", sorted(KERNELS.rglob("*.py")), ids=lambda p: p.name)
+def test_the_kernels_import_torch_and_triton_only(path):
+    others = third_party_imports(path) - {"torch", "triton"}
+    assert not others, f"kernels/{path.name} imports {sorted(others)}: kernels/ takes torch, triton and the standard library only"
 
 
-@pytest.mark.parametrize("module", sorted(GRAPH))
-def test_every_module_imports_only_the_layers_its_own_may_use(module):
-    own = layer_of(module)
-    assert own in LAYERS, f"{module}: its layer {own!r} is not in docs/architecture.md's rules (LAYERS here)"
-    others = sorted(m for m in GRAPH[module] if layer_of(m) != own and layer_of(m) not in LAYERS[own])
-    assert not others, f"{module} imports {others}; {own} may import only {sorted(LAYERS[own])}"
+def owners_table() -> set:
+    """The paths (relative to pcb_fast/, globs allowed) that docs/architecture.md's "Who owns what" names."""
+    rows = [line for line in architecture_section("Who owns what").splitlines() if line.startswith("| ")]
+    return {path for row in rows for path in re.findall(r"`([\w/*]+\.(?:py|c))`", row.rpartition(" | ")[2])}
+
+
+def test_every_module_is_in_the_owners_table_and_every_one_named_exists():
+    named = owners_table()
+    modules = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"
+               and not p.is_relative_to(PACKAGE / "kernels")} | {f"kernels/{p.name}" for p in KERNELS.glob("*.py")}
+    missing = sorted(m for m in modules if not any(fnmatch.fnmatch(m, n) for n in named))
+    assert not missing, f"docs/architecture.md's 'Who owns what' does not name {missing}"
+    stale = sorted(n for n in named if not any(fnmatch.fnmatch(m, n) for m in modules)
+                   and not (PACKAGE / n).exists())
+    assert not stale, f"docs/architecture.md's 'Who owns what' names {stale}, which do not exist"
 
 
 def test_the_graph_is_read():
     # the rules above would pass vacuously on an empty graph
     assert "pcb_fast.core.formulas" in GRAPH["pcb_fast.methods.ties"]
     assert "pcb_fast.kernels.keys" in GRAPH["pcb_fast.core.select"]
+    assert "pcb_fast.io.slices" in GRAPH["pcb_fast.io.mergekit_config"]  # imported inside a function
     assert len(GRAPH) > 30
 
 
