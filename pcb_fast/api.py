@@ -66,10 +66,10 @@ def pcb_merge(task_vectors, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant
         out[segment.offset + lo : segment.offset + hi] = values
 
     with CpuThreads(threads) as cpu_threads:
-        source.options = RunOptions(threads=cpu_threads, **fused_cpu.settings(fused, source.n * source.D, "pcb",
-                                                                              dict(variant=variant, inter=inter)))
-        info = engine.run(SPECS["pcb"].merge, source, sink, ratio=ratio, clamp_ratio=clamp_ratio, inter=inter,
-                          variant=variant, lambdas=lambdas, block_width=block_width)
+        options = RunOptions(threads=cpu_threads, **fused_cpu.settings(fused, source.n * source.D, "pcb",
+                                                                       dict(variant=variant, inter=inter)))
+        info = engine.run(SPECS["pcb"].merge, source, sink, options=options, ratio=ratio, clamp_ratio=clamp_ratio,
+                          inter=inter, variant=variant, lambdas=lambdas, block_width=block_width)
     if report is not None:
         report.update(info)
     return out
@@ -239,10 +239,10 @@ def _merge_keys(base, models, names, merged_keys, out, device, *, method, backen
     sink = Sink(tau, weights=weights)
     source = StateDictSource(base, models, merged_keys, names)
     with CpuThreads(threads) as cpu_threads:
-        source.options = RunOptions(memory_budget=budget, threads=cpu_threads,
-                                    **fused_cpu.settings(fused, source.n * source.D, method, method_params))
-        return engine.run(SPECS[method].merge, source, sink, scope=scope, lambdas=lambdas, block_width=block_width,
-                          **method_params)
+        options = RunOptions(memory_budget=budget, threads=cpu_threads,
+                             **fused_cpu.settings(fused, source.n * source.D, method, method_params))
+        return engine.run(SPECS[method].merge, source, sink, options=options, scope=scope, lambdas=lambdas,
+                          block_width=block_width, **method_params)
 
 
 def check_state_dicts(base: dict, models, exclude=(), model_names=None):

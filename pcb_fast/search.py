@@ -96,16 +96,15 @@ class ContributionCache:
         # PCB with merge's default: its C sweeps where they build (the same bits)
         fused = default_fused(self.n * self.source.D, params) if method == "pcb" else {}
         with CpuThreads(threads) as cpu_threads:  # as a merge does (core/threads.py)
-            self.source.options = RunOptions(threads=cpu_threads, **fused)
+            options = RunOptions(threads=cpu_threads, **fused)
             if method == "pcb":
-                self._build_sparse(block_width)
+                self._build_sparse(block_width, options)
             else:
-                self._build_dense(block_width)
-        self.source.options = RunOptions()
+                self._build_dense(block_width, options)
 
     # ---- building
 
-    def _build_sparse(self, block_width):
+    def _build_sparse(self, block_width, options):
         parts = {k: ([[] for _ in range(self.n)], [[] for _ in range(self.n)]) for k in self.merged}
         self._den = {k: torch.empty(self.base_numel(k)) for k in self.merged}
 
@@ -119,15 +118,15 @@ class ContributionCache:
                     values[i].append(v.clone())
             self._den[segment.key][lo:hi] = den
 
-        info = engine.run(SPECS["pcb"].merge, self.source, lambda *a: None, scope=self.scope, record=record,
-                          reuse=self.reuse, block_width=block_width, **self.params)
+        info = engine.run(SPECS["pcb"].merge, self.source, lambda *a: None, options=options, scope=self.scope,
+                          record=record, reuse=self.reuse, block_width=block_width, **self.params)
         self.kept = info["kept"]
         self._entries = {k: [(torch.cat(p) if p else torch.empty(0, dtype=torch.int64),
                               torch.cat(v) if v else torch.empty(0)) for p, v in zip(*parts[k])] for k in self.merged}
         widest = max((v.numel() for k in self.merged for _, v in self._entries[k]), default=0)
         self._scratch = torch.empty(widest)
 
-    def _build_dense(self, block_width):
+    def _build_dense(self, block_width, options):
         """[n, numel] float32 per key: the task vectors as the method weights them by lambda_i."""
         src = self.source
         self._vectors = {k: torch.empty(self.n, self.base_numel(k)) for k in self.merged}
@@ -137,18 +136,18 @@ class ContributionCache:
             checks.check_choice("sign_ties", self.params.get("sign_ties", "majority"), SIGN_TIES)
             checks.check_choice("topk", self.params.get("topk", "threshold"), TOPK)
             parts = [src] if self.scope == "global" else [src.restrict(s) for s in src.segments]
+            dense = replace(options, memory_budget=0)  # the dense trim: (block, kept mask) per block
             for part in parts:
-                part.options = replace(part.options, memory_budget=0)  # the dense trim: (block, kept mask) per block
-                width = part.block_width(block_width)
-                trim = Trim(part, density, self.params.get("topk", "threshold"), width)
+                width = part.block_width(block_width, dense)
+                trim = Trim(part, dense, density, self.params.get("topk", "threshold"), width)
                 for block, mask in trim.dense_blocks():
                     self._vectors[block.segment.key][:, block.lo : block.hi] = block.tv * mask
                     kept += mask.sum(1)
         else:
             if self.method == "dare":
                 p, seed = check_drop(self.params.get("p", 0.9)), check_seed(self.params.get("seed", 0))
-            for block in src.blocks(block_width):
-                engine.raise_if_not_finite(src, block, block.tv.abs().amax(1))
+            for block in src.blocks(block_width, options=options):
+                engine.raise_if_not_finite(src, options, block, block.tv.abs().amax(1))
                 if self.method == "dare":
                     values, mask = dare_block(block, p, seed)
                     kept += mask.sum(1)

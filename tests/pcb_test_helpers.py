@@ -13,13 +13,13 @@ def run_method(method, tv, fused, block_width=4096, budget=None, **params):
     """Run an engine method on a [n, D] matrix; returns (tau_m, kept per task). Checks that every
     block is written (TIES' fused sweep may write a block a second time, docs/design.md 5.3)."""
     source = MatrixSource(tv)
-    source.options = RunOptions(fused=fused, memory_budget=budget)
     out = torch.full((source.D,), float("nan"))
 
     def sink(segment, lo, hi, values):
         out[segment.offset + lo : segment.offset + hi] = values
 
-    info = engine.run(method, source, sink, block_width=block_width, **params)
+    info = engine.run(method, source, sink, options=RunOptions(fused=fused, memory_budget=budget),
+                      block_width=block_width, **params)
     assert not torch.isnan(out).any(), "a block was never written"
     return out, info["kept"]
 

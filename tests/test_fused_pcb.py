@@ -18,6 +18,7 @@ import pcb_fast.reference.pcb as reference
 from pcb_fast.core import engine
 from pcb_fast.core.engine import ColumnSample
 from pcb_fast.core.formulas import EXACT_EXP_MAX_N, keep_index
+from pcb_fast.core.options import RunOptions
 from pcb_fast.core.sources import MatrixSource
 from pcb_fast.cpu import fused as fused_cpu
 from pcb_fast.cpu import pcb_blocks as tb
@@ -54,7 +55,7 @@ def scores(tv, inter, clamp_ratio):
     with the exact clip bounds. The magnitude is |P|, except for the pairwise inter term, a sum of
     n signed tanh terms that may cancel: intra * sum_j |tanh(N-hat_i N-hat_j)|."""
     n, D = tv.shape
-    clip = pcb.clip_bounds(MatrixSource(tv), clamp_ratio, D, ColumnSample(D, n))
+    clip = pcb.clip_bounds(MatrixSource(tv), RunOptions(), clamp_ratio, D, ColumnSample(D, n))
     eager = tb.official_scores(tv, clip, inter, tb.Workspace(n, D, 4)).clone()
     shift = torch.tensor(float(n) if n > EXACT_EXP_MAX_N else 0.0)
     infinite = torch.full((n, 1), float("inf"))

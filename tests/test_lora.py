@@ -23,6 +23,7 @@ from pcb_fast import merge, merge_adapters
 from pcb_fast.cli import main
 from pcb_fast.core import engine
 from pcb_fast.core.formulas import merged_weights
+from pcb_fast.core.options import RunOptions
 from pcb_fast.io import lora
 from pcb_fast.io.lora import GROUP_ENTRIES, LoraSource
 
@@ -165,7 +166,7 @@ def test_the_dense_deltas_are_exact(tmp_path):
     merged, _ = split_keys(ck, ())
     adapters = [lora.open_adapter(f, f"adapter {i}", ck, merged) for i, f in enumerate(folders)]
     source = LoraSource(ck, adapters, merged)
-    for block in source.blocks(width=5):
+    for block in source.blocks(width=5, options=RunOptions()):
         for i in range(len(folders)):
             source_deltas.setdefault((i, block.segment.key), []).append(block.tv[i].clone())
     for i, d in enumerate(deltas):
@@ -294,7 +295,7 @@ def test_random_factors_within_rounding_and_independent_of_blocks_and_threads(tm
     ck = open_checkpoint(str(tmp_path / "base.safetensors"))
     keys = ["v.weight", "w.weight"]
     source = LoraSource(ck, [lora.open_adapter(f, f"adapter {i}", ck, keys) for i, f in enumerate(folders)], keys)
-    for block in source.blocks(width=1 << 15):
+    for block in source.blocks(width=1 << 15, options=RunOptions()):
         for i, d in enumerate(deltas):
             want = d[block.segment.key].reshape(-1)[block.lo:block.hi]
             assert torch.allclose(block.tv[i], want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))

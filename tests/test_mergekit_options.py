@@ -189,13 +189,12 @@ def test_fused_loops_take_the_options(method, params):
     outs = []
     for fused in (False, True):
         source = MatrixSource(tv)
-        source.options = RunOptions(fused=fused)
         out = torch.empty(source.D)
 
         def sink(segment, lo, hi, values):
             out[lo:hi] = values
 
-        kept = engine.run(method, source, sink, block_width=4096, **params)["kept"]
+        kept = engine.run(method, source, sink, options=RunOptions(fused=fused), block_width=4096, **params)["kept"]
         outs.append((out, kept))
     assert torch.equal(outs[0][0], outs[1][0]) and outs[0][1] == outs[1][1]
     name = "ties" if method is merge_ties else "dare_ties"

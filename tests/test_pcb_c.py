@@ -71,7 +71,7 @@ def test_candidates_give_the_eager_collection(inter, kind, n):
     values of engine.collect_block over the eager scores, for floors at, above and below scores."""
     D = 20_011
     tv = task_vectors(kind, n, D)
-    clip = pcb.clip_bounds(MatrixSource(tv), 0.01, D, ColumnSample(D, n))
+    clip = pcb.clip_bounds(MatrixSource(tv), RunOptions(), 0.01, D, ColumnSample(D, n))
     eager = tb.official_scores(tv, clip, inter, tb.Workspace(n, D, 3)).clone()
     out = pcb.candidate_buffers(n, D)
     block = Block(Segment("w", (D,), D, 0), 0, D, tv)
@@ -99,7 +99,7 @@ def test_bracket_counts_equal_the_eager_ones(inter, kind):
     and below the scores."""
     n, D = 3, 20_011
     tv = task_vectors(kind, n, D, seed=7)
-    clip = pcb.clip_bounds(MatrixSource(tv), 0.01, D, ColumnSample(D, n))
+    clip = pcb.clip_bounds(MatrixSource(tv), RunOptions(), 0.01, D, ColumnSample(D, n))
     eager = tb.official_scores(tv, clip, inter, tb.Workspace(n, D, 3)).clone()
     out = pcb.candidate_buffers(n, D)
     q = lambda x: eager.nan_to_num(0.0).quantile(x, dim=1)  # noqa: E731
@@ -183,18 +183,15 @@ def test_the_c_sweeps_are_taken(monkeypatch):
     tv = task_vectors("normal", 3, 100_000, seed=4)
     assert torch.equal(run(tv, True, block_width=20_000, budget=500_000)[0], reference.pcb_official(tv))
     assert calls == {"candidates": 10, "merge": 5}
-    source = MatrixSource(tv)
-    source.options = RunOptions(fused=True)
-    assert pcb._c_loops(source, dict(inter="sum", variant="official"))
-    assert not pcb._c_loops(source, dict(inter="pairwise", variant="official"))
+    source, fused = MatrixSource(tv), RunOptions(fused=True)
+    assert pcb._c_loops(source, fused, dict(inter="sum", variant="official"))
+    assert not pcb._c_loops(source, fused, dict(inter="pairwise", variant="official"))
     many = MatrixSource(task_vectors("normal", 81, 100))
-    many.options = RunOptions(fused=True)
-    assert not pcb._c_loops(many, dict(inter="sum", variant="official"))
+    assert not pcb._c_loops(many, fused, dict(inter="sum", variant="official"))
     # more than 80 tasks: the eager path (bit-exact), not the compiled loops, even with fused="on"
     x = task_vectors("normal", 81, 3000, seed=9)
     assert torch.equal(pcb_fast.pcb_merge(x, fused="on"), reference.pcb_official(x))
-    source.options = RunOptions(fused=False)
-    assert not pcb._c_loops(source, dict(inter="sum", variant="official"))
+    assert not pcb._c_loops(source, RunOptions(fused=False), dict(inter="sum", variant="official"))
 
 
 def test_auto_takes_the_c_sweeps_at_any_size():

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import pcb_fast
+from pcb_fast.core.options import RunOptions
 from pcb_fast.core.prefetch import Prefetcher
 from pcb_fast.io.checkpoints import StateDictCheckpoint, open_checkpoint
 
@@ -107,7 +108,7 @@ def test_read_ahead_changes_no_byte(tmp_path, monkeypatch, method, params):
     outputs = []
     for ahead in (True, False):
         if not ahead:
-            monkeypatch.setattr(CheckpointSource, "_reading", lambda self, ranges: __import__("contextlib").nullcontext())
+            monkeypatch.setattr(CheckpointSource, "_reading", lambda self, *a: __import__("contextlib").nullcontext())
         out = tmp_path / f"out_{ahead}"
         pcb_fast.merge_checkpoints(base, models, out, method=method, block_width=1000, max_memory="20KB", **params)
         outputs.append(load_file(str(out / "model.safetensors")))
@@ -141,11 +142,72 @@ def test_base_block_is_the_base_just_read(tmp_path):
     base, models = _folders(tmp_path)
     base_ck, model_cks = open_checkpoint(base, "base"), [open_checkpoint(m, f"model {i}") for i, m in enumerate(models)]
     source = CheckpointSource(base_ck, model_cks, ["a.weight", "b.bias"])
-    for block in source.blocks(5000):
+    for block in source.blocks(5000, options=RunOptions()):
         expected = base_ck.read("a.weight" if block.segment.key == "a.weight" else "b.bias").reshape(-1)
         got = source.base_block(block.segment.key, block.lo, block.hi)
         assert got.dtype == torch.float32 and torch.equal(got, expected[block.lo:block.hi].float())
         assert source.base_block(block.segment.key, block.lo + 1, block.hi) is None
+
+
+def test_the_run_options_are_an_argument_and_sources_carry_data_only():
+    """engine.run hands its options to the method and to every pass; the source keeps none, so a
+    second run over the same source does not see the first one's (its progress bars here)."""
+    from pcb_fast.core import engine
+    from pcb_fast.core.options import PassBars
+    from pcb_fast.core.sources import MatrixSource
+    from pcb_fast.methods import SPECS
+
+    source = MatrixSource(torch.randn(3, 5000, generator=torch.Generator().manual_seed(0)))
+    started = []
+
+    class Bar:
+        def update(self, nbytes):
+            pass
+
+        def close(self):
+            pass
+
+    bars = PassBars(lambda total, what: started.append(what) or Bar())
+    engine.run(SPECS["ties"].merge, source, lambda *a: None, options=RunOptions(progress=bars), density=0.2)
+    assert started and started[0] == "pass 1"
+    first = list(started)
+    engine.run(SPECS["ties"].merge, source, lambda *a: None, density=0.2)
+    assert started == first  # the second run has no progress: no bar
+    view = source.restrict(source.segments[0])
+    assert not hasattr(source, "options") and not hasattr(view, "options")
+
+
+def test_a_sink_says_what_it_takes():
+    """The merge from the raw inputs runs only where the sink offers it (core.sinks.Sink), and never
+    under a per-tensor lam, which only the task-vector way in applies."""
+    from pcb_fast.core import engine
+    from pcb_fast.core.sinks import Sink
+    from pcb_fast.core.sources import StateDictSource
+    from pcb_fast.methods import SPECS
+
+    g = torch.Generator().manual_seed(1)
+    base = {"a": torch.randn(300, generator=g), "b": torch.randn(40, generator=g)}
+    models = [{k: v + torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(2)]
+    source = StateDictSource(base, models, ["a", "b"])
+    calls = {"tau": 0, "from_inputs": 0}
+
+    def tau(segment, lo, hi, tau_m):
+        calls["tau"] += 1
+
+    def from_inputs(segment, lo, hi, natives, weights, divisor):
+        calls["from_inputs"] += 1
+        return True  # written
+
+    merge = SPECS["task_arithmetic"].merge
+    engine.run(merge, source, Sink(tau, from_inputs=from_inputs), block_width=128)
+    assert calls == {"tau": 0, "from_inputs": 4}  # a: 3 blocks of at most 128 entries, b: 1
+    calls.update(tau=0, from_inputs=0)
+    engine.run(merge, source, tau, block_width=128)  # a plain function: task vectors only
+    assert calls == {"tau": 4, "from_inputs": 0}
+    calls.update(tau=0, from_inputs=0)
+    engine.run(merge, source, Sink(tau, from_inputs=from_inputs), scope="tensor", block_width=128,
+               segment_params=lambda key: {"lam": 0.5})
+    assert calls == {"tau": 4, "from_inputs": 0}
 
 
 def test_write_behind_writes_in_order_and_raises_its_error(tmp_path):

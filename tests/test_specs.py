@@ -20,7 +20,7 @@ from pcb_fast.search import SEARCHABLE
 def test_a_spec_declares_what_its_merge_function_takes(name):
     spec = SPECS[name]
     signature = inspect.signature(spec.merge).parameters
-    internal = ("source", "sink", "lambdas", "block_width", "record", "reuse")  # record, reuse: the search's hooks
+    internal = ("source", "sink", "options", "lambdas", "block_width", "record", "reuse")  # record, reuse: the search's hooks
     declared = {p: signature[p].default for p in signature if p not in internal}
     assert declared == spec.defaults, f"{name}: the spec's defaults differ from {spec.merge.__name__}'s"
     for param in spec.params:  # each default passes its own check

@@ -53,6 +53,7 @@ def test_l1_rescale_does_not_depend_on_the_thread_count(method, params):
 def test_l1_factors_are_mergekit_s_sums_over_each_tensor(n, D, width):
     """l1_factors sums the rows of a block at once (sum(1) on one thread): the bits of mergekit's
     ``tensor.abs().sum()`` per task for a tensor of one block; block sums added in float64 otherwise."""
+    from pcb_fast.core.options import RunOptions
     from pcb_fast.core.sources import MatrixSource
     from pcb_fast.methods.linear import l1_factors
 
@@ -61,7 +62,7 @@ def test_l1_factors_are_mergekit_s_sums_over_each_tensor(n, D, width):
     keep = torch.rand(n, D, generator=g) < 0.3
     keep[:, 0] = True
     source = MatrixSource(tv)
-    factors = l1_factors(source, lambda block: keep[:, block.lo : block.hi], width)
+    factors = l1_factors(source, RunOptions(), lambda block: keep[:, block.lo : block.hi], width)
     with th.one_thread():
         if D <= width:
             before = torch.stack([tv[i].abs().sum() for i in range(n)])

@@ -1,7 +1,8 @@
 """The engine: scope handling and the passes shared by selection-based methods (docs/design.md 3.2, 3.3).
 
-A method is a function ``method(source, sink, **params)`` that makes passes over
-``source.blocks()`` and calls ``sink(segment, lo, hi, merged_task_vector_block)`` once per block.
+A method is a function ``method(source, sink, options, **params)`` that makes passes over
+``source.blocks(options=options)`` (``options``: the run's settings, core/options.py) and calls
+``sink(segment, lo, hi, merged_task_vector_block)`` once per block.
 ``run`` applies it to the whole source (scope="global": statistics over every merged entry) or to
 each segment alone (scope="tensor").
 
@@ -26,15 +27,17 @@ from ..cpu.native import (collect as native_collect, collected_split as native_c
                           problem as native_problem, row_order_statistics)
 from . import checks
 from .numerics import warm_up_exp
+from .options import RunOptions
 from .select import RadixSelect, bucket_floor
 from .sinks import Sink, as_sink
 from .sources import Block, Segment, TaskVectorSource
 
 
-def run(method: Callable, source: TaskVectorSource, sink: Sink, *, scope: str = "global",
-        segment_params: Callable | None = None, **params) -> dict:
+def run(method: Callable, source: TaskVectorSource, sink: Sink, *, options: RunOptions | None = None,
+        scope: str = "global", segment_params: Callable | None = None, **params) -> dict:
     """Run ``method`` over ``source`` with statistics per model (global) or per tensor, into ``sink``
-(a core.sinks.Sink, or a plain function that takes task vectors).
+    (a core.sinks.Sink, or a plain function that takes task vectors), with the run's ``options``
+    (core/options.py; default: no budget, no progress, one process).
 
     ``segment_params`` (scope="tensor" only): a function of a segment's key giving the parameters
     that vary by tensor (mergekit's filters and gradients); they update ``params`` for that
@@ -50,30 +53,33 @@ def run(method: Callable, source: TaskVectorSource, sink: Sink, *, scope: str = 
                          f"but scope={scope!r}")
     warm_up_exp()
     sink = as_sink(sink)
+    options = RunOptions() if options is None else options
     # one restricted source at a time, so that what a part holds (a cache) is freed after it
     parts = [source] if scope == "global" else (source.restrict(segment) for segment in source.segments)
     kept = torch.zeros(source.n, dtype=torch.int64)
-    bar = _tensors_bar(source) if scope == "tensor" else None
+    bar = _tensors_bar(source, options) if scope == "tensor" else None
+    part_options = options
+    if scope == "tensor":  # one tensor's statistics live on the rank that holds it; one bar for the run
+        part_options = replace(options, comm=None, progress=None if bar is not None else options.progress)
     try:
         for part in parts:
-            if bar is not None:  # one bar for the run, not one per pass of every tensor
-                part.options = replace(part.options, progress=None)
             own = dict(params, **segment_params(part.segments[0].key)) if segment_params is not None else params
             lam = own.pop("lam", None) if segment_params is not None else None
-            kept += method(part, sink if lam is None else _scaled_sink(sink, checks.check_lam(lam)), **own)
+            kept += method(part, sink if lam is None else _scaled_sink(sink, checks.check_lam(lam)), part_options,
+                           **own)
             if bar is not None:
                 bar.update(part.D * part.bytes_per_entry())
     finally:
         if bar is not None:
             bar.close()
-    if source.options.comm is not None:
-        source.options.comm.sum_(kept)  # also where every rank agrees that no rank failed
+    if options.comm is not None:
+        options.comm.sum_(kept)  # also where every rank agrees that no rank failed
     return {"kept": kept.tolist(), "entries": source.D}
 
 
-def _tensors_bar(source: TaskVectorSource):
+def _tensors_bar(source: TaskVectorSource, options: RunOptions):
     """The whole-run bar of a per-tensor merge, where the progress callback offers one (PassBars)."""
-    tensors = getattr(source.options.progress, "tensors", None)
+    tensors = getattr(options.progress, "tensors", None)
     if tensors is None:
         return None
     return tensors(sum(seg.numel * source.bytes_per_entry(seg) for seg in source.segments), len(source.segments))
@@ -94,8 +100,9 @@ def task_ranks(rank, n: int) -> torch.Tensor:
     return torch.as_tensor(rank, dtype=torch.int64).expand(n).clone()
 
 
-def raise_if_not_finite(source: TaskVectorSource, block, row_max: torch.Tensor) -> None:
-    """``row_max`` is a per-task max over the block (NaN propagates): name the bad model and key."""
+def raise_if_not_finite(source: TaskVectorSource, options: RunOptions, block, row_max: torch.Tensor) -> None:
+    """``row_max`` is a per-task max over the block (NaN propagates): name the bad model and key
+    (reported to ``options.errors`` where the run has one: raised on every rank at the next collective)."""
     bad = ~torch.isfinite(row_max)
     if bool(bad.any()):
         part = _first_bad_key(block) if block.segment.parts else None
@@ -104,9 +111,9 @@ def raise_if_not_finite(source: TaskVectorSource, block, row_max: torch.Tensor) 
         task = int(bad.nonzero()[0, 0])
         message = (source.base_problem(block)
                    or f"{source.where(task, block.segment)}: {source.why_not_finite(task, block)}")
-        if source.options.errors is None:
+        if options.errors is None:
             raise ValueError(message)
-        source.options.errors.fail(message)  # raised on every rank at the next collective
+        options.errors.fail(message)
 
 
 def _first_bad_key(block) -> Block | None:
@@ -344,8 +351,8 @@ def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def select_threshold(
-    source: TaskVectorSource, score_blocks: Callable, rank, sample_scores: torch.Tensor | None = None,
-    keep_ties: bool = False, collect_at: Callable | None = None, count_blocks: Callable | None = None,
+    source: TaskVectorSource, options: RunOptions, score_blocks: Callable, rank,
+    sample_scores: torch.Tensor | None = None, keep_ties: bool = False, collect_at: Callable | None = None, count_blocks: Callable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[Collected], torch.Tensor]:
     """Exact t_i = sort(score_i)[rank_i] and M_i = max(score_i) for every task, the collected entries,
     and the number of kept entries per task (score > t, or score >= t with ``keep_ties``). ``rank``:
@@ -356,7 +363,7 @@ def select_threshold(
     verified after collecting, and if it was too high for some task, level 1 of the exact radix
     select provides it instead (one more pass).
 
-    When the collected entries would not fit ``source.options.memory_budget``, nothing is collected: t and M
+    When the collected entries would not fit ``options.memory_budget``, nothing is collected: t and M
     come from the two passes of the radix select, and the collected list is None (the method then
     recomputes its scores in a merge pass).
 
@@ -367,9 +374,10 @@ def select_threshold(
     """
     n, D = source.n, source.D
     ranks = task_ranks(rank, n)
-    if not can_collect(source, ranks):
-        found = threshold_in_bracket(source, score_blocks, ranks, sample_scores, keep_ties, count_blocks)
-        t, peak, kept = found if found is not None else threshold_by_radix(source, score_blocks, ranks, keep_ties)
+    if not can_collect(source, options, ranks):
+        found = threshold_in_bracket(source, options, score_blocks, ranks, sample_scores, keep_ties, count_blocks)
+        t, peak, kept = (found if found is not None
+                         else threshold_by_radix(source, options, score_blocks, ranks, keep_ties))
         return t, peak, None, kept
     guess = None if sample_scores is None else bounds_from_sample(sample_scores, ranks, D)
     floor, ceiling = guess if guess is not None else (None, torch.full((n,), float("inf")))
@@ -468,15 +476,15 @@ def _widened(sample_scores, i: int, rank: int, D: int, widen: float, bound, belo
 COLLECTED_BYTES = 16  # per collected entry: int32 position, float32 score and tau, and a score copy
 
 
-def can_collect(source: TaskVectorSource, rank) -> bool:
+def can_collect(source: TaskVectorSource, options: RunOptions, rank) -> bool:
     """Whether the entries above rank ``rank`` (one, or [n]) of every task (with a margin) fit the
-    source's budget."""
-    if source.options.comm is not None:
+    run's budget."""
+    if options.comm is not None:
         return False  # distributed: thresholds from histograms summed over ranks
-    if source.options.memory_budget is None:
+    if options.memory_budget is None:
         return True
     entries = int((source.D - task_ranks(rank, source.n)).sum()) * 1.05 + source.n * 4096
-    return entries * COLLECTED_BYTES <= source.options.memory_budget
+    return entries * COLLECTED_BYTES <= options.memory_budget
 
 
 class _BracketTooWide(Exception):
@@ -492,8 +500,8 @@ def bracket_counts(scores: torch.Tensor, floor: torch.Tensor, ceiling: torch.Ten
             list(scores[between].split(between.sum(1).tolist())), scores.amax(1))
 
 
-def threshold_in_bracket(source: TaskVectorSource, score_blocks: Callable, rank, sample_scores, keep_ties: bool,
-                         count_blocks: Callable | None = None):
+def threshold_in_bracket(source: TaskVectorSource, options: RunOptions, score_blocks: Callable, rank, sample_scores,
+                         keep_ties: bool, count_blocks: Callable | None = None):
     """(t, M, kept) from one pass counting around the bracket that ``sample_scores`` give
     (:func:`select_in_bracket`: counts, plus the few values inside, about 1% of the entries), or
     None where that cannot work: no sample large enough, a distributed merge (whose thresholds come
@@ -502,9 +510,9 @@ def threshold_in_bracket(source: TaskVectorSource, score_blocks: Callable, rank,
     instead of two. ``count_blocks(floor, ceiling)``, where given, yields :func:`bracket_counts` of
     every block (a method's own sweep; the same counts), in place of scoring whole blocks."""
     n, D = source.n, source.D
-    if source.options.comm is not None or sample_scores is None or sample_scores.shape[1] < MIN_SAMPLE:
+    if options.comm is not None or sample_scores is None or sample_scores.shape[1] < MIN_SAMPLE:
         return None  # (bounds_from_sample would have no bracket to give)
-    room = None if source.options.memory_budget is None else source.options.memory_budget // 4  # float32 values inside
+    room = None if options.memory_budget is None else options.memory_budget // 4  # float32 values inside
     peak = None  # per task, from the last bracket pass
 
     def bracket_pass(floor, ceiling):
@@ -534,16 +542,16 @@ def threshold_in_bracket(source: TaskVectorSource, score_blocks: Callable, rank,
     return t, peak, at_least if keep_ties else greater
 
 
-def threshold_by_radix(source: TaskVectorSource, score_blocks: Callable, rank, keep_ties: bool):
+def threshold_by_radix(source: TaskVectorSource, options: RunOptions, score_blocks: Callable, rank, keep_ties: bool):
     """(t, M, kept) by two passes of the exact radix select: no memory beyond the histograms."""
     n = source.n
-    selector = RadixSelect(n, task_ranks(rank, n).unsqueeze(1), source.D, comm=source.options.comm)
+    selector = RadixSelect(n, task_ranks(rank, n).unsqueeze(1), source.D, comm=options.comm)
     peak = torch.full((n,), float("-inf"))
     for _, scores in score_blocks():
         selector.count_high(scores)
         peak = torch.maximum(peak, scores.amax(1))
-    if source.options.comm is not None:
-        source.options.comm.max_(peak)
+    if options.comm is not None:
+        options.comm.max_(peak)
     selector.find_buckets()
     for _, scores in score_blocks():
         selector.count_low(scores)

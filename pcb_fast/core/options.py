@@ -8,8 +8,9 @@ from typing import Any, Callable
 
 @dataclass(frozen=True)
 class RunOptions:
-    """The run settings a source's passes and the methods read; set once by the entry point that
-    builds the source (``dataclasses.replace`` gives a changed copy), never changed during a pass."""
+    """The run settings the methods and their passes read: built once by the entry point, handed to
+    core.engine.run and from there, as an argument, to the method and every pass over the source
+    (``dataclasses.replace`` gives a changed copy); never changed during a pass."""
 
     # bytes the engine may hold for the entries it collects between passes (None: no limit); above
     # it, methods find their thresholds by radix select and merge in one more pass
@@ -23,10 +24,10 @@ class RunOptions:
     # progress(total_bytes) -> a bar with update(nbytes) and close(), started by every pass
     progress: Callable | None = None
     # pcb_fast.io.distributed.Comm when the source is one rank's share of a distributed merge (its D is
-    # then the global number of entries, its segments the local keys); None in a scope="tensor" view,
+    # then the global number of entries, its segments the local keys); None for a scope="tensor" part,
     # whose statistics live on the rank that holds the tensor
     comm: Any = None
-    # where bad data is reported instead of raised, so that every rank fails together (kept by views)
+    # where bad data is reported instead of raised, so that every rank fails together (kept per tensor)
     errors: Any = None
     # runs of small keys may share a block (core.sources.pack_segments): set only where the method's
     # values do not depend on where a key begins in its block (MethodSpec.packable) and the sink

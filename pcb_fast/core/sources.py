@@ -11,10 +11,11 @@ The tensor handed out for a block may be a reused buffer: consumers copy what th
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import itertools
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Iterator, NamedTuple, Sequence
 
 import torch
@@ -124,20 +125,17 @@ class TaskVectorSource:
         self.segments = list(segments)
         self.D = sum(s.numel for s in self.segments)
         self.model_names = list(model_names)
-        self.options = RunOptions()  # the run's settings, replaced whole by the entry point (core/options.py)
 
     def restrict(self, segment: Segment) -> "TaskVectorSource":
         """The same source seen as a single segment (for scope="tensor")."""
-        view = object.__new__(type(self))
-        view.__dict__.update(self.__dict__)
+        view = copy.copy(self)  # the same data (readers, buffers), seen as one segment
         view.segments = [Segment(segment.key, segment.shape, segment.numel, 0)]
         view.D = segment.numel
-        view.options = replace(self.options, comm=None)  # one tensor's statistics live on the rank that holds it
         return view
 
-    def block_width(self, width: int) -> int:
-        """The widest block :meth:`blocks` yields for ``width`` (buffers need no more)."""
-        if self.options.pack_keys and len(self.segments) > 1:
+    def block_width(self, width: int, options: RunOptions) -> int:
+        """The widest block :meth:`blocks` yields for ``width`` in a run with ``options`` (buffers need no more)."""
+        if options.pack_keys and len(self.segments) > 1:
             return min(width, self.D)  # a pack spans several keys
         return min(width, max((s.numel for s in self.segments), default=1))
 
@@ -146,17 +144,18 @@ class TaskVectorSource:
         packed (sources that read their inputs by key do not pack)."""
         return [None] * len(self.segments)
 
-    def _segments(self, width: int) -> list[Segment]:
+    def _segments(self, width: int, options: RunOptions) -> list[Segment]:
         """The segments a pass of ``width`` goes through: packs of small keys where the run allows
         them (``options.pack_keys``), computed once per width."""
-        if not self.options.pack_keys or len(self.segments) < 2:
+        if not options.pack_keys or len(self.segments) < 2:
             return self.segments
         packs = self.__dict__.setdefault("_packs", {})
         if width not in packs:
             packs[width] = pack_segments(self.segments, width, self._pack_signatures())
         return packs[width]
 
-    def plan(self, width: int = DEFAULT_BLOCK_WIDTH, whole_rows: bool = False) -> list[tuple[Segment, int, int]]:
+    def plan(self, width: int = DEFAULT_BLOCK_WIDTH, whole_rows: bool = False, *,
+             options: RunOptions) -> list[tuple[Segment, int, int]]:
         """The (segment, lo, hi) of every block :meth:`blocks` yields, in order.
 
         With ``whole_rows``, blocks hold whole rows (last dimension) of each tensor: as many as fit in
@@ -164,32 +163,46 @@ class TaskVectorSource:
         (``options.pack_keys``), runs of small keys share a block (:func:`pack_segments`).
         """
         ranges = []
-        for seg in (self.segments if whole_rows else self._segments(width)):
+        for seg in (self.segments if whole_rows else self._segments(width, options)):
             row = row_length(seg.shape) if whole_rows else 1
             step = max(width // row, 1) * row
             ranges += [(seg, lo, min(lo + step, seg.numel)) for lo in range(0, seg.numel, step)]
         return ranges
 
-    def blocks(self, width: int = DEFAULT_BLOCK_WIDTH, whole_rows: bool = False) -> Iterator[Block]:
-        """Yield the aligned blocks of every segment, in order (see :meth:`plan`)."""
-        ranges = self.plan(width, whole_rows)
+    def blocks(self, width: int = DEFAULT_BLOCK_WIDTH, whole_rows: bool = False, *,
+               options: RunOptions) -> Iterator[Block]:
+        """Yield the aligned blocks of every segment, in order (see :meth:`plan`), in one pass run with
+        ``options`` (core/options.py: progress, threads, where errors go)."""
+        ranges = self.plan(width, whole_rows, options=options)
         buffer = torch.empty(self.n, max((hi - lo for _, lo, hi in ranges), default=1))
-        for seg, lo, hi in self._pass(ranges):
-            yield Block(seg, lo, hi, self._read(seg, lo, hi, buffer[:, : hi - lo]))
+        for seg, lo, hi in self._pass(ranges, options):
+            yield Block(seg, lo, hi, self._read_reporting(seg, lo, hi, buffer[:, : hi - lo], options))
 
-    def _pass(self, ranges: list) -> Iterator[tuple[Segment, int, int]]:
+    def _read_reporting(self, seg: Segment, lo: int, hi: int, out: torch.Tensor, options: RunOptions) -> torch.Tensor:
+        """:meth:`_read`, where a read that fails (a file that ends early, a bad value) is reported to
+        ``options.errors`` (raised on every rank at the next collective; the block is zeros until
+        then) when the run has one, else raised."""
+        try:
+            return self._read(seg, lo, hi, out)
+        except (ValueError, OSError) as e:
+            if options.errors is None:
+                raise
+            options.errors.fail(str(e))
+            return out.zero_()
+
+    def _pass(self, ranges: list, options: RunOptions) -> Iterator[tuple[Segment, int, int]]:
         """One pass over ``ranges``: the progress bar, the heap, the thread count and the reads ahead,
         around the caller's work on each range."""
-        progress, threads = self.options.progress, self.options.threads
+        progress, threads = options.progress, options.threads
         bar = progress(sum(s.numel * self.bytes_per_entry(s) for s in self.segments)) if progress else None
         heap = HeapTrimmer()
         try:
-            with self._reading(ranges):
+            with self._reading(ranges, options):
                 for seg, lo, hi in ranges:
                     heap.maybe()  # the blocks' temporaries must not pile up in malloc's arenas
                     # compiled loops are specialised to the thread count: such a merge keeps the one chosen at
                     # its start (a change would recompile them in the middle of the merge)
-                    if threads is not None and not self.options.fixed_threads:
+                    if threads is not None and not options.fixed_threads:
                         threads.adapt()
                     yield seg, lo, hi
                     if bar is not None:
@@ -198,7 +211,7 @@ class TaskVectorSource:
             if bar is not None:
                 bar.close()
 
-    def _reading(self, ranges: list):
+    def _reading(self, ranges: list, options: RunOptions):
         """A context for one pass over ``ranges``: where a source reads ahead (files on disk)."""
         return contextlib.nullcontext()
 
@@ -289,10 +302,10 @@ class StateDictSource(TaskVectorSource):
         key, lo, hi = block.segment.key, block.lo, block.hi
         return self._diagnose(self._models[task][key][lo:hi], self._base[key][lo:hi])
 
-    def raw_blocks(self, width: int = DEFAULT_BLOCK_WIDTH) -> Iterator[tuple]:
+    def raw_blocks(self, width: int = DEFAULT_BLOCK_WIDTH, *, options: RunOptions) -> Iterator[tuple]:
         """Yield (segment, lo, hi, [base, model_0, ...]) for the blocks of :meth:`blocks`: the slices
         as stored (see CheckpointSource.raw_blocks)."""
-        for seg, lo, hi in self._pass(self.plan(width)):
+        for seg, lo, hi in self._pass(self.plan(width, options=options), options):
             yield seg, lo, hi, [self._base[seg.key][lo:hi]] + [m[seg.key][lo:hi] for m in self._models]
 
     def _read(self, seg, lo, hi, out):
@@ -352,9 +365,9 @@ class CheckpointSource(TaskVectorSource):
     files again (through the page cache), so memory stays at a few blocks whatever the model size.
     A pass reads ahead of the engine in a background thread (:class:`pcb_fast.core.prefetch.Prefetcher`).
 
-    Its options' ``progress`` (core/options.py), if given, is called at the start of every pass with
-    the bytes the pass reads and returns an object with ``update(nbytes)`` and ``close()`` (a tqdm bar,
-    for instance).
+    A pass's ``options.progress`` (core/options.py), if given, is called at its start with the bytes
+    the pass reads and returns an object with ``update(nbytes)`` and ``close()`` (a tqdm bar, for
+    instance).
     """
 
     # blocks of raw inputs read ahead of the engine (each (n + 1) slices of one block)
@@ -388,8 +401,8 @@ class CheckpointSource(TaskVectorSource):
         keys = [s.key for s in self.segments]  # every key's dtypes in every input, asked in bulk
         return list(zip(*[ck.layout(keys)[0] for ck in [self._base_ckpt] + self._model_ckpts]))
 
-    def _segments(self, width: int) -> list[Segment]:
-        segments = super()._segments(width)
+    def _segments(self, width: int, options: RunOptions) -> list[Segment]:
+        segments = super()._segments(width, options)
         if segments is not self.segments:
             self._pack_of.update((seg.key, seg) for seg in segments if seg.parts)
         return segments
@@ -421,9 +434,9 @@ class CheckpointSource(TaskVectorSource):
         return base.read_into(seg.key, lo, hi, self._buffer("sink base", base.dtype(seg.key), hi - lo))
 
     @contextlib.contextmanager
-    def _reading(self, ranges):
+    def _reading(self, ranges, options):
         if (self._prefetcher is not None or len(ranges) < 2  # a pass inside a pass reads for itself
-                or (self.options.threads is not None and not room_for_io(self.options.threads.threads))):
+                or (options.threads is not None and not room_for_io(options.threads.threads))):
             yield
             return
         from .prefetch import Prefetcher
@@ -447,14 +460,8 @@ class CheckpointSource(TaskVectorSource):
             self._readers.pop().close()
 
     def _read(self, seg, lo, hi, out):
-        try:
-            with self._natives(seg, lo, hi) as natives:
-                self._subtract(seg.key, lo, hi, natives, out)
-        except (ValueError, OSError) as e:
-            if self.options.errors is None:
-                raise
-            self.options.errors.fail(str(e))  # raised on every rank at the next collective
-            out.zero_()
+        with self._natives(seg, lo, hi) as natives:
+            self._subtract(seg.key, lo, hi, natives, out)
         return out
 
     @contextlib.contextmanager
@@ -472,11 +479,11 @@ class CheckpointSource(TaskVectorSource):
             if taken is not None:
                 self._prefetcher.release(taken[0])
 
-    def raw_blocks(self, width: int = DEFAULT_BLOCK_WIDTH) -> Iterator[tuple]:
+    def raw_blocks(self, width: int = DEFAULT_BLOCK_WIDTH, *, options: RunOptions) -> Iterator[tuple]:
         """Yield (segment, lo, hi, [base, model_0, ...]) for the blocks of :meth:`blocks`: the inputs as
         stored, for kernels that convert them on the fly (pcb_fast.cpu.native.weighted_merge); the
         slices are valid until the next block. :meth:`task_vectors` gives a block's float32 tau."""
-        for seg, lo, hi in self._pass(self.plan(width)):
+        for seg, lo, hi in self._pass(self.plan(width, options=options), options):
             with self._natives(seg, lo, hi) as natives:
                 yield seg, lo, hi, natives
 
@@ -514,16 +521,6 @@ class CachedSource(TaskVectorSource):
         # zeroed by the kernel for every tensor: seconds on an LLM)
         self._shared = [None]
 
-    @property
-    def options(self) -> RunOptions:
-        """The inner source's: its passes fill the cache."""
-        return self.inner.options
-
-    @options.setter
-    def options(self, options: RunOptions) -> None:
-        if hasattr(self, "inner"):  # (TaskVectorSource.__init__ sets the default before inner exists)
-            self.inner.options = options
-
     def restrict(self, segment: Segment) -> "TaskVectorSource":
         view = CachedSource(self.inner.restrict(segment))
         if self._shared[0] is None:
@@ -546,17 +543,18 @@ class CachedSource(TaskVectorSource):
     def base_problem(self, block: Block) -> str | None:
         return self.inner.base_problem(block)
 
-    def blocks(self, width: int = DEFAULT_BLOCK_WIDTH, whole_rows: bool = False) -> Iterator[Block]:
+    def blocks(self, width: int = DEFAULT_BLOCK_WIDTH, whole_rows: bool = False, *,
+               options: RunOptions) -> Iterator[Block]:
         if self.complete:
-            yield from super().blocks(width, whole_rows)
+            yield from super().blocks(width, whole_rows, options=options)
             return
         if self.cache is None:
             self.cache = torch.empty(self.n, self.D)
         inner = self.inner
         # the inner source's pass, its task vectors formed straight into the cache (no copy)
-        for seg, lo, hi in inner._pass(inner.plan(width, whole_rows)):
+        for seg, lo, hi in inner._pass(inner.plan(width, whole_rows, options=options), options):
             view = self.cache[:, seg.offset + lo : seg.offset + hi]
-            tv = inner._read(seg, lo, hi, view)
+            tv = inner._read_reporting(seg, lo, hi, view, options)
             if tv.data_ptr() != view.data_ptr():  # a source that hands out its own tensor (in memory)
                 view.copy_(tv)
             yield Block(seg, lo, hi, view)

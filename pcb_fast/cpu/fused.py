@@ -143,9 +143,9 @@ def weights(lam, n: int) -> torch.Tensor:
     return torch.ones(n, 1) if lam is None else lam
 
 
-def applies(source) -> bool:
-    """Whether a merge over ``source`` runs the fused loops (chosen, and a single process)."""
-    return source.options.fused and source.options.comm is None
+def applies(options) -> bool:
+    """Whether a run with these ``options`` (core/options.py) runs the fused loops (chosen, and a single process)."""
+    return options.fused and options.comm is None
 
 
 class Fusable:

@@ -194,11 +194,11 @@ def run_engine(source, sink, settings: MergeSettings, *, progress=None, budget: 
     may share a block (``pack_keys``). ``scope`` overrides the settings'. Returns the engine's {"kept", "entries"}."""
     budget = settings.budget if budget is None else budget
     with CpuThreads(settings.threads) as cpu_threads:
-        source.options = RunOptions(
+        options = RunOptions(
             memory_budget=budget, threads=cpu_threads, progress=progress and PassBars(progress), comm=comm,
             errors=comm, pack_keys=pack_keys, **fused_cpu.settings(settings.fused, source.n * source.D, settings.method, settings.params,
                                               allowed=comm is None))
-        return engine.run(SPECS[settings.method].merge, source, sink, scope=scope or settings.scope,
+        return engine.run(SPECS[settings.method].merge, source, sink, options=options, scope=scope or settings.scope,
                           lambdas=settings.lambdas, block_width=settings.block_width, **settings.params)
 
 

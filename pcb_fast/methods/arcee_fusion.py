@@ -37,11 +37,11 @@ def check_one_other(params: dict, n: int) -> None:
         raise ValueError(f"arcee_fusion takes the base model and exactly one other model; got {n} others")
 
 
-def merge_arcee_fusion(source, sink, *, compute_dtype="float32", lambdas=None, block_width=None):
+def merge_arcee_fusion(source, sink, options, *, compute_dtype="float32", lambdas=None, block_width=None):
     """Arcee Fusion of the base model and one other model, every tensor on its own."""
     no_weights("arcee_fusion", lambdas)
     check_one_other({}, source.n)
-    return merge_weights(source, sink, lambda key, base, models: arcee_fusion(base, models[0]), lambda key: {},
+    return merge_weights(source, sink, options, lambda key, base, models: arcee_fusion(base, models[0]), lambda key: {},
                          compute_dtype=compute_dtype)
 
 

@@ -72,7 +72,7 @@ def magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: str, 
     return masked.reshape(shape)
 
 
-def _merge_della(source, sink, *, density, epsilon, seed, rescale, normalize, consensus: bool, lambdas):
+def _merge_della(source, options, sink, *, density, epsilon, seed, rescale, normalize, consensus: bool, lambdas):
     n = source.n
     densities = checks.check_per_task("density", density, n, check_density)
     epsilons = checks.check_per_task("epsilon", epsilon, n, check_epsilon)
@@ -84,12 +84,12 @@ def _merge_della(source, sink, *, density, epsilon, seed, rescale, normalize, co
     checks.check_flag("normalize", normalize)
     lambdas = checks.check_lambdas(lambdas, n) or [1.0] * n
     kept = torch.zeros(n, dtype=torch.int64)
-    for block in source.blocks(whole_tensors(source)):
+    for block in source.blocks(whole_tensors(source), options=options):
         seg, tv = block.segment, block.tv
         if not bool(torch.isfinite(tv).all()):
             from ..core.engine import raise_if_not_finite
 
-            raise_if_not_finite(source, block, tv.abs().amax(1))
+            raise_if_not_finite(source, options, block, tv.abs().amax(1))
         deltas = torch.empty((n, *seg.shape))
         for i in range(n):
             draws = rng.uniform24(seed, i, seg.key, 0, seg.numel) if densities[i] < 1 else None
@@ -120,17 +120,17 @@ def weighted_merge(deltas: torch.Tensor, weights: list, consensus: bool, normali
     return mixed
 
 
-def merge_della(source, sink, *, density=1.0, epsilon=0.15, seed=0, rescale="l1", normalize=True, lambdas=None,
+def merge_della(source, sink, options, *, density=1.0, epsilon=0.15, seed=0, rescale="l1", normalize=True, lambdas=None,
                 block_width=None):
     """DELLA (mergekit's ``della``): MAGPRUNE's drop, then TIES' sign election, per tensor."""
-    return _merge_della(source, sink, density=density, epsilon=epsilon, seed=seed, rescale=rescale,
+    return _merge_della(source, options, sink, density=density, epsilon=epsilon, seed=seed, rescale=rescale,
                         normalize=normalize, consensus=True, lambdas=lambdas)
 
 
-def merge_della_linear(source, sink, *, density=1.0, epsilon=0.15, seed=0, rescale="l1", normalize=False,
+def merge_della_linear(source, sink, options, *, density=1.0, epsilon=0.15, seed=0, rescale="l1", normalize=False,
                        lambdas=None, block_width=None):
     """Linear DELLA (mergekit's ``della_linear``): MAGPRUNE's drop, then the weighted sum, per tensor."""
-    return _merge_della(source, sink, density=density, epsilon=epsilon, seed=seed, rescale=rescale,
+    return _merge_della(source, options, sink, density=density, epsilon=epsilon, seed=seed, rescale=rescale,
                         normalize=normalize, consensus=False, lambdas=lambdas)
 
 

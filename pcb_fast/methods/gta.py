@@ -89,7 +89,7 @@ def gta(key, base, models, *, method, weights, density, gamma, epsilon, normaliz
     return (base + mixed).to(base.dtype)
 
 
-def merge_gta(source, sink, *, mergekit_method="ties", density=1.0, gamma=0.01, epsilon=0.15, normalize=False,
+def merge_gta(source, sink, options, *, mergekit_method="ties", density=1.0, gamma=0.01, epsilon=0.15, normalize=False,
               rescale="none", mergekit_lambda=1.0, seed=0, compute_dtype="float32", lambdas=None, block_width=None):
     """mergekit's generalized task arithmetic ``mergekit_method`` per tensor in ``compute_dtype``."""
     n = source.n
@@ -114,7 +114,7 @@ def merge_gta(source, sink, *, mergekit_method="ties", density=1.0, gamma=0.01, 
         return gta(key, base, models, method=method, weights=weights, density=density, gamma=gamma, epsilon=epsilon,
                    normalize=normalize, rescale=rescale == "l1", lam=lam, seed=seed)
 
-    return merge_weights(source, sink, merge_tensor, lambda key: {}, compute_dtype=compute_dtype)
+    return merge_weights(source, sink, options, merge_tensor, lambda key: {}, compute_dtype=compute_dtype)
 
 
 RESCALE = ("l1", "none")

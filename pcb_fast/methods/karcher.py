@@ -62,12 +62,13 @@ def check_max_iter(value) -> int:
     return value
 
 
-def merge_karcher(source, sink, *, max_iter=10, tol=1e-5, compute_dtype="float32", lambdas=None, block_width=None):
+def merge_karcher(source, sink, options, *, max_iter=10, tol=1e-5, compute_dtype="float32", lambdas=None,
+                  block_width=None):
     """The Karcher mean of the models (every one an input: the source's base only lends its keys)."""
     no_weights("karcher", lambdas)
     max_iter, tol = check_max_iter(max_iter), checks.as_float("tol", tol)
     alphas = [1.0 / source.n] * source.n
-    return merge_weights(source, sink, lambda key, base, models: karcher_mean(models, alphas, max_iter, tol),
+    return merge_weights(source, sink, options, lambda key, base, models: karcher_mean(models, alphas, max_iter, tol),
                          lambda key: {}, with_base=False, compute_dtype=compute_dtype)
 
 

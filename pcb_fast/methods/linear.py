@@ -32,27 +32,28 @@ def normalizing_divisor(lam, n: int, normalize: bool):
     return 1.0 if abs(total) < 1e-8 else total
 
 
-def _weighted_sums(source, sink, lam, masked=None, divisor=None, whole_rows=False, block_width=DEFAULT_BLOCK_WIDTH):
+def _weighted_sums(source, options, sink, lam, masked=None, divisor=None, whole_rows=False,
+                   block_width=DEFAULT_BLOCK_WIDTH):
     """One pass: sink(sum_i lam_i * masked(block)_i [/ divisor]); returns entries kept per task."""
     kept = torch.zeros(source.n, dtype=torch.int64)
     if (masked is None and not whole_rows and sink.from_inputs is not None
             and hasattr(source, "raw_blocks")):
         # merged from the stored inputs to the output's bytes in one sweep (pcb_fast.cpu.native)
-        for seg, lo, hi, natives in source.raw_blocks(block_width):
+        for seg, lo, hi, natives in source.raw_blocks(block_width, options=options):
             if not sink.from_inputs(seg, lo, hi, natives, lam, divisor):  # not finite, or not for the kernel
-                _weighted_block(source, sink, source.task_vectors(seg, lo, hi, natives), lam, divisor)
+                _weighted_block(source, options, sink, source.task_vectors(seg, lo, hi, natives), lam, divisor)
             kept += hi - lo
         return kept
-    for block in source.blocks(block_width, whole_rows=whole_rows):
+    for block in source.blocks(block_width, whole_rows=whole_rows, options=options):
         tv = block.tv
         if masked is not None:
-            raise_if_not_finite(source, block, tv.abs().amax(1))
+            raise_if_not_finite(source, options, block, tv.abs().amax(1))
             tv, mask = masked(block)
             kept += mask.sum(1)
             sink(block.segment, block.lo, block.hi, _over(sum_over_tasks(tv if lam is None else tv * lam), divisor))
         else:
             kept += tv.shape[1]
-            _weighted_block(source, sink, block, lam, divisor)
+            _weighted_block(source, options, sink, block, lam, divisor)
     return kept
 
 
@@ -60,17 +61,17 @@ def _over(total, divisor):
     return total if divisor is None else total / divisor
 
 
-def _weighted_block(source, sink, block, lam, divisor) -> None:
+def _weighted_block(source, options, sink, block, lam, divisor) -> None:
     tv = block.tv
     total = sum_over_tasks(tv if lam is None else tv * lam)
     # NaN and Inf in any task vector reach the total (x + Inf, 0 * Inf and Inf - Inf are not
     # finite): a finite sum of the total clears the block in one read of m entries, not n * m
     if not math.isfinite(float(total.sum())):
-        raise_if_not_finite(source, block, tv.abs().amax(1))
+        raise_if_not_finite(source, options, block, tv.abs().amax(1))
     sink(block.segment, block.lo, block.hi, _over(total, divisor))
 
 
-def merge_average(source, sink, *, lambdas=None, block_width=DEFAULT_BLOCK_WIDTH):
+def merge_average(source, sink, options, *, lambdas=None, block_width=DEFAULT_BLOCK_WIDTH):
     """Weighted mean of the models (Wortsman et al., "Model soups", ICML 2022, uniform soup):
     theta_pre + sum_i w_i tau_i / sum_i w_i, weights ``lambdas`` (default 1; with ``lam=1``, the
     mean of the fine-tuned weights up to rounding)."""
@@ -78,14 +79,14 @@ def merge_average(source, sink, *, lambdas=None, block_width=DEFAULT_BLOCK_WIDTH
     divisor = source.n if lam is None else float(lam.sum())
     if divisor <= 0:
         raise ValueError(f"lambdas={lambdas!r} sum to {divisor}; average weights must have a positive sum")
-    return _weighted_sums(source, sink, lam, divisor=divisor, block_width=block_width)
+    return _weighted_sums(source, options, sink, lam, divisor=divisor, block_width=block_width)
 
 
-def merge_task_arithmetic(source, sink, *, normalize=False, lambdas=None, block_width=DEFAULT_BLOCK_WIDTH):
+def merge_task_arithmetic(source, sink, options, *, normalize=False, lambdas=None, block_width=DEFAULT_BLOCK_WIDTH):
     """Task arithmetic (Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023):
     theta_pre + lam * sum_i lambda_i tau_i (``normalize``: divided by sum_i lambda_i, mergekit's option)."""
     lam = lambda_column(lambdas, source.n)
-    return _weighted_sums(source, sink, lam, divisor=normalizing_divisor(lam, source.n, normalize),
+    return _weighted_sums(source, options, sink, lam, divisor=normalizing_divisor(lam, source.n, normalize),
                           block_width=block_width)
 
 
@@ -105,7 +106,7 @@ RESCALE = ("inverse", "l1", "none")
 L1_EPS = 1e-7  # mergekit's: below it, a norm is treated as zero and the kept entries are not rescaled
 
 
-def l1_factors(source, keep_mask, block_width: int) -> torch.Tensor:
+def l1_factors(source, options, keep_mask, block_width: int) -> torch.Tensor:
     """[n, 1] float32 factors of ``rescale="l1"`` (mergekit's ``rescale: true``): per task,
     sum |tau_i| / sum |tau_i * keep_i| over the source (a tensor, or the whole model in global
     scope), 1 where either sum is below 1e-7. One pass, with the NaN/Inf check; ``keep_mask(block)``
@@ -116,10 +117,10 @@ def l1_factors(source, keep_mask, block_width: int) -> torch.Tensor:
     n = source.n
     sums = {}  # segment key -> float64 [2, n]: sum |tau|, sum |tau * keep|
     scratch = torch.empty(2, n * block_width)  # reused: fresh temporaries per block cost page faults
-    for block in source.blocks(block_width):
+    for block in source.blocks(block_width, options=options):
         shape = block.tv.shape
         magnitude = torch.abs(block.tv, out=scratch[0, : block.tv.numel()].view(shape))
-        raise_if_not_finite(source, block, magnitude.amax(1))
+        raise_if_not_finite(source, options, block, magnitude.amax(1))
         total = sums.setdefault(block.segment.key, torch.zeros(2, n, dtype=torch.float64))
         with one_thread():  # else a row longer than torch's grain size is summed in one part per thread
             # each row reduced as mergekit reduces one tensor (the same bits as row by row, tested);
@@ -167,17 +168,18 @@ def dare_block(block, p, seed: int, rescale: str = "inverse", factors: torch.Ten
     return block.tv * keep / (1 - p), keep
 
 
-def dare_options(source, p, seed, rescale, block_width):
+def dare_options(source, options, p, seed, rescale, block_width):
     """Validated (p, seed, rescale, l1 factors or None) of DARE and DARE-TIES."""
     p, seed = check_drops(p, source.n), check_seed(seed)
     checks.check_choice("rescale", rescale, RESCALE)
     factors = None
     if rescale == "l1":
-        factors = l1_factors(source, lambda block: dare_keep(block, p, seed), source.block_width(block_width))
+        factors = l1_factors(source, options, lambda block: dare_keep(block, p, seed),
+                             source.block_width(block_width, options))
     return p, seed, rescale, factors
 
 
-def merge_dare(source, sink, *, p=0.9, seed=0, rescale="inverse", normalize=False, lambdas=None,
+def merge_dare(source, sink, options, *, p=0.9, seed=0, rescale="inverse", normalize=False, lambdas=None,
                block_width=DEFAULT_BLOCK_WIDTH):
     """DARE (Yu et al., "Language Models are Super Mario", ICML 2024): drop each entry of each task
     vector with probability p, rescale the survivors by 1/(1-p), then task arithmetic. The drop of
@@ -189,18 +191,19 @@ def merge_dare(source, sink, *, p=0.9, seed=0, rescale="inverse", normalize=Fals
     ``normalize`` (divide by the sum of the weights)."""
     lam = lambda_column(lambdas, source.n)
     divisor = normalizing_divisor(lam, source.n, normalize)
-    p, seed, rescale, factors = dare_options(source, p, seed, rescale, block_width)
-    if fused_cpu.applies(source) and fused_cpu.has_loops("dare", dict(p=p, rescale=rescale, normalize=divisor is not None)):
+    p, seed, rescale, factors = dare_options(source, options, p, seed, rescale, block_width)
+    if fused_cpu.applies(options) and fused_cpu.has_loops("dare", dict(p=p, rescale=rescale,
+                                                                       normalize=divisor is not None)):
         # the drop, the sum and the NaN check in one loop per block
         lam = fused_cpu.weights(lambda_column(lambdas, source.n), source.n)
         kept = torch.zeros(source.n, dtype=torch.int64)
-        for block in source.blocks(block_width):
+        for block in source.blocks(block_width, options=options):
             total, keep, row_max = fused_cpu.dare_sum(block, p, seed, rescale, factors, lam)
-            raise_if_not_finite(source, block, row_max)
+            raise_if_not_finite(source, options, block, row_max)
             kept += keep
             sink(block.segment, block.lo, block.hi, _over(total, divisor))
         return kept
-    return _weighted_sums(source, sink, lam, masked=lambda b: dare_block(b, p, seed, rescale, factors),
+    return _weighted_sums(source, options, sink, lam, masked=lambda b: dare_block(b, p, seed, rescale, factors),
                           divisor=divisor, block_width=block_width)
 
 
@@ -297,17 +300,17 @@ def tensor_band_block(block, gamma, beta):
     return block.tv * mask, mask
 
 
-def breadcrumbs_blocks(source, gamma, beta, band: str, block_width: int):
+def breadcrumbs_blocks(source, options, gamma, beta, band: str, block_width: int):
     """(block, masked block, mask) of every block: whole rows (band "row") or whole tensors ("tensor")."""
     if band == "tensor":
-        for block in source.blocks(max(s.numel for s in source.segments)):
+        for block in source.blocks(max(s.numel for s in source.segments), options=options):
             yield block, *tensor_band_block(block, gamma, beta)
     else:
-        for block in source.blocks(block_width, whole_rows=True):
+        for block in source.blocks(block_width, whole_rows=True, options=options):
             yield block, *breadcrumbs_block(block, gamma, beta)
 
 
-def merge_breadcrumbs(source, sink, *, gamma=0.01, beta=0.1, band="row", normalize=False, lambdas=None,
+def merge_breadcrumbs(source, sink, options, *, gamma=0.01, beta=0.1, band="row", normalize=False, lambdas=None,
                       block_width=DEFAULT_BLOCK_WIDTH):
     """Model Breadcrumbs (Davari & Belilovsky, ECCV 2024): in every row (last dimension) of every
     tensor, drop the int(gamma L) largest |tau| and keep the next int(beta L); then task arithmetic.
@@ -319,12 +322,13 @@ def merge_breadcrumbs(source, sink, *, gamma=0.01, beta=0.1, band="row", normali
     lam = lambda_column(lambdas, source.n)
     divisor = normalizing_divisor(lam, source.n, normalize)
     if band == "tensor":
-        return _weighted_sums(source, sink, lam, masked=lambda b: tensor_band_block(b, gamma, beta), divisor=divisor,
-                              block_width=max(s.numel for s in source.segments))
-    if fused_cpu.applies(source) and divisor is None:
-        return _merge_breadcrumbs_fused(source, sink, gamma, beta, fused_cpu.weights(lam, source.n), block_width)
-    return _weighted_sums(source, sink, lam, masked=lambda b: breadcrumbs_block(b, gamma, beta), divisor=divisor,
-                          whole_rows=True, block_width=block_width)
+        return _weighted_sums(source, options, sink, lam, masked=lambda b: tensor_band_block(b, gamma, beta),
+                              divisor=divisor, block_width=max(s.numel for s in source.segments))
+    if fused_cpu.applies(options) and divisor is None:
+        return _merge_breadcrumbs_fused(source, options, sink, gamma, beta, fused_cpu.weights(lam, source.n),
+                                        block_width)
+    return _weighted_sums(source, options, sink, lam, masked=lambda b: breadcrumbs_block(b, gamma, beta),
+                          divisor=divisor, whole_rows=True, block_width=block_width)
 
 
 def _fused_band_bounds(tv: torch.Tensor, drop: int, keep: int):
@@ -338,23 +342,23 @@ def _fused_band_bounds(tv: torch.Tensor, drop: int, keep: int):
     return band_bounds(tv.abs(), drop, keep)
 
 
-def _merge_breadcrumbs_fused(source, sink, gamma, beta, lam, block_width):
+def _merge_breadcrumbs_fused(source, options, sink, gamma, beta, lam, block_width):
     """Breadcrumbs with the band's bounds from the native row select and the band, the sum over
     tasks and the NaN check in one compiled loop per block; rows where a bound repeats (ties ranked
     by position) are redone with the eager band_mask."""
     n = source.n
     kept = torch.zeros(n, dtype=torch.int64)
-    for block in source.blocks(block_width, whole_rows=True):
+    for block in source.blocks(block_width, whole_rows=True, options=options):
         row = row_length(block.segment.shape)
         drop, keep = int(gamma * row), int(beta * row)
         if keep == 0:
-            raise_if_not_finite(source, block, block.tv.abs().amax(1))
+            raise_if_not_finite(source, options, block, block.tv.abs().amax(1))
             sink(block.segment, block.lo, block.hi, torch.zeros(block.tv.shape[1]))
             continue
         tv = block.tv.reshape(n, -1, row)
         top, low = _fused_band_bounds(tv, drop, keep)
         total, tied, row_max = fused_cpu.band_block(tv, top, low, lam)
-        raise_if_not_finite(source, block, row_max.amax(1))
+        raise_if_not_finite(source, options, block, row_max.amax(1))
         kept += keep * tv.shape[1]  # exactly `keep` per row where the bounds are single
         redo = tied.any(0).nonzero().flatten()
         if redo.numel():

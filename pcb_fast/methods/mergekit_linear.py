@@ -32,14 +32,15 @@ def linear(models, weights, normalize: bool) -> torch.Tensor:
     return result.to(first.dtype)
 
 
-def merge_mergekit_linear(source, sink, *, normalize=True, compute_dtype="float32", lambdas=None, block_width=None):
+def merge_mergekit_linear(source, sink, options, *, normalize=True, compute_dtype="float32", lambdas=None,
+                          block_width=None):
     """mergekit's linear over the models (``lambdas``: their weights, default 1 each), every tensor on its own."""
     checks.check_flag("normalize", normalize)
     weights = [1.0] * source.n if lambdas is None else [float(w) for w in checks.check_lambdas(lambdas, source.n)]
     if normalize and sum(weights) == 0:
         raise ValueError("linear: the weights sum to 0; the weighted mean is undefined")
-    return merge_weights(source, sink, lambda key, base, models: linear(models, weights, normalize), lambda key: {},
-                         with_base=False, compute_dtype=compute_dtype)
+    return merge_weights(source, sink, options, lambda key, base, models: linear(models, weights, normalize),
+                         lambda key: {}, with_base=False, compute_dtype=compute_dtype)
 
 
 SPEC = MethodSpec(

@@ -44,12 +44,13 @@ def check_two_or_more(params: dict, n: int) -> None:
         raise ValueError(f"model_stock needs at least two fine-tuned models besides the base; got {n}")
 
 
-def merge_model_stock(source, sink, *, filter_wise=False, compute_dtype="float32", lambdas=None, block_width=None):
+def merge_model_stock(source, sink, options, *, filter_wise=False, compute_dtype="float32", lambdas=None,
+                      block_width=None):
     """Model Stock of the fine-tuned models around the base, every tensor on its own."""
     no_weights("model_stock", lambdas)
     check_two_or_more({}, source.n)
     checks.check_flag("filter_wise", filter_wise)
-    return merge_weights(source, sink, lambda key, base, models: model_stock(base, models, filter_wise),
+    return merge_weights(source, sink, options, lambda key, base, models: model_stock(base, models, filter_wise),
                          lambda key: {}, compute_dtype=compute_dtype)
 
 

@@ -49,8 +49,8 @@ def multislerp(base, models: list, weights: list, normalize_weights: bool = True
     return result if base is None else result + base
 
 
-def merge_multislerp(source, sink, *, normalize_weights=True, eps=1e-8, with_base=True, compute_dtype="float32",
-                     lambdas=None, block_width=None):
+def merge_multislerp(source, sink, options, *, normalize_weights=True, eps=1e-8, with_base=True,
+                     compute_dtype="float32", lambdas=None, block_width=None):
     """Multi-SLERP of the models (``lambdas``: their weights, default 1 each), every tensor on its own."""
     checks.check_flag("normalize_weights", normalize_weights)
     checks.check_flag("with_base", with_base)
@@ -63,7 +63,8 @@ def merge_multislerp(source, sink, *, normalize_weights=True, eps=1e-8, with_bas
         except ValueError as e:
             raise ValueError(f"key {checks.short(key, 80)}: {e}") from None
 
-    return merge_weights(source, sink, merge_tensor, lambda key: {}, with_base=with_base, compute_dtype=compute_dtype)
+    return merge_weights(source, sink, options, merge_tensor, lambda key: {}, with_base=with_base,
+                         compute_dtype=compute_dtype)
 
 
 SPEC = MethodSpec(

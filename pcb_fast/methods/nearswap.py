@@ -27,14 +27,14 @@ def check_one_other(params: dict, n: int) -> None:
         raise ValueError(f"nearswap takes the base model and exactly one other model; got {n} others")
 
 
-def merge_nearswap(source, sink, *, t=None, compute_dtype="float32", lambdas=None, block_width=None):
+def merge_nearswap(source, sink, options, *, t=None, compute_dtype="float32", lambdas=None, block_width=None):
     """NearSwap of the base model toward one other model, every tensor on its own."""
     no_weights("nearswap", lambdas)
     check_one_other({}, source.n)
     if t is None:
         raise ValueError(f"nearswap needs t for every tensor; none is given for {short(source.segments[0].key, 80)}")
     t = check_t(t)
-    return merge_weights(source, sink, lambda key, base, models: nearswap(t, base, models[0]), lambda key: {},
+    return merge_weights(source, sink, options, lambda key, base, models: nearswap(t, base, models[0]), lambda key: {},
                          compute_dtype=compute_dtype)
 
 

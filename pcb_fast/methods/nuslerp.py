@@ -48,7 +48,7 @@ def check_two_models(params: dict, n: int) -> None:
         raise ValueError(f"nuslerp interpolates exactly two models (besides an optional base); got {n}")
 
 
-def merge_nuslerp(source, sink, *, nuslerp_row_wise=False, nuslerp_flatten=True, with_base=True,
+def merge_nuslerp(source, sink, options, *, nuslerp_row_wise=False, nuslerp_flatten=True, with_base=True,
                   compute_dtype="float32", lambdas=None, block_width=None):
     """NuSLERP of two models (``lambdas``: their weights, default 1 each), every tensor on its own;
     ``with_base`` false: the models themselves, not their task vectors."""
@@ -65,7 +65,8 @@ def merge_nuslerp(source, sink, *, nuslerp_row_wise=False, nuslerp_flatten=True,
             return nuslerp(t, models[0], models[1], dim=dim, flatten=nuslerp_flatten)
         return base + nuslerp(t, models[0] - base, models[1] - base, dim=dim, flatten=nuslerp_flatten)
 
-    return merge_weights(source, sink, merge_tensor, lambda key: {}, with_base=with_base, compute_dtype=compute_dtype)
+    return merge_weights(source, sink, options, merge_tensor, lambda key: {}, with_base=with_base,
+                         compute_dtype=compute_dtype)
 
 
 WITH_BASE = Param("with_base", True, flag("with_base"), "work around the base model (false: a config without "

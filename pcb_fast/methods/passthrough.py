@@ -22,13 +22,14 @@ def check_one(params: dict, n: int) -> None:
         raise ValueError(f"passthrough takes exactly one model (per slice); got {n}")
 
 
-def merge_passthrough(source, sink, *, scale=None, compute_dtype="float32", lambdas=None, block_width=None):
+def merge_passthrough(source, sink, options, *, scale=None, compute_dtype="float32", lambdas=None, block_width=None):
     """The model's tensors (times ``scale`` where given), every tensor on its own."""
     no_weights("passthrough", lambdas)
     check_one({}, source.n)
     scale = checks.check_per_task("scale", scale, 1, check_scale)
     scale = scale[0] if isinstance(scale, list) else scale
-    return merge_weights(source, sink, lambda key, base, models: models[0] if scale is None else models[0] * scale,
+    return merge_weights(source, sink, options, lambda key, base,
+                         models: models[0] if scale is None else models[0] * scale,
                          lambda key: {}, with_base=False, compute_dtype=compute_dtype)
 
 

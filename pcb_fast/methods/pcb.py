@@ -41,7 +41,7 @@ def check_params(n: int, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant="o
     )
 
 
-def merge_pcb(source, sink, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant="official", lambdas=None,
+def merge_pcb(source, sink, options, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant="official", lambdas=None,
               block_width=DEFAULT_BLOCK_WIDTH, record=None, reuse: dict | None = None) -> torch.Tensor:
     """Merge the task vectors of ``source`` with PCB; ``sink`` receives the merged tau_m block by block.
 
@@ -55,14 +55,14 @@ def merge_pcb(source, sink, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant
     sample) between calls on the same source.
     """
     params = check_params(source.n, ratio=ratio, clamp_ratio=clamp_ratio, inter=inter, variant=variant, lambdas=lambdas)
-    block_width = source.block_width(block_width)
+    block_width = source.block_width(block_width, options)
     if params["variant"] == "official":
         # the compiled loops (within a tolerance) only where these options have no C sweeps: where
         # they have but cannot take this merge (more than 80 tasks), the eager path (the same bits)
-        if fused_cpu.applies(source) and record is None and not fused_cpu.has_c_loops("pcb", params):
-            return _merge_official_fused(source, sink, params, block_width, reuse)
-        return _merge_official(source, sink, params, block_width, record, reuse)
-    return _merge_paper(source, sink, params, block_width, record, reuse)
+        if fused_cpu.applies(options) and record is None and not fused_cpu.has_c_loops("pcb", params):
+            return _merge_official_fused(source, options, sink, params, block_width, reuse)
+        return _merge_official(source, options, sink, params, block_width, record, reuse)
+    return _merge_paper(source, options, sink, params, block_width, record, reuse)
 
 
 def default_fused(entries: int, params: dict) -> dict:
@@ -87,7 +87,7 @@ def _record(record, e, weight, value, den) -> None:
     record(e.segment, e.lo, e.hi, task[keep], pos[keep], value.reshape(-1)[keep], den)
 
 
-def clip_bounds(source, clamp_ratio: float, block_width: int, sample: ColumnSample) -> tb.ClipStats:
+def clip_bounds(source, options, clamp_ratio: float, block_width: int, sample: ColumnSample) -> tb.ClipStats:
     """Exact lo_i = sort(|tau_i|)[int(D a)], hi_i = sort(|tau_i|)[int(D (1 - a) - 1)].
 
     For a small clip ratio both ranks lie in the tails: one pass of :class:`TailSelect`. Otherwise
@@ -97,20 +97,20 @@ def clip_bounds(source, clamp_ratio: float, block_width: int, sample: ColumnSamp
     i_lo, i_hi = clip_indices(D, clamp_ratio)
     ws = tb.Workspace(n, block_width, 1)
     # tail candidates are local; a distributed merge sums histograms over ranks instead
-    tails = max(i_lo + 1, D - i_hi) <= max(D // 64, 1) and source.options.comm is None
+    tails = max(i_lo + 1, D - i_hi) <= max(D // 64, 1) and options.comm is None
     selector = (TailSelect(n, i_lo, D - 1 - i_hi) if tails
-                else RadixSelect(n, torch.tensor([[i_lo, i_hi]] * n), D, comm=source.options.comm))
+                else RadixSelect(n, torch.tensor([[i_lo, i_hi]] * n), D, comm=options.comm))
     in_c = tails and native.problem() is None  # |tau|'s extremes per run in one C sweep (exact)
-    compiled = tails and not in_c and fused_cpu.applies(source)  # else in one compiled loop
-    for block in source.blocks(block_width):
+    compiled = tails and not in_c and fused_cpu.applies(options)  # else in one compiled loop
+    for block in source.blocks(block_width, options=options):
         if in_c:
             row_max, extremes = native.run_extremes(block.tv, TailSelect.CHUNK)
-            raise_if_not_finite(source, block, row_max)
+            raise_if_not_finite(source, options, block, row_max)
             sample.add(block)
             selector.update(block.tv, extremes if extremes[0].numel() else None, absolute=True)
             continue
         if compiled:
-            raise_if_not_finite(source, block, block.tv.abs().amax(1))
+            raise_if_not_finite(source, options, block, block.tv.abs().amax(1))
             sample.add(block)
             n, m = block.tv.shape
             body = m - m % TailSelect.CHUNK
@@ -118,22 +118,22 @@ def clip_bounds(source, clamp_ratio: float, block_width: int, sample: ColumnSamp
             selector.update(block.tv, fused_cpu.magnitude_runs(runs) if body else None, absolute=True)
             continue
         magnitude = torch.abs(block.tv, out=ws.get(block.tv.shape[1])[0])
-        raise_if_not_finite(source, block, magnitude.amax(1))
+        raise_if_not_finite(source, options, block, magnitude.amax(1))
         sample.add(block)
         selector.update(magnitude) if tails else selector.count_high(magnitude)
     if not tails:
         selector.find_buckets()
-        for block in source.blocks(block_width):
+        for block in source.blocks(block_width, options=options):
             selector.count_low(torch.abs(block.tv, out=ws.get(block.tv.shape[1])[0]))
     bounds = selector.values()
     return tb.ClipStats.from_bounds(bounds[:, 0], bounds[:, 1])
 
 
-def _c_loops(source, params) -> bool:
+def _c_loops(source, options, params) -> bool:
     """Whether this merge takes the C sweeps of pcb_loops.c (the eager values bit for bit): fused loops
     chosen (:func:`pcb_fast.cpu.fused.applies`), the C library built, inter "sum" or "normalized_sum", and
     n up to EXACT_EXP_MAX_N (no shift inside exp)."""
-    return fused_cpu.applies(source) and fused_cpu.has_c_loops("pcb", params) and source.n <= EXACT_EXP_MAX_N
+    return fused_cpu.applies(options) and fused_cpu.has_c_loops("pcb", params) and source.n <= EXACT_EXP_MAX_N
 
 
 def candidate_buffers(n: int, block_width: int) -> list:
@@ -141,7 +141,7 @@ def candidate_buffers(n: int, block_width: int) -> list:
     return [torch.empty(n * block_width, dtype=torch.int32)] + [torch.empty(n * block_width) for _ in range(3)]
 
 
-def _collector(source, clip: tb.ClipStats, inter: str, block_width: int, out: list):
+def _collector(source, options, clip: tb.ClipStats, inter: str, block_width: int, out: list):
     """``collect_at(floor)`` for :func:`select_threshold`: one pass of the C candidate sweep
     (pcb_loops.c: approximate scores, the entries within a wide margin of the floor and the arguments
     of their exp and tanh), then torch's exp and tanh on those arguments (the eager scores exactly)
@@ -149,12 +149,13 @@ def _collector(source, clip: tb.ClipStats, inter: str, block_width: int, out: li
     ``out``: :func:`candidate_buffers`."""
 
     def collect_at(floor):
-        return [collect_block_c(block, clip, inter, floor, out) for block in source.blocks(block_width)]
+        return [collect_block_c(block, clip, inter, floor, out)
+                for block in source.blocks(block_width, options=options)]
 
     return collect_at
 
 
-def _bracket_counter(source, clip: tb.ClipStats, inter: str, block_width: int, out: list):
+def _bracket_counter(source, options, clip: tb.ClipStats, inter: str, block_width: int, out: list):
     """``count_blocks(floor, ceiling)`` for :func:`select_threshold` over the budget: every block's
     exact counts around the bracket (core.engine.bracket_counts) from the C candidate sweep, with
     torch's exp and tanh on the few entries near the bracket or near a chunk's largest score.
@@ -162,7 +163,7 @@ def _bracket_counter(source, clip: tb.ClipStats, inter: str, block_width: int, o
     n = source.n
 
     def count_blocks(floor, ceiling):
-        for block in source.blocks(block_width):
+        for block in source.blocks(block_width, options=options):
             above, at_ceiling, at_floor = (torch.zeros(n, dtype=torch.int64) for _ in range(3))
             peak = torch.full((n,), float("-inf"))
             counts, _, _, exp_arg, tanh_arg = native.pcb_candidates(block.tv, clip.lo, clip.hi, clip.span, n,
@@ -186,12 +187,12 @@ def collect_block_c(block, clip: tb.ClipStats, inter: str, floor: torch.Tensor, 
     return Collected(block.segment, block.lo, block.hi, n, flat.clone(), score.clone(), tau.clone())
 
 
-def _merge_official(source, sink, params, block_width, record=None, reuse=None):
+def _merge_official(source, options, sink, params, block_width, record=None, reuse=None):
     n, D = source.n, source.D
 
     def statistics():
         sample = ColumnSample(D, n)
-        return clip_bounds(source, params["clamp_ratio"], block_width, sample), sample
+        return clip_bounds(source, options, params["clamp_ratio"], block_width, sample), sample
 
     clip, sample = _reused(reuse, ("clip", params["clamp_ratio"], block_width), statistics)
     ws = tb.Workspace(n, block_width, 4 if params["inter"] == "pairwise" else 3)
@@ -200,22 +201,23 @@ def _merge_official(source, sink, params, block_width, record=None, reuse=None):
         n, tv.shape[1], 4 if params["inter"] == "pairwise" else 3)), joined=True)
 
     def score_blocks():
-        for block in source.blocks(block_width):
+        for block in source.blocks(block_width, options=options):
             yield block, tb.official_scores(block.tv, clip, params["inter"], ws)
 
-    in_c = _c_loops(source, params)
+    in_c = _c_loops(source, options, params)
     buffers = candidate_buffers(n, block_width) if in_c else None
     t, peak, collected, kept = select_threshold(
-        source, score_blocks, keep_index(D, params["ratio"]), sample_scores,
-        collect_at=_collector(source, clip, params["inter"], block_width, buffers) if in_c else None,
-        count_blocks=_bracket_counter(source, clip, params["inter"], block_width, buffers) if in_c else None)
+        source, options, score_blocks, keep_index(D, params["ratio"]), sample_scores,
+        collect_at=_collector(source, options, clip, params["inter"], block_width, buffers) if in_c else None,
+        count_blocks=_bracket_counter(source, options, clip, params["inter"], block_width, buffers) if in_c else None)
     lam = lambda_column(params["lambdas"], n)
     # scale = (max(P, t) - t) / (M - t) (docs/design.md 2.2 step 6); M == t means nothing is kept: scale 0.
     span = span_or_inf(peak - t)
     if in_c and record is None:  # the merge in C, of the collected entries or (over the budget) of each block's
         # entries at or above t: the others have scale 0 and add exact zeros
         if collected is None:
-            collected = (collect_block_c(block, clip, params["inter"], t, buffers) for block in source.blocks(block_width))
+            collected = (collect_block_c(block, clip, params["inter"], t, buffers)
+                         for block in source.blocks(block_width, options=options))
         out, den = torch.empty(block_width), torch.empty(block_width)
         for c in collected:
             tau_m = native.pcb_merge_entries(c.width, c.counts(), c.flat, c.score, c.tau, t, span, clip.lo, clip.hi,
@@ -244,7 +246,8 @@ def _append_inside(inside: list, offset: int, values: torch.Tensor, floor, ceili
         inside[offset + i].append(part)
 
 
-def fused_clip_bounds(source, clamp_ratio: float, block_width: int) -> tuple[tb.ClipStats, ColumnSample] | None:
+def fused_clip_bounds(source, options, clamp_ratio: float, block_width: int) -> tuple[tb.ClipStats,
+                                                                                      ColumnSample] | None:
     """The exact clip bounds of :func:`clip_bounds` from one compiled pass that counts |tau| around
     the brackets that a column sample gives for both ranks (:func:`select_in_bracket` over 2n rows:
     the lo rank of every task, then the hi rank), with the NaN/Inf check; the sample is read in
@@ -262,9 +265,9 @@ def fused_clip_bounds(source, clamp_ratio: float, block_width: int) -> tuple[tb.
         counts = torch.zeros(3, 2 * n, dtype=torch.int64)
         inside = [[] for _ in range(2 * n)]
         floor, ceiling = floor.unsqueeze(1), ceiling.unsqueeze(1)
-        for block in source.blocks(block_width):
+        for block in source.blocks(block_width, options=options):
             row_max, *block_counts, flagged = fused_cpu.clip_bracket(block.tv, floor, ceiling)
-            raise_if_not_finite(source, block, row_max)
+            raise_if_not_finite(source, options, block, row_max)
             counts += torch.stack(block_counts)
             values = block.tv[:, fused_cpu.marked(flagged)].abs()  # [n, few columns]
             for rows, offset in ((slice(0, n), 0), (slice(n, 2 * n), n)):  # the lo rank's bracket, then hi's
@@ -275,7 +278,7 @@ def fused_clip_bounds(source, clamp_ratio: float, block_width: int) -> tuple[tb.
     return tb.ClipStats.from_bounds(bounds[:n], bounds[n:]), sample
 
 
-def _merge_official_fused(source, sink, params, block_width, reuse=None):
+def _merge_official_fused(source, options, sink, params, block_width, reuse=None):
     """The official variant with compiled block loops (pcb_fast.fused_cpu): the clip pass as
     :func:`_merge_official` (with the NaN check and the column sample); one pass that computes the
     scores P of each block and counts them around the bracket that the sample's scores give (the
@@ -285,11 +288,11 @@ def _merge_official_fused(source, sink, params, block_width, reuse=None):
     n, D = source.n, source.D
 
     def statistics():
-        found = fused_clip_bounds(source, params["clamp_ratio"], block_width)
+        found = fused_clip_bounds(source, options, params["clamp_ratio"], block_width)
         if found is not None:
             return found
         sample = ColumnSample(D, n)
-        return clip_bounds(source, params["clamp_ratio"], block_width, sample), sample
+        return clip_bounds(source, options, params["clamp_ratio"], block_width, sample), sample
 
     clip, sample = _reused(reuse, ("clip", params["clamp_ratio"], block_width), statistics)
     inter = params["inter"]
@@ -311,7 +314,7 @@ def _merge_official_fused(source, sink, params, block_width, reuse=None):
         counts = torch.zeros(3, n, dtype=torch.int64)
         inside = [[] for _ in range(n)]
         floor, ceiling = floor.unsqueeze(1), ceiling.unsqueeze(1)
-        for block in source.blocks(block_width):
+        for block in source.blocks(block_width, options=options):
             row_max, *block_counts, flagged, scores = fused_cpu.PCB_BRACKET[inter](block.tv, *stats, floor, ceiling)
             peak = torch.maximum(peak, row_max)
             counts += torch.stack(block_counts)
@@ -324,12 +327,12 @@ def _merge_official_fused(source, sink, params, block_width, reuse=None):
     keep_span = span_or_inf(peak.unsqueeze(1) - t)
     lam = fused_cpu.weights(lambda_column(params["lambdas"], n), n)
     merge_block = fused_cpu.PCB_BLOCK[inter]
-    for block in source.blocks(block_width):
+    for block in source.blocks(block_width, options=options):
         sink(block.segment, block.lo, block.hi, merge_block(block.tv, *stats, t, keep_span, lam))
     return greater
 
 
-def pair_stats(source, block_width: int, sample: ColumnSample) -> tb.PairStats:
+def pair_stats(source, options, block_width: int, sample: ColumnSample) -> tb.PairStats:
     """Min/max of tau_i * tau_j for all pairs, then the softmax partition sums (two passes).
 
     The first pass also checks for NaN/Inf and fills ``sample``.
@@ -338,21 +341,21 @@ def pair_stats(source, block_width: int, sample: ColumnSample) -> tb.PairStats:
     ws = tb.Workspace(n, block_width, 2)
     lo = torch.full((n, n), float("inf"))
     hi = torch.full((n, n), float("-inf"))
-    for block in source.blocks(block_width):
-        raise_if_not_finite(source, block, block.tv.abs().amax(1))
+    for block in source.blocks(block_width, options=options):
+        raise_if_not_finite(source, options, block, block.tv.abs().amax(1))
         sample.add(block)
         products = ws.get(block.tv.shape[1])[0]
         for i in range(n):
             torch.mul(block.tv, block.tv[i], out=products)
             lo[i] = torch.minimum(lo[i], products.amin(1))
             hi[i] = torch.maximum(hi[i], products.amax(1))
-    if source.options.comm is not None:
-        source.options.comm.min_(lo)
-        source.options.comm.max_(hi)
+    if options.comm is not None:
+        options.comm.min_(lo)
+        options.comm.max_(hi)
     stats = tb.PairStats.from_min_max(lo, hi)
     # per-block partial sums [blocks, n, n + 1] (inter, then intra), added in block order below
     partials = []
-    for block in source.blocks(block_width):
+    for block in source.blocks(block_width, options=options):
         m = block.tv.shape[1]
         terms = ws.get(m)[0]
         partial = torch.empty(n, n + 1, dtype=torch.float64)
@@ -365,8 +368,8 @@ def pair_stats(source, block_width: int, sample: ColumnSample) -> tb.PairStats:
                 partial[i, :n] = exps.sum(1, dtype=torch.float64)
         partials.append(partial)
     partials = torch.stack(partials) if partials else torch.zeros(0, n, n + 1, dtype=torch.float64)
-    if source.options.comm is not None:  # every rank adds every block's partials in the same (global) order
-        partials = source.options.comm.gather_in_order(partials)
+    if options.comm is not None:  # every rank adds every block's partials in the same (global) order
+        partials = options.comm.gather_in_order(partials)
     z = torch.zeros(n, n + 1, dtype=torch.float64)
     for partial in partials:
         z += partial
@@ -375,23 +378,23 @@ def pair_stats(source, block_width: int, sample: ColumnSample) -> tb.PairStats:
     return stats
 
 
-def _merge_paper(source, sink, params, block_width, record=None, reuse=None):
+def _merge_paper(source, options, sink, params, block_width, record=None, reuse=None):
     n, D = source.n, source.D
 
     def statistics():
         sample = ColumnSample(D, n)
-        return pair_stats(source, block_width, sample), sample
+        return pair_stats(source, options, block_width, sample), sample
 
     stats, sample = _reused(reuse, ("pairs", block_width), statistics)
     ws = tb.Workspace(n, block_width, 2)
     sample_scores = sample.scores(lambda tv: tb.paper_scores(tv, stats, ws))
 
     def score_blocks():
-        for block in source.blocks(block_width):
+        for block in source.blocks(block_width, options=options):
             yield block, tb.paper_scores(block.tv, stats, ws)
 
     t, _, collected, kept_counts = select_threshold(
-        source, score_blocks, keep_index(D, params["ratio"]), sample_scores, keep_ties=True
+        source, options, score_blocks, keep_index(D, params["ratio"]), sample_scores, keep_ties=True
     )
     lam = lambda_column(params["lambdas"], n)
     # beta * mask, as the reference: entries below t add exact zeros, so none is filtered out

@@ -59,11 +59,12 @@ def sce(base: torch.Tensor, models: list, select_topk: float = 1.0) -> torch.Ten
     return base + (tvs * kept).sum(dim=0) / torch.sum(kept, dim=0).clamp(min=1e-6)
 
 
-def merge_sce(source, sink, *, select_topk=1.0, compute_dtype="float32", lambdas=None, block_width=None):
+def merge_sce(source, sink, options, *, select_topk=1.0, compute_dtype="float32", lambdas=None, block_width=None):
     """SCE of the fine-tuned models around the base, every tensor on its own."""
     no_weights("sce", lambdas)
     select_topk = checks.as_float("select_topk", select_topk)
-    return merge_weights(source, sink, lambda key, base, models: sce(base, models, select_topk), lambda key: {},
+    return merge_weights(source, sink, options, lambda key, base, models: sce(base, models, select_topk),
+                         lambda key: {},
                          compute_dtype=compute_dtype)
 
 

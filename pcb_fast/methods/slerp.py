@@ -85,7 +85,7 @@ def check_two_models(params: dict, n: int) -> None:
         raise ValueError(f"slerp interpolates the base model and exactly one other model; got {n} others")
 
 
-def merge_slerp(source, sink, *, t=None, compute_dtype="float32", lambdas=None, block_width=None):
+def merge_slerp(source, sink, options, *, t=None, compute_dtype="float32", lambdas=None, block_width=None):
     """SLERP of the base model (t = 0) and one other model (t = 1), every tensor on its own."""
     no_weights("slerp", lambdas)
     check_two_models({}, source.n)
@@ -93,7 +93,7 @@ def merge_slerp(source, sink, *, t=None, compute_dtype="float32", lambdas=None, 
         keys = ", ".join(short(s.key, 80) for s in source.segments[:3])
         raise ValueError(f"slerp needs t for every tensor; none is given for {keys} (give a value without filter)")
     t = check_t(t)
-    return merge_weights(source, sink, lambda key, base, models: slerp(t, base, models[0]), lambda key: {},
+    return merge_weights(source, sink, options, lambda key, base, models: slerp(t, base, models[0]), lambda key: {},
                          compute_dtype=compute_dtype)
 
 

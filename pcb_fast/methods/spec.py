@@ -48,7 +48,8 @@ class Param:
 class MethodSpec:
     """A merge method: its name, parameters, paper, where it runs and what mergekit calls it.
 
-    ``merge(source, sink, *, lambdas, block_width, **params)`` runs it on the streaming engine.
+    ``merge(source, sink, options, *, lambdas, block_width, **params)`` runs it on the streaming engine
+    (``options``: the run's settings, core/options.py).
     ``check_together(params, n)``: constraints between parameters (after each is checked alone).
     ``backends``: the backends that run it. ``loops``: its fused CPU loops, "c" (pcb_fast.cpu.native,
     the eager engine's bits; with its default parameters, pcb_fast.cpu.fused.has_c_loops says which

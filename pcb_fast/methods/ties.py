@@ -14,7 +14,7 @@ the source's memory budget, the threshold comes from two radix-select passes and
 read the task vectors again, as DARE-TIES does: it replaces the trim by DARE's random drop and makes
 two passes over the task vectors (signs, then the mean).
 
-With fused CPU loops (``source.options.fused``, pcb_fast.cpu.fused) both take another route that collects
+With fused CPU loops (``options.fused``, pcb_fast.cpu.fused) both take another route that collects
 nothing: the threshold from counts around a sampled bracket, then a single sweep that trims (or
 drops), elects and merges each block, redoing only blocks whose value depends on the whole
 model's majority sign.
@@ -69,15 +69,15 @@ class Trim:
     :meth:`dense_blocks` yields (block, kept mask [n, m]) on every sweep over the task vectors.
     """
 
-    def __init__(self, source, density, topk: str, block_width: int, min_keep: int = 0):
-        self.source, self.topk, self.block_width = source, topk, block_width
+    def __init__(self, source, options, density, topk: str, block_width: int, min_keep: int = 0):
+        self.source, self.options, self.topk, self.block_width = source, options, topk, block_width
         n, D = source.n, source.D
         # [n] entries kept per task: int(D * density_i) (a density per task, or one for all)
         self.keep = keep_counts(D, density, min_keep, n)
         self._buffer = torch.empty(n * block_width)
         sample = ColumnSample(D, n)
-        for block in source.blocks(block_width):  # NaN/Inf check and column sample
-            raise_if_not_finite(source, block, self._magnitude(block.tv).amax(1))
+        for block in source.blocks(block_width, options=options):  # NaN/Inf check and column sample
+            raise_if_not_finite(source, options, block, self._magnitude(block.tv).amax(1))
             sample.add(block)
         # "threshold": t = sort(|tau|)[D - keep - 1], keep >= t; "exact": t = sort(|tau|)[D - keep], keep > t
         # plus the first entries equal to t (by position) up to exactly `keep`.
@@ -92,7 +92,7 @@ class Trim:
             ranks = ranks.clamp(0, D - 1)
             sample_scores = sample.scores(lambda tv: self._magnitude(tv).clone())
             self.t, _, self.collected, self.at_or_above = select_threshold(
-                source, self._magnitude_blocks, ranks, sample_scores, keep_ties=True)
+                source, options, self._magnitude_blocks, ranks, sample_scores, keep_ties=True)
 
     @property
     def dense(self) -> bool:
@@ -103,13 +103,13 @@ class Trim:
         return torch.abs(tv, out=self._buffer[: tv.numel()].view(tv.shape))
 
     def _magnitude_blocks(self):
-        for block in self.source.blocks(self.block_width):
+        for block in self.source.blocks(self.block_width, options=self.options):
             yield block, self._magnitude(block.tv)
 
     def dense_blocks(self):
         """(block, kept mask [n, m]) for every block of the source (one pass)."""
         if self.everything is not None:
-            for block in self.source.blocks(self.block_width):
+            for block in self.source.blocks(self.block_width, options=self.options):
                 yield block, torch.full(block.tv.shape, self.everything, dtype=torch.bool)
             return
         column = self.t.unsqueeze(1)
@@ -117,7 +117,7 @@ class Trim:
         if self.topk == "exact":  # ties at t are kept by position: after those of the ranks before this one
             if self._tie_budget is None:  # counted once, for every sweep
                 equal = _equal_counts(self._magnitude_blocks, column)
-                comm = self.source.options.comm
+                comm = self.options.comm
                 if comm is not None:
                     before = comm.before_me(equal.clone())
                     equal = comm.sum_(equal.clone())
@@ -166,8 +166,8 @@ def _equal_counts(score_blocks, column: torch.Tensor) -> torch.Tensor:
     return counts
 
 
-def merge_ties(source, sink, *, density=0.2, sign_ties="majority", topk="threshold", normalize=True, min_keep=0,
-               lambdas=None, block_width=DEFAULT_BLOCK_WIDTH):
+def merge_ties(source, sink, options, *, density=0.2, sign_ties="majority", topk="threshold", normalize=True,
+               min_keep=0, lambdas=None, block_width=DEFAULT_BLOCK_WIDTH):
     """TIES-Merging; ``sink`` receives tau_m block by block. Returns entries kept per task.
 
     ``density``: one for all tasks or a list with one per task (each task keeps its own count).
@@ -183,11 +183,11 @@ def merge_ties(source, sink, *, density=0.2, sign_ties="majority", topk="thresho
     checks.check_choice("topk", topk, TOPK)
     normalize, min_keep = checks.check_flag("normalize", normalize), check_min_keep(min_keep)
     lam = lambda_column(lambdas, source.n)
-    block_width = source.block_width(block_width)
-    if fused_cpu.applies(source):
-        return _merge_ties_fused(source, sink, density, sign_ties, topk, lam, block_width, normalize, min_keep)
+    block_width = source.block_width(block_width, options)
+    if fused_cpu.applies(options):
+        return _merge_ties_fused(source, options, sink, density, sign_ties, topk, lam, block_width, normalize, min_keep)
     kept_counts = torch.zeros(source.n, dtype=torch.int64)
-    trim = Trim(source, density, topk, block_width, min_keep)
+    trim = Trim(source, options, density, topk, block_width, min_keep)
     if trim.dense:
 
         def weighted_blocks(first_sweep: bool):
@@ -197,7 +197,7 @@ def merge_ties(source, sink, *, density=0.2, sign_ties="majority", topk="thresho
                 value = block.tv * kept
                 yield block.segment, block.lo, block.hi, value if lam is None else value * lam
 
-        _elect_and_merge(weighted_blocks, sink, lam, sign_ties, source.options.comm, normalize)
+        _elect_and_merge(weighted_blocks, sink, lam, sign_ties, options.comm, normalize)
         return kept_counts
     trimmed, sign_total = [], 0
     for c, task, kept in trim.collected_blocks():
@@ -225,7 +225,7 @@ def merge_ties(source, sink, *, density=0.2, sign_ties="majority", topk="thresho
 ALL_TIES = 1 << 62  # a cut past every position: every entry equal to the threshold is kept
 
 
-def _merge_ties_fused(source, sink, density, sign_ties, topk, lam, block_width, normalize=True, min_keep=0):
+def _merge_ties_fused(source, options, sink, density, sign_ties, topk, lam, block_width, normalize=True, min_keep=0):
     """TIES with compiled block loops (pcb_fast.cpu.fused): the column sample (read in place from
     in-memory sources, else one pass); one pass counting |tau| around the sampled bracket, with the
     NaN check (the exact threshold comes from the few entries inside the bracket, and for
@@ -239,15 +239,15 @@ def _merge_ties_fused(source, sink, density, sign_ties, topk, lam, block_width, 
     guess = None
     if edge:  # every entry kept (t below them all), or none (exact top-0)
         everything = bool((ranks < 0).all())
-        for block in source.blocks(block_width):
-            raise_if_not_finite(source, block, block.tv.abs().amax(1))
+        for block in source.blocks(block_width, options=options):
+            raise_if_not_finite(source, options, block, block.tv.abs().amax(1))
         t = torch.full((n, 1), float("-inf") if everything else float("inf"))
         greater = kept = torch.full((n,), D if everything else 0)
     else:
         rank = ranks.clamp(0, D - 1)  # a task keeping all or (exactly) none among others: see Trim
         sample = ColumnSample(D, n)
         if not sample.take_without_pass(source):
-            for block in source.blocks(block_width):
+            for block in source.blocks(block_width, options=options):
                 sample.add(block)
 
         last_pass = []  # the bracket and, per block, the counts and inside values of the latest pass
@@ -256,10 +256,10 @@ def _merge_ties_fused(source, sink, density, sign_ties, topk, lam, block_width, 
             counts = torch.zeros(3, n, dtype=torch.int64)
             inside = [[] for _ in range(n)]
             last_pass[:] = [(floor.clone(), ceiling.clone())]
-            for block in source.blocks(block_width):
+            for block in source.blocks(block_width, options=options):
                 row_max, block_counts, values = fused_cpu.bracket_inside(block.tv, floor.unsqueeze(1),
                                                                          ceiling.unsqueeze(1))
-                raise_if_not_finite(source, block, row_max)
+                raise_if_not_finite(source, options, block, row_max)
                 counts += block_counts
                 for i, part in enumerate(values):
                     inside[i].append(part)
@@ -279,11 +279,11 @@ def _merge_ties_fused(source, sink, density, sign_ties, topk, lam, block_width, 
     def merge_block(number, block, fill):
         return fused_cpu.ties_block(block.tv, t, every if cuts is None else cuts(number, block, t), lam, fill, divide)
 
-    sweep_with_fill(source, sink, merge_block, sign_ties, block_width, guess)
+    sweep_with_fill(source, options, sink, merge_block, sign_ties, block_width, guess)
     return kept
 
 
-def sweep_with_fill(source, sink, merge_block, sign_ties: str, block_width: int, guess=None) -> None:
+def sweep_with_fill(source, options, sink, merge_block, sign_ties: str, block_width: int, guess=None) -> None:
     """One sweep of TIES' election and disjoint mean. ``merge_block(number, block, fill)`` returns
     (values, sum of the elected signs, undecided positions) for a zero-sum sign ``fill``. The fill
     is the whole model's majority sign (``sign_ties="majority"``), known only after the sweep, or +1
@@ -294,7 +294,7 @@ def sweep_with_fill(source, sink, merge_block, sign_ties: str, block_width: int,
     known in advance, there is never a second read."""
     guess = torch.ones(()) if guess is None else guess
     sign_total, undecided_blocks = 0, set()
-    for number, block in enumerate(source.blocks(block_width)):
+    for number, block in enumerate(source.blocks(block_width, options=options)):
         values, signs, undecided = merge_block(number, block, guess)
         sign_total += int(signs)
         if int(undecided):
@@ -302,7 +302,7 @@ def sweep_with_fill(source, sink, merge_block, sign_ties: str, block_width: int,
         sink(block.segment, block.lo, block.hi, values)
     fill = zero_sign_fill(sign_total, sign_ties)
     if undecided_blocks and not torch.equal(fill, guess):
-        for number, block in enumerate(source.blocks(block_width)):
+        for number, block in enumerate(source.blocks(block_width, options=options)):
             if number in undecided_blocks:
                 sink(block.segment, block.lo, block.hi, merge_block(number, block, fill)[0])
 
@@ -352,7 +352,7 @@ def _exact_cuts(equal_per_block: list, budget: torch.Tensor):
     return cut_of
 
 
-def merge_dare_ties(source, sink, *, p=0.9, seed=0, sign_ties="majority", rescale="inverse", normalize=True,
+def merge_dare_ties(source, sink, options, *, p=0.9, seed=0, sign_ties="majority", rescale="inverse", normalize=True,
                     lambdas=None, block_width=DEFAULT_BLOCK_WIDTH):
     """DARE-TIES (Yu et al. 2024 with Yadav et al. 2023): DARE's random drop and rescale, then TIES'
     sign election and disjoint mean (the drop replaces TIES' magnitude trim, as in mergekit).
@@ -363,25 +363,26 @@ def merge_dare_ties(source, sink, *, p=0.9, seed=0, sign_ties="majority", rescal
     checks.check_choice("sign_ties", sign_ties, SIGN_TIES)
     normalize = checks.check_flag("normalize", normalize)
     lam = lambda_column(lambdas, source.n)
-    p, seed, rescale, factors = dare_options(source, p, seed, rescale, block_width)
-    if fused_cpu.applies(source) and fused_cpu.has_loops("dare_ties", dict(p=p, rescale=rescale)):
-        return _merge_dare_ties_fused(source, sink, p, seed, rescale, factors, sign_ties, lam, block_width, normalize)
+    p, seed, rescale, factors = dare_options(source, options, p, seed, rescale, block_width)
+    if fused_cpu.applies(options) and fused_cpu.has_loops("dare_ties", dict(p=p, rescale=rescale)):
+        return _merge_dare_ties_fused(source, options, sink, p, seed, rescale, factors, sign_ties, lam, block_width,
+                                      normalize)
     kept_counts = torch.zeros(source.n, dtype=torch.int64)
 
     def weighted_blocks(first_sweep: bool):
-        for block in source.blocks(block_width):
+        for block in source.blocks(block_width, options=options):
             dropped, keep = dare_block(block, p, seed, rescale, factors)
             if first_sweep:  # the NaN/Inf check and the counts need one sweep only
-                raise_if_not_finite(source, block, block.tv.abs().amax(1))
+                raise_if_not_finite(source, options, block, block.tv.abs().amax(1))
                 kept_counts.add_(keep.sum(1))
             yield block.segment, block.lo, block.hi, dropped if lam is None else dropped * lam
 
-    _elect_and_merge(weighted_blocks, sink, lam, sign_ties, source.options.comm, normalize)
+    _elect_and_merge(weighted_blocks, sink, lam, sign_ties, options.comm, normalize)
     return kept_counts
 
 
-def merge_breadcrumbs_ties(source, sink, *, gamma=0.01, beta=0.1, band="row", sign_ties="majority", normalize=True,
-                           lambdas=None, block_width=DEFAULT_BLOCK_WIDTH):
+def merge_breadcrumbs_ties(source, sink, options, *, gamma=0.01, beta=0.1, band="row", sign_ties="majority",
+                           normalize=True, lambdas=None, block_width=DEFAULT_BLOCK_WIDTH):
     """Breadcrumbs-TIES (mergekit's breadcrumbs_ties): Model Breadcrumbs' magnitude band
     (:func:`pcb_fast.methods.linear.merge_breadcrumbs`, per row or, ``band="tensor"``, per tensor)
     replaces TIES' trim, then TIES' sign election and disjoint mean (``normalize=False``: the sum
@@ -393,17 +394,18 @@ def merge_breadcrumbs_ties(source, sink, *, gamma=0.01, beta=0.1, band="row", si
     kept_counts = torch.zeros(source.n, dtype=torch.int64)
 
     def weighted_blocks(first_sweep: bool):
-        for block, masked, mask in breadcrumbs_blocks(source, gamma, beta, band, block_width):
+        for block, masked, mask in breadcrumbs_blocks(source, options, gamma, beta, band, block_width):
             if first_sweep:
-                raise_if_not_finite(source, block, block.tv.abs().amax(1))
+                raise_if_not_finite(source, options, block, block.tv.abs().amax(1))
                 kept_counts.add_(mask.sum(1))
             yield block.segment, block.lo, block.hi, masked if lam is None else masked * lam
 
-    _elect_and_merge(weighted_blocks, sink, lam, sign_ties, source.options.comm, normalize)
+    _elect_and_merge(weighted_blocks, sink, lam, sign_ties, options.comm, normalize)
     return kept_counts
 
 
-def _merge_dare_ties_fused(source, sink, p, seed, rescale, factors, sign_ties, lam, block_width, normalize=True):
+def _merge_dare_ties_fused(source, options, sink, p, seed, rescale, factors, sign_ties, lam, block_width,
+                           normalize=True):
     """DARE-TIES with compiled block loops: the drop, the election, the mean and the NaN check in
     one sweep (blocks with undecided positions merged again where the fill guessed was wrong, see
     :func:`sweep_with_fill`)."""
@@ -417,11 +419,11 @@ def _merge_dare_ties_fused(source, sink, p, seed, rescale, factors, sign_ties, l
                                                                              divide)
         if number not in counted:  # a block merged again is counted once
             counted.add(number)
-            raise_if_not_finite(source, block, row_max)
+            raise_if_not_finite(source, options, block, row_max)
             kept_counts.add_(kept)
         return values, signs, undecided
 
-    sweep_with_fill(source, sink, merge_block, sign_ties, block_width)
+    sweep_with_fill(source, options, sink, merge_block, sign_ties, block_width)
     return kept_counts
 
 

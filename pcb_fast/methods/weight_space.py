@@ -49,7 +49,8 @@ def compute_dtype_of(setting: str, natives) -> torch.dtype:
     return dtype
 
 
-def merge_weights(source, sink, merge_tensor: Callable, params: Callable[[str], dict], *, with_base: bool = True,
+def merge_weights(source, sink, options, merge_tensor: Callable, params: Callable[[str], dict], *,
+                  with_base: bool = True,
                   compute_dtype: str = "float32") -> torch.Tensor:
     """Run ``merge_tensor`` on every key of ``source`` (whole tensors: blocks as wide as the widest
     key); ``params(key)`` gives a key's parameters. ``with_base`` False: the function gets None for
@@ -60,7 +61,7 @@ def merge_weights(source, sink, merge_tensor: Callable, params: Callable[[str], 
     check_compute_dtype(compute_dtype)
     width = whole_tensors(source)
     kept = torch.zeros(source.n, dtype=torch.int64)
-    for segment, lo, hi, natives in source.raw_blocks(width):
+    for segment, lo, hi, natives in source.raw_blocks(width, options=options):
         dtype = compute_dtype_of(compute_dtype, natives)
         shape = segment.shape
         base = natives[0].to(torch.float32) if with_base else None
