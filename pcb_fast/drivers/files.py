@@ -195,8 +195,8 @@ def _write_merge(base_ck, model_cks, merged, copied, folder: Path, stats: dict, 
         local = {key for i in only for key, _, _ in shards[i]}
     writer = ShardedWriter(folder, entries, shard_bytes, settings.metadata(), only=only,
                            index=comm is None or comm.rank == 0)
-    if room_for_io(settings.threads):  # written behind the engine by a thread (io/write_behind.py); values are new
-        writer = WriteBehind(writer)
+    if room_for_io(settings.threads):  # written behind the engine by a thread (io/write_behind.py); the values
+        writer = WriteBehind(writer)  # written are new tensors, never reused buffers
     with writer:
         for key in copied:
             if local is None or key in local:
