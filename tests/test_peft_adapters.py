@@ -347,7 +347,7 @@ def test_cli_out_adapter_errors_are_one_line(llama, tmp_path, capsys):
 def test_extract_an_adapter_from_two_full_models(llama, tmp_path):
     # mergekit's extract-lora through the same SVD: PEFT's merge of the extracted adapter gives back
     # the fine-tuned model within the reported error (exactly, where the rank holds the change)
-    from pcb_fast.io.lora_out import extract_adapter
+    from pcb_fast.drivers.adapters import extract_adapter
 
     base, _, adapters, _ = llama
     with warnings.catch_warnings():

@@ -1,5 +1,6 @@
 """Merging LoRA adapters (pcb_fast/io/lora.py reads them) into a model folder, a state dict or an
-adapter folder, without materialising their deltas."""
+adapter folder, without materialising their deltas; and extracting an adapter from a fine-tuned
+model (mergekit's ``extract-lora``). The adapters written out are pcb_fast/io/lora_out.py's."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from ..core import checks
 from ..core.formulas import merged_weights
 from ..core.sources import DEFAULT_BLOCK_WIDTH
 from ..io import lora_out
-from ..io.checkpoints import open_checkpoint, split_keys
+from ..io.checkpoints import check_models_match, open_checkpoint, split_keys
 from ..io.folder import copy_side_files, copy_tensor
 from ..io.lora import LoraSource, open_adapter
 from ..io.output import atomic_folder, check_output
@@ -188,3 +189,63 @@ def _merge_in_memory(base_ck, merged, copied, aliases, settings, slices, run):
     for alias, key in aliases.items():
         result[alias] = result[key]
     return info, {k: result[k] for k in base_ck.keys()}
+
+
+EMBEDDING_MODULES = ("embed_tokens", "wte", "embed_in", "word_embeddings", "shared")
+
+
+def extract_adapter(base, model, out, rank: int, *, exclude=(), overwrite: bool = False,
+                    report: dict | None = None):
+    """A PEFT LoRA adapter of rank ``rank`` (written to the folder ``out``, atomically) that turns
+    ``base`` into ``model`` (two full checkpoints, paths or state dicts; mergekit's ``extract-lora``),
+    by the same truncated SVD as adapters out: each 2-D ``<module>.weight`` that differs becomes a LoRA
+    (an Embedding LoRA for the usual input-embedding names, embed_tokens, wte, ...), and a module whose
+    changed tensors are all 1-D or wider than 2-D (norms) is saved whole (``modules_to_save``). A
+    module with both (a Linear whose bias changed) is a one-line error: ``exclude`` its bias to drop
+    that change. ``report`` receives "adapter_modules" ({module: (rank, relative error)}). Returns
+    ``out``."""
+    rank = lora_out.check_rank(rank)
+    inputs = [(label, x) for label, x in (("the base model", base), ("the fine-tuned model", model))
+              if not isinstance(x, dict)]
+    out = check_output(out, overwrite, inputs)
+    base_ck, model_ck = open_checkpoint(base, "base model"), open_checkpoint(model, "fine-tuned model")
+    try:
+        merged, _ = split_keys(base_ck, exclude)
+        check_models_match(base_ck, [model_ck], merged)
+        check_out_reads_nothing(out, [("the base model", base_ck), ("the fine-tuned model", model_ck)])
+        changed = {}
+        for key in merged:
+            delta = model_ck.read(key).float() - base_ck.read(key).float()
+            if not bool(torch.isfinite(delta).all()):
+                raise ValueError(f"key {show(key)}: the models' difference is not finite (NaN or Inf in an input)")
+            if bool(delta.any()):
+                changed[key] = delta
+        if not changed:
+            raise ValueError("the fine-tuned model equals the base model: there is no adapter to extract")
+        lora_keys = {k for k, d in changed.items() if d.dim() == 2 and k.endswith(".weight")}
+        lora_modules = {k[: -len(".weight")] for k in lora_keys}
+        tensors, modules, ranks, plans = {}, {}, {}, {}
+        for key in sorted(changed):
+            module = key.rpartition(".")[0]
+            if key in lora_keys:
+                kind = "embedding" if module.rpartition(".")[2] in EMBEDDING_MODULES else "linear"
+                plans[key] = ("lora", module, kind)
+                written, r, error = lora_out.factors(key, plans[key], changed[key].reshape(-1),
+                                                     tuple(changed[key].shape), rank)
+                tensors.update(written)
+                modules[module], ranks[module] = (r, error), r
+            elif module in lora_modules:
+                raise ValueError(f"{show(key)} changed, and its module {show(module)} becomes a LoRA: an adapter "
+                                 "cannot hold both; exclude the key to leave it out")
+            else:
+                plans[key] = ("full", module, None)
+                tensors[f"{lora_out.PREFIX}{key}"] = model_ck.read(key).contiguous()
+        config = lora_out.adapter_config(rank, plans, ranks, {}, "" if isinstance(base, dict) else str(base))
+        with atomic_folder(out, overwrite=overwrite) as tmp:
+            lora_out.write_adapter(tmp, tensors, config)
+    finally:
+        base_ck.close()
+        model_ck.close()
+    if report is not None:
+        report["adapter_modules"] = modules
+    return out
