@@ -352,7 +352,8 @@ def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
 
 def select_threshold(
     source: TaskVectorSource, options: RunOptions, score_blocks: Callable, rank,
-    sample_scores: torch.Tensor | None = None, keep_ties: bool = False, collect_at: Callable | None = None, count_blocks: Callable | None = None,
+    sample_scores: torch.Tensor | None = None, keep_ties: bool = False, collect_at: Callable | None = None,
+    count_blocks: Callable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[Collected], torch.Tensor]:
     """Exact t_i = sort(score_i)[rank_i] and M_i = max(score_i) for every task, the collected entries,
     and the number of kept entries per task (score > t, or score >= t with ``keep_ties``). ``rank``:

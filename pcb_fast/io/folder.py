@@ -50,7 +50,8 @@ def save_model(state: dict, out, *, base_folder=None, shard_size="5GB", overwrit
     keys = sorted(state)
     with atomic_folder(out, overwrite=overwrite) as tmp:
         meta = {"format": "pt", "pcb_fast_version": __version__, **(metadata or {})}
-        with ShardedWriter(tmp, [(k, state[k].dtype, tuple(state[k].shape)) for k in keys], shard_bytes, meta) as writer:
+        entries = [(k, state[k].dtype, tuple(state[k].shape)) for k in keys]
+        with ShardedWriter(tmp, entries, shard_bytes, meta) as writer:
             for k in keys:
                 writer.write(k, 0, state[k].detach().cpu().reshape(-1))
         copy_side_files(base_folder, tmp)
