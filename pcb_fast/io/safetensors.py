@@ -43,6 +43,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.checks import short
+
 # Every dtype of the format: name -> (torch dtype's attribute name, item size in bytes). The
 # sub-byte ones (F4, F6_E2M3, F6_E3M2) are known to the format but not read by pcb_fast.
 FORMAT_DTYPES = {
@@ -146,9 +148,8 @@ class Unchanged:
 
 
 def show(key, limit: int = 80) -> str:
-    """``repr(key)``, cut to about ``limit`` characters (a message stays one short line)."""
-    text = repr(key)
-    return text if len(text) <= limit else text[: limit - 4] + "...'"
+    """A key for a one-line message: core.checks.short with room for a longer key name."""
+    return short(key, limit)
 
 
 def show_path(path, limit: int = 400) -> str:
