@@ -78,3 +78,23 @@ def test_the_wheel_ships_every_kernel_and_c_source_and_imports_them(tmp_path):
     assert Path(keys).is_relative_to(target)
     assert problem == "None", f"the wheel's C kernels do not build: {problem}"
     assert float(total) == 4 + 5 + 6 + 7 + 8  # the authors' kthvalue keeps the entries >= sort(|tau|)[3]
+
+
+def test_every_pcb_fast_import_of_the_ci_scripts_exists():
+    """.ci/wheel_check runs outside pytest: a module it imports that moved would fail only in CI."""
+    import ast
+    import importlib
+    import re
+
+    for script in sorted((ROOT / ".ci").iterdir()):
+        text = script.read_text()
+        for line in re.findall(r"^(?:from pcb_fast\S* import .+|import pcb_fast.*)$", text, re.MULTILINE):
+            for node in ast.walk(ast.parse(line)):
+                if isinstance(node, ast.ImportFrom):
+                    module = importlib.import_module(node.module)
+                    for alias in node.names:
+                        assert hasattr(module, alias.name) or importlib.util.find_spec(
+                            f"{node.module}.{alias.name}") is not None, (script.name, line)
+                elif isinstance(node, ast.Import):
+                    for alias in node.names:
+                        importlib.import_module(alias.name)
