@@ -145,8 +145,8 @@ def merge(base: dict, models: Sequence[dict], *, method="pcb", lam=1.0, lambdas=
     merged_keys = [k for k in merged_keys if k not in stat_keys]
     backend = resolve_backend(backend, device)
     if backend not in spec.backends:
-        raise ValueError(f"method {method!r} runs on backends {', '.join(map(repr, spec.backends))} in this "
-                         f"version, not on {backend!r}")
+        raise ValueError(f"method {checks.short(method)} runs on backends {', '.join(map(repr, spec.backends))} in this "
+                         f"version, not on {checks.short(backend)}")
     if backend == "triton":
         spec.for_kernels(method_params)  # before any heavy work
     # tied parameters are merged once, under their first name (io/tied.py)

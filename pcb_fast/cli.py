@@ -19,6 +19,7 @@ import warnings
 from . import __version__
 from .core.checks import check_ratio
 from .methods import SPECS, check_method_params, flag_help, flag_params
+from .core.checks import short
 
 # Method parameters as flags, from the methods' specs: (flag, keyword, type, declaration, methods taking it).
 _TYPES = {"number": float, "int": int}
@@ -131,7 +132,7 @@ def _threads(text: str):
         return text
     value = int(text) if text.strip().isdigit() and len(text) < 20 else 0
     if not 1 <= value <= max_threads():
-        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not 'auto' or a positive number of threads (at most "
+        raise argparse.ArgumentTypeError(f"{short(text[:40])} is not 'auto' or a positive number of threads (at most "
                                          f"{max_threads()}, four per CPU of this machine)")
     return value
 
@@ -184,7 +185,7 @@ def merge_arguments(args) -> dict:
             try:
                 kwargs["lambdas"] = [float(x) for x in args.lambdas.split(",")]
             except ValueError:
-                raise ValueError(f"--lambdas={args.lambdas!r} must be comma-separated numbers") from None
+                raise ValueError(f"--lambdas={short(args.lambdas)} must be comma-separated numbers") from None
     kwargs.update(out=args.out, overwrite=args.overwrite, backend=args.backend, device=args.device,
                   max_memory=args.max_memory, shard_size=args.shard_size, distributed=args.distributed, fused=args.fused,
                   threads=args.threads)
@@ -266,12 +267,12 @@ def load_evaluate(spec: str):
 
     module_name, sep, function = spec.rpartition(":")
     if not sep or not module_name or not function:
-        raise ValueError(f"--eval={spec!r} must be module:function or path/to/file.py:function")
+        raise ValueError(f"--eval={short(spec)} must be module:function or path/to/file.py:function")
     try:
         if module_name.endswith(".py"):
             path = Path(module_name)
             if not path.is_file():
-                raise ValueError(f"--eval={spec!r}: no such file {path}")
+                raise ValueError(f"--eval={short(spec)}: no such file {path}")
             loaded = importlib.util.spec_from_file_location(path.stem, path)
             module = importlib.util.module_from_spec(loaded)
             loaded.loader.exec_module(module)
@@ -280,10 +281,10 @@ def load_evaluate(spec: str):
     except ValueError:
         raise
     except Exception as e:  # the user's module failed to import
-        raise ValueError(f"--eval={spec!r}: cannot import {module_name} ({type(e).__name__}: {e})") from None
+        raise ValueError(f"--eval={short(spec)}: cannot import {module_name} ({type(e).__name__}: {e})") from None
     fn = getattr(module, function, None)
     if not callable(fn):
-        raise ValueError(f"--eval={spec!r}: {module_name} has no function {function!r}")
+        raise ValueError(f"--eval={short(spec)}: {module_name} has no function {short(function)}")
     return fn
 
 
@@ -311,9 +312,9 @@ def run_search(args) -> int:
     try:
         bounds = tuple(float(x) for x in args.bounds.split(","))
     except ValueError:
-        raise ValueError(f"--bounds={args.bounds!r} must be low,high") from None
+        raise ValueError(f"--bounds={short(args.bounds)} must be low,high") from None
     if len(bounds) != 2:
-        raise ValueError(f"--bounds={args.bounds!r} must be low,high")
+        raise ValueError(f"--bounds={short(args.bounds)} must be low,high")
     inputs = [("the base model", args.base)] + [(f"model {i}", path) for i, path in enumerate(args.model)]
     check_output(args.out, args.overwrite, inputs)
     evaluate = load_evaluate(args.evaluate)

@@ -56,7 +56,7 @@ class ContributionCache:
                  exclude=(), block_width: int = DEFAULT_BLOCK_WIDTH, reuse: dict | None = None, threads="auto",
                  **params):
         if method not in SEARCHABLE:
-            raise ValueError(f"method={method!r} has no per-task coefficients to search; choose one of "
+            raise ValueError(f"method={checks.short(method)} has no per-task coefficients to search; choose one of "
                              f"{', '.join(map(repr, SEARCHABLE))}")
         spec = SPECS[method]
         spec.check_names(params)
@@ -286,7 +286,7 @@ def _evaluate(evaluate: Callable, state: dict, lambdas: list, candidate: int) ->
     try:
         score = float(score)
     except (TypeError, ValueError):
-        raise EvaluateError(f"evaluate returned {score!r}, not a number (candidate {candidate})") from None
+        raise EvaluateError(f"evaluate returned {checks.short(score)}, not a number (candidate {candidate})") from None
     if not math.isfinite(score):
         raise EvaluateError(f"evaluate returned {score} (candidate {candidate}, lambdas={lambdas}); scores must be finite")
     return score, time.perf_counter() - start
@@ -311,25 +311,25 @@ def search_lambdas(base: dict, models: Sequence[dict], evaluate: Callable[[dict]
 
     lo, hi = (checks.as_float("bounds", b) for b in bounds)
     if not lo < hi:
-        raise ValueError(f"bounds={bounds!r} must be (low, high) with low < high")
+        raise ValueError(f"bounds={checks.short(bounds)} must be (low, high) with low < high")
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        raise ValueError(f"budget={budget!r} must be a positive integer (number of evaluations)")
+        raise ValueError(f"budget={checks.short(budget)} must be a positive integer (number of evaluations)")
     if history_path is not None:  # checked before the search, not after it
         from .io.output import check_writable_parent
 
         if Path(history_path).is_dir():
-            raise ValueError(f"history_path={str(history_path)!r} is a folder; name a file to write")
+            raise ValueError(f"history_path={checks.short(str(history_path))} is a folder; name a file to write")
         check_writable_parent(history_path, "history_path's folder")
     if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError(f"bounds={bounds!r} must be finite numbers")
+        raise ValueError(f"bounds={checks.short(bounds)} must be finite numbers")
     if popsize is not None and (isinstance(popsize, bool) or not isinstance(popsize, int)
                                 or not 2 <= popsize <= MAX_POPSIZE):
-        raise ValueError(f"popsize={popsize!r} is out of range; valid: an integer from 2 to {MAX_POPSIZE}")
+        raise ValueError(f"popsize={checks.short(popsize)} is out of range; valid: an integer from 2 to {MAX_POPSIZE}")
     sigma = checks.as_float("sigma0", sigma0) if sigma0 is not None else (hi - lo) / 4
     if not (math.isfinite(sigma) and sigma > 0):
-        raise ValueError(f"sigma0={sigma0!r} is out of range; valid: a finite number above 0")
+        raise ValueError(f"sigma0={checks.short(sigma0)} is out of range; valid: a finite number above 0")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32 - 1:
-        raise ValueError(f"seed={seed!r} is out of range; valid: an integer from 0 to {2**32 - 2}")
+        raise ValueError(f"seed={checks.short(seed)} is out of range; valid: an integer from 0 to {2**32 - 2}")
     if cache is None:
         models = list(models)
     n = cache.n if cache is not None else len(models)
@@ -338,7 +338,7 @@ def search_lambdas(base: dict, models: Sequence[dict], evaluate: Callable[[dict]
     except (TypeError, ValueError):
         start = []
     if len(start) != n or not all(lo <= x <= hi for x in start):
-        raise ValueError(f"x0={x0!r} must be one number or {n} numbers inside bounds [{lo}, {hi}]")
+        raise ValueError(f"x0={checks.short(x0)} must be one number or {n} numbers inside bounds [{lo}, {hi}]")
     cache = cache or ContributionCache(base, models, method=method, **merge_params)
     bar = None
     if progress:
@@ -398,7 +398,7 @@ def grid_search(base: dict, models: Sequence[dict], evaluate: Callable[[dict], f
     per ratio and one apply per lam; the statistics that do not depend on ratio (the |tau| clip
     bounds) are computed once. The result's ``ratio`` is the best ratio (None without a ratio grid)."""
     if ratios is not None and method != "pcb":
-        raise ValueError(f"ratios: method {method!r} has no keep ratio to search (only 'pcb')")
+        raise ValueError(f"ratios: method {checks.short(method)} has no keep ratio to search (only 'pcb')")
     history, best, best_cache, reuse = [], None, None, {}
     for ratio in (ratios if ratios is not None else [None]):
         params = dict(merge_params) if ratio is None else dict(merge_params, ratio=ratio)

@@ -244,3 +244,26 @@ def test_a_path_that_is_not_utf8_is_refused_before_the_merge(tmp_path, small):
 def test_the_demo_bounds_its_model_count(capsys, count):
     assert cli(["demo", "--models", count, "--no-check"]) == 2
     assert "--models=" + count + " is out of range; valid: 1 to 64" in one_error_line(capsys)
+
+
+HUGE = "x" * 1_000_000
+BASE, MODELS = {"w": torch.zeros(4)}, [{"w": torch.ones(4)}, {"w": -torch.ones(4)}]
+
+
+@pytest.mark.parametrize("call", [
+    lambda: pcb_fast.merge(BASE, MODELS, method=HUGE),
+    lambda: pcb_fast.merge(BASE, MODELS, method="ties", scope=HUGE),
+    lambda: pcb_fast.merge(BASE, MODELS, method="ties", topk=HUGE),
+    lambda: pcb_fast.merge(BASE, MODELS, method="pcb", inter=HUGE),
+    lambda: pcb_fast.merge(BASE, MODELS, method="dare", seed=HUGE),
+    lambda: pcb_fast.merge(BASE, MODELS, method="della", density=HUGE),
+    lambda: pcb_fast.merge(BASE, MODELS, backend=HUGE),
+    lambda: pcb_fast.merge(BASE, MODELS, fused=HUGE),
+    lambda: pcb_fast.merge_checkpoints("a", ["b"], "c", dtype=HUGE),
+    lambda: search_lambdas(BASE, MODELS, lambda sd: 0.0, method=HUGE),
+], ids=["method", "scope", "topk", "inter", "seed", "density", "backend", "fused", "dtype", "search-method"])
+def test_a_huge_argument_gives_a_short_message(call):
+    """Every refusal quotes what it got, never all of a huge value (a 1 MB string gave a 1 MB line)."""
+    with pytest.raises(ValueError) as e:
+        call()
+    assert len(str(e.value)) < 600 and "\n" not in str(e.value), str(e.value)[:200]

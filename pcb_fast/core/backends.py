@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from .checks import short
+
 BACKENDS = ("auto", "torch", "reference", "triton")
 
 
@@ -35,7 +37,7 @@ def resolve_backend(backend: str | None, device: torch.device | str = "cpu") -> 
     if backend is None or backend == "auto":
         backend = os.environ.get("PCB_FAST_BACKEND", "auto") or "auto"
     if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not valid; choose one of {', '.join(map(repr, BACKENDS))}")
+        raise ValueError(f"backend={short(backend)} is not valid; choose one of {', '.join(map(repr, BACKENDS))}")
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "torch"
     if backend == "triton":
@@ -46,6 +48,6 @@ def resolve_backend(backend: str | None, device: torch.device | str = "cpu") -> 
             raise ValueError(f"backend='triton' needs CUDA tensors, got tensors on {device} "
                              "(on a CPU it runs only under TRITON_INTERPRET=1, for tests); use backend='torch'")
     elif backend == "torch" and device.type != "cpu":
-        raise ValueError(f"backend={backend!r} merges CPU tensors only, got tensors on {device}; "
+        raise ValueError(f"backend={short(backend)} merges CPU tensors only, got tensors on {device}; "
                          "use backend='triton' for CUDA tensors, or move them with .cpu()")
     return backend

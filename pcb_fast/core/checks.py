@@ -16,13 +16,13 @@ FLOAT32_MAX = torch.finfo(torch.float32).max  # the merge computes in float32
 
 def check_choice(name: str, value, choices: Sequence[str]) -> str:
     if value not in choices:
-        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
+        raise ValueError(f"{name}={short(value)} is not valid; choose one of {', '.join(map(repr, choices))}")
     return value
 
 
 def check_flag(name: str, value) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"{name}={value!r} must be true or false")
+        raise ValueError(f"{name}={short(value)} must be true or false")
     return value
 
 
@@ -30,7 +30,7 @@ def check_ratio(ratio) -> float:
     """Keep ratio r: 0 < r <= 1."""
     r = as_float("ratio", ratio)
     if not (0.0 < r <= 1.0):
-        raise ValueError(f"ratio={ratio!r} is out of range; valid: 0 < ratio <= 1")
+        raise ValueError(f"ratio={short(ratio)} is out of range; valid: 0 < ratio <= 1")
     return r
 
 
@@ -38,7 +38,7 @@ def check_clamp_ratio(clamp_ratio) -> float:
     """Outlier ratio a: 0 <= a < 0.5."""
     a = as_float("clamp_ratio", clamp_ratio)
     if not (0.0 <= a < 0.5):
-        raise ValueError(f"clamp_ratio={clamp_ratio!r} is out of range; valid: 0 <= clamp_ratio < 0.5")
+        raise ValueError(f"clamp_ratio={short(clamp_ratio)} is out of range; valid: 0 <= clamp_ratio < 0.5")
     return a
 
 
@@ -70,7 +70,7 @@ def check_lambdas(lambdas, n: int) -> list[float] | None:
         raise ValueError(f"lambdas={short(values)} must all be finite numbers")
     bad = [v for v in values if abs(v) > FLOAT32_MAX]
     if bad:
-        raise ValueError(f"lambdas: {bad[0]!r} is beyond the float32 range the merge computes in "
+        raise ValueError(f"lambdas: {short(bad[0])} is beyond the float32 range the merge computes in "
                          f"(|lambda| <= {FLOAT32_MAX:.3g})")
     return values
 
@@ -239,14 +239,14 @@ def parse_size(text, what: str) -> int:
     else:
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
         if not match or match.group(2).upper() not in _UNITS:
-            raise ValueError(f"{what}={text!r} is not a size; write it as a number of bytes or with a unit "
+            raise ValueError(f"{what}={short(text)} is not a size; write it as a number of bytes or with a unit "
                              "(e.g. 2GB, 512MiB)")
         value, unit = float(match.group(1)), match.group(2).upper()
     value *= _UNITS[unit]
     if not math.isfinite(value):
-        raise ValueError(f"{what}={text!r} is not a finite size; write it as a number of bytes or with a unit "
+        raise ValueError(f"{what}={short(text)} is not a finite size; write it as a number of bytes or with a unit "
                          "(e.g. 2GB, 512MiB)")
     size = int(value)
     if size < 0:
-        raise ValueError(f"{what}={text!r} must not be negative")
+        raise ValueError(f"{what}={short(text)} must not be negative")
     return size

@@ -50,7 +50,7 @@ def run(method: Callable, source: TaskVectorSource, sink: Sink, *, options: RunO
     checks.check_choice("scope", scope, checks.SCOPE_CHOICES)
     if segment_params is not None and scope != "tensor":
         raise ValueError(f"parameters that vary by tensor ({segment_params}) need scope='tensor', "
-                         f"but scope={scope!r}")
+                         f"but scope={checks.short(scope)}")
     warm_up_exp()
     sink = as_sink(sink)
     options = RunOptions() if options is None else options

@@ -49,8 +49,8 @@ def merge_adapters(base, adapters, out=None, *, method="pcb", lam=1.0, lambdas=N
                               params=method_params, max_memory=max_memory, fused=fused, threads=threads, dtype=dtype,
                               block_width=block_width)
     if backend not in ("auto", "torch") or str(device) != "cpu":
-        raise ValueError(f"LoRA adapters merge on the torch backend on CPU in this version (backend={backend!r}, "
-                         f"device={str(device)!r}); use backend 'torch' or 'auto' and device 'cpu'")
+        raise ValueError(f"LoRA adapters merge on the torch backend on CPU in this version (backend={checks.short(backend)}, "
+                         f"device={checks.short(str(device))}); use backend 'torch' or 'auto' and device 'cpu'")
     names = [f"adapter {i} ({a})" for i, a in enumerate(adapters)]
     if out_rank is not None:
         out_rank = lora_out.check_rank(out_rank)

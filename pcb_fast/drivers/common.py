@@ -74,7 +74,7 @@ def check_settings(method, n, *, lam, lambdas, scope, exclude, params, max_memor
     checks.check_choice("fused", fused, fused_cpu.MODES)
     check_threads(threads)
     if dtype is not None and dtype not in OUT_DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not valid; choose one of {', '.join(map(repr, OUT_DTYPES))}")
+        raise ValueError(f"dtype={checks.short(dtype)} is not valid; choose one of {', '.join(map(repr, OUT_DTYPES))}")
     checks.check_block_width(block_width)
     return MergeSettings(method=method, params=dict(params), lam=lam, lambdas=lambdas, scope=scope, exclude=exclude,
                          budget=budget, fused=fused, threads=threads, dtype=dtype, block_width=block_width)
@@ -84,7 +84,7 @@ def check_shard_size(shard_size) -> int:
     """The largest output shard in bytes: a positive size."""
     shard_bytes = parse_size(shard_size, "shard_size")
     if shard_bytes == 0:
-        raise ValueError(f"shard_size={shard_size!r} must be positive")
+        raise ValueError(f"shard_size={checks.short(shard_size)} must be positive")
     return shard_bytes
 
 

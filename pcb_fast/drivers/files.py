@@ -120,9 +120,9 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
     try:
         device = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"device={device!r} is not a torch device; use cpu or cuda (or cuda:N)") from None
+        raise ValueError(f"device={checks.short(device)} is not a torch device; use cpu or cuda (or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(device)!r}: no CUDA device is available here; use cpu")
+        raise ValueError(f"device={checks.short(str(device))}: no CUDA device is available here; use cpu")
     backend = resolve_backend(backend, device)
     labels = ["the base model"] + [f"model {i}" for i in range(n)]
     paths = [(label, path) for label, s in zip(labels, [base] + models) if not isinstance(s, dict)

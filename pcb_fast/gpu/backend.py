@@ -481,7 +481,7 @@ def merge_baseline(parts: list, n: int, method: str, *, lambdas=None, lam=1.0, s
     from ..methods.ties import SIGN_TIES, TOPK, check_density
 
     if method not in BASELINES:
-        raise ValueError(f"method {method!r} runs on backends 'torch' and 'reference' in this version; the triton "
+        raise ValueError(f"method {checks.short(method)} runs on backends 'torch' and 'reference' in this version; the triton "
                          f"backend runs 'pcb', {', '.join(map(repr, BASELINES))}")
     checks.check_choice("scope", scope, checks.SCOPE_CHOICES)
     lambdas = checks.check_lambdas(lambdas, n)
@@ -502,13 +502,13 @@ def merge_baseline(parts: list, n: int, method: str, *, lambdas=None, lam=1.0, s
         density = check_density(params.pop("density", 0.2))
         topk = checks.check_choice("topk", params.pop("topk", "threshold"), TOPK)
     if params:
-        raise ValueError(f"method {method!r} has no parameter {sorted(params)[0]!r}")
+        raise ValueError(f"method {checks.short(method)} has no parameter {checks.short(sorted(params)[0])}")
     if method in ("average", "task_arithmetic", "dare"):
         divisor = 1.0
         if method == "average":
             divisor = float(n) if lambdas is None else float(sum(lambdas))
             if divisor <= 0:
-                raise ValueError(f"lambdas={lambdas!r} sum to {divisor}; average weights must have a positive sum")
+                raise ValueError(f"lambdas={checks.short(lambdas)} sum to {divisor}; average weights must have a positive sum")
         drop = dare(parts) if dare is not None and parts else None
         for seg in _segments(_batch(parts, "global", None, None, n, device)):
             kl.linear_pass(seg, None, weights, divisor, lam, bad, kept, drop)

@@ -28,6 +28,8 @@ from datetime import timedelta
 
 import torch
 
+from ..core.checks import short
+
 
 class Comm:
     """The collectives a distributed merge needs, over the default process group."""
@@ -147,18 +149,18 @@ def layout(backend: str, device: torch.device, env=None, cuda_devices: int | Non
     device = torch.device(device)
     if backend not in ("torch", "triton"):
         raise ValueError(f"--distributed runs the torch backend on CPUs or the triton backend on CUDA GPUs, "
-                         f"not backend={backend!r}")
+                         f"not backend={short(backend)}")
     if device.type == "cpu":
         return "gloo", device
     if device.type != "cuda" or backend != "triton":
         raise ValueError(f"--distributed runs the torch backend on CPUs or the triton backend on CUDA GPUs, "
-                         f"not backend={backend!r} on {device}")
+                         f"not backend={short(backend)} on {device}")
     import torch.distributed as dist
 
     nccl = dist.is_nccl_available() if nccl is None else nccl
     cuda_devices = torch.cuda.device_count() if cuda_devices is None else cuda_devices
     if cuda_devices == 0:
-        raise ValueError(f"device={str(device)!r}: no CUDA device is visible to this process; use --device cpu")
+        raise ValueError(f"device={short(str(device))}: no CUDA device is visible to this process; use --device cpu")
     if not nccl:
         raise ValueError("--distributed on CUDA GPUs needs NCCL, which this torch build lacks "
                          "(torch.distributed.is_nccl_available() is False); use --device cpu")
@@ -166,7 +168,7 @@ def layout(backend: str, device: torch.device, env=None, cuda_devices: int | Non
         local = env.get("LOCAL_RANK")
         if local is None or not local.isdigit():
             raise ValueError(f"--distributed with --device cuda places each rank on cuda:LOCAL_RANK, but LOCAL_RANK "
-                             f"is {local!r}; launch with torchrun, or give --device cuda:N")
+                             f"is {short(local)}; launch with torchrun, or give --device cuda:N")
         device = torch.device("cuda", int(local))
     if device.index >= cuda_devices:
         raise ValueError(f"rank {env.get('RANK', '?')} would run on {device} but this node has {cuda_devices} CUDA "

@@ -34,7 +34,7 @@ def copy_tensor(checkpoint, key: str, writer, dtype: torch.dtype, finite: bool =
         values = checkpoint.read_into(key, lo, hi, torch.empty(hi - lo, dtype=checkpoint.dtype(key)))
         cast = values.to(dtype)
         if finite and hi > lo and not all(bool(torch.isfinite(v)) for v in torch.aminmax(cast)):  # (NaN propagates)
-            raise ValueError(f"{checkpoint.name}, key {key!r}: "
+            raise ValueError(f"{checkpoint.name}, key {checks.short(key)}: "
                              f"{checks.non_finite_reason(values) or f'a value beyond the range of {dtype}'}")
         writer.write(key, lo, cast)  # a new tensor per slice, as a writer behind the engine needs
 

@@ -13,6 +13,7 @@ import os
 import re
 
 from .checkpoints import SIDE_FILES
+from ..core.checks import short
 
 REFERENCE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
 PATTERNS = ["*.safetensors", "*.safetensors.index.json", *SIDE_FILES]
@@ -36,16 +37,16 @@ def resolve(ref: str, label: str) -> str:
     try:
         return snapshot_download(repo, revision=revision or None, allow_patterns=PATTERNS)
     except LocalEntryNotFoundError:
-        raise ValueError(f"{label}: {ref!r} is not in the Hugging Face cache and the Hub cannot be reached"
+        raise ValueError(f"{label}: {short(ref)} is not in the Hugging Face cache and the Hub cannot be reached"
                          f"{' (HF_HUB_OFFLINE is set)' if _offline() else ''}; fetch it first with `{fetch}` "
                          "(online), or give a local path") from None
     except RevisionNotFoundError:
-        raise ValueError(f"{label}: {repo!r} has no revision {revision!r} on the Hugging Face Hub") from None
+        raise ValueError(f"{label}: {short(repo)} has no revision {short(revision)} on the Hugging Face Hub") from None
     except RepositoryNotFoundError:
-        raise ValueError(f"{label}: {repo!r} is not a model on the Hugging Face Hub (or it is private or gated: "
+        raise ValueError(f"{label}: {short(repo)} is not a model on the Hugging Face Hub (or it is private or gated: "
                          "log in with `hf auth login`), nor a local path") from None
     except HfHubHTTPError as e:
-        raise ValueError(f"{label}: {ref!r} could not be fetched from the Hugging Face Hub ({str(e).splitlines()[0]})"
+        raise ValueError(f"{label}: {short(ref)} could not be fetched from the Hugging Face Hub ({str(e).splitlines()[0]})"
                          ) from None
 
 

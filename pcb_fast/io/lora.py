@@ -138,22 +138,22 @@ def check_config(config: dict, name: str) -> None:
     """What this reader supports of a LoraConfig (one line naming the entry otherwise)."""
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
-        raise ValueError(f"{name}: {CONFIG} has peft_type={peft_type!r}; only LoRA adapters (peft_type 'LORA') are "
+        raise ValueError(f"{name}: {CONFIG} has peft_type={checks.short(peft_type)}; only LoRA adapters (peft_type 'LORA') are "
                          "supported")
     r = config.get("r")
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise ValueError(f"{name}: {CONFIG} has r={r!r}; expected a positive integer rank")
+        raise ValueError(f"{name}: {CONFIG} has r={checks.short(r)}; expected a positive integer rank")
     if not _number(config.get("lora_alpha")):
-        raise ValueError(f"{name}: {CONFIG} has lora_alpha={config.get('lora_alpha')!r}; expected a finite number")
+        raise ValueError(f"{name}: {CONFIG} has lora_alpha={checks.short(config.get('lora_alpha'))}; expected a finite number")
     for field in ("use_rslora", "fan_in_fan_out", "lora_bias"):
         if not isinstance(config.get(field, False), bool):
-            raise ValueError(f"{name}: {CONFIG} has {field}={config.get(field)!r}; expected true or false")
+            raise ValueError(f"{name}: {CONFIG} has {field}={checks.short(config.get(field))}; expected true or false")
     for field, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
         patterns = config.get(field) or {}
         if not isinstance(patterns, dict) or not all(
                 isinstance(k, str) and isinstance(v, kind) and not isinstance(v, bool) and _number(v) and v > 0
                 for k, v in patterns.items()):
-            raise ValueError(f"{name}: {CONFIG} has {field}={patterns!r}; expected an object of module patterns to "
+            raise ValueError(f"{name}: {CONFIG} has {field}={checks.short(patterns)}; expected an object of module patterns to "
                              "positive numbers")
         for pattern in patterns:
             try:
@@ -166,7 +166,7 @@ def check_config(config: dict, name: str) -> None:
                              "is not W + scale * B @ A")
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(MUTATING_INITS):
-        raise ValueError(f"{name}: init_lora_weights={init!r} changes the base weights, so this adapter is relative "
+        raise ValueError(f"{name}: init_lora_weights={checks.short(init)} changes the base weights, so this adapter is relative "
                          "to a modified base; save it converted (PEFT's path_initial_model_for_weight_conversion)")
 
 
@@ -221,7 +221,7 @@ def _deltas(ck, config, name, base_ck, merged: set, aliases: dict) -> dict:
     factors, full = {}, {}
     for key in ck.keys():
         if not key.startswith(PREFIX):
-            raise ValueError(f"{name}: key {show(key)} does not start with {PREFIX!r}; not the adapter of a PEFT model")
+            raise ValueError(f"{name}: key {show(key)} does not start with {checks.short(PREFIX)}; not the adapter of a PEFT model")
         rest = key[len(PREFIX):]
         match = _FACTOR.fullmatch(rest)
         if match:

@@ -19,6 +19,7 @@ import re
 import torch
 
 from .safetensors import show
+from ..core.checks import short
 
 PREFIX = "base_model.model."
 LORA_KINDS = ("linear", "embedding")
@@ -28,7 +29,7 @@ POWER_ITERATIONS = 4
 
 def check_rank(rank) -> int:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"out_rank={rank!r} must be a positive integer (the rank of the adapter written)")
+        raise ValueError(f"out_rank={short(rank)} must be a positive integer (the rank of the adapter written)")
     if rank > 1 << 16:
         raise ValueError(f"out_rank={rank} is larger than 65536")
     return rank

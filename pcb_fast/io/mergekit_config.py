@@ -36,6 +36,7 @@ from ..methods import SPECS, check_method_params
 from ..methods.gta import KINDS as GTA_KINDS
 from .checkpoints import load_json
 from .safetensors import show, show_path
+from ..core.checks import short
 
 # mergekit's name -> pcb_fast's method (each method's spec says what mergekit calls it)
 MERGEKIT_METHODS = {spec.mergekit: name for name, spec in SPECS.items() if spec.mergekit is not None}
@@ -81,10 +82,10 @@ def parse(raw, where: str = "config", compute_dtype: str | None = None) -> dict:
     raw = _one_module(raw, where)
     unknown = sorted(set(raw) - set(TOP_LEVEL) - set(IGNORED_ENTRIES), key=str)
     if unknown:
-        raise ValueError(f"{where}: unknown entry {unknown[0]!r}{_did_you_mean(unknown[0], TOP_LEVEL)}; "
+        raise ValueError(f"{where}: unknown entry {short(unknown[0])}{_did_you_mean(unknown[0], TOP_LEVEL)}; "
                          f"valid: {', '.join(TOP_LEVEL)}")
     if raw.get("name") is not None and not isinstance(raw["name"], str):
-        raise ValueError(f"{where}: name={raw['name']!r} must be a string (the merge's name)")
+        raise ValueError(f"{where}: name={short(raw['name'])} must be a string (the merge's name)")
     notes = [f"config: {key} is ignored ({why})" for key, why in IGNORED_ENTRIES.items() if key in raw]
     _tokenizer_block(raw, where)
     name, method = _method(raw, where)
@@ -144,7 +145,7 @@ def parse(raw, where: str = "config", compute_dtype: str | None = None) -> dict:
     _gta_defaults(settings, name)
     scope = settings.constant("scope")
     if scope not in ("global", "tensor"):
-        raise ValueError(f"{where}: parameters.scope={scope!r} is not valid; choose one of 'global', 'tensor'")
+        raise ValueError(f"{where}: parameters.scope={short(scope)} is not valid; choose one of 'global', 'tensor'")
     exclude = shared.get("exclude")
     if exclude is not None and not isinstance(exclude, str) and not (
             isinstance(exclude, list) and all(isinstance(p, str) for p in exclude)):
@@ -270,7 +271,7 @@ def _compute_dtype(raw, method, name, asked, notes, where) -> dict:
 
 def _did_you_mean(word, choices) -> str:
     close = difflib.get_close_matches(str(word).lower(), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return f" (did you mean {short(close[0])}?)" if close else ""
 
 
 def _tokenizer_block(raw, where) -> None:
@@ -290,9 +291,9 @@ def _tokenizer_block(raw, where) -> None:
                          "valid: source, tokens, pad_to_multiple_of")
     pad = block.get("pad_to_multiple_of")
     if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
-        raise ValueError(f"{where}: tokenizer.pad_to_multiple_of={pad!r} must be a positive integer")
+        raise ValueError(f"{where}: tokenizer.pad_to_multiple_of={short(pad)} must be a positive integer")
     if not isinstance(block.get("source", "union"), str):
-        raise ValueError(f"{where}: tokenizer.source={block['source']!r} must be base, union or a model")
+        raise ValueError(f"{where}: tokenizer.source={short(block['source'])} must be base, union or a model")
 
 
 def _tokenizer(raw, base, prefer, inputs, named, where):
@@ -307,7 +308,7 @@ def _tokenizer(raw, base, prefer, inputs, named, where):
     if source is None:
         return None
     if not isinstance(source, str) or not source:
-        raise ValueError(f"{where}: tokenizer_source={source!r} must be base, union or a model")
+        raise ValueError(f"{where}: tokenizer_source={short(source)} must be base, union or a model")
     if source not in ("base", "union"):
         _check_reference(source, "tokenizer source", where)
         source = _local(source, f"{where}: tokenizer source", named)
@@ -360,7 +361,7 @@ def _method(raw, where):
     if isinstance(name, str) and name in NOT_SUPPORTED_METHODS:
         raise ValueError(f"{where}: not supported: merge_method {name} ({NOT_SUPPORTED_METHODS[name]})")
     if not isinstance(name, str) or (name not in MERGEKIT_METHODS and name not in OWN_METHODS):
-        raise ValueError(f"{where}: merge_method={name!r} is not valid; choose one of {', '.join(_method_names())}")
+        raise ValueError(f"{where}: merge_method={short(name)} is not valid; choose one of {', '.join(_method_names())}")
     return name, MERGEKIT_METHODS.get(name, name)
 
 
@@ -594,7 +595,7 @@ class Settings:
                     continue
                 if name == "density" and self.method != "ties":
                     if not converted > 0:
-                        raise ValueError(f"{self.where}: {label}={value!r} is out of range; valid: 0 < density "
+                        raise ValueError(f"{self.where}: {label}={short(value)} is out of range; valid: 0 < density "
                                          "(the fraction kept)")
                     continue
                 if name in ("int8_mask", "scope"):
@@ -722,7 +723,7 @@ def _check_setting(setting, label, where) -> None:
                 break
         else:
             return
-    raise ValueError(f"{where}: {label}={setting!r} must be a value, a list of numbers (a gradient over the layers) "
+    raise ValueError(f"{where}: {label}={short(setting)} must be a value, a list of numbers (a gradient over the layers) "
                      "or filters (a list of {filter: <part of a tensor name>, value: <value>}, the last without "
                      "filter)")
 
@@ -758,7 +759,7 @@ def _convert(value, kind: str, label: str | None = None):
     """A value of the parameter's type (mergekit validates with pydantic: numbers from numeric
     strings too); ``label`` names the entry in errors."""
     def bad(what):
-        return ValueError(f"{label}={value!r} must be {what}")
+        return ValueError(f"{label}={short(value)} must be {what}")
 
     if kind == "number":
         if isinstance(value, bool):
@@ -794,7 +795,7 @@ def _convert(value, kind: str, label: str | None = None):
 
 def _finite(value, label):
     if not math.isfinite(value):
-        raise ValueError(f"{label}={value!r} must be a finite number")
+        raise ValueError(f"{label}={short(value)} must be a finite number")
 
 
 def _candidates(setting):
@@ -833,7 +834,7 @@ def _output_entries(raw, base, where) -> dict:
                                  f"installed mergekit (pip install mergekit), which is missing; or give the "
                                  "template's Jinja text")
         elif template not in CHAT_TEMPLATE_NAMES and (len(template) < 20 or "{" not in template):
-            raise ValueError(f"{where}: chat_template={template!r} is neither a template name "
+            raise ValueError(f"{where}: chat_template={short(template)} is neither a template name "
                              f"({', '.join(CHAT_TEMPLATE_NAMES)}) nor a Jinja template")
     return out
 
@@ -977,7 +978,7 @@ def _source(src, label, where):
     span = src.get("layer_range")
     if (not isinstance(span, list) or len(span) != 2 or not all(isinstance(x, int) and not isinstance(x, bool)
                                                                  for x in span) or not 0 <= span[0] < span[1]):
-        raise ValueError(f"{where}: {label}.layer_range={span!r} must be [first, end] with 0 <= first < end")
+        raise ValueError(f"{where}: {label}.layer_range={short(span)} must be [first, end] with 0 <= first < end")
     params = src.get("parameters") or {}
     if not isinstance(params, dict):
         raise ValueError(f"{where}: {label}.parameters must be a mapping")

@@ -32,7 +32,7 @@ def running_stat_keys(base: dict, keys) -> list:
 
 def check_mode(mode) -> str:
     if mode not in MODES:
-        raise ValueError(f"running_stats={mode!r} is not valid; choose 'average' (the models' weighted mean) or "
+        raise ValueError(f"running_stats={checks.short(mode)} is not valid; choose 'average' (the models' weighted mean) or "
                          "'base' (the base model's)")
     return mode
 

@@ -21,7 +21,7 @@ SPECS: dict[str, MethodSpec] = {s.name: s for s in (
 def spec_of(method) -> MethodSpec:
     """The spec of ``method`` (a ValueError listing the valid names for an unknown one)."""
     if not isinstance(method, str) or method not in SPECS:
-        raise ValueError(f"method={method!r} is not valid; choose one of {', '.join(map(repr, SPECS))}")
+        raise ValueError(f"method={checks.short(method)} is not valid; choose one of {', '.join(map(repr, SPECS))}")
     return SPECS[method]
 
 
@@ -37,7 +37,7 @@ def check_method_params(method: str, n: int, lam, lambdas, scope: str, params: d
     spec.validate(params, n)
     if params.get("segment_params") is not None and scope != "tensor":
         raise ValueError(f"parameters that vary by tensor ({params['segment_params']}) need scope='tensor', "
-                         f"but scope={scope!r}")
+                         f"but scope={checks.short(scope)}")
 
 
 def scope_matters(method: str, params: dict) -> bool:

@@ -34,14 +34,14 @@ RESCALE = ("l1", "none")
 def check_density(value) -> float:
     value = checks.as_float("density", value)
     if not value > 0:
-        raise ValueError(f"density={value!r} is out of range; valid: 0 < density (the fraction kept; >= 1 keeps all)")
+        raise ValueError(f"density={checks.short(value)} is out of range; valid: 0 < density (the fraction kept; >= 1 keeps all)")
     return value
 
 
 def check_epsilon(value) -> float:
     value = checks.as_float("epsilon", value)
     if not value >= 0:
-        raise ValueError(f"epsilon={value!r} is out of range; valid: 0 <= epsilon")
+        raise ValueError(f"epsilon={checks.short(value)} is out of range; valid: 0 <= epsilon")
     return value
 
 
@@ -50,7 +50,7 @@ def check_together(params: dict, n: int) -> None:
     epsilons = params["epsilon"] if isinstance(params["epsilon"], list) else [params["epsilon"]] * n
     for d, e in zip(densities, epsilons):
         if d < 1 and (d + e >= 1 or d - e <= 0):
-            raise ValueError(f"epsilon={e!r} with density={d!r}: density +/- epsilon must lie in (0, 1)")
+            raise ValueError(f"epsilon={checks.short(e)} with density={checks.short(d)}: density +/- epsilon must lie in (0, 1)")
 
 
 def magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: str, draws: torch.Tensor) -> torch.Tensor:

@@ -58,7 +58,7 @@ def karcher_mean(tensors: list, alphas: list, max_iter: int = 10, tol: float = 1
 
 def check_max_iter(value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"max_iter={value!r} must be a non-negative integer")
+        raise ValueError(f"max_iter={checks.short(value)} must be a non-negative integer")
     return value
 
 

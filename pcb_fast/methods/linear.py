@@ -78,7 +78,7 @@ def merge_average(source, sink, options, *, lambdas=None, block_width=DEFAULT_BL
     lam = lambda_column(lambdas, source.n)
     divisor = source.n if lam is None else float(lam.sum())
     if divisor <= 0:
-        raise ValueError(f"lambdas={lambdas!r} sum to {divisor}; average weights must have a positive sum")
+        raise ValueError(f"lambdas={checks.short(lambdas)} sum to {divisor}; average weights must have a positive sum")
     return _weighted_sums(source, options, sink, lam, divisor=divisor, block_width=block_width)
 
 
@@ -93,7 +93,7 @@ def merge_task_arithmetic(source, sink, options, *, normalize=False, lambdas=Non
 def check_drop(p) -> float:
     p = checks.as_float("p", p)
     if not (0.0 <= p < 1.0):
-        raise ValueError(f"p={p!r} is out of range; valid: 0 <= p < 1 (the drop probability)")
+        raise ValueError(f"p={checks.short(p)} is out of range; valid: 0 <= p < 1 (the drop probability)")
     return p
 
 
@@ -140,7 +140,7 @@ def l1_factors(source, options, keep_mask, block_width: int) -> torch.Tensor:
 
 def check_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed={seed!r} must be a non-negative integer")
+        raise ValueError(f"seed={checks.short(seed)} must be a non-negative integer")
     return seed
 
 
@@ -210,12 +210,12 @@ def merge_dare(source, sink, options, *, p=0.9, seed=0, rescale="inverse", norma
 def check_band(gamma, beta, band: str = "row") -> tuple[float, float]:
     gamma, beta = checks.as_float("gamma", gamma), checks.as_float("beta", beta)
     if not (0.0 <= gamma < 1.0):
-        raise ValueError(f"gamma={gamma!r} is out of range; valid: 0 <= gamma < 1 (the top fraction dropped)")
+        raise ValueError(f"gamma={checks.short(gamma)} is out of range; valid: 0 <= gamma < 1 (the top fraction dropped)")
     if band == "tensor":  # mergekit's band: the drop shrinks when gamma + beta > 1
         if not (0.0 < beta <= 1.0):
-            raise ValueError(f"beta={beta!r} is out of range; valid: 0 < beta <= 1 (the fraction kept)")
+            raise ValueError(f"beta={checks.short(beta)} is out of range; valid: 0 < beta <= 1 (the fraction kept)")
     elif not (0.0 < beta <= 1.0) or gamma + beta > 1.0:
-        raise ValueError(f"beta={beta!r} is out of range; valid: 0 < beta <= 1 - gamma (the fraction kept below the top)")
+        raise ValueError(f"beta={checks.short(beta)} is out of range; valid: 0 < beta <= 1 - gamma (the fraction kept below the top)")
     return gamma, beta
 
 

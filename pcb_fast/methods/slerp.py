@@ -36,13 +36,13 @@ def check_t(t) -> float | None:
     if t is None:  # (required: the spec says so, and the merge asks for it per tensor)
         return None
     if isinstance(t, bool):
-        raise ValueError(f"t={t!r} must be a number")
+        raise ValueError(f"t={short(t)} must be a number")
     try:
         t = float(t)
     except (TypeError, ValueError):
-        raise ValueError(f"t={t!r} must be a number (0: the base model, 1: the other model)") from None
+        raise ValueError(f"t={short(t)} must be a number (0: the base model, 1: the other model)") from None
     if not math.isfinite(t):
-        raise ValueError(f"t={t!r} must be a finite number (0: the base model, 1: the other model)")
+        raise ValueError(f"t={short(t)} must be a finite number (0: the base model, 1: the other model)")
     return t
 
 

@@ -106,7 +106,7 @@ class MethodSpec:
         unknown = sorted(set(params) - set(self.param_names) - {"segment_params"})
         if unknown:
             valid = ", ".join(self.param_names) or "none (it takes only lam and lambdas)"
-            raise ValueError(f"method {self.name!r} has no parameter {unknown[0]!r}; valid: {valid}")
+            raise ValueError(f"method {checks.short(self.name)} has no parameter {checks.short(unknown[0])}; valid: {valid}")
 
     def validate(self, params: dict, n: int) -> dict:
         """``params`` checked for ``n`` models, without touching data (the merge's own messages):
@@ -114,7 +114,7 @@ class MethodSpec:
         self.check_names(params)
         for p in self.params:  # (per tensor, segment_params gives it: the merge checks each tensor's)
             if p.required and params.get(p.name) is None and "segment_params" not in params:
-                raise ValueError(f"method {self.name!r} needs the parameter {p.name!r} ({p.help})")
+                raise ValueError(f"method {checks.short(self.name)} needs the parameter {checks.short(p.name)} ({p.help})")
         out = {name: self.param(name).validate(value, n) for name, value in params.items()
                if name != "segment_params"}
         if self.check_together is not None:
@@ -128,7 +128,7 @@ class MethodSpec:
             if isinstance(value, (list, tuple)):
                 return f"{name} per model"
             if name in self.param_names and self.param(name).engine_only and value != self.param(name).default:
-                return f"{name}={value!r}"
+                return f"{name}={checks.short(value)}"
         return None
 
     def for_kernels(self, params: dict) -> dict:
@@ -137,7 +137,7 @@ class MethodSpec:
         from its default); else ``params`` less the engine-only options, whose defaults are the kernels'
         own behaviour."""
         if "triton" not in self.backends:
-            raise ValueError(f"method {self.name!r} runs on backends {', '.join(map(repr, self.backends))} in this "
+            raise ValueError(f"method {checks.short(self.name)} runs on backends {', '.join(map(repr, self.backends))} in this "
                              f"version, not on 'triton'")
         option = ("parameters that vary by tensor" if "segment_params" in params
                   else self.engine_only_option(params))

@@ -40,7 +40,7 @@ TOPK = ("threshold", "exact")
 def check_density(density) -> float:
     d = checks.as_float("density", density)
     if not (0.0 < d <= 1.0):
-        raise ValueError(f"density={density!r} is out of range; valid: 0 < density <= 1 (the fraction kept)")
+        raise ValueError(f"density={checks.short(density)} is out of range; valid: 0 < density <= 1 (the fraction kept)")
     return d
 
 
@@ -51,7 +51,7 @@ def check_densities(density, n: int):
 
 def check_min_keep(min_keep) -> int:
     if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 0:
-        raise ValueError(f"min_keep={min_keep!r} must be a non-negative integer (mergekit keeps at least 1)")
+        raise ValueError(f"min_keep={checks.short(min_keep)} must be a non-negative integer (mergekit keeps at least 1)")
     return min_keep
 
 

@@ -98,4 +98,4 @@ def _check_finite(source, segment, natives, base, models) -> None:
 def no_weights(method: str, lambdas) -> None:
     """Methods whose models carry no weight refuse one (rather than ignore it)."""
     if lambdas is not None:
-        raise ValueError(f"method {method!r} takes no per-model weights (lambdas)")
+        raise ValueError(f"method {checks.short(method)} takes no per-model weights (lambdas)")
