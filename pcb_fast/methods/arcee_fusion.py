@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .spec import MethodSpec
-from .weight_space import COMPUTE_DTYPE, merge_weights, no_weights
+from .weight_space import COMPUTE_DTYPE, merge_weights, model_count, no_weights
 
 
 def importance(theta: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -32,9 +32,7 @@ def arcee_fusion(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return base + (other - base) * mask
 
 
-def check_one_other(params: dict, n: int) -> None:
-    if n != 1:
-        raise ValueError(f"arcee_fusion takes the base model and exactly one other model; got {n} others")
+check_one_other = model_count(1, "arcee_fusion takes the base model and exactly one other model; got {n} others")
 
 
 def merge_arcee_fusion(source, sink, options, *, compute_dtype="float32", lambdas=None, block_width=None):

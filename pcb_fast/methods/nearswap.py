@@ -13,7 +13,7 @@ import torch
 from ..core.checks import short
 from .slerp import check_t
 from .spec import MethodSpec, Param
-from .weight_space import COMPUTE_DTYPE, merge_weights, no_weights
+from .weight_space import COMPUTE_DTYPE, merge_weights, model_count, no_weights
 
 
 def nearswap(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -22,9 +22,7 @@ def nearswap(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return weight * b + (1 - weight) * a
 
 
-def check_one_other(params: dict, n: int) -> None:
-    if n != 1:
-        raise ValueError(f"nearswap takes the base model and exactly one other model; got {n} others")
+check_one_other = model_count(1, "nearswap takes the base model and exactly one other model; got {n} others")
 
 
 def merge_nearswap(source, sink, options, *, t=None, compute_dtype="float32", lambdas=None, block_width=None):

@@ -14,7 +14,7 @@ import torch
 
 from ..core import checks
 from .spec import MethodSpec, Param, flag
-from .weight_space import COMPUTE_DTYPE, merge_weights
+from .weight_space import COMPUTE_DTYPE, merge_weights, model_count
 
 
 def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int = -1, eps: float = 1e-8,
@@ -43,9 +43,7 @@ def interpolation_factor(weights) -> float:
     return 0.5 if abs(total) < 1e-6 else weights[1] / total
 
 
-def check_two_models(params: dict, n: int) -> None:
-    if n != 2:
-        raise ValueError(f"nuslerp interpolates exactly two models (besides an optional base); got {n}")
+check_two_models = model_count(2, "nuslerp interpolates exactly two models (besides an optional base); got {n}")
 
 
 def merge_nuslerp(source, sink, options, *, nuslerp_row_wise=False, nuslerp_flatten=True, with_base=True,

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 from ..core import checks
 from .spec import MethodSpec, Param
-from .weight_space import COMPUTE_DTYPE, merge_weights, no_weights
+from .weight_space import COMPUTE_DTYPE, merge_weights, model_count, no_weights
 
 
 def check_scale(value):
     return None if value is None else checks.as_float("scale", value)
 
 
-def check_one(params: dict, n: int) -> None:
-    if n != 1:
-        raise ValueError(f"passthrough takes exactly one model (per slice); got {n}")
+check_one = model_count(1, "passthrough takes exactly one model (per slice); got {n}")
 
 
 def merge_passthrough(source, sink, options, *, scale=None, compute_dtype="float32", lambdas=None, block_width=None):

@@ -25,7 +25,7 @@ import torch
 from ..core.checks import short
 from ..core.threads import one_thread
 from .spec import MethodSpec, Param
-from .weight_space import COMPUTE_DTYPE, merge_weights, no_weights
+from .weight_space import COMPUTE_DTYPE, merge_weights, model_count, no_weights
 
 CHUNK = 1 << 20  # entries per chunk of the norms and the dot product (mergekit's, for one tensor at a time)
 DOT_THRESHOLD = 0.9995
@@ -80,9 +80,7 @@ def _norm_of_chunks(x: torch.Tensor, starts, eps: float) -> torch.Tensor:
     return torch.where(norm > eps, norm, 1)
 
 
-def check_two_models(params: dict, n: int) -> None:
-    if n != 1:
-        raise ValueError(f"slerp interpolates the base model and exactly one other model; got {n} others")
+check_two_models = model_count(1, "slerp interpolates the base model and exactly one other model; got {n} others")
 
 
 def merge_slerp(source, sink, options, *, t=None, compute_dtype="float32", lambdas=None, block_width=None):

@@ -95,6 +95,17 @@ def _check_finite(source, segment, natives, base, models) -> None:
             raise ValueError(f"{source.where(task, segment)}: {checks.non_finite_reason(natives[task + 1])}")
 
 
+def model_count(count: int, message: str) -> Callable[[dict, int], None]:
+    """A spec's ``check_together`` that the method is given exactly ``count`` models besides the base:
+    else ``message`` (formatted with the number ``n`` given) is the error."""
+
+    def check(params: dict, n: int) -> None:
+        if n != count:
+            raise ValueError(message.format(n=n))
+
+    return check
+
+
 def no_weights(method: str, lambdas) -> None:
     """Methods whose models carry no weight refuse one (rather than ignore it)."""
     if lambdas is not None:
