@@ -69,3 +69,22 @@ def slices_read(monkeypatch, key: str) -> list:
 
     monkeypatch.setattr(SafetensorsCheckpoint, "read_into", spy)
     return lengths
+
+
+class TaskVectorIndex:
+    """The fine-tunes' task vectors by (key, task), to name the one a peer's code is handed: the tests
+    that swap pcb_fast's counter-based draws into mergekit's DARE and DELLA look it up to pick its
+    stream."""
+
+    def __init__(self):
+        self._deltas = {}
+
+    def fill(self, base: dict, models: list) -> None:
+        """Index the task vectors of ``models`` (in task order) against ``base``."""
+        self._deltas = {(key, task): m[key] - base[key] for task, m in enumerate(models) for key in base}
+
+    def find(self, tensor: torch.Tensor) -> tuple:
+        """The (key, task) of the task vector equal to ``tensor``: exactly one must be."""
+        hits = [kt for kt, d in self._deltas.items() if d.shape == tensor.shape and torch.equal(d, tensor)]
+        assert len(hits) == 1, "a task vector mergekit drops was not found among the inputs"
+        return hits[0]

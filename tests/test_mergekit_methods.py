@@ -16,6 +16,7 @@ mk_slerp = pytest.importorskip("mergekit.merge_methods.slerp")
 from pcb_fast import merge  # noqa: E402
 from pcb_fast.cli import main as cli  # noqa: E402
 from pcb_fast.methods.slerp import slerp  # noqa: E402
+from pcb_test_helpers import TaskVectorIndex  # noqa: E402
 from pcb_test_helpers import llama_state as shared_llama_state  # noqa: E402
 from pcb_test_helpers import slices_read  # noqa: E402
 
@@ -257,7 +258,7 @@ def della_draws(monkeypatch):
     becomes u / 2^24 < probs with that stream's 24-bit draws u."""
     from pcb_fast.core import rng
 
-    deltas, current = {}, []
+    vectors, current = TaskVectorIndex(), []
     magprune = sparsify.della_magprune
     bernoulli = torch.bernoulli
 
@@ -269,23 +270,15 @@ def della_draws(monkeypatch):
         return (u < probs.float()).to(probs.dtype)
 
     def traced(tensor, density, epsilon, rescale_norm=None):
-        hits = [kt for kt, d in deltas.items() if d.shape == tensor.shape and torch.equal(d, tensor)]
-        assert len(hits) == 1, "a task vector mergekit drops was not found among the inputs"
-        current.append(hits[0])
+        current.append(vectors.find(tensor))
         try:
             return magprune(tensor, density, epsilon, rescale_norm)
         finally:
             current.pop()
 
-    def use(base, models):
-        deltas.clear()
-        for task, m in enumerate(models):
-            for key in base:
-                deltas[(key, task)] = m[key] - base[key]
-
     monkeypatch.setattr(sparsify, "della_magprune", traced)
     monkeypatch.setattr(torch, "bernoulli", drawn)
-    return use
+    return vectors.fill
 
 
 DELLA_CONFIGS = [
@@ -494,26 +487,18 @@ def dare_draws(monkeypatch):
     """mergekit's DARE drop with pcb_fast's draws (as tests/test_peers.py's fixture)."""
     from pcb_fast.core import rng
 
-    deltas = {}
+    vectors = TaskVectorIndex()
 
     def bernoulli(tensor, density, rescale_norm=None):
         if density >= 1:
             return tensor
-        hits = [kt for kt, d in deltas.items() if d.shape == tensor.shape and torch.equal(d, tensor)]
-        assert len(hits) == 1, "a task vector mergekit drops was not found among the inputs"
-        key, task = hits[0]
+        key, task = vectors.find(tensor)
         work = tensor.dtype if tensor.dtype == torch.bfloat16 else torch.float32
         keep = rng.keep_mask(0, task, key, 0, tensor.numel(), max(0.0, 1.0 - density)).view(tensor.shape)
         return sparsify.rescaled_masked_tensor(tensor.to(work), keep.to(work), rescale_norm).to(tensor.dtype)
 
-    def use(base, models):
-        deltas.clear()
-        for task, m in enumerate(models):
-            for key in base:
-                deltas[(key, task)] = m[key] - base[key]
-
     monkeypatch.setattr(sparsify, "bernoulli", bernoulli)
-    return use
+    return vectors.fill
 
 
 @pytest.mark.parametrize("name,spec", GTA_CONFIGS, ids=[c[0] for c in GTA_CONFIGS])

@@ -46,6 +46,7 @@ mk_merge = pytest.importorskip("mergekit.merge")
 
 from pcb_fast.cli import main as cli  # noqa: E402
 from pcb_fast.core import rng  # noqa: E402
+from pcb_test_helpers import TaskVectorIndex  # noqa: E402
 from pcb_test_helpers import llama_state as shared_llama_state  # noqa: E402
 
 LAYERS, HIDDEN, INTER, VOCAB = 3, 32, 48, 40
@@ -173,24 +174,17 @@ def dare_draws(monkeypatch, llamas):
     reproduced): the task vector handed to mergekit's bernoulli is looked up among the fixture's to
     name its key and task; the mask is pcb_fast.core.rng's, mergekit's own code rescales it."""
     tmp, base_path, paths, base, tuned = llamas
-    deltas = {}
-    order = []
+    vectors = TaskVectorIndex()
 
     def bernoulli(tensor, density, rescale_norm=None):
         if density >= 1:
             return tensor
-        hits = [(key, task) for (key, task), d in deltas.items() if d.shape == tensor.shape and torch.equal(d, tensor)]
-        assert len(hits) == 1, "a task vector mergekit drops was not found among the inputs"
-        key, task = hits[0]
+        key, task = vectors.find(tensor)
         keep = rng.keep_mask(0, task, key, 0, tensor.numel(), max(0.0, 1.0 - density)).view(tensor.shape)
         return sparsify.rescaled_masked_tensor(tensor, keep.to(tensor.dtype), rescale_norm)
 
     def use(models):  # the fine-tunes as tasks, in the config's order
-        deltas.clear()
-        order[:] = models
-        for task, m in enumerate(models):
-            for key in base:
-                deltas[(key, task)] = m[key] - base[key]
+        vectors.fill(base, models)
 
     monkeypatch.setattr(sparsify, "bernoulli", bernoulli)
     return use
