@@ -94,8 +94,10 @@ def has_loops(method: str, params: dict) -> bool:
     take the eager path otherwise)."""
     if method not in FUSED_METHODS:
         return False
-    if method in C_METHODS or has_c_loops(method, params):
-        return has_c_loops(method, params)
+    if has_c_loops(method, params):
+        return True
+    if method in C_METHODS:
+        return False  # no other fused tier: the eager engine
     if method == "breadcrumbs":
         return not params.get("normalize", False) and params.get("band", "row") == "row"
     return params.get("variant", "official") == "official"
@@ -106,8 +108,8 @@ def resolve(mode: str, entries: int, method: str | None = None, params: dict | N
     the fused loops."""
     checks.check_choice("fused", mode, MODES)
     params = params or {}
-    if method in C_METHODS and native.problem() is not None:
-        return _unavailable(mode, f"its C loops do not build here ({native.problem()})")
+    if method in C_METHODS and (c_problem := native.problem()) is not None:  # (no build for other methods)
+        return _unavailable(mode, f"its C loops do not build here ({c_problem})")
     if method is not None and not has_loops(method, params):
         return False  # nothing to compile: not even the probe (seconds of inductor start-up per process)
     if mode == "off":
