@@ -22,7 +22,6 @@ save_file, load_file = safetensors_torch.save_file, safetensors_torch.load_file
 
 from pcb_fast.cli import main as cli  # noqa: E402
 from pcb_fast.core.checks import parse_size  # noqa: E402
-from pcb_fast.io import safetensors as st  # noqa: E402
 from pcb_fast.io.checkpoints import open_checkpoint  # noqa: E402
 from pcb_fast.io.config import load_config, parse_config  # noqa: E402
 from pcb_fast.drivers.files import merge_checkpoints  # noqa: E402
