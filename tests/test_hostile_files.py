@@ -448,3 +448,23 @@ def test_open_checkpoint_raises_value_errors_only(tmp_path):
         open_checkpoint(tmp_path / "p.safetensors")
     with pytest.raises(ValueError, match="NUL"):
         open_checkpoint("a\0b.safetensors")
+
+
+def test_readers_collected_at_interpreter_exit_close_quietly(tmp_path, monkeypatch):
+    """At exit, Python may clear module globals (``os`` becomes None) before a reader is collected; its
+    ``__del__`` must still close the file, not print "Exception ignored ... 'NoneType' has no attribute"."""
+    import pcb_fast.io.checkpoints as checkpoints_module
+    import pcb_fast.io.safetensors as safetensors_module
+
+    save_file({"w": torch.ones(4)}, tmp_path / "a.safetensors")
+    torch.save({"w": torch.ones(4)}, tmp_path / "a.bin")
+    readers = [SafetensorsReader(tmp_path / "a.safetensors"), open_checkpoint(tmp_path / "a.bin")]
+    fds = [readers[0]._fd, readers[1].fd]
+    assert all(fd is not None for fd in fds)
+    monkeypatch.setattr(safetensors_module, "os", None)
+    monkeypatch.setattr(checkpoints_module, "os", None)
+    for reader in readers:
+        reader.__del__()
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)  # closed

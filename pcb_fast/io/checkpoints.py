@@ -209,8 +209,11 @@ class TorchFileCheckpoint(StateDictCheckpoint):
             self.fd = None
         self._strided = (None, None)
 
-    def __del__(self):
-        self.close()
+    def __del__(self, _close=os.close):
+        # At interpreter exit the module's globals (``os``) may already be None (see SafetensorsReader).
+        fd, self.fd = getattr(self, "fd", None), None
+        if fd is not None:
+            _close(fd)
 
 
 class SafetensorsCheckpoint(Checkpoint):

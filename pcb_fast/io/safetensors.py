@@ -565,8 +565,12 @@ class SafetensorsReader:
             os.close(self._fd)
             self._fd = None
 
-    def __del__(self):
-        self.close()
+    def __del__(self, _close=os.close):
+        # At interpreter exit the module's globals (``os``) may already be None: close through a
+        # function bound when the class was made.
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            _close(fd)
 
 
 def shard_plan(entries: list, shard_size: int) -> list:
