@@ -48,4 +48,4 @@ def test_progress_outside_a_terminal_is_plain_lines_and_one_for_a_per_tensor_run
     whole = subprocess.run(run + ["--out", str(tmp_path / "g")], capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr
     passes = [line for line in whole.stderr.splitlines() if " read in " in line]
-    assert passes and passes[0].startswith("pcb-fast: pass 1: ") and "\r" not in whole.stderr, whole.stderr
+    assert passes and passes[0].startswith("pcb-fast: pass 1 of ") and "\r" not in whole.stderr, whole.stderr

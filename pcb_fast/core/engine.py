@@ -27,7 +27,7 @@ from ..cpu.native import (collect as native_collect, collected_split as native_c
                           problem as native_problem, row_order_statistics)
 from . import checks
 from .numerics import warm_up_exp
-from .options import RunOptions
+from .options import RunOptions, add_passes, plan_passes
 from .select import RadixSelect, bucket_floor
 from .sinks import Sink, as_sink
 from .sources import Block, Segment, TaskVectorSource
@@ -61,6 +61,8 @@ def run(method: Callable, source: TaskVectorSource, sink: Sink, *, options: RunO
     part_options = options
     if scope == "tensor":  # one tensor's statistics live on the rank that holds it; one bar for the run
         part_options = replace(options, comm=None, progress=None if bar is not None else options.progress)
+    if scope == "global":
+        plan_passes(options, "merge")  # a method that makes more passes says so before its first
     try:
         for part in parts:
             own = dict(params, **segment_params(part.segments[0].key)) if segment_params is not None else params
@@ -262,6 +264,7 @@ class ColumnSample:
         self.stride = max(17, (D >> 18) | 1)
         self.parts = []
         self.n = n
+        self.columns = -(-D // self.stride)  # the columns it holds once taken (offsets 0, stride, ...)
 
     def add(self, block) -> None:
         first = (-block.start) % self.stride
@@ -350,6 +353,20 @@ def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(values, k).values
 
 
+def selection_passes(source: TaskVectorSource, options: RunOptions, rank, columns: int,
+                     then: tuple = ("merge",)) -> list:
+    """What the passes of :func:`select_threshold` do, in order, where no sampled bound misses (the
+    run adds a pass where one does): with a sample of ``columns`` columns (:attr:`ColumnSample.columns`;
+    0 without one), the entries collected in one pass, or counted around a bracket, or two passes
+    of the radix select; ``then``: the method's passes after it where nothing is collected."""
+    sampled = columns >= MIN_SAMPLE
+    if can_collect(source, options, task_ranks(rank, source.n)):
+        return ["collect"] if sampled else ["histogram", "collect"]
+    if sampled and options.comm is None:
+        return ["bracket", *then]
+    return ["histogram", "threshold", *then]
+
+
 def select_threshold(
     source: TaskVectorSource, options: RunOptions, score_blocks: Callable, rank,
     sample_scores: torch.Tensor | None = None, keep_ties: bool = False, collect_at: Callable | None = None,
@@ -386,6 +403,7 @@ def select_threshold(
         collected, summary = collect(score_blocks, floor, n, collect_at, ceiling)
         if any(size < D - int(r) for size, r in zip(summary.sizes, ranks.tolist())):
             floor = None  # the sampled floor was above the threshold for some task
+            add_passes(options, "histogram", "collect", why="sampled floor too high, re-reading")
     if floor is None:
         selector = RadixSelect(n, ranks.unsqueeze(1), D)
         for _, scores in score_blocks():
@@ -410,7 +428,8 @@ def select_threshold(
     return torch.stack(thresholds), summary.maxima, collected, torch.stack(kept)
 
 
-def select_in_bracket(n: int, D: int, rank, sample_scores: torch.Tensor | None, bracket_pass: Callable):
+def select_in_bracket(n: int, D: int, rank, sample_scores: torch.Tensor | None, bracket_pass: Callable,
+                      options: RunOptions | None = None):
     """Exact t_i = sort(score_i)[rank_i] per task (``rank``: one for all, or [n]) from one pass that
     counts around a sampled bracket.
 
@@ -421,7 +440,7 @@ def select_in_bracket(n: int, D: int, rank, sample_scores: torch.Tensor | None, 
     the bounds (quantized or sparse task vectors) cost counts only. Where the sampled bracket
     misses t (improbable: six standard deviations), the pass is repeated with a bracket that lies
     on the missed side of the old one (:func:`_widened`): a retry holds about as many values as a
-    first pass, never a whole side of the row.
+    first pass, never a whole side of the row (a pass the run's ``options`` add to its progress bars).
     Returns (t, greater, at_least): [n] thresholds and the counts of scores > t and >= t.
     """
     ranks = task_ranks(rank, n).tolist()
@@ -455,6 +474,8 @@ def select_in_bracket(n: int, D: int, rank, sample_scores: torch.Tensor | None, 
                 missed = True
         if not missed:
             return t, greater, at_least
+        if options is not None:
+            add_passes(options, why="bracket missed, re-reading")
 
 
 def _widened(sample_scores, i: int, rank: int, D: int, widen: float, bound, below: bool):
@@ -537,8 +558,9 @@ def threshold_in_bracket(source: TaskVectorSource, options: RunOptions, score_bl
         return above, at_ceiling, at_floor, [torch.cat(parts) if parts else torch.zeros(0) for parts in inside]
 
     try:
-        t, greater, at_least = select_in_bracket(n, D, rank, sample_scores, bracket_pass)
+        t, greater, at_least = select_in_bracket(n, D, rank, sample_scores, bracket_pass, options)
     except _BracketTooWide:
+        add_passes(options, "histogram", "threshold", why="bracket too wide for the memory budget")
         return None
     return t, peak, at_least if keep_ties else greater
 

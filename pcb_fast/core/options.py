@@ -37,16 +37,48 @@ class RunOptions:
 
 class PassBars:
     """The ``progress`` of :class:`RunOptions` from a bar factory ``make(total_bytes, description)``:
-    one bar per pass, named "pass 1", "pass 2", ...; or, for a per-tensor merge (every tensor runs
-    its own passes), one bar for the whole run, advanced as each tensor is done (:meth:`tensors`)."""
+    one bar per pass, described "pass k of n: what it does"; or, for a per-tensor merge (every tensor
+    runs its own passes), one bar for the whole run, advanced as each tensor is done (:meth:`tensors`).
+
+    n is the plan: a method announces the passes it will make before its first (:func:`plan_passes`;
+    without one, a run is one "merge" pass), and the run adds passes where the data decides
+    otherwise (:func:`add_passes`: a sampled bracket that missed), so that k never exceeds n and the
+    last bar says "pass n of n". A pass nobody planned is counted as it comes (n = k)."""
 
     def __init__(self, make: Callable):
-        self._make, self._count = make, 0
+        self._make, self._count, self._ahead, self._why, self._last = make, 0, [], None, "read"
+
+    def plan(self, names) -> None:
+        """The passes still to come, by what each does, in order (replacing what was planned)."""
+        self._ahead = list(names)
+
+    def add(self, names, why: str) -> None:
+        """Passes the run makes before those planned (``names``; None: the last pass again), and why:
+        the next bar says so."""
+        self._ahead[:0] = [self._last] if names is None else list(names)
+        self._why = why
 
     def __call__(self, total: int):
         self._count += 1
-        return self._make(total, f"pass {self._count}")
+        self._last = self._ahead.pop(0) if self._ahead else "read"
+        why, self._why = self._why, None
+        description = f"pass {self._count} of {self._count + len(self._ahead)}: {self._last}"
+        return self._make(total, description + (f" ({why})" if why else ""))
 
     def tensors(self, total: int, count: int):
         """One bar over the ``total`` bytes of ``count`` tensors merged one after the other."""
         return self._make(total, f"{count} tensors, one at a time")
+
+
+def plan_passes(options: RunOptions, *names: str) -> None:
+    """Announce the passes a run will make from now on, by what each does ("sample", "merge"...),
+    to its progress bars (:class:`PassBars`; nothing without them)."""
+    if isinstance(options.progress, PassBars):
+        options.progress.plan(names)
+
+
+def add_passes(options: RunOptions, *names: str, why: str) -> None:
+    """Passes a run adds before those it planned (none named: the last pass once more), and why
+    (shown on the next bar)."""
+    if isinstance(options.progress, PassBars):
+        options.progress.add(names or None, why)

@@ -231,6 +231,10 @@ class TaskVectorSource:
         else None."""
         return None
 
+    def holds_columns(self) -> bool:
+        """Whether :meth:`strided_columns` gives columns (without a pass)."""
+        return False
+
     def _read(self, seg: Segment, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -271,6 +275,9 @@ class MatrixSource(TaskVectorSource):
     def strided_columns(self, stride: int) -> list:
         return [torch.stack([row[::stride].float() for row in self._rows])]
 
+    def holds_columns(self) -> bool:
+        return True
+
     def _read(self, seg, lo, hi, out):
         if self._matrix is not None:
             return self._matrix[:, lo:hi]
@@ -289,6 +296,9 @@ class StateDictSource(TaskVectorSource):
         names = model_names or [f"model {i}" for i in range(len(models))]
         super().__init__(len(models), segments, names)
         self._base_buffer = None
+
+    def holds_columns(self) -> bool:
+        return True
 
     def strided_columns(self, stride: int) -> list:
         columns = []
@@ -530,6 +540,9 @@ class CachedSource(TaskVectorSource):
 
     def strided_columns(self, stride: int) -> list | None:
         return [self.cache[:, ::stride].clone()] if self.complete else None
+
+    def holds_columns(self) -> bool:
+        return self.complete
 
     def _pack_signatures(self) -> list:
         return self.inner._pack_signatures()  # later passes see the blocks of the first

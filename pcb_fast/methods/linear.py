@@ -16,6 +16,7 @@ import torch
 from ..core import checks, rng
 from ..core.engine import raise_if_not_finite
 from ..core.formulas import lambda_column, sum_over_tasks
+from ..core.options import plan_passes
 from ..core.sources import DEFAULT_BLOCK_WIDTH, row_length
 from ..core.threads import one_thread
 from ..cpu import fused as fused_cpu, native
@@ -191,6 +192,8 @@ def merge_dare(source, sink, options, *, p=0.9, seed=0, rescale="inverse", norma
     ``normalize`` (divide by the sum of the weights)."""
     lam = lambda_column(lambdas, source.n)
     divisor = normalizing_divisor(lam, source.n, normalize)
+    if rescale == "l1":
+        plan_passes(options, "l1 norms", "merge")
     p, seed, rescale, factors = dare_options(source, options, p, seed, rescale, block_width)
     if fused_cpu.applies(options) and fused_cpu.has_loops("dare", dict(p=p, rescale=rescale,
                                                                        normalize=divisor is not None)):

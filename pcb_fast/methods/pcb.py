@@ -21,7 +21,8 @@ import torch
 
 from ..core import checks
 from ..core.engine import (ColumnSample, Collected, entries, raise_if_not_finite, select_in_bracket,
-                           select_threshold)
+                           select_threshold, selection_passes)
+from ..core.options import plan_passes
 from ..core.formulas import EXACT_EXP_MAX_N, clip_indices, keep_index, lambda_column, span_or_inf
 from ..core.select import RadixSelect, TailSelect
 from ..core.sources import DEFAULT_BLOCK_WIDTH
@@ -96,8 +97,7 @@ def clip_bounds(source, options, clamp_ratio: float, block_width: int, sample: C
     n, D = source.n, source.D
     i_lo, i_hi = clip_indices(D, clamp_ratio)
     ws = tb.Workspace(n, block_width, 1)
-    # tail candidates are local; a distributed merge sums histograms over ranks instead
-    tails = max(i_lo + 1, D - i_hi) <= max(D // 64, 1) and options.comm is None
+    tails = _in_tails(source, options, clamp_ratio)
     selector = (TailSelect(n, i_lo, D - 1 - i_hi) if tails
                 else RadixSelect(n, torch.tensor([[i_lo, i_hi]] * n), D, comm=options.comm))
     in_c = tails and native.problem() is None  # |tau|'s extremes per run in one C sweep (exact)
@@ -127,6 +127,18 @@ def clip_bounds(source, options, clamp_ratio: float, block_width: int, sample: C
             selector.count_low(torch.abs(block.tv, out=ws.get(block.tv.shape[1])[0]))
     bounds = selector.values()
     return tb.ClipStats.from_bounds(bounds[:, 0], bounds[:, 1])
+
+
+def _in_tails(source, options, clamp_ratio: float) -> bool:
+    """Whether :func:`clip_bounds` finds both ranks among tail candidates (one pass), not by radix select."""
+    i_lo, i_hi = clip_indices(source.D, clamp_ratio)
+    # tail candidates are local; a distributed merge sums histograms over ranks instead
+    return max(i_lo + 1, source.D - i_hi) <= max(source.D // 64, 1) and options.comm is None
+
+
+def clip_passes(source, options, clamp_ratio: float) -> list:
+    """What the passes of :func:`clip_bounds` do."""
+    return ["clip bounds"] if _in_tails(source, options, clamp_ratio) else ["clip histogram", "clip bounds"]
 
 
 def _c_loops(source, options, params) -> bool:
@@ -189,6 +201,9 @@ def collect_block_c(block, clip: tb.ClipStats, inter: str, floor: torch.Tensor, 
 
 def _merge_official(source, options, sink, params, block_width, record=None, reuse=None):
     n, D = source.n, source.D
+    known = reuse is not None and ("clip", params["clamp_ratio"], block_width) in reuse
+    plan_passes(options, *([] if known else clip_passes(source, options, params["clamp_ratio"])),
+                *selection_passes(source, options, keep_index(D, params["ratio"]), ColumnSample(D, n).columns))
 
     def statistics():
         sample = ColumnSample(D, n)
@@ -274,7 +289,7 @@ def fused_clip_bounds(source, options, clamp_ratio: float, block_width: int) -> 
                 _append_inside(inside, offset, values, floor[rows], ceiling[rows])
         return counts[0], counts[1], counts[2], [torch.cat(parts) for parts in inside]
 
-    bounds, _, _ = select_in_bracket(2 * n, D, ranks, torch.cat([magnitudes, magnitudes]), bracket_pass)
+    bounds, _, _ = select_in_bracket(2 * n, D, ranks, torch.cat([magnitudes, magnitudes]), bracket_pass, options)
     return tb.ClipStats.from_bounds(bounds[:n], bounds[n:]), sample
 
 
@@ -286,6 +301,11 @@ def _merge_official_fused(source, options, sink, params, block_width, reuse=None
     sweep that computes P again and merges each block. Nothing is collected: memory stays at a few
     blocks."""
     n, D = source.n, source.D
+    known = reuse is not None and ("clip", params["clamp_ratio"], block_width) in reuse
+    # the clip bounds in one bracket pass where the sample is read in place, else as clip_bounds finds them
+    clip = [] if known else ["clip bounds"] if source.holds_columns() else clip_passes(source, options,
+                                                                                     params["clamp_ratio"])
+    plan_passes(options, *clip, "bracket", "merge")
 
     def statistics():
         found = fused_clip_bounds(source, options, params["clamp_ratio"], block_width)
@@ -321,7 +341,7 @@ def _merge_official_fused(source, options, sink, params, block_width, reuse=None
             _append_inside(inside, 0, scores[:, fused_cpu.marked(flagged)], floor, ceiling)
         return counts[0], counts[1], counts[2], [torch.cat(parts) for parts in inside]
 
-    t, greater, _ = select_in_bracket(n, D, keep_index(D, params["ratio"]), sample_scores, bracket_pass)
+    t, greater, _ = select_in_bracket(n, D, keep_index(D, params["ratio"]), sample_scores, bracket_pass, options)
     t = t.unsqueeze(1)
     # scale = (max(P, t) - t) / (M - t) (docs/design.md 2.2 step 6); M == t: nothing kept, scale 0
     keep_span = span_or_inf(peak.unsqueeze(1) - t)
@@ -380,6 +400,9 @@ def pair_stats(source, options, block_width: int, sample: ColumnSample) -> tb.Pa
 
 def _merge_paper(source, options, sink, params, block_width, record=None, reuse=None):
     n, D = source.n, source.D
+    known = reuse is not None and ("pairs", block_width) in reuse
+    plan_passes(options, *([] if known else ["pair bounds", "partition sums"]),
+                *selection_passes(source, options, keep_index(D, params["ratio"]), ColumnSample(D, n).columns))
 
     def statistics():
         sample = ColumnSample(D, n)

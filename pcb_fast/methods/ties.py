@@ -25,7 +25,9 @@ from __future__ import annotations
 import torch
 
 from ..core import checks
-from ..core.engine import ColumnSample, raise_if_not_finite, select_in_bracket, select_threshold, sum_kept
+from ..core.engine import (ColumnSample, raise_if_not_finite, select_in_bracket, select_threshold, selection_passes,
+                           sum_kept)
+from ..core.options import add_passes, plan_passes
 from ..core.formulas import disjoint_mean, elected_signs, lambda_column, zero_sign_fill
 from ..core.sources import DEFAULT_BLOCK_WIDTH
 from ..cpu import fused as fused_cpu
@@ -67,18 +69,17 @@ class Trim:
     :meth:`collected_blocks` yields (Collected block, task of each entry, kept mask of its entries),
     or, when the collected entries would not fit the source's memory budget (:attr:`dense`),
     :meth:`dense_blocks` yields (block, kept mask [n, m]) on every sweep over the task vectors.
+    ``sweeps``: what the caller's sweeps over :meth:`dense_blocks` do (announced with the trim's passes).
     """
 
-    def __init__(self, source, options, density, topk: str, block_width: int, min_keep: int = 0):
+    def __init__(self, source, options, density, topk: str, block_width: int, min_keep: int = 0,
+                 sweeps: tuple = ("signs", "merge")):
         self.source, self.options, self.topk, self.block_width = source, options, topk, block_width
         n, D = source.n, source.D
         # [n] entries kept per task: int(D * density_i) (a density per task, or one for all)
         self.keep = keep_counts(D, density, min_keep, n)
         self._buffer = torch.empty(n * block_width)
         sample = ColumnSample(D, n)
-        for block in source.blocks(block_width, options=options):  # NaN/Inf check and column sample
-            raise_if_not_finite(source, options, block, self._magnitude(block.tv).amax(1))
-            sample.add(block)
         # "threshold": t = sort(|tau|)[D - keep - 1], keep >= t; "exact": t = sort(|tau|)[D - keep], keep > t
         # plus the first entries equal to t (by position) up to exactly `keep`.
         ranks = D - self.keep - 1 if topk == "threshold" else D - self.keep
@@ -90,6 +91,14 @@ class Trim:
             # A task keeping everything (rank -1: t = min, all >= t) or, exactly, nothing (rank D:
             # t = max, no entry above it and no tie budget) among others: clamping gives the same.
             ranks = ranks.clamp(0, D - 1)
+            then = ("tie counts", *sweeps) if topk == "exact" else sweeps  # (the sweeps where nothing is collected)
+            plan_passes(options, "sample", *selection_passes(source, options, ranks, sample.columns, then))
+        else:
+            plan_passes(options, "sample", *sweeps)
+        for block in source.blocks(block_width, options=options):  # NaN/Inf check and column sample
+            raise_if_not_finite(source, options, block, self._magnitude(block.tv).amax(1))
+            sample.add(block)
+        if self.everything is None:
             sample_scores = sample.scores(lambda tv: self._magnitude(tv).clone())
             self.t, _, self.collected, self.at_or_above = select_threshold(
                 source, options, self._magnitude_blocks, ranks, sample_scores, keep_ties=True)
@@ -239,6 +248,7 @@ def _merge_ties_fused(source, options, sink, density, sign_ties, topk, lam, bloc
     guess = None
     if edge:  # every entry kept (t below them all), or none (exact top-0)
         everything = bool((ranks < 0).all())
+        plan_passes(options, "check", "merge")
         for block in source.blocks(block_width, options=options):
             raise_if_not_finite(source, options, block, block.tv.abs().amax(1))
         t = torch.full((n, 1), float("-inf") if everything else float("inf"))
@@ -246,7 +256,9 @@ def _merge_ties_fused(source, options, sink, density, sign_ties, topk, lam, bloc
     else:
         rank = ranks.clamp(0, D - 1)  # a task keeping all or (exactly) none among others: see Trim
         sample = ColumnSample(D, n)
-        if not sample.take_without_pass(source):
+        taken = sample.take_without_pass(source)
+        plan_passes(options, *([] if taken else ["sample"]), "bracket", "merge")
+        if not taken:
             for block in source.blocks(block_width, options=options):
                 sample.add(block)
 
@@ -266,7 +278,7 @@ def _merge_ties_fused(source, options, sink, density, sign_ties, topk, lam, bloc
                 last_pass.append((block_counts, values))
             return counts[0], counts[1], counts[2], [torch.cat(parts) for parts in inside]
 
-        t, greater, at_least = select_in_bracket(n, D, rank, sample.scores(torch.abs), bracket_pass)
+        t, greater, at_least = select_in_bracket(n, D, rank, sample.scores(torch.abs), bracket_pass, options)
         t = t.unsqueeze(1)
         kept = at_least if topk == "threshold" else keep.clone()
         guess = guess_fill(torch.cat(sample.parts, dim=1) if sample.parts else torch.zeros(n, 0), t, lam, sign_ties)
@@ -302,6 +314,7 @@ def sweep_with_fill(source, options, sink, merge_block, sign_ties: str, block_wi
         sink(block.segment, block.lo, block.hi, values)
     fill = zero_sign_fill(sign_total, sign_ties)
     if undecided_blocks and not torch.equal(fill, guess):
+        add_passes(options, "merge", why="sign of zero sums guessed wrong, re-merging undecided blocks")
         for number, block in enumerate(source.blocks(block_width, options=options)):
             if number in undecided_blocks:
                 sink(block.segment, block.lo, block.hi, merge_block(number, block, fill)[0])
@@ -363,8 +376,10 @@ def merge_dare_ties(source, sink, options, *, p=0.9, seed=0, sign_ties="majority
     checks.check_choice("sign_ties", sign_ties, SIGN_TIES)
     normalize = checks.check_flag("normalize", normalize)
     lam = lambda_column(lambdas, source.n)
+    fused = fused_cpu.applies(options) and fused_cpu.has_loops("dare_ties", dict(p=p, rescale=rescale))
+    plan_passes(options, *(["l1 norms"] if rescale == "l1" else []), *(["merge"] if fused else ["signs", "merge"]))
     p, seed, rescale, factors = dare_options(source, options, p, seed, rescale, block_width)
-    if fused_cpu.applies(options) and fused_cpu.has_loops("dare_ties", dict(p=p, rescale=rescale)):
+    if fused:
         return _merge_dare_ties_fused(source, options, sink, p, seed, rescale, factors, sign_ties, lam, block_width,
                                       normalize)
     kept_counts = torch.zeros(source.n, dtype=torch.int64)
@@ -392,6 +407,7 @@ def merge_breadcrumbs_ties(source, sink, options, *, gamma=0.01, beta=0.1, band=
     normalize = checks.check_flag("normalize", normalize)
     lam = lambda_column(lambdas, source.n)
     kept_counts = torch.zeros(source.n, dtype=torch.int64)
+    plan_passes(options, "signs", "merge")
 
     def weighted_blocks(first_sweep: bool):
         for block, masked, mask in breadcrumbs_blocks(source, options, gamma, beta, band, block_width):

@@ -1,0 +1,133 @@
+"""Progress bars: one per pass, "pass k of n: what it does", n announced before the first pass and
+revised where the data adds passes (core/options.py PassBars)."""
+
+import re
+
+import pytest
+import torch
+
+from pcb_fast.core import engine
+from pcb_fast.drivers.files import merge_checkpoints
+from pcb_fast.io.folder import save_model
+
+BAR = re.compile(r"pass (\d+) of (\d+): [a-z0-9 ]+( \(.+\))?$")
+
+
+class Bars:
+    """A bar factory that records each bar's description."""
+
+    def __init__(self):
+        self.started = []
+
+    def __call__(self, total, description):
+        self.started.append(description)
+        return self
+
+    def update(self, nbytes):
+        pass
+
+    def close(self):
+        pass
+
+
+def assert_counted(started):
+    """Bars 1..m in order, n never below k, the last "pass m of m"; n changes only on a bar that says why."""
+    assert started, "no bar"
+    counts = []
+    for k, description in enumerate(started, 1):
+        match = BAR.match(description)
+        assert match, description
+        assert int(match[1]) == k and int(match[2]) >= k, started
+        counts.append(int(match[2]))
+        if k > 1 and counts[-1] != counts[-2]:
+            assert match[3], f"n changed without a reason: {started}"
+    assert counts[-1] == len(started), started
+
+
+def folders(tmp_path, dtype, rows=256):
+    """A base and three models of three [rows, 110] tensors (rows=256: enough entries for a column
+    sample that brackets the thresholds; fewer, and the radix select places them)."""
+    g = torch.Generator().manual_seed(0)
+    base = {f"layers.{i}.weight": torch.randn(rows, 110, generator=g) for i in range(3)}
+    save_model({k: v.to(dtype) for k, v in base.items()}, tmp_path / "base")
+    models = []
+    for name in ("a", "b", "c"):
+        save_model({k: (v + torch.randn(v.shape, generator=g)).to(dtype) for k, v in base.items()}, tmp_path / name)
+        models.append(str(tmp_path / name))
+    return str(tmp_path / "base"), models
+
+
+RUNS = [("pcb", {}), ("pcb", {"fused": "off"}), ("pcb", {"variant": "paper"}), ("pcb", {"max_memory": "200KB"}),
+        ("pcb", {"max_memory": "200KB", "fused": "off", "variant": "paper"}), ("ties", {}), ("ties", {"fused": "off"}),
+        ("ties", {"fused": "off", "topk": "exact", "max_memory": "200KB"}), ("ties", {"density": 1.0}),
+        ("ties", {"density": 1.0, "fused": "off"}), ("dare_ties", {}), ("dare_ties", {"fused": "off", "rescale": "l1"}),
+        ("breadcrumbs_ties", {}), ("breadcrumbs", {}), ("task_arithmetic", {}), ("dare", {"rescale": "l1"}),
+        ("della", {})]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["cached", "from-files"])
+@pytest.mark.parametrize("rows", [256, 8], ids=["sampled", "small"])
+def test_every_global_run_counts_its_passes(tmp_path, dtype, rows):
+    """Float32 inputs are cached in memory after the first pass, bfloat16 ones read from the files on
+    every pass; small models have too few entries for a column sample (the radix select instead)."""
+    base, models = folders(tmp_path, dtype, rows)
+    plans = {}
+    for number, (method, params) in enumerate(RUNS):
+        bars = Bars()
+        merge_checkpoints(base, models, str(tmp_path / f"out{number}"), method=method, progress=bars, **params)
+        assert_counted(bars.started)
+        plans[method, tuple(params.items())] = [d.split(": ", 1)[1] for d in bars.started]
+    if rows == 256:  # what the passes do, for a few of them
+        assert plans["pcb", ()] == ["clip bounds", "collect"]
+        assert plans["pcb", (("max_memory", "200KB"),)] == ["clip bounds", "bracket", "merge"]
+        assert plans["ties", (("fused", "off"), ("topk", "exact"), ("max_memory", "200KB"))] == [
+            "sample", "bracket", "tie counts", "signs", "merge"]
+    else:
+        assert plans["pcb", (("fused", "off"),)] == ["clip bounds", "histogram", "collect"]
+    assert plans["task_arithmetic", ()] == ["merge"]
+    assert plans["dare", (("rescale", "l1"),)] == ["l1 norms", "merge"]
+
+
+def _missing(guess):
+    """engine.bounds_from_sample with brackets entirely above the thresholds."""
+
+    def bounds(sample_scores, rank, D):
+        found = guess(sample_scores, rank, D)
+        if found is None:
+            return None
+        floor, ceiling = found
+        return ceiling + (ceiling - floor), ceiling + 2 * (ceiling - floor)
+
+    return bounds
+
+
+@pytest.mark.parametrize("method,params,why", [
+    ("ties", {}, "bracket missed, re-reading"),
+    ("pcb", {"max_memory": "200KB"}, "bracket missed, re-reading"),
+    ("pcb", {"fused": "off"}, "sampled floor too high, re-reading")])
+def test_a_missed_bracket_adds_passes_and_says_so(tmp_path, monkeypatch, method, params, why):
+    base, models = folders(tmp_path, torch.bfloat16)
+    monkeypatch.setattr(engine, "bounds_from_sample", _missing(engine.bounds_from_sample))
+    bars = Bars()
+    merge_checkpoints(base, models, str(tmp_path / "out"), method=method, progress=bars, **params)
+    assert_counted(bars.started)
+    first = int(BAR.match(bars.started[0])[2])
+    assert len(bars.started) > first and any(d.endswith(f"({why})") for d in bars.started), bars.started
+
+
+def test_a_per_tensor_run_has_one_bar(tmp_path):
+    base, models = folders(tmp_path, torch.float32, rows=8)
+    bars = Bars()
+    merge_checkpoints(base, models, str(tmp_path / "out"), method="ties", scope="tensor", progress=bars)
+    assert bars.started == ["3 tensors, one at a time"]
+
+
+@pytest.mark.parametrize("method", ["pcb", "ties", "dare_ties"])
+def test_an_adapter_merge_counts_its_passes(tmp_path, method):
+    from pcb_fast import merge_adapters
+    from test_lora import family
+
+    _, base_file, adapters, _ = family(tmp_path)
+    bars = Bars()
+    merge_adapters(base_file, adapters, method=method, progress=bars)
+    assert_counted(bars.started)
