@@ -13,11 +13,11 @@ import argparse
 import os
 import signal
 import sys
-import time
 import warnings
 
 from . import __version__
 from .core.checks import check_ratio
+from .core.options import stderr_bars
 from .methods import SPECS, check_method_params, flag_help, flag_params
 from .core.checks import short
 
@@ -192,32 +192,6 @@ def merge_arguments(args) -> dict:
     return kwargs
 
 
-def _progress_bars(total: int, description: str):
-    """A bar on a terminal; elsewhere (a log, a pipe) one plain line when the work is done."""
-    if not sys.stderr.isatty():
-        return _DoneLine(total, description)
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=description, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                leave=False, dynamic_ncols=True)
-
-
-class _DoneLine:
-    """Progress where stderr is not a terminal: no carriage returns, one line at the end."""
-
-    def __init__(self, total: int, description: str):
-        self.total, self.description, self.done = total, description, 0
-        self.started = time.perf_counter()
-
-    def update(self, nbytes: int) -> None:
-        self.done += nbytes
-
-    def close(self) -> None:
-        size = f"{self.done / 2**30:.2f} GiB" if self.done >= 2**30 else f"{self.done / 2**20:.1f} MiB"
-        print(f"pcb-fast: {self.description}: {size} read in {time.perf_counter() - self.started:.1f} s",
-              file=sys.stderr, flush=True)
-
-
 def run_merge(args) -> int:
     from .drivers.files import merge_checkpoints
     from .io.output import MergeFailed, check_not_an_input
@@ -236,7 +210,7 @@ def run_merge(args) -> int:
         check_side_files(base if os.path.isdir(base) else None, kwargs.get("dtype"), None)
     report = {}
     try:
-        merger(**kwargs, progress=None if args.quiet else _progress_bars, report=report)
+        merger(**kwargs, progress=None if args.quiet else stderr_bars, report=report)
     except MergeFailed as e:
         if args.verbose:
             raise
@@ -339,7 +313,7 @@ def run_search(args) -> int:
     try:
         result = search_lambdas(base, models, evaluate, bounds=bounds, x0=args.x0, budget=args.budget,
                                 popsize=args.popsize, sigma0=args.sigma0, seed=args.search_seed, lam=lam,
-                                method=method, history_path=args.history, progress=not args.quiet,
+                                method=method, history_path=args.history, progress=None if args.quiet else stderr_bars,
                                 threads=args.threads, **params)
     except EvaluateError as e:
         if args.verbose:

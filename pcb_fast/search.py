@@ -29,7 +29,7 @@ from .api import check_state_dicts
 from .core import checks, engine
 from .core.formulas import disjoint_mean, elected_signs, zero_sign_fill
 from .core.sources import DEFAULT_BLOCK_WIDTH, StateDictSource
-from .core.options import RunOptions
+from .core.options import PassBars, RunOptions, plan_passes, stderr_bars
 from .core.threads import CpuThreads, check_threads
 from .io.running_stats import merge_running_stats, running_stat_keys
 from .io.tied import check_tied, tied_groups
@@ -48,13 +48,14 @@ class ContributionCache:
 
     The returned dict is the same object at every call, updated in place (copy what you keep).
     ``reuse``: a dict shared by caches of the same models that differ only in ``ratio`` (pcb), so
-    that the statistics independent of ratio are computed once.
+    that the statistics independent of ratio are computed once. ``progress``: a bar factory
+    ``progress(total_bytes, description)``, one bar per pass of the build (as a merge's).
     """
 
     @torch.no_grad()  # inputs that require grad are read as data
     def __init__(self, base: dict, models: Sequence[dict], *, method: str = "pcb", scope: str = "global",
                  exclude=(), block_width: int = DEFAULT_BLOCK_WIDTH, reuse: dict | None = None, threads="auto",
-                 **params):
+                 progress: Callable | None = None, **params):
         if method not in SEARCHABLE:
             raise ValueError(f"method={checks.short(method)} has no per-task coefficients to search; choose one of "
                              f"{', '.join(map(repr, SEARCHABLE))}")
@@ -96,7 +97,7 @@ class ContributionCache:
         # PCB with merge's default: its C sweeps where they build (the same bits)
         fused = default_fused(self.n * self.source.D, params) if method == "pcb" else {}
         with CpuThreads(threads) as cpu_threads:  # as a merge does (core/threads.py)
-            options = RunOptions(threads=cpu_threads, **fused)
+            options = RunOptions(threads=cpu_threads, progress=progress and PassBars(progress), **fused)
             if method == "pcb":
                 self._build_sparse(block_width, options)
             else:
@@ -137,13 +138,22 @@ class ContributionCache:
             checks.check_choice("topk", self.params.get("topk", "threshold"), TOPK)
             parts = [src] if self.scope == "global" else [src.restrict(s) for s in src.segments]
             dense = replace(options, memory_budget=0)  # the dense trim: (block, kept mask) per block
+            bar = None
+            if self.scope == "tensor" and options.progress is not None:  # one bar for the run, as a merge's
+                bar = options.progress.tensors(src.D * src.bytes_per_entry(), len(parts))
+                dense = replace(dense, progress=None)
             for part in parts:
                 width = part.block_width(block_width, dense)
-                trim = Trim(part, dense, density, self.params.get("topk", "threshold"), width)
+                trim = Trim(part, dense, density, self.params.get("topk", "threshold"), width, sweeps=("cache",))
                 for block, mask in trim.dense_blocks():
                     self._vectors[block.segment.key][:, block.lo : block.hi] = block.tv * mask
                     kept += mask.sum(1)
+                if bar is not None:
+                    bar.update(part.D * part.bytes_per_entry())
+            if bar is not None:
+                bar.close()
         else:
+            plan_passes(options, "cache")
             if self.method == "dare":
                 p, seed = check_drop(self.params.get("p", 0.9)), check_seed(self.params.get("seed", 0))
             for block in src.blocks(block_width, options=options):
@@ -295,7 +305,7 @@ def _evaluate(evaluate: Callable, state: dict, lambdas: list, candidate: int) ->
 def search_lambdas(base: dict, models: Sequence[dict], evaluate: Callable[[dict], float], *,
                    bounds=(0.8, 1.3), x0=1.0, budget: int = 100, popsize: int | None = None,
                    sigma0: float | None = None, seed: int = 0, lam: float = 1.0, method: str = "pcb",
-                   callback: Callable[[dict], bool] | None = None, history_path=None, progress: bool = False,
+                   callback: Callable[[dict], bool] | None = None, history_path=None, progress=False,
                    cache: ContributionCache | None = None, **merge_params) -> SearchResult:
     """Per-task lambda_i by CMA-ES (the ``cma`` package) maximising ``evaluate(state_dict)``.
 
@@ -303,7 +313,9 @@ def search_lambdas(base: dict, models: Sequence[dict], evaluate: Callable[[dict]
     ``x0`` itself is evaluated first; ``sigma0`` defaults to a quarter of the bounds' width.
     ``callback(entry)`` sees every history entry and may return True to stop. Reproducible for a
     fixed ``seed``. ``merge_params`` (method parameters, scope, exclude) go to the merge; pass a
-    ``cache`` to reuse one built earlier.
+    ``cache`` to reuse one built earlier. ``progress``: True for bars on stderr
+    (core.options.stderr_bars), or a factory ``progress(total, description, unit="B")``: one bar per
+    pass of the cache's build, then one over the evaluations (unit "evaluation").
     """
     with warnings.catch_warnings():  # cma warns on import when matplotlib is absent: irrelevant here
         warnings.simplefilter("ignore")
@@ -339,12 +351,9 @@ def search_lambdas(base: dict, models: Sequence[dict], evaluate: Callable[[dict]
         start = []
     if len(start) != n or not all(lo <= x <= hi for x in start):
         raise ValueError(f"x0={checks.short(x0)} must be one number or {n} numbers inside bounds [{lo}, {hi}]")
-    cache = cache or ContributionCache(base, models, method=method, **merge_params)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=budget, desc="search", unit="eval", leave=False)
+    progress = stderr_bars if progress is True else progress or None
+    cache = cache or ContributionCache(base, models, method=method, progress=progress, **merge_params)
+    bar = None if progress is None else progress(budget, "search", unit="evaluation")
     history, best = [], None
 
     def run(candidate_lambdas) -> tuple[float, bool]:
@@ -357,7 +366,8 @@ def search_lambdas(base: dict, models: Sequence[dict], evaluate: Callable[[dict]
             best = entry
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(best=f"{best['score']:.4g}")
+            if hasattr(bar, "set_postfix"):  # (a tqdm bar)
+                bar.set_postfix(best=f"{best['score']:.4g}")
         return score, bool(callback(entry)) if callback is not None else False
 
     try:

@@ -131,3 +131,60 @@ def test_an_adapter_merge_counts_its_passes(tmp_path, method):
     bars = Bars()
     merge_adapters(base_file, adapters, method=method, progress=bars)
     assert_counted(bars.started)
+
+
+class UnitBars(Bars):
+    def __call__(self, total, description, unit="B"):
+        return super().__call__(total, description if unit == "B" else f"{description} [{unit}]")
+
+
+@pytest.mark.parametrize("method,params", [("pcb", {}), ("pcb", {"scope": "tensor"}), ("ties", {"density": 0.3}),
+                                           ("ties", {"scope": "tensor"}), ("dare", {})])
+def test_a_search_counts_the_passes_of_its_cache_then_its_evaluations(method, params):
+    from pcb_fast.search import search_lambdas
+
+    g = torch.Generator().manual_seed(0)
+    base = {f"w{i}": torch.randn(300, 300, generator=g) for i in range(2)}
+    models = [{k: v + torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(2)]
+    bars = UnitBars()
+    search_lambdas(base, models, lambda state: 0.0, budget=3, method=method, progress=bars, **params)
+    *passes, last = bars.started
+    assert last == "search [evaluation]"
+    if params.get("scope") == "tensor":
+        assert passes == ["2 tensors, one at a time"]
+    else:
+        assert_counted(passes)
+
+
+def test_bars_on_a_terminal_without_a_size_and_plain_lines_elsewhere():
+    """A pty nobody sized (columns 0) still gets a bar; a pipe gets one line per bar, no carriage return."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from pcb_fast.core.options import stderr_bars\n"
+            "for unit in ('B', 'evaluation'):\n"
+            "    bar = stderr_bars(100, 'pass 1 of 1: merge', unit)\n"
+            "    bar.update(100)\n"
+            "    bar.close()\n")
+    piped = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    lines = piped.stderr.splitlines()
+    assert "\r" not in piped.stderr and len(lines) == 2, piped.stderr
+    assert lines[0].startswith("pcb-fast: pass 1 of 1: merge: 0.0 MiB read in ")
+    assert lines[1].startswith("pcb-fast: pass 1 of 1: merge: 100 evaluations in ")
+    leader, follower = os.openpty()  # (a new pty reports 0 columns and 0 rows)
+    try:
+        subprocess.run([sys.executable, "-c", code], stderr=follower, check=True)
+        os.close(follower)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(leader)
+    assert b"pass 1 of 1: merge:" in shown and b"/100 [" in shown, shown

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -82,3 +85,40 @@ def add_passes(options: RunOptions, *names: str, why: str) -> None:
     (shown on the next bar)."""
     if isinstance(options.progress, PassBars):
         options.progress.add(names or None, why)
+
+
+def stderr_bars(total: int, description: str, unit: str = "B"):
+    """A progress factory for the command line: a tqdm bar on stderr where it is a terminal;
+    elsewhere (a log, a pipe) one plain line when the work is done, no carriage returns. ``unit``:
+    bytes ("B"), or what else the bar counts ("evaluation")."""
+    if not sys.stderr.isatty():
+        return _DoneLine(total, description, unit)
+    from tqdm import tqdm
+
+    # a terminal that reports no size (a pty nobody sized) would get no bar at all: 80 x 20 there
+    try:
+        sized = min(os.get_terminal_size(sys.stderr.fileno())) > 0
+    except (OSError, ValueError):
+        sized = False
+    return tqdm(total=total, desc=description, unit=unit, unit_scale=unit == "B", unit_divisor=1024, file=sys.stderr,
+                leave=False, dynamic_ncols=sized, **({} if sized else {"ncols": 80, "nrows": 20}))
+
+
+class _DoneLine:
+    """Progress where stderr is not a terminal: one line when the work is done."""
+
+    def __init__(self, total: int, description: str, unit: str):
+        self.total, self.description, self.unit, self.done = total, description, unit, 0
+        self.started = time.perf_counter()
+
+    def update(self, amount: int) -> None:
+        self.done += amount
+
+    def close(self) -> None:
+        if self.unit == "B":
+            size = f"{self.done / 2**30:.2f} GiB" if self.done >= 2**30 else f"{self.done / 2**20:.1f} MiB"
+            what = f"{size} read"
+        else:
+            what = f"{self.done} {self.unit}{'' if self.done == 1 else 's'}"
+        print(f"pcb-fast: {self.description}: {what} in {time.perf_counter() - self.started:.1f} s",
+              file=sys.stderr, flush=True)
