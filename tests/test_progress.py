@@ -162,7 +162,15 @@ def test_bars_on_a_terminal_without_a_size_and_plain_lines_elsewhere():
     import subprocess
     import sys
 
-    code = ("from pcb_fast.core.options import stderr_bars\n"
+    import pcb_fast.core.options
+
+    # the module alone (it imports nothing of the package): no torch to import in the children
+    code = ("import importlib.util, sys\n"
+            f"spec = importlib.util.spec_from_file_location('options', {pcb_fast.core.options.__file__!r})\n"
+            "options = importlib.util.module_from_spec(spec)\n"
+            "sys.modules['options'] = options\n"
+            "spec.loader.exec_module(options)\n"
+            "stderr_bars = options.stderr_bars\n"
             "for unit in ('B', 'evaluation'):\n"
             "    bar = stderr_bars(100, 'pass 1 of 1: merge', unit)\n"
             "    bar.update(100)\n"
@@ -188,3 +196,41 @@ def test_bars_on_a_terminal_without_a_size_and_plain_lines_elsewhere():
     finally:
         os.close(leader)
     assert b"pass 1 of 1: merge:" in shown and b"/100 [" in shown, shown
+
+
+def test_the_compiled_pcb_route_counts_its_passes(tmp_path, monkeypatch, inter="pairwise"):
+    """PCB's compiled loops (where its C sweeps do not apply), run here by their eager functions:
+    the clip bounds from one bracket pass where the sample is read in place (in memory), else from
+    the pass that takes the sample (files); then the score bracket and the merge."""
+    from pcb_fast.core.options import PassBars, RunOptions
+    from pcb_fast.core.sources import MatrixSource
+    from pcb_fast.cpu import fused as fused_cpu
+    from pcb_fast.methods import SPECS
+
+    monkeypatch.setattr(fused_cpu.Fusable, "__call__", lambda self, *args: self.eager(*args))
+    monkeypatch.setattr(fused_cpu, "has_c_loops", lambda method, params: False)
+    monkeypatch.setattr(fused_cpu, "_probe", lambda: None)
+    base, models = folders(tmp_path, torch.bfloat16)
+    bars = Bars()
+    merge_checkpoints(base, models, str(tmp_path / "out"), method="pcb", inter=inter, fused="on", progress=bars)
+    assert_counted(bars.started)
+    assert [d.split(": ", 1)[1] for d in bars.started] == ["clip bounds", "bracket", "merge"]
+    bars = Bars()
+    tv = torch.randn(3, 70_000, generator=torch.Generator().manual_seed(0))  # a sample of 4096 columns
+    engine.run(SPECS["pcb"].merge, MatrixSource(tv), lambda *a: None, inter=inter,
+               options=RunOptions(fused=True, progress=PassBars(bars)))
+    assert_counted(bars.started)
+    assert [d.split(": ", 1)[1] for d in bars.started] == ["clip bounds", "bracket", "merge"]
+
+
+def test_an_in_memory_source_needs_no_sample_pass():
+    from pcb_fast.core.options import PassBars, RunOptions
+    from pcb_fast.core.sources import MatrixSource
+    from pcb_fast.methods import SPECS
+
+    tv = torch.randn(3, 100_000, generator=torch.Generator().manual_seed(0))
+    bars = Bars()
+    engine.run(SPECS["ties"].merge, MatrixSource(tv), lambda *a: None, options=RunOptions(fused=True, progress=PassBars(bars)))
+    assert [d.split(": ", 1)[1] for d in bars.started] in (["bracket", "merge"], [
+        "bracket", "merge", "merge (sign of zero sums guessed wrong, re-merging undecided blocks)"])
+    assert_counted(bars.started)
