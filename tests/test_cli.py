@@ -14,6 +14,18 @@ def test_demo_runs_and_matches_reference(capsys):
     assert "results identical bit for bit: yes" in out
 
 
+def test_the_demo_shows_it_is_alive_during_a_long_step(capsys):
+    """The reference check takes many times the merge's time: the demo says how long it has run."""
+    import time
+
+    from pcb_fast.demo import _ticking
+
+    with _ticking("reference path", every=0.05):
+        time.sleep(0.18)
+    ticks = capsys.readouterr().out.splitlines()
+    assert len(ticks) >= 2 and all(t.startswith("  reference path: ") and t.endswith(" s ...") for t in ticks), ticks
+
+
 def test_bad_argument_is_one_line_error_and_exit_2():
     proc = subprocess.run([sys.executable, "-m", "pcb_fast", "demo", "--ratio", "1.5"], capture_output=True, text=True)
     assert proc.returncode == 2
