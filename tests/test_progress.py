@@ -115,6 +115,15 @@ def test_a_missed_bracket_adds_passes_and_says_so(tmp_path, monkeypatch, method,
     assert len(bars.started) > first and any(d.endswith(f"({why})") for d in bars.started), bars.started
 
 
+def test_a_bracket_too_wide_for_the_budget_adds_the_radix_passes(tmp_path):
+    base, models = folders(tmp_path, torch.bfloat16)
+    bars = Bars()
+    merge_checkpoints(base, models, str(tmp_path / "out"), method="ties", fused="off", max_memory="20KB", progress=bars)
+    assert_counted(bars.started)
+    assert [d.split(": ", 1)[1] for d in bars.started] == [
+        "sample", "bracket", "histogram (bracket too wide for the memory budget)", "threshold", "signs", "merge"]
+
+
 def test_a_per_tensor_run_has_one_bar(tmp_path):
     base, models = folders(tmp_path, torch.float32, rows=8)
     bars = Bars()
