@@ -361,7 +361,7 @@ def selection_passes(source: TaskVectorSource, options: RunOptions, rank, column
     of the radix select; ``then``: the method's passes after it where nothing is collected."""
     sampled = columns >= MIN_SAMPLE
     if can_collect(source, options, task_ranks(rank, source.n)):
-        return ["collect"] if sampled else ["histogram", "collect"]
+        return ["score and collect"] if sampled else ["histogram", "score and collect"]
     if sampled and options.comm is None:
         return ["bracket", *then]
     return ["histogram", "threshold", *then]
@@ -403,7 +403,7 @@ def select_threshold(
         collected, summary = collect(score_blocks, floor, n, collect_at, ceiling)
         if any(size < D - int(r) for size, r in zip(summary.sizes, ranks.tolist())):
             floor = None  # the sampled floor was above the threshold for some task
-            add_passes(options, "histogram", "collect", why="sampled floor too high, re-reading")
+            add_passes(options, "histogram", "score and collect", why="sampled floor too high, re-reading")
     if floor is None:
         selector = RadixSelect(n, ranks.unsqueeze(1), D)
         for _, scores in score_blocks():
