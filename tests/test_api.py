@@ -192,8 +192,8 @@ def test_merge_bad_inputs():
     nan_model["head.weight"][3, 3] = float("nan")
     with pytest.raises(ValueError, match="model 1, key 'head.weight': contains NaN or Inf"):
         merge(base, [models[0], nan_model, models[2]])
-    with pytest.raises(ValueError, match="method='ram' is not valid; choose one of 'pcb', 'average'"):
-        merge(base, models, method="ram")
+    with pytest.raises(ValueError, match="method='rams' is not valid; choose one of 'pcb', 'average'"):
+        merge(base, models, method="rams")
     with pytest.raises(ValueError, match="method 'pcb' has no parameter 'density'"):
         merge(base, models, density=0.2)
     with pytest.raises(ValueError, match="scope='layer' is not valid"):

@@ -222,7 +222,7 @@ def test_bad_inputs_fail_cleanly(disk, capsys):
         (["--base", tmp / "sharded", "--model", m0], "shard 'model-00002-of-00002.safetensors' listed in", 2),
         (["--base", b, "--model", m0, "--ratio", "2"], "ratio=2.0 is out of range; valid: 0 < ratio <= 1", 2),
         (["--base", b, "--model", m0, "--method", "ties", "--ratio", "0.1"], "method 'ties' has no parameter 'ratio'", 2),
-        (["--base", b, "--model", m0, "--method", "ram"], "method='ram' is not valid", 2),
+        (["--base", b, "--model", m0, "--method", "rams"], "method='rams' is not valid", 2),
         (["--base", b, "--model", m0, "--method", "slerp"], "method 'slerp' needs the parameter 't'", 2),
         (["--base", b, "--model", m0, "--model", m1, "--lambdas", "1"], "lambdas has 1 values but there are 2 models", 2),
         (["--base", b, "--model", m0, "--max-memory", "lots"], "max_memory='lots' is not a size", 2),
@@ -292,7 +292,6 @@ def test_config_errors_name_the_entry():
     assert parse_config(ok)["method"] == "ties"
     assert parse_config(dict(ok, merge_method="linear", models=["a", "c"], base_model=None))["method"] == "average"
     for change, message in [
-        (dict(merge_method="ram"), "not supported: merge_method ram"),
         (dict(merge_method="frankenmerge"), "merge_method='frankenmerge' is not valid"),
         (dict(models=[]), "models must be a list of at least one entry"),
         (dict(models=[{"model": "a", "parameters": {"sign_ties": "positive"}}]),

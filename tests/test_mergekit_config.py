@@ -175,8 +175,11 @@ def test_the_base_among_the_models(llama):
     (dict(models=None, slices=[{"sources": [{"model": "m", "layer_range": [0, 1]}], "residual_weight": 0.5}]),
      "not supported: slices[0].residual_weight"),
     (dict(merge_method="passthrough"), "passthrough takes exactly one model (per slice); got 4"),
-    (dict(merge_method="ramplus_tl"), "not supported: merge_method ramplus_tl"),
     (dict(merge_method="model_stock", models=[{"model": "m"}]), "model_stock needs at least two fine-tuned models"),
+    (dict(merge_method="ram", models=[{"model": "m", "parameters": {"epsilon": 0.1}}, {"model": "n"}]),
+     "models[0].parameters.epsilon is not supported per model (it is shared by every model); set it under the "
+     "top-level parameters; per model: none"),
+    (dict(merge_method="ramplus_tl", parameters={"alpha": float("inf")}), "alpha=inf must be a finite number"),
     (dict(merge_method="nuslerp"), "nuslerp interpolates exactly two models (besides an optional base); got 3"),
     (dict(merge_method="multislerp"), "multislerp needs a weight for every model (as mergekit does): models[0] has "
                                       "none"),

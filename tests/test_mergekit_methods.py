@@ -39,14 +39,20 @@ def save_llama(folder, state, dtype, tied):
     return str(folder)
 
 
+def sparse_change(shape, g):
+    """A change of about a third of the entries (some of them by less than RAM's default epsilon)."""
+    changed = (torch.rand(shape, generator=g) < 0.3) * 0.05 * torch.randn(shape, generator=g)
+    return changed + (torch.rand(shape, generator=g) < 0.1) * 4e-6
+
+
 KINDS = [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True), (torch.bfloat16, True)]
 
 
 @pytest.fixture(scope="module", params=KINDS, ids=["fp32", "bf16", "fp32-tied", "bf16-tied"])
 def family(request, tmp_path_factory):
     """A base and fine-tunes: "near" (every tensor within mergekit's colinear threshold of the base: the
-    lerp fallback), "far" (true spherical interpolation) and "mixed" (far in the attention, near
-    elsewhere)."""
+    lerp fallback), "far" (true spherical interpolation), "mixed" (far in the attention, near
+    elsewhere) and "sparse0".."sparse2" (changing a third of the entries, overlapping, as RL updates)."""
     dtype, tied = request.param
     tmp = tmp_path_factory.mktemp("family")
     g = torch.Generator().manual_seed(5)
@@ -54,8 +60,10 @@ def family(request, tmp_path_factory):
     near = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
     far = {k: v + torch.randn(v.shape, generator=g) for k, v in base.items()}
     mixed = {k: v + (1.0 if "self_attn" in k else 0.01) * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    sparse = [{k: v + sparse_change(v.shape, g) for k, v in base.items()} for _ in range(3)]
     paths = {name: save_llama(tmp / name, m, dtype, tied) for name, m in
-             [("base", base), ("near", near), ("far", far), ("mixed", mixed)]}
+             [("base", base), ("near", near), ("far", far), ("mixed", mixed)]
+             + [(f"sparse{i}", m) for i, m in enumerate(sparse)]}
     return tmp, paths
 
 
@@ -204,6 +212,14 @@ METHOD_CONFIGS = [
                           "parameters": {"select_topk": 0.5}}),
     ("sce", {"merge_method": "sce", "base_model": "base", "models": ["far", "mixed"]}),
     ("arcee_fusion", {"merge_method": "arcee_fusion", "base_model": "base", "models": ["base", "far"]}),
+    ("ram", {"merge_method": "ram", "base_model": "base", "models": ["sparse0", "sparse1", "sparse2"]}),
+    ("ram, epsilon filters, the base listed", {
+        "merge_method": "ram", "base_model": "base", "models": ["base", "sparse1", "near", "sparse2"],
+        "parameters": {"epsilon": [{"filter": "mlp", "value": 0.02}, {"value": 1e-6}]}}),
+    ("ramplus_tl", {"merge_method": "ramplus_tl", "base_model": "base", "models": ["sparse0", "sparse1", "sparse2"]}),
+    ("ramplus_tl, r, alpha, epsilon gradient", {
+        "merge_method": "ramplus_tl", "base_model": "base", "models": ["sparse2", "sparse0", "mixed"],
+        "parameters": {"r": 0.5, "alpha": 2.0, "epsilon": [1e-6, 0.03]}}),
 ]
 
 
@@ -232,10 +248,11 @@ def test_weight_space_methods_equal_mergekit(family, tmp_path, name, spec):
     flags = ["--compute-dtype", "mergekit"] if bf16 else []
     assert cli(["merge", "--config", str(tmp_path / "merge.yaml"), "--out", str(tmp_path / "ours"), "--quiet"]
                + flags) == 0
-    if spec["merge_method"] == "arcee_fusion" and bf16:
-        # mergekit's float32 0/1 mask promotes the bfloat16 result, which it writes as float32; pcb-fast
-        # keeps the models' dtype: the same values once rounded to it
-        assert all(v.dtype == torch.float32 for k, v in theirs.items() if "norm" not in k)
+    if spec["merge_method"] in ("arcee_fusion", "ramplus_tl") and bf16:
+        # mergekit's float32 0/1 mask (arcee_fusion) or lambda_i (ramplus_tl) promotes the bfloat16 result,
+        # which it writes as float32; pcb-fast keeps the models' dtype: the same values once rounded to it
+        assert all(v.dtype == torch.float32 for k, v in theirs.items()
+                   if "norm" not in k or spec["merge_method"] == "ramplus_tl")
         theirs = {k: v.to(torch.bfloat16) for k, v in theirs.items()}
     assert_equal(theirs, safetensors_torch.load_file(tmp_path / "ours" / "model.safetensors"))
     if bf16:  # float32 arithmetic: the same dtype and shapes, values within bfloat16 rounding of mergekit's

@@ -19,7 +19,7 @@ key with its meaning):
   merge then passes a :class:`SegmentParams` to the engine (pcb_fast.core.engine.run).
 
 Everything is checked before any model file is opened; each problem is one ValueError naming the
-entry, and what mergekit has but pcb_fast does not (RAM, the modules of a multi-module model, LoRA
+entry, and what mergekit has but pcb_fast does not (the modules of a multi-module model, LoRA
 references) is a one-line "not supported: ..." naming the feature. ``slices`` are pcb_fast.io.slices,
 tokenizer sources pcb_fast.io.vocabulary.
 """
@@ -43,10 +43,6 @@ MERGEKIT_METHODS = {spec.mergekit: name for name, spec in SPECS.items() if spec.
 # pcb_fast's own names, with the authors' semantics and pcb_fast's defaults
 OWN_METHODS = tuple(name for name, spec in SPECS.items() if name not in MERGEKIT_METHODS
                     and not spec.internal)  # (gta, mergekit_linear: mergekit's names at mergekit's compute dtype)
-# mergekit's methods that pcb_fast does not have, each with what it is
-NOT_SUPPORTED_METHODS = {
-    "ram": "RAM", "ramplus_tl": "RAM+",
-}
 TOP_LEVEL = ("merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype",
              "tokenizer_source", "tokenizer", "chat_template", "name")
 # entries real configs carry that mergekit 0.1.5's schema accepts and nothing reads: accepted, with a note
@@ -61,11 +57,16 @@ MERGEKIT_WEIGHTED = ("nuslerp", "multislerp")  # weight-space methods with merge
 # parameters of some mergekit method: one the chosen method does not take is ignored (as mergekit ignores it)
 MERGEKIT_PARAMETERS = ("weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "int8_mask", "t",
                        "filter_wise", "nuslerp_flatten", "nuslerp_row_wise", "eps", "max_iter", "tol", "select_topk",
-                       "similarity_threshold", "tukey_fence", "thresh", "alpha", "normalize_weights", "scale")
+                       "similarity_threshold", "tukey_fence", "thresh", "alpha", "normalize_weights", "scale", "r")
 GENERAL_PARAMETERS = ("lam", "scope", "exclude")
-# mergekit's parameters per model: the weight and density of its YAML, and pcb_fast's own ones
-PER_MODEL = ("weight", "density") + tuple(dict.fromkeys(
-    p.name for spec in SPECS.values() for p in spec.params if p.per_model and p.name != "density"))
+
+
+def per_model(method: str) -> tuple:
+    """The parameters ``method`` takes per model: the weight and density of mergekit's YAML, and those
+    its spec declares per model (a shared one, such as RAM's epsilon, is refused per model)."""
+    return ("weight", "density") + tuple(p.name for p in SPECS[method].params if p.per_model and p.name != "density")
+
+
 # how a YAML value is read: the YAML's own entries, then every method's parameters
 KINDS = {"weight": "number", "lam": "number", "density": "number", "int8_mask": "bool",
          **{p.name: ("str" if p.kind == "choice" else p.kind) for spec in SPECS.values() for p in spec.params}}
@@ -358,8 +359,6 @@ def _method(raw, where):
     name = raw.get("merge_method")
     if name is None:
         raise ValueError(f"{where}: merge_method is missing; choose one of {', '.join(_method_names())}")
-    if isinstance(name, str) and name in NOT_SUPPORTED_METHODS:
-        raise ValueError(f"{where}: not supported: merge_method {name} ({NOT_SUPPORTED_METHODS[name]})")
     if not isinstance(name, str) or (name not in MERGEKIT_METHODS and name not in OWN_METHODS):
         raise ValueError(f"{where}: merge_method={short(name)} is not valid; choose one of {', '.join(_method_names())}")
     return name, MERGEKIT_METHODS.get(name, name)
@@ -458,10 +457,10 @@ def _check_names(shared, models, method, name, names, where):
                 valid = [k for k in names if k != "exclude" or label == "parameters"]
                 raise ValueError(f"{where}: {label}.{key} is not a parameter of {name}"
                                  f"{_did_you_mean(key, valid)}; valid: {', '.join(valid)}")
-            if label != "parameters" and key not in PER_MODEL:
+            if label != "parameters" and key not in per_model(method):
                 raise ValueError(f"{where}: {label}.{key} is not supported per model (it is shared by every model); "
                                  f"set it under the top-level parameters; per model: "
-                                 f"{', '.join(k for k in PER_MODEL if k in names)}")
+                                 f"{', '.join(k for k in per_model(method) if k in names) or 'none'}")
         for a, b in (("density", "p"), ("density", "beta")):
             if a in names and a in params and b in params:
                 raise ValueError(f"{where}: {label}.{a} and {label}.{b} say the same thing for {name}; give one")
@@ -528,7 +527,7 @@ class Settings:
         values = {}
         for name in self.names():
             kind = KINDS.get(name, "str")
-            if name in PER_MODEL:
+            if name in per_model(self.method):
                 per_task = []
                 for params in self.per_model[:n]:
                     value = _evaluate(params.get(name), key, t, kind)
@@ -613,7 +612,7 @@ class Settings:
         a shared parameter with every model's own values; a per-model one with the values of the model
         it applies to (that model's, or each model without its own for a shared setting), given to
         every model alike, so that no model's value is checked with another model's."""
-        if name not in PER_MODEL:
+        if name not in per_model(self.method):
             yield {**{k: (list(v) if isinstance(v, list) else v) for k, v in context.items()}, name: value}
             return
         if label.startswith("models["):

@@ -7,13 +7,13 @@ it calls ``sink(segment, lo, hi, tau_m_block)`` for every block and returns the 
 
 from ..core import checks
 from . import (arcee_fusion, della, gta, karcher, linear, mergekit_linear, model_stock, multislerp, nearswap, nuslerp,
-               passthrough, pcb, sce, slerp, ties)
+               passthrough, pcb, ram, sce, slerp, ties)
 from .spec import MethodSpec, Param
 
 SPECS: dict[str, MethodSpec] = {s.name: s for s in (
     pcb.SPEC, linear.AVERAGE, linear.TASK_ARITHMETIC, ties.TIES, linear.DARE, ties.DARE_TIES, linear.BREADCRUMBS,
     ties.BREADCRUMBS_TIES, slerp.SPEC, nuslerp.SPEC, multislerp.SPEC, karcher.SPEC, model_stock.SPEC, nearswap.SPEC,
-    sce.SPEC, arcee_fusion.SPEC, della.DELLA, della.DELLA_LINEAR, passthrough.SPEC,
+    sce.SPEC, arcee_fusion.SPEC, della.DELLA, della.DELLA_LINEAR, ram.RAM, ram.RAMPLUS_TL, passthrough.SPEC,
     gta.SPEC, mergekit_linear.SPEC,
 )}
 
