@@ -5,7 +5,8 @@
 Each YAML file under --configs is a configuration published with a model (its source in the first
 line). Every model it names (Hub ids, local paths of the author's machine) is mapped to a tiny local
 Llama-style model with a tokenizer (as many layers as its layer ranges need); a LoRA reference
-``model+adapter`` keeps its ``+adapter`` (no adapter is built). Then the configuration runs through
+``model+adapter`` gets a tiny PEFT LoRA adapter of that model (its attention's q and v projections,
+rank 4). Then the configuration runs through
 pcb-fast (``pcb-fast merge --config``) and through mergekit's run_merge. Prints, per file, whether
 each accepts and runs it and the first line of each refusal, then the shares and the refusals
 grouped by reason.
@@ -62,10 +63,30 @@ def tiny_model(folder: Path, layers: int, seed: int, weights: bool = True) -> st
                   metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
-        "intermediate_size": INTER, "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "intermediate_size": INTER, "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 4,
         "vocab_size": VOCAB, "tie_word_embeddings": False, "torch_dtype": "float32", "max_position_embeddings": 64,
         "rms_norm_eps": 1e-6}))
     save_word_tokenizer(folder, VOCAB)
+    return str(folder)
+
+
+def tiny_adapter(folder: Path, model: str, seed: int) -> str:
+    """A PEFT LoRA adapter folder of the tiny model ``model`` (rank 4 on q_proj and v_proj, random
+    factors), in the format PEFT saves."""
+    from safetensors.torch import load_file, save_file
+
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(1000 + seed)
+    factors = {}
+    for key, value in load_file(Path(model) / "model.safetensors").items():
+        if key.endswith(("q_proj.weight", "v_proj.weight")):
+            module = f"base_model.model.{key[:-len('.weight')]}"
+            factors[f"{module}.lora_A.weight"] = 0.1 * torch.randn(4, value.shape[1], generator=g)
+            factors[f"{module}.lora_B.weight"] = 0.1 * torch.randn(value.shape[0], 4, generator=g)
+    save_file(factors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": model, "r": 4, "lora_alpha": 8,
+        "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0, "bias": "none"}))
     return str(folder)
 
 
@@ -91,11 +112,18 @@ def localised(raw: dict, root: Path, weights: bool = True) -> dict:
         if model not in folders:
             folders[model] = tiny_model(root / f"m{len(folders)}", layers, len(folders), weights)
 
+    adapters = {}
+    for ref in model_references(raw):
+        model, plus, adapter = ref.partition("+")
+        if plus and adapter not in adapters:
+            folder = root / "adapters" / re.sub(r"\W", "_", adapter)
+            adapters[adapter] = tiny_adapter(folder, folders[model], len(adapters)) if weights else str(folder)
+
     def local(ref):
         if not isinstance(ref, str) or ref in ("base", "union"):
             return ref
         model, plus, adapter = ref.partition("+")
-        return folders[model] + (plus + str(root / "adapters" / re.sub(r"\W", "_", adapter)) if plus else "")
+        return folders[model] + (plus + adapters[adapter] if plus else "")
 
     text = json.dumps(raw)
     for ref in sorted(model_references(raw), key=len, reverse=True):  # (a reference inside another: longest first)
@@ -124,7 +152,8 @@ def run_mergekit(raw: dict, out: Path) -> tuple:
 
     try:
         with contextlib.redirect_stderr(io.StringIO()):
-            run_merge(MergeConfiguration.model_validate(raw), str(out), MergeOptions(copy_tokenizer=True, quiet=True))
+            run_merge(MergeConfiguration.model_validate(raw), str(out), MergeOptions(
+                copy_tokenizer=True, quiet=True, lora_merge_cache=str(out.parent / "lora_cache")))
         return True, ""
     except BaseException as e:  # (pydantic errors, mergekit's RuntimeErrors, missing adapters)
         if isinstance(e, KeyboardInterrupt):

@@ -18,15 +18,18 @@ from pcb_fast.io.hub import is_hub_reference  # noqa: E402
 KEYS = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"]
 
 
-def publish(cache, repo, state, revision="main"):
-    """``state`` as the Hub model ``repo`` in the cache (a snapshot of links to blobs, a ref)."""
+def publish(cache, repo, state, revision="main", adapter=None):
+    """``state`` as the Hub model ``repo`` in the cache (a snapshot of links to blobs, a ref); with
+    ``adapter`` (its adapter_config.json), as a PEFT adapter whose weights are ``state``."""
     folder = cache / f"models--{repo.replace('/', '--')}"
     files = {"config.json": json.dumps({"model_type": "llama", "num_hidden_layers": 2}).encode(),
              "tokenizer_config.json": b'{"model_max_length": 8}'}
+    if adapter is not None:
+        files = {"adapter_config.json": json.dumps(adapter).encode()}
     local = folder / "tmp.safetensors"
     folder.mkdir(parents=True, exist_ok=True)
     safetensors_torch.save_file(state, local)
-    files["model.safetensors"] = local.read_bytes()
+    files["adapter_model.safetensors" if adapter is not None else "model.safetensors"] = local.read_bytes()
     local.unlink()
     commit = hashlib.sha1(repo.encode() + revision.encode()).hexdigest()
     snapshot = folder / "snapshots" / commit
@@ -76,6 +79,33 @@ def test_hub_names_merge_as_their_cached_folders(hub, monkeypatch):
     assert front["base_model"] == ["org/base", "org/ft0", "org/ft1"]
     # the flags take Hub names too
     assert cli(["merge", "--base", "org/base", "--model", "org/ft0", "--out", "flags", "--quiet"]) == 0
+
+
+def test_hub_model_with_a_hub_lora_adapter(hub, monkeypatch):
+    """mergekit's org/model+org/adapter: both from the cache (the adapter's own files), merged as the
+    local model+adapter folders are, and recorded as written."""
+    tmp, folders = hub
+    monkeypatch.chdir(tmp)
+    g = torch.Generator().manual_seed(1)
+    factors = {"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.randn(2, 6, generator=g),
+               "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight": torch.randn(8, 2, generator=g)}
+    folders["org/lora"] = publish(tmp / "hub", "org/lora", factors, adapter={
+        "peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["up_proj"]})
+    runs = {"from_hub": "org/base+org/lora", "from_folders": f"{folders['org/base']}+{folders['org/lora']}"}
+    for out, ref in runs.items():
+        raw = {"merge_method": "task_arithmetic", "base_model": "org/base", "models": [{"model": ref}]}
+        (tmp / f"{out}.yaml").write_text(yaml.safe_dump(raw))
+        assert cli(["merge", "--config", f"{out}.yaml", "--out", out, "--quiet"]) == 0
+    assert (tmp / "from_hub" / "model.safetensors").read_bytes() == (tmp / "from_folders" / "model.safetensors").read_bytes()
+    merged = safetensors_torch.load_file(tmp / "from_hub" / "model.safetensors")
+    base = safetensors_torch.load_file(folders["org/base"] / "model.safetensors")
+    key = "model.layers.0.mlp.up_proj.weight"
+    lora = factors[f"base_model.model.{key[:-len('.weight')]}.lora_B.weight"] @ factors[
+        f"base_model.model.{key[:-len('.weight')]}.lora_A.weight"]
+    torch.testing.assert_close(merged[key], base[key] + 2.0 * lora, rtol=0, atol=1e-6)
+    assert all(torch.equal(merged[k], base[k]) for k in KEYS if k != key)
+    recorded = yaml.safe_load((tmp / "from_hub" / "mergekit_config.yml").read_text())
+    assert recorded["models"][0]["model"] == "org/base+org/lora"
 
 
 def test_a_missing_model_offline_is_named_with_how_to_fetch_it(hub, monkeypatch, capsys):

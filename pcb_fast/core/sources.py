@@ -446,7 +446,9 @@ class CheckpointSource(TaskVectorSource):
     @contextlib.contextmanager
     def _reading(self, ranges, options):
         if (self._prefetcher is not None or len(ranges) < 2  # a pass inside a pass reads for itself
-                or (options.threads is not None and not room_for_io(options.threads.threads))):
+                or (options.threads is not None and not room_for_io(options.threads.threads))
+                # (inputs whose reads compute with torch's thread setting: pcb_fast.io.lora_models)
+                or any(getattr(ck.checkpoint, "threads_on_read", False) for ck in self._inputs)):
             yield
             return
         from .prefetch import Prefetcher

@@ -29,7 +29,7 @@ from ..core.sources import DEFAULT_BLOCK_WIDTH, CachedSource, CheckpointSource
 from ..core.threads import CpuThreads, room_for_io
 from ..cpu import native
 from ..io.card import write_card
-from ..io.checkpoints import check_models_match, open_checkpoint, split_keys
+from ..io.checkpoints import check_models_match, open_model, split_keys
 from ..io.distributed import assign_shards, init_from_env
 from ..io.folder import check_side_files, copy_side_files, copy_tensor
 from ..io.output import atomic_folder, check_output
@@ -41,12 +41,6 @@ from ..methods import SPECS, scope_matters
 from .common import (MergeSettings, check_out_reads_nothing, check_settings, check_shard_size, fill_report,
                      run_engine, shard_sink)
 from .distributed import merge_on_device
-
-
-def _open(source, name: str):
-    """The checkpoint of a path, a state dict, or a model made of others (stitched from slices,
-    pcb_fast.io.slices; re-mapped to a vocabulary, pcb_fast.io.vocabulary)."""
-    return open_checkpoint(source, name) if isinstance(source, (str, os.PathLike, dict)) else source.open(name)
 
 
 def _names(sources) -> list:
@@ -63,7 +57,7 @@ def _without_the_base(base, models, names, lambdas, method, params):
             or SPECS[method].weight_space):  # (weight-space methods: their inputs, as given)
         return models, names, lambdas, [], params
     real = os.path.realpath(base)
-    copies = [i for i, m in enumerate(models) if not isinstance(m, dict) and os.path.realpath(m) == real]
+    copies = [i for i, m in enumerate(models) if isinstance(m, (str, os.PathLike)) and os.path.realpath(m) == real]
     if not copies or len(copies) == len(models):
         return models, names, lambdas, [], params
     warnings.warn(f"pcb_fast: {', '.join(names[i] for i in copies)} {'is' if len(copies) == 1 else 'are'} the base "
@@ -135,11 +129,11 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
     models, names, lambdas, dropped, method_params = _without_the_base(base, models, names, settings.lambdas,
                                                                         method, settings.params)
     settings = replace(settings, lambdas=lambdas, params=method_params)
-    base_ck = _open(base, "base model")
+    base_ck = open_model(base, "base model")
     model_cks, comm = [], None
     try:
         for source, name in zip(models, names):
-            model_cks.append(_open(source, name))
+            model_cks.append(open_model(source, name))
         check_out_reads_nothing(out, zip(["the base model"] + names, [base_ck] + model_cks))
         merged, copied = split_keys(base_ck, settings.exclude)
         if not merged:

@@ -123,6 +123,8 @@ def absolute_paths(config: dict) -> dict:
     """``config`` with its local model paths made absolute, so that the recorded configuration runs
     from any folder (Hub ids and state dicts stay as they are)."""
     def absolute(path):
+        if isinstance(path, str) and "+" in path and not os.path.exists(path):  # mergekit's model+lora
+            return "+".join(absolute(part) for part in path.split("+"))
         return os.path.abspath(path) if isinstance(path, str) and not _hub_id(path) and os.path.exists(path) else path
 
     config = dict(config)

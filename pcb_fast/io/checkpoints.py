@@ -584,6 +584,13 @@ def open_checkpoint(source, name: str | None = None) -> Checkpoint:
                      "file, a Hugging Face folder, or a .bin/.pt/.pth file")
 
 
+def open_model(source, name: str | None = None) -> Checkpoint:
+    """The checkpoint of a path or a state dict (:func:`open_checkpoint`), or of a model made of
+    others, which opens itself (stitched from slices, pcb_fast.io.slices; re-mapped to a
+    vocabulary, pcb_fast.io.vocabulary; with a LoRA adapter merged in, pcb_fast.io.lora_models)."""
+    return open_checkpoint(source, name) if isinstance(source, (str, os.PathLike, dict)) else source.open(name)
+
+
 def split_keys(base: Checkpoint, exclude: Sequence[str]) -> tuple[list[str], list[str]]:
     """(merged, copied) keys of ``base``: floating tensors not matching any exclude regex are merged."""
     patterns = []

@@ -2,9 +2,9 @@
 folders through ``huggingface_hub`` and its shared cache (docs/design.md 7.1).
 
 Only the files a merge reads are fetched: the safetensors weights and their index, config.json and
-the tokenizer and generation files. ``HF_HUB_OFFLINE=1`` (or no network) uses the cache alone; a
-model missing from it is an error that names it and says how to fetch it. Downloads show
-huggingface_hub's progress bars on stderr.
+the tokenizer and generation files (for a LoRA adapter, its config and weights).
+``HF_HUB_OFFLINE=1`` (or no network) uses the cache alone; a model missing from it is an error that
+names it and says how to fetch it. Downloads show huggingface_hub's progress bars on stderr.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from ..core.checks import short
 
 REFERENCE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
 PATTERNS = ["*.safetensors", "*.safetensors.index.json", *SIDE_FILES]
+ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]  # a PEFT adapter's
 
 
 def is_hub_reference(ref) -> bool:
@@ -25,9 +26,9 @@ def is_hub_reference(ref) -> bool:
             and ".." not in ref.split("@")[0])
 
 
-def resolve(ref: str, label: str) -> str:
-    """The local folder of the Hub model ``ref`` (downloaded into the cache if needed); ``label``
-    names the entry in errors."""
+def resolve(ref: str, label: str, patterns=PATTERNS) -> str:
+    """The local folder of the Hub model ``ref`` (downloaded into the cache if needed: the files
+    ``patterns`` match; a LoRA adapter's are ADAPTER_PATTERNS); ``label`` names the entry in errors."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
@@ -35,7 +36,7 @@ def resolve(ref: str, label: str) -> str:
     repo, _, revision = ref.partition("@")
     fetch = f"hf download {repo}" + (f" --revision {revision}" if revision else "")
     try:
-        return snapshot_download(repo, revision=revision or None, allow_patterns=PATTERNS)
+        return snapshot_download(repo, revision=revision or None, allow_patterns=patterns)
     except LocalEntryNotFoundError:
         raise ValueError(f"{label}: {short(ref)} is not in the Hugging Face cache and the Hub cannot be reached"
                          f"{' (HF_HUB_OFFLINE is set)' if _offline() else ''}; fetch it first with `{fetch}` "

@@ -423,6 +423,14 @@ class LoraSource(TaskVectorSource):
             out[pos - lo: end - lo].copy_(values[pos - g * size: end - g * size])
             pos = end
 
+    def product_into(self, task: int, key: str, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
+        """Entries [lo, hi) of adapter ``task``'s product tau of ``key`` (float32) into ``out``: the same
+        values whatever the range, in every pass. Sets torch's thread count while it runs: call it on
+        the thread that owns that setting (pcb_fast.io.lora_models)."""
+        with one_thread():
+            self._fill(task, key, self.adapters[task].deltas[key], lo, hi, out)
+        return out
+
     def _read(self, seg, lo, hi, out):
         with one_thread():  # the products' rounding must not depend on the thread count
             return self._read_deltas(seg, lo, hi, out)

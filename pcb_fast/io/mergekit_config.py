@@ -35,6 +35,7 @@ from pathlib import Path
 from ..methods import SPECS, check_method_params
 from ..methods.gta import KINDS as GTA_KINDS
 from .checkpoints import load_json
+from .lora_models import LoraModel, model_folder, same_model
 from .safetensors import show, show_path
 from ..core.checks import short
 
@@ -125,9 +126,8 @@ def parse(raw, where: str = "config", compute_dtype: str | None = None) -> dict:
             raise ValueError(f"{where}: linear averages the base model too (as mergekit does); give it a weight "
                              f"(parameters.weight) or list it under models")
         models.append((base, {}))
-    if not isinstance(base, str) or not base:
+    if not (isinstance(base, str) and base) and not isinstance(base, LoraModel):
         raise ValueError(f"{where}: base_model must be the path of the base model")
-    _check_reference(base, "base_model", where)
     if method != "average" and policy != "ignored" and extra.get("with_base", True):
         # a model that is the base is no task (mergekit's habit); its weight is ignored
         copies = [i for i, (path, _) in enumerate(models) if _same(path, base)]
@@ -222,9 +222,22 @@ def _gta_defaults(settings, name) -> None:
 
 def _local(ref, label, named: dict):
     """A model reference as a local path: Hub names (org/name[@revision]) resolved through the
-    Hugging Face cache (pcb_fast.io.hub), noted in ``named``."""
-    from .hub import is_hub_reference, resolve
+    Hugging Face cache (pcb_fast.io.hub), noted in ``named``; mergekit's ``model+lora`` as a
+    :class:`~pcb_fast.io.lora_models.LoraModel` of the two (each a path or a Hub name), noted in
+    ``named`` as written, with its local paths made absolute."""
+    from .hub import ADAPTER_PATTERNS, is_hub_reference, resolve
 
+    if isinstance(ref, str) and "+" in ref and not os.path.exists(ref):
+        parts = ref.split("+")
+        if len(parts) != 2 or not all(parts):
+            raise ValueError(f"{label}: {show(ref)} is neither a path nor a model+lora reference (mergekit's "
+                             "<model>+<LoRA adapter>, each a local path or a Hub name)")
+        adapter = parts[1]
+        if is_hub_reference(adapter):
+            adapter = resolve(adapter, f"{label} (its LoRA adapter)", ADAPTER_PATTERNS)
+        model = LoraModel(_local(parts[0], f"{label} (its model)", {}), adapter)
+        named[model] = "+".join(part if is_hub_reference(part) else os.path.abspath(part) for part in parts)
+        return model
     if not is_hub_reference(ref):
         return ref
     folder = resolve(ref, label)
@@ -311,7 +324,6 @@ def _tokenizer(raw, base, prefer, inputs, named, where):
     if not isinstance(source, str) or not source:
         raise ValueError(f"{where}: tokenizer_source={short(source)} must be base, union or a model")
     if source not in ("base", "union"):
-        _check_reference(source, "tokenizer source", where)
         source = _local(source, f"{where}: tokenizer source", named)
         if _same(source, base):
             source = "base"
@@ -379,19 +391,11 @@ def _model_entry(entry, i, where):
     params = entry.get("parameters") or {}
     if not isinstance(params, dict):
         raise ValueError(f"{where}: models[{i}].parameters must be a mapping")
-    _check_reference(entry["model"], f"models[{i}].model", where)
     return entry["model"], params
 
 
-def _check_reference(path: str, entry: str, where: str) -> None:
-    """mergekit's model+lora syntax is not a path pcb-fast reads."""
-    if "+" in path and not os.path.exists(path):
-        raise ValueError(f"{where}: not supported: {entry} {show(path)} is a model with a LoRA adapter (mergekit's "
-                         "model+lora syntax); merge the adapter into the model first")
-
-
-def _same(a: str, b: str) -> bool:
-    return os.path.realpath(a) == os.path.realpath(b)
+def _same(a, b) -> bool:
+    return same_model(a, b)
 
 
 def _check_inputs(method, name, shared, models, where) -> None:
@@ -629,7 +633,7 @@ class Settings:
         gradients = [label for label, s in self._all() if _has_gradient(s)]
         if not gradients:
             return None
-        config = Path(base) / "config.json"
+        config = Path(model_folder(base)) / "config.json"
         try:  # bounded in size and depth (io/checkpoints.load_json)
             data = load_json(config, "config.json") if config.is_file() else {}
         except ValueError:
@@ -872,7 +876,6 @@ def _parse_slices(raw, where, compute_dtype, name, method, notes) -> dict:
     if base is not None:
         if not isinstance(base, str) or not base:
             raise ValueError(f"{where}: base_model must be the path of the base model")
-        _check_reference(base, "base_model", where)
         base = _local(base, f"{where}: base_model", named)
     policy = "ignored" if method == "average" else MERGEKIT_BASE.get(method, "required")
     if name == "linear" and compute_dtype not in (None, "float32"):
@@ -892,7 +895,8 @@ def _parse_slices(raw, where, compute_dtype, name, method, notes) -> dict:
                              "base_model")
         if out.get("residual_weight") is not None:
             raise ValueError(f"{where}: not supported: {label}.residual_weight")
-        if out.get("base_model") is not None and (base is None or not _same(out["base_model"], base)):
+        if out.get("base_model") is not None and (base is None or not isinstance(out["base_model"], str) or not _same(
+                _local(out["base_model"], f"{where}: {label}.base_model", {}), base)):
             raise ValueError(f"{where}: not supported: {label}.base_model differing from the config's base_model")
         sources = [_source(src, f"{label}.sources[{i}]", where) for i, src in enumerate(out["sources"])]
         sources = [(_local(path, f"{where}: {label}.sources[{i}].model", named), *rest)
@@ -957,7 +961,7 @@ def _parse_slices(raw, where, compute_dtype, name, method, notes) -> dict:
     kwargs.update(_output_entries(raw, config_from, where))
     kwargs.update(_compute_dtype(raw, method, name, compute_dtype, notes, where))
     inputs = sorted(dict.fromkeys([kwargs["base"]] + tasks), key=lambda m: listed.index(m.pieces[0].path))
-    plan = _tokenizer(raw, config_from, base, list(dict.fromkeys(p for m in inputs for p in m.paths)), named, where)
+    plan = _tokenizer(raw, config_from, base, list(dict.fromkeys(p for m in inputs for p in m.sources)), named, where)
     _with_vocabulary(kwargs, plan, inputs)
     kwargs["card"] = {"config": dict(raw), "source": where, "chat_template": raw.get("chat_template"),
                       "tokenizer": plan}
@@ -981,13 +985,12 @@ def _source(src, label, where):
     params = src.get("parameters") or {}
     if not isinstance(params, dict):
         raise ValueError(f"{where}: {label}.parameters must be a mapping")
-    _check_reference(src["model"], f"{label}.model", where)
     return src["model"], span[0], span[1], params
 
 
 def _check_layers(path, end, where) -> None:
     """A source's layer range ends within its model (the model's config.json, when it says)."""
-    config = Path(path) / "config.json"
+    config = Path(model_folder(path)) / "config.json"
     try:
         data = load_json(config, "config.json") if config.is_file() else {}
     except ValueError:

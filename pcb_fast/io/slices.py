@@ -19,7 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoints import Checkpoint, open_checkpoint
+from .checkpoints import Checkpoint, open_model
+from .lora_models import model_folder
 from .safetensors import show_path
 
 PRE_WEIGHTS = ("embed", "wte", "wpe")
@@ -57,8 +58,14 @@ class StitchedModel:
         return " + ".join(f"{show_path(p.path, 200)} layers {p.first}-{p.end - 1}" for p in self.pieces)
 
     @property
-    def paths(self) -> list:
+    def sources(self) -> list:
+        """The models its pieces come from (paths, or models with an adapter: pcb_fast.io.lora_models)."""
         return list(dict.fromkeys(p.path for p in self.pieces))
+
+    @property
+    def paths(self) -> list:
+        """The files and folders it reads."""
+        return list(dict.fromkeys(path for source in self.sources for path in getattr(source, "paths", [source])))
 
     def open(self, name: str) -> "StitchedCheckpoint":
         return StitchedCheckpoint(self, name)
@@ -70,17 +77,19 @@ class StitchedCheckpoint(Checkpoint):
     def __init__(self, model: StitchedModel, name: str):
         opened = {}
         try:
-            for path in model.paths:
-                opened[path] = open_checkpoint(path, f"{name}: {show_path(path)}")
+            for path in model.sources:
+                opened[path] = open_model(path, f"{name}: {show_path(path)}")
         except BaseException:
             for ck in opened.values():
                 ck.close()
             raise
         folder = opened[model.config_from].folder if model.config_from in opened else (
-            Path(model.config_from) if Path(model.config_from).is_dir() else None)
+            Path(model_folder(model.config_from)) if Path(model_folder(model.config_from)).is_dir() else None)
         super().__init__(name, folder)
         self.opened = list(opened.values())
         self.readers = [r for ck in self.opened for r in getattr(ck, "readers", ())]
+        self.files = [f for ck in self.opened for f in getattr(ck, "files", ())]
+        self.threads_on_read = any(getattr(ck, "threads_on_read", False) for ck in self.opened)
         self.config_updates = {"num_hidden_layers": model.num_layers}
         self.where = {}
         first, last = model.pieces[0], model.pieces[-1]

@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from ..core.checks import short
-from .checkpoints import Checkpoint, load_json, open_checkpoint
+from .checkpoints import Checkpoint, load_json, open_model
+from .lora_models import model_folder, same_model
 from .safetensors import show_path
 from .slices import PRE_WEIGHTS, layer_of
 
@@ -43,7 +44,7 @@ TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_ma
 def config_vocab_size(path) -> int | None:
     """The ``vocab_size`` a model folder's config.json states (its text model's, for a multimodal
     config), or None."""
-    config = Path(path) / "config.json"
+    config = Path(model_folder(path)) / "config.json"
     try:
         data = load_json(config, "config.json") if config.is_file() else {}
     except ValueError:
@@ -58,6 +59,7 @@ def config_vocab_size(path) -> int | None:
 def load_tokenizer(path):
     """A model folder's tokenizer as transformers loads it (fast where it can), or None where it
     loads none (mergekit then takes the model's vocabulary to be the base's)."""
+    path = model_folder(path)
     if not os.path.isdir(path):  # (a Hub model is a folder of the cache by now: never a download here)
         return None
     try:
@@ -129,7 +131,7 @@ def _token_source(value, label, models, resolve):
 
 def _input(path, label, models):
     for m in models:
-        if os.path.realpath(m) == os.path.realpath(path):
+        if same_model(m, path):
             return m
     raise ValueError(f"{label}: {show_path(path)} is not one of the models merged; a token's row comes from one of them")
 
@@ -313,7 +315,7 @@ class VocabularyPlan:
 
 
 def _same(a, b) -> bool:
-    return os.path.realpath(a) == os.path.realpath(b)
+    return same_model(a, b)
 
 
 def promoted_dtype(key, checkpoints) -> torch.dtype:
@@ -341,10 +343,6 @@ class RemappedModel:
         return RemappedCheckpoint(self, name)
 
 
-def _open(source, name):
-    return open_checkpoint(source, name) if isinstance(source, (str, os.PathLike)) else source.open(name)
-
-
 def _path_of(source, key) -> str:
     """The model whose rows ``key`` of ``source`` are (the first or last piece of a stitched model)."""
     pieces = getattr(source, "pieces", None)
@@ -357,9 +355,10 @@ class RemappedCheckpoint(Checkpoint):
     """A checkpoint whose vocabulary tensors have the plan's rows (see the module's docstring)."""
 
     def __init__(self, model: RemappedModel, name: str):
-        self.inner = _open(model.inner, name)
+        self.inner = open_model(model.inner, name)
         super().__init__(name, self.inner.folder)
         self.readers = getattr(self.inner, "readers", ())
+        self.threads_on_read = getattr(self.inner, "threads_on_read", False)
         self.files = getattr(self.inner, "files", ())
         self.opened = getattr(self.inner, "opened", [self.inner])
         self.model, self.plan = model, model.plan
@@ -384,7 +383,7 @@ class RemappedCheckpoint(Checkpoint):
                 for source in self.model.inputs:
                     path = _path_of(source, key)
                     if path not in opened:
-                        opened[path] = _open(path, f"{self.name}: {show_path(path)}")
+                        opened[path] = open_model(path, f"{self.name}: {show_path(path)}")
                 checkpoints = {p: ck for p, ck in opened.items() if key in ck.keys()}
                 self._prepared[key] = (self.plan.default_rows(key, checkpoints),
                                        promoted_dtype(key, checkpoints.values()))
