@@ -253,3 +253,65 @@ def test_streamed_passes_read_the_re_mapped_rows(fp32_family, tmp_path, monkeypa
     theirs = safetensors_torch.load_file(tmp_path / "mergekit" / "model.safetensors")
     ours = safetensors_torch.load_file(tmp_path / "ours" / "model.safetensors")
     assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def save_bpe_tokenizer(folder, beyond):
+    """A BPE tokenizer of 24 tokens (<unk>, <s>, </s>, w, 0-9, w0-w9); ``beyond``: also q, qq (and the
+    merge q q) and a special <pad>, ids 24-26, beyond a model of 24 rows (as published tokenizers
+    list padding tokens the embedding has no row for)."""
+    words = ["<unk>", "<s>", "</s>", "w"] + [str(i) for i in range(10)] + [f"w{i}" for i in range(10)]
+    merges = [("w", str(i)) for i in range(10)] + ([("q", "q")] if beyond else [])
+    vocab = {t: i for i, t in enumerate(words + (["q", "qq"] if beyond else []))}
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens([tokenizers.AddedToken(t, special=True) for t in ("<unk>", "<s>", "</s>")
+                                  + (("<pad>",) if beyond else ())])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>",
+        "model_max_length": 64}))
+    return tokenizer.get_vocab_size()
+
+
+@pytest.mark.parametrize("source", ["union", "base"])
+def test_base_tokens_beyond_its_vocab_size_are_left_out(fp32_family, tmp_path, monkeypatch, source):
+    """A base whose BPE tokenizer lists 3 tokens beyond its 24 rows: mergekit strips them (and their
+    merge) from the base's tokenizer before it builds the output's; so does pcb-fast."""
+    import shutil
+
+    base = tmp_path / "bpe_base"
+    shutil.copytree(fp32_family["base"], base)
+    assert save_bpe_tokenizer(base, beyond=True) == 27
+    raw = {"merge_method": "task_arithmetic", "base_model": str(base), "tokenizer_source": source,
+           "models": [{"model": fp32_family["chat"], "parameters": {"weight": 0.6}},
+                      {"model": fp32_family["tool"], "parameters": {"weight": 0.8}}]}
+    run_mergekit(raw, tmp_path / "mergekit", monkeypatch)
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert cli(["merge", "--config", str(tmp_path / "merge.yaml"), "--out", str(tmp_path / "ours"), "--quiet"]) == 0
+    theirs = safetensors_torch.load_file(tmp_path / "mergekit" / "model.safetensors")
+    ours = safetensors_torch.load_file(tmp_path / "ours" / "model.safetensors")
+    assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert (json.loads((tmp_path / "ours" / "config.json").read_text())["vocab_size"]
+            == json.loads((tmp_path / "mergekit" / "config.json").read_text())["vocab_size"])
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (json.loads((tmp_path / "ours" / name).read_text())
+                == json.loads((tmp_path / "mergekit" / name).read_text())), name
+    vocab = json.loads((tmp_path / "ours" / "tokenizer.json").read_text())
+    assert not {"q", "qq", "<pad>"} & (set(vocab["model"]["vocab"]) | {t["content"] for t in vocab["added_tokens"]})
+
+
+def test_tokens_beyond_the_vocab_size_of_a_word_level_base_are_refused(fp32_family, tmp_path, capsys):
+    """mergekit strips BPE tokenizers only; pcb-fast says so in one line (mergekit fails too)."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(fp32_family["base"], base)
+    save_tokenizer(base, WORDS, special=["<pad>"])
+    raw = {"merge_method": "task_arithmetic", "base_model": str(base), "tokenizer_source": "union",
+           "models": [{"model": fp32_family["chat"]}]}
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(raw))
+    assert cli(["merge", "--config", str(tmp_path / "merge.yaml"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has 1 tokens beyond the model's vocab_size 24 (e.g. '<pad>'); they can be left out of " \
+                              "a fast BPE tokenizer only, not a WordLevel one" in err[0], err
+    assert not (tmp_path / "out").exists()

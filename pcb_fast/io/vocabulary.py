@@ -4,6 +4,8 @@ to its vocabulary (docs/design.md 7.4).
 A configuration with ``tokenizer_source`` (``base``, ``union`` or a model) or a ``tokenizer:`` block
 (``source``, ``tokens``, ``pad_to_multiple_of``) gets the tokenizer that mergekit 0.1.5 builds:
 
+- The base's tokenizer first loses the tokens whose ids reach the base's ``vocab_size`` (mergekit
+  strips a BPE tokenizer of them: the model has no rows for them).
 - ``base``: the base model's; ``union``: the base's, plus every token of the other models that it
   lacks (their ordinary tokens first, then their added tokens with their settings; the models in
   the configuration's order); a model: that model's tokenizer. ``tokens:`` names are added.
@@ -77,6 +79,46 @@ def _fresh_copy(tokenizer):
     with tempfile.TemporaryDirectory() as folder:
         tokenizer.save_pretrained(folder, legacy_format=False, safe_serialization=True)
         return transformers.AutoTokenizer.from_pretrained(folder, use_fast=True)
+
+
+def without_tokens_beyond(tokenizer, vocab_size: int, where: str, what: str):
+    """``tokenizer`` (changed in place) without the tokens whose ids reach ``vocab_size``, which the
+    model has no rows for (padding or special tokens a tokenizer lists beyond the embedding), as
+    mergekit strips its base tokenizer: they leave the added tokens and the BPE vocabulary, and so
+    does every merge of two tokens one of which is such a token. Only a fast BPE tokenizer can be
+    stripped (mergekit's rule); another is an error."""
+    import json
+
+    import tokenizers
+
+    beyond = {token for token, index in tokenizer.get_vocab().items() if index >= vocab_size}
+    if not beyond:
+        return tokenizer
+    example = short(min(beyond))
+    kind = json.loads(tokenizer.backend_tokenizer.to_str())["model"].get("type") if tokenizer.is_fast else "slow"
+    if kind != "BPE":
+        raise ValueError(f"{where}: {what} has {len(beyond)} tokens beyond the model's vocab_size {vocab_size} (e.g. "
+                         f"{example}); they can be left out of a fast BPE tokenizer only, not a {kind} one (as mergekit)")
+    data = json.loads(tokenizer.backend_tokenizer.to_str())
+    data["added_tokens"] = [entry for entry in data["added_tokens"] if entry["id"] < vocab_size]
+    vocab = data["model"]["vocab"]
+    for token in beyond:
+        vocab.pop(token, None)
+    kept = []
+    for merge in data["model"]["merges"]:
+        parts = merge.split(" ") if isinstance(merge, str) else merge
+        if not isinstance(parts, list) or len(parts) != 2:
+            raise ValueError(f"{where}: {what}: a BPE merge {short(merge)} is neither 'a b' nor [a, b]")
+        if not beyond.intersection(parts):
+            kept.append(merge)
+    data["model"]["merges"] = kept
+    try:
+        # (transformers has no public way to swap a loaded tokenizer's backend; mergekit does the same)
+        tokenizer._tokenizer = tokenizers.Tokenizer.from_str(json.dumps(data))
+    except Exception as e:
+        raise ValueError(f"{where}: {what} without its {len(beyond)} tokens beyond the model's vocab_size {vocab_size} "
+                         f"is no valid tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return tokenizer
 
 
 def union_tokenizer(base_tok, tokenizers):
@@ -176,11 +218,8 @@ class VocabularyPlan:
         base_tok = load_tokenizer(base)
         if base_tok is None:
             raise ValueError(f"{where}: {what}: the base model ({show_path(base)}) has no tokenizer that transformers loads")
-        base_size = config_vocab_size(base) or len(base_tok.get_vocab())
-        beyond = sorted(t for t, i in base_tok.get_vocab().items() if i >= base_size)
-        if beyond:
-            raise ValueError(f"{where}: not supported: the base model's tokenizer has {len(beyond)} tokens beyond its "
-                             f"vocab_size {base_size} (e.g. {short(beyond[0])}); mergekit strips them from BPE tokenizers")
+        base_tok = without_tokens_beyond(base_tok, config_vocab_size(base) or len(base_tok.get_vocab()), where,
+                                         f"the base model's tokenizer ({show_path(base)})")
         loaded = {base: base_tok}
         for path in self.models:
             if path not in loaded:
