@@ -428,6 +428,32 @@ def test_a_lower_compute_dtype_is_noted_by_default_and_taken_on_request(llama, c
     assert not (tmp / "o").exists()
 
 
+def test_the_recorded_config_keeps_the_compute_dtype(llama, monkeypatch):
+    """--compute-dtype given on the command line (with --config, or with flags) is recorded in the
+    output's mergekit_config.yml (compute_dtype, pcb-fast's own entry): run again without the flag,
+    it gives the same bytes (float32 arithmetic would not)."""
+    tmp, base, paths, *_ = llama
+    monkeypatch.chdir(tmp)
+    raw = config(base, paths, parameters={"density": 0.5, "weight": 0.7}, dtype="bfloat16")
+    runs = {"flag": ["--config", str(write(tmp / "c.yaml", raw)), "--compute-dtype", "mergekit"],
+            "flags": ["--base", base, "--model", paths[0], "--method", "slerp", "--t", "0.3", "--compute-dtype",
+                      "bfloat16"]}
+    for name, args in runs.items():
+        assert cli(["merge", *args, "--out", name, "--quiet"]) == 0
+        recorded = yaml.safe_load((tmp / name / "mergekit_config.yml").read_text())
+        assert recorded["compute_dtype"] == args[-1], recorded
+        assert cli(["merge", "--config", str(tmp / name / "mergekit_config.yml"), "--out", f"{name}-again",
+                    "--quiet"]) == 0
+        assert (tmp / name / "model.safetensors").read_bytes() == (tmp / f"{name}-again" / "model.safetensors").read_bytes()
+        without = [a for a in args if a not in ("--compute-dtype", args[-1])]
+        assert cli(["merge", *without, "--out", f"{name}-float32", "--quiet"]) == 0
+        assert (tmp / name / "model.safetensors").read_bytes() != (tmp / f"{name}-float32" / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="compute_dtype: mergekit and --compute-dtype float32 differ; give one"):
+        parse_config(yaml.safe_load((tmp / "flag" / "mergekit_config.yml").read_text()), compute_dtype="float32")
+    with pytest.raises(ValueError, match="config: compute_dtype='half' is not valid; choose one of 'float32'"):
+        parse_config(dict(raw, compute_dtype="half"))
+
+
 def test_per_model_values_are_checked_with_that_models_other_values(llama):
     """DELLA's density +/- epsilon is checked per model: one model's epsilon with another's density is
     no combination any tensor sees (a published config was refused for it)."""

@@ -76,12 +76,17 @@ def flags_config(*, base, models, method, lam, lambdas, scope, exclude, dtype, p
     # every parameter, defaults included: in the YAML, mergekit's method names default to mergekit's rules
     parameters = dict(SPECS[method].defaults)
     parameters.update((k, v) for k, v in sorted(params.items()) if k != "segment_params")
-    parameters.update(lam=float(lam), scope=scope)
+    if not SPECS[method].weight_space:  # (the weight-space methods take no lam)
+        parameters["lam"] = float(lam)
+    parameters["scope"] = scope
     if exclude:
         parameters["exclude"] = list(exclude)
+    compute_dtype = parameters.pop("compute_dtype", "float32")  # (a YAML entry of its own: config.compute_dtype)
     config = {"merge_method": method, "base_model": _name(base), "models": entries, "parameters": parameters}
     if dtype is not None:
         config["dtype"] = dtype
+    if compute_dtype != "float32":
+        config["compute_dtype"] = compute_dtype
     return config
 
 

@@ -45,7 +45,7 @@ MERGEKIT_METHODS = {spec.mergekit: name for name, spec in SPECS.items() if spec.
 OWN_METHODS = tuple(name for name, spec in SPECS.items() if name not in MERGEKIT_METHODS
                     and not spec.internal)  # (gta, mergekit_linear: mergekit's names at mergekit's compute dtype)
 TOP_LEVEL = ("merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype",
-             "tokenizer_source", "tokenizer", "chat_template", "name")
+             "tokenizer_source", "tokenizer", "chat_template", "name", "compute_dtype")
 # entries real configs carry that mergekit 0.1.5's schema accepts and nothing reads: accepted, with a note
 IGNORED_ENTRIES = {"vocab_size": "mergekit 0.1.5 does not read it either; the output's vocabulary is the base "
                                  "model's (or the tokenizer's)",
@@ -89,6 +89,7 @@ def parse(raw, where: str = "config", compute_dtype: str | None = None) -> dict:
     if raw.get("name") is not None and not isinstance(raw["name"], str):
         raise ValueError(f"{where}: name={short(raw['name'])} must be a string (the merge's name)")
     notes = [f"config: {key} is ignored ({why})" for key, why in IGNORED_ENTRIES.items() if key in raw]
+    compute_dtype = _asked_compute_dtype(raw, compute_dtype, where)
     _tokenizer_block(raw, where)
     name, method = _method(raw, where)
     mergekit = name in MERGEKIT_METHODS
@@ -172,6 +173,7 @@ def parse(raw, where: str = "config", compute_dtype: str | None = None) -> dict:
     _with_vocabulary(kwargs, plan, gathered)
     kwargs["card"] = {"config": _as_named(_resolved_config(raw, name, base, models, shared, settings), named),
                       "tokenizer": plan, "source": where, "chat_template": raw.get("chat_template")}
+    _record_compute_dtype(kwargs["card"], compute_dtype)
     for note in notes:  # only once the whole config is known to run: a refusal is the only line printed
         warnings.warn(f"pcb_fast: {note}", stacklevel=3)
     return kwargs
@@ -259,6 +261,29 @@ def _lower_precision(raw, asked) -> bool:
     if asked == "mergekit":
         asked = raw.get("dtype") or "inputs"
     return asked not in (None, "float32")
+
+
+COMPUTE_DTYPE_CHOICES = ("float32", "bfloat16", "float16", "float64", "inputs", "mergekit")
+
+
+def _asked_compute_dtype(raw, flag, where) -> str | None:
+    """The compute dtype asked for: ``--compute-dtype`` (``flag``) or the config's ``compute_dtype``
+    (pcb-fast's own entry, which mergekit ignores; the output's mergekit_config.yml records the one
+    used), None where neither says."""
+    written = raw.get("compute_dtype")
+    for label, value in (("compute_dtype", flag), (f"{where}: compute_dtype", written)):
+        if value is not None and value not in COMPUTE_DTYPE_CHOICES:
+            raise ValueError(f"{label}={show(value)} is not valid; choose one of "
+                             f"{', '.join(map(repr, COMPUTE_DTYPE_CHOICES))}")
+    if flag is not None and written is not None and flag != written:
+        raise ValueError(f"{where}: compute_dtype: {written} and --compute-dtype {flag} differ; give one")
+    return flag if flag is not None else written
+
+
+def _record_compute_dtype(card: dict, compute_dtype) -> None:
+    """The output's configuration says the compute dtype it ran with, so that it runs again to the same bits."""
+    if compute_dtype is not None:
+        card["config"] = dict(card["config"], compute_dtype=compute_dtype)
 
 
 def _compute_dtype(raw, method, name, asked, notes, where) -> dict:
@@ -965,6 +990,7 @@ def _parse_slices(raw, where, compute_dtype, name, method, notes) -> dict:
     _with_vocabulary(kwargs, plan, inputs)
     kwargs["card"] = {"config": dict(raw), "source": where, "chat_template": raw.get("chat_template"),
                       "tokenizer": plan}
+    _record_compute_dtype(kwargs["card"], compute_dtype)
     for note in notes:
         warnings.warn(f"pcb_fast: {note}", stacklevel=3)
     return kwargs
