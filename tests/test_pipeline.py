@@ -231,6 +231,40 @@ def test_write_behind_writes_in_order_and_raises_its_error(tmp_path):
     failing.abort()
 
 
+def test_write_behind_flushes_on_a_thread_of_its_own_and_keeps_its_errors(tmp_path, monkeypatch):
+    """The shards written so far are flushed (fdatasync) by the syncer thread while the writer thread
+    writes on; the fsync of every shard at close stays (the folder is durable when published); a
+    flush that fails is raised at close, never lost."""
+    import os
+    import threading
+
+    from pcb_fast.io.safetensors import ShardedWriter
+    from pcb_fast.io.write_behind import WriteBehind
+
+    entries = [("a", torch.float32, (1000,)), ("b", torch.float32, (1000,))]
+    flushed, synced = [], []
+    monkeypatch.setattr(os, "fdatasync", lambda fd: flushed.append(threading.current_thread().name))
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    writer = WriteBehind(ShardedWriter(tmp_path, entries, 4000, {}), max_pending=1000, sync_every=2000)
+    for key in "ab":
+        for lo in range(0, 1000, 100):
+            writer.write(key, lo, torch.arange(lo, lo + 100, dtype=torch.float32))
+    writer.close()
+    assert flushed and set(flushed) == {"pcb_fast-syncer"}, flushed
+    assert len(synced) == 2  # both shards, at close
+    assert torch.equal(load_file(str(tmp_path / "model-00002-of-00002.safetensors"))["b"], torch.arange(1000.0))
+
+    def failing(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", failing)
+    (tmp_path / "x").mkdir()
+    with pytest.raises(OSError, match="Input/output error"):
+        with WriteBehind(ShardedWriter(tmp_path / "x", entries, 4000, {}), max_pending=1000, sync_every=2000) as w:
+            for lo in range(0, 1000, 100):
+                w.write("a", lo, torch.zeros(100))
+
 
 def test_a_writer_block_closes_on_success_and_aborts_on_an_error(tmp_path, monkeypatch):
     """``with writer:`` flushes and closes the shards when the block succeeds; when the block raises,

@@ -1,11 +1,13 @@
 """Writing behind the engine (docs/design.md 3.7): a thread that puts merged slices into the output
 shards while the engine computes the next ones, and starts their write-back to disk as it goes.
 
-``pwritev`` releases the GIL, so the copy into the page cache overlaps the engine's arithmetic; an
-``fdatasync`` every ``sync_every`` bytes lets the disk write while the merge runs instead of all at
-the final flush. At most ``max_pending`` bytes wait in the queue (the writer then makes the engine
-wait), so memory stays bounded. A write error is raised in the engine's thread at its next write or
-at :meth:`WriteBehind.close`.
+``pwritev`` releases the GIL, so the copy into the page cache overlaps the engine's arithmetic.
+Every ``sync_every`` bytes written, a third thread (:class:`Syncer`) flushes the shards written so
+far (``fdatasync``) while the writer thread writes the next bytes: the disk writes while the merge
+runs, and the flush before the folder is published (the shards' ``fsync`` at close, which stays)
+finds little left to do. At most ``max_pending`` bytes wait in the queue (the writer then makes the
+engine wait), so memory stays bounded. A write or flush error is raised in the engine's thread at
+its next write or at :meth:`WriteBehind.close`.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ class WriteBehind(Finished):
     """Wraps a :class:`pcb_fast.io.safetensors.ShardedWriter`: the same ``write``, ``close``, ``abort``
     and ``with`` block, with the writes made by a background thread in the order they were given."""
 
-    def __init__(self, writer, max_pending: int = 16 << 20, sync_every: int = 256 << 20):
+    def __init__(self, writer, max_pending: int = 16 << 20, sync_every: int = 16 << 20):
         self.writer = writer
+        self._syncer = Syncer(writer.files)
         self._queue: queue.Queue = queue.Queue()
         self._room = threading.Condition()
         self._pending = 0
@@ -49,9 +52,8 @@ class WriteBehind(Finished):
                 if self._error is None:
                     write(key, lo, values)
                     unsynced += values.numel() * values.element_size()
-                    if unsynced >= self._sync_every:
-                        for fd, _ in self.writer.files:  # start the write-back now, not at close
-                            os.fdatasync(fd)
+                    if unsynced >= self._sync_every:  # the write-back starts now, not at close
+                        self._syncer.request()
                         unsynced = 0
             except BaseException as e:  # raised in the engine's thread
                 self._error = e
@@ -61,6 +63,8 @@ class WriteBehind(Finished):
                     self._room.notify_all()
 
     def _raise_if_failed(self) -> None:
+        if self._error is None:
+            self._error = self._syncer.error
         if self._error is not None:
             raise self._error
 
@@ -85,6 +89,7 @@ class WriteBehind(Finished):
         if self._thread.is_alive():
             self._queue.put(_STOP)
             self._thread.join()
+        self._syncer.stop()  # (before the shards close: it flushes their descriptors)
 
     def close(self) -> None:
         """Finish every queued write, then flush and close the shards (raises a write's error)."""
@@ -101,3 +106,39 @@ class WriteBehind(Finished):
         """Stop the thread (after the write in progress) and close the shards without flushing."""
         self.halt()  # the queued writes are skipped
         self.writer.abort()
+
+
+class Syncer:
+    """A thread that flushes the shards (``fdatasync`` of each) when asked, while the writer thread
+    goes on writing. Requests made while it flushes make one more flush; the first error is kept in
+    ``error`` (and ends the thread)."""
+
+    def __init__(self, files: list):
+        self._files = files  # the writer's (fd, name) pairs: open until stop() returns
+        self._wanted = threading.Event()
+        self._stopping = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="pcb_fast-syncer", daemon=True)
+        self._thread.start()
+
+    def request(self) -> None:
+        self._wanted.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            if self._stopping:
+                return
+            try:
+                for fd, _ in list(self._files):
+                    os.fdatasync(fd)
+            except BaseException as e:
+                self.error = e
+                return
+
+    def stop(self) -> None:
+        """Finish the flush in progress (not the one asked for) and end the thread."""
+        self._stopping = True
+        self._wanted.set()
+        self._thread.join()
