@@ -69,8 +69,12 @@ def with_paths(spec, paths):
     def ref(name):
         return "+".join(paths[part] for part in name.split("+"))
 
-    raw = dict(spec, models=[{"model": ref(m)} if isinstance(m, str) else {"model": ref(m[0]), "parameters": m[1]}
-                             for m in spec["models"]])
+    raw = dict(spec)
+    if "models" in spec:
+        raw["models"] = [{"model": ref(m)} if isinstance(m, str) else {"model": ref(m[0]), "parameters": m[1]}
+                         for m in spec["models"]]
+    if "slices" in spec:
+        raw["slices"] = [{"sources": [{"model": ref(m), "layer_range": span} for m, span in out]} for out in spec["slices"]]
     if "base_model" in spec:
         raw["base_model"] = ref(spec["base_model"])
     return raw
@@ -113,6 +117,8 @@ LORA_CONFIGS = [
         "models": [("base+lora1", {"weight": 1.0}), ("other", {"weight": 0.5})]}),
     ("model_stock, the base a LoRA model too (as published configs do)", {
         "merge_method": "model_stock", "base_model": "base+lora2", "models": ["base+lora1", "other", "base", "base+lora2"]}),
+    ("passthrough slices, the layers of a LoRA model and of the base", {
+        "merge_method": "passthrough", "slices": [[("base+lora1", [0, 2])], [("base", [1, 2])]]}),
 ]
 
 
@@ -123,7 +129,8 @@ def test_lora_references_equal_mergekit(family, tmp_path, name, spec):
     theirs, ours = run_both(with_paths(spec, paths), tmp_path, flags)
     assert_equal(theirs, ours)
     recorded = yaml.safe_load((tmp_path / "ours" / "mergekit_config.yml").read_text())
-    assert recorded["models"][0]["model"] == f"{paths['base']}+{paths['lora1']}"
+    first = recorded["models"][0] if "models" in recorded else recorded["slices"][0]["sources"][0]
+    assert first["model"] == f"{paths['base']}+{paths['lora1']}"
 
 
 def test_lora_reference_errors(family, tmp_path, capsys):
