@@ -55,6 +55,23 @@ def llama_state(g, layers: int, hidden: int = 32, inter: int = 48, vocab: int = 
     return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
 
 
+def save_llama_folder(folder, state: dict, dtype, tied: bool, layers: int, hidden: int, inter: int, vocab: int) -> str:
+    """``state`` in ``dtype`` as a Hugging Face folder (model.safetensors, a Llama config.json that
+    transformers loads: 4 heads, 2 key-value heads, as llama_state's shapes)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    save_file({k: v.to(dtype) for k, v in state.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": vocab, "tie_word_embeddings": tied, "torch_dtype": str(dtype).split(".")[1],
+        "max_position_embeddings": 64, "rms_norm_eps": 1e-6}))
+    return str(folder)
+
+
 def slices_read(monkeypatch, key: str) -> list:
     """The lengths of the slices of ``key`` that safetensors checkpoints read from now on (filled as they are)."""
     from pcb_fast.io.checkpoints import SafetensorsCheckpoint

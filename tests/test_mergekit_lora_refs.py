@@ -3,8 +3,6 @@ into its model on the fly. Run by mergekit 0.1.5 itself and by `pcb-fast merge -
 Llama-style models (float32 and bfloat16, tied and untied heads), and against PEFT's own
 merge_and_unload: the outputs must be equal entry for entry."""
 
-import json
-
 import pytest
 import torch
 import yaml
@@ -16,21 +14,13 @@ mk_config = pytest.importorskip("mergekit.config")
 mk_merge = pytest.importorskip("mergekit.merge")
 
 from pcb_fast.cli import main as cli  # noqa: E402
-from pcb_test_helpers import llama_state  # noqa: E402
+from pcb_test_helpers import llama_state, save_llama_folder  # noqa: E402
 
 LAYERS, HIDDEN, INTER, VOCAB = 2, 32, 48, 40
 
 
 def save_llama(folder, state, dtype, tied):
-    folder.mkdir()
-    safetensors_torch.save_file({k: v.to(dtype) for k, v in state.items()}, folder / "model.safetensors",
-                                metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
-        "intermediate_size": INTER, "num_hidden_layers": LAYERS, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "vocab_size": VOCAB, "tie_word_embeddings": tied, "torch_dtype": str(dtype).split(".")[1],
-        "max_position_embeddings": 64, "rms_norm_eps": 1e-6}))
-    return str(folder)
+    return save_llama_folder(folder, state, dtype, tied, LAYERS, HIDDEN, INTER, VOCAB)
 
 
 def save_adapter(base, folder, seed, tied, **config):
@@ -136,8 +126,8 @@ def test_lora_references_equal_mergekit(family, tmp_path, name, spec):
 def test_lora_reference_errors(family, tmp_path, capsys):
     paths, _ = family
     cases = [(f"{paths['base']}+{paths['lora1']}+{paths['lora2']}", "is neither a path nor a model+lora reference"),
-             (f"{paths['base']}+{tmp_path / 'missing'}", "adapter"),
-             (f"{paths['base']}+{paths['other']}", "adapter_config.json")]
+             (f"{paths['base']}+{tmp_path / 'missing'}", f"adapter {tmp_path / 'missing'}: no such folder"),
+             (f"{paths['base']}+{paths['other']}", "no adapter_config.json in")]
     for ref, message in cases:
         raw = {"merge_method": "task_arithmetic", "base_model": paths["base"], "models": [{"model": ref}]}
         (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))

@@ -18,6 +18,7 @@ from pcb_fast.cli import main as cli  # noqa: E402
 from pcb_fast.methods.slerp import slerp  # noqa: E402
 from pcb_test_helpers import TaskVectorIndex  # noqa: E402
 from pcb_test_helpers import llama_state as shared_llama_state  # noqa: E402
+from pcb_test_helpers import save_llama_folder  # noqa: E402
 from pcb_test_helpers import slices_read  # noqa: E402
 
 LAYERS, HIDDEN, INTER, VOCAB = 4, 32, 48, 40  # every tensor under 32768 entries: torch reduces it on one thread
@@ -28,15 +29,7 @@ def llama_state(g, tied):
 
 
 def save_llama(folder, state, dtype, tied):
-    folder.mkdir()
-    state = {k: v.to(dtype) for k, v in state.items()}
-    safetensors_torch.save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
-        "intermediate_size": INTER, "num_hidden_layers": LAYERS, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "vocab_size": VOCAB, "tie_word_embeddings": tied, "torch_dtype": str(dtype).split(".")[1],
-        "max_position_embeddings": 64, "rms_norm_eps": 1e-6}))
-    return str(folder)
+    return save_llama_folder(folder, state, dtype, tied, LAYERS, HIDDEN, INTER, VOCAB)
 
 
 def sparse_change(shape, g):

@@ -16,7 +16,7 @@ mk_config = pytest.importorskip("mergekit.config")
 mk_merge = pytest.importorskip("mergekit.merge")
 
 from pcb_fast.cli import main as cli  # noqa: E402
-from pcb_test_helpers import llama_state  # noqa: E402
+from pcb_test_helpers import llama_state, save_llama_folder  # noqa: E402
 
 LAYERS, HIDDEN, INTER = 2, 16, 24
 WORDS = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(21)]  # the base's 24 tokens
@@ -39,7 +39,6 @@ def save_tokenizer(folder, words, special=(), added=()):
 
 def save_model(folder, g, base, rows, dtype, tied, scale):
     """A model whose first rows (the base's tokens) are near the base's, with ``rows`` rows."""
-    folder.mkdir()
     state = llama_state(g, LAYERS, HIDDEN, INTER, rows, tied=tied)
     if base is not None:
         for key, value in base.items():
@@ -47,13 +46,7 @@ def save_model(folder, g, base, rows, dtype, tied, scale):
                 state[key] = value + scale * torch.randn(value.shape, generator=g)
             else:  # the embedding and head: the base's rows near the base's, the new ones random
                 state[key][: value.shape[0]] = value + scale * torch.randn(value.shape, generator=g)
-    safetensors_torch.save_file({k: v.to(dtype) for k, v in state.items()}, folder / "model.safetensors",
-                                metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
-        "intermediate_size": INTER, "num_hidden_layers": LAYERS, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "vocab_size": rows, "tie_word_embeddings": tied, "torch_dtype": str(dtype).split(".")[1],
-        "max_position_embeddings": 64, "rms_norm_eps": 1e-6}))
+    save_llama_folder(folder, state, dtype, tied, LAYERS, HIDDEN, INTER, rows)
     return state
 
 
