@@ -435,8 +435,8 @@ def test_every_message_quoting_a_huge_key_is_short(tmp_path):
 def test_a_huge_path_in_a_config_gives_a_short_message():
     from pcb_fast.io.config import parse_config
 
-    with pytest.raises(ValueError, match="is a model with a LoRA adapter") as caught:
-        parse_config({"merge_method": "ties", "base_model": "b", "models": [{"model": "m" * 1_000_000 + "+lora"}]})
+    with pytest.raises(ValueError, match="is neither a path nor a model\\+lora reference") as caught:
+        parse_config({"merge_method": "ties", "base_model": "b", "models": [{"model": "m" * 1_000_000 + "+lora+x"}]})
     assert len(str(caught.value)) < 400
 
 

@@ -35,7 +35,7 @@ class LoraModel:
     adapter: str
 
     def __str__(self) -> str:
-        return f"{show_path(self.model, 200)}+{show_path(self.adapter, 200)}"
+        return f"{show_path(self.model, 150)}+{show_path(self.adapter, 150)}"
 
     @property
     def paths(self) -> list:
