@@ -226,7 +226,7 @@ class VocabularyPlan:
                 tokenizer = load_tokenizer(path)
                 if tokenizer is not None:  # (else the base's vocabulary, as mergekit assumes)
                     loaded[path] = tokenizer
-        self.read_from = [] if source in ("base", "union") else [source]  # (beside the merge's inputs)
+        self.read_from = [] if source in ("base", "union") else [model_folder(source)]  # (beside the merge's inputs)
         if source == "base":
             out = base_tok
         elif source == "union":
