@@ -163,3 +163,24 @@ def test_lora_models_are_read_on_the_merging_thread(family, tmp_path, monkeypatc
         outs.append(safetensors_torch.load_file(out / "model.safetensors"))
     assert threads == {threading.main_thread()}
     assert_equal(*outs)
+
+
+def test_flags_take_lora_references_and_record_them(family, tmp_path, monkeypatch):
+    """--model <model>+<adapter> (relative paths) merges as the config does (the same tensors; the
+    metadata says which parameters each was given); the recorded config
+    names it with absolute paths and runs again, from another folder, to the same bytes."""
+    import os
+
+    paths, _ = family
+    monkeypatch.chdir(os.path.dirname(paths["base"]))
+    raw = with_paths(LORA_CONFIGS[0][1], paths)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    assert cli(["merge", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "config"), "--quiet"]) == 0
+    assert cli(["merge", "--base", "base", "--model", "base+lora1", "--model", "other", "--lambdas", "1,0.5",
+                "--method", "task_arithmetic", "--out", str(tmp_path / "flags"), "--quiet"]) == 0
+    assert_equal(*(safetensors_torch.load_file(tmp_path / out / "model.safetensors") for out in ("config", "flags")))
+    recorded = yaml.safe_load((tmp_path / "flags" / "mergekit_config.yml").read_text())
+    assert recorded["models"][0]["model"] == f"{paths['base']}+{paths['lora1']}"
+    monkeypatch.chdir(tmp_path)
+    assert cli(["merge", "--config", str(tmp_path / "flags" / "mergekit_config.yml"), "--out", "again", "--quiet"]) == 0
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (tmp_path / "flags" / "model.safetensors").read_bytes()

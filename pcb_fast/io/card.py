@@ -62,7 +62,9 @@ again with `pcb-fast merge --config mergekit_config.yml --out <folder>`):
 
 
 def _name(source) -> str:
-    return "(an in-memory state dict)" if isinstance(source, dict) else str(source)
+    if isinstance(source, dict):
+        return "(an in-memory state dict)"
+    return getattr(source, "written", None) or str(source)  # (a model with a LoRA adapter: its reference)
 
 
 def flags_config(*, base, models, method, lam, lambdas, scope, exclude, dtype, params) -> dict:

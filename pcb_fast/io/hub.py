@@ -56,5 +56,11 @@ def _offline() -> bool:
 
 
 def local(ref, label: str):
-    """``ref`` itself, or the local folder of the Hub model it names."""
+    """``ref`` itself, the local folder of the Hub model it names, or for mergekit's
+    ``<model>+<adapter>`` the model with that LoRA adapter (pcb_fast.io.lora_models)."""
+    from .lora_models import lora_reference
+
+    model = lora_reference(ref, label)
+    if model is not None:
+        return model
     return resolve(ref, label) if is_hub_reference(ref) else ref

@@ -17,22 +17,24 @@ merge reads these inputs on its own thread (``threads_on_read``), never on a rea
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .checkpoints import Checkpoint, open_checkpoint
 from .lora import CONFIG, Full, LoraSource, open_adapter
-from .safetensors import show_path
+from .safetensors import show, show_path
 from .tied import folder_aliases
 
 
 @dataclass(frozen=True)
 class LoraModel:
-    """A model (local folder) with an adapter (local folder) merged into it."""
+    """A model (local folder) with an adapter (local folder) merged into it; ``written``: the
+    reference as the output records it (Hub names as given, local paths absolute)."""
 
     model: str
     adapter: str
+    written: str = field(default="", compare=False)
 
     def __str__(self) -> str:
         return f"{show_path(self.model, 150)}+{show_path(self.adapter, 150)}"
@@ -43,6 +45,24 @@ class LoraModel:
 
     def open(self, name: str) -> "LoraCheckpoint":
         return LoraCheckpoint(self, name)
+
+
+def lora_reference(ref, label: str) -> LoraModel | None:
+    """mergekit's ``<model>+<adapter>`` (each a local path or a Hub name, resolved through the Hugging
+    Face cache: pcb_fast.io.hub) as a :class:`LoraModel`; None for a reference without "+" or an
+    existing path. ``label`` names the entry in errors."""
+    from .hub import ADAPTER_PATTERNS, is_hub_reference, resolve
+
+    if not isinstance(ref, str) or "+" not in ref or os.path.exists(ref):
+        return None
+    parts = ref.split("+")
+    if len(parts) != 2 or not all(parts):
+        raise ValueError(f"{label}: {show(ref)} is neither a path nor a model+lora reference (mergekit's "
+                         "<model>+<LoRA adapter>, each a local path or a Hub name)")
+    model, adapter = parts
+    model = resolve(model, f"{label} (its model)") if is_hub_reference(model) else model
+    adapter = resolve(adapter, f"{label} (its LoRA adapter)", ADAPTER_PATTERNS) if is_hub_reference(adapter) else adapter
+    return LoraModel(model, adapter, "+".join(p if is_hub_reference(p) else os.path.abspath(p) for p in parts))
 
 
 def model_folder(ref):

@@ -35,7 +35,7 @@ from pathlib import Path
 from ..methods import SPECS, check_method_params
 from ..methods.gta import KINDS as GTA_KINDS
 from .checkpoints import load_json
-from .lora_models import LoraModel, model_folder, same_model
+from .lora_models import LoraModel, lora_reference, model_folder, same_model
 from .safetensors import show, show_path
 from ..core.checks import short
 
@@ -227,18 +227,11 @@ def _local(ref, label, named: dict):
     Hugging Face cache (pcb_fast.io.hub), noted in ``named``; mergekit's ``model+lora`` as a
     :class:`~pcb_fast.io.lora_models.LoraModel` of the two (each a path or a Hub name), noted in
     ``named`` as written, with its local paths made absolute."""
-    from .hub import ADAPTER_PATTERNS, is_hub_reference, resolve
+    from .hub import is_hub_reference, resolve
 
-    if isinstance(ref, str) and "+" in ref and not os.path.exists(ref):
-        parts = ref.split("+")
-        if len(parts) != 2 or not all(parts):
-            raise ValueError(f"{label}: {show(ref)} is neither a path nor a model+lora reference (mergekit's "
-                             "<model>+<LoRA adapter>, each a local path or a Hub name)")
-        adapter = parts[1]
-        if is_hub_reference(adapter):
-            adapter = resolve(adapter, f"{label} (its LoRA adapter)", ADAPTER_PATTERNS)
-        model = LoraModel(_local(parts[0], f"{label} (its model)", {}), adapter)
-        named[model] = "+".join(part if is_hub_reference(part) else os.path.abspath(part) for part in parts)
+    model = lora_reference(ref, label)
+    if model is not None:
+        named[model] = model.written
         return model
     if not is_hub_reference(ref):
         return ref
