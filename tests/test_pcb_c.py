@@ -252,3 +252,20 @@ def test_search_and_pcb_merge_take_the_c_sweeps(monkeypatch):
     tv = torch.stack([(m["w"] - base["w"]).reshape(-1) for m in models])
     assert torch.equal(pcb_fast.pcb_merge(tv), pcb_fast.pcb_merge(tv, fused="off"))
     assert calls
+
+
+def test_portable_build_gives_the_same_bits(monkeypatch, tmp_path):
+    """The library built without -march=native (no FMA, no AVX-512: the sweeps' portable branches)
+    gives the reference's bits too, collected and over the budget."""
+    monkeypatch.setenv("PCB_FAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "FLAG_SETS", tuple(flags for flags in native.FLAG_SETS if "-march=native" not in flags))
+    native._library.cache_clear()
+    try:
+        assert native.problem() is None
+        for kind in ("normal", "sparse"):
+            tv = task_vectors(kind, 3, 40_000, seed=11)
+            ref = reference.pcb_official(tv)
+            for budget in (None, 300_000):  # collected, and over the budget (bracket pass, merge pass)
+                assert torch.equal(run(tv, True, budget=budget, block_width=10_000)[0], ref), (kind, budget)
+    finally:
+        native._library.cache_clear()

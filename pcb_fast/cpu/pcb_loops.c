@@ -16,6 +16,9 @@
  * Compiled without contraction (-ffp-contract=off, see native.py). */
 #include <math.h>
 #include <stdlib.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#endif
 
 #include "native.h"
 
@@ -26,22 +29,31 @@
 #define CANDIDATE_MARGIN 2.44140625e-4f
 #define CANDIDATE_FLOOR_ABS 1e-30f /* and an absolute one, for scores near zero */
 
+/* a * b + c for the approximations only (never for the values that must equal torch's): one fused
+ * rounding where the target has FMA (more accurate and half the operations), two otherwise (fmaf
+ * would then be a library call). */
+#ifdef __FMA__
+#define MADD(a, b, c) fmaf((a), (b), (c))
+#else
+#define MADD(a, b, c) ((a) * (b) + (c))
+#endif
+
 /* exp(x) for x in [-80, 88] within about 2 ulps (Cody-Waite reduction, Cephes' polynomial), branch
  * free so that loops of it vectorize. */
 static inline float approx_exp(float x)
 {
     x = x < -80.0f ? -80.0f : (x > 88.0f ? 88.0f : x);
-    const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest */
-    float r = x - k * 0.693359375f;
-    r = r - k * -2.12194440e-4f;
+    const float k = MADD(x, 1.44269504088896341f, 12582912.0f) - 12582912.0f; /* round to nearest */
+    float r = MADD(k, -0.693359375f, x);
+    r = MADD(k, 2.12194440e-4f, r);
     const float z = r * r;
     float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * z + r + 1.0f;
+    p = MADD(p, r, 1.3981999507e-3f);
+    p = MADD(p, r, 8.3334519073e-3f);
+    p = MADD(p, r, 4.1665795894e-2f);
+    p = MADD(p, r, 1.6666665459e-1f);
+    p = MADD(p, r, 5.0000001201e-1f);
+    p = MADD(p, z, r) + 1.0f;
     return p * float_of((uint32_t)((int32_t)k + 127) << 23);
 }
 
@@ -50,11 +62,11 @@ static inline float approx_tanh_small(float x)
 {
     const float a = fabsf(x), z = a * a;
     float p = -5.70498872745e-3f;
-    p = p * z + 2.06390887954e-2f;
-    p = p * z - 5.37397155531e-2f;
-    p = p * z + 1.33314422036e-1f;
-    p = p * z - 3.33332819422e-1f;
-    return float_of(bits_of(p * z * a + a) | (bits_of(x) & 0x80000000u));
+    p = MADD(p, z, 2.06390887954e-2f);
+    p = MADD(p, z, -5.37397155531e-2f);
+    p = MADD(p, z, 1.33314422036e-1f);
+    p = MADD(p, z, -3.33332819422e-1f);
+    return float_of(bits_of(MADD(p * z, a, a)) | (bits_of(x) & 0x80000000u));
 }
 
 /* tanh(x) within a few ulps: approx_tanh_small below |x| = 0.625, 1 - 2 / (exp(2|x|) + 1) above,
@@ -62,7 +74,7 @@ static inline float approx_tanh_small(float x)
 static inline float approx_tanh(float x)
 {
     const float a = fabsf(x);
-    const float e = approx_exp(2.0f * (a < 10.0f ? a : 10.0f)); /* tanh(10) rounds to 1 */
+    const float e = approx_exp(2.0f * (a > 10.0f ? 10.0f : a)); /* tanh(10) rounds to 1; NaN stays NaN */
     const float large = float_of(bits_of(1.0f - 2.0f / (e + 1.0f)) | (bits_of(x) & 0x80000000u));
     return a < 0.625f ? approx_tanh_small(x) : large;
 }
@@ -77,6 +89,25 @@ static inline float sign_of(float x)
 static inline float margin(float p, float bound)
 {
     return (fabsf(p) + fabsf(bound)) * CANDIDATE_MARGIN + CANDIDATE_FLOOR_ABS;
+}
+
+static int64_t gather_candidates(const float *x, const float *e, const float *w, const uint8_t *flags, int64_t count,
+                                 int64_t flat0, int32_t *flat, float *tau, float *exp_arg, float *tanh_arg);
+
+/* An upper bound of exp(e) * tanh(w) for e in [0, 80] and any w, within about 7% of it, without a
+ * transcendental function: exp(e) = 2^k 2^r (k = floor(e log2 e), r in [0, 1)) is at most
+ * 2^k (1 + r) (2^r is convex: below its chord), and tanh(w) is at most min(w, 1) for w >= 0 and
+ * negative below (bounded by 0). The rounding of e log2 e moves the bound by under 2^-16
+ * (relative), and torch's exp and tanh lie within a few ulps of the true values: both far inside
+ * CANDIDATE_MARGIN. A NaN w gives 0 (its score is NaN, never at or above a floor). */
+static inline float score_bound(float e, float w)
+{
+    const float y = e * 1.44269504088896341f;
+    const float nearest = (y + 12582912.0f) - 12582912.0f; /* y in [0, 116): rounded to an integer */
+    const float k = nearest > y ? nearest - 1.0f : nearest;  /* floor(y) */
+    const float power = float_of((uint32_t)((int32_t)k + 127) << 23);
+    const float t = w > 0.0f ? (w < 1.0f ? w : 1.0f) : 0.0f;
+    return (power * (1.0f + (y - k))) * t;
 }
 
 /* The candidates of one chunk (count columns) of task row x, written from flat/tau/exp_arg/tanh_arg on
@@ -96,18 +127,24 @@ static int64_t chunk_candidates(const float *x, const float *total, int64_t coun
         e[j] = (normalized * normalized) * nf;
         w[j] = x[j] * total[j];
     }
-    float largest = 0.0f;
-    for (int64_t j = 0; j < count; j++) {
-        const float a = fabsf(w[j]);
-        largest = a > largest ? a : largest;
+    const float f = floor_, ceiling = ceiling_;
+    if (ceiling != ceiling && f > 0.0f) { /* collection at a positive floor: an upper bound suffices */
+        for (int64_t j = 0; j < count; j++) {
+            const float u = score_bound(e[j], w[j]);
+            flags[j] = u >= f - margin(u, f);
+        }
+        return gather_candidates(x, e, w, flags, count, flat0, flat, tau, exp_arg, tanh_arg);
     }
-    if (largest < 0.625f) /* the common case (task vectors are small): the polynomial alone */
+    /* max |w| as bit patterns (a float max reduction does not vectorize); NaN orders above 0.625 */
+    uint32_t largest = 0;
+    for (int64_t j = 0; j < count; j++)
+        largest = max_u32(largest, magnitude_bits(w[j]));
+    if (largest < bits_of(0.625f)) /* the common case (task vectors are small): the polynomial alone */
         for (int64_t j = 0; j < count; j++)
             p[j] = approx_exp(e[j]) * approx_tanh_small(w[j]);
     else
         for (int64_t j = 0; j < count; j++)
             p[j] = approx_exp(e[j]) * approx_tanh(w[j]);
-    const float f = floor_, ceiling = ceiling_;
     if (ceiling != ceiling) { /* NaN: collection */
         for (int64_t j = 0; j < count; j++)
             flags[j] = p[j] >= f - margin(p[j], f);
@@ -125,8 +162,33 @@ static int64_t chunk_candidates(const float *x, const float *total, int64_t coun
         }
         *above += over;
     }
-    /* few candidates: skip 8 flags at a time */
+    return gather_candidates(x, e, w, flags, count, flat0, flat, tau, exp_arg, tanh_arg);
+}
+
+/* The flagged entries of a chunk (few: 8 flags skipped at a time) written in position order: flat
+ * index flat0 + j, tau, and the arguments of exp and tanh. Returns how many. */
+static int64_t gather_candidates(const float *x, const float *e, const float *w, const uint8_t *flags, int64_t count,
+                                 int64_t flat0, int32_t *flat, float *tau, float *exp_arg, float *tanh_arg)
+{
     int64_t k = 0, j = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+    /* 16 entries at a time: each output's flagged lanes compressed in a register, stored whole (the
+     * lanes past k are overwritten later or lie in this chunk's unused slots: k <= j) */
+    const __m512i step = _mm512_set1_epi32(16);
+    __m512i index = _mm512_add_epi32(_mm512_set1_epi32((int32_t)flat0),
+                                     _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    for (; j + 16 <= count; j += 16, index = _mm512_add_epi32(index, step)) {
+        const __mmask16 keep = _mm_test_epi8_mask(_mm_loadu_si128((const __m128i *)(flags + j)),
+                                                  _mm_set1_epi8(1));
+        if (!keep)
+            continue;
+        _mm512_storeu_si512(flat + k, _mm512_maskz_compress_epi32(keep, index));
+        _mm512_storeu_ps(tau + k, _mm512_maskz_compress_ps(keep, _mm512_loadu_ps(x + j)));
+        _mm512_storeu_ps(exp_arg + k, _mm512_maskz_compress_ps(keep, _mm512_loadu_ps(e + j)));
+        _mm512_storeu_ps(tanh_arg + k, _mm512_maskz_compress_ps(keep, _mm512_loadu_ps(w + j)));
+        k += __builtin_popcount(keep);
+    }
+#endif
     for (; j + 8 <= count; j += 8) {
         uint64_t word;
         memcpy(&word, flags + j, 8);
