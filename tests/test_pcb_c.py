@@ -269,3 +269,42 @@ def test_portable_build_gives_the_same_bits(monkeypatch, tmp_path):
                 assert torch.equal(run(tv, True, budget=budget, block_width=10_000)[0], ref), (kind, budget)
     finally:
         native._library.cache_clear()
+
+
+@pytest.mark.parametrize("ceiling", [False, True])
+def test_candidates_from_raw_slices_equal_those_from_tau(ceiling):
+    """The sweep forming tau itself from the stored slices (a float16 base, bfloat16, float32 and
+    float16 models) gives the candidates of the float32 task vectors that torch.sub forms."""
+    g = torch.Generator().manual_seed(12)
+    D = 30_011
+    base = (torch.randn(D, generator=g) * 0.05).to(torch.float16)
+    models = [(base.float() + torch.randn(D, generator=g) * 1e-3).to(dtype)
+              for dtype in (torch.bfloat16, torch.float32, torch.float16)]
+    tv = torch.stack([torch.sub(m, base.float()) for m in models])
+    n = tv.shape[0]
+    clip = pcb.clip_bounds(MatrixSource(tv), RunOptions(), 0.01, D, ColumnSample(D, n))
+    eager = tb.official_scores(tv, clip, "sum", tb.Workspace(n, D, 3)).clone()
+    floor, top = eager.quantile(0.85, dim=1), (eager.quantile(0.9, dim=1) if ceiling else None)
+    results = []
+    for inputs in (tv, [base] + models):
+        above = torch.zeros(n, dtype=torch.int64)
+        found = native.pcb_candidates(inputs, clip.lo, clip.hi, clip.span, n, False, floor,
+                                      pcb.candidate_buffers(n, D), top, above)
+        results.append([x.clone() for x in found] + [above])
+    assert results[0][0].sum() > 0
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="raw slices must be float32, bfloat16 or float16"):
+        native.pcb_candidates([base.double()] + models, clip.lo, clip.hi, clip.span, n, False, floor,
+                              pcb.candidate_buffers(n, D))
+
+
+def test_float64_inputs_take_the_torch_subtraction():
+    """State dicts with a float64 model: the sweeps get float32 task vectors formed as the sources form
+    them (rounded to float32 first), with the bits of fused="off"."""
+    g = torch.Generator().manual_seed(13)
+    base = {"w": torch.randn(300, 200, generator=g).to(torch.bfloat16)}
+    models = [{"w": (base["w"].double() + 1e-2 * torch.randn(300, 200, generator=g, dtype=torch.float64))}]
+    models += [{"w": (base["w"].float() + 1e-2 * torch.randn(300, 200, generator=g)).to(torch.bfloat16)}]
+    merged = [pcb_fast.merge(base, models, method="pcb", fused=f, block_width=7000) for f in ("auto", "off")]
+    assert torch.equal(merged[0]["w"], merged[1]["w"])

@@ -42,6 +42,38 @@ static inline uint32_t mix32(uint32_t x)
     return x ^ (x >> 15);
 }
 
+/* dtype codes of the stored inputs (pcb_fast.cpu.native.KERNEL_DTYPES) */
+enum { F32 = 0, BF16 = 1, F16 = 2 };
+
+/* IEEE half to float, exact (normals, subnormals, infinities, NaN payloads shifted). */
+static inline float f32_of_f16(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
+    if (exponent == 0x1F)
+        return float_of(sign | 0x7F800000u | (mantissa << 13));
+    if (exponent != 0)
+        return float_of(sign | ((exponent + 112) << 23) | (mantissa << 13));
+    /* zero or subnormal: mantissa * 2^-24, exact in float32 */
+    float magnitude = (float)mantissa * 5.9604644775390625e-8f;
+    return float_of(sign | bits_of(magnitude));
+}
+
+/* dst[j] = f32(src[start + j]) for j < m */
+static inline void load_f32(const void *src, int dtype, int64_t start, int64_t m, float *restrict dst)
+{
+    if (dtype == BF16) {
+        const uint16_t *s = (const uint16_t *)src + start;
+        for (int64_t j = 0; j < m; j++)
+            dst[j] = float_of((uint32_t)s[j] << 16);
+    } else if (dtype == F16) {
+        const uint16_t *s = (const uint16_t *)src + start;
+        for (int64_t j = 0; j < m; j++)
+            dst[j] = f32_of_f16(s[j]);
+    } else {
+        memcpy(dst, (const float *)src + start, (size_t)m * 4);
+    }
+}
+
 /* How a block's entries are kept: TIES' trim, or DARE's drop. */
 typedef struct {
     int drop;               /* 0: trim by t/cut, 1: DARE's drop */
@@ -81,10 +113,10 @@ int64_t weighted_merge(int64_t n, int64_t m, const void *const *models, const in
                        float lam, void *out, int32_t out_dtype, int threads);
 int64_t merged_output(int64_t m, const void *base, int32_t base_dtype, const float *tau_m, float lam, void *out,
                       int32_t out_dtype, int threads);
-int64_t pcb_candidates(const float *tv, int64_t n, int64_t m, int64_t stride, const float *lo, const float *hi,
-                       const float *span, float nf, int normalized, const float *floor_, const float *ceiling,
-                       int64_t *above, int64_t *counts, int32_t *flat, float *tau, float *exp_arg, float *tanh_arg,
-                       int threads);
+int64_t pcb_candidates(const float *tv, int64_t n, int64_t m, int64_t stride, const void *const *raw,
+                       const int32_t *raw_dtypes, const float *lo, const float *hi, const float *span, float nf,
+                       int normalized, const float *floor_, const float *ceiling, int64_t *above, int64_t *counts,
+                       int32_t *flat, float *tau, float *exp_arg, float *tanh_arg, int threads);
 void pcb_bracket_counts(int64_t n, const int64_t *counts, const float *score, const float *floor_,
                         const float *ceiling, int64_t *above, int64_t *at_ceiling, int64_t *at_floor, float *peak,
                         float *inside, int64_t *inside_counts);

@@ -352,7 +352,7 @@ SIGNATURES = {
     "run_extremes": (None, [_p, _i64, _i64, _i64, _i64, _p, _p, _p, _int]),
     "merged_output": (_i64, [_i64, _p, _i32, _p, _f32, _p, _i32, _int]),
     "weighted_merge": (_i64, [_i64, _i64, _p, _p, _p, _i32, _p, _f32, _f32, _p, _i32, _int]),
-    "pcb_candidates": (_i64, [_p, _i64, _i64, _i64, _p, _p, _p, _f32, _int] + [_p] * 8 + [_int]),
+    "pcb_candidates": (_i64, [_p, _i64, _i64, _i64, _p, _p, _p, _p, _p, _f32, _int] + [_p] * 8 + [_int]),
     "pcb_bracket_counts": (None, [_i64] + [_p] * 10),
     "collected_split": (None, [_i64] + [_p] * 7),
     "pcb_keep": (_i64, [_i64] + [_p] * 5),
@@ -501,17 +501,36 @@ def run_extremes(tv: torch.Tensor, run: int):
     return row_max, (run_min, run_max)
 
 
-def pcb_candidates(tv: torch.Tensor, lo, hi, span, n_tasks: int, normalized: bool, floor, out: list, ceiling=None,
+def raw_slices(natives: list) -> bool:
+    """Whether the C sweeps can form tau from these raw slices [base, model_0, ...] themselves
+    (float32, bfloat16 or float16, contiguous, on the CPU, equal lengths)."""
+    return (problem() is None and len(natives) > 1 and len({t.numel() for t in natives}) == 1
+            and all(t.dtype in KERNEL_DTYPES and t.device.type == "cpu" and t.is_contiguous() for t in natives))
+
+
+def pcb_candidates(tv, lo, hi, span, n_tasks: int, normalized: bool, floor, out: list, ceiling=None,
                    above: torch.Tensor | None = None):
-    """PCB official's candidates of a block [n, m] (pcb_loops.c): the entries whose approximate score
-    reaches ``floor`` (per task) minus a wide margin; or, with ``ceiling``, those within the margin of
-    [floor, ceiling] or of their chunk's largest score, ``above`` ([n] int64) adding the others above
-    the ceiling. Task-major in position order. ``out``: four reusable flat buffers of at least n * m
-    entries (int32, then three float32). Returns ([n] int64 counts, int32 flat indices task * m +
-    position, tau, the float32 arguments of exp and tanh that the eager engine computes for these
-    entries), views of ``out``."""
-    library, tv = _loaded(), _task_rows(tv)
-    n, m = tv.shape
+    """PCB official's candidates of a block [n, m] (pcb_loops.c): the entries whose score may reach
+    ``floor`` (per task; an upper bound of the score, or its approximation, against a wide margin);
+    or, with ``ceiling``, those within the margin of [floor, ceiling] or of their chunk's largest
+    score, ``above`` ([n] int64) adding the others above the ceiling. Task-major in position order.
+    ``tv``: the block's float32 task vectors, or the raw slices [base, model_0, ...] of
+    :func:`raw_slices` (tau formed in the sweep: the same values). ``out``: four reusable flat
+    buffers of at least n * m entries (int32, then three float32). Returns ([n] int64 counts, int32
+    flat indices task * m + position, tau, the float32 arguments of exp and tanh that the eager
+    engine computes for these entries), views of ``out``."""
+    library = _loaded()
+    raw = dtypes = None
+    if isinstance(tv, torch.Tensor):
+        tv = _task_rows(tv)
+        n, m = tv.shape
+        pointer, stride = tv.data_ptr(), tv.stride(0)
+    else:
+        if not raw_slices(tv):
+            raise ValueError("pcb_candidates: raw slices must be float32, bfloat16 or float16 vectors of one length")
+        n, m, pointer, stride = len(tv) - 1, tv[0].numel(), None, 0
+        raw = (ctypes.c_void_p * (n + 1))(*(t.data_ptr() for t in tv))
+        dtypes = (ctypes.c_int32 * (n + 1))(*(KERNEL_DTYPES[t.dtype] for t in tv))
     if n * m >= 1 << 31:
         raise ValueError(f"pcb_candidates: a block of {n} x {m} entries has more than 2^31")
     lo, hi, span, floor = (_column(v, torch.float32) for v in (lo, hi, span, floor))
@@ -519,7 +538,7 @@ def pcb_candidates(tv: torch.Tensor, lo, hi, span, n_tasks: int, normalized: boo
         ceiling = _column(ceiling, torch.float32)
     counts = torch.empty(n, dtype=torch.int64)
     flat, tau, exp_arg, tanh_arg = out
-    total = library.pcb_candidates(tv.data_ptr(), n, m, tv.stride(0), lo.data_ptr(), hi.data_ptr(), span.data_ptr(),
+    total = library.pcb_candidates(pointer, n, m, stride, raw, dtypes, lo.data_ptr(), hi.data_ptr(), span.data_ptr(),
                                    float(n_tasks), int(normalized), floor.data_ptr(),
                                    None if ceiling is None else ceiling.data_ptr(),
                                    None if above is None else above.data_ptr(), counts.data_ptr(),

@@ -217,12 +217,15 @@ static int64_t gather_candidates(const float *x, const float *e, const float *w,
  * inter "sum" (normalized == 0) or "normalized_sum" (see chunk_candidates; ``ceiling`` NULL: the
  * collection at floor_, else the bracket [floor_, ceiling], above[i] adding task i's entries known
  * to lie above it), task-major in position order, with their flat index i * m + j, tau, and the
- * arguments of exp and tanh. Outputs hold n * m entries; counts[i] gets task i's number. Returns
- * the total, or -1 when scratch memory could not be had. */
-int64_t pcb_candidates(const float *tv, int64_t n, int64_t m, int64_t stride, const float *lo, const float *hi,
-                       const float *span, float nf, int normalized, const float *floor_, const float *ceiling,
-                       int64_t *above, int64_t *counts, int32_t *flat, float *tau, float *exp_arg, float *tanh_arg,
-                       int threads)
+ * arguments of exp and tanh. With ``raw`` (else NULL), tau is formed here from the stored slices
+ * raw[0] (the base) and raw[1 + i] (model i), m entries each of dtype raw_dtypes[.] (F32, BF16,
+ * F16): f32(model) - f32(base), the bits of torch.sub; tv and stride are then unused. Outputs hold
+ * n * m entries; counts[i] gets task i's number. Returns the total, or -1 when scratch memory
+ * could not be had. */
+int64_t pcb_candidates(const float *tv, int64_t n, int64_t m, int64_t stride, const void *const *raw,
+                       const int32_t *raw_dtypes, const float *lo, const float *hi, const float *span, float nf,
+                       int normalized, const float *floor_, const float *ceiling, int64_t *above, int64_t *counts,
+                       int32_t *flat, float *tau, float *exp_arg, float *tanh_arg, int threads)
 {
     (void)threads;
     const int64_t chunks = (m + PCB_CHUNK - 1) / PCB_CHUNK;
@@ -233,29 +236,45 @@ int64_t pcb_candidates(const float *tv, int64_t n, int64_t m, int64_t stride, co
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
-        float *scratch = malloc((size_t)(5 + (normalized ? n : 0)) * PCB_CHUNK * sizeof(float));
+        /* total, e, w, p, flags; normalized_sum: n rows of sign(x) * N; raw: the base and n rows of tau */
+        const int64_t floats = (5 + (normalized ? n : 0) + (raw != NULL ? n + 1 : 0)) * PCB_CHUNK;
+        float *scratch = malloc((size_t)floats * sizeof(float) + (size_t)n * sizeof(const float *));
         if (scratch == NULL) {
             failed = 1;
         } else {
             float *total = scratch, *e = scratch + PCB_CHUNK, *w = e + PCB_CHUNK, *p = w + PCB_CHUNK;
             uint8_t *flags = (uint8_t *)(p + PCB_CHUNK);
             float *signed_ = p + 2 * PCB_CHUNK; /* normalized_sum: sign(x) * N per task */
+            float *formed = signed_ + (normalized ? n : 0) * PCB_CHUNK; /* raw: the base, then the rows */
+            const float **row = (const float **)(scratch + floats); /* this chunk's row of each task */
 #pragma omp for schedule(static)
             for (int64_t c = 0; c < chunks; c++) {
                 const int64_t j0 = c * PCB_CHUNK, count = m - j0 < PCB_CHUNK ? m - j0 : PCB_CHUNK;
+                if (raw != NULL) {
+                    load_f32(raw[0], raw_dtypes[0], j0, count, formed);
+                    for (int64_t i = 0; i < n; i++) {
+                        float *x = formed + (i + 1) * PCB_CHUNK;
+                        load_f32(raw[1 + i], raw_dtypes[1 + i], j0, count, x);
+                        for (int64_t j = 0; j < count; j++)
+                            x[j] = x[j] - formed[j];
+                        row[i] = x;
+                    }
+                } else {
+                    for (int64_t i = 0; i < n; i++)
+                        row[i] = tv + i * stride + j0;
+                }
                 if (!normalized) {
                     /* total = x_0 + x_1 + ... in task order (pcb_blocks.sum_rows_into) */
-                    const float *x0 = tv + j0;
                     for (int64_t j = 0; j < count; j++)
-                        total[j] = x0[j];
+                        total[j] = row[0][j];
                     for (int64_t i = 1; i < n; i++) {
-                        const float *x = tv + i * stride + j0;
+                        const float *x = row[i];
                         for (int64_t j = 0; j < count; j++)
                             total[j] = total[j] + x[j];
                     }
                 } else {
                     for (int64_t i = 0; i < n; i++) {
-                        const float *x = tv + i * stride + j0;
+                        const float *x = row[i];
                         float *s = signed_ + i * PCB_CHUNK;
                         const float l = lo[i], h = hi[i], sp = span[i];
                         for (int64_t j = 0; j < count; j++) {
@@ -273,7 +292,7 @@ int64_t pcb_candidates(const float *tv, int64_t n, int64_t m, int64_t stride, co
                 for (int64_t i = 0; i < n; i++) {
                     const int64_t slot = i * m + j0; /* this chunk's own range of task i's outputs */
                     chunk_counts[i * chunks + c] = chunk_candidates(
-                        tv + i * stride + j0, total, count, lo[i], hi[i], span[i], nf, floor_[i],
+                        row[i], total, count, lo[i], hi[i], span[i], nf, floor_[i],
                         ceiling == NULL ? NAN : ceiling[i], chunk_above + i * chunks + c, i * m + j0, e, w, p, flags,
                         flat + slot, tau + slot, exp_arg + slot, tanh_arg + slot);
                 }

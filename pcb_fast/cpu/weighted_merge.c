@@ -15,21 +15,7 @@
  * (the caller redoes such a block with torch, which names the culprit). */
 #include "native.h"
 
-enum { F32 = 0, BF16 = 1, F16 = 2 };
 #define CHUNK 2048 /* entries per step: the base and the running total stay in L1 */
-
-/* IEEE half to float, exact (normals, subnormals, infinities, NaN payloads shifted). */
-static inline float f32_of_f16(uint16_t h)
-{
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
-    if (exponent == 0x1F)
-        return float_of(sign | 0x7F800000u | (mantissa << 13));
-    if (exponent != 0)
-        return float_of(sign | ((exponent + 112) << 23) | (mantissa << 13));
-    /* zero or subnormal: mantissa * 2^-24, exact in float32 */
-    float magnitude = (float)mantissa * 5.9604644775390625e-8f;
-    return float_of(sign | bits_of(magnitude));
-}
 
 /* float to IEEE half, round to nearest even (overflow to infinity, NaN stays NaN). */
 static inline uint16_t f16_of_f32(float f)
@@ -56,22 +42,6 @@ static inline uint16_t bf16_of_f32(float f)
     if ((u & 0x7FFFFFFFu) > 0x7F800000u)
         return (uint16_t)((u >> 16) | 0x40);
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1)) >> 16);
-}
-
-/* dst[j] = f32(src[start + j]) for j < m */
-static void load(const void *src, int dtype, int64_t start, int64_t m, float *restrict dst)
-{
-    if (dtype == BF16) {
-        const uint16_t *s = (const uint16_t *)src + start;
-        for (int64_t j = 0; j < m; j++)
-            dst[j] = float_of((uint32_t)s[j] << 16);
-    } else if (dtype == F16) {
-        const uint16_t *s = (const uint16_t *)src + start;
-        for (int64_t j = 0; j < m; j++)
-            dst[j] = f32_of_f16(s[j]);
-    } else {
-        memcpy(dst, (const float *)src + start, (size_t)m * 4);
-    }
 }
 
 /* Writes dst[start + j] and returns how many of them are not finite. */
@@ -125,9 +95,9 @@ int64_t weighted_merge(int64_t n, int64_t m, const void *const *models, const in
     for (int64_t c = 0; c < chunks; c++) {
         float b[CHUNK], x[CHUNK], total[CHUNK];
         const int64_t start = c * CHUNK, count = m - start < CHUNK ? m - start : CHUNK;
-        load(base, base_dtype, start, count, b);
+        load_f32(base, base_dtype, start, count, b);
         for (int64_t i = 0; i < n; i++) {
-            load(models[i], model_dtypes[i], start, count, x);
+            load_f32(models[i], model_dtypes[i], start, count, x);
             if (weights != 0) {
                 const float w = weights[i];
                 for (int64_t j = 0; j < count; j++)
@@ -165,7 +135,7 @@ int64_t merged_output(int64_t m, const void *base, int32_t base_dtype, const flo
         float theta[CHUNK];
         const int64_t start = c * CHUNK, count = m - start < CHUNK ? m - start : CHUNK;
         float b[CHUNK];
-        load(base, base_dtype, start, count, b);
+        load_f32(base, base_dtype, start, count, b);
         memcpy(theta, tau_m + start, (size_t)count * 4);
         add_base(b, theta, lam, count);
         bad += store(theta, count, out, out_dtype, start);

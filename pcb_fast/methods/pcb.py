@@ -153,6 +153,28 @@ def candidate_buffers(n: int, block_width: int) -> list:
     return [torch.empty(n * block_width, dtype=torch.int32)] + [torch.empty(n * block_width) for _ in range(3)]
 
 
+def sweep_inputs(source, options, block_width: int):
+    """(segment, lo, hi, inputs) of every block of one pass, for the C sweeps: the raw slices [base,
+    model_0, ...] where the source has them (files, state dicts) and the sweep takes their dtypes (it
+    forms tau itself: no float32 block is written), else the block's float32 task vectors."""
+    if not hasattr(source, "raw_blocks"):
+        for block in source.blocks(block_width, options=options):
+            yield block.segment, block.lo, block.hi, block.tv
+        return
+    buffer = None
+    for segment, lo, hi, natives in source.raw_blocks(block_width, options=options):
+        if native.raw_slices(natives):
+            yield segment, lo, hi, natives
+            continue
+        # (float64 inputs: rounded to float32 first, then subtracted, as the sources' own blocks)
+        if buffer is None or buffer.shape[1] < hi - lo:
+            buffer = torch.empty(source.n, hi - lo)
+        tv, base = buffer[:, : hi - lo], natives[0].float()
+        for i, model in enumerate(natives[1:]):
+            tv[i].copy_(model).sub_(base)
+        yield segment, lo, hi, tv
+
+
 def _collector(source, options, clip: tb.ClipStats, inter: str, block_width: int, out: list):
     """``collect_at(floor)`` for :func:`select_threshold`: one pass of the C candidate sweep
     (pcb_loops.c: approximate scores, the entries within a wide margin of the floor and the arguments
@@ -161,8 +183,8 @@ def _collector(source, options, clip: tb.ClipStats, inter: str, block_width: int
     ``out``: :func:`candidate_buffers`."""
 
     def collect_at(floor):
-        return [collect_block_c(block, clip, inter, floor, out)
-                for block in source.blocks(block_width, options=options)]
+        return [collect_block_c(segment, lo, hi, inputs, clip, inter, floor, out)
+                for segment, lo, hi, inputs in sweep_inputs(source, options, block_width)]
 
     return collect_at
 
@@ -175,10 +197,10 @@ def _bracket_counter(source, options, clip: tb.ClipStats, inter: str, block_widt
     n = source.n
 
     def count_blocks(floor, ceiling):
-        for block in source.blocks(block_width, options=options):
+        for _, _, _, inputs in sweep_inputs(source, options, block_width):
             above, at_ceiling, at_floor = (torch.zeros(n, dtype=torch.int64) for _ in range(3))
             peak = torch.full((n,), float("-inf"))
-            counts, _, _, exp_arg, tanh_arg = native.pcb_candidates(block.tv, clip.lo, clip.hi, clip.span, n,
+            counts, _, _, exp_arg, tanh_arg = native.pcb_candidates(inputs, clip.lo, clip.hi, clip.span, n,
                                                                     inter == "normalized_sum", floor, out, ceiling,
                                                                     above)
             score = torch.exp(exp_arg).mul_(torch.tanh(tanh_arg))  # intra * inter, as official_scores
@@ -188,15 +210,17 @@ def _bracket_counter(source, options, clip: tb.ClipStats, inter: str, block_widt
     return count_blocks
 
 
-def collect_block_c(block, clip: tb.ClipStats, inter: str, floor: torch.Tensor, out: list) -> Collected:
+def collect_block_c(segment, lo: int, hi: int, inputs, clip: tb.ClipStats, inter: str, floor: torch.Tensor,
+                    out: list) -> Collected:
     """core.engine.collect_block of a block's official scores at ``floor``, through the C candidate sweep
-    (``out``: its four buffers, see native.pcb_candidates); the same entries, bit for bit."""
-    n = block.tv.shape[0]
-    counts, flat, tau, exp_arg, tanh_arg = native.pcb_candidates(block.tv, clip.lo, clip.hi, clip.span, n,
+    (``inputs``: the block's task vectors or raw slices, see :func:`sweep_inputs`; ``out``: the sweep's
+    four buffers, see native.pcb_candidates); the same entries, bit for bit."""
+    n = clip.lo.shape[0]
+    counts, flat, tau, exp_arg, tanh_arg = native.pcb_candidates(inputs, clip.lo, clip.hi, clip.span, n,
                                                                  inter == "normalized_sum", floor, out)
     score = torch.exp(exp_arg).mul_(torch.tanh(tanh_arg))  # intra * inter, as official_scores
     flat, score, tau = native.pcb_keep(counts, flat, score, tau, floor)
-    return Collected(block.segment, block.lo, block.hi, n, flat.clone(), score.clone(), tau.clone())
+    return Collected(segment, lo, hi, n, flat.clone(), score.clone(), tau.clone())
 
 
 def _merge_official(source, options, sink, params, block_width, record=None, reuse=None):
@@ -231,8 +255,8 @@ def _merge_official(source, options, sink, params, block_width, record=None, reu
     if in_c and record is None:  # the merge in C, of the collected entries or (over the budget) of each block's
         # entries at or above t: the others have scale 0 and add exact zeros
         if collected is None:
-            collected = (collect_block_c(block, clip, params["inter"], t, buffers)
-                         for block in source.blocks(block_width, options=options))
+            collected = (collect_block_c(segment, lo, hi, inputs, clip, params["inter"], t, buffers)
+                         for segment, lo, hi, inputs in sweep_inputs(source, options, block_width))
         out, den = torch.empty(block_width), torch.empty(block_width)
         for c in collected:
             tau_m = native.pcb_merge_entries(c.width, c.counts(), c.flat, c.score, c.tau, t, span, clip.lo, clip.hi,
