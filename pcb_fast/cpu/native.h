@@ -127,5 +127,6 @@ void pcb_merge_entries(int64_t n, int64_t m, const int64_t *offsets, const int32
                        const float *tau, const float *t, const float *keep_span, const float *lo, const float *hi,
                        const float *lam, float *out, float *den);
 void pcb_approximations(int64_t count, const float *x, float *exp_out, float *tanh_out);
+void pcb_score_bounds(int64_t count, const float *e, const float *w, float *out);
 
 #endif

@@ -358,6 +358,7 @@ SIGNATURES = {
     "pcb_keep": (_i64, [_i64] + [_p] * 5),
     "pcb_merge_entries": (None, [_i64, _i64] + [_p] * 11),
     "pcb_approximations": (None, [_i64] + [_p] * 3),
+    "pcb_score_bounds": (None, [_i64] + [_p] * 3),
 }
 
 
@@ -511,9 +512,11 @@ def raw_slices(natives: list) -> bool:
 def pcb_candidates(tv, lo, hi, span, n_tasks: int, normalized: bool, floor, out: list, ceiling=None,
                    above: torch.Tensor | None = None):
     """PCB official's candidates of a block [n, m] (pcb_loops.c): the entries whose score may reach
-    ``floor`` (per task; an upper bound of the score, or its approximation, against a wide margin);
-    or, with ``ceiling``, those within the margin of [floor, ceiling] or of their chunk's largest
-    score, ``above`` ([n] int64) adding the others above the ceiling. Task-major in position order.
+    ``floor`` (per task; an upper bound of the score where the floor is positive, else its
+    approximation, against a wide margin), and with ``ceiling`` those whose score is NaN; where a
+    floor is not positive, with ``ceiling``, those within the margin of [floor, ceiling] or of their
+    chunk's largest score, ``above`` ([n] int64) adding the others above the ceiling. Task-major in
+    position order.
     ``tv``: the block's float32 task vectors, or the raw slices [base, model_0, ...] of
     :func:`raw_slices` (tau formed in the sweep: the same values). ``out``: four reusable flat
     buffers of at least n * m entries (int32, then three float32). Returns ([n] int64 counts, int32
@@ -601,3 +604,13 @@ def pcb_approximations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     exp_out, tanh_out = torch.empty_like(x), torch.empty_like(x)
     library.pcb_approximations(x.numel(), x.data_ptr(), exp_out.data_ptr(), tanh_out.data_ptr())
     return exp_out, tanh_out
+
+
+def pcb_score_bounds(e: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The upper bounds of exp(e) * tanh(w) that pcb_candidates tests at a positive floor (for the
+    tests that check them against torch's exp and tanh)."""
+    library = _loaded()
+    e, w = (v.to(torch.float32).contiguous() for v in torch.broadcast_tensors(e, w))
+    out = torch.empty_like(e)
+    library.pcb_score_bounds(e.numel(), e.data_ptr(), w.data_ptr(), out.data_ptr())
+    return out

@@ -3,13 +3,14 @@
  * The eager engine scores a block with a dozen torch ops, P = exp(N * N * n) * tanh(x * total)
  * (pcb_fast.cpu.pcb_blocks.official_scores), exp and tanh from torch's own vector library. Those two
  * cost most of a PCB merge, and the selection and the merge need the exact P of only the entries
- * at or above a floor (about the keep ratio of each row). So this sweep computes every score with a
- * fast vectorised exp and tanh (within a few ulps), and hands back only the candidates: the entries
- * whose approximate score is at or above the floor minus a margin far wider than the approximation's
- * error (CANDIDATE_MARGIN), with the float32 arguments of exp and tanh that the eager engine would
- * pass (the same operations in the same order, so the same bits). The caller applies torch's exp
- * and tanh to those arguments and keeps the entries whose exact score reaches the floor: the
- * entries, scores and values of the eager collection exactly.
+ * at or above a floor (about the keep ratio of each row). So this sweep hands back only candidates,
+ * with the float32 arguments of exp and tanh that the eager engine would pass (the same operations
+ * in the same order, so the same bits); the caller applies torch's exp and tanh to those arguments
+ * and keeps the entries whose exact score reaches the floor: the entries, scores and values of the
+ * eager collection exactly. At a positive floor (the common case) the candidates are the entries
+ * whose upper bound of P (score_bound: no transcendental function) reaches the floor minus a
+ * margin far wider than any rounding (CANDIDATE_MARGIN); elsewhere, those whose approximate P (a
+ * fast vectorised exp and tanh, within a few ulps) does.
  *
  * Then the merge of the collected entries (core.engine.Entries with pcb's step 6-7): no
  * transcendental function, the eager float32 operations per entry, sums in task order from +0.
@@ -94,12 +95,12 @@ static inline float margin(float p, float bound)
 static int64_t gather_candidates(const float *x, const float *e, const float *w, const uint8_t *flags, int64_t count,
                                  int64_t flat0, int32_t *flat, float *tau, float *exp_arg, float *tanh_arg);
 
-/* An upper bound of exp(e) * tanh(w) for e in [0, 80] and any w, within about 7% of it, without a
- * transcendental function: exp(e) = 2^k 2^r (k = floor(e log2 e), r in [0, 1)) is at most
- * 2^k (1 + r) (2^r is convex: below its chord), and tanh(w) is at most min(w, 1) for w >= 0 and
- * negative below (bounded by 0). The rounding of e log2 e moves the bound by under 2^-16
- * (relative), and torch's exp and tanh lie within a few ulps of the true values: both far inside
- * CANDIDATE_MARGIN. A NaN w gives 0 (its score is NaN, never at or above a floor). */
+/* An upper bound of exp(e) * tanh(w) for e in [0, 80] and any w without a transcendental function
+ * (within 7% of it for the small w of task vectors, 40% anywhere): exp(e) = 2^k 2^r (k = floor(e
+ * log2 e), r in [0, 1)) is at most 2^k (1 + r) (2^r is convex: below its chord), and tanh(w) is at
+ * most min(w, 1) for w >= 0 and negative below (bounded by 0). The rounding of e log2 e moves the
+ * bound by under 2^-17 (relative), and torch's exp and tanh lie within a few ulps of the true
+ * values: both far inside CANDIDATE_MARGIN. A NaN w gives 0. */
 static inline float score_bound(float e, float w)
 {
     const float y = e * 1.44269504088896341f;
@@ -111,10 +112,12 @@ static inline float score_bound(float e, float w)
 }
 
 /* The candidates of one chunk (count columns) of task row x, written from flat/tau/exp_arg/tanh_arg on
- * (the chunk's own slot range). Collection (ceiling_ NaN): the entries whose approximate score p
- * reaches floor_ - margin. Bracket: those within the margin of [floor_, ceiling_], and those within
- * the margin of the chunk's largest p (the exact maximum is among them); *above gets the others
- * whose p exceeds the ceiling (their exact score does too). Returns how many candidates. */
+ * (the chunk's own slot range). A positive floor_: the entries whose score bound reaches floor_ -
+ * margin, and those whose score is NaN (for a bracket: their exact scores give all its counts).
+ * Otherwise, with the approximate score p: collection (ceiling_ NaN), the entries whose p reaches
+ * floor_ - margin; bracket, those within the margin of [floor_, ceiling_] and of the chunk's
+ * largest p (the exact maximum is among them), *above getting the others whose p exceeds the
+ * ceiling (their exact score does too). Returns how many candidates. */
 static int64_t chunk_candidates(const float *x, const float *total, int64_t count, float lo, float hi,
                                 float span, float nf, float floor_, float ceiling_, int64_t *above, int64_t flat0,
                                 float *restrict e, float *restrict w, float *restrict p, uint8_t *restrict flags,
@@ -128,10 +131,14 @@ static int64_t chunk_candidates(const float *x, const float *total, int64_t coun
         w[j] = x[j] * total[j];
     }
     const float f = floor_, ceiling = ceiling_;
-    if (ceiling != ceiling && f > 0.0f) { /* collection at a positive floor: an upper bound suffices */
+    if (f > 0.0f) {
+        /* A positive floor (the common case): every entry whose score may reach it (its upper bound
+         * does), and those whose score is NaN (w NaN: a sum over tasks that overflows), are
+         * candidates. In a bracket their exact scores then give every count, and the maximum (at or
+         * above the floor, or NaN, in the pass that finds t) is among them. */
         for (int64_t j = 0; j < count; j++) {
             const float u = score_bound(e[j], w[j]);
-            flags[j] = u >= f - margin(u, f);
+            flags[j] = (u >= f - margin(u, f)) | (w[j] != w[j]);
         }
         return gather_candidates(x, e, w, flags, count, flat0, flat, tau, exp_arg, tanh_arg);
     }
@@ -388,6 +395,13 @@ void pcb_approximations(int64_t count, const float *x, float *exp_out, float *ta
         exp_out[j] = approx_exp(x[j]);
         tanh_out[j] = approx_tanh(x[j]);
     }
+}
+
+/* The upper bounds of the candidate test, for the tests: out[j] = score_bound(e[j], w[j]). */
+void pcb_score_bounds(int64_t count, const float *e, const float *w, float *out)
+{
+    for (int64_t j = 0; j < count; j++)
+        out[j] = score_bound(e[j], w[j]);
 }
 
 /* The exact scores of a block's bracket candidates (task-major, counts[i] of task i) counted around

@@ -192,7 +192,9 @@ def _collector(source, options, clip: tb.ClipStats, inter: str, block_width: int
 def _bracket_counter(source, options, clip: tb.ClipStats, inter: str, block_width: int, out: list):
     """``count_blocks(floor, ceiling)`` for :func:`select_threshold` over the budget: every block's
     exact counts around the bracket (core.engine.bracket_counts) from the C candidate sweep, with
-    torch's exp and tanh on the few entries near the bracket or near a chunk's largest score.
+    torch's exp and tanh on its candidates (at a positive floor, every entry whose score may reach
+    it; else those near the bracket or near a chunk's largest score). The max is exact where it
+    reaches the floor, as in the pass that finds t (t >= floor), else only known to lie below it.
     ``out``: :func:`candidate_buffers`."""
     n = source.n
 
