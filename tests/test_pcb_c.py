@@ -15,7 +15,7 @@ import pcb_fast.reference.pcb as reference
 from pcb_fast.core import engine
 from pcb_fast.core.engine import ColumnSample
 from pcb_fast.core.options import RunOptions
-from pcb_fast.core.sources import Block, MatrixSource, Segment
+from pcb_fast.core.sources import Block, MatrixSource, Segment, StateDictSource
 from pcb_fast.cpu import fused as fused_cpu
 from pcb_fast.cpu import native
 from pcb_fast.cpu import pcb_blocks as tb
@@ -334,3 +334,36 @@ def test_float64_inputs_take_the_torch_subtraction():
     models += [{"w": (base["w"].float() + 1e-2 * torch.randn(300, 200, generator=g)).to(torch.bfloat16)}]
     merged = [pcb_fast.merge(base, models, method="pcb", fused=f, block_width=7000) for f in ("auto", "off")]
     assert torch.equal(merged[0]["w"], merged[1]["w"])
+
+
+@pytest.mark.parametrize("kind", ["normal", "quantized", "sparse"])
+def test_scores_only_collection_over_the_budget(monkeypatch, kind):
+    """Over a budget that holds the collected positions and scores but not their tau, the merge collects
+    without tau and reads it again in the merge pass (no second scoring sweep): the reference's
+    bits, from a matrix and from files (tau from the stored bf16 slices)."""
+    calls = []
+    gather = pcb.gather_tau
+    monkeypatch.setattr(pcb, "gather_tau", lambda *a: calls.append(1) or gather(*a))
+    n, D = 3, 60_000
+    tv = task_vectors(kind, n, D, seed=14)
+    rank = pcb.keep_index(D, 0.1)
+    entries = (n * (D - rank)) * 1.05 + n * 4096
+    budget = int(entries * 14)  # between the scores only (12 bytes an entry) and the whole collection (16)
+    source, options = MatrixSource(tv), RunOptions(fused=True, memory_budget=budget)
+    assert pcb.collects_scores_only(source, options, rank) and not engine.can_collect(source, options, rank)
+    out, kept = run(tv, True, budget=budget, block_width=7000)
+    assert calls and torch.equal(out, reference.pcb_official(tv))
+    assert kept == run(tv, False)[1]
+    # state dicts of bf16 weights: the sweeps and the gather read the stored slices
+    g = torch.Generator().manual_seed(15)
+    base = {"w": (torch.randn(D, generator=g) * 0.02).to(torch.bfloat16)}
+    models = [{"w": (base["w"].float() + tv[i]).to(torch.bfloat16)} for i in range(n)]
+    merged = []
+    calls.clear()
+    for fused in (True, False):
+        out = torch.empty(D)
+        engine.run(merge_pcb, StateDictSource(base, models, ["w"]),
+                   lambda segment, lo, hi, values: out[lo:hi].copy_(values),
+                   options=RunOptions(fused=fused, memory_budget=budget), block_width=7000)
+        merged.append(out)
+    assert calls and torch.equal(merged[0], merged[1])

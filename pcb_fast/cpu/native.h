@@ -74,6 +74,16 @@ static inline void load_f32(const void *src, int dtype, int64_t start, int64_t m
     }
 }
 
+/* f32(src[j]) of a stored slice of dtype F32, BF16 or F16 (exact) */
+static inline float f32_at(const void *src, int dtype, int64_t j)
+{
+    if (dtype == BF16)
+        return float_of((uint32_t)((const uint16_t *)src)[j] << 16);
+    if (dtype == F16)
+        return f32_of_f16(((const uint16_t *)src)[j]);
+    return ((const float *)src)[j];
+}
+
 /* How a block's entries are kept: TIES' trim, or DARE's drop. */
 typedef struct {
     int drop;               /* 0: trim by t/cut, 1: DARE's drop */
@@ -128,5 +138,7 @@ void pcb_merge_entries(int64_t n, int64_t m, const int64_t *offsets, const int32
                        const float *lam, float *out, float *den);
 void pcb_approximations(int64_t count, const float *x, float *exp_out, float *tanh_out);
 void pcb_score_bounds(int64_t count, const float *e, const float *w, float *out);
+void pcb_gather_tau(int64_t n, int64_t m, const void *const *raw, const int32_t *raw_dtypes, const int64_t *offsets,
+                    const int32_t *flat, float *out);
 
 #endif

@@ -359,6 +359,7 @@ SIGNATURES = {
     "pcb_merge_entries": (None, [_i64, _i64] + [_p] * 11),
     "pcb_approximations": (None, [_i64] + [_p] * 3),
     "pcb_score_bounds": (None, [_i64] + [_p] * 3),
+    "pcb_gather_tau": (None, [_i64, _i64] + [_p] * 5),
 }
 
 
@@ -550,6 +551,25 @@ def pcb_candidates(tv, lo, hi, span, n_tasks: int, normalized: bool, floor, out:
     if total < 0:
         raise MemoryError(f"pcb_candidates: no scratch memory for a block of {n} tasks")
     return counts, flat[:total], tau[:total], exp_arg[:total], tanh_arg[:total]
+
+
+def pcb_gather_tau(natives: list, counts, flat: torch.Tensor) -> torch.Tensor:
+    """tau of a block's collected entries (``counts`` per task, task-major int32 ``flat`` indices task *
+    m + position) from its raw slices [base, model_0, ...] (:func:`raw_slices`): the values the
+    collection would have held (torch.sub's bits), a new float32 tensor."""
+    library = _loaded()
+    if not raw_slices(natives):
+        raise ValueError("pcb_gather_tau: raw slices must be float32, bfloat16 or float16 vectors of one length")
+    n, m = len(natives) - 1, natives[0].numel()
+    offsets = torch.zeros(n + 1, dtype=torch.int64)
+    torch.cumsum(torch.as_tensor(counts, dtype=torch.int64), 0, out=offsets[1:])
+    if int(offsets[-1]) != flat.numel() or flat.dtype != torch.int32 or not flat.is_contiguous():
+        raise ValueError("pcb_gather_tau: the counts must add up to the contiguous int32 indices")
+    raw = (ctypes.c_void_p * (n + 1))(*(t.data_ptr() for t in natives))
+    dtypes = (ctypes.c_int32 * (n + 1))(*(KERNEL_DTYPES[t.dtype] for t in natives))
+    out = torch.empty(flat.numel())
+    library.pcb_gather_tau(n, m, raw, dtypes, offsets.data_ptr(), flat.data_ptr(), out.data_ptr())
+    return out
 
 
 def pcb_bracket_counts(counts: torch.Tensor, score: torch.Tensor, floor, ceiling, above, at_ceiling, at_floor,

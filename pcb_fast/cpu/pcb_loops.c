@@ -397,6 +397,25 @@ void pcb_approximations(int64_t count, const float *x, float *exp_out, float *ta
     }
 }
 
+/* tau of a block's collected entries (task-major, offsets[i] .. offsets[i + 1] for task i, flat index
+ * i * m + j) from its stored slices raw[0] (the base) and raw[1 + i] (model i): out[k] =
+ * f32(model_i[j]) - f32(base[j]), the bits of torch.sub (pcb_candidates' raw input). */
+void pcb_gather_tau(int64_t n, int64_t m, const void *const *raw, const int32_t *raw_dtypes, const int64_t *offsets,
+                    const int32_t *flat, float *out)
+{
+    const void *base = raw[0];
+    const int base_dtype = raw_dtypes[0];
+    for (int64_t i = 0; i < n; i++) {
+        const void *model = raw[1 + i];
+        const int dtype = raw_dtypes[1 + i];
+        const int64_t first = i * m;
+        for (int64_t k = offsets[i]; k < offsets[i + 1]; k++) {
+            const int64_t j = flat[k] - first;
+            out[k] = f32_at(model, dtype, j) - f32_at(base, base_dtype, j);
+        }
+    }
+}
+
 /* The upper bounds of the candidate test, for the tests: out[j] = score_bound(e[j], w[j]). */
 void pcb_score_bounds(int64_t count, const float *e, const float *w, float *out)
 {

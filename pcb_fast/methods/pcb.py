@@ -17,11 +17,13 @@ a last pass recomputes P to merge (same values, bit for bit).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..core import checks
-from ..core.engine import (ColumnSample, Collected, entries, raise_if_not_finite, select_in_bracket,
-                           select_threshold, selection_passes)
+from ..core.engine import (ColumnSample, Collected, can_collect, entries, raise_if_not_finite, select_in_bracket,
+                           select_threshold, selection_passes, task_ranks)
 from ..core.options import plan_passes
 from ..core.formulas import EXACT_EXP_MAX_N, clip_indices, keep_index, lambda_column, span_or_inf
 from ..core.select import RadixSelect, TailSelect
@@ -175,7 +177,8 @@ def sweep_inputs(source, options, block_width: int):
         yield segment, lo, hi, tv
 
 
-def _collector(source, options, clip: tb.ClipStats, inter: str, block_width: int, out: list):
+def _collector(source, options, clip: tb.ClipStats, inter: str, block_width: int, out: list,
+               with_tau: bool = True):
     """``collect_at(floor)`` for :func:`select_threshold`: one pass of the C candidate sweep
     (pcb_loops.c: approximate scores, the entries within a wide margin of the floor and the arguments
     of their exp and tanh), then torch's exp and tanh on those arguments (the eager scores exactly)
@@ -183,7 +186,7 @@ def _collector(source, options, clip: tb.ClipStats, inter: str, block_width: int
     ``out``: :func:`candidate_buffers`."""
 
     def collect_at(floor):
-        return [collect_block_c(segment, lo, hi, inputs, clip, inter, floor, out)
+        return [collect_block_c(segment, lo, hi, inputs, clip, inter, floor, out, with_tau)
                 for segment, lo, hi, inputs in sweep_inputs(source, options, block_width)]
 
     return collect_at
@@ -213,23 +216,51 @@ def _bracket_counter(source, options, clip: tb.ClipStats, inter: str, block_widt
 
 
 def collect_block_c(segment, lo: int, hi: int, inputs, clip: tb.ClipStats, inter: str, floor: torch.Tensor,
-                    out: list) -> Collected:
+                    out: list, with_tau: bool = True) -> Collected:
     """core.engine.collect_block of a block's official scores at ``floor``, through the C candidate sweep
     (``inputs``: the block's task vectors or raw slices, see :func:`sweep_inputs`; ``out``: the sweep's
-    four buffers, see native.pcb_candidates); the same entries, bit for bit."""
+    four buffers, see native.pcb_candidates); the same entries, bit for bit. Without ``with_tau``,
+    their tau is left out (None): :func:`gather_tau` reads it again."""
     n = clip.lo.shape[0]
     counts, flat, tau, exp_arg, tanh_arg = native.pcb_candidates(inputs, clip.lo, clip.hi, clip.span, n,
                                                                  inter == "normalized_sum", floor, out)
     score = torch.exp(exp_arg).mul_(torch.tanh(tanh_arg))  # intra * inter, as official_scores
     flat, score, tau = native.pcb_keep(counts, flat, score, tau, floor)
-    return Collected(segment, lo, hi, n, flat.clone(), score.clone(), tau.clone())
+    return Collected(segment, lo, hi, n, flat.clone(), score.clone(), tau.clone() if with_tau else None)
+
+
+def gather_tau(inputs, c: Collected) -> torch.Tensor:
+    """tau of the entries of ``c`` (collected without it) from the block's ``inputs`` of :func:`sweep_inputs`:
+    the values the collection would have held."""
+    if isinstance(inputs, torch.Tensor):
+        return torch.take(inputs, c.flat.long())
+    return native.pcb_gather_tau(inputs, c.counts(), c.flat)
+
+
+SCORES_ONLY_BYTES = 12  # per entry collected without its tau: int32 position, float32 score, and a score copy
+
+
+def collects_scores_only(source, options, rank) -> bool:
+    """Whether a merge over the budget collects its entries without their tau (read again by the
+    merge pass from the inputs, in place of scoring every entry again): the collection does not fit
+    the budget (core.engine.can_collect), its positions and scores do."""
+    if options.comm is not None or options.memory_budget is None or can_collect(source, options, rank):
+        return False
+    entries = int((source.D - task_ranks(rank, source.n)).sum()) * 1.05 + source.n * 4096
+    return entries * SCORES_ONLY_BYTES <= options.memory_budget
 
 
 def _merge_official(source, options, sink, params, block_width, record=None, reuse=None):
     n, D = source.n, source.D
+    in_c = _c_loops(source, options, params)
+    rank = keep_index(D, params["ratio"])
+    # over the budget, where positions and scores fit it: collected without tau, read again to merge
+    scores_only = in_c and record is None and collects_scores_only(source, options, rank)
+    selecting = replace(options, memory_budget=None) if scores_only else options
     known = reuse is not None and ("clip", params["clamp_ratio"], block_width) in reuse
     plan_passes(options, *([] if known else clip_passes(source, options, params["clamp_ratio"])),
-                *selection_passes(source, options, keep_index(D, params["ratio"]), ColumnSample(D, n).columns))
+                *selection_passes(source, selecting, rank, ColumnSample(D, n).columns),
+                *(["merge"] if scores_only else []))
 
     def statistics():
         sample = ColumnSample(D, n)
@@ -245,11 +276,11 @@ def _merge_official(source, options, sink, params, block_width, record=None, reu
         for block in source.blocks(block_width, options=options):
             yield block, tb.official_scores(block.tv, clip, params["inter"], ws)
 
-    in_c = _c_loops(source, options, params)
     buffers = candidate_buffers(n, block_width) if in_c else None
     t, peak, collected, kept = select_threshold(
-        source, options, score_blocks, keep_index(D, params["ratio"]), sample_scores,
-        collect_at=_collector(source, options, clip, params["inter"], block_width, buffers) if in_c else None,
+        source, selecting, score_blocks, rank, sample_scores,
+        collect_at=(_collector(source, options, clip, params["inter"], block_width, buffers, not scores_only)
+                    if in_c else None),
         count_blocks=_bracket_counter(source, options, clip, params["inter"], block_width, buffers) if in_c else None)
     lam = lambda_column(params["lambdas"], n)
     # scale = (max(P, t) - t) / (M - t) (docs/design.md 2.2 step 6); M == t means nothing is kept: scale 0.
@@ -260,6 +291,8 @@ def _merge_official(source, options, sink, params, block_width, record=None, reu
             collected = (collect_block_c(segment, lo, hi, inputs, clip, params["inter"], t, buffers)
                          for segment, lo, hi, inputs in sweep_inputs(source, options, block_width))
         out, den = torch.empty(block_width), torch.empty(block_width)
+        if scores_only:  # one more pass, for tau at the collected positions only
+            collected = _with_tau(sweep_inputs(source, options, block_width), collected)
         for c in collected:
             tau_m = native.pcb_merge_entries(c.width, c.counts(), c.flat, c.score, c.tau, t, span, clip.lo, clip.hi,
                                              lam, out[: c.width], den)
@@ -277,6 +310,16 @@ def _merge_official(source, options, sink, params, block_width, record=None, reu
         num, den = e.sums(value, scale)
         sink(e.segment, e.lo, e.hi, num / torch.clamp(den, min=1e-12))
     return kept
+
+
+def _with_tau(blocks, collected: list):
+    """The collected blocks (without their tau) with it, from one pass over the same ``blocks`` of
+    :func:`sweep_inputs`; each block's entries are let go once merged."""
+    for segment, lo, hi, inputs in blocks:
+        c = collected.pop(0) if collected else None
+        if c is None or (c.segment.key, c.lo, c.hi) != (segment.key, lo, hi):
+            raise RuntimeError(f"pcb: the merge pass met block {segment.key}[{lo}:{hi}] out of the collection's order")
+        yield replace(c, tau=gather_tau(inputs, c))
 
 
 def _append_inside(inside: list, offset: int, values: torch.Tensor, floor, ceiling) -> None:
