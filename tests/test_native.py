@@ -285,3 +285,21 @@ def test_run_extremes_are_abs_amax_and_aminmax():
     tv = torch.randn(2, 200, generator=g)
     tv[1, 5] = float("nan")
     assert torch.isnan(native.run_extremes(tv, 64)[0][1])
+
+
+def test_run_extremes_form_tau_from_raw_slices():
+    """With the stored slices (a bfloat16 base; float16, float32 and bfloat16 models; widths past the
+    sweep's chunk of 1024), run_extremes first fills the block with torch.sub's task vectors."""
+    g = torch.Generator().manual_seed(2)
+    for m in (1, 1000, 2500):
+        base = torch.randn(m, generator=g).to(torch.bfloat16)
+        models = [(base.float() + torch.randn(m, generator=g) * 1e-2).to(dtype)
+                  for dtype in (torch.float16, torch.float32, torch.bfloat16)]
+        expected = torch.stack([torch.sub(model, base.float()) for model in models])
+        formed = torch.full((3, m + 5), float("nan"))[:, :m]  # rows with a step beyond their width
+        got = native.run_extremes(formed, 64, [base] + models)
+        assert torch.equal(formed.view(torch.int32), expected.view(torch.int32))
+        want = native.run_extremes(expected, 64)
+        assert torch.equal(got[0], want[0]) and all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
+    with pytest.raises(ValueError, match="one per row and the base"):
+        native.run_extremes(torch.empty(2, 10), 64, [base[:10]] + [m[:10] for m in models])

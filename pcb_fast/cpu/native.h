@@ -116,8 +116,8 @@ void collect_counts(const float *scores, int64_t n, int64_t m, int64_t score_str
 void collect_entries(const float *scores, const float *tv, int64_t n, int64_t m, int64_t score_stride,
                      int64_t tv_stride, const float *floor_, const int64_t *offsets, int32_t *flat,
                      float *out_scores, float *out_tau, int threads);
-void run_extremes(const float *tv, int64_t n, int64_t m, int64_t stride, int64_t run, float *run_min,
-                  float *run_max, float *row_max, int threads);
+void run_extremes(float *tv, int64_t n, int64_t m, int64_t stride, const void *const *raw, const int32_t *raw_dtypes,
+                  int64_t run, float *run_min, float *run_max, float *row_max, int threads);
 int64_t weighted_merge(int64_t n, int64_t m, const void *const *models, const int32_t *model_dtypes,
                        const void *base, int32_t base_dtype, const float *weights, float divisor,
                        float lam, void *out, int32_t out_dtype, int threads);

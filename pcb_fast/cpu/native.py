@@ -349,7 +349,7 @@ SIGNATURES = {
                        + [_int]),
     "collect_counts": (None, [_p, _i64, _i64, _i64, _p, _p, _int]),
     "collect_entries": (None, [_p, _p, _i64, _i64, _i64, _i64] + [_p] * 5 + [_int]),
-    "run_extremes": (None, [_p, _i64, _i64, _i64, _i64, _p, _p, _p, _int]),
+    "run_extremes": (None, [_p, _i64, _i64, _i64, _p, _p, _i64, _p, _p, _p, _int]),
     "merged_output": (_i64, [_i64, _p, _i32, _p, _f32, _p, _i32, _int]),
     "weighted_merge": (_i64, [_i64, _i64, _p, _p, _p, _i32, _p, _f32, _f32, _p, _i32, _int]),
     "pcb_candidates": (_i64, [_p, _i64, _i64, _i64, _p, _p, _p, _p, _p, _f32, _int] + [_p] * 8 + [_int]),
@@ -491,15 +491,28 @@ def collected_split(counts: torch.Tensor, score: torch.Tensor, top: torch.Tensor
     return [part.clone() for part in below[: int(below_counts.sum())].split(below_counts.tolist())]
 
 
-def run_extremes(tv: torch.Tensor, run: int):
+def run_extremes(tv: torch.Tensor, run: int, raw: list | None = None):
     """For a block [n, m]: (max |tau| per task, NaN propagating, as torch.amax; (min, max) of |tau| over
-    each run of ``run`` entries, [n, m // run] each), the values of abs, amax and aminmax (exact)."""
-    library, tv = _loaded(), _task_rows(tv)
+    each run of ``run`` entries, [n, m // run] each), the values of abs, amax and aminmax (exact).
+    With ``raw`` (the block's slices [base, model_0, ...], see :func:`raw_slices`), ``tv`` (float32
+    [n, m], unit steps in a row) is first filled with the task vectors, the bits of torch.sub."""
+    library = _loaded()
+    pointers = dtypes = None
+    if raw is None:
+        tv = _task_rows(tv)
+    else:
+        if not raw_slices(raw) or len(raw) != tv.shape[0] + 1 or raw[0].numel() != tv.shape[1]:
+            raise ValueError("run_extremes: raw slices must be float32, bfloat16 or float16 vectors, one per row and "
+                             "the base, of the block's width")
+        if tv.dtype != torch.float32 or (tv.stride(1) != 1 and tv.shape[1] > 1):
+            raise ValueError("run_extremes: the block to fill must be float32 rows with unit steps")
+        pointers = (ctypes.c_void_p * len(raw))(*(t.data_ptr() for t in raw))
+        dtypes = (ctypes.c_int32 * len(raw))(*(KERNEL_DTYPES[t.dtype] for t in raw))
     n, m = tv.shape
     runs = m // run
     row_max, run_min, run_max = torch.empty(n), torch.empty(n, runs), torch.empty(n, runs)
-    library.run_extremes(tv.data_ptr(), n, m, tv.stride(0), run, run_min.data_ptr(), run_max.data_ptr(),
-                         row_max.data_ptr(), min(n, _threads(n * m)))
+    library.run_extremes(tv.data_ptr(), n, m, tv.stride(0), pointers, dtypes, run, run_min.data_ptr(),
+                         run_max.data_ptr(), row_max.data_ptr(), min(n, _threads(n * m)))
     return row_max, (run_min, run_max)
 
 

@@ -27,7 +27,7 @@ from ..core.engine import (ColumnSample, Collected, can_collect, entries, raise_
 from ..core.options import plan_passes
 from ..core.formulas import EXACT_EXP_MAX_N, clip_indices, keep_index, lambda_column, span_or_inf
 from ..core.select import RadixSelect, TailSelect
-from ..core.sources import DEFAULT_BLOCK_WIDTH
+from ..core.sources import DEFAULT_BLOCK_WIDTH, Block
 from ..core.threads import one_thread
 from ..cpu import fused as fused_cpu, native
 from ..cpu import pcb_blocks as tb
@@ -104,13 +104,16 @@ def clip_bounds(source, options, clamp_ratio: float, block_width: int, sample: C
                 else RadixSelect(n, torch.tensor([[i_lo, i_hi]] * n), D, comm=options.comm))
     in_c = tails and native.problem() is None  # |tau|'s extremes per run in one C sweep (exact)
     compiled = tails and not in_c and fused_cpu.applies(options)  # else in one compiled loop
-    for block in source.blocks(block_width, options=options):
-        if in_c:
-            row_max, extremes = native.run_extremes(block.tv, TailSelect.CHUNK)
+    if in_c:  # tau formed in the same sweep where the inputs are raw slices it takes
+        formed = torch.empty(n, block_width)
+        for segment, lo, hi, inputs in sweep_inputs(source, options, block_width):
+            raw = None if isinstance(inputs, torch.Tensor) else inputs
+            block = Block(segment, lo, hi, inputs if raw is None else formed[:, : hi - lo])
+            row_max, extremes = native.run_extremes(block.tv, TailSelect.CHUNK, raw)
             raise_if_not_finite(source, options, block, row_max)
             sample.add(block)
             selector.update(block.tv, extremes if extremes[0].numel() else None, absolute=True)
-            continue
+    for block in ([] if in_c else source.blocks(block_width, options=options)):
         if compiled:
             raise_if_not_finite(source, options, block, block.tv.abs().amax(1))
             sample.add(block)
@@ -208,7 +211,7 @@ def _bracket_counter(source, options, clip: tb.ClipStats, inter: str, block_widt
             counts, _, _, exp_arg, tanh_arg = native.pcb_candidates(inputs, clip.lo, clip.hi, clip.span, n,
                                                                     inter == "normalized_sum", floor, out, ceiling,
                                                                     above)
-            score = torch.exp(exp_arg).mul_(torch.tanh(tanh_arg))  # intra * inter, as official_scores
+            score = exp_arg.exp_().mul_(tanh_arg.tanh_())  # intra * inter, as official_scores (in the sweep's buffers)
             inside = native.pcb_bracket_counts(counts, score, floor, ceiling, above, at_ceiling, at_floor, peak)
             yield above, at_ceiling, at_floor, inside, peak
 
@@ -224,7 +227,7 @@ def collect_block_c(segment, lo: int, hi: int, inputs, clip: tb.ClipStats, inter
     n = clip.lo.shape[0]
     counts, flat, tau, exp_arg, tanh_arg = native.pcb_candidates(inputs, clip.lo, clip.hi, clip.span, n,
                                                                  inter == "normalized_sum", floor, out)
-    score = torch.exp(exp_arg).mul_(torch.tanh(tanh_arg))  # intra * inter, as official_scores
+    score = exp_arg.exp_().mul_(tanh_arg.tanh_())  # intra * inter, as official_scores (in the sweep's buffers)
     flat, score, tau = native.pcb_keep(counts, flat, score, tau, floor)
     return Collected(segment, lo, hi, n, flat.clone(), score.clone(), tau.clone() if with_tau else None)
 
