@@ -367,3 +367,30 @@ def test_scores_only_collection_over_the_budget(monkeypatch, kind):
                    options=RunOptions(fused=fused, memory_budget=budget), block_width=7000)
         merged.append(out)
     assert calls and torch.equal(merged[0], merged[1])
+
+
+def test_without_the_c_library_files_merge_eagerly(monkeypatch, tmp_path):
+    """Where the C library does not build, PCB from bf16 files takes the eager engine (no C sweep, no
+    raw slices) and writes the bytes of the C path, under the default budget and over it (both tiers)."""
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(16)
+    base = {"w": (torch.randn(400, 150, generator=g) * 0.02).to(torch.bfloat16)}
+    paths = [tmp_path / "base.safetensors"]
+    save_file(base, str(paths[0]))
+    for i in range(3):
+        paths.append(tmp_path / f"m{i}.safetensors")
+        save_file({"w": (base["w"].float() + 1e-3 * torch.randn(400, 150, generator=g)).to(torch.bfloat16)},
+                  str(paths[-1]))
+    outs = {}
+    for budget in (None, "420KB", "300KB"):  # collected; positions and scores only; bracket
+        pcb_fast.merge_checkpoints(paths[0], paths[1:], tmp_path / f"c-{budget}", method="pcb", max_memory=budget,
+                                   block_width=8192)
+        outs[("c", budget)] = load_file(str(tmp_path / f"c-{budget}" / "model.safetensors"))["w"]
+    monkeypatch.setattr(native, "_library", lambda: "no C compiler found ($CC, cc, gcc, clang)")
+    monkeypatch.setattr(native, "pcb_candidates", None)  # must not be reached
+    for budget in (None, "420KB", "300KB"):  # collected; positions and scores only; bracket
+        pcb_fast.merge_checkpoints(paths[0], paths[1:], tmp_path / f"e-{budget}", method="pcb", max_memory=budget,
+                                   block_width=8192)
+        eager = load_file(str(tmp_path / f"e-{budget}" / "model.safetensors"))["w"]
+        assert torch.equal(eager, outs[("c", budget)]), budget
