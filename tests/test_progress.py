@@ -58,6 +58,7 @@ def folders(tmp_path, dtype, rows=256):
 
 
 RUNS = [("pcb", {}), ("pcb", {"fused": "off"}), ("pcb", {"variant": "paper"}), ("pcb", {"max_memory": "200KB"}), ("pcb", {"max_memory": "1300KB"}),
+        ("pcb", {"max_memory": "550KB"}),
         ("pcb", {"max_memory": "200KB", "fused": "off", "variant": "paper"}), ("ties", {}), ("ties", {"fused": "off"}),
         ("ties", {"fused": "off", "topk": "exact", "max_memory": "200KB"}), ("ties", {"density": 1.0}),
         ("ties", {"density": 1.0, "fused": "off"}), ("dare_ties", {}), ("dare_ties", {"fused": "off", "rescale": "l1"}),
@@ -83,6 +84,8 @@ def test_every_global_run_counts_its_passes(tmp_path, dtype, rows):
         # float32 inputs cached in memory: what the cache leaves of the budget is too little to collect
         assert plans["pcb", (("max_memory", "1300KB"),)] == (
             ["clip bounds", "bracket", "merge"] if dtype == torch.float32 else ["clip bounds", "score and collect"])
+        # positions and scores fit where the whole collection does not: collected without tau, read again
+        assert plans["pcb", (("max_memory", "550KB"),)] == ["clip bounds", "score and collect", "merge"]
         assert plans["ties", (("fused", "off"), ("topk", "exact"), ("max_memory", "200KB"))] == [
             "sample", "bracket", "tie counts", "signs", "merge"]
     else:
