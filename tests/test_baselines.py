@@ -161,13 +161,16 @@ def test_engine_over_its_budget_brackets_the_threshold_in_one_pass(monkeypatch, 
     from pcb_fast.core.sources import StateDictSource
 
     passes = []
-    real_blocks = StateDictSource.blocks
 
-    def counted(self, *args, **kwargs):
-        passes.append(1)
-        return real_blocks(self, *args, **kwargs)
+    def counting(real):
+        def counted(self, *args, **kwargs):
+            passes.append(1)
+            return real(self, *args, **kwargs)
+        return counted
 
-    monkeypatch.setattr(StateDictSource, "blocks", counted)
+    # a pass reads float32 blocks, or the stored slices (PCB's C sweeps, its clip pass even with fused="off")
+    monkeypatch.setattr(StateDictSource, "blocks", counting(StateDictSource.blocks))
+    monkeypatch.setattr(StateDictSource, "raw_blocks", counting(StateDictSource.raw_blocks))
     monkeypatch.setattr(engine, "threshold_by_radix", None)  # must not be needed here
     base, tuned = models(3, {"w": (400, 250), "b": (250,)}, seed=7, quantized=quantized)
     got = merge(base, tuned, method=method, max_memory="200KB", block_width=4096, fused="off", **params)
