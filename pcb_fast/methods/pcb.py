@@ -183,10 +183,11 @@ def sweep_inputs(source, options, block_width: int):
 def _collector(source, options, clip: tb.ClipStats, inter: str, block_width: int, out: list,
                with_tau: bool = True):
     """``collect_at(floor)`` for :func:`select_threshold`: one pass of the C candidate sweep
-    (pcb_loops.c: approximate scores, the entries within a wide margin of the floor and the arguments
-    of their exp and tanh), then torch's exp and tanh on those arguments (the eager scores exactly)
-    and the entries whose score reaches the floor: :func:`collect_block`'s entries, bit for bit.
-    ``out``: :func:`candidate_buffers`."""
+    (pcb_loops.c: the entries whose score may reach the floor, by a bound or an approximation against
+    a wide margin, and the arguments of their exp and tanh), then torch's exp and tanh on those
+    arguments (the eager scores exactly) and the entries whose score reaches the floor:
+    :func:`collect_block`'s entries, bit for bit. ``out``: :func:`candidate_buffers`; without
+    ``with_tau``, the entries come without their tau (:func:`collect_block_c`)."""
 
     def collect_at(floor):
         return [collect_block_c(segment, lo, hi, inputs, clip, inter, floor, out, with_tau)
@@ -211,7 +212,7 @@ def _bracket_counter(source, options, clip: tb.ClipStats, inter: str, block_widt
             counts, _, _, exp_arg, tanh_arg = native.pcb_candidates(inputs, clip.lo, clip.hi, clip.span, n,
                                                                     inter == "normalized_sum", floor, out, ceiling,
                                                                     above)
-            score = exp_arg.exp_().mul_(tanh_arg.tanh_())  # intra * inter, as official_scores (in the sweep's buffers)
+            score = exp_arg.exp_().mul_(tanh_arg.tanh_())  # intra * inter, as official_scores, in place
             inside = native.pcb_bracket_counts(counts, score, floor, ceiling, above, at_ceiling, at_floor, peak)
             yield above, at_ceiling, at_floor, inside, peak
 
@@ -227,7 +228,7 @@ def collect_block_c(segment, lo: int, hi: int, inputs, clip: tb.ClipStats, inter
     n = clip.lo.shape[0]
     counts, flat, tau, exp_arg, tanh_arg = native.pcb_candidates(inputs, clip.lo, clip.hi, clip.span, n,
                                                                  inter == "normalized_sum", floor, out)
-    score = exp_arg.exp_().mul_(tanh_arg.tanh_())  # intra * inter, as official_scores (in the sweep's buffers)
+    score = exp_arg.exp_().mul_(tanh_arg.tanh_())  # intra * inter, as official_scores, in place
     flat, score, tau = native.pcb_keep(counts, flat, score, tau, floor)
     return Collected(segment, lo, hi, n, flat.clone(), score.clone(), tau.clone() if with_tau else None)
 
