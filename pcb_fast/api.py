@@ -226,6 +226,19 @@ def _merge_keys(base, models, names, merged_keys, out, device, *, method, backen
     flat_base = {key: base[key].reshape(-1) for key in merged_keys}
 
     def tau(segment, lo, hi, tau_m):
+        if segment.parts:  # a pack of small keys (core.sources.pack_segments): one sweep, then a copy per key
+            keys = [part.key for part in segment.parts]
+            theta = merged_weights(torch.cat([flat_base[key] for key in keys]), lam, tau_m)
+            values = theta.to(flat_out[keys[0]].dtype)
+            try:
+                checks.check_merged(keys[0], theta, values)
+            except ValueError:  # the key that holds the bad value says so
+                for part, _, _, start, end in segment.pieces(lo, hi):
+                    checks.check_merged(part.key, theta[start:end], values[start:end])
+                raise
+            for key, piece in zip(keys, values.split([part.numel for part in segment.parts])):
+                flat_out[key].copy_(piece)
+            return
         theta = merged_weights(flat_base[segment.key][lo:hi], lam, tau_m)
         values = flat_out[segment.key][lo:hi]
         values.copy_(theta)
@@ -238,11 +251,14 @@ def _merge_keys(base, models, names, merged_keys, out, device, *, method, backen
 
     sink = Sink(tau, weights=weights)
     source = StateDictSource(base, models, merged_keys, names)
+    spec = SPECS[method]
     with CpuThreads(threads) as cpu_threads:
         options = RunOptions(memory_budget=budget, threads=cpu_threads,
+                             pack_keys=scope == "global" and spec.packable(method_params),
                              **fused_cpu.settings(fused, source.n * source.D, method, method_params))
-        return engine.run(SPECS[method].merge, source, sink, options=options, scope=scope, lambdas=lambdas,
-                          block_width=block_width, **method_params)
+        return engine.run(spec.merge, source, sink, options=options, scope=scope, merge_tensors=spec.merge_tensors,
+                          lambdas=lambdas, block_width=block_width, **method_params)
+
 
 
 def check_state_dicts(base: dict, models, exclude=(), model_names=None):

@@ -127,9 +127,15 @@ class TaskVectorSource:
         self.model_names = list(model_names)
 
     def restrict(self, segment: Segment) -> "TaskVectorSource":
-        """The same source seen as a single segment (for scope="tensor")."""
+        """The same source seen as a single segment (for scope="tensor"): one key, or a pack of keys
+        (:meth:`packs`), whose parts then lie where they lie in the pack."""
         view = copy.copy(self)  # the same data (readers, buffers), seen as one segment
-        view.segments = [Segment(segment.key, segment.shape, segment.numel, 0)]
+        parts = ()
+        if segment.parts:  # (made in bulk: a pack may hold thousands of keys)
+            keys, shapes, numels, offsets, _ = zip(*segment.parts)
+            rows = zip(keys, shapes, numels, map((-segment.offset).__add__, offsets), itertools.repeat(()))
+            parts = tuple(map(functools.partial(tuple.__new__, Segment), rows))
+        view.segments = [Segment(segment.key, segment.shape, segment.numel, 0, parts)]
         view.D = segment.numel
         return view
 
@@ -144,15 +150,21 @@ class TaskVectorSource:
         packed (sources that read their inputs by key do not pack)."""
         return [None] * len(self.segments)
 
-    def _segments(self, width: int, options: RunOptions) -> list[Segment]:
-        """The segments a pass of ``width`` goes through: packs of small keys where the run allows
-        them (``options.pack_keys``), computed once per width."""
-        if not options.pack_keys or len(self.segments) < 2:
-            return self.segments
+    def packs(self, width: int) -> list[Segment]:
+        """The segments with every run of consecutive keys of fewer than ``width`` entries that fit
+        ``width`` together and share their dtypes in every input joined into a pack
+        (:func:`pack_segments`), computed once per width."""
         packs = self.__dict__.setdefault("_packs", {})
         if width not in packs:
             packs[width] = pack_segments(self.segments, width, self._pack_signatures())
         return packs[width]
+
+    def _segments(self, width: int, options: RunOptions) -> list[Segment]:
+        """The segments a pass of ``width`` goes through: packs of small keys where the run allows
+        them (``options.pack_keys``)."""
+        if not options.pack_keys or len(self.segments) < 2:
+            return self.segments
+        return self.packs(width)
 
     def plan(self, width: int = DEFAULT_BLOCK_WIDTH, whole_rows: bool = False, *,
              options: RunOptions) -> list[tuple[Segment, int, int]]:
@@ -316,9 +328,27 @@ class StateDictSource(TaskVectorSource):
         """Yield (segment, lo, hi, [base, model_0, ...]) for the blocks of :meth:`blocks`: the slices
         as stored (see CheckpointSource.raw_blocks)."""
         for seg, lo, hi in self._pass(self.plan(width, options=options), options):
-            yield seg, lo, hi, [self._base[seg.key][lo:hi]] + [m[seg.key][lo:hi] for m in self._models]
+            yield seg, lo, hi, self.slices(seg, lo, hi)
+
+    def _pack_signatures(self) -> list:
+        inputs = [self._base] + self._models  # every key's dtypes in every input
+        return list(zip(*[[t.dtype for t in sd.values()] for sd in inputs]))
+
+    def slices(self, seg: Segment, lo: int, hi: int) -> list:
+        """[base, model_0, ...]: entries [lo, hi) of ``seg`` as stored (a pack's keys one after the other,
+        in a new tensor)."""
+        if not seg.parts:
+            return [sd[seg.key][lo:hi] for sd in [self._base] + self._models]
+        keys = [part.key for part in seg.parts]  # (a pack is always one whole block)
+        return [torch.cat(list(map(sd.__getitem__, keys))) for sd in [self._base] + self._models]
 
     def _read(self, seg, lo, hi, out):
+        if seg.parts:
+            base, *models = self.slices(seg, lo, hi)
+            base = base.float()
+            for i, model in enumerate(models):
+                out[i].copy_(model).sub_(base)
+            return out
         base = self._base[seg.key][lo:hi]
         if base.dtype != torch.float32:
             if self._base_buffer is None or self._base_buffer.numel() < hi - lo:
@@ -411,11 +441,15 @@ class CheckpointSource(TaskVectorSource):
         keys = [s.key for s in self.segments]  # every key's dtypes in every input, asked in bulk
         return list(zip(*[ck.layout(keys)[0] for ck in [self._base_ckpt] + self._model_ckpts]))
 
-    def _segments(self, width: int, options: RunOptions) -> list[Segment]:
-        segments = super()._segments(width, options)
-        if segments is not self.segments:
-            self._pack_of.update((seg.key, seg) for seg in segments if seg.parts)
-        return segments
+    def packs(self, width: int) -> list[Segment]:
+        packs = super().packs(width)
+        self._pack_of.update((seg.key, seg) for seg in packs if seg.parts)
+        return packs
+
+    def restrict(self, segment: Segment) -> "TaskVectorSource":
+        if segment.parts:  # (a run of a pack's keys too: its reads are planned by its key)
+            self._pack_of[segment.key] = segment
+        return super().restrict(segment)
 
     def why_not_finite(self, task: int, block: Block) -> str:
         key, lo, hi = block.segment.key, block.lo, block.hi
@@ -534,6 +568,8 @@ class CachedSource(TaskVectorSource):
         self._shared = [None]
 
     def restrict(self, segment: Segment) -> "TaskVectorSource":
+        if segment.parts:  # a pack of small keys, merged together from one read (engine.run)
+            return self.inner.restrict(segment)
         view = CachedSource(self.inner.restrict(segment))
         if self._shared[0] is None:
             self._shared[0] = torch.empty(self.n * max(s.numel for s in self.segments))

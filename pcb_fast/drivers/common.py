@@ -198,8 +198,10 @@ def run_engine(source, sink, settings: MergeSettings, *, progress=None, budget: 
             memory_budget=budget, threads=cpu_threads, progress=progress and PassBars(progress), comm=comm,
             errors=comm, pack_keys=pack_keys, **fused_cpu.settings(settings.fused, source.n * source.D, settings.method, settings.params,
                                               allowed=comm is None))
-        return engine.run(SPECS[settings.method].merge, source, sink, options=options, scope=scope or settings.scope,
-                          lambdas=settings.lambdas, block_width=settings.block_width, **settings.params)
+        spec = SPECS[settings.method]
+        return engine.run(spec.merge, source, sink, options=options, scope=scope or settings.scope,
+                          merge_tensors=spec.merge_tensors, lambdas=settings.lambdas,
+                          block_width=settings.block_width, **settings.params)
 
 
 def fill_report(report: dict | None, info: dict, started: float, merged: list, copied: list, **extra) -> None:

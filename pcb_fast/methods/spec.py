@@ -86,6 +86,9 @@ class MethodSpec:
     # entry belongs to or where a block begins (no per-key random streams, rows or per-block sums),
     # so runs of small keys may share a block (core.sources.pack_segments)
     packable: Callable[[dict], bool] = staticmethod(lambda params: False)
+    # merge_tensors(source, sink, options, **params): scope="tensor" on a pack of small whole tensors
+    # at once, each with its own statistics, the values of ``merge`` on each alone (core.engine.run)
+    merge_tensors: Callable | None = None
 
     @property
     def param_names(self) -> tuple[str, ...]:

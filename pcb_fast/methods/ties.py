@@ -28,7 +28,7 @@ from ..core import checks
 from ..core.engine import (ColumnSample, raise_if_not_finite, select_in_bracket, select_threshold, selection_passes,
                            sum_kept)
 from ..core.options import add_passes, plan_passes
-from ..core.formulas import disjoint_mean, elected_signs, lambda_column, zero_sign_fill
+from ..core.formulas import disjoint_mean, elected_signs, lambda_column, sum_over_tasks, zero_sign_fill
 from ..core.sources import DEFAULT_BLOCK_WIDTH
 from ..cpu import fused as fused_cpu
 from .linear import (BAND_PARAMS, DARE_PARAMS, breadcrumbs_blocks, check_band_params, check_bands, dare_block,
@@ -228,6 +228,66 @@ def merge_ties(source, sink, options, *, density=0.2, sign_ties="majority", topk
         num, den = sum_kept(c, task, value * agree, weight)
         den = torch.clamp(den, min=1) if lam is None else torch.where(den == 0, 1.0, den)
         sink(c.segment, c.lo, c.hi, num / den)
+    return kept_counts
+
+
+def merge_ties_tensors(source, sink, options, *, density=0.2, sign_ties="majority", topk="threshold", normalize=True,
+                       min_keep=0, lambdas=None, block_width=DEFAULT_BLOCK_WIDTH):
+    """:func:`merge_ties` with scope="tensor" on a pack of small whole tensors (``source``: one pack
+    segment, core.engine.run's ``merge_tensors``): each tensor with its own thresholds and sign
+    fill, from one read and a few torch ops over the whole pack. The values of merge_ties on each
+    tensor alone, bit for bit: the same trim (the exact order statistic of each tensor's |tau|,
+    found by one sort of (tensor, |tau|) keys; ties at it kept by position for topk="exact") and the
+    same float32 operations, in the same order, as the C loop of ties_block."""
+    n = source.n
+    density = check_densities(density, n)
+    checks.check_choice("sign_ties", sign_ties, SIGN_TIES)
+    checks.check_choice("topk", topk, TOPK)
+    normalize, min_keep = checks.check_flag("normalize", normalize), check_min_keep(min_keep)
+    lam = fused_cpu.weights(lambda_column(lambdas, n), n)
+    (pack,) = source.segments
+    kept_counts = torch.zeros(n, dtype=torch.int64)
+    for block in source.blocks(pack.numel, options=options):  # one block: the whole pack
+        magnitude = block.tv.abs()
+        raise_if_not_finite(source, options, block, magnitude.amax(1))
+        parts = block.segment.parts
+        lengths = torch.tensor([part.numel for part in parts])
+        starts = torch.tensor([part.offset for part in parts])
+        tensor = torch.repeat_interleave(torch.arange(len(parts)), lengths)  # each entry's tensor
+        # entries kept per task and tensor, int(numel * density_i) within [min_keep, numel], as keep_counts
+        densities = torch.tensor(density if isinstance(density, list) else [density] * n, dtype=torch.float64)
+        keep = torch.minimum((lengths.double() * densities.unsqueeze(1)).long().clamp(min=min_keep), lengths)
+        # t = sort(|tau|)[rank] per task and tensor, ranks clamped as the engine clamps them (merge_ties)
+        rank = (lengths - keep - (1 if topk == "threshold" else 0)).clamp(min=0)
+        rank = torch.minimum(rank, (lengths - 1).clamp(min=0))
+        # |tau| is finite and >= 0 here: its float32 bits order it, below the tensor's index
+        order = torch.sort((tensor << 32) | magnitude.view(torch.int32).long(), dim=1).values
+        at = (starts + rank).clamp(max=block.tv.shape[1] - 1)
+        t = (order.gather(1, at) & 0xFFFFFFFF).to(torch.int32).view(torch.float32)[:, tensor]
+        if topk == "threshold":
+            kept = magnitude >= t
+        else:  # the entries above t, then those equal to it by position until the tensor keeps `keep`
+            above, equal = magnitude > t, (magnitude == t).long()
+            greater = torch.zeros_like(keep).index_add_(1, tensor, above.long())
+            seen = equal.cumsum(1)
+            before = (seen - equal).gather(1, starts.clamp(max=block.tv.shape[1] - 1).expand(n, -1))
+            kept = above | (equal.bool() & (seen - before[:, tensor] <= (keep - greater)[:, tensor]))
+        kept_counts += kept.sum(1)
+        weighted = (block.tv * kept) * lam
+        total = sum_over_tasks(weighted)
+        positive, negative = total > 0, total < 0
+        if sign_ties == "majority":  # each tensor's majority elected sign
+            signs = torch.zeros(len(parts), dtype=torch.int64).index_add_(0, tensor, positive.long() - negative.long())
+            fill = torch.sign(signs.float())[tensor]
+        else:
+            fill = torch.ones(())
+        elected = torch.where(positive, 1.0, torch.where(negative, -1.0, fill))
+        agree = torch.where(elected > 0, weighted > 0, weighted < 0).float()
+        num, den = weighted[0] * agree[0], agree[0] * lam[0]
+        for i in range(1, n):
+            num = num + weighted[i] * agree[i]
+            den = den + agree[i] * lam[i]
+        sink(block.segment, block.lo, block.hi, num / torch.where(den == 0, 1.0, den) if normalize else num)
     return kept_counts
 
 
@@ -476,7 +536,7 @@ TIES = MethodSpec(
             _normalize(True),
             Param("min_keep", 0, check_min_keep, "entries every task keeps at least (mergekit: 1)", engine_only=True,
                   kind="int", flag=False)),
-    backends=("torch", "triton", "reference"), loops=("c",), mergekit="ties",
+    merge_tensors=merge_ties_tensors, backends=("torch", "triton", "reference"), loops=("c",), mergekit="ties",
     mergekit_defaults={"scope": "tensor", "density": 1.0, "sign_ties": "positive", "topk": "exact", "min_keep": 1,
                        "normalize": True},
     searchable=True, packable=lambda params: True)
