@@ -147,3 +147,115 @@ def test_header_text_is_json_dumps():
     header = {k: {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]} for i, k in enumerate(plain)}
     header["__metadata__"] = {}
     assert st._header_text(plain, [torch.float32] * 2, [(1,)] * 2, [0, 4], [4, 8], {}) == json.dumps(header, separators=(",", ":"))
+
+
+def _tied_states(n=3, seed=1):
+    """A base and ``n`` fine-tunes of MIXED in memory whose changes are multiples of 1/4: magnitudes tie
+    at the thresholds and task vectors cancel (zero sums), so every TIES rule is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {k: ((3000,) if k == "d.big" else (1 + i % 5,)) for i, k in enumerate(MIXED)}
+    base = {k: (torch.randn(s, generator=g) if MIXED[k].is_floating_point else torch.arange(s[0])).to(MIXED[k])
+            for k, s in shapes.items()}
+    models = [{k: (v.float() + torch.randint(-2, 3, v.shape, generator=g) / 4).to(v.dtype) if v.is_floating_point()
+               else v for k, v in base.items()} for _ in range(n)]
+    models[0]["c.007"] = base["c.007"].clone()  # an all-zero task vector in one tensor
+    return base, models
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8),
+                                                                       b.reshape(-1).view(torch.uint8))
+
+
+TENSOR_CASES = [{"density": 0.3}, {"density": 0.5, "topk": "exact", "sign_ties": "positive", "min_keep": 1},
+                {"density": [0.2, 0.6, 1.0], "topk": "exact"}, {"density": 1.0, "topk": "exact", "min_keep": 1},
+                {"density": 0.4, "normalize": False, "lambdas": [0.5, -1.0, 2.0]}, {"density": 0.01}]
+
+
+@pytest.mark.parametrize("params", TENSOR_CASES)
+def test_tensor_packs_change_no_byte_in_memory(monkeypatch, params):
+    # scope="tensor": each small key of a pack gets the values of its merge alone, bit for bit
+    base, models = _tied_states()
+    packed = pcb_fast.merge(base, models, method="ties", scope="tensor", **params)
+    _unpacked(monkeypatch)
+    alone = pcb_fast.merge(base, models, method="ties", scope="tensor", **params)
+    assert all(_same_bits(packed[key], alone[key]) for key in base)
+
+
+@pytest.mark.parametrize("params", TENSOR_CASES[:2])
+def test_tensor_packs_change_no_byte_from_files(tmp_path, monkeypatch, params):
+    base, models = _tied_states()
+    paths = []
+    for j, state in enumerate([base] + models):
+        paths.append(str(tmp_path / f"m{j}.safetensors"))
+        save_file(state, paths[-1])
+    outputs = []
+    for packed in (True, False):
+        if not packed:
+            _unpacked(monkeypatch)
+        (tmp_path / str(packed)).mkdir()
+        out = tmp_path / str(packed) / "merged"
+        pcb_fast.merge_checkpoints(paths[0], paths[1:], out, method="ties", scope="tensor", shard_size="2KB", **params)
+        outputs.append({f.name: f.read_bytes() for f in out.iterdir()})
+    assert outputs[0] == outputs[1]
+
+
+def test_tensor_packs_follow_parameters_that_vary_by_tensor(monkeypatch):
+    # runs of keys with the same parameters share a pack; a key whose own parameters differ is alone
+    def segment_params(key):
+        own = {"density": 0.7 if key.startswith("a.0") else 0.3}
+        if key.endswith("5"):
+            own.update(lam=0.5, lambdas=[1.0, 2.0, 0.5])
+        return own
+
+    base, models = _tied_states()
+    packed = pcb_fast.merge(base, models, method="ties", scope="tensor", segment_params=segment_params)
+    _unpacked(monkeypatch)
+    alone = pcb_fast.merge(base, models, method="ties", scope="tensor", segment_params=segment_params)
+    assert all(_same_bits(packed[key], alone[key]) for key in base)
+
+
+def test_tensor_scope_merges_runs_of_small_keys_together(monkeypatch):
+    base, models = _tied_states()
+    views = []
+    restrict = sources.TaskVectorSource.restrict
+    monkeypatch.setattr(sources.TaskVectorSource, "restrict", lambda self, seg: views.append(seg) or restrict(self, seg))
+    pcb_fast.merge(base, models, method="ties", scope="tensor", density=0.3)
+    # 261 merged keys: a.* (bf16), b.norm (fp32), c.* and d.big (bf16), e.* (fp16): four parts, not 261
+    assert [seg.key for seg in views] == [("a.000", "a.119"), "b.norm", ("c.000", "d.big"), ("e.000", "e.059")]
+
+
+def test_a_global_merge_in_memory_reads_small_keys_in_packs(monkeypatch):
+    base, models = _tied_states()
+    reads = []
+    read = sources.StateDictSource._read
+    monkeypatch.setattr(sources.StateDictSource, "_read", lambda self, seg, *rest: reads.append(seg) or read(self, seg, *rest))
+    pcb_fast.merge(base, models, method="task_arithmetic")
+    assert len(reads) == 4, [seg.key for seg in reads]  # (the packs of test_tensor_scope_merges_runs_of_small_keys_together)
+
+
+@pytest.mark.parametrize("method,params", [("task_arithmetic", {}), ("pcb", {"ratio": 0.2}), ("ties", {"density": 0.3}),
+                                           ("average", {"lambdas": [1.0, 2.0, 3.0]})])
+def test_global_packs_in_memory_change_no_byte(monkeypatch, method, params):
+    base, models = _tied_states()
+    packed = pcb_fast.merge(base, models, method=method, **params)
+    _unpacked(monkeypatch)
+    alone = pcb_fast.merge(base, models, method=method, **params)
+    assert all(_same_bits(packed[key], alone[key]) for key in base)
+
+
+def test_an_overflow_inside_a_pack_in_memory_is_named_by_its_key():
+    base, models = _tied_states()
+    base["e.041"] = torch.full_like(base["e.041"], 6e4)
+    for state in models:  # float16: 6e4 + 3 * 3000 is beyond its range
+        state["e.041"] = torch.full_like(state["e.041"], 6.3e4)
+    with pytest.raises(ValueError, match=r"key 'e.041': merged values up to 6.9e\+04 exceed the range of torch.float16"):
+        pcb_fast.merge(base, models, method="task_arithmetic")
+
+
+@pytest.mark.parametrize("bad,named", [((2, "c.041"), "model 1 .*key 'c.041'"), ((0, "a.017"), "base model, key 'a.017'")])
+def test_a_value_that_is_not_finite_in_a_tensor_pack_is_named_by_its_key(tmp_path, bad, named):
+    base, models = _models(tmp_path, bad=bad)
+    with pytest.raises(ValueError, match=named):
+        pcb_fast.merge_checkpoints(base, models, tmp_path / "out", method="ties", scope="tensor")
+    assert not (tmp_path / "out").exists()
