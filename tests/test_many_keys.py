@@ -259,3 +259,24 @@ def test_a_value_that_is_not_finite_in_a_tensor_pack_is_named_by_its_key(tmp_pat
     with pytest.raises(ValueError, match=named):
         pcb_fast.merge_checkpoints(base, models, tmp_path / "out", method="ties", scope="tensor")
     assert not (tmp_path / "out").exists()
+
+
+def test_inputs_with_the_same_header_share_one_parse(tmp_path, monkeypatch):
+    base, models = _models(tmp_path)  # the fine-tunes' headers are the base's, byte for byte
+    parses = []
+    parse = st.header_columns
+    monkeypatch.setattr(st, "header_columns", lambda raw, size: parses.append(size) or parse(raw, size))
+    pcb_fast.merge_checkpoints(base, models, tmp_path / "out", method="ties", density=0.3)
+    assert len(parses) == 1
+    inputs = [load_file(p) for p in [base] + models]
+    expected = pcb_fast.merge(inputs[0], inputs[1:], method="ties", density=0.3)
+    assert all(_same_bits(t, expected[k]) for k, t in load_file(str(tmp_path / "out" / "model.safetensors")).items())
+
+
+def test_a_truncated_input_with_the_base_header_is_refused(tmp_path):
+    base, models = _models(tmp_path)
+    with open(models[1], "r+b") as f:  # the same header bytes, a shorter file
+        f.truncate(f.seek(0, 2) - 2)
+    with pytest.raises(ValueError, match="model 1 .*truncated or corrupt"):
+        pcb_fast.merge_checkpoints(base, models, tmp_path / "out", method="task_arithmetic")
+    assert not (tmp_path / "out").exists()

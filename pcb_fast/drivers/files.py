@@ -35,10 +35,10 @@ from ..io.folder import check_side_files, copy_side_files, copy_tensor
 from ..io.output import atomic_folder, check_output
 from ..io.running_stats import check_mode as check_running_stats_mode
 from ..io.running_stats import merge_running_stats, running_stat_keys
-from ..io.safetensors import ShardedWriter, nbytes, shard_plan, show_path
+from ..io.safetensors import ShardedWriter, nbytes, shard_plan, sharing_headers, show_path
 from ..io.write_behind import WriteBehind
 from ..methods import SPECS, scope_matters
-from .common import (MergeSettings, check_out_reads_nothing, check_settings, check_shard_size, fill_report,
+from .common import (OUT_DTYPES, MergeSettings, check_out_reads_nothing, check_settings, check_shard_size, fill_report,
                      run_engine, shard_sink)
 from .distributed import merge_on_device
 
@@ -129,11 +129,15 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
     models, names, lambdas, dropped, method_params = _without_the_base(base, models, names, settings.lambdas,
                                                                         method, settings.params)
     settings = replace(settings, lambdas=lambdas, params=method_params)
-    base_ck = open_model(base, "base model")
+    headers = {}  # headers parsed, for inputs that share them (io.safetensors.sharing_headers)
+    with sharing_headers(headers):
+        base_ck = open_model(base, "base model")
     model_cks, comm = [], None
     try:
-        for source, name in zip(models, names):
-            model_cks.append(open_model(source, name))
+        with sharing_headers(headers):
+            for source, name in zip(models, names):
+                model_cks.append(open_model(source, name))
+        headers.clear()
         check_out_reads_nothing(out, zip(["the base model"] + names, [base_ck] + model_cks))
         merged, copied = split_keys(base_ck, settings.exclude)
         if not merged:
@@ -181,7 +185,11 @@ def _write_merge(base_ck, model_cks, merged, copied, folder: Path, stats: dict, 
     """Write the output's tensors into ``folder``: the copied keys, the running statistics and the
     merged keys (this rank's shards only, distributed), then the base folder's side files."""
     out_dtype = settings.out_dtype(base_ck)
-    entries = [(k, out_dtype(k), tuple(base_ck.shape(k))) for k in base_ck.keys()]
+    keys = base_ck.keys()
+    dtypes, shapes = base_ck.layout(keys)  # (asked in bulk: a model may have hundreds of thousands of keys)
+    if settings.dtype is not None:
+        dtypes = [OUT_DTYPES[settings.dtype] if d.is_floating_point else d for d in dtypes]
+    entries = list(zip(keys, dtypes, map(tuple, shapes)))
     only, local = None, None
     if comm is not None:  # this rank's whole shards, contiguous in key order
         shards = shard_plan(entries, shard_bytes)

@@ -34,7 +34,7 @@ import torch
 from ..core.memory import available_memory
 from .safetensors import (DTYPE, MAX_DEPTH, MAX_HEADER, NAMES, NBYTES, OFFSET, SHAPE, FormatError, NotAFileError,
                           SafetensorsReader, Unchanged, advise_range, deeper_than, not_regular, open_regular,
-                          read_exactly, read_regular, show, show_path)
+                          read_exactly, read_regular, shared, show, show_path)
 
 INDEX = "model.safetensors.index.json"
 # floating dtypes that a merge reads (as float32) and writes back; float8 tensors are refused
@@ -91,6 +91,11 @@ class Checkpoint:
 
     def numel(self, key: str) -> int:
         return math.prod(self.shape(key))
+
+    def same_layout(self, other: "Checkpoint") -> bool:
+        """True where ``other`` is known to hold the same keys with the same dtypes and shapes (files
+        that share one header); False where that is unknown."""
+        return False
 
     def layout(self, keys: Sequence[str]) -> tuple[list, list]:
         """(dtypes, shapes) of ``keys``, two lists: what the checks of a merge compare, asked once for
@@ -237,7 +242,12 @@ class SafetensorsCheckpoint(Checkpoint):
         except FormatError as e:
             self.close()
             raise ValueError(f"{name}: {e}") from None
-        self._sorted = sorted(self.where)
+        if len(self.readers) == 1:  # (a file whose header another file shares: one dict for both, read-only)
+            self.info = self.readers[0].tensors
+        self._sorted = shared(("sorted keys", id(self.info)), lambda: (self.info, sorted(self.where)))[1]
+
+    def same_layout(self, other) -> bool:
+        return isinstance(other, SafetensorsCheckpoint) and other.info is self.info
 
     def keys(self):
         return list(self._sorted)
@@ -601,8 +611,11 @@ def split_keys(base: Checkpoint, exclude: Sequence[str]) -> tuple[list[str], lis
             raise ValueError(f"exclude pattern {show(p)} is not a valid regular expression: {e}") from None
     merged, copied = [], []
     keys = base.keys()
-    for key, dtype, shape in zip(keys, *base.layout(keys)):
-        if dtype.is_floating_point and 0 not in shape and not any(p.search(key) for p in patterns):
+    dtypes, shapes = base.layout(keys)
+    floating = {dtype: dtype.is_floating_point for dtype in set(dtypes)}  # (asked once per dtype and shape)
+    empty = {shape: 0 in shape for shape in set(shapes)}
+    for key, dtype, shape in zip(keys, dtypes, shapes):
+        if floating[dtype] and not empty[shape] and not (patterns and any(p.search(key) for p in patterns)):
             merged.append(key)
         else:
             copied.append(key)
@@ -620,8 +633,11 @@ def check_models_match(base: Checkpoint, models: Sequence[Checkpoint], merged_ke
     if set(dtypes) - set(MERGED_DTYPES):
         for key in merged_keys:
             _check_merged_dtype(base.name, key, base.dtype(key))
-    base_keys = set(base.keys())
+    base_keys = None
     for model in models:
+        if model.same_layout(base):
+            continue
+        base_keys = set(base.keys()) if base_keys is None else base_keys
         keys = set(model.keys())
         extra = sorted(keys - base_keys)
         if extra:

@@ -23,7 +23,7 @@ SUFFIXES = (".running_mean", ".running_var")
 def running_stat_keys(base: dict, keys) -> list:
     """The keys of ``keys`` that are running statistics of a layer that tracks them in ``base``."""
     found = []
-    for key in keys:
+    for key in filter(lambda key: key.endswith(SUFFIXES), keys):  # (a model may have hundreds of thousands of keys)
         for suffix in SUFFIXES:
             if key.endswith(suffix) and key[: -len(suffix)] + ".num_batches_tracked" in base:
                 found.append(key)

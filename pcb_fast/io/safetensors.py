@@ -30,6 +30,8 @@ they belong as they come, and a model is never held whole in memory.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import itertools
 import json
 import math
@@ -480,6 +482,42 @@ def advise_range(fd: int, position: int, length: int) -> None:
             pass
 
 
+def _tensors_of(raw: bytes, size: int) -> tuple[dict, dict]:
+    """(key -> (dtype, shape, absolute position, bytes), metadata) of a file of ``size`` bytes whose
+    header is ``raw``."""
+    (keys, dtypes, shapes, begins, ends), metadata = header_columns(raw, size - 8 - len(raw))
+    # built in bulk: a header may list hundreds of thousands of tensors
+    return dict(zip(keys, zip(dtypes, shapes, map((8 + len(raw)).__add__, begins),
+                              map(operator.sub, ends, begins)))), metadata
+
+
+_SHARED = contextvars.ContextVar("pcb_fast_shared_headers", default=None)
+
+
+@contextlib.contextmanager
+def sharing_headers(known: dict):
+    """Inside, files opened whose headers are the same bytes (fine-tunes saved by one library often
+    are) share one parse of it, read-only (:func:`shared`), kept in ``known`` (the same dict for
+    several blocks): a header of hundreds of thousands of tensors takes about a second to read,
+    once instead of once per file."""
+    token = _SHARED.set(known)
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+def shared(key: tuple, make):
+    """``make()``, or inside :func:`sharing_headers` the value made before for an equal ``key`` (never
+    to be changed by its users)."""
+    known = _SHARED.get()
+    if known is None:
+        return make()
+    if key not in known:
+        known[key] = make()
+    return known[key]
+
+
 class SafetensorsReader:
     """Header of one safetensors file, and positioned reads of any flat slice of its tensors."""
 
@@ -518,10 +556,9 @@ class SafetensorsReader:
             if not chunk:
                 raise FormatError("truncated while its header was read")
             raw += chunk
-        (keys, dtypes, shapes, begins, ends), self.metadata = header_columns(raw, size - 8 - length)
-        # built in bulk: a header may list hundreds of thousands of tensors
-        self.tensors = dict(zip(keys, zip(dtypes, shapes, map((8 + length).__add__, begins),
-                                          map(operator.sub, ends, begins))))
+        self.tensors, metadata = shared(("header", raw, size), lambda: _tensors_of(raw, size))
+        self.metadata = dict(metadata)
+
 
     def read_into(self, key: str, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
         """Entries [lo, hi) of the flattened tensor ``key`` into ``out`` (contiguous, its dtype)."""
