@@ -14,7 +14,7 @@ from .core.formulas import merged_weights
 from .core.numerics import warm_up_exp
 from .core.options import RunOptions
 from .core.sinks import Sink
-from .core.sources import DEFAULT_BLOCK_WIDTH, MatrixSource, StateDictSource
+from .core.sources import DEFAULT_BLOCK_WIDTH, MatrixSource, StateDictSource, flat
 from .core.threads import CpuThreads, check_threads
 from .cpu import fused as fused_cpu
 from .gpu import backend as triton_backend
@@ -222,8 +222,8 @@ def _merge_keys(base, models, names, merged_keys, out, device, *, method, backen
                                                 lambdas=lambdas, method=method, **method_params)
     for key in merged_keys:  # contiguous whatever the base's layout: written flat, in the base's index order
         out[key] = torch.empty_like(base[key], memory_format=torch.contiguous_format)
-    flat_out = {key: out[key].view(-1) for key in merged_keys}
-    flat_base = {key: base[key].reshape(-1) for key in merged_keys}
+    flat_out = {key: flat(out[key]) for key in merged_keys}
+    flat_base = {key: flat(base[key]) for key in merged_keys}
 
     def tau(segment, lo, hi, tau_m):
         if segment.parts:  # a pack of small keys (core.sources.pack_segments): one sweep, then a copy per key
@@ -275,11 +275,14 @@ def check_state_dicts(base: dict, models, exclude=(), model_names=None):
     base_checkpoint = StateDictCheckpoint(base, "base model")
     merged_keys, copied_keys = split_keys(base_checkpoint, exclude)
     check_models_match(base_checkpoint, [StateDictCheckpoint(m, name) for m, name in zip(models, names)], merged_keys)
-    device = checks.common_device(
-        [(f"base model, key {checks.short(k, 80)}", base[k]) for k in merged_keys]
-        + [(f"{name}, key {checks.short(k, 80)}", m[k]) for name, m in zip(names, models) for k in merged_keys]
-    )
-    checks.check_all_finite((f"base model, key {checks.short(key, 80)}", base[key]) for key in merged_keys)
+    tensors = [sd[k] for sd in [base] + models for k in merged_keys]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    if any(t.device != device for t in tensors):  # (named only then: a model may have hundreds of thousands of keys)
+        checks.common_device(
+            [(f"base model, key {checks.short(k, 80)}", base[k]) for k in merged_keys]
+            + [(f"{name}, key {checks.short(k, 80)}", m[k]) for name, m in zip(names, models) for k in merged_keys])
+    checks.check_all_finite(zip(merged_keys, map(base.__getitem__, merged_keys)),
+                            label=lambda key: f"base model, key {checks.short(key, 80)}")
     return models, names, merged_keys, copied_keys, device
 
 

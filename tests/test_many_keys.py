@@ -280,3 +280,13 @@ def test_a_truncated_input_with_the_base_header_is_refused(tmp_path):
     with pytest.raises(ValueError, match="model 1 .*truncated or corrupt"):
         pcb_fast.merge_checkpoints(base, models, tmp_path / "out", method="task_arithmetic")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_a_bad_base_value_among_many_small_keys_in_memory_is_named(dtype):
+    base, models = _tied_states()
+    base["c.041"] = base["c.041"].to(dtype)
+    base["c.041"][-1] = float("nan") if dtype == torch.bfloat16 else 1e300
+    models = [dict(m, **{"c.041": m["c.041"].to(dtype)}) for m in models]
+    with pytest.raises(ValueError, match="base model, key 'c.041' (contains NaN|holds values beyond the float32)"):
+        pcb_fast.merge(base, models, method="task_arithmetic")

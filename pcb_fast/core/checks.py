@@ -149,18 +149,46 @@ def check_finite(what: str, t: torch.Tensor) -> None:
         raise ValueError(f"{what} {reason}")
 
 
-def check_all_finite(named) -> None:
+SMALL_TENSOR = 1 << 12  # entries: tensors below this are checked together, in runs of at most FINITE_RUN entries
+FINITE_RUN = 1 << 20
+
+
+def check_all_finite(named, label=None) -> None:
     """:func:`check_finite` on each (what, tensor) of ``named`` with one device synchronisation for
     all of them (not one per tensor: a model of many small tensors on a GPU would wait for each),
-    then, only where some value fails, tensor by tensor to name the first."""
+    small tensors of one dtype and device checked together, then, only where some value fails,
+    tensor by tensor to name the first. ``label(what)``, where given, names a tensor (asked only
+    for an error)."""
     named = list(named)
-    flags = [torch.isfinite(t).all() for _, t in named if t.numel()]
-    wide = [t.abs().max() for _, t in named if t.dtype == torch.float64 and t.numel()]
+    flags, wide, runs = [], [], {}
+    for _, t in named:
+        if t.numel() >= SMALL_TENSOR:
+            flags.append(torch.isfinite(t).all())
+            if t.dtype == torch.float64:
+                wide.append(t.abs().max())
+            continue
+        run = runs.setdefault((t.dtype, t.device), [[], 0])
+        run[0].append(t if t.dim() == 1 else t.reshape(-1))
+        run[1] += t.numel()
+        if run[1] >= FINITE_RUN:
+            _check_run(run, flags, wide)
+    for run in runs.values():
+        _check_run(run, flags, wide)
     if not flags or (bool(torch.stack(flags).all())
                      and not (wide and float(torch.stack(wide).max()) > FLOAT32_MAX)):
         return
     for what, t in named:
-        check_finite(what, t)
+        check_finite(what if label is None else label(what), t)
+
+
+def _check_run(run: list, flags: list, wide: list) -> None:
+    """The flags of check_all_finite for a run of small tensors [tensors, entries], emptied."""
+    if run[1]:
+        values = torch.cat(run[0])
+        flags.append(torch.isfinite(values).all())
+        if values.dtype == torch.float64:
+            wide.append(values.abs().max())
+    run[0], run[1] = [], 0
 
 
 def check_merged(key: str, theta: torch.Tensor, out: torch.Tensor) -> None:

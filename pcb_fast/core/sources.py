@@ -302,8 +302,8 @@ class StateDictSource(TaskVectorSource):
     """Task vectors theta_i - theta_pre of in-memory state dicts, computed per block in float32."""
 
     def __init__(self, base: dict, models: Sequence[dict], merged_keys: Sequence[str], model_names=None):
-        self._base = {k: base[k].reshape(-1) for k in merged_keys}
-        self._models = [{k: m[k].reshape(-1) for k in merged_keys} for m in models]
+        self._base = {k: flat(base[k]) for k in merged_keys}
+        self._models = [{k: flat(m[k]) for k in merged_keys} for m in models]
         segments = segments_of(merged_keys, lambda k: base[k].shape)
         names = model_names or [f"model {i}" for i in range(len(models))]
         super().__init__(len(models), segments, names)
@@ -357,6 +357,12 @@ class StateDictSource(TaskVectorSource):
         for i, model in enumerate(self._models):
             out[i].copy_(model[seg.key][lo:hi]).sub_(base)
         return out
+
+
+def flat(t: torch.Tensor) -> torch.Tensor:
+    """``t.reshape(-1)``: ``t`` itself where it is one-dimensional (a view of itself), without a call
+    into torch (a model may have hundreds of thousands of small tensors)."""
+    return t if t.dim() == 1 else t.reshape(-1)
 
 
 def check_cpu(what: str, t: torch.Tensor) -> None:

@@ -152,6 +152,10 @@ class StateDictCheckpoint(Checkpoint):
     def shape(self, key):
         return tuple(self.state[key].shape)
 
+    def layout(self, keys):
+        tensors = list(map(self.state.__getitem__, keys))
+        return [t.dtype for t in tensors], [tuple(t.shape) for t in tensors]
+
     def read_into(self, key, lo, hi, out):
         out.copy_(self.state[key].reshape(-1)[lo:hi])
         return out

@@ -17,6 +17,8 @@ embeddings and lacks the head's key gets the head back as an alias (:func:`folde
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from .safetensors import show
@@ -36,12 +38,31 @@ def tied_groups(state: dict) -> list[list[str]]:
     """Groups (of two or more keys, in ``state``'s order: the canonical name first) of ``state``'s keys
     whose tensors are one view of one storage."""
     groups = {}
-    for key in state:
+    for key in _sharing_a_pointer(state):
         t = state[key]
         view = _view_id(t) if isinstance(t, torch.Tensor) else None
         if view is not None:
             groups.setdefault(view, []).append(key)
     return [keys for keys in groups.values() if len(keys) > 1]
+
+
+def _sharing_a_pointer(state: dict):
+    """The keys of ``state`` (in order) whose tensor's first byte is another one's too, the only ones
+    that can be one view of one storage (asked once per tensor: a model may have hundreds of
+    thousands of them); every key where some tensor has no data pointer (on the meta device)."""
+    pointers = []
+    try:
+        for t in state.values():
+            if not isinstance(t, torch.Tensor):
+                pointers.append(object())  # (never tied)
+            elif t.device.type == "meta":
+                return list(state)
+            else:
+                pointers.append(t.data_ptr())
+    except RuntimeError:  # (a tensor without storage)
+        return list(state)
+    counts = Counter(pointers)
+    return [key for key, pointer in zip(state, pointers) if counts[pointer] > 1]
 
 
 def merged_aliases(base: dict, merged_keys) -> dict:
