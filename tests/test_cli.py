@@ -61,3 +61,21 @@ def test_progress_outside_a_terminal_is_plain_lines_and_one_for_a_per_tensor_run
     assert whole.returncode == 0, whole.stderr
     passes = [line for line in whole.stderr.splitlines() if " read in " in line]
     assert passes and passes[0].startswith("pcb-fast: pass 1 of ") and "\r" not in whole.stderr, whole.stderr
+
+
+OPTIONAL = ("transformers", "peft", "huggingface_hub", "triton", "cma", "sklearn", "scipy", "matplotlib", "mergekit",
+            "accelerate", "datasets", "safetensors", "jinja2")
+
+
+def test_a_plain_merge_imports_no_optional_package(tmp_path):
+    """The command line imports what a merge of files needs (torch, PyYAML for mergekit_config.yml),
+    not the optional packages that other paths use (Hub names, tokenizers, adapters, search, GPUs)."""
+    models = _three_tensor_models(tmp_path)
+    code = ("import runpy, sys\nsys.argv = sys.argv[1:]\ntry:\n    runpy.run_module('pcb_fast', run_name='__main__')\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\nprint(' '.join(sorted(sys.modules)))")
+    run = subprocess.run([sys.executable, "-c", code, "pcb-fast", "merge", *models, "--method", "ties", "--quiet",
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    loaded = {name.split(".")[0] for name in run.stdout.split()}
+    assert (tmp_path / "out" / "model.safetensors").exists() and "pcb_fast" in loaded
+    assert not loaded & set(OPTIONAL), sorted(loaded & set(OPTIONAL))
