@@ -12,6 +12,13 @@ per key beyond the one-tensor merge. Writes benchmarks/results/many_keys.json.
 ``--compare-with DIR``: runs every method also with the pcb_fast of the checkout DIR (a fresh
 process with DIR first on sys.path) on the many-key model and says whether the outputs are
 identical byte for byte, and the seconds of both; writes benchmarks/results/many_keys_compare_KEYS.json.
+
+``--alternate-with DIR --cases ties:tensor,task_arithmetic,...``: per case (a method, ``:tensor`` for
+scope="tensor" with mergekit's options, ``@memory`` for pcb_fast.merge of state dicts loaded
+beforehand), fresh processes of this checkout and of DIR taking turns, each timing a merge of the
+many-key model and one of the one-tensor model after a warm-up merge; the microseconds per key
+beyond the one tensor of both, their ratio and the load average; writes
+benchmarks/results/many_keys_alternating_KEYS.json (``--out`` names another file).
 """
 
 from __future__ import annotations
@@ -93,6 +100,73 @@ print(time.perf_counter() - started)
 """
 
 
+# mergekit's options where it merges per tensor (mergekit_defaults of the specs), at the densities above
+TENSOR_PARAMS = {"ties": {"density": 0.5, "topk": "exact", "sign_ties": "positive", "min_keep": 1},
+                 "dare_ties": {"p": 0.5, "rescale": "l1", "sign_ties": "positive", "normalize": False},
+                 "pcb": {"ratio": 0.2}}
+
+TIMED = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import pcb_fast
+case, built = json.loads(sys.argv[2]), json.loads(sys.argv[3])
+out = sys.argv[4]
+memory = case["source"] == "memory"
+if memory:
+    from safetensors.torch import load_file
+    built = {kind: [load_file(p) for p in [base] + models] for kind, (base, models) in built.items()}
+
+def merge(kind):
+    started = time.perf_counter()
+    if memory:
+        pcb_fast.merge(built[kind][0], built[kind][1:], method=case["method"], scope=case["scope"], **case["params"])
+    else:
+        base, models = built[kind]
+        pcb_fast.merge_checkpoints(base, models, out, method=case["method"], scope=case["scope"], overwrite=True,
+                                   **case["params"])
+    return time.perf_counter() - started
+
+merge("one")  # the C library loaded, the imports done
+print(json.dumps({"many": merge("many"), "one": merge("one")}))
+"""
+
+
+def parse_case(text: str) -> dict:
+    """``method[:tensor][@memory]`` as a case of --alternate-with."""
+    text, _, source = text.partition("@")
+    method, _, scope = text.partition(":")
+    scope = scope or "global"
+    params = TENSOR_PARAMS.get(method, METHODS[method]) if scope == "tensor" else METHODS[method]
+    return {"name": text + ("@memory" if source else ""), "method": method, "scope": scope, "params": params,
+            "source": source or "files"}
+
+
+def alternate_with(checkout: Path, built: dict, folder: Path, cases: list, keys: int, repeats: int) -> dict:
+    """Per case: fresh processes of this checkout and of ``checkout`` taking turns (TIMED), ``repeats``
+    each; the medians of the microseconds per key beyond the one-tensor merge."""
+    paths = {kind: (str(base), list(map(str, models))) for kind, (base, models) in built.items()}
+    rows = {}
+    for case in cases:
+        runs = {"here": [], "there": []}
+        loads = []
+        for _ in range(repeats):
+            for side, root in (("here", Path(__file__).resolve().parents[1]), ("there", checkout)):
+                done = subprocess.run([sys.executable, "-c", TIMED, str(root), json.dumps(case), json.dumps(paths),
+                                       str(folder / f"alt-{side}")], check=True, capture_output=True, text=True)
+                runs[side].append(json.loads(done.stdout.splitlines()[-1]))
+                loads.append(os.getloadavg()[0])
+        row = {"case": case, "load": loads}
+        for side, timings in runs.items():
+            many = statistics.median(t["many"] for t in timings)
+            one = statistics.median(t["one"] for t in timings)
+            row[side] = {"runs": timings, "many": many, "one": one, "us_per_key": (many - one) / keys * 1e6}
+        row["ratio"] = row["there"]["us_per_key"] / row["here"]["us_per_key"]
+        rows[case["name"]] = row
+        print(f"{case['name']}: {row['here']['us_per_key']:.1f} us per key here, {row['there']['us_per_key']:.1f} "
+              f"there ({row['ratio']:.1f}x); load {min(loads):.1f}-{max(loads):.1f}", flush=True)
+    return rows
+
+
 def compare_with(checkout: Path, built: dict, folder: Path, methods: list) -> dict:
     """Per method: whether this checkout's output equals the one of ``checkout`` byte for byte, and
     the seconds of both merges."""
@@ -119,6 +193,9 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default="task_arithmetic,ties,pcb")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--compare-with", type=Path, default=None)
+    parser.add_argument("--alternate-with", type=Path, default=None)
+    parser.add_argument("--cases", default="task_arithmetic,ties:tensor")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     from benchmarks.bench_cpu import machine
 
@@ -127,6 +204,15 @@ def main(argv=None) -> int:
     try:
         built = build(folder, args.keys)
         entries = sum(1 + i % 4 for i in range(args.keys))
+        if args.alternate_with is not None:
+            rows = alternate_with(args.alternate_with, built, folder, list(map(parse_case, args.cases.split(","))),
+                                  args.keys, args.repeats)
+            out = args.out or RESULTS / f"many_keys_alternating_{args.keys}.json"
+            out.write_text(json.dumps({"machine": machine(), "date": time.strftime("%Y-%m-%d"), "keys": args.keys,
+                                       "entries": entries, "other": str(args.alternate_with), "cases": rows},
+                                      indent=2) + "\n")
+            print(f"wrote {out}")
+            return 0
         if args.compare_with is not None:
             same = compare_with(args.compare_with, built, folder, methods)
             out = RESULTS / f"many_keys_compare_{args.keys}.json"
