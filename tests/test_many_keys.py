@@ -215,6 +215,18 @@ def test_tensor_packs_follow_parameters_that_vary_by_tensor(monkeypatch):
     assert all(_same_bits(packed[key], alone[key]) for key in base)
 
 
+@pytest.mark.parametrize("method", ["task_arithmetic", "average"])
+def test_weighted_sums_per_tensor_with_parameters_that_vary_by_tensor_in_packs(monkeypatch, method):
+    def segment_params(key):
+        return {"lambdas": [1.0, 2.0, 0.5] if key.startswith("c") else [0.3, 0.3, 0.4], "lam": 0.5 if "9" in key else 1.0}
+
+    base, models = _tied_states()
+    packed = pcb_fast.merge(base, models, method=method, scope="tensor", segment_params=segment_params)
+    _unpacked(monkeypatch)
+    alone = pcb_fast.merge(base, models, method=method, scope="tensor", segment_params=segment_params)
+    assert all(_same_bits(packed[key], alone[key]) for key in base)
+
+
 def test_tensor_scope_merges_runs_of_small_keys_together(monkeypatch):
     base, models = _tied_states()
     views = []

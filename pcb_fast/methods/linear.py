@@ -378,14 +378,15 @@ AVERAGE = MethodSpec(
     name="average", merge=merge_average, summary="Linear (model soup)",
     citation="Wortsman et al., Model soups, ICML 2022", url="https://arxiv.org/abs/2203.05482",
     backends=("torch", "triton", "reference"), mergekit="linear", mergekit_defaults={"scope": "tensor"},
-    single_pass=lambda params: True, uses_statistics=False, packable=lambda params: True)
+    single_pass=lambda params: True, uses_statistics=False, packable=lambda params: True, merge_tensors=merge_average)
 TASK_ARITHMETIC = MethodSpec(
     name="task_arithmetic", merge=merge_task_arithmetic, summary="Task Arithmetic",
     citation="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023", url="https://arxiv.org/abs/2212.04089",
     params=(Param("normalize", False, flag("normalize"), NORMALIZE_HELP, engine_only=True, kind="bool", flag=False),),
     backends=("torch", "triton", "reference"), mergekit="task_arithmetic",
     mergekit_defaults={"scope": "tensor", "normalize": False}, searchable=True,
-    single_pass=lambda params: True, uses_statistics=False, packable=lambda params: True)
+    single_pass=lambda params: True, uses_statistics=False, packable=lambda params: True,
+    merge_tensors=merge_task_arithmetic)  # (no statistics: a pack's sums are each key's)
 DARE_PARAMS = (
     Param("p", 0.9, check_drop, "drop probability", per_model=True),
     Param("seed", 0, check_seed, "seed of the drop mask", kind="int"),
