@@ -176,10 +176,12 @@ TENSOR_CASES = [{"density": 0.3}, {"density": 0.5, "topk": "exact", "sign_ties":
 def test_tensor_packs_change_no_byte_in_memory(monkeypatch, params):
     # scope="tensor": each small key of a pack gets the values of its merge alone, bit for bit
     base, models = _tied_states()
-    packed = pcb_fast.merge(base, models, method="ties", scope="tensor", **params)
+    reports = {}, {}
+    packed = pcb_fast.merge(base, models, method="ties", scope="tensor", report=reports[0], **params)
     _unpacked(monkeypatch)
-    alone = pcb_fast.merge(base, models, method="ties", scope="tensor", **params)
+    alone = pcb_fast.merge(base, models, method="ties", scope="tensor", report=reports[1], **params)
     assert all(_same_bits(packed[key], alone[key]) for key in base)
+    assert reports[0]["kept"] == reports[1]["kept"]
 
 
 @pytest.mark.parametrize("params", TENSOR_CASES[:2])
