@@ -184,8 +184,25 @@ def test_tensor_packs_change_no_byte_in_memory(monkeypatch, params):
     assert reports[0]["kept"] == reports[1]["kept"]
 
 
-@pytest.mark.parametrize("params", TENSOR_CASES[:2])
-def test_tensor_packs_change_no_byte_from_files(tmp_path, monkeypatch, params):
+DARE_TIES_CASES = [{"p": 0.5}, {"p": 0.3, "rescale": "l1", "sign_ties": "positive", "normalize": False},
+                   {"p": [0.2, 0.6, 0.9], "rescale": "none", "seed": 7, "lambdas": [0.5, -1.0, 2.0]},
+                   {"p": 0.5, "rescale": "l1", "normalize": True, "lambdas": [1.0, 2.0, 3.0]}]
+
+
+@pytest.mark.parametrize("params", DARE_TIES_CASES)
+def test_dare_ties_tensor_packs_change_no_byte_in_memory(monkeypatch, params):
+    base, models = _tied_states()
+    reports = {}, {}
+    packed = pcb_fast.merge(base, models, method="dare_ties", scope="tensor", report=reports[0], **params)
+    _unpacked(monkeypatch)
+    alone = pcb_fast.merge(base, models, method="dare_ties", scope="tensor", report=reports[1], **params)
+    assert all(_same_bits(packed[key], alone[key]) for key in base)
+    assert reports[0]["kept"] == reports[1]["kept"]
+
+
+@pytest.mark.parametrize("method,params", [("ties", TENSOR_CASES[0]), ("ties", TENSOR_CASES[1]),
+                                           ("dare_ties", DARE_TIES_CASES[1])])
+def test_tensor_packs_change_no_byte_from_files(tmp_path, monkeypatch, method, params):
     base, models = _tied_states()
     paths = []
     for j, state in enumerate([base] + models):
@@ -197,7 +214,7 @@ def test_tensor_packs_change_no_byte_from_files(tmp_path, monkeypatch, params):
             _unpacked(monkeypatch)
         (tmp_path / str(packed)).mkdir()
         out = tmp_path / str(packed) / "merged"
-        pcb_fast.merge_checkpoints(paths[0], paths[1:], out, method="ties", scope="tensor", shard_size="2KB", **params)
+        pcb_fast.merge_checkpoints(paths[0], paths[1:], out, method=method, scope="tensor", shard_size="2KB", **params)
         outputs.append({f.name: f.read_bytes() for f in out.iterdir()})
     assert outputs[0] == outputs[1]
 
@@ -229,12 +246,13 @@ def test_weighted_sums_per_tensor_with_parameters_that_vary_by_tensor_in_packs(m
     assert all(_same_bits(packed[key], alone[key]) for key in base)
 
 
-def test_tensor_scope_merges_runs_of_small_keys_together(monkeypatch):
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic"])
+def test_tensor_scope_merges_runs_of_small_keys_together(monkeypatch, method):
     base, models = _tied_states()
     views = []
     restrict = sources.TaskVectorSource.restrict
     monkeypatch.setattr(sources.TaskVectorSource, "restrict", lambda self, seg: views.append(seg) or restrict(self, seg))
-    pcb_fast.merge(base, models, method="ties", scope="tensor", density=0.3)
+    pcb_fast.merge(base, models, method=method, scope="tensor")
     # 261 merged keys: a.* (bf16), b.norm (fp32), c.* and d.big (bf16), e.* (fp16): four parts, not 261
     assert [seg.key for seg in views] == [("a.000", "a.119"), "b.norm", ("c.000", "d.big"), ("e.000", "e.059")]
 

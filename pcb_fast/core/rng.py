@@ -81,3 +81,22 @@ def keep_masks(seed: int, key: str, lo: int, hi: int, ps) -> torch.Tensor:
 def keep_mask(seed: int, task: int, key: str, lo: int, hi: int, p: float) -> torch.Tensor:
     """Bool mask of the entries DARE keeps: each is dropped with probability p (to 2^-24)."""
     return uniform24(seed, task, key, lo, hi) >= keep_threshold(p)
+
+
+def stream_constants(seed: int, n: int, keys) -> torch.Tensor:
+    """[n, len(keys)] int64: :func:`stream_constant` of every task and key, hashed together (a pack of
+    many small keys)."""
+    h = mix32(mix32(seed & MASK32) ^ ((seed >> 32) & MASK32))
+    tasks = torch.tensor([mix32(h ^ (task & MASK32)) for task in range(n)], dtype=torch.int64).unsqueeze(1)
+    crcs = torch.tensor([zlib.crc32(key.encode("utf-8")) for key in keys], dtype=torch.int64)
+    return _mix32_(tasks ^ crcs)
+
+
+def keep_masks_in_streams(streams: torch.Tensor, index: torch.Tensor, ps) -> torch.Tensor:
+    """[n, m] bool: :func:`keep_masks` of entries that each have their own stream (``streams`` [n, m],
+    their keys' constants) and place ``index`` ([m] int64) in their key."""
+    x = _mix32_((index & MASK32) ^ streams)
+    x ^= ((index >> 32) & MASK32) ^ mix32_tensor(streams)
+    x = _mix32_(x)
+    x >>= 8
+    return x >= torch.tensor([keep_threshold(p) for p in ps], dtype=torch.int64).unsqueeze(1)
