@@ -33,7 +33,8 @@ from .sinks import Sink, as_sink
 from .sources import Block, Segment, TaskVectorSource
 
 
-# scope="tensor": keys of fewer entries are merged in packs of at most this many (merge_tensors of run)
+# scope="tensor": keys of fewer entries (and fewer than a block's) are merged in packs of at most this many
+# (merge_tensors of run)
 TENSOR_PACK_WIDTH = 1 << 13
 
 
@@ -104,7 +105,8 @@ def _tensor_parts(source: TaskVectorSource, params: dict, segment_params: Callab
         for segment in source.segments:
             yield source.restrict(segment), own(segment.key), False
         return
-    for segment in source.packs(TENSOR_PACK_WIDTH):
+    # (no wider than a block: a pack is read as one, and a method may read it in blocks of its width)
+    for segment in source.packs(min(TENSOR_PACK_WIDTH, params.get("block_width", TENSOR_PACK_WIDTH))):
         if not segment.parts:
             yield source.restrict(segment), own(segment.key), False
             continue
