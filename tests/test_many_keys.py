@@ -200,8 +200,20 @@ def test_dare_ties_tensor_packs_change_no_byte_in_memory(monkeypatch, params):
     assert reports[0]["kept"] == reports[1]["kept"]
 
 
+@pytest.mark.parametrize("params", [{"p": 0.5}, {"p": [0.2, 0.6, 0.9], "rescale": "l1", "seed": 3},
+                                    {"p": 0.3, "rescale": "none", "normalize": True, "lambdas": [0.5, -1.0, 2.0]}])
+def test_dare_tensor_packs_change_no_byte_in_memory(monkeypatch, params):
+    base, models = _tied_states()
+    reports = {}, {}
+    packed = pcb_fast.merge(base, models, method="dare", scope="tensor", report=reports[0], **params)
+    _unpacked(monkeypatch)
+    alone = pcb_fast.merge(base, models, method="dare", scope="tensor", report=reports[1], **params)
+    assert all(_same_bits(packed[key], alone[key]) for key in base)
+    assert reports[0]["kept"] == reports[1]["kept"]
+
+
 @pytest.mark.parametrize("method,params", [("ties", TENSOR_CASES[0]), ("ties", TENSOR_CASES[1]),
-                                           ("dare_ties", DARE_TIES_CASES[1])])
+                                           ("dare_ties", DARE_TIES_CASES[1]), ("dare", {"p": 0.5, "rescale": "l1"})])
 def test_tensor_packs_change_no_byte_from_files(tmp_path, monkeypatch, method, params):
     base, models = _tied_states()
     paths = []
@@ -247,7 +259,7 @@ def test_weighted_sums_per_tensor_with_parameters_that_vary_by_tensor_in_packs(m
     assert all(_same_bits(packed[key], alone[key]) for key in base)
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "dare", "task_arithmetic"])
 def test_tensor_scope_merges_runs_of_small_keys_together(monkeypatch, method):
     base, models = _tied_states()
     views = []

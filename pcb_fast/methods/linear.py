@@ -180,6 +180,68 @@ def dare_options(source, options, p, seed, rescale, block_width):
     return p, seed, rescale, factors
 
 
+def pack_index(parts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(entries, first position in the pack, tensor of each entry) of the parts of a pack of small keys."""
+    lengths = torch.tensor([part.numel for part in parts])
+    starts = torch.tensor([part.offset for part in parts])
+    return lengths, starts, torch.repeat_interleave(torch.arange(len(parts)), lengths)
+
+
+def dare_packs(source, options, p, seed, rescale, lam):
+    """(block, weighted [n, m], keep [n, m], tensor of each entry) of a pack of small whole tensors
+    (``source``: one pack segment, scope="tensor"): DARE's drop, each entry from its own key's stream
+    (pcb_fast.core.rng), rescaled ("l1": by each tensor's factors, summed as :func:`l1_factors` sums
+    one tensor) and weighted by the [n, 1] ``lam``, with the float32 operations of the C loops
+    (pcb_fast.cpu.native: (x * keep) / (1 - p), or * factor, then * lam). Checks p, seed and rescale."""
+    n = source.n
+    p, seed = check_drops(p, n), check_seed(seed)
+    checks.check_choice("rescale", rescale, RESCALE)
+    ps = p if isinstance(p, list) else [p] * n
+    (pack,) = source.segments
+    for block in source.blocks(pack.numel, options=options):  # one block: the whole pack
+        magnitude = block.tv.abs()
+        raise_if_not_finite(source, options, block, magnitude.amax(1))
+        parts = block.segment.parts
+        _, starts, tensor = pack_index(parts)
+        streams = rng.stream_constants(seed, n, [part.key for part in parts])[:, tensor]
+        keep = rng.keep_masks_in_streams(streams, torch.arange(block.tv.shape[1]) - starts[tensor], ps)
+        dropped = block.tv * keep
+        if rescale == "inverse":
+            weighted = (dropped / torch.tensor([1 - x for x in ps], dtype=torch.float32).unsqueeze(1)) * lam
+        elif rescale == "l1":
+            weighted = (dropped * _l1_factors_of_tensors(magnitude, keep, parts)[:, tensor]) * lam
+        else:
+            weighted = (dropped * 1.0) * lam
+        yield block, weighted, keep, tensor
+
+
+def _l1_factors_of_tensors(magnitude: torch.Tensor, keep: torch.Tensor, parts) -> torch.Tensor:
+    """[n, tensors] float32: :func:`l1_factors` of each tensor of a pack alone (each tensor's sums are
+    torch's sums of its own [n, numel] block, on one thread, as there)."""
+    sums = torch.empty(2, magnitude.shape[0], len(parts))
+    with one_thread():
+        for j, part in enumerate(parts):
+            own = magnitude[:, part.offset : part.offset + part.numel].contiguous()
+            sums[0, :, j] = own.sum(1)
+            sums[1, :, j] = torch.mul(own, keep[:, part.offset : part.offset + part.numel]).sum(1)
+    before, after = sums[0], sums[1]
+    return torch.where((before < L1_EPS) | (after < L1_EPS), torch.ones(()), before / after)
+
+
+def merge_dare_tensors(source, sink, options, *, p=0.9, seed=0, rescale="inverse", normalize=False, lambdas=None,
+                       block_width=DEFAULT_BLOCK_WIDTH):
+    """:func:`merge_dare` with scope="tensor" on a pack of small whole tensors (core.engine.run's
+    ``merge_tensors``): :func:`dare_packs`, then the sum over tasks in task order: the values of
+    merge_dare on each tensor alone, bit for bit."""
+    lam = lambda_column(lambdas, source.n)
+    divisor = normalizing_divisor(lam, source.n, normalize)
+    kept = torch.zeros(source.n, dtype=torch.int64)
+    for block, weighted, keep, _ in dare_packs(source, options, p, seed, rescale, fused_cpu.weights(lam, source.n)):
+        kept += keep.sum(1)
+        sink(block.segment, block.lo, block.hi, _over(sum_over_tasks(weighted), divisor))
+    return kept
+
+
 def merge_dare(source, sink, options, *, p=0.9, seed=0, rescale="inverse", normalize=False, lambdas=None,
                block_width=DEFAULT_BLOCK_WIDTH):
     """DARE (Yu et al., "Language Models are Super Mario", ICML 2024): drop each entry of each task
@@ -400,7 +462,7 @@ DARE = MethodSpec(
                                 flag=False),),
     backends=("torch", "triton", "reference"), loops=("c",), mergekit="dare_linear",
     mergekit_defaults={"scope": "tensor", "density": 1.0, "rescale": "l1", "normalize": False}, searchable=True,
-    single_pass=lambda params: params.get("rescale", "inverse") != "l1")
+    single_pass=lambda params: params.get("rescale", "inverse") != "l1", merge_tensors=merge_dare_tensors)
 BAND_PARAMS = (
     Param("gamma", 0.01, lambda v: checks.as_float("gamma", v), "top fraction dropped per row", per_model=True),
     Param("beta", 0.1, lambda v: checks.as_float("beta", v), "next fraction kept per row", per_model=True),

@@ -24,16 +24,15 @@ from __future__ import annotations
 
 import torch
 
-from ..core import checks, rng
+from ..core import checks
 from ..core.engine import (ColumnSample, raise_if_not_finite, select_in_bracket, select_threshold, selection_passes,
                            sum_kept)
 from ..core.options import add_passes, plan_passes
 from ..core.formulas import disjoint_mean, elected_signs, lambda_column, sum_over_tasks, zero_sign_fill
 from ..core.sources import DEFAULT_BLOCK_WIDTH
-from ..core.threads import one_thread
 from ..cpu import fused as fused_cpu
-from .linear import (BAND_PARAMS, DARE_PARAMS, L1_EPS, RESCALE, breadcrumbs_blocks, check_band_params, check_bands,
-                     check_drops, check_seed, dare_block, dare_options)
+from .linear import (BAND_PARAMS, DARE_PARAMS, breadcrumbs_blocks, check_band_params, check_bands, dare_block,
+                     dare_options, dare_packs, pack_index)
 from .spec import MethodSpec, Param, choice, flag
 
 SIGN_TIES = ("majority", "positive")
@@ -252,7 +251,7 @@ def merge_ties_tensors(source, sink, options, *, density=0.2, sign_ties="majorit
         magnitude = block.tv.abs()
         raise_if_not_finite(source, options, block, magnitude.amax(1))
         parts = block.segment.parts
-        lengths, starts, tensor = _pack_index(parts)  # (tensor: each entry's)
+        lengths, starts, tensor = pack_index(parts)  # (tensor: each entry's)
         # entries kept per task and tensor, int(numel * density_i) within [min_keep, numel], as keep_counts
         densities = torch.tensor(density if isinstance(density, list) else [density] * n, dtype=torch.float64)
         keep = torch.minimum((lengths.double() * densities.unsqueeze(1)).long().clamp(min=min_keep), lengths)
@@ -275,13 +274,6 @@ def merge_ties_tensors(source, sink, options, *, density=0.2, sign_ties="majorit
         values = _elect_in_tensors((block.tv * kept) * lam, lam, tensor, len(parts), sign_ties, normalize)
         sink(block.segment, block.lo, block.hi, values)
     return kept_counts
-
-
-def _pack_index(parts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(entries, first position in the pack, tensor of each entry) of the parts of a pack."""
-    lengths = torch.tensor([part.numel for part in parts])
-    starts = torch.tensor([part.offset for part in parts])
-    return lengths, starts, torch.repeat_interleave(torch.arange(len(parts)), lengths)
 
 
 def _elect_in_tensors(weighted, lam, tensor, count: int, sign_ties: str, normalize: bool) -> torch.Tensor:
@@ -315,43 +307,13 @@ def merge_dare_ties_tensors(source, sink, options, *, p=0.9, seed=0, sign_ties="
     n = source.n
     checks.check_choice("sign_ties", sign_ties, SIGN_TIES)
     normalize = checks.check_flag("normalize", normalize)
-    p, seed = check_drops(p, n), check_seed(seed)
-    checks.check_choice("rescale", rescale, RESCALE)
-    ps = p if isinstance(p, list) else [p] * n
     lam = fused_cpu.weights(lambda_column(lambdas, n), n)
-    (pack,) = source.segments
     kept_counts = torch.zeros(n, dtype=torch.int64)
-    for block in source.blocks(pack.numel, options=options):  # one block: the whole pack
-        magnitude = block.tv.abs()
-        raise_if_not_finite(source, options, block, magnitude.amax(1))
-        parts = block.segment.parts
-        lengths, starts, tensor = _pack_index(parts)
-        streams = rng.stream_constants(seed, n, [part.key for part in parts])[:, tensor]
-        keep = rng.keep_masks_in_streams(streams, torch.arange(block.tv.shape[1]) - starts[tensor], ps)
+    for block, weighted, keep, tensor in dare_packs(source, options, p, seed, rescale, lam):
         kept_counts += keep.sum(1)
-        dropped = block.tv * keep
-        if rescale == "inverse":
-            weighted = (dropped / torch.tensor([1 - x for x in ps], dtype=torch.float32).unsqueeze(1)) * lam
-        elif rescale == "l1":
-            weighted = (dropped * _l1_factors_of_tensors(magnitude, keep, parts)[:, tensor]) * lam
-        else:
-            weighted = (dropped * 1.0) * lam
-        values = _elect_in_tensors(weighted, lam, tensor, len(parts), sign_ties, normalize)
+        values = _elect_in_tensors(weighted, lam, tensor, len(block.segment.parts), sign_ties, normalize)
         sink(block.segment, block.lo, block.hi, values)
     return kept_counts
-
-
-def _l1_factors_of_tensors(magnitude: torch.Tensor, keep: torch.Tensor, parts) -> torch.Tensor:
-    """[n, tensors] float32: pcb_fast.methods.linear.l1_factors of each tensor of a pack alone (each
-    tensor's sums are torch's sums of its own [n, numel] block, on one thread, as there)."""
-    sums = torch.empty(2, magnitude.shape[0], len(parts))
-    with one_thread():
-        for j, part in enumerate(parts):
-            own = magnitude[:, part.offset : part.offset + part.numel].contiguous()
-            sums[0, :, j] = own.sum(1)
-            sums[1, :, j] = torch.mul(own, keep[:, part.offset : part.offset + part.numel]).sum(1)
-    before, after = sums[0], sums[1]
-    return torch.where((before < L1_EPS) | (after < L1_EPS), torch.ones(()), before / after)
 
 
 ALL_TIES = 1 << 62  # a cut past every position: every entry equal to the threshold is kept
