@@ -15,6 +15,7 @@ import copy
 import functools
 import itertools
 import math
+import operator
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple, Sequence
 
@@ -132,7 +133,7 @@ class TaskVectorSource:
         view = copy.copy(self)  # the same data (readers, buffers), seen as one segment
         parts = ()
         if segment.parts:  # (made in bulk: a pack may hold thousands of keys)
-            keys, shapes, numels, offsets, _ = zip(*segment.parts)
+            keys, shapes, numels, offsets = (map(operator.itemgetter(i), segment.parts) for i in range(4))
             rows = zip(keys, shapes, numels, map((-segment.offset).__add__, offsets), itertools.repeat(()))
             parts = tuple(map(functools.partial(tuple.__new__, Segment), rows))
         view.segments = [Segment(segment.key, segment.shape, segment.numel, 0, parts)]
@@ -445,7 +446,9 @@ class CheckpointSource(TaskVectorSource):
 
     def _pack_signatures(self) -> list:
         keys = [s.key for s in self.segments]  # every key's dtypes in every input, asked in bulk
-        return list(zip(*[ck.layout(keys)[0] for ck in [self._base_ckpt] + self._model_ckpts]))
+        base_dtypes = self._base_ckpt.layout(keys)[0]  # (once for the inputs that share the base's header)
+        return list(zip(base_dtypes, *[base_dtypes if ck.same_layout(self._base_ckpt) else ck.layout(keys)[0]
+                                       for ck in self._model_ckpts]))
 
     def packs(self, width: int) -> list[Segment]:
         packs = super().packs(width)

@@ -12,6 +12,8 @@ weighted by their ``lambdas`` (a convex combination: a variance stays non-negati
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from ..core import checks
@@ -23,7 +25,7 @@ SUFFIXES = (".running_mean", ".running_var")
 def running_stat_keys(base: dict, keys) -> list:
     """The keys of ``keys`` that are running statistics of a layer that tracks them in ``base``."""
     found = []
-    for key in filter(lambda key: key.endswith(SUFFIXES), keys):  # (a model may have hundreds of thousands of keys)
+    for key in filter(operator.methodcaller("endswith", SUFFIXES), keys):  # (a model may have hundreds of thousands)
         for suffix in SUFFIXES:
             if key.endswith(suffix) and key[: -len(suffix)] + ".num_batches_tracked" in base:
                 found.append(key)

@@ -367,7 +367,8 @@ def header_columns(raw: bytes, data_size: int) -> tuple[tuple, dict]:
     if plain is not None:
         return plain
     tensors, metadata = _parse_full(text, data_size)
-    return (list(tensors), *map(list, zip(*tensors.values()))) if tensors else ([], [], [], [], []), metadata
+    values = list(tensors.values())  # (columns by itemgetter: no iterator per tensor, see ShardedWriter)
+    return (list(tensors), *(list(map(operator.itemgetter(i), values)) for i in range(4))), metadata
 
 
 def _parse_full(text: str, data_size: int) -> tuple[dict, dict]:
@@ -692,7 +693,9 @@ class ShardedWriter(Finished):
         weight_map, total = {}, 0
         for i, shard in enumerate(shards):
             name = "model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-            keys, dtypes, shapes = (list(column) for column in zip(*shard))
+            # (columns by itemgetter: zip(*shard) would hold an iterator per entry, hundreds of thousands of
+            # objects for the cyclic collector to go through)
+            keys, dtypes, shapes = (list(map(operator.itemgetter(i), shard)) for i in range(3))
             ends = list(itertools.accumulate(_sizes(shard)))
             begins = [0] + ends[:-1]
             weight_map.update(dict.fromkeys(keys, name))
