@@ -260,7 +260,6 @@ def _merge_keys(base, models, names, merged_keys, out, device, *, method, backen
                           lambdas=lambdas, block_width=block_width, **method_params)
 
 
-
 def check_state_dicts(base: dict, models, exclude=(), model_names=None):
     """Validate a base and its fine-tuned state dicts before any heavy work (docs/design.md 2.1).
 
