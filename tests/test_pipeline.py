@@ -266,26 +266,6 @@ def test_write_behind_flushes_on_a_thread_of_its_own_and_keeps_its_errors(tmp_pa
                 w.write("a", lo, torch.zeros(100))
 
 
-def test_write_behind_hands_small_writes_over_in_batches_in_order(tmp_path):
-    from pcb_fast.io.safetensors import ShardedWriter
-    from pcb_fast.io.write_behind import WriteBehind
-
-    entries = [(f"k{i:04d}", torch.float32, (2,)) for i in range(1000)] + [("big", torch.float32, (1 << 16,))]
-    writer = WriteBehind(ShardedWriter(tmp_path, entries, 1 << 30, {"format": "pt"}))
-    handed = []
-    put = writer._queue.put
-    writer._queue.put = lambda item: handed.append(item) or put(item)
-    for i in range(1000):  # a tensor written twice: the later values count
-        writer.write(f"k{i:04d}", 0, torch.full((2,), float(i)))
-    writer.write("k0007", 0, torch.full((2,), -7.0))
-    writer.write("big", 0, torch.arange(1 << 16, dtype=torch.float32))
-    writer.close()
-    assert len(handed) == 2  # the small writes and the large one in one batch, then the end
-    out = load_file(str(tmp_path / "model.safetensors"))
-    assert all(torch.equal(out[f"k{i:04d}"], torch.full((2,), -7.0 if i == 7 else float(i))) for i in range(1000))
-    assert torch.equal(out["big"], torch.arange(1 << 16, dtype=torch.float32))
-
-
 def test_a_writer_block_closes_on_success_and_aborts_on_an_error(tmp_path, monkeypatch):
     """``with writer:`` flushes and closes the shards when the block succeeds; when the block raises,
     or the write behind fails at close, the shards are closed unflushed, each descriptor once."""

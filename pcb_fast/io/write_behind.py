@@ -6,10 +6,8 @@ Every ``sync_every`` bytes written, a third thread (:class:`Syncer`) flushes the
 far (``fdatasync``) while the writer thread writes the next bytes: the disk writes while the merge
 runs, and the flush before the folder is published (the shards' ``fsync`` at close, which stays)
 finds little left to do. At most ``max_pending`` bytes wait in the queue (the writer then makes the
-engine wait), so memory stays bounded. Small writes (a merge of many small tensors, one at a time)
-go to the thread in batches, in order: one hand-over between threads per batch, not per write. A
-write or flush error is raised in the engine's thread at a later write or at
-:meth:`WriteBehind.close`.
+engine wait), so memory stays bounded. A write or flush error is raised in the engine's thread at
+its next write or at :meth:`WriteBehind.close`.
 """
 
 from __future__ import annotations
@@ -24,7 +22,6 @@ from ..core.threads import halt_at_exit
 from .safetensors import Finished
 
 _STOP = object()
-BATCH_BYTES = 1 << 16  # writes are handed to the thread in batches of at least this many bytes (or one larger write)
 
 
 class WriteBehind(Finished):
@@ -40,7 +37,6 @@ class WriteBehind(Finished):
         self._max_pending = max_pending
         self._sync_every = sync_every
         self._error: BaseException | None = None
-        self._batch, self._batch_bytes = [], 0  # writes not yet handed to the thread, in order
         self._thread = threading.Thread(target=self._run, name="pcb_fast-writer", daemon=True)
         halt_at_exit(self)
         self._thread.start()
@@ -48,13 +44,12 @@ class WriteBehind(Finished):
     def _run(self) -> None:
         unsynced = 0
         while True:
-            batch = self._queue.get()
-            if batch is _STOP:
+            item = self._queue.get()
+            if item is _STOP:
                 return
+            write, key, lo, values = item
             try:
-                for write, key, lo, values in batch:
-                    if self._error is not None:
-                        break
+                if self._error is None:
                     write(key, lo, values)
                     unsynced += values.numel() * values.element_size()
                     if unsynced >= self._sync_every:  # the write-back starts now, not at close
@@ -64,7 +59,7 @@ class WriteBehind(Finished):
                 self._error = e
             finally:
                 with self._room:
-                    self._pending -= sum(values.numel() * values.element_size() for *_, values in batch)
+                    self._pending -= values.numel() * values.element_size()
                     self._room.notify_all()
 
     def _raise_if_failed(self) -> None:
@@ -83,22 +78,12 @@ class WriteBehind(Finished):
 
     def _put(self, write, key, lo: int, values: torch.Tensor) -> None:
         self._raise_if_failed()
-        self._batch.append((write, key, lo, values.contiguous()))
-        self._batch_bytes += values.numel() * values.element_size()
-        if self._batch_bytes >= BATCH_BYTES:
-            self._send()
-
-    def _send(self) -> None:
-        """Hand the batch of writes to the thread (waiting while too many bytes are pending)."""
-        batch, size = self._batch, self._batch_bytes
-        if not batch:
-            return
-        self._batch, self._batch_bytes = [], 0
+        size = values.numel() * values.element_size()
         with self._room:
             while self._pending > 0 and self._pending + size > self._max_pending and self._error is None:
                 self._room.wait()
             self._pending += size
-        self._queue.put(batch)
+        self._queue.put((write, key, lo, values.contiguous()))
 
     def _stop(self) -> None:
         if self._thread.is_alive():
@@ -108,7 +93,6 @@ class WriteBehind(Finished):
 
     def close(self) -> None:
         """Finish every queued write, then flush and close the shards (raises a write's error)."""
-        self._send()
         self._stop()
         self._raise_if_failed()
         self.writer.close()
@@ -116,7 +100,6 @@ class WriteBehind(Finished):
     def halt(self) -> None:
         """Stop the thread without writing what is queued (at interpreter exit: core.threads.halt_at_exit)."""
         self._error = self._error or RuntimeError("aborted")
-        self._batch, self._batch_bytes = [], 0
         self._stop()
 
     def abort(self) -> None:
