@@ -242,20 +242,26 @@ def test_write_behind_flushes_on_a_thread_of_its_own_and_keeps_its_errors(tmp_pa
     from pcb_fast.io.write_behind import WriteBehind
 
     entries = [("a", torch.float32, (1000,)), ("b", torch.float32, (1000,))]
-    flushed, synced = [], []
-    monkeypatch.setattr(os, "fdatasync", lambda fd: flushed.append(threading.current_thread().name))
+    flushed, synced, flushing = [], [], threading.Event()
+    # close() skips a flush the syncer has not started (the fsync at close covers it): on a busy
+    # machine the syncer may not run before close, so the test waits for its first flush
+    monkeypatch.setattr(os, "fdatasync", lambda fd: flushed.append(threading.current_thread().name) or flushing.set())
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
     writer = WriteBehind(ShardedWriter(tmp_path, entries, 4000, {}), max_pending=1000, sync_every=2000)
     for key in "ab":
         for lo in range(0, 1000, 100):
             writer.write(key, lo, torch.arange(lo, lo + 100, dtype=torch.float32))
+    assert flushing.wait(60), "the syncer never flushed"
     writer.close()
     assert flushed and set(flushed) == {"pcb_fast-syncer"}, flushed
     assert len(synced) == 2  # both shards, at close
     assert torch.equal(load_file(str(tmp_path / "model-00002-of-00002.safetensors"))["b"], torch.arange(1000.0))
 
+    failed = threading.Event()
+
     def failing(fd):
+        failed.set()
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(os, "fdatasync", failing)
@@ -264,6 +270,7 @@ def test_write_behind_flushes_on_a_thread_of_its_own_and_keeps_its_errors(tmp_pa
         with WriteBehind(ShardedWriter(tmp_path / "x", entries, 4000, {}), max_pending=1000, sync_every=2000) as w:
             for lo in range(0, 1000, 100):
                 w.write("a", lo, torch.zeros(100))
+            assert failed.wait(60), "the syncer never flushed"
 
 
 def test_a_writer_block_closes_on_success_and_aborts_on_an_error(tmp_path, monkeypatch):
