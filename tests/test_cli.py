@@ -56,7 +56,7 @@ def test_progress_outside_a_terminal_is_plain_lines_and_one_for_a_per_tensor_run
     assert per_tensor.returncode == 0, per_tensor.stderr
     assert "\r" not in per_tensor.stderr
     lines = [line for line in per_tensor.stderr.splitlines() if " read in " in line]
-    assert len(lines) == 1 and lines[0].startswith("pcb-fast: 3 tensors, one at a time: "), per_tensor.stderr
+    assert len(lines) == 1 and lines[0].startswith("pcb-fast: 3 tensors, each with its own statistics: "), per_tensor.stderr
     whole = subprocess.run(run + ["--out", str(tmp_path / "g")], capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr
     passes = [line for line in whole.stderr.splitlines() if " read in " in line]

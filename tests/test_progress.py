@@ -134,7 +134,7 @@ def test_a_per_tensor_run_has_one_bar(tmp_path):
     base, models = folders(tmp_path, torch.float32, rows=8)
     bars = Bars()
     merge_checkpoints(base, models, str(tmp_path / "out"), method="ties", scope="tensor", progress=bars)
-    assert bars.started == ["3 tensors, one at a time"]
+    assert bars.started == ["3 tensors, each with its own statistics"]
 
 
 @pytest.mark.parametrize("method", ["pcb", "ties", "dare_ties"])
@@ -166,7 +166,7 @@ def test_a_search_counts_the_passes_of_its_cache_then_its_evaluations(method, pa
     *passes, last = bars.started
     assert last == "search [evaluation]"
     if params.get("scope") == "tensor":
-        assert passes == ["2 tensors, one at a time"]
+        assert passes == ["2 tensors, each with its own statistics"]
     else:
         assert_counted(passes)
 

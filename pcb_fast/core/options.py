@@ -70,7 +70,7 @@ class PassBars:
 
     def tensors(self, total: int, count: int):
         """One bar over the ``total`` bytes of ``count`` tensors merged one after the other."""
-        return self._make(total, f"{count} tensors, one at a time")
+        return self._make(total, f"{count} tensors, each with its own statistics")
 
 
 def plan_passes(options: RunOptions, *names: str) -> None:
