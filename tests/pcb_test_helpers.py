@@ -105,3 +105,27 @@ class TaskVectorIndex:
         hits = [kt for kt, d in self._deltas.items() if d.shape == tensor.shape and torch.equal(d, tensor)]
         assert len(hits) == 1, "a task vector mergekit drops was not found among the inputs"
         return hits[0]
+
+
+def assert_config_refused(tmp_path, capsys, raw: dict, message: str) -> None:
+    """``pcb-fast merge --config`` of the configuration ``raw`` exits 2 with one line that contains
+    ``message``, and writes no output folder."""
+    import yaml
+
+    from pcb_fast.cli import main as cli
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    capsys.readouterr()
+    assert cli(["merge", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def assert_equal_states(theirs: dict, ours: dict) -> None:
+    """The same keys, and per key the same dtype, shape and values (naming the key and how many differ)."""
+    assert sorted(ours) == sorted(theirs)
+    for key in theirs:
+        assert ours[key].dtype == theirs[key].dtype and ours[key].shape == theirs[key].shape, key
+        unequal = int((ours[key] != theirs[key]).sum())
+        assert unequal == 0, f"{key}: {unequal} of {theirs[key].numel()} entries differ"

@@ -45,6 +45,20 @@ def _unpacked(monkeypatch):
     monkeypatch.setattr(sources, "pack_segments", lambda segments, width, signatures: list(segments))
 
 
+def _packed_and_alone(tmp_path, monkeypatch, base, models, **kwargs) -> list:
+    """The output files (name -> bytes) of merge_checkpoints with packs of small keys, then without
+    (each in its own folder named "merged": the model card names the folder)."""
+    outputs = []
+    for packed in (True, False):
+        if not packed:
+            _unpacked(monkeypatch)
+        (tmp_path / str(packed)).mkdir()
+        out = tmp_path / str(packed) / "merged"
+        pcb_fast.merge_checkpoints(base, models, out, **kwargs)
+        outputs.append({f.name: f.read_bytes() for f in out.iterdir()})
+    return outputs
+
+
 CASES = [("task_arithmetic", {}), ("average", {}), ("ties", {"density": 0.3}), ("ties", {"topk": "exact", "sign_ties": "positive"}),
          ("pcb", {"ratio": 0.2}), ("pcb", {"ratio": 0.2, "inter": "normalized_sum"}), ("pcb", {"inter": "pairwise"}),
          ("pcb", {"variant": "paper"}), ("dare_ties", {"p": 0.5}), ("breadcrumbs", {})]
@@ -54,14 +68,8 @@ CASES = [("task_arithmetic", {}), ("average", {}), ("ties", {"density": 0.3}), (
 @pytest.mark.parametrize("budget", [None, "2KB"])
 def test_packs_change_no_byte(tmp_path, monkeypatch, method, params, budget):
     base, models = _models(tmp_path)
-    outputs = []
-    for packed in (True, False):
-        if not packed:
-            _unpacked(monkeypatch)
-        (tmp_path / str(packed)).mkdir()
-        out = tmp_path / str(packed) / "merged"  # (the model card names the folder)
-        pcb_fast.merge_checkpoints(base, models, out, method=method, max_memory=budget, shard_size="2KB", **params)
-        outputs.append({f.name: f.read_bytes() for f in out.iterdir()})
+    outputs = _packed_and_alone(tmp_path, monkeypatch, base, models, method=method, max_memory=budget, shard_size="2KB",
+                                **params)
     assert outputs[0] == outputs[1]
 
 
@@ -72,14 +80,7 @@ def test_packs_over_sharded_inputs_change_no_byte(tmp_path, monkeypatch, method)
     folders = []
     for i, path in enumerate([files[0]] + files[1]):
         folders.append(str(save_model(load_file(path), tmp_path / f"in{i}", shard_size="1KB")))
-    outputs = []
-    for packed in (True, False):
-        if not packed:
-            _unpacked(monkeypatch)
-        (tmp_path / str(packed)).mkdir()
-        out = tmp_path / str(packed) / "merged"
-        pcb_fast.merge_checkpoints(folders[0], folders[1:], out, method=method)
-        outputs.append({f.name: f.read_bytes() for f in out.iterdir()})
+    outputs = _packed_and_alone(tmp_path, monkeypatch, folders[0], folders[1:], method=method)
     assert outputs[0] == outputs[1]
 
 
@@ -172,42 +173,22 @@ TENSOR_CASES = [{"density": 0.3}, {"density": 0.5, "topk": "exact", "sign_ties":
                 {"density": 0.4, "normalize": False, "lambdas": [0.5, -1.0, 2.0]}, {"density": 0.01}]
 
 
-@pytest.mark.parametrize("params", TENSOR_CASES)
-def test_tensor_packs_change_no_byte_in_memory(monkeypatch, params):
-    # scope="tensor": each small key of a pack gets the values of its merge alone, bit for bit
-    base, models = _tied_states()
-    reports = {}, {}
-    packed = pcb_fast.merge(base, models, method="ties", scope="tensor", report=reports[0], **params)
-    _unpacked(monkeypatch)
-    alone = pcb_fast.merge(base, models, method="ties", scope="tensor", report=reports[1], **params)
-    assert all(_same_bits(packed[key], alone[key]) for key in base)
-    assert reports[0]["kept"] == reports[1]["kept"]
-
-
 DARE_TIES_CASES = [{"p": 0.5}, {"p": 0.3, "rescale": "l1", "sign_ties": "positive", "normalize": False},
                    {"p": [0.2, 0.6, 0.9], "rescale": "none", "seed": 7, "lambdas": [0.5, -1.0, 2.0]},
                    {"p": 0.5, "rescale": "l1", "normalize": True, "lambdas": [1.0, 2.0, 3.0]}]
+DARE_CASES = [{"p": 0.5}, {"p": [0.2, 0.6, 0.9], "rescale": "l1", "seed": 3},
+              {"p": 0.3, "rescale": "none", "normalize": True, "lambdas": [0.5, -1.0, 2.0]}]
 
 
-@pytest.mark.parametrize("params", DARE_TIES_CASES)
-def test_dare_ties_tensor_packs_change_no_byte_in_memory(monkeypatch, params):
+@pytest.mark.parametrize("method,params", [("ties", c) for c in TENSOR_CASES] + [("dare_ties", c) for c in DARE_TIES_CASES]
+                         + [("dare", c) for c in DARE_CASES])
+def test_tensor_packs_change_no_byte_in_memory(monkeypatch, method, params):
+    # scope="tensor": each small key of a pack gets the values of its merge alone, bit for bit
     base, models = _tied_states()
     reports = {}, {}
-    packed = pcb_fast.merge(base, models, method="dare_ties", scope="tensor", report=reports[0], **params)
+    packed = pcb_fast.merge(base, models, method=method, scope="tensor", report=reports[0], **params)
     _unpacked(monkeypatch)
-    alone = pcb_fast.merge(base, models, method="dare_ties", scope="tensor", report=reports[1], **params)
-    assert all(_same_bits(packed[key], alone[key]) for key in base)
-    assert reports[0]["kept"] == reports[1]["kept"]
-
-
-@pytest.mark.parametrize("params", [{"p": 0.5}, {"p": [0.2, 0.6, 0.9], "rescale": "l1", "seed": 3},
-                                    {"p": 0.3, "rescale": "none", "normalize": True, "lambdas": [0.5, -1.0, 2.0]}])
-def test_dare_tensor_packs_change_no_byte_in_memory(monkeypatch, params):
-    base, models = _tied_states()
-    reports = {}, {}
-    packed = pcb_fast.merge(base, models, method="dare", scope="tensor", report=reports[0], **params)
-    _unpacked(monkeypatch)
-    alone = pcb_fast.merge(base, models, method="dare", scope="tensor", report=reports[1], **params)
+    alone = pcb_fast.merge(base, models, method=method, scope="tensor", report=reports[1], **params)
     assert all(_same_bits(packed[key], alone[key]) for key in base)
     assert reports[0]["kept"] == reports[1]["kept"]
 
@@ -220,14 +201,8 @@ def test_tensor_packs_change_no_byte_from_files(tmp_path, monkeypatch, method, p
     for j, state in enumerate([base] + models):
         paths.append(str(tmp_path / f"m{j}.safetensors"))
         save_file(state, paths[-1])
-    outputs = []
-    for packed in (True, False):
-        if not packed:
-            _unpacked(monkeypatch)
-        (tmp_path / str(packed)).mkdir()
-        out = tmp_path / str(packed) / "merged"
-        pcb_fast.merge_checkpoints(paths[0], paths[1:], out, method=method, scope="tensor", shard_size="2KB", **params)
-        outputs.append({f.name: f.read_bytes() for f in out.iterdir()})
+    outputs = _packed_and_alone(tmp_path, monkeypatch, paths[0], paths[1:], method=method, scope="tensor",
+                                shard_size="2KB", **params)
     assert outputs[0] == outputs[1]
 
 

@@ -14,7 +14,8 @@ mk_config = pytest.importorskip("mergekit.config")
 mk_merge = pytest.importorskip("mergekit.merge")
 
 from pcb_fast.cli import main as cli  # noqa: E402
-from pcb_test_helpers import llama_state, save_llama_folder  # noqa: E402
+from pcb_test_helpers import assert_config_refused, llama_state, save_llama_folder  # noqa: E402
+from pcb_test_helpers import assert_equal_states as assert_equal  # noqa: E402
 
 LAYERS, HIDDEN, INTER, VOCAB = 2, 32, 48, 40
 
@@ -80,14 +81,6 @@ def run_both(raw, tmp, flags=()):
             safetensors_torch.load_file(tmp / "ours" / "model.safetensors"))
 
 
-def assert_equal(theirs, ours):
-    assert sorted(ours) == sorted(theirs)
-    for key in theirs:
-        assert ours[key].dtype == theirs[key].dtype and ours[key].shape == theirs[key].shape, key
-        unequal = int((ours[key] != theirs[key]).sum())
-        assert unequal == 0, f"{key}: {unequal} of {theirs[key].numel()} entries differ"
-
-
 def test_a_lora_model_is_peft_merge_and_unload(family, tmp_path):
     """passthrough of base+lora: the model PEFT's merge_and_unload makes, which mergekit merges too."""
     paths, dtype = family
@@ -130,11 +123,7 @@ def test_lora_reference_errors(family, tmp_path, capsys):
              (f"{paths['base']}+{paths['other']}", "no adapter_config.json in")]
     for ref, message in cases:
         raw = {"merge_method": "task_arithmetic", "base_model": paths["base"], "models": [{"model": ref}]}
-        (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
-        assert cli(["merge", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "out")]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and message in err[0], err
-        assert not (tmp_path / "out").exists()
+        assert_config_refused(tmp_path, capsys, raw, message)
 
 
 def test_lora_models_are_read_on_the_merging_thread(family, tmp_path, monkeypatch):

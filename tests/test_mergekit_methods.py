@@ -16,7 +16,8 @@ mk_slerp = pytest.importorskip("mergekit.merge_methods.slerp")
 from pcb_fast import merge  # noqa: E402
 from pcb_fast.cli import main as cli  # noqa: E402
 from pcb_fast.methods.slerp import slerp  # noqa: E402
-from pcb_test_helpers import TaskVectorIndex  # noqa: E402
+from pcb_test_helpers import TaskVectorIndex, assert_config_refused  # noqa: E402
+from pcb_test_helpers import assert_equal_states as assert_equal  # noqa: E402
 from pcb_test_helpers import llama_state as shared_llama_state  # noqa: E402
 from pcb_test_helpers import save_llama_folder  # noqa: E402
 from pcb_test_helpers import slices_read  # noqa: E402
@@ -69,14 +70,6 @@ def run_both(raw, tmp):
     theirs = safetensors_torch.load_file(tmp / "mergekit" / "model.safetensors")
     ours = safetensors_torch.load_file(tmp / "ours" / "model.safetensors")
     return theirs, ours
-
-
-def assert_equal(theirs, ours):
-    assert sorted(ours) == sorted(theirs)
-    for key in theirs:
-        assert ours[key].dtype == theirs[key].dtype and ours[key].shape == theirs[key].shape, key
-        unequal = int((ours[key] != theirs[key]).sum())
-        assert unequal == 0, f"{key}: {unequal} of {theirs[key].numel()} entries differ"
 
 
 T_FILTERS = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
@@ -153,11 +146,7 @@ def test_slerp_config_errors(family, tmp_path, capsys, change, message):
     if "models" in change:
         change = dict(change, models=[{"model": paths[m]} for m in change["models"]])
     raw.update(change)
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
-    assert cli(["merge", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0], err
-    assert not (tmp_path / "out").exists()
+    assert_config_refused(tmp_path, capsys, raw, message)
 
 
 def test_slerp_filter_without_default_names_the_tensor(family, tmp_path, capsys):
