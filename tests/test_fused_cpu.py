@@ -123,6 +123,34 @@ def test_ties_fused_reads_undecided_blocks_again_only_when_the_fill_guess_was_wr
     assert torch.equal(fused, pcb_fast.reference.baselines.ties(tv, density=0.3, sign_ties=sign_ties))
 
 
+@pytest.mark.parametrize("method", [merge_ties, merge_dare_ties])
+def test_a_wrong_fill_guess_reads_only_the_undecided_blocks_again(monkeypatch, method):
+    """Exact cancellations in blocks 3 and 11 of 20 only, a negative majority and a fill guessed +1:
+    the second sweep reads those two blocks, nothing else, and the result is the eager engine's."""
+    from pcb_fast.core.sources import MatrixSource
+    from pcb_fast.methods import ties
+
+    tv = -torch.rand(2, 20_000, generator=torch.Generator().manual_seed(0)) - 0.5
+    for first in (3000, 11000):
+        tv[0, first:first + 1000:7], tv[1, first:first + 1000:7] = 1.0, -1.0
+    monkeypatch.setattr(ties, "guess_fill", lambda *args: torch.ones(()))  # (DARE-TIES guesses +1 anyway)
+    reads = []
+    real_blocks, real_read = MatrixSource.blocks, MatrixSource._read
+    monkeypatch.setattr(MatrixSource, "blocks", lambda self, *a, **k: reads.append([]) or real_blocks(self, *a, **k))
+    monkeypatch.setattr(MatrixSource, "_read", lambda self, seg, lo, hi, out: reads[-1].append((lo, hi)) or
+                        real_read(self, seg, lo, hi, out))
+    params = dict(density=1.0) if method is merge_ties else dict(p=0.0)
+    fused, _ = run(method, tv, True, block_width=1000, **params)
+    assert reads[-1] == [(3000, 4000), (11000, 12000)]
+    eager, _ = run(method, tv, False, block_width=1000, **params)
+    if method is merge_dare_ties:
+        assert_bits(fused, eager)
+    else:  # (the eager engine's zeros may differ in sign: see assert_bits)
+        assert torch.equal(fused, eager)
+        assert_bits(fused, pcb_fast.reference.baselines.ties(tv, density=1.0))
+    assert (fused[3000:4000:7] == -1.0).all()  # filled with the negative majority
+
+
 @pytest.mark.parametrize("params", [dict(p=0.9), dict(p=0.3, seed=5, lambdas=[0.5, -1.0, 2.0]), dict(p=0.0)])
 def test_dare_and_dare_ties_fused_equal_eager(params, loops):
     tv = task_vectors(3, 50_001, "quantized")

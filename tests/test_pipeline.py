@@ -149,6 +149,26 @@ def test_base_block_is_the_base_just_read(tmp_path):
         assert source.base_block(block.segment.key, block.lo + 1, block.hi) is None
 
 
+def test_a_pass_over_some_blocks_reads_ahead_those_only(tmp_path, monkeypatch):
+    """blocks(only=...) of a file source: the blocks of those numbers, equal to the full pass's, and
+    the reader thread reads no other range (those of the full pass: every one)."""
+    from pcb_fast.core import prefetch
+    from pcb_fast.core.sources import CheckpointSource
+
+    base, models = _folders(tmp_path)
+    source = CheckpointSource(open_checkpoint(base, "base"), [open_checkpoint(m, f"model {i}")
+                                                              for i, m in enumerate(models)], ["a.weight", "b.bias"])
+    planned = []
+    real = prefetch.Prefetcher.__init__
+    monkeypatch.setattr(prefetch.Prefetcher, "__init__",
+                        lambda self, inputs, ranges, **k: planned.append(list(ranges)) or real(self, inputs, ranges, **k))
+    every = [(b.segment.key, b.lo, b.hi, b.tv.clone()) for b in source.blocks(1000, options=RunOptions())]
+    some = [(b.segment.key, b.lo, b.hi, b.tv.clone()) for b in source.blocks(1000, options=RunOptions(), only=[4, 1])]
+    assert len(every) > 5 and [r[:3] for r in some] == [every[1][:3], every[4][:3]]
+    assert all(torch.equal(a[3], b[3]) for a, b in zip(some, [every[1], every[4]]))
+    assert planned == [[r[:3] for r in every], [r[:3] for r in some]]
+
+
 def test_the_run_options_are_an_argument_and_sources_carry_data_only():
     """engine.run hands its options to the method and to every pass; the source keeps none, so a
     second run over the same source does not see the first one's (its progress bars here)."""

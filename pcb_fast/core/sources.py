@@ -183,12 +183,15 @@ class TaskVectorSource:
         return ranges
 
     def blocks(self, width: int = DEFAULT_BLOCK_WIDTH, whole_rows: bool = False, *,
-               options: RunOptions) -> Iterator[Block]:
+               options: RunOptions, only=None) -> Iterator[Block]:
         """Yield the aligned blocks of every segment, in order (see :meth:`plan`), in one pass run with
-        ``options`` (core/options.py: progress, threads, where errors go)."""
+        ``options`` (core/options.py: progress, threads, where errors go). ``only``: the numbers (in
+        :meth:`plan`'s order) of the blocks to yield; the pass then reads, and reads ahead, only those."""
         ranges = self.plan(width, whole_rows, options=options)
+        if only is not None:
+            ranges = [ranges[number] for number in sorted(only)]
         buffer = torch.empty(self.n, max((hi - lo for _, lo, hi in ranges), default=1))
-        for seg, lo, hi in self._pass(ranges, options):
+        for seg, lo, hi in self._pass(ranges, options, whole=only is None):
             yield Block(seg, lo, hi, self._read_reporting(seg, lo, hi, buffer[:, : hi - lo], options))
 
     def _read_reporting(self, seg: Segment, lo: int, hi: int, out: torch.Tensor, options: RunOptions) -> torch.Tensor:
@@ -203,11 +206,14 @@ class TaskVectorSource:
             options.errors.fail(str(e))
             return out.zero_()
 
-    def _pass(self, ranges: list, options: RunOptions) -> Iterator[tuple[Segment, int, int]]:
-        """One pass over ``ranges``: the progress bar, the heap, the thread count and the reads ahead,
-        around the caller's work on each range."""
+    def _pass(self, ranges: list, options: RunOptions, whole: bool = True) -> Iterator[tuple[Segment, int, int]]:
+        """One pass over ``ranges`` (``whole``: they cover every segment): the progress bar, the heap, the
+        thread count and the reads ahead, around the caller's work on each range."""
         progress, threads = options.progress, options.threads
-        bar = progress(sum(s.numel * self.bytes_per_entry(s) for s in self.segments)) if progress else None
+        bar = None
+        if progress:
+            bar = progress(sum(s.numel * self.bytes_per_entry(s) for s in self.segments) if whole
+                           else sum((hi - lo) * self.bytes_per_entry(seg) for seg, lo, hi in ranges))
         heap = HeapTrimmer()
         try:
             with self._reading(ranges, options):
@@ -604,9 +610,9 @@ class CachedSource(TaskVectorSource):
         return self.inner.base_problem(block)
 
     def blocks(self, width: int = DEFAULT_BLOCK_WIDTH, whole_rows: bool = False, *,
-               options: RunOptions) -> Iterator[Block]:
-        if self.complete:
-            yield from super().blocks(width, whole_rows, options=options)
+               options: RunOptions, only=None) -> Iterator[Block]:
+        if self.complete or only is not None:  # (a pass over some blocks only reads, caching nothing)
+            yield from (super() if self.complete else self.inner).blocks(width, whole_rows, options=options, only=only)
             return
         if self.cache is None:
             self.cache = torch.empty(self.n, self.D)

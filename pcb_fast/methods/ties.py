@@ -386,9 +386,9 @@ def sweep_with_fill(source, options, sink, merge_block, sign_ties: str, block_wi
     is the whole model's majority sign (``sign_ties="majority"``), known only after the sweep, or +1
     (mergekit). Every block is merged with ``guess`` (a [] tensor; +1 without one) and sunk at once;
     only where the model's fill turns out otherwise are the blocks with undecided positions (zero
-    sum, some entry non-zero: exact cancellations, common with bf16 weights) read, merged and sunk
-    again, so a sink may receive such a block twice (the second values count). With +1 fills,
-    known in advance, there is never a second read."""
+    sum, some entry non-zero: exact cancellations, common with bf16 weights) read (those blocks
+    only), merged and sunk again, so a sink may receive such a block twice (the second values
+    count). With +1 fills, known in advance, there is never a second read."""
     guess = torch.ones(()) if guess is None else guess
     sign_total, undecided_blocks = 0, set()
     for number, block in enumerate(source.blocks(block_width, options=options)):
@@ -400,9 +400,9 @@ def sweep_with_fill(source, options, sink, merge_block, sign_ties: str, block_wi
     fill = zero_sign_fill(sign_total, sign_ties)
     if undecided_blocks and not torch.equal(fill, guess):
         add_passes(options, "merge", why="sign of zero sums guessed wrong, re-merging undecided blocks")
-        for number, block in enumerate(source.blocks(block_width, options=options)):
-            if number in undecided_blocks:
-                sink(block.segment, block.lo, block.hi, merge_block(number, block, fill)[0])
+        numbers = sorted(undecided_blocks)
+        for number, block in zip(numbers, source.blocks(block_width, options=options, only=numbers)):
+            sink(block.segment, block.lo, block.hi, merge_block(number, block, fill)[0])
 
 
 def guess_fill(columns: torch.Tensor, t: torch.Tensor, lam: torch.Tensor, sign_ties: str) -> torch.Tensor:
