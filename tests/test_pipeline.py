@@ -169,6 +169,22 @@ def test_a_pass_over_some_blocks_reads_ahead_those_only(tmp_path, monkeypatch):
     assert planned == [[r[:3] for r in every], [r[:3] for r in some]]
 
 
+def test_a_cached_source_passes_over_some_blocks_without_caching_them():
+    """blocks(only=...) of a CachedSource before its first complete pass reads the inner source and
+    caches nothing (the next full pass still fills the cache); after it, reads the cache."""
+    from pcb_fast.core.sources import CachedSource, MatrixSource
+
+    tv = torch.randn(3, 5000, generator=torch.Generator().manual_seed(0))
+    source = CachedSource(MatrixSource(tv))
+    assert [(b.lo, b.hi) for b in source.blocks(1000, options=RunOptions(), only={3})] == [(3000, 4000)]
+    assert not source.complete
+    assert torch.equal(torch.cat([b.tv for b in source.blocks(1000, options=RunOptions())], 1), tv)
+    assert source.complete
+    some = list(source.blocks(1000, options=RunOptions(), only=[0, 4]))
+    assert [(b.lo, b.hi) for b in some] == [(0, 1000), (4000, 5000)]
+    assert torch.equal(some[1].tv, tv[:, 4000:]) and some[1].tv.data_ptr() == source.cache[:, 4000:].data_ptr()
+
+
 def test_the_run_options_are_an_argument_and_sources_carry_data_only():
     """engine.run hands its options to the method and to every pass; the source keeps none, so a
     second run over the same source does not see the first one's (its progress bars here)."""
