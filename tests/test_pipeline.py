@@ -160,8 +160,8 @@ def test_a_pass_over_some_blocks_reads_ahead_those_only(tmp_path, monkeypatch):
                                                               for i, m in enumerate(models)], ["a.weight", "b.bias"])
     planned = []
     real = prefetch.Prefetcher.__init__
-    monkeypatch.setattr(prefetch.Prefetcher, "__init__",
-                        lambda self, inputs, ranges, **k: planned.append(list(ranges)) or real(self, inputs, ranges, **k))
+    monkeypatch.setattr(prefetch.Prefetcher, "__init__", lambda self, inputs, ranges, **k:
+                        planned.append(list(ranges)) or real(self, inputs, ranges, **k))
     every = [(b.segment.key, b.lo, b.hi, b.tv.clone()) for b in source.blocks(1000, options=RunOptions())]
     some = [(b.segment.key, b.lo, b.hi, b.tv.clone()) for b in source.blocks(1000, options=RunOptions(), only=[4, 1])]
     assert len(every) > 5 and [r[:3] for r in some] == [every[1][:3], every[4][:3]]
