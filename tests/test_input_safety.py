@@ -448,6 +448,16 @@ def test_an_out_path_too_long_to_reach_is_a_bad_input(tmp_path, capsys):
     assert "output folder's parent" in err and "cannot be reached (File name too long)" in err
 
 
+def test_a_model_path_too_long_to_reach_is_named_once(tmp_path, capsys):
+    # "model 0 (<path>): cannot access <path>" quoted the path twice: over 800 characters
+    save_file(state(1), tmp_path / "m.safetensors")
+    save_file(state(2), tmp_path / "f.safetensors")
+    assert cli(["merge", "--base", str(tmp_path / "m.safetensors"), "--model", str(tmp_path / ("x" * 3000)),
+                "--model", str(tmp_path / "f.safetensors"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = one_error_line(capsys)
+    assert err.count("xxx...xxx") == 1 and "cannot access it (File name too long)" in err and len(err) < 500, err
+
+
 def test_a_missing_base_names_its_path(tmp_path, capsys):
     save_file(state(1), tmp_path / "m.safetensors")
     assert cli(["merge", "--base", str(tmp_path / "nowhere"), "--model", str(tmp_path / "m.safetensors"),

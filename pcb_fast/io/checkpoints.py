@@ -571,6 +571,11 @@ def _open_folder(path: Path, name: str) -> Checkpoint:
                      f"{INDEX} with its shards, or pytorch_model.bin)")
 
 
+def _unless_named(path, name: str) -> str:
+    """The words " <path>" to name ``path`` in a message, or "" where its ``name`` already shows it."""
+    return "" if show_path(path) in name else f" {show_path(path)}"
+
+
 def open_checkpoint(source, name: str | None = None) -> Checkpoint:
     """A :class:`Checkpoint` for a path (file or folder) or an in-memory state dict."""
     if isinstance(source, dict):
@@ -580,10 +585,9 @@ def open_checkpoint(source, name: str | None = None) -> Checkpoint:
     try:
         mode = os.stat(path).st_mode
     except (FileNotFoundError, NotADirectoryError):
-        where = "" if show_path(path) in name else f" {show_path(path)}"
-        raise ValueError(f"{name}: no such file or folder{where}") from None
+        raise ValueError(f"{name}: no such file or folder{_unless_named(path, name)}") from None
     except OSError as e:
-        raise ValueError(f"{name}: cannot access {show_path(path)} ({e.strerror or e})") from None
+        raise ValueError(f"{name}: cannot access{_unless_named(path, name) or ' it'} ({e.strerror or e})") from None
     except ValueError:  # a NUL byte
         raise ValueError(f"{name}: not a valid path (it holds a NUL byte)") from None
     if stat.S_ISDIR(mode):
