@@ -458,6 +458,16 @@ def test_a_model_path_too_long_to_reach_is_named_once(tmp_path, capsys):
     assert err.count("xxx...xxx") == 1 and "cannot access it (File name too long)" in err and len(err) < 500, err
 
 
+def test_a_refusal_is_the_only_line_even_after_a_model_that_is_the_base(tmp_path, capsys):
+    # the note that model 1 (the base itself) is left out came before model 0's refusal
+    save_file(state(1), tmp_path / "m.safetensors")
+    save_file(state(2), tmp_path / "f.safetensors")
+    assert cli(["merge", "--base", str(tmp_path / "m.safetensors"), "--model", str(tmp_path / "nowhere"),
+                "--model", str(tmp_path / "m.safetensors"), "--model", str(tmp_path / "f.safetensors"),
+                "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "model 0 (" in one_error_line(capsys)
+
+
 def test_a_missing_base_names_its_path(tmp_path, capsys):
     save_file(state(1), tmp_path / "m.safetensors")
     assert cli(["merge", "--base", str(tmp_path / "nowhere"), "--model", str(tmp_path / "m.safetensors"),

@@ -60,8 +60,6 @@ def _without_the_base(base, models, names, lambdas, method, params):
     copies = [i for i, m in enumerate(models) if isinstance(m, (str, os.PathLike)) and os.path.realpath(m) == real]
     if not copies or len(copies) == len(models):
         return models, names, lambdas, [], params
-    warnings.warn(f"pcb_fast: {', '.join(names[i] for i in copies)} {'is' if len(copies) == 1 else 'are'} the base "
-                  "model: left out of the task list (a zero task vector is no task)", stacklevel=3)
     keep = [i for i in range(len(models)) if i not in copies]
     return ([models[i] for i in keep], [names[i] for i in keep],
             None if lambdas is None else [lambdas[i] for i in keep], [names[i] for i in copies],
@@ -149,6 +147,9 @@ def merge_checkpoints(base, models, out, *, method="pcb", lam=1.0, lambdas=None,
                                     [{k: ck.read(k) for k in stat_keys} for ck in model_cks], stat_keys,
                                     settings.lambdas, running_stats, names)
         check_side_files(base_ck.folder, dtype, card, base_ck.name)
+        if dropped:  # (said once the inputs pass their checks: a refusal stays the only line)
+            warnings.warn(f"pcb_fast: {', '.join(dropped)} {'is' if len(dropped) == 1 else 'are'} the base model: left "
+                          "out of the task list (a zero task vector is no task)", stacklevel=2)
         if distributed:  # every rank has made the same checks; now they meet
             comm = init_from_env(backend, device)  # gloo on CPUs; NCCL, a GPU per rank, for triton
             device = comm.merge_device
