@@ -560,7 +560,6 @@ class SafetensorsReader:
         self.tensors, metadata = shared(("header", raw, size), lambda: _tensors_of(raw, size))
         self.metadata = dict(metadata)
 
-
     def read_into(self, key: str, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
         """Entries [lo, hi) of the flattened tensor ``key`` into ``out`` (contiguous, its dtype)."""
         dtype, _, offset, _ = self.tensors[key]
