@@ -203,6 +203,37 @@ def test_weighted_merge_is_the_torch_engine_bit_for_bit(dtypes, n, weights, divi
     assert torch.equal(_bits(out), _bits(_torch_weighted(models, base, w, divisor, lam, out_dtype)))
 
 
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16,) * 3, (torch.float16,) * 3, (torch.float32,) * 3,
+                                    (torch.float32, torch.bfloat16, torch.float16), (torch.float16, torch.float32, torch.bfloat16)])
+def test_task_vectors_are_torch_sub_bit_for_bit(dtypes):
+    """The files' float32 task vectors from the raw slices, against torch.sub on the converted base:
+    signed zeros where a model equals the base, every half value (subnormals), infinities and NaN."""
+    base_dtype, *model_dtypes = dtypes
+    g = torch.Generator().manual_seed(len(set(dtypes)))
+    m = 70_001  # several threads' chunks and a ragged end
+    halves = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    base = (torch.randn(m, generator=g) * 0.05).to(base_dtype)
+    models = [(base.float() + torch.randn(m, generator=g) * 1e-3).to(t) for t in model_dtypes]
+    models[0][:100] = base[:100].to(model_dtypes[0])  # x - x: +0
+    models[1][100:65636] = halves.to(model_dtypes[1])  # every half value, in each dtype it rounds to
+    models[1][-4:] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0]).to(model_dtypes[1])
+    base[-8:-4] = torch.tensor([float("inf"), float("nan"), -0.0, 0.0]).to(base_dtype)
+    out, base32 = torch.full((4, m), 7.0), torch.empty(m)  # rows of a wider buffer, as the sources hand out
+    assert native.task_vectors([base] + models, base32, out[1:3])
+    expected = torch.stack([torch.sub(x, base.float()) for x in models])
+    assert torch.equal(_bits(base32), _bits(base.float()))
+    assert torch.equal(_bits(out[1:3]), _bits(expected))
+    assert torch.equal(out[0], torch.full((m,), 7.0)) and torch.equal(out[3], torch.full((m,), 7.0))
+
+
+def test_task_vectors_leave_float64_and_mismatched_slices_to_torch():
+    base32, out = torch.empty(8), torch.empty(1, 8)
+    assert not native.task_vectors([torch.zeros(8, dtype=torch.float64), torch.zeros(8)], base32, out)
+    assert not native.task_vectors([torch.zeros(8), torch.zeros(7)], base32, out)
+    assert not native.task_vectors([torch.zeros(8), torch.zeros(16)[::2]], base32, out)
+    assert native.task_vectors([torch.zeros(0), torch.zeros(0)], torch.empty(0), torch.empty(1, 0))
+
+
 def test_half_conversions_are_exact_over_every_half_value():
     """Every float16 value (the input conversion), and float32 values around every half rounding
     boundary, subnormals and the overflow edge (the output rounding), against torch's conversions."""

@@ -21,6 +21,7 @@ from typing import Iterator, NamedTuple, Sequence
 
 import torch
 
+from ..cpu.native import task_vectors as native_task_vectors
 from . import checks
 from .memory import HeapTrimmer
 from .options import RunOptions
@@ -559,8 +560,11 @@ class CheckpointSource(TaskVectorSource):
         value that is not finite makes the whole column non-finite; the engine's check then names
         the base (:meth:`base_problem`)."""
         native_base, models = natives[0], natives[1:]
-        base = self._buffer("base32", torch.float32, hi - lo).copy_(native_base)
+        base = self._buffer("base32", torch.float32, hi - lo)
         self._last_base[0] = (key, lo, hi, base) if native_base.dtype in EXACT_IN_FLOAT32 else None
+        if native_task_vectors(natives, base, out):  # one C sweep, the same bits as the torch ops below
+            return
+        base.copy_(native_base)
         for i, native in enumerate(models):
             if native.dtype in EXACT_IN_FLOAT32:
                 torch.sub(native, base, out=out[i])  # converted exactly on the fly: the same bits as copy then sub

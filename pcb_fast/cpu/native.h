@@ -121,6 +121,8 @@ void run_extremes(float *tv, int64_t n, int64_t m, int64_t stride, const void *c
 int64_t weighted_merge(int64_t n, int64_t m, const void *const *models, const int32_t *model_dtypes,
                        const void *base, int32_t base_dtype, const float *weights, float divisor,
                        float lam, void *out, int32_t out_dtype, int threads);
+void task_vectors(int64_t n, int64_t m, const void *const *models, const int32_t *model_dtypes, const void *base,
+                  int32_t base_dtype, float *base32, float *out, int64_t out_stride, int threads);
 int64_t merged_output(int64_t m, const void *base, int32_t base_dtype, const float *tau_m, float lam, void *out,
                       int32_t out_dtype, int threads);
 int64_t pcb_candidates(const float *tv, int64_t n, int64_t m, int64_t stride, const void *const *raw,

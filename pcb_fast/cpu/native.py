@@ -1,5 +1,6 @@
 """Small C kernels for the CPU engine: per-row order statistics of |tau| (row_select.c), DARE's
-keep masks (dare_hash.c), weighted merges from the stored inputs (weighted_merge.c) and the block
+keep masks (dare_hash.c), float32 task vectors and weighted merges from the stored inputs
+(task_vectors.c, weighted_merge.c) and the block
 loops of TIES, DARE and DARE-TIES (ties_loops.c, the eager engine's values bit for bit), the
 collection of the entries above a floor (collect.c) and PCB's score and merge sweeps (pcb_loops.c,
 the eager engine's values bit for bit).
@@ -38,7 +39,8 @@ import torch
 
 # compiled together into one library
 SOURCES = tuple(Path(__file__).with_name(name)
-                for name in ("row_select.c", "dare_hash.c", "weighted_merge.c", "ties_loops.c", "collect.c", "pcb_loops.c"))
+                for name in ("row_select.c", "dare_hash.c", "task_vectors.c", "weighted_merge.c", "ties_loops.c", "collect.c",
+                             "pcb_loops.c"))
 HEADERS = (Path(__file__).with_name("native.h"),)  # part of the cache key: a change rebuilds the library
 # Tried in order: a compiler may refuse -march=native or lack OpenMP (the kernel then runs on one thread).
 # -ffp-contract=off: a * b + c must round twice, as torch's float32 ops do (GCC contracts by default).
@@ -309,6 +311,30 @@ def weighted_merge(models: list, base: torch.Tensor, weights: torch.Tensor | Non
     return bad == 0
 
 
+def task_vectors(natives: list, base32: torch.Tensor, out: torch.Tensor) -> bool:
+    """``out[i] = f32(model_i) - f32(base)`` and ``base32 = f32(base)`` from the raw slices ``natives``
+    ([base, model_0, ...], contiguous CPU tensors of float32, bfloat16 or float16, any mix, of one
+    length m): the bits of torch.sub(model_i, base32), in one sweep. ``base32``: [m] float32; ``out``:
+    [n, m] float32 with rows of unit stride. False, with nothing written, where the kernel does not
+    take these tensors (float64, no compiler): the caller then uses torch."""
+    library = _library()
+    m = out.shape[1] if out.dim() == 2 else -1
+    if (isinstance(library, str) or len(natives) != out.shape[0] + 1 or out.dtype != torch.float32
+            or base32.dtype != torch.float32 or not base32.is_contiguous() or base32.numel() != m
+            or out.stride(1) != 1 or out.device.type != "cpu" or base32.device.type != "cpu"
+            or any(t.dtype not in KERNEL_DTYPES or t.device.type != "cpu" or not t.is_contiguous() or t.numel() != m
+                   for t in natives)):
+        return False
+    n = len(natives) - 1
+    if m == 0:
+        return True
+    pointers = (ctypes.c_void_p * n)(*(t.data_ptr() for t in natives[1:]))
+    dtypes = (ctypes.c_int32 * n)(*(KERNEL_DTYPES[t.dtype] for t in natives[1:]))
+    library.task_vectors(n, m, pointers, dtypes, natives[0].data_ptr(), KERNEL_DTYPES[natives[0].dtype],
+                         base32.data_ptr(), out.data_ptr(), out.stride(0), _threads(n * m))
+    return True
+
+
 def merged_output(base: torch.Tensor, tau_m: torch.Tensor, lam: float, out: torch.Tensor) -> bool:
     """``out`` = (base + lam * tau_m) rounded to out's dtype, with the operations of
     core.formulas.merged_weights then ``.to(out.dtype)`` (bit for bit): ``base`` [m] float32, bfloat16
@@ -350,6 +376,7 @@ SIGNATURES = {
     "collect_counts": (None, [_p, _i64, _i64, _i64, _p, _p, _int]),
     "collect_entries": (None, [_p, _p, _i64, _i64, _i64, _i64] + [_p] * 5 + [_int]),
     "run_extremes": (None, [_p, _i64, _i64, _i64, _p, _p, _i64, _p, _p, _p, _int]),
+    "task_vectors": (None, [_i64, _i64, _p, _p, _p, _i32, _p, _p, _i64, _int]),
     "merged_output": (_i64, [_i64, _p, _i32, _p, _f32, _p, _i32, _int]),
     "weighted_merge": (_i64, [_i64, _i64, _p, _p, _p, _i32, _p, _f32, _f32, _p, _i32, _int]),
     "pcb_candidates": (_i64, [_p, _i64, _i64, _i64, _p, _p, _p, _p, _p, _f32, _int] + [_p] * 8 + [_int]),
