@@ -123,11 +123,14 @@ def l1_factors(source, options, keep_mask, block_width: int) -> torch.Tensor:
         magnitude = torch.abs(block.tv, out=scratch[0, : block.tv.numel()].view(shape))
         raise_if_not_finite(source, options, block, magnitude.amax(1))
         total = sums.setdefault(block.segment.key, torch.zeros(2, n, dtype=torch.float64))
+        # |tau * keep| == |tau| * keep for a 0/1 keep; a bool mask is read as uint8 (the same 0/1 values:
+        # torch's float * bool takes a much slower promotion path)
+        keep = keep_mask(block)
+        keep = keep.view(torch.uint8) if keep.dtype == torch.bool else keep
+        kept = torch.mul(magnitude, keep, out=scratch[1, : block.tv.numel()].view(shape))
         with one_thread():  # else a row longer than torch's grain size is summed in one part per thread
-            # each row reduced as mergekit reduces one tensor (the same bits as row by row, tested);
-            # |tau * keep| == |tau| * keep for a 0/1 keep
+            # each row reduced as mergekit reduces one tensor (the same bits as row by row, tested)
             total[0] += magnitude.sum(1).double()
-            kept = torch.mul(magnitude, keep_mask(block), out=scratch[1, : block.tv.numel()].view(shape))
             total[1] += kept.sum(1).double()
     # each tensor's sums rounded to float32 (a no-op for a tensor of one block), then added
     before, after = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
