@@ -140,6 +140,25 @@ def test_the_average_keeps_the_base_as_one_of_the_models():
     assert torch.equal(merge(base, models, method="average")["w"], torch.full((4,), 1.5))
 
 
+def test_a_copy_of_the_base_is_told_from_a_model_that_differs_anywhere():
+    """A model equal to the base in its leading entries but not after them is a model, not a copy;
+    equal everywhere (a copy, or the base's transposed view of itself) is the base."""
+    from pcb_fast.io.tied import LEADING, same_as_base
+
+    base = {"w": torch.randn(3 * LEADING), "v": torch.randn(64, 96)}
+    late = {"w": base["w"].clone(), "v": base["v"].clone()}
+    late["w"][-1] += 1.0
+    early = {"w": base["w"].clone(), "v": base["v"].clone()}
+    early["w"][0] += 1.0
+    nan = {"w": base["w"].clone(), "v": base["v"].clone()}
+    nan["w"][0] = float("nan")
+    keys = ["w", "v"]
+    assert not same_as_base(base, late, keys) and not same_as_base(base, early, keys)
+    assert not same_as_base(base, nan, keys)
+    assert same_as_base(base, {"w": base["w"].clone(), "v": base["v"].t().contiguous().t()}, keys)
+    assert not same_as_base(base, {"w": base["w"].clone(), "v": base["v"].t().contiguous().t() + 1}, keys)
+
+
 def test_every_model_equal_to_the_base_merges_to_the_base():
     base = {"w": torch.randn(10)}
     got = merge(base, [dict(base), {"w": base["w"].clone()}], method="pcb")
