@@ -1,5 +1,7 @@
 """Exact selection primitives against torch.sort."""
 
+import math
+
 import pytest
 import torch
 
@@ -117,3 +119,24 @@ def test_pcb_under_a_small_budget_with_a_missed_bracket(monkeypatch):
     for fused in (True, False):
         out, _ = run_method(merge_pcb, tv, fused, budget=500_000, block_width=20_000)
         assert torch.equal(out, reference.pcb_official(tv))
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.5, 0.95, 2.0])
+def test_sampled_bounds_of_scores_with_negative_values_are_kthvalue(shift):
+    """The sampled bracket by the C select, where some (or all) scores are negative, as PCB's are:
+    the values torch.kthvalue gives, with ties, zeros of both signs and rows of different spreads."""
+    from pcb_fast.core import engine
+
+    n, s, D = 4, 1 << 16, 1 << 22
+    g = torch.Generator().manual_seed(int(shift * 100))
+    scores = torch.randn(n, s, generator=g) - shift * torch.arange(1, n + 1).reshape(n, 1)
+    scores[:, :2000] = scores[:, 2000:4000].round(decimals=1)  # ties
+    scores[1, 100:200], scores[1, 200:300] = 0.0, -0.0
+    rank = int(D * 0.1)
+    floor, ceiling = engine.bounds_from_sample(scores, rank, D)
+    q = rank / D  # the sample's floor and ceiling ranks, as engine._sample_bounds places them
+    margin = 6 * math.sqrt(s * q * (1 - q)) + 8
+    lo, hi = math.floor(q * s - margin), math.ceil(q * s + margin)
+    expect_floor = torch.kthvalue(scores, lo + 1, dim=1).values
+    expect_ceiling = torch.kthvalue(scores, hi + 1, dim=1).values
+    assert torch.equal(floor, expect_floor) and torch.equal(ceiling, expect_ceiling)

@@ -366,8 +366,9 @@ def _sample_bounds(sample_scores: torch.Tensor, rank: int, D: int, widen: float 
     q = rank / D
     margin = (6 * math.sqrt(s * q * (1 - q)) + 8) * widen
     lo, hi = math.floor(q * s - margin), math.ceil(q * s + margin)
-    if lo >= 0 and hi < s and _native_select_applies(sample_scores):  # both bounds in one C call per row
-        ceiling, floor = row_order_statistics(sample_scores, s - 1 - hi, s - 1 - lo)
+    both = _native_row_bounds(sample_scores, s - 1 - hi, s - 1 - lo) if lo >= 0 and hi < s else None
+    if both is not None:  # both bounds in one C call per row
+        ceiling, floor = both
         return floor.reshape(n), ceiling.reshape(n)
     floor = _order_statistic(sample_scores, lo + 1) if lo >= 0 else torch.full((n,), float("-inf"))
     ceiling = _order_statistic(sample_scores, hi + 1) if hi < s else torch.full((n,), float("inf"))
@@ -379,6 +380,23 @@ def _native_select_applies(values: torch.Tensor) -> bool:
     order statistics of ``values``: many non-negative float32 values on the CPU (magnitudes)."""
     return (values.shape[-1] >= NATIVE_SELECT_MIN and values.dtype == torch.float32 and values.device.type == "cpu"
             and native_problem() is None and bool(values.min() >= 0))
+
+
+def _native_row_bounds(values: torch.Tensor, rank_a: int, rank_b: int):
+    """The values at descending ranks ``rank_a`` and ``rank_b`` of every row ([n, 1] each) by the C radix
+    select, also for rows with negative values (PCB's scores): clipped at 0, the positive values keep
+    their ranks, so answers that are positive are the rows' own. None where the select does not
+    apply or an answer is not positive (torch then ranks the values themselves)."""
+    if (values.shape[-1] < NATIVE_SELECT_MIN or values.dtype != torch.float32 or values.device.type != "cpu"
+            or native_problem() is not None):
+        return None
+    low = values.min()
+    if bool(torch.isnan(low)):  # (min propagates NaN)
+        return None
+    if bool(low >= 0):
+        return row_order_statistics(values, rank_a, rank_b)
+    a, b = row_order_statistics(values.clamp_min(0), rank_a, rank_b)
+    return (a, b) if bool((a > 0).all()) and bool((b > 0).all()) else None
 
 
 def _order_statistic(x: torch.Tensor, k: int) -> torch.Tensor:
