@@ -13,7 +13,7 @@ from .core.backends import resolve_backend
 from .core.formulas import merged_weights
 from .core.numerics import warm_up_exp
 from .core.options import RunOptions
-from .core.sinks import Sink
+from .core.sinks import Sink, pieces_at
 from .core.sources import DEFAULT_BLOCK_WIDTH, MatrixSource, StateDictSource, flat
 from .core.threads import CpuThreads, check_threads
 from .cpu import fused as fused_cpu
@@ -249,7 +249,19 @@ def _merge_keys(base, models, names, merged_keys, out, device, *, method, backen
         values.copy_(theta)
         checks.check_merged(segment.key, theta, values)
 
-    sink = Sink(tau, weights=weights)
+    def patchable(segment, lo, hi, tau_m, positions, other):
+        tau(segment, lo, hi, tau_m)
+
+        def patch():
+            for part, at, taken in pieces_at(segment, lo, hi, positions):
+                theta = merged_weights(flat_base[part.key][at], lam, other[taken])
+                values = theta.to(flat_out[part.key].dtype)
+                checks.check_merged(part.key, theta, values)
+                flat_out[part.key][at] = values
+
+        return patch
+
+    sink = Sink(tau, weights=weights, patchable=patchable)
     source = StateDictSource(base, models, merged_keys, names)
     spec = SPECS[method]
     with CpuThreads(threads) as cpu_threads:

@@ -137,13 +137,16 @@ def _tensors_bar(source: TaskVectorSource, options: RunOptions):
 
 
 def _scaled_sink(sink: Sink, lam: float) -> Sink:
-    """``sink`` receiving lam * tau_m (a tensor's own lam, see :func:`run`); task vectors only (its
-    other ways in would not apply that lam)."""
+    """``sink`` receiving lam * tau_m (a tensor's own lam, see :func:`run`); task vectors only, and
+    patches (its other ways in would not apply that lam)."""
 
     def scaled(segment, lo, hi, tau_m):
         sink(segment, lo, hi, lam * tau_m)
 
-    return Sink(scaled)
+    def patchable(segment, lo, hi, tau_m, positions, other):
+        return sink.patchable(segment, lo, hi, lam * tau_m, positions, lam * other)
+
+    return Sink(scaled, patchable=patchable if sink.patchable is not None else None)
 
 
 def task_ranks(rank, n: int) -> torch.Tensor:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 
 @dataclass(frozen=True)
 class Sink:
@@ -17,14 +19,35 @@ class Sink:
     of a block straight from the raw input slices [base, model_0, ...] (the C kernel of
     pcb_fast.cpu.native.weighted_merge) and says whether it could; None where the sink cannot (then
     the method forms tau_m and calls the sink).
+    ``patchable(segment, lo, hi, tau_m, positions, other) -> patch``: receives tau_m as ``tau`` does
+    and returns a function ``patch()`` that, called later (before the sink's results are final),
+    puts ``other`` (float32 tau_m values) in place of the entries at ``positions`` (ascending int32
+    offsets into the block), the rest of the block unchanged; ``patch`` holds what it needs (at most
+    :data:`PATCH_BYTES` per position). None where the sink cannot (the method then sinks the block again).
     """
 
     tau: Callable
     weights: Callable | None = None
     from_inputs: Callable | None = None
+    patchable: Callable | None = None
 
     def __call__(self, segment, lo: int, hi: int, tau_m) -> None:
         self.tau(segment, lo, hi, tau_m)
+
+
+PATCH_BYTES = 16  # what a patch holds per position, at most: the position, its base and new values
+
+
+def pieces_at(segment, lo: int, hi: int, positions: torch.Tensor) -> list:
+    """Where the entries at ``positions`` (ascending offsets into entries [lo, hi) of ``segment``) lie:
+    (the segment or the key of a pack holding some, their int64 offsets in that key, the slice of
+    ``positions`` they are) for each such key."""
+    found = []
+    for part, part_lo, _, start, end in segment.pieces(lo, hi):
+        a, b = (int(i) for i in torch.searchsorted(positions, torch.tensor([start, end], dtype=positions.dtype)))
+        if a < b:
+            found.append((part, positions[a:b].long() - start + part_lo, slice(a, b)))
+    return found
 
 
 def as_sink(sink) -> Sink:

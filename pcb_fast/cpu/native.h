@@ -110,7 +110,7 @@ void tv_equal_counts(const float *tv, int64_t n, int64_t m, int64_t stride, cons
                      int threads);
 int tv_merge_block(const float *tv, int64_t n, int64_t m, int64_t stride, const keep_rule *rule, const float *lam,
                    int elect, float fill, int divide, float *values, int64_t *signs, int64_t *undecided,
-                   int64_t *kept, float *row_max, int threads);
+                   int32_t *open_at, float *open_values, int64_t *kept, float *row_max, int threads);
 void collect_counts(const float *scores, int64_t n, int64_t m, int64_t score_stride, const float *floor_,
                     int64_t *counts, int threads);
 void collect_entries(const float *scores, const float *tv, int64_t n, int64_t m, int64_t score_stride,

@@ -33,6 +33,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -371,7 +372,7 @@ SIGNATURES = {
     "dare_keep_masks": (None, [_i64, _i64, _i64, _p, _p, _p, _p, _int]),
     "tv_bracket": (None, [_p, _i64, _i64, _i64] + [_p] * 9 + [_int]),
     "tv_equal_counts": (None, [_p, _i64, _i64, _i64, _p, _p, _int]),
-    "tv_merge_block": (_int, [_p, _i64, _i64, _i64, ctypes.POINTER(KeepRule), _p, _int, _f32, _int] + [_p] * 5
+    "tv_merge_block": (_int, [_p, _i64, _i64, _i64, ctypes.POINTER(KeepRule), _p, _int, _f32, _int] + [_p] * 7
                        + [_int]),
     "collect_counts": (None, [_p, _i64, _i64, _i64, _p, _p, _int]),
     "collect_entries": (None, [_p, _p, _i64, _i64, _i64, _i64] + [_p] * 5 + [_int]),
@@ -432,29 +433,59 @@ def equal_counts(tv: torch.Tensor, t) -> torch.Tensor:
     return counts
 
 
+class _OpenRoom(threading.local):
+    """Reused room (per thread) for the undecided positions of a block and their other values: fresh
+    memory for every block would cost a page fault per page it touches."""
+
+    def __init__(self):
+        self.at, self.values = torch.empty(0, dtype=torch.int32), torch.empty(0)
+
+    def of(self, m: int) -> tuple:
+        if self.at.numel() < m:
+            self.at, self.values = torch.empty(m, dtype=torch.int32), torch.empty(m)
+        return self.at, self.values
+
+
+_open_room = _OpenRoom()
+
+
 def _merge_block(tv, rule: KeepRule, lam, elect: bool, fill=1.0, divide=True):
+    """tv_merge_block on a block: (values, sum of the elected signs, [k] int32 undecided positions in
+    ascending order, [k] float32 values there under the opposite fill, [n] kept, [n] max |tau|); no
+    positions (two empty tensors) where ``elect`` is False."""
     library, tv = _loaded(), _task_rows(tv)
     n, m = tv.shape
+    if m >= 1 << 31:
+        raise ValueError(f"pcb_fast native kernel: a block of {m} entries has more than 2^31")
     lam = _column(lam, torch.float32)
     values, counts = torch.empty(m), torch.zeros(2, dtype=torch.int64)
     kept, row_max = torch.empty(n, dtype=torch.int64), torch.empty(n)
+    at, others = _open_room.of(m) if elect else (None, None)
     status = library.tv_merge_block(tv.data_ptr(), n, m, tv.stride(0), ctypes.byref(rule), lam.data_ptr(), int(elect),
                                     float(fill), int(divide), values.data_ptr(), counts[0].data_ptr(),
-                                    counts[1].data_ptr(), kept.data_ptr(), row_max.data_ptr(), _threads(n * m))
+                                    counts[1].data_ptr(), None if at is None else at.data_ptr(),
+                                    None if others is None else others.data_ptr(), kept.data_ptr(),
+                                    row_max.data_ptr(), _threads(n * m))
     if status:
         raise MemoryError(f"pcb_fast native kernel: no scratch memory for a block of {n} tasks")
-    return values, counts[0], counts[1], kept, row_max
+    k = int(counts[1]) if elect else 0
+    if k:
+        at, others = at[:k].clone(), others[:k].clone()
+    else:
+        at, others = torch.empty(0, dtype=torch.int32), torch.empty(0)
+    return values, counts[0], at, others, kept, row_max
 
 
 def ties_block(tv, t, cut, lam, fill, divide: bool):
     """TIES on a block [n, m] (the eager engine's values bit for bit): entries kept where |tau| > t_i,
     or == t_i at positions < cut_i; weighted by lam_i; the sign elected per position (``fill`` where
     the sum is 0); the mean (``divide``) or sum of the agreeing entries. Returns (values [m], sum of
-    the elected signs, undecided positions: zero sum and some non-zero entry)."""
+    the elected signs, the undecided positions (zero sum, some non-zero entry) as ascending int32
+    offsets, the float32 values they take under the opposite fill, -fill)."""
     t, cut = _column(t, torch.float32), _column(cut, torch.int64)
     rule = KeepRule(drop=0, t=t.data_ptr(), cut=cut.data_ptr())
-    values, signs, undecided, _, _ = _merge_block(tv, rule, lam, True, fill, divide)  # t, cut alive here
-    return values, signs, undecided
+    values, signs, at, others, _, _ = _merge_block(tv, rule, lam, True, fill, divide)  # t, cut alive here
+    return values, signs, at, others
 
 
 def _drop_rule(streams, highs, thresholds, lo: int, scales, multiply: bool):
@@ -471,7 +502,8 @@ def dare_ties_block(tv, drop: tuple, lam, fill, divide: bool):
     stream constants of pcb_fast.core.rng, their mix32, the n keep thresholds, the block's first
     index in its tensor, n float32 scales, multiply): survivors divided by scale_i (1 - p_i), or
     with ``multiply``, multiplied by it (mergekit's L1 factors; 1 for no rescale). Returns (values,
-    sum of the elected signs, undecided positions, [n] entries kept, [n] max |tau|, NaN propagating)."""
+    sum of the elected signs, undecided positions and their values under the opposite fill (as
+    :func:`ties_block`), [n] entries kept, [n] max |tau|, NaN propagating)."""
     rule, arrays = _drop_rule(*drop)
     return _merge_block(tv, rule, lam, True, fill, divide)  # the rule's arrays alive here
 
@@ -480,7 +512,7 @@ def dare_sum(tv, drop: tuple, lam):
     """DARE then the sum over tasks of a block (``drop``: see :func:`dare_ties_block`): (sum [m], [n]
     entries kept, [n] max |tau|)."""
     rule, arrays = _drop_rule(*drop)
-    values, _, _, kept, row_max = _merge_block(tv, rule, lam, False)  # the rule's arrays alive here
+    values, _, _, _, kept, row_max = _merge_block(tv, rule, lam, False)  # the rule's arrays alive here
     return values, kept, row_max
 
 

@@ -151,21 +151,41 @@ static int weigh(const keep_rule *rule, int64_t i, const float *x, int64_t j0, i
     return weigh_drop(rule, x, j0, count, lam, w, mx, stream, high, threshold, scale, 0);
 }
 
+/* The value at position j of a chunk (weighted entries w, rows CHUNK apart) whose entries must agree
+ * with the sign ``elected``: the operations of tv_merge_block's mean (or sum), in its order. */
+static float agreeing_mean(const float *w, int64_t n, int64_t j, const float *lam, float elected, int divide)
+{
+    float num = 0.0f, den = 0.0f;
+    for (int64_t i = 0; i < n; i++) {
+        const float wi = w[i * CHUNK + j];
+        const float agree = (float)(elected > 0 ? wi > 0 : wi < 0);
+        num = i == 0 ? wi * agree : num + wi * agree;
+        den = i == 0 ? agree * lam[i] : den + agree * lam[i];
+    }
+    return divide ? num / (den == 0 ? 1.0f : den) : num;
+}
+
 /* TIES' election and disjoint mean (elect != 0), or the plain sum over tasks (elect == 0), of a block.
  * Returns 0, or -1 when scratch memory could not be had. kept[n] and row_max[n] (drop only) are
  * filled; signs: the sum of the elected signs; undecided: positions with a zero total and some
- * non-zero entry (their value depends on fill). */
+ * non-zero entry (their value depends on fill). With ``open_at`` and ``open_values`` (m entries of
+ * room each, or NULL), the undecided positions in ascending order and the values they take under
+ * the opposite fill (-fill) are written to their first ``undecided`` entries. */
 int tv_merge_block(const float *tv, int64_t n, int64_t m, int64_t stride, const keep_rule *rule, const float *lam,
                    int elect, float fill, int divide, float *values, int64_t *signs, int64_t *undecided,
-                   int64_t *kept, float *row_max, int threads)
+                   int32_t *open_at, float *open_values, int64_t *kept, float *row_max, int threads)
 {
     (void)threads;
     const int64_t chunks = (m + CHUNK - 1) / CHUNK;
     int failed = 0;
     int64_t sign_sum = 0, undecided_sum = 0;
+    const int others = elect && open_at != NULL && open_values != NULL;
     uint32_t *max_bits_of = calloc((size_t)n, sizeof(uint32_t));
-    if (max_bits_of == NULL)
+    int32_t *open_in_chunk = others ? calloc((size_t)chunks, sizeof(int32_t)) : NULL;
+    if (max_bits_of == NULL || (others && open_in_chunk == NULL)) {
+        free(max_bits_of);
         return -1;
+    }
     for (int64_t i = 0; i < n; i++)
         kept[i] = 0;
 #pragma omp parallel num_threads(threads) reduction(+ : sign_sum, undecided_sum) reduction(| : failed)
@@ -179,7 +199,7 @@ int tv_merge_block(const float *tv, int64_t n, int64_t m, int64_t stride, const 
 #pragma omp for schedule(static)
             for (int64_t c = 0; c < chunks; c++) {
                 const int64_t j0 = c * CHUNK, count = m - j0 < CHUNK ? m - j0 : CHUNK;
-                float total[CHUNK], largest[CHUNK], num[CHUNK], den[CHUNK];
+                float total[CHUNK], largest[CHUNK], elected[CHUNK], num[CHUNK], den[CHUNK];
                 for (int64_t i = 0; i < n; i++)
                     my_kept[i] += weigh(rule, i, tv + i * stride + j0, j0, count, lam[i], w + i * CHUNK, &my_max[i]);
                 for (int64_t j = 0; j < count; j++)
@@ -205,7 +225,7 @@ int tv_merge_block(const float *tv, int64_t n, int64_t m, int64_t stride, const 
                     negative += t < 0;
                     open += (t == 0) & (largest[j] > 0);
                     /* the sign each entry must agree with */
-                    total[j] = t > 0 ? 1.0f : t < 0 ? -1.0f : fill;
+                    elected[j] = t > 0 ? 1.0f : t < 0 ? -1.0f : fill;
                 }
                 sign_sum += positive - negative;
                 undecided_sum += open;
@@ -214,19 +234,29 @@ int tv_merge_block(const float *tv, int64_t n, int64_t m, int64_t stride, const 
                     const float li = lam[i];
                     if (i == 0)
                         for (int64_t j = 0; j < count; j++) {
-                            const float agree = (float)(total[j] > 0 ? wi[j] > 0 : wi[j] < 0);
+                            const float agree = (float)(elected[j] > 0 ? wi[j] > 0 : wi[j] < 0);
                             num[j] = wi[j] * agree;
                             den[j] = agree * li;
                         }
                     else
                         for (int64_t j = 0; j < count; j++) {
-                            const float agree = (float)(total[j] > 0 ? wi[j] > 0 : wi[j] < 0);
+                            const float agree = (float)(elected[j] > 0 ? wi[j] > 0 : wi[j] < 0);
                             num[j] = num[j] + wi[j] * agree;
                             den[j] = den[j] + agree * li;
                         }
                 }
                 for (int64_t j = 0; j < count; j++)
                     values[j0 + j] = divide ? num[j] / (den[j] == 0 ? 1.0f : den[j]) : num[j];
+                if (others && open) { /* few positions: each one's value under the other fill */
+                    int32_t k = 0;
+                    for (int64_t j = 0; j < count; j++)
+                        if ((total[j] == 0) & (largest[j] > 0)) {
+                            open_at[j0 + k] = (int32_t)(j0 + j);
+                            open_values[j0 + k] = agreeing_mean(w, n, j, lam, -fill, divide);
+                            k++;
+                        }
+                    open_in_chunk[c] = k;
+                }
             }
 #pragma omp critical
             for (int64_t i = 0; i < n; i++) {
@@ -241,6 +271,16 @@ int tv_merge_block(const float *tv, int64_t n, int64_t m, int64_t stride, const 
     for (int64_t i = 0; i < n; i++)
         row_max[i] = float_of(max_bits_of[i]);
     free(max_bits_of);
+    if (others && !failed) { /* each chunk's positions were written at its start: close the gaps */
+        int64_t at = 0;
+        for (int64_t c = 0; c < chunks; c++) {
+            const int64_t k = open_in_chunk[c];
+            memmove(open_at + at, open_at + c * CHUNK, (size_t)k * sizeof(int32_t));
+            memmove(open_values + at, open_values + c * CHUNK, (size_t)k * sizeof(float));
+            at += k;
+        }
+    }
+    free(open_in_chunk);
     *signs = sign_sum;
     *undecided = undecided_sum;
     return failed ? -1 : 0;

@@ -18,7 +18,7 @@ from ..core.checks import parse_size
 from ..core.formulas import merged_weights
 from ..core.memory import available_memory, peak_rss_bytes
 from ..core.options import PassBars, RunOptions
-from ..core.sinks import Sink
+from ..core.sinks import Sink, pieces_at
 from ..core.threads import CpuThreads, check_threads
 from ..cpu import fused as fused_cpu, native
 from ..io.output import check_not_an_input, checkpoint_files
@@ -166,6 +166,29 @@ def shard_sink(writer, out_dtype, lam: float, base_slice: Callable, *, aliases: 
                 raise
             comm.fail(str(e))  # raised on every rank at the next collective
 
+    def patchable(segment, lo, hi, tau_m, positions, other):
+        """tau_m sunk as by ``tau``; the patch holds the output's values at ``positions`` under ``other``,
+        made now from the base's slice at hand, and writes them over the first ones (the writer reads
+        back the bytes around them: nothing is final before the writer closes)."""
+        tau(segment, lo, hi, tau_m)
+        base = base_slice(segment, lo, hi)[positions.long()]  # (the block just read: no second read)
+        values = torch.empty(positions.numel(), dtype=out_dtype(segment.lead_key))
+        made = native.merged_output(base, other, lam, values)  # else (not finite, ...) torch's, when applied
+
+        def patch():
+            for part, at, taken in pieces_at(segment, lo, hi, positions):
+                if made and values.dtype == out_dtype(part.key):
+                    part_values = values[taken]
+                else:
+                    theta = merged_weights(base[taken], lam, other[taken])
+                    part_values = theta.to(out_dtype(part.key))
+                    checks.check_merged(part.key, theta, part_values)
+                writer.patch(part.key, at, part_values)
+                for name in names.get(part.key, []):
+                    writer.patch(name, at, part_values)
+
+        return patch
+
     def weights(segment, lo, hi, theta):
         """The merged weights themselves (pcb_fast.methods.weight_space), rounded once to the output dtype."""
         # a new tensor: theta may be an input's buffer (passthrough), which the reader reuses while the
@@ -183,7 +206,8 @@ def shard_sink(writer, out_dtype, lam: float, base_slice: Callable, *, aliases: 
         write_segment(segment, lo, values)
         return True
 
-    return Sink(tau, weights=weights, from_inputs=raw if from_inputs else None)
+    return Sink(tau, weights=weights, from_inputs=raw if from_inputs else None,
+                patchable=patchable if comm is None else None)
 
 
 def run_engine(source, sink, settings: MergeSettings, *, progress=None, budget: int | None = None,

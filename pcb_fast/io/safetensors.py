@@ -672,6 +672,9 @@ class Finished:
         return False
 
 
+PATCH_GAP = 1 << 16  # bytes between two patched entries up to which one read and write covers both
+
+
 class ShardedWriter(Finished):
     """Safetensors shards (and a Hugging Face index when there are several) laid out up front.
 
@@ -704,7 +707,7 @@ class ShardedWriter(Finished):
             text = _header_text(keys, dtypes, shapes, begins, ends, {str(k): str(v) for k, v in metadata.items()})
             raw = text.encode()
             raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
-            fd = os.open(self.folder / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(self.folder / name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)  # (read back by patch)
             self.files.append((fd, name))
             os.write(fd, struct.pack("<Q", len(raw)) + raw)
             os.ftruncate(fd, 8 + len(raw) + ends[-1])
@@ -752,6 +755,31 @@ class ShardedWriter(Finished):
                 at += run[2]
             run = [fd, position, size]
         self._pwrite(run[0], view[at : at + run[2]], run[1])
+
+    def patch(self, key: str, positions: torch.Tensor, values: torch.Tensor) -> None:
+        """Put ``values`` in place of entries ``positions`` (ascending) of tensor ``key``, written
+        before: each run of nearby entries is read back, changed and written again."""
+        fd, offset, dtype = self.places[key]
+        if values.dtype != dtype or values.numel() != positions.numel():
+            raise ValueError(f"patch {show(key)}: {values.numel()} values of {values.dtype} for {positions.numel()} "
+                             f"positions of a tensor of {dtype}")
+        if not positions.numel():
+            return
+        positions = positions.long()
+        far = ((positions[1:] - positions[:-1]) * dtype.itemsize > PATCH_GAP).nonzero().flatten() + 1
+        bounds = [0, *far.tolist(), positions.numel()]
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            first = int(positions[a])
+            span = torch.empty(int(positions[b - 1]) - first + 1, dtype=dtype)
+            view = _bytes_view(span)
+            done = 0
+            while done < len(view):
+                got = os.preadv(fd, [view[done:]], offset + first * dtype.itemsize + done)
+                if got <= 0:
+                    raise OSError(f"patch {show(key)}: the output shard ends before entry {first + done}")
+                done += got
+            span[positions[a:b] - first] = values[a:b]
+            self._pwrite(fd, view, offset + first * dtype.itemsize)
 
     @staticmethod
     def _pwrite(fd: int, view: memoryview, position: int) -> None:

@@ -76,7 +76,11 @@ class WriteBehind(Finished):
         """Queue the writer's ``write_segment`` (a segment, or a pack of keys); as :meth:`write`."""
         self._put(self.writer.write_segment, segment, lo, values)
 
-    def _put(self, write, key, lo: int, values: torch.Tensor) -> None:
+    def patch(self, key: str, positions: torch.Tensor, values: torch.Tensor) -> None:
+        """Queue the writer's ``patch`` (after every write queued before it); as :meth:`write`."""
+        self._put(self.writer.patch, key, positions, values)
+
+    def _put(self, write, key, lo, values: torch.Tensor) -> None:
         self._raise_if_failed()
         size = values.numel() * values.element_size()
         with self._room:

@@ -16,8 +16,8 @@ two passes over the task vectors (signs, then the mean).
 
 With fused CPU loops (``options.fused``, pcb_fast.cpu.fused) both take another route that collects
 nothing: the threshold from counts around a sampled bracket, then a single sweep that trims (or
-drops), elects and merges each block, redoing only blocks whose value depends on the whole
-model's majority sign.
+drops), elects and merges each block; the entries whose value depends on the whole model's
+majority sign (known at the end) are patched where it was guessed wrong.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from ..core.engine import (ColumnSample, raise_if_not_finite, select_in_bracket,
                            sum_kept)
 from ..core.options import add_passes, plan_passes
 from ..core.formulas import disjoint_mean, elected_signs, lambda_column, sum_over_tasks, zero_sign_fill
+from ..core.sinks import PATCH_BYTES, as_sink
 from ..core.sources import DEFAULT_BLOCK_WIDTH
 from ..cpu import fused as fused_cpu
 from .linear import (BAND_PARAMS, DARE_PARAMS, breadcrumbs_blocks, check_band_params, check_bands, dare_block,
@@ -382,26 +383,38 @@ def _merge_ties_fused(source, options, sink, density, sign_ties, topk, lam, bloc
 
 def sweep_with_fill(source, options, sink, merge_block, sign_ties: str, block_width: int, guess=None) -> None:
     """One sweep of TIES' election and disjoint mean. ``merge_block(number, block, fill)`` returns
-    (values, sum of the elected signs, undecided positions) for a zero-sum sign ``fill``. The fill
-    is the whole model's majority sign (``sign_ties="majority"``), known only after the sweep, or +1
-    (mergekit). Every block is merged with ``guess`` (a [] tensor; +1 without one) and sunk at once;
-    only where the model's fill turns out otherwise are the blocks with undecided positions (zero
-    sum, some entry non-zero: exact cancellations, common with bf16 weights) read (those blocks
-    only), merged and sunk again, so a sink may receive such a block twice (the second values
-    count). With +1 fills, known in advance, there is never a second read."""
+    (values, sum of the elected signs, undecided positions, their values under -fill) for a zero-sum
+    sign ``fill``: the undecided positions (zero sum, some entry non-zero: exact cancellations,
+    common with bf16 weights) are the only ones whose value depends on the fill. The fill is the
+    whole model's majority sign (``sign_ties="majority"``), known only after the sweep, or +1
+    (mergekit). Every block is merged with ``guess`` (a [] tensor; +1 without one) and sunk at once,
+    with its values under the other fill where the sink takes them (``Sink.patchable``, within the
+    memory budget); where the model's fill turns out otherwise, those are patched in, and the
+    blocks whose values could not be held are read (those only), merged and sunk again (a sink may
+    then receive such a block twice: the second values count)."""
+    sink = as_sink(sink)
     guess = torch.ones(()) if guess is None else guess
-    sign_total, undecided_blocks = 0, set()
+    sign_total, patches, merge_again, held = 0, [], [], 0
+    room = options.memory_budget
     for number, block in enumerate(source.blocks(block_width, options=options)):
-        values, signs, undecided = merge_block(number, block, guess)
+        values, signs, positions, others = merge_block(number, block, guess)
         sign_total += int(signs)
-        if int(undecided):
-            undecided_blocks.add(number)
+        cost = positions.numel() * PATCH_BYTES
+        if cost and sink.patchable is not None and (room is None or held + cost <= room):
+            patches.append(sink.patchable(block.segment, block.lo, block.hi, values, positions, others))
+            held += cost
+            continue
+        if cost:
+            merge_again.append(number)
         sink(block.segment, block.lo, block.hi, values)
     fill = zero_sign_fill(sign_total, sign_ties)
-    if undecided_blocks and not torch.equal(fill, guess):
+    if torch.equal(fill, guess):
+        return
+    for patch in patches:
+        patch()
+    if merge_again:
         add_passes(options, "merge", why="sign of zero sums guessed wrong, re-merging undecided blocks")
-        numbers = sorted(undecided_blocks)
-        for number, block in zip(numbers, source.blocks(block_width, options=options, only=numbers)):
+        for number, block in zip(merge_again, source.blocks(block_width, options=options, only=merge_again)):
             sink(block.segment, block.lo, block.hi, merge_block(number, block, fill)[0])
 
 
@@ -508,7 +521,7 @@ def merge_breadcrumbs_ties(source, sink, options, *, gamma=0.01, beta=0.1, band=
 def _merge_dare_ties_fused(source, options, sink, p, seed, rescale, factors, sign_ties, lam, block_width,
                            normalize=True):
     """DARE-TIES with compiled block loops: the drop, the election, the mean and the NaN check in
-    one sweep (blocks with undecided positions merged again where the fill guessed was wrong, see
+    one sweep (the values of undecided positions patched where the fill guessed was wrong, see
     :func:`sweep_with_fill`)."""
     n = source.n
     lam = fused_cpu.weights(lam, n)
@@ -516,13 +529,13 @@ def _merge_dare_ties_fused(source, options, sink, p, seed, rescale, factors, sig
     divide = torch.tensor(1.0 if normalize else 0.0)
 
     def merge_block(number, block, fill):
-        values, signs, undecided, kept, row_max = fused_cpu.dare_ties_block(block, p, seed, rescale, factors, lam, fill,
-                                                                             divide)
+        values, signs, positions, others, kept, row_max = fused_cpu.dare_ties_block(block, p, seed, rescale, factors,
+                                                                                     lam, fill, divide)
         if number not in counted:  # a block merged again is counted once
             counted.add(number)
             raise_if_not_finite(source, options, block, row_max)
             kept_counts.add_(kept)
-        return values, signs, undecided
+        return values, signs, positions, others
 
     sweep_with_fill(source, options, sink, merge_block, sign_ties, block_width)
     return kept_counts
