@@ -1,5 +1,5 @@
 """TIES (global) and DARE-TIES from files: how often the fill of zero sums is guessed wrong, how many
-blocks the second merge pass reads then, and what each pass costs; beside another checkout
+blocks hold entries that depend on it (patched, or merged again), and what each pass costs; beside another checkout
 (``--baseline DIR``, e.g. the previous main), alternating in fresh processes on the model of
 bench_llm, warm page cache.
 
@@ -38,11 +38,13 @@ def counted_sweep(source, options, sink, merge_block, *args):
     blocks = [0, 0, 0]  # merged, with undecided positions, undecided positions
 
     def counted(number, block, fill):
-        values, signs, undecided = merge_block(number, block, fill)
+        result = merge_block(number, block, fill)
+        undecided = result[2]  # their count, or (since the patches) their positions
+        undecided = undecided.numel() if undecided.dim() else int(undecided)
         blocks[0] += 1
-        blocks[1] += int(undecided) > 0
-        blocks[2] += int(undecided)
-        return values, signs, undecided
+        blocks[1] += undecided > 0
+        blocks[2] += undecided
+        return result
 
     real_sweep(source, options, sink, counted, *args)
     sweeps.append({"blocks_merged": blocks[0], "merges_with_undecided": blocks[1], "undecided_entries": blocks[2]})

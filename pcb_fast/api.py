@@ -249,8 +249,9 @@ def _merge_keys(base, models, names, merged_keys, out, device, *, method, backen
         values.copy_(theta)
         checks.check_merged(segment.key, theta, values)
 
-    def patchable(segment, lo, hi, tau_m, positions, other):
+    def patchable(segment, lo, hi, tau_m, positions, other, room):
         tau(segment, lo, hi, tau_m)
+        positions, other = room.hold(positions), room.hold(other)
 
         def patch():
             for part, at, taken in pieces_at(segment, lo, hi, positions):

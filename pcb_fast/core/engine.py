@@ -143,8 +143,8 @@ def _scaled_sink(sink: Sink, lam: float) -> Sink:
     def scaled(segment, lo, hi, tau_m):
         sink(segment, lo, hi, lam * tau_m)
 
-    def patchable(segment, lo, hi, tau_m, positions, other):
-        return sink.patchable(segment, lo, hi, lam * tau_m, positions, lam * other)
+    def patchable(segment, lo, hi, tau_m, positions, other, room):
+        return sink.patchable(segment, lo, hi, lam * tau_m, positions, lam * other, room)
 
     return Sink(scaled, patchable=patchable if sink.patchable is not None else None)
 

@@ -200,6 +200,7 @@ int tv_merge_block(const float *tv, int64_t n, int64_t m, int64_t stride, const 
             for (int64_t c = 0; c < chunks; c++) {
                 const int64_t j0 = c * CHUNK, count = m - j0 < CHUNK ? m - j0 : CHUNK;
                 float total[CHUNK], largest[CHUNK], elected[CHUNK], num[CHUNK], den[CHUNK];
+                uint8_t undecided_at[CHUNK];
                 for (int64_t i = 0; i < n; i++)
                     my_kept[i] += weigh(rule, i, tv + i * stride + j0, j0, count, lam[i], w + i * CHUNK, &my_max[i]);
                 for (int64_t j = 0; j < count; j++)
@@ -223,7 +224,8 @@ int tv_merge_block(const float *tv, int64_t n, int64_t m, int64_t stride, const 
                     const float t = total[j];
                     positive += t > 0;
                     negative += t < 0;
-                    open += (t == 0) & (largest[j] > 0);
+                    undecided_at[j] = (t == 0) & (largest[j] > 0);
+                    open += undecided_at[j];
                     /* the sign each entry must agree with */
                     elected[j] = t > 0 ? 1.0f : t < 0 ? -1.0f : fill;
                 }
@@ -249,12 +251,19 @@ int tv_merge_block(const float *tv, int64_t n, int64_t m, int64_t stride, const 
                     values[j0 + j] = divide ? num[j] / (den[j] == 0 ? 1.0f : den[j]) : num[j];
                 if (others && open) { /* few positions: each one's value under the other fill */
                     int32_t k = 0;
-                    for (int64_t j = 0; j < count; j++)
-                        if ((total[j] == 0) & (largest[j] > 0)) {
+                    for (int64_t j = count; j < CHUNK && (j & 7); j++)
+                        undecided_at[j] = 0; /* (read 8 at a time) */
+                    for (int64_t j8 = 0; j8 < count; j8 += 8) { /* 8 flags at a time, skipping zeros */
+                        uint64_t word;
+                        memcpy(&word, undecided_at + j8, 8);
+                        while (word) {
+                            const int64_t j = j8 + (__builtin_ctzll(word) >> 3);
+                            word &= word - 1;
                             open_at[j0 + k] = (int32_t)(j0 + j);
                             open_values[j0 + k] = agreeing_mean(w, n, j, lam, -fill, divide);
                             k++;
                         }
+                    }
                     open_in_chunk[c] = k;
                 }
             }

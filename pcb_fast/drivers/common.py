@@ -166,16 +166,17 @@ def shard_sink(writer, out_dtype, lam: float, base_slice: Callable, *, aliases: 
                 raise
             comm.fail(str(e))  # raised on every rank at the next collective
 
-    def patchable(segment, lo, hi, tau_m, positions, other):
-        """tau_m sunk as by ``tau``; the patch holds the output's values at ``positions`` under ``other``,
-        made now from the base's slice at hand, and writes them over the first ones (the writer reads
-        back the bytes around them: nothing is final before the writer closes)."""
+    def patchable(segment, lo, hi, tau_m, positions, other, room):
+        """tau_m sunk as by ``tau``; the patch holds the base's values at ``positions`` (taken now from
+        the slice at hand) and ``other``, and writes the output's values there over the first ones
+        (the writer reads back the bytes around them: nothing is final before the writer closes)."""
         tau(segment, lo, hi, tau_m)
-        base = base_slice(segment, lo, hi)[positions.long()]  # (the block just read: no second read)
-        values = torch.empty(positions.numel(), dtype=out_dtype(segment.lead_key))
-        made = native.merged_output(base, other, lam, values)  # else (not finite, ...) torch's, when applied
+        base = room.hold(base_slice(segment, lo, hi).index_select(0, positions))  # (the block just read)
+        positions, other = room.hold(positions), room.hold(other)
 
         def patch():
+            values = torch.empty(positions.numel(), dtype=out_dtype(segment.lead_key))
+            made = native.merged_output(base, other, lam, values)  # else (not finite, ...) torch's, which says why
             for part, at, taken in pieces_at(segment, lo, hi, positions):
                 if made and values.dtype == out_dtype(part.key):
                     part_values = values[taken]

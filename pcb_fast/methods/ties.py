@@ -29,7 +29,7 @@ from ..core.engine import (ColumnSample, raise_if_not_finite, select_in_bracket,
                            sum_kept)
 from ..core.options import add_passes, plan_passes
 from ..core.formulas import disjoint_mean, elected_signs, lambda_column, sum_over_tasks, zero_sign_fill
-from ..core.sinks import PATCH_BYTES, as_sink
+from ..core.sinks import PATCH_BYTES, PatchRoom, as_sink
 from ..core.sources import DEFAULT_BLOCK_WIDTH
 from ..cpu import fused as fused_cpu
 from .linear import (BAND_PARAMS, DARE_PARAMS, breadcrumbs_blocks, check_band_params, check_bands, dare_block,
@@ -394,15 +394,14 @@ def sweep_with_fill(source, options, sink, merge_block, sign_ties: str, block_wi
     then receive such a block twice: the second values count)."""
     sink = as_sink(sink)
     guess = torch.ones(()) if guess is None else guess
-    sign_total, patches, merge_again, held = 0, [], [], 0
-    room = options.memory_budget
+    sign_total, patches, merge_again, room = 0, [], [], PatchRoom()
+    budget = options.memory_budget
     for number, block in enumerate(source.blocks(block_width, options=options)):
         values, signs, positions, others = merge_block(number, block, guess)
         sign_total += int(signs)
         cost = positions.numel() * PATCH_BYTES
-        if cost and sink.patchable is not None and (room is None or held + cost <= room):
-            patches.append(sink.patchable(block.segment, block.lo, block.hi, values, positions, others))
-            held += cost
+        if cost and sink.patchable is not None and (budget is None or room.nbytes + cost <= budget):
+            patches.append(sink.patchable(block.segment, block.lo, block.hi, values, positions, others, room))
             continue
         if cost:
             merge_again.append(number)
