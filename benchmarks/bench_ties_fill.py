@@ -37,8 +37,8 @@ real_sweep = ties.sweep_with_fill
 def counted_sweep(source, options, sink, merge_block, *args):
     blocks = [0, 0, 0]  # merged, with undecided positions, undecided positions
 
-    def counted(number, block, fill):
-        result = merge_block(number, block, fill)
+    def counted(*args):  # (number, block, fill), or (number, segment, lo, inputs, fill)
+        result = merge_block(*args)
         undecided = result[2]  # their count, or (since the patches) their positions
         undecided = undecided.numel() if undecided.dim() else int(undecided)
         blocks[0] += 1

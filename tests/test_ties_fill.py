@@ -113,6 +113,36 @@ def test_a_wrong_fill_guess_is_patched_in_memory_without_another_pass(monkeypatc
     assert cancels.any() and (changed[cancels] < 0).all()
 
 
+def balanced_models():
+    """A base and two fine-tunes whose elected signs sum to zero in every tensor (the fill is then 0,
+    which elects as -1 does: the negative entries agree): a third of the entries cancel, a third are
+    positive in both task vectors, a third negative."""
+    g = torch.Generator().manual_seed(3)
+    base, tunes = {}, [{}, {}]
+    for key, shape in {"a.weight": (96, 160), "b.weight": (48, 96)}.items():
+        b = torch.randint(160, 224, shape, generator=g) / 128
+        d = torch.randint(1, 32, shape, generator=g) / 128
+        kind = torch.arange(b.numel()).reshape(shape) % 3  # 0: cancel, 1: positive, 2: negative
+        base[key] = b
+        tunes[0][key] = torch.where(kind == 0, b + d, torch.where(kind == 1, b + d, b - d))
+        tunes[1][key] = torch.where(kind == 0, b - d, torch.where(kind == 1, b + d / 2, b - d / 2))
+    return base, tunes
+
+
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_a_zero_fill_guessed_either_way_gives_the_eager_values(monkeypatch, scope):
+    base, tunes = balanced_models()
+    eager = pcb_fast.merge(base, tunes, method="ties", density=1.0, scope=scope, block_width=4096, fused="off")
+    for fill in (-1.0, 1.0):
+        with monkeypatch.context() as m:
+            force_guess(m, fill)
+            merged = pcb_fast.merge(base, tunes, method="ties", density=1.0, scope=scope, block_width=4096)
+        for key in base:
+            assert torch.equal(merged[key], eager[key]), (fill, key)
+    cancels = torch.arange(base["a.weight"].numel()).reshape(base["a.weight"].shape) % 3 == 0
+    assert torch.equal(eager["a.weight"][cancels], tunes[1]["a.weight"][cancels])  # the negative entry
+
+
 @pytest.mark.parametrize("method,params", METHODS[::2])
 def test_patches_beyond_the_memory_budget_merge_those_blocks_again(tmp_path, monkeypatch, passes, method, params):
     """Where the values under the other fill would not fit the budget, the blocks that hold such

@@ -322,6 +322,17 @@ class ColumnSample:
         first = (-block.start) % self.stride
         self.parts.append(block.tv[:, first :: self.stride].clone())
 
+    def add_inputs(self, segment, lo: int, inputs) -> None:
+        """:meth:`add` for the block of ``segment`` from entry ``lo`` on given as its float32 task vectors
+        [n, m] or its raw slices [base, model_0, ...] (float32, bfloat16 or float16): tau of the
+        sampled columns only, formed with the bits of the sources' blocks (torch.sub of exact values)."""
+        if isinstance(inputs, torch.Tensor):
+            self.add(Block(segment, lo, lo + inputs.shape[1], inputs))
+            return
+        first = (-(segment.offset + lo)) % self.stride
+        base = inputs[0][first :: self.stride].float()
+        self.parts.append(torch.stack([model[first :: self.stride].float() - base for model in inputs[1:]]))
+
     def take_without_pass(self, source) -> bool:
         """Take the same sample straight from a source that holds its task vectors in memory (no
         pass over the blocks); False when the source needs a pass."""

@@ -436,7 +436,7 @@ class CheckpointSource(TaskVectorSource):
         self._buffers = {}
         self._prefetcher = None
         self._readers = []  # every Prefetcher running, shared with the views of restrict() (close_reads)
-        # (key, lo, hi, float32 values) of the block read last, for base_block; shared with the views
+        # (key, lo, hi, values in float32 or as stored) of the block read last, for base_block; shared with the views
         # of restrict() (scope="tensor"), which read for this source
         self._last_base = [None]
 
@@ -481,9 +481,9 @@ class CheckpointSource(TaskVectorSource):
         return None if reason is None else f"base model, key {checks.short(key, 80)}: {reason}"
 
     def base_block(self, key: str, lo: int, hi: int) -> torch.Tensor | None:
-        """The base's entries [lo, hi) of ``key`` (a segment's key, a pack's too) in float32 when the
-        block read last is this one and float32 holds them exactly (a sink then need not read them
-        again), else None. Valid until the next block is read."""
+        """The base's entries [lo, hi) of ``key`` (a segment's key, a pack's too), in float32 or as stored,
+        when the block read last is this one and float32 holds them exactly (a sink then need not read
+        them again), else None. Valid until the next block is read."""
         last = self._last_base[0]
         return last[3] if last is not None and last[:3] == (key, lo, hi) else None
 
@@ -547,7 +547,12 @@ class CheckpointSource(TaskVectorSource):
         slices are valid until the next block. :meth:`task_vectors` gives a block's float32 tau."""
         for seg, lo, hi in self._pass(self.plan(width, options=options), options):
             with self._natives(seg, lo, hi) as natives:
-                yield seg, lo, hi, natives
+                base = natives[0]
+                self._last_base[0] = (seg.key, lo, hi, base) if base.dtype in EXACT_IN_FLOAT32 else None
+                try:
+                    yield seg, lo, hi, natives
+                finally:
+                    self._last_base[0] = None  # (the slices are let go)
 
     def task_vectors(self, seg: Segment, lo: int, hi: int, natives: list) -> Block:
         """The block of :meth:`blocks` for raw slices of :meth:`raw_blocks` (a new tensor)."""

@@ -179,7 +179,8 @@ def _row_max_abs(tv: torch.Tensor) -> torch.Tensor:
 
 
 def bracket_inside(tv, floor, ceiling):
-    """|tau| of each task of a block around its bracket [floor, ceiling] ([n, 1] each): (max |tau|
+    """|tau| of each task of a block (float32 task vectors or raw slices, see native.ties_block) around
+    its bracket [floor, ceiling] ([n, 1] each): (max |tau|
     per task, NaN propagating; [3, n] int64 counts of |tau| > ceiling, == ceiling and == floor; a
     list of n tensors, each task's |tau| strictly inside its bracket in position order)."""
     return native.bracket(tv, floor, ceiling)
@@ -195,17 +196,20 @@ def ties_block(tv, t, cut, lam, fill, divide):
     return native.ties_block(tv, t, cut, lam, fill, bool(divide))
 
 
-def dare_ties_block(block, p, seed: int, rescale: str, factors, lam, fill, divide):
-    """DARE-TIES on a block (drop probability ``p``, one or a list; ``rescale`` "inverse", or "l1" with
-    the [n, 1] ``factors``, or "none"): native.dare_ties_block's election and mean, kept entries and max
-    |tau| per task."""
-    return native.dare_ties_block(block.tv, _drop(block, p, seed, rescale, factors), lam, fill, bool(divide))
+def dare_ties_block(tv, segment, lo: int, p, seed: int, rescale: str, factors, lam, fill, divide):
+    """DARE-TIES on the block of ``segment`` from entry ``lo`` on (``tv``: its float32 task vectors or raw
+    slices, see native.ties_block; drop probability ``p``, one or a list; ``rescale`` "inverse", or
+    "l1" with the [n, 1] ``factors``, or "none"): native.dare_ties_block's election and mean, kept
+    entries and max |tau| per task."""
+    n = tv.shape[0] if isinstance(tv, torch.Tensor) else len(tv) - 1
+    return native.dare_ties_block(tv, _drop(n, segment.key, lo, p, seed, rescale, factors), lam, fill, bool(divide))
 
 
 def dare_sum(block, p, seed: int, rescale: str, factors, lam):
     """DARE then task arithmetic on a block (options as :func:`dare_ties_block`): (sum over tasks,
     kept per task, max |tau| per task)."""
-    return native.dare_sum(block.tv, _drop(block, p, seed, rescale, factors), lam)
+    return native.dare_sum(block.tv, _drop(block.tv.shape[0], block.segment.key, block.lo, p, seed, rescale, factors),
+                           lam)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -215,17 +219,17 @@ def _streams(seed: int, n: int, key: str) -> tuple:
     return streams, [rng.mix32(h) for h in streams]
 
 
-def _drop(block, p, seed: int, rescale: str, factors) -> tuple:
-    """The drop of a block for native.dare_sum / dare_ties_block: the eager drop's operations (rescale
-    "inverse": divided by float32(1 - p_i); "l1": multiplied by the factors; "none": by 1)."""
-    n = block.tv.shape[0]
+def _drop(n: int, key: str, lo: int, p, seed: int, rescale: str, factors) -> tuple:
+    """The drop of a block of ``n`` tasks (entries of ``key`` from ``lo`` on) for native.dare_sum /
+    dare_ties_block: the eager drop's operations (rescale "inverse": divided by float32(1 - p_i);
+    "l1": multiplied by the factors; "none": by 1)."""
     ps = p if isinstance(p, list) else [p] * n
-    streams, highs = _streams(seed, n, block.segment.key)
+    streams, highs = _streams(seed, n, key)
     if rescale == "inverse":
         scales, multiply = [1 - x for x in ps], False
     else:
         scales, multiply = (factors if rescale == "l1" else [1.0] * n), True
-    return streams, highs, [rng.keep_threshold(x) for x in ps], block.lo, scales, multiply
+    return streams, highs, [rng.keep_threshold(x) for x in ps], lo, scales, multiply
 
 
 @Fusable

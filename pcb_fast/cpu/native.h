@@ -103,14 +103,15 @@ int row_order_statistics(const uint32_t *bits, int64_t rows, int64_t rows_per_gr
                          int64_t length, int64_t rank_a, int64_t rank_b, float *out_a, float *out_b, int threads);
 void dare_keep_masks(int64_t lo, int64_t m, int64_t n, const uint32_t *streams, const uint32_t *highs,
                      const uint32_t *thresholds, uint8_t *out, int threads);
-void tv_bracket(const float *tv, int64_t n, int64_t m, int64_t stride, const float *floor_, const float *ceiling,
-                float *row_max, int64_t *above, int64_t *at_ceiling, int64_t *at_floor, float *inside,
-                int64_t *inside_counts, uint8_t *flags, int threads);
+void tv_bracket(const float *tv, int64_t n, int64_t m, int64_t stride, const void *const *raw,
+                const int32_t *raw_dtypes, const float *floor_, const float *ceiling, float *row_max, int64_t *above,
+                int64_t *at_ceiling, int64_t *at_floor, float *inside, int64_t *inside_counts, int threads);
 void tv_equal_counts(const float *tv, int64_t n, int64_t m, int64_t stride, const float *t, int64_t *counts,
                      int threads);
-int tv_merge_block(const float *tv, int64_t n, int64_t m, int64_t stride, const keep_rule *rule, const float *lam,
-                   int elect, float fill, int divide, float *values, int64_t *signs, int64_t *undecided,
-                   int32_t *open_at, float *open_values, int64_t *kept, float *row_max, int threads);
+int tv_merge_block(const float *tv, int64_t n, int64_t m, int64_t stride, const void *const *raw,
+                   const int32_t *raw_dtypes, const keep_rule *rule, const float *lam, int elect, float fill, int divide,
+                   float *values, int64_t *signs, int64_t *undecided, int32_t *open_at, float *open_values,
+                   int64_t *kept, float *row_max, int threads);
 void collect_counts(const float *scores, int64_t n, int64_t m, int64_t score_stride, const float *floor_,
                     int64_t *counts, int threads);
 void collect_entries(const float *scores, const float *tv, int64_t n, int64_t m, int64_t score_stride,

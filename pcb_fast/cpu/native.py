@@ -370,10 +370,10 @@ _p, _i64, _i32, _int, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ct
 SIGNATURES = {
     "row_order_statistics": (_int, [_p, _i64, _i64, _i64, _i64, _i64, _i64, _p, _p, _int]),
     "dare_keep_masks": (None, [_i64, _i64, _i64, _p, _p, _p, _p, _int]),
-    "tv_bracket": (None, [_p, _i64, _i64, _i64] + [_p] * 9 + [_int]),
+    "tv_bracket": (None, [_p, _i64, _i64, _i64] + [_p] * 10 + [_int]),
     "tv_equal_counts": (None, [_p, _i64, _i64, _i64, _p, _p, _int]),
-    "tv_merge_block": (_int, [_p, _i64, _i64, _i64, ctypes.POINTER(KeepRule), _p, _int, _f32, _int] + [_p] * 7
-                       + [_int]),
+    "tv_merge_block": (_int, [_p, _i64, _i64, _i64, _p, _p, ctypes.POINTER(KeepRule), _p, _int, _f32, _int]
+                       + [_p] * 7 + [_int]),
     "collect_counts": (None, [_p, _i64, _i64, _i64, _p, _p, _int]),
     "collect_entries": (None, [_p, _p, _i64, _i64, _i64, _i64] + [_p] * 5 + [_int]),
     "run_extremes": (None, [_p, _i64, _i64, _i64, _p, _p, _i64, _p, _p, _p, _int]),
@@ -407,19 +407,34 @@ def _threads(work: int) -> int:
     return max(1, min(torch.get_num_threads(), work // MIN_ENTRIES_PER_THREAD))
 
 
-def bracket(tv: torch.Tensor, floor, ceiling):
+def _block_rows(tv) -> tuple:
+    """A block for the TIES loops: its float32 task rows [n, m] (unit steps in a row), or the raw
+    slices [base, model_0, ...] of :func:`raw_slices`, from which the loops form tau themselves (the
+    bits of the sources' blocks). Returns (n, m, pointer to the rows or None, row stride, pointers
+    to the raw slices or None, their dtype codes or None)."""
+    if isinstance(tv, torch.Tensor):
+        tv = _task_rows(tv)
+        return (*tv.shape, tv.data_ptr(), tv.stride(0), None, None)
+    if not raw_slices(tv):
+        raise ValueError("raw slices must be float32, bfloat16 or float16 vectors of one length, the base first")
+    raw = (ctypes.c_void_p * len(tv))(*(t.data_ptr() for t in tv))
+    dtypes = (ctypes.c_int32 * len(tv))(*(KERNEL_DTYPES[t.dtype] for t in tv))
+    return len(tv) - 1, tv[0].numel(), None, 0, raw, dtypes
+
+
+def bracket(tv, floor, ceiling):
     """|tau| of a block [n, m] around a bracket per task (``floor``, ``ceiling``: n values): (max |tau|
     per task, NaN propagating; [3, n] int64 counts of |tau| > ceiling, == ceiling and == floor; a
-    list of n tensors: each task's |tau| strictly inside its bracket, in position order)."""
-    library, tv = _loaded(), _task_rows(tv)
-    n, m = tv.shape
+    list of n tensors: each task's |tau| strictly inside its bracket, in position order). ``tv``:
+    the block's float32 task vectors, or its raw slices (see :func:`_block_rows`)."""
+    library = _loaded()
+    n, m, pointer, stride, raw, dtypes = _block_rows(tv)
     floor, ceiling = _column(floor, torch.float32), _column(ceiling, torch.float32)
     row_max, counts = torch.empty(n), torch.empty(3, n, dtype=torch.int64)
     inside, inside_counts = torch.empty(n, m), torch.empty(n, dtype=torch.int64)
-    flags = torch.empty(n, m, dtype=torch.uint8)
-    library.tv_bracket(tv.data_ptr(), n, m, tv.stride(0), floor.data_ptr(), ceiling.data_ptr(), row_max.data_ptr(),
+    library.tv_bracket(pointer, n, m, stride, raw, dtypes, floor.data_ptr(), ceiling.data_ptr(), row_max.data_ptr(),
                        counts[0].data_ptr(), counts[1].data_ptr(), counts[2].data_ptr(), inside.data_ptr(),
-                       inside_counts.data_ptr(), flags.data_ptr(), min(n, _threads(n * m)))
+                       inside_counts.data_ptr(), min(n, _threads(n * m)))
     return row_max, counts, [inside[i, :k].clone() for i, k in enumerate(inside_counts.tolist())]
 
 
@@ -450,18 +465,19 @@ _open_room = _OpenRoom()
 
 
 def _merge_block(tv, rule: KeepRule, lam, elect: bool, fill=1.0, divide=True):
-    """tv_merge_block on a block: (values, sum of the elected signs, [k] int32 undecided positions in
-    ascending order, [k] float32 values there under the opposite fill, [n] kept, [n] max |tau|); no
-    positions (two empty tensors) where ``elect`` is False."""
-    library, tv = _loaded(), _task_rows(tv)
-    n, m = tv.shape
+    """tv_merge_block on a block (float32 rows or raw slices, see :func:`_block_rows`): (values, sum
+    of the elected signs, [k] int32 undecided positions in ascending order, [k] float32 values there
+    under the other fill (-1 for a positive fill, else +1), [n] kept, [n] max |tau|); no positions
+    (two empty tensors) where ``elect`` is False."""
+    library = _loaded()
+    n, m, pointer, stride, raw, dtypes = _block_rows(tv)
     if m >= 1 << 31:
         raise ValueError(f"pcb_fast native kernel: a block of {m} entries has more than 2^31")
     lam = _column(lam, torch.float32)
     values, counts = torch.empty(m), torch.zeros(2, dtype=torch.int64)
     kept, row_max = torch.empty(n, dtype=torch.int64), torch.empty(n)
     at, others = _open_room.of(m) if elect else (None, None)
-    status = library.tv_merge_block(tv.data_ptr(), n, m, tv.stride(0), ctypes.byref(rule), lam.data_ptr(), int(elect),
+    status = library.tv_merge_block(pointer, n, m, stride, raw, dtypes, ctypes.byref(rule), lam.data_ptr(), int(elect),
                                     float(fill), int(divide), values.data_ptr(), counts[0].data_ptr(),
                                     counts[1].data_ptr(), None if at is None else at.data_ptr(),
                                     None if others is None else others.data_ptr(), kept.data_ptr(),
@@ -477,11 +493,13 @@ def _merge_block(tv, rule: KeepRule, lam, elect: bool, fill=1.0, divide=True):
 
 
 def ties_block(tv, t, cut, lam, fill, divide: bool):
-    """TIES on a block [n, m] (the eager engine's values bit for bit): entries kept where |tau| > t_i,
+    """TIES on a block [n, m] (the eager engine's values bit for bit; ``tv``: its float32 task vectors,
+    or its raw slices, see :func:`_block_rows`): entries kept where |tau| > t_i,
     or == t_i at positions < cut_i; weighted by lam_i; the sign elected per position (``fill`` where
     the sum is 0); the mean (``divide``) or sum of the agreeing entries. Returns (values [m], sum of
     the elected signs, the undecided positions (zero sum, some non-zero entry) as ascending int32
-    offsets, the float32 values they take under the opposite fill, -fill)."""
+    offsets, the float32 values they take under the other fill: -1 for a positive ``fill``, else +1,
+    a zero fill electing as -1 does)."""
     t, cut = _column(t, torch.float32), _column(cut, torch.int64)
     rule = KeepRule(drop=0, t=t.data_ptr(), cut=cut.data_ptr())
     values, signs, at, others, _, _ = _merge_block(tv, rule, lam, True, fill, divide)  # t, cut alive here
@@ -502,7 +520,7 @@ def dare_ties_block(tv, drop: tuple, lam, fill, divide: bool):
     stream constants of pcb_fast.core.rng, their mix32, the n keep thresholds, the block's first
     index in its tensor, n float32 scales, multiply): survivors divided by scale_i (1 - p_i), or
     with ``multiply``, multiplied by it (mergekit's L1 factors; 1 for no rescale). Returns (values,
-    sum of the elected signs, undecided positions and their values under the opposite fill (as
+    sum of the elected signs, undecided positions and their values under the other fill (as
     :func:`ties_block`), [n] entries kept, [n] max |tau|, NaN propagating)."""
     rule, arrays = _drop_rule(*drop)
     return _merge_block(tv, rule, lam, True, fill, divide)  # the rule's arrays alive here

@@ -18,27 +18,44 @@
 
 #define CHUNK 512 /* entries per step: n rows of weighted values stay in L1/L2 */
 
-#define SPAN (1 << 20) /* entries counted in 32-bit counters before they are added up */
+/* The block's row i from j0 on (count entries): tv's own row, or with ``raw`` (the stored slices
+ * raw[0], the base, and raw[1 + i], model i, of dtypes raw_dtypes[.]) tau formed into ``formed``:
+ * f32(model_i[j]) - f32(base[j]), the bits of torch.sub (the sources' blocks). ``base``: the base's
+ * f32 values of those entries, loaded by the caller. */
+static inline const float *task_row(const float *tv, int64_t stride, const void *const *raw, const int32_t *raw_dtypes,
+                                    int64_t i, int64_t j0, int64_t count, const float *base, float *formed)
+{
+    if (raw == NULL)
+        return tv + i * stride + j0;
+    load_f32(raw[1 + i], raw_dtypes[1 + i], j0, count, formed);
+    for (int64_t j = 0; j < count; j++)
+        formed[j] = formed[j] - base[j];
+    return formed;
+}
 
-/* For each task row: max |x| (NaN if any), counts of |x| > ceiling, == ceiling, == floor, and the
- * |x| strictly between floor and ceiling, written in order to inside + i * m (inside_counts[i] of
- * them). ``flags``: m bytes of scratch per task row. */
-void tv_bracket(const float *tv, int64_t n, int64_t m, int64_t stride, const float *floor_, const float *ceiling,
-                float *row_max, int64_t *above, int64_t *at_ceiling, int64_t *at_floor, float *inside,
-                int64_t *inside_counts, uint8_t *flags, int threads)
+/* For each task row (of tv, or formed from ``raw``, see task_row): max |x| (NaN if any), counts of
+ * |x| > ceiling, == ceiling, == floor, and the |x| strictly between floor and ceiling, written in
+ * order to inside + i * m (inside_counts[i] of them). */
+void tv_bracket(const float *tv, int64_t n, int64_t m, int64_t stride, const void *const *raw,
+                const int32_t *raw_dtypes, const float *floor_, const float *ceiling, float *row_max, int64_t *above,
+                int64_t *at_ceiling, int64_t *at_floor, float *inside, int64_t *inside_counts, int threads)
 {
     (void)threads;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t i = 0; i < n; i++) {
-        const float *x = tv + i * stride;
-        uint8_t *flag = flags + i * m;
         const float lo = floor_[i], hi = ceiling[i];
+        float *out = inside + i * m;
+        float base[CHUNK], formed[CHUNK];
+        uint8_t flag[CHUNK];
         uint32_t mx = 0;
         int64_t count_above = 0, count_ceiling = 0, count_floor = 0, count_inside = 0;
-        for (int64_t j0 = 0; j0 < m; j0 += SPAN) {
-            const int64_t end = m - j0 < SPAN ? m : j0 + SPAN;
+        for (int64_t j0 = 0; j0 < m; j0 += CHUNK) {
+            const int64_t count = m - j0 < CHUNK ? m - j0 : CHUNK;
+            if (raw != NULL)
+                load_f32(raw[0], raw_dtypes[0], j0, count, base);
+            const float *x = task_row(tv, stride, raw, raw_dtypes, i, j0, count, base, formed);
             uint32_t a_above = 0, a_ceiling = 0, a_floor = 0, a_inside = 0;
-            for (int64_t j = j0; j < end; j++) {
+            for (int64_t j = 0; j < count; j++) {
                 const float a = fabsf(x[j]);
                 const uint8_t in = (a > lo) & (a < hi);
                 mx = max_u32(mx, bits_of(a));
@@ -51,23 +68,18 @@ void tv_bracket(const float *tv, int64_t n, int64_t m, int64_t stride, const flo
             count_above += a_above;
             count_ceiling += a_ceiling;
             count_floor += a_floor;
-            count_inside += a_inside;
-        }
-        if (count_inside) { /* few entries: skip 8 flags at a time */
-            float *out = inside + i * m;
-            int64_t k = 0, j = 0;
-            for (; j + 8 <= m; j += 8) {
-                uint64_t word;
-                memcpy(&word, flag + j, 8);
-                while (word) {
-                    const int byte = __builtin_ctzll(word) >> 3;
-                    out[k++] = fabsf(x[j + byte]);
-                    word &= ~(0xFFull << (byte * 8));
+            if (a_inside) { /* few entries: skip 8 flags at a time */
+                for (int64_t j = count; j < CHUNK && (j & 7); j++)
+                    flag[j] = 0;
+                for (int64_t j8 = 0; j8 < count; j8 += 8) {
+                    uint64_t word;
+                    memcpy(&word, flag + j8, 8);
+                    while (word) {
+                        out[count_inside++] = fabsf(x[j8 + (__builtin_ctzll(word) >> 3)]);
+                        word &= word - 1;
+                    }
                 }
             }
-            for (; j < m; j++)
-                if (flag[j])
-                    out[k++] = fabsf(x[j]);
         }
         row_max[i] = float_of(mx);
         above[i] = count_above;
@@ -170,16 +182,19 @@ static float agreeing_mean(const float *w, int64_t n, int64_t j, const float *la
  * filled; signs: the sum of the elected signs; undecided: positions with a zero total and some
  * non-zero entry (their value depends on fill). With ``open_at`` and ``open_values`` (m entries of
  * room each, or NULL), the undecided positions in ascending order and the values they take under
- * the opposite fill (-fill) are written to their first ``undecided`` entries. */
-int tv_merge_block(const float *tv, int64_t n, int64_t m, int64_t stride, const keep_rule *rule, const float *lam,
-                   int elect, float fill, int divide, float *values, int64_t *signs, int64_t *undecided,
-                   int32_t *open_at, float *open_values, int64_t *kept, float *row_max, int threads)
+ * the other fill (-1 for a positive fill, else +1) are written to their first ``undecided`` entries. With ``raw``, the
+ * block's rows are formed from the stored slices (see task_row), tv unused. */
+int tv_merge_block(const float *tv, int64_t n, int64_t m, int64_t stride, const void *const *raw,
+                   const int32_t *raw_dtypes, const keep_rule *rule, const float *lam, int elect, float fill, int divide,
+                   float *values, int64_t *signs, int64_t *undecided, int32_t *open_at, float *open_values,
+                   int64_t *kept, float *row_max, int threads)
 {
     (void)threads;
     const int64_t chunks = (m + CHUNK - 1) / CHUNK;
     int failed = 0;
     int64_t sign_sum = 0, undecided_sum = 0;
     const int others = elect && open_at != NULL && open_values != NULL;
+    const float other = fill > 0 ? -1.0f : 1.0f; /* the other fill (0 elects as -1 does: w < 0 agree) */
     uint32_t *max_bits_of = calloc((size_t)n, sizeof(uint32_t));
     int32_t *open_in_chunk = others ? calloc((size_t)chunks, sizeof(int32_t)) : NULL;
     if (max_bits_of == NULL || (others && open_in_chunk == NULL)) {
@@ -199,10 +214,13 @@ int tv_merge_block(const float *tv, int64_t n, int64_t m, int64_t stride, const 
 #pragma omp for schedule(static)
             for (int64_t c = 0; c < chunks; c++) {
                 const int64_t j0 = c * CHUNK, count = m - j0 < CHUNK ? m - j0 : CHUNK;
-                float total[CHUNK], largest[CHUNK], elected[CHUNK], num[CHUNK], den[CHUNK];
+                float total[CHUNK], largest[CHUNK], elected[CHUNK], num[CHUNK], den[CHUNK], base[CHUNK], formed[CHUNK];
                 uint8_t undecided_at[CHUNK];
+                if (raw != NULL)
+                    load_f32(raw[0], raw_dtypes[0], j0, count, base);
                 for (int64_t i = 0; i < n; i++)
-                    my_kept[i] += weigh(rule, i, tv + i * stride + j0, j0, count, lam[i], w + i * CHUNK, &my_max[i]);
+                    my_kept[i] += weigh(rule, i, task_row(tv, stride, raw, raw_dtypes, i, j0, count, base, formed), j0,
+                                        count, lam[i], w + i * CHUNK, &my_max[i]);
                 for (int64_t j = 0; j < count; j++)
                     total[j] = n > 1 ? w[j] + w[CHUNK + j] : w[j];
                 for (int64_t i = 2; i < n; i++)
@@ -260,7 +278,7 @@ int tv_merge_block(const float *tv, int64_t n, int64_t m, int64_t stride, const 
                             const int64_t j = j8 + (__builtin_ctzll(word) >> 3);
                             word &= word - 1;
                             open_at[j0 + k] = (int32_t)(j0 + j);
-                            open_values[j0 + k] = agreeing_mean(w, n, j, lam, -fill, divide);
+                            open_values[j0 + k] = agreeing_mean(w, n, j, lam, other, divide);
                             k++;
                         }
                     }

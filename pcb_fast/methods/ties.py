@@ -30,10 +30,11 @@ from ..core.engine import (ColumnSample, raise_if_not_finite, select_in_bracket,
 from ..core.options import add_passes, plan_passes
 from ..core.formulas import disjoint_mean, elected_signs, lambda_column, sum_over_tasks, zero_sign_fill
 from ..core.sinks import PATCH_BYTES, PatchRoom, as_sink
-from ..core.sources import DEFAULT_BLOCK_WIDTH
+from ..core.sources import DEFAULT_BLOCK_WIDTH, Block
 from ..cpu import fused as fused_cpu
 from .linear import (BAND_PARAMS, DARE_PARAMS, breadcrumbs_blocks, check_band_params, check_bands, dare_block,
                      dare_options, dare_packs, pack_index)
+from .pcb import sweep_inputs
 from .spec import MethodSpec, Param, choice, flag
 
 SIGN_TIES = ("majority", "positive")
@@ -345,8 +346,8 @@ def _merge_ties_fused(source, options, sink, density, sign_ties, topk, lam, bloc
         taken = sample.take_without_pass(source)
         plan_passes(options, *([] if taken else ["sample"]), "bracket", "merge")
         if not taken:
-            for block in source.blocks(block_width, options=options):
-                sample.add(block)
+            for segment, lo, hi, inputs in sweep_inputs(source, options, block_width):
+                sample.add_inputs(segment, lo, inputs)
 
         last_pass = []  # the bracket and, per block, the counts and inside values of the latest pass
 
@@ -354,10 +355,10 @@ def _merge_ties_fused(source, options, sink, density, sign_ties, topk, lam, bloc
             counts = torch.zeros(3, n, dtype=torch.int64)
             inside = [[] for _ in range(n)]
             last_pass[:] = [(floor.clone(), ceiling.clone())]
-            for block in source.blocks(block_width, options=options):
-                row_max, block_counts, values = fused_cpu.bracket_inside(block.tv, floor.unsqueeze(1),
+            for segment, lo, hi, inputs in sweep_inputs(source, options, block_width):
+                row_max, block_counts, values = fused_cpu.bracket_inside(inputs, floor.unsqueeze(1),
                                                                          ceiling.unsqueeze(1))
-                raise_if_not_finite(source, options, block, row_max)
+                _check_finite(source, options, segment, lo, hi, inputs, row_max)
                 counts += block_counts
                 for i, part in enumerate(values):
                     inside[i].append(part)
@@ -374,17 +375,35 @@ def _merge_ties_fused(source, options, sink, density, sign_ties, topk, lam, bloc
 
     divide = torch.tensor(1.0 if normalize else 0.0)
 
-    def merge_block(number, block, fill):
-        return fused_cpu.ties_block(block.tv, t, every if cuts is None else cuts(number, block, t), lam, fill, divide)
+    def merge_block(number, segment, lo, inputs, fill):
+        return fused_cpu.ties_block(inputs, t, every if cuts is None else cuts(number, inputs, t), lam, fill, divide)
 
     sweep_with_fill(source, options, sink, merge_block, sign_ties, block_width, guess)
     return kept
 
 
+def _task_row(inputs, i: int) -> torch.Tensor:
+    """Task ``i``'s float32 tau of a block's ``inputs`` (its task vectors, or raw slices of
+    methods.pcb.sweep_inputs: formed with the bits of the sources' blocks)."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[i]
+    return inputs[1 + i].float() - inputs[0].float()
+
+
+def _check_finite(source, options, segment, lo: int, hi: int, inputs, row_max: torch.Tensor) -> None:
+    """raise_if_not_finite for a block of :func:`methods.pcb.sweep_inputs` (its task vectors formed
+    only where some value is not finite, to say where)."""
+    if bool(torch.isfinite(row_max).all()):
+        return
+    tv = inputs if isinstance(inputs, torch.Tensor) else torch.stack([_task_row(inputs, i) for i in range(len(inputs) - 1)])
+    raise_if_not_finite(source, options, Block(segment, lo, hi, tv), row_max)
+
+
 def sweep_with_fill(source, options, sink, merge_block, sign_ties: str, block_width: int, guess=None) -> None:
-    """One sweep of TIES' election and disjoint mean. ``merge_block(number, block, fill)`` returns
-    (values, sum of the elected signs, undecided positions, their values under -fill) for a zero-sum
-    sign ``fill``: the undecided positions (zero sum, some entry non-zero: exact cancellations,
+    """One sweep of TIES' election and disjoint mean. ``merge_block(number, segment, lo, inputs, fill)``
+    returns (values, sum of the elected signs, undecided positions, their values under the other fill) for
+    block ``number`` (entries of ``segment`` from ``lo`` on; ``inputs``: its task vectors or raw slices,
+    methods.pcb.sweep_inputs) and a zero-sum sign ``fill``: the undecided positions (zero sum, some entry non-zero: exact cancellations,
     common with bf16 weights) are the only ones whose value depends on the fill. The fill is the
     whole model's majority sign (``sign_ties="majority"``), known only after the sweep, or +1
     (mergekit). Every block is merged with ``guess`` (a [] tensor; +1 without one) and sunk at once,
@@ -396,25 +415,26 @@ def sweep_with_fill(source, options, sink, merge_block, sign_ties: str, block_wi
     guess = torch.ones(()) if guess is None else guess
     sign_total, patches, merge_again, room = 0, [], [], PatchRoom()
     budget = options.memory_budget
-    for number, block in enumerate(source.blocks(block_width, options=options)):
-        values, signs, positions, others = merge_block(number, block, guess)
+    patchable = sink.patchable if sign_ties == "majority" else None  # (else the fill is +1, known: no patch)
+    for number, (segment, lo, hi, inputs) in enumerate(sweep_inputs(source, options, block_width)):
+        values, signs, positions, others = merge_block(number, segment, lo, inputs, guess)
         sign_total += int(signs)
         cost = positions.numel() * PATCH_BYTES
-        if cost and sink.patchable is not None and (budget is None or room.nbytes + cost <= budget):
-            patches.append(sink.patchable(block.segment, block.lo, block.hi, values, positions, others, room))
+        if cost and patchable is not None and (budget is None or room.nbytes + cost <= budget):
+            patches.append(patchable(segment, lo, hi, values, positions, others, room))
             continue
         if cost:
             merge_again.append(number)
-        sink(block.segment, block.lo, block.hi, values)
+        sink(segment, lo, hi, values)
     fill = zero_sign_fill(sign_total, sign_ties)
-    if torch.equal(fill, guess):
+    if bool(fill > 0) == bool(guess > 0):  # (a zero fill elects as -1 does: the negative entries agree)
         return
     for patch in patches:
         patch()
     if merge_again:
         add_passes(options, "merge", why="sign of zero sums guessed wrong, re-merging undecided blocks")
         for number, block in zip(merge_again, source.blocks(block_width, options=options, only=merge_again)):
-            sink(block.segment, block.lo, block.hi, merge_block(number, block, fill)[0])
+            sink(block.segment, block.lo, block.hi, merge_block(number, block.segment, block.lo, block.tv, fill)[0])
 
 
 def guess_fill(columns: torch.Tensor, t: torch.Tensor, lam: torch.Tensor, sign_ties: str) -> torch.Tensor:
@@ -439,7 +459,7 @@ def _equal_per_block(last_pass: list, t: torch.Tensor) -> list:
 
 
 def _exact_cuts(equal_per_block: list, budget: torch.Tensor):
-    """topk="exact": ``cut(number, block)``, the [n, 1] position in block ``number`` below which the
+    """topk="exact": ``cut(number, inputs, t)``, the [n, 1] position in block ``number`` below which the
     entries equal to t are kept, so that each task keeps ``budget`` of them, the first by position
     (from the counts per block; the block where a task's budget runs out is searched when merged)."""
     budget = budget.clone()
@@ -450,12 +470,12 @@ def _exact_cuts(equal_per_block: list, budget: torch.Tensor):
         budget -= torch.minimum(budget, equal)
         plans.append((cut, partial))
 
-    def cut_of(number: int, block, t: torch.Tensor):
+    def cut_of(number: int, inputs, t: torch.Tensor):
         cut, partial = plans[number]
         if partial:
             cut = cut.clone()
             for i, left in partial:
-                positions = (block.tv[i].abs() == t[i]).nonzero().flatten()
+                positions = (_task_row(inputs, i).abs() == t[i]).nonzero().flatten()
                 cut[i, 0] = int(positions[left - 1]) + 1
         return cut
 
@@ -527,12 +547,12 @@ def _merge_dare_ties_fused(source, options, sink, p, seed, rescale, factors, sig
     kept_counts, counted = torch.zeros(n, dtype=torch.int64), set()
     divide = torch.tensor(1.0 if normalize else 0.0)
 
-    def merge_block(number, block, fill):
-        values, signs, positions, others, kept, row_max = fused_cpu.dare_ties_block(block, p, seed, rescale, factors,
-                                                                                     lam, fill, divide)
+    def merge_block(number, segment, lo, inputs, fill):
+        values, signs, positions, others, kept, row_max = fused_cpu.dare_ties_block(inputs, segment, lo, p, seed,
+                                                                                     rescale, factors, lam, fill, divide)
         if number not in counted:  # a block merged again is counted once
             counted.add(number)
-            raise_if_not_finite(source, options, block, row_max)
+            _check_finite(source, options, segment, lo, lo + values.numel(), inputs, row_max)
             kept_counts.add_(kept)
         return values, signs, positions, others
 
