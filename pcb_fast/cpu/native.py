@@ -477,8 +477,8 @@ def _merge_block(tv, rule: KeepRule, lam, elect: bool, fill=1.0, divide=True):
     values, counts = torch.empty(m), torch.zeros(2, dtype=torch.int64)
     kept, row_max = torch.empty(n, dtype=torch.int64), torch.empty(n)
     at, others = _open_room.of(m) if elect else (None, None)
-    status = library.tv_merge_block(pointer, n, m, stride, raw, dtypes, ctypes.byref(rule), lam.data_ptr(), int(elect),
-                                    float(fill), int(divide), values.data_ptr(), counts[0].data_ptr(),
+    status = library.tv_merge_block(pointer, n, m, stride, raw, dtypes, ctypes.byref(rule), lam.data_ptr(),
+                                    int(elect), float(fill), int(divide), values.data_ptr(), counts[0].data_ptr(),
                                     counts[1].data_ptr(), None if at is None else at.data_ptr(),
                                     None if others is None else others.data_ptr(), kept.data_ptr(),
                                     row_max.data_ptr(), _threads(n * m))

@@ -4,7 +4,8 @@
  * function is involved, so nothing here depends on a math library. Compiled without contraction
  * (-ffp-contract=off, see native.py).
  *
- * A block is n task rows of m float32 entries, row i at tv + i * stride. Per entry j:
+ * A block is n task rows of m float32 entries, row i at tv + i * stride, or the stored slices the
+ * rows are formed from (x_i = f32(model_i) - f32(base), the bits of the sources' blocks). Per entry j:
  *   trim (TIES):  w_i = (x_i * keep_i) * lam_i, keep_i = |x_i| > t_i or (|x_i| == t_i and j < cut_i)
  *   drop (DARE):  w_i = ((x_i * keep_i) / scale_i) * lam_i, keep_i from the counter hash of dare_hash.c
  *                 (mergekit's L1 rescale, or none: ((x_i * keep_i) * factor_i) * lam_i, factor 1 for none)
@@ -182,8 +183,9 @@ static float agreeing_mean(const float *w, int64_t n, int64_t j, const float *la
  * filled; signs: the sum of the elected signs; undecided: positions with a zero total and some
  * non-zero entry (their value depends on fill). With ``open_at`` and ``open_values`` (m entries of
  * room each, or NULL), the undecided positions in ascending order and the values they take under
- * the other fill (-1 for a positive fill, else +1) are written to their first ``undecided`` entries. With ``raw``, the
- * block's rows are formed from the stored slices (see task_row), tv unused. */
+ * the other fill (-1 for a positive fill, else +1) are written to their first ``undecided``
+ * entries. With ``raw``, the block's rows are formed from the stored slices (see task_row), tv
+ * unused. */
 int tv_merge_block(const float *tv, int64_t n, int64_t m, int64_t stride, const void *const *raw,
                    const int32_t *raw_dtypes, const keep_rule *rule, const float *lam, int elect, float fill, int divide,
                    float *values, int64_t *signs, int64_t *undecided, int32_t *open_at, float *open_values,

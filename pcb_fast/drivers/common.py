@@ -149,9 +149,9 @@ def shard_sink(writer, out_dtype, lam: float, base_slice: Callable, *, aliases: 
         for name in names.get(segment.key, []):  # (a tensor with aliases is never in a pack)
             writer.write(name, lo, values)
 
-    def tau(segment, lo, hi, tau_m):
+    def tau(segment, lo, hi, tau_m, base=None):
         try:
-            base = base_slice(segment, lo, hi)
+            base = base_slice(segment, lo, hi) if base is None else base
             values = torch.empty(hi - lo, dtype=out_dtype(segment.lead_key))
             if native.merged_output(base, tau_m, lam, values):  # one sweep; else torch's, which says what is wrong
                 write_segment(segment, lo, values)
@@ -170,8 +170,9 @@ def shard_sink(writer, out_dtype, lam: float, base_slice: Callable, *, aliases: 
         """tau_m sunk as by ``tau``; the patch holds the base's values at ``positions`` (taken now from
         the slice at hand) and ``other``, and writes the output's values there over the first ones
         (the writer reads back the bytes around them: nothing is final before the writer closes)."""
-        tau(segment, lo, hi, tau_m)
-        base = room.hold(base_slice(segment, lo, hi).index_select(0, positions))  # (the block just read)
+        base = base_slice(segment, lo, hi)
+        tau(segment, lo, hi, tau_m, base)
+        base = room.hold(base.index_select(0, positions))
         positions, other = room.hold(positions), room.hold(other)
 
         def patch():

@@ -395,16 +395,18 @@ def _check_finite(source, options, segment, lo: int, hi: int, inputs, row_max: t
     only where some value is not finite, to say where)."""
     if bool(torch.isfinite(row_max).all()):
         return
-    tv = inputs if isinstance(inputs, torch.Tensor) else torch.stack([_task_row(inputs, i) for i in range(len(inputs) - 1)])
-    raise_if_not_finite(source, options, Block(segment, lo, hi, tv), row_max)
+    if not isinstance(inputs, torch.Tensor):
+        inputs = torch.stack([_task_row(inputs, i) for i in range(len(inputs) - 1)])
+    raise_if_not_finite(source, options, Block(segment, lo, hi, inputs), row_max)
 
 
 def sweep_with_fill(source, options, sink, merge_block, sign_ties: str, block_width: int, guess=None) -> None:
     """One sweep of TIES' election and disjoint mean. ``merge_block(number, segment, lo, inputs, fill)``
-    returns (values, sum of the elected signs, undecided positions, their values under the other fill) for
-    block ``number`` (entries of ``segment`` from ``lo`` on; ``inputs``: its task vectors or raw slices,
-    methods.pcb.sweep_inputs) and a zero-sum sign ``fill``: the undecided positions (zero sum, some entry non-zero: exact cancellations,
-    common with bf16 weights) are the only ones whose value depends on the fill. The fill is the
+    returns (values, sum of the elected signs, undecided positions, their values under the other
+    fill) for block ``number`` (entries of ``segment`` from ``lo`` on; ``inputs``: its task vectors or
+    raw slices, methods.pcb.sweep_inputs) and a zero-sum sign ``fill``: the undecided positions (zero
+    sum, some entry non-zero: exact cancellations, common with bf16 weights) are the only ones whose
+    value depends on the fill. The fill is the
     whole model's majority sign (``sign_ties="majority"``), known only after the sweep, or +1
     (mergekit). Every block is merged with ``guess`` (a [] tensor; +1 without one) and sunk at once,
     with its values under the other fill where the sink takes them (``Sink.patchable``, within the
@@ -548,8 +550,8 @@ def _merge_dare_ties_fused(source, options, sink, p, seed, rescale, factors, sig
     divide = torch.tensor(1.0 if normalize else 0.0)
 
     def merge_block(number, segment, lo, inputs, fill):
-        values, signs, positions, others, kept, row_max = fused_cpu.dare_ties_block(inputs, segment, lo, p, seed,
-                                                                                     rescale, factors, lam, fill, divide)
+        values, signs, positions, others, kept, row_max = fused_cpu.dare_ties_block(
+            inputs, segment, lo, p, seed, rescale, factors, lam, fill, divide)
         if number not in counted:  # a block merged again is counted once
             counted.add(number)
             _check_finite(source, options, segment, lo, lo + values.numel(), inputs, row_max)
