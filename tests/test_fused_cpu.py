@@ -319,3 +319,28 @@ def test_only_compiled_loops_keep_the_thread_count(monkeypatch):
     assert fused_cpu.settings("on", entries, "ties", {}, allowed=False) == {"fused": False, "fixed_threads": False}
     monkeypatch.setattr(fused_cpu, "native", types.SimpleNamespace(problem=lambda: "off for this test"))
     assert fused_cpu.settings("off", entries, "ties", {}) == {"fused": False, "fixed_threads": False}
+
+
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16,) * 4,
+                                    (torch.float16, torch.float32, torch.bfloat16, torch.float16)])
+def test_c_loops_form_tau_from_the_stored_slices_with_the_blocks_bits(dtypes):
+    """The TIES, DARE-TIES and bracket loops given the stored slices [base, model_0, ...] (any mix of
+    float32, bfloat16, float16) form tau themselves: the same outputs as given the float32 block."""
+    from pcb_fast.cpu import native
+
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(10_007, generator=g)
+    raw = [base.to(dtypes[0])] + [(base + torch.randn(10_007, generator=g) * 0.01).to(d) for d in dtypes[1:]]
+    tv = torch.stack([model.float() - raw[0].float() for model in raw[1:]])
+    t, cut, lam = torch.full((3,), 0.005), torch.tensor([1 << 62, 3000, 0]), torch.tensor([[0.5], [1.0], [2.0]])
+    for fill in (1.0, -1.0):
+        for a, b in zip(*(native.ties_block(x, t, cut, lam, fill, True) for x in (raw, tv))):
+            assert_bits(a.float(), b.float())
+    drop = ([11, 22, 33], [44, 55, 66], [1 << 22] * 3, 500, [0.5, 0.5, 0.5], False)
+    for a, b in zip(*(native.dare_ties_block(x, drop, lam, -1.0, False) for x in (raw, tv))):
+        assert_bits(a.float(), b.float())
+    floor, ceiling = torch.full((3,), 0.004), torch.full((3,), 0.006)
+    (max_raw, counts_raw, inside_raw), (max_tv, counts_tv, inside_tv) = (native.bracket(x, floor, ceiling)
+                                                                         for x in (raw, tv))
+    assert torch.equal(max_raw, max_tv) and torch.equal(counts_raw, counts_tv)
+    assert all(torch.equal(x, y) and x.numel() for x, y in zip(inside_raw, inside_tv))
