@@ -302,7 +302,7 @@ def stage_breakdown(base: Path, models: list, out: Path, **params) -> dict:
     timer.wrap(prefetch.Prefetcher, "take", "read")
     timer.wrap(st.SafetensorsReader, "read_into", "read")
     timer.wrap(sources.CheckpointSource, "_subtract", "convert")
-    timer.wrap(native, "run_extremes", "clip statistics")
+    timer.wrap(native.ClipTails, "update", "clip statistics")
     timer.wrap(select.TailSelect, "update", "clip statistics")
     timer.wrap(engine.ColumnSample, "add", "clip statistics")
     timer.wrap(pcb, "collect_block_c", "score")

@@ -299,38 +299,58 @@ def test_collect_is_nonzero_then_take():
         assert torch.equal(tau.view(torch.int32), torch.take(tv, expected).view(torch.int32))
 
 
-def test_run_extremes_are_abs_amax_and_aminmax():
-    """PCB's clip pass: max |tau| per row (NaN wins) and the min and max of |tau| over runs, exact,
-    signed zeros and ragged ends included."""
-    g = torch.Generator().manual_seed(1)
-    for n, m in [(1, 10), (3, 64), (4, 70_001), (2, 1000)]:
-        tv = torch.randn(n, m + 7, generator=g)[:, :m]
-        tv[:, ::5] = -0.0
-        row_max, (run_min, run_max) = native.run_extremes(tv, 64)
-        a = tv.abs()
-        assert torch.equal(row_max, a.amax(1))
-        body = m - m % 64
-        lo, hi = torch.aminmax(a[:, :body].reshape(n, body // 64, 64), dim=2)
-        assert torch.equal(run_min.view(torch.int32), lo.view(torch.int32))
-        assert torch.equal(run_max.view(torch.int32), hi.view(torch.int32))
-    tv = torch.randn(2, 200, generator=g)
+def feed_tails(tails, blocks, first, step):
+    """Feed consecutive ``blocks`` (float32 [n, m] or raw slices) to native.ClipTails; returns their
+    row maxima and the sampled columns first, first + step, ... of the whole row."""
+    maxima, parts, offset = [], [], 0
+    for block in blocks:
+        m = block.shape[1] if isinstance(block, torch.Tensor) else block[0].numel()
+        start = (first - offset) % step  # the block's first sampled column
+        part = torch.empty(tails.n, len(range(start, m, step)))
+        maxima.append(tails.update(block, start, step, part))
+        parts.append(part)
+        offset += m
+    return torch.stack(maxima), torch.cat(parts, 1)
+
+
+@pytest.mark.parametrize("kind", ["normal", "quantized", "signed_zeros", "subnormal", "last_bits"])
+def test_clip_tails_equal_a_sort(kind):
+    """PCB's clip pass in C: the k_low-th smallest and k_high-th largest |tau| of every row, fed in
+    blocks of several widths (ragged ends, sets compacted many times), equal a sort's, bit for bit;
+    each block's max |tau| is torch.amax's and its sampled columns are tau's."""
+    n, D = 3, 30_011
+    tv = rows(kind, (n, D), seed=4)
+    s = tv.abs().sort(dim=1).values
+    for k_low, k_high, width in [(1, 1, 30_011), (37, 120, 1000), (400, 3, 4097), (1, 469, 777)]:
+        tails = native.ClipTails(n, k_low, k_high)
+        blocks = [tv[:, lo : lo + width] for lo in range(0, D, width)]
+        maxima, sample = feed_tails(tails, blocks, 0, 17)
+        assert_bitwise(tails.values(), torch.stack([s[:, k_low - 1], s[:, D - k_high]], dim=1))
+        assert torch.equal(maxima, torch.stack([b.abs().amax(1) for b in blocks]))
+        assert_bitwise(sample, tv[:, ::17])
     tv[1, 5] = float("nan")
-    assert torch.isnan(native.run_extremes(tv, 64)[0][1])
+    assert torch.isnan(native.ClipTails(n, 1, 1).update(tv, 0, 17, torch.empty(n, len(range(0, D, 17))))[1])
 
 
-def test_run_extremes_form_tau_from_raw_slices():
-    """With the stored slices (a bfloat16 base; float16, float32 and bfloat16 models; widths past the
-    sweep's chunk of 1024), run_extremes first fills the block with torch.sub's task vectors."""
+def test_clip_tails_form_tau_from_raw_slices():
+    """From the stored slices (a bfloat16 base; float16, float32 and bfloat16 models; widths past the
+    sweep's chunk of 1024), the clip pass sees torch.sub's task vectors: the same tails, maxima and
+    sample as from those task vectors."""
     g = torch.Generator().manual_seed(2)
-    for m in (1, 1000, 2500):
-        base = torch.randn(m, generator=g).to(torch.bfloat16)
-        models = [(base.float() + torch.randn(m, generator=g) * 1e-2).to(dtype)
-                  for dtype in (torch.float16, torch.float32, torch.bfloat16)]
-        expected = torch.stack([torch.sub(model, base.float()) for model in models])
-        formed = torch.full((3, m + 5), float("nan"))[:, :m]  # rows with a step beyond their width
-        got = native.run_extremes(formed, 64, [base] + models)
-        assert torch.equal(formed.view(torch.int32), expected.view(torch.int32))
-        want = native.run_extremes(expected, 64)
-        assert torch.equal(got[0], want[0]) and all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
-    with pytest.raises(ValueError, match="one per row and the base"):
-        native.run_extremes(torch.empty(2, 10), 64, [base[:10]] + [m[:10] for m in models])
+    D = 5000
+    base = torch.randn(D, generator=g).to(torch.bfloat16)
+    models = [(base.float() + torch.randn(D, generator=g) * 1e-2).to(dtype)
+              for dtype in (torch.float16, torch.float32, torch.bfloat16)]
+    expected = torch.stack([torch.sub(model, base.float()) for model in models])
+    for width in (1, 1000, 2500):
+        raw, formed = native.ClipTails(3, 7, 9), native.ClipTails(3, 7, 9)
+        spans = [(lo, min(lo + width, D)) for lo in range(0, D, width)][:40]
+        got = feed_tails(raw, [[t[lo:hi] for t in [base] + models] for lo, hi in spans], 5, 23)
+        want = feed_tails(formed, [expected[:, lo:hi] for lo, hi in spans], 5, 23)
+        assert_bitwise(got[0], want[0])
+        assert_bitwise(got[1], expected[:, 5 : spans[-1][1] : 23])
+        assert_bitwise(got[1], want[1])
+        if width == 1000:
+            assert_bitwise(raw.values(), formed.values())
+    with pytest.raises(ValueError, match="the sample must be"):
+        native.ClipTails(3, 1, 1).update([base] + models, 0, 17, torch.empty(3, 5))

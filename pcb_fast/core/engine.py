@@ -318,9 +318,12 @@ class ColumnSample:
         self.n = n
         self.columns = -(-D // self.stride)  # the columns it holds once taken (offsets 0, stride, ...)
 
+    def first_column(self, start: int) -> int:
+        """The first sampled column of a block that starts at row offset ``start``, counted from it."""
+        return (-start) % self.stride
+
     def add(self, block) -> None:
-        first = (-block.start) % self.stride
-        self.parts.append(block.tv[:, first :: self.stride].clone())
+        self.parts.append(block.tv[:, self.first_column(block.start) :: self.stride].clone())
 
     def add_inputs(self, segment, lo: int, inputs) -> None:
         """:meth:`add` for the block of ``segment`` from entry ``lo`` on given as its float32 task vectors

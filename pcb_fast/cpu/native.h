@@ -117,8 +117,6 @@ void collect_counts(const float *scores, int64_t n, int64_t m, int64_t score_str
 void collect_entries(const float *scores, const float *tv, int64_t n, int64_t m, int64_t score_stride,
                      int64_t tv_stride, const float *floor_, const int64_t *offsets, int32_t *flat,
                      float *out_scores, float *out_tau, int threads);
-void run_extremes(float *tv, int64_t n, int64_t m, int64_t stride, const void *const *raw, const int32_t *raw_dtypes,
-                  int64_t run, float *run_min, float *run_max, float *row_max, int threads);
 int64_t weighted_merge(int64_t n, int64_t m, const void *const *models, const int32_t *model_dtypes,
                        const void *base, int32_t base_dtype, const float *weights, float divisor,
                        float lam, void *out, int32_t out_dtype, int threads);
@@ -143,5 +141,10 @@ void pcb_approximations(int64_t count, const float *x, float *exp_out, float *ta
 void pcb_score_bounds(int64_t count, const float *e, const float *w, float *out);
 void pcb_gather_tau(int64_t n, int64_t m, const void *const *raw, const int32_t *raw_dtypes, const int64_t *offsets,
                     const int32_t *flat, float *out);
+void pcb_clip_tails(const float *tv, int64_t n, int64_t m, int64_t stride, const void *const *raw,
+                    const int32_t *raw_dtypes, int64_t k_low, int64_t k_high, uint32_t *low_sets,
+                    uint32_t *high_sets, int64_t *sizes, int64_t *bounds, int64_t first, int64_t step,
+                    int64_t columns, float *sample, float *row_max, int threads);
+void pcb_tail_values(int64_t n, uint32_t *sets, const int64_t *sizes, int64_t k, uint32_t *out);
 
 #endif

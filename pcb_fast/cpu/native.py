@@ -376,7 +376,6 @@ SIGNATURES = {
                        + [_p] * 7 + [_int]),
     "collect_counts": (None, [_p, _i64, _i64, _i64, _p, _p, _int]),
     "collect_entries": (None, [_p, _p, _i64, _i64, _i64, _i64] + [_p] * 5 + [_int]),
-    "run_extremes": (None, [_p, _i64, _i64, _i64, _p, _p, _i64, _p, _p, _p, _int]),
     "task_vectors": (None, [_i64, _i64, _p, _p, _p, _i32, _p, _p, _i64, _int]),
     "merged_output": (_i64, [_i64, _p, _i32, _p, _f32, _p, _i32, _int]),
     "weighted_merge": (_i64, [_i64, _i64, _p, _p, _p, _i32, _p, _f32, _f32, _p, _i32, _int]),
@@ -388,6 +387,8 @@ SIGNATURES = {
     "pcb_approximations": (None, [_i64] + [_p] * 3),
     "pcb_score_bounds": (None, [_i64] + [_p] * 3),
     "pcb_gather_tau": (None, [_i64, _i64] + [_p] * 5),
+    "pcb_clip_tails": (None, [_p, _i64, _i64, _i64, _p, _p, _i64, _i64] + [_p] * 4 + [_i64] * 3 + [_p, _p, _int]),
+    "pcb_tail_values": (None, [_i64, _p, _p, _i64, _p]),
 }
 
 
@@ -568,29 +569,62 @@ def collected_split(counts: torch.Tensor, score: torch.Tensor, top: torch.Tensor
     return [part.clone() for part in below[: int(below_counts.sum())].split(below_counts.tolist())]
 
 
-def run_extremes(tv: torch.Tensor, run: int, raw: list | None = None):
-    """For a block [n, m]: (max |tau| per task, NaN propagating, as torch.amax; (min, max) of |tau| over
-    each run of ``run`` entries, [n, m // run] each), the values of abs, amax and aminmax (exact).
-    With ``raw`` (the block's slices [base, model_0, ...], see :func:`raw_slices`), ``tv`` (float32
-    [n, m], unit steps in a row) is first filled with the task vectors, the bits of torch.sub."""
-    library = _loaded()
-    pointers = dtypes = None
-    if raw is None:
-        tv = _task_rows(tv)
-    else:
-        if not raw_slices(raw) or len(raw) != tv.shape[0] + 1 or raw[0].numel() != tv.shape[1]:
-            raise ValueError("run_extremes: raw slices must be float32, bfloat16 or float16 vectors, one per row and "
-                             "the base, of the block's width")
-        if tv.dtype != torch.float32 or (tv.stride(1) != 1 and tv.shape[1] > 1):
-            raise ValueError("run_extremes: the block to fill must be float32 rows with unit steps")
-        pointers = (ctypes.c_void_p * len(raw))(*(t.data_ptr() for t in raw))
-        dtypes = (ctypes.c_int32 * len(raw))(*(KERNEL_DTYPES[t.dtype] for t in raw))
-    n, m = tv.shape
-    runs = m // run
-    row_max, run_min, run_max = torch.empty(n), torch.empty(n, runs), torch.empty(n, runs)
-    library.run_extremes(tv.data_ptr(), n, m, tv.stride(0), pointers, dtypes, run, run_min.data_ptr(),
-                         run_max.data_ptr(), row_max.data_ptr(), min(n, _threads(n * m)))
-    return row_max, (run_min, run_max)
+class ClipTails:
+    """PCB's clip pass in C (pcb_loops.c, pcb_clip_tails): the exact ``k_low``-th smallest and
+    ``k_high``-th largest |tau| of every task row, fed block by block (the values of
+    core.select.TailSelect), with each block's max |tau| and its sampled columns in the same sweep."""
+
+    def __init__(self, n: int, k_low: int, k_high: int):
+        self.n, self.k_low, self.k_high = n, k_low, k_high
+        self.low = torch.empty(n, 2 * k_low, dtype=torch.int32)  # keys: see pcb_loops.c
+        self.high = torch.empty(n, 2 * k_high, dtype=torch.int32)
+        self.sizes = torch.zeros(2, n, dtype=torch.int64)
+        self.bounds = torch.full((2, n), 1 << 31, dtype=torch.int64)  # every key enters
+
+    def update(self, inputs, first: int, step: int, sample: torch.Tensor) -> torch.Tensor:
+        """Feed a block: ``inputs`` its float32 task vectors [n, m] or its raw slices [base, model_0, ...]
+        (:func:`raw_slices`); its columns first, first + step, ... of tau are written to ``sample`` [n,
+        columns] (float32, contiguous). Returns the block's max |tau| per task (NaN propagating)."""
+        library = _loaded()
+        rows, n, m, stride, raw, dtypes = _block_inputs(inputs, "pcb_clip_tails")
+        if n != self.n:
+            raise ValueError(f"pcb_clip_tails: a block of {n} tasks fed to the tails of {self.n}")
+        columns = sample.shape[1]
+        if (sample.shape[0] != n or sample.dtype != torch.float32 or not sample.is_contiguous()
+                or columns != len(range(first, m, step))):
+            raise ValueError(f"pcb_clip_tails: the sample must be float32 [{n}, {len(range(first, m, step))}]")
+        row_max = torch.empty(n)
+        library.pcb_clip_tails(None if rows is None else rows.data_ptr(), n, m, stride, raw, dtypes, self.k_low,
+                               self.k_high, self.low.data_ptr(), self.high.data_ptr(), self.sizes.data_ptr(),
+                               self.bounds.data_ptr(), first, step, columns, sample.data_ptr(), row_max.data_ptr(),
+                               min(n, _threads(n * m)))
+        return row_max
+
+    def values(self) -> torch.Tensor:
+        """[n, 2]: the k_low-th smallest and the k_high-th largest |tau| of every task (once every block is fed)."""
+        library = _loaded()
+        keys = torch.empty(2, self.n, dtype=torch.int32)
+        for row, (sets, k) in enumerate(((self.low, self.k_low), (self.high, self.k_high))):
+            if bool((self.sizes[row] < k).any()):
+                raise ValueError(f"pcb_clip_tails: fewer than {k} entries fed")
+            library.pcb_tail_values(self.n, sets.data_ptr(), self.sizes[row].contiguous().data_ptr(), k,
+                                    keys[row].data_ptr())
+        keys[1] = 0x7FFFFFFF - keys[1]
+        return keys.view(torch.float32).t().contiguous()
+
+
+def _block_inputs(inputs, name: str):
+    """(float32 rows or None, n, m, row stride, raw pointers or None, raw dtypes or None) of a block given
+    as float32 task vectors [n, m] or raw slices [base, model_0, ...]."""
+    if isinstance(inputs, torch.Tensor):
+        tv = _task_rows(inputs)
+        n, m = tv.shape
+        return tv, n, m, tv.stride(0), None, None
+    if not raw_slices(inputs):
+        raise ValueError(f"{name}: raw slices must be float32, bfloat16 or float16 vectors of one length")
+    raw = (ctypes.c_void_p * len(inputs))(*(t.data_ptr() for t in inputs))
+    dtypes = (ctypes.c_int32 * len(inputs))(*(KERNEL_DTYPES[t.dtype] for t in inputs))
+    return None, len(inputs) - 1, inputs[0].numel(), 0, raw, dtypes
 
 
 def raw_slices(natives: list) -> bool:

@@ -463,3 +463,119 @@ void pcb_bracket_counts(int64_t n, const int64_t *counts, const float *score, co
         inside_counts[i] = write - first;
     }
 }
+
+/* PCB's clip pass (docs/design.md 2.2 step 1) in one sweep per block: the exact lo_i and hi_i are
+ * order statistics of |tau_i| near both ends of the row (core.select.TailSelect's task). Each task
+ * keeps two sets of keys (uint32): its smallest |tau| (key: the bit pattern, in which non-negative
+ * floats and NaN have a total order) and its largest (key: 0x7FFFFFFF minus the bit pattern). A
+ * set of capacity 2k takes every key below its bound; when full, it keeps its k smallest keys and
+ * its bound becomes the k-th (select_smallest). A key left out lies at or above the bound of its
+ * time, and bounds only fall: the k smallest keys of the row are in the set at the end, exactly. */
+
+/* Moves the k smallest of v[0, size) to v[0, k), the k-th smallest at v[k - 1] (quickselect,
+ * Hoare's partition around a median of three). */
+static void select_smallest(uint32_t *v, int64_t size, int64_t k)
+{
+    int64_t left = 0, right = size - 1;
+    const int64_t target = k - 1;
+    while (left < right) {
+        const uint32_t a = v[left], b = v[left + (right - left) / 2], c = v[right];
+        const uint32_t pivot = a < b ? (b < c ? b : (a < c ? c : a)) : (a < c ? a : (b < c ? c : b));
+        int64_t i = left, j = right;
+        while (i <= j) {
+            while (v[i] < pivot)
+                i++;
+            while (v[j] > pivot)
+                j--;
+            if (i <= j) {
+                const uint32_t swap = v[i];
+                v[i++] = v[j];
+                v[j--] = swap;
+            }
+        }
+        /* [left, j] <= pivot <= [i, right]; between them, keys equal to the pivot */
+        if (target <= j)
+            right = j;
+        else if (target >= i)
+            left = i;
+        else
+            return;
+    }
+}
+
+/* Add key to a set (capacity 2k, *size keys, bound *bound); a full set keeps its k smallest. */
+static inline void set_add(uint32_t *set, int64_t *size, int64_t *bound, int64_t k, uint32_t key)
+{
+    if ((int64_t)key >= *bound)
+        return;
+    set[(*size)++] = key;
+    if (*size == 2 * k) {
+        select_smallest(set, *size, k);
+        *size = k;
+        *bound = set[k - 1];
+    }
+}
+
+/* One block [n, m] of the clip pass: row i at tv + i * stride, or (``raw``, else NULL) formed from the
+ * stored slices as pcb_candidates does (the bits of torch.sub). For each task: the keys of its
+ * |tau| join its two sets (low: sets[0] + i * 2 k_low, high: sets[1] + i * 2 k_high; sizes [2, n],
+ * bounds [2, n], a bound of 2^31 or more taking every key); row_max[i] = max |tau| (NaN if any
+ * is NaN, as torch.amax); and the sample columns first, first + step, ... (< m) of tau go to
+ * sample[i * columns + c]. */
+void pcb_clip_tails(const float *tv, int64_t n, int64_t m, int64_t stride, const void *const *raw,
+                    const int32_t *raw_dtypes, int64_t k_low, int64_t k_high, uint32_t *low_sets,
+                    uint32_t *high_sets, int64_t *sizes, int64_t *bounds, int64_t first, int64_t step,
+                    int64_t columns, float *sample, float *row_max, int threads)
+{
+    (void)threads;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        float base[PCB_CHUNK], formed[PCB_CHUNK];
+        uint32_t *low = low_sets + i * 2 * k_low, *high = high_sets + i * 2 * k_high;
+        int64_t *low_size = sizes + i, *high_size = sizes + n + i;
+        int64_t *low_bound = bounds + i, *high_bound = bounds + n + i;
+        uint32_t largest = 0;
+        int64_t next = first, c = 0; /* the next sample column, and its index */
+        for (int64_t j0 = 0; j0 < m; j0 += PCB_CHUNK) {
+            const int64_t count = m - j0 < PCB_CHUNK ? m - j0 : PCB_CHUNK;
+            const float *x = formed;
+            if (raw != NULL) {
+                load_f32(raw[0], raw_dtypes[0], j0, count, base);
+                load_f32(raw[1 + i], raw_dtypes[1 + i], j0, count, formed);
+                for (int64_t j = 0; j < count; j++)
+                    formed[j] = formed[j] - base[j];
+            } else {
+                x = tv + i * stride + j0;
+            }
+            for (; next < j0 + count; next += step)
+                sample[i * columns + c++] = x[next - j0];
+            /* the chunk's smallest and largest |tau|: most chunks reach past neither bound */
+            uint32_t smallest = 0xFFFFFFFFu, top = 0;
+            for (int64_t j = 0; j < count; j++) {
+                const uint32_t a = magnitude_bits(x[j]);
+                smallest = a < smallest ? a : smallest;
+                top = max_u32(top, a);
+            }
+            largest = max_u32(largest, top);
+            /* keys below a bound: low, |tau| < bound; high, 0x7FFFFFFF - |tau| < bound */
+            if ((int64_t)smallest < *low_bound || (int64_t)(0x7FFFFFFFu - top) < *high_bound)
+                for (int64_t j = 0; j < count; j++) {
+                    const uint32_t a = magnitude_bits(x[j]);
+                    set_add(low, low_size, low_bound, k_low, a);
+                    set_add(high, high_size, high_bound, k_high, 0x7FFFFFFFu - a);
+                }
+        }
+        row_max[i] = float_of(largest);
+    }
+}
+
+/* The k-th smallest key of each task's set (sets: n sets of capacity 2 k, sizes[i] keys, reordered
+ * in place) into out[i]. */
+void pcb_tail_values(int64_t n, uint32_t *sets, const int64_t *sizes, int64_t k, uint32_t *out)
+{
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t *set = sets + i * 2 * k;
+        select_smallest(set, sizes[i], k);
+        out[i] = set[k - 1];
+    }
+}

@@ -98,22 +98,14 @@ def clip_bounds(source, options, clamp_ratio: float, block_width: int, sample: C
     """
     n, D = source.n, source.D
     i_lo, i_hi = clip_indices(D, clamp_ratio)
-    ws = tb.Workspace(n, block_width, 1)
     tails = _in_tails(source, options, clamp_ratio)
+    if tails and native.problem() is None:  # both tails, the check and the sample in one C sweep per block
+        return _clip_bounds_c(source, options, block_width, sample, i_lo + 1, D - i_hi)
+    ws = tb.Workspace(n, block_width, 1)
     selector = (TailSelect(n, i_lo, D - 1 - i_hi) if tails
                 else RadixSelect(n, torch.tensor([[i_lo, i_hi]] * n), D, comm=options.comm))
-    in_c = tails and native.problem() is None  # |tau|'s extremes per run in one C sweep (exact)
-    compiled = tails and not in_c and fused_cpu.applies(options)  # else in one compiled loop
-    if in_c:  # tau formed in the same sweep where the inputs are raw slices it takes
-        formed = torch.empty(n, block_width)
-        for segment, lo, hi, inputs in sweep_inputs(source, options, block_width):
-            raw = None if isinstance(inputs, torch.Tensor) else inputs
-            block = Block(segment, lo, hi, inputs if raw is None else formed[:, : hi - lo])
-            row_max, extremes = native.run_extremes(block.tv, TailSelect.CHUNK, raw)
-            raise_if_not_finite(source, options, block, row_max)
-            sample.add(block)
-            selector.update(block.tv, extremes if extremes[0].numel() else None, absolute=True)
-    for block in ([] if in_c else source.blocks(block_width, options=options)):
+    compiled = tails and fused_cpu.applies(options)  # |tau|'s extremes per run in one compiled loop
+    for block in source.blocks(block_width, options=options):
         if compiled:
             raise_if_not_finite(source, options, block, block.tv.abs().amax(1))
             sample.add(block)
@@ -132,6 +124,32 @@ def clip_bounds(source, options, clamp_ratio: float, block_width: int, sample: C
             selector.count_low(torch.abs(block.tv, out=ws.get(block.tv.shape[1])[0]))
     bounds = selector.values()
     return tb.ClipStats.from_bounds(bounds[:, 0], bounds[:, 1])
+
+
+def _clip_bounds_c(source, options, block_width: int, sample: ColumnSample, k_low: int,
+                   k_high: int) -> tb.ClipStats:
+    """:func:`clip_bounds` where both ranks lie in the tails, in one C sweep per block
+    (native.ClipTails: the k_low-th smallest and k_high-th largest |tau_i|, max |tau_i| for the
+    NaN/Inf check, the sampled columns), from the raw slices where the source has them."""
+    n = source.n
+    tails = native.ClipTails(n, k_low, k_high)
+    for segment, lo, hi, inputs in sweep_inputs(source, options, block_width):
+        first = sample.first_column(segment.offset + lo)
+        part = torch.empty(n, len(range(first, hi - lo, sample.stride)))
+        row_max = tails.update(inputs, first, sample.stride, part)
+        if not bool(torch.isfinite(row_max).all()):  # (the block's task vectors only to say where)
+            raise_if_not_finite(source, options, Block(segment, lo, hi, _task_vectors(inputs)), row_max)
+        sample.parts.append(part)
+    bounds = tails.values()
+    return tb.ClipStats.from_bounds(bounds[:, 0], bounds[:, 1])
+
+
+def _task_vectors(inputs) -> torch.Tensor:
+    """The float32 task vectors [n, m] of a block of :func:`sweep_inputs` (raw slices: the bits of torch.sub)."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs
+    base = inputs[0].float()
+    return torch.stack([torch.sub(model.float(), base) for model in inputs[1:]])
 
 
 def _in_tails(source, options, clamp_ratio: float) -> bool:
