@@ -220,6 +220,18 @@ static int64_t gather_candidates(const float *x, const float *e, const float *w,
     return k;
 }
 
+/* Ask for the inputs of the chunk at column j (raw[0 .. n]) ahead of its use: n + 1 streams of a
+ * few KiB each, which the hardware prefetcher finds only after their first misses. */
+static inline void prefetch_chunk(const void *const *raw, const int32_t *raw_dtypes, int64_t n, int64_t j)
+{
+    for (int64_t r = 0; r <= n; r++) {
+        const int64_t size = raw_dtypes[r] == F32 ? 4 : 2;
+        const char *start = (const char *)raw[r] + j * size;
+        for (int64_t b = 0; b < PCB_CHUNK * size; b += 64)
+            __builtin_prefetch(start + b);
+    }
+}
+
 /* The candidates of a block [n, m] (row i at tv + i * stride; n * m < 2^31) for PCB official with
  * inter "sum" (normalized == 0) or "normalized_sum" (see chunk_candidates; ``ceiling`` NULL: the
  * collection at floor_, else the bracket [floor_, ceiling], above[i] adding task i's entries known
@@ -236,16 +248,17 @@ int64_t pcb_candidates(const float *tv, int64_t n, int64_t m, int64_t stride, co
 {
     (void)threads;
     const int64_t chunks = (m + PCB_CHUNK - 1) / PCB_CHUNK;
-    int64_t *chunk_counts = calloc((size_t)(n * chunks > 0 ? 2 * n * chunks : 1), sizeof(int64_t));
+    int64_t *chunk_counts = calloc((size_t)(n * chunks > 0 ? 3 * n * chunks : 1), sizeof(int64_t));
     if (chunk_counts == NULL)
         return -1;
-    int64_t *chunk_above = chunk_counts + n * chunks;
+    int64_t *chunk_above = chunk_counts + n * chunks, *chunk_slots = chunk_counts + 2 * n * chunks;
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
         /* total, e, w, p, flags; normalized_sum: n rows of sign(x) * N; raw: the base and n rows of tau */
         const int64_t floats = (5 + (normalized ? n : 0) + (raw != NULL ? n + 1 : 0)) * PCB_CHUNK;
-        float *scratch = malloc((size_t)floats * sizeof(float) + (size_t)n * sizeof(const float *));
+        const size_t rows = (size_t)n * (sizeof(const float *) + sizeof(int64_t)); /* row and written */
+        float *scratch = malloc((size_t)floats * sizeof(float) + rows);
         if (scratch == NULL) {
             failed = 1;
         } else {
@@ -254,10 +267,21 @@ int64_t pcb_candidates(const float *tv, int64_t n, int64_t m, int64_t stride, co
             float *signed_ = p + 2 * PCB_CHUNK; /* normalized_sum: sign(x) * N per task */
             float *formed = signed_ + (normalized ? n : 0) * PCB_CHUNK; /* raw: the base, then the rows */
             const float **row = (const float **)(scratch + floats); /* this chunk's row of each task */
+            /* Each thread's chunks are one run (a static schedule); task i's candidates of the run are
+             * written one after the other from the run's first slot, each chunk's within its own
+             * range (its first slot lies at or before the chunk's first column) */
+            int64_t *written = (int64_t *)(row + n), first_chunk = -1;
 #pragma omp for schedule(static)
             for (int64_t c = 0; c < chunks; c++) {
+                if (first_chunk < 0) {
+                    first_chunk = c;
+                    for (int64_t i = 0; i < n; i++)
+                        written[i] = 0;
+                }
                 const int64_t j0 = c * PCB_CHUNK, count = m - j0 < PCB_CHUNK ? m - j0 : PCB_CHUNK;
                 if (raw != NULL) {
+                    if (j0 + 2 * PCB_CHUNK <= m)
+                        prefetch_chunk(raw, raw_dtypes, n, j0 + PCB_CHUNK);
                     load_f32(raw[0], raw_dtypes[0], j0, count, formed);
                     for (int64_t i = 0; i < n; i++) {
                         float *x = formed + (i + 1) * PCB_CHUNK;
@@ -297,11 +321,14 @@ int64_t pcb_candidates(const float *tv, int64_t n, int64_t m, int64_t stride, co
                             total[j] = total[j] + signed_[i * PCB_CHUNK + j];
                 }
                 for (int64_t i = 0; i < n; i++) {
-                    const int64_t slot = i * m + j0; /* this chunk's own range of task i's outputs */
-                    chunk_counts[i * chunks + c] = chunk_candidates(
+                    const int64_t slot = i * m + first_chunk * PCB_CHUNK + written[i];
+                    const int64_t found = chunk_candidates(
                         row[i], total, count, lo[i], hi[i], span[i], nf, floor_[i],
                         ceiling == NULL ? NAN : ceiling[i], chunk_above + i * chunks + c, i * m + j0, e, w, p, flags,
                         flat + slot, tau + slot, exp_arg + slot, tanh_arg + slot);
+                    chunk_counts[i * chunks + c] = found;
+                    chunk_slots[i * chunks + c] = slot;
+                    written[i] += found;
                 }
             }
         }
@@ -311,15 +338,20 @@ int64_t pcb_candidates(const float *tv, int64_t n, int64_t m, int64_t stride, co
         free(chunk_counts);
         return -1;
     }
-    /* pack the chunks' ranges, task-major: every destination lies at or before its source */
+    /* pack the runs, task-major: every destination lies at or before its source */
     int64_t k = 0;
     for (int64_t i = 0; i < n; i++) {
         counts[i] = 0;
         if (above != NULL)
             for (int64_t c = 0; c < chunks; c++)
                 above[i] += chunk_above[i * chunks + c];
-        for (int64_t c = 0; c < chunks; c++) {
-            const int64_t source = i * m + c * PCB_CHUNK, size = chunk_counts[i * chunks + c];
+        for (int64_t c = 0; c < chunks;) {
+            /* the chunks whose candidates lie one after the other (a thread's run) in one move */
+            const int64_t source = chunk_slots[i * chunks + c];
+            int64_t size = 0;
+            do
+                size += chunk_counts[i * chunks + c++];
+            while (c < chunks && chunk_slots[i * chunks + c] == source + size);
             if (size && source != k) {
                 memmove(flat + k, flat + source, (size_t)size * sizeof(int32_t));
                 memmove(tau + k, tau + source, (size_t)size * sizeof(float));
