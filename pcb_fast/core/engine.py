@@ -193,6 +193,7 @@ class Collected:
     flat: torch.Tensor  # int32 index task * m + position, ascending (a block holds < 2^31 entries)
     score: torch.Tensor  # float32
     tau: torch.Tensor  # float32 raw task-vector value
+    sizes: list | None = None  # entries of each task, where the collection knows them already
 
     @property
     def width(self) -> int:
@@ -204,6 +205,8 @@ class Collected:
 
     def counts(self) -> list:
         """Number of entries of each task."""
+        if self.sizes is not None:
+            return self.sizes
         ends = torch.searchsorted(self.flat, torch.arange(1, self.n + 1, dtype=torch.int32) * self.width)
         return torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
 

@@ -401,6 +401,8 @@ def _task_rows(tv: torch.Tensor) -> torch.Tensor:
 
 def _column(values, dtype) -> torch.Tensor:
     """[n] contiguous values of ``dtype`` from a tensor of n entries ([n] or [n, 1])."""
+    if isinstance(values, torch.Tensor) and values.dtype == dtype and values.dim() == 1 and values.is_contiguous():
+        return values  # (per block, four times: no call into torch)
     return torch.as_tensor(values).reshape(-1).to(dtype).contiguous()
 
 

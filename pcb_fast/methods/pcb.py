@@ -248,7 +248,8 @@ def collect_block_c(segment, lo: int, hi: int, inputs, clip: tb.ClipStats, inter
                                                                  inter == "normalized_sum", floor, out)
     score = exp_arg.exp_().mul_(tanh_arg.tanh_())  # intra * inter, as official_scores, in place
     flat, score, tau = native.pcb_keep(counts, flat, score, tau, floor)
-    return Collected(segment, lo, hi, n, flat.clone(), score.clone(), tau.clone() if with_tau else None)
+    return Collected(segment, lo, hi, n, flat.clone(), score.clone(), tau.clone() if with_tau else None,
+                     counts.tolist())
 
 
 def gather_tau(inputs, c: Collected) -> torch.Tensor:
