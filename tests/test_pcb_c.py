@@ -394,3 +394,33 @@ def test_without_the_c_library_files_merge_eagerly(monkeypatch, tmp_path):
                                    block_width=8192)
         eager = load_file(str(tmp_path / f"e-{budget}" / "model.safetensors"))["w"]
         assert torch.equal(eager, outs[("c", budget)]), budget
+
+
+def test_c_sweeps_take_wider_blocks_at_the_default_width(monkeypatch):
+    """At the default block width the C sweeps read blocks of about C_SWEEP_ENTRIES entries (fewer,
+    wider blocks for few tasks: here one block of a 300,000-entry row instead of three); a width the
+    caller chose is kept. The merge equals the eager engine's at its own width, bit for bit."""
+    from pcb_fast.core.sources import DEFAULT_BLOCK_WIDTH
+
+    assert pcb.c_sweep_width(4, DEFAULT_BLOCK_WIDTH) == pcb.C_SWEEP_ENTRIES // 4
+    assert pcb.c_sweep_width(64, DEFAULT_BLOCK_WIDTH) == DEFAULT_BLOCK_WIDTH
+    assert pcb.c_sweep_width(4, 10_000) == 10_000
+    widths = []
+    candidates = native.pcb_candidates
+    monkeypatch.setattr(native, "pcb_candidates", lambda tv, *a, **k: widths.append(tv[0].numel()) or candidates(
+        tv, *a, **k))
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(300_000, generator=g).to(torch.bfloat16)
+    models = [(base.float() + torch.randn(300_000, generator=g) * 1e-2).to(torch.bfloat16) for _ in range(2)]
+    source = StateDictSource({"w": base}, [{"w": m} for m in models], ["w"])
+    out = {}
+    for fused in (True, False):
+        merged = torch.empty(300_000)
+
+        def sink(segment, lo, hi, values):
+            merged[lo:hi] = values
+
+        engine.run(merge_pcb, source, sink, options=RunOptions(fused=fused), block_width=DEFAULT_BLOCK_WIDTH)
+        out[fused] = merged
+    assert widths == [300_000]  # the collection: one block (the clip pass reads the same blocks)
+    assert torch.equal(out[True].view(torch.int32), out[False].view(torch.int32))

@@ -58,14 +58,27 @@ def merge_pcb(source, sink, options, *, ratio=0.1, clamp_ratio=1e-4, inter="sum"
     sample) between calls on the same source.
     """
     params = check_params(source.n, ratio=ratio, clamp_ratio=clamp_ratio, inter=inter, variant=variant, lambdas=lambdas)
+    sweep_width = source.block_width(c_sweep_width(source.n, block_width), options)
     block_width = source.block_width(block_width, options)
     if params["variant"] == "official":
         # the compiled loops (within a tolerance) only where these options have no C sweeps: where
         # they have but cannot take this merge (more than 80 tasks), the eager path (the same bits)
         if fused_cpu.applies(options) and record is None and not fused_cpu.has_c_loops("pcb", params):
             return _merge_official_fused(source, options, sink, params, block_width, reuse)
-        return _merge_official(source, options, sink, params, block_width, record, reuse)
+        return _merge_official(source, options, sink, params, block_width, record, reuse, sweep_width)
     return _merge_paper(source, options, sink, params, block_width, record, reuse)
+
+
+C_SWEEP_ENTRIES = 1 << 21  # entries of all tasks per block of PCB's C sweeps at the default width
+
+
+def c_sweep_width(n: int, block_width: int) -> int:
+    """The block width of PCB's C sweeps: ``block_width``, or where it is the default, blocks of about
+    C_SWEEP_ENTRIES entries (wider for few tasks: the sweeps form no float32 block, and a block's fixed
+    cost, its reads and calls, is paid fewer times; docs/design.md 3.5)."""
+    if block_width != DEFAULT_BLOCK_WIDTH:
+        return block_width
+    return max(block_width, C_SWEEP_ENTRIES // max(n, 1))
 
 
 def default_fused(entries: int, params: dict) -> dict:
@@ -273,9 +286,10 @@ def collects_scores_only(source, options, rank) -> bool:
     return entries * SCORES_ONLY_BYTES <= options.memory_budget
 
 
-def _merge_official(source, options, sink, params, block_width, record=None, reuse=None):
+def _merge_official(source, options, sink, params, block_width, record=None, reuse=None, sweep_width=None):
     n, D = source.n, source.D
     in_c = _c_loops(source, options, params)
+    width = (sweep_width or block_width) if in_c else block_width  # of the C sweeps' blocks (c_sweep_width)
     rank = keep_index(D, params["ratio"])
     # over the budget, where positions and scores fit it: collected without tau, read again to merge
     scores_only = in_c and record is None and collects_scores_only(source, options, rank)
@@ -287,7 +301,7 @@ def _merge_official(source, options, sink, params, block_width, record=None, reu
 
     def statistics():
         sample = ColumnSample(D, n)
-        return clip_bounds(source, options, params["clamp_ratio"], block_width, sample), sample
+        return clip_bounds(source, options, params["clamp_ratio"], width, sample), sample
 
     clip, sample = _reused(reuse, ("clip", params["clamp_ratio"], block_width), statistics)
     ws = tb.Workspace(n, block_width, 4 if params["inter"] == "pairwise" else 3)
@@ -299,12 +313,12 @@ def _merge_official(source, options, sink, params, block_width, record=None, reu
         for block in source.blocks(block_width, options=options):
             yield block, tb.official_scores(block.tv, clip, params["inter"], ws)
 
-    buffers = candidate_buffers(n, block_width) if in_c else None
+    buffers = candidate_buffers(n, width) if in_c else None
     t, peak, collected, kept = select_threshold(
         source, selecting, score_blocks, rank, sample_scores,
-        collect_at=(_collector(source, options, clip, params["inter"], block_width, buffers, not scores_only)
+        collect_at=(_collector(source, options, clip, params["inter"], width, buffers, not scores_only)
                     if in_c else None),
-        count_blocks=_bracket_counter(source, options, clip, params["inter"], block_width, buffers) if in_c else None)
+        count_blocks=_bracket_counter(source, options, clip, params["inter"], width, buffers) if in_c else None)
     lam = lambda_column(params["lambdas"], n)
     # scale = (max(P, t) - t) / (M - t) (docs/design.md 2.2 step 6); M == t means nothing is kept: scale 0.
     span = span_or_inf(peak - t)
@@ -312,10 +326,10 @@ def _merge_official(source, options, sink, params, block_width, record=None, reu
         # entries at or above t: the others have scale 0 and add exact zeros
         if collected is None:
             collected = (collect_block_c(segment, lo, hi, inputs, clip, params["inter"], t, buffers)
-                         for segment, lo, hi, inputs in sweep_inputs(source, options, block_width))
-        out, den = torch.empty(block_width), torch.empty(block_width)
+                         for segment, lo, hi, inputs in sweep_inputs(source, options, width))
+        out, den = torch.empty(width), torch.empty(width)
         if scores_only:  # one more pass, for tau at the collected positions only
-            collected = _with_tau(sweep_inputs(source, options, block_width), collected)
+            collected = _with_tau(sweep_inputs(source, options, width), collected)
         for c in collected:
             tau_m = native.pcb_merge_entries(c.width, c.counts(), c.flat, c.score, c.tau, t, span, clip.lo, clip.hi,
                                              lam, out[: c.width], den)
