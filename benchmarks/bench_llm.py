@@ -177,12 +177,17 @@ sys.exit(rc)
 
 
 def run_child(code: str, args: list) -> dict:
-    start = time.perf_counter()
+    """Wall seconds, CPU seconds (all its threads) and peak RSS of one fresh process."""
+    import resource
+
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code] + args, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
+    seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0 or "PEAK_RSS_BYTES=" not in proc.stdout:
         raise RuntimeError(f"{args[:1]} failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    return {"seconds": seconds, "peak_rss_bytes": int(proc.stdout.split("PEAK_RSS_BYTES=")[1].split()[0])}
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"seconds": seconds, "cpu_seconds": cpu,
+            "peak_rss_bytes": int(proc.stdout.split("PEAK_RSS_BYTES=")[1].split()[0])}
 
 
 def yaml_config(method: str, base: Path, models: list, **params) -> str:
