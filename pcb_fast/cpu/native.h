@@ -141,10 +141,10 @@ void pcb_approximations(int64_t count, const float *x, float *exp_out, float *ta
 void pcb_score_bounds(int64_t count, const float *e, const float *w, float *out);
 void pcb_gather_tau(int64_t n, int64_t m, const void *const *raw, const int32_t *raw_dtypes, const int64_t *offsets,
                     const int32_t *flat, float *out);
-void pcb_clip_tails(const float *tv, int64_t n, int64_t m, int64_t stride, const void *const *raw,
-                    const int32_t *raw_dtypes, int64_t k_low, int64_t k_high, uint32_t *low_sets,
-                    uint32_t *high_sets, int64_t *sizes, int64_t *bounds, int64_t first, int64_t step,
-                    int64_t columns, float *sample, float *row_max, int threads);
-void pcb_tail_values(int64_t n, uint32_t *sets, const int64_t *sizes, int64_t k, uint32_t *out);
+int pcb_clip_tails(const float *tv, int64_t n, int64_t m, int64_t stride, const void *const *raw,
+                   const int32_t *raw_dtypes, int64_t k_low, int64_t k_high, uint32_t *low_sets,
+                   uint32_t *high_sets, int64_t *sizes, int64_t *bounds, int64_t first, int64_t step,
+                   int64_t columns, float *sample, float *row_max, int threads);
+int pcb_tail_values(int64_t n, uint32_t *sets, const int64_t *sizes, int64_t k, uint32_t *out);
 
 #endif

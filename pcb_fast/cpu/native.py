@@ -387,8 +387,8 @@ SIGNATURES = {
     "pcb_approximations": (None, [_i64] + [_p] * 3),
     "pcb_score_bounds": (None, [_i64] + [_p] * 3),
     "pcb_gather_tau": (None, [_i64, _i64] + [_p] * 5),
-    "pcb_clip_tails": (None, [_p, _i64, _i64, _i64, _p, _p, _i64, _i64] + [_p] * 4 + [_i64] * 3 + [_p, _p, _int]),
-    "pcb_tail_values": (None, [_i64, _p, _p, _i64, _p]),
+    "pcb_clip_tails": (_int, [_p, _i64, _i64, _i64, _p, _p, _i64, _i64] + [_p] * 4 + [_i64] * 3 + [_p, _p, _int]),
+    "pcb_tail_values": (_int, [_i64, _p, _p, _i64, _p]),
 }
 
 
@@ -596,10 +596,11 @@ class ClipTails:
                 or columns != len(range(first, m, step))):
             raise ValueError(f"pcb_clip_tails: the sample must be float32 [{n}, {len(range(first, m, step))}]")
         row_max = torch.empty(n)
-        library.pcb_clip_tails(None if rows is None else rows.data_ptr(), n, m, stride, raw, dtypes, self.k_low,
-                               self.k_high, self.low.data_ptr(), self.high.data_ptr(), self.sizes.data_ptr(),
-                               self.bounds.data_ptr(), first, step, columns, sample.data_ptr(), row_max.data_ptr(),
-                               min(n, _threads(n * m)))
+        if library.pcb_clip_tails(None if rows is None else rows.data_ptr(), n, m, stride, raw, dtypes, self.k_low,
+                                  self.k_high, self.low.data_ptr(), self.high.data_ptr(), self.sizes.data_ptr(),
+                                  self.bounds.data_ptr(), first, step, columns, sample.data_ptr(), row_max.data_ptr(),
+                                  min(n, _threads(n * m))):
+            raise MemoryError("pcb_clip_tails: no scratch memory for a selection")
         return row_max
 
     def values(self) -> torch.Tensor:
@@ -609,8 +610,9 @@ class ClipTails:
         for row, (sets, k) in enumerate(((self.low, self.k_low), (self.high, self.k_high))):
             if bool((self.sizes[row] < k).any()):
                 raise ValueError(f"pcb_clip_tails: fewer than {k} entries fed")
-            library.pcb_tail_values(self.n, sets.data_ptr(), self.sizes[row].contiguous().data_ptr(), k,
-                                    keys[row].data_ptr())
+            if library.pcb_tail_values(self.n, sets.data_ptr(), self.sizes[row].contiguous().data_ptr(), k,
+                                       keys[row].data_ptr()):
+                raise MemoryError("pcb_tail_values: no scratch memory for a selection")
         keys[1] = 0x7FFFFFFF - keys[1]
         return keys.view(torch.float32).t().contiguous()
 

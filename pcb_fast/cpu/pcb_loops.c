@@ -504,48 +504,56 @@ void pcb_bracket_counts(int64_t n, const int64_t *counts, const float *score, co
  * its bound becomes the k-th (select_smallest). A key left out lies at or above the bound of its
  * time, and bounds only fall: the k smallest keys of the row are in the set at the end, exactly. */
 
-/* Moves the k smallest of v[0, size) to v[0, k), the k-th smallest at v[k - 1] (quickselect,
- * Hoare's partition around a median of three). */
-static void select_smallest(uint32_t *v, int64_t size, int64_t k)
+/* Moves the k smallest of v[0, size) to v[0, k), the k-th smallest at v[k - 1] (1 <= k <= size), in
+ * time linear whatever the keys: the k-th smallest by two counting passes over 16 bits each
+ * (``counts``: 65536 entries of scratch), then the keys below it moved to the front and after them
+ * as many keys equal to it as the k take. */
+static void select_smallest(uint32_t *v, int64_t size, int64_t k, int64_t *counts)
 {
-    int64_t left = 0, right = size - 1;
-    const int64_t target = k - 1;
-    while (left < right) {
-        const uint32_t a = v[left], b = v[left + (right - left) / 2], c = v[right];
-        const uint32_t pivot = a < b ? (b < c ? b : (a < c ? c : a)) : (a < c ? a : (b < c ? c : b));
-        int64_t i = left, j = right;
-        while (i <= j) {
-            while (v[i] < pivot)
-                i++;
-            while (v[j] > pivot)
-                j--;
-            if (i <= j) {
-                const uint32_t swap = v[i];
-                v[i++] = v[j];
-                v[j--] = swap;
-            }
-        }
-        /* [left, j] <= pivot <= [i, right]; between them, keys equal to the pivot */
-        if (target <= j)
-            right = j;
-        else if (target >= i)
-            left = i;
-        else
-            return;
+    int64_t need = k; /* how many keys, from the smallest of the digit's group, reach the k-th */
+    uint32_t high = 0;
+    for (int pass = 0; pass < 2; pass++) {
+        memset(counts, 0, 65536 * sizeof(int64_t));
+        for (int64_t i = 0; i < size; i++)
+            if (pass == 0 || (v[i] >> 16) == high)
+                counts[pass == 0 ? v[i] >> 16 : v[i] & 0xFFFFu]++;
+        uint32_t digit = 0;
+        while (counts[digit] < need)
+            need -= counts[digit++];
+        high = pass == 0 ? digit : (high << 16) | digit; /* after the second pass: the k-th key */
     }
+    int64_t front = 0;
+    for (int64_t i = 0; i < size; i++)
+        if (v[i] < high) {
+            const uint32_t swap = v[front];
+            v[front++] = v[i];
+            v[i] = swap;
+        }
+    for (int64_t i = front; i < size && front < k; i++)
+        if (v[i] == high) {
+            const uint32_t swap = v[front];
+            v[front++] = v[i];
+            v[i] = swap;
+        }
 }
 
-/* Add key to a set (capacity 2k, *size keys, bound *bound); a full set keeps its k smallest. */
-static inline void set_add(uint32_t *set, int64_t *size, int64_t *bound, int64_t k, uint32_t key)
+/* Add key to a set (capacity 2k, *size keys, bound *bound); a full set keeps its k smallest. Returns
+ * nonzero where the scratch of the selection could not be had. */
+static inline int set_add(uint32_t *set, int64_t *size, int64_t *bound, int64_t k, uint32_t key)
 {
     if ((int64_t)key >= *bound)
-        return;
+        return 0;
     set[(*size)++] = key;
     if (*size == 2 * k) {
-        select_smallest(set, *size, k);
+        int64_t *counts = malloc(65536 * sizeof(int64_t));
+        if (counts == NULL)
+            return 1;
+        select_smallest(set, *size, k, counts);
+        free(counts);
         *size = k;
         *bound = set[k - 1];
     }
+    return 0;
 }
 
 /* One block [n, m] of the clip pass: row i at tv + i * stride, or (``raw``, else NULL) formed from the
@@ -554,13 +562,14 @@ static inline void set_add(uint32_t *set, int64_t *size, int64_t *bound, int64_t
  * bounds [2, n], a bound of 2^31 or more taking every key); row_max[i] = max |tau| (NaN if any
  * is NaN, as torch.amax); and the sample columns first, first + step, ... (< m) of tau go to
  * sample[i * columns + c]. */
-void pcb_clip_tails(const float *tv, int64_t n, int64_t m, int64_t stride, const void *const *raw,
-                    const int32_t *raw_dtypes, int64_t k_low, int64_t k_high, uint32_t *low_sets,
-                    uint32_t *high_sets, int64_t *sizes, int64_t *bounds, int64_t first, int64_t step,
-                    int64_t columns, float *sample, float *row_max, int threads)
+int pcb_clip_tails(const float *tv, int64_t n, int64_t m, int64_t stride, const void *const *raw,
+                   const int32_t *raw_dtypes, int64_t k_low, int64_t k_high, uint32_t *low_sets,
+                   uint32_t *high_sets, int64_t *sizes, int64_t *bounds, int64_t first, int64_t step,
+                   int64_t columns, float *sample, float *row_max, int threads)
 {
     (void)threads;
-#pragma omp parallel for num_threads(threads) schedule(static)
+    int failed = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : failed)
     for (int64_t i = 0; i < n; i++) {
         float base[PCB_CHUNK], formed[PCB_CHUNK];
         uint32_t *low = low_sets + i * 2 * k_low, *high = high_sets + i * 2 * k_high;
@@ -593,21 +602,27 @@ void pcb_clip_tails(const float *tv, int64_t n, int64_t m, int64_t stride, const
             if ((int64_t)smallest < *low_bound || (int64_t)(0x7FFFFFFFu - top) < *high_bound)
                 for (int64_t j = 0; j < count; j++) {
                     const uint32_t a = magnitude_bits(x[j]);
-                    set_add(low, low_size, low_bound, k_low, a);
-                    set_add(high, high_size, high_bound, k_high, 0x7FFFFFFFu - a);
+                    failed |= set_add(low, low_size, low_bound, k_low, a);
+                    failed |= set_add(high, high_size, high_bound, k_high, 0x7FFFFFFFu - a);
                 }
         }
         row_max[i] = float_of(largest);
     }
+    return failed;
 }
 
 /* The k-th smallest key of each task's set (sets: n sets of capacity 2 k, sizes[i] keys, reordered
- * in place) into out[i]. */
-void pcb_tail_values(int64_t n, uint32_t *sets, const int64_t *sizes, int64_t k, uint32_t *out)
+ * in place) into out[i]. Returns nonzero where scratch memory could not be had. */
+int pcb_tail_values(int64_t n, uint32_t *sets, const int64_t *sizes, int64_t k, uint32_t *out)
 {
+    int64_t *counts = malloc(65536 * sizeof(int64_t));
+    if (counts == NULL)
+        return 1;
     for (int64_t i = 0; i < n; i++) {
         uint32_t *set = sets + i * 2 * k;
-        select_smallest(set, sizes[i], k);
+        select_smallest(set, sizes[i], k, counts);
         out[i] = set[k - 1];
     }
+    free(counts);
+    return 0;
 }
