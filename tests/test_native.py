@@ -354,3 +354,25 @@ def test_clip_tails_form_tau_from_raw_slices():
             assert_bitwise(raw.values(), formed.values())
     with pytest.raises(ValueError, match="the sample must be"):
         native.ClipTails(3, 1, 1).update([base] + models, 0, 17, torch.empty(3, 5))
+
+
+def test_c_loops_read_rows_with_other_steps():
+    """A float32 block whose rows step by more than one entry is copied to unit steps for the C loops;
+    the copy lives while they run (it had been freed before they read it: wrong values, silently)."""
+    g = torch.Generator().manual_seed(6)
+    full = torch.randn(3, 4000, generator=g)
+    for _ in range(3):
+        tv = full[:, ::2]
+        rows = tv.contiguous()
+        floor, ceiling = torch.full((3,), 0.5), torch.full((3,), 1.5)
+        got, want = native.bracket(tv, floor, ceiling), native.bracket(rows, floor, ceiling)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert all(torch.equal(a, b) for a, b in zip(got[2], want[2]))
+        t, cut, lam = torch.full((3,), 0.7), torch.zeros(3, dtype=torch.int64), torch.ones(3)
+        for a, b in zip(native.ties_block(tv, t, cut, lam, 1.0, True), native.ties_block(rows, t, cut, lam, 1.0, True)):
+            assert torch.equal(a, b)
+        tails = [native.ClipTails(3, 5, 7) for _ in range(2)]
+        samples = [torch.empty(3, len(range(0, 2000, 17))) for _ in range(2)]
+        maxima = [tails[0].update(tv, 0, 17, samples[0]), tails[1].update(rows, 0, 17, samples[1])]
+        assert torch.equal(maxima[0], maxima[1]) and torch.equal(samples[0], samples[1])
+        assert torch.equal(tails[0].values(), tails[1].values())

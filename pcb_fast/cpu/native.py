@@ -411,18 +411,24 @@ def _threads(work: int) -> int:
 
 
 def _block_rows(tv) -> tuple:
-    """A block for the TIES loops: its float32 task rows [n, m] (unit steps in a row), or the raw
-    slices [base, model_0, ...] of :func:`raw_slices`, from which the loops form tau themselves (the
-    bits of the sources' blocks). Returns (n, m, pointer to the rows or None, row stride, pointers
-    to the raw slices or None, their dtype codes or None)."""
+    """A block for the C loops: its float32 task rows [n, m] (unit steps in a row), or the raw slices
+    [base, model_0, ...] of :func:`raw_slices`, from which the loops form tau themselves (the bits of
+    the sources' blocks). Returns (n, m, the rows or None, row stride, pointers to the raw slices or
+    None, their dtype codes or None). The rows may be a copy (rows with other steps): the caller
+    holds them, and passes their data_ptr, while the kernel runs."""
     if isinstance(tv, torch.Tensor):
         tv = _task_rows(tv)
-        return (*tv.shape, tv.data_ptr(), tv.stride(0), None, None)
+        return (*tv.shape, tv, tv.stride(0), None, None)
     if not raw_slices(tv):
         raise ValueError("raw slices must be float32, bfloat16 or float16 vectors of one length, the base first")
     raw = (ctypes.c_void_p * len(tv))(*(t.data_ptr() for t in tv))
     dtypes = (ctypes.c_int32 * len(tv))(*(KERNEL_DTYPES[t.dtype] for t in tv))
     return len(tv) - 1, tv[0].numel(), None, 0, raw, dtypes
+
+
+def _pointer(rows: torch.Tensor | None):
+    """data_ptr of :func:`_block_rows`' rows, or None for raw slices."""
+    return None if rows is None else rows.data_ptr()
 
 
 def bracket(tv, floor, ceiling):
@@ -431,13 +437,13 @@ def bracket(tv, floor, ceiling):
     list of n tensors: each task's |tau| strictly inside its bracket, in position order). ``tv``:
     the block's float32 task vectors, or its raw slices (see :func:`_block_rows`)."""
     library = _loaded()
-    n, m, pointer, stride, raw, dtypes = _block_rows(tv)
+    n, m, rows, stride, raw, dtypes = _block_rows(tv)
     floor, ceiling = _column(floor, torch.float32), _column(ceiling, torch.float32)
     row_max, counts = torch.empty(n), torch.empty(3, n, dtype=torch.int64)
     inside, inside_counts = torch.empty(n, m), torch.empty(n, dtype=torch.int64)
-    library.tv_bracket(pointer, n, m, stride, raw, dtypes, floor.data_ptr(), ceiling.data_ptr(), row_max.data_ptr(),
-                       counts[0].data_ptr(), counts[1].data_ptr(), counts[2].data_ptr(), inside.data_ptr(),
-                       inside_counts.data_ptr(), min(n, _threads(n * m)))
+    library.tv_bracket(_pointer(rows), n, m, stride, raw, dtypes, floor.data_ptr(), ceiling.data_ptr(),
+                       row_max.data_ptr(), counts[0].data_ptr(), counts[1].data_ptr(), counts[2].data_ptr(),
+                       inside.data_ptr(), inside_counts.data_ptr(), min(n, _threads(n * m)))
     return row_max, counts, [inside[i, :k].clone() for i, k in enumerate(inside_counts.tolist())]
 
 
@@ -473,14 +479,14 @@ def _merge_block(tv, rule: KeepRule, lam, elect: bool, fill=1.0, divide=True):
     under the other fill (-1 for a positive fill, else +1), [n] kept, [n] max |tau|); no positions
     (two empty tensors) where ``elect`` is False."""
     library = _loaded()
-    n, m, pointer, stride, raw, dtypes = _block_rows(tv)
+    n, m, rows, stride, raw, dtypes = _block_rows(tv)
     if m >= 1 << 31:
         raise ValueError(f"pcb_fast native kernel: a block of {m} entries has more than 2^31")
     lam = _column(lam, torch.float32)
     values, counts = torch.empty(m), torch.zeros(2, dtype=torch.int64)
     kept, row_max = torch.empty(n, dtype=torch.int64), torch.empty(n)
     at, others = _open_room.of(m) if elect else (None, None)
-    status = library.tv_merge_block(pointer, n, m, stride, raw, dtypes, ctypes.byref(rule), lam.data_ptr(),
+    status = library.tv_merge_block(_pointer(rows), n, m, stride, raw, dtypes, ctypes.byref(rule), lam.data_ptr(),
                                     int(elect), float(fill), int(divide), values.data_ptr(), counts[0].data_ptr(),
                                     counts[1].data_ptr(), None if at is None else at.data_ptr(),
                                     None if others is None else others.data_ptr(), kept.data_ptr(),
@@ -588,7 +594,7 @@ class ClipTails:
         (:func:`raw_slices`); its columns first, first + step, ... of tau are written to ``sample`` [n,
         columns] (float32, contiguous). Returns the block's max |tau| per task (NaN propagating)."""
         library = _loaded()
-        rows, n, m, stride, raw, dtypes = _block_inputs(inputs, "pcb_clip_tails")
+        n, m, rows, stride, raw, dtypes = _block_rows(inputs)
         if n != self.n:
             raise ValueError(f"pcb_clip_tails: a block of {n} tasks fed to the tails of {self.n}")
         columns = sample.shape[1]
@@ -596,7 +602,7 @@ class ClipTails:
                 or columns != len(range(first, m, step))):
             raise ValueError(f"pcb_clip_tails: the sample must be float32 [{n}, {len(range(first, m, step))}]")
         row_max = torch.empty(n)
-        if library.pcb_clip_tails(None if rows is None else rows.data_ptr(), n, m, stride, raw, dtypes, self.k_low,
+        if library.pcb_clip_tails(_pointer(rows), n, m, stride, raw, dtypes, self.k_low,
                                   self.k_high, self.low.data_ptr(), self.high.data_ptr(), self.sizes.data_ptr(),
                                   self.bounds.data_ptr(), first, step, columns, sample.data_ptr(), row_max.data_ptr(),
                                   min(n, _threads(n * m))):
@@ -615,20 +621,6 @@ class ClipTails:
                 raise MemoryError("pcb_tail_values: no scratch memory for a selection")
         keys[1] = 0x7FFFFFFF - keys[1]
         return keys.view(torch.float32).t().contiguous()
-
-
-def _block_inputs(inputs, name: str):
-    """(float32 rows or None, n, m, row stride, raw pointers or None, raw dtypes or None) of a block given
-    as float32 task vectors [n, m] or raw slices [base, model_0, ...]."""
-    if isinstance(inputs, torch.Tensor):
-        tv = _task_rows(inputs)
-        n, m = tv.shape
-        return tv, n, m, tv.stride(0), None, None
-    if not raw_slices(inputs):
-        raise ValueError(f"{name}: raw slices must be float32, bfloat16 or float16 vectors of one length")
-    raw = (ctypes.c_void_p * len(inputs))(*(t.data_ptr() for t in inputs))
-    dtypes = (ctypes.c_int32 * len(inputs))(*(KERNEL_DTYPES[t.dtype] for t in inputs))
-    return None, len(inputs) - 1, inputs[0].numel(), 0, raw, dtypes
 
 
 def raw_slices(natives: list) -> bool:
