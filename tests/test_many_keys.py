@@ -180,8 +180,13 @@ DARE_CASES = [{"p": 0.5}, {"p": [0.2, 0.6, 0.9], "rescale": "l1", "seed": 3},
               {"p": 0.3, "rescale": "none", "normalize": True, "lambdas": [0.5, -1.0, 2.0]}]
 
 
+PCB_CASES = [{"ratio": 0.2}, {"ratio": 0.5, "clamp_ratio": 0.2, "lambdas": [0.5, -1.0, 2.0]},
+             {"ratio": 0.3, "inter": "normalized_sum", "fused": "off"}, {"ratio": 1.0, "inter": "pairwise"},
+             {"variant": "paper"}]
+
+
 @pytest.mark.parametrize("method,params", [("ties", c) for c in TENSOR_CASES] + [("dare_ties", c) for c in DARE_TIES_CASES]
-                         + [("dare", c) for c in DARE_CASES])
+                         + [("dare", c) for c in DARE_CASES] + [("pcb", c) for c in PCB_CASES])
 def test_tensor_packs_change_no_byte_in_memory(monkeypatch, method, params):
     # scope="tensor": each small key of a pack gets the values of its merge alone, bit for bit
     base, models = _tied_states()
@@ -194,7 +199,8 @@ def test_tensor_packs_change_no_byte_in_memory(monkeypatch, method, params):
 
 
 @pytest.mark.parametrize("method,params", [("ties", TENSOR_CASES[0]), ("ties", TENSOR_CASES[1]),
-                                           ("dare_ties", DARE_TIES_CASES[1]), ("dare", {"p": 0.5, "rescale": "l1"})])
+                                           ("dare_ties", DARE_TIES_CASES[1]), ("dare", {"p": 0.5, "rescale": "l1"}),
+                                           ("pcb", PCB_CASES[0]), ("pcb", PCB_CASES[2])])
 def test_tensor_packs_change_no_byte_from_files(tmp_path, monkeypatch, method, params):
     base, models = _tied_states()
     paths = []
@@ -234,7 +240,18 @@ def test_weighted_sums_per_tensor_with_parameters_that_vary_by_tensor_in_packs(m
     assert all(_same_bits(packed[key], alone[key]) for key in base)
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "dare", "task_arithmetic"])
+@pytest.mark.parametrize("params", [{"ratio": 0.3, "clamp_ratio": 0.1}, {"ratio": 0.2, "inter": "normalized_sum"}])
+def test_pcb_tensor_packs_equal_the_reference(params):
+    # the reference scores each tensor alone by sorts (pcb_fast.reference): the values of a pack, bit for bit
+    base, models = _tied_states()
+    models[1] = {k: (v.float() + 0.01 * torch.arange(v.numel()).reshape(v.shape)).to(v.dtype) if v.is_floating_point()
+                 else v for k, v in models[1].items()}  # fewer ties
+    packed = pcb_fast.merge(base, models, method="pcb", scope="tensor", **params)
+    expected = pcb_fast.merge(base, models, method="pcb", scope="tensor", backend="reference", **params)
+    assert all(_same_bits(packed[key], expected[key]) for key in base)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "dare", "task_arithmetic", "pcb"])
 def test_tensor_scope_merges_runs_of_small_keys_together(monkeypatch, method):
     base, models = _tied_states()
     views = []

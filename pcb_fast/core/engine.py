@@ -95,6 +95,17 @@ def run(method: Callable, source: TaskVectorSource, sink: Sink, *, options: RunO
     return {"kept": kept.tolist(), "entries": source.D}
 
 
+def each_key(method: Callable, source: TaskVectorSource, sink: Sink, options: RunOptions, **params) -> torch.Tensor:
+    """``method`` on every key of a pack alone (``source``: one pack segment): a ``merge_tensors`` of
+    :func:`run` for parameters whose values it does not reproduce from the whole pack. Returns the
+    entries kept per task."""
+    (pack,) = source.segments
+    kept = torch.zeros(source.n, dtype=torch.int64)
+    for part in pack.parts:
+        kept += method(source.restrict(part), sink, options, **params)
+    return kept
+
+
 def _tensor_parts(source: TaskVectorSource, params: dict, segment_params: Callable | None, together: bool):
     """(restricted source, its parameters, whether it is a pack) of every part of a scope="tensor" run:
     each key alone or, ``together``, runs of small keys that share their parameters as packs."""

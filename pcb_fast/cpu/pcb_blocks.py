@@ -25,9 +25,14 @@ class ClipStats:
 
     @classmethod
     def from_bounds(cls, lo: torch.Tensor, hi: torch.Tensor) -> "ClipStats":
-        lo = torch.minimum(lo, hi).reshape(-1, 1).float()
-        hi = hi.reshape(-1, 1).float()
+        """From the order statistics: [n] (one pair per task), or [n, k] (per task and tensor of a pack)."""
+        lo = torch.minimum(lo, hi).reshape(lo.shape[0], -1).float()
+        hi = hi.reshape(lo.shape[0], -1).float()
         return cls(lo, hi, span_or_inf(hi - lo))
+
+    def columns(self, index: torch.Tensor) -> "ClipStats":
+        """The statistics of [n, k] per-tensor bounds broadcast to entries (``index``: each entry's column)."""
+        return ClipStats(self.lo[:, index], self.hi[:, index], self.span[:, index])
 
 
 class Workspace:

@@ -190,6 +190,21 @@ def pack_index(parts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return lengths, starts, torch.repeat_interleave(torch.arange(len(parts)), lengths)
 
 
+def sorted_in_tensors(values: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """Each row of float32 ``values`` [n, m] (no NaN) sorted within the tensors of a pack (``tensor``:
+    each entry's, ascending), as int64 keys: the tensor in the high 32 bits, above an order-preserving
+    code of the value (-0 before +0); :func:`values_at` reads them back."""
+    bits = values.view(torch.int32)
+    code = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long() + (1 << 31)  # negatives' magnitude bits flipped
+    return torch.sort((tensor << 32) | code, dim=1).values
+
+
+def values_at(order: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """float32 [n, k]: the values of :func:`sorted_in_tensors` ``order`` at the [n, k] positions ``at``."""
+    bits = ((order.gather(1, at) & 0xFFFFFFFF) - (1 << 31)).to(torch.int32)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).view(torch.float32)
+
+
 def dare_packs(source, options, p, seed, rescale, lam):
     """(block, weighted [n, m], keep [n, m], tensor of each entry) of a pack of small whole tensors
     (``source``: one pack segment, scope="tensor"): DARE's drop, each entry from its own key's stream

@@ -22,8 +22,8 @@ from dataclasses import replace
 import torch
 
 from ..core import checks
-from ..core.engine import (ColumnSample, Collected, can_collect, entries, raise_if_not_finite, select_in_bracket,
-                           select_threshold, selection_passes, task_ranks)
+from ..core.engine import (ColumnSample, Collected, can_collect, dense_sums, each_key, entries, raise_if_not_finite,
+                           select_in_bracket, select_threshold, selection_passes, task_ranks)
 from ..core.options import plan_passes
 from ..core.formulas import EXACT_EXP_MAX_N, clip_indices, keep_index, lambda_column, span_or_inf
 from ..core.select import RadixSelect, TailSelect
@@ -31,6 +31,7 @@ from ..core.sources import DEFAULT_BLOCK_WIDTH, Block
 from ..core.threads import one_thread
 from ..cpu import fused as fused_cpu, native
 from ..cpu import pcb_blocks as tb
+from .linear import pack_index, sorted_in_tensors, values_at
 from .spec import MethodSpec, Param, choice
 
 def check_params(n: int, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant="official", lambdas=None) -> dict:
@@ -79,6 +80,60 @@ def c_sweep_width(n: int, block_width: int) -> int:
     if block_width != DEFAULT_BLOCK_WIDTH:
         return block_width
     return max(block_width, C_SWEEP_ENTRIES // max(n, 1))
+
+
+def merge_pcb_tensors(source, sink, options, *, ratio=0.1, clamp_ratio=1e-4, inter="sum", variant="official",
+                      lambdas=None, block_width=DEFAULT_BLOCK_WIDTH) -> torch.Tensor:
+    """:func:`merge_pcb` with scope="tensor" on a pack of small whole tensors (``source``: one pack
+    segment, core.engine.run's ``merge_tensors``): each tensor with its own clip bounds, threshold
+    and scale, from one read and a few torch ops over the whole pack. The values of merge_pcb on
+    each tensor alone, bit for bit: the exact order statistics of each tensor (one sort of (tensor,
+    value) keys per statistic) and the eager engine's float32 operations per entry, which its C
+    sweeps repeat (a sum over tasks stays within a position). Each key is merged alone where
+    merge_pcb would take other operations (the paper variant, whose sums run over a tensor's
+    entries; compiled loops) or where a score is NaN (a sum over tasks beyond float32)."""
+    params = check_params(source.n, ratio=ratio, clamp_ratio=clamp_ratio, inter=inter, variant=variant,
+                          lambdas=lambdas)
+    inter = params["inter"]
+    alone = dict(params, block_width=block_width)
+    if params["variant"] != "official" or (fused_cpu.applies(options) and not fused_cpu.has_c_loops("pcb", params)):
+        return each_key(merge_pcb, source, sink, options, **alone)
+    n = source.n
+    lam = lambda_column(params["lambdas"], n)
+    (pack,) = source.segments
+    kept = torch.zeros(n, dtype=torch.int64)
+    for block in source.blocks(pack.numel, options=options):  # one block: the whole pack
+        tv = block.tv
+        magnitude = tv.abs()
+        raise_if_not_finite(source, options, block, magnitude.amax(1))
+        lengths, starts, tensor = pack_index(block.segment.parts)
+        # the ranks of each tensor, from its own length (the Python arithmetic of one tensor alone)
+        sizes, which = torch.unique(lengths, return_inverse=True)
+        ranks = torch.tensor([[*clip_indices(size, params["clamp_ratio"]), keep_index(size, params["ratio"]), size - 1]
+                              for size in sizes.tolist()])[which] + starts.unsqueeze(1)  # [tensors, 4] positions
+
+        def at(column: int) -> torch.Tensor:
+            return ranks[:, column].expand(n, -1)
+
+        order = sorted_in_tensors(magnitude, tensor)
+        clip = tb.ClipStats.from_bounds(values_at(order, at(0)), values_at(order, at(1)))
+        clip = clip.columns(tensor)
+        scores = tb.official_scores(tv, clip, inter, tb.Workspace(n, tv.shape[1], 4 if inter == "pairwise" else 3))
+        if bool(scores.isnan().any()):
+            return kept + each_key(merge_pcb, source, sink, options, **alone)
+        order = sorted_in_tensors(scores, tensor)
+        t, peak = values_at(order, at(2)), values_at(order, at(3))
+        # scale = (max(P, t) - t) / (M - t) (docs/design.md 2.2 step 6), as _merge_official's eager merge
+        span = span_or_inf(peak - t)[:, tensor]
+        t = t[:, tensor]
+        kept += (scores > t).sum(1)
+        scale = torch.clamp_min_(scores - t, 0).div_(span)
+        value = tb.clipped_values(tv, clip.lo, clip.hi).mul_(scale)
+        if lam is not None:
+            value.mul_(lam)
+        num, den = dense_sums(value, scale)
+        sink(block.segment, block.lo, block.hi, num / torch.clamp(den, min=1e-12))
+    return kept
 
 
 def default_fused(entries: int, params: dict) -> dict:
@@ -550,6 +605,6 @@ SPEC = MethodSpec(
                   kind="choice"),
             Param("variant", "official", choice("variant", checks.VARIANT_CHOICES), "official or paper",
                   kind="choice")),
-    backends=("torch", "triton", "reference"), loops=("c", "compiled"), searchable=True,
+    backends=("torch", "triton", "reference"), loops=("c", "compiled"), searchable=True, merge_tensors=merge_pcb_tensors,
     # the paper variant's partition sums are added block by block: its bits depend on the blocks
     packable=lambda params: params.get("variant", "official") == "official")

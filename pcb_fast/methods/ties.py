@@ -33,7 +33,7 @@ from ..core.sinks import PATCH_BYTES, PatchRoom, as_sink
 from ..core.sources import DEFAULT_BLOCK_WIDTH, Block
 from ..cpu import fused as fused_cpu
 from .linear import (BAND_PARAMS, DARE_PARAMS, breadcrumbs_blocks, check_band_params, check_bands, dare_block,
-                     dare_options, dare_packs, pack_index)
+                     dare_options, dare_packs, pack_index, sorted_in_tensors, values_at)
 from .pcb import sweep_inputs
 from .spec import MethodSpec, Param, choice, flag
 
@@ -260,10 +260,8 @@ def merge_ties_tensors(source, sink, options, *, density=0.2, sign_ties="majorit
         # t = sort(|tau|)[rank] per task and tensor, ranks clamped as the engine clamps them (merge_ties)
         rank = (lengths - keep - (1 if topk == "threshold" else 0)).clamp(min=0)
         rank = torch.minimum(rank, (lengths - 1).clamp(min=0))
-        # |tau| is finite and >= 0 here: its float32 bits order it, below the tensor's index
-        order = torch.sort((tensor << 32) | magnitude.view(torch.int32).long(), dim=1).values
         at = (starts + rank).clamp(max=block.tv.shape[1] - 1)
-        t = (order.gather(1, at) & 0xFFFFFFFF).to(torch.int32).view(torch.float32)[:, tensor]
+        t = values_at(sorted_in_tensors(magnitude, tensor), at)[:, tensor]
         if topk == "threshold":
             kept = magnitude >= t
         else:  # the entries above t, then those equal to it by position until the tensor keeps `keep`
