@@ -61,7 +61,9 @@ def _packed_and_alone(tmp_path, monkeypatch, base, models, **kwargs) -> list:
 
 CASES = [("task_arithmetic", {}), ("average", {}), ("ties", {"density": 0.3}), ("ties", {"topk": "exact", "sign_ties": "positive"}),
          ("pcb", {"ratio": 0.2}), ("pcb", {"ratio": 0.2, "inter": "normalized_sum"}), ("pcb", {"inter": "pairwise"}),
-         ("pcb", {"variant": "paper"}), ("dare_ties", {"p": 0.5}), ("breadcrumbs", {})]
+         ("pcb", {"variant": "paper"}), ("dare_ties", {"p": 0.5}), ("breadcrumbs", {}),
+         ("dare", {"p": [0.2, 0.6, 0.9], "rescale": "none", "lambdas": [0.5, -1.0, 2.0], "fused": "off"}),
+         ("dare", {"p": 0.5, "rescale": "l1"}), ("dare_ties", {"p": 0.3, "sign_ties": "positive", "normalize": False})]
 
 
 @pytest.mark.parametrize("method,params", CASES)
@@ -262,17 +264,26 @@ def test_tensor_scope_merges_runs_of_small_keys_together(monkeypatch, method):
     assert [seg.key for seg in views] == [("a.000", "a.119"), "b.norm", ("c.000", "d.big"), ("e.000", "e.059")]
 
 
-def test_a_global_merge_in_memory_reads_small_keys_in_packs(monkeypatch):
+@pytest.mark.parametrize("method,params", [("task_arithmetic", {}), ("dare", {"p": 0.5}), ("dare_ties", {"p": 0.5})])
+def test_a_global_merge_in_memory_reads_small_keys_in_packs(monkeypatch, method, params):
     base, models = _tied_states()
     reads = []
     read = sources.StateDictSource._read
     monkeypatch.setattr(sources.StateDictSource, "_read", lambda self, seg, *rest: reads.append(seg) or read(self, seg, *rest))
-    pcb_fast.merge(base, models, method="task_arithmetic")
-    assert len(reads) == 4, [seg.key for seg in reads]  # (the packs of test_tensor_scope_merges_runs_of_small_keys_together)
+    pcb_fast.merge(base, models, method=method, **params)
+    # the packs of test_tensor_scope_merges_runs_of_small_keys_together (in every pass), no key alone
+    assert {seg.key for seg in reads} == {("a.000", "a.119"), "b.norm", ("c.000", "d.big"), ("e.000", "e.059")}
+
+
+DARE_GLOBAL_CASES = [("dare", {"p": 0.5}), ("dare", {"p": [0.2, 0.6, 0.9], "rescale": "none", "normalize": True}),
+                     ("dare", {"p": 0.5, "fused": "off", "lambdas": [0.5, -1.0, 2.0]}),
+                     ("dare_ties", {"p": 0.5}), ("dare_ties", {"p": 0.3, "sign_ties": "positive", "normalize": False,
+                                                               "lambdas": [1.0, 2.0, 3.0]}),
+                     ("dare_ties", {"p": 0.4, "fused": "off"})]
 
 
 @pytest.mark.parametrize("method,params", [("task_arithmetic", {}), ("pcb", {"ratio": 0.2}), ("ties", {"density": 0.3}),
-                                           ("average", {"lambdas": [1.0, 2.0, 3.0]})])
+                                           ("average", {"lambdas": [1.0, 2.0, 3.0]}), *DARE_GLOBAL_CASES])
 def test_global_packs_in_memory_change_no_byte(monkeypatch, method, params):
     base, models = _tied_states()
     packed = pcb_fast.merge(base, models, method=method, **params)

@@ -119,6 +119,8 @@ def l1_factors(source, options, keep_mask, block_width: int) -> torch.Tensor:
     sums = {}  # segment key -> float64 [2, n]: sum |tau|, sum |tau * keep|
     scratch = torch.empty(2, n * block_width)  # reused: fresh temporaries per block cost page faults
     for block in source.blocks(block_width, options=options):
+        if block.segment.parts:  # (its tensors would be summed as one: MethodSpec.packable rules this out)
+            raise RuntimeError("DARE's L1 factors of a whole model cannot be summed over packs of keys")
         shape = block.tv.shape
         magnitude = torch.abs(block.tv, out=scratch[0, : block.tv.numel()].view(shape))
         raise_if_not_finite(source, options, block, magnitude.amax(1))
@@ -149,8 +151,16 @@ def check_seed(seed) -> int:
 
 
 def dare_keep(block, p, seed: int) -> torch.Tensor:
-    """[n, m] DARE keep mask of a block (``p``: one drop probability, or one per task)."""
+    """[n, m] DARE keep mask of a block (``p``: one drop probability, or one per task); in a block of a
+    pack of small keys, each entry from its own key's stream at its place in that key."""
     ps = p if isinstance(p, list) else [p] * block.tv.shape[0]
+    if block.segment.parts:
+        pieces = block.segment.pieces(block.lo, block.hi)
+        lengths = torch.tensor([end - start for *_, start, end in pieces])
+        piece = torch.repeat_interleave(torch.arange(len(pieces)), lengths)
+        shift = torch.tensor([lo - start for _, lo, _, start, _ in pieces])  # place in the key - column
+        streams = rng.stream_constants(seed, len(ps), [part.key for part, *_ in pieces])[:, piece]
+        return rng.keep_masks_in_streams(streams, torch.arange(block.tv.shape[1]) + shift[piece], ps)
     if native.problem() is not None:  # no C compiler: the same values from torch's int64 ops
         return rng.keep_masks(seed, block.segment.key, block.lo, block.hi, ps)
     streams = [rng.stream_constant(seed, i, block.segment.key) for i in range(len(ps))]
@@ -207,30 +217,33 @@ def values_at(order: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
 
 def dare_packs(source, options, p, seed, rescale, lam):
     """(block, weighted [n, m], keep [n, m], tensor of each entry) of a pack of small whole tensors
-    (``source``: one pack segment, scope="tensor"): DARE's drop, each entry from its own key's stream
-    (pcb_fast.core.rng), rescaled ("l1": by each tensor's factors, summed as :func:`l1_factors` sums
-    one tensor) and weighted by the [n, 1] ``lam``, with the float32 operations of the C loops
-    (pcb_fast.cpu.native: (x * keep) / (1 - p), or * factor, then * lam). Checks p, seed and rescale."""
+    (``source``: one pack segment, scope="tensor"): :func:`dare_weighted` of the whole pack, rescaled
+    ("l1") by each tensor's factors, summed as :func:`l1_factors` sums one tensor. Checks p, seed and
+    rescale."""
     n = source.n
     p, seed = check_drops(p, n), check_seed(seed)
     checks.check_choice("rescale", rescale, RESCALE)
-    ps = p if isinstance(p, list) else [p] * n
     (pack,) = source.segments
     for block in source.blocks(pack.numel, options=options):  # one block: the whole pack
         magnitude = block.tv.abs()
         raise_if_not_finite(source, options, block, magnitude.amax(1))
         parts = block.segment.parts
-        _, starts, tensor = pack_index(parts)
-        streams = rng.stream_constants(seed, n, [part.key for part in parts])[:, tensor]
-        keep = rng.keep_masks_in_streams(streams, torch.arange(block.tv.shape[1]) - starts[tensor], ps)
-        dropped = block.tv * keep
-        if rescale == "inverse":
-            weighted = (dropped / torch.tensor([1 - x for x in ps], dtype=torch.float32).unsqueeze(1)) * lam
-        elif rescale == "l1":
-            weighted = (dropped * _l1_factors_of_tensors(magnitude, keep, parts)[:, tensor]) * lam
-        else:
-            weighted = (dropped * 1.0) * lam
-        yield block, weighted, keep, tensor
+        tensor = pack_index(parts)[2]
+        keep = dare_keep(block, p, seed)
+        factors = _l1_factors_of_tensors(magnitude, keep, parts)[:, tensor] if rescale == "l1" else None
+        yield block, dare_weighted(block, keep, p, rescale, factors, lam), keep, tensor
+
+
+def dare_weighted(block, keep: torch.Tensor, p, rescale: str, factors, lam: torch.Tensor) -> torch.Tensor:
+    """DARE's kept entries of a block (``keep``: :func:`dare_keep`), rescaled and weighted by the [n, 1]
+    ``lam``, with the float32 operations of the C loops (pcb_fast.cpu.native: (x * keep) / (1 - p),
+    or * factor ("l1"; ``factors`` [n, 1] or per entry), then * lam): a block of a pack, whose
+    entries the C loops would take key by key, gets their bits."""
+    ps = p if isinstance(p, list) else [p] * block.tv.shape[0]
+    dropped = block.tv * keep
+    if rescale == "inverse":
+        return (dropped / torch.tensor([1 - x for x in ps], dtype=torch.float32).unsqueeze(1)) * lam
+    return (dropped * (factors if rescale == "l1" else 1.0)) * lam
 
 
 def _l1_factors_of_tensors(magnitude: torch.Tensor, keep: torch.Tensor, parts) -> torch.Tensor:
@@ -281,7 +294,12 @@ def merge_dare(source, sink, options, *, p=0.9, seed=0, rescale="inverse", norma
         lam = fused_cpu.weights(lambda_column(lambdas, source.n), source.n)
         kept = torch.zeros(source.n, dtype=torch.int64)
         for block in source.blocks(block_width, options=options):
-            total, keep, row_max = fused_cpu.dare_sum(block, p, seed, rescale, factors, lam)
+            if block.segment.parts:  # a pack of small keys (global scope): their own streams, the loops' bits
+                keep = dare_keep(block, p, seed)
+                total = sum_over_tasks(dare_weighted(block, keep, p, rescale, factors, lam))
+                keep, row_max = keep.sum(1), block.tv.abs().amax(1)
+            else:
+                total, keep, row_max = fused_cpu.dare_sum(block, p, seed, rescale, factors, lam)
             raise_if_not_finite(source, options, block, row_max)
             kept += keep
             sink(block.segment, block.lo, block.hi, _over(total, divisor))
@@ -480,7 +498,9 @@ DARE = MethodSpec(
                                 flag=False),),
     backends=("torch", "triton", "reference"), loops=("c",), mergekit="dare_linear",
     mergekit_defaults={"scope": "tensor", "density": 1.0, "rescale": "l1", "normalize": False}, searchable=True,
-    single_pass=lambda params: params.get("rescale", "inverse") != "l1", merge_tensors=merge_dare_tensors)
+    single_pass=lambda params: params.get("rescale", "inverse") != "l1", merge_tensors=merge_dare_tensors,
+    # each entry's drop from its key's stream, also in a pack; the L1 factors of a whole model sum tensor by tensor
+    packable=lambda params: params.get("rescale", "inverse") != "l1")
 BAND_PARAMS = (
     Param("gamma", 0.01, lambda v: checks.as_float("gamma", v), "top fraction dropped per row", per_model=True),
     Param("beta", 0.1, lambda v: checks.as_float("beta", v), "next fraction kept per row", per_model=True),

@@ -605,6 +605,7 @@ SPEC = MethodSpec(
                   kind="choice"),
             Param("variant", "official", choice("variant", checks.VARIANT_CHOICES), "official or paper",
                   kind="choice")),
-    backends=("torch", "triton", "reference"), loops=("c", "compiled"), searchable=True, merge_tensors=merge_pcb_tensors,
+    backends=("torch", "triton", "reference"), loops=("c", "compiled"), searchable=True,
+    merge_tensors=merge_pcb_tensors,
     # the paper variant's partition sums are added block by block: its bits depend on the blocks
     packable=lambda params: params.get("variant", "official") == "official")

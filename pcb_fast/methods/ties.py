@@ -32,8 +32,8 @@ from ..core.formulas import disjoint_mean, elected_signs, lambda_column, sum_ove
 from ..core.sinks import PATCH_BYTES, PatchRoom, as_sink
 from ..core.sources import DEFAULT_BLOCK_WIDTH, Block
 from ..cpu import fused as fused_cpu
-from .linear import (BAND_PARAMS, DARE_PARAMS, breadcrumbs_blocks, check_band_params, check_bands, dare_block,
-                     dare_options, dare_packs, pack_index, sorted_in_tensors, values_at)
+from .linear import (BAND_PARAMS, DARE, DARE_PARAMS, breadcrumbs_blocks, check_band_params, check_bands, dare_block,
+                     dare_keep, dare_options, dare_packs, dare_weighted, pack_index, sorted_in_tensors, values_at)
 from .pcb import sweep_inputs
 from .spec import MethodSpec, Param, choice, flag
 
@@ -280,18 +280,35 @@ def _elect_in_tensors(weighted, lam, tensor, count: int, sign_ties: str, normali
     """TIES' election and disjoint mean (or sum) of the weighted entries [n, m] of a pack of ``count``
     tensors (``tensor``: each entry's), a tensor's majority sign filling its zero sums: the float32
     operations of the C loop (native.ties_block), in its order."""
-    n = weighted.shape[0]
     total = sum_over_tasks(weighted)
-    positive, negative = total > 0, total < 0
     if sign_ties == "majority":  # each tensor's majority elected sign
-        signs = torch.zeros(count, dtype=torch.int64).index_add_(0, tensor, positive.long() - negative.long())
+        signs = torch.zeros(count, dtype=torch.int64).index_add_(0, tensor, (total > 0).long() - (total < 0).long())
         fill = torch.sign(signs.float())[tensor]
     else:
         fill = torch.ones(())
-    elected = torch.where(positive, 1.0, torch.where(negative, -1.0, fill))
+    return _agreeing_mean(weighted, lam, total, fill, normalize)
+
+
+def _elect(weighted, lam, total, fill, normalize: bool) -> tuple:
+    """TIES' election and disjoint mean (or sum) of weighted entries [n, m] whose sum over tasks is
+    ``total``, a [] ``fill`` filling the zero sums, and what the C loop (native.ties_block) returns
+    beside the values: the sum of the elected signs, the undecided positions (zero sum, some entry
+    non-zero; ascending int32) and their values under the other fill (-1 for a positive fill, else +1)."""
+    undecided = ((total == 0) & (weighted.abs().amax(0) > 0)).nonzero().flatten()
+    other = torch.tensor(-1.0 if bool(fill > 0) else 1.0)
+    others = _agreeing_mean(weighted[:, undecided], lam, total[undecided], other, normalize)
+    signs = int((total > 0).sum()) - int((total < 0).sum())
+    return _agreeing_mean(weighted, lam, total, fill, normalize), signs, undecided.to(torch.int32), others
+
+
+def _agreeing_mean(weighted, lam, total, fill, normalize: bool) -> torch.Tensor:
+    """The mean (or, without ``normalize``, sum) of the weighted entries [n, m] that agree with the sign
+    of ``total`` (``fill``, one or one per entry, where it is 0; a zero fill elects as -1 does): the
+    float32 operations of the C loop (native.ties_block), in its order."""
+    elected = torch.where(total > 0, 1.0, torch.where(total < 0, -1.0, fill))
     agree = torch.where(elected > 0, weighted > 0, weighted < 0).float()
     num, den = weighted[0] * agree[0], agree[0] * lam[0]
-    for i in range(1, n):
+    for i in range(1, weighted.shape[0]):
         num = num + weighted[i] * agree[i]
         den = den + agree[i] * lam[i]
     return num / torch.where(den == 0, 1.0, den) if normalize else num
@@ -548,8 +565,17 @@ def _merge_dare_ties_fused(source, options, sink, p, seed, rescale, factors, sig
     divide = torch.tensor(1.0 if normalize else 0.0)
 
     def merge_block(number, segment, lo, inputs, fill):
-        values, signs, positions, others, kept, row_max = fused_cpu.dare_ties_block(
-            inputs, segment, lo, p, seed, rescale, factors, lam, fill, divide)
+        if segment.parts:  # a pack of small keys (global scope): their own streams, the loop's bits
+            tv = inputs if isinstance(inputs, torch.Tensor) else torch.stack([_task_row(inputs, i)
+                                                                              for i in range(len(inputs) - 1)])
+            block = Block(segment, lo, lo + tv.shape[1], tv)
+            keep = dare_keep(block, p, seed)
+            weighted = dare_weighted(block, keep, p, rescale, factors, lam)
+            values, signs, positions, others = _elect(weighted, lam, sum_over_tasks(weighted), fill, normalize)
+            kept, row_max = keep.sum(1), tv.abs().amax(1)
+        else:
+            values, signs, positions, others, kept, row_max = fused_cpu.dare_ties_block(
+                inputs, segment, lo, p, seed, rescale, factors, lam, fill, divide)
         if number not in counted:  # a block merged again is counted once
             counted.add(number)
             _check_finite(source, options, segment, lo, lo + values.numel(), inputs, row_max)
@@ -601,6 +627,7 @@ DARE_TIES = MethodSpec(
     name="dare_ties", merge=merge_dare_ties, summary="DARE TIES",
     citation="Yu et al., Language Models are Super Mario, ICML 2024", url="https://arxiv.org/abs/2311.03099",
     params=DARE_PARAMS + (SIGN_TIES_PARAM, _normalize(True)), merge_tensors=merge_dare_ties_tensors,
+    packable=DARE.packable,  # (as DARE's: each entry's drop from its key's stream)
     backends=("torch", "triton", "reference"), loops=("c",), mergekit="dare_ties",
     mergekit_defaults={"scope": "tensor", "density": 1.0, "sign_ties": "positive", "rescale": "l1",
                        "normalize": False})
