@@ -338,3 +338,43 @@ def test_a_bad_base_value_among_many_small_keys_in_memory_is_named(dtype):
     models = [dict(m, **{"c.041": m["c.041"].to(dtype)}) for m in models]
     with pytest.raises(ValueError, match="base model, key 'c.041' (contains NaN|holds values beyond the float32)"):
         pcb_fast.merge(base, models, method="task_arithmetic")
+
+
+def _small_matrices(n=3, seed=2):
+    """A base and ``n`` fine-tunes of many small 2-D and 1-D float32 tensors (and one of 2400 entries)
+    whose changes are multiples of 1/4: magnitudes tie at every band's bounds."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {f"m.{i:03d}": [(2, 3), (3, 4), (4,), (2, 5), (5, 2), (2, 2)][i % 6] for i in range(90)}
+    shapes["z.big"] = (40, 60)
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    models = [{k: v + torch.randint(-2, 3, v.shape, generator=g) / 4 for k, v in base.items()} for _ in range(n)]
+    return base, models
+
+
+@pytest.mark.parametrize("params", [
+    {"gamma": 0.2, "beta": 0.6}, {"gamma": 0.25, "beta": 0.5, "normalize": True, "lambdas": [0.5, -1.0, 2.0]},
+    {"gamma": 0.1, "beta": 0.5, "scope": "tensor", "block_width": 64},
+    {"gamma": [0.1, 0.3, 0.0], "beta": [0.5, 0.2, 1.0], "band": "tensor"},
+    {"gamma": 0.2, "beta": 0.5, "band": "tensor", "scope": "tensor", "lambdas": [1.0, 2.0, 3.0]}])
+def test_breadcrumbs_packs_change_no_byte(monkeypatch, params):
+    # each row (band "row") or tensor ("tensor") of a pack of small keys gets its band alone, ties by position
+    base, models = _small_matrices()
+    reports = {}, {}
+    packed = pcb_fast.merge(base, models, method="breadcrumbs", report=reports[0], **params)
+    _unpacked(monkeypatch)
+    alone = pcb_fast.merge(base, models, method="breadcrumbs", report=reports[1], **params)
+    assert all(_same_bits(packed[key], alone[key]) for key in base)
+    assert reports[0]["kept"] == reports[1]["kept"] and sum(reports[0]["kept"]) > 0
+
+
+@pytest.mark.parametrize("params", [{"gamma": 0.2, "beta": 0.6}, {"gamma": 0.1, "beta": 0.4, "band": "tensor"}])
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_breadcrumbs_packs_from_files_change_no_byte(tmp_path, monkeypatch, params, scope):
+    base, models = _small_matrices()
+    paths = []
+    for j, state in enumerate([base] + models):
+        paths.append(str(tmp_path / f"m{j}.safetensors"))
+        save_file(state, paths[-1])
+    outputs = _packed_and_alone(tmp_path, monkeypatch, paths[0], paths[1:], method="breadcrumbs", scope=scope,
+                                **params)
+    assert outputs[0] == outputs[1]

@@ -173,11 +173,11 @@ class TaskVectorSource:
         """The (segment, lo, hi) of every block :meth:`blocks` yields, in order.
 
         With ``whole_rows``, blocks hold whole rows (last dimension) of each tensor: as many as fit in
-        ``width`` entries, or one row if a row is longer. Without, where the run allows it
-        (``options.pack_keys``), runs of small keys share a block (:func:`pack_segments`).
+        ``width`` entries, or one row if a row is longer. Where the run allows it (``options.pack_keys``),
+        runs of small keys share a block (:func:`pack_segments`; such a block holds whole tensors).
         """
         ranges = []
-        for seg in (self.segments if whole_rows else self._segments(width, options)):
+        for seg in self._segments(width, options):  # (a pack holds whole tensors: whole rows)
             row = row_length(seg.shape) if whole_rows else 1
             step = max(width // row, 1) * row
             ranges += [(seg, lo, min(lo + step, seg.numel)) for lo in range(0, seg.numel, step)]

@@ -17,7 +17,7 @@ from ..core import checks, rng
 from ..core.engine import raise_if_not_finite
 from ..core.formulas import lambda_column, sum_over_tasks
 from ..core.options import plan_passes
-from ..core.sources import DEFAULT_BLOCK_WIDTH, row_length
+from ..core.sources import DEFAULT_BLOCK_WIDTH, Block, row_length
 from ..core.threads import one_thread
 from ..cpu import fused as fused_cpu, native
 from .spec import MethodSpec, Param, choice, flag
@@ -373,9 +373,46 @@ def band_mask(magnitude: torch.Tensor, drop: int, keep: int) -> torch.Tensor:
     return inside
 
 
+def ranked_band(magnitude: torch.Tensor, group: torch.Tensor, sizes: torch.Tensor, drop: torch.Tensor,
+                keep: torch.Tensor, last_larger: bool = False) -> torch.Tensor:
+    """[n, m] bool: in every group of entries of each row of ``magnitude`` (|tau|, [n, m]; ``group``:
+    each entry's, ascending from 0, ``sizes`` [groups] entries each), the entries of descending rank
+    in [drop, drop + keep) (``drop``, ``keep``: [groups], or [n, groups]), ties ranked by position, the
+    first as the larger (:func:`band_mask`) or, with ``last_larger``, the last (:func:`tensor_band_block`):
+    one stable sort of (group, magnitude) keys for a pack of many small tensors or rows."""
+    n, m = magnitude.shape
+    code = magnitude.view(torch.int32).long()  # |tau| >= 0: its float32 bits order it
+    # ascending magnitude (its ascending rank, ties first by position) or descending (its descending rank)
+    order = torch.sort((group << 32) | (code if last_larger else 0xFFFFFFFF - code), dim=1, stable=True).indices
+    starts = torch.cumsum(sizes, 0) - sizes
+    rank = torch.empty_like(order).scatter_(1, order, (torch.arange(m) - starts[group]).expand(n, -1))
+    if last_larger:
+        rank = sizes[group] - 1 - rank
+    drop, keep = drop.reshape(-1, sizes.numel())[:, group], keep.reshape(-1, sizes.numel())[:, group]
+    return (rank >= drop) & (rank < drop + keep)
+
+
+def _pack_rows(block) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row of each entry, length of each row) of a block of a pack of whole tensors."""
+    lengths, rows = [], []
+    for part, lo, hi, _, _ in block.segment.pieces(block.lo, block.hi):
+        row = row_length(part.shape)
+        lengths.append(row)
+        rows.append((hi - lo) // row)
+    sizes = torch.repeat_interleave(torch.tensor(lengths), torch.tensor(rows))
+    return torch.repeat_interleave(torch.arange(sizes.numel()), sizes), sizes
+
+
 def breadcrumbs_block(block, gamma: float, beta: float):
-    """(tau * band, band) for a block of whole rows: Breadcrumbs' per-row magnitude band."""
+    """(tau * band, band) for a block of whole rows: Breadcrumbs' per-row magnitude band (in a block
+    of a pack of small keys, each row of each key)."""
     n = block.tv.shape[0]
+    if block.segment.parts:
+        group, sizes = _pack_rows(block)
+        lengths, which = torch.unique(sizes, return_inverse=True)
+        bands = torch.tensor([[int(gamma * row), int(beta * row)] for row in lengths.tolist()])[which]
+        mask = ranked_band(block.tv.abs(), group, sizes, bands[:, 0], bands[:, 1])
+        return block.tv * mask, mask
     row = row_length(block.segment.shape)
     magnitude = block.tv.abs().reshape(n, -1, row)
     mask = band_mask(magnitude, int(gamma * row), int(beta * row)).reshape(n, -1)
@@ -392,6 +429,14 @@ def tensor_band_block(block, gamma, beta):
     gammas = gamma if isinstance(gamma, list) else [gamma] * n
     betas = beta if isinstance(beta, list) else [beta] * n
     magnitude = block.tv.abs()
+    if block.segment.parts:  # a pack of small whole tensors: each tensor's own band
+        sizes = torch.tensor([hi - lo for _, lo, hi, _, _ in block.segment.pieces(block.lo, block.hi)])
+        numels, which = torch.unique(sizes, return_inverse=True)
+        keep = torch.tensor([[int(b * size) for size in numels.tolist()] for b in betas])
+        drop = torch.minimum(torch.tensor([[int(g * size) for size in numels.tolist()] for g in gammas]), numels - keep)
+        group = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
+        mask = ranked_band(magnitude, group, sizes, drop[:, which], keep[:, which], last_larger=True)
+        return block.tv * mask, mask
     mask = torch.empty(n, N, dtype=torch.bool)
     for i in range(n):
         keep = int(betas[i] * N)
@@ -422,9 +467,9 @@ def merge_breadcrumbs(source, sink, options, *, gamma=0.01, beta=0.1, band="row"
     gamma, beta = check_bands(gamma, beta, band, source.n)
     lam = lambda_column(lambdas, source.n)
     divisor = normalizing_divisor(lam, source.n, normalize)
-    if band == "tensor":
+    if band == "tensor":  # (blocks of whole tensors, or of packs of them)
         return _weighted_sums(source, options, sink, lam, masked=lambda b: tensor_band_block(b, gamma, beta),
-                              divisor=divisor, block_width=max(s.numel for s in source.segments))
+                              divisor=divisor, block_width=max(max(s.numel for s in source.segments), block_width))
     if fused_cpu.applies(options) and divisor is None:
         return _merge_breadcrumbs_fused(source, options, sink, gamma, beta, fused_cpu.weights(lam, source.n),
                                         block_width)
@@ -445,30 +490,42 @@ def _fused_band_bounds(tv: torch.Tensor, drop: int, keep: int):
 
 def _merge_breadcrumbs_fused(source, options, sink, gamma, beta, lam, block_width):
     """Breadcrumbs with the band's bounds from the native row select and the band, the sum over
-    tasks and the NaN check in one compiled loop per block; rows where a bound repeats (ties ranked
-    by position) are redone with the eager band_mask."""
-    n = source.n
-    kept = torch.zeros(n, dtype=torch.int64)
+    tasks and the NaN check in one compiled loop per block (per key in a block of a pack of small
+    keys); rows where a bound repeats (ties ranked by position) are redone with the eager band_mask."""
+    kept = torch.zeros(source.n, dtype=torch.int64)
     for block in source.blocks(block_width, whole_rows=True, options=options):
-        row = row_length(block.segment.shape)
-        drop, keep = int(gamma * row), int(beta * row)
-        if keep == 0:
-            raise_if_not_finite(source, options, block, block.tv.abs().amax(1))
-            sink(block.segment, block.lo, block.hi, torch.zeros(block.tv.shape[1]))
-            continue
-        tv = block.tv.reshape(n, -1, row)
-        top, low = _fused_band_bounds(tv, drop, keep)
-        total, tied, row_max = fused_cpu.band_block(tv, top, low, lam)
-        raise_if_not_finite(source, options, block, row_max.amax(1))
-        kept += keep * tv.shape[1]  # exactly `keep` per row where the bounds are single
-        redo = tied.any(0).nonzero().flatten()
-        if redo.numel():
-            sub = tv[:, redo]
-            mask = band_mask(sub.abs(), drop, keep)
-            kept += mask.sum((1, 2)) - keep * redo.numel()
-            total.view(-1, row)[redo] = sum_over_tasks((sub * mask).reshape(n, -1) * lam).view(-1, row)
-        sink(block.segment, block.lo, block.hi, total)
+        pieces = [block] if not block.segment.parts else [
+            Block(part, lo, hi, block.tv[:, start:end].contiguous())
+            for part, lo, hi, start, end in block.segment.pieces(block.lo, block.hi)]
+        totals = []
+        for piece in pieces:
+            total, piece_kept = _fused_band(source, options, piece, gamma, beta, lam)
+            totals.append(total)
+            kept += piece_kept
+        sink(block.segment, block.lo, block.hi, totals[0] if len(totals) == 1 else torch.cat(totals))
     return kept
+
+
+def _fused_band(source, options, block, gamma, beta, lam):
+    """(sum over tasks, kept per task) of :func:`_merge_breadcrumbs_fused` for a block of one key."""
+    n = block.tv.shape[0]
+    row = row_length(block.segment.shape)
+    drop, keep = int(gamma * row), int(beta * row)
+    if keep == 0:
+        raise_if_not_finite(source, options, block, block.tv.abs().amax(1))
+        return torch.zeros(block.tv.shape[1]), torch.zeros(n, dtype=torch.int64)
+    tv = block.tv.reshape(n, -1, row)
+    top, low = _fused_band_bounds(tv, drop, keep)
+    total, tied, row_max = fused_cpu.band_block(tv, top, low, lam)
+    raise_if_not_finite(source, options, block, row_max.amax(1))
+    kept = torch.full((n,), keep * tv.shape[1])  # exactly `keep` per row where the bounds are single
+    redo = tied.any(0).nonzero().flatten()
+    if redo.numel():
+        sub = tv[:, redo]
+        mask = band_mask(sub.abs(), drop, keep)
+        kept += mask.sum((1, 2)) - keep * redo.numel()
+        total.view(-1, row)[redo] = sum_over_tasks((sub * mask).reshape(n, -1) * lam).view(-1, row)
+    return total, kept
 
 
 NORMALIZE_HELP = "divide by the sum of the weights (mergekit's normalize)"
@@ -519,6 +576,7 @@ BREADCRUMBS = MethodSpec(
     params=BAND_PARAMS + (Param("normalize", False, flag("normalize"), NORMALIZE_HELP, engine_only=True, kind="bool",
                                 flag=False),),
     check_together=check_band_params, backends=("torch", "triton", "reference"), loops=("compiled",),
-    mergekit="breadcrumbs",
+    mergekit="breadcrumbs", packable=lambda params: True,  # (a band lies in one row or tensor: no key shares it)
+    merge_tensors=merge_breadcrumbs,
     mergekit_defaults={"scope": "tensor", "density": 1.0, "gamma": 0.01, "band": "tensor", "normalize": False},
     single_pass=lambda params: True)
