@@ -52,6 +52,10 @@ class Segment(NamedTuple):
         they are in their key, and where in the block ([start, end)). One piece for a plain segment."""
         if not self.parts:
             return [(self, lo, hi, 0, hi - lo)]
+        numels = list(map(operator.itemgetter(2), self.parts))
+        if lo == 0 and hi == self.numel and 0 not in numels:  # the whole pack (as read and written), in bulk
+            starts = list(map((-self.offset).__add__, map(operator.itemgetter(3), self.parts)))
+            return list(zip(self.parts, itertools.repeat(0), numels, starts, map(operator.add, starts, numels)))
         found = []
         for part in self.parts:
             a, b = max(lo, part.offset - self.offset), min(hi, part.offset - self.offset + part.numel)

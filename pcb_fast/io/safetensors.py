@@ -30,6 +30,7 @@ they belong as they come, and a model is never held whole in memory.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import contextvars
 import itertools
@@ -613,16 +614,19 @@ class SafetensorsReader:
 def shard_plan(entries: list, shard_size: int) -> list:
     """Split (key, dtype, shape) entries, in order, into shards of at most ``shard_size`` bytes
     (a tensor larger than that gets a shard of its own)."""
-    shards, current, used = [], [], 0
-    for entry, size in zip(entries, _sizes(entries)):
-        if current and used + size > shard_size:
-            shards.append(current)
-            current, used = [], 0
-        current.append(entry)
-        used += size
-    if current:
-        shards.append(current)
-    return shards
+    return [entries[a:b] for a, b in _shard_bounds(_sizes(entries), shard_size)]
+
+
+def _shard_bounds(sizes: list, shard_size: int) -> list:
+    """[first, end) of each shard of :func:`shard_plan` for entries of ``sizes`` bytes: each takes the most
+    entries that fit ``shard_size`` together, at least one (found by bisection: one step per shard)."""
+    before = list(itertools.accumulate(sizes, initial=0))  # bytes before each entry
+    bounds, first = [], 0
+    while first < len(sizes):
+        end = max(bisect.bisect_right(before, before[first] + shard_size, first + 1) - 1, first + 1)
+        bounds.append((first, end))
+        first = end
+    return bounds
 
 
 def nbytes(dtype: torch.dtype, shape) -> int:
@@ -632,25 +636,32 @@ def nbytes(dtype: torch.dtype, shape) -> int:
 
 def _sizes(entries: list) -> list:
     """Bytes of each (key, dtype, shape) entry (the product of a shape computed once per shape)."""
-    numel_of = {}
-    for _, _, shape in entries:
-        if shape not in numel_of:
-            numel_of[shape] = math.prod(shape)
-    return [dtype.itemsize * numel_of[shape] for _, dtype, shape in entries]
+    return _sizes_of(list(map(operator.itemgetter(1), entries)), list(map(operator.itemgetter(2), entries)))
+
+
+def _sizes_of(dtypes: list, shapes: list) -> list:
+    """Bytes of each tensor of these columns (each distinct shape's product computed once)."""
+    numel_of = {shape: math.prod(shape) for shape in set(shapes)}
+    itemsize_of = {dtype: dtype.itemsize for dtype in set(dtypes)}
+    return list(map(operator.mul, map(itemsize_of.__getitem__, dtypes), map(numel_of.__getitem__, shapes)))
 
 
 def _header_text(keys: list, dtypes: list, shapes: list, begins: list, ends: list, metadata: dict) -> str:
     """``json.dumps`` of a safetensors header with separators (",", ":"), character for character,
-    written from the columns of its entries (one format per entry, not one encoder call per object)."""
+    written from the columns of its entries: six pieces per entry (its key as JSON writes it inside
+    quotes, the text of its dtype and shape, its offsets), joined once."""
     joined = "".join(keys)
-    if joined.isascii() and '"' not in joined and "\\" not in joined and not _CONTROL.search(joined):
-        quoted = list(map('"{}"'.format, keys))
-    else:
-        quoted = list(map(json.dumps, keys))
-    listed = {shape: ",".join(map(str, shape)) for shape in set(shapes)}
-    entry = '{}:{{"dtype":"{}","shape":[{}],"data_offsets":[{},{}]}}'
-    entries = map(entry.format, quoted, map(NAMES.__getitem__, dtypes), map(listed.__getitem__, shapes), begins, ends)
-    return "{" + ",".join(entries) + ',"__metadata__":' + json.dumps(metadata, separators=(",", ":")) + "}"
+    if not (joined.isascii() and '"' not in joined and "\\" not in joined and not _CONTROL.search(joined)):
+        keys = [json.dumps(key)[1:-1] for key in keys]  # (escaped as JSON escapes them)
+    middle = {(dtype, shape): '":{"dtype":"' + NAMES[dtype] + '","shape":[' + ",".join(map(str, shape))
+              + '],"data_offsets":[' for dtype, shape in set(zip(dtypes, shapes))}
+    pieces = [']},"'] * (6 * len(keys))  # every entry's piece; the last of each ends it and opens the next key
+    pieces[0::6] = keys
+    pieces[1::6] = map(middle.__getitem__, zip(dtypes, shapes))
+    pieces[2::6] = map(str, begins)
+    pieces[3::6] = [","] * len(keys)
+    pieces[4::6] = map(str, ends)
+    return '{"' + "".join(pieces) + '__metadata__":' + json.dumps(metadata, separators=(",", ":")) + "}"
 
 
 class Finished:
@@ -688,17 +699,19 @@ class ShardedWriter(Finished):
         """``only``: the indices of the shards this writer creates (a distributed merge splits the
         shards of one plan between ranks); ``index``: whether it writes the index."""
         self.folder = Path(folder)
-        shards = shard_plan(list(entries), shard_size)
+        # (columns by itemgetter: zip(*entries) would hold an iterator per entry, hundreds of thousands of
+        # objects for the cyclic collector to go through)
+        all_keys, all_dtypes, all_shapes = (list(map(operator.itemgetter(i), entries)) for i in range(3))
+        sizes = _sizes_of(all_dtypes, all_shapes)
+        shards = _shard_bounds(sizes, shard_size)
         count = len(shards)
         self.places = {}  # key -> (fd, absolute offset of the first byte, dtype)
         self.files = []
         weight_map, total = {}, 0
-        for i, shard in enumerate(shards):
+        for i, (first, end) in enumerate(shards):
             name = "model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-            # (columns by itemgetter: zip(*shard) would hold an iterator per entry, hundreds of thousands of
-            # objects for the cyclic collector to go through)
-            keys, dtypes, shapes = (list(map(operator.itemgetter(i), shard)) for i in range(3))
-            ends = list(itertools.accumulate(_sizes(shard)))
+            keys, dtypes, shapes = all_keys[first:end], all_dtypes[first:end], all_shapes[first:end]
+            ends = list(itertools.accumulate(sizes[first:end]))
             begins = [0] + ends[:-1]
             weight_map.update(dict.fromkeys(keys, name))
             total += ends[-1]
