@@ -378,3 +378,19 @@ def test_breadcrumbs_packs_from_files_change_no_byte(tmp_path, monkeypatch, para
     outputs = _packed_and_alone(tmp_path, monkeypatch, paths[0], paths[1:], method="breadcrumbs", scope=scope,
                                 **params)
     assert outputs[0] == outputs[1]
+
+
+def test_shards_take_the_most_keys_that_fit():
+    # shard_plan: in order, each shard the most entries that fit the shard size, a larger tensor alone
+    g = torch.Generator().manual_seed(4)
+    entries = [(f"k{i}", torch.bfloat16, (int(n),)) for i, n in enumerate(torch.randint(0, 9, (300,), generator=g))]
+    for shard_size in (1, 2, 7, 16, 100, 10**6):
+        shards, current, used = [], [], 0
+        for entry in entries:
+            size = 2 * entry[2][0]
+            if current and used + size > shard_size:
+                shards.append(current)
+                current, used = [], 0
+            current.append(entry)
+            used += size
+        assert st.shard_plan(entries, shard_size) == shards + [current], shard_size

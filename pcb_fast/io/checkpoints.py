@@ -33,7 +33,7 @@ import torch
 
 from ..core.memory import available_memory
 from .safetensors import (DTYPE, MAX_DEPTH, MAX_HEADER, NAMES, NBYTES, OFFSET, SHAPE, FormatError, NotAFileError,
-                          SafetensorsReader, Unchanged, advise_range, deeper_than, not_regular, open_regular,
+                          SafetensorsReader, TensorTable, Unchanged, advise_range, deeper_than, not_regular, open_regular,
                           read_exactly, read_regular, shared, show, show_path)
 
 INDEX = "model.safetensors.index.json"
@@ -231,7 +231,6 @@ class SafetensorsCheckpoint(Checkpoint):
     def __init__(self, files: list, name: str, folder: Path | None = None):
         super().__init__(name, folder)
         self.readers, self.where = [], {}
-        self.info = {}  # key -> (dtype, shape, offset, nbytes) in whichever file holds it (io.safetensors)
         try:
             for path in files:
                 reader = SafetensorsReader(path)
@@ -242,12 +241,13 @@ class SafetensorsCheckpoint(Checkpoint):
                     raise FormatError(f"key {show(key)} is in both {show_path(self.where[key].path.name)} and "
                                       f"{show_path(path.name)}")
                 self.where.update(dict.fromkeys(reader.tensors, reader))
-                self.info.update(reader.tensors)
         except FormatError as e:
             self.close()
             raise ValueError(f"{name}: {e}") from None
-        if len(self.readers) == 1:  # (a file whose header another file shares: one dict for both, read-only)
-            self.info = self.readers[0].tensors
+        # key -> (dtype, shape, offset, nbytes) in whichever file holds it (io.safetensors.TensorTable); one
+        # file's own table (whose header another file may share: one table for both, read-only)
+        self.info = (self.readers[0].tensors if len(self.readers) == 1
+                     else TensorTable.joined([reader.tensors for reader in self.readers]))
         self._sorted = shared(("sorted keys", id(self.info)), lambda: (self.info, sorted(self.where)))[1]
 
     def same_layout(self, other) -> bool:
@@ -263,11 +263,10 @@ class SafetensorsCheckpoint(Checkpoint):
         return self.info[key][SHAPE]
 
     def layout(self, keys):
-        infos = list(map(self.info.__getitem__, keys))
-        return list(map(operator.itemgetter(DTYPE), infos)), list(map(operator.itemgetter(SHAPE), infos))
+        return self.info.column(DTYPE, keys), self.info.column(SHAPE, keys)
 
     def nbytes(self, keys):
-        return sum(map(operator.itemgetter(NBYTES), map(self.info.__getitem__, keys)))
+        return sum(self.info.column(NBYTES, keys))
 
     def advise(self, key, lo, hi):
         self.where[key].advise(key, lo, hi)
@@ -284,9 +283,8 @@ class SafetensorsCheckpoint(Checkpoint):
         readers = set(map(self.where.__getitem__, keys))
         if len(readers) == 1:  # the usual case, checked in bulk: one file, the keys one after the other
             reader = readers.pop()
-            infos = list(map(reader.tensors.__getitem__, keys))
-            offsets = list(map(operator.itemgetter(OFFSET), infos))
-            ends = list(map(operator.add, offsets, map(operator.itemgetter(NBYTES), infos)))
+            offsets = reader.tensors.column(OFFSET, keys)
+            ends = list(map(operator.add, offsets, reader.tensors.column(NBYTES, keys)))
             if offsets[1:] == ends[:-1]:
                 return [[reader, offsets[0], ends[-1] - offsets[0], list(keys)]]
         runs = []

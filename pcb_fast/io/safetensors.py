@@ -41,6 +41,7 @@ import os
 import re
 import stat
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -484,13 +485,46 @@ def advise_range(fd: int, position: int, length: int) -> None:
             pass
 
 
-def _tensors_of(raw: bytes, size: int) -> tuple[dict, dict]:
-    """(key -> (dtype, shape, absolute position, bytes), metadata) of a file of ``size`` bytes whose
-    header is ``raw``."""
+class TensorTable(Mapping):
+    """key -> (dtype, shape, absolute position, bytes) of the tensors of one or several files, kept as
+    four columns and the place of each key in them: a header of hundreds of thousands of tensors
+    makes no record per tensor (a lookup makes one); :meth:`column` answers for many keys at once."""
+
+    def __init__(self, keys: list, columns: tuple):
+        self.index = dict(zip(keys, range(len(keys))))
+        self.columns = columns  # (dtypes, shapes, positions, sizes): lists in the order of ``keys``
+
+    @classmethod
+    def joined(cls, tables: list) -> "TensorTable":
+        """The tensors of several tables (no key in two of them), one after the other."""
+        keys = [key for table in tables for key in table.index]
+        return cls(keys, tuple([value for table in tables for value in table.columns[field]] for field in range(4)))
+
+    def __getitem__(self, key):
+        at = self.index[key]
+        dtypes, shapes, positions, sizes = self.columns
+        return dtypes[at], shapes[at], positions[at], sizes[at]
+
+    def __iter__(self):
+        return iter(self.index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def keys(self):
+        return self.index.keys()
+
+    def column(self, field: int, keys) -> list:
+        """Field ``field`` (DTYPE, SHAPE, OFFSET or NBYTES) of each of ``keys`` (a KeyError for one it lacks)."""
+        return list(map(self.columns[field].__getitem__, map(self.index.__getitem__, keys)))
+
+
+def _tensors_of(raw: bytes, size: int) -> tuple[TensorTable, dict]:
+    """(:class:`TensorTable` of the tensors, metadata) of a file of ``size`` bytes whose header is ``raw``."""
     (keys, dtypes, shapes, begins, ends), metadata = header_columns(raw, size - 8 - len(raw))
     # built in bulk: a header may list hundreds of thousands of tensors
-    return dict(zip(keys, zip(dtypes, shapes, map((8 + len(raw)).__add__, begins),
-                              map(operator.sub, ends, begins)))), metadata
+    positions = list(map((8 + len(raw)).__add__, begins))
+    return TensorTable(keys, (dtypes, shapes, positions, list(map(operator.sub, ends, begins)))), metadata
 
 
 _SHARED = contextvars.ContextVar("pcb_fast_shared_headers", default=None)
