@@ -458,8 +458,8 @@ class CheckpointSource(TaskVectorSource):
     def _pack_signatures(self) -> list:
         keys = [s.key for s in self.segments]  # every key's dtypes in every input, asked in bulk
         base_dtypes = self._base_ckpt.layout(keys)[0]  # (once for the inputs that share the base's header)
-        return list(zip(base_dtypes, *[base_dtypes if ck.same_layout(self._base_ckpt) else ck.layout(keys)[0]
-                                       for ck in self._model_ckpts]))
+        others = [ck.layout(keys)[0] for ck in self._model_ckpts if not ck.same_layout(self._base_ckpt)]
+        return list(zip(base_dtypes, *others)) if others else base_dtypes  # (no tuple per key where all share it)
 
     def packs(self, width: int) -> list[Segment]:
         packs = super().packs(width)

@@ -16,6 +16,7 @@ the path.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import operator
@@ -615,16 +616,16 @@ def split_keys(base: Checkpoint, exclude: Sequence[str]) -> tuple[list[str], lis
             patterns.append(re.compile(p))
         except re.error as e:
             raise ValueError(f"exclude pattern {show(p)} is not a valid regular expression: {e}") from None
-    merged, copied = [], []
     keys = base.keys()
     dtypes, shapes = base.layout(keys)
     floating = {dtype: dtype.is_floating_point for dtype in set(dtypes)}  # (asked once per dtype and shape)
-    empty = {shape: 0 in shape for shape in set(shapes)}
-    for key, dtype, shape in zip(keys, dtypes, shapes):
-        if floating[dtype] and not empty[shape] and not (patterns and any(p.search(key) for p in patterns)):
-            merged.append(key)
-        else:
-            copied.append(key)
+    filled = {shape: 0 not in shape for shape in set(shapes)}
+    # (in bulk: a model may have hundreds of thousands of keys)
+    merging = list(map(operator.and_, map(floating.__getitem__, dtypes), map(filled.__getitem__, shapes)))
+    if patterns:
+        merging = [m and not any(p.search(key) for p in patterns) for key, m in zip(keys, merging)]
+    merged = list(itertools.compress(keys, merging))
+    copied = list(itertools.compress(keys, map(operator.not_, merging)))
     for pattern in patterns:  # a typo in a pattern would otherwise merge what the user meant to keep
         if not any(pattern.search(key) for key in base.keys()):
             warnings.warn(f"pcb_fast: exclude pattern {show(pattern.pattern)} matches no key of the base model; "
