@@ -41,6 +41,15 @@ def _models(folder, n=3, seed=0, bad=None):
     return paths[0], paths[1:]
 
 
+def _saved(folder, base, models) -> list:
+    """The paths of ``base`` and ``models`` saved as safetensors files in ``folder``."""
+    paths = []
+    for j, state in enumerate([base] + models):
+        paths.append(str(folder / f"m{j}.safetensors"))
+        save_file(state, paths[-1])
+    return paths
+
+
 def _unpacked(monkeypatch):
     monkeypatch.setattr(sources, "pack_segments", lambda segments, width, signatures: list(segments))
 
@@ -204,11 +213,7 @@ def test_tensor_packs_change_no_byte_in_memory(monkeypatch, method, params):
                                            ("dare_ties", DARE_TIES_CASES[1]), ("dare", {"p": 0.5, "rescale": "l1"}),
                                            ("pcb", PCB_CASES[0]), ("pcb", PCB_CASES[2])])
 def test_tensor_packs_change_no_byte_from_files(tmp_path, monkeypatch, method, params):
-    base, models = _tied_states()
-    paths = []
-    for j, state in enumerate([base] + models):
-        paths.append(str(tmp_path / f"m{j}.safetensors"))
-        save_file(state, paths[-1])
+    paths = _saved(tmp_path, *_tied_states())
     outputs = _packed_and_alone(tmp_path, monkeypatch, paths[0], paths[1:], method=method, scope="tensor",
                                 shard_size="2KB", **params)
     assert outputs[0] == outputs[1]
@@ -370,11 +375,7 @@ def test_breadcrumbs_packs_change_no_byte(monkeypatch, params):
 @pytest.mark.parametrize("params", [{"gamma": 0.2, "beta": 0.6}, {"gamma": 0.1, "beta": 0.4, "band": "tensor"}])
 @pytest.mark.parametrize("scope", ["global", "tensor"])
 def test_breadcrumbs_packs_from_files_change_no_byte(tmp_path, monkeypatch, params, scope):
-    base, models = _small_matrices()
-    paths = []
-    for j, state in enumerate([base] + models):
-        paths.append(str(tmp_path / f"m{j}.safetensors"))
-        save_file(state, paths[-1])
+    paths = _saved(tmp_path, *_small_matrices())
     outputs = _packed_and_alone(tmp_path, monkeypatch, paths[0], paths[1:], method="breadcrumbs", scope=scope,
                                 **params)
     assert outputs[0] == outputs[1]
@@ -394,3 +395,21 @@ def test_shards_take_the_most_keys_that_fit():
             current.append(entry)
             used += size
         assert st.shard_plan(entries, shard_size) == shards + [current], shard_size
+
+
+def test_passes_of_whole_tensors_pack_small_keys_only(monkeypatch):
+    # Breadcrumbs' tensor band reads blocks as wide as the largest tensor; its packs stay small (a pack's
+    # band takes a sort of its entries, a large tensor alone two selections)
+    g = torch.Generator().manual_seed(5)
+    big = sources.MAX_PACK_WIDTH
+    shapes = {"a.big": (big + 1000,), "b.0": (big - 100,), "b.1": (200,), "c.0": (3,), "c.1": (5,)}
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    models = [{k: v + torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(2)]
+    reads = []
+    read = sources.StateDictSource._read
+    monkeypatch.setattr(sources.StateDictSource, "_read", lambda self, seg, *rest: reads.append(seg) or read(self, seg, *rest))
+    packed = pcb_fast.merge(base, models, method="breadcrumbs", band="tensor", gamma=0.1, beta=0.5)
+    assert max(seg.numel for seg in reads if seg.parts) <= sources.MAX_PACK_WIDTH
+    _unpacked(monkeypatch)
+    alone = pcb_fast.merge(base, models, method="breadcrumbs", band="tensor", gamma=0.1, beta=0.5)
+    assert all(_same_bits(packed[key], alone[key]) for key in base)

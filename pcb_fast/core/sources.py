@@ -28,6 +28,7 @@ from .options import RunOptions
 from .threads import room_for_io
 
 DEFAULT_BLOCK_WIDTH = 1 << 17  # entries per task per block: an [8, 131072] fp32 block is 4 MiB (docs/design.md 3.1)
+MAX_PACK_WIDTH = DEFAULT_BLOCK_WIDTH  # entries of a pack of small keys, at most (TaskVectorSource._segments)
 
 
 class Segment(NamedTuple):
@@ -167,10 +168,12 @@ class TaskVectorSource:
 
     def _segments(self, width: int, options: RunOptions) -> list[Segment]:
         """The segments a pass of ``width`` goes through: packs of small keys where the run allows
-        them (``options.pack_keys``)."""
+        them (``options.pack_keys``), no wider than :data:`MAX_PACK_WIDTH` (a pass of blocks that
+        hold whole tensors, as wide as the largest, packs small keys only: a pack's statistics take
+        a sort of its entries, where a large tensor alone takes selections)."""
         if not options.pack_keys or len(self.segments) < 2:
             return self.segments
-        return self.packs(width)
+        return self.packs(min(width, MAX_PACK_WIDTH))
 
     def plan(self, width: int = DEFAULT_BLOCK_WIDTH, whole_rows: bool = False, *,
              options: RunOptions) -> list[tuple[Segment, int, int]]:
