@@ -8,7 +8,7 @@ in pcb_fast.reference.baselines, bit for bit.
 from __future__ import annotations
 
 import math
-
+import operator
 import warnings
 
 import torch
@@ -155,11 +155,12 @@ def dare_keep(block, p, seed: int) -> torch.Tensor:
     pack of small keys, each entry from its own key's stream at its place in that key."""
     ps = p if isinstance(p, list) else [p] * block.tv.shape[0]
     if block.segment.parts:
-        pieces = block.segment.pieces(block.lo, block.hi)
-        lengths = torch.tensor([end - start for *_, start, end in pieces])
+        pieces = block.segment.pieces(block.lo, block.hi)  # (columns by itemgetter: many small keys)
+        parts, los, starts, ends = (list(map(operator.itemgetter(i), pieces)) for i in (0, 1, 3, 4))
+        lengths = torch.tensor(list(map(operator.sub, ends, starts)))
         piece = torch.repeat_interleave(torch.arange(len(pieces)), lengths)
-        shift = torch.tensor([lo - start for _, lo, _, start, _ in pieces])  # place in the key - column
-        streams = rng.stream_constants(seed, len(ps), [part.key for part, *_ in pieces])[:, piece]
+        shift = torch.tensor(list(map(operator.sub, los, starts)))  # place in the key - column
+        streams = rng.stream_constants(seed, len(ps), list(map(operator.itemgetter(0), parts)))[:, piece]
         return rng.keep_masks_in_streams(streams, torch.arange(block.tv.shape[1]) + shift[piece], ps)
     if native.problem() is not None:  # no C compiler: the same values from torch's int64 ops
         return rng.keep_masks(seed, block.segment.key, block.lo, block.hi, ps)
