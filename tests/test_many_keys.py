@@ -258,7 +258,7 @@ def test_pcb_tensor_packs_equal_the_reference(params):
     assert all(_same_bits(packed[key], expected[key]) for key in base)
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "dare", "task_arithmetic", "pcb"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "dare", "task_arithmetic", "pcb", "breadcrumbs"])
 def test_tensor_scope_merges_runs_of_small_keys_together(monkeypatch, method):
     base, models = _tied_states()
     views = []
@@ -269,7 +269,8 @@ def test_tensor_scope_merges_runs_of_small_keys_together(monkeypatch, method):
     assert [seg.key for seg in views] == [("a.000", "a.119"), "b.norm", ("c.000", "d.big"), ("e.000", "e.059")]
 
 
-@pytest.mark.parametrize("method,params", [("task_arithmetic", {}), ("dare", {"p": 0.5}), ("dare_ties", {"p": 0.5})])
+@pytest.mark.parametrize("method,params", [("task_arithmetic", {}), ("dare", {"p": 0.5}), ("dare_ties", {"p": 0.5}),
+                                           ("breadcrumbs", {}), ("breadcrumbs", {"band": "tensor"})])
 def test_a_global_merge_in_memory_reads_small_keys_in_packs(monkeypatch, method, params):
     base, models = _tied_states()
     reads = []
