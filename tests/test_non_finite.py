@@ -50,6 +50,24 @@ def test_float64_inputs_beyond_float32_say_so():
         merge(edge, [{"w": torch.full((8,), -3e38)}], method="task_arithmetic")
 
 
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_pcb_paper_scores_that_overflow_are_refused(scope, tmp_path, capsys):
+    """Finite task vectors whose products tau_i * tau_j leave float32 (the paper variant's pairwise
+    terms): one line naming the key, from the API and the CLI, and no output (was an IndexError)."""
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.zeros(256)}
+    models = [{"w": torch.rand(256, generator=g) * 1e20 + 1e20} for _ in range(3)]
+    with pytest.raises(ValueError, match=r"key 'w': pcb's scores \(variant='paper'\) are not finite: products "
+                                         r"tau_i \* tau_j of the task vectors overflow float32"):
+        merge(base, models, method="pcb", variant="paper", scope=scope)
+    folders = [write(tmp_path / name, state) for name, state in zip(["base", "m0", "m1", "m2"], [base] + models)]
+    args = ["merge", "--base", str(folders[0])] + [a for f in folders[1:] for a in ("--model", str(f))]
+    assert cli(args + ["--variant", "paper", "--scope", scope, "--quiet", "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pcb's scores (variant='paper') are not finite" in err
+    assert not (tmp_path / "out").exists()
+
+
 def write(folder, tensors):
     folder.mkdir()
     save_file(tensors, str(folder / "model.safetensors"))

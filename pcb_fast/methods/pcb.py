@@ -575,7 +575,9 @@ def _merge_paper(source, options, sink, params, block_width, record=None, reuse=
 
     def score_blocks():
         for block in source.blocks(block_width, options=options):
-            yield block, tb.paper_scores(block.tv, stats, ws)
+            scores = tb.paper_scores(block.tv, stats, ws)
+            _raise_if_scores_not_finite(source, options, block, scores)
+            yield block, scores
 
     t, _, collected, kept_counts = select_threshold(
         source, options, score_blocks, keep_index(D, params["ratio"]), sample_scores, keep_ties=True
@@ -593,6 +595,21 @@ def _merge_paper(source, options, sink, params, block_width, record=None, reuse=
         num, den = e.sums(value, kept_beta)
         sink(e.segment, e.lo, e.hi, torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0))
     return kept_counts
+
+
+def _raise_if_scores_not_finite(source, options, block, scores: torch.Tensor) -> None:
+    """The paper variant's scores of a block must be finite: its products tau_i * tau_j leave float32's
+    range where |tau| passes ~1.8e19 (finite inputs, NaN scores): a one-line error naming the key,
+    reported to ``options.errors`` where the run has one."""
+    if bool(torch.isfinite(scores).all()):
+        return
+    key = block.segment.lead_key if block.segment.parts else block.segment.key
+    message = (f"key {checks.short(key, 80)}: pcb's scores (variant='paper') are not finite: products tau_i * tau_j "
+               "of the task vectors overflow float32 (|tau| beyond ~1.8e19 among the keys whose statistics it "
+               "shares); scale the models down or use variant='official'")
+    if options.errors is None:
+        raise ValueError(message)
+    options.errors.fail(message)
 
 
 SPEC = MethodSpec(
