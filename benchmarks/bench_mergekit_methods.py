@@ -38,7 +38,10 @@ def llama_shapes(hidden: int, layers: int, inter: int, vocab: int) -> dict:
     return shapes
 
 
-def build(folder: Path, hidden: int, layers: int, inter: int, vocab: int) -> dict:
+def build(folder: Path, hidden: int, layers: int, inter: int, vocab: int, dtype: torch.dtype = torch.float32,
+          shards: int = 1) -> dict:
+    """name -> path of a base and three fine-tunes under ``folder`` (built once): float32 values
+    rounded to ``dtype``, each model's keys split over ``shards`` safetensors files."""
     from safetensors.torch import save_file
 
     names = {}
@@ -50,14 +53,20 @@ def build(folder: Path, hidden: int, layers: int, inter: int, vocab: int) -> dic
         variants[f"ft{i}"] = {k: v + scale * torch.randn(v.shape, generator=g) for k, v in base.items()}
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
               "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 8,
-              "num_key_value_heads": 8, "vocab_size": vocab, "tie_word_embeddings": False, "torch_dtype": "float32"}
+              "num_key_value_heads": 8, "vocab_size": vocab, "tie_word_embeddings": False,
+              "torch_dtype": str(dtype).removeprefix("torch.")}
     for name, state in variants.items():
         path = folder / name
         names[name] = str(path)
         if (path / "config.json").exists():
             continue
         path.mkdir(parents=True, exist_ok=True)
-        save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+        keys = list(state)
+        for part in range(shards):
+            chunk = {k: state[k].to(dtype).contiguous() for k in keys[part * len(keys) // shards:
+                                                                        (part + 1) * len(keys) // shards]}
+            file = "model.safetensors" if shards == 1 else f"model-{part + 1:05d}-of-{shards:05d}.safetensors"
+            save_file(chunk, path / file, metadata={"format": "pt"})
         (path / "config.json").write_text(json.dumps(config))
     return names
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import filecmp
-import json
 import os
 import shutil
 import subprocess
@@ -26,41 +25,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_mergekit_methods import configs, llama_shapes
+from benchmarks.bench_mergekit_methods import build, configs
 
 HIDDEN, LAYERS, INTER, VOCAB = 256, 4, 704, 4096
 SMALL_BUDGET = "10MB"  # below what PCB and TIES collect on this model: their over-budget paths
-
-
-def build(folder: Path, dtype: torch.dtype) -> dict:
-    """name -> path of the base and its three fine-tunes (float32 values rounded to ``dtype``)."""
-    from safetensors.torch import save_file
-
-    g = torch.Generator().manual_seed(0)
-    shapes = llama_shapes(HIDDEN, LAYERS, INTER, VOCAB)
-    base = {k: (torch.ones(s) + 0.01 * torch.randn(s, generator=g)) if len(s) == 1 else torch.randn(s, generator=g) * 0.02
-            for k, s in shapes.items()}
-    variants = {"base": base}
-    for i, scale in enumerate((0.002, 0.01, 0.02)):
-        variants[f"ft{i}"] = {k: v + scale * torch.randn(v.shape, generator=g) for k, v in base.items()}
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
-              "intermediate_size": INTER, "num_hidden_layers": LAYERS, "num_attention_heads": 8,
-              "num_key_value_heads": 8, "vocab_size": VOCAB, "tie_word_embeddings": False,
-              "torch_dtype": str(dtype).removeprefix("torch.")}
-    paths = {}
-    for name, state in variants.items():
-        path = folder / name
-        paths[name] = str(path)
-        if (path / "config.json").exists():
-            continue
-        path.mkdir(parents=True, exist_ok=True)
-        # two shards: a merge reads across files
-        keys = list(state)
-        for part, chunk in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
-            save_file({k: state[k].to(dtype).contiguous() for k in chunk},
-                      path / f"model-0000{part + 1}-of-00002.safetensors", metadata={"format": "pt"})
-        (path / "config.json").write_text(json.dumps(config))
-    return paths
 
 
 def flag_merges(p: dict) -> list:
@@ -129,7 +97,7 @@ def main(argv=None) -> int:
     failures, compared, start = [], 0, time.perf_counter()
     for dtype in (torch.float32, torch.bfloat16):
         label = str(dtype).removeprefix("torch.")
-        p = build(args.dir / f"models-{label}", dtype)
+        p = build(args.dir / f"models-{label}", HIDDEN, LAYERS, INTER, VOCAB, dtype, shards=2)
         flags = ["--base", p["base"]] + [a for i in range(3) for a in ("--model", p[f"ft{i}"])]
         cases = [(name, flags + extra) for name, extra in flag_merges(p)]
         for name, raw in yaml_merges(p):
