@@ -346,7 +346,7 @@ class ColumnSample:
         if isinstance(inputs, torch.Tensor):
             self.add(Block(segment, lo, lo + inputs.shape[1], inputs))
             return
-        first = (-(segment.offset + lo)) % self.stride
+        first = self.first_column(segment.offset + lo)
         base = inputs[0][first :: self.stride].float()
         self.parts.append(torch.stack([model[first :: self.stride].float() - base for model in inputs[1:]]))
 
@@ -406,11 +406,17 @@ def _sample_bounds(sample_scores: torch.Tensor, rank: int, D: int, widen: float 
     return floor, ceiling
 
 
-def _native_select_applies(values: torch.Tensor) -> bool:
-    """Whether the C radix select (pcb_fast.cpu.native.row_order_statistics, which ranks |x|) gives the
-    order statistics of ``values``: many non-negative float32 values on the CPU (magnitudes)."""
+def _native_select_takes(values: torch.Tensor) -> bool:
+    """Whether the C radix select (pcb_fast.cpu.native.row_order_statistics) takes ``values`` and beats
+    torch on them: rows of many float32 values on the CPU, the library built."""
     return (values.shape[-1] >= NATIVE_SELECT_MIN and values.dtype == torch.float32 and values.device.type == "cpu"
-            and native_problem() is None and bool(values.min() >= 0))
+            and native_problem() is None)
+
+
+def _native_select_applies(values: torch.Tensor) -> bool:
+    """Whether the C radix select (which ranks |x|) gives the order statistics of ``values``: values it
+    takes (:func:`_native_select_takes`) that are non-negative (magnitudes)."""
+    return _native_select_takes(values) and bool(values.min() >= 0)
 
 
 def _native_row_bounds(values: torch.Tensor, rank_a: int, rank_b: int):
@@ -418,8 +424,7 @@ def _native_row_bounds(values: torch.Tensor, rank_a: int, rank_b: int):
     select, also for rows with negative values (PCB's scores): clipped at 0, the positive values keep
     their ranks, so answers that are positive are the rows' own. None where the select does not
     apply or an answer is not positive (torch then ranks the values themselves)."""
-    if (values.shape[-1] < NATIVE_SELECT_MIN or values.dtype != torch.float32 or values.device.type != "cpu"
-            or native_problem() is not None):
+    if not _native_select_takes(values):
         return None
     low = values.min()
     if bool(torch.isnan(low)):  # (min propagates NaN)
