@@ -603,8 +603,7 @@ def _raise_if_scores_not_finite(source, options, block, scores: torch.Tensor) ->
     reported to ``options.errors`` where the run has one."""
     if bool(torch.isfinite(scores).all()):
         return
-    key = block.segment.lead_key if block.segment.parts else block.segment.key
-    message = (f"key {checks.short(key, 80)}: pcb's scores (variant='paper') are not finite: products tau_i * tau_j "
+    message = (f"key {checks.short(block.segment.lead_key, 80)}: pcb's scores (variant='paper') are not finite: products tau_i * tau_j "
                "of the task vectors overflow float32 (|tau| beyond ~1.8e19 among the keys whose statistics it "
                "shares); scale the models down or use variant='official'")
     if options.errors is None:
