@@ -17,6 +17,7 @@ from ..core import checks, rng
 from ..core.engine import raise_if_not_finite
 from ..core.formulas import lambda_column, sum_over_tasks
 from ..core.options import plan_passes
+from ..core.select import keys_to_float, order_keys
 from ..core.sources import DEFAULT_BLOCK_WIDTH, Block, row_length
 from ..core.threads import one_thread
 from ..cpu import fused as fused_cpu, native
@@ -205,15 +206,13 @@ def sorted_in_tensors(values: torch.Tensor, tensor: torch.Tensor) -> torch.Tenso
     """Each row of float32 ``values`` [n, m] (no NaN) sorted within the tensors of a pack (``tensor``:
     each entry's, ascending), as int64 keys: the tensor in the high 32 bits, above an order-preserving
     code of the value (-0 before +0); :func:`values_at` reads them back."""
-    bits = values.view(torch.int32)
-    code = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long() + (1 << 31)  # negatives' magnitude bits flipped
+    code = order_keys(values).long() + (1 << 31)  # (non-negative: below the tensor's bits)
     return torch.sort((tensor << 32) | code, dim=1).values
 
 
 def values_at(order: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
     """float32 [n, k]: the values of :func:`sorted_in_tensors` ``order`` at the [n, k] positions ``at``."""
-    bits = ((order.gather(1, at) & 0xFFFFFFFF) - (1 << 31)).to(torch.int32)
-    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).view(torch.float32)
+    return keys_to_float((order.gather(1, at) & 0xFFFFFFFF) - (1 << 31))
 
 
 def dare_packs(source, options, p, seed, rescale, lam):
