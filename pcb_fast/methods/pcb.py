@@ -206,13 +206,13 @@ def _clip_bounds_c(source, options, block_width: int, sample: ColumnSample, k_lo
         part = torch.empty(n, len(range(first, hi - lo, sample.stride)))
         row_max = tails.update(inputs, first, sample.stride, part)
         if not bool(torch.isfinite(row_max).all()):  # (the block's task vectors only to say where)
-            raise_if_not_finite(source, options, Block(segment, lo, hi, _task_vectors(inputs)), row_max)
+            raise_if_not_finite(source, options, Block(segment, lo, hi, sweep_task_vectors(inputs)), row_max)
         sample.parts.append(part)
     bounds = tails.values()
     return tb.ClipStats.from_bounds(bounds[:, 0], bounds[:, 1])
 
 
-def _task_vectors(inputs) -> torch.Tensor:
+def sweep_task_vectors(inputs) -> torch.Tensor:
     """The float32 task vectors [n, m] of a block of :func:`sweep_inputs` (raw slices: the bits of torch.sub)."""
     if isinstance(inputs, torch.Tensor):
         return inputs

@@ -34,7 +34,7 @@ from ..core.sources import DEFAULT_BLOCK_WIDTH, Block
 from ..cpu import fused as fused_cpu
 from .linear import (BAND_PARAMS, DARE, DARE_PARAMS, breadcrumbs_blocks, check_band_params, check_bands, dare_block,
                      dare_keep, dare_options, dare_packs, dare_weighted, pack_index, sorted_in_tensors, values_at)
-from .pcb import sweep_inputs
+from .pcb import sweep_inputs, sweep_task_vectors
 from .spec import MethodSpec, Param, choice, flag
 
 SIGN_TIES = ("majority", "positive")
@@ -410,9 +410,7 @@ def _check_finite(source, options, segment, lo: int, hi: int, inputs, row_max: t
     only where some value is not finite, to say where)."""
     if bool(torch.isfinite(row_max).all()):
         return
-    if not isinstance(inputs, torch.Tensor):
-        inputs = torch.stack([_task_row(inputs, i) for i in range(len(inputs) - 1)])
-    raise_if_not_finite(source, options, Block(segment, lo, hi, inputs), row_max)
+    raise_if_not_finite(source, options, Block(segment, lo, hi, sweep_task_vectors(inputs)), row_max)
 
 
 def sweep_with_fill(source, options, sink, merge_block, sign_ties: str, block_width: int, guess=None) -> None:
@@ -566,8 +564,7 @@ def _merge_dare_ties_fused(source, options, sink, p, seed, rescale, factors, sig
 
     def merge_block(number, segment, lo, inputs, fill):
         if segment.parts:  # a pack of small keys (global scope): their own streams, the loop's bits
-            tv = inputs if isinstance(inputs, torch.Tensor) else torch.stack([_task_row(inputs, i)
-                                                                              for i in range(len(inputs) - 1)])
+            tv = sweep_task_vectors(inputs)
             block = Block(segment, lo, lo + tv.shape[1], tv)
             keep = dare_keep(block, p, seed)
             weighted = dare_weighted(block, keep, p, rescale, factors, lam)
